@@ -1,0 +1,73 @@
+# pgturso: PGXS build of the extension, plus the Python worker, demo, tests and benchmark.
+#   make install   install the extension into the server that PG_CONFIG names (and its Python helpers)
+#   make demo      set everything up on this machine and show replication into a local Turso file
+#   make test      set everything up and run the test suite against real Postgres and real Turso
+#   make bench     the benchmark (QUICK=1 for a one-minute smoke run)
+
+EXTENSION    = pgturso
+EXTVERSION   = 0.1.0
+PG_CONFIG   ?= /usr/lib/postgresql/15/bin/pg_config
+DATA_built   = $(EXTENSION)--$(EXTVERSION).sql
+EXTRA_CLEAN  = $(DATA_built)
+
+SQL_SOURCES  = $(sort $(wildcard extension/sql/*.sql))
+PY_SOURCES   = $(wildcard worker/pgturso/*.py)
+
+PGXS := $(shell $(PG_CONFIG) --pgxs 2>/dev/null)
+ifneq ($(wildcard $(PGXS)),)
+include $(PGXS)
+PYTHON_DIR = $(datadir)/extension/pgturso_python
+else
+# No server development files yet: `make deps` installs them; `make test` and `make demo` do it for you.
+PYTHON_DIR = /usr/share/postgresql/15/extension/pgturso_python
+install:
+	@echo "PGXS not found via $(PG_CONFIG): run 'make deps' first (installs postgresql-server-dev-15)"; exit 1
+endif
+
+VENV   = .venv
+PY     = $(VENV)/bin/python
+TURSO_DIR = .cache/turso
+
+$(DATA_built): $(SQL_SOURCES)
+	@{ echo "-- Generated from extension/sql/*.sql by make; do not edit."; \
+	   printf '%s\n' '\echo Use "CREATE EXTENSION $(EXTENSION) CASCADE" to load this file. \quit'; \
+	   for f in $(SQL_SOURCES); do echo; echo "-- $$f"; cat $$f; done; } \
+	 | sed -e 's|@PYTHON_DIR@|$(PYTHON_DIR)|g' > $@
+
+# The PL/Python functions import the pure-Python part of the worker package from here.
+install: install-python
+install-python:
+	$(MKDIR_P) '$(DESTDIR)$(PYTHON_DIR)/pgturso'
+	rm -f '$(DESTDIR)$(PYTHON_DIR)'/pgturso/*.py
+	$(INSTALL_DATA) $(PY_SOURCES) '$(DESTDIR)$(PYTHON_DIR)/pgturso/'
+
+.PHONY: deps venv turso install-python demo test lint bench soak
+
+deps:
+	bash tests/setup/deps.sh
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+turso: $(TURSO_DIR)/node_modules/.bin/tursodb
+$(TURSO_DIR)/node_modules/.bin/tursodb:
+	mkdir -p $(TURSO_DIR)
+	cd $(TURSO_DIR) && npm install --silent --no-audit --no-fund turso@0.6.0
+	ln -sf ../@tursodatabase/cli-linux-$$(uname -m | sed 's/x86_64/x64/;s/aarch64/arm64/')-gnu/tursodb $@
+
+demo: deps
+	$(MAKE) install venv
+	$(PY) tests/demo.py
+
+test: deps
+	$(MAKE) install venv turso
+	$(VENV)/bin/ruff check worker tests bench
+	TURSODB=$(CURDIR)/$(TURSO_DIR)/node_modules/.bin/tursodb $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check worker tests bench
+	$(VENV)/bin/ruff format --check worker tests bench

@@ -1,0 +1,50 @@
+-- pgturso's own tables. Only the extension owner (and superusers) can read or write them: application roles
+-- reach the outbox solely through the SECURITY DEFINER capture triggers.
+
+-- Identifies this source database on every target, so one Turso database can take several sources.
+-- It is data, not a server setting, so it survives a restore or the promotion of a physical standby.
+CREATE TABLE pgturso.instance (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    source_id uuid NOT NULL DEFAULT gen_random_uuid()
+);
+INSERT INTO pgturso.instance DEFAULT VALUES;
+COMMENT ON TABLE pgturso.instance IS 'The identity of this source database on Turso targets.';
+
+CREATE TABLE pgturso.tracked_table (
+    id integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    relid regclass NOT NULL UNIQUE,
+    target_table text NOT NULL UNIQUE,
+    tracked_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE pgturso.tracked_table IS 'Tables replicated to Turso; maintained by track_table/untrack_table.';
+
+-- A table's column layout as captured; every outbox event names the layout it was packed with.
+CREATE TABLE pgturso.layout (
+    id integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    table_id integer NOT NULL REFERENCES pgturso.tracked_table (id) ON DELETE CASCADE,
+    spec jsonb NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX ON pgturso.layout (table_id);
+COMMENT ON TABLE pgturso.layout IS 'Column layouts of tracked tables (pgturso.layout.TableLayout as JSON).';
+
+-- The outbox. Capture triggers append events in the writing transaction; the worker deletes them once the
+-- target confirmed the commit that carries them. id comes from a sequence without cache, so a write that
+-- waited for another transaction's commit always gets a larger id than every event of that transaction:
+-- the worker's ordering rests on this (docs/design.md).
+CREATE TABLE pgturso.outbox (
+    id bigint GENERATED ALWAYS AS IDENTITY (CACHE 1) PRIMARY KEY,
+    txid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    layout_id integer NOT NULL,
+    op "char" NOT NULL CHECK (op IN ('C', 'U', 'D', 'T')),
+    nrows integer NOT NULL,
+    payload text,
+    captured_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX outbox_txid_idx ON pgturso.outbox (txid, id);
+COMMENT ON TABLE pgturso.outbox IS
+    'Changes not yet confirmed by Turso. op: C create table, U upsert rows, D delete keys, T truncate; '
+    'payload: comma-separated JSON arrays, one per row (U: all columns, D: key columns).';
+
+REVOKE ALL ON ALL TABLES IN SCHEMA pgturso FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA pgturso FROM PUBLIC;

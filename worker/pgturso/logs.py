@@ -1,0 +1,50 @@
+"""One log line per event that matters, as key=value text or JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, as_json: bool) -> None:
+        super().__init__()
+        self.as_json = as_json
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        fields.update(getattr(record, "fields", {}) or {"msg": record.getMessage()})
+        if record.exc_info and record.levelno >= logging.ERROR:
+            fields["exception"] = self.formatException(record.exc_info)
+        if self.as_json:
+            return json.dumps(fields, default=str)
+        return " ".join(f"{k}={_quote(v)}" for k, v in fields.items())
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    if text == "" or any(c in text for c in ' "=\n'):
+        return json.dumps(text)
+    return text
+
+
+def setup(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(fmt == "json"))
+    root = logging.getLogger("pgturso")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def event(logger: logging.Logger, level: int, name: str, **fields: Any) -> None:
+    """Log ``event=name`` with fields; callers never pass secrets."""
+    if logger.isEnabledFor(level):
+        logger.log(level, name, extra={"fields": {"event": name, **fields}})

@@ -1,0 +1,185 @@
+"""Reading commit-consistent batches from ``pgturso.outbox`` and deleting what Turso confirmed.
+
+Why the order is right (docs/design.md has the long form): the worker only sees committed events, and if
+transaction B wrote a row after transaction A committed, every event id of B's write is larger than every
+event id of A. A batch is "every visible event with id <= L, minus transactions that also have events
+above L", applied in id order in one Turso transaction. A transaction is never split across batches, a
+dependent transaction never lands before the one it depends on, and a long-open transaction holds back
+nothing: it is simply invisible until it commits.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from .layout import TableLayout
+
+# Named queries.
+SOURCE_ID = "SELECT source_id::text FROM pgturso.instance"
+HEAD_OF_OUTBOX = "SELECT id, nrows FROM pgturso.outbox ORDER BY id LIMIT %(max_events)s"
+STRADDLING_TRANSACTIONS = """
+    SELECT t.txid::text, t.last_id FROM (
+        SELECT head.txid, (SELECT max(o.id) FROM pgturso.outbox o WHERE o.txid = head.txid) AS last_id
+        FROM (SELECT DISTINCT txid FROM pgturso.outbox WHERE id <= %(upto)s) AS head
+    ) AS t
+    WHERE t.last_id > %(upto)s
+"""
+FIRST_TRANSACTION_END = """
+    SELECT max(o.id) FROM pgturso.outbox o
+    WHERE o.txid = (SELECT txid FROM pgturso.outbox ORDER BY id LIMIT 1)
+"""
+BATCH_EVENTS = """
+    SELECT id, txid::text::bigint, layout_id, op, nrows, payload FROM pgturso.outbox
+    WHERE id <= %(upto)s AND NOT (txid = ANY (%(held)s::text[]::xid8[]))
+    ORDER BY id
+"""
+ONLY_HELD = """
+    SELECT NOT EXISTS (SELECT 1 FROM pgturso.outbox
+                       WHERE id <= %(upto)s AND NOT (txid = ANY (%(held)s::text[]::xid8[])))
+"""
+LAYOUT = "SELECT spec FROM pgturso.layout WHERE id = %(id)s"
+DELETE_DELIVERED = """
+    DELETE FROM pgturso.outbox o USING unnest(%(lows)s::int8[], %(highs)s::int8[]) AS r(low, high)
+    WHERE o.id BETWEEN r.low AND r.high
+"""
+PENDING = "SELECT count(*), coalesce(sum(nrows), 0) FROM pgturso.outbox"
+
+
+class IdRanges:
+    """A set of outbox ids as sorted, inclusive [low, high] runs of consecutive ids."""
+
+    def __init__(self, ranges: Iterable[tuple[int, int]] = ()) -> None:
+        self.ranges: list[list[int]] = [[lo, hi] for lo, hi in ranges]
+
+    def add(self, event_id: int) -> None:
+        """Add an id; ids must come in increasing order."""
+        if self.ranges and self.ranges[-1][1] + 1 == event_id:
+            self.ranges[-1][1] = event_id
+        elif self.ranges and event_id <= self.ranges[-1][1]:
+            raise ValueError(f"outbox id {event_id} arrived out of order")
+        else:
+            self.ranges.append([event_id, event_id])
+
+    def __bool__(self) -> bool:
+        return bool(self.ranges)
+
+    def __len__(self) -> int:
+        return sum(hi - lo + 1 for lo, hi in self.ranges)
+
+    def lows(self) -> list[int]:
+        return [lo for lo, _ in self.ranges]
+
+    def highs(self) -> list[int]:
+        return [hi for _, hi in self.ranges]
+
+    def to_json(self) -> str:
+        return json.dumps(self.ranges, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> IdRanges:
+        return cls((int(lo), int(hi)) for lo, hi in json.loads(text))
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    txid: int
+    layout_id: int
+    op: str
+    nrows: int
+    payload: str | None
+
+
+class Batch:
+    """One batch: iterate ``events()`` once (streamed from a server-side cursor), then ``delivered``."""
+
+    def __init__(self, conn: psycopg.Connection[Any], upto: int, held: list[str], fetch_size: int) -> None:
+        self.conn = conn
+        self.upto = upto
+        self.held = held
+        self.fetch_size = fetch_size
+        self.delivered = IdRanges()
+        self.rows = 0
+        self.transactions: set[int] = set()
+
+    def events(self) -> Iterator[Event]:
+        with self.conn.cursor(name="pgturso_batch") as cur:
+            cur.itersize = self.fetch_size
+            cur.execute(BATCH_EVENTS, {"upto": self.upto, "held": self.held})
+            for row in cur:
+                event = Event(*row)
+                self.delivered.add(event.id)
+                self.rows += event.nrows
+                self.transactions.add(event.txid)
+                yield event
+
+
+class Outbox:
+    """The worker's view of the outbox, over one connection that it owns."""
+
+    def __init__(self, conn: psycopg.Connection[Any], *, batch_rows: int, batch_events: int, fetch_size: int = 200
+                 ) -> None:
+        self.conn = conn
+        self.batch_rows = batch_rows
+        self.batch_events = batch_events
+        self.fetch_size = fetch_size
+        self._layouts: dict[int, TableLayout] = {}
+
+    def source_id(self) -> str:
+        with self.conn.transaction():
+            row = self.conn.execute(SOURCE_ID).fetchone()
+        if row is None:
+            raise RuntimeError("pgturso.instance is empty; reinstall the extension")
+        return str(row[0])
+
+    def layout(self, layout_id: int) -> TableLayout:
+        """A layout by id (they never change once committed, so they are cached)."""
+        if layout_id not in self._layouts:
+            row = self.conn.execute(LAYOUT, {"id": layout_id}).fetchone()
+            if row is None:
+                raise RuntimeError(f"outbox event names layout {layout_id}, which does not exist")
+            self._layouts[layout_id] = TableLayout.from_spec(row[0])
+        return self._layouts[layout_id]
+
+    def choose_batch(self) -> Batch | None:
+        """Pick the next batch inside the caller's REPEATABLE READ transaction; None when nothing is pending."""
+        head = self.conn.execute(HEAD_OF_OUTBOX, {"max_events": self.batch_events}).fetchall()
+        if not head:
+            return None
+        upto, rows = head[-1][0], 0
+        for event_id, nrows in head:
+            rows += max(nrows, 1)
+            if rows >= self.batch_rows:
+                upto = event_id
+                break
+        held = self._straddling(upto)
+        if held and self._only_held(upto, held):
+            # Every event up to the cut belongs to a transaction that continues past it: take the first
+            # transaction whole, however large (it is streamed, not held in memory).
+            upto = self.conn.execute(FIRST_TRANSACTION_END).fetchone()[0]  # type: ignore[index]
+            held = self._straddling(upto)
+        return Batch(self.conn, upto, held, self.fetch_size)
+
+    def _straddling(self, upto: int) -> list[str]:
+        return [r[0] for r in self.conn.execute(STRADDLING_TRANSACTIONS, {"upto": upto}).fetchall()]
+
+    def _only_held(self, upto: int, held: list[str]) -> bool:
+        row = self.conn.execute(ONLY_HELD, {"upto": upto, "held": held}).fetchone()
+        return bool(row and row[0])
+
+    def delete_delivered(self, delivered: IdRanges) -> int:
+        if not delivered:
+            return 0
+        with self.conn.transaction():
+            cur = self.conn.execute(DELETE_DELIVERED, {"lows": delivered.lows(), "highs": delivered.highs()})
+            return cur.rowcount
+
+    def pending(self) -> tuple[int, int]:
+        with self.conn.transaction():
+            events, rows = self.conn.execute(PENDING).fetchone()  # type: ignore[misc]
+        return int(events), int(rows)

@@ -1,0 +1,27 @@
+"""Identifier and literal quoting shared by the Postgres and SQLite sides.
+
+Both dialects quote identifiers the same way (double quotes, embedded quotes doubled), so one function
+serves the capture triggers, the DDL sent to Turso and the statements the worker builds. Values are never
+quoted here: they always travel as bound parameters.
+"""
+
+from __future__ import annotations
+
+
+def quote_ident(name: str) -> str:
+    """Quote an identifier for Postgres or SQLite, whatever characters it holds."""
+    if "\x00" in name:
+        raise ValueError(f"identifier {name!r} contains a NUL byte")
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(text: str) -> str:
+    """Quote a string constant for generated Postgres DDL (never used for row values)."""
+    if "\x00" in text:
+        raise ValueError("string constant contains a NUL byte")
+    return "'" + text.replace("'", "''") + "'"
+
+
+def qualified_name(schema: str, table: str) -> str:
+    """Quote a schema-qualified Postgres name."""
+    return f"{quote_ident(schema)}.{quote_ident(table)}"

@@ -1,0 +1,149 @@
+"""Worker settings: defaults, then postgresql.conf (``pgturso.*``), then ``PGTURSO_*`` environment, then flags.
+
+One table (``SETTINGS``) defines every setting; the CLI flags, ``--help`` and docs/configuration.md follow it.
+The auth token is deliberately not a ``pgturso.*`` setting: every role can SHOW those. Name a file that
+holds it (``pgturso.auth_token_file``) or pass it through the environment or a flag.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Any
+    parse: Callable[[str], Any]
+    help: str
+    in_postgresql_conf: bool = True
+
+    @property
+    def guc(self) -> str:
+        return f"pgturso.{self.name}"
+
+    @property
+    def env(self) -> str:
+        return f"PGTURSO_{self.name.upper()}"
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be zero or a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.lower() not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return text.lower()
+
+    return parse
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("url", "file:pgturso.db", str, "Turso target: http(s)://, libsql:// or file:PATH (embedded)"),
+    Setting("auth_token", None, str, "Turso auth token (Bearer); never put it in postgresql.conf",
+            in_postgresql_conf=False),
+    Setting("auth_token_file", None, str, "file holding the Turso auth token"),
+    Setting("batch_rows", 50_000, _positive_int, "rows per delivery (one Turso transaction), whole source "
+            "transactions only: a larger one is delivered alone"),
+    Setting("batch_events", 10_000, _positive_int, "outbox events per delivery"),
+    Setting("max_request_bytes", 8 << 20, _positive_int, "largest HTTP request; larger deliveries span requests"),
+    Setting("max_statement_bytes", 1 << 20, _positive_int, "largest JSON argument of one statement"),
+    Setting("request_timeout", 60.0, _positive_float, "seconds to wait for one Turso request"),
+    Setting("idle_wait", 5.0, _positive_float, "seconds between checks when no NOTIFY arrives"),
+    Setting("retry_base_delay", 0.5, _positive_float, "first retry delay in seconds (doubles, with jitter)"),
+    Setting("retry_max_delay", 30.0, _positive_float, "cap of the retry delay in seconds"),
+    Setting("retry_limit", 0, _non_negative_int, "retries before giving up; 0: forever (run), 3 (--once)"),
+    Setting("log_level", "info", _choice("debug", "info", "warning", "error"), "log level"),
+    Setting("log_format", "text", _choice("text", "json"), "log lines as key=value text or JSON"),
+)
+BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    url: str
+    auth_token: str | None
+    auth_token_file: str | None
+    batch_rows: int
+    batch_events: int
+    max_request_bytes: int
+    max_statement_bytes: int
+    request_timeout: float
+    idle_wait: float
+    retry_base_delay: float
+    retry_max_delay: float
+    retry_limit: int
+    log_level: str
+    log_format: str
+
+    def token(self) -> str | None:
+        """The auth token, read from auth_token_file when no token was given directly."""
+        if self.auth_token:
+            return self.auth_token
+        if self.auth_token_file:
+            try:
+                with open(self.auth_token_file, encoding="utf-8") as handle:
+                    return handle.read().strip() or None
+            except OSError as exc:
+                message = f"cannot read pgturso.auth_token_file {self.auth_token_file!r}: {exc.strerror}"
+                raise ConfigError(message) from None
+        return None
+
+
+def resolve(
+    from_postgresql_conf: Mapping[str, str],
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Merge the sources, later ones winning; raises ConfigError naming the source of a bad value."""
+    environ = os.environ if environ is None else environ
+    flags = flags or {}
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        value, source = setting.default, "default"
+        raw = from_postgresql_conf.get(setting.guc)
+        if setting.in_postgresql_conf and raw not in (None, ""):
+            value, source = raw, f"postgresql.conf {setting.guc}"
+        if environ.get(setting.env):
+            value, source = environ[setting.env], f"environment {setting.env}"
+        if flags.get(setting.name) is not None:
+            value, source = flags[setting.name], f"flag {setting.flag}"
+        if isinstance(value, str) and source != "default":
+            try:
+                value = setting.parse(value)
+            except ValueError as exc:
+                raise ConfigError(f"bad value {value!r} for {setting.name} (from {source}): {exc}") from None
+        values[setting.name] = value
+    names = {f.name for f in fields(Settings)}
+    return Settings(**{k: v for k, v in values.items() if k in names})
+
+
+POSTGRESQL_CONF_QUERY = "SELECT name, setting FROM pg_settings WHERE name LIKE 'pgturso.%%'"

@@ -1,0 +1,210 @@
+"""The delivery loop: recover, read a batch, send it in one Turso transaction, mark it delivered, wait.
+
+Only one worker delivers per source database: it holds a session advisory lock; a second one waits as a
+hot standby and takes over when the first one's connection goes away.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from typing import Any
+
+import psycopg
+
+from .errors import ConfigError, StatementFailed, TursoRequestRejected, TursoUnavailable
+from .logs import event
+from .outbox import IdRanges, Outbox
+from .progress import CREATE_MARKER_SQL, READ_MARKER_SQL, marker_statement
+from .retry import backoff_delay
+from .settings import Settings
+from .statements import StatementBuilder
+from .targets import Target, open_target, redact_url
+
+log = logging.getLogger("pgturso.worker")
+
+# pg_advisory_lock key: the bytes "pgturso1" as a big-endian bigint.
+DELIVERY_LOCK_KEY = int.from_bytes(b"pgturso1", "big")
+NOTIFY_CHANNEL = "pgturso"
+
+EXIT_OK, EXIT_RETRIES_EXHAUSTED, EXIT_FATAL, EXIT_LOCKED = 0, 1, 2, 3
+
+
+class Worker:
+    def __init__(self, dsn: str, settings: Settings) -> None:
+        self.dsn = dsn
+        self.settings = settings
+        self.stopping = False
+        self.conn: psycopg.Connection[Any] | None = None
+        self.listen_conn: psycopg.Connection[Any] | None = None
+        self.outbox: Outbox | None = None
+        self.target: Target | None = None
+        self.source_id = ""
+        self.recovered = False
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        def stop(signum: int, _frame: Any) -> None:
+            event(log, logging.INFO, "stopping", signal=signal.Signals(signum).name)
+            self.stopping = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+    def _connect(self) -> None:
+        if self.conn is not None and not self.conn.closed:
+            return
+        conn = psycopg.connect(self.dsn, autocommit=True, application_name="pgturso-worker")
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        self.conn = conn
+        self.outbox = Outbox(conn, batch_rows=self.settings.batch_rows, batch_events=self.settings.batch_events)
+        self.source_id = self.outbox.source_id()
+        self.recovered = False
+
+    def _acquire_lock(self, once: bool) -> bool:
+        assert self.conn is not None
+        waiting_logged = False
+        while not self.stopping:
+            row = self.conn.execute("SELECT pg_try_advisory_lock(%s)", (DELIVERY_LOCK_KEY,)).fetchone()
+            if row and row[0]:
+                if waiting_logged:
+                    event(log, logging.INFO, "lock_acquired", role="active")
+                return True
+            if once:
+                return False
+            if not waiting_logged:
+                event(log, logging.INFO, "standby", reason="another worker holds the delivery lock")
+                waiting_logged = True
+            time.sleep(1.0)
+        return False
+
+    def _open_target(self) -> Target:
+        if self.target is None:
+            self.target = open_target(
+                self.settings.url,
+                self.settings.token(),
+                max_request_bytes=self.settings.max_request_bytes,
+                timeout=self.settings.request_timeout,
+            )
+        return self.target
+
+    def _disconnect(self) -> None:
+        for conn in (self.conn, self.listen_conn):
+            if conn is not None:
+                try:
+                    conn.close()
+                except psycopg.Error:
+                    pass
+        self.conn = self.listen_conn = None
+
+    def close(self) -> None:
+        self._disconnect()
+        if self.target is not None:
+            self.target.close()
+            self.target = None
+
+    # -- delivery --------------------------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Forget outbox events that the target's marker says were committed there already."""
+        assert self.outbox is not None
+        target = self._open_target()
+        target.execute(CREATE_MARKER_SQL)
+        rows = target.query(READ_MARKER_SQL, [self.source_id])
+        if rows:
+            removed = self.outbox.delete_delivered(IdRanges.from_json(str(rows[0][0])))
+            if removed:
+                event(log, logging.INFO, "recovered", already_applied_events=removed)
+        self.recovered = True
+
+    def deliver_batch(self) -> int:
+        """Deliver one batch; returns the number of outbox events delivered (0: nothing pending)."""
+        assert self.conn is not None and self.outbox is not None
+        target = self._open_target()
+        started = time.monotonic()
+        with self.conn.transaction():
+            batch = self.outbox.choose_batch()
+            if batch is None:
+                return 0
+            transaction = target.begin()
+            builder = StatementBuilder(self.outbox.layout, self.settings.max_statement_bytes)
+            statements = 0
+            for item in batch.events():
+                for statement in builder.add(item):
+                    transaction.execute(statement)
+                    statements += 1
+            for statement in builder.flush():
+                transaction.execute(statement)
+                statements += 1
+            transaction.execute(marker_statement(self.source_id, batch.delivered))
+            transaction.commit()
+        self.outbox.delete_delivered(batch.delivered)
+        event(
+            log,
+            logging.INFO,
+            "delivered",
+            transactions=len(batch.transactions),
+            events=len(batch.delivered),
+            rows=batch.rows,
+            statements=statements,
+            ms=round((time.monotonic() - started) * 1000, 1),
+        )
+        return len(batch.delivered)
+
+    def _wait_for_changes(self) -> None:
+        if self.listen_conn is None or self.listen_conn.closed:
+            self.listen_conn = psycopg.connect(self.dsn, autocommit=True, application_name="pgturso-worker-listen")
+            self.listen_conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            return  # changes may have arrived before LISTEN: look once more before sleeping
+        deadline = time.monotonic() + self.settings.idle_wait
+        while not self.stopping and time.monotonic() < deadline:
+            for _ in self.listen_conn.notifies(timeout=min(1.0, self.settings.idle_wait), stop_after=1):
+                return
+
+    def run(self, once: bool = False) -> int:
+        """Deliver until stopped (or, with ``once``, until nothing committed is left). Returns an exit code."""
+        attempts = 0
+        retry_limit = self.settings.retry_limit or (3 if once else 0)
+        event(log, logging.INFO, "starting", target=redact_url(self.settings.url), once=once)
+        try:
+            while not self.stopping:
+                try:
+                    self._connect()
+                    if not self._acquire_lock(once):
+                        if self.stopping:
+                            break
+                        event(log, logging.ERROR, "locked", reason="another worker is delivering; not running")
+                        return EXIT_LOCKED
+                    if not self.recovered:
+                        self.recover()
+                    delivered = self.deliver_batch()
+                    attempts = 0
+                    if delivered:
+                        continue
+                    if once:
+                        return EXIT_OK
+                    self._wait_for_changes()
+                except (TursoUnavailable, psycopg.OperationalError) as exc:
+                    attempts += 1
+                    if retry_limit and attempts > retry_limit:
+                        event(log, logging.ERROR, "giving_up", attempts=attempts - 1, error=str(exc))
+                        return EXIT_RETRIES_EXHAUSTED
+                    delay = backoff_delay(attempts, self.settings.retry_base_delay, self.settings.retry_max_delay)
+                    event(log, logging.WARNING, "retry", attempt=attempts, delay_s=round(delay, 2), error=str(exc))
+                    if isinstance(exc, psycopg.OperationalError):
+                        self._disconnect()
+                    self.recovered = False
+                    self._sleep(delay)
+                except (StatementFailed, TursoRequestRejected, ConfigError) as exc:
+                    event(log, logging.ERROR, "stopped", error=str(exc))
+                    return EXIT_FATAL
+            return EXIT_OK
+        finally:
+            self.close()
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(min(0.2, max(deadline - time.monotonic(), 0)))
