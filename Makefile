@@ -71,3 +71,7 @@ test: deps
 lint: venv
 	$(VENV)/bin/ruff check worker tests bench
 	$(VENV)/bin/ruff format --check worker tests bench
+
+bench: deps
+	$(MAKE) install venv turso
+	TURSODB=$(CURDIR)/$(TURSO_DIR)/node_modules/.bin/tursodb $(PY) bench/run.py $(if $(QUICK),--quick)
