@@ -20,7 +20,12 @@ AS $$ SELECT '_capture_' || table_id $$;
 
 CREATE FUNCTION pgturso.track_table(rel regclass, target_table text DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql
+-- The initial copy encodes values exactly as the capture functions do (pgturso.capture.CAPTURE_SETTINGS).
 SET search_path = pg_catalog, pg_temp
+SET TimeZone = 'UTC'
+SET DateStyle = 'ISO, YMD'
+SET IntervalStyle = 'postgres'
+SET extra_float_digits = 1
 AS $$
 DECLARE
     v_kind "char";

@@ -20,13 +20,14 @@ CHUNK_ROWS = 1000
 # json_build_array takes at most 100 arguments (FUNC_MAX_ARGS); wider rows are built from text pieces.
 _MAX_FUNCTION_ARGS = 100
 
-# Settings that make every value's text form independent of the writing session.
-CAPTURE_FUNCTION_SETTINGS = (
-    "SET search_path = pg_catalog, pg_temp "
-    "SET TimeZone = 'UTC' "
-    "SET DateStyle = 'ISO, YMD' "
-    "SET IntervalStyle = 'postgres' "
-    "SET extra_float_digits = 1"
+# Settings that make every value's text form independent of the writing session. track_table pins the same
+# ones for the initial copy (extension/sql/20_track.sql; a test checks that they agree).
+CAPTURE_SETTINGS = (
+    "SET search_path = pg_catalog, pg_temp",
+    "SET TimeZone = 'UTC'",
+    "SET DateStyle = 'ISO, YMD'",
+    "SET IntervalStyle = 'postgres'",
+    "SET extra_float_digits = 1",
 )
 
 
@@ -92,7 +93,7 @@ END
     tag = _dollar_tag(body)
     return (
         f"CREATE OR REPLACE FUNCTION pgturso.{quote_ident(function_name)}() RETURNS trigger\n"
-        f"LANGUAGE plpgsql SECURITY DEFINER {CAPTURE_FUNCTION_SETTINGS}\n"
+        "LANGUAGE plpgsql SECURITY DEFINER " + " ".join(CAPTURE_SETTINGS) + "\n"
         f"AS {tag}{body}{tag}"
     )
 

@@ -20,7 +20,7 @@ import psycopg
 
 from . import __version__, logs
 from .errors import ConfigError
-from .settings import POSTGRESQL_CONF_QUERY, SETTINGS, Settings, resolve
+from .settings import POSTGRESQL_CONF_NAMES, POSTGRESQL_CONF_QUERY, SETTINGS, Settings, resolve
 from .worker import EXIT_FATAL, Worker
 
 log = logging.getLogger("pgturso.cli")
@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def load_settings(dsn: str, flags: dict[str, object]) -> Settings:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        from_conf = {name: value for name, value in conn.execute(POSTGRESQL_CONF_QUERY).fetchall()}
+        rows = conn.execute(POSTGRESQL_CONF_QUERY, {"names": POSTGRESQL_CONF_NAMES}).fetchall()
+    from_conf = {name: value for name, value in rows if value is not None}
     return resolve(from_conf, os.environ, flags)
 
 

@@ -146,4 +146,6 @@ def resolve(
     return Settings(**{k: v for k, v in values.items() if k in names})
 
 
-POSTGRESQL_CONF_QUERY = "SELECT name, setting FROM pg_settings WHERE name LIKE 'pgturso.%%'"
+# Placeholder settings (no module defines pgturso.*) are not listed in pg_settings: ask for each by name.
+POSTGRESQL_CONF_QUERY = "SELECT name, current_setting(name, true) FROM unnest(%(names)s::text[]) AS name"
+POSTGRESQL_CONF_NAMES = [s.guc for s in SETTINGS if s.in_postgresql_conf]

@@ -1,0 +1,82 @@
+"""A proxy in front of a real tursodb that behaves like Turso Cloud where they differ, and injects faults.
+
+Cloud accepts (and expects) the ``close`` request, hands out a baton for an open stream, and requires a
+Bearer token; tursodb does none of these. Data still goes to, and is read back from, the real server.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+class CloudProxy:
+    def __init__(self, upstream: str, token: str) -> None:
+        self.upstream = upstream
+        self.token = token
+        self.requests: list[dict[str, Any]] = []
+        self.auth_headers: list[str | None] = []
+        self.faults: list[tuple[int, str, str]] = []  # (status, content type, body) answered before forwarding
+        self.batons = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                proxy.requests.append(body)
+                proxy.auth_headers.append(self.headers.get("Authorization"))
+                if proxy.faults:
+                    status, ctype, text = proxy.faults.pop(0)
+                    return self._send(status, ctype, text)
+                if self.headers.get("Authorization") != f"Bearer {proxy.token}":
+                    return self._send(401, "text/plain", "Unauthorized: invalid token")
+                requests_ = body["requests"]
+                forward = [r for r in requests_ if r["type"] != "close"]
+                answer = proxy._forward(forward)
+                results = iter(answer["results"])
+                answer["results"] = [
+                    {"type": "ok", "response": {"type": "close"}} if r["type"] == "close" else next(results)
+                    for r in requests_
+                ]
+                closes = any(r["type"] == "close" for r in requests_)
+                if not closes:
+                    proxy.batons += 1
+                answer["baton"] = None if closes else f"baton-{proxy.batons}"
+                self._send(200, "application/json", json.dumps(answer))
+
+            def _send(self, status: int, ctype: str, text: str) -> None:
+                data = text.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def _forward(self, requests_: list[dict[str, Any]]) -> dict[str, Any]:
+        data = json.dumps({"requests": requests_}).encode()
+        req = urllib.request.Request(f"{self.upstream}/v2/pipeline", data=data,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as response:
+            return json.loads(response.read())
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> CloudProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()

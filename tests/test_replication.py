@@ -1,0 +1,307 @@
+"""End to end: real Postgres with the extension, the real worker, a real tursodb server; asserts on rows."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import drain, pending, run_worker
+from support.turso import TursoServer
+
+
+def pg_rows(conn: psycopg.Connection[Any], sql: str) -> list[list[Any]]:
+    return [list(r) for r in conn.execute(sql).fetchall()]
+
+
+def test_track_table_copies_existing_rows_and_creates_the_table(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL, qty int)")
+    conn.execute("INSERT INTO items SELECT g, 'item ' || g, g * 10 FROM generate_series(1, 2500) g")
+    conn.execute("SELECT pgturso.track_table('items')")
+
+    drain(dsn, turso.url)
+
+    assert turso.query("SELECT count(*), sum(qty) FROM items") == [[2500, sum(g * 10 for g in range(1, 2501))]]
+    assert turso.query("SELECT id, name, qty FROM items WHERE id IN (1, 2500) ORDER BY id") == [
+        [1, "item 1", 10],
+        [2500, "item 2500", 25000],
+    ]
+    ddl = turso.query("SELECT sql FROM sqlite_schema WHERE name = 'items'")[0][0]
+    assert '"name" TEXT NOT NULL' in ddl and 'PRIMARY KEY ("id")' in ddl
+    assert pending(conn) == 0
+
+
+def test_insert_update_delete_key_change_and_truncate(conn, dsn, turso: TursoServer):
+    # DEFERRABLE lets one UPDATE swap two keys (Postgres checks the key at the end of the statement).
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY DEFERRABLE, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("INSERT INTO t VALUES (1, 'one'), (2, 'two'), (3, 'three'), (4, 'four')")
+    conn.execute("UPDATE t SET v = 'TWO' WHERE id = 2")
+    conn.execute("UPDATE t SET id = 30 WHERE id = 3")  # primary key change
+    conn.execute("UPDATE t SET id = 5 - id WHERE id IN (1, 4)")  # keys swap places in one statement
+    conn.execute("DELETE FROM t WHERE id = 2")
+    drain(dsn, turso.url)
+    expected = pg_rows(conn, "SELECT id, v FROM t ORDER BY id")
+    assert expected == [[1, "four"], [4, "one"], [30, "three"]]
+    assert turso.query("SELECT id, v FROM t ORDER BY id") == expected
+
+    conn.execute("TRUNCATE t")
+    conn.execute("INSERT INTO t VALUES (7, 'after truncate')")
+    drain(dsn, turso.url)
+    assert turso.query("SELECT id, v FROM t ORDER BY id") == [[7, "after truncate"]]
+
+
+def test_composite_keys_and_key_change(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TABLE m (a text, b int, v int, PRIMARY KEY (a, b))")
+    conn.execute("SELECT pgturso.track_table('m')")
+    conn.execute("INSERT INTO m SELECT chr(97 + g % 3), g, g FROM generate_series(1, 30) g")
+    conn.execute("UPDATE m SET b = b + 100 WHERE a = 'a'")
+    conn.execute("DELETE FROM m WHERE a = 'b' AND b < 10")
+    drain(dsn, turso.url)
+    assert turso.query("SELECT a, b, v FROM m ORDER BY a, b") == pg_rows(conn, "SELECT a, b, v FROM m ORDER BY a, b")
+
+
+def test_rolled_back_transactions_and_savepoints_send_nothing(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    with pytest.raises(psycopg.errors.RaiseException):
+        with conn.transaction():
+            conn.execute("INSERT INTO t VALUES (1, 'rolled back')")
+            conn.execute("DO $$ BEGIN RAISE EXCEPTION 'abort'; END $$")
+    with conn.transaction():
+        conn.execute("INSERT INTO t VALUES (2, 'kept')")
+        conn.execute("SAVEPOINT s")
+        conn.execute("INSERT INTO t VALUES (3, 'savepoint rolled back')")
+        conn.execute("UPDATE t SET v = 'changed in savepoint' WHERE id = 2")
+        conn.execute("ROLLBACK TO SAVEPOINT s")
+        conn.execute("INSERT INTO t VALUES (4, 'kept too')")
+    drain(dsn, turso.url)
+    assert turso.query("SELECT id, v FROM t ORDER BY id") == [[2, "kept"], [4, "kept too"]]
+
+
+def test_commit_order_beats_outbox_order(conn, dsn, turso: TursoServer):
+    """B writes first, A commits, then B touches A's row: B must land after A although B's first event is older."""
+    conn.execute("CREATE TABLE acct (id int PRIMARY KEY, owner text)")
+    conn.execute("SELECT pgturso.track_table('acct')")
+    drain(dsn, turso.url)
+    with psycopg.connect(dsn) as a, psycopg.connect(dsn) as b:
+        b.execute("INSERT INTO acct VALUES (100, 'b was here first')")  # B's oldest event
+        a.execute("INSERT INTO acct VALUES (1, 'A')")
+        a.execute("INSERT INTO acct VALUES (2, 'A')")
+        a.commit()
+        b.execute("UPDATE acct SET owner = 'B' WHERE id = 1")  # after A committed
+        b.execute("DELETE FROM acct WHERE id = 2")
+        b.commit()
+    ids = pg_rows(conn, "SELECT txid::text, min(id), max(id) FROM pgturso.outbox GROUP BY txid ORDER BY min(id)")
+    assert len(ids) == 2 and ids[0][1] < ids[1][1] < ids[0][2], "B's events must straddle A's in the outbox"
+    drain(dsn, turso.url)
+    assert turso.query("SELECT id, owner FROM acct ORDER BY id") == [[1, "B"], [100, "b was here first"]]
+
+
+def test_blocked_writer_waits_for_commit_and_lands_after_it(conn, dsn, turso: TursoServer):
+    """Two real sessions contend for one row; whichever commits last must win on Turso too."""
+    conn.execute("CREATE TABLE c (id int PRIMARY KEY, n int)")
+    conn.execute("INSERT INTO c VALUES (1, 0)")
+    conn.execute("SELECT pgturso.track_table('c')")
+    with psycopg.connect(dsn) as first, psycopg.connect(dsn) as second:
+        second.execute("INSERT INTO c VALUES (2, 0)")  # second's outbox events start before first's
+        first.execute("UPDATE c SET n = 1 WHERE id = 1")
+        blocked = threading.Thread(target=lambda: second.execute("UPDATE c SET n = n + 10 WHERE id = 1"))
+        blocked.start()
+        blocked.join(0.5)
+        assert blocked.is_alive(), "the second update should wait for the first transaction"
+        first.commit()
+        blocked.join(10)
+        second.commit()
+    assert pg_rows(conn, "SELECT n FROM c WHERE id = 1") == [[11]]
+    drain(dsn, turso.url)
+    assert turso.query("SELECT id, n FROM c ORDER BY id") == [[1, 11], [2, 0]]
+
+
+def test_long_open_transaction_does_not_hold_back_later_commits(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    with psycopg.connect(dsn) as slow:
+        slow.execute("INSERT INTO t VALUES (1, 'slow')")
+        conn.execute("INSERT INTO t VALUES (2, 'fast')")
+        drain(dsn, turso.url)
+        assert turso.query("SELECT id FROM t ORDER BY id") == [[2]]
+        slow.commit()
+    drain(dsn, turso.url)
+    assert turso.query("SELECT id, v FROM t ORDER BY id") == [[1, "slow"], [2, "fast"]]
+    assert pending(conn) == 0
+
+
+def test_values_of_each_supported_type_arrive_intact(conn, dsn, turso: TursoServer):
+    conn.execute("""
+        CREATE TABLE typed (
+            id bigint PRIMARY KEY, i2 smallint, i4 integer, money_ numeric(10, 2), wide numeric,
+            f8 double precision, f4 real, flag boolean, t text, vc varchar(20), raw bytea,
+            j json, jb jsonb, u uuid, d date, ts timestamp, tstz timestamptz)
+    """)
+    conn.execute("SET TimeZone = 'America/New_York'")  # the writer's zone must not leak into Turso
+    conn.execute("""
+        INSERT INTO typed VALUES
+          (9223372036854775807, -32768, 2147483647, 12345678.91, 123456789012345678901234567890.123456789,
+           1.7976931348623157e308, 1.5, true, 'héllo "wörld" 🚀', 'x', '\\x00ff10',
+           '{"b": [1, 2]}', '{"a": {"b": null}}', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '2024-02-29',
+           '2024-02-29 23:59:59.123456', '2024-06-01 12:00:00-04'),
+          (-9223372036854775808, 0, 0, 0, -0.5, -0.0, 0, false, '', '', '\\x', '[]', '"s"', NULL, NULL, NULL, NULL),
+          (0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)
+    """)
+    conn.execute("SELECT pgturso.track_table('typed')")
+    drain(dsn, turso.url)
+    rows = turso.query("SELECT * FROM typed ORDER BY id")
+    assert rows[0] == [-9223372036854775808, 0, 0, 0, "-0.5", -0.0, 0.0, 0, "", "", b"", "[]", '"s"',
+                       None, None, None, None]
+    assert rows[1] == [0] + [None] * 16
+    top = rows[2]
+    assert top[:4] == [9223372036854775807, -32768, 2147483647, 12345678.91]
+    assert top[4] == "123456789012345678901234567890.123456789"  # wide numerics keep every digit
+    assert top[5:10] == [1.7976931348623157e308, 1.5, 1, 'héllo "wörld" 🚀', "x"]
+    assert top[10] == b"\x00\xff\x10"
+    assert top[11:14] == ['{"b": [1, 2]}', '{"a": {"b": null}}', "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"]
+    assert top[14:16] == ["2024-02-29", "2024-02-29T23:59:59.123456"]
+    assert top[16] == "2024-06-01T16:00:00+00:00"
+    assert turso.query("SELECT typeof(money_), typeof(raw), datetime(tstz) FROM typed WHERE id > 0") == [
+        ["real", "blob", "2024-06-01 16:00:00"]
+    ]
+
+
+def test_many_source_transactions_travel_in_one_request(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    drain(dsn, turso.url)
+    for i in range(300):
+        conn.execute("INSERT INTO t VALUES (%s, %s)", (i, f"v{i}"))
+    result = drain(dsn, turso.url)
+    delivered = [line for line in result.stderr.splitlines() if "event=delivered" in line]
+    assert len(delivered) == 1 and "transactions=300" in delivered[0] and "statements=1" in delivered[0], delivered
+    assert turso.query("SELECT count(*) FROM t") == [[300]]
+
+
+def test_a_transaction_larger_than_one_request_is_applied_whole(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TABLE big (id int PRIMARY KEY, pad text)")
+    conn.execute("SELECT pgturso.track_table('big')")
+    conn.execute("INSERT INTO big SELECT g, repeat('x', 200) FROM generate_series(1, 20000) g")
+    result = drain(dsn, turso.url, "--max-request-bytes", "200000", "--max-statement-bytes", "100000")
+    assert "event=delivered" in result.stderr
+    assert turso.query("SELECT count(*), min(id), max(id) FROM big") == [[20000, 1, 20000]]
+
+
+def test_turso_down_fails_the_run_and_keeps_the_outbox(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("INSERT INTO t SELECT generate_series(1, 10)")
+    before = pending(conn)
+    turso.stop()
+    result = run_worker(dsn, turso.url, "--retry-limit", "2")
+    assert result.returncode != 0
+    assert "event=retry" in result.stderr and "event=giving_up" in result.stderr
+    assert pending(conn) == before
+    turso.start()
+    drain(dsn, turso.url)
+    assert turso.query("SELECT count(*) FROM t") == [[10]]
+
+
+def test_a_change_turso_rejects_stops_delivery_with_the_table_named(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    drain(dsn, turso.url)
+    turso_conn_sql = "CREATE TRIGGER no_bad BEFORE INSERT ON t WHEN NEW.v = 'bad' BEGIN SELECT RAISE(ABORT, 'no bad'); END"
+    from support.turso import read_rows  # a target-only constraint, as an operator might add
+
+    read_rows(turso.url, turso_conn_sql)
+    conn.execute("INSERT INTO t VALUES (1, 'good')")
+    conn.execute("INSERT INTO t VALUES (2, 'bad')")
+    conn.execute("INSERT INTO t VALUES (3, 'after')")
+    result = run_worker(dsn, turso.url)
+    assert result.returncode == 2
+    assert "table public.t" in result.stderr and "no bad" in result.stderr
+    assert turso.query("SELECT count(*) FROM t") == [[0]]  # nothing after (or around) it was applied
+    assert pending(conn) == 3
+
+
+def test_exactly_once_when_the_worker_dies_after_turso_committed(conn, dsn, turso: TursoServer, monkeypatch):
+    from pgturso.outbox import Outbox
+    from pgturso.settings import resolve
+    from pgturso.worker import Worker
+
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("INSERT INTO t VALUES (1, 'x')")
+
+    class Crash(Exception):
+        pass
+
+    def crash(self, delivered):
+        raise Crash("killed between Turso's commit and the outbox delete")
+
+    settings = resolve({}, {}, {"url": turso.url})
+    with monkeypatch.context() as patch:
+        patch.setattr(Outbox, "delete_delivered", crash)
+        with pytest.raises(Crash):
+            Worker(dsn, settings).run(once=True)
+    assert pending(conn) > 0
+    assert turso.query("SELECT id, v FROM t") == [[1, "x"]]
+    # If the restarted worker sent the batch again, this row would come back.
+    read_rows_sql = "DELETE FROM t"
+    from support.turso import read_rows
+
+    read_rows(turso.url, read_rows_sql)
+    assert Worker(dsn, settings).run(once=True) == 0
+    assert pending(conn) == 0
+    assert turso.query("SELECT count(*) FROM t") == [[0]]
+
+
+def test_file_target_writes_a_local_turso_database(conn, dsn, tmp_path):
+    import turso as pyturso
+
+    conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text, raw bytea)")
+    conn.execute("INSERT INTO notes VALUES (1, 'first', '\\xdead')")
+    conn.execute("SELECT pgturso.track_table('notes')")
+    conn.execute("INSERT INTO notes VALUES (2, 'second', NULL)")
+    conn.execute("UPDATE notes SET body = 'FIRST' WHERE id = 1")
+    path = tmp_path / "replica.db"
+    drain(dsn, f"file:{path}")
+    conn.execute("DELETE FROM notes WHERE id = 2")
+    drain(dsn, f"file:{path}")
+    db = pyturso.connect(str(path))
+    assert db.execute("SELECT id, body, raw FROM notes ORDER BY id").fetchall() == [(1, "FIRST", b"\xde\xad")]
+    db.close()
+
+
+def test_running_worker_wakes_on_commit_and_stops_cleanly(conn, dsn, turso: TursoServer):
+    import signal
+    import subprocess
+    import time
+
+    from conftest import WORKER
+
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    proc = subprocess.Popen([*WORKER, "run", "--dsn", dsn, "--url", turso.url, "--idle-wait", "30"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if turso.query("SELECT count(*) FROM sqlite_schema WHERE name = 't'") == [[1]]:
+                    break
+            except RuntimeError:
+                pass
+            time.sleep(0.05)
+        conn.execute("INSERT INTO t VALUES (1, 'live')")
+        committed = time.monotonic()
+        while time.monotonic() - committed < 10 and turso.query("SELECT count(*) FROM t") != [[1]]:
+            time.sleep(0.01)
+        # With --idle-wait 30 only LISTEN/NOTIFY can have woken the worker this soon.
+        assert time.monotonic() - committed < 10 and turso.query("SELECT v FROM t") == [["live"]]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stderr = proc.communicate()[1]
+    assert "event=stopping" in stderr

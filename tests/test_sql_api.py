@@ -1,0 +1,150 @@
+"""The SQL API: track_table/untrack_table errors, privileges, and settings read from the server."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import psycopg
+import pytest
+from conftest import REPO, drain, pending, run_worker
+from pgturso.capture import CAPTURE_SETTINGS
+from support.turso import TursoServer
+
+
+def test_create_extension_cascade_installs_plpython(pg_cluster):
+    with psycopg.connect(pg_cluster.dsn(), autocommit=True) as admin:
+        admin.execute("DROP DATABASE IF EXISTS fresh")
+        admin.execute("CREATE DATABASE fresh")
+    try:
+        with psycopg.connect(pg_cluster.dsn("fresh"), autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION pgturso CASCADE")
+            names = {r[0] for r in conn.execute("SELECT extname FROM pg_extension").fetchall()}
+            assert {"pgturso", "plpython3u"} <= names
+    finally:
+        with psycopg.connect(pg_cluster.dsn(), autocommit=True) as admin:
+            admin.execute("DROP DATABASE fresh")
+
+
+@pytest.mark.parametrize(
+    ("setup", "target", "message", "hint"),
+    [
+        ("CREATE VIEW v AS SELECT 1 AS x", "v", "is not a table", "ordinary table"),
+        ("CREATE SEQUENCE s", "s", "is not a table", "ordinary table"),
+        ("CREATE TABLE nokey (x int)", "nokey", "has no primary key", "ADD PRIMARY KEY"),
+    ],
+)
+def test_track_table_refuses_what_it_cannot_track(conn, setup, target, message, hint):
+    conn.execute(setup)
+    with pytest.raises(psycopg.Error) as failure:
+        conn.execute("SELECT pgturso.track_table(%s)", (target,))
+    assert message in failure.value.diag.message_primary
+    assert hint in (failure.value.diag.message_hint or "")
+
+
+def test_tracking_twice_and_untracking_an_untracked_table_are_errors(conn):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    with pytest.raises(psycopg.Error, match="already tracked") as twice:
+        conn.execute("SELECT pgturso.track_table('t')")
+    assert "untrack_table" in twice.value.diag.message_hint
+    conn.execute("SELECT pgturso.untrack_table('t')")
+    with pytest.raises(psycopg.Error, match="is not tracked"):
+        conn.execute("SELECT pgturso.untrack_table('t')")
+
+
+def test_untrack_removes_capture_and_pending_changes(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE other (id int PRIMARY KEY)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("SELECT pgturso.track_table('other')")
+    conn.execute("INSERT INTO t VALUES (1)")
+    conn.execute("INSERT INTO other VALUES (1)")
+    conn.execute("SELECT pgturso.untrack_table('t')")
+    conn.execute("INSERT INTO t VALUES (2)")
+    assert conn.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = 't'::regclass").fetchone() == (0,)
+    drain(dsn, turso.url)
+    assert turso.query("SELECT id FROM other") == [[1]]
+    assert turso.query("SELECT name FROM sqlite_schema WHERE name = 't'") == []
+    assert pending(conn) == 0
+
+
+def test_odd_identifiers_and_schemas(conn, dsn, turso: TursoServer):
+    conn.execute('CREATE SCHEMA "My Schema"')
+    conn.execute('CREATE TABLE "My Schema"."Order Items ""q""" ("select" int PRIMARY KEY, "naïve col" text, "a.b" int)')
+    conn.execute('INSERT INTO "My Schema"."Order Items ""q""" VALUES (1, \'x\', 2)')
+    conn.execute("SELECT pgturso.track_table(%s)", ['"My Schema"."Order Items ""q"""'])
+    conn.execute('CREATE TABLE "group" (id int PRIMARY KEY)')
+    conn.execute("SELECT pgturso.track_table('\"group\"', target_table => 'renamed')")
+    conn.execute('INSERT INTO "group" VALUES (5)')
+    drain(dsn, turso.url)
+    assert turso.query('SELECT "select", "naïve col", "a.b" FROM "My Schema.Order Items ""q"""') == [[1, "x", 2]]
+    assert turso.query("SELECT id FROM renamed") == [[5]]
+
+
+def test_application_role_writes_through_capture_but_cannot_touch_pgturso(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("DROP ROLE IF EXISTS app")
+    conn.execute("CREATE ROLE app LOGIN")
+    conn.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON t TO app")
+    app_dsn = re.sub(r"user=\S+", "user=app", dsn)
+    try:
+        with psycopg.connect(app_dsn, autocommit=True) as app:
+            app.execute("INSERT INTO t VALUES (1, 'from app')")
+            app.execute("UPDATE t SET v = 'updated by app' WHERE id = 1")
+            for forbidden in (
+                "SELECT count(*) FROM pgturso.outbox",
+                "INSERT INTO pgturso.outbox (layout_id, op, nrows) VALUES (1, 'T', 0)",
+                "SELECT pgturso.track_table('t')",
+                "SELECT * FROM pgturso.instance",
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    app.execute(forbidden)
+        drain(dsn, turso.url)
+        assert turso.query("SELECT id, v FROM t") == [[1, "updated by app"]]
+    finally:
+        conn.execute("DROP OWNED BY app")
+        conn.execute("DROP ROLE app")
+
+
+def test_settings_come_from_the_server_and_the_environment_overrides_them(conn, dsn, turso: TursoServer, tmp_path):
+    dbname = conn.info.dbname
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("INSERT INTO t VALUES (1)")
+    conn.execute(f"ALTER DATABASE {dbname} SET pgturso.url = '{turso.url}'")
+    conn.execute(f"ALTER DATABASE {dbname} SET pgturso.batch_rows = 'many'")
+    try:
+        import subprocess
+        import sys
+
+        bad = subprocess.run([sys.executable, "-m", "pgturso", "run", "--once", "--dsn", dsn],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and "batch_rows" in bad.stderr and "postgresql.conf" in bad.stderr
+        conn.execute(f"ALTER DATABASE {dbname} SET pgturso.batch_rows = '100'")
+        # --url below is overridden by nothing; the environment beats postgresql.conf:
+        elsewhere = run_worker(dsn, turso.url, env={"PGTURSO_BATCH_ROWS": "oops"})
+        assert elsewhere.returncode == 2 and "PGTURSO_BATCH_ROWS" in elsewhere.stderr
+        ok = subprocess.run([sys.executable, "-m", "pgturso", "run", "--once", "--dsn", dsn],
+                            capture_output=True, text=True, timeout=60)
+        assert ok.returncode == 0, ok.stderr
+        assert turso.query("SELECT id FROM t") == [[1]]
+    finally:
+        conn.execute(f"ALTER DATABASE {dbname} RESET ALL")
+
+
+def test_track_table_pins_the_same_settings_as_the_capture_functions():
+    sql = (REPO / "extension/sql/20_track.sql").read_text()
+    start = sql.index("CREATE FUNCTION pgturso.track_table")
+    header = sql[start : sql.index("AS $$", start)]
+    for setting in CAPTURE_SETTINGS:
+        assert setting in header
+
+
+def test_every_function_pins_search_path():
+    for path in sorted(Path(REPO / "extension/sql").glob("*.sql")):
+        sql = path.read_text()
+        for match in re.finditer(r"CREATE FUNCTION [^(]+\(", sql):
+            body_start = sql.index("AS $", match.end())
+            assert "SET search_path = pg_catalog, pg_temp" in sql[match.end():body_start], (path, match.group())
