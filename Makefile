@@ -61,7 +61,7 @@ $(TURSO_DIR)/node_modules/.bin/tursodb:
 
 demo: deps
 	$(MAKE) install venv
-	$(PY) tests/demo.py
+	cd tests && ../$(PY) demo.py
 
 test: deps
 	$(MAKE) install venv turso

@@ -209,7 +209,9 @@ def test_a_change_turso_rejects_stops_delivery_with_the_table_named(conn, dsn, t
     conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
     conn.execute("SELECT pgturso.track_table('t')")
     drain(dsn, turso.url)
-    turso_conn_sql = "CREATE TRIGGER no_bad BEFORE INSERT ON t WHEN NEW.v = 'bad' BEGIN SELECT RAISE(ABORT, 'no bad'); END"
+    turso_conn_sql = (
+        "CREATE TRIGGER no_bad BEFORE INSERT ON t WHEN NEW.v = 'bad' BEGIN SELECT RAISE(ABORT, 'no bad'); END"
+    )
     from support.turso import read_rows  # a target-only constraint, as an operator might add
 
     read_rows(turso.url, turso_conn_sql)
