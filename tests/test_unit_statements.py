@@ -145,7 +145,9 @@ def test_operation_change_splits_and_keeps_order() -> None:
 
 
 def test_layout_change_splits() -> None:
-    statements = run([ev(1, "U", "[1,2]", layout_id=3), ev(2, "U", '[1,"x",null]', layout_id=1), ev(3, "U", "[3,4]", 3)])
+    statements = run(
+        [ev(1, "U", "[1,2]", layout_id=3), ev(2, "U", '[1,"x",null]', layout_id=1), ev(3, "U", "[3,4]", 3)]
+    )
     assert [(s.sql, s.args, s.table) for s in statements] == [
         (upsert_sql(PAIRS), ("[[1,2]]",), "public.pairs"),
         (upsert_sql(USERS), ('[[1,"x",null]]',), "public.users"),
@@ -153,11 +155,19 @@ def test_layout_change_splits() -> None:
     ]
 
 
-def test_max_payload_bytes_splits_runs() -> None:
-    payload = "[1,2]"  # 5 characters
-    statements = run([ev(i, "U", payload, layout_id=3) for i in range(1, 6)], max_payload_bytes=12)
-    # 5 + 5 fits in 12 (the next 5 would not), so events go two by two.
-    assert [s.args for s in statements] == [("[[1,2],[1,2]]",), ("[[1,2],[1,2]]",), ("[[1,2]]",)]
+@pytest.mark.parametrize(
+    ("limit", "expected"),
+    [
+        # The argument is "[" + payloads joined by "," + "]": two 5-byte payloads make exactly 13 bytes.
+        (13, [("[[1,2],[1,2]]",), ("[[1,2],[1,2]]",), ("[[1,2]]",)]),
+        (12, [("[[1,2]]",)] * 5),
+        (19, [("[[1,2],[1,2],[1,2]]",), ("[[1,2],[1,2]]",)]),
+    ],
+)
+def test_max_payload_bytes_splits_runs(limit: int, expected: list[tuple[str]]) -> None:
+    statements = run([ev(i, "U", "[1,2]", layout_id=3) for i in range(1, 6)], max_payload_bytes=limit)
+    assert [s.args for s in statements] == expected
+    assert all(len(s.args[0]) <= limit for s in statements)
 
 
 def test_payload_larger_than_the_limit_still_goes_alone() -> None:
@@ -169,11 +179,6 @@ def test_payload_larger_than_the_limit_still_goes_alone() -> None:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG statements.py StatementBuilder.add: the merge check ignores the separating comma and the outer "
-    "brackets, and counts characters (len(str)), not UTF-8 bytes, so a merged argument can exceed max_payload_bytes",
-)
 @pytest.mark.parametrize(
     ("payload", "limit"),
     [
@@ -183,9 +188,18 @@ def test_payload_larger_than_the_limit_still_goes_alone() -> None:
     ids=["comma-and-brackets", "utf8-bytes"],
 )
 def test_merged_argument_never_exceeds_limit_when_every_event_fits(payload: str, limit: int) -> None:
+    # The limit is in UTF-8 bytes of the whole argument, brackets and commas included.
     assert len(f"[{payload}]".encode()) <= limit  # each event fits on its own
     statements = run([ev(1, "U", payload, 3), ev(2, "U", payload, 3)], limit)
-    assert [len(s.args[0].encode()) <= limit for s in statements] == [True] * len(statements)
+    assert [s.args for s in statements] == [(f"[{payload}]",), (f"[{payload}]",)]
+
+
+@pytest.mark.parametrize(("limit", "merged"), [(15, True), (14, False)])
+def test_limit_counts_utf8_bytes_at_the_boundary(limit: int, merged: bool) -> None:
+    payload = '["\u00e9"]'  # 5 characters, 6 bytes; merged '[["é"],["é"]]' is 15 bytes
+    statements = run([ev(1, "U", payload, 3), ev(2, "U", payload, 3)], limit)
+    assert len(statements) == (1 if merged else 2)
+    assert max(len(s.args[0].encode()) for s in statements) == (15 if merged else 8)
 
 
 def test_create_event_yields_drop_then_create_after_flushing() -> None:

@@ -33,7 +33,7 @@ def numeric_typmod(precision: int, scale: int = 0) -> int:
         ("é😀漢字", '"é😀漢字"'),
         ("select", '"select"'),
         ("order", '"order"'),
-        ("a'b", "\"a'b\""),
+        ("a'b", '"a\'b"'),
         ("semi;colon -- comment", '"semi;colon -- comment"'),
         ("$pgturso0$", '"$pgturso0$"'),
         ("new\nline", '"new\nline"'),
@@ -147,9 +147,20 @@ def test_numeric_precision_from_typmod(typmod: int, precision: int | None) -> No
 
 CATALOG_COLUMNS = [
     {"name": "id", "pg_type": "bigint", "base_type": "int8", "typmod": -1, "not_null": True},
-    {"name": "price", "pg_type": "numeric(10,2)", "base_type": "numeric", "typmod": numeric_typmod(10, 2),
-     "not_null": False},
-    {"name": "big", "pg_type": "numeric(20,0)", "base_type": "numeric", "typmod": numeric_typmod(20), "not_null": False},
+    {
+        "name": "price",
+        "pg_type": "numeric(10,2)",
+        "base_type": "numeric",
+        "typmod": numeric_typmod(10, 2),
+        "not_null": False,
+    },
+    {
+        "name": "big",
+        "pg_type": "numeric(20,0)",
+        "base_type": "numeric",
+        "typmod": numeric_typmod(20),
+        "not_null": False,
+    },
     {"name": "any_num", "pg_type": "numeric", "base_type": "numeric", "typmod": -1, "not_null": False},
     {"name": "photo", "pg_type": "bytea", "base_type": "bytea", "typmod": -1, "not_null": False},
     {"name": "Region", "pg_type": "character varying(8)", "base_type": "varchar", "typmod": 12, "not_null": True},

@@ -92,15 +92,17 @@ class StatementBuilder:
     def add(self, event: Event) -> Iterator[Statement]:
         run = self._run
         if event.op in "UD" and event.payload:
+            size = len(event.payload.encode())
+            # The merged argument is "[" + payloads joined by "," + "]": count every byte of it.
             if run and (run.layout_id, run.op) == (event.layout_id, event.op) and (
-                run.size + len(event.payload) <= self._max_payload_bytes
+                run.size + 1 + size <= self._max_payload_bytes
             ):
                 run.parts.append(event.payload)
-                run.size += len(event.payload) + 1
+                run.size += 1 + size
                 run.txids.add(event.txid)
                 return
             yield from self.flush()
-            self._run = _Run(event.layout_id, event.op, [event.payload], len(event.payload), {event.txid})
+            self._run = _Run(event.layout_id, event.op, [event.payload], 2 + size, {event.txid})
             return
         yield from self.flush()
         layout = self._layout_of(event.layout_id)
