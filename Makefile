@@ -75,3 +75,9 @@ lint: venv
 bench: deps
 	$(MAKE) install venv turso
 	TURSODB=$(CURDIR)/$(TURSO_DIR)/node_modules/.bin/tursodb $(PY) bench/run.py $(if $(QUICK),--quick)
+
+# The long concurrency runs of tests/test_guarantees.py (SOAK_SECONDS per run; default 10 minutes).
+soak: deps
+	$(MAKE) install venv turso
+	SOAK_SECONDS=$${SOAK_SECONDS:-600} BIG_TRANSACTION_ROWS=1000000 \
+	TURSODB=$(CURDIR)/$(TURSO_DIR)/node_modules/.bin/tursodb $(VENV)/bin/pytest tests/test_guarantees.py $(PYTEST_ARGS)

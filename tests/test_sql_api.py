@@ -98,6 +98,8 @@ def test_application_role_writes_through_capture_but_cannot_touch_pgturso(conn, 
                 "INSERT INTO pgturso.outbox (layout_id, op, nrows) VALUES (1, 'T', 0)",
                 "SELECT pgturso.track_table('t')",
                 "SELECT * FROM pgturso.instance",
+                "SELECT * FROM pgturso.status",
+                "SELECT pgturso.skip_transaction('1', 'x')",
             ):
                 with pytest.raises(psycopg.errors.InsufficientPrivilege):
                     app.execute(forbidden)

@@ -42,7 +42,32 @@ ONLY_HELD = """
     SELECT NOT EXISTS (SELECT 1 FROM pgturso.outbox
                        WHERE id <= %(upto)s AND NOT (txid = ANY (%(held)s::text[]::xid8[])))
 """
-LAYOUT = "SELECT spec FROM pgturso.layout WHERE id = %(id)s"
+FIRST_COMMITTED_TRANSACTION = """
+    SELECT max(id) AS last_id FROM pgturso.outbox GROUP BY txid ORDER BY last_id LIMIT 1
+"""
+LAYOUT = "SELECT spec, table_id FROM pgturso.layout WHERE id = %(id)s"
+RECORD_DELIVERY = """
+    UPDATE pgturso.delivery_state SET status = 'delivering', last_delivered_at = now(), updated_at = now(),
+        transactions_delivered = transactions_delivered + %(transactions)s,
+        rows_delivered = rows_delivered + %(rows)s
+"""
+RECORD_TABLE_DELIVERY = """
+    INSERT INTO pgturso.table_state AS s (table_id, rows_delivered, last_delivered_at)
+    SELECT t.id, r.rows, now() FROM unnest(%(tables)s::int[], %(rows)s::int8[]) AS r(table_id, rows)
+    JOIN pgturso.tracked_table t ON t.id = r.table_id
+    ON CONFLICT (table_id) DO UPDATE SET rows_delivered = s.rows_delivered + excluded.rows_delivered,
+        last_delivered_at = excluded.last_delivered_at
+"""
+RECORD_STATE = """
+    UPDATE pgturso.delivery_state SET status = %(status)s, worker = coalesce(%(worker)s, worker),
+        started_at = CASE WHEN %(starting)s THEN now() ELSE started_at END,
+        retries = retries + %(retry)s, updated_at = now()
+"""
+RECORD_ERROR = """
+    UPDATE pgturso.delivery_state SET status = %(status)s, retries = retries + %(retry)s, last_error = %(error)s,
+        last_error_at = now(), last_error_table = %(table)s, last_error_txid = %(txid)s::text::xid8,
+        updated_at = now()
+"""
 DELETE_DELIVERED = """
     DELETE FROM pgturso.outbox o USING unnest(%(lows)s::int8[], %(highs)s::int8[]) AS r(low, high)
     WHERE o.id BETWEEN r.low AND r.high
@@ -106,6 +131,7 @@ class Batch:
         self.delivered = IdRanges()
         self.rows = 0
         self.transactions: set[int] = set()
+        self.rows_per_layout: dict[int, int] = {}
 
     def events(self) -> Iterator[Event]:
         with self.conn.cursor(name="pgturso_batch") as cur:
@@ -116,6 +142,7 @@ class Batch:
                 self.delivered.add(event.id)
                 self.rows += event.nrows
                 self.transactions.add(event.txid)
+                self.rows_per_layout[event.layout_id] = self.rows_per_layout.get(event.layout_id, 0) + event.nrows
                 yield event
 
 
@@ -129,6 +156,7 @@ class Outbox:
         self.batch_events = batch_events
         self.fetch_size = fetch_size
         self._layouts: dict[int, TableLayout] = {}
+        self._table_of_layout: dict[int, int] = {}
 
     def source_id(self) -> str:
         with self.conn.transaction():
@@ -144,10 +172,20 @@ class Outbox:
             if row is None:
                 raise RuntimeError(f"outbox event names layout {layout_id}, which does not exist")
             self._layouts[layout_id] = TableLayout.from_spec(row[0])
+            self._table_of_layout[layout_id] = int(row[1])
         return self._layouts[layout_id]
 
-    def choose_batch(self) -> Batch | None:
-        """Pick the next batch inside the caller's REPEATABLE READ transaction; None when nothing is pending."""
+    def choose_batch(self, single_transaction: bool = False) -> Batch | None:
+        """Pick the next batch inside the caller's REPEATABLE READ transaction; None when nothing is pending.
+
+        ``single_transaction``: just the first source transaction in commit-consistent order, to find which
+        one Turso refuses and deliver everything before it.
+        """
+        if single_transaction:
+            first = self.conn.execute(FIRST_COMMITTED_TRANSACTION).fetchone()
+            if first is None:
+                return None
+            return Batch(self.conn, first[0], self._straddling(first[0]), self.fetch_size)
         head = self.conn.execute(HEAD_OF_OUTBOX, {"max_events": self.batch_events}).fetchall()
         if not head:
             return None
@@ -173,11 +211,40 @@ class Outbox:
         return bool(row and row[0])
 
     def delete_delivered(self, delivered: IdRanges) -> int:
+        """Remove events the target confirmed (used on recovery, when the marker is all we know)."""
         if not delivered:
             return 0
         with self.conn.transaction():
             cur = self.conn.execute(DELETE_DELIVERED, {"lows": delivered.lows(), "highs": delivered.highs()})
             return cur.rowcount
+
+    def mark_delivered(self, batch: Batch) -> None:
+        """Remove a delivered batch's events and count it, in one transaction."""
+        rows_per_table: dict[int, int] = {}
+        for layout_id, rows in batch.rows_per_layout.items():
+            table_id = self._table_of_layout.get(layout_id)
+            if table_id is not None:
+                rows_per_table[table_id] = rows_per_table.get(table_id, 0) + rows
+        with self.conn.transaction():
+            self.conn.execute(DELETE_DELIVERED, {"lows": batch.delivered.lows(), "highs": batch.delivered.highs()})
+            self.conn.execute(RECORD_DELIVERY, {"transactions": len(batch.transactions), "rows": batch.rows})
+            if rows_per_table:
+                self.conn.execute(
+                    RECORD_TABLE_DELIVERY,
+                    {"tables": list(rows_per_table), "rows": list(rows_per_table.values())},
+                )
+
+    def record_state(self, status: str, *, worker: str | None = None, starting: bool = False,
+                     retry: bool = False) -> None:
+        with self.conn.transaction():
+            self.conn.execute(RECORD_STATE, {"status": status, "worker": worker, "starting": starting,
+                                             "retry": int(retry)})
+
+    def record_error(self, status: str, error: str, *, table: str | None = None, txid: int | None = None,
+                     retry: bool = False) -> None:
+        with self.conn.transaction():
+            self.conn.execute(RECORD_ERROR, {"status": status, "error": error, "table": table,
+                                             "txid": None if txid is None else str(txid), "retry": int(retry)})
 
     def pending(self) -> tuple[int, int]:
         with self.conn.transaction():

@@ -7,7 +7,9 @@ hot standby and takes over when the first one's connection goes away.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import time
 from typing import Any
 
@@ -42,6 +44,9 @@ class Worker:
         self.target: Target | None = None
         self.source_id = ""
         self.recovered = False
+        # While set, deliver one source transaction per batch, up to this outbox id (after a refused batch).
+        self.isolating_until: int | None = None
+        self.identity = f"{socket.gethostname()}:{os.getpid()}"
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -125,7 +130,7 @@ class Worker:
         target = self._open_target()
         started = time.monotonic()
         with self.conn.transaction():
-            batch = self.outbox.choose_batch()
+            batch = self.outbox.choose_batch(single_transaction=self.isolating_until is not None)
             if batch is None:
                 return 0
             transaction = target.begin()
@@ -140,7 +145,10 @@ class Worker:
                 statements += 1
             transaction.execute(marker_statement(self.source_id, batch.delivered))
             transaction.commit()
-        self.outbox.delete_delivered(batch.delivered)
+        self.outbox.mark_delivered(batch)
+        if self.isolating_until is not None and batch.upto >= self.isolating_until:
+            event(log, logging.INFO, "isolation_done", reason="delivered past the batch that failed")
+            self.isolating_until = None
         event(
             log,
             logging.INFO,
@@ -163,6 +171,18 @@ class Worker:
             for _ in self.listen_conn.notifies(timeout=min(1.0, self.settings.idle_wait), stop_after=1):
                 return
 
+    def _record(self, status: str, error: str | None = None, **fields: Any) -> None:
+        """Show the worker's state in pgturso.status; Postgres being unreachable must not hide the real error."""
+        if self.outbox is None or self.conn is None or self.conn.closed:
+            return
+        try:
+            if error is None:
+                self.outbox.record_state(status, **fields)
+            else:
+                self.outbox.record_error(status, error, **fields)
+        except psycopg.Error as exc:
+            event(log, logging.WARNING, "state_not_recorded", status=status, error=str(exc).strip())
+
     def run(self, once: bool = False) -> int:
         """Deliver until stopped (or, with ``once``, until nothing committed is left). Returns an exit code."""
         attempts = 0
@@ -179,30 +199,65 @@ class Worker:
                         return EXIT_LOCKED
                     if not self.recovered:
                         self.recover()
+                        self._record("delivering", worker=self.identity, starting=attempts == 0)
                     delivered = self.deliver_batch()
+                    if attempts:
+                        event(log, logging.INFO, "resumed", after_attempts=attempts)
+                        self._record("delivering")
                     attempts = 0
                     if delivered:
                         continue
                     if once:
+                        self._record("stopped")
                         return EXIT_OK
+                    self._record("idle")
                     self._wait_for_changes()
                 except (TursoUnavailable, psycopg.OperationalError) as exc:
                     attempts += 1
                     if retry_limit and attempts > retry_limit:
-                        event(log, logging.ERROR, "giving_up", attempts=attempts - 1, error=str(exc))
+                        event(log, logging.ERROR, "giving_up", attempts=attempts - 1, error=str(exc).strip())
+                        self._record("stopped", error=f"gave up after {attempts - 1} retries: {exc}")
                         return EXIT_RETRIES_EXHAUSTED
                     delay = backoff_delay(attempts, self.settings.retry_base_delay, self.settings.retry_max_delay)
-                    event(log, logging.WARNING, "retry", attempt=attempts, delay_s=round(delay, 2), error=str(exc))
+                    event(log, logging.WARNING, "retry", attempt=attempts, delay_s=round(delay, 2),
+                          error=str(exc).strip())
                     if isinstance(exc, psycopg.OperationalError):
                         self._disconnect()
+                    else:
+                        self._record("retrying", error=str(exc), retry=True)
                     self.recovered = False
                     self._sleep(delay)
-                except (StatementFailed, TursoRequestRejected, ConfigError) as exc:
+                except StatementFailed as exc:
+                    if self.isolating_until is None:
+                        # Deliver one source transaction at a time up to the failure, to find the one Turso
+                        # refuses and apply everything before it.
+                        self.isolating_until = self._failed_batch_end()
+                        if self.isolating_until is not None:
+                            event(log, logging.WARNING, "isolating", error=str(exc))
+                            continue
+                    txid = exc.txids[0] if len(exc.txids) == 1 else None
+                    event(log, logging.ERROR, "blocked", table=exc.table or "-", txid=txid or "-", error=str(exc))
+                    self._record("blocked", error=str(exc), table=exc.table or None, txid=txid)
+                    if once:
+                        return EXIT_FATAL
+                    attempts += 1
+                    self._sleep(backoff_delay(attempts, self.settings.retry_base_delay,
+                                              self.settings.retry_max_delay))
+                except (TursoRequestRejected, ConfigError) as exc:
                     event(log, logging.ERROR, "stopped", error=str(exc))
+                    self._record("stopped", error=str(exc))
                     return EXIT_FATAL
+            self._record("stopped")
             return EXIT_OK
         finally:
             self.close()
+
+    def _failed_batch_end(self) -> int | None:
+        """The last outbox id of the batch that just failed (it is still pending: nothing was removed)."""
+        assert self.conn is not None and self.outbox is not None
+        with self.conn.transaction():
+            batch = self.outbox.choose_batch()
+        return batch.upto if batch is not None else None
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds

@@ -1,0 +1,71 @@
+"""Running ``pgturso-worker run`` as a separate process, the way an operator does, with its log kept."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+
+class WorkerProcess:
+    def __init__(self, dsn: str, url: str, *args: str, env: dict[str, str] | None = None) -> None:
+        self.cmd = [sys.executable, "-m", "pgturso", "run", "--dsn", dsn, "--url", url, *args]
+        self.env = {**os.environ, "PGTURSO_RETRY_BASE_DELAY": "0.1", **(env or {})}
+        self.log = Path(tempfile.mkstemp(prefix="pgturso-worker-", suffix=".log")[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=subprocess.DEVNULL,
+                                     stderr=open(self.log, "ab"))
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, as in a crash or an OOM kill."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self, timeout: float = 20) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise
+        return self.proc.returncode
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def lines(self, event: str) -> list[str]:
+        return [line for line in self.output.splitlines() if f"event={event}" in line]
+
+
+def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll ``predicate`` until true; a bound on waiting, not a performance assertion."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def outbox_empty(dsn: str) -> bool:
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            row = conn.execute("SELECT count(*) FROM pgturso.outbox").fetchone()
+            return bool(row and row[0] == 0)
+    except psycopg.OperationalError:
+        return False

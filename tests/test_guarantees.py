@@ -1,0 +1,291 @@
+"""Never lose, never duplicate, never reorder: concurrency, crashes, outages, poison changes, failover.
+
+Each test would fail if the promise it names broke. They run real Postgres, real tursodb and the worker as a
+separate process; SOAK_SECONDS (``make soak``) lengthens the concurrency runs.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import psycopg
+import pytest
+from conftest import REPO, drain, pending, run_worker
+from support.cloud_proxy import CloudProxy
+from support.pgcluster import PG_BIN, PgCluster, _as_postgres
+from support.turso import TursoServer, read_rows
+from support.workers import WorkerProcess, outbox_empty, wait_until
+from support.workload import Workload, assert_equal, create_tables
+
+SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "0"))
+SEED = int(os.environ.get("PGTURSO_TEST_SEED", "20261125"))
+
+
+def test_convergence_under_concurrency(conn, dsn, turso: TursoServer):
+    """8 sessions of random transactions on 3 tables while the worker runs; then Turso equals Postgres."""
+    create_tables(conn)
+    worker = WorkerProcess(dsn, turso.url, "--idle-wait", "1").start()
+    try:
+        load = Workload(dsn, seed=SEED).run_for(SOAK_SECONDS or 8)
+        assert not load.errors, load.errors[:5]
+        assert load.commits > 100 and load.rollbacks > 0
+        wait_until(lambda: outbox_empty(dsn), 120, "the worker to catch up")
+        assert_equal(conn, turso)
+        assert worker.lines("delivered")
+    finally:
+        assert worker.stop() == 0
+
+
+def _install_apply_counter(turso: TursoServer, table: str) -> None:
+    """On Turso only: count every time a row of ``table`` is written, so a replayed batch shows up."""
+    read_rows(turso.url, "CREATE TABLE applied (id INTEGER)")
+    for when in ("INSERT", "UPDATE"):
+        read_rows(turso.url, f"CREATE TRIGGER count_{when.lower()} AFTER {when} ON {table} "
+                             "BEGIN INSERT INTO applied VALUES (NEW.id); END")
+
+
+def test_exactly_once_across_sigkill(conn, dsn, turso: TursoServer):
+    """SIGKILL the worker 20 times under load: nothing lost, no row written twice on Turso."""
+    conn.execute("CREATE TABLE ledger (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, who int, amount int)")
+    conn.execute("SELECT pgturso.track_table('ledger')")
+    drain(dsn, turso.url)
+    _install_apply_counter(turso, "ledger")
+    stop = threading.Event()
+
+    def write(session: int) -> None:
+        rng = random.Random(SEED + session)
+        with psycopg.connect(dsn, autocommit=True) as writer:
+            while not stop.is_set():
+                n = rng.randint(1, 30)
+                writer.execute("INSERT INTO ledger (who, amount) SELECT %s, g FROM generate_series(1, %s) g",
+                               (session, n))
+
+    writers = [threading.Thread(target=write, args=(s,)) for s in range(3)]
+    for thread in writers:
+        thread.start()
+    rng = random.Random(SEED)
+    kills = 0
+    try:
+        while kills < 20:
+            worker = WorkerProcess(dsn, turso.url).start()
+            time.sleep(rng.uniform(0.3, 1.2))
+            worker.kill()
+            kills += 1
+    finally:
+        stop.set()
+        for thread in writers:
+            thread.join()
+    drain(dsn, turso.url)
+    total = conn.execute("SELECT count(*) FROM ledger").fetchone()[0]
+    assert turso.query("SELECT count(*), count(DISTINCT id) FROM ledger") == [[total, total]]
+    applied, distinct = turso.query("SELECT count(*), count(DISTINCT id) FROM applied")[0]
+    assert distinct == total, "every row arrived"
+    assert applied == total, f"{applied - total} row writes were applied twice"
+    assert kills == 20
+
+
+def test_turso_outage_under_load(conn, dsn, turso: TursoServer):
+    """Turso down 30 s under load: writes never fail, the worker backs off (capped, logged), then catches up."""
+    create_tables(conn)
+    worker = WorkerProcess(dsn, turso.url, "--retry-max-delay", "4", "--idle-wait", "1").start()
+    load = Workload(dsn, seed=SEED + 1, sessions=3)
+    threads = load.start()
+    try:
+        time.sleep(2)
+        turso.stop()
+        commits_before = load.commits
+        time.sleep(30)
+        commits_during = load.commits - commits_before
+        turso.start()
+        time.sleep(2)
+    finally:
+        load.stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert not load.errors, load.errors[:5]
+    assert commits_during > 50, "Postgres writers must keep committing while Turso is down"
+    wait_until(lambda: outbox_empty(dsn), 120, "the worker to catch up after the outage")
+    assert_equal(conn, turso)
+    retries = worker.lines("retry")
+    delays = [float(re.search(r"delay_s=([\d.]+)", line).group(1)) for line in retries]
+    assert 4 <= len(retries) <= 30, f"{len(retries)} retry lines in 30 s"
+    assert max(delays) <= 4.0 and delays[0] < 1.0, delays
+    assert worker.lines("resumed")
+    assert worker.stop() == 0
+
+
+def test_postgres_restart_while_the_worker_runs(pg_cluster, conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("INSERT INTO t VALUES (1, 'before')")
+    worker = WorkerProcess(dsn, turso.url, "--idle-wait", "1", "--retry-max-delay", "1").start()
+    wait_until(lambda: outbox_empty(dsn), 30, "first delivery")
+    pg_cluster.restart()
+    pg_cluster.wait_ready()
+    with psycopg.connect(dsn, autocommit=True) as again:
+        again.execute("INSERT INTO t VALUES (2, 'after restart')")
+        wait_until(lambda: outbox_empty(dsn), 60, "delivery after the restart")
+        assert turso.query("SELECT id, v FROM t ORDER BY id") == [[1, "before"], [2, "after restart"]]
+    assert worker.lines("retry") and worker.stop() == 0
+
+
+def test_poison_change_blocks_visibly_then_resumes_or_is_skipped(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    drain(dsn, turso.url)
+    # A constraint only the target has, as an operator might add by mistake.
+    read_rows(turso.url, "CREATE TRIGGER no_bad BEFORE INSERT ON t WHEN NEW.v LIKE 'bad%' "
+                         "BEGIN SELECT RAISE(ABORT, 'no bad rows here'); END")
+    for i, v in enumerate(["good", "bad one", "after", "bad two", "last"], start=1):
+        conn.execute("INSERT INTO t VALUES (%s, %s)", (i, v))
+    first_bad_txid = conn.execute(
+        "SELECT txid::text FROM pgturso.outbox ORDER BY id OFFSET 1 LIMIT 1").fetchone()[0]
+
+    result = run_worker(dsn, turso.url)
+    assert result.returncode == 2
+    assert "event=blocked" in result.stderr and "public.t" in result.stderr and "no bad rows here" in result.stderr
+    # Everything before the poison transaction is applied, nothing after it.
+    assert turso.query("SELECT id FROM t ORDER BY id") == [[1]]
+    status = conn.execute("SELECT worker_status, last_error, last_error_table, last_error_txid::text, "
+                          "pending_events FROM pgturso.status").fetchone()
+    assert status[0] == "blocked" and "no bad rows here" in status[1]
+    assert status[2] == "public.t" and status[3] == first_bad_txid and status[4] == 4
+
+    # The operator skips the first one deliberately; the skip is recorded.
+    with pytest.raises(psycopg.Error, match="needs a reason"):
+        conn.execute("SELECT pgturso.skip_transaction(%s::xid8, '')", (first_bad_txid,))
+    conn.execute("SELECT pgturso.skip_transaction(%s::xid8, 'bad test row')", (first_bad_txid,))
+    skipped = conn.execute("SELECT reason, rows, tables, error FROM pgturso.skipped_transaction").fetchall()
+    assert skipped[0][:3] == ("bad test row", 1, ["public.t"]) and "no bad rows here" in skipped[0][3]
+
+    # A running worker stays blocked on the next poison, retrying; fixing the target lets it resume.
+    worker = WorkerProcess(dsn, turso.url, "--retry-max-delay", "1").start()
+    try:
+        wait_until(lambda: len(worker.lines("blocked")) >= 2, 30, "the worker to block on 'bad two'")
+        assert turso.query("SELECT id FROM t ORDER BY id") == [[1], [3]]
+        read_rows(turso.url, "DROP TRIGGER no_bad")
+        wait_until(lambda: outbox_empty(dsn), 30, "the worker to resume")
+        assert turso.query("SELECT id, v FROM t ORDER BY id") == [[1, "good"], [3, "after"], [4, "bad two"],
+                                                                  [5, "last"]]
+        assert conn.execute("SELECT worker_status FROM pgturso.status").fetchone()[0] in ("idle", "delivering")
+    finally:
+        assert worker.stop() == 0
+
+
+def test_second_worker_is_a_hot_standby(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    first = WorkerProcess(dsn, turso.url, "--idle-wait", "1").start()
+    wait_until(lambda: outbox_empty(dsn), 30, "the first worker to deliver")
+    second = WorkerProcess(dsn, turso.url, "--idle-wait", "1").start()
+    try:
+        wait_until(lambda: second.lines("standby"), 30, "the second worker to stand by")
+        conn.execute("INSERT INTO t SELECT generate_series(1, 10)")
+        wait_until(lambda: outbox_empty(dsn), 30, "delivery by the first worker")
+        assert not second.lines("delivered"), "the standby must not deliver while the first one is alive"
+        first.kill()
+        conn.execute("INSERT INTO t SELECT generate_series(11, 20)")
+        wait_until(lambda: outbox_empty(dsn), 30, "the standby to take over")
+        assert second.lines("lock_acquired") and second.lines("delivered")
+        assert turso.query("SELECT count(*) FROM t") == [[20]]
+        assert run_worker(dsn, turso.url).returncode == 3  # --once refuses to race the active worker
+    finally:
+        assert second.stop() == 0
+
+
+def test_a_big_transaction_is_streamed_and_atomic(conn, dsn, turso: TursoServer):
+    """One source transaction larger than many requests: bounded memory; nothing visible before COMMIT."""
+    conn.execute("CREATE TABLE big (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('big')")
+    drain(dsn, turso.url)
+    rows = int(os.environ.get("BIG_TRANSACTION_ROWS", "200000"))
+    conn.execute("INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, %s) g", (rows,))
+    small = ("--max-request-bytes", "1000000", "--max-statement-bytes", "250000")
+    # Turso going away in the middle of the stream (from the 5th request on) must leave nothing of it.
+    with CloudProxy(turso.url, "t") as cloud:
+        original = cloud._forward
+        calls = {"n": 0}
+
+        def flaky(requests_):
+            calls["n"] += 1
+            if calls["n"] >= 5:
+                raise OSError("connection reset in the middle of the transaction")
+            return original(requests_)
+
+        cloud._forward = flaky  # type: ignore[method-assign]
+        failed = run_worker(dsn, cloud.url, "--auth-token", "t", "--retry-limit", "1", *small)
+    assert failed.returncode == 1 and calls["n"] > 5
+    # tursodb serves every client on one connection, so readers would see the open transaction; a restart
+    # shows what was committed: nothing.
+    turso.stop()
+    turso.start()
+    assert turso.query("SELECT count(*) FROM big") == [[0]]
+    script = ("import resource, sys; from pgturso.cli import main; rc = main(sys.argv[1:]); "
+              "print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); "
+              "sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", script, "run", "--once", "--dsn", dsn, "--url", turso.url, *small],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert turso.query("SELECT count(*), min(id), max(id) FROM big") == [[rows, 1, rows]]
+    maxrss_mb = int(re.search(r"maxrss_kb (\d+)", done.stderr).group(1)) / 1024
+    assert maxrss_mb < 150, f"worker peak RSS {maxrss_mb:.0f} MB"
+    assert pending(conn) == 0
+
+
+def test_failover_to_a_promoted_standby_carries_on(turso: TursoServer):
+    """The outbox is replicated with the data: after promotion the worker resumes, nothing lost or doubled."""
+    primary = PgCluster(settings={"wal_level": "replica", "max_wal_senders": "4", "hot_standby": "on"}).start()
+    standby_dir = primary.base / "standby"
+    standby = None
+    try:
+        dsn = primary.dsn()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION pgturso CASCADE")
+            conn.execute("CREATE TABLE ledger (id int PRIMARY KEY, v text)")
+            conn.execute("SELECT pgturso.track_table('ledger')")
+            conn.execute("INSERT INTO ledger SELECT g, 'first' FROM generate_series(1, 100) g")
+        drain(dsn, turso.url)
+        _install_apply_counter(turso, "ledger")
+        subprocess.run(_as_postgres([str(PG_BIN / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(primary.port),
+                                     "-U", primary.user, "-D", str(standby_dir), "-R", "-X", "stream"]),
+                       check=True, capture_output=True)
+        standby = PgCluster(port=None)
+        standby.base, standby.datadir = primary.base, standby_dir
+        with open(standby_dir / "postgresql.conf", "a") as conf:
+            conf.write(f"port = {standby.port}\n")
+        standby.pg_ctl("start", "-w", "-l", str(primary.base / "standby.log"))
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("INSERT INTO ledger SELECT g, 'pending' FROM generate_series(101, 200) g")
+            conn.execute("UPDATE ledger SET v = 'changed' WHERE id <= 10")
+            lsn = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]
+        with psycopg.connect(standby.dsn(), autocommit=True) as replica:
+            wait_until(lambda: replica.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).fetchone()[0],
+                       30, "the standby to replay")
+        primary.pg_ctl("stop", "-m", "immediate", "-w")
+        standby.pg_ctl("promote", "-w")
+        new_dsn = standby.dsn()
+        drain(new_dsn, turso.url)
+        with psycopg.connect(new_dsn, autocommit=True) as conn:
+            conn.execute("INSERT INTO ledger VALUES (201, 'on the new primary')")
+            drain(new_dsn, turso.url)
+            expected = [list(r) for r in conn.execute("SELECT id, v FROM ledger ORDER BY id").fetchall()]
+        assert turso.query("SELECT id, v FROM ledger ORDER BY id") == expected
+        # 100 new rows + 10 updates + 1 row after promotion; the first 100 were copied before the counter.
+        assert turso.query("SELECT count(*) FROM applied") == [[111]], "no re-copy, nothing applied twice"
+    finally:
+        if standby is not None:
+            try:
+                standby.pg_ctl("stop", "-m", "immediate", "-w")
+            except subprocess.CalledProcessError:
+                pass
+        primary.stop()
+
+
+def test_soak_target_is_wired():
+    assert "soak:" in (REPO / "Makefile").read_text()
