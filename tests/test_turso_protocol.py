@@ -80,3 +80,12 @@ def test_a_refused_connection_is_retried(tracked, dsn, turso: TursoServer):
     turso.stop()
     result = run_worker(dsn, turso.url, "--retry-limit", "1")
     assert result.returncode == 1 and "cannot reach Turso" in result.stderr
+
+
+def test_a_request_that_times_out_is_retried(tracked, dsn, turso: TursoServer):
+    with CloudProxy(turso.url, TOKEN) as cloud:
+        cloud.stalls = [3.0]
+        result = run_worker(dsn, cloud.url, "--auth-token", TOKEN, "--request-timeout", "0.5")
+    assert result.returncode == 0, result.stderr
+    assert "event=retry" in result.stderr and "Timeout" in result.stderr
+    assert turso.query("SELECT count(*) FROM t") == [[50]]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +22,7 @@ class CloudProxy:
         self.requests: list[dict[str, Any]] = []
         self.auth_headers: list[str | None] = []
         self.faults: list[tuple[int, str, str]] = []  # (status, content type, body) answered before forwarding
+        self.stalls: list[float] = []  # seconds to hold a request before answering it (a slow or hung Turso)
         self.batons = 0
         proxy = self
 
@@ -32,6 +34,9 @@ class CloudProxy:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 proxy.requests.append(body)
                 proxy.auth_headers.append(self.headers.get("Authorization"))
+                if proxy.stalls:
+                    time.sleep(proxy.stalls.pop(0))
+                    return self._send(504, "text/plain", "too late")
                 if proxy.faults:
                     status, ctype, text = proxy.faults.pop(0)
                     return self._send(status, ctype, text)
