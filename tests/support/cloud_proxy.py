@@ -7,6 +7,7 @@ Bearer token; tursodb does none of these. Data still goes to, and is read back f
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 import urllib.error
@@ -16,7 +17,7 @@ from typing import Any
 
 
 class CloudProxy:
-    def __init__(self, upstream: str, token: str) -> None:
+    def __init__(self, upstream: str, token: str, tls: tuple[Any, Any] | None = None) -> None:
         self.upstream = upstream
         self.token = token
         self.requests: list[dict[str, Any]] = []
@@ -65,6 +66,10 @@ class CloudProxy:
                 self.wfile.write(data)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls is not None:  # (certificate, key): serve https
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(str(tls[0]), str(tls[1]))
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def _forward(self, requests_: list[dict[str, Any]]) -> dict[str, Any]:

@@ -72,7 +72,10 @@ DELETE_DELIVERED = """
     DELETE FROM pgturso.outbox o USING unnest(%(lows)s::int8[], %(highs)s::int8[]) AS r(low, high)
     WHERE o.id BETWEEN r.low AND r.high
 """
-PENDING = "SELECT count(*), coalesce(sum(nrows), 0) FROM pgturso.outbox"
+BACKLOG = """
+    SELECT count(*), coalesce(sum(nrows), 0), coalesce(extract(epoch FROM now() - min(captured_at)), 0)::float8
+    FROM pgturso.outbox
+"""
 
 
 class IdRanges:
@@ -246,7 +249,8 @@ class Outbox:
             self.conn.execute(RECORD_ERROR, {"status": status, "error": error, "table": table,
                                              "txid": None if txid is None else str(txid), "retry": int(retry)})
 
-    def pending(self) -> tuple[int, int]:
+    def backlog(self) -> tuple[int, int, float]:
+        """Pending events, their rows, and the age in seconds of the oldest one."""
         with self.conn.transaction():
-            events, rows = self.conn.execute(PENDING).fetchone()  # type: ignore[misc]
-        return int(events), int(rows)
+            events, rows, lag = self.conn.execute(BACKLOG).fetchone()  # type: ignore[misc]
+        return int(events), int(rows), float(lag)

@@ -71,6 +71,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth_token", None, str, "Turso auth token (Bearer); never put it in postgresql.conf",
             in_postgresql_conf=False),
     Setting("auth_token_file", None, str, "file holding the Turso auth token"),
+    Setting("tls_ca_file", None, str, "CA bundle to verify https/libsql servers with (default: system CAs)"),
     Setting("batch_rows", 50_000, _positive_int, "rows per delivery (one Turso transaction), whole source "
             "transactions only: a larger one is delivered alone"),
     Setting("batch_events", 10_000, _positive_int, "outbox events per delivery"),
@@ -83,6 +84,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("retry_limit", 0, _non_negative_int, "retries before giving up; 0: forever (run), 3 (--once)"),
     Setting("log_level", "info", _choice("debug", "info", "warning", "error"), "log level"),
     Setting("log_format", "text", _choice("text", "json"), "log lines as key=value text or JSON"),
+    Setting("metrics_port", 0, _non_negative_int, "serve Prometheus metrics on 127.0.0.1:PORT; 0: off"),
+    Setting("metrics_host", "127.0.0.1", str, "address the metrics endpoint listens on"),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -92,6 +95,7 @@ class Settings:
     url: str
     auth_token: str | None
     auth_token_file: str | None
+    tls_ca_file: str | None
     batch_rows: int
     batch_events: int
     max_request_bytes: int
@@ -103,6 +107,8 @@ class Settings:
     retry_limit: int
     log_level: str
     log_format: str
+    metrics_port: int
+    metrics_host: str
 
     def token(self) -> str | None:
         """The auth token, read from auth_token_file when no token was given directly."""
@@ -149,3 +155,20 @@ def resolve(
 # Placeholder settings (no module defines pgturso.*) are not listed in pg_settings: ask for each by name.
 POSTGRESQL_CONF_QUERY = "SELECT name, current_setting(name, true) FROM unnest(%(names)s::text[]) AS name"
 POSTGRESQL_CONF_NAMES = [s.guc for s in SETTINGS if s.in_postgresql_conf]
+
+
+def markdown_table() -> str:
+    """The settings as the table in docs/configuration.md (a test keeps the two identical)."""
+    lines = [
+        "| setting | postgresql.conf | environment | flag | default | meaning |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in SETTINGS:
+        guc = f"`{s.guc}`" if s.in_postgresql_conf else "— (never: every role can SHOW it)"
+        default = "—" if s.default is None else f"`{s.default}`"
+        lines.append(f"| {s.name} | {guc} | `{s.env}` | `{s.flag}` | {default} | {s.help} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")

@@ -56,15 +56,20 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-def open_target(url: str, auth_token: str | None, *, max_request_bytes: int, timeout: float) -> Target:
-    """A target for ``url``: http(s)://, libsql:// (same as https://) or file:PATH."""
+def open_target(url: str, auth_token: str | None, *, max_request_bytes: int, timeout: float,
+                tls_ca_file: str | None = None) -> Target:
+    """A target for ``url``: http(s)://, libsql:// (same as https://) or file:PATH.
+
+    TLS certificates are always verified, against the system CAs or ``tls_ca_file``.
+    """
     scheme = urlsplit(url).scheme
     if scheme == "file":
         return FileTarget(url[len("file:") :])
     if scheme in ("http", "https", "libsql"):
         if scheme == "libsql":
             url = "https://" + url[len("libsql://") :]
-        return HttpTarget(url, auth_token, max_request_bytes=max_request_bytes, timeout=timeout)
+        return HttpTarget(url, auth_token, max_request_bytes=max_request_bytes, timeout=timeout,
+                          tls_ca_file=tls_ca_file)
     raise ConfigError(
         f"pgturso.url {redact_url(url)!r} is not a Turso URL; use http://, https://, libsql:// or file:PATH"
     )
@@ -73,13 +78,16 @@ def open_target(url: str, auth_token: str | None, *, max_request_bytes: int, tim
 class HttpTarget:
     """A Turso server speaking Hrana over HTTP (Turso Cloud, sqld, or ``tursodb --sync-server``)."""
 
-    def __init__(self, url: str, auth_token: str | None, *, max_request_bytes: int, timeout: float) -> None:
+    def __init__(self, url: str, auth_token: str | None, *, max_request_bytes: int, timeout: float,
+                 tls_ca_file: str | None = None) -> None:
         self.base_url = url.rstrip("/")
         self.description = redact_url(self.base_url)
         self.max_request_bytes = max_request_bytes
         self.timeout = timeout
         self.session = requests.Session()
         self.session.headers["Content-Type"] = "application/json"
+        # Passed on every request: a session-level setting would lose to REQUESTS_CA_BUNDLE in the environment.
+        self.verify: str | bool = tls_ca_file or True
         if auth_token:
             self.session.headers["Authorization"] = f"Bearer {auth_token}"
         # Turso Cloud wants streams closed; tursodb rejects the close request. Learnt on first use.
@@ -92,7 +100,13 @@ class HttpTarget:
         if last and self.sends_close:
             body["requests"].append(hrana.CLOSE_REQUEST)
         try:
-            response = self.session.post(f"{self.base_url}/v2/pipeline", data=json.dumps(body), timeout=self.timeout)
+            response = self.session.post(f"{self.base_url}/v2/pipeline", data=json.dumps(body), timeout=self.timeout,
+                                         verify=self.verify)
+        except requests.exceptions.SSLError as exc:
+            raise TursoUnavailable(
+                f"TLS with Turso at {self.description} failed: {exc}. If the server uses a private CA, "
+                "name its certificate with --tls-ca-file or PGTURSO_TLS_CA_FILE."
+            ) from exc
         except requests.RequestException as exc:
             raise TursoUnavailable(f"cannot reach Turso at {self.description}: {type(exc).__name__}: {exc}") from exc
         text = response.text

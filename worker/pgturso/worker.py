@@ -17,6 +17,7 @@ import psycopg
 
 from .errors import ConfigError, StatementFailed, TursoRequestRejected, TursoUnavailable
 from .logs import event
+from .metrics import Metrics
 from .outbox import IdRanges, Outbox
 from .progress import CREATE_MARKER_SQL, READ_MARKER_SQL, marker_statement
 from .retry import backoff_delay
@@ -47,6 +48,8 @@ class Worker:
         # While set, deliver one source transaction per batch, up to this outbox id (after a refused batch).
         self.isolating_until: int | None = None
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
+        self.metrics = Metrics()
+        self._backlog_checked = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -92,6 +95,7 @@ class Worker:
                 self.settings.token(),
                 max_request_bytes=self.settings.max_request_bytes,
                 timeout=self.settings.request_timeout,
+                tls_ca_file=self.settings.tls_ca_file,
             )
         return self.target
 
@@ -146,6 +150,9 @@ class Worker:
             transaction.execute(marker_statement(self.source_id, batch.delivered))
             transaction.commit()
         self.outbox.mark_delivered(batch)
+        self.metrics.add("pgturso_batches_total")
+        self.metrics.add("pgturso_rows_delivered_total", batch.rows)
+        self.metrics.add("pgturso_transactions_delivered_total", len(batch.transactions))
         if self.isolating_until is not None and batch.upto >= self.isolating_until:
             event(log, logging.INFO, "isolation_done", reason="delivered past the batch that failed")
             self.isolating_until = None
@@ -188,6 +195,9 @@ class Worker:
         attempts = 0
         retry_limit = self.settings.retry_limit or (3 if once else 0)
         event(log, logging.INFO, "starting", target=redact_url(self.settings.url), once=once)
+        if self.settings.metrics_port:
+            port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
+            event(log, logging.INFO, "metrics", listen=f"{self.settings.metrics_host}:{port}")
         try:
             while not self.stopping:
                 try:
@@ -205,6 +215,7 @@ class Worker:
                         event(log, logging.INFO, "resumed", after_attempts=attempts)
                         self._record("delivering")
                     attempts = 0
+                    self._update_backlog(force=not delivered)
                     if delivered:
                         continue
                     if once:
@@ -219,6 +230,8 @@ class Worker:
                         self._record("stopped", error=f"gave up after {attempts - 1} retries: {exc}")
                         return EXIT_RETRIES_EXHAUSTED
                     delay = backoff_delay(attempts, self.settings.retry_base_delay, self.settings.retry_max_delay)
+                    self.metrics.add("pgturso_retries_total")
+                    self.metrics.set("pgturso_up", 0)
                     event(log, logging.WARNING, "retry", attempt=attempts, delay_s=round(delay, 2),
                           error=str(exc).strip())
                     if isinstance(exc, psycopg.OperationalError):
@@ -236,6 +249,7 @@ class Worker:
                             event(log, logging.WARNING, "isolating", error=str(exc))
                             continue
                     txid = exc.txids[0] if len(exc.txids) == 1 else None
+                    self.metrics.add("pgturso_errors_total")
                     event(log, logging.ERROR, "blocked", table=exc.table or "-", txid=txid or "-", error=str(exc))
                     self._record("blocked", error=str(exc), table=exc.table or None, txid=txid)
                     if once:
@@ -244,6 +258,7 @@ class Worker:
                     self._sleep(backoff_delay(attempts, self.settings.retry_base_delay,
                                               self.settings.retry_max_delay))
                 except (TursoRequestRejected, ConfigError) as exc:
+                    self.metrics.add("pgturso_errors_total")
                     event(log, logging.ERROR, "stopped", error=str(exc))
                     self._record("stopped", error=str(exc))
                     return EXIT_FATAL
@@ -251,6 +266,21 @@ class Worker:
             return EXIT_OK
         finally:
             self.close()
+            self.metrics.close()
+
+    def _update_backlog(self, force: bool) -> None:
+        """Refresh the backlog gauges (a count over the outbox: at most every few seconds while busy)."""
+        self.metrics.set("pgturso_up", 1)
+        if not self.settings.metrics_port or self.outbox is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._backlog_checked < 5:
+            return
+        self._backlog_checked = now
+        events, rows, lag = self.outbox.backlog()
+        self.metrics.set("pgturso_backlog_events", events)
+        self.metrics.set("pgturso_backlog_rows", rows)
+        self.metrics.set("pgturso_lag_seconds", lag)
 
     def _failed_batch_end(self) -> int | None:
         """The last outbox id of the batch that just failed (it is still pending: nothing was removed)."""

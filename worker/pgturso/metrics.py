@@ -1,0 +1,71 @@
+"""Prometheus metrics of the worker (``--metrics-port``), in the text exposition format."""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+_HELP = {
+    "pgturso_backlog_events": ("gauge", "Outbox events not yet confirmed by Turso"),
+    "pgturso_backlog_rows": ("gauge", "Rows in outbox events not yet confirmed by Turso"),
+    "pgturso_lag_seconds": ("gauge", "Age of the oldest undelivered change"),
+    "pgturso_rows_delivered_total": ("counter", "Rows delivered to Turso"),
+    "pgturso_transactions_delivered_total": ("counter", "Source transactions delivered to Turso"),
+    "pgturso_batches_total": ("counter", "Turso transactions committed"),
+    "pgturso_retries_total": ("counter", "Retries after network errors, 429, 5xx or unreadable answers"),
+    "pgturso_errors_total": ("counter", "Changes Turso refused, and fatal errors"),
+    "pgturso_up": ("gauge", "1 while this worker holds the delivery lock"),
+}
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self._values: dict[str, float] = {name: 0.0 for name in _HELP}
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+
+    def add(self, name: str, amount: float = 1.0) -> None:
+        with self._lock:
+            self._values[name] += amount
+
+    def set(self, name: str, value: float) -> None:
+        with self._lock:
+            self._values[name] = value
+
+    def render(self) -> str:
+        with self._lock:
+            values = dict(self._values)
+        lines = []
+        for name, (kind, text) in _HELP.items():
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {values[name]:g}"]
+        return "\n".join(lines) + "\n"
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve /metrics in a background thread; returns the port (useful with port 0 in tests)."""
+        metrics = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if self.path not in ("/metrics", "/"):
+                    self.send_error(404)
+                    return
+                body = metrics.render().encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        threading.Thread(target=self._server.serve_forever, name="pgturso-metrics", daemon=True).start()
+        return int(self._server.server_address[1])
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
