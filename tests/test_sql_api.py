@@ -150,3 +150,34 @@ def test_every_function_pins_search_path():
         for match in re.finditer(r"CREATE FUNCTION [^(]+\(", sql):
             body_start = sql.index("AS $", match.end())
             assert "SET search_path = pg_catalog, pg_temp" in sql[match.end():body_start], (path, match.group())
+
+
+def test_wait_for_sync_gives_read_your_writes(conn, dsn, turso: TursoServer):
+    from support.workers import WorkerProcess
+
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("DROP ROLE IF EXISTS reader_app")
+    conn.execute("CREATE ROLE reader_app LOGIN")
+    conn.execute("GRANT INSERT ON t TO reader_app")
+    conn.execute("GRANT USAGE ON SCHEMA pgturso TO reader_app")
+    conn.execute("INSERT INTO t VALUES (1, 'no worker yet')")
+    assert conn.execute("SELECT pgturso.wait_for_sync('200 milliseconds')").fetchone() == (False,)
+    worker = WorkerProcess(dsn, turso.url, "--idle-wait", "30").start()
+    app_dsn = re.sub(r"user=\S+", "user=reader_app", dsn)
+    try:
+        with psycopg.connect(app_dsn, autocommit=True) as app:
+            for i in range(2, 12):
+                app.execute("INSERT INTO t VALUES (%s, 'write')", (i,))
+                assert app.execute("SELECT pgturso.wait_for_sync('20 seconds')").fetchone() == (True,)
+                assert turso.query(f"SELECT v FROM t WHERE id = {i}") == [["write"]]  # read your write
+            with app.transaction():
+                app.execute("INSERT INTO t VALUES (99, 'uncommitted')")
+                with pytest.raises(psycopg.Error, match="own writes") as own:
+                    app.execute("SELECT pgturso.wait_for_sync()")
+                assert "after committing" in own.value.diag.message_hint
+                raise psycopg.Rollback
+    finally:
+        worker.stop()
+        conn.execute("DROP OWNED BY reader_app")
+        conn.execute("DROP ROLE reader_app")

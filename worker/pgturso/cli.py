@@ -74,17 +74,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     return worker.run(once=args.once)
 
 
+STATUS_QUERY = """
+    SELECT table_name::text, target_table, pending_events, pending_rows,
+           coalesce(extract(epoch FROM lag), 0)::float8, rows_delivered, last_delivered_at,
+           worker_status, worker, worker_retries, last_error, last_error_at, last_error_txid::text
+    FROM pgturso.status ORDER BY 1
+"""
+
+
 def _status(dsn: str) -> int:
+    """Render pgturso.status for a terminal; exit 1 when delivery is blocked or stopped with an error."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT t.relid::text, t.target_table, count(o.id), coalesce(sum(o.nrows), 0), min(o.captured_at) "
-            "FROM pgturso.tracked_table t LEFT JOIN pgturso.layout l ON l.table_id = t.id "
-            "LEFT JOIN pgturso.outbox o ON o.layout_id = l.id GROUP BY 1, 2 ORDER BY 1"
-        ).fetchall()
-    print(f"{'table':30} {'turso table':30} {'pending events':>14} {'pending rows':>12}  oldest pending")
-    for relid, target, events, nrows, oldest in rows:
-        print(f"{relid:30} {target:30} {events:>14} {nrows:>12}  {oldest or '-'}")
-    return 0
+        rows = conn.execute(STATUS_QUERY).fetchall()
+        state = conn.execute("SELECT status, worker, retries, last_error, last_error_at, last_error_txid::text "
+                             "FROM pgturso.delivery_state").fetchone()
+    assert state is not None
+    status, worker, retries, error, error_at, error_txid = state
+    print(f"worker: {status}" + (f" ({worker})" if worker else "") + f", {retries} retries")
+    if error:
+        print(f"last error at {error_at}" + (f", source transaction {error_txid}" if error_txid else "") + ":")
+        print(f"  {error}")
+    header = f"{'table':32} {'turso table':32} {'pending rows':>12} {'lag':>8} {'delivered':>12}  last delivered"
+    print(header)
+    for table, target, _events, pending_rows, lag, delivered, last_at, *_ in rows:
+        last = last_at.strftime("%Y-%m-%d %H:%M:%S") if last_at else "-"
+        print(f"{table:32} {target:32} {pending_rows:>12} {lag:>7.1f}s {delivered:>12}  {last}")
+    return 1 if status in ("blocked",) or (status == "stopped" and error) else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,40 @@
+-- Read-your-writes for applications that write to Postgres and read from Turso.
+
+CREATE FUNCTION pgturso.wait_for_sync(timeout interval DEFAULT '30 seconds') RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_snapshot pg_snapshot := pg_current_snapshot();
+    v_deadline timestamptz := clock_timestamp() + timeout;
+    v_upto bigint;
+    v_pause float8 := 0.002;
+BEGIN
+    IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
+        RAISE EXCEPTION 'pgturso: wait_for_sync cannot wait for this transaction''s own writes'
+            USING HINT = 'They reach Turso only after COMMIT: call pgturso.wait_for_sync() after committing.';
+    END IF;
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'pgturso: wait_for_sync needs READ COMMITTED (it must see deliveries as they happen)'
+            USING HINT = 'Call it outside an explicit REPEATABLE READ or SERIALIZABLE transaction.';
+    END IF;
+    SELECT max(id) INTO v_upto FROM pgturso.outbox;
+    LOOP
+        -- Done when no event that was committed when we were called is still waiting for Turso.
+        IF NOT EXISTS (SELECT 1 FROM pgturso.outbox o
+                       WHERE o.id <= v_upto AND pg_visible_in_snapshot(o.txid, v_snapshot)) THEN
+            RETURN true;
+        END IF;
+        IF clock_timestamp() >= v_deadline THEN
+            RETURN false;
+        END IF;
+        PERFORM pg_sleep(v_pause);
+        v_pause := least(v_pause * 2, 0.05);
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION pgturso.wait_for_sync IS
+    'Wait until every change committed before the call is on Turso; true when it is, false on timeout. '
+    'Call it after COMMIT, in READ COMMITTED. Any role may call it.';
+GRANT EXECUTE ON FUNCTION pgturso.wait_for_sync(interval) TO PUBLIC;
