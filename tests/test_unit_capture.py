@@ -108,7 +108,7 @@ def test_capture_function_sql_header() -> None:
         "SET search_path = pg_catalog, pg_temp",
         "SET TimeZone = 'UTC'",
         "SET DateStyle = 'ISO, YMD'",
-        "SET IntervalStyle = 'postgres'",
+        "SET IntervalStyle = 'iso_8601'",
         "SET extra_float_digits = 1",
     ):
         assert setting in second

@@ -79,7 +79,8 @@ def test_upsert_sql() -> None:
 def test_upsert_sql_composite_key_quotes_everything() -> None:
     assert upsert_sql(ODD) == (
         'INSERT INTO "odd ""t""" ("v", "k""2", "k 1") '
-        "SELECT value->>0, unhex(value->>1), value->>2 FROM json_each(?) WHERE true "
+        "SELECT CASE value->>0 WHEN 'Infinity' THEN 9e999 WHEN '-Infinity' THEN -9e999 ELSE value->>0 END, "
+        "unhex(value->>1), value->>2 FROM json_each(?) WHERE true "
         'ON CONFLICT ("k 1", "k""2") DO UPDATE SET "v" = excluded."v"'
     )
 

@@ -67,8 +67,8 @@ EXPECTED_BASE_TYPES = {
     "int4": ("INTEGER", "{col}", "{val}"),
     "int8": ("INTEGER", "{col}", "{val}"),
     "oid": ("INTEGER", "{col}", "{val}"),
-    "float4": ("REAL", "{col}", "{val}"),
-    "float8": ("REAL", "{col}", "{val}"),
+    "float4": ("REAL", types.FLOAT.encode, types.FLOAT.decode),
+    "float8": ("REAL", types.FLOAT.encode, types.FLOAT.decode),
     "bool": ("INTEGER", "{col}", "{val}"),
     "text": ("TEXT", "{col}", "{val}"),
     "varchar": ("TEXT", "{col}", "{val}"),
@@ -83,6 +83,10 @@ EXPECTED_BASE_TYPES = {
     "date": ("TEXT", "{col}", "{val}"),
     "timestamp": ("TEXT", "{col}", "{val}"),
     "timestamptz": ("TEXT", "{col}", "{val}"),
+    "time": ("TEXT", "{col}", "{val}"),
+    "timetz": ("TEXT", "{col}", "{val}"),
+    "interval": ("TEXT", "{col}", "{val}"),
+    "money": ("TEXT", "{col}::numeric::text", "{val}"),
 }
 
 
@@ -96,7 +100,7 @@ def test_every_mapped_base_type_is_tested() -> None:
     assert set(types._BY_BASE_TYPE) == set(EXPECTED_BASE_TYPES)
 
 
-@pytest.mark.parametrize("base_type", ["interval", "_int4", "_text", "inet", "point", "my_composite", "numrange"])
+@pytest.mark.parametrize("base_type", ["_int4", "_text", "inet", "point", "my_composite", "numrange"])
 def test_unmapped_types_fall_back_to_text(base_type: str) -> None:
     ctype = column_type(base_type)
     assert ctype is types.JSON_FALLBACK
@@ -178,13 +182,13 @@ def test_from_catalog_maps_every_column() -> None:
     assert layout.target_table == "Orders"
     assert layout.key_columns == ("Region", "id")
     assert layout.columns == (
-        Column("id", "bigint", "INTEGER", "{col}", "{val}", True),
-        Column("price", "numeric(10,2)", "NUMERIC", "{col}", "{val}", False),
-        Column("big", "numeric(20,0)", "TEXT", "{col}::text", "{val}", False),
-        Column("any_num", "numeric", "TEXT", "{col}::text", "{val}", False),
-        Column("photo", "bytea", "BLOB", "encode({col}, 'hex')", "unhex({val})", False),
-        Column("Region", "character varying(8)", "TEXT", "{col}", "{val}", True),
-        Column("tags", "text[]", "TEXT", "{col}", "{val}", False),
+        Column("id", "bigint", "INTEGER", "{col}", "{val}", True, "int8", 1),
+        Column("price", "numeric(10,2)", "NUMERIC", "{col}", "{val}", False, "numeric", 2),
+        Column("big", "numeric(20,0)", "TEXT", "{col}::text", "{val}", False, "numeric", 3),
+        Column("any_num", "numeric", "TEXT", "{col}::text", "{val}", False, "numeric", 4),
+        Column("photo", "bytea", "BLOB", "encode({col}, 'hex')", "unhex({val})", False, "bytea", 5),
+        Column("Region", "character varying(8)", "TEXT", "{col}", "{val}", True, "varchar", 6),
+        Column("tags", "text[]", "TEXT", "{col}", "{val}", False, "_text", 7),
     )
 
 
@@ -205,6 +209,8 @@ def test_spec_roundtrip_through_json() -> None:
         "encode": "{col}",
         "decode": "{val}",
         "not_null": False,
+        "base_type": "numeric",
+        "attnum": 2,
     }
     stored = json.loads(json.dumps(spec))  # as pgturso.layout.spec (jsonb) gives it back
     assert TableLayout.from_spec(stored) == layout

@@ -14,7 +14,12 @@ CREATE TABLE pgturso.tracked_table (
     id integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     relid regclass NOT NULL UNIQUE,
     target_table text NOT NULL UNIQUE,
-    tracked_at timestamptz NOT NULL DEFAULT now()
+    tracked_at timestamptz NOT NULL DEFAULT now(),
+    -- track_table's choices, kept for schema changes: target_table (when given), key_columns (when given),
+    -- indexes (false: no secondary indexes on Turso), drop_target (DROP TABLE drops the Turso table too).
+    options jsonb NOT NULL DEFAULT '{}',
+    -- Set by DROP TABLE while changes of the table are still undelivered; the row goes once they are.
+    dropped_at timestamptz
 );
 COMMENT ON TABLE pgturso.tracked_table IS 'Tables replicated to Turso; maintained by track_table/untrack_table.';
 
@@ -36,15 +41,16 @@ CREATE TABLE pgturso.outbox (
     id bigint GENERATED ALWAYS AS IDENTITY (CACHE 1) PRIMARY KEY,
     txid xid8 NOT NULL DEFAULT pg_current_xact_id(),
     layout_id integer NOT NULL,
-    op "char" NOT NULL CHECK (op IN ('C', 'U', 'D', 'T')),
+    op "char" NOT NULL CHECK (op IN ('C', 'U', 'D', 'T', 'A', 'X')),
     nrows integer NOT NULL,
     payload text,
     captured_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX outbox_txid_idx ON pgturso.outbox (txid, id);
 COMMENT ON TABLE pgturso.outbox IS
-    'Changes not yet confirmed by Turso. op: C create table, U upsert rows, D delete keys, T truncate; '
-    'payload: comma-separated JSON arrays, one per row (U: all columns, D: key columns).';
+    'Changes not yet confirmed by Turso. op: C create table, U upsert rows, D delete keys, T truncate, '
+    'A schema change (payload {"from": old layout id, "recopy": bool}), X table dropped (payload '
+    '{"drop_target": bool}); U/D payload: comma-separated JSON arrays, one per row (U: all columns, D: key).';
 
 REVOKE ALL ON ALL TABLES IN SCHEMA pgturso FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA pgturso FROM PUBLIC;

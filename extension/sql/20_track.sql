@@ -1,4 +1,6 @@
--- track_table / untrack_table: install and remove a table's capture.
+-- track_table / untrack_table / refresh_materialized_view: install and remove a table's capture.
+-- Schema changes of tracked tables are followed by the event triggers of 30_schema_changes.sql, which use the
+-- same helpers (_describe, _install_capture) to compute a new layout.
 
 CREATE FUNCTION pgturso._base_type(typ oid) RETURNS oid
 LANGUAGE sql STABLE
@@ -17,99 +19,354 @@ CREATE FUNCTION pgturso._capture_function_name(table_id integer) RETURNS text
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT '_capture_' || table_id $$;
+COMMENT ON FUNCTION pgturso._capture_function_name IS 'Private: name of a tracked table''s capture function.';
 
-CREATE FUNCTION pgturso.track_table(rel regclass, target_table text DEFAULT NULL) RETURNS void
+-- The Turso name of a Postgres relation: the bare name in public, schema.name elsewhere (indexes too).
+CREATE FUNCTION pgturso._turso_name(rel oid) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN n.nspname = 'public' THEN c.relname::text ELSE n.nspname || '.' || c.relname END
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel
+$$;
+COMMENT ON FUNCTION pgturso._turso_name IS 'Private: default Turso name of a table or index.';
+
+-- The key a table replicates by: key_columns if given, else the primary key, else the unique index over NOT
+-- NULL columns with the fewest columns (materialized views: any unique index, NULLs allowed by Postgres).
+CREATE FUNCTION pgturso._key_columns(rel regclass, explicit text[]) RETURNS text[]
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_keys text[];
+    v_kind "char";
+    v_bad text;
+BEGIN
+    SELECT relkind INTO v_kind FROM pg_class WHERE oid = rel;
+    IF explicit IS NOT NULL THEN
+        SELECT k INTO v_bad FROM unnest(explicit) AS k
+        WHERE NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = rel AND a.attname = k
+                          AND a.attnum > 0 AND NOT a.attisdropped);
+        IF v_bad IS NOT NULL OR cardinality(explicit) = 0 THEN
+            RAISE EXCEPTION 'pgturso: key column "%" is not a column of %', coalesce(v_bad, ''), rel
+                USING HINT = 'Pass existing column names: key_columns => ARRAY[''id'', ...].';
+        END IF;
+        IF v_kind <> 'm' THEN
+            SELECT k INTO v_bad FROM unnest(explicit) AS k
+            JOIN pg_attribute a ON a.attrelid = rel AND a.attname = k WHERE NOT a.attnotnull;
+            IF v_bad IS NOT NULL THEN
+                RAISE EXCEPTION 'pgturso: key column "%" of % may be NULL', v_bad, rel
+                    USING HINT = format('ALTER TABLE %s ALTER COLUMN %I SET NOT NULL, then track the table.',
+                                        rel, v_bad);
+            END IF;
+        END IF;
+        RETURN explicit;
+    END IF;
+    SELECT array_agg(a.attname::text ORDER BY k.ord) INTO v_keys
+    FROM pg_index i
+    CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+    WHERE i.indrelid = rel AND i.indisprimary;
+    IF v_keys IS NOT NULL THEN
+        RETURN v_keys;
+    END IF;
+    SELECT (SELECT array_agg(a.attname::text ORDER BY k.ord)
+            FROM unnest(i.indkey[0:i.indnkeyatts - 1]) WITH ORDINALITY AS k(attnum, ord)
+            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum)
+    INTO v_keys
+    FROM pg_index i
+    WHERE i.indrelid = rel AND i.indisunique AND i.indisvalid AND i.indpred IS NULL
+      AND NOT (0 = ANY (i.indkey[0:i.indnkeyatts - 1]))
+      AND (v_kind = 'm' OR NOT EXISTS (
+              SELECT 1 FROM unnest(i.indkey[0:i.indnkeyatts - 1]) AS k(attnum)
+              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum WHERE NOT a.attnotnull))
+    ORDER BY i.indnkeyatts, i.indexrelid::regclass::text
+    LIMIT 1;
+    RETURN v_keys;
+END
+$$;
+COMMENT ON FUNCTION pgturso._key_columns IS 'Private: the columns a tracked table is keyed by on Turso (NULL: none).';
+
+-- Everything _plan_layout needs to know about a relation, read from the catalog.
+CREATE FUNCTION pgturso._describe(
+    rel regclass, options jsonb,
+    OUT source_table text, OUT target_table text, OUT columns jsonb, OUT key_columns text[], OUT indexes jsonb
+)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    SELECT format('%I.%I', n.nspname, c.relname) INTO source_table
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel;
+    target_table := coalesce(options ->> 'target_table', pgturso._turso_name(rel));
+    key_columns := pgturso._key_columns(rel, (SELECT array_agg(x) FROM jsonb_array_elements_text(
+                                                 options -> 'key_columns') AS x));
+    SELECT jsonb_agg(jsonb_build_object(
+               'name', a.attname,
+               'attnum', a.attnum,
+               'pg_type', format_type(a.atttypid, a.atttypmod),
+               'base_type', bt.typname,
+               'kind', CASE WHEN bt.typcategory = 'A' THEN 'A' ELSE bt.typtype::text END,
+               'typmod', CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END,
+               'not_null', a.attnotnull) ORDER BY a.attnum)
+    INTO columns
+    FROM pg_attribute a
+    JOIN pg_type t ON t.oid = a.atttypid
+    JOIN pg_type bt ON bt.oid = pgturso._base_type(a.atttypid)
+    WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped;
+    -- Plain-column btree/hash indexes without predicate or deferral; partial, expression and other indexes
+    -- (GIN, GiST, ...) have no SQLite equivalent and stay on Postgres.
+    IF coalesce((options ->> 'indexes')::boolean, true) THEN
+        SELECT coalesce(jsonb_agg(jsonb_build_object(
+                   'name', pgturso._turso_name(i.indexrelid),
+                   'unique', i.indisunique,
+                   'columns', (SELECT jsonb_agg(a.attname ORDER BY k.ord)
+                               FROM unnest(i.indkey[0:i.indnkeyatts - 1]) WITH ORDINALITY AS k(attnum, ord)
+                               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum))
+                   ORDER BY i.indexrelid::regclass::text), '[]')
+        INTO indexes
+        FROM pg_index i
+        JOIN pg_class ic ON ic.oid = i.indexrelid
+        JOIN pg_am am ON am.oid = ic.relam
+        WHERE i.indrelid = rel AND NOT i.indisprimary AND i.indisvalid AND i.indpred IS NULL
+          AND am.amname IN ('btree', 'hash')
+          AND NOT (0 = ANY (i.indkey[0:i.indnkeyatts - 1]))
+          AND NOT EXISTS (SELECT 1 FROM pg_constraint con WHERE con.conindid = i.indexrelid AND con.condeferrable);
+    ELSE
+        indexes := '[]';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION pgturso._describe IS 'Private: a relation''s names, columns, key and indexes for its layout.';
+
+-- What to select a relation's rows from: ONLY for a plain table (inheritance children are not tracked).
+CREATE FUNCTION pgturso._row_source(rel regclass) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT CASE WHEN relkind = 'r' THEN 'ONLY ' ELSE '' END || rel::text FROM pg_class WHERE oid = rel $$;
+COMMENT ON FUNCTION pgturso._row_source IS 'Private: FROM clause text for a tracked relation''s rows.';
+
+-- Install (or, after a schema change, replace) the capture function, and the triggers if missing.
+CREATE FUNCTION pgturso._install_capture(rel regclass, table_id integer, plan jsonb) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_function text := pgturso._capture_function_name(table_id);
+    v_kind "char";
+    v_part regclass;
+BEGIN
+    SELECT relkind INTO v_kind FROM pg_class WHERE oid = rel;
+    IF v_kind = 'm' THEN
+        EXECUTE plan ->> 'refresh_function_sql';
+        EXECUTE format('REVOKE ALL ON FUNCTION pgturso.%I(regclass, boolean) FROM PUBLIC', v_function || '_refresh');
+        RETURN;
+    END IF;
+    EXECUTE plan ->> 'capture_function_sql';
+    EXECUTE format('REVOKE ALL ON FUNCTION pgturso.%I() FROM PUBLIC', v_function);
+    -- A partitioned table: statements on the parent fire its triggers, statements on a partition fire the
+    -- partition's; every partition at any depth gets the same capture function.
+    FOR v_part IN SELECT p.relid FROM (SELECT rel AS relid UNION SELECT relid FROM pg_partition_tree(rel)) p
+                  WHERE NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = p.relid
+                                    AND g.tgname = 'pgturso_capture_insert')
+    LOOP
+        EXECUTE format('CREATE TRIGGER pgturso_capture_insert AFTER INSERT ON %s '
+                       'REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION pgturso.%I()',
+                       v_part, v_function);
+        EXECUTE format('CREATE TRIGGER pgturso_capture_update AFTER UPDATE ON %s '
+                       'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION pgturso.%I()', v_part, v_function);
+        EXECUTE format('CREATE TRIGGER pgturso_capture_delete AFTER DELETE ON %s '
+                       'REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION pgturso.%I()',
+                       v_part, v_function);
+        IF v_part = rel THEN
+            EXECUTE format('CREATE TRIGGER pgturso_capture_truncate AFTER TRUNCATE ON %s '
+                           'FOR EACH STATEMENT EXECUTE FUNCTION pgturso.%I()', v_part, v_function);
+        ELSE
+            -- Truncating one partition deletes only its rows on Turso: send their keys before they go.
+            EXECUTE format('CREATE TRIGGER pgturso_capture_truncate BEFORE TRUNCATE ON %s '
+                           'FOR EACH STATEMENT EXECUTE FUNCTION pgturso._capture_partition_truncate(%s)',
+                           v_part, table_id);
+        END IF;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION pgturso._install_capture IS 'Private: (re)create a tracked relation''s capture.';
+
+-- Truncating a partition of a tracked partitioned table: its rows' keys as delete events.
+CREATE FUNCTION pgturso._capture_partition_truncate() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_layout_id integer;
+    v_spec jsonb;
+BEGIN
+    SELECT l.id, l.spec INTO v_layout_id, v_spec FROM pgturso.layout l
+    WHERE l.table_id = TG_ARGV[0]::integer ORDER BY l.id DESC LIMIT 1;
+    EXECUTE pgturso._plan_rows(v_layout_id, v_spec, TG_RELID::regclass::text, 'D');
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION pgturso._capture_partition_truncate IS
+    'Private: trigger sending the keys of a partition''s rows as deletes before TRUNCATE removes them.';
+
+CREATE FUNCTION pgturso._drop_capture_functions(table_id integer) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_name text := pgturso._capture_function_name(table_id);
+BEGIN
+    IF to_regprocedure(format('pgturso.%I()', v_name)) IS NOT NULL THEN
+        EXECUTE format('DROP FUNCTION pgturso.%I()', v_name);
+    END IF;
+    IF to_regprocedure(format('pgturso.%I(regclass, boolean)', v_name || '_refresh')) IS NOT NULL THEN
+        EXECUTE format('DROP FUNCTION pgturso.%I(regclass, boolean)', v_name || '_refresh');
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION pgturso._drop_capture_functions IS 'Private: drop a tracked relation''s generated functions.';
+
+-- Remove the capture of a tracked relation (and its partitions).
+CREATE FUNCTION pgturso._remove_capture(rel regclass, table_id integer) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_part regclass;
+    v_trigger text;
+BEGIN
+    FOR v_part IN SELECT g.tgrelid::regclass FROM pg_trigger g
+                  WHERE g.tgname = 'pgturso_capture_insert'
+                    AND g.tgfoid = format('pgturso.%I', pgturso._capture_function_name(table_id))::regproc
+    LOOP
+        FOREACH v_trigger IN ARRAY ARRAY['insert', 'update', 'delete', 'truncate'] LOOP
+            EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'pgturso_capture_' || v_trigger, v_part);
+        END LOOP;
+    END LOOP;
+    PERFORM pgturso._drop_capture_functions(table_id);
+END
+$$;
+COMMENT ON FUNCTION pgturso._remove_capture IS 'Private: drop a tracked relation''s triggers and functions.';
+
+-- Tables dropped in Postgres stay in tracked_table until the worker delivered their last changes.
+CREATE FUNCTION pgturso._forget_dropped() RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    DELETE FROM pgturso.tracked_table t
+    WHERE t.dropped_at IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM pgturso.outbox o JOIN pgturso.layout l ON l.id = o.layout_id
+                      WHERE l.table_id = t.id)
+$$;
+COMMENT ON FUNCTION pgturso._forget_dropped IS 'Private: forget dropped tables whose changes were all delivered.';
+
+CREATE FUNCTION pgturso.track_table(
+    rel regclass,
+    target_table text DEFAULT NULL,
+    key_columns text[] DEFAULT NULL,
+    indexes boolean DEFAULT true,
+    drop_target boolean DEFAULT false
+) RETURNS void
 LANGUAGE plpgsql
 -- The initial copy encodes values exactly as the capture functions do (pgturso.capture.CAPTURE_SETTINGS).
 SET search_path = pg_catalog, pg_temp
 SET TimeZone = 'UTC'
 SET DateStyle = 'ISO, YMD'
-SET IntervalStyle = 'postgres'
+SET IntervalStyle = 'iso_8601'
 SET extra_float_digits = 1
 AS $$
 DECLARE
     v_kind "char";
-    v_schema name;
-    v_name name;
-    v_keys text[];
-    v_columns jsonb;
+    v_parent regclass;
+    v_options jsonb;
+    v_desc record;
     v_table_id integer;
     v_layout_id integer;
     v_plan jsonb;
-    v_function text;
+    v_dup boolean;
 BEGIN
-    SELECT c.relkind, n.nspname, c.relname INTO v_kind, v_schema, v_name
-    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel;
-    IF v_kind IS DISTINCT FROM 'r' THEN
+    SELECT c.relkind, c.relispartition INTO v_kind FROM pg_class c WHERE c.oid = rel;
+    IF v_kind IS NULL OR v_kind NOT IN ('r', 'p', 'm') THEN
         RAISE EXCEPTION 'pgturso: % is not a table (relkind %)', rel, v_kind
-            USING HINT = 'track_table takes an ordinary table; views and other relations cannot be tracked.';
+            USING HINT = 'track_table takes an ordinary table, a partitioned table or a materialized view; '
+                         'views and other relations cannot be tracked.';
     END IF;
+    SELECT i.inhparent INTO v_parent FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+    WHERE i.inhrelid = rel AND c.relispartition;
+    IF v_parent IS NOT NULL THEN
+        RAISE EXCEPTION 'pgturso: % is a partition of %', rel, v_parent
+            USING HINT = format('Track the partitioned table: SELECT pgturso.track_table(%L). '
+                                'Its partitions, present and future, all feed one Turso table.',
+                                pgturso._partition_root(rel)::text);
+    END IF;
+    PERFORM pgturso._forget_dropped();
     IF EXISTS (SELECT 1 FROM pgturso.tracked_table t WHERE t.relid = rel) THEN
         RAISE EXCEPTION 'pgturso: table % is already tracked', rel
             USING HINT = 'Call pgturso.untrack_table(''' || rel::text || ''') first to track it afresh.';
     END IF;
 
     -- Writers wait from here until commit, so the copy below and the capture start at the same point.
-    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', rel);
-
-    SELECT array_agg(a.attname::text ORDER BY k.ord) INTO v_keys
-    FROM pg_index i
-    CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
-    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-    WHERE i.indrelid = rel AND i.indisprimary;
-    IF v_keys IS NULL THEN
-        RAISE EXCEPTION 'pgturso: table % has no primary key', rel
-            USING HINT = format('Add one (ALTER TABLE %s ADD PRIMARY KEY (...)), then track the table.', rel);
+    IF v_kind = 'm' THEN
+        EXECUTE format('LOCK TABLE %s IN EXCLUSIVE MODE', rel);
+    ELSE
+        EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', rel);
     END IF;
 
-    SELECT jsonb_agg(jsonb_build_object(
-               'name', a.attname,
-               'pg_type', format_type(a.atttypid, a.atttypmod),
-               'base_type', bt.typname,
-               'typmod', CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END,
-               'not_null', a.attnotnull) ORDER BY a.attnum)
-    INTO v_columns
-    FROM pg_attribute a
-    JOIN pg_type t ON t.oid = a.atttypid
-    JOIN pg_type bt ON bt.oid = pgturso._base_type(a.atttypid)
-    WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped;
-
-    target_table := coalesce(target_table,
-                             CASE WHEN v_schema = 'public' THEN v_name ELSE v_schema || '.' || v_name END);
-    IF EXISTS (SELECT 1 FROM pgturso.tracked_table t WHERE t.target_table = track_table.target_table) THEN
-        RAISE EXCEPTION 'pgturso: another tracked table already replicates to Turso table "%"', target_table
-            USING HINT = 'Pass a different target_table => ''name'' to pgturso.track_table.';
+    v_options := jsonb_strip_nulls(jsonb_build_object(
+        'target_table', track_table.target_table, 'key_columns', track_table.key_columns,
+        'indexes', CASE WHEN NOT track_table.indexes THEN false END,
+        'drop_target', CASE WHEN track_table.drop_target THEN true END));
+    v_desc := pgturso._describe(rel, v_options);
+    IF v_desc.key_columns IS NULL THEN
+        RAISE EXCEPTION 'pgturso: table % has no primary key and no unique index over NOT NULL columns', rel
+            USING HINT = format('Add one (ALTER TABLE %s ADD PRIMARY KEY (...)), or name columns whose values '
+                                'are unique: pgturso.track_table(%L, key_columns => ARRAY[...]).', rel, rel::text);
+    END IF;
+    IF track_table.key_columns IS NOT NULL THEN
+        -- Nothing in Postgres keeps these unique later: say so now if they are not unique already.
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s GROUP BY %s HAVING count(*) > 1)', rel,
+                       (SELECT string_agg(quote_ident(k), ', ') FROM unnest(track_table.key_columns) AS k))
+            INTO v_dup;
+        IF v_dup THEN
+            RAISE EXCEPTION 'pgturso: key columns % of % hold duplicate values', track_table.key_columns, rel
+                USING HINT = 'Pass key_columns that are unique, or better, add a unique index over them.';
+        END IF;
+    END IF;
+    IF EXISTS (SELECT 1 FROM pgturso.tracked_table t WHERE t.target_table = v_desc.target_table) THEN
+        RAISE EXCEPTION 'pgturso: another tracked table already replicates to Turso table "%"', v_desc.target_table
+            USING HINT = 'Pass a different target_table => ''name'' to pgturso.track_table (or, if that table was '
+                         'dropped, let the worker deliver its last changes first).';
     END IF;
 
-    INSERT INTO pgturso.tracked_table (relid, target_table) VALUES (rel, target_table) RETURNING id INTO v_table_id;
+    INSERT INTO pgturso.tracked_table (relid, target_table, options)
+    VALUES (rel, v_desc.target_table, v_options) RETURNING id INTO v_table_id;
     INSERT INTO pgturso.layout (table_id, spec) VALUES (v_table_id, '{}') RETURNING id INTO v_layout_id;
-    v_function := pgturso._capture_function_name(v_table_id);
-    v_plan := pgturso._plan_table(v_layout_id, rel::text, format('%I.%I', v_schema, v_name), target_table,
-                                  v_columns, v_keys, v_function);
+    v_plan := pgturso._plan_layout(v_layout_id, pgturso._row_source(rel), v_desc.source_table, v_desc.target_table,
+                                   v_desc.columns, v_desc.key_columns, pgturso._capture_function_name(v_table_id),
+                                   v_desc.indexes);
     UPDATE pgturso.layout SET spec = v_plan -> 'spec' WHERE id = v_layout_id;
 
     -- Create the Turso table, then copy the rows, then capture: all in this transaction's order.
     INSERT INTO pgturso.outbox (layout_id, op, nrows) VALUES (v_layout_id, 'C', 0);
     EXECUTE v_plan ->> 'snapshot_sql';
-    EXECUTE v_plan ->> 'capture_function_sql';
-    EXECUTE format('REVOKE ALL ON FUNCTION pgturso.%I() FROM PUBLIC', v_function);
-    EXECUTE format('CREATE TRIGGER pgturso_capture_insert AFTER INSERT ON %s '
-                   'REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION pgturso.%I()',
-                   rel, v_function);
-    EXECUTE format('CREATE TRIGGER pgturso_capture_update AFTER UPDATE ON %s '
-                   'REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION pgturso.%I()', rel, v_function);
-    EXECUTE format('CREATE TRIGGER pgturso_capture_delete AFTER DELETE ON %s '
-                   'REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION pgturso.%I()',
-                   rel, v_function);
-    EXECUTE format('CREATE TRIGGER pgturso_capture_truncate AFTER TRUNCATE ON %s '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION pgturso.%I()', rel, v_function);
+    PERFORM pgturso._install_capture(rel, v_table_id, v_plan);
     PERFORM pg_notify('pgturso', '');
 END
 $$;
 COMMENT ON FUNCTION pgturso.track_table IS
-    'Replicate a table to Turso: create it there, copy its rows, then send every committed change. '
-    'target_table names it on Turso (default: the table name, schema-qualified outside public).';
+    'Replicate a table, partitioned table or materialized view to Turso: create it there (with its indexes '
+    'unless indexes => false), copy its rows, then send every committed change and schema change. '
+    'target_table names it on Turso (default: the table name, schema.name outside public). key_columns '
+    'names the key when the table has no primary key or unique index over NOT NULL columns. drop_target: '
+    'DROP TABLE in Postgres drops the Turso table too (default: it stays).';
+
+CREATE FUNCTION pgturso._partition_root(rel regclass) RETURNS regclass
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT a FROM pg_partition_ancestors(rel) AS a ORDER BY pg_partition_root(rel) = a DESC LIMIT 1 $$;
+COMMENT ON FUNCTION pgturso._partition_root IS 'Private: the topmost partitioned table above a partition.';
 
 CREATE FUNCTION pgturso.untrack_table(rel regclass) RETURNS void
 LANGUAGE plpgsql
@@ -118,16 +375,12 @@ AS $$
 DECLARE
     v_table_id integer;
 BEGIN
-    SELECT id INTO v_table_id FROM pgturso.tracked_table WHERE relid = rel;
+    SELECT id INTO v_table_id FROM pgturso.tracked_table WHERE relid = rel AND dropped_at IS NULL;
     IF v_table_id IS NULL THEN
         RAISE EXCEPTION 'pgturso: table % is not tracked', rel
             USING HINT = 'SELECT relid FROM pgturso.tracked_table lists the tracked tables.';
     END IF;
-    EXECUTE format('DROP TRIGGER pgturso_capture_insert ON %s', rel);
-    EXECUTE format('DROP TRIGGER pgturso_capture_update ON %s', rel);
-    EXECUTE format('DROP TRIGGER pgturso_capture_delete ON %s', rel);
-    EXECUTE format('DROP TRIGGER pgturso_capture_truncate ON %s', rel);
-    EXECUTE format('DROP FUNCTION pgturso.%I()', pgturso._capture_function_name(v_table_id));
+    PERFORM pgturso._remove_capture(rel, v_table_id);
     DELETE FROM pgturso.outbox o USING pgturso.layout l WHERE o.layout_id = l.id AND l.table_id = v_table_id;
     DELETE FROM pgturso.tracked_table WHERE id = v_table_id;
 END
@@ -135,6 +388,31 @@ $$;
 COMMENT ON FUNCTION pgturso.untrack_table IS
     'Stop replicating a table and discard its undelivered changes; the Turso table is left as it is.';
 
-REVOKE ALL ON FUNCTION pgturso.track_table(regclass, text) FROM PUBLIC;
+CREATE FUNCTION pgturso.refresh_materialized_view(rel regclass, concurrently boolean DEFAULT false) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET TimeZone = 'UTC'
+SET DateStyle = 'ISO, YMD'
+SET IntervalStyle = 'iso_8601'
+SET extra_float_digits = 1
+AS $$
+DECLARE
+    v_table_id integer;
+BEGIN
+    SELECT t.id INTO v_table_id FROM pgturso.tracked_table t JOIN pg_class c ON c.oid = t.relid
+    WHERE t.relid = rel AND t.dropped_at IS NULL AND c.relkind = 'm';
+    IF v_table_id IS NULL THEN
+        RAISE EXCEPTION 'pgturso: % is not a tracked materialized view', rel
+            USING HINT = format('Track it first: SELECT pgturso.track_table(%L).', rel::text);
+    END IF;
+    EXECUTE format('SELECT pgturso.%I($1, $2)', pgturso._capture_function_name(v_table_id) || '_refresh')
+        USING rel, concurrently;
+END
+$$;
+COMMENT ON FUNCTION pgturso.refresh_materialized_view IS
+    'REFRESH MATERIALIZED VIEW [CONCURRENTLY] a tracked view and send Turso only the rows that changed.';
+
+REVOKE ALL ON FUNCTION pgturso.track_table(regclass, text, text[], boolean, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.untrack_table(regclass) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso.refresh_materialized_view(regclass, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._plan_table(integer, text, text, text, jsonb, text[], text) FROM PUBLIC;

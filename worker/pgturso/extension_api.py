@@ -8,8 +8,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .capture import capture_function_sql, snapshot_sql
-from .layout import TableLayout
+from .capture import capture_function_sql, pack_sql, refresh_function_sql, row_json_sql, snapshot_sql
+from .layout import TableLayout, change_between
+
+
+def _layout(source_table: str, target_table: str, columns_json: str, key_columns: list[str],
+            indexes_json: str | None) -> TableLayout:
+    indexes = json.loads(indexes_json) if indexes_json else []
+    return TableLayout.from_catalog(source_table, target_table, json.loads(columns_json), key_columns, indexes)
 
 
 def plan_table(
@@ -20,16 +26,41 @@ def plan_table(
     columns_json: str,
     key_columns: list[str],
     function_name: str,
+    indexes_json: str | None = None,
 ) -> str:
     """Compute a table's layout and the SQL that installs its capture and copies its rows.
 
     ``relation`` is the quoted Postgres name to select from; ``source_table`` its readable form.
-    Returns JSON: ``spec`` (stored in pgturso.layout), ``capture_function_sql`` and ``snapshot_sql``.
+    Returns JSON: ``spec`` (stored in pgturso.layout), ``capture_function_sql``, ``snapshot_sql`` and
+    ``refresh_function_sql`` (for materialized views).
     """
-    layout = TableLayout.from_catalog(source_table, target_table, json.loads(columns_json), key_columns)
+    layout = _layout(source_table, target_table, columns_json, key_columns, indexes_json)
     plan: dict[str, Any] = {
         "spec": layout.to_spec(),
         "capture_function_sql": capture_function_sql(layout, layout_id, function_name),
         "snapshot_sql": snapshot_sql(layout, layout_id, relation),
+        "refresh_function_sql": refresh_function_sql(layout, layout_id, function_name + "_refresh"),
     }
     return json.dumps(plan)
+
+
+def plan_change(old_spec_json: str, source_table: str, target_table: str, columns_json: str,
+                key_columns: list[str], indexes_json: str | None) -> str:
+    """Compare a table's stored layout with what the catalog says now (after DDL).
+
+    Returns JSON: ``changed`` (false: nothing to do), ``spec`` (the new layout), ``recopy`` (the Turso table
+    must be created afresh and copied again) and ``added`` (new columns; if Postgres filled them with
+    values, the caller recopies as well).
+    """
+    old = TableLayout.from_spec(json.loads(old_spec_json))
+    new = _layout(source_table, target_table, columns_json, key_columns, indexes_json)
+    if new == old:
+        return json.dumps({"changed": False})
+    change = change_between(old, new)
+    return json.dumps({"changed": True, "spec": new.to_spec(), "recopy": change.recopy, "added": list(change.added)})
+
+
+def rows_sql(layout_id: int, spec_json: str, relation: str, op: str) -> str:
+    """SQL sending every row of ``relation`` (a partition) as upserts ('U') or its keys as deletes ('D')."""
+    layout = TableLayout.from_spec(json.loads(spec_json))
+    return pack_sql(layout_id, op, row_json_sql(layout, "src", key_only=(op == "D")), relation)

@@ -1,17 +1,19 @@
-"""A tracked table's layout: its columns, key and name on Turso.
+"""A tracked table's layout: its columns, key, indexes and name on Turso.
 
-A layout is computed once by ``track_table`` (inside Postgres, through extension_api.py), stored as JSON in
-``pgturso.layout.spec``, and read back by the worker; outbox events name the layout they were packed with,
-so the worker always decodes an event with the column order it was captured in.
+A layout is computed by ``track_table`` and again by the schema-change event triggers (inside Postgres,
+through extension_api.py), stored as JSON in ``pgturso.layout.spec``, and read back by the worker; outbox
+events name the layout they were packed with, so the worker always decodes an event with the column order it
+was captured in. A schema change is a new layout plus an 'A' event naming the old one: ``change_between``
+says how the Turso table gets from one to the other (statements.py writes the SQLite DDL).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .types import column_type, numeric_precision_from_typmod
+from .types import column_type, numeric_precision_from_typmod, values_unchanged
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,17 @@ class Column:
     encode: str  # Postgres expression template, see types.ColumnType
     decode: str  # SQLite expression template, see types.ColumnType
     not_null: bool
+    base_type: str = ""  # pg_type.typname under any domain
+    attnum: int = 0  # pg_attribute.attnum: what stays the same when a column is renamed
+
+
+@dataclass(frozen=True)
+class Index:
+    """A secondary index or unique constraint, created on Turso too."""
+
+    name: str  # the index's name on Turso
+    columns: tuple[str, ...]
+    unique: bool = False
 
 
 @dataclass(frozen=True)
@@ -30,6 +43,7 @@ class TableLayout:
     target_table: str  # table name on Turso
     columns: tuple[Column, ...]
     key_columns: tuple[str, ...]
+    indexes: tuple[Index, ...] = field(default=())
 
     @classmethod
     def from_catalog(
@@ -38,12 +52,17 @@ class TableLayout:
         target_table: str,
         columns: Sequence[Mapping[str, Any]],
         key_columns: Sequence[str],
+        indexes: Sequence[Mapping[str, Any]] = (),
     ) -> TableLayout:
-        """Build a layout from catalog rows: name, pg_type, base_type, typmod, not_null per column."""
+        """Build a layout from catalog rows.
+
+        Each column: name, pg_type, base_type, typmod, not_null, and optionally kind (typtype of the base
+        type, 'A' for arrays) and attnum. Each index: name, columns, unique.
+        """
         built = []
-        for col in columns:
+        for position, col in enumerate(columns, start=1):
             precision = numeric_precision_from_typmod(int(col.get("typmod", -1)))
-            ctype = column_type(str(col["base_type"]), precision)
+            ctype = column_type(str(col["base_type"]), precision, str(col.get("kind", "b")))
             built.append(
                 Column(
                     name=str(col["name"]),
@@ -52,13 +71,20 @@ class TableLayout:
                     encode=ctype.encode,
                     decode=ctype.decode,
                     not_null=bool(col["not_null"]),
+                    base_type=str(col["base_type"]),
+                    attnum=int(col.get("attnum", position)),
                 )
             )
         names = {c.name for c in built}
         missing = [k for k in key_columns if k not in names]
         if missing or not key_columns:
             raise ValueError(f"{source_table}: key columns {missing or list(key_columns)} are not columns")
-        return cls(source_table, target_table, tuple(built), tuple(key_columns))
+        built_indexes = []
+        for index in indexes:
+            cols = tuple(str(c) for c in index["columns"])
+            if cols and all(c in names for c in cols) and list(cols) != list(key_columns):
+                built_indexes.append(Index(str(index["name"]), cols, bool(index.get("unique", False))))
+        return cls(source_table, target_table, tuple(built), tuple(key_columns), tuple(built_indexes))
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> TableLayout:
@@ -67,6 +93,9 @@ class TableLayout:
             target_table=spec["target_table"],
             columns=tuple(Column(**c) for c in spec["columns"]),
             key_columns=tuple(spec["key_columns"]),
+            indexes=tuple(
+                Index(i["name"], tuple(i["columns"]), bool(i.get("unique", False))) for i in spec.get("indexes", ())
+            ),
         )
 
     def to_spec(self) -> dict[str, Any]:
@@ -75,6 +104,7 @@ class TableLayout:
             "target_table": self.target_table,
             "columns": [asdict(c) for c in self.columns],
             "key_columns": list(self.key_columns),
+            "indexes": [{"name": i.name, "columns": list(i.columns), "unique": i.unique} for i in self.indexes],
         }
 
     @property
@@ -85,3 +115,52 @@ class TableLayout:
     @property
     def key_layout(self) -> list[Column]:
         return [self.columns[i] for i in self.key_positions]
+
+    def column(self, name: str) -> Column:
+        return next(c for c in self.columns if c.name == name)
+
+
+@dataclass(frozen=True)
+class Change:
+    """How the Turso table goes from one layout to the next.
+
+    ``recopy``: the values on Turso would no longer be what the new layout encodes (a column changed type, or
+    a NOT NULL column was added), so the table is dropped, created afresh and copied again from Postgres.
+    ``added``: columns that are new; if Postgres filled them (a default, identity or generated column) the
+    extension recopies too, since Turso cannot compute Postgres defaults.
+    ``rebuild``: SQLite cannot make the change in place (key, NOT NULL or declared type changed): the worker
+    creates the new table, copies the rows over inside Turso, drops the old one and renames.
+    """
+
+    recopy: bool
+    rebuild: bool
+    added: tuple[str, ...]
+    dropped: tuple[str, ...]
+    renamed: tuple[tuple[str, str], ...]  # (old name, new name)
+
+
+def change_between(old: TableLayout, new: TableLayout) -> Change:
+    old_by_num = {c.attnum: c for c in old.columns}
+    new_by_num = {c.attnum: c for c in new.columns}
+    added = tuple(c.name for c in new.columns if c.attnum not in old_by_num)
+    dropped = tuple(c.name for c in old.columns if c.attnum not in new_by_num)
+    renamed = tuple(
+        (old_by_num[n].name, c.name) for n, c in new_by_num.items() if n in old_by_num and old_by_num[n].name != c.name
+    )
+    recopy = any(new_by_num[c].not_null for c in new_by_num if c not in old_by_num)
+    rebuild = False
+    for num, col in new_by_num.items():
+        before = old_by_num.get(num)
+        if before is None:
+            continue
+        if before.pg_type != col.pg_type or (before.encode, before.decode) != (col.encode, col.decode):
+            if (before.encode, before.decode) != (col.encode, col.decode) or not values_unchanged(
+                before.base_type, col.base_type
+            ):
+                recopy = True
+        if before.sqlite_type != col.sqlite_type or before.not_null != col.not_null:
+            rebuild = True
+    renames = dict(renamed)
+    if tuple(renames.get(k, k) for k in old.key_columns) != new.key_columns:
+        rebuild = True
+    return Change(recopy=recopy, rebuild=rebuild, added=added, dropped=dropped, renamed=renamed)

@@ -8,10 +8,11 @@ twice ends with its last value. Values are never spliced into SQL text; identifi
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from .layout import TableLayout
+from .layout import Index, TableLayout, change_between
 from .outbox import Event
 from .quoting import quote_ident
 
@@ -25,17 +26,99 @@ class Statement:
     txids: tuple[int, ...] = ()
 
 
-def create_table_sql(layout: TableLayout) -> str:
-    """SQLite DDL for the target table: SQLite types, NOT NULL and the primary key."""
+def create_table_sql(layout: TableLayout, name: str | None = None) -> str:
+    """SQLite DDL for the target table (or a table called ``name``): SQLite types, NOT NULL, the key."""
     defs = []
     for col in layout.columns:
         defs.append(f"{quote_ident(col.name)} {col.sqlite_type}" + (" NOT NULL" if col.not_null else ""))
     defs.append("PRIMARY KEY (" + ", ".join(quote_ident(k) for k in layout.key_columns) + ")")
-    return f"CREATE TABLE {quote_ident(layout.target_table)} (" + ", ".join(defs) + ")"
+    return f"CREATE TABLE {quote_ident(name or layout.target_table)} (" + ", ".join(defs) + ")"
 
 
 def drop_table_sql(layout: TableLayout) -> str:
     return f"DROP TABLE IF EXISTS {quote_ident(layout.target_table)}"
+
+
+def create_index_sql(layout: TableLayout, index: Index) -> str:
+    unique = "UNIQUE " if index.unique else ""
+    columns = ", ".join(quote_ident(c) for c in index.columns)
+    table = quote_ident(layout.target_table)
+    return f"CREATE {unique}INDEX {quote_ident(index.name)} ON {table} ({columns})"
+
+
+def drop_index_sql(index: Index) -> str:
+    return f"DROP INDEX IF EXISTS {quote_ident(index.name)}"
+
+
+def create_table_statements(layout: TableLayout) -> list[str]:
+    """A fresh target table with its indexes (replacing any table of that name)."""
+    return [drop_table_sql(layout), create_table_sql(layout)] + [create_index_sql(layout, i) for i in layout.indexes]
+
+
+def alter_table_statements(old: TableLayout, new: TableLayout, recopy: bool) -> list[str]:
+    """SQLite DDL that turns the Turso table of layout ``old`` into that of layout ``new``.
+
+    With ``recopy`` the table is replaced by an empty one (the extension sends every row again right after).
+    Otherwise the change is made in place with ALTER TABLE (RENAME TO, RENAME/ADD/DROP COLUMN, indexes) or,
+    where SQLite cannot alter in place (key, NOT NULL or declared type changed), by a rebuild inside Turso:
+    create the new table, copy the rows across, drop the old one, rename.
+    """
+    if recopy:
+        drop_old = [drop_table_sql(old)] if old.target_table != new.target_table else []
+        return [*drop_old, *create_table_statements(new)]
+    change = change_between(old, new)
+    out: list[str] = []
+    if change.rebuild:
+        staging = _unused_name(new.target_table + "_pgturso_rebuild", {old.target_table, new.target_table})
+        old_by_num = {c.attnum: c for c in old.columns}
+        pairs = [(c.name, old_by_num[c.attnum].name) for c in new.columns if c.attnum in old_by_num]
+        out.append(f"DROP TABLE IF EXISTS {quote_ident(staging)}")
+        out.append(create_table_sql(new, staging))
+        out.append(
+            f"INSERT INTO {quote_ident(staging)} ({', '.join(quote_ident(n) for n, _ in pairs)}) "
+            f"SELECT {', '.join(quote_ident(o) for _, o in pairs)} FROM {quote_ident(old.target_table)}"
+        )
+        out.append(drop_table_sql(old))
+        out.append(f"ALTER TABLE {quote_ident(staging)} RENAME TO {quote_ident(new.target_table)}")
+        out.extend(create_index_sql(new, i) for i in new.indexes)
+        return out
+    # Indexes first: SQLite refuses to drop or rename an indexed column's index away under it.
+    renames = dict(change.renamed)
+    kept = {Index(i.name, tuple(renames.get(c, c) for c in i.columns), i.unique) for i in old.indexes}
+    wanted = set(new.indexes)
+    out.extend(drop_index_sql(i) for i in old.indexes if i.name not in {k.name for k in kept & wanted})
+    table = quote_ident(old.target_table)
+    if old.target_table != new.target_table:
+        out.append(f"ALTER TABLE {table} RENAME TO {quote_ident(new.target_table)}")
+        table = quote_ident(new.target_table)
+    # Renames may swap names (a -> b, b -> a): go through names that exist nowhere when they collide.
+    if set(renames.values()) & set(renames):
+        taken = {c.name for c in old.columns} | {c.name for c in new.columns}
+        via = {}
+        for before in renames:
+            via[before] = _unused_name(f"{before}_pgturso_rename", taken)
+            taken.add(via[before])
+            out.append(f"ALTER TABLE {table} RENAME COLUMN {quote_ident(before)} TO {quote_ident(via[before])}")
+        for before, after in renames.items():
+            out.append(f"ALTER TABLE {table} RENAME COLUMN {quote_ident(via[before])} TO {quote_ident(after)}")
+    else:
+        for before, after in renames.items():
+            out.append(f"ALTER TABLE {table} RENAME COLUMN {quote_ident(before)} TO {quote_ident(after)}")
+    for name in change.dropped:
+        out.append(f"ALTER TABLE {table} DROP COLUMN {quote_ident(name)}")
+    for name in change.added:
+        col = new.column(name)
+        out.append(f"ALTER TABLE {table} ADD COLUMN {quote_ident(col.name)} {col.sqlite_type}")
+    out.extend(create_index_sql(new, i) for i in new.indexes if i not in kept)
+    return out
+
+
+def _unused_name(base: str, taken: set[str]) -> str:
+    name, n = base, 0
+    while name in taken:
+        n += 1
+        name = f"{base}{n}"
+    return name
 
 
 def upsert_sql(layout: TableLayout) -> str:
@@ -69,7 +152,14 @@ def truncate_sql(layout: TableLayout) -> str:
     return f"DELETE FROM {quote_ident(layout.target_table)}"
 
 
-_OPERATION = {"C": "create table", "U": "upsert", "D": "delete", "T": "truncate"}
+_OPERATION = {
+    "C": "create table",
+    "U": "upsert",
+    "D": "delete",
+    "T": "truncate",
+    "A": "alter table",
+    "X": "drop table",
+}
 
 
 @dataclass
@@ -108,10 +198,20 @@ class StatementBuilder:
         layout = self._layout_of(event.layout_id)
         context = dict(table=layout.source_table, operation=_OPERATION[event.op], txids=(event.txid,))
         if event.op == "C":
-            yield Statement(drop_table_sql(layout), **context)
-            yield Statement(create_table_sql(layout), **context)
+            for sql in create_table_statements(layout):
+                yield Statement(sql, **context)
         elif event.op == "T":
             yield Statement(truncate_sql(layout), **context)
+        elif event.op == "A":
+            # A schema change: the payload names the layout the table had until now.
+            change = json.loads(event.payload or "{}")
+            old = self._layout_of(int(change["from"]))
+            for sql in alter_table_statements(old, layout, bool(change.get("recopy"))):
+                yield Statement(sql, **context)
+        elif event.op == "X":
+            # The table was dropped in Postgres; its Turso table goes too only if asked for.
+            if json.loads(event.payload or "{}").get("drop_target"):
+                yield Statement(drop_table_sql(layout), **context)
 
     def flush(self) -> Iterator[Statement]:
         run, self._run = self._run, None

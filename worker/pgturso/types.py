@@ -5,8 +5,12 @@ Postgres expression that turns a value into its JSON form inside the capture tri
 SQLite expression that turns that JSON element back into a SQLite value on Turso (``decode``). Capture,
 the initial copy, the DDL and the worker all go through this module; docs/types.md documents the table.
 
-Capture functions run with ``TimeZone = UTC`` and ``DateStyle = ISO``, so timestamps arrive as ISO 8601
-text in UTC, which SQLite's date functions read directly.
+Rows travel as ``json_build_array(...)``, so a value whose encode is just ``{col}`` is whatever Postgres's
+own JSON conversion makes of it: numbers stay numbers, timestamps become ISO 8601 strings, arrays become JSON
+arrays and composites JSON objects (both arrive on Turso as JSON text), and every other type its text form.
+
+Capture functions run with ``TimeZone = UTC``, ``DateStyle = ISO``, ``IntervalStyle = iso_8601`` and
+``extra_float_digits = 1`` (capture.CAPTURE_SETTINGS), so no session setting changes what arrives.
 """
 
 from __future__ import annotations
@@ -25,26 +29,40 @@ class ColumnType:
     note: str = ""
 
 
-INTEGER = ColumnType("INTEGER")
-REAL = ColumnType("REAL")
-TEXT = ColumnType("TEXT")
+INTEGER = ColumnType("INTEGER", note="the integer (full 64-bit range)")
+# JSON has no NaN, Infinity or -0: Postgres writes the first two as strings, and -0 as the integer -0 (which
+# SQLite reads as 0). Negative zero is sent as -0.0; ±Infinity become SQLite's ±Inf; NaN, which SQLite
+# cannot store as a REAL (it turns it into NULL), stays the text 'NaN'.
+FLOAT = ColumnType(
+    "REAL",
+    encode="CASE WHEN {col} = 0 AND {col}::text = '-0' THEN '-0.0'::json ELSE to_json({col}) END",
+    decode="CASE {val} WHEN 'Infinity' THEN 9e999 WHEN '-Infinity' THEN -9e999 ELSE {val} END",
+    note="the float, exactly; -0 kept; ±Infinity as SQLite ±Inf (9e999); NaN as the text 'NaN'",
+)
+TEXT = ColumnType("TEXT", note="the text (UTF-8)")
 BOOLEAN = ColumnType("INTEGER", note="true/false arrive as 1/0")
-BLOB = ColumnType("BLOB", encode="encode({col}, 'hex')", decode="unhex({val})")
-JSON_TEXT = ColumnType("TEXT", encode="{col}::text", note="the JSON document as text")
-EXACT_NUMERIC = ColumnType("NUMERIC", note=f"precision <= {SQLITE_EXACT_DIGITS}: exact as a SQLite number")
+BLOB = ColumnType("BLOB", encode="encode({col}, 'hex')", decode="unhex({val})", note="the bytes")
+JSON_TEXT = ColumnType("TEXT", encode="{col}::text", note="the JSON document as text (json: exactly as written)")
+EXACT_NUMERIC = ColumnType(
+    "NUMERIC", note=f"precision <= {SQLITE_EXACT_DIGITS}: a SQLite number (15 significant digits are exact)"
+)
 WIDE_NUMERIC = ColumnType(
     "TEXT", encode="{col}::text", note=f"precision > {SQLITE_EXACT_DIGITS} or unconstrained: exact decimal text"
 )
-ISO_TEXT = ColumnType("TEXT", note="ISO 8601; timestamptz in UTC")
-JSON_FALLBACK = ColumnType("TEXT", note="arrays and composites as JSON, other types as their text form")
+ISO_TEXT = ColumnType("TEXT", note="ISO 8601 (timestamptz in UTC, +00:00); 'infinity'/'-infinity' as text")
+TIME_TEXT = ColumnType("TEXT", note="HH:MM:SS[.ffffff], timetz with its offset")
+INTERVAL = ColumnType("TEXT", note="ISO 8601 duration, e.g. P1Y2M3DT4H5M6S")
+MONEY = ColumnType("TEXT", encode="{col}::numeric::text", note="exact decimal text, no currency symbol")
+JSON_STRUCTURE = ColumnType("TEXT", note="JSON text: arrays as JSON arrays, composites as JSON objects")
+PG_TEXT = ColumnType("TEXT", note="the Postgres text form")
 
 _BY_BASE_TYPE: dict[str, ColumnType] = {
     "int2": INTEGER,
     "int4": INTEGER,
     "int8": INTEGER,
     "oid": INTEGER,
-    "float4": REAL,
-    "float8": REAL,
+    "float4": FLOAT,
+    "float8": FLOAT,
     "bool": BOOLEAN,
     "text": TEXT,
     "varchar": TEXT,
@@ -59,19 +77,42 @@ _BY_BASE_TYPE: dict[str, ColumnType] = {
     "date": ISO_TEXT,
     "timestamp": ISO_TEXT,
     "timestamptz": ISO_TEXT,
+    "time": TIME_TEXT,
+    "timetz": TIME_TEXT,
+    "interval": INTERVAL,
+    "money": MONEY,
 }
 
+# Kept for callers of the first release: the catch-all for types not in the table above.
+JSON_FALLBACK = PG_TEXT
 
-def column_type(base_type: str, numeric_precision: int | None = None) -> ColumnType:
-    """Map a Postgres base type name (``pg_type.typname`` after resolving domains) to its ColumnType.
+# Type changes (ALTER COLUMN TYPE) that keep every value's form on Turso, so the Turso table needs no recopy.
+_SAME_VALUES = [frozenset({"int2", "int4", "int8"}), frozenset({"text", "varchar"})]
 
-    ``numeric_precision`` is the declared precision of a numeric column, None when unconstrained.
+
+def column_type(base_type: str, numeric_precision: int | None = None, kind: str = "b") -> ColumnType:
+    """Map a Postgres base type to its ColumnType.
+
+    ``base_type`` is ``pg_type.typname`` after resolving domains; ``numeric_precision`` the declared precision
+    of a numeric column (None when unconstrained); ``kind`` is ``typtype`` of the base type, or 'A' for an
+    array (``typcategory``): arrays and composites ('c') travel as JSON.
     """
     if base_type == "numeric":
         if numeric_precision is not None and numeric_precision <= SQLITE_EXACT_DIGITS:
             return EXACT_NUMERIC
         return WIDE_NUMERIC
-    return _BY_BASE_TYPE.get(base_type, JSON_FALLBACK)
+    if kind in ("A", "c"):
+        return JSON_STRUCTURE
+    return _BY_BASE_TYPE.get(base_type, PG_TEXT)
+
+
+def values_unchanged(old_base_type: str, new_base_type: str) -> bool:
+    """Whether ALTER COLUMN TYPE from one base type to the other keeps every value's form on Turso.
+
+    Only widening integers and moving between text and varchar qualify; any other change (even of a typmod:
+    numeric(10,2) to numeric(10,1) rounds, char(5) to char(9) pads) makes the worker recopy the table.
+    """
+    return any(old_base_type in group and new_base_type in group for group in _SAME_VALUES)
 
 
 def numeric_precision_from_typmod(typmod: int) -> int | None:
