@@ -19,8 +19,10 @@ from collections.abc import Sequence
 import psycopg
 
 from . import __version__, logs
-from .errors import ConfigError
+from .errors import ConfigError, PgTursoError
 from .settings import POSTGRESQL_CONF_NAMES, POSTGRESQL_CONF_QUERY, SETTINGS, Settings, resolve
+from .targets import open_target
+from .verify import run_verify
 from .worker import EXIT_FATAL, Worker
 
 log = logging.getLogger("pgturso.cli")
@@ -34,12 +36,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pgturso {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("run", "deliver changes until stopped"), ("status", "show what is pending")):
+    for name, help_text in (
+        ("run", "deliver changes until stopped"),
+        ("status", "show what is pending, the lag and the last error"),
+        ("verify", "compare Postgres and Turso table by table (exit 1 on any difference)"),
+    ):
         sub = commands.add_parser(name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         sub.add_argument("--dsn", default=os.environ.get("PGTURSO_DSN", ""),
                          help="Postgres connection string (env PGTURSO_DSN; libpq PG* variables also apply)")
         if name == "run":
             sub.add_argument("--once", action="store_true", help="deliver what is committed now, then exit")
+        if name == "verify":
+            sub.add_argument("tables", nargs="*", help="tracked tables to verify (default: all)")
+            sub.add_argument("--repair", action="store_true",
+                             help="queue the differing rows for delivery (upserts, and deletes of extra rows)")
+            sub.add_argument("--settle-timeout", type=float, default=30.0,
+                             help="seconds to wait for in-flight changes before re-checking differences")
+        if name in ("run", "verify"):
             for setting in SETTINGS:
                 sub.add_argument(setting.flag, dest=setting.name, default=None,
                                  help=f"{setting.help} (env {setting.env}"
@@ -69,9 +82,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.event(log, logging.ERROR, "bad_configuration", error=str(exc).strip())
         return EXIT_FATAL
     logs.setup(settings.log_level, settings.log_format)
+    if args.command == "verify":
+        return _verify(args, settings)
     worker = Worker(args.dsn, settings)
     worker.install_signal_handlers()
     return worker.run(once=args.once)
+
+
+def _verify(args: argparse.Namespace, settings: Settings) -> int:
+    target = open_target(settings.url, settings.token(), max_request_bytes=settings.max_request_bytes,
+                         timeout=settings.request_timeout, tls_ca_file=settings.tls_ca_file)
+    try:
+        with psycopg.connect(args.dsn, autocommit=True, application_name="pgturso-verify") as conn:
+            return run_verify(conn, target, args.tables, args.repair, args.settle_timeout)
+    except (ValueError, PgTursoError, psycopg.Error) as exc:
+        logs.event(log, logging.ERROR, "verify_failed", error=str(exc).strip())
+        return EXIT_FATAL
+    finally:
+        target.close()
 
 
 STATUS_QUERY = """

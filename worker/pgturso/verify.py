@@ -1,0 +1,294 @@
+"""``pgturso-worker verify``: compare Postgres and Turso table by table, and optionally repair Turso.
+
+Postgres rows are read in key order, encoded exactly as capture encodes them, and sent to Turso in chunks;
+Turso decodes each chunk with the same expressions the worker applies changes with and reports, in one
+query per chunk, which rows are missing or different. Extra rows on Turso are found from the counts and then
+by key. Differences seen while the worker is delivering are checked again after ``wait_for_sync``: only
+those that persist are reported.
+
+Repairs go through the outbox, like any change: under a short SHARE lock on the table (so no write can slip
+between the read and the queued event) the differing rows are re-read and queued as upserts, extra rows as
+deletes, and the worker delivers them in order with everything else. Londiste's compare/repair is the model.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import psycopg
+
+from .capture import CAPTURE_SETTINGS, pack_sql, row_json_sql
+from .layout import TableLayout
+from .quoting import quote_ident
+from .targets import Target
+
+CHUNK_ROWS = 5000
+
+TRACKED_TABLES = """
+    SELECT format('%I.%I', n.nspname, c.relname), l.id, l.spec
+    FROM pgturso.tracked_table t
+    JOIN pg_class c ON c.oid = t.relid
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    CROSS JOIN LATERAL (SELECT id, spec FROM pgturso.layout WHERE table_id = t.id ORDER BY id DESC LIMIT 1) l
+    ORDER BY 1
+"""
+
+
+@dataclass
+class TableReport:
+    table: str
+    target_table: str
+    postgres_rows: int = 0
+    turso_rows: int = 0
+    different: list[tuple[str, ...]] = field(default_factory=list)  # keys (Postgres text form) missing/different
+    extra: list[list[Any]] = field(default_factory=list)  # keys (Turso values) only on Turso
+    repaired: int = 0
+
+    @property
+    def equal(self) -> bool:
+        return not self.different and not self.extra
+
+
+class Progress:
+    """A progress line redrawn in place on a terminal; a line per tenth otherwise (logs)."""
+
+    def __init__(self, label: str, total: int, stream: TextIO = sys.stderr) -> None:
+        self.label, self.total, self.stream = label, max(total, 1), stream
+        self.tty = stream.isatty()
+        self.last_tenth = -1
+
+    def update(self, done: int) -> None:
+        if self.tty:
+            self.stream.write(f"\r{self.label}: {done}/{self.total} rows ({100 * done // self.total}%)")
+            self.stream.flush()
+        elif (tenth := 10 * done // self.total) > self.last_tenth:
+            self.last_tenth = tenth
+            self.stream.write(f"{self.label}: {done}/{self.total} rows\n")
+
+    def finish(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+
+
+def _set_local(conn: psycopg.Connection[Any]) -> None:
+    for setting in CAPTURE_SETTINGS:
+        conn.execute(setting.replace("SET ", "SET LOCAL ", 1))
+
+
+def _key_text(layout: TableLayout, alias: str) -> str:
+    return ", ".join(f"{alias}.{quote_ident(k)}::text" for k in layout.key_columns)
+
+
+def _diff_sql(layout: TableLayout) -> str:
+    """SQLite: index of each chunk row that is missing on Turso or differs from it, and whether it is missing."""
+    decoded = [c.decode.format(val=f"j.value->>{i}") for i, c in enumerate(layout.columns)]
+    by_name = {c.name: decoded[i] for i, c in enumerate(layout.columns)}
+    join = " AND ".join(f"t.{quote_ident(k)} = {by_name[k]}" for k in layout.key_columns)
+    same = " AND ".join(f"t.{quote_ident(c.name)} IS {decoded[i]}" for i, c in enumerate(layout.columns))
+    first_key = quote_ident(layout.key_columns[0])
+    return (
+        f"SELECT j.key, t.{first_key} IS NULL FROM json_each(?) AS j "
+        f"LEFT JOIN {quote_ident(layout.target_table)} AS t ON {join} WHERE t.{first_key} IS NULL OR NOT ({same})"
+    )
+
+
+def _key_rows_sql(layout: TableLayout) -> str:
+    """Postgres: derived table ``k`` of typed key columns (and their position), one text[] per column."""
+    arrays = ", ".join("%s::text[]" for _ in layout.key_columns)
+    raw = ", ".join(f"k{i}" for i in range(len(layout.key_columns)))
+    types = {c.name: c.pg_type for c in layout.columns}
+    casts = ", ".join(f"raw.k{i}::{types[k]} AS {quote_ident(k)}" for i, k in enumerate(layout.key_columns))
+    return (f"(SELECT {casts}, raw._pgturso_n FROM unnest({arrays}) WITH ORDINALITY AS raw({raw}, _pgturso_n)) "
+            "AS k")
+
+
+def _key_match(layout: TableLayout, alias: str) -> str:
+    return " AND ".join(f"{alias}.{quote_ident(k)} = k.{quote_ident(k)}" for k in layout.key_columns)
+
+
+def _key_params(layout: TableLayout, keys: Sequence[Sequence[str | None]]) -> list[list[str | None]]:
+    return [[key[i] for key in keys] for i in range(len(layout.key_columns))]
+
+
+def _turso_keys_sql(layout: TableLayout) -> str:
+    keys = ", ".join(quote_ident(k) for k in layout.key_columns)
+    return f"SELECT rowid, {keys} FROM {quote_ident(layout.target_table)} WHERE rowid > ? ORDER BY rowid LIMIT ?"
+
+
+def _as_pg_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return "\\x" + value.hex()
+    return str(value)
+
+
+class Verifier:
+    def __init__(self, conn: psycopg.Connection[Any], target: Target, progress: TextIO = sys.stderr) -> None:
+        self.conn = conn
+        self.target = target
+        self.progress = progress
+
+    def tables(self, names: Sequence[str] = ()) -> list[tuple[str, int, TableLayout]]:
+        rows = self.conn.execute(TRACKED_TABLES).fetchall()
+        self.conn.commit()
+        found = [(name, layout_id, TableLayout.from_spec(spec)) for name, layout_id, spec in rows]
+        if names:
+            wanted = set(names)
+            def names_of(entry: tuple[str, int, TableLayout]) -> set[str]:
+                qualified = entry[0]
+                return {qualified, entry[2].source_table, qualified.removeprefix("public.")}
+
+            unknown = wanted - set().union(*(names_of(f) for f in found))
+            if unknown:
+                raise ValueError(f"not tracked: {', '.join(sorted(unknown))} (see pgturso.tracked_table)")
+            found = [f for f in found if names_of(f) & wanted]
+        return found
+
+    def wait_for_sync(self, timeout: float) -> bool:
+        row = self.conn.execute("SELECT pgturso.wait_for_sync(make_interval(secs => %s))", (timeout,)).fetchone()
+        self.conn.commit()
+        return bool(row and row[0])
+
+    def _differing(self, relation: str, layout: TableLayout, where: str = "", params: Sequence[Any] = ()
+                   ) -> tuple[int, list[tuple[str, ...]], int]:
+        """Stream Postgres rows (optionally filtered) and ask Turso which differ.
+
+        Returns the rows read, the keys (Postgres text form) of rows missing or different, and how many of
+        those are missing.
+        """
+        diff = _diff_sql(layout)
+        order = ", ".join(f"src.{quote_ident(k)}" for k in layout.key_columns)
+        query = (f"SELECT {row_json_sql(layout, 'src')}, {_key_text(layout, 'src')} FROM {relation} AS src "
+                 f"{where} ORDER BY {order}")
+        total, differing, missing = 0, [], 0
+        with self.conn.transaction():
+            _set_local(self.conn)
+            estimate = 0
+            if not where:
+                estimate = self.conn.execute(f"SELECT count(*) FROM {relation}").fetchone()[0]  # type: ignore[index]
+            bar = Progress(f"verify {layout.source_table}", estimate, self.progress) if estimate else None
+            with self.conn.cursor(name="pgturso_verify") as cur:
+                cur.itersize = CHUNK_ROWS
+                cur.execute(query, params)
+                while rows := cur.fetchmany(CHUNK_ROWS):
+                    payload = "[" + ",".join(r[0] for r in rows) + "]"
+                    for index, absent in self.target.query(diff, [payload]):
+                        differing.append(tuple(rows[int(index)][1:]))  # type: ignore[arg-type,call-overload]
+                        missing += bool(absent)
+                    total += len(rows)
+                    if bar:
+                        bar.update(total)
+            if bar:
+                bar.finish()
+        return total, differing, missing
+
+    def _extra_keys(self, relation: str, layout: TableLayout) -> list[list[Any]]:
+        """Keys on Turso that Postgres does not have (only run when the counts say there are some)."""
+        probe = (f"SELECT k._pgturso_n FROM {_key_rows_sql(layout)} "
+                 f"WHERE NOT EXISTS (SELECT 1 FROM {relation} AS r WHERE {_key_match(layout, 'r')})")
+        extra: list[list[Any]] = []
+        last_rowid = 0
+        while True:
+            rows = self.target.query(_turso_keys_sql(layout), [last_rowid, CHUNK_ROWS])
+            if not rows:
+                return extra
+            last_rowid = int(rows[-1][0])  # type: ignore[arg-type]
+            keys = [[_as_pg_text(v) for v in r[1:]] for r in rows]
+            with self.conn.transaction():
+                for (n,) in self.conn.execute(probe, _key_params(layout, keys)).fetchall():
+                    extra.append(list(rows[int(n) - 1][1:]))
+
+    def _count_turso(self, layout: TableLayout) -> int:
+        return int(self.target.query(f"SELECT count(*) FROM {quote_ident(layout.target_table)}")[0][0])  # type: ignore[arg-type]
+
+    def verify(self, relation: str, layout: TableLayout, settle_timeout: float = 30.0) -> TableReport:
+        report = TableReport(relation, layout.target_table)
+        report.postgres_rows, differing, missing = self._differing(relation, layout)
+        report.turso_rows = self._count_turso(layout)
+        if differing or report.turso_rows != report.postgres_rows - missing:
+            # Changes may have been in flight: let the worker catch up, then look again at what differed.
+            self.wait_for_sync(settle_timeout)
+            if differing:
+                _, differing, missing = self._recheck(relation, layout, differing)
+            with self.conn.transaction():
+                row = self.conn.execute(f"SELECT count(*) FROM {relation}").fetchone()
+            report.postgres_rows = int(row[0]) if row else 0
+            report.turso_rows = self._count_turso(layout)
+            # Turso holds the rows that match, the differing ones that are present, and any extras.
+            if report.turso_rows > report.postgres_rows - missing:
+                report.extra = self._extra_keys(relation, layout)
+        report.different = differing
+        return report
+
+    def _recheck(self, relation: str, layout: TableLayout, keys: list[tuple[str, ...]]
+                 ) -> tuple[int, list[tuple[str, ...]], int]:
+        where, params = self._key_filter(layout, keys)
+        return self._differing(relation, layout, where, params)
+
+    @staticmethod
+    def _key_filter(layout: TableLayout, keys: Sequence[Sequence[str | None]]) -> tuple[str, list[Any]]:
+        where = f"WHERE EXISTS (SELECT 1 FROM {_key_rows_sql(layout)} WHERE {_key_match(layout, 'src')})"
+        return where, _key_params(layout, keys)
+
+    def repair(self, relation: str, layout_id: int, layout: TableLayout, report: TableReport) -> int:
+        """Queue upserts for missing/different rows and deletes for extra ones; returns events queued."""
+        if report.equal:
+            return 0
+        with self.conn.transaction():
+            _set_local(self.conn)
+            self.conn.execute(f"LOCK TABLE {relation} IN SHARE MODE")
+            queued = 0
+            if report.different:
+                where, params = self._key_filter(layout, report.different)
+                source = f"(SELECT * FROM {relation} AS src {where})"
+                queued += self.conn.execute(pack_sql(layout_id, "U", row_json_sql(layout, "src"), source),
+                                            params).rowcount
+            if report.extra:
+                keys = [[_as_pg_text(v) for v in key] for key in report.extra]
+                source = f"(SELECT * FROM {_key_rows_sql(layout)})"
+                queued += self.conn.execute(
+                    pack_sql(layout_id, "D", row_json_sql(layout, "src", key_only=True), source),
+                    _key_params(layout, keys)).rowcount
+            self.conn.execute("SELECT pg_notify('pgturso', '')")
+        report.repaired = len(report.different) + len(report.extra)
+        return queued
+
+
+def print_report(report: TableReport, stream: TextIO = sys.stdout, examples: int = 10) -> None:
+    state = "equal" if report.equal else "DIFFERENT"
+    stream.write(f"{report.table} -> {report.target_table}: {state} (postgres {report.postgres_rows} rows, "
+                 f"turso {report.turso_rows} rows")
+    if not report.equal:
+        stream.write(f"; {len(report.different)} missing or different, {len(report.extra)} extra on Turso")
+    stream.write(")\n")
+    for key in report.different[:examples]:
+        stream.write(f"  missing or different: key {tuple(key)}\n")
+    for key in report.extra[:examples]:
+        stream.write(f"  only on Turso: key {tuple(key)}\n")
+    if report.repaired:
+        stream.write(f"  repair queued for {report.repaired} rows\n")
+
+
+def run_verify(conn: psycopg.Connection[Any], target: Target, names: Sequence[str], repair: bool,
+               settle_timeout: float = 30.0) -> int:
+    """Verify (and repair) the named tables, or all; returns 0 when all were equal, 1 otherwise."""
+    verifier = Verifier(conn, target)
+    started = time.monotonic()
+    differences = 0
+    for relation, layout_id, layout in verifier.tables(names):
+        report = verifier.verify(relation, layout, settle_timeout)
+        if repair and not report.equal:
+            verifier.repair(relation, layout_id, layout, report)
+        print_report(report)
+        differences += not report.equal
+    if repair and differences:
+        synced = verifier.wait_for_sync(settle_timeout)
+        print("repairs delivered" if synced else "repairs queued; they are delivered when the worker runs")
+    print(f"verified in {time.monotonic() - started:.1f}s: "
+          + ("all equal" if not differences else f"{differences} table(s) differ"))
+    return 1 if differences else 0
