@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import psycopg
@@ -181,3 +182,36 @@ def test_wait_for_sync_gives_read_your_writes(conn, dsn, turso: TursoServer):
         worker.stop()
         conn.execute("DROP OWNED BY reader_app")
         conn.execute("DROP ROLE reader_app")
+
+
+def test_sync_delivers_from_inside_postgres_with_the_worker_code(conn, dsn, turso: TursoServer):
+    from support.workers import WorkerProcess, wait_until
+
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 100) g")
+    info = conn.info
+    own = f"host={info.host} port={info.port} user={info.user} dbname={info.dbname}"
+    delivered = conn.execute("SELECT pgturso.sync(url => %s)", (turso.url,)).fetchone()[0]  # over the socket
+    assert delivered >= 2
+    assert turso.query("SELECT count(*) FROM t") == [[100]]
+    assert pending(conn) == 0
+    conn.execute(f"ALTER DATABASE {info.dbname} SET pgturso.url = '{turso.url}'")
+    try:
+        conn.execute("UPDATE t SET v = 'from sync' WHERE id = 1")
+        with psycopg.connect(dsn, autocommit=True) as fresh:  # picks up the database's pgturso.url
+            assert fresh.execute("SELECT pgturso.sync(dsn => %s)", (own,)).fetchone()[0] == 1
+        assert turso.query("SELECT v FROM t WHERE id = 1") == [["from sync"]]
+        # While a worker is delivering, a pass does nothing (the advisory lock decides who delivers).
+        worker = WorkerProcess(dsn, turso.url, "--idle-wait", "1").start()
+        try:
+            wait_until(lambda: worker.lines("idle") or worker.lines("delivered") or worker.lines("starting"), 10,
+                       "the worker to start")
+            time.sleep(1.5)
+            with psycopg.connect(dsn, autocommit=True) as fresh:
+                fresh.execute("SET client_min_messages = notice")
+                assert fresh.execute("SELECT pgturso.sync(dsn => %s)", (own,)).fetchone()[0] == 0
+        finally:
+            worker.stop()
+    finally:
+        conn.execute(f"ALTER DATABASE {info.dbname} RESET ALL")

@@ -2,7 +2,9 @@
 # System packages pgturso's build, demo and tests need (Debian 12). Installs only what is missing.
 set -euo pipefail
 need=()
-for pkg in postgresql-15 postgresql-plpython3-15 postgresql-server-dev-15 python3-venv nodejs npm; do
+# python3-psycopg and python3-requests: for pgturso.sync(), which runs the worker inside the server.
+for pkg in postgresql-15 postgresql-plpython3-15 postgresql-server-dev-15 python3-venv python3-psycopg \
+           python3-requests nodejs npm; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 # node/npm may come from elsewhere than Debian's packages: accept any working ones.

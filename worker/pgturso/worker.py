@@ -49,6 +49,7 @@ class Worker:
         self.isolating_until: int | None = None
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self.metrics = Metrics()
+        self.events_delivered = 0
         self._backlog_checked = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -150,6 +151,7 @@ class Worker:
             transaction.execute(marker_statement(self.source_id, batch.delivered))
             transaction.commit()
         self.outbox.mark_delivered(batch)
+        self.events_delivered += len(batch.delivered)
         self.metrics.add("pgturso_batches_total")
         self.metrics.add("pgturso_rows_delivered_total", batch.rows)
         self.metrics.add("pgturso_transactions_delivered_total", len(batch.transactions))

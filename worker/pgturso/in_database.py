@@ -1,0 +1,72 @@
+"""``SELECT pgturso.sync()``: one delivery pass run inside Postgres, with the worker's own code.
+
+The PL/Python function imports this module; it connects back to the same database (psycopg, over the
+server's Unix socket unless a DSN is given) and runs ``Worker.run(once=True)``: the same code path as
+``pgturso-worker run --once``, the same advisory lock (a pass while a worker is delivering does nothing), the
+same marker. Settings come from ``pgturso.*`` and the server's ``PGTURSO_*`` environment. Needs psycopg and
+requests in the server's Python (Debian: python3-psycopg, python3-requests); ``file:`` targets also need
+pyturso there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from .settings import POSTGRESQL_CONF_NAMES, resolve
+from .worker import EXIT_LOCKED, EXIT_OK, Worker
+
+
+class _PlpyHandler(logging.Handler):
+    def __init__(self, plpy: Any) -> None:
+        super().__init__()
+        self.plpy = plpy
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = getattr(record, "fields", None) or {"msg": record.getMessage()}
+        line = "pgturso: " + " ".join(f"{k}={v}" for k, v in fields.items())
+        (self.plpy.warning if record.levelno >= logging.WARNING else self.plpy.log)(line)
+
+
+def own_dsn(plpy: Any) -> str:
+    """A libpq DSN for this database over the first Unix socket directory, as the current user."""
+    row = plpy.execute(
+        "SELECT split_part(current_setting('unix_socket_directories'), ',', 1) AS host, "
+        "current_setting('port') AS port, current_database() AS db, current_user AS usr"
+    )[0]
+    parts = {"host": row["host"].strip(), "port": row["port"], "dbname": row["db"], "user": row["usr"]}
+    return " ".join(f"{k}='{str(v).replace(chr(92), chr(92) * 2).replace(chr(39), chr(92) + chr(39))}'"
+                    for k, v in parts.items())
+
+
+def sync(plpy: Any, dsn: str | None = None, url: str | None = None) -> int:
+    """Deliver what is committed; returns the number of outbox events delivered (0 if another worker runs)."""
+    names = POSTGRESQL_CONF_NAMES
+    rows = plpy.execute(plpy.prepare("SELECT name, current_setting(name, true) AS value FROM unnest($1) AS name",
+                                     ["text[]"]), [names])
+    from_conf = {r["name"]: r["value"] for r in rows if r["value"] is not None}
+    settings = resolve(from_conf, os.environ, {"url": url})
+    if settings.url.startswith("file:"):
+        try:
+            import turso  # noqa: F401
+        except ImportError:
+            plpy.error("pgturso.sync() cannot write a file: target: pyturso is not installed for the server's Python",
+                       hint="Deliver with pgturso-worker, or give an http(s)/libsql URL: pgturso.sync(url => '...').")
+    logger = logging.getLogger("pgturso")
+    handler = _PlpyHandler(plpy)
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if settings.log_level == "info" else settings.log_level.upper())
+    logger.propagate = False
+    try:
+        worker = Worker(dsn or own_dsn(plpy), settings)
+        code = worker.run(once=True)
+    finally:
+        logger.removeHandler(handler)
+    if code == EXIT_LOCKED:
+        plpy.notice("pgturso: another worker is delivering; this pass did nothing")
+        return 0
+    if code != EXIT_OK:
+        plpy.error(f"pgturso: delivery failed (exit code {code}); see the server log and pgturso.status",
+                   hint="SELECT * FROM pgturso.status shows the last error and what to fix.")
+    return worker.events_delivered
