@@ -170,3 +170,48 @@ def test_ddl_on_untracked_tables_and_drop_extension_are_unaffected(conn):
     conn.execute("DROP EXTENSION pgturso")
     conn.execute("ALTER TABLE t ADD COLUMN v text")
     conn.execute("DROP TABLE t")
+
+
+# ------------------------------------------------------------------------------ DDL translation, no servers
+
+
+def layout(target: str, cols: list[tuple[str, str, bool, int]], key: list[str], indexes=()) -> Any:
+    from pgturso.layout import TableLayout
+
+    catalog = [{"name": n, "pg_type": t, "base_type": t, "not_null": nn, "attnum": num} for n, t, nn, num in cols]
+    return TableLayout.from_catalog(f"public.{target}", target, catalog, key, indexes)
+
+
+def test_swapped_column_names_go_through_temporary_names():
+    from pgturso.statements import alter_table_statements
+
+    old = layout("s", [("id", "int4", True, 1), ("a", "text", False, 2), ("b", "text", False, 3)], ["id"])
+    new = layout("s", [("id", "int4", True, 1), ("b", "text", False, 2), ("a", "text", False, 3)], ["id"])
+    assert alter_table_statements(old, new, recopy=False) == [
+        'ALTER TABLE "s" RENAME COLUMN "a" TO "a_pgturso_rename"',
+        'ALTER TABLE "s" RENAME COLUMN "b" TO "b_pgturso_rename"',
+        'ALTER TABLE "s" RENAME COLUMN "a_pgturso_rename" TO "b"',
+        'ALTER TABLE "s" RENAME COLUMN "b_pgturso_rename" TO "a"',
+    ]
+
+
+def test_key_or_not_null_change_rebuilds_inside_turso_and_type_change_recopies():
+    from pgturso.layout import change_between
+    from pgturso.statements import alter_table_statements
+
+    old = layout("r", [("id", "int4", True, 1), ("u", "text", False, 2)], ["id"], [{"name": "r_u", "columns": ["u"]}])
+    new = layout("r", [("id", "int4", True, 1), ("u", "text", True, 2)], ["u"], [{"name": "r_u", "columns": ["u"]}])
+    assert change_between(old, new).rebuild and not change_between(old, new).recopy
+    assert alter_table_statements(old, new, recopy=False) == [
+        'DROP TABLE IF EXISTS "r_pgturso_rebuild"',
+        'CREATE TABLE "r_pgturso_rebuild" ("id" INTEGER NOT NULL, "u" TEXT NOT NULL, PRIMARY KEY ("u"))',
+        'INSERT INTO "r_pgturso_rebuild" ("id", "u") SELECT "id", "u" FROM "r"',
+        'DROP TABLE IF EXISTS "r"',
+        'ALTER TABLE "r_pgturso_rebuild" RENAME TO "r"',  # (an index over just the key is left out)
+    ]
+    index = [{"name": "r_u", "columns": ["u"]}]
+    widened = layout("r", [("id", "int8", True, 1), ("u", "varchar", False, 2)], ["id"], index)
+    assert change_between(old, widened) == change_between(old, old)
+    assert alter_table_statements(old, widened, recopy=False) == []
+    retyped = layout("r", [("id", "int4", True, 1), ("u", "timestamptz", False, 2)], ["id"])
+    assert change_between(old, retyped).recopy

@@ -31,6 +31,13 @@ AS $$
 $$;
 COMMENT ON FUNCTION pgturso._turso_name IS 'Private: default Turso name of a table or index.';
 
+-- SQLite compares names ignoring the case of ASCII letters: two names equal under this clash on Turso.
+CREATE FUNCTION pgturso._sqlite_name(name text) RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT translate(name, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz') $$;
+COMMENT ON FUNCTION pgturso._sqlite_name IS 'Private: a name as SQLite compares it (ASCII case folded).';
+
 -- The key a table replicates by: key_columns if given, else the primary key, else the unique index over NOT
 -- NULL columns with the fewest columns (materialized views: any unique index, NULLs allowed by Postgres).
 CREATE FUNCTION pgturso._key_columns(rel regclass, explicit text[]) RETURNS text[]
@@ -308,9 +315,8 @@ BEGIN
     END IF;
 
     -- Writers wait from here until commit, so the copy below and the capture start at the same point.
-    IF v_kind = 'm' THEN
-        EXECUTE format('LOCK TABLE %s IN EXCLUSIVE MODE', rel);
-    ELSE
+    -- (A materialized view changes only by REFRESH, which pgturso follows from here on: see 30_*.sql.)
+    IF v_kind <> 'm' THEN
         EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', rel);
     END IF;
 
@@ -334,7 +340,8 @@ BEGIN
                 USING HINT = 'Pass key_columns that are unique, or better, add a unique index over them.';
         END IF;
     END IF;
-    IF EXISTS (SELECT 1 FROM pgturso.tracked_table t WHERE t.target_table = v_desc.target_table) THEN
+    IF EXISTS (SELECT 1 FROM pgturso.tracked_table t
+               WHERE pgturso._sqlite_name(t.target_table) = pgturso._sqlite_name(v_desc.target_table)) THEN
         RAISE EXCEPTION 'pgturso: another tracked table already replicates to Turso table "%"', v_desc.target_table
             USING HINT = 'Pass a different target_table => ''name'' to pgturso.track_table (or, if that table was '
                          'dropped, let the worker deliver its last changes first).';
@@ -405,8 +412,11 @@ BEGIN
         RAISE EXCEPTION 'pgturso: % is not a tracked materialized view', rel
             USING HINT = format('Track it first: SELECT pgturso.track_table(%L).', rel::text);
     END IF;
+    -- The event trigger leaves this REFRESH to the function, which sends the difference only.
+    PERFORM set_config('pgturso.refreshing', rel::oid::text, true);
     EXECUTE format('SELECT pgturso.%I($1, $2)', pgturso._capture_function_name(v_table_id) || '_refresh')
-        USING rel, concurrently;
+        USING rel, $2;  -- $2: the concurrently argument (a keyword, so not usable by name here)
+    PERFORM set_config('pgturso.refreshing', '', true);
 END
 $$;
 COMMENT ON FUNCTION pgturso.refresh_materialized_view IS

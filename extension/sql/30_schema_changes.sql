@@ -82,7 +82,8 @@ BEGIN
     IF (v_change ->> 'changed')::boolean THEN
         IF v_desc.target_table IS DISTINCT FROM v_old_spec ->> 'target_table' AND EXISTS (
                SELECT 1 FROM pgturso.tracked_table t
-               WHERE t.target_table = v_desc.target_table AND t.id <> _follow_schema.table_id) THEN
+               WHERE pgturso._sqlite_name(t.target_table) = pgturso._sqlite_name(v_desc.target_table)
+                 AND t.id <> _follow_schema.table_id) THEN
             RAISE EXCEPTION 'pgturso: renaming % would make it replicate to Turso table "%", which another '
                             'tracked table uses', v_rel, v_desc.target_table
                 USING HINT = 'Choose another name, or untrack one of the tables.';
@@ -143,6 +144,31 @@ $$;
 COMMENT ON FUNCTION pgturso._follow_schema IS
     'Private: after DDL, give a tracked table a new layout, capture function and Turso DDL event if it changed.';
 
+-- Send a tracked relation to Turso afresh: recreate its table there, then every row.
+CREATE FUNCTION pgturso._recopy(table_id integer) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET TimeZone = 'UTC'
+SET DateStyle = 'ISO, YMD'
+SET IntervalStyle = 'iso_8601'
+SET extra_float_digits = 1
+AS $$
+DECLARE
+    v_rel regclass;
+    v_layout_id integer;
+    v_spec jsonb;
+BEGIN
+    SELECT t.relid INTO v_rel FROM pgturso.tracked_table t WHERE t.id = table_id;
+    SELECT l.id, l.spec INTO v_layout_id, v_spec FROM pgturso.layout l
+    WHERE l.table_id = _recopy.table_id ORDER BY l.id DESC LIMIT 1;
+    INSERT INTO pgturso.outbox (layout_id, op, nrows, payload)
+    VALUES (v_layout_id, 'A', 0, jsonb_build_object('from', v_layout_id, 'recopy', true)::text);
+    EXECUTE pgturso._plan_rows(v_layout_id, v_spec, pgturso._row_source(v_rel), 'U');
+    PERFORM pg_notify('pgturso', '');
+END
+$$;
+COMMENT ON FUNCTION pgturso._recopy IS 'Private: recreate a tracked relation on Turso and send all its rows again.';
+
 CREATE FUNCTION pgturso._on_ddl_command_end() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -169,6 +195,16 @@ BEGIN
         ORDER BY t.id
     LOOP
         PERFORM pgturso._follow_schema(v_table_id);
+    END LOOP;
+    -- A plain REFRESH MATERIALIZED VIEW of a tracked view: the old contents are gone, so send it afresh.
+    -- (pgturso.refresh_materialized_view sends only the difference and marks its own REFRESH.)
+    FOR v_table_id IN
+        SELECT t.id FROM pg_event_trigger_ddl_commands() d
+        JOIN pgturso.tracked_table t ON t.relid = d.objid AND t.dropped_at IS NULL
+        WHERE d.command_tag = 'REFRESH MATERIALIZED VIEW'
+          AND coalesce(current_setting('pgturso.refreshing', true), '') <> d.objid::text
+    LOOP
+        PERFORM pgturso._recopy(v_table_id);
     END LOOP;
 END
 $$;
@@ -236,3 +272,4 @@ REVOKE ALL ON FUNCTION pgturso._plan_layout(integer, text, text, text, jsonb, te
 REVOKE ALL ON FUNCTION pgturso._plan_change(jsonb, text, text, jsonb, text[], jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._plan_rows(integer, jsonb, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._follow_schema(integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._recopy(integer) FROM PUBLIC;

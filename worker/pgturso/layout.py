@@ -76,6 +76,14 @@ class TableLayout:
                 )
             )
         names = {c.name for c in built}
+        folded: dict[str, str] = {}
+        for col in built:
+            other = folded.setdefault(_ascii_lower(col.name), col.name)
+            if other != col.name:
+                raise ValueError(
+                    f"{source_table}: columns {other!r} and {col.name!r} differ only in case, which SQLite does not "
+                    "tell apart; rename one of them"
+                )
         missing = [k for k in key_columns if k not in names]
         if missing or not key_columns:
             raise ValueError(f"{source_table}: key columns {missing or list(key_columns)} are not columns")
@@ -118,6 +126,11 @@ class TableLayout:
 
     def column(self, name: str) -> Column:
         return next(c for c in self.columns if c.name == name)
+
+
+def _ascii_lower(name: str) -> str:
+    """How SQLite compares identifiers: ASCII letters without case, everything else exactly."""
+    return name.translate({c: c + 32 for c in range(65, 91)})
 
 
 @dataclass(frozen=True)
