@@ -74,8 +74,9 @@ def run_worker(dsn: str, url: str, *args: str, timeout: float = 120, env: dict[s
                ) -> subprocess.CompletedProcess[str]:
     """``pgturso-worker run --once`` as a user runs it; returns the finished process."""
     full_env = {**os.environ, "PGTURSO_RETRY_BASE_DELAY": "0.05", **(env or {})}
+    url_flag = ["--url", url] if url else []  # no URL: the target's own (pgturso.url or pgturso.target)
     return subprocess.run(
-        [*WORKER, "run", "--once", "--dsn", dsn, "--url", url, *args],
+        [*WORKER, "run", "--once", "--dsn", dsn, *url_flag, *args],
         capture_output=True, text=True, timeout=timeout, env=full_env,
     )
 

@@ -217,12 +217,12 @@ def test_exactly_once_when_the_worker_dies_after_turso_committed(conn, dsn, turs
     class Crash(Exception):
         pass
 
-    def crash(self, delivered):
+    def crash(self, batch):
         raise Crash("killed between Turso's commit and the outbox delete")
 
     settings = resolve({}, {}, {"url": turso.url})
     with monkeypatch.context() as patch:
-        patch.setattr(Outbox, "delete_delivered", crash)
+        patch.setattr(Outbox, "mark_delivered", crash)
         with pytest.raises(Crash):
             Worker(dsn, settings).run(once=True)
     assert pending(conn) > 0

@@ -12,8 +12,9 @@ from pgturso.settings import BY_NAME, SETTINGS, Settings, resolve
 
 
 def test_every_setting_is_a_settings_field_and_vice_versa() -> None:
-    assert [s.name for s in SETTINGS] == [f.name for f in fields(Settings)]
-    assert set(BY_NAME) == {f.name for f in fields(Settings)}
+    values = [f.name for f in fields(Settings) if f.name != "sources"]
+    assert [s.name for s in SETTINGS] == values
+    assert set(BY_NAME) == set(values)
 
 
 def test_setting_names() -> None:
@@ -28,7 +29,8 @@ def test_setting_names() -> None:
 def test_defaults() -> None:
     s = resolve({}, environ={}, flags={})
     assert s == Settings(
-        url="file:pgturso.db",
+        url=None,  # the default target's default, file:pgturso.db, is applied by the worker
+        target="default",
         auth_token=None,
         auth_token_file=None,
         batch_rows=50_000,
@@ -42,7 +44,11 @@ def test_defaults() -> None:
         retry_limit=0,
         log_level="info",
         log_format="text",
+        tls_ca_file=None,
+        metrics_port=0,
+        metrics_host="127.0.0.1",
     )
+    assert set(s.sources.values()) == {"default"}
 
 
 def test_precedence_default_conf_environ_flags() -> None:
@@ -189,3 +195,9 @@ def test_token_file_that_is_a_directory_raises_config_error(tmp_path: Path) -> N
     s = resolve({}, {}, {"auth_token_file": str(tmp_path)})
     with pytest.raises(ConfigError, match=r"cannot read pgturso\.auth_token_file"):
         s.token()
+
+
+def test_sources_record_where_each_value_came_from() -> None:
+    s = resolve({"pgturso.url": "http://conf"}, {"PGTURSO_BATCH_ROWS": "9"}, {"log_level": "debug"})
+    assert (s.sources["url"], s.sources["batch_rows"], s.sources["log_level"], s.sources["idle_wait"]) == (
+        "postgresql.conf", "environment", "flag", "default")

@@ -10,16 +10,30 @@ CREATE TABLE pgturso.instance (
 INSERT INTO pgturso.instance DEFAULT VALUES;
 COMMENT ON TABLE pgturso.instance IS 'The identity of this source database on Turso targets.';
 
+-- Turso databases to deliver to, each by its own worker. 'default' takes its URL from the worker's settings
+-- (pgturso.url); named ones (pgturso.add_target) from here.
+CREATE TABLE pgturso.target (
+    name text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$'),
+    url text CHECK (url IS NULL OR url ~ '^(https?|libsql)://|^file:'),
+    auth_token text,  -- readable only by the extension owner and superusers, like every pgturso table
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO pgturso.target (name) VALUES ('default');
+COMMENT ON TABLE pgturso.target IS
+    'Turso databases to deliver to. ''default'': URL from pgturso.url / the worker''s settings.';
+
 CREATE TABLE pgturso.tracked_table (
     id integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     relid regclass NOT NULL UNIQUE,
-    target_table text NOT NULL UNIQUE,
+    target text NOT NULL DEFAULT 'default' REFERENCES pgturso.target (name),
+    target_table text NOT NULL,
     tracked_at timestamptz NOT NULL DEFAULT now(),
     -- track_table's choices, kept for schema changes: target_table (when given), key_columns (when given),
     -- indexes (false: no secondary indexes on Turso), drop_target (DROP TABLE drops the Turso table too).
     options jsonb NOT NULL DEFAULT '{}',
     -- Set by DROP TABLE while changes of the table are still undelivered; the row goes once they are.
-    dropped_at timestamptz
+    dropped_at timestamptz,
+    UNIQUE (target, target_table)
 );
 COMMENT ON TABLE pgturso.tracked_table IS 'Tables replicated to Turso; maintained by track_table/untrack_table.';
 

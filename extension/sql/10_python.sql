@@ -1,9 +1,9 @@
 -- PL/Python entry points. They stay one import long: the logic lives in the pgturso Python package
 -- (worker/pgturso), which `make install` copies to @PYTHON_DIR@ for the server's Python.
 
-CREATE FUNCTION pgturso._plan_table(
+CREATE FUNCTION pgturso._plan_layout(
     layout_id integer, relation text, source_table text, target_table text,
-    columns jsonb, key_columns text[], function_name text
+    columns jsonb, key_columns text[], function_name text, indexes jsonb
 ) RETURNS jsonb
 LANGUAGE plpython3u
 SET search_path = pg_catalog, pg_temp
@@ -12,6 +12,35 @@ import sys
 if "@PYTHON_DIR@" not in sys.path:
     sys.path.insert(0, "@PYTHON_DIR@")
 from pgturso.extension_api import plan_table
-return plan_table(layout_id, relation, source_table, target_table, columns, key_columns, function_name)
+return plan_table(layout_id, relation, source_table, target_table, columns, key_columns, function_name, indexes)
 $$;
-COMMENT ON FUNCTION pgturso._plan_table IS 'Private: layout and capture SQL of a table (pgturso.extension_api).';
+COMMENT ON FUNCTION pgturso._plan_layout IS
+    'Private: layout, capture and copy SQL of a table (pgturso.extension_api.plan_table).';
+
+CREATE FUNCTION pgturso._plan_change(
+    old_spec jsonb, source_table text, target_table text, columns jsonb, key_columns text[], indexes jsonb
+) RETURNS jsonb
+LANGUAGE plpython3u
+SET search_path = pg_catalog, pg_temp
+AS $$
+import sys
+if "@PYTHON_DIR@" not in sys.path:
+    sys.path.insert(0, "@PYTHON_DIR@")
+from pgturso.extension_api import plan_change
+return plan_change(old_spec, source_table, target_table, columns, key_columns, indexes)
+$$;
+COMMENT ON FUNCTION pgturso._plan_change IS
+    'Private: how a tracked table''s layout changed (pgturso.extension_api.plan_change).';
+
+CREATE FUNCTION pgturso._plan_rows(layout_id integer, spec jsonb, relation text, op text) RETURNS text
+LANGUAGE plpython3u
+SET search_path = pg_catalog, pg_temp
+AS $$
+import sys
+if "@PYTHON_DIR@" not in sys.path:
+    sys.path.insert(0, "@PYTHON_DIR@")
+from pgturso.extension_api import rows_sql
+return rows_sql(layout_id, spec, relation, op)
+$$;
+COMMENT ON FUNCTION pgturso._plan_rows IS
+    'Private: SQL sending every row of a relation as upserts (U) or its keys as deletes (D).';

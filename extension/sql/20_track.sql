@@ -274,7 +274,8 @@ CREATE FUNCTION pgturso.track_table(
     target_table text DEFAULT NULL,
     key_columns text[] DEFAULT NULL,
     indexes boolean DEFAULT true,
-    drop_target boolean DEFAULT false
+    drop_target boolean DEFAULT false,
+    target text DEFAULT 'default'
 ) RETURNS void
 LANGUAGE plpgsql
 -- The initial copy encodes values exactly as the capture functions do (pgturso.capture.CAPTURE_SETTINGS).
@@ -340,15 +341,20 @@ BEGIN
                 USING HINT = 'Pass key_columns that are unique, or better, add a unique index over them.';
         END IF;
     END IF;
+    IF NOT EXISTS (SELECT 1 FROM pgturso.target g WHERE g.name = track_table.target) THEN
+        RAISE EXCEPTION 'pgturso: there is no target %', track_table.target
+            USING HINT = 'Create it first: SELECT pgturso.add_target(''name'', ''libsql://...'', ''token'').';
+    END IF;
     IF EXISTS (SELECT 1 FROM pgturso.tracked_table t
-               WHERE pgturso._sqlite_name(t.target_table) = pgturso._sqlite_name(v_desc.target_table)) THEN
+               WHERE t.target = track_table.target
+                 AND pgturso._sqlite_name(t.target_table) = pgturso._sqlite_name(v_desc.target_table)) THEN
         RAISE EXCEPTION 'pgturso: another tracked table already replicates to Turso table "%"', v_desc.target_table
             USING HINT = 'Pass a different target_table => ''name'' to pgturso.track_table (or, if that table was '
                          'dropped, let the worker deliver its last changes first).';
     END IF;
 
-    INSERT INTO pgturso.tracked_table (relid, target_table, options)
-    VALUES (rel, v_desc.target_table, v_options) RETURNING id INTO v_table_id;
+    INSERT INTO pgturso.tracked_table (relid, target, target_table, options)
+    VALUES (rel, track_table.target, v_desc.target_table, v_options) RETURNING id INTO v_table_id;
     INSERT INTO pgturso.layout (table_id, spec) VALUES (v_table_id, '{}') RETURNING id INTO v_layout_id;
     v_plan := pgturso._plan_layout(v_layout_id, pgturso._row_source(rel), v_desc.source_table, v_desc.target_table,
                                    v_desc.columns, v_desc.key_columns, pgturso._capture_function_name(v_table_id),
@@ -367,7 +373,8 @@ COMMENT ON FUNCTION pgturso.track_table IS
     'unless indexes => false), copy its rows, then send every committed change and schema change. '
     'target_table names it on Turso (default: the table name, schema.name outside public). key_columns '
     'names the key when the table has no primary key or unique index over NOT NULL columns. drop_target: '
-    'DROP TABLE in Postgres drops the Turso table too (default: it stays).';
+    'DROP TABLE in Postgres drops the Turso table too (default: it stays). target: the named target '
+    '(pgturso.add_target) whose worker delivers it.';
 
 CREATE FUNCTION pgturso._partition_root(rel regclass) RETURNS regclass
 LANGUAGE sql STABLE
@@ -422,7 +429,6 @@ $$;
 COMMENT ON FUNCTION pgturso.refresh_materialized_view IS
     'REFRESH MATERIALIZED VIEW [CONCURRENTLY] a tracked view and send Turso only the rows that changed.';
 
-REVOKE ALL ON FUNCTION pgturso.track_table(regclass, text, text[], boolean, boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso.track_table(regclass, text, text[], boolean, boolean, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.untrack_table(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.refresh_materialized_view(regclass, boolean) FROM PUBLIC;
-REVOKE ALL ON FUNCTION pgturso._plan_table(integer, text, text, text, jsonb, text[], text) FROM PUBLIC;

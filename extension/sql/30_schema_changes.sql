@@ -1,50 +1,6 @@
--- Layout planning (PL/Python) and schema changes of tracked tables, captured by event triggers in the same
+-- Schema changes of tracked tables, captured by event triggers in the same
 -- transaction as the DDL: a change becomes a new layout, a regenerated capture function and an 'A' event, so
 -- Turso applies it exactly between the changes before it and the changes after it (docs/schema-changes.md).
-
-CREATE FUNCTION pgturso._plan_layout(
-    layout_id integer, relation text, source_table text, target_table text,
-    columns jsonb, key_columns text[], function_name text, indexes jsonb
-) RETURNS jsonb
-LANGUAGE plpython3u
-SET search_path = pg_catalog, pg_temp
-AS $$
-import sys
-if "@PYTHON_DIR@" not in sys.path:
-    sys.path.insert(0, "@PYTHON_DIR@")
-from pgturso.extension_api import plan_table
-return plan_table(layout_id, relation, source_table, target_table, columns, key_columns, function_name, indexes)
-$$;
-COMMENT ON FUNCTION pgturso._plan_layout IS
-    'Private: layout, capture and copy SQL of a table (pgturso.extension_api.plan_table).';
-
-CREATE FUNCTION pgturso._plan_change(
-    old_spec jsonb, source_table text, target_table text, columns jsonb, key_columns text[], indexes jsonb
-) RETURNS jsonb
-LANGUAGE plpython3u
-SET search_path = pg_catalog, pg_temp
-AS $$
-import sys
-if "@PYTHON_DIR@" not in sys.path:
-    sys.path.insert(0, "@PYTHON_DIR@")
-from pgturso.extension_api import plan_change
-return plan_change(old_spec, source_table, target_table, columns, key_columns, indexes)
-$$;
-COMMENT ON FUNCTION pgturso._plan_change IS
-    'Private: how a tracked table''s layout changed (pgturso.extension_api.plan_change).';
-
-CREATE FUNCTION pgturso._plan_rows(layout_id integer, spec jsonb, relation text, op text) RETURNS text
-LANGUAGE plpython3u
-SET search_path = pg_catalog, pg_temp
-AS $$
-import sys
-if "@PYTHON_DIR@" not in sys.path:
-    sys.path.insert(0, "@PYTHON_DIR@")
-from pgturso.extension_api import rows_sql
-return rows_sql(layout_id, spec, relation, op)
-$$;
-COMMENT ON FUNCTION pgturso._plan_rows IS
-    'Private: SQL sending every row of a relation as upserts (U) or its keys as deletes (D).';
 
 -- Bring a tracked table's layout, capture and partitions up to date with the catalog, after DDL.
 CREATE FUNCTION pgturso._follow_schema(table_id integer) RETURNS void
@@ -83,6 +39,7 @@ BEGIN
         IF v_desc.target_table IS DISTINCT FROM v_old_spec ->> 'target_table' AND EXISTS (
                SELECT 1 FROM pgturso.tracked_table t
                WHERE pgturso._sqlite_name(t.target_table) = pgturso._sqlite_name(v_desc.target_table)
+                 AND t.target = (SELECT o.target FROM pgturso.tracked_table o WHERE o.id = _follow_schema.table_id)
                  AND t.id <> _follow_schema.table_id) THEN
             RAISE EXCEPTION 'pgturso: renaming % would make it replicate to Turso table "%", which another '
                             'tracked table uses', v_rel, v_desc.target_table

@@ -1,8 +1,8 @@
 -- What the worker did and is doing, for operators: pgturso.status, and skipping a change Turso refuses.
 
--- The delivering worker's state; it updates this row in the same transaction that marks events delivered.
+-- Each target's delivering worker's state; updated in the transaction that marks events delivered.
 CREATE TABLE pgturso.delivery_state (
-    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    target text PRIMARY KEY DEFAULT 'default' REFERENCES pgturso.target (name) ON DELETE CASCADE,
     status text NOT NULL DEFAULT 'never started'
         CHECK (status IN ('never started', 'delivering', 'idle', 'retrying', 'blocked', 'stopped')),
     worker text,
@@ -18,7 +18,7 @@ CREATE TABLE pgturso.delivery_state (
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 INSERT INTO pgturso.delivery_state DEFAULT VALUES;
-COMMENT ON TABLE pgturso.delivery_state IS 'The delivering worker''s state, errors and counters (one row).';
+COMMENT ON TABLE pgturso.delivery_state IS 'Per target: the delivering worker''s state, errors and counters.';
 
 CREATE TABLE pgturso.table_state (
     table_id integer PRIMARY KEY REFERENCES pgturso.tracked_table (id) ON DELETE CASCADE,
@@ -42,6 +42,7 @@ COMMENT ON TABLE pgturso.skipped_transaction IS
 
 CREATE VIEW pgturso.status AS
 SELECT t.relid AS table_name,
+       t.target,
        t.target_table,
        coalesce(p.events, 0) AS pending_events,
        coalesce(p.rows, 0) AS pending_rows,
@@ -57,7 +58,7 @@ SELECT t.relid AS table_name,
        d.last_error_table,
        d.last_error_txid
 FROM pgturso.tracked_table t
-CROSS JOIN pgturso.delivery_state d
+JOIN pgturso.delivery_state d ON d.target = t.target
 LEFT JOIN pgturso.table_state s ON s.table_id = t.id
 LEFT JOIN LATERAL (
     SELECT count(*) AS events, sum(o.nrows) AS rows, min(o.captured_at) AS oldest
@@ -89,9 +90,9 @@ BEGIN
             USING HINT = 'SELECT last_error_txid FROM pgturso.status names the transaction the worker is stuck on.';
     END IF;
     INSERT INTO pgturso.skipped_transaction (txid, reason, events, rows, tables, error)
-    SELECT skip_transaction.txid, reason, v_events, v_rows, v_tables,
-           CASE WHEN d.last_error_txid = skip_transaction.txid THEN d.last_error END
-    FROM pgturso.delivery_state d;
+    VALUES (skip_transaction.txid, reason, v_events, v_rows, v_tables,
+            (SELECT string_agg(d.last_error, '; ') FROM pgturso.delivery_state d
+             WHERE d.last_error_txid = skip_transaction.txid));
     DELETE FROM pgturso.outbox o WHERE o.txid = skip_transaction.txid;
     RAISE WARNING 'pgturso: skipped source transaction % (% rows in %): Turso now differs from Postgres for them',
         txid, v_rows, array_to_string(v_tables, ', ')

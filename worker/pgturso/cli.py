@@ -23,7 +23,7 @@ from .errors import ConfigError, PgTursoError
 from .settings import POSTGRESQL_CONF_NAMES, POSTGRESQL_CONF_QUERY, SETTINGS, Settings, resolve
 from .targets import open_target
 from .verify import run_verify
-from .worker import EXIT_FATAL, Worker
+from .worker import EXIT_FATAL, Worker, target_endpoint
 
 log = logging.getLogger("pgturso.cli")
 
@@ -90,16 +90,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _verify(args: argparse.Namespace, settings: Settings) -> int:
-    target = open_target(settings.url, settings.token(), max_request_bytes=settings.max_request_bytes,
-                         timeout=settings.request_timeout, tls_ca_file=settings.tls_ca_file)
     try:
         with psycopg.connect(args.dsn, autocommit=True, application_name="pgturso-verify") as conn:
-            return run_verify(conn, target, args.tables, args.repair, args.settle_timeout)
+            url, token = target_endpoint(conn, settings)
+            target = open_target(url, token, max_request_bytes=settings.max_request_bytes,
+                                 timeout=settings.request_timeout, tls_ca_file=settings.tls_ca_file)
+            try:
+                return run_verify(conn, target, args.tables, args.repair, args.settle_timeout, settings.target)
+            finally:
+                target.close()
     except (ValueError, PgTursoError, psycopg.Error) as exc:
         logs.event(log, logging.ERROR, "verify_failed", error=str(exc).strip())
         return EXIT_FATAL
-    finally:
-        target.close()
 
 
 STATUS_QUERY = """

@@ -40,19 +40,13 @@ def own_dsn(plpy: Any) -> str:
                     for k, v in parts.items())
 
 
-def sync(plpy: Any, dsn: str | None = None, url: str | None = None) -> int:
+def sync(plpy: Any, dsn: str | None = None, url: str | None = None, target: str | None = None) -> int:
     """Deliver what is committed; returns the number of outbox events delivered (0 if another worker runs)."""
     names = POSTGRESQL_CONF_NAMES
     rows = plpy.execute(plpy.prepare("SELECT name, current_setting(name, true) AS value FROM unnest($1) AS name",
                                      ["text[]"]), [names])
     from_conf = {r["name"]: r["value"] for r in rows if r["value"] is not None}
-    settings = resolve(from_conf, os.environ, {"url": url})
-    if settings.url.startswith("file:"):
-        try:
-            import turso  # noqa: F401
-        except ImportError:
-            plpy.error("pgturso.sync() cannot write a file: target: pyturso is not installed for the server's Python",
-                       hint="Deliver with pgturso-worker, or give an http(s)/libsql URL: pgturso.sync(url => '...').")
+    settings = resolve(from_conf, os.environ, {"url": url, "target": target})
     logger = logging.getLogger("pgturso")
     handler = _PlpyHandler(plpy)
     logger.addHandler(handler)

@@ -21,35 +21,45 @@ from .layout import TableLayout
 
 # Named queries.
 SOURCE_ID = "SELECT source_id::text FROM pgturso.instance"
-HEAD_OF_OUTBOX = "SELECT id, nrows FROM pgturso.outbox ORDER BY id LIMIT %(max_events)s"
-STRADDLING_TRANSACTIONS = """
+# Every query sees only the events of this worker's target (%(layouts)s: its tables' layouts; NULL when the
+# outbox holds no other target's events).
+FOR_TARGET = "(%(layouts)s::int[] IS NULL OR layout_id = ANY (%(layouts)s::int[]))"
+TARGET_LAYOUTS = """
+    SELECT coalesce(array_agg(l.id) FILTER (WHERE t.target = %(target)s), '{}'),
+           coalesce(bool_and(t.target = %(target)s), true)
+    FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
+"""
+HEAD_OF_OUTBOX = f"SELECT id, nrows FROM pgturso.outbox WHERE {FOR_TARGET} ORDER BY id LIMIT %(max_events)s"
+STRADDLING_TRANSACTIONS = f"""
     SELECT t.txid::text, t.last_id FROM (
-        SELECT head.txid, (SELECT max(o.id) FROM pgturso.outbox o WHERE o.txid = head.txid) AS last_id
-        FROM (SELECT DISTINCT txid FROM pgturso.outbox WHERE id <= %(upto)s) AS head
+        SELECT head.txid,
+               (SELECT max(o.id) FROM pgturso.outbox o WHERE o.txid = head.txid AND {FOR_TARGET}) AS last_id
+        FROM (SELECT DISTINCT txid FROM pgturso.outbox WHERE id <= %(upto)s AND {FOR_TARGET}) AS head
     ) AS t
     WHERE t.last_id > %(upto)s
 """
-FIRST_TRANSACTION_END = """
+FIRST_TRANSACTION_END = f"""
     SELECT max(o.id) FROM pgturso.outbox o
-    WHERE o.txid = (SELECT txid FROM pgturso.outbox ORDER BY id LIMIT 1)
+    WHERE o.txid = (SELECT txid FROM pgturso.outbox WHERE {FOR_TARGET} ORDER BY id LIMIT 1) AND {FOR_TARGET}
 """
-BATCH_EVENTS = """
+BATCH_EVENTS = f"""
     SELECT id, txid::text::bigint, layout_id, op, nrows, payload FROM pgturso.outbox
-    WHERE id <= %(upto)s AND NOT (txid = ANY (%(held)s::text[]::xid8[]))
+    WHERE id <= %(upto)s AND NOT (txid = ANY (%(held)s::text[]::xid8[])) AND {FOR_TARGET}
     ORDER BY id
 """
-ONLY_HELD = """
+ONLY_HELD = f"""
     SELECT NOT EXISTS (SELECT 1 FROM pgturso.outbox
-                       WHERE id <= %(upto)s AND NOT (txid = ANY (%(held)s::text[]::xid8[])))
+                       WHERE id <= %(upto)s AND NOT (txid = ANY (%(held)s::text[]::xid8[])) AND {FOR_TARGET})
 """
-FIRST_COMMITTED_TRANSACTION = """
-    SELECT max(id) AS last_id FROM pgturso.outbox GROUP BY txid ORDER BY last_id LIMIT 1
+FIRST_COMMITTED_TRANSACTION = f"""
+    SELECT max(id) AS last_id FROM pgturso.outbox WHERE {FOR_TARGET} GROUP BY txid ORDER BY last_id LIMIT 1
 """
 LAYOUT = "SELECT spec, table_id FROM pgturso.layout WHERE id = %(id)s"
 RECORD_DELIVERY = """
     UPDATE pgturso.delivery_state SET status = 'delivering', last_delivered_at = now(), updated_at = now(),
         transactions_delivered = transactions_delivered + %(transactions)s,
         rows_delivered = rows_delivered + %(rows)s
+    WHERE target = %(target)s
 """
 RECORD_TABLE_DELIVERY = """
     INSERT INTO pgturso.table_state AS s (table_id, rows_delivered, last_delivered_at)
@@ -62,19 +72,21 @@ RECORD_STATE = """
     UPDATE pgturso.delivery_state SET status = %(status)s, worker = coalesce(%(worker)s, worker),
         started_at = CASE WHEN %(starting)s THEN now() ELSE started_at END,
         retries = retries + %(retry)s, updated_at = now()
+    WHERE target = %(target)s
 """
 RECORD_ERROR = """
     UPDATE pgturso.delivery_state SET status = %(status)s, retries = retries + %(retry)s, last_error = %(error)s,
         last_error_at = now(), last_error_table = %(table)s, last_error_txid = %(txid)s::text::xid8,
         updated_at = now()
+    WHERE target = %(target)s
 """
 DELETE_DELIVERED = """
     DELETE FROM pgturso.outbox o USING unnest(%(lows)s::int8[], %(highs)s::int8[]) AS r(low, high)
     WHERE o.id BETWEEN r.low AND r.high
 """
-BACKLOG = """
+BACKLOG = f"""
     SELECT count(*), coalesce(sum(nrows), 0), coalesce(extract(epoch FROM now() - min(captured_at)), 0)::float8
-    FROM pgturso.outbox
+    FROM pgturso.outbox WHERE {FOR_TARGET}
 """
 
 
@@ -126,8 +138,10 @@ class Event:
 class Batch:
     """One batch: iterate ``events()`` once (streamed from a server-side cursor), then ``delivered``."""
 
-    def __init__(self, conn: psycopg.Connection[Any], upto: int, held: list[str], fetch_size: int) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], upto: int, held: list[str], fetch_size: int,
+                 layouts: list[int] | None = None) -> None:
         self.conn = conn
+        self.layouts = layouts
         self.upto = upto
         self.held = held
         self.fetch_size = fetch_size
@@ -139,7 +153,7 @@ class Batch:
     def events(self) -> Iterator[Event]:
         with self.conn.cursor(name="pgturso_batch") as cur:
             cur.itersize = self.fetch_size
-            cur.execute(BATCH_EVENTS, {"upto": self.upto, "held": self.held})
+            cur.execute(BATCH_EVENTS, {"upto": self.upto, "held": self.held, "layouts": self.layouts})
             for row in cur:
                 event = Event(*row)
                 self.delivered.add(event.id)
@@ -152,9 +166,11 @@ class Batch:
 class Outbox:
     """The worker's view of the outbox, over one connection that it owns."""
 
-    def __init__(self, conn: psycopg.Connection[Any], *, batch_rows: int, batch_events: int, fetch_size: int = 200
-                 ) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], *, batch_rows: int, batch_events: int, fetch_size: int = 200,
+                 target: str = "default") -> None:
         self.conn = conn
+        self.target = target
+        self.layouts: list[int] | None = None
         self.batch_rows = batch_rows
         self.batch_events = batch_events
         self.fetch_size = fetch_size
@@ -184,12 +200,15 @@ class Outbox:
         ``single_transaction``: just the first source transaction in commit-consistent order, to find which
         one Turso refuses and deliver everything before it.
         """
+        mine, only_mine = self.conn.execute(TARGET_LAYOUTS, {"target": self.target}).fetchone()  # type: ignore[misc]
+        self.layouts = None if only_mine else list(mine)
+        scope = {"layouts": self.layouts}
         if single_transaction:
-            first = self.conn.execute(FIRST_COMMITTED_TRANSACTION).fetchone()
+            first = self.conn.execute(FIRST_COMMITTED_TRANSACTION, scope).fetchone()
             if first is None:
                 return None
-            return Batch(self.conn, first[0], self._straddling(first[0]), self.fetch_size)
-        head = self.conn.execute(HEAD_OF_OUTBOX, {"max_events": self.batch_events}).fetchall()
+            return Batch(self.conn, first[0], self._straddling(first[0]), self.fetch_size, self.layouts)
+        head = self.conn.execute(HEAD_OF_OUTBOX, {"max_events": self.batch_events, **scope}).fetchall()
         if not head:
             return None
         upto, rows = head[-1][0], 0
@@ -202,15 +221,16 @@ class Outbox:
         if held and self._only_held(upto, held):
             # Every event up to the cut belongs to a transaction that continues past it: take the first
             # transaction whole, however large (it is streamed, not held in memory).
-            upto = self.conn.execute(FIRST_TRANSACTION_END).fetchone()[0]  # type: ignore[index]
+            upto = self.conn.execute(FIRST_TRANSACTION_END, scope).fetchone()[0]  # type: ignore[index]
             held = self._straddling(upto)
-        return Batch(self.conn, upto, held, self.fetch_size)
+        return Batch(self.conn, upto, held, self.fetch_size, self.layouts)
 
     def _straddling(self, upto: int) -> list[str]:
-        return [r[0] for r in self.conn.execute(STRADDLING_TRANSACTIONS, {"upto": upto}).fetchall()]
+        rows = self.conn.execute(STRADDLING_TRANSACTIONS, {"upto": upto, "layouts": self.layouts}).fetchall()
+        return [r[0] for r in rows]
 
     def _only_held(self, upto: int, held: list[str]) -> bool:
-        row = self.conn.execute(ONLY_HELD, {"upto": upto, "held": held}).fetchone()
+        row = self.conn.execute(ONLY_HELD, {"upto": upto, "held": held, "layouts": self.layouts}).fetchone()
         return bool(row and row[0])
 
     def delete_delivered(self, delivered: IdRanges) -> int:
@@ -230,7 +250,8 @@ class Outbox:
                 rows_per_table[table_id] = rows_per_table.get(table_id, 0) + rows
         with self.conn.transaction():
             self.conn.execute(DELETE_DELIVERED, {"lows": batch.delivered.lows(), "highs": batch.delivered.highs()})
-            self.conn.execute(RECORD_DELIVERY, {"transactions": len(batch.transactions), "rows": batch.rows})
+            self.conn.execute(RECORD_DELIVERY, {"transactions": len(batch.transactions), "rows": batch.rows,
+                                                "target": self.target})
             if rows_per_table:
                 self.conn.execute(
                     RECORD_TABLE_DELIVERY,
@@ -241,16 +262,19 @@ class Outbox:
                      retry: bool = False) -> None:
         with self.conn.transaction():
             self.conn.execute(RECORD_STATE, {"status": status, "worker": worker, "starting": starting,
-                                             "retry": int(retry)})
+                                             "retry": int(retry), "target": self.target})
 
     def record_error(self, status: str, error: str, *, table: str | None = None, txid: int | None = None,
                      retry: bool = False) -> None:
         with self.conn.transaction():
             self.conn.execute(RECORD_ERROR, {"status": status, "error": error, "table": table,
-                                             "txid": None if txid is None else str(txid), "retry": int(retry)})
+                                             "txid": None if txid is None else str(txid), "retry": int(retry),
+                                             "target": self.target})
 
     def backlog(self) -> tuple[int, int, float]:
         """Pending events, their rows, and the age in seconds of the oldest one."""
         with self.conn.transaction():
-            events, rows, lag = self.conn.execute(BACKLOG).fetchone()  # type: ignore[misc]
+            mine, only_mine = self.conn.execute(TARGET_LAYOUTS, {"target": self.target}).fetchone()  # type: ignore[misc]
+            layouts = None if only_mine else list(mine)
+            events, rows, lag = self.conn.execute(BACKLOG, {"layouts": layouts}).fetchone()  # type: ignore[misc]
         return int(events), int(rows), float(lag)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import ConfigError
@@ -66,8 +66,13 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+DEFAULT_URL = "file:pgturso.db"
+
 SETTINGS: tuple[Setting, ...] = (
-    Setting("url", "file:pgturso.db", str, "Turso target: http(s)://, libsql:// or file:PATH (embedded)"),
+    Setting("url", None, str, "Turso URL: http(s)://, libsql:// or file:PATH (embedded; the default target's "
+            f"default is {DEFAULT_URL})"),
+    Setting("target", "default", str, "the named target to deliver to (pgturso.add_target); its URL and token "
+            "come from pgturso.target unless given here"),
     Setting("auth_token", None, str, "Turso auth token (Bearer); never put it in postgresql.conf",
             in_postgresql_conf=False),
     Setting("auth_token_file", None, str, "file holding the Turso auth token"),
@@ -92,7 +97,8 @@ BY_NAME = {s.name: s for s in SETTINGS}
 
 @dataclass(frozen=True)
 class Settings:
-    url: str
+    url: str | None
+    target: str
     auth_token: str | None
     auth_token_file: str | None
     tls_ca_file: str | None
@@ -109,6 +115,8 @@ class Settings:
     log_format: str
     metrics_port: int
     metrics_host: str
+    # Where each value came from: "default", "postgresql.conf", "environment" or "flag".
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
 
     def token(self) -> str | None:
         """The auth token, read from auth_token_file when no token was given directly."""
@@ -133,6 +141,7 @@ def resolve(
     environ = os.environ if environ is None else environ
     flags = flags or {}
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for setting in SETTINGS:
         value, source = setting.default, "default"
         raw = from_postgresql_conf.get(setting.guc)
@@ -148,8 +157,9 @@ def resolve(
             except ValueError as exc:
                 raise ConfigError(f"bad value {value!r} for {setting.name} (from {source}): {exc}") from None
         values[setting.name] = value
-    names = {f.name for f in fields(Settings)}
-    return Settings(**{k: v for k, v in values.items() if k in names})
+        sources[setting.name] = source.split(" ")[0]
+    names = {f.name for f in fields(Settings)} - {"sources"}
+    return Settings(**{k: v for k, v in values.items() if k in names}, sources=sources)
 
 
 # Placeholder settings (no module defines pgturso.*) are not listed in pg_settings: ask for each by name.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Sequence
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -203,7 +204,12 @@ class FileTarget:
     """A local Turso database file, written in-process through pyturso: the embedded default."""
 
     def __init__(self, path: str) -> None:
-        import turso  # imported here: only file: targets need pyturso
+        try:
+            import turso  # imported here: only file: targets need pyturso
+        except ImportError:
+            raise ConfigError(
+                f"file:{path} needs pyturso, which this Python ({sys.executable}) lacks: pip install pyturso"
+            ) from None
 
         if not path:
             raise ConfigError("a file: target needs a path, e.g. file:/var/lib/pgturso/replica.db")

@@ -29,9 +29,9 @@ from .targets import Target
 CHUNK_ROWS = 5000
 
 TRACKED_TABLES = """
-    SELECT format('%I.%I', n.nspname, c.relname), l.id, l.spec
+    SELECT format('%%I.%%I', n.nspname, c.relname), l.id, l.spec
     FROM pgturso.tracked_table t
-    JOIN pg_class c ON c.oid = t.relid
+    JOIN pg_class c ON c.oid = t.relid AND t.target = %(target)s
     JOIN pg_namespace n ON n.oid = c.relnamespace
     CROSS JOIN LATERAL (SELECT id, spec FROM pgturso.layout WHERE table_id = t.id ORDER BY id DESC LIMIT 1) l
     ORDER BY 1
@@ -128,13 +128,15 @@ def _as_pg_text(value: Any) -> str | None:
 
 
 class Verifier:
-    def __init__(self, conn: psycopg.Connection[Any], target: Target, progress: TextIO = sys.stderr) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], target: Target, progress: TextIO = sys.stderr,
+                 target_name: str = "default") -> None:
         self.conn = conn
+        self.target_name = target_name
         self.target = target
         self.progress = progress
 
     def tables(self, names: Sequence[str] = ()) -> list[tuple[str, int, TableLayout]]:
-        rows = self.conn.execute(TRACKED_TABLES).fetchall()
+        rows = self.conn.execute(TRACKED_TABLES, {"target": self.target_name}).fetchall()
         self.conn.commit()
         found = [(name, layout_id, TableLayout.from_spec(spec)) for name, layout_id, spec in rows]
         if names:
@@ -275,9 +277,9 @@ def print_report(report: TableReport, stream: TextIO = sys.stdout, examples: int
 
 
 def run_verify(conn: psycopg.Connection[Any], target: Target, names: Sequence[str], repair: bool,
-               settle_timeout: float = 30.0) -> int:
-    """Verify (and repair) the named tables, or all; returns 0 when all were equal, 1 otherwise."""
-    verifier = Verifier(conn, target)
+               settle_timeout: float = 30.0, target_name: str = "default") -> int:
+    """Verify (and repair) the named tables, or all of the target's; 0 when all were equal, 1 otherwise."""
+    verifier = Verifier(conn, target, target_name=target_name)
     started = time.monotonic()
     differences = 0
     for relation, layout_id, layout in verifier.tables(names):

@@ -21,17 +21,38 @@ from .metrics import Metrics
 from .outbox import IdRanges, Outbox
 from .progress import CREATE_MARKER_SQL, READ_MARKER_SQL, marker_statement
 from .retry import backoff_delay
-from .settings import Settings
+from .settings import DEFAULT_URL, Settings
 from .statements import StatementBuilder
 from .targets import Target, open_target, redact_url
 
 log = logging.getLogger("pgturso.worker")
 
-# pg_advisory_lock key: the bytes "pgturso1" as a big-endian bigint.
-DELIVERY_LOCK_KEY = int.from_bytes(b"pgturso1", "big")
+# pg_advisory_lock(int4, int4) key: "pgtr" and the target's name hashed by Postgres: one lock per target.
+DELIVERY_LOCK_CLASS = int.from_bytes(b"pgtr", "big")
+TARGET_ROW = "SELECT url, auth_token FROM pgturso.target WHERE name = %s"
 NOTIFY_CHANNEL = "pgturso"
 
 EXIT_OK, EXIT_RETRIES_EXHAUSTED, EXIT_FATAL, EXIT_LOCKED = 0, 1, 2, 3
+
+
+def target_endpoint(conn: psycopg.Connection[Any], settings: Settings) -> tuple[str, str | None]:
+    """URL and token of the configured target: flags and environment first, then pgturso.url (the default
+    target only), then the target's row in pgturso.target (which only the extension owner can read)."""
+    name = settings.target
+    with conn.transaction():
+        row = conn.execute(TARGET_ROW, (name,)).fetchone()
+    if row is None:
+        raise ConfigError(f"there is no target named {name!r}; create it with "
+                          f"SELECT pgturso.add_target('{name}', 'libsql://…', 'token')")
+    row_url, row_token = row
+    source = settings.sources.get("url", "default")
+    url = settings.url if source in ("flag", "environment") else None
+    if url is None and name == "default" and source == "postgresql.conf":
+        url = settings.url
+    url = url or row_url or (DEFAULT_URL if name == "default" else None)
+    if url is None:
+        raise ConfigError(f"target {name!r} has no URL: pass --url or set it with pgturso.add_target")
+    return url, settings.token() or row_token
 
 
 class Worker:
@@ -43,6 +64,7 @@ class Worker:
         self.listen_conn: psycopg.Connection[Any] | None = None
         self.outbox: Outbox | None = None
         self.target: Target | None = None
+        self.endpoint: tuple[str, str | None] = ("", None)
         self.source_id = ""
         self.recovered = False
         # While set, deliver one source transaction per batch, up to this outbox id (after a refused batch).
@@ -68,15 +90,21 @@ class Worker:
         conn = psycopg.connect(self.dsn, autocommit=True, application_name="pgturso-worker")
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         self.conn = conn
-        self.outbox = Outbox(conn, batch_rows=self.settings.batch_rows, batch_events=self.settings.batch_events)
-        self.source_id = self.outbox.source_id()
+        self.outbox = Outbox(conn, batch_rows=self.settings.batch_rows, batch_events=self.settings.batch_events,
+                             target=self.settings.target)
+        source_id = self.outbox.source_id()
+        # The marker's key on the target: one Turso database may take several sources, or several targets.
+        self.source_id = source_id if self.settings.target == "default" else f"{source_id}/{self.settings.target}"
+        if self.target is None:
+            self.endpoint = target_endpoint(conn, self.settings)
         self.recovered = False
 
     def _acquire_lock(self, once: bool) -> bool:
         assert self.conn is not None
         waiting_logged = False
         while not self.stopping:
-            row = self.conn.execute("SELECT pg_try_advisory_lock(%s)", (DELIVERY_LOCK_KEY,)).fetchone()
+            row = self.conn.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))",
+                                    (DELIVERY_LOCK_CLASS, self.settings.target)).fetchone()
             if row and row[0]:
                 if waiting_logged:
                     event(log, logging.INFO, "lock_acquired", role="active")
@@ -91,9 +119,10 @@ class Worker:
 
     def _open_target(self) -> Target:
         if self.target is None:
+            url, token = self.endpoint
             self.target = open_target(
-                self.settings.url,
-                self.settings.token(),
+                url,
+                token,
                 max_request_bytes=self.settings.max_request_bytes,
                 timeout=self.settings.request_timeout,
                 tls_ca_file=self.settings.tls_ca_file,
@@ -196,7 +225,7 @@ class Worker:
         """Deliver until stopped (or, with ``once``, until nothing committed is left). Returns an exit code."""
         attempts = 0
         retry_limit = self.settings.retry_limit or (3 if once else 0)
-        event(log, logging.INFO, "starting", target=redact_url(self.settings.url), once=once)
+        event(log, logging.INFO, "starting", target=self.settings.target, once=once)
         if self.settings.metrics_port:
             port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
             event(log, logging.INFO, "metrics", listen=f"{self.settings.metrics_host}:{port}")
@@ -210,6 +239,9 @@ class Worker:
                         event(log, logging.ERROR, "locked", reason="another worker is delivering; not running")
                         return EXIT_LOCKED
                     if not self.recovered:
+                        if self.target is None:
+                            event(log, logging.INFO, "target", target=self.settings.target,
+                                  url=redact_url(self.endpoint[0]))
                         self.recover()
                         self._record("delivering", worker=self.identity, starting=attempts == 0)
                     delivered = self.deliver_batch()

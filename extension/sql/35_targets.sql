@@ -1,0 +1,47 @@
+-- Named targets (pgturso.target): different tables to different Turso databases, each delivered
+-- independently by its own worker (pgturso-worker run --target NAME).
+
+CREATE FUNCTION pgturso.add_target(name text, url text, auth_token text DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF url !~ '^(https?|libsql)://|^file:' THEN
+        RAISE EXCEPTION 'pgturso: % is not a Turso URL', url
+            USING HINT = 'Use http://, https://, libsql:// (Turso Cloud) or file:PATH.';
+    END IF;
+    INSERT INTO pgturso.target AS t (name, url, auth_token) VALUES (add_target.name, add_target.url, add_target.auth_token)
+    ON CONFLICT ON CONSTRAINT target_pkey DO UPDATE SET url = excluded.url, auth_token = excluded.auth_token;
+    INSERT INTO pgturso.delivery_state (target) VALUES (add_target.name) ON CONFLICT DO NOTHING;
+END
+$$;
+COMMENT ON FUNCTION pgturso.add_target IS
+    'Create or change a named target: track tables to it with track_table(..., target => name) and run '
+    'pgturso-worker run --target name. The token is stored where only the extension owner can read it.';
+
+CREATE FUNCTION pgturso.remove_target(name text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF remove_target.name = 'default' THEN
+        RAISE EXCEPTION 'pgturso: the default target cannot be removed'
+            USING HINT = 'Point it elsewhere with pgturso.url instead.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pgturso.tracked_table t WHERE t.target = remove_target.name) THEN
+        RAISE EXCEPTION 'pgturso: tables are still tracked to target %', remove_target.name
+            USING HINT = 'Untrack them first: SELECT relid FROM pgturso.tracked_table WHERE target = ''' ||
+                         remove_target.name || '''.';
+    END IF;
+    DELETE FROM pgturso.target t WHERE t.name = remove_target.name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgturso: there is no target %', remove_target.name
+            USING HINT = 'SELECT name FROM pgturso.target lists them.';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION pgturso.remove_target IS 'Remove a named target that no table is tracked to.';
+
+REVOKE ALL ON FUNCTION pgturso.add_target(text, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso.remove_target(text) FROM PUBLIC;
+REVOKE ALL ON pgturso.target FROM PUBLIC;
