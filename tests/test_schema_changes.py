@@ -215,3 +215,19 @@ def test_key_or_not_null_change_rebuilds_inside_turso_and_type_change_recopies()
     assert alter_table_statements(old, widened, recopy=False) == []
     retyped = layout("r", [("id", "int4", True, 1), ("u", "timestamptz", False, 2)], ["id"])
     assert change_between(old, retyped).recopy
+
+
+def test_a_key_change_postgres_calls_equal_still_moves_the_row_on_turso(conn, dsn, turso):
+    """citext 'Bob' = 'bob' and numeric 1.0 = 1.00 in Postgres, but they are different keys on Turso."""
+    conn.execute("CREATE EXTENSION IF NOT EXISTS citext")
+    conn.execute("CREATE TABLE users (name citext PRIMARY KEY, v int)")
+    conn.execute("CREATE TABLE amounts (n numeric PRIMARY KEY, v int)")
+    conn.execute("INSERT INTO users VALUES ('Bob', 1)")
+    conn.execute("INSERT INTO amounts VALUES (1.0, 1)")
+    conn.execute("SELECT pgturso.track_table('users')")
+    conn.execute("SELECT pgturso.track_table('amounts')")
+    conn.execute("UPDATE users SET name = 'bob'")
+    conn.execute("UPDATE amounts SET n = 1.00")
+    drain(dsn, turso.url)
+    assert turso.query("SELECT name, v FROM users") == [["bob", 1]]
+    assert turso.query("SELECT n, v FROM amounts") == [["1.00", 1]]

@@ -120,3 +120,16 @@ def numeric_precision_from_typmod(typmod: int) -> int | None:
     if typmod < 4:
         return None
     return ((typmod - 4) >> 16) & 0xFFFF
+
+
+# Base types whose "=" holds only between values with the same encoding. For other key types (citext,
+# numeric 1.0 = 1.00, float -0 = 0, interval '1 day' = '24 hours', …) equal keys can arrive on Turso as
+# different keys, so capture compares their encoded form instead.
+_EQUALITY_IS_IDENTITY = frozenset(
+    {"int2", "int4", "int8", "oid", "bool", "text", "varchar", "bpchar", "name", "uuid", "bytea", "date",
+     "timestamp", "timestamptz"}
+)
+
+
+def equality_is_identity(base_type: str) -> bool:
+    return base_type in _EQUALITY_IS_IDENTITY
