@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 from pytest_postgresql import factories
+from support import workers
 from support.pgcluster import PgCluster, free_port
 from support.turso import TursoServer
 
@@ -61,6 +62,17 @@ def conn(postgresql: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
 def dsn(postgresql: psycopg.Connection[Any]) -> str:
     info = postgresql.info
     return f"host={info.host} port={info.port} user={info.user} dbname={info.dbname}"
+
+
+@pytest.fixture(autouse=True)
+def _no_worker_outlives_its_test() -> Iterator[None]:
+    yield
+    while workers.RUNNING:
+        worker = workers.RUNNING.pop()
+        if worker.proc is not None and worker.proc.poll() is None:
+            worker.proc.kill()
+            worker.proc.wait()
+        worker.log.unlink(missing_ok=True)
 
 
 @pytest.fixture

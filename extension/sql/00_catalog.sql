@@ -33,6 +33,14 @@ CREATE TABLE pgturso.tracked_table (
     options jsonb NOT NULL DEFAULT '{}',
     -- Set by DROP TABLE while changes of the table are still undelivered; the row goes once they are.
     dropped_at timestamptz,
+    -- The initial copy (and resync_table): the worker copies the rows in key order, a chunk per transaction,
+    -- while capture already runs; copy_after is the key (text form) of the last row copied.
+    copy_state text NOT NULL DEFAULT 'done' CHECK (copy_state IN ('copying', 'done')),
+    copy_after text[],
+    copy_rows_done bigint NOT NULL DEFAULT 0,
+    copy_rows_total bigint,
+    copy_started_at timestamptz,
+    copy_finished_at timestamptz,
     UNIQUE (target, target_table)
 );
 COMMENT ON TABLE pgturso.tracked_table IS 'Tables replicated to Turso; maintained by track_table/untrack_table.';

@@ -44,3 +44,18 @@ return rows_sql(layout_id, spec, relation, op)
 $$;
 COMMENT ON FUNCTION pgturso._plan_rows IS
     'Private: SQL sending every row of a relation as upserts (U) or its keys as deletes (D).';
+
+
+CREATE FUNCTION pgturso._plan_copy_chunk(layout_id integer, spec jsonb, relation text, max_rows integer)
+RETURNS jsonb
+LANGUAGE plpython3u
+SET search_path = pg_catalog, pg_temp
+AS $$
+import sys
+if "@PYTHON_DIR@" not in sys.path:
+    sys.path.insert(0, "@PYTHON_DIR@")
+from pgturso.extension_api import copy_chunk
+return copy_chunk(layout_id, spec, relation, max_rows)
+$$;
+COMMENT ON FUNCTION pgturso._plan_copy_chunk IS
+    'Private: SQL copying the next chunk of a table''s rows (pgturso.capture.copy_chunk_sql).';

@@ -269,6 +269,68 @@ AS $$
 $$;
 COMMENT ON FUNCTION pgturso._forget_dropped IS 'Private: forget dropped tables whose changes were all delivered.';
 
+-- The chunked copy of a table's existing rows, driven by the worker, while capture already runs.
+CREATE FUNCTION pgturso._start_copy(table_id integer) RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    UPDATE pgturso.tracked_table t
+    SET copy_state = 'copying', copy_after = NULL, copy_rows_done = 0, copy_started_at = now(),
+        copy_finished_at = NULL,
+        copy_rows_total = (SELECT sum(greatest(c.reltuples, 0))::bigint FROM pg_class c
+                           WHERE c.oid IN (SELECT t.relid UNION SELECT relid FROM pg_partition_tree(t.relid)))
+    WHERE t.id = table_id
+$$;
+
+-- One chunk: the next max_rows rows in key order, locked FOR SHARE while their upserts are queued, so a
+-- write to one of them either committed before (and is read here) or waits and lands after. Called by the
+-- worker in its own READ COMMITTED transaction; returns the rows copied, or NULL when no copy was pending.
+CREATE FUNCTION pgturso._copy_chunk(table_id integer, max_rows integer) RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET TimeZone = 'UTC'
+SET DateStyle = 'ISO, YMD'
+SET IntervalStyle = 'iso_8601'
+SET extra_float_digits = 1
+AS $$
+DECLARE
+    v_rel regclass;
+    v_after text[];
+    v_layout_id integer;
+    v_spec jsonb;
+    v_rows bigint;
+    v_last text[];
+    v_sql jsonb;
+BEGIN
+    SELECT t.relid, t.copy_after INTO v_rel, v_after FROM pgturso.tracked_table t
+    WHERE t.id = table_id AND t.copy_state = 'copying' AND t.dropped_at IS NULL
+    FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    SELECT l.id, l.spec INTO v_layout_id, v_spec FROM pgturso.layout l
+    WHERE l.table_id = _copy_chunk.table_id ORDER BY l.id DESC LIMIT 1;
+    v_sql := pgturso._plan_copy_chunk(v_layout_id, v_spec, pgturso._row_source(v_rel), max_rows);
+    EXECUTE v_sql ->> 'bound' INTO v_last USING v_after;
+    EXECUTE v_sql ->> 'chunk' INTO v_rows USING v_after, v_last;
+    -- v_last is where this chunk ended; NULL when it took everything that was left.
+    UPDATE pgturso.tracked_table t
+    SET copy_after = v_last,
+        copy_rows_done = t.copy_rows_done + v_rows,
+        copy_rows_total = greatest(t.copy_rows_total, t.copy_rows_done + v_rows),
+        copy_state = CASE WHEN v_last IS NULL THEN 'done' ELSE 'copying' END,
+        copy_finished_at = CASE WHEN v_last IS NULL THEN now() END
+    WHERE t.id = table_id;
+    IF v_last IS NULL THEN
+        UPDATE pgturso.tracked_table t SET copy_rows_total = t.copy_rows_done WHERE t.id = table_id;
+    END IF;
+    IF v_rows > 0 THEN
+        PERFORM pg_notify('pgturso', '');
+    END IF;
+    RETURN v_rows;
+END
+$$;
+
 CREATE FUNCTION pgturso.track_table(
     rel regclass,
     target_table text DEFAULT NULL,
@@ -315,8 +377,9 @@ BEGIN
             USING HINT = 'Call pgturso.untrack_table(''' || rel::text || ''') first to track it afresh.';
     END IF;
 
-    -- Writers wait from here until commit, so the copy below and the capture start at the same point.
-    -- (A materialized view changes only by REFRESH, which pgturso follows from here on: see 30_*.sql.)
+    -- Installing the capture triggers takes this lock anyway; writers wait only until this short
+    -- transaction commits (the rows are copied afterwards, in chunks). A materialized view changes only by
+    -- REFRESH, which pgturso follows from here on (see 30_*.sql).
     IF v_kind <> 'm' THEN
         EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', rel);
     END IF;
@@ -361,9 +424,15 @@ BEGIN
                                    v_desc.indexes);
     UPDATE pgturso.layout SET spec = v_plan -> 'spec' WHERE id = v_layout_id;
 
-    -- Create the Turso table, then copy the rows, then capture: all in this transaction's order.
+    -- Create the Turso table and start capture now. The rows already there are copied by the worker in
+    -- chunks of short transactions (pgturso._copy_chunk): writers are not held up by a long copy. A
+    -- materialized view cannot lock rows and changes only by REFRESH: it is copied right here.
     INSERT INTO pgturso.outbox (layout_id, op, nrows) VALUES (v_layout_id, 'C', 0);
-    EXECUTE v_plan ->> 'snapshot_sql';
+    IF v_kind = 'm' THEN
+        EXECUTE v_plan ->> 'snapshot_sql';
+    ELSE
+        PERFORM pgturso._start_copy(v_table_id);
+    END IF;
     PERFORM pgturso._install_capture(rel, v_table_id, v_plan);
     PERFORM pg_notify('pgturso', '');
 END
@@ -381,6 +450,42 @@ LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT a FROM pg_partition_ancestors(rel) AS a ORDER BY pg_partition_root(rel) = a DESC LIMIT 1 $$;
 COMMENT ON FUNCTION pgturso._partition_root IS 'Private: the topmost partitioned table above a partition.';
+
+CREATE FUNCTION pgturso.resync_table(rel regclass) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET TimeZone = 'UTC'
+SET DateStyle = 'ISO, YMD'
+SET IntervalStyle = 'iso_8601'
+SET extra_float_digits = 1
+AS $$
+DECLARE
+    v_table_id integer;
+    v_kind "char";
+    v_layout_id integer;
+    v_spec jsonb;
+BEGIN
+    SELECT t.id, c.relkind INTO v_table_id, v_kind FROM pgturso.tracked_table t JOIN pg_class c ON c.oid = t.relid
+    WHERE t.relid = rel AND t.dropped_at IS NULL;
+    IF v_table_id IS NULL THEN
+        RAISE EXCEPTION 'pgturso: table % is not tracked', rel
+            USING HINT = format('Track it: SELECT pgturso.track_table(%L).', rel::text);
+    END IF;
+    SELECT l.id, l.spec INTO v_layout_id, v_spec FROM pgturso.layout l
+    WHERE l.table_id = v_table_id ORDER BY l.id DESC LIMIT 1;
+    -- Recreate the Turso table empty, in order with the changes before and after, then copy it again.
+    INSERT INTO pgturso.outbox (layout_id, op, nrows) VALUES (v_layout_id, 'C', 0);
+    IF v_kind = 'm' THEN
+        EXECUTE pgturso._plan_rows(v_layout_id, v_spec, pgturso._row_source(rel), 'U');
+    ELSE
+        PERFORM pgturso._start_copy(v_table_id);
+    END IF;
+    PERFORM pg_notify('pgturso', '');
+END
+$$;
+COMMENT ON FUNCTION pgturso.resync_table IS
+    'Copy a tracked table to Turso afresh: its Turso table is recreated and refilled in chunks while '
+    'changes keep flowing; progress in pgturso.status.';
 
 CREATE FUNCTION pgturso.untrack_table(rel regclass) RETURNS void
 LANGUAGE plpgsql
@@ -431,4 +536,5 @@ COMMENT ON FUNCTION pgturso.refresh_materialized_view IS
 
 REVOKE ALL ON FUNCTION pgturso.track_table(regclass, text, text[], boolean, boolean, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.untrack_table(regclass) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso.resync_table(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.refresh_materialized_view(regclass, boolean) FROM PUBLIC;

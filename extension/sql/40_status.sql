@@ -50,6 +50,9 @@ SELECT t.relid AS table_name,
        now() - p.oldest AS lag,
        s.last_delivered_at,
        coalesce(s.rows_delivered, 0) AS rows_delivered,
+       t.copy_state,
+       t.copy_rows_done,
+       t.copy_rows_total,
        d.status AS worker_status,
        d.worker,
        d.retries AS worker_retries,
@@ -66,7 +69,8 @@ LEFT JOIN LATERAL (
     WHERE l.table_id = t.id
 ) p ON true;
 COMMENT ON VIEW pgturso.status IS
-    'Per tracked table: pending changes, lag, rows delivered; and the worker''s status and last error.';
+    'Per tracked table: pending changes, lag, rows delivered, initial copy progress (rows queued of the '
+    'estimated total); and its target''s worker status and last error.';
 
 CREATE FUNCTION pgturso.skip_transaction(txid xid8, reason text) RETURNS integer
 LANGUAGE plpgsql

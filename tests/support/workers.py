@@ -13,6 +13,8 @@ from typing import Any
 
 import psycopg
 
+RUNNING: list[WorkerProcess] = []  # killed after each test by conftest, whatever the test did
+
 
 class WorkerProcess:
     def __init__(self, dsn: str, url: str, *args: str, env: dict[str, str] | None = None) -> None:
@@ -24,6 +26,7 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=subprocess.DEVNULL,
                                      stderr=open(self.log, "ab"))
+        RUNNING.append(self)
         return self
 
     def kill(self) -> None:

@@ -160,3 +160,36 @@ def _dollar_tag(body: str) -> str:
     while f"$pgturso{n}$" in body:
         n += 1
     return f"$pgturso{n}$"
+
+
+def copy_chunk_sql(layout: TableLayout, layout_id: int, relation: str, limit: int) -> tuple[str, str]:
+    """One chunk of a table's initial copy, as two statements taking the previous chunk's last key $1
+    (text[]; NULL: from the start):
+
+    - ``bound``: the key ``limit`` rows further on (NULL: fewer rows are left), fixed before anything is
+      locked, so a row that a concurrent write moves to another key while the chunk waits for its lock is
+      re-checked against the range and, outside it, left to that write's own event;
+    - ``chunk`` ($2: the bound): the rows in the range, locked FOR SHARE so that no write to them can commit
+      between this read and their queued upserts (a write that waited for the lock gets a later event);
+      returns the rows copied.
+    """
+    keys = [quote_ident(k) for k in layout.key_columns]
+    types = {c.name: c.pg_type for c in layout.columns}
+    src_keys = ", ".join(f"src.{k}" for k in keys)
+
+    def typed(param: str) -> str:
+        values = ", ".join(f"({param}::text[])[{i + 1}]::{types[k]}" for i, k in enumerate(layout.key_columns))
+        return f"({values})" if len(keys) > 1 else values
+
+    key_tuple = f"({src_keys})" if len(keys) > 1 else src_keys
+    after = f"($1::text[] IS NULL OR {key_tuple} > {typed('$1')})"
+    key_text = ", ".join(f"src.{k}::text" for k in keys)
+    bound = (f"SELECT ARRAY[{key_text}] FROM {relation} AS src WHERE {after} "
+             f"ORDER BY {src_keys} OFFSET {int(limit) - 1} LIMIT 1")
+    chunk = (
+        f"WITH chunk AS MATERIALIZED (SELECT src.* FROM {relation} AS src "
+        f"WHERE {after} AND ($2::text[] IS NULL OR {key_tuple} <= {typed('$2')}) FOR SHARE OF src), "
+        f"packed AS ({pack_sql(layout_id, 'U', row_json_sql(layout, 'src'), 'chunk')} RETURNING 1) "
+        f"SELECT count(*) FROM chunk"
+    )
+    return bound, chunk

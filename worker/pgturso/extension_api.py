@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .capture import capture_function_sql, pack_sql, refresh_function_sql, row_json_sql, snapshot_sql
+from .capture import capture_function_sql, copy_chunk_sql, pack_sql, refresh_function_sql, row_json_sql, snapshot_sql
 from .layout import TableLayout, change_between
 
 
@@ -64,3 +64,9 @@ def rows_sql(layout_id: int, spec_json: str, relation: str, op: str) -> str:
     """SQL sending every row of ``relation`` (a partition) as upserts ('U') or its keys as deletes ('D')."""
     layout = TableLayout.from_spec(json.loads(spec_json))
     return pack_sql(layout_id, op, row_json_sql(layout, "src", key_only=(op == "D")), relation)
+
+
+def copy_chunk(layout_id: int, spec_json: str, relation: str, limit: int) -> str:
+    """SQL copying the next chunk of a table's rows, as JSON {bound, chunk} (see capture.copy_chunk_sql)."""
+    bound, chunk = copy_chunk_sql(TableLayout.from_spec(json.loads(spec_json)), layout_id, relation, limit)
+    return json.dumps({"bound": bound, "chunk": chunk})

@@ -84,6 +84,12 @@ DELETE_DELIVERED = """
     DELETE FROM pgturso.outbox o USING unnest(%(lows)s::int8[], %(highs)s::int8[]) AS r(low, high)
     WHERE o.id BETWEEN r.low AND r.high
 """
+NEXT_COPY_CHUNK = """
+    SELECT t.relid::regclass::text, pgturso._copy_chunk(t.id, %(rows)s), t.copy_rows_done, t.copy_rows_total
+    FROM pgturso.tracked_table t
+    WHERE t.target = %(target)s AND t.copy_state = 'copying' AND t.dropped_at IS NULL
+    ORDER BY t.id LIMIT 1
+"""
 BACKLOG = f"""
     SELECT count(*), coalesce(sum(nrows), 0), coalesce(extract(epoch FROM now() - min(captured_at)), 0)::float8
     FROM pgturso.outbox WHERE {FOR_TARGET}
@@ -232,6 +238,17 @@ class Outbox:
     def _only_held(self, upto: int, held: list[str]) -> bool:
         row = self.conn.execute(ONLY_HELD, {"upto": upto, "held": held, "layouts": self.layouts}).fetchone()
         return bool(row and row[0])
+
+    def copy_chunk(self, rows: int) -> tuple[str, int, int, int | None] | None:
+        """Queue the next chunk of an initial copy of one of this target's tables (its own READ COMMITTED
+        transaction: the chunk locks its rows FOR SHARE). Returns (table, rows copied, done, total)."""
+        with self.conn.transaction():
+            self.conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            row = self.conn.execute(NEXT_COPY_CHUNK, {"rows": rows, "target": self.target}).fetchone()
+        if row is None or row[1] is None:
+            return None
+        table, copied, done, total = row
+        return str(table), int(copied), int(done), None if total is None else int(total)
 
     def delete_delivered(self, delivered: IdRanges) -> int:
         """Remove events the target confirmed (used on recovery, when the marker is all we know)."""

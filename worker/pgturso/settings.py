@@ -80,6 +80,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("batch_rows", 50_000, _positive_int, "rows per delivery (one Turso transaction), whole source "
             "transactions only: a larger one is delivered alone"),
     Setting("batch_events", 10_000, _positive_int, "outbox events per delivery"),
+    Setting("copy_chunk_rows", 20_000, _positive_int, "rows per transaction of an initial copy (rows are "
+            "locked FOR SHARE for that long)"),
     Setting("max_request_bytes", 8 << 20, _positive_int, "largest HTTP request; larger deliveries span requests"),
     Setting("max_statement_bytes", 1 << 20, _positive_int, "largest JSON argument of one statement"),
     Setting("request_timeout", 60.0, _positive_float, "seconds to wait for one Turso request"),
@@ -104,6 +106,7 @@ class Settings:
     tls_ca_file: str | None
     batch_rows: int
     batch_events: int
+    copy_chunk_rows: int
     max_request_bytes: int
     max_statement_bytes: int
     request_timeout: float

@@ -158,6 +158,16 @@ class Worker:
                 event(log, logging.INFO, "recovered", already_applied_events=removed)
         self.recovered = True
 
+    def copy_step(self) -> bool:
+        """Queue one chunk of a pending initial copy; False when no copy is pending."""
+        assert self.outbox is not None
+        chunk = self.outbox.copy_chunk(self.settings.copy_chunk_rows)
+        if chunk is None:
+            return False
+        table, copied, done, total = chunk
+        event(log, logging.INFO, "copy", table=table, rows=copied, done=done, total=total if total else "?")
+        return True
+
     def deliver_batch(self) -> int:
         """Deliver one batch; returns the number of outbox events delivered (0: nothing pending)."""
         assert self.conn is not None and self.outbox is not None
@@ -244,13 +254,14 @@ class Worker:
                                   url=redact_url(self.endpoint[0]))
                         self.recover()
                         self._record("delivering", worker=self.identity, starting=attempts == 0)
+                    copied = self.copy_step()
                     delivered = self.deliver_batch()
                     if attempts:
                         event(log, logging.INFO, "resumed", after_attempts=attempts)
                         self._record("delivering")
                     attempts = 0
                     self._update_backlog(force=not delivered)
-                    if delivered:
+                    if delivered or copied:
                         continue
                     if once:
                         self._record("stopped")
