@@ -356,6 +356,7 @@ DECLARE
     v_layout_id integer;
     v_plan jsonb;
     v_dup boolean;
+    v_small bigint;
 BEGIN
     SELECT c.relkind, c.relispartition INTO v_kind FROM pg_class c WHERE c.oid = rel;
     IF v_kind IS NULL OR v_kind NOT IN ('r', 'p', 'm') THEN
@@ -428,8 +429,15 @@ BEGIN
     -- chunks of short transactions (pgturso._copy_chunk): writers are not held up by a long copy. A
     -- materialized view cannot lock rows and changes only by REFRESH: it is copied right here.
     INSERT INTO pgturso.outbox (layout_id, op, nrows) VALUES (v_layout_id, 'C', 0);
-    IF v_kind = 'm' THEN
+    -- A small table is copied here, under the lock this transaction holds anyway: it is on Turso as soon as
+    -- this commit is, and the worker has no copy to do.
+    EXECUTE format('SELECT count(*) FROM (SELECT 1 FROM %s LIMIT 10001) AS s', pgturso._row_source(rel))
+        INTO v_small;
+    IF v_kind = 'm' OR v_small <= 10000 THEN
         EXECUTE v_plan ->> 'snapshot_sql';
+        UPDATE pgturso.tracked_table t SET copy_rows_done = v_small, copy_rows_total = v_small,
+            copy_started_at = now(), copy_finished_at = now()
+        WHERE t.id = v_table_id AND v_kind <> 'm';
     ELSE
         PERFORM pgturso._start_copy(v_table_id);
     END IF;

@@ -29,23 +29,50 @@ TARGET_LAYOUTS = """
            coalesce(bool_and(t.target = %(target)s), true)
     FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
 """
-HEAD_OF_OUTBOX = f"SELECT id, nrows FROM pgturso.outbox WHERE {FOR_TARGET} ORDER BY id LIMIT %(max_events)s"
+# The cut L: the first id at which the oldest events add up to %(max_rows)s rows, within %(max_events)s events.
+BATCH_CUT = f"""
+    SELECT coalesce(min(id) FILTER (WHERE rows_so_far >= %(max_rows)s), max(id)) FROM (
+        SELECT id, sum(greatest(nrows, 1)) OVER (ORDER BY id) AS rows_so_far
+        FROM pgturso.outbox WHERE {FOR_TARGET} ORDER BY id LIMIT %(max_events)s
+    ) AS head
+"""
+# Transactions with events on both sides of the cut. One range scan of the (txid, id) index over the
+# batch's transaction ids instead of a probe per transaction.
 STRADDLING_TRANSACTIONS = f"""
-    SELECT t.txid::text, t.last_id FROM (
-        SELECT head.txid,
-               (SELECT max(o.id) FROM pgturso.outbox o WHERE o.txid = head.txid AND {FOR_TARGET}) AS last_id
-        FROM (SELECT DISTINCT txid FROM pgturso.outbox WHERE id <= %(upto)s AND {FOR_TARGET}) AS head
-    ) AS t
-    WHERE t.last_id > %(upto)s
+    WITH head AS MATERIALIZED (SELECT DISTINCT txid FROM pgturso.outbox WHERE id <= %(upto)s AND {FOR_TARGET})
+    SELECT o.txid::text, max(o.id) FROM pgturso.outbox o
+    WHERE o.txid BETWEEN (SELECT min(txid) FROM head) AND (SELECT max(txid) FROM head)
+      AND o.id > %(upto)s AND {FOR_TARGET} AND o.txid IN (SELECT txid FROM head)
+    GROUP BY o.txid
 """
 FIRST_TRANSACTION_END = f"""
     SELECT max(o.id) FROM pgturso.outbox o
     WHERE o.txid = (SELECT txid FROM pgturso.outbox WHERE {FOR_TARGET} ORDER BY id LIMIT 1) AND {FOR_TARGET}
 """
-BATCH_EVENTS = f"""
-    SELECT id, txid::text::bigint, layout_id, op, nrows, payload FROM pgturso.outbox
-    WHERE id <= %(upto)s AND NOT (txid = ANY (%(held)s::text[]::xid8[])) AND {FOR_TARGET}
-    ORDER BY id
+BATCH_FILTER = f"id <= %(upto)s AND NOT (txid = ANY (%(held)s::text[]::xid8[])) AND {FOR_TARGET}"
+# The batch's events, already merged where the worker would merge them: consecutive upserts (or deletes) of
+# one table become one group, its payloads joined in outbox order, up to about %(max_bytes)s per group;
+# every other event is a group of its own. Postgres does this per-event work, not Python.
+BATCH_GROUPS = f"""
+    WITH ev AS (
+        SELECT id, txid, layout_id, op, nrows, payload,
+               CASE WHEN op IN ('U', 'D') AND layout_id = lag(layout_id) OVER w AND op = lag(op) OVER w
+                    THEN 0 ELSE 1 END AS starts_run,
+               sum(octet_length(coalesce(payload, '')) + 1) OVER w AS bytes_so_far
+        FROM pgturso.outbox WHERE {BATCH_FILTER}
+        WINDOW w AS (ORDER BY id)
+    ), runs AS (
+        SELECT *, sum(starts_run) OVER (ORDER BY id) AS run, bytes_so_far / %(max_bytes)s AS part FROM ev
+    )
+    SELECT min(id), min(txid)::text::bigint, max(txid)::text::bigint, min(layout_id), min(op), sum(nrows)::bigint,
+           string_agg(payload, ',' ORDER BY id)
+    FROM runs GROUP BY run, part ORDER BY min(id)
+"""
+# Which ids the batch holds, as runs of consecutive ids, and how many source transactions it carries.
+BATCH_IDS = f"""
+    SELECT min(id), max(id), (SELECT count(DISTINCT txid) FROM pgturso.outbox WHERE {BATCH_FILTER})
+    FROM (SELECT id, id - row_number() OVER (ORDER BY id) AS island FROM pgturso.outbox WHERE {BATCH_FILTER}) AS ids
+    GROUP BY island ORDER BY 1
 """
 ONLY_HELD = f"""
     SELECT NOT EXISTS (SELECT 1 FROM pgturso.outbox
@@ -111,6 +138,11 @@ class IdRanges:
         else:
             self.ranges.append([event_id, event_id])
 
+    def add_range(self, low: int, high: int) -> None:
+        """Add the ids low..high; ranges must come in increasing order."""
+        self.add(low)
+        self.ranges[-1][1] = high
+
     def __bool__(self) -> bool:
         return bool(self.ranges)
 
@@ -139,42 +171,49 @@ class Event:
     op: str
     nrows: int
     payload: str | None
+    txids: tuple[int, ...] = ()  # a merged event's lowest and highest source transaction (for messages)
 
 
 class Batch:
     """One batch: iterate ``events()`` once (streamed from a server-side cursor), then ``delivered``."""
 
     def __init__(self, conn: psycopg.Connection[Any], upto: int, held: list[str], fetch_size: int,
-                 layouts: list[int] | None = None) -> None:
+                 layouts: list[int] | None = None, max_group_bytes: int = 1 << 20) -> None:
         self.conn = conn
-        self.layouts = layouts
         self.upto = upto
-        self.held = held
+        self.params = {"upto": upto, "held": held, "layouts": layouts, "max_bytes": max_group_bytes}
         self.fetch_size = fetch_size
         self.delivered = IdRanges()
         self.rows = 0
-        self.transactions: set[int] = set()
+        self.transactions = 0
         self.rows_per_layout: dict[int, int] = {}
 
     def events(self) -> Iterator[Event]:
+        """The batch as events in outbox order, runs of upserts or deletes of a table already merged into one
+        event each (``id`` is the run's first id)."""
+        self._read_ids()
         with self.conn.cursor(name="pgturso_batch") as cur:
             cur.itersize = self.fetch_size
-            cur.execute(BATCH_EVENTS, {"upto": self.upto, "held": self.held, "layouts": self.layouts})
-            for row in cur:
-                event = Event(*row)
-                self.delivered.add(event.id)
-                self.rows += event.nrows
-                self.transactions.add(event.txid)
-                self.rows_per_layout[event.layout_id] = self.rows_per_layout.get(event.layout_id, 0) + event.nrows
-                yield event
+            cur.execute(BATCH_GROUPS, self.params)
+            for first_id, first_txid, last_txid, layout_id, op, nrows, payload in cur:
+                self.rows += nrows
+                self.rows_per_layout[layout_id] = self.rows_per_layout.get(layout_id, 0) + nrows
+                txids = (first_txid,) if first_txid == last_txid else (first_txid, last_txid)
+                yield Event(first_id, first_txid, layout_id, op, nrows, payload, txids)
+
+    def _read_ids(self) -> None:
+        for low, high, transactions in self.conn.execute(BATCH_IDS, self.params):
+            self.delivered.add_range(low, high)
+            self.transactions = int(transactions)
 
 
 class Outbox:
     """The worker's view of the outbox, over one connection that it owns."""
 
-    def __init__(self, conn: psycopg.Connection[Any], *, batch_rows: int, batch_events: int, fetch_size: int = 200,
-                 target: str = "default") -> None:
+    def __init__(self, conn: psycopg.Connection[Any], *, batch_rows: int, batch_events: int, fetch_size: int = 4,
+                 target: str = "default", max_group_bytes: int = 1 << 20) -> None:
         self.conn = conn
+        self.max_group_bytes = max_group_bytes
         self.target = target
         self.layouts: list[int] | None = None
         self.batch_rows = batch_rows
@@ -213,23 +252,20 @@ class Outbox:
             first = self.conn.execute(FIRST_COMMITTED_TRANSACTION, scope).fetchone()
             if first is None:
                 return None
-            return Batch(self.conn, first[0], self._straddling(first[0]), self.fetch_size, self.layouts)
-        head = self.conn.execute(HEAD_OF_OUTBOX, {"max_events": self.batch_events, **scope}).fetchall()
-        if not head:
+            return Batch(self.conn, first[0], self._straddling(first[0]), self.fetch_size, self.layouts,
+                         self.max_group_bytes)
+        cut = self.conn.execute(BATCH_CUT, {"max_events": self.batch_events, "max_rows": self.batch_rows,
+                                            **scope}).fetchone()
+        if cut is None or cut[0] is None:
             return None
-        upto, rows = head[-1][0], 0
-        for event_id, nrows in head:
-            rows += max(nrows, 1)
-            if rows >= self.batch_rows:
-                upto = event_id
-                break
+        upto = int(cut[0])
         held = self._straddling(upto)
         if held and self._only_held(upto, held):
             # Every event up to the cut belongs to a transaction that continues past it: take the first
             # transaction whole, however large (it is streamed, not held in memory).
             upto = self.conn.execute(FIRST_TRANSACTION_END, scope).fetchone()[0]  # type: ignore[index]
             held = self._straddling(upto)
-        return Batch(self.conn, upto, held, self.fetch_size, self.layouts)
+        return Batch(self.conn, upto, held, self.fetch_size, self.layouts, self.max_group_bytes)
 
     def _straddling(self, upto: int) -> list[str]:
         rows = self.conn.execute(STRADDLING_TRANSACTIONS, {"upto": upto, "layouts": self.layouts}).fetchall()
@@ -267,7 +303,7 @@ class Outbox:
                 rows_per_table[table_id] = rows_per_table.get(table_id, 0) + rows
         with self.conn.transaction():
             self.conn.execute(DELETE_DELIVERED, {"lows": batch.delivered.lows(), "highs": batch.delivered.highs()})
-            self.conn.execute(RECORD_DELIVERY, {"transactions": len(batch.transactions), "rows": batch.rows,
+            self.conn.execute(RECORD_DELIVERY, {"transactions": batch.transactions, "rows": batch.rows,
                                                 "target": self.target})
             if rows_per_table:
                 self.conn.execute(

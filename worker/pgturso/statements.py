@@ -189,14 +189,14 @@ class StatementBuilder:
             ):
                 run.parts.append(event.payload)
                 run.size += 1 + size
-                run.txids.add(event.txid)
+                run.txids.update(event.txids or (event.txid,))
                 return
             yield from self.flush()
-            self._run = _Run(event.layout_id, event.op, [event.payload], 2 + size, {event.txid})
+            self._run = _Run(event.layout_id, event.op, [event.payload], 2 + size, set(event.txids or (event.txid,)))
             return
         yield from self.flush()
         layout = self._layout_of(event.layout_id)
-        context = dict(table=layout.source_table, operation=_OPERATION[event.op], txids=(event.txid,))
+        context = dict(table=layout.source_table, operation=_OPERATION[event.op], txids=event.txids or (event.txid,))
         if event.op == "C":
             for sql in create_table_statements(layout):
                 yield Statement(sql, **context)

@@ -87,11 +87,15 @@ class Worker:
     def _connect(self) -> None:
         if self.conn is not None and not self.conn.closed:
             return
-        conn = psycopg.connect(self.dsn, autocommit=True, application_name="pgturso-worker")
+        # No server-side prepared statements: the batch queries need plans for their actual bounds (a
+        # generic plan scans the whole outbox); no JIT: these are small, frequent queries.
+        conn = psycopg.connect(self.dsn, autocommit=True, application_name="pgturso-worker", prepare_threshold=None)
+        conn.execute("SET jit = off")
+        conn.execute("SET work_mem = '64MB'")  # a batch's events are grouped in one sort; keep it in memory
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         self.conn = conn
         self.outbox = Outbox(conn, batch_rows=self.settings.batch_rows, batch_events=self.settings.batch_events,
-                             target=self.settings.target)
+                             target=self.settings.target, max_group_bytes=self.settings.max_statement_bytes)
         source_id = self.outbox.source_id()
         # The marker's key on the target: one Turso database may take several sources, or several targets.
         self.source_id = source_id if self.settings.target == "default" else f"{source_id}/{self.settings.target}"
@@ -193,7 +197,7 @@ class Worker:
         self.events_delivered += len(batch.delivered)
         self.metrics.add("pgturso_batches_total")
         self.metrics.add("pgturso_rows_delivered_total", batch.rows)
-        self.metrics.add("pgturso_transactions_delivered_total", len(batch.transactions))
+        self.metrics.add("pgturso_transactions_delivered_total", batch.transactions)
         if self.isolating_until is not None and batch.upto >= self.isolating_until:
             event(log, logging.INFO, "isolation_done", reason="delivered past the batch that failed")
             self.isolating_until = None
@@ -201,7 +205,7 @@ class Worker:
             log,
             logging.INFO,
             "delivered",
-            transactions=len(batch.transactions),
+            transactions=batch.transactions,
             events=len(batch.delivered),
             rows=batch.rows,
             statements=statements,
