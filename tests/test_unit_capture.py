@@ -7,8 +7,11 @@ import re
 import pytest
 from pgturso import capture
 from pgturso.capture import (
+    CAPTURE_SETTINGS,
     CHUNK_ROWS,
+    WAKE_LOCK_CLASS,
     capture_function_sql,
+    capture_settings,
     pack_sql,
     row_json_sql,
     snapshot_sql,
@@ -98,25 +101,42 @@ def _function_body(sql: str) -> tuple[str, str]:
 
 
 def test_capture_function_sql_header() -> None:
-    sql = capture_function_sql(DOCS, 12, 'capture "12"')
+    sql = capture_function_sql(DOCS, 12, 'capture "12"', 12)
     header, rest = sql.split("\nAS $pgturso0$", 1)
     first, second = header.split("\n")
     assert first == 'CREATE OR REPLACE FUNCTION pgturso."capture ""12"""() RETURNS trigger'
     assert second.startswith("LANGUAGE plpgsql SECURITY DEFINER SET ")
-    # Every value's text form must not depend on the writing session's settings.
-    for setting in (
-        "SET search_path = pg_catalog, pg_temp",
-        "SET TimeZone = 'UTC'",
-        "SET DateStyle = 'ISO, YMD'",
-        "SET IntervalStyle = 'iso_8601'",
-        "SET extra_float_digits = 1",
-    ):
-        assert setting in second
+    # DOCS (int4, bytea, jsonb): no value's form depends on a session setting, so only search_path is pinned.
+    assert second == "LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp"
     assert rest.startswith("\nBEGIN\n")
 
 
+@pytest.mark.parametrize(
+    ("base_type", "pinned"),
+    [
+        ("int4", []),
+        ("float8", ["SET extra_float_digits = 1"]),
+        ("timestamptz", ["SET TimeZone = 'UTC'"]),
+        ("timestamp", []),
+        ("interval", ["SET IntervalStyle = 'iso_8601'"]),
+        ("tstzrange", ["SET TimeZone = 'UTC'", "SET DateStyle = 'ISO, YMD'", "SET IntervalStyle = 'iso_8601'",
+                       "SET extra_float_digits = 1"]),
+    ],
+)
+def test_capture_pins_exactly_the_settings_its_types_depend_on(base_type: str, pinned: list[str]) -> None:
+    layout = TableLayout.from_catalog("public.t", "t", [col("id", "int4", True), col("v", base_type)], ["id"])
+    assert capture_settings(layout) == ["SET search_path = pg_catalog, pg_temp", *pinned]
+    assert set(capture_settings(layout)) <= set(CAPTURE_SETTINGS)
+
+
+def test_a_sleeping_worker_is_notified_only_when_it_holds_the_wake_lock() -> None:
+    _, body = _function_body(capture_function_sql(DOCS, 12, "capture_12", 7))
+    gate = f"IF NOT pg_try_advisory_xact_lock_shared({WAKE_LOCK_CLASS}, 7) THEN\n    PERFORM pg_notify('pgturso', '');"
+    assert gate in body and body.count("pg_notify") == 1
+
+
 def test_capture_function_sql_has_all_four_branches() -> None:
-    sql = capture_function_sql(DOCS, 12, "capture_12")
+    sql = capture_function_sql(DOCS, 12, "capture_12", 12)
     tag, body = _function_body(sql)
     assert tag == "$pgturso0$"
     upsert_new = pack_sql(12, "U", row_json_sql(DOCS, "src"), "new_rows")
@@ -130,10 +150,13 @@ def test_capture_function_sql_has_all_four_branches() -> None:
     insert_at = body.index("IF TG_OP = 'INSERT' THEN")
     update_at = body.index("ELSIF TG_OP = 'UPDATE' THEN")
     delete_at = body.index("ELSIF TG_OP = 'DELETE' THEN")
-    else_at = body.index("ELSE\n")
-    end_at = body.index("END IF;")
+    else_at = body.index("\n  ELSE\n")
+    end_at = body.index("\n  END IF;")
     assert insert_at < update_at < delete_at < else_at < end_at
+    # Statements of up to CHUNK_ROWS rows take one event; larger ones are packed in chunks.
+    small_insert = "SELECT 12, 'U', count(*), string_agg(" + row_json_sql(DOCS, "src") + ", ',') FROM new_rows AS src"
     assert body[insert_at:update_at].count(upsert_new + ";") == 1
+    assert small_insert in body[insert_at:update_at]
     update_branch = body[update_at:delete_at]
     # Keys moved away by the UPDATE are deleted before the new rows are written.
     assert update_branch.index(delete_moved + ";") < update_branch.index(upsert_new + ";")
@@ -154,7 +177,7 @@ def test_capture_function_sql_has_all_four_branches() -> None:
 )
 def test_dollar_tag_never_occurs_in_body(column: str, tag: str) -> None:
     layout = TableLayout.from_catalog("public.t", "t", [col(column, "text", True)], [column])
-    sql = capture_function_sql(layout, 1, "capture_1")
+    sql = capture_function_sql(layout, 1, "capture_1", 1)
     found_tag, body = _function_body(sql)
     assert found_tag == tag
     assert tag not in body

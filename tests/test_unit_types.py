@@ -8,7 +8,7 @@ import pytest
 from pgturso import types
 from pgturso.layout import Column, TableLayout
 from pgturso.quoting import qualified_name, quote_ident, quote_literal
-from pgturso.types import column_type, numeric_precision_from_typmod
+from pgturso.types import ENCODING_SETTINGS, column_type, numeric_precision_from_typmod
 
 
 def numeric_typmod(precision: int, scale: int = 0) -> int:
@@ -182,13 +182,13 @@ def test_from_catalog_maps_every_column() -> None:
     assert layout.target_table == "Orders"
     assert layout.key_columns == ("Region", "id")
     assert layout.columns == (
-        Column("id", "bigint", "INTEGER", "{col}", "{val}", True, "int8", 1),
-        Column("price", "numeric(10,2)", "NUMERIC", "{col}", "{val}", False, "numeric", 2),
-        Column("big", "numeric(20,0)", "TEXT", "{col}::text", "{val}", False, "numeric", 3),
-        Column("any_num", "numeric", "TEXT", "{col}::text", "{val}", False, "numeric", 4),
-        Column("photo", "bytea", "BLOB", "encode({col}, 'hex')", "unhex({val})", False, "bytea", 5),
-        Column("Region", "character varying(8)", "TEXT", "{col}", "{val}", True, "varchar", 6),
-        Column("tags", "text[]", "TEXT", "{col}", "{val}", False, "_text", 7),
+        Column("id", "bigint", "INTEGER", "{col}", "{val}", True, "int8", 1, ()),
+        Column("price", "numeric(10,2)", "NUMERIC", "{col}", "{val}", False, "numeric", 2, ()),
+        Column("big", "numeric(20,0)", "TEXT", "{col}::text", "{val}", False, "numeric", 3, ()),
+        Column("any_num", "numeric", "TEXT", "{col}::text", "{val}", False, "numeric", 4, ()),
+        Column("photo", "bytea", "BLOB", "encode({col}, 'hex')", "unhex({val})", False, "bytea", 5, ()),
+        Column("Region", "character varying(8)", "TEXT", "{col}", "{val}", True, "varchar", 6, ()),
+        Column("tags", "text[]", "TEXT", "{col}", "{val}", False, "_text", 7, ENCODING_SETTINGS),  # an array
     )
 
 
@@ -211,6 +211,7 @@ def test_spec_roundtrip_through_json() -> None:
         "not_null": False,
         "base_type": "numeric",
         "attnum": 2,
+        "settings": (),
     }
     stored = json.loads(json.dumps(spec))  # as pgturso.layout.spec (jsonb) gives it back
     assert TableLayout.from_spec(stored) == layout

@@ -67,7 +67,15 @@ CREATE TABLE pgturso.outbox (
     nrows integer NOT NULL,
     payload text,
     captured_at timestamptz NOT NULL DEFAULT now()
-);
+)
+-- A queue: every row is deleted soon after it is written. Vacuum it (and its TOAST, where chunked events
+-- live) after a fixed number of deletes rather than a fraction of its size, without cost-based pauses,
+-- so freed space is reused and the trailing pages are truncated: it stays small without VACUUM FULL.
+WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 10000,
+      autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 10000,
+      autovacuum_vacuum_cost_delay = 0,
+      toast.autovacuum_vacuum_scale_factor = 0, toast.autovacuum_vacuum_threshold = 10000,
+      toast.autovacuum_vacuum_cost_delay = 0);
 CREATE INDEX outbox_txid_idx ON pgturso.outbox (txid, id);
 COMMENT ON TABLE pgturso.outbox IS
     'Changes not yet confirmed by Turso. op: C create table, U upsert rows, D delete keys, T truncate, '

@@ -25,7 +25,8 @@ CHUNK_ROWS = 1000
 _MAX_FUNCTION_ARGS = 100
 
 # Settings that make every value's text form independent of the writing session. track_table pins the same
-# ones for the initial copy (extension/sql/20_track.sql; a test checks that they agree).
+# ones for the initial copy (extension/sql/20_track.sql; a test checks that they agree). A capture function
+# pins only the ones its table's types depend on: each SET costs a little on every statement.
 CAPTURE_SETTINGS = (
     "SET search_path = pg_catalog, pg_temp",
     "SET TimeZone = 'UTC'",
@@ -73,10 +74,34 @@ def snapshot_sql(layout: TableLayout, layout_id: int, relation: str) -> str:
     return pack_sql(layout_id, "U", row_json_sql(layout, "src"), relation)
 
 
-def capture_function_sql(layout: TableLayout, layout_id: int, function_name: str) -> str:
+def capture_settings(layout: TableLayout) -> list[str]:
+    """The SET clauses a table's capture function needs: search_path always, the rest by column type."""
+    needed = {name for column in layout.columns for name in column.settings}
+    return [CAPTURE_SETTINGS[0]] + [clause for clause in CAPTURE_SETTINGS[1:] if clause.split()[1] in needed]
+
+
+def _pack_transition_sql(layout_id: int, op: str, row_expr: str, source: str) -> str:
+    """pack_sql for a transition table, with a cheaper form for the common statement of up to CHUNK_ROWS rows."""
+    return (
+        f"IF (SELECT count(*) FROM {source}) <= {CHUNK_ROWS} THEN\n"
+        f"      INSERT INTO pgturso.outbox (layout_id, op, nrows, payload) "
+        f"SELECT {int(layout_id)}, '{op}', count(*), string_agg({row_expr}, ',') FROM {source} AS src "
+        f"HAVING count(*) > 0;\n"
+        f"    ELSE\n      {pack_sql(layout_id, op, row_expr, source)};\n    END IF"
+    )
+
+
+# Waking the worker: a sleeping worker holds pg_advisory_lock(WAKE_LOCK_CLASS, table id) for each of its
+# tables. A capture function that cannot take the same lock shared knows the worker sleeps and notifies it;
+# otherwise the worker is busy (or not running) and will look at the outbox anyway: no NOTIFY, which is the
+# most expensive part of capturing a single-row statement.
+WAKE_LOCK_CLASS = int.from_bytes(b"pgtw", "big")
+
+
+def capture_function_sql(layout: TableLayout, layout_id: int, function_name: str, table_id: int) -> str:
     """CREATE OR REPLACE of the table's statement-level trigger function."""
-    upsert_new = pack_sql(layout_id, "U", row_json_sql(layout, "src"), "new_rows")
-    delete_old = pack_sql(layout_id, "D", row_json_sql(layout, "src", key_only=True), "old_rows")
+    upsert_new = _pack_transition_sql(layout_id, "U", row_json_sql(layout, "src"), "new_rows")
+    delete_old = _pack_transition_sql(layout_id, "D", row_json_sql(layout, "src", key_only=True), "old_rows")
     delete_moved = pack_sql(
         layout_id, "D", row_json_sql(layout, "src", key_only=True), _moved_keys_source(layout)
     )
@@ -94,14 +119,16 @@ BEGIN
   ELSE
     {truncate};
   END IF;
-  PERFORM pg_notify('pgturso', '');
+  IF NOT pg_try_advisory_xact_lock_shared({WAKE_LOCK_CLASS}, {int(table_id)}) THEN
+    PERFORM pg_notify('pgturso', '');
+  END IF;
   RETURN NULL;
 END
 """
     tag = _dollar_tag(body)
     return (
         f"CREATE OR REPLACE FUNCTION pgturso.{quote_ident(function_name)}() RETURNS trigger\n"
-        "LANGUAGE plpgsql SECURITY DEFINER " + " ".join(CAPTURE_SETTINGS) + "\n"
+        "LANGUAGE plpgsql SECURITY DEFINER " + " ".join(capture_settings(layout)) + "\n"
         f"AS {tag}{body}{tag}"
     )
 

@@ -37,7 +37,9 @@ def plan_table(
     layout = _layout(source_table, target_table, columns_json, key_columns, indexes_json)
     plan: dict[str, Any] = {
         "spec": layout.to_spec(),
-        "capture_function_sql": capture_function_sql(layout, layout_id, function_name),
+        # pgturso._capture_function_name(table_id) is '_capture_<table_id>'.
+        "capture_function_sql": capture_function_sql(layout, layout_id, function_name,
+                                                     int(function_name.rsplit("_", 1)[1])),
         "snapshot_sql": snapshot_sql(layout, layout_id, relation),
         "refresh_function_sql": refresh_function_sql(layout, layout_id, function_name + "_refresh"),
     }

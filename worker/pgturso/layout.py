@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .types import column_type, numeric_precision_from_typmod, values_unchanged
+from .types import ENCODING_SETTINGS, column_type, numeric_precision_from_typmod, values_unchanged
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class Column:
     not_null: bool
     base_type: str = ""  # pg_type.typname under any domain
     attnum: int = 0  # pg_attribute.attnum: what stays the same when a column is renamed
+    settings: tuple[str, ...] = ENCODING_SETTINGS  # what the encoding depends on (types.ColumnType.settings)
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class TableLayout:
                     not_null=bool(col["not_null"]),
                     base_type=str(col["base_type"]),
                     attnum=int(col.get("attnum", position)),
+                    settings=tuple(n for n in ENCODING_SETTINGS if n in ctype.settings),
                 )
             )
         names = {c.name for c in built}
@@ -99,7 +101,8 @@ class TableLayout:
         return cls(
             source_table=spec["source_table"],
             target_table=spec["target_table"],
-            columns=tuple(Column(**c) for c in spec["columns"]),
+            columns=tuple(Column(**{**c, "settings": tuple(c.get("settings", ENCODING_SETTINGS))})
+                          for c in spec["columns"]),
             key_columns=tuple(spec["key_columns"]),
             indexes=tuple(
                 Index(i["name"], tuple(i["columns"]), bool(i.get("unique", False))) for i in spec.get("indexes", ())

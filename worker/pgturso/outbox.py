@@ -17,6 +17,7 @@ from typing import Any
 
 import psycopg
 
+from .capture import WAKE_LOCK_CLASS
 from .layout import TableLayout
 
 # Named queries.
@@ -111,6 +112,12 @@ DELETE_DELIVERED = """
     DELETE FROM pgturso.outbox o USING unnest(%(lows)s::int8[], %(highs)s::int8[]) AS r(low, high)
     WHERE o.id BETWEEN r.low AND r.high
 """
+# While the worker sleeps it holds a wake lock per table of its target (see capture.WAKE_LOCK_CLASS).
+TAKE_WAKE_LOCKS = """
+    SELECT t.id, pg_try_advisory_lock(%(class)s, t.id) FROM pgturso.tracked_table t WHERE t.target = %(target)s
+"""
+RELEASE_WAKE_LOCKS = "SELECT pg_advisory_unlock(%(class)s, id) FROM unnest(%(ids)s::int[]) AS id"
+ANY_PENDING = f"SELECT EXISTS (SELECT 1 FROM pgturso.outbox WHERE {FOR_TARGET})"
 NEXT_COPY_CHUNK = """
     SELECT t.relid::regclass::text, pgturso._copy_chunk(t.id, %(rows)s), t.copy_rows_done, t.copy_rows_total
     FROM pgturso.tracked_table t
@@ -273,6 +280,22 @@ class Outbox:
 
     def _only_held(self, upto: int, held: list[str]) -> bool:
         row = self.conn.execute(ONLY_HELD, {"upto": upto, "held": held, "layouts": self.layouts}).fetchone()
+        return bool(row and row[0])
+
+    def take_wake_locks(self) -> tuple[list[int], bool]:
+        """Take the wake lock of each of this target's tables; returns the ones taken and whether all were
+        (one is busy while a transaction that wrote the table, and found the worker awake, is open)."""
+        rows = self.conn.execute(TAKE_WAKE_LOCKS, {"class": WAKE_LOCK_CLASS, "target": self.target}).fetchall()
+        return [table_id for table_id, taken in rows if taken], all(taken for _, taken in rows)
+
+    def release_wake_locks(self, table_ids: list[int]) -> None:
+        if table_ids:
+            self.conn.execute(RELEASE_WAKE_LOCKS, {"class": WAKE_LOCK_CLASS, "ids": table_ids})
+
+    def any_pending(self) -> bool:
+        with self.conn.transaction():
+            mine, only_mine = self.conn.execute(TARGET_LAYOUTS, {"target": self.target}).fetchone()  # type: ignore[misc]
+            row = self.conn.execute(ANY_PENDING, {"layouts": None if only_mine else list(mine)}).fetchone()
         return bool(row and row[0])
 
     def copy_chunk(self, rows: int) -> tuple[str, int, int, int | None] | None:

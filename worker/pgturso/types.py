@@ -21,12 +21,17 @@ from dataclasses import dataclass
 SQLITE_EXACT_DIGITS = 15
 
 
+# The settings that can change a value's text or JSON form; capture pins the ones a table's types need.
+ENCODING_SETTINGS = ("TimeZone", "DateStyle", "IntervalStyle", "extra_float_digits")
+
+
 @dataclass(frozen=True)
 class ColumnType:
     sqlite_type: str
     encode: str = "{col}"  # Postgres expression; {col} is the quoted column reference
     decode: str = "{val}"  # SQLite expression; {val} is the JSON element of the row array
     note: str = ""
+    settings: frozenset[str] = frozenset()  # which ENCODING_SETTINGS the encoding depends on
 
 
 INTEGER = ColumnType("INTEGER", note="the integer (full 64-bit range)")
@@ -38,6 +43,7 @@ FLOAT = ColumnType(
     encode="CASE WHEN {col} = 0 AND {col}::text = '-0' THEN '-0.0'::json ELSE to_json({col}) END",
     decode="CASE {val} WHEN 'Infinity' THEN 9e999 WHEN '-Infinity' THEN -9e999 ELSE {val} END",
     note="the float, exactly; -0 kept; ±Infinity as SQLite ±Inf (9e999); NaN as the text 'NaN'",
+    settings=frozenset({"extra_float_digits"}),
 )
 TEXT = ColumnType("TEXT", note="the text (UTF-8)")
 BOOLEAN = ColumnType("INTEGER", note="true/false arrive as 1/0")
@@ -50,11 +56,14 @@ WIDE_NUMERIC = ColumnType(
     "TEXT", encode="{col}::text", note=f"precision > {SQLITE_EXACT_DIGITS} or unconstrained: exact decimal text"
 )
 ISO_TEXT = ColumnType("TEXT", note="ISO 8601 (timestamptz in UTC, +00:00); 'infinity'/'-infinity' as text")
-TIME_TEXT = ColumnType("TEXT", note="HH:MM:SS[.ffffff], timetz with its offset")
-INTERVAL = ColumnType("TEXT", note="ISO 8601 duration, e.g. P1Y2M3DT4H5M6S")
+ISO_TEXT_UTC = ColumnType("TEXT", note=ISO_TEXT.note, settings=frozenset({"TimeZone"}))
+TIME_TEXT = ColumnType("TEXT", note="HH:MM:SS[.ffffff], timetz with its offset", settings=frozenset({"DateStyle"}))
+INTERVAL = ColumnType("TEXT", note="ISO 8601 duration, e.g. P1Y2M3DT4H5M6S", settings=frozenset({"IntervalStyle"}))
 MONEY = ColumnType("TEXT", encode="{col}::numeric::text", note="exact decimal text, no currency symbol")
-JSON_STRUCTURE = ColumnType("TEXT", note="JSON text: arrays as JSON arrays, composites as JSON objects")
-PG_TEXT = ColumnType("TEXT", note="the Postgres text form")
+# Arrays, composites and other types contain or print values of any type: they depend on every setting.
+JSON_STRUCTURE = ColumnType("TEXT", note="JSON text: arrays as JSON arrays, composites as JSON objects",
+                            settings=frozenset(ENCODING_SETTINGS))
+PG_TEXT = ColumnType("TEXT", note="the Postgres text form", settings=frozenset(ENCODING_SETTINGS))
 
 _BY_BASE_TYPE: dict[str, ColumnType] = {
     "int2": INTEGER,
@@ -76,7 +85,7 @@ _BY_BASE_TYPE: dict[str, ColumnType] = {
     "jsonb": JSON_TEXT,
     "date": ISO_TEXT,
     "timestamp": ISO_TEXT,
-    "timestamptz": ISO_TEXT,
+    "timestamptz": ISO_TEXT_UTC,
     "time": TIME_TEXT,
     "timetz": TIME_TEXT,
     "interval": INTERVAL,

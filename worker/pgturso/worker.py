@@ -218,10 +218,22 @@ class Worker:
             self.listen_conn = psycopg.connect(self.dsn, autocommit=True, application_name="pgturso-worker-listen")
             self.listen_conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
             return  # changes may have arrived before LISTEN: look once more before sleeping
-        deadline = time.monotonic() + self.settings.idle_wait
-        while not self.stopping and time.monotonic() < deadline:
-            for _ in self.listen_conn.notifies(timeout=min(1.0, self.settings.idle_wait), stop_after=1):
+        assert self.outbox is not None
+        # Sleep holding the wake locks, so that capture notifies us (see capture.WAKE_LOCK_CLASS). A writer
+        # that saw us awake holds its lock until it commits: until then, look again shortly instead.
+        held, all_taken = self.outbox.take_wake_locks()
+        try:
+            if not all_taken:
+                self._sleep(0.01)
                 return
+            if self.outbox.any_pending():  # committed before we held the locks, without a NOTIFY
+                return
+            deadline = time.monotonic() + self.settings.idle_wait
+            while not self.stopping and time.monotonic() < deadline:
+                for _ in self.listen_conn.notifies(timeout=min(1.0, self.settings.idle_wait), stop_after=1):
+                    return
+        finally:
+            self.outbox.release_wake_locks(held)
 
     def _record(self, status: str, error: str | None = None, **fields: Any) -> None:
         """Show the worker's state in pgturso.status; Postgres being unreachable must not hide the real error."""
