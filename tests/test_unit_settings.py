@@ -34,7 +34,7 @@ def test_defaults() -> None:
         auth_token=None,
         auth_token_file=None,
         batch_rows=50_000,
-        batch_events=10_000,
+        batch_events=50_000,
         copy_chunk_rows=20_000,
         max_request_bytes=8 << 20,
         max_statement_bytes=1 << 20,

@@ -79,7 +79,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tls_ca_file", None, str, "CA bundle to verify https/libsql servers with (default: system CAs)"),
     Setting("batch_rows", 50_000, _positive_int, "rows per delivery (one Turso transaction), whole source "
             "transactions only: a larger one is delivered alone"),
-    Setting("batch_events", 10_000, _positive_int, "outbox events per delivery"),
+    Setting("batch_events", 50_000, _positive_int, "outbox events per delivery"),
     Setting("copy_chunk_rows", 20_000, _positive_int, "rows per transaction of an initial copy (rows are "
             "locked FOR SHARE for that long)"),
     Setting("max_request_bytes", 8 << 20, _positive_int, "largest HTTP request; larger deliveries span requests"),
