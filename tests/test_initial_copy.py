@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -64,6 +67,10 @@ def test_copy_of_a_big_table_while_writers_write(conn, dsn, turso: TursoServer):
             progress.append((state, done, total))
             return state == "done"
 
+        wait_until(lambda: (progress and progress[-1][1] > 0) or copied(), 300, "the copy to start", interval=0.02)
+        shown = subprocess.run([sys.executable, "-m", "pgturso", "status", "--dsn", dsn], capture_output=True,
+                               text=True)
+        assert re.search(r"\n  big +big .*(\d+/\d+ rows|done)\n", shown.stdout), shown.stdout
         wait_until(copied, 300, "the copy to finish", interval=0.02)
         copy_finished = time.monotonic()
         started, finished = progress[0], progress[-1]

@@ -89,3 +89,13 @@ def test_a_request_that_times_out_is_retried(tracked, dsn, turso: TursoServer):
     assert result.returncode == 0, result.stderr
     assert "event=retry" in result.stderr and "Timeout" in result.stderr
     assert turso.query("SELECT count(*) FROM t") == [[50]]
+
+
+def test_a_request_too_large_for_turso_is_split(tracked, dsn, turso: TursoServer):
+    tracked.execute("INSERT INTO t SELECT g, repeat('y', 300) FROM generate_series(100, 5000) g")
+    with CloudProxy(turso.url, TOKEN) as cloud:
+        cloud.max_body = 400_000
+        result = run_worker(dsn, cloud.url, "--auth-token", TOKEN, "--retry-limit", "10")
+    assert result.returncode == 0, result.stderr
+    assert cloud.too_large > 0 and "HTTP 413" in result.stderr
+    assert turso.query("SELECT count(*) FROM t") == [[50 + 4901]]

@@ -24,7 +24,11 @@ class CloudProxy:
         self.auth_headers: list[str | None] = []
         self.faults: list[tuple[int, str, str]] = []  # (status, content type, body) answered before forwarding
         self.stalls: list[float] = []  # seconds to hold a request before answering it (a slow or hung Turso)
+        self.max_body: int | None = None  # larger requests get 413, as Turso Cloud's size limit does
         self.batons = 0
+        self.too_large = 0
+        self.rejected_sizes: list[int] = []
+        self.rejected_bodies: list[Any] = []
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -32,7 +36,13 @@ class CloudProxy:
                 pass
 
             def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                if proxy.max_body is not None and len(raw) > proxy.max_body:
+                    proxy.too_large += 1
+                    proxy.rejected_sizes.append(len(raw))
+                    proxy.rejected_bodies.append(json.loads(raw))
+                    return self._send(413, "text/plain", "Payload Too Large")
+                body = json.loads(raw)
                 proxy.requests.append(body)
                 proxy.auth_headers.append(self.headers.get("Authorization"))
                 if proxy.stalls:

@@ -105,31 +105,38 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
 
 
 STATUS_QUERY = """
-    SELECT table_name::text, target_table, pending_events, pending_rows,
-           coalesce(extract(epoch FROM lag), 0)::float8, rows_delivered, last_delivered_at,
-           worker_status, worker, worker_retries, last_error, last_error_at, last_error_txid::text
-    FROM pgturso.status ORDER BY 1
+    SELECT target, table_name::text, target_table, pending_rows, coalesce(extract(epoch FROM lag), 0)::float8,
+           rows_delivered, last_delivered_at, copy_state, copy_rows_done, copy_rows_total
+    FROM pgturso.status ORDER BY 1, 2
+"""
+TARGETS_QUERY = """
+    SELECT target, status, worker, retries, last_error, last_error_at, last_error_txid::text
+    FROM pgturso.delivery_state ORDER BY target
 """
 
 
 def _status(dsn: str) -> int:
-    """Render pgturso.status for a terminal; exit 1 when delivery is blocked or stopped with an error."""
+    """Render pgturso.status for a terminal; exit 1 when a target is blocked or stopped with an error."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        rows = conn.execute(STATUS_QUERY).fetchall()
-        state = conn.execute("SELECT status, worker, retries, last_error, last_error_at, last_error_txid::text "
-                             "FROM pgturso.delivery_state").fetchone()
-    assert state is not None
-    status, worker, retries, error, error_at, error_txid = state
-    print(f"worker: {status}" + (f" ({worker})" if worker else "") + f", {retries} retries")
-    if error:
-        print(f"last error at {error_at}" + (f", source transaction {error_txid}" if error_txid else "") + ":")
-        print(f"  {error}")
-    header = f"{'table':32} {'turso table':32} {'pending rows':>12} {'lag':>8} {'delivered':>12}  last delivered"
-    print(header)
-    for table, target, _events, pending_rows, lag, delivered, last_at, *_ in rows:
-        last = last_at.strftime("%Y-%m-%d %H:%M:%S") if last_at else "-"
-        print(f"{table:32} {target:32} {pending_rows:>12} {lag:>7.1f}s {delivered:>12}  {last}")
-    return 1 if status in ("blocked",) or (status == "stopped" and error) else 0
+        tables = conn.execute(STATUS_QUERY).fetchall()
+        targets = conn.execute(TARGETS_QUERY).fetchall()
+    failing = False
+    for target, status, worker, retries, error, error_at, error_txid in targets:
+        print(f"target {target}: worker {status}" + (f" ({worker})" if worker else "") + f", {retries} retries")
+        if error:
+            print(f"  last error at {error_at}" + (f", source transaction {error_txid}" if error_txid else "") + ":")
+            print(f"    {error}")
+        failing |= status == "blocked" or (status == "stopped" and bool(error))
+        mine = [t for t in tables if t[0] == target]
+        if not mine:
+            continue
+        print(f"  {'table':30} {'turso table':30} {'pending rows':>12} {'lag':>8} {'delivered':>12}  "
+              "last delivered       initial copy")
+        for _, table, turso_table, pending, lag, delivered, last_at, copy_state, done, total in mine:
+            last = last_at.strftime("%Y-%m-%d %H:%M:%S") if last_at else "-"
+            copy = "done" if copy_state == "done" else f"{done}/{total or '?'} rows"
+            print(f"  {table:30} {turso_table:30} {pending:>12} {lag:>7.1f}s {delivered:>12}  {last:19}  {copy}")
+    return 1 if failing else 0
 
 
 if __name__ == "__main__":

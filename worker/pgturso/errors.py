@@ -15,6 +15,10 @@ class TursoUnavailable(PgTursoError):
     """Turso could not be reached or answered 429/5xx or garbage: worth retrying later."""
 
 
+class RequestTooLarge(TursoUnavailable):
+    """Turso answered 413: the worker retries with smaller requests and statements."""
+
+
 class TursoRequestRejected(PgTursoError):
     """Turso refused the request itself (4xx other than 429): retrying the same request cannot help."""
 

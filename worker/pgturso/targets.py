@@ -19,6 +19,7 @@ import requests
 from . import hrana
 from .errors import (
     ConfigError,
+    RequestTooLarge,
     StatementFailed,
     TursoAuthError,
     TursoRequestRejected,
@@ -121,6 +122,13 @@ class HttpTarget:
                 response.status_code,
                 f"Turso at {self.description} refused the token (HTTP {response.status_code}): {text[:200]}. "
                 "Set a valid token with --auth-token, PGTURSO_AUTH_TOKEN or pgturso.auth_token_file.",
+            )
+        if response.status_code == 413:
+            # Nothing of a refused request ran: send the same changes again in smaller pieces.
+            self.max_request_bytes = max(self.max_request_bytes // 2, 64 << 10)
+            raise RequestTooLarge(
+                f"Turso at {self.description} refused a request as too large (HTTP 413); "
+                f"retrying with requests of at most {self.max_request_bytes} bytes"
             )
         if response.status_code == 429 or response.status_code >= 500:
             raise TursoUnavailable(f"Turso at {self.description} answered HTTP {response.status_code}: {text[:200]}")

@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 
-from .errors import ConfigError, StatementFailed, TursoRequestRejected, TursoUnavailable
+from .errors import ConfigError, RequestTooLarge, StatementFailed, TursoRequestRejected, TursoUnavailable
 from .logs import event
 from .metrics import Metrics
 from .outbox import IdRanges, Outbox
@@ -182,7 +182,7 @@ class Worker:
             if batch is None:
                 return 0
             transaction = target.begin()
-            builder = StatementBuilder(self.outbox.layout, self.settings.max_statement_bytes)
+            builder = StatementBuilder(self.outbox.layout, self.outbox.max_group_bytes)
             statements = 0
             for item in batch.events():
                 for statement in builder.add(item):
@@ -295,6 +295,9 @@ class Worker:
                     self.metrics.set("pgturso_up", 0)
                     event(log, logging.WARNING, "retry", attempt=attempts, delay_s=round(delay, 2),
                           error=str(exc).strip())
+                    if isinstance(exc, RequestTooLarge) and self.outbox is not None and self.target is not None:
+                        limit = getattr(self.target, "max_request_bytes", self.outbox.max_group_bytes)
+                        self.outbox.max_group_bytes = min(self.outbox.max_group_bytes, max(limit // 2, 32 << 10))
                     if isinstance(exc, psycopg.OperationalError):
                         self._disconnect()
                     else:
