@@ -79,5 +79,6 @@ bench: deps
 # The long concurrency runs of tests/test_guarantees.py (SOAK_SECONDS per run; default 10 minutes).
 soak: deps
 	$(MAKE) install venv turso
-	SOAK_SECONDS=$${SOAK_SECONDS:-600} BIG_TRANSACTION_ROWS=1000000 \
-	TURSODB=$(CURDIR)/$(TURSO_DIR)/node_modules/.bin/tursodb $(VENV)/bin/pytest tests/test_guarantees.py $(PYTEST_ARGS)
+	SOAK_SECONDS=$${SOAK_SECONDS:-600} BIG_TRANSACTION_ROWS=1000000 COPY_TEST_ROWS=1000000 \
+	TURSODB=$(CURDIR)/$(TURSO_DIR)/node_modules/.bin/tursodb $(VENV)/bin/pytest tests/test_guarantees.py \
+	  tests/test_initial_copy.py $(PYTEST_ARGS)
