@@ -28,11 +28,8 @@ VENV   = .venv
 PY     = $(VENV)/bin/python
 TURSO_DIR = .cache/turso
 
-$(DATA_built): $(SQL_SOURCES)
-	@{ echo "-- Generated from extension/sql/*.sql by make; do not edit."; \
-	   printf '%s\n' '\echo Use "CREATE EXTENSION $(EXTENSION) CASCADE" to load this file. \quit'; \
-	   for f in $(SQL_SOURCES); do echo; echo "-- $$f"; cat $$f; done; } \
-	 | sed -e 's|@PYTHON_DIR@|$(PYTHON_DIR)|g' > $@
+$(DATA_built): $(SQL_SOURCES) extension/build.py worker/pgturso/capture.py
+	python3 extension/build.py $@ '$(PYTHON_DIR)' $(SQL_SOURCES)
 
 # The PL/Python functions import the pure-Python part of the worker package from here.
 install: install-python
@@ -65,12 +62,11 @@ demo: deps
 
 test: deps
 	$(MAKE) install venv turso
-	$(VENV)/bin/ruff check worker tests bench
+	$(VENV)/bin/ruff check worker tests bench extension
 	TURSODB=$(CURDIR)/$(TURSO_DIR)/node_modules/.bin/tursodb $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check worker tests bench
-	$(VENV)/bin/ruff format --check worker tests bench
+	$(VENV)/bin/ruff check worker tests bench extension
 
 bench: deps
 	$(MAKE) install venv turso

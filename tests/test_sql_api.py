@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -137,20 +136,30 @@ def test_settings_come_from_the_server_and_the_environment_overrides_them(conn, 
         conn.execute(f"ALTER DATABASE {dbname} RESET ALL")
 
 
+def _built_script() -> str:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build", REPO / "extension/build.py")
+    assert spec and spec.loader
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    return build.build(sorted(str(p) for p in (REPO / "extension/sql").glob("*.sql")), "/nowhere")
+
+
 def test_track_table_pins_the_same_settings_as_the_capture_functions():
-    sql = (REPO / "extension/sql/20_track.sql").read_text()
+    sql = _built_script()
     start = sql.index("CREATE FUNCTION pgturso.track_table")
     header = sql[start : sql.index("AS $$", start)]
     for setting in CAPTURE_SETTINGS:
         assert setting in header
+    assert not re.search(r"@[A-Z_]+@", sql), "every placeholder is substituted"
 
 
 def test_every_function_pins_search_path():
-    for path in sorted(Path(REPO / "extension/sql").glob("*.sql")):
-        sql = path.read_text()
-        for match in re.finditer(r"CREATE FUNCTION [^(]+\(", sql):
-            body_start = sql.index("AS $", match.end())
-            assert "SET search_path = pg_catalog, pg_temp" in sql[match.end():body_start], (path, match.group())
+    sql = _built_script()
+    for match in re.finditer(r"CREATE FUNCTION [^(]+\(", sql):
+        body_start = sql.index("AS $", match.end())
+        assert "SET search_path = pg_catalog, pg_temp" in sql[match.end():body_start], match.group()
 
 
 def test_wait_for_sync_gives_read_your_writes(conn, dsn, turso: TursoServer):

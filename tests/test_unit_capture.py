@@ -44,7 +44,10 @@ def test_row_json_sql_uses_each_columns_encoding() -> None:
 
 
 def test_row_json_sql_key_only_in_key_order() -> None:
-    assert row_json_sql(DOCS, "o", key_only=True) == 'json_build_array(o."Ver", o."id")::text'
+    # Integer-only rows are concatenated (cheaper than json_build_array); the JSON is the same array.
+    assert row_json_sql(DOCS, "o", key_only=True) == (
+        "('[' || coalesce(o.\"Ver\"::text, 'null') || ',' || coalesce(o.\"id\"::text, 'null') || ']')"
+    )
 
 
 def test_row_json_sql_quotes_column_names() -> None:

@@ -287,11 +287,7 @@ $$;
 -- worker in its own READ COMMITTED transaction; returns the rows copied, or NULL when no copy was pending.
 CREATE FUNCTION pgturso._copy_chunk(table_id integer, max_rows integer) RETURNS bigint
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-SET TimeZone = 'UTC'
-SET DateStyle = 'ISO, YMD'
-SET IntervalStyle = 'iso_8601'
-SET extra_float_digits = 1
+@CAPTURE_SETTINGS@
 AS $$
 DECLARE
     v_rel regclass;
@@ -340,12 +336,9 @@ CREATE FUNCTION pgturso.track_table(
     target text DEFAULT 'default'
 ) RETURNS void
 LANGUAGE plpgsql
--- The initial copy encodes values exactly as the capture functions do (pgturso.capture.CAPTURE_SETTINGS).
-SET search_path = pg_catalog, pg_temp
-SET TimeZone = 'UTC'
-SET DateStyle = 'ISO, YMD'
-SET IntervalStyle = 'iso_8601'
-SET extra_float_digits = 1
+-- The initial copy encodes values exactly as the capture functions do: the settings placeholder below is
+-- replaced by pgturso.capture.CAPTURE_SETTINGS when extension/build.py builds the script.
+@CAPTURE_SETTINGS@
 AS $$
 DECLARE
     v_kind "char";
@@ -461,11 +454,7 @@ COMMENT ON FUNCTION pgturso._partition_root IS 'Private: the topmost partitioned
 
 CREATE FUNCTION pgturso.resync_table(rel regclass) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-SET TimeZone = 'UTC'
-SET DateStyle = 'ISO, YMD'
-SET IntervalStyle = 'iso_8601'
-SET extra_float_digits = 1
+@CAPTURE_SETTINGS@
 AS $$
 DECLARE
     v_table_id integer;
@@ -517,11 +506,7 @@ COMMENT ON FUNCTION pgturso.untrack_table IS
 
 CREATE FUNCTION pgturso.refresh_materialized_view(rel regclass, concurrently boolean DEFAULT false) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-SET TimeZone = 'UTC'
-SET DateStyle = 'ISO, YMD'
-SET IntervalStyle = 'iso_8601'
-SET extra_float_digits = 1
+@CAPTURE_SETTINGS@
 AS $$
 DECLARE
     v_table_id integer;

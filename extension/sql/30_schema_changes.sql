@@ -5,11 +5,7 @@
 -- Bring a tracked table's layout, capture and partitions up to date with the catalog, after DDL.
 CREATE FUNCTION pgturso._follow_schema(table_id integer) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-SET TimeZone = 'UTC'
-SET DateStyle = 'ISO, YMD'
-SET IntervalStyle = 'iso_8601'
-SET extra_float_digits = 1
+@CAPTURE_SETTINGS@
 AS $$
 DECLARE
     v_rel regclass;
@@ -104,11 +100,7 @@ COMMENT ON FUNCTION pgturso._follow_schema IS
 -- Send a tracked relation to Turso afresh: recreate its table there, then every row.
 CREATE FUNCTION pgturso._recopy(table_id integer) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-SET TimeZone = 'UTC'
-SET DateStyle = 'ISO, YMD'
-SET IntervalStyle = 'iso_8601'
-SET extra_float_digits = 1
+@CAPTURE_SETTINGS@
 AS $$
 DECLARE
     v_rel regclass;

@@ -43,11 +43,19 @@ def _json_array(exprs: list[str]) -> str:
     return f"'[' || array_to_string(ARRAY[{parts}], ',') || ']'"
 
 
+# Integer columns whose JSON form is their text form: built by concatenation, which is several times cheaper
+# per row than json_build_array (it looks up every argument's type on every call).
+_PLAIN_INTEGERS = frozenset({"int2", "int4", "int8", "oid"})
+
+
 def row_json_sql(layout: TableLayout, alias: str, key_only: bool = False) -> str:
     """A Postgres expression giving one row of ``alias`` as a JSON array text."""
     columns = layout.key_layout if key_only else list(layout.columns)
-    exprs = [c.encode.format(col=f"{alias}.{quote_ident(c.name)}") for c in columns]
-    return _json_array(exprs)
+    refs = [f"{alias}.{quote_ident(c.name)}" for c in columns]
+    if all(c.base_type in _PLAIN_INTEGERS and c.encode == "{col}" for c in columns):
+        parts = " || ',' || ".join(f"coalesce({ref}::text, 'null')" for ref in refs)
+        return f"('[' || {parts} || ']')"
+    return _json_array([c.encode.format(col=ref) for c, ref in zip(columns, refs, strict=True)])
 
 
 def pack_sql(layout_id: int, op: str, row_expr: str, source: str) -> str:

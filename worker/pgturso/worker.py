@@ -33,6 +33,8 @@ TARGET_ROW = "SELECT url, auth_token FROM pgturso.target WHERE name = %s"
 NOTIFY_CHANNEL = "pgturso"
 
 EXIT_OK, EXIT_RETRIES_EXHAUSTED, EXIT_FATAL, EXIT_LOCKED = 0, 1, 2, 3
+# The worker vacuums the outbox itself, at most this often and after this many rows delivered.
+VACUUM_EVERY_SECONDS, VACUUM_AFTER_ROWS = 5.0, 10_000
 
 
 def target_endpoint(conn: psycopg.Connection[Any], settings: Settings) -> tuple[str, str | None]:
@@ -72,6 +74,8 @@ class Worker:
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self.metrics = Metrics()
         self.events_delivered = 0
+        self._rows_since_vacuum = 0
+        self._vacuumed_at = time.monotonic()
         self._backlog_checked = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -195,6 +199,7 @@ class Worker:
             transaction.commit()
         self.outbox.mark_delivered(batch)
         self.events_delivered += len(batch.delivered)
+        self._vacuum_if_due(batch.rows)
         self.metrics.add("pgturso_batches_total")
         self.metrics.add("pgturso_rows_delivered_total", batch.rows)
         self.metrics.add("pgturso_transactions_delivered_total", batch.transactions)
@@ -212,6 +217,17 @@ class Worker:
             ms=round((time.monotonic() - started) * 1000, 1),
         )
         return len(batch.delivered)
+
+    def _vacuum_if_due(self, rows: int) -> None:
+        """Vacuum the outbox every VACUUM_EVERY_SECONDS while deliveries are flowing."""
+        assert self.outbox is not None
+        self._rows_since_vacuum += rows
+        now = time.monotonic()
+        if self._rows_since_vacuum >= VACUUM_AFTER_ROWS and now - self._vacuumed_at >= VACUUM_EVERY_SECONDS:
+            started = time.monotonic()
+            self.outbox.vacuum()
+            event(log, logging.DEBUG, "vacuumed", ms=round((time.monotonic() - started) * 1000, 1))
+            self._rows_since_vacuum, self._vacuumed_at = 0, now
 
     def _wait_for_changes(self) -> None:
         if self.listen_conn is None or self.listen_conn.closed:
