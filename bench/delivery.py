@@ -590,7 +590,8 @@ def s3_upkeep(b: Bench) -> None:
     b.add(
         Row(
             "3",
-            f"Outbox size after {fmt_int(delivered)} changes delivered (autovacuum only, no VACUUM FULL)",
+            f"Outbox size after {fmt_int(delivered)} changes delivered "
+            "(no VACUUM FULL: the worker's plain VACUUM and autovacuum)",
             f"{total / mb:.1f} MB",
             "< 10 MB",
             total < 10 * mb and not pending,
