@@ -3,8 +3,9 @@
 set -euo pipefail
 need=()
 # python3-psycopg and python3-requests: for pgturso.sync(), which runs the worker inside the server.
+# postgresql-15-pgq3: PgQ, a baseline the benchmark (and its quick run in the tests) measures against.
 for pkg in postgresql-15 postgresql-plpython3-15 postgresql-server-dev-15 python3-venv python3-psycopg \
-           python3-requests nodejs npm; do
+           python3-requests postgresql-15-pgq3 nodejs npm; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 # node/npm may come from elsewhere than Debian's packages: accept any working ones.
