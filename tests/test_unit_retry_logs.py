@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import random
@@ -160,3 +161,33 @@ def test_setup_replaces_handlers_and_stops_propagation() -> None:
     assert len(root.handlers) == 1
     assert root.level == logging.WARNING
     assert root.propagate is False
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_progress_redraws_one_line_on_a_terminal() -> None:
+    stream = _Stream(tty=True)
+    bar = logs.Progress("copy public.t", 200, stream)
+    for done in (50, 100, 200):
+        bar.update(done)
+    bar.finish()
+    assert stream.getvalue() == (
+        "\rcopy public.t: 50/200 rows (25%)\rcopy public.t: 100/200 rows (50%)\rcopy public.t: 200/200 rows (100%)\n"
+    )
+
+
+def test_progress_writes_a_line_per_tenth_into_logs() -> None:
+    stream = _Stream(tty=False)
+    bar = logs.Progress("verify public.t", 1000, stream)
+    for done in range(0, 1001, 50):
+        bar.update(done)
+    bar.finish()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 11 and lines[-1] == "verify public.t: 1000/1000 rows" and "\r" not in stream.getvalue()

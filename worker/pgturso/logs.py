@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 
 class _Formatter(logging.Formatter):
@@ -48,3 +48,24 @@ def event(logger: logging.Logger, level: int, name: str, **fields: Any) -> None:
     """Log ``event=name`` with fields; callers never pass secrets."""
     if logger.isEnabledFor(level):
         logger.log(level, name, extra={"fields": {"event": name, **fields}})
+
+
+class Progress:
+    """A progress line redrawn in place on a terminal; a line per tenth otherwise (logs)."""
+
+    def __init__(self, label: str, total: int, stream: TextIO = sys.stderr) -> None:
+        self.label, self.total, self.stream = label, max(total, 1), stream
+        self.tty = stream.isatty()
+        self.last_tenth = -1
+
+    def update(self, done: int) -> None:
+        if self.tty:
+            self.stream.write(f"\r{self.label}: {done}/{self.total} rows ({100 * done // self.total}%)")
+            self.stream.flush()
+        elif (tenth := 10 * done // self.total) > self.last_tenth:
+            self.last_tenth = tenth
+            self.stream.write(f"{self.label}: {done}/{self.total} rows\n")
+
+    def finish(self) -> None:
+        if self.tty:
+            self.stream.write("\n")

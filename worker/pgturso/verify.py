@@ -23,6 +23,7 @@ import psycopg
 
 from .capture import CAPTURE_SETTINGS, pack_sql, row_json_sql
 from .layout import TableLayout
+from .logs import Progress
 from .quoting import quote_ident
 from .targets import Target
 
@@ -51,27 +52,6 @@ class TableReport:
     @property
     def equal(self) -> bool:
         return not self.different and not self.extra
-
-
-class Progress:
-    """A progress line redrawn in place on a terminal; a line per tenth otherwise (logs)."""
-
-    def __init__(self, label: str, total: int, stream: TextIO = sys.stderr) -> None:
-        self.label, self.total, self.stream = label, max(total, 1), stream
-        self.tty = stream.isatty()
-        self.last_tenth = -1
-
-    def update(self, done: int) -> None:
-        if self.tty:
-            self.stream.write(f"\r{self.label}: {done}/{self.total} rows ({100 * done // self.total}%)")
-            self.stream.flush()
-        elif (tenth := 10 * done // self.total) > self.last_tenth:
-            self.last_tenth = tenth
-            self.stream.write(f"{self.label}: {done}/{self.total} rows\n")
-
-    def finish(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
 
 
 def _set_local(conn: psycopg.Connection[Any]) -> None:

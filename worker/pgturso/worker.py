@@ -10,13 +10,14 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from typing import Any
 
 import psycopg
 
 from .errors import ConfigError, RequestTooLarge, StatementFailed, TursoRequestRejected, TursoUnavailable
-from .logs import event
+from .logs import Progress, event
 from .metrics import Metrics
 from .outbox import IdRanges, Outbox
 from .progress import CREATE_MARKER_SQL, READ_MARKER_SQL, marker_statement
@@ -74,6 +75,7 @@ class Worker:
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self.metrics = Metrics()
         self.events_delivered = 0
+        self._copy_bars: dict[str, Progress] = {}
         self._rows_since_vacuum = 0
         self._vacuumed_at = time.monotonic()
         self._backlog_checked = 0.0
@@ -173,7 +175,13 @@ class Worker:
         if chunk is None:
             return False
         table, copied, done, total = chunk
-        event(log, logging.INFO, "copy", table=table, rows=copied, done=done, total=total if total else "?")
+        if sys.stderr.isatty() and total:  # a terminal gets a progress bar, logs a line per chunk
+            bar = self._copy_bars.setdefault(table, Progress(f"copy {table}", total))
+            bar.update(done)
+            if done >= total:
+                bar.finish()
+        else:
+            event(log, logging.INFO, "copy", table=table, rows=copied, done=done, total=total if total else "?")
         return True
 
     def deliver_batch(self) -> int:
