@@ -297,3 +297,18 @@ def test_rows_of() -> None:
 def test_rows_of_error_raises_with_message() -> None:
     with pytest.raises(ValueError, match=r"^no such table: t$"):
         rows_of({"type": "error", "error": {"message": "no such table: t"}})
+
+
+def test_libsql_urls_are_https_and_file_urls_are_embedded(tmp_path) -> None:
+    from pgturso.errors import ConfigError
+    from pgturso.targets import FileTarget, HttpTarget, open_target
+
+    cloud = open_target("libsql://app-eu.turso.io", "tok", max_request_bytes=1 << 20, timeout=5)
+    assert isinstance(cloud, HttpTarget) and cloud.base_url == "https://app-eu.turso.io"
+    assert cloud.session.headers["Authorization"] == "Bearer tok" and cloud.verify is True
+    assert cloud.description == "https://app-eu.turso.io"
+    local = open_target(f"file:{tmp_path / 'x.db'}", None, max_request_bytes=1 << 20, timeout=5)
+    assert isinstance(local, FileTarget)
+    local.close()
+    with pytest.raises(ConfigError, match="not a Turso URL"):
+        open_target("ftp://nope", None, max_request_bytes=1, timeout=1)
