@@ -1,7 +1,8 @@
-"""The delivery loop: recover, read a batch, send it in one Turso transaction, mark it delivered, wait.
+"""The delivery loop: recover, copy a chunk of a pending initial copy, read a batch, send it in one Turso
+transaction, mark it delivered, and sleep until a capture trigger wakes it.
 
-Only one worker delivers per source database: it holds a session advisory lock; a second one waits as a
-hot standby and takes over when the first one's connection goes away.
+Only one worker delivers per target: it holds a session advisory lock; a second one waits as a hot standby
+and takes over when the first one's connection goes away.
 """
 
 from __future__ import annotations
