@@ -252,8 +252,7 @@ class Outbox:
         ``single_transaction``: just the first source transaction in commit-consistent order, to find which
         one Turso refuses and deliver everything before it.
         """
-        mine, only_mine = self.conn.execute(TARGET_LAYOUTS, {"target": self.target}).fetchone()  # type: ignore[misc]
-        self.layouts = None if only_mine else list(mine)
+        self.layouts = self._target_layouts()
         scope = {"layouts": self.layouts}
         if single_transaction:
             first = self.conn.execute(FIRST_COMMITTED_TRANSACTION, scope).fetchone()
@@ -292,10 +291,14 @@ class Outbox:
         if table_ids:
             self.conn.execute(RELEASE_WAKE_LOCKS, {"class": WAKE_LOCK_CLASS, "ids": table_ids})
 
+    def _target_layouts(self) -> list[int] | None:
+        """This target's layout ids, or None when the outbox holds no other target's events (no filter)."""
+        mine, only_mine = self.conn.execute(TARGET_LAYOUTS, {"target": self.target}).fetchone()  # type: ignore[misc]
+        return None if only_mine else list(mine)
+
     def any_pending(self) -> bool:
         with self.conn.transaction():
-            mine, only_mine = self.conn.execute(TARGET_LAYOUTS, {"target": self.target}).fetchone()  # type: ignore[misc]
-            row = self.conn.execute(ANY_PENDING, {"layouts": None if only_mine else list(mine)}).fetchone()
+            row = self.conn.execute(ANY_PENDING, {"layouts": self._target_layouts()}).fetchone()
         return bool(row and row[0])
 
     def copy_chunk(self, rows: int) -> tuple[str, int, int, int | None] | None:
@@ -355,7 +358,5 @@ class Outbox:
     def backlog(self) -> tuple[int, int, float]:
         """Pending events, their rows, and the age in seconds of the oldest one."""
         with self.conn.transaction():
-            mine, only_mine = self.conn.execute(TARGET_LAYOUTS, {"target": self.target}).fetchone()  # type: ignore[misc]
-            layouts = None if only_mine else list(mine)
-            events, rows, lag = self.conn.execute(BACKLOG, {"layouts": layouts}).fetchone()  # type: ignore[misc]
+            events, rows, lag = self.conn.execute(BACKLOG, {"layouts": self._target_layouts()}).fetchone()  # type: ignore[misc]
         return int(events), int(rows), float(lag)
