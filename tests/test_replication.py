@@ -222,7 +222,7 @@ def test_exactly_once_when_the_worker_dies_after_turso_committed(conn, dsn, turs
 
     settings = resolve({}, {}, {"url": turso.url})
     with monkeypatch.context() as patch:
-        patch.setattr(Outbox, "mark_delivered", crash)
+        patch.setattr(Outbox, "remove_delivered", crash)
         with pytest.raises(Crash):
             Worker(dsn, settings).run(once=True)
     assert pending(conn) > 0
@@ -235,6 +235,38 @@ def test_exactly_once_when_the_worker_dies_after_turso_committed(conn, dsn, turs
     assert Worker(dsn, settings).run(once=True) == 0
     assert pending(conn) == 0
     assert turso.query("SELECT count(*) FROM t") == [[0]]
+
+
+def test_recovery_from_the_marker_spares_a_transaction_that_committed_later(conn, dsn, turso: TursoServer,
+                                                                           monkeypatch):
+    """The marker names a batch by its snapshot: an event with a lower id whose transaction was still open
+    when the batch was read must survive the recovery and arrive afterwards."""
+    from pgturso.outbox import Outbox
+    from pgturso.settings import resolve
+    from pgturso.worker import Worker
+
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+
+    class Crash(Exception):
+        pass
+
+    def crash(self, batch):
+        raise Crash("killed between Turso's commit and the outbox delete")
+
+    settings = resolve({}, {}, {"url": turso.url})
+    with psycopg.connect(dsn) as slow:
+        slow.execute("INSERT INTO t VALUES (1, 'slow')")  # the lower outbox id, committed last
+        conn.execute("INSERT INTO t VALUES (2, 'fast')")
+        with monkeypatch.context() as patch:
+            patch.setattr(Outbox, "remove_delivered", crash)
+            with pytest.raises(Crash):
+                Worker(dsn, settings).run(once=True)
+        slow.commit()
+    assert turso.query("SELECT id FROM t ORDER BY id") == [[2]]
+    assert Worker(dsn, settings).run(once=True) == 0
+    assert turso.query("SELECT id, v FROM t ORDER BY id") == [[1, "slow"], [2, "fast"]]
+    assert pending(conn) == 0
 
 
 def test_file_target_writes_a_local_turso_database(conn, dsn, tmp_path):

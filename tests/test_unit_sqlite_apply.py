@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from pgturso.layout import TableLayout
-from pgturso.outbox import Event, IdRanges
+from pgturso.outbox import Event
 from pgturso.progress import CREATE_MARKER_SQL, READ_MARKER_SQL, marker_statement
 from pgturso.quoting import quote_ident
 from pgturso.statements import Statement, StatementBuilder
@@ -341,12 +341,10 @@ def test_blobs_and_bytea_keys(blob_engine: Engine) -> None:
 def test_progress_marker_statement(engine: Engine) -> None:
     engine.execute(CREATE_MARKER_SQL)
     engine.execute(CREATE_MARKER_SQL)  # IF NOT EXISTS
-    for ids in ([1, 2, 3, 7], [8, 10]):
-        delivered = IdRanges()
-        for i in ids:
-            delivered.add(i)
-        statement = marker_statement("source-1", delivered)
+    for marker in ('{"upto":7,"snapshot":"10:12:10","held":[],"layouts":null}',
+                   '{"upto":10,"snapshot":"12:12:","held":["11"],"layouts":[1,2]}'):
+        statement = marker_statement("source-1", marker)
         engine.execute(statement.sql, statement.args)
-        assert engine.execute(READ_MARKER_SQL, ("source-1",)) == [(delivered.to_json(),)]
+        assert engine.execute(READ_MARKER_SQL, ("source-1",)) == [(marker,)]
     check = "SELECT count(*), applied_at LIKE '____-__-__T__:__:__.___Z' FROM \"_pgturso_progress\""
     assert engine.execute(check) == [(1, 1)]

@@ -8,6 +8,7 @@ How a change flows, one module per step:
     hrana.py      encodes them as a Hrana pipeline request and reads the answer
     targets.py    sends them to Turso over HTTP or to a local file through pyturso
     progress.py   the marker on the target that makes delivery exactly-once
+    pipeline.py   sends batch N on a thread while Postgres reads batch N+1
     worker.py     the loop: recover, read, send, mark delivered, wait for NOTIFY
 
 The Postgres-to-SQLite type map (types.py) and identifier quoting (quoting.py) are used by all of them.

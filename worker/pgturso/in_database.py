@@ -54,6 +54,7 @@ def sync(plpy: Any, dsn: str | None = None, url: str | None = None, target: str 
     logger.propagate = False
     try:
         worker = Worker(dsn or own_dsn(plpy), settings)
+        worker.read_ahead = False  # no threads inside a Postgres backend
         code = worker.run(once=True)
     finally:
         logger.removeHandler(handler)

@@ -6,12 +6,19 @@ event id of A. A batch is "every visible event with id <= L, minus transactions 
 above L", applied in id order in one Turso transaction. A transaction is never split across batches, a
 dependent transaction never lands before the one it depends on, and a long-open transaction holds back
 nothing: it is simply invisible until it commits.
+
+A batch is therefore named exactly by (L, the snapshot it was read in, its held transactions, its tables):
+its events are those with ``id <= L`` whose transaction is visible in that snapshot and not held. That name
+(``Batch.marker()``) is what the worker deletes by once Turso confirmed the batch, and what the progress
+marker on Turso records for recovery. It can never match a later event: ids are drawn in real time from a
+sequence, so an event drawn after the batch was chosen has an id above L, and one drawn before whose
+transaction was not yet committed is not visible in the snapshot.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,14 +44,14 @@ BATCH_CUT = f"""
         FROM pgturso.outbox WHERE {FOR_TARGET} ORDER BY id LIMIT %(max_events)s
     ) AS head
 """
-# Transactions with events on both sides of the cut. One range scan of the (txid, id) index over the
-# batch's transaction ids instead of a probe per transaction.
+# Transactions with events on both sides of the cut, and how many transactions the head holds. One range scan
+# of the (txid, id) index over the batch's transaction ids instead of a probe per transaction.
 STRADDLING_TRANSACTIONS = f"""
     WITH head AS MATERIALIZED (SELECT DISTINCT txid FROM pgturso.outbox WHERE id <= %(upto)s AND {FOR_TARGET})
-    SELECT o.txid::text, max(o.id) FROM pgturso.outbox o
-    WHERE o.txid BETWEEN (SELECT min(txid) FROM head) AND (SELECT max(txid) FROM head)
-      AND o.id > %(upto)s AND {FOR_TARGET} AND o.txid IN (SELECT txid FROM head)
-    GROUP BY o.txid
+    SELECT (SELECT count(*) FROM head), pg_current_snapshot()::text, ARRAY(
+        SELECT DISTINCT o.txid::text FROM pgturso.outbox o
+        WHERE o.txid BETWEEN (SELECT min(txid) FROM head) AND (SELECT max(txid) FROM head)
+          AND o.id > %(upto)s AND {FOR_TARGET} AND o.txid IN (SELECT txid FROM head))
 """
 FIRST_TRANSACTION_END = f"""
     SELECT max(o.id) FROM pgturso.outbox o
@@ -66,14 +73,8 @@ BATCH_GROUPS = f"""
         SELECT *, sum(starts_run) OVER (ORDER BY id) AS run, bytes_so_far / %(max_bytes)s AS part FROM ev
     )
     SELECT min(id), min(txid)::text::bigint, max(txid)::text::bigint, min(layout_id), min(op), sum(nrows)::bigint,
-           string_agg(payload, ',' ORDER BY id)
+           count(*), string_agg(payload, ',' ORDER BY id)
     FROM runs GROUP BY run, part ORDER BY min(id)
-"""
-# Which ids the batch holds, as runs of consecutive ids, and how many source transactions it carries.
-BATCH_IDS = f"""
-    SELECT min(id), max(id), (SELECT count(DISTINCT txid) FROM pgturso.outbox WHERE {BATCH_FILTER})
-    FROM (SELECT id, id - row_number() OVER (ORDER BY id) AS island FROM pgturso.outbox WHERE {BATCH_FILTER}) AS ids
-    GROUP BY island ORDER BY 1
 """
 ONLY_HELD = f"""
     SELECT NOT EXISTS (SELECT 1 FROM pgturso.outbox
@@ -108,9 +109,16 @@ RECORD_ERROR = """
         updated_at = now()
     WHERE target = %(target)s
 """
-DELETE_DELIVERED = """
-    DELETE FROM pgturso.outbox o USING unnest(%(lows)s::int8[], %(highs)s::int8[]) AS r(low, high)
-    WHERE o.id BETWEEN r.low AND r.high
+# A batch's events by its name (see the module docstring); %(marker)s is Batch.marker().
+DELETE_BATCH = """
+    DELETE FROM pgturso.outbox o USING (
+        SELECT (m->>'upto')::int8 AS upto, (m->>'snapshot')::pg_snapshot AS snap,
+               ARRAY(SELECT jsonb_array_elements_text(m->'held'))::xid8[] AS held,
+               ARRAY(SELECT jsonb_array_elements_text(m->'layouts'))::int[] AS layouts,
+               jsonb_typeof(m->'layouts') = 'array' AS filtered
+        FROM (SELECT %(marker)s::jsonb AS m) AS given) AS b
+    WHERE o.id <= b.upto AND pg_visible_in_snapshot(o.txid, b.snap) AND NOT (o.txid = ANY (b.held))
+      AND (NOT b.filtered OR o.layout_id = ANY (b.layouts))
 """
 # While the worker sleeps it holds a wake lock per table of its target (see capture.WAKE_LOCK_CLASS).
 TAKE_WAKE_LOCKS = """
@@ -130,46 +138,6 @@ BACKLOG = f"""
 """
 
 
-class IdRanges:
-    """A set of outbox ids as sorted, inclusive [low, high] runs of consecutive ids."""
-
-    def __init__(self, ranges: Iterable[tuple[int, int]] = ()) -> None:
-        self.ranges: list[list[int]] = [[lo, hi] for lo, hi in ranges]
-
-    def add(self, event_id: int) -> None:
-        """Add an id; ids must come in increasing order."""
-        if self.ranges and self.ranges[-1][1] + 1 == event_id:
-            self.ranges[-1][1] = event_id
-        elif self.ranges and event_id <= self.ranges[-1][1]:
-            raise ValueError(f"outbox id {event_id} arrived out of order")
-        else:
-            self.ranges.append([event_id, event_id])
-
-    def add_range(self, low: int, high: int) -> None:
-        """Add the ids low..high; ranges must come in increasing order."""
-        self.add(low)
-        self.ranges[-1][1] = high
-
-    def __bool__(self) -> bool:
-        return bool(self.ranges)
-
-    def __len__(self) -> int:
-        return sum(hi - lo + 1 for lo, hi in self.ranges)
-
-    def lows(self) -> list[int]:
-        return [lo for lo, _ in self.ranges]
-
-    def highs(self) -> list[int]:
-        return [hi for _, hi in self.ranges]
-
-    def to_json(self) -> str:
-        return json.dumps(self.ranges, separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str) -> IdRanges:
-        return cls((int(lo), int(hi)) for lo, hi in json.loads(text))
-
-
 @dataclass(frozen=True)
 class Event:
     id: int
@@ -179,39 +147,43 @@ class Event:
     nrows: int
     payload: str | None
     txids: tuple[int, ...] = ()  # a merged event's lowest and highest source transaction (for messages)
+    count: int = 1  # how many outbox events a merged event stands for
 
 
 class Batch:
-    """One batch: iterate ``events()`` once (streamed from a server-side cursor), then ``delivered``."""
+    """One batch, chosen inside a REPEATABLE READ transaction: iterate ``events()`` once (streamed from a
+    server-side cursor) in that transaction; ``marker()`` names its events for deletion and recovery."""
 
-    def __init__(self, conn: psycopg.Connection[Any], upto: int, held: list[str], fetch_size: int,
-                 layouts: list[int] | None = None, max_group_bytes: int = 1 << 20) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], upto: int, held: list[str], snapshot: str, transactions: int,
+                 fetch_size: int, layouts: list[int] | None = None, max_group_bytes: int = 1 << 20) -> None:
         self.conn = conn
         self.upto = upto
+        self.held = held
+        self.snapshot = snapshot
+        self.layouts = layouts
         self.params = {"upto": upto, "held": held, "layouts": layouts, "max_bytes": max_group_bytes}
         self.fetch_size = fetch_size
-        self.delivered = IdRanges()
+        self.transactions = transactions
+        self.event_count = 0
         self.rows = 0
-        self.transactions = 0
         self.rows_per_layout: dict[int, int] = {}
+
+    def marker(self) -> str:
+        return json.dumps({"upto": self.upto, "snapshot": self.snapshot, "held": self.held, "layouts": self.layouts},
+                          separators=(",", ":"))
 
     def events(self) -> Iterator[Event]:
         """The batch as events in outbox order, runs of upserts or deletes of a table already merged into one
         event each (``id`` is the run's first id)."""
-        self._read_ids()
         with self.conn.cursor(name="pgturso_batch") as cur:
             cur.itersize = self.fetch_size
             cur.execute(BATCH_GROUPS, self.params)
-            for first_id, first_txid, last_txid, layout_id, op, nrows, payload in cur:
+            for first_id, first_txid, last_txid, layout_id, op, nrows, count, payload in cur:
+                self.event_count += count
                 self.rows += nrows
                 self.rows_per_layout[layout_id] = self.rows_per_layout.get(layout_id, 0) + nrows
                 txids = (first_txid,) if first_txid == last_txid else (first_txid, last_txid)
-                yield Event(first_id, first_txid, layout_id, op, nrows, payload, txids)
-
-    def _read_ids(self) -> None:
-        for low, high, transactions in self.conn.execute(BATCH_IDS, self.params):
-            self.delivered.add_range(low, high)
-            self.transactions = int(transactions)
+                yield Event(first_id, first_txid, layout_id, op, nrows, payload, txids, count)
 
 
 class Outbox:
@@ -258,24 +230,23 @@ class Outbox:
             first = self.conn.execute(FIRST_COMMITTED_TRANSACTION, scope).fetchone()
             if first is None:
                 return None
-            return Batch(self.conn, first[0], self._straddling(first[0]), self.fetch_size, self.layouts,
-                         self.max_group_bytes)
+            return self._batch(first[0])
         cut = self.conn.execute(BATCH_CUT, {"max_events": self.batch_events, "max_rows": self.batch_rows,
                                             **scope}).fetchone()
         if cut is None or cut[0] is None:
             return None
-        upto = int(cut[0])
-        held = self._straddling(upto)
-        if held and self._only_held(upto, held):
+        batch = self._batch(int(cut[0]))
+        if batch.held and self._only_held(batch.upto, batch.held):
             # Every event up to the cut belongs to a transaction that continues past it: take the first
             # transaction whole, however large (it is streamed, not held in memory).
-            upto = self.conn.execute(FIRST_TRANSACTION_END, scope).fetchone()[0]  # type: ignore[index]
-            held = self._straddling(upto)
-        return Batch(self.conn, upto, held, self.fetch_size, self.layouts, self.max_group_bytes)
+            batch = self._batch(self.conn.execute(FIRST_TRANSACTION_END, scope).fetchone()[0])  # type: ignore[index]
+        return batch
 
-    def _straddling(self, upto: int) -> list[str]:
-        rows = self.conn.execute(STRADDLING_TRANSACTIONS, {"upto": upto, "layouts": self.layouts}).fetchall()
-        return [r[0] for r in rows]
+    def _batch(self, upto: int) -> Batch:
+        head_transactions, snapshot, held = self.conn.execute(  # type: ignore[misc]
+            STRADDLING_TRANSACTIONS, {"upto": upto, "layouts": self.layouts}).fetchone()
+        return Batch(self.conn, upto, list(held), snapshot, int(head_transactions) - len(held), self.fetch_size,
+                     self.layouts, self.max_group_bytes)
 
     def _only_held(self, upto: int, held: list[str]) -> bool:
         row = self.conn.execute(ONLY_HELD, {"upto": upto, "held": held, "layouts": self.layouts}).fetchone()
@@ -312,13 +283,10 @@ class Outbox:
         table, copied, done, total = row
         return str(table), int(copied), int(done), None if total is None else int(total)
 
-    def delete_delivered(self, delivered: IdRanges) -> int:
-        """Remove events the target confirmed (used on recovery, when the marker is all we know)."""
-        if not delivered:
-            return 0
+    def forget(self, marker: str) -> int:
+        """Remove the events of the batch that ``marker`` names (on recovery, when the marker is all we know)."""
         with self.conn.transaction():
-            cur = self.conn.execute(DELETE_DELIVERED, {"lows": delivered.lows(), "highs": delivered.highs()})
-            return cur.rowcount
+            return self.conn.execute(DELETE_BATCH, {"marker": marker}).rowcount
 
     def vacuum(self) -> None:
         """VACUUM the outbox (not FULL: it does not block writers), so its space is reused as a queue's must be.
@@ -327,20 +295,24 @@ class Outbox:
 
     def mark_delivered(self, batch: Batch) -> None:
         """Remove a delivered batch's events and count it, in one transaction."""
+        with self.conn.transaction():
+            self.remove_delivered(batch)
+
+    def remove_delivered(self, batch: Batch) -> None:
+        """Remove a delivered batch's events and count it, in the caller's transaction."""
         rows_per_table: dict[int, int] = {}
         for layout_id, rows in batch.rows_per_layout.items():
             table_id = self._table_of_layout.get(layout_id)
             if table_id is not None:
                 rows_per_table[table_id] = rows_per_table.get(table_id, 0) + rows
-        with self.conn.transaction():
-            self.conn.execute(DELETE_DELIVERED, {"lows": batch.delivered.lows(), "highs": batch.delivered.highs()})
-            self.conn.execute(RECORD_DELIVERY, {"transactions": batch.transactions, "rows": batch.rows,
-                                                "target": self.target})
-            if rows_per_table:
-                self.conn.execute(
-                    RECORD_TABLE_DELIVERY,
-                    {"tables": list(rows_per_table), "rows": list(rows_per_table.values())},
-                )
+        self.conn.execute(DELETE_BATCH, {"marker": batch.marker()})
+        self.conn.execute(RECORD_DELIVERY, {"transactions": batch.transactions, "rows": batch.rows,
+                                            "target": self.target})
+        if rows_per_table:
+            self.conn.execute(
+                RECORD_TABLE_DELIVERY,
+                {"tables": list(rows_per_table), "rows": list(rows_per_table.values())},
+            )
 
     def record_state(self, status: str, *, worker: str | None = None, starting: bool = False,
                      retry: bool = False) -> None:

@@ -1,14 +1,14 @@
 """The progress marker that makes delivery exactly-once.
 
-Every delivery writes, in the same Turso transaction as the data, which outbox ids it carried into the
-target's ``_pgturso_progress`` table. The worker deletes those ids from the outbox only after the commit;
-if it dies in between, the next start reads the marker and deletes them then, instead of sending them again.
-Outbox ids come from a sequence and are never reused, so an old marker can never match a new event.
+Every delivery writes, in the same Turso transaction as the data, which outbox events it carried into the
+target's ``_pgturso_progress`` table: the batch's name (``outbox.Batch.marker()``: its last id, snapshot,
+held transactions and tables). The worker deletes those events from the outbox only after the commit; if it
+dies in between, the next start reads the marker and deletes them then, instead of sending them again. A
+batch's name never matches a later event (outbox.py says why), so an old marker is harmless.
 """
 
 from __future__ import annotations
 
-from .outbox import IdRanges
 from .quoting import quote_ident
 from .statements import Statement
 
@@ -26,5 +26,5 @@ WRITE_MARKER_SQL = (
 )
 
 
-def marker_statement(source_id: str, delivered: IdRanges) -> Statement:
-    return Statement(WRITE_MARKER_SQL, (source_id, delivered.to_json()))
+def marker_statement(source_id: str, batch_marker: str) -> Statement:
+    return Statement(WRITE_MARKER_SQL, (source_id, batch_marker))

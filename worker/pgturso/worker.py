@@ -13,18 +13,27 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Generator
 from typing import Any
 
 import psycopg
 
-from .errors import ConfigError, RequestTooLarge, StatementFailed, TursoRequestRejected, TursoUnavailable
+from .errors import (
+    ConfigError,
+    PgTursoError,
+    RequestTooLarge,
+    StatementFailed,
+    TursoRequestRejected,
+    TursoUnavailable,
+)
 from .logs import Progress, event
 from .metrics import Metrics
-from .outbox import IdRanges, Outbox
+from .outbox import Batch, Outbox
+from .pipeline import InFlight, Sender, prepare, send_batch
 from .progress import CREATE_MARKER_SQL, READ_MARKER_SQL, marker_statement
 from .retry import backoff_delay
 from .settings import DEFAULT_URL, Settings
-from .statements import StatementBuilder
+from .statements import Statement, StatementBuilder
 from .targets import Target, open_target, redact_url
 
 log = logging.getLogger("pgturso.worker")
@@ -73,6 +82,10 @@ class Worker:
         self.recovered = False
         # While set, deliver one source transaction per batch, up to this outbox id (after a refused batch).
         self.isolating_until: int | None = None
+        # Read the next batch while the previous one is in flight (off inside Postgres: no threads there).
+        self.read_ahead = True
+        self.sender = Sender()
+        self.in_flight: InFlight | None = None
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self.metrics = Metrics()
         self.events_delivered = 0
@@ -150,6 +163,8 @@ class Worker:
         self.conn = self.listen_conn = None
 
     def close(self) -> None:
+        self._abandon_in_flight(None)
+        self.sender.close()
         self._disconnect()
         if self.target is not None:
             self.target.close()
@@ -164,7 +179,7 @@ class Worker:
         target.execute(CREATE_MARKER_SQL)
         rows = target.query(READ_MARKER_SQL, [self.source_id])
         if rows:
-            removed = self.outbox.delete_delivered(IdRanges.from_json(str(rows[0][0])))
+            removed = self.outbox.forget(str(rows[0][0]))
             if removed:
                 event(log, logging.INFO, "recovered", already_applied_events=removed)
         self.recovered = True
@@ -186,28 +201,89 @@ class Worker:
         return True
 
     def deliver_batch(self) -> int:
-        """Deliver one batch; returns the number of outbox events delivered (0: nothing pending)."""
+        """Deliver the next batch; returns the number of outbox events settled or sent (0: nothing pending and
+        nothing in flight). Reads batch N+1 while batch N is in flight (see pipeline.py)."""
+        if self.isolating_until is not None or not self.read_ahead:
+            return self._deliver_streaming()
         assert self.conn is not None and self.outbox is not None
+        target = self._open_target()
+        in_flight, self.in_flight = self.in_flight, None
+        statements = 0
+        try:
+            with self.conn.transaction():
+                if in_flight is not None:
+                    # Deleted first so that the reads below skip them; committed only once Turso confirmed them.
+                    self.outbox.remove_delivered(in_flight.batch)
+                batch = self.outbox.choose_batch()
+                prepared = None if batch is None else prepare(
+                    batch, self._statements(batch), self.settings.max_request_bytes)
+                if in_flight is not None:
+                    statements = in_flight.wait()
+        except BaseException as exc:
+            if in_flight is not None:
+                in_flight.settle(exc)
+                self.recovered = False  # whether Turso committed it is read from the marker
+            raise
+        settled = 0
+        if in_flight is not None:
+            self._delivered(in_flight.batch, statements, in_flight.started)
+            settled = in_flight.batch.event_count
+        if prepared is None:
+            return settled
+        if prepared.statements is None:  # too large to hold in memory: streamed on its own
+            return settled + self._deliver_streaming()
+        marker = marker_statement(self.source_id, prepared.batch.marker())
+        self.in_flight = self.sender.submit(target, prepared, marker)
+        return settled + prepared.batch.event_count
+
+    def _deliver_streaming(self) -> int:
+        """Deliver one batch, streamed from Postgres to Turso as it is read; nothing else in flight."""
+        assert self.conn is not None and self.outbox is not None
+        self._finish_in_flight()
         target = self._open_target()
         started = time.monotonic()
         with self.conn.transaction():
             batch = self.outbox.choose_batch(single_transaction=self.isolating_until is not None)
             if batch is None:
                 return 0
-            transaction = target.begin()
-            builder = StatementBuilder(self.outbox.layout, self.outbox.max_group_bytes)
-            statements = 0
-            for item in batch.events():
-                for statement in builder.add(item):
-                    transaction.execute(statement)
-                    statements += 1
-            for statement in builder.flush():
-                transaction.execute(statement)
-                statements += 1
-            transaction.execute(marker_statement(self.source_id, batch.delivered))
-            transaction.commit()
+            statements = send_batch(target, self._statements(batch), marker_statement(self.source_id, batch.marker()))
         self.outbox.mark_delivered(batch)
-        self.events_delivered += len(batch.delivered)
+        self._delivered(batch, statements, started)
+        return batch.event_count
+
+    def _statements(self, batch: Batch) -> Generator[Statement, None, None]:
+        assert self.outbox is not None
+        builder = StatementBuilder(self.outbox.layout, self.outbox.max_group_bytes)
+        for item in batch.events():
+            yield from builder.add(item)
+        yield from builder.flush()
+
+    def _finish_in_flight(self) -> None:
+        """Wait for the batch in flight and record it as delivered (when the worker stops, or streams next)."""
+        in_flight, self.in_flight = self.in_flight, None
+        if in_flight is None:
+            return
+        assert self.outbox is not None
+        try:
+            statements = in_flight.wait()
+            self.outbox.mark_delivered(in_flight.batch)
+        except BaseException as exc:
+            in_flight.settle(exc)
+            self.recovered = False
+            raise
+        self._delivered(in_flight.batch, statements, in_flight.started)
+
+    def _abandon_in_flight(self, failure: BaseException | None) -> None:
+        """After a failure elsewhere: let the send end before anything else talks to Turso; whether it committed
+        is read from the progress marker when the worker recovers."""
+        in_flight, self.in_flight = self.in_flight, None
+        if in_flight is not None:
+            in_flight.settle(failure)
+            self.recovered = False
+
+    def _delivered(self, batch: Batch, statements: int, started: float) -> None:
+        """Account for a batch that Turso committed and Postgres forgot."""
+        self.events_delivered += batch.event_count
         self._vacuum_if_due(batch.rows)
         self.metrics.add("pgturso_batches_total")
         self.metrics.add("pgturso_rows_delivered_total", batch.rows)
@@ -220,12 +296,11 @@ class Worker:
             logging.INFO,
             "delivered",
             transactions=batch.transactions,
-            events=len(batch.delivered),
+            events=batch.event_count,
             rows=batch.rows,
             statements=statements,
             ms=round((time.monotonic() - started) * 1000, 1),
         )
-        return len(batch.delivered)
 
     def _vacuum_if_due(self, rows: int) -> None:
         """Vacuum the outbox every VACUUM_EVERY_SECONDS while deliveries are flowing."""
@@ -310,6 +385,7 @@ class Worker:
                     self._record("idle")
                     self._wait_for_changes()
                 except (TursoUnavailable, psycopg.OperationalError) as exc:
+                    self._abandon_in_flight(exc)
                     attempts += 1
                     if retry_limit and attempts > retry_limit:
                         event(log, logging.ERROR, "giving_up", attempts=attempts - 1, error=str(exc).strip())
@@ -330,6 +406,7 @@ class Worker:
                     self.recovered = False
                     self._sleep(delay)
                 except StatementFailed as exc:
+                    self._abandon_in_flight(exc)
                     if self.isolating_until is None:
                         # Deliver one source transaction at a time up to the failure, to find the one Turso
                         # refuses and apply everything before it.
@@ -347,10 +424,15 @@ class Worker:
                     self._sleep(backoff_delay(attempts, self.settings.retry_base_delay,
                                               self.settings.retry_max_delay))
                 except (TursoRequestRejected, ConfigError) as exc:
+                    self._abandon_in_flight(exc)
                     self.metrics.add("pgturso_errors_total")
                     event(log, logging.ERROR, "stopped", error=str(exc))
                     self._record("stopped", error=str(exc))
                     return EXIT_FATAL
+            try:
+                self._finish_in_flight()
+            except (PgTursoError, psycopg.Error) as exc:
+                event(log, logging.WARNING, "stopped_in_flight", error=str(exc).strip())
             self._record("stopped")
             return EXIT_OK
         finally:
