@@ -319,3 +319,39 @@ def test_running_worker_wakes_on_commit_and_stops_cleanly(conn, dsn, turso: Turs
             proc.kill()
         stderr = proc.communicate()[1]
     assert "event=stopping" in stderr
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["one table, upserts only", "upserts and deletes"])
+def test_batch_groups_keep_order_and_size_limit(conn, dsn, turso: TursoServer, mixed: bool):
+    """A batch of only one table's upserts is merged by id range, any other by runs; either way every group
+    stays under the statement size limit, rows keep their order, and every event is delivered once."""
+    from pgturso.outbox import Outbox
+
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    drain(dsn, turso.url)
+    conn.execute("""CREATE PROCEDURE churn(n int, mixed bool) LANGUAGE plpgsql AS $$
+        BEGIN FOR i IN 1..n LOOP
+            INSERT INTO t VALUES (i % 50, repeat('x', i % 97) || i) ON CONFLICT (id) DO UPDATE SET v = excluded.v;
+            IF mixed AND i % 7 = 0 THEN DELETE FROM t WHERE id = (i * 3) % 50; END IF;
+            COMMIT;
+        END LOOP; END $$""")
+    conn.execute("CALL churn(600, %s)", (mixed,))
+    limit = 2048
+    with psycopg.connect(dsn, autocommit=True) as reader:
+        reader.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        outbox = Outbox(reader, batch_rows=10_000, batch_events=10_000, max_group_bytes=limit)
+        with reader.transaction():
+            batch = outbox.choose_batch()
+            assert batch is not None and batch.uniform is not mixed
+            groups = list(batch.events())
+        assert batch.event_count == pending(conn) >= 600
+        assert all(len(g.payload or "") + 2 <= limit for g in groups)
+        assert [g.id for g in groups] == sorted(g.id for g in groups)
+        if not mixed:
+            assert len(groups) > 1  # the size limit split the run
+    drain(dsn, turso.url, "--max-statement-bytes", str(limit))
+    assert turso.query("SELECT id, v FROM t ORDER BY id") == [
+        [r[0], r[1]] for r in conn.execute("SELECT id, v FROM t ORDER BY id").fetchall()
+    ]
+    assert pending(conn) == 0

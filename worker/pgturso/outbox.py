@@ -37,12 +37,21 @@ TARGET_LAYOUTS = """
            coalesce(bool_and(t.target = %(target)s), true)
     FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
 """
-# The cut L: the first id at which the oldest events add up to %(max_rows)s rows, within %(max_events)s events.
-BATCH_CUT = f"""
-    SELECT coalesce(min(id) FILTER (WHERE rows_so_far >= %(max_rows)s), max(id)) FROM (
+# The cut L: the last of the oldest %(max_events)s events, unless they hold more than %(max_rows)s rows; then
+# the first id at which the rows add up to that (a second query, which stops there). Also: whether those
+# events are all upserts (or all deletes) of one table, and the largest payload among them.
+BATCH_HEAD = f"""
+    SELECT count(*), coalesce(sum(greatest(nrows, 1)), 0), max(id),
+           coalesce(min(layout_id) = max(layout_id) AND min(op) = max(op) AND min(op) IN ('U', 'D'), false),
+           coalesce(max(octet_length(payload)), 0)
+    FROM (SELECT id, nrows, layout_id, op, payload FROM pgturso.outbox WHERE {FOR_TARGET} ORDER BY id
+          LIMIT %(max_events)s) AS head
+"""
+BATCH_CUT_BY_ROWS = f"""
+    SELECT id FROM (
         SELECT id, sum(greatest(nrows, 1)) OVER (ORDER BY id) AS rows_so_far
-        FROM pgturso.outbox WHERE {FOR_TARGET} ORDER BY id LIMIT %(max_events)s
-    ) AS head
+        FROM pgturso.outbox WHERE {FOR_TARGET} ORDER BY id
+    ) AS head WHERE rows_so_far >= %(max_rows)s LIMIT 1
 """
 # Transactions with events on both sides of the cut, and how many transactions the head holds. One range scan
 # of the (txid, id) index over the batch's transaction ids instead of a probe per transaction.
@@ -76,6 +85,14 @@ BATCH_GROUPS = f"""
            count(*), string_agg(payload, ',' ORDER BY id)
     FROM runs GROUP BY run, part ORDER BY min(id)
 """
+# The common case, where every event is an upsert (or every one a delete) of the same table: no runs to find,
+# so the events are merged by id range, %(bucket)s ids at a time (which bounds a group's size), without the
+# window passes of BATCH_GROUPS: a third of its cost.
+BATCH_BUCKETS = f"""
+    SELECT min(id), min(txid)::text::bigint, max(txid)::text::bigint, min(layout_id), min(op), sum(nrows)::bigint,
+           count(*), string_agg(payload, ',' ORDER BY id)
+    FROM pgturso.outbox WHERE {BATCH_FILTER} GROUP BY id / %(bucket)s ORDER BY id / %(bucket)s
+"""
 ONLY_HELD = f"""
     SELECT NOT EXISTS (SELECT 1 FROM pgturso.outbox
                        WHERE id <= %(upto)s AND NOT (txid = ANY (%(held)s::text[]::xid8[])) AND {FOR_TARGET})
@@ -84,19 +101,6 @@ FIRST_COMMITTED_TRANSACTION = f"""
     SELECT max(id) AS last_id FROM pgturso.outbox WHERE {FOR_TARGET} GROUP BY txid ORDER BY last_id LIMIT 1
 """
 LAYOUT = "SELECT spec, table_id FROM pgturso.layout WHERE id = %(id)s"
-RECORD_DELIVERY = """
-    UPDATE pgturso.delivery_state SET status = 'delivering', last_delivered_at = now(), updated_at = now(),
-        transactions_delivered = transactions_delivered + %(transactions)s,
-        rows_delivered = rows_delivered + %(rows)s
-    WHERE target = %(target)s
-"""
-RECORD_TABLE_DELIVERY = """
-    INSERT INTO pgturso.table_state AS s (table_id, rows_delivered, last_delivered_at)
-    SELECT t.id, r.rows, now() FROM unnest(%(tables)s::int[], %(rows)s::int8[]) AS r(table_id, rows)
-    JOIN pgturso.tracked_table t ON t.id = r.table_id
-    ON CONFLICT (table_id) DO UPDATE SET rows_delivered = s.rows_delivered + excluded.rows_delivered,
-        last_delivered_at = excluded.last_delivered_at
-"""
 RECORD_STATE = """
     UPDATE pgturso.delivery_state SET status = %(status)s, worker = coalesce(%(worker)s, worker),
         started_at = CASE WHEN %(starting)s THEN now() ELSE started_at END,
@@ -119,6 +123,22 @@ DELETE_BATCH = """
         FROM (SELECT %(marker)s::jsonb AS m) AS given) AS b
     WHERE o.id <= b.upto AND pg_visible_in_snapshot(o.txid, b.snap) AND NOT (o.txid = ANY (b.held))
       AND (NOT b.filtered OR o.layout_id = ANY (b.layouts))
+"""
+# One round trip: the batch's events go, and its counts are added to the target's and its tables' totals.
+RECORD_BATCH = f"""
+    WITH totals AS (
+        UPDATE pgturso.delivery_state SET status = 'delivering', last_delivered_at = now(), updated_at = now(),
+            transactions_delivered = transactions_delivered + %(transactions)s,
+            rows_delivered = rows_delivered + %(rows)s
+        WHERE target = %(target)s
+    ), per_table AS (
+        INSERT INTO pgturso.table_state AS s (table_id, rows_delivered, last_delivered_at)
+        SELECT t.id, r.rows, now() FROM unnest(%(tables)s::int[], %(table_rows)s::int8[]) AS r(table_id, rows)
+        JOIN pgturso.tracked_table t ON t.id = r.table_id
+        ON CONFLICT (table_id) DO UPDATE SET rows_delivered = s.rows_delivered + excluded.rows_delivered,
+            last_delivered_at = excluded.last_delivered_at
+    )
+    {DELETE_BATCH.strip()}
 """
 # While the worker sleeps it holds a wake lock per table of its target (see capture.WAKE_LOCK_CLASS).
 TAKE_WAKE_LOCKS = """
@@ -161,12 +181,21 @@ class Batch:
         self.held = held
         self.snapshot = snapshot
         self.layouts = layouts
-        self.params = {"upto": upto, "held": held, "layouts": layouts, "max_bytes": max_group_bytes}
+        self.params = {"upto": upto, "held": held, "layouts": layouts, "max_bytes": max_group_bytes, "bucket": 1}
+        self.max_group_bytes = max_group_bytes
+        self.uniform = False  # set by choose_batch: all upserts (or all deletes) of one table
         self.fetch_size = fetch_size
         self.transactions = transactions
+        self.more_pending = False
         self.event_count = 0
         self.rows = 0
         self.rows_per_layout: dict[int, int] = {}
+
+    def merge_by_id_range(self, uniform: bool, widest_payload: int) -> None:
+        """The batch's events are all upserts (or all deletes) of one table, none larger than
+        ``widest_payload`` bytes: merge them by id range, as many ids per group as fit its size limit."""
+        self.uniform = uniform
+        self.params["bucket"] = max(1, self.max_group_bytes // (int(widest_payload) + 1))
 
     def marker(self) -> str:
         return json.dumps({"upto": self.upto, "snapshot": self.snapshot, "held": self.held, "layouts": self.layouts},
@@ -177,7 +206,7 @@ class Batch:
         event each (``id`` is the run's first id)."""
         with self.conn.cursor(name="pgturso_batch") as cur:
             cur.itersize = self.fetch_size
-            cur.execute(BATCH_GROUPS, self.params)
+            cur.execute(BATCH_BUCKETS if self.uniform else BATCH_GROUPS, self.params)
             for first_id, first_txid, last_txid, layout_id, op, nrows, count, payload in cur:
                 self.event_count += count
                 self.rows += nrows
@@ -231,11 +260,16 @@ class Outbox:
             if first is None:
                 return None
             return self._batch(first[0])
-        cut = self.conn.execute(BATCH_CUT, {"max_events": self.batch_events, "max_rows": self.batch_rows,
-                                            **scope}).fetchone()
-        if cut is None or cut[0] is None:
+        limits = {"max_events": self.batch_events, "max_rows": self.batch_rows, **scope}
+        events, rows, last, uniform, widest = self.conn.execute(BATCH_HEAD, limits).fetchone()  # type: ignore[misc]
+        if not events:
             return None
-        batch = self._batch(int(cut[0]))
+        if rows > self.batch_rows:
+            last = self.conn.execute(BATCH_CUT_BY_ROWS, limits).fetchone()[0]  # type: ignore[index]
+        batch = self._batch(int(last))
+        # Cut short by the limits: more is pending, and reading the next batch ahead pays off.
+        batch.more_pending = events >= self.batch_events or rows >= self.batch_rows
+        batch.merge_by_id_range(uniform, widest)
         if batch.held and self._only_held(batch.upto, batch.held):
             # Every event up to the cut belongs to a transaction that continues past it: take the first
             # transaction whole, however large (it is streamed, not held in memory).
@@ -305,14 +339,9 @@ class Outbox:
             table_id = self._table_of_layout.get(layout_id)
             if table_id is not None:
                 rows_per_table[table_id] = rows_per_table.get(table_id, 0) + rows
-        self.conn.execute(DELETE_BATCH, {"marker": batch.marker()})
-        self.conn.execute(RECORD_DELIVERY, {"transactions": batch.transactions, "rows": batch.rows,
-                                            "target": self.target})
-        if rows_per_table:
-            self.conn.execute(
-                RECORD_TABLE_DELIVERY,
-                {"tables": list(rows_per_table), "rows": list(rows_per_table.values())},
-            )
+        self.conn.execute(RECORD_BATCH, {"marker": batch.marker(), "transactions": batch.transactions,
+                                         "rows": batch.rows, "target": self.target, "tables": list(rows_per_table),
+                                         "table_rows": list(rows_per_table.values())})
 
     def record_state(self, status: str, *, worker: str | None = None, starting: bool = False,
                      retry: bool = False) -> None:

@@ -46,6 +46,8 @@ NOTIFY_CHANNEL = "pgturso"
 EXIT_OK, EXIT_RETRIES_EXHAUSTED, EXIT_FATAL, EXIT_LOCKED = 0, 1, 2, 3
 # The worker vacuums the outbox itself, at most this often and after this many rows delivered.
 VACUUM_EVERY_SECONDS, VACUUM_AFTER_ROWS = 5.0, 10_000
+# With no initial copy pending, the worker looks for a new one at most this often (track_table starts one).
+COPY_CHECK_SECONDS = 0.5
 
 
 def target_endpoint(conn: psycopg.Connection[Any], settings: Settings) -> tuple[str, str | None]:
@@ -86,6 +88,8 @@ class Worker:
         self.read_ahead = True
         self.sender = Sender()
         self.in_flight: InFlight | None = None
+        self.locked_conn: psycopg.Connection[Any] | None = None
+        self._copy_checked = 0.0
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self.metrics = Metrics()
         self.events_delivered = 0
@@ -125,11 +129,14 @@ class Worker:
 
     def _acquire_lock(self, once: bool) -> bool:
         assert self.conn is not None
+        if self.locked_conn is self.conn:  # a session lock: held for as long as this connection lives
+            return True
         waiting_logged = False
         while not self.stopping:
             row = self.conn.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))",
                                     (DELIVERY_LOCK_CLASS, self.settings.target)).fetchone()
             if row and row[0]:
+                self.locked_conn = self.conn
                 if waiting_logged:
                     event(log, logging.INFO, "lock_acquired", role="active")
                 return True
@@ -184,11 +191,16 @@ class Worker:
                 event(log, logging.INFO, "recovered", already_applied_events=removed)
         self.recovered = True
 
-    def copy_step(self) -> bool:
-        """Queue one chunk of a pending initial copy; False when no copy is pending."""
+    def copy_step(self, look: bool = False) -> bool:
+        """Queue one chunk of a pending initial copy; False when no copy is pending (or, unless ``look``, none
+        was found a moment ago)."""
         assert self.outbox is not None
+        now = time.monotonic()
+        if not look and now - self._copy_checked < COPY_CHECK_SECONDS:
+            return False
         chunk = self.outbox.copy_chunk(self.settings.copy_chunk_rows)
         if chunk is None:
+            self._copy_checked = now  # none pending: look again shortly, not on every batch
             return False
         table, copied, done, total = chunk
         if sys.stderr.isatty() and total:  # a terminal gets a progress bar, logs a line per chunk
@@ -208,8 +220,13 @@ class Worker:
         assert self.conn is not None and self.outbox is not None
         target = self._open_target()
         in_flight, self.in_flight = self.in_flight, None
+        # Caught up (the batch in flight took all there was): a batch read now would miss what commits while
+        # that one travels and leave it for one more round trip. Let it land first, then read.
+        read_ahead = in_flight is not None and in_flight.batch.more_pending
         statements = 0
         try:
+            if in_flight is not None and not read_ahead:
+                statements = in_flight.wait()
             with self.conn.transaction():
                 if in_flight is not None:
                     # Deleted first so that the reads below skip them; committed only once Turso confirmed them.
@@ -217,8 +234,8 @@ class Worker:
                 batch = self.outbox.choose_batch()
                 prepared = None if batch is None else prepare(
                     batch, self._statements(batch), self.settings.max_request_bytes)
-                if in_flight is not None:
-                    statements = in_flight.wait()
+                if read_ahead:
+                    statements = in_flight.wait()  # type: ignore[union-attr]
         except BaseException as exc:
             if in_flight is not None:
                 in_flight.settle(exc)
@@ -377,7 +394,7 @@ class Worker:
                         self._record("delivering")
                     attempts = 0
                     self._update_backlog(force=not delivered)
-                    if delivered or copied:
+                    if delivered or copied or self.copy_step(look=True):
                         continue
                     if once:
                         self._record("stopped")
