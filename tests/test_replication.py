@@ -355,3 +355,23 @@ def test_batch_groups_keep_order_and_size_limit(conn, dsn, turso: TursoServer, m
         [r[0], r[1]] for r in conn.execute("SELECT id, v FROM t ORDER BY id").fetchall()
     ]
     assert pending(conn) == 0
+
+
+def test_a_marker_of_the_id_range_format_is_still_honoured(conn, dsn, turso: TursoServer):
+    """Markers written before batches were named by snapshot list id ranges; what they list is not resent."""
+    from pgturso.progress import CREATE_MARKER_SQL, MARKER_TABLE
+    from support.turso import read_rows
+
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    drain(dsn, turso.url)
+    conn.execute("INSERT INTO t VALUES (1, 'in Postgres')")
+    low, high = conn.execute("SELECT min(id), max(id) FROM pgturso.outbox").fetchone()
+    source_id = conn.execute("SELECT source_id::text FROM pgturso.instance").fetchone()[0]
+    # As if an older worker had applied the batch (with a value we can tell apart) and died before deleting it.
+    read_rows(turso.url, CREATE_MARKER_SQL)
+    read_rows(turso.url, "INSERT INTO t VALUES (1, 'applied earlier')")
+    read_rows(turso.url, f"INSERT OR REPLACE INTO {MARKER_TABLE} VALUES ('{source_id}', '[[{low},{high}]]', 'earlier')")
+    drain(dsn, turso.url)
+    assert pending(conn) == 0
+    assert turso.query("SELECT id, v FROM t") == [[1, "applied earlier"]]

@@ -124,6 +124,11 @@ DELETE_BATCH = """
     WHERE o.id <= b.upto AND pg_visible_in_snapshot(o.txid, b.snap) AND NOT (o.txid = ANY (b.held))
       AND (NOT b.filtered OR o.layout_id = ANY (b.layouts))
 """
+# A marker written by pgturso before batches were named by snapshot: the id ranges [[low, high], ...] it carried.
+DELETE_ID_RANGES = """
+    DELETE FROM pgturso.outbox o USING jsonb_array_elements(%(marker)s::jsonb) AS r
+    WHERE o.id BETWEEN (r->>0)::int8 AND (r->>1)::int8
+"""
 # One round trip: the batch's events go, and its counts are added to the target's and its tables' totals.
 RECORD_BATCH = f"""
     WITH totals AS (
@@ -195,7 +200,8 @@ class Batch:
         """The batch's events are all upserts (or all deletes) of one table, none larger than
         ``widest_payload`` bytes: merge them by id range, as many ids per group as fit its size limit."""
         self.uniform = uniform
-        self.params["bucket"] = max(1, self.max_group_bytes // (int(widest_payload) + 1))
+        # A group joins its payloads with commas and the statement adds brackets: bucket * (widest + 1) + 1.
+        self.params["bucket"] = max(1, (self.max_group_bytes - 1) // (int(widest_payload) + 1))
 
     def marker(self) -> str:
         return json.dumps({"upto": self.upto, "snapshot": self.snapshot, "held": self.held, "layouts": self.layouts},
@@ -268,12 +274,14 @@ class Outbox:
             last = self.conn.execute(BATCH_CUT_BY_ROWS, limits).fetchone()[0]  # type: ignore[index]
         batch = self._batch(int(last))
         # Cut short by the limits: more is pending, and reading the next batch ahead pays off.
-        batch.more_pending = events >= self.batch_events or rows >= self.batch_rows
+        more_pending = events >= self.batch_events or rows >= self.batch_rows
         batch.merge_by_id_range(uniform, widest)
         if batch.held and self._only_held(batch.upto, batch.held):
             # Every event up to the cut belongs to a transaction that continues past it: take the first
             # transaction whole, however large (it is streamed, not held in memory).
             batch = self._batch(self.conn.execute(FIRST_TRANSACTION_END, scope).fetchone()[0])  # type: ignore[index]
+            more_pending = True  # the rest of the held transactions, at least
+        batch.more_pending = more_pending
         return batch
 
     def _batch(self, upto: int) -> Batch:
@@ -319,8 +327,9 @@ class Outbox:
 
     def forget(self, marker: str) -> int:
         """Remove the events of the batch that ``marker`` names (on recovery, when the marker is all we know)."""
+        query = DELETE_ID_RANGES if marker.lstrip().startswith("[") else DELETE_BATCH
         with self.conn.transaction():
-            return self.conn.execute(DELETE_BATCH, {"marker": marker}).rowcount
+            return self.conn.execute(query, {"marker": marker}).rowcount
 
     def vacuum(self) -> None:
         """VACUUM the outbox (not FULL: it does not block writers), so its space is reused as a queue's must be.

@@ -90,6 +90,7 @@ class Worker:
         self.in_flight: InFlight | None = None
         self.locked_conn: psycopg.Connection[Any] | None = None
         self._copy_checked = 0.0
+        self._copying = False  # an initial copy is in progress: more batches are coming
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self.metrics = Metrics()
         self.events_delivered = 0
@@ -111,6 +112,9 @@ class Worker:
     def _connect(self) -> None:
         if self.conn is not None and not self.conn.closed:
             return
+        # A batch still in flight belonged to the lost connection's transaction: let it end before anything
+        # else talks to Turso; the marker says whether it committed.
+        self._abandon_in_flight(None)
         # No server-side prepared statements: the batch queries need plans for their actual bounds (a
         # generic plan scans the whole outbox); no JIT: these are small, frequent queries.
         conn = psycopg.connect(self.dsn, autocommit=True, application_name="pgturso-worker", prepare_threshold=None)
@@ -182,6 +186,7 @@ class Worker:
     def recover(self) -> None:
         """Forget outbox events that the target's marker says were committed there already."""
         assert self.outbox is not None
+        assert self.in_flight is None, "recovery while a batch is in flight would race its sender"
         target = self._open_target()
         target.execute(CREATE_MARKER_SQL)
         rows = target.query(READ_MARKER_SQL, [self.source_id])
@@ -199,6 +204,7 @@ class Worker:
         if not look and now - self._copy_checked < COPY_CHECK_SECONDS:
             return False
         chunk = self.outbox.copy_chunk(self.settings.copy_chunk_rows)
+        self._copying = chunk is not None
         if chunk is None:
             self._copy_checked = now  # none pending: look again shortly, not on every batch
             return False
@@ -222,7 +228,7 @@ class Worker:
         in_flight, self.in_flight = self.in_flight, None
         # Caught up (the batch in flight took all there was): a batch read now would miss what commits while
         # that one travels and leave it for one more round trip. Let it land first, then read.
-        read_ahead = in_flight is not None and in_flight.batch.more_pending
+        read_ahead = in_flight is not None and (in_flight.batch.more_pending or self._copying)
         statements = 0
         try:
             if in_flight is not None and not read_ahead:
