@@ -8,6 +8,7 @@ events and the same empty target.
 from __future__ import annotations
 
 import math
+import os
 import random
 import tempfile
 import threading
@@ -394,6 +395,7 @@ def s5_latency(b: Bench) -> None:
     # (checkpoint, autovacuum) during these 20 seconds and show up as pauses of a quarter of a second.
     b.sql("VACUUM ANALYZE")
     b.sql("CHECKPOINT")
+    os.sync()  # and the page cache: tursodb fsyncs its commits, which would wait behind those writes
     with fresh_turso() as server:
         floor = _request_round_trips(server.url, 50 if b.quick else 300)
         worker = WorkerProcess(b.dsn, server.url, once=False)

@@ -53,14 +53,19 @@ BATCH_CUT_BY_ROWS = f"""
         FROM pgturso.outbox WHERE {FOR_TARGET} ORDER BY id
     ) AS head WHERE rows_so_far >= %(max_rows)s LIMIT 1
 """
-# Transactions with events on both sides of the cut, and how many transactions the head holds. One range scan
-# of the (txid, id) index over the batch's transaction ids instead of a probe per transaction.
+# Transactions with events on both sides of the cut, and how many transactions the batch's head holds: one
+# pass over the head for its transaction id range and count, then one range scan of the (txid, id) index for
+# later events in that range, each checked for a partner at or below the cut.
 STRADDLING_TRANSACTIONS = f"""
-    WITH head AS MATERIALIZED (SELECT DISTINCT txid FROM pgturso.outbox WHERE id <= %(upto)s AND {FOR_TARGET})
-    SELECT (SELECT count(*) FROM head), pg_current_snapshot()::text, ARRAY(
+    WITH head AS (
+        SELECT min(txid) AS low, max(txid) AS high, count(DISTINCT txid) AS transactions
+        FROM pgturso.outbox WHERE id <= %(upto)s AND {FOR_TARGET}
+    )
+    SELECT head.transactions, pg_current_snapshot()::text, ARRAY(
         SELECT DISTINCT o.txid::text FROM pgturso.outbox o
-        WHERE o.txid BETWEEN (SELECT min(txid) FROM head) AND (SELECT max(txid) FROM head)
-          AND o.id > %(upto)s AND {FOR_TARGET} AND o.txid IN (SELECT txid FROM head))
+        WHERE o.txid BETWEEN head.low AND head.high AND o.id > %(upto)s AND {FOR_TARGET}
+          AND EXISTS (SELECT 1 FROM pgturso.outbox h WHERE h.txid = o.txid AND h.id <= %(upto)s AND {FOR_TARGET}))
+    FROM head
 """
 FIRST_TRANSACTION_END = f"""
     SELECT max(o.id) FROM pgturso.outbox o
