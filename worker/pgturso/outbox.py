@@ -38,14 +38,11 @@ TARGET_LAYOUTS = """
     FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
 """
 # The cut L: the last of the oldest %(max_events)s events, unless they hold more than %(max_rows)s rows; then
-# the first id at which the rows add up to that (a second query, which stops there). Also: whether those
-# events are all upserts (or all deletes) of one table, and the largest payload among them.
+# the first id at which the rows add up to that (a second query, which stops there).
 BATCH_HEAD = f"""
-    SELECT count(*), coalesce(sum(greatest(nrows, 1)), 0), max(id),
-           coalesce(min(layout_id) = max(layout_id) AND min(op) = max(op) AND min(op) IN ('U', 'D'), false),
-           coalesce(max(octet_length(payload)), 0)
-    FROM (SELECT id, nrows, layout_id, op, payload FROM pgturso.outbox WHERE {FOR_TARGET} ORDER BY id
-          LIMIT %(max_events)s) AS head
+    SELECT count(*), coalesce(sum(greatest(nrows, 1)), 0), max(id) FROM (
+        SELECT id, nrows FROM pgturso.outbox WHERE {FOR_TARGET} ORDER BY id LIMIT %(max_events)s
+    ) AS head
 """
 BATCH_CUT_BY_ROWS = f"""
     SELECT id FROM (
@@ -53,15 +50,19 @@ BATCH_CUT_BY_ROWS = f"""
         FROM pgturso.outbox WHERE {FOR_TARGET} ORDER BY id
     ) AS head WHERE rows_so_far >= %(max_rows)s LIMIT 1
 """
-# Transactions with events on both sides of the cut, and how many transactions the batch's head holds: one
-# pass over the head for its transaction id range and count, then one range scan of the (txid, id) index for
-# later events in that range, each checked for a partner at or below the cut.
+# Transactions with events on both sides of the cut, and how many transactions the events up to the cut hold:
+# one pass over those events (also telling whether they are all upserts, or all deletes, of one table, and
+# their largest payload), then one range scan of the (txid, id) index for later events in their transaction
+# id range, each checked for a partner at or below the cut.
 STRADDLING_TRANSACTIONS = f"""
     WITH head AS (
-        SELECT min(txid) AS low, max(txid) AS high, count(DISTINCT txid) AS transactions
+        SELECT min(txid) AS low, max(txid) AS high, count(DISTINCT txid) AS transactions,
+               coalesce(min(layout_id) = max(layout_id) AND min(op) = max(op) AND min(op) IN ('U', 'D'), false)
+                   AS uniform,
+               coalesce(max(octet_length(payload)), 0) AS widest
         FROM pgturso.outbox WHERE id <= %(upto)s AND {FOR_TARGET}
     )
-    SELECT head.transactions, pg_current_snapshot()::text, ARRAY(
+    SELECT head.transactions, head.uniform, head.widest, pg_current_snapshot()::text, ARRAY(
         SELECT DISTINCT o.txid::text FROM pgturso.outbox o
         WHERE o.txid BETWEEN head.low AND head.high AND o.id > %(upto)s AND {FOR_TARGET}
           AND EXISTS (SELECT 1 FROM pgturso.outbox h WHERE h.txid = o.txid AND h.id <= %(upto)s AND {FOR_TARGET}))
@@ -272,7 +273,7 @@ class Outbox:
                 return None
             return self._batch(first[0])
         limits = {"max_events": self.batch_events, "max_rows": self.batch_rows, **scope}
-        events, rows, last, uniform, widest = self.conn.execute(BATCH_HEAD, limits).fetchone()  # type: ignore[misc]
+        events, rows, last = self.conn.execute(BATCH_HEAD, limits).fetchone()  # type: ignore[misc]
         if not events:
             return None
         if rows > self.batch_rows:
@@ -280,7 +281,6 @@ class Outbox:
         batch = self._batch(int(last))
         # Cut short by the limits: more is pending, and reading the next batch ahead pays off.
         more_pending = events >= self.batch_events or rows >= self.batch_rows
-        batch.merge_by_id_range(uniform, widest)
         if batch.held and self._only_held(batch.upto, batch.held):
             # Every event up to the cut belongs to a transaction that continues past it: take the first
             # transaction whole, however large (it is streamed, not held in memory).
@@ -290,10 +290,12 @@ class Outbox:
         return batch
 
     def _batch(self, upto: int) -> Batch:
-        head_transactions, snapshot, held = self.conn.execute(  # type: ignore[misc]
+        head_transactions, uniform, widest, snapshot, held = self.conn.execute(  # type: ignore[misc]
             STRADDLING_TRANSACTIONS, {"upto": upto, "layouts": self.layouts}).fetchone()
-        return Batch(self.conn, upto, list(held), snapshot, int(head_transactions) - len(held), self.fetch_size,
-                     self.layouts, self.max_group_bytes)
+        batch = Batch(self.conn, upto, list(held), snapshot, int(head_transactions) - len(held), self.fetch_size,
+                      self.layouts, self.max_group_bytes)
+        batch.merge_by_id_range(uniform, widest)
+        return batch
 
     def _only_held(self, upto: int, held: list[str]) -> bool:
         row = self.conn.execute(ONLY_HELD, {"upto": upto, "held": held, "layouts": self.layouts}).fetchone()
