@@ -375,3 +375,32 @@ def test_a_marker_of_the_id_range_format_is_still_honoured(conn, dsn, turso: Tur
     drain(dsn, turso.url)
     assert pending(conn) == 0
     assert turso.query("SELECT id, v FROM t") == [[1, "applied earlier"]]
+
+
+def test_a_worker_that_missed_another_workers_delivery_cannot_commit(conn, dsn, turso: TursoServer):
+    """The marker is a fence: a worker whose view of it is stale (another worker delivered meanwhile, as after
+    losing the delivery lock) has its batch refused whole, then recovers from the marker and carries on."""
+    from pgturso.errors import MarkerMoved
+    from pgturso.settings import resolve
+    from pgturso.worker import Worker
+
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    drain(dsn, turso.url)
+    stale = Worker(dsn, resolve({}, {}, {"url": turso.url}))
+    stale.read_ahead = False
+    stale._connect()
+    stale.recover()  # reads the marker as it is now
+    stale._disconnect()  # gives up the connection (and so the delivery lock) to the other worker
+    conn.execute("INSERT INTO t VALUES (1, 'by the other worker')")
+    drain(dsn, turso.url)
+    conn.execute("INSERT INTO t VALUES (2, 'later')")
+    stale._connect()
+    with pytest.raises(MarkerMoved, match="another worker delivered"):
+        stale.deliver_batch()
+    assert turso.query("SELECT id FROM t ORDER BY id") == [[1]]
+    assert pending(conn) == 1  # nothing was marked delivered
+    assert stale.run(once=True) == 0  # recovers from the marker, then delivers
+    stale.close()
+    assert turso.query("SELECT id, v FROM t ORDER BY id") == [[1, "by the other worker"], [2, "later"]]
+    assert pending(conn) == 0

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from pgturso.layout import TableLayout
 from pgturso.outbox import Event
-from pgturso.progress import CREATE_MARKER_SQL, READ_MARKER_SQL, marker_statement
+from pgturso.progress import CREATE_MARKER_SQL, READ_MARKER_SQL, marker_statements
 from pgturso.quoting import quote_ident
 from pgturso.statements import Statement, StatementBuilder
 
@@ -338,13 +338,29 @@ def test_blobs_and_bytea_keys(blob_engine: Engine) -> None:
     assert engine.rows(BLOBS) == [(b"new", b"\x00", "a")]
 
 
-def test_progress_marker_statement(engine: Engine) -> None:
+def test_progress_marker_statements(engine: Engine) -> None:
     engine.execute(CREATE_MARKER_SQL)
     engine.execute(CREATE_MARKER_SQL)  # IF NOT EXISTS
+    previous = ""
     for marker in ('{"upto":7,"snapshot":"10:12:10","held":[],"layouts":null}',
                    '{"upto":10,"snapshot":"12:12:","held":["11"],"layouts":[1,2]}'):
-        statement = marker_statement("source-1", marker)
-        engine.execute(statement.sql, statement.args)
+        for statement in marker_statements("source-1", marker, previous):
+            engine.execute(statement.sql, statement.args)
         assert engine.execute(READ_MARKER_SQL, ("source-1",)) == [(marker,)]
+        previous = marker
     check = "SELECT count(*), applied_at LIKE '____-__-__T__:__:__.___Z' FROM \"_pgturso_progress\""
     assert engine.execute(check) == [(1, 1)]
+
+
+@pytest.mark.parametrize("seen", ["", '{"upto":3}'], ids=["saw no marker", "saw an older marker"])
+def test_progress_marker_is_a_fence(engine: Engine, seen: str) -> None:
+    """A worker that did not see the marker now on the target cannot write its own: the check fails."""
+    engine.execute(CREATE_MARKER_SQL)
+    write, check = marker_statements("source-1", '{"upto":5}', "")
+    engine.execute(write.sql, write.args)
+    engine.execute(check.sql, check.args)
+    write, check = marker_statements("source-1", '{"upto":9}', seen)
+    engine.execute(write.sql, write.args)
+    with pytest.raises(Exception, match="malformed JSON"):
+        engine.execute(check.sql, check.args)
+    assert engine.execute(READ_MARKER_SQL, ("source-1",)) == [('{"upto":5}',)]

@@ -19,6 +19,12 @@ class RequestTooLarge(TursoUnavailable):
     """Turso answered 413: the worker retries with smaller requests and statements."""
 
 
+class MarkerMoved(TursoUnavailable):
+    """The progress marker on Turso is not the one this worker last saw: another worker delivered to the
+    target since (or an abandoned batch of this one committed late). Nothing of this batch was applied; the
+    worker recovers from the marker and carries on."""
+
+
 class TursoRequestRejected(PgTursoError):
     """Turso refused the request itself (4xx other than 429): retrying the same request cannot help."""
 

@@ -21,23 +21,35 @@ from collections.abc import Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from .errors import MarkerMoved, StatementFailed
 from .logs import event
 from .outbox import Batch
+from .progress import CHECK_MARKER_OPERATION
 from .statements import Statement
 from .targets import Target
 
 log = logging.getLogger("pgturso.pipeline")
 
 
-def send_batch(target: Target, statements: Iterable[Statement], marker: Statement) -> int:
-    """Apply ``statements`` and the progress marker in one Turso transaction; returns the statements sent."""
+def send_batch(target: Target, statements: Iterable[Statement], marker: list[Statement]) -> int:
+    """Apply ``statements`` and the progress marker (``progress.marker_statements``) in one Turso transaction;
+    returns the statements sent."""
     transaction = target.begin()
     sent = 0
-    for statement in statements:
-        transaction.execute(statement)
-        sent += 1
-    transaction.execute(marker)
-    transaction.commit()
+    try:
+        for statement in statements:
+            transaction.execute(statement)
+            sent += 1
+        for statement in marker:
+            transaction.execute(statement)
+        transaction.commit()
+    except StatementFailed as exc:
+        if exc.operation == CHECK_MARKER_OPERATION:
+            raise MarkerMoved(
+                f"the progress marker on {target.description} is not the one this worker last saw: another worker "
+                "delivered to this target meanwhile; nothing of this batch was applied, recovering from the marker"
+            ) from exc
+        raise
     return sent
 
 
@@ -92,7 +104,7 @@ class Sender:
     def __init__(self) -> None:
         self._executor: ThreadPoolExecutor | None = None
 
-    def submit(self, target: Target, prepared: PreparedBatch, marker: Statement) -> InFlight:
+    def submit(self, target: Target, prepared: PreparedBatch, marker: list[Statement]) -> InFlight:
         assert prepared.statements is not None
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgturso-send")

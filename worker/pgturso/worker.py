@@ -30,7 +30,7 @@ from .logs import Progress, event
 from .metrics import Metrics
 from .outbox import Batch, Outbox
 from .pipeline import InFlight, Sender, prepare, send_batch
-from .progress import CREATE_MARKER_SQL, READ_MARKER_SQL, marker_statement
+from .progress import CREATE_MARKER_SQL, READ_MARKER_SQL, marker_statements
 from .retry import backoff_delay
 from .settings import DEFAULT_URL, Settings
 from .statements import Statement, StatementBuilder
@@ -89,6 +89,7 @@ class Worker:
         self.sender = Sender()
         self.in_flight: InFlight | None = None
         self.locked_conn: psycopg.Connection[Any] | None = None
+        self.last_marker = ""  # the progress marker last read from or written to the target (its fence)
         self._copy_checked = 0.0
         self._copying = False  # an initial copy is in progress: more batches are coming
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
@@ -190,6 +191,7 @@ class Worker:
         target = self._open_target()
         target.execute(CREATE_MARKER_SQL)
         rows = target.query(READ_MARKER_SQL, [self.source_id])
+        self.last_marker = str(rows[0][0]) if rows else ""
         if rows:
             removed = self.outbox.forget(str(rows[0][0]))
             if removed:
@@ -255,7 +257,7 @@ class Worker:
             return settled
         if prepared.statements is None:  # too large to hold in memory: streamed on its own
             return settled + self._deliver_streaming()
-        marker = marker_statement(self.source_id, prepared.batch.marker())
+        marker = marker_statements(self.source_id, prepared.batch.marker(), self.last_marker)
         self.in_flight = self.sender.submit(target, prepared, marker)
         return settled + prepared.batch.event_count
 
@@ -269,7 +271,8 @@ class Worker:
             batch = self.outbox.choose_batch(single_transaction=self.isolating_until is not None)
             if batch is None:
                 return 0
-            statements = send_batch(target, self._statements(batch), marker_statement(self.source_id, batch.marker()))
+            marker = marker_statements(self.source_id, batch.marker(), self.last_marker)
+            statements = send_batch(target, self._statements(batch), marker)
         self.outbox.mark_delivered(batch)
         self._delivered(batch, statements, started)
         return batch.event_count
@@ -306,6 +309,7 @@ class Worker:
 
     def _delivered(self, batch: Batch, statements: int, started: float) -> None:
         """Account for a batch that Turso committed and Postgres forgot."""
+        self.last_marker = batch.marker()
         self.events_delivered += batch.event_count
         self._vacuum_if_due(batch.rows)
         self.metrics.add("pgturso_batches_total")
