@@ -312,3 +312,9 @@ def test_libsql_urls_are_https_and_file_urls_are_embedded(tmp_path) -> None:
     local.close()
     with pytest.raises(ConfigError, match="not a Turso URL"):
         open_target("ftp://nope", None, max_request_bytes=1, timeout=1)
+
+
+def test_a_float_without_a_value_is_a_clear_error() -> None:
+    """tursodb sends ±Infinity as a float whose value is null: say so instead of failing in float()."""
+    with pytest.raises(ValueError, match="Infinity"):
+        decode_value({"type": "float", "value": None})

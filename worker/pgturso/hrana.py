@@ -45,6 +45,9 @@ def decode_value(value: dict[str, Any]) -> Value:
     if kind == "integer":
         return int(value["value"])
     if kind == "float":
+        if value.get("value") is None:  # JSON has no ±Infinity or NaN: tursodb sends them as null
+            raise ValueError("Turso sent a float without a value (±Infinity or NaN); read the column as text "
+                             "(CAST(column AS TEXT)) to see it")
         return float(value["value"])
     if kind == "text":
         return str(value["value"])
