@@ -205,14 +205,11 @@ def test_turso_down_fails_the_run_and_keeps_the_outbox(conn, dsn, turso: TursoSe
     assert turso.query("SELECT count(*) FROM t") == [[10]]
 
 
-def test_exactly_once_when_the_worker_dies_after_turso_committed(conn, dsn, turso: TursoServer, monkeypatch):
+def run_worker_that_dies_after_turso_commits(dsn: str, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One in-process worker pass that is killed between Turso's commit and the outbox delete."""
     from pgturso.outbox import Outbox
     from pgturso.settings import resolve
     from pgturso.worker import Worker
-
-    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
-    conn.execute("SELECT pgturso.track_table('t')")
-    conn.execute("INSERT INTO t VALUES (1, 'x')")
 
     class Crash(Exception):
         pass
@@ -220,11 +217,21 @@ def test_exactly_once_when_the_worker_dies_after_turso_committed(conn, dsn, turs
     def crash(self, batch):
         raise Crash("killed between Turso's commit and the outbox delete")
 
-    settings = resolve({}, {}, {"url": turso.url})
     with monkeypatch.context() as patch:
         patch.setattr(Outbox, "remove_delivered", crash)
         with pytest.raises(Crash):
-            Worker(dsn, settings).run(once=True)
+            Worker(dsn, resolve({}, {}, {"url": url})).run(once=True)
+
+
+def test_exactly_once_when_the_worker_dies_after_turso_committed(conn, dsn, turso: TursoServer, monkeypatch):
+    from pgturso.settings import resolve
+    from pgturso.worker import Worker
+
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("INSERT INTO t VALUES (1, 'x')")
+    run_worker_that_dies_after_turso_commits(dsn, turso.url, monkeypatch)
+    settings = resolve({}, {}, {"url": turso.url})
     assert pending(conn) > 0
     assert turso.query("SELECT id, v FROM t") == [[1, "x"]]
     # If the restarted worker sent the batch again, this row would come back.
@@ -241,27 +248,16 @@ def test_recovery_from_the_marker_spares_a_transaction_that_committed_later(conn
                                                                            monkeypatch):
     """The marker names a batch by its snapshot: an event with a lower id whose transaction was still open
     when the batch was read must survive the recovery and arrive afterwards."""
-    from pgturso.outbox import Outbox
     from pgturso.settings import resolve
     from pgturso.worker import Worker
 
     conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
     conn.execute("SELECT pgturso.track_table('t')")
-
-    class Crash(Exception):
-        pass
-
-    def crash(self, batch):
-        raise Crash("killed between Turso's commit and the outbox delete")
-
     settings = resolve({}, {}, {"url": turso.url})
     with psycopg.connect(dsn) as slow:
         slow.execute("INSERT INTO t VALUES (1, 'slow')")  # the lower outbox id, committed last
         conn.execute("INSERT INTO t VALUES (2, 'fast')")
-        with monkeypatch.context() as patch:
-            patch.setattr(Outbox, "remove_delivered", crash)
-            with pytest.raises(Crash):
-                Worker(dsn, settings).run(once=True)
+        run_worker_that_dies_after_turso_commits(dsn, turso.url, monkeypatch)
         slow.commit()
     assert turso.query("SELECT id FROM t ORDER BY id") == [[2]]
     assert Worker(dsn, settings).run(once=True) == 0

@@ -68,7 +68,7 @@ def prepare(batch: Batch, build: Generator[Statement, None, None], max_bytes: in
     try:
         for statement in build:
             statements.append(statement)
-            size += len(statement.sql) + sum(len(a) for a in statement.args)
+            size += statement.size
             if size > max_bytes:
                 return PreparedBatch(batch, None)
     finally:

@@ -25,6 +25,11 @@ class Statement:
     operation: str = ""
     txids: tuple[int, ...] = ()
 
+    @property
+    def size(self) -> int:
+        """Characters of SQL and arguments: what the statement adds to a request, before encoding."""
+        return len(self.sql) + sum(len(a) for a in self.args)
+
 
 def create_table_sql(layout: TableLayout, name: str | None = None) -> str:
     """SQLite DDL for the target table (or a table called ``name``): SQLite types, NOT NULL, the key."""

@@ -179,7 +179,7 @@ class HttpTransaction:
         self.sent_any = False
 
     def execute(self, statement: Statement) -> None:
-        size = len(statement.sql) + sum(len(a) for a in statement.args) + 64
+        size = statement.size + 64
         if self.statements and self.size + size > self.target.max_request_bytes:
             self._send(commit=False)
         self.plan.add(statement.sql, statement.args)

@@ -227,7 +227,7 @@ class Worker:
             return self._deliver_streaming()
         assert self.conn is not None and self.outbox is not None
         target = self._open_target()
-        in_flight, self.in_flight = self.in_flight, None
+        in_flight = self.in_flight
         # Caught up (the batch in flight took all there was): a batch read now would miss what commits while
         # that one travels and leave it for one more round trip. Let it land first, then read.
         read_ahead = in_flight is not None and (in_flight.batch.more_pending or self._copying)
@@ -245,10 +245,9 @@ class Worker:
                 if read_ahead:
                     statements = in_flight.wait()  # type: ignore[union-attr]
         except BaseException as exc:
-            if in_flight is not None:
-                in_flight.settle(exc)
-                self.recovered = False  # whether Turso committed it is read from the marker
+            self._abandon_in_flight(exc)
             raise
+        self.in_flight = None
         settled = 0
         if in_flight is not None:
             self._delivered(in_flight.batch, statements, in_flight.started)
@@ -286,7 +285,7 @@ class Worker:
 
     def _finish_in_flight(self) -> None:
         """Wait for the batch in flight and record it as delivered (when the worker stops, or streams next)."""
-        in_flight, self.in_flight = self.in_flight, None
+        in_flight = self.in_flight
         if in_flight is None:
             return
         assert self.outbox is not None
@@ -294,9 +293,9 @@ class Worker:
             statements = in_flight.wait()
             self.outbox.mark_delivered(in_flight.batch)
         except BaseException as exc:
-            in_flight.settle(exc)
-            self.recovered = False
+            self._abandon_in_flight(exc)
             raise
+        self.in_flight = None
         self._delivered(in_flight.batch, statements, in_flight.started)
 
     def _abandon_in_flight(self, failure: BaseException | None) -> None:
