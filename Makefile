@@ -5,9 +5,12 @@
 #   make bench     the benchmark (QUICK=1 for a one-minute smoke run)
 
 EXTENSION    = pgturso
-EXTVERSION   = 0.1.0
+EXTVERSION   = 0.2.0
+# Every earlier release: its install script is kept (extension/history/) and an upgrade script built from it.
+OLD_VERSIONS = 0.1.0
 PG_CONFIG   ?= /usr/lib/postgresql/15/bin/pg_config
-DATA_built   = $(EXTENSION)--$(EXTVERSION).sql
+DATA_built   = $(EXTENSION)--$(EXTVERSION).sql \
+               $(foreach v,$(OLD_VERSIONS),$(EXTENSION)--$(v).sql $(EXTENSION)--$(v)--$(EXTVERSION).sql)
 EXTRA_CLEAN  = $(DATA_built)
 
 SQL_SOURCES  = $(sort $(wildcard extension/sql/*.sql))
@@ -28,7 +31,7 @@ VENV   = .venv
 PY     = $(VENV)/bin/python
 TURSO_DIR = .cache/turso
 
-$(DATA_built): $(SQL_SOURCES) extension/build.py worker/pgturso/capture.py
+$(DATA_built): $(SQL_SOURCES) $(wildcard extension/history/*.sql) extension/build.py worker/pgturso/capture.py
 	python3 extension/build.py $@ '$(PYTHON_DIR)' $(SQL_SOURCES)
 
 # The PL/Python functions import the pure-Python part of the worker package from here.

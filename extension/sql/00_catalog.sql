@@ -82,5 +82,46 @@ COMMENT ON TABLE pgturso.outbox IS
     'A schema change (payload {"from": old layout id, "recopy": bool}), X table dropped (payload '
     '{"drop_target": bool}); U/D payload: comma-separated JSON arrays, one per row (U: all columns, D: key).';
 
+-- What the worker did and is doing, for operators: pgturso.status, and skipping a change Turso refuses.
+-- Each target's delivering worker's state; updated in the transaction that marks events delivered.
+CREATE TABLE pgturso.delivery_state (
+    target text PRIMARY KEY DEFAULT 'default' REFERENCES pgturso.target (name) ON DELETE CASCADE,
+    status text NOT NULL DEFAULT 'never started'
+        CHECK (status IN ('never started', 'delivering', 'idle', 'retrying', 'blocked', 'stopped')),
+    worker text,
+    started_at timestamptz,
+    last_delivered_at timestamptz,
+    transactions_delivered bigint NOT NULL DEFAULT 0,
+    rows_delivered bigint NOT NULL DEFAULT 0,
+    retries bigint NOT NULL DEFAULT 0,
+    last_error text,
+    last_error_at timestamptz,
+    last_error_table text,
+    last_error_txid xid8,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO pgturso.delivery_state DEFAULT VALUES;
+COMMENT ON TABLE pgturso.delivery_state IS 'Per target: the delivering worker''s state, errors and counters.';
+
+CREATE TABLE pgturso.table_state (
+    table_id integer PRIMARY KEY REFERENCES pgturso.tracked_table (id) ON DELETE CASCADE,
+    rows_delivered bigint NOT NULL DEFAULT 0,
+    last_delivered_at timestamptz
+);
+COMMENT ON TABLE pgturso.table_state IS 'Rows delivered per tracked table.';
+
+CREATE TABLE pgturso.skipped_transaction (
+    txid xid8 PRIMARY KEY,
+    skipped_at timestamptz NOT NULL DEFAULT now(),
+    skipped_by name NOT NULL DEFAULT current_user,
+    reason text NOT NULL,
+    events integer NOT NULL,
+    rows bigint NOT NULL,
+    tables text[] NOT NULL,
+    error text
+);
+COMMENT ON TABLE pgturso.skipped_transaction IS
+    'Source transactions an operator chose not to deliver (pgturso.skip_transaction), with why and by whom.';
+
 REVOKE ALL ON ALL TABLES IN SCHEMA pgturso FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA pgturso FROM PUBLIC;

@@ -1,7 +1,7 @@
 -- PL/Python entry points. They stay one import long: the logic lives in the pgturso Python package
 -- (worker/pgturso), which `make install` copies to @PYTHON_DIR@ for the server's Python.
 
-CREATE FUNCTION pgturso._plan_layout(
+CREATE OR REPLACE FUNCTION pgturso._plan_layout(
     layout_id integer, relation text, source_table text, target_table text,
     columns jsonb, key_columns text[], function_name text, indexes jsonb
 ) RETURNS jsonb
@@ -17,7 +17,7 @@ $$;
 COMMENT ON FUNCTION pgturso._plan_layout IS
     'Private: layout, capture and copy SQL of a table (pgturso.extension_api.plan_table).';
 
-CREATE FUNCTION pgturso._plan_change(
+CREATE OR REPLACE FUNCTION pgturso._plan_change(
     old_spec jsonb, source_table text, target_table text, columns jsonb, key_columns text[], indexes jsonb
 ) RETURNS jsonb
 LANGUAGE plpython3u
@@ -32,7 +32,7 @@ $$;
 COMMENT ON FUNCTION pgturso._plan_change IS
     'Private: how a tracked table''s layout changed (pgturso.extension_api.plan_change).';
 
-CREATE FUNCTION pgturso._plan_rows(layout_id integer, spec jsonb, relation text, op text) RETURNS text
+CREATE OR REPLACE FUNCTION pgturso._plan_rows(layout_id integer, spec jsonb, relation text, op text) RETURNS text
 LANGUAGE plpython3u
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -46,7 +46,7 @@ COMMENT ON FUNCTION pgturso._plan_rows IS
     'Private: SQL sending every row of a relation as upserts (U) or its keys as deletes (D).';
 
 
-CREATE FUNCTION pgturso._plan_copy_chunk(layout_id integer, spec jsonb, relation text, max_rows integer)
+CREATE OR REPLACE FUNCTION pgturso._plan_copy_chunk(layout_id integer, spec jsonb, relation text, max_rows integer)
 RETURNS jsonb
 LANGUAGE plpython3u
 SET search_path = pg_catalog, pg_temp
@@ -59,3 +59,18 @@ return copy_chunk(layout_id, spec, relation, max_rows)
 $$;
 COMMENT ON FUNCTION pgturso._plan_copy_chunk IS
     'Private: SQL copying the next chunk of a table''s rows (pgturso.capture.copy_chunk_sql).';
+
+CREATE OR REPLACE FUNCTION pgturso._plan_regenerate(layout_id integer, spec jsonb, function_name text)
+RETURNS jsonb
+LANGUAGE plpython3u
+SET search_path = pg_catalog, pg_temp
+AS $$
+import sys
+if "@PYTHON_DIR@" not in sys.path:
+    sys.path.insert(0, "@PYTHON_DIR@")
+from pgturso.extension_api import regenerate_capture
+return regenerate_capture(layout_id, spec, function_name)
+$$;
+COMMENT ON FUNCTION pgturso._plan_regenerate IS
+    'Private: a tracked table''s capture function SQL from its stored layout (upgrades regenerate them).';
+REVOKE ALL ON FUNCTION pgturso._plan_regenerate(integer, jsonb, text) FROM PUBLIC;

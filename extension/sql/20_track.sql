@@ -2,7 +2,7 @@
 -- Schema changes of tracked tables are followed by the event triggers of 30_schema_changes.sql, which use the
 -- same helpers (_describe, _install_capture) to compute a new layout.
 
-CREATE FUNCTION pgturso._base_type(typ oid) RETURNS oid
+CREATE OR REPLACE FUNCTION pgturso._base_type(typ oid) RETURNS oid
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -15,14 +15,14 @@ AS $$
 $$;
 COMMENT ON FUNCTION pgturso._base_type IS 'Private: the type under a (possibly nested) domain.';
 
-CREATE FUNCTION pgturso._capture_function_name(table_id integer) RETURNS text
+CREATE OR REPLACE FUNCTION pgturso._capture_function_name(table_id integer) RETURNS text
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT '_capture_' || table_id $$;
 COMMENT ON FUNCTION pgturso._capture_function_name IS 'Private: name of a tracked table''s capture function.';
 
 -- The Turso name of a Postgres relation: the bare name in public, schema.name elsewhere (indexes too).
-CREATE FUNCTION pgturso._turso_name(rel oid) RETURNS text
+CREATE OR REPLACE FUNCTION pgturso._turso_name(rel oid) RETURNS text
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -32,7 +32,7 @@ $$;
 COMMENT ON FUNCTION pgturso._turso_name IS 'Private: default Turso name of a table or index.';
 
 -- SQLite compares names ignoring the case of ASCII letters: two names equal under this clash on Turso.
-CREATE FUNCTION pgturso._sqlite_name(name text) RETURNS text
+CREATE OR REPLACE FUNCTION pgturso._sqlite_name(name text) RETURNS text
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT translate(name, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz') $$;
@@ -40,7 +40,7 @@ COMMENT ON FUNCTION pgturso._sqlite_name IS 'Private: a name as SQLite compares 
 
 -- The key a table replicates by: key_columns if given, else the primary key, else the unique index over NOT
 -- NULL columns with the fewest columns (materialized views: any unique index, NULLs allowed by Postgres).
-CREATE FUNCTION pgturso._key_columns(rel regclass, explicit text[]) RETURNS text[]
+CREATE OR REPLACE FUNCTION pgturso._key_columns(rel regclass, explicit text[]) RETURNS text[]
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -95,7 +95,7 @@ $$;
 COMMENT ON FUNCTION pgturso._key_columns IS 'Private: the columns a tracked table is keyed by on Turso (NULL: none).';
 
 -- Everything _plan_layout needs to know about a relation, read from the catalog.
-CREATE FUNCTION pgturso._describe(
+CREATE OR REPLACE FUNCTION pgturso._describe(
     rel regclass, options jsonb,
     OUT source_table text, OUT target_table text, OUT columns jsonb, OUT key_columns text[], OUT indexes jsonb
 )
@@ -147,14 +147,14 @@ $$;
 COMMENT ON FUNCTION pgturso._describe IS 'Private: a relation''s names, columns, key and indexes for its layout.';
 
 -- What to select a relation's rows from: ONLY for a plain table (inheritance children are not tracked).
-CREATE FUNCTION pgturso._row_source(rel regclass) RETURNS text
+CREATE OR REPLACE FUNCTION pgturso._row_source(rel regclass) RETURNS text
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT CASE WHEN relkind = 'r' THEN 'ONLY ' ELSE '' END || rel::text FROM pg_class WHERE oid = rel $$;
 COMMENT ON FUNCTION pgturso._row_source IS 'Private: FROM clause text for a tracked relation''s rows.';
 
 -- Install (or, after a schema change, replace) the capture function, and the triggers if missing.
-CREATE FUNCTION pgturso._install_capture(rel regclass, table_id integer, plan jsonb) RETURNS void
+CREATE OR REPLACE FUNCTION pgturso._install_capture(rel regclass, table_id integer, plan jsonb) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -201,7 +201,7 @@ $$;
 COMMENT ON FUNCTION pgturso._install_capture IS 'Private: (re)create a tracked relation''s capture.';
 
 -- Truncating a partition of a tracked partitioned table: its rows' keys as delete events.
-CREATE FUNCTION pgturso._capture_partition_truncate() RETURNS trigger
+CREATE OR REPLACE FUNCTION pgturso._capture_partition_truncate() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -218,7 +218,7 @@ $$;
 COMMENT ON FUNCTION pgturso._capture_partition_truncate IS
     'Private: trigger sending the keys of a partition''s rows as deletes before TRUNCATE removes them.';
 
-CREATE FUNCTION pgturso._drop_capture_functions(table_id integer) RETURNS void
+CREATE OR REPLACE FUNCTION pgturso._drop_capture_functions(table_id integer) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -236,7 +236,7 @@ $$;
 COMMENT ON FUNCTION pgturso._drop_capture_functions IS 'Private: drop a tracked relation''s generated functions.';
 
 -- Remove the capture of a tracked relation (and its partitions).
-CREATE FUNCTION pgturso._remove_capture(rel regclass, table_id integer) RETURNS void
+CREATE OR REPLACE FUNCTION pgturso._remove_capture(rel regclass, table_id integer) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -258,7 +258,7 @@ $$;
 COMMENT ON FUNCTION pgturso._remove_capture IS 'Private: drop a tracked relation''s triggers and functions.';
 
 -- Tables dropped in Postgres stay in tracked_table until the worker delivered their last changes.
-CREATE FUNCTION pgturso._forget_dropped() RETURNS void
+CREATE OR REPLACE FUNCTION pgturso._forget_dropped() RETURNS void
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -270,7 +270,7 @@ $$;
 COMMENT ON FUNCTION pgturso._forget_dropped IS 'Private: forget dropped tables whose changes were all delivered.';
 
 -- The chunked copy of a table's existing rows, driven by the worker, while capture already runs.
-CREATE FUNCTION pgturso._start_copy(table_id integer) RETURNS void
+CREATE OR REPLACE FUNCTION pgturso._start_copy(table_id integer) RETURNS void
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -285,7 +285,7 @@ $$;
 -- One chunk: the next max_rows rows in key order, locked FOR SHARE while their upserts are queued, so a
 -- write to one of them either committed before (and is read here) or waits and lands after. Called by the
 -- worker in its own READ COMMITTED transaction; returns the rows copied, or NULL when no copy was pending.
-CREATE FUNCTION pgturso._copy_chunk(table_id integer, max_rows integer) RETURNS bigint
+CREATE OR REPLACE FUNCTION pgturso._copy_chunk(table_id integer, max_rows integer) RETURNS bigint
 LANGUAGE plpgsql
 @CAPTURE_SETTINGS@
 AS $$
@@ -327,7 +327,7 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION pgturso.track_table(
+CREATE OR REPLACE FUNCTION pgturso.track_table(
     rel regclass,
     target_table text DEFAULT NULL,
     key_columns text[] DEFAULT NULL,
@@ -446,13 +446,13 @@ COMMENT ON FUNCTION pgturso.track_table IS
     'DROP TABLE in Postgres drops the Turso table too (default: it stays). target: the named target '
     '(pgturso.add_target) whose worker delivers it.';
 
-CREATE FUNCTION pgturso._partition_root(rel regclass) RETURNS regclass
+CREATE OR REPLACE FUNCTION pgturso._partition_root(rel regclass) RETURNS regclass
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT a FROM pg_partition_ancestors(rel) AS a ORDER BY pg_partition_root(rel) = a DESC LIMIT 1 $$;
 COMMENT ON FUNCTION pgturso._partition_root IS 'Private: the topmost partitioned table above a partition.';
 
-CREATE FUNCTION pgturso.resync_table(rel regclass) RETURNS void
+CREATE OR REPLACE FUNCTION pgturso.resync_table(rel regclass) RETURNS void
 LANGUAGE plpgsql
 @CAPTURE_SETTINGS@
 AS $$
@@ -484,7 +484,7 @@ COMMENT ON FUNCTION pgturso.resync_table IS
     'Copy a tracked table to Turso afresh: its Turso table is recreated and refilled in chunks while '
     'changes keep flowing; progress in pgturso.status.';
 
-CREATE FUNCTION pgturso.untrack_table(rel regclass) RETURNS void
+CREATE OR REPLACE FUNCTION pgturso.untrack_table(rel regclass) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -504,7 +504,7 @@ $$;
 COMMENT ON FUNCTION pgturso.untrack_table IS
     'Stop replicating a table and discard its undelivered changes; the Turso table is left as it is.';
 
-CREATE FUNCTION pgturso.refresh_materialized_view(rel regclass, concurrently boolean DEFAULT false) RETURNS void
+CREATE OR REPLACE FUNCTION pgturso.refresh_materialized_view(rel regclass, concurrently boolean DEFAULT false) RETURNS void
 LANGUAGE plpgsql
 @CAPTURE_SETTINGS@
 AS $$

@@ -3,7 +3,7 @@
 -- Turso applies it exactly between the changes before it and the changes after it (docs/schema-changes.md).
 
 -- Bring a tracked table's layout, capture and partitions up to date with the catalog, after DDL.
-CREATE FUNCTION pgturso._follow_schema(table_id integer) RETURNS void
+CREATE OR REPLACE FUNCTION pgturso._follow_schema(table_id integer) RETURNS void
 LANGUAGE plpgsql
 @CAPTURE_SETTINGS@
 AS $$
@@ -98,7 +98,7 @@ COMMENT ON FUNCTION pgturso._follow_schema IS
     'Private: after DDL, give a tracked table a new layout, capture function and Turso DDL event if it changed.';
 
 -- Send a tracked relation to Turso afresh: recreate its table there, then every row.
-CREATE FUNCTION pgturso._recopy(table_id integer) RETURNS void
+CREATE OR REPLACE FUNCTION pgturso._recopy(table_id integer) RETURNS void
 LANGUAGE plpgsql
 @CAPTURE_SETTINGS@
 AS $$
@@ -118,7 +118,7 @@ END
 $$;
 COMMENT ON FUNCTION pgturso._recopy IS 'Private: recreate a tracked relation on Turso and send all its rows again.';
 
-CREATE FUNCTION pgturso._on_ddl_command_end() RETURNS event_trigger
+CREATE OR REPLACE FUNCTION pgturso._on_ddl_command_end() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -159,7 +159,7 @@ END
 $$;
 COMMENT ON FUNCTION pgturso._on_ddl_command_end IS 'Private: event trigger following DDL on tracked tables.';
 
-CREATE FUNCTION pgturso._on_sql_drop() RETURNS event_trigger
+CREATE OR REPLACE FUNCTION pgturso._on_sql_drop() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -214,6 +214,8 @@ END
 $$;
 COMMENT ON FUNCTION pgturso._on_sql_drop IS 'Private: event trigger following DROP of tracked tables.';
 
+DROP EVENT TRIGGER IF EXISTS pgturso_ddl_command_end;
+DROP EVENT TRIGGER IF EXISTS pgturso_sql_drop;
 CREATE EVENT TRIGGER pgturso_ddl_command_end ON ddl_command_end EXECUTE FUNCTION pgturso._on_ddl_command_end();
 CREATE EVENT TRIGGER pgturso_sql_drop ON sql_drop EXECUTE FUNCTION pgturso._on_sql_drop();
 

@@ -1,7 +1,7 @@
 -- Named targets (pgturso.target): different tables to different Turso databases, each delivered
 -- independently by its own worker (pgturso-worker run --target NAME).
 
-CREATE FUNCTION pgturso.add_target(name text, url text, auth_token text DEFAULT NULL) RETURNS void
+CREATE OR REPLACE FUNCTION pgturso.add_target(name text, url text, auth_token text DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -19,7 +19,7 @@ COMMENT ON FUNCTION pgturso.add_target IS
     'Create or change a named target: track tables to it with track_table(..., target => name) and run '
     'pgturso-worker run --target name. The token is stored where only the extension owner can read it.';
 
-CREATE FUNCTION pgturso.remove_target(name text) RETURNS void
+CREATE OR REPLACE FUNCTION pgturso.remove_target(name text) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$

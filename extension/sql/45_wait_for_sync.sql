@@ -1,6 +1,6 @@
 -- Read-your-writes for applications that write to Postgres and read from Turso.
 
-CREATE FUNCTION pgturso.wait_for_sync(timeout interval DEFAULT '30 seconds') RETURNS boolean
+CREATE OR REPLACE FUNCTION pgturso.wait_for_sync(timeout interval DEFAULT '30 seconds') RETURNS boolean
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp

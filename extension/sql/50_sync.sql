@@ -1,6 +1,6 @@
 -- Delivery without a separate process: one pass of the worker's own code, inside Postgres.
 
-CREATE FUNCTION pgturso.sync(url text DEFAULT NULL, dsn text DEFAULT NULL, target text DEFAULT NULL)
+CREATE OR REPLACE FUNCTION pgturso.sync(url text DEFAULT NULL, dsn text DEFAULT NULL, target text DEFAULT NULL)
 RETURNS integer
 LANGUAGE plpython3u
 SET search_path = pg_catalog, pg_temp

@@ -72,3 +72,15 @@ def copy_chunk(layout_id: int, spec_json: str, relation: str, limit: int) -> str
     """SQL copying the next chunk of a table's rows, as JSON {bound, chunk} (see capture.copy_chunk_sql)."""
     bound, chunk = copy_chunk_sql(TableLayout.from_spec(json.loads(spec_json)), layout_id, relation, limit)
     return json.dumps({"bound": bound, "chunk": chunk})
+
+
+def regenerate_capture(layout_id: int, spec_json: str, function_name: str) -> str:
+    """The capture (or, for a materialized view, refresh) function of a stored layout, as JSON
+    {capture_function_sql, refresh_function_sql}: an upgrade regenerates every tracked table's functions
+    with this version's code, from the layout the table already has (no DDL, no event)."""
+    layout = TableLayout.from_spec(json.loads(spec_json))
+    table_id = int(function_name.rsplit("_", 1)[1])
+    return json.dumps({
+        "capture_function_sql": capture_function_sql(layout, layout_id, function_name, table_id),
+        "refresh_function_sql": refresh_function_sql(layout, layout_id, function_name + "_refresh"),
+    })

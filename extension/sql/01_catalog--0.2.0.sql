@@ -1,0 +1,3 @@
+-- Catalog changes of 0.2.0 (run by a fresh install after 00_catalog.sql, and by the upgrade from 0.1.0).
+-- Only what cannot be run twice belongs here: tables, columns, and DROP of functions whose signature or
+-- result type changed (CREATE OR REPLACE in the later files cannot change those).

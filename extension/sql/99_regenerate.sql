@@ -1,0 +1,46 @@
+-- Last in every install and upgrade script: regenerate the capture functions of tracked tables with this
+-- version's code generator, from the layout each table already has. A fresh install tracks nothing yet; an
+-- upgrade (ALTER EXTENSION pgturso UPDATE) so carries every fix to capture to the tables tracked before it.
+
+CREATE OR REPLACE FUNCTION pgturso._regenerate_captures() RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_row record;
+    v_plan jsonb;
+    v_count integer := 0;
+    v_function text;
+BEGIN
+    FOR v_row IN
+        SELECT t.id, t.relid, c.relkind, l.id AS layout_id, l.spec
+        FROM pgturso.tracked_table t
+        JOIN pg_class c ON c.oid = t.relid
+        JOIN LATERAL (SELECT l.id, l.spec FROM pgturso.layout l WHERE l.table_id = t.id
+                      ORDER BY l.id DESC LIMIT 1) l ON true
+        WHERE t.dropped_at IS NULL
+        ORDER BY t.id
+    LOOP
+        v_plan := pgturso._plan_regenerate(v_row.layout_id, v_row.spec,
+                                           pgturso._capture_function_name(v_row.id));
+        -- Inside ALTER EXTENSION UPDATE, Postgres lets the script replace only the extension's own objects,
+        -- and the generated functions are not (pg_dump must dump them with their triggers): the function is
+        -- lent to the extension while it is replaced, then given back.
+        v_function := CASE WHEN v_row.relkind = 'm'
+                           THEN format('pgturso.%I(regclass, boolean)', pgturso._capture_function_name(v_row.id) || '_refresh')
+                           ELSE format('pgturso.%I()', pgturso._capture_function_name(v_row.id)) END;
+        IF to_regprocedure(v_function) IS NOT NULL THEN
+            EXECUTE 'ALTER EXTENSION pgturso ADD FUNCTION ' || v_function;
+        END IF;
+        PERFORM pgturso._install_capture(v_row.relid, v_row.id, v_plan);
+        EXECUTE 'ALTER EXTENSION pgturso DROP FUNCTION ' || v_function;
+        v_count := v_count + 1;
+    END LOOP;
+    RETURN v_count;
+END
+$$;
+COMMENT ON FUNCTION pgturso._regenerate_captures IS
+    'Private: regenerate every tracked table''s capture function with this version''s code (upgrades).';
+REVOKE ALL ON FUNCTION pgturso._regenerate_captures() FROM PUBLIC;
+
+SELECT pgturso._regenerate_captures();
