@@ -33,13 +33,19 @@ def test_track_table_copies_existing_rows_and_creates_the_table(conn, dsn, turso
 
 
 def test_insert_update_delete_key_change_and_truncate(conn, dsn, turso: TursoServer):
-    # DEFERRABLE lets one UPDATE swap two keys (Postgres checks the key at the end of the statement).
-    conn.execute("CREATE TABLE t (id int PRIMARY KEY DEFERRABLE, v text)")
+    # A DEFERRABLE key is refused (tests/test_correctness.py): keys swap places in one transaction instead,
+    # and one statement moves several keys at once.
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
     conn.execute("SELECT pgturso.track_table('t')")
     conn.execute("INSERT INTO t VALUES (1, 'one'), (2, 'two'), (3, 'three'), (4, 'four')")
     conn.execute("UPDATE t SET v = 'TWO' WHERE id = 2")
     conn.execute("UPDATE t SET id = 30 WHERE id = 3")  # primary key change
-    conn.execute("UPDATE t SET id = 5 - id WHERE id IN (1, 4)")  # keys swap places in one statement
+    with conn.transaction():  # keys swap places
+        conn.execute("UPDATE t SET id = -1 WHERE id = 1")
+        conn.execute("UPDATE t SET id = 1 WHERE id = 4")
+        conn.execute("UPDATE t SET id = 4 WHERE id = -1")
+    conn.execute("UPDATE t SET id = id * 10 WHERE id IN (1, 4)")  # two keys move in one statement
+    conn.execute("UPDATE t SET id = id / 10 WHERE id IN (10, 40)")
     conn.execute("DELETE FROM t WHERE id = 2")
     drain(dsn, turso.url)
     expected = pg_rows(conn, "SELECT id, v FROM t ORDER BY id")

@@ -103,7 +103,7 @@ def test_indexes_follow_and_can_be_left_out(conn, dsn, turso: TursoServer):
     drain(dsn, turso.url)
     indexes = dict(turso.query("SELECT name, sql FROM sqlite_schema WHERE type = 'index' AND sql IS NOT NULL"))
     assert set(indexes) == {"i_a", "i_b", "i_c_key"}
-    assert indexes["i_b"] == 'CREATE UNIQUE INDEX "i_b" ON "i" ("b", "a")'
+    assert indexes["i_b"] == 'CREATE INDEX "i_b" ON "i" ("b", "a")'  # plain: Postgres keeps it unique
     assert turso.query("SELECT id FROM i INDEXED BY i_a WHERE a = 'y'") == [[2]]
 
     conn.execute("DROP INDEX i_a")

@@ -111,6 +111,9 @@ def test_upgrade_with_pending_events_delivers_everything(pg_cluster, turso: Turs
         conn.execute("INSERT INTO items SELECT g, 'before ' || g, '2026-01-01' FROM generate_series(1, 50) g")
         conn.execute("SELECT pgturso.track_table('items')")
         conn.execute("SELECT pgturso.track_table('s.other')")
+        # 0.1.0 made unique indexes UNIQUE on Turso; the upgrade re-creates them plain (layout.Index says why).
+        conn.execute("CREATE TABLE uq (id int PRIMARY KEY, u text UNIQUE)")
+        conn.execute("SELECT pgturso.track_table('uq')")
         conn.execute("INSERT INTO s.other VALUES ('a', 1), ('b', 2)")
         conn.execute("UPDATE items SET name = 'updated' WHERE id <= 10")
         conn.execute("DELETE FROM items WHERE id > 45")
@@ -129,9 +132,14 @@ def test_upgrade_with_pending_events_delivers_everything(pg_cluster, turso: Turs
         conn.execute("UPDATE s.other SET n = n * 10")
         conn.execute("ALTER TABLE items ADD COLUMN extra int")
         conn.execute("UPDATE items SET extra = id WHERE id = 100")
+        conn.execute("INSERT INTO uq VALUES (2, 'b'), (1, 'a')")
+        conn.execute("UPDATE uq SET id = id + 1")  # Turso: delete 1, then (3,'b') while (2,'b') is still there
 
         drain(dsn, turso.url)
         assert pending(conn) == 0
         assert turso.query("SELECT id, name, extra FROM items ORDER BY id") == [
             [r[0], r[1], r[2]] for r in conn.execute("SELECT id, name, extra FROM items ORDER BY id").fetchall()]
         assert turso.query('SELECT k, n FROM "s.other" ORDER BY k') == [["a", 10], ["b", 20]]
+        assert turso.query("SELECT id, u FROM uq ORDER BY id") == [[2, "a"], [3, "b"]]
+        assert turso.query("SELECT sql FROM sqlite_schema WHERE name = 'uq_u_key'") == [
+            ['CREATE INDEX "uq_u_key" ON "uq" ("u")']]

@@ -38,8 +38,16 @@ SET search_path = pg_catalog, pg_temp
 AS $$ SELECT translate(name, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz') $$;
 COMMENT ON FUNCTION pgturso._sqlite_name IS 'Private: a name as SQLite compares it (ASCII case folded).';
 
+CREATE OR REPLACE FUNCTION pgturso._is_deferrable(index_id oid) RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT EXISTS (SELECT 1 FROM pg_constraint con WHERE con.conindid = index_id AND con.condeferrable) $$;
+COMMENT ON FUNCTION pgturso._is_deferrable IS 'Private: whether an index backs a DEFERRABLE constraint.';
+
 -- The key a table replicates by: key_columns if given, else the primary key, else the unique index over NOT
 -- NULL columns with the fewest columns (materialized views: any unique index, NULLs allowed by Postgres).
+-- DEFERRABLE constraints never serve: a deferred uniqueness check lets a second writer of a key go on without
+-- waiting for the first, so their outbox ids need not follow their commit order (docs/design.md, fact 1).
 CREATE OR REPLACE FUNCTION pgturso._key_columns(rel regclass, explicit text[]) RETURNS text[]
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -73,7 +81,7 @@ BEGIN
     FROM pg_index i
     CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-    WHERE i.indrelid = rel AND i.indisprimary;
+    WHERE i.indrelid = rel AND i.indisprimary AND NOT pgturso._is_deferrable(i.indexrelid);
     IF v_keys IS NOT NULL THEN
         RETURN v_keys;
     END IF;
@@ -83,12 +91,26 @@ BEGIN
     INTO v_keys
     FROM pg_index i
     WHERE i.indrelid = rel AND i.indisunique AND i.indisvalid AND i.indpred IS NULL
-      AND NOT (0 = ANY (i.indkey[0:i.indnkeyatts - 1]))
+      AND NOT (0 = ANY (i.indkey[0:i.indnkeyatts - 1])) AND NOT pgturso._is_deferrable(i.indexrelid)
       AND (v_kind = 'm' OR NOT EXISTS (
               SELECT 1 FROM unnest(i.indkey[0:i.indnkeyatts - 1]) AS k(attnum)
               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum WHERE NOT a.attnotnull))
     ORDER BY i.indnkeyatts, i.indexrelid::regclass::text
     LIMIT 1;
+    IF v_keys IS NULL THEN
+        SELECT con.conname INTO v_bad FROM pg_constraint con
+        WHERE con.conrelid = rel AND con.contype IN ('p', 'u') AND con.condeferrable
+        ORDER BY con.contype, con.conname LIMIT 1;
+        IF v_bad IS NOT NULL THEN
+            RAISE EXCEPTION 'pgturso: the only key of table % is the DEFERRABLE constraint "%"', rel, v_bad
+                USING DETAIL = 'A deferred uniqueness check lets two transactions write the same key without '
+                               'waiting for each other, so pgturso could apply their changes on Turso in the '
+                               'wrong order.',
+                      HINT = format('Make the key NOT DEFERRABLE (ALTER TABLE %s DROP CONSTRAINT %I, then ADD '
+                                    'PRIMARY KEY (...) without DEFERRABLE), or add a NOT DEFERRABLE unique '
+                                    'index over NOT NULL columns for pgturso to replicate by.', rel, v_bad);
+        END IF;
+    END IF;
     RETURN v_keys;
 END
 $$;
@@ -138,7 +160,7 @@ BEGIN
         WHERE i.indrelid = rel AND NOT i.indisprimary AND i.indisvalid AND i.indpred IS NULL
           AND am.amname IN ('btree', 'hash')
           AND NOT (0 = ANY (i.indkey[0:i.indnkeyatts - 1]))
-          AND NOT EXISTS (SELECT 1 FROM pg_constraint con WHERE con.conindid = i.indexrelid AND con.condeferrable);
+          AND NOT pgturso._is_deferrable(i.indexrelid);
     ELSE
         indexes := '[]';
     END IF;
@@ -527,6 +549,7 @@ $$;
 COMMENT ON FUNCTION pgturso.refresh_materialized_view IS
     'REFRESH MATERIALIZED VIEW [CONCURRENTLY] a tracked view and send Turso only the rows that changed.';
 
+REVOKE ALL ON FUNCTION pgturso._is_deferrable(oid) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.track_table(regclass, text, text[], boolean, boolean, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.untrack_table(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.resync_table(regclass) FROM PUBLIC;

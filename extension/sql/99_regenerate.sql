@@ -43,4 +43,42 @@ COMMENT ON FUNCTION pgturso._regenerate_captures IS
     'Private: regenerate every tracked table''s capture function with this version''s code (upgrades).';
 REVOKE ALL ON FUNCTION pgturso._regenerate_captures() FROM PUBLIC;
 
+-- Before 0.2.0, unique indexes were created UNIQUE on Turso too, which made Turso refuse intermediate states of
+-- statements Postgres had accepted (layout.Index says why). Give such tables a layout whose indexes are plain
+-- and an 'A' event that re-creates them plain on Turso, in order with the changes around it.
+CREATE OR REPLACE FUNCTION pgturso._plain_turso_indexes() RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_row record;
+    v_new_id integer;
+    v_count integer := 0;
+BEGIN
+    FOR v_row IN
+        SELECT t.id AS table_id, l.id AS layout_id, l.spec
+        FROM pgturso.tracked_table t
+        JOIN LATERAL (SELECT l.id, l.spec FROM pgturso.layout l WHERE l.table_id = t.id
+                      ORDER BY l.id DESC LIMIT 1) l ON true
+        WHERE t.dropped_at IS NULL
+          AND EXISTS (SELECT 1 FROM jsonb_array_elements(l.spec -> 'indexes') AS i WHERE (i ->> 'unique')::boolean)
+        ORDER BY t.id
+    LOOP
+        INSERT INTO pgturso.layout (table_id, spec)
+        VALUES (v_row.table_id, jsonb_set(v_row.spec, '{indexes}', (
+                    SELECT jsonb_agg(i || '{"unique": false}' ORDER BY n)
+                    FROM jsonb_array_elements(v_row.spec -> 'indexes') WITH ORDINALITY AS x(i, n))))
+        RETURNING id INTO v_new_id;
+        INSERT INTO pgturso.outbox (layout_id, op, nrows, payload)
+        VALUES (v_new_id, 'A', 0, jsonb_build_object('from', v_row.layout_id, 'recopy', false)::text);
+        v_count := v_count + 1;
+    END LOOP;
+    RETURN v_count;
+END
+$$;
+COMMENT ON FUNCTION pgturso._plain_turso_indexes IS
+    'Private: give tracked tables whose Turso indexes are UNIQUE (0.1.0) plain ones instead (upgrades).';
+REVOKE ALL ON FUNCTION pgturso._plain_turso_indexes() FROM PUBLIC;
+
+SELECT pgturso._plain_turso_indexes();
 SELECT pgturso._regenerate_captures();

@@ -31,7 +31,14 @@ class Column:
 
 @dataclass(frozen=True)
 class Index:
-    """A secondary index or unique constraint, created on Turso too."""
+    """A secondary index or unique constraint, created on Turso as a plain index.
+
+    Postgres already enforced every unique index; Turso receives each statement as "delete the keys it moved
+    away from, then upsert the new rows", whose intermediate states may hold a value twice (``UPDATE t SET
+    id = id + 1`` on a table with a second unique column). A UNIQUE index on Turso would refuse a change
+    Postgres committed, so layouts built since 0.2.0 say ``unique = False``; ``unique = True`` is read from
+    layouts of 0.1.0, whose Turso tables the upgrade turns into plain ones (99_regenerate.sql).
+    """
 
     name: str  # the index's name on Turso
     columns: tuple[str, ...]
@@ -58,7 +65,7 @@ class TableLayout:
         """Build a layout from catalog rows.
 
         Each column: name, pg_type, base_type, typmod, not_null, and optionally kind (typtype of the base
-        type, 'A' for arrays) and attnum. Each index: name, columns, unique.
+        type, 'A' for arrays) and attnum. Each index: name, columns (and unique, which Turso does not get).
         """
         built = []
         for position, col in enumerate(columns, start=1):
@@ -93,7 +100,7 @@ class TableLayout:
         for index in indexes:
             cols = tuple(str(c) for c in index["columns"])
             if cols and all(c in names for c in cols) and list(cols) != list(key_columns):
-                built_indexes.append(Index(str(index["name"]), cols, bool(index.get("unique", False))))
+                built_indexes.append(Index(str(index["name"]), cols))  # plain on Turso: see Index
         return cls(source_table, target_table, tuple(built), tuple(key_columns), tuple(built_indexes))
 
     @classmethod

@@ -45,10 +45,11 @@ def drop_table_sql(layout: TableLayout) -> str:
 
 
 def create_index_sql(layout: TableLayout, index: Index) -> str:
-    unique = "UNIQUE " if index.unique else ""
+    """Always a plain index, even for a unique one of 0.1.0's layouts: Postgres enforces uniqueness, and
+    Turso must never refuse an intermediate state of a statement Postgres committed (layout.Index)."""
     columns = ", ".join(quote_ident(c) for c in index.columns)
     table = quote_ident(layout.target_table)
-    return f"CREATE {unique}INDEX {quote_ident(index.name)} ON {table} ({columns})"
+    return f"CREATE INDEX {quote_ident(index.name)} ON {table} ({columns})"
 
 
 def drop_index_sql(index: Index) -> str:
