@@ -212,6 +212,7 @@ def test_spec_roundtrip_through_json() -> None:
         "base_type": "numeric",
         "attnum": 2,
         "settings": (),
+        "deterministic": True,
     }
     stored = json.loads(json.dumps(spec))  # as pgturso.layout.spec (jsonb) gives it back
     assert TableLayout.from_spec(stored) == layout

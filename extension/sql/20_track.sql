@@ -137,7 +137,9 @@ BEGIN
                'base_type', bt.typname,
                'kind', CASE WHEN bt.typcategory = 'A' THEN 'A' ELSE bt.typtype::text END,
                'typmod', CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END,
-               'not_null', a.attnotnull) ORDER BY a.attnum)
+               'not_null', a.attnotnull,
+               'deterministic', coalesce((SELECT co.collisdeterministic FROM pg_collation co
+                                          WHERE co.oid = a.attcollation), true)) ORDER BY a.attnum)
     INTO columns
     FROM pg_attribute a
     JOIN pg_type t ON t.oid = a.atttypid
@@ -168,12 +170,48 @@ END
 $$;
 COMMENT ON FUNCTION pgturso._describe IS 'Private: a relation''s names, columns, key and indexes for its layout.';
 
+-- Keys Turso could not tell apart the way Postgres does: an array key's bounds are not in its JSON form
+-- ('{1,2}' and '[0:1]={1,2}' are two keys in Postgres, one on Turso).
+CREATE OR REPLACE FUNCTION pgturso._check_key(rel regclass, columns jsonb, key_columns text[]) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_bad text;
+BEGIN
+    SELECT c ->> 'name' INTO v_bad FROM jsonb_array_elements(columns) AS c
+    WHERE c ->> 'kind' = 'A' AND c ->> 'name' = ANY (key_columns) LIMIT 1;
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'pgturso: key column "%" of % is an array, which cannot key a Turso table', v_bad, rel
+            USING HINT = format('Arrays with other lower bounds are different keys in Postgres but the same on '
+                                'Turso. Key the table by other columns: a primary key, or '
+                                'pgturso.track_table(%L, key_columns => ARRAY[...]).', rel::text);
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION pgturso._check_key IS 'Private: refuse keys that Turso cannot keep apart as Postgres does.';
+REVOKE ALL ON FUNCTION pgturso._check_key(regclass, jsonb, text[]) FROM PUBLIC;
+
 -- What to select a relation's rows from: ONLY for a plain table (inheritance children are not tracked).
 CREATE OR REPLACE FUNCTION pgturso._row_source(rel regclass) RETURNS text
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT CASE WHEN relkind = 'r' THEN 'ONLY ' ELSE '' END || rel::text FROM pg_class WHERE oid = rel $$;
 COMMENT ON FUNCTION pgturso._row_source IS 'Private: FROM clause text for a tracked relation''s rows.';
+
+-- Whether a tracked table's capture is off: a capture trigger of it (or of a partition) disabled, or set to
+-- fire only under session_replication_role = replica. Its writes are then not replicated (pgturso.status).
+CREATE OR REPLACE FUNCTION pgturso._capture_disabled(table_id integer) RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (SELECT 1 FROM pg_trigger g
+                   WHERE g.tgname LIKE 'pgturso\_capture\_%' AND g.tgenabled IN ('D', 'R')
+                     AND g.tgfoid = to_regprocedure(format('pgturso.%I()', pgturso._capture_function_name(table_id))))
+$$;
+COMMENT ON FUNCTION pgturso._capture_disabled IS
+    'Private: whether a tracked table''s capture triggers are disabled (ALTER TABLE ... DISABLE TRIGGER).';
+-- Not revoked from PUBLIC: pgturso.status calls it for whoever may read the view (it reads only pg_trigger).
 
 -- Install (or, after a schema change, replace) the capture function, and the triggers if missing.
 CREATE OR REPLACE FUNCTION pgturso._install_capture(rel regclass, table_id integer, plan jsonb) RETURNS void
@@ -387,6 +425,12 @@ BEGIN
                                 'Its partitions, present and future, all feed one Turso table.',
                                 pgturso._partition_root(rel)::text);
     END IF;
+    IF EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+               WHERE rel IN (i.inhparent, i.inhrelid) AND NOT c.relispartition) THEN
+        RAISE EXCEPTION 'pgturso: % is part of an inheritance tree (INHERITS), which pgturso does not replicate', rel
+            USING HINT = 'Statements on an inheritance parent include its children''s rows: use a partitioned '
+                         'table instead, or detach the tables (ALTER TABLE child NO INHERIT parent) first.';
+    END IF;
     PERFORM pgturso._forget_dropped();
     IF EXISTS (SELECT 1 FROM pgturso.tracked_table t WHERE t.relid = rel) THEN
         RAISE EXCEPTION 'pgturso: table % is already tracked', rel
@@ -410,6 +454,7 @@ BEGIN
             USING HINT = format('Add one (ALTER TABLE %s ADD PRIMARY KEY (...)), or name columns whose values '
                                 'are unique: pgturso.track_table(%L, key_columns => ARRAY[...]).', rel, rel::text);
     END IF;
+    PERFORM pgturso._check_key(rel, v_desc.columns, v_desc.key_columns);
     IF track_table.key_columns IS NOT NULL THEN
         -- Nothing in Postgres keeps these unique later: say so now if they are not unique already.
         EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s GROUP BY %s HAVING count(*) > 1)', rel,

@@ -29,6 +29,7 @@ BEGIN
                          'or stop replicating the table first: SELECT pgturso.untrack_table(''' || v_rel::text
                          || ''').';
     END IF;
+    PERFORM pgturso._check_key(v_rel, v_desc.columns, v_desc.key_columns);
     v_change := pgturso._plan_change(v_old_spec, v_desc.source_table, v_desc.target_table, v_desc.columns,
                                      v_desc.key_columns, v_desc.indexes);
     IF (v_change ->> 'changed')::boolean THEN
@@ -41,7 +42,7 @@ BEGIN
                             'tracked table uses', v_rel, v_desc.target_table
                 USING HINT = 'Choose another name, or untrack one of the tables.';
         END IF;
-        v_recopy := (v_change ->> 'recopy')::boolean;
+        v_recopy := (v_change ->> 'recopy')::boolean OR pgturso._take_rewritten(table_id);
         IF NOT v_recopy AND jsonb_array_length(v_change -> 'added') > 0 AND EXISTS (
                SELECT 1 FROM pg_attribute a
                WHERE a.attrelid = v_rel AND a.attname::text IN (SELECT jsonb_array_elements_text(v_change -> 'added'))
@@ -59,10 +60,22 @@ BEGIN
             EXECUTE v_plan ->> 'snapshot_sql';
         END IF;
         UPDATE pgturso.tracked_table t SET target_table = v_desc.target_table WHERE t.id = table_id;
+        -- A chunked initial copy in progress resumes after a key of the old layout: after a recopy every row
+        -- is queued already; after a key change the copy starts over in the new key's order.
+        UPDATE pgturso.tracked_table t
+        SET copy_state = CASE WHEN v_recopy THEN 'done' ELSE t.copy_state END,
+            copy_finished_at = CASE WHEN v_recopy THEN now() END, copy_after = NULL
+        WHERE t.id = table_id AND t.copy_state = 'copying'
+          AND (v_recopy OR v_desc.key_columns IS DISTINCT FROM
+                           ARRAY(SELECT jsonb_array_elements_text(v_old_spec -> 'key_columns')));
         v_old_id := v_new_id;
         v_old_spec := v_change -> 'spec';
     ELSE
         v_plan := NULL;
+        IF pgturso._take_rewritten(table_id) THEN
+            -- Same layout, but the rewrite may have changed values (ALTER COLUMN TYPE text USING upper(v)).
+            PERFORM pgturso._recopy(table_id);
+        END IF;
     END IF;
 
     -- Partitions: detached ones take their rows away from the table, new or attached ones bring theirs.
@@ -113,10 +126,172 @@ BEGIN
     INSERT INTO pgturso.outbox (layout_id, op, nrows, payload)
     VALUES (v_layout_id, 'A', 0, jsonb_build_object('from', v_layout_id, 'recopy', true)::text);
     EXECUTE pgturso._plan_rows(v_layout_id, v_spec, pgturso._row_source(v_rel), 'U');
+    -- Every row is queued now: a chunked initial copy still running has nothing left to do.
+    UPDATE pgturso.tracked_table t SET copy_state = 'done', copy_after = NULL, copy_finished_at = now()
+    WHERE t.id = table_id AND t.copy_state = 'copying';
     PERFORM pg_notify('pgturso', '');
 END
 $$;
 COMMENT ON FUNCTION pgturso._recopy IS 'Private: recreate a tracked relation on Turso and send all its rows again.';
+
+-- Table rewrites: ALTER COLUMN TYPE rewrites the table, and with USING (or any cast) the values may change
+-- although the column's form on Turso does not (int -> bigint USING cents * 100, text -> text USING upper(v)).
+-- The table_rewrite event names the table before ddl_command_end sees the command: it is remembered for the
+-- transaction, and following the command then recopies the table.
+CREATE OR REPLACE FUNCTION pgturso._on_table_rewrite() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_rel oid := pg_event_trigger_table_rewrite_oid();
+    v_table_id integer;
+BEGIN
+    -- Reason 4: a column's values are rewritten. (1, persistence; 2, a default; 8, access method: same values.
+    -- A new column with a default is recopied by _follow_schema anyway.)
+    IF to_regclass('pgturso.tracked_table') IS NULL OR pg_event_trigger_table_rewrite_reason() & 4 = 0 THEN
+        RETURN;
+    END IF;
+    SELECT t.id INTO v_table_id FROM pgturso.tracked_table t
+    WHERE t.dropped_at IS NULL AND (t.relid = v_rel OR t.relid = pg_partition_root(v_rel));
+    IF v_table_id IS NOT NULL THEN
+        PERFORM set_config('pgturso.rewritten',
+                           coalesce(current_setting('pgturso.rewritten', true), '') || ',' || v_table_id, true);
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION pgturso._on_table_rewrite IS
+    'Private: event trigger remembering tracked tables whose column values a rewrite may have changed.';
+
+-- Whether a table rewrite of this transaction changed a column of the table; forgets it (it is recopied once).
+CREATE OR REPLACE FUNCTION pgturso._take_rewritten(table_id integer) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_ids text[] := string_to_array(coalesce(current_setting('pgturso.rewritten', true), ''), ',');
+BEGIN
+    IF NOT table_id::text = ANY (v_ids) THEN
+        RETURN false;
+    END IF;
+    PERFORM set_config('pgturso.rewritten', array_to_string(array_remove(v_ids, table_id::text), ','), true);
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION pgturso._take_rewritten IS
+    'Private: whether a rewrite in this transaction may have changed a tracked table''s values (and forget it).';
+
+-- Tracked tables whose catalog no longer matches their layout: columns (number, name, type), the Turso name
+-- (ALTER SCHEMA ... RENAME), and with check_keys the key. Run after every DDL, so a column dropped or renamed
+-- through another object (DROP TYPE/DOMAIN/FUNCTION ... CASCADE, ALTER TYPE ... RENAME ATTRIBUTE ... CASCADE
+-- of a typed table) is followed like one changed by ALTER TABLE: the capture function never names a column
+-- that is gone.
+CREATE OR REPLACE FUNCTION pgturso._stale_tables(check_keys boolean) RETURNS SETOF integer
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT t.id
+    FROM pgturso.tracked_table t
+    JOIN pg_class c ON c.oid = t.relid
+    CROSS JOIN LATERAL (SELECT l.spec FROM pgturso.layout l WHERE l.table_id = t.id ORDER BY l.id DESC LIMIT 1) l
+    WHERE t.dropped_at IS NULL
+      AND (coalesce(t.options ->> 'target_table', pgturso._turso_name(t.relid)) IS DISTINCT FROM l.spec ->> 'target_table'
+           OR (SELECT jsonb_agg(jsonb_build_array(a.attnum, a.attname, format_type(a.atttypid, a.atttypmod))
+                                ORDER BY a.attnum)
+               FROM pg_attribute a WHERE a.attrelid = t.relid AND a.attnum > 0 AND NOT a.attisdropped)
+              IS DISTINCT FROM
+              (SELECT jsonb_agg(jsonb_build_array((x.col ->> 'attnum')::integer, x.col ->> 'name', x.col ->> 'pg_type')
+                                ORDER BY x.n)
+               FROM jsonb_array_elements(l.spec -> 'columns') WITH ORDINALITY AS x(col, n))
+           OR (check_keys AND pgturso._key_columns(t.relid, (SELECT array_agg(k) FROM jsonb_array_elements_text(
+                                                                   t.options -> 'key_columns') AS k))
+                              IS DISTINCT FROM ARRAY(SELECT jsonb_array_elements_text(l.spec -> 'key_columns'))))
+    ORDER BY t.id
+$$;
+COMMENT ON FUNCTION pgturso._stale_tables IS
+    'Private: tracked tables whose columns, Turso name (or key) no longer match their layout.';
+
+-- Tracked tables with a column whose values are, or contain, values of type typ: the type itself, arrays
+-- and domains over it, composites with an attribute of it, at any depth.
+CREATE OR REPLACE FUNCTION pgturso._tables_using_type(typ oid) RETURNS SETOF integer
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH RECURSIVE using_type(oid) AS (
+        SELECT typ
+        UNION
+        SELECT t.oid FROM pg_type t JOIN using_type u
+          ON (t.typcategory = 'A' AND t.typelem = u.oid) OR t.typbasetype = u.oid
+             OR (t.typtype = 'c' AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = t.typrelid
+                                             AND a.atttypid = u.oid AND NOT a.attisdropped))
+    )
+    SELECT DISTINCT t.id FROM pgturso.tracked_table t
+    JOIN pg_attribute a ON a.attrelid = t.relid AND a.attnum > 0 AND NOT a.attisdropped
+    WHERE t.dropped_at IS NULL AND a.atttypid IN (SELECT oid FROM using_type)
+    ORDER BY t.id
+$$;
+COMMENT ON FUNCTION pgturso._tables_using_type IS
+    'Private: tracked tables holding values of a type (directly, in arrays, domains or composites).';
+
+-- What pgturso refuses after any DDL, whatever object the DDL was on (docs/schema-changes.md).
+CREATE OR REPLACE FUNCTION pgturso._refuse_shapes(rels oid[]) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_rel regclass;
+    v_other regclass;
+BEGIN
+    -- A tracked table attached as a partition: its rows would belong to two Turso tables.
+    SELECT t.relid, pgturso._partition_root(t.relid) INTO v_rel, v_other
+    FROM pgturso.tracked_table t JOIN pg_class c ON c.oid = t.relid
+    WHERE t.dropped_at IS NULL AND c.relispartition LIMIT 1;
+    IF v_rel IS NOT NULL THEN
+        RAISE EXCEPTION 'pgturso: % is tracked on its own and cannot become a partition of %', v_rel, v_other
+            USING HINT = format('Stop tracking it first: SELECT pgturso.untrack_table(%L); a partition of a '
+                                'tracked table replicates through its parent.', v_rel::text);
+    END IF;
+    -- Inheritance (not partitioning): statements on the parent capture the children's rows too, which a
+    -- copy of the parent's own rows does not have, so Turso would match neither. Refused both ways.
+    SELECT i.inhparent, i.inhrelid INTO v_rel, v_other
+    FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+    WHERE NOT c.relispartition AND (i.inhparent = ANY (rels) OR i.inhrelid = ANY (rels))
+      AND EXISTS (SELECT 1 FROM pgturso.tracked_table t WHERE t.dropped_at IS NULL
+                  AND t.relid IN (i.inhparent, i.inhrelid))
+    LIMIT 1;
+    IF v_rel IS NOT NULL THEN
+        RAISE EXCEPTION 'pgturso: % would inherit from %, and one of them is tracked', v_other, v_rel
+            USING HINT = 'pgturso does not replicate table inheritance (statements on a parent include its '
+                         'children''s rows): use a partitioned table, or untrack the table first.';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION pgturso._refuse_shapes IS
+    'Private: refuse DDL that makes a tracked table a partition or part of an inheritance tree.';
+
+-- ALTER TABLE ... DISABLE TRIGGER [ALL] (pg_restore --disable-triggers does it) on a tracked table: its
+-- writes are not captured until it is enabled again. Postgres allows it, so pgturso warns, and
+-- pgturso.status shows it while it lasts.
+CREATE OR REPLACE FUNCTION pgturso._warn_disabled_capture(rels oid[]) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_rel regclass;
+BEGIN
+    FOR v_rel IN SELECT t.relid FROM pgturso.tracked_table t
+                 WHERE t.dropped_at IS NULL AND pgturso._capture_disabled(t.id)
+                   AND EXISTS (SELECT 1 FROM unnest(rels) AS x(rel)
+                               WHERE x.rel = t.relid OR pg_partition_root(x.rel) = t.relid)
+    LOOP
+        RAISE WARNING 'pgturso: capture of tracked table % is disabled: its changes are not replicated', v_rel
+            USING HINT = format('ALTER TABLE %s ENABLE TRIGGER ALL, then copy what was missed: '
+                                'SELECT pgturso.resync_table(%L) (or pgturso-worker verify --repair).',
+                                v_rel, v_rel::text);
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION pgturso._warn_disabled_capture IS
+    'Private: warn about tracked tables (touched by this DDL) whose capture triggers are disabled.';
 
 CREATE OR REPLACE FUNCTION pgturso._on_ddl_command_end() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER
@@ -124,26 +299,51 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_table_id integer;
+    v_rels oid[];
 BEGIN
     -- Cheap for databases and DDL that concern no tracked table.
     IF to_regclass('pgturso.tracked_table') IS NULL
        OR NOT EXISTS (SELECT 1 FROM pgturso.tracked_table WHERE dropped_at IS NULL) THEN
         RETURN;
     END IF;
+    SELECT array_agg(DISTINCT coalesce(i.indrelid, c.oid)) INTO v_rels
+    FROM pg_event_trigger_ddl_commands() d
+    JOIN pg_class c ON c.oid = d.objid
+    LEFT JOIN pg_index i ON i.indexrelid = c.oid
+    WHERE d.classid = 'pg_class'::regclass;
+    PERFORM pgturso._refuse_shapes(coalesce(v_rels, '{}'));
+    -- The tables this DDL was on, and any whose columns or name changed through another object (a type, a
+    -- domain, a function, a schema: see _stale_tables).
     FOR v_table_id IN
-        SELECT DISTINCT t.id
-        FROM (SELECT coalesce(i.indrelid, c.oid) AS rel
-              FROM pg_event_trigger_ddl_commands() d
-              JOIN pg_class c ON c.oid = d.objid
-              LEFT JOIN pg_index i ON i.indexrelid = c.oid
-              WHERE d.classid = 'pg_class'::regclass) AS x
-        JOIN pgturso.tracked_table t ON t.dropped_at IS NULL AND (
-             t.relid = x.rel OR t.relid = pg_partition_root(x.rel)
-             OR EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = x.rel AND g.tgname = 'pgturso_capture_insert'
-                        AND g.tgfoid::regproc::text = 'pgturso.' || pgturso._capture_function_name(t.id)))
-        ORDER BY t.id
+        SELECT t.id FROM pgturso.tracked_table t
+        WHERE t.dropped_at IS NULL AND EXISTS (
+            SELECT 1 FROM unnest(v_rels) AS x(rel)
+            WHERE t.relid = x.rel OR t.relid = pg_partition_root(x.rel)
+               OR EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = x.rel AND g.tgname = 'pgturso_capture_insert'
+                          AND g.tgfoid::regproc::text = 'pgturso.' || pgturso._capture_function_name(t.id)))
+        UNION
+        SELECT pgturso._stale_tables(false)
+        ORDER BY 1
     LOOP
         PERFORM pgturso._follow_schema(v_table_id);
+    END LOOP;
+    -- ALTER TYPE on an enum or composite whose values a tracked table holds: RENAME VALUE, or an attribute
+    -- added, dropped, renamed or retyped, changes how existing values read on Turso; send those tables afresh.
+    -- (Postgres does not say which ALTER TYPE it was: the type's labels or attributes changed in this
+    -- transaction is the sign, so ADD VALUE recopies too; OWNER TO, RENAME TO, SET SCHEMA do not.)
+    FOR v_table_id IN
+        SELECT DISTINCT u.id
+        FROM pg_event_trigger_ddl_commands() d
+        JOIN pg_type ty ON ty.oid = d.objid
+        CROSS JOIN LATERAL pgturso._tables_using_type(ty.oid) AS u(id)
+        WHERE d.classid = 'pg_type'::regclass AND d.command_tag = 'ALTER TYPE'
+          AND (EXISTS (SELECT 1 FROM pg_enum e WHERE e.enumtypid = ty.oid
+                       AND e.xmin = pg_current_xact_id()::xid)
+               OR EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = ty.typrelid AND ty.typrelid <> 0
+                          AND a.xmin = pg_current_xact_id()::xid))
+        ORDER BY 1
+    LOOP
+        PERFORM pgturso._recopy(v_table_id);
     END LOOP;
     -- A plain REFRESH MATERIALIZED VIEW of a tracked view: the old contents are gone, so send it afresh.
     -- (pgturso.refresh_materialized_view sends only the difference and marks its own REFRESH.)
@@ -155,6 +355,9 @@ BEGIN
     LOOP
         PERFORM pgturso._recopy(v_table_id);
     END LOOP;
+    -- ALTER TABLE ... DISABLE TRIGGER [ALL] on a tracked table: say so now (pgturso.status shows it too).
+    PERFORM pgturso._warn_disabled_capture(v_rels);
+    PERFORM set_config('pgturso.rewritten', '', true);
 END
 $$;
 COMMENT ON FUNCTION pgturso._on_ddl_command_end IS 'Private: event trigger following DDL on tracked tables.';
@@ -199,6 +402,11 @@ BEGIN
     LOOP
         PERFORM pgturso._follow_schema(v_row.id);
     END LOOP;
+    -- Columns dropped through another object (DROP TYPE/DOMAIN/FUNCTION ... CASCADE), and the unique index
+    -- that a table is keyed by (DROP INDEX): follow the tables, or refuse when no key is left.
+    FOR v_row IN SELECT pgturso._stale_tables(true) AS id LOOP
+        PERFORM pgturso._follow_schema(v_row.id);
+    END LOOP;
     IF NOT v_tracked_dropped AND EXISTS (
            SELECT 1 FROM pg_event_trigger_dropped_objects() tbl
            JOIN pg_event_trigger_dropped_objects() trg
@@ -218,9 +426,16 @@ DROP EVENT TRIGGER IF EXISTS pgturso_ddl_command_end;
 DROP EVENT TRIGGER IF EXISTS pgturso_sql_drop;
 CREATE EVENT TRIGGER pgturso_ddl_command_end ON ddl_command_end EXECUTE FUNCTION pgturso._on_ddl_command_end();
 CREATE EVENT TRIGGER pgturso_sql_drop ON sql_drop EXECUTE FUNCTION pgturso._on_sql_drop();
+DROP EVENT TRIGGER IF EXISTS pgturso_table_rewrite;
+CREATE EVENT TRIGGER pgturso_table_rewrite ON table_rewrite EXECUTE FUNCTION pgturso._on_table_rewrite();
 
 REVOKE ALL ON FUNCTION pgturso._plan_layout(integer, text, text, text, jsonb, text[], text, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._plan_change(jsonb, text, text, jsonb, text[], jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._plan_rows(integer, jsonb, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._follow_schema(integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._recopy(integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._take_rewritten(integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._stale_tables(boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._tables_using_type(oid) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._refuse_shapes(oid[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._warn_disabled_capture(oid[]) FROM PUBLIC;

@@ -19,7 +19,8 @@ SELECT t.relid AS table_name,
        d.last_error,
        d.last_error_at,
        d.last_error_table,
-       d.last_error_txid
+       d.last_error_txid,
+       pgturso._capture_disabled(t.id) AS capture_disabled
 FROM pgturso.tracked_table t
 JOIN pgturso.delivery_state d ON d.target = t.target
 LEFT JOIN pgturso.table_state s ON s.table_id = t.id
@@ -30,7 +31,9 @@ LEFT JOIN LATERAL (
 ) p ON true;
 COMMENT ON VIEW pgturso.status IS
     'Per tracked table: pending changes, lag, rows delivered, initial copy progress (rows queued of the '
-    'estimated total); and its target''s worker status and last error.';
+    'estimated total); and its target''s worker status and last error. capture_disabled: a capture trigger '
+    'of the table is disabled (ALTER TABLE ... DISABLE TRIGGER): its writes are not replicated; enable it and '
+    'run pgturso.resync_table.';
 
 CREATE OR REPLACE FUNCTION pgturso.skip_transaction(txid xid8, reason text) RETURNS integer
 LANGUAGE plpgsql

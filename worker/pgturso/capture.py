@@ -70,9 +70,10 @@ def pack_sql(layout_id: int, op: str, row_expr: str, source: str) -> str:
 
 def _moved_keys_source(layout: TableLayout) -> str:
     """Old rows whose key the statement moved away from: no new row has the same key *as Turso sees it*."""
-    if all(equality_is_identity(c.base_type) for c in layout.key_layout):
+    if all(equality_is_identity(c.base_type) and c.deterministic for c in layout.key_layout):
         match = " AND ".join(f"n.{quote_ident(k)} = o.{quote_ident(k)}" for k in layout.key_columns)
-    else:  # e.g. a citext key changing case: Postgres calls it equal, Turso holds a different key
+    else:  # e.g. a citext key, or text under a nondeterministic collation, changing case: Postgres calls it
+        # equal, Turso holds a different key
         match = f"{row_json_sql(layout, 'n', key_only=True)} = {row_json_sql(layout, 'o', key_only=True)}"
     return f"(SELECT o.* FROM old_rows AS o WHERE NOT EXISTS (SELECT 1 FROM new_rows AS n WHERE {match}))"
 

@@ -27,6 +27,8 @@ class Column:
     base_type: str = ""  # pg_type.typname under any domain
     attnum: int = 0  # pg_attribute.attnum: what stays the same when a column is renamed
     settings: tuple[str, ...] = ENCODING_SETTINGS  # what the encoding depends on (types.ColumnType.settings)
+    # False under a nondeterministic collation: Postgres calls 'Bob' = 'bob', Turso holds two different keys.
+    deterministic: bool = True
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,8 @@ class TableLayout:
         """Build a layout from catalog rows.
 
         Each column: name, pg_type, base_type, typmod, not_null, and optionally kind (typtype of the base
-        type, 'A' for arrays) and attnum. Each index: name, columns (and unique, which Turso does not get).
+        type, 'A' for arrays), attnum and deterministic (its collation's). Each index: name, columns (and
+        unique, which Turso does not get).
         """
         built = []
         for position, col in enumerate(columns, start=1):
@@ -82,12 +85,13 @@ class TableLayout:
                     base_type=str(col["base_type"]),
                     attnum=int(col.get("attnum", position)),
                     settings=tuple(n for n in ENCODING_SETTINGS if n in ctype.settings),
+                    deterministic=bool(col.get("deterministic", True)),
                 )
             )
         names = {c.name for c in built}
         folded: dict[str, str] = {}
         for col in built:
-            other = folded.setdefault(_ascii_lower(col.name), col.name)
+            other = folded.setdefault(ascii_lower(col.name), col.name)
             if other != col.name:
                 raise ValueError(
                     f"{source_table}: columns {other!r} and {col.name!r} differ only in case, which SQLite does not "
@@ -138,7 +142,7 @@ class TableLayout:
         return next(c for c in self.columns if c.name == name)
 
 
-def _ascii_lower(name: str) -> str:
+def ascii_lower(name: str) -> str:
     """How SQLite compares identifiers: ASCII letters without case, everything else exactly."""
     return name.translate({c: c + 32 for c in range(65, 91)})
 

@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from .layout import Index, TableLayout, change_between
+from .layout import Index, TableLayout, ascii_lower, change_between
 from .outbox import Event
 from .quoting import quote_ident
 
@@ -97,13 +97,14 @@ def alter_table_statements(old: TableLayout, new: TableLayout, recopy: bool) -> 
     if old.target_table != new.target_table:
         out.append(f"ALTER TABLE {table} RENAME TO {quote_ident(new.target_table)}")
         table = quote_ident(new.target_table)
-    # Renames may swap names (a -> b, b -> a): go through names that exist nowhere when they collide.
-    if set(renames.values()) & set(renames):
-        taken = {c.name for c in old.columns} | {c.name for c in new.columns}
+    # Renames may swap names (a -> b, b -> a) or change only case (createdat -> createdAt, which SQLite calls
+    # the same name): go through names that exist nowhere when they collide.
+    if {ascii_lower(n) for n in renames.values()} & {ascii_lower(n) for n in renames}:
+        taken = {ascii_lower(c.name) for c in (*old.columns, *new.columns)}
         via = {}
         for before in renames:
             via[before] = _unused_name(f"{before}_pgturso_rename", taken)
-            taken.add(via[before])
+            taken.add(ascii_lower(via[before]))
             out.append(f"ALTER TABLE {table} RENAME COLUMN {quote_ident(before)} TO {quote_ident(via[before])}")
         for before, after in renames.items():
             out.append(f"ALTER TABLE {table} RENAME COLUMN {quote_ident(via[before])} TO {quote_ident(after)}")
@@ -120,8 +121,10 @@ def alter_table_statements(old: TableLayout, new: TableLayout, recopy: bool) -> 
 
 
 def _unused_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base`` with a number, that is not in ``taken`` (compared as given, or ASCII case folded
+    when ``taken`` holds folded names)."""
     name, n = base, 0
-    while name in taken:
+    while name in taken or ascii_lower(name) in taken:
         n += 1
         name = f"{base}{n}"
     return name

@@ -132,10 +132,11 @@ def numeric_precision_from_typmod(typmod: int) -> int | None:
 
 
 # Base types whose "=" holds only between values with the same encoding. For other key types (citext,
-# numeric 1.0 = 1.00, float -0 = 0, interval '1 day' = '24 hours', …) equal keys can arrive on Turso as
-# different keys, so capture compares their encoded form instead.
+# numeric 1.0 = 1.00, float -0 = 0, interval '1 day' = '24 hours', bpchar 'ab ' = 'ab', …) equal keys can
+# arrive on Turso as different keys, so capture compares their encoded form instead. Text types are
+# identities only under a deterministic collation (layout.Column.deterministic).
 _EQUALITY_IS_IDENTITY = frozenset(
-    {"int2", "int4", "int8", "oid", "bool", "text", "varchar", "bpchar", "name", "uuid", "bytea", "date",
+    {"int2", "int4", "int8", "oid", "bool", "text", "varchar", "name", "uuid", "bytea", "date",
      "timestamp", "timestamptz"}
 )
 

@@ -1,0 +1,216 @@
+"""Schema changes that reach a tracked table by another road than ALTER TABLE on it (issue 17): DDL on a type,
+domain, function or schema, rewrites, keys that Postgres calls equal but Turso does not. Each case is followed
+on Turso, or refused up front with an error and a HINT; none may break the application's own writes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import drain, pending
+from support.turso import TursoServer
+
+
+def pg_rows(conn: psycopg.Connection[Any], sql: str) -> list[list[Any]]:
+    return [list(r) for r in conn.execute(sql).fetchall()]
+
+
+def turso_columns(turso: TursoServer, table: str) -> list[str]:
+    return [r[0] for r in turso.query(f"SELECT name FROM pragma_table_info('{table}') ORDER BY cid")]
+
+
+# ------------------------------------------------------------------ (a) columns changed through other objects
+
+
+def test_drop_type_domain_and_function_cascade_drop_columns_and_writes_go_on(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TYPE mood AS ENUM ('sad', 'happy')")
+    conn.execute("CREATE DOMAIN posint AS int CHECK (VALUE > 0)")
+    conn.execute("CREATE FUNCTION twice(int) RETURNS int IMMUTABLE LANGUAGE sql AS 'SELECT $1 * 2'")
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, m mood, p posint, v int, "
+                 "g int GENERATED ALWAYS AS (twice(v)) STORED, keep text)")
+    conn.execute("INSERT INTO t VALUES (1, 'sad', 1, 1, DEFAULT, 'one')")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("DROP TYPE mood CASCADE")
+    conn.execute("INSERT INTO t (id, p, v, keep) VALUES (2, 2, 2, 'two')")  # 0.1.0: column src.m does not exist
+    conn.execute("DROP DOMAIN posint CASCADE")
+    conn.execute("UPDATE t SET keep = 'one!' WHERE id = 1")
+    conn.execute("DROP FUNCTION twice(int) CASCADE")
+    conn.execute("INSERT INTO t (id, v, keep) VALUES (3, 3, 'three')")
+    drain(dsn, turso.url)
+    assert turso_columns(turso, "t") == ["id", "v", "keep"]
+    assert turso.query("SELECT * FROM t ORDER BY id") == pg_rows(conn, "SELECT * FROM t ORDER BY id")
+    assert pending(conn) == 0
+
+
+def test_a_key_column_dropped_through_its_type_is_refused(conn):
+    conn.execute("CREATE DOMAIN code AS text CHECK (VALUE <> '')")
+    conn.execute("CREATE TABLE c (k code PRIMARY KEY, v int)")
+    conn.execute("SELECT pgturso.track_table('c')")
+    with pytest.raises(psycopg.Error, match="without a key") as failure:
+        conn.execute("DROP DOMAIN code CASCADE")
+    assert "untrack_table" in failure.value.diag.message_hint
+    conn.execute("INSERT INTO c VALUES ('x', 1)")
+
+
+def test_typed_table_follows_its_composite_type(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TYPE person AS (name text, age int, city text)")
+    conn.execute("CREATE TABLE people OF person (PRIMARY KEY (name))")
+    conn.execute("INSERT INTO people VALUES ('ann', 30, 'Oslo')")
+    conn.execute("SELECT pgturso.track_table('people')")
+    conn.execute("ALTER TYPE person RENAME ATTRIBUTE age TO years CASCADE")
+    conn.execute("INSERT INTO people VALUES ('bob', 40, 'Rome')")  # 0.1.0: column src.age does not exist
+    conn.execute("ALTER TYPE person RENAME ATTRIBUTE name TO full_name CASCADE")  # the key itself
+    conn.execute("UPDATE people SET full_name = 'bobby' WHERE full_name = 'bob'")
+    conn.execute("ALTER TYPE person ADD ATTRIBUTE email text CASCADE")
+    conn.execute("ALTER TYPE person DROP ATTRIBUTE city CASCADE")
+    conn.execute("INSERT INTO people VALUES ('cy', 50, 'cy@example.org')")
+    drain(dsn, turso.url)
+    assert turso_columns(turso, "people") == ["full_name", "years", "email"]
+    assert turso.query("SELECT * FROM people ORDER BY 1") == pg_rows(conn, "SELECT * FROM people ORDER BY 1")
+
+
+def test_alter_schema_rename_is_followed(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE SCHEMA s")
+    conn.execute("CREATE TABLE s.t (id int PRIMARY KEY, v text)")
+    conn.execute("CREATE UNIQUE INDEX t_v ON s.t (v)")
+    conn.execute("SELECT pgturso.track_table('s.t')")
+    conn.execute("INSERT INTO s.t VALUES (1, 'same')")
+    conn.execute("ALTER SCHEMA s RENAME TO s2")
+    conn.execute("DROP INDEX s2.t_v")
+    conn.execute("INSERT INTO s2.t VALUES (2, 'same')")  # legal now: Turso must have dropped its index too
+    drain(dsn, turso.url)
+    assert turso.query("SELECT name FROM sqlite_schema WHERE type = 'table' AND lower(name) LIKE 's%'") == [["s2.t"]]
+    assert turso.query('SELECT id, v FROM "s2.t" ORDER BY id') == [[1, "same"], [2, "same"]]
+
+
+# ------------------------------------------------------------------------------------- (c) delivery stops
+
+
+def test_case_only_column_rename(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TABLE r (id int PRIMARY KEY, createdat text)")
+    conn.execute("SELECT pgturso.track_table('r')")
+    conn.execute('ALTER TABLE r RENAME COLUMN createdat TO "createdAt"')
+    conn.execute("INSERT INTO r VALUES (1, 'now')")
+    drain(dsn, turso.url)
+    assert turso_columns(turso, "r") == ["id", "createdAt"]
+    assert turso.query("SELECT * FROM r") == [[1, "now"]]
+
+
+# ----------------------------------------------------------------------------------- (b) silent divergence
+
+
+def test_alter_column_type_using_recopies_when_values_change(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TABLE u (id int PRIMARY KEY, cents int, name text, note text)")
+    conn.execute("INSERT INTO u VALUES (1, 5, 'ann', 'x'), (2, 7, 'bob', 'y')")
+    conn.execute("SELECT pgturso.track_table('u')")
+    conn.execute("ALTER TABLE u ALTER COLUMN cents TYPE bigint USING cents * 100")
+    conn.execute("ALTER TABLE u ALTER COLUMN name TYPE varchar USING upper(name)")
+    conn.execute("ALTER TABLE u ALTER COLUMN note TYPE text USING note || '!'")  # no layout change at all
+    drain(dsn, turso.url)
+    assert turso.query("SELECT * FROM u ORDER BY id") == pg_rows(conn, "SELECT * FROM u ORDER BY id")
+    conn.execute("ALTER TABLE u ALTER COLUMN id TYPE int USING id + 1000")  # the key
+    conn.execute("UPDATE u SET note = 'later' WHERE id = 1001")
+    drain(dsn, turso.url)
+    assert turso.query("SELECT * FROM u ORDER BY id") == pg_rows(conn, "SELECT * FROM u ORDER BY id")
+
+
+def test_dropping_the_unique_index_that_is_the_key(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TABLE q (id int NOT NULL, code text NOT NULL, v text)")
+    conn.execute("CREATE UNIQUE INDEX q_id ON q (id)")
+    conn.execute("SELECT pgturso.track_table('q')")
+    with pytest.raises(psycopg.Error, match="without a key") as failure:
+        conn.execute("DROP INDEX q_id")
+    assert "untrack_table" in failure.value.diag.message_hint
+    conn.execute("CREATE UNIQUE INDEX q_code ON q (code)")
+    conn.execute("INSERT INTO q VALUES (1, 'a', 'first')")
+    conn.execute("DROP INDEX q_id")  # the key becomes code
+    conn.execute("INSERT INTO q VALUES (1, 'b', 'second')")
+    drain(dsn, turso.url)
+    assert turso.query("SELECT id, code, v FROM q ORDER BY code") == [[1, "a", "first"], [1, "b", "second"]]
+
+
+def test_enum_rename_value_reaches_turso(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TYPE state AS ENUM ('new', 'done')")
+    conn.execute("CREATE TABLE e (id int PRIMARY KEY, s state, ss state[])")
+    conn.execute("INSERT INTO e VALUES (1, 'new', '{new,done}'), (2, 'done', '{}')")
+    conn.execute("SELECT pgturso.track_table('e')")
+    conn.execute("ALTER TYPE state RENAME VALUE 'new' TO 'open'")
+    drain(dsn, turso.url)
+    assert turso.query("SELECT id, s, ss FROM e ORDER BY id") == [[1, "open", '["open","done"]'], [2, "done", "[]"]]
+
+
+def test_keys_postgres_calls_equal_move_on_turso(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false)")
+    conn.execute("CREATE TABLE names (n text COLLATE ci PRIMARY KEY, v int)")
+    conn.execute("CREATE TABLE padded (c bpchar PRIMARY KEY, v int)")
+    conn.execute("INSERT INTO names VALUES ('Bob', 1)")
+    conn.execute("INSERT INTO padded VALUES ('ab ', 1)")
+    conn.execute("SELECT pgturso.track_table('names')")
+    conn.execute("SELECT pgturso.track_table('padded')")
+    conn.execute("UPDATE names SET n = 'bob'")
+    conn.execute("UPDATE padded SET c = 'ab'")
+    drain(dsn, turso.url)
+    assert turso.query("SELECT n, v FROM names") == [["bob", 1]]
+    assert turso.query("SELECT c, v FROM padded") == pg_rows(conn, "SELECT c::text, v FROM padded")
+
+
+def test_array_keys_keep_their_bounds_or_are_refused(conn):
+    conn.execute("CREATE TABLE a (k int[] PRIMARY KEY, v int)")
+    with pytest.raises(psycopg.Error, match="array") as failure:
+        conn.execute("SELECT pgturso.track_table('a')")
+    assert "key_columns" in failure.value.diag.message_hint
+    conn.execute("CREATE TABLE b (id int PRIMARY KEY, k int[] NOT NULL UNIQUE)")
+    conn.execute("SELECT pgturso.track_table('b')")
+    with pytest.raises(psycopg.Error, match="array"):
+        conn.execute("ALTER TABLE b DROP CONSTRAINT b_pkey")
+
+
+def test_inheritance_is_refused(conn):
+    conn.execute("CREATE TABLE parent (id int PRIMARY KEY, v text)")
+    conn.execute("CREATE TABLE child () INHERITS (parent)")
+    with pytest.raises(psycopg.Error, match="inherit") as failure:
+        conn.execute("SELECT pgturso.track_table('parent')")
+    assert failure.value.diag.message_hint
+    with pytest.raises(psycopg.Error, match="inherit"):
+        conn.execute("SELECT pgturso.track_table('child')")
+    conn.execute("CREATE TABLE solo (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('solo')")
+    with pytest.raises(psycopg.Error, match="inherit"):
+        conn.execute("CREATE TABLE heir () INHERITS (solo)")
+    conn.execute("CREATE TABLE other (id int PRIMARY KEY, v text)")
+    with pytest.raises(psycopg.Error, match="inherit"):
+        conn.execute("ALTER TABLE other INHERIT solo")
+    with pytest.raises(psycopg.Error, match="inherit"):
+        conn.execute("ALTER TABLE solo INHERIT other")
+
+
+def test_attaching_a_tracked_table_as_a_partition_is_refused(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TABLE m (id int PRIMARY KEY, v text) PARTITION BY RANGE (id)")
+    conn.execute("CREATE TABLE m1 (id int PRIMARY KEY, v text)")
+    conn.execute("INSERT INTO m1 VALUES (1, 'one')")
+    conn.execute("SELECT pgturso.track_table('m')")
+    conn.execute("SELECT pgturso.track_table('m1')")
+    with pytest.raises(psycopg.Error, match="tracked") as failure:
+        conn.execute("ALTER TABLE m ATTACH PARTITION m1 FOR VALUES FROM (0) TO (10)")
+    assert "untrack_table" in failure.value.diag.message_hint
+    conn.execute("SELECT pgturso.untrack_table('m1')")
+    conn.execute("ALTER TABLE m ATTACH PARTITION m1 FOR VALUES FROM (0) TO (10)")
+    drain(dsn, turso.url)
+    assert turso.query("SELECT id, v FROM m") == [[1, "one"]]
+
+
+def test_disabled_capture_shows_in_status_and_resync_repairs(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TABLE d (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('d')")
+    assert pg_rows(conn, "SELECT capture_disabled FROM pgturso.status") == [[False]]
+    conn.execute("ALTER TABLE d DISABLE TRIGGER ALL")  # what pg_restore --disable-triggers does
+    conn.execute("INSERT INTO d VALUES (1, 'a'), (2, 'b'), (3, 'c')")
+    conn.execute("ALTER TABLE d ENABLE TRIGGER ALL")
+    # Once re-enabled the status cannot know what was missed: while disabled it can.
+    conn.execute("ALTER TABLE d DISABLE TRIGGER pgturso_capture_insert")
+    assert pg_rows(conn, "SELECT capture_disabled FROM pgturso.status") == [[True]]
+    conn.execute("ALTER TABLE d ENABLE TRIGGER pgturso_capture_insert")
+    conn.execute("SELECT pgturso.resync_table('d')")
+    drain(dsn, turso.url)
+    assert turso.query("SELECT * FROM d ORDER BY id") == pg_rows(conn, "SELECT * FROM d ORDER BY id")
