@@ -191,3 +191,20 @@ def test_dollar_tag_never_occurs_in_body(column: str, tag: str) -> None:
 def test_dollar_tag_helper() -> None:
     assert capture._dollar_tag("nothing") == "$pgturso0$"
     assert capture._dollar_tag("$pgturso0$ $pgturso1$ $pgturso3$") == "$pgturso2$"
+
+
+def test_a_row_filter_restricts_every_row_source_and_round_trips_through_the_spec() -> None:
+    filtered_docs = TableLayout.from_catalog(
+        "public.docs", "docs", [col("id", "int4", True), col("found", "int4")], ["id"], row_filter="(found > 0)")
+    assert TableLayout.from_spec(filtered_docs.to_spec()) == filtered_docs
+    assert "row_filter" not in DOCS.to_spec()  # layouts without a filter are stored as before
+    assert capture.filtered(DOCS, "new_rows") == "new_rows"
+    assert capture.filtered(filtered_docs, "new_rows") == "(SELECT * FROM new_rows AS filtered WHERE ((found > 0)))"
+    body = _function_body(capture_function_sql(filtered_docs, 4, "c", 4))[1]
+    assert body.startswith("\n#variable_conflict use_column\nBEGIN")  # a column named like a PL/pgSQL variable
+    # new rows, old rows, and both sides of the moved keys: every transition table is read through the filter
+    assert re.findall(r"FROM (?:new|old)_rows AS (\w+)", body) and set(
+        re.findall(r"FROM (?:new|old)_rows AS (\w+)", body)) == {"filtered"}
+    assert "WHERE ((found > 0))" in snapshot_sql(filtered_docs, 4, "t")
+    assert "AND ((found > 0)) FOR SHARE" in capture.copy_chunk_sql(filtered_docs, 4, "t", 10)[1]
+    assert "WHERE ((found > 0))" in capture.refresh_function_sql(filtered_docs, 4, "c_refresh")

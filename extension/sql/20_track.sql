@@ -116,14 +116,97 @@ END
 $$;
 COMMENT ON FUNCTION pgturso._key_columns IS 'Private: the columns a tracked table is keyed by on Turso (NULL: none).';
 
+-- Row filters (track_table's row_filter) live in a publication of their own, pgturso_row_filter_<oid>, that
+-- publishes nothing (publish = ''): Postgres 15 checks the filter exactly as for logical replication (columns of
+-- the table, built-in immutable functions, operators and types only, no subqueries), keeps it in step with
+-- column renames, and refuses to drop a column it uses. Capture evaluates pg_get_expr of it, never the text the
+-- caller wrote: only built-in immutable code, whoever runs it.
+CREATE OR REPLACE FUNCTION pgturso._create_row_filter(rel regclass, row_filter text) RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+-- CREATE PUBLICATION warns when wal_level is not logical: irrelevant here, nothing is published.
+SET client_min_messages = error
+AS $$
+DECLARE
+    v_publication text := 'pgturso_row_filter_' || rel::oid;
+    v_message text;
+    v_detail text;
+BEGIN
+    IF row_filter IS NULL OR btrim(row_filter) = '' THEN
+        RAISE EXCEPTION 'pgturso: the row filter of % is empty', rel
+            USING HINT = 'Pass a boolean expression over the table''s columns, e.g. row_filter => $f$status <> '
+                         '''draft''$f$, or leave row_filter out to replicate every row.';
+    END IF;
+    BEGIN
+        EXECUTE format('CREATE PUBLICATION %I FOR TABLE ONLY %s WHERE (%s) '
+                       'WITH (publish = '''', publish_via_partition_root = true)', v_publication, rel, row_filter);
+    EXCEPTION WHEN syntax_error OR undefined_column OR undefined_function OR datatype_mismatch
+                   OR feature_not_supported OR invalid_object_definition OR undefined_object
+                   OR grouping_error OR windowing_error OR invalid_text_representation
+                   OR ambiguous_column OR ambiguous_function OR undefined_table THEN
+        GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL;
+        RAISE EXCEPTION 'pgturso: row filter of % is not allowed: %', rel,
+                        replace(v_message, 'publication WHERE expression', 'row filter')
+            USING DETAIL = coalesce(nullif(v_detail, ''), 'row_filter: ' || row_filter),
+                  HINT = 'A row filter is a boolean expression over the table''s own columns using built-in '
+                         'immutable functions and operators only (no subqueries, user-defined functions or types, '
+                         'system columns), as in a Postgres 15 publication: e.g. status <> ''draft''.';
+    END;
+    RETURN v_publication;
+END
+$$;
+COMMENT ON FUNCTION pgturso._create_row_filter IS
+    'Private: check a row filter and keep it in its own publication (which publishes nothing); returns its name.';
+
+CREATE OR REPLACE FUNCTION pgturso._row_filter(rel regclass, options jsonb) RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_filter text;
+BEGIN
+    IF NOT options ? 'row_filter_publication' THEN
+        RETURN NULL;
+    END IF;
+    SELECT pg_get_expr(pr.prqual, pr.prrelid) INTO v_filter
+    FROM pg_publication p JOIN pg_publication_rel pr ON pr.prpubid = p.oid
+    WHERE p.pubname = options ->> 'row_filter_publication' AND pr.prrelid = rel AND pr.prqual IS NOT NULL;
+    IF v_filter IS NULL THEN
+        RAISE EXCEPTION 'pgturso: the row filter of tracked table % is gone (publication %)', rel,
+                        options ->> 'row_filter_publication'
+            USING HINT = 'A column the filter uses cannot be dropped, nor the publication changed, while the table '
+                         'is tracked with it: untrack the table first (pgturso.untrack_table), then track it again.';
+    END IF;
+    RETURN v_filter;
+END
+$$;
+COMMENT ON FUNCTION pgturso._row_filter IS 'Private: a tracked table''s row filter as Postgres deparses it (NULL: none).';
+
+CREATE OR REPLACE FUNCTION pgturso._drop_row_filter(options jsonb) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF options ? 'row_filter_publication' THEN
+        EXECUTE format('DROP PUBLICATION IF EXISTS %I', options ->> 'row_filter_publication');
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION pgturso._drop_row_filter IS 'Private: drop the publication holding a tracked table''s row filter.';
+
 -- Everything _plan_layout needs to know about a relation, read from the catalog.
+-- options -> 'column_attnums': track_table's column list, by attnum (a rename keeps a column in or out of it,
+-- a column added later is out). options ->> 'row_filter_publication': the publication holding the row filter.
 CREATE OR REPLACE FUNCTION pgturso._describe(
     rel regclass, options jsonb,
-    OUT source_table text, OUT target_table text, OUT columns jsonb, OUT key_columns text[], OUT indexes jsonb
+    OUT source_table text, OUT target_table text, OUT columns jsonb, OUT key_columns text[], OUT indexes jsonb,
+    OUT row_filter text
 )
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v_excluded text;
 BEGIN
     SELECT format('%I.%I', n.nspname, c.relname) INTO source_table
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel;
@@ -144,7 +227,18 @@ BEGIN
     FROM pg_attribute a
     JOIN pg_type t ON t.oid = a.atttypid
     JOIN pg_type bt ON bt.oid = pgturso._base_type(a.atttypid)
-    WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped;
+    WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+      AND (NOT options ? 'column_attnums' OR options -> 'column_attnums' @> to_jsonb(a.attnum::integer));
+    IF options ? 'column_attnums' THEN
+        SELECT k INTO v_excluded FROM unnest(key_columns) AS k
+        WHERE NOT columns @> jsonb_build_array(jsonb_build_object('name', k));
+        IF v_excluded IS NOT NULL THEN
+            RAISE EXCEPTION 'pgturso: key column "%" of % is not among the columns replicated to Turso', v_excluded, rel
+                USING HINT = 'Turso needs the key to apply updates and deletes: include every key column in '
+                             'columns => ARRAY[...] (or keep the key on replicated columns).';
+        END IF;
+    END IF;
+    row_filter := pgturso._row_filter(rel, options);
     -- Plain-column btree/hash indexes without predicate or deferral; partial, expression and other indexes
     -- (GIN, GiST, ...) have no SQLite equivalent and stay on Postgres.
     IF coalesce((options ->> 'indexes')::boolean, true) THEN
@@ -168,7 +262,8 @@ BEGIN
     END IF;
 END
 $$;
-COMMENT ON FUNCTION pgturso._describe IS 'Private: a relation''s names, columns, key and indexes for its layout.';
+COMMENT ON FUNCTION pgturso._describe IS
+    'Private: a relation''s names, replicated columns, key, indexes and row filter for its layout.';
 
 -- Keys Turso could not tell apart the way Postgres does: an array key's bounds are not in its JSON form
 -- ('{1,2}' and '[0:1]={1,2}' are two keys in Postgres, one on Turso).
@@ -393,7 +488,9 @@ CREATE OR REPLACE FUNCTION pgturso.track_table(
     key_columns text[] DEFAULT NULL,
     indexes boolean DEFAULT true,
     drop_target boolean DEFAULT false,
-    target text DEFAULT 'default'
+    target text DEFAULT 'default',
+    columns text[] DEFAULT NULL,
+    row_filter text DEFAULT NULL
 ) RETURNS void
 LANGUAGE plpgsql
 -- The initial copy encodes values exactly as the capture functions do: the settings placeholder below is
@@ -410,6 +507,8 @@ DECLARE
     v_plan jsonb;
     v_dup boolean;
     v_small bigint;
+    v_attnums integer[];
+    v_unknown text;
 BEGIN
     SELECT c.relkind, c.relispartition INTO v_kind FROM pg_class c WHERE c.oid = rel;
     IF v_kind IS NULL OR v_kind NOT IN ('r', 'p', 'm') THEN
@@ -444,10 +543,27 @@ BEGIN
         EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', rel);
     END IF;
 
+    IF track_table.columns IS NOT NULL THEN
+        SELECT c INTO v_unknown FROM unnest(track_table.columns) AS c
+        WHERE NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = rel AND a.attname = c
+                          AND a.attnum > 0 AND NOT a.attisdropped);
+        IF v_unknown IS NOT NULL OR cardinality(track_table.columns) = 0 THEN
+            RAISE EXCEPTION 'pgturso: "%" is not a column of %', coalesce(v_unknown, ''), rel
+                USING HINT = 'columns => ARRAY[...] names the columns of the table that go to Turso (the key '
+                             'included); leave it out to replicate every column.';
+        END IF;
+        SELECT array_agg(DISTINCT a.attnum ORDER BY a.attnum) INTO v_attnums FROM pg_attribute a
+        WHERE a.attrelid = rel AND a.attname = ANY (track_table.columns) AND a.attnum > 0 AND NOT a.attisdropped;
+    END IF;
     v_options := jsonb_strip_nulls(jsonb_build_object(
         'target_table', track_table.target_table, 'key_columns', track_table.key_columns,
         'indexes', CASE WHEN NOT track_table.indexes THEN false END,
-        'drop_target', CASE WHEN track_table.drop_target THEN true END));
+        'drop_target', CASE WHEN track_table.drop_target THEN true END,
+        'column_attnums', to_jsonb(v_attnums)));
+    IF track_table.row_filter IS NOT NULL THEN
+        v_options := v_options || jsonb_build_object(
+            'row_filter_publication', pgturso._create_row_filter(rel, track_table.row_filter));
+    END IF;
     v_desc := pgturso._describe(rel, v_options);
     IF v_desc.key_columns IS NULL THEN
         RAISE EXCEPTION 'pgturso: table % has no primary key and no unique index over NOT NULL columns', rel
@@ -482,7 +598,7 @@ BEGIN
     INSERT INTO pgturso.layout (table_id, spec) VALUES (v_table_id, '{}') RETURNING id INTO v_layout_id;
     v_plan := pgturso._plan_layout(v_layout_id, pgturso._row_source(rel), v_desc.source_table, v_desc.target_table,
                                    v_desc.columns, v_desc.key_columns, pgturso._capture_function_name(v_table_id),
-                                   v_desc.indexes);
+                                   v_desc.indexes, v_desc.row_filter);
     UPDATE pgturso.layout SET spec = v_plan -> 'spec' WHERE id = v_layout_id;
 
     -- Create the Turso table and start capture now. The rows already there are copied by the worker in
@@ -511,7 +627,10 @@ COMMENT ON FUNCTION pgturso.track_table IS
     'target_table names it on Turso (default: the table name, schema.name outside public). key_columns '
     'names the key when the table has no primary key or unique index over NOT NULL columns. drop_target: '
     'DROP TABLE in Postgres drops the Turso table too (default: it stays). target: the named target '
-    '(pgturso.add_target) whose worker delivers it.';
+    '(pgturso.add_target) whose worker delivers it. columns: only these columns (the key included) go to '
+    'Turso; the others, and columns added later, never leave Postgres. row_filter: only rows for which this '
+    'boolean expression (the table''s columns, built-in immutable functions) is true are on Turso; an UPDATE '
+    'moving a row in or out of it arrives as an insert or a delete there.';
 
 CREATE OR REPLACE FUNCTION pgturso._partition_root(rel regclass) RETURNS regclass
 LANGUAGE sql STABLE
@@ -564,6 +683,7 @@ BEGIN
             USING HINT = 'SELECT relid FROM pgturso.tracked_table lists the tracked tables.';
     END IF;
     PERFORM pgturso._remove_capture(rel, v_table_id);
+    PERFORM pgturso._drop_row_filter(t.options) FROM pgturso.tracked_table t WHERE t.id = v_table_id;
     DELETE FROM pgturso.outbox o USING pgturso.layout l WHERE o.layout_id = l.id AND l.table_id = v_table_id;
     DELETE FROM pgturso.tracked_table WHERE id = v_table_id;
 END
@@ -595,7 +715,10 @@ COMMENT ON FUNCTION pgturso.refresh_materialized_view IS
     'REFRESH MATERIALIZED VIEW [CONCURRENTLY] a tracked view and send Turso only the rows that changed.';
 
 REVOKE ALL ON FUNCTION pgturso._is_deferrable(oid) FROM PUBLIC;
-REVOKE ALL ON FUNCTION pgturso.track_table(regclass, text, text[], boolean, boolean, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso.track_table(regclass, text, text[], boolean, boolean, text, text[], text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._create_row_filter(regclass, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._row_filter(regclass, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._drop_row_filter(jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.untrack_table(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.resync_table(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.refresh_materialized_view(regclass, boolean) FROM PUBLIC;

@@ -31,7 +31,7 @@ BEGIN
     END IF;
     PERFORM pgturso._check_key(v_rel, v_desc.columns, v_desc.key_columns);
     v_change := pgturso._plan_change(v_old_spec, v_desc.source_table, v_desc.target_table, v_desc.columns,
-                                     v_desc.key_columns, v_desc.indexes);
+                                     v_desc.key_columns, v_desc.indexes, v_desc.row_filter);
     IF (v_change ->> 'changed')::boolean THEN
         IF v_desc.target_table IS DISTINCT FROM v_old_spec ->> 'target_table' AND EXISTS (
                SELECT 1 FROM pgturso.tracked_table t
@@ -53,7 +53,8 @@ BEGIN
         INSERT INTO pgturso.layout (table_id, spec) VALUES (table_id, v_change -> 'spec') RETURNING id INTO v_new_id;
         v_plan := pgturso._plan_layout(v_new_id, pgturso._row_source(v_rel), v_desc.source_table,
                                        v_desc.target_table, v_desc.columns, v_desc.key_columns,
-                                       pgturso._capture_function_name(table_id), v_desc.indexes);
+                                       pgturso._capture_function_name(table_id), v_desc.indexes,
+                                       v_desc.row_filter);
         INSERT INTO pgturso.outbox (layout_id, op, nrows, payload)
         VALUES (v_new_id, 'A', 0, jsonb_build_object('from', v_old_id, 'recopy', v_recopy)::text);
         IF v_recopy THEN
@@ -97,7 +98,8 @@ BEGIN
         IF v_plan IS NULL THEN
             v_plan := pgturso._plan_layout(v_old_id, pgturso._row_source(v_rel), v_desc.source_table,
                                            v_desc.target_table, v_desc.columns, v_desc.key_columns,
-                                           pgturso._capture_function_name(table_id), v_desc.indexes);
+                                           pgturso._capture_function_name(table_id), v_desc.indexes,
+                                           v_desc.row_filter);
         END IF;
         EXECUTE pgturso._plan_rows(v_old_id, v_old_spec, v_part::text, 'U');
     END LOOP;
@@ -386,6 +388,7 @@ BEGIN
                jsonb_build_object('drop_target', coalesce((v_row.options ->> 'drop_target')::boolean, false))::text
         FROM pgturso.layout l WHERE l.table_id = v_row.id;
         PERFORM pgturso._drop_capture_functions(v_row.id);
+        PERFORM pgturso._drop_row_filter(v_row.options);
         UPDATE pgturso.tracked_table SET dropped_at = now() WHERE id = v_row.id;
         PERFORM pg_notify('pgturso', '');
         v_tracked_dropped := true;
@@ -429,8 +432,8 @@ CREATE EVENT TRIGGER pgturso_sql_drop ON sql_drop EXECUTE FUNCTION pgturso._on_s
 DROP EVENT TRIGGER IF EXISTS pgturso_table_rewrite;
 CREATE EVENT TRIGGER pgturso_table_rewrite ON table_rewrite EXECUTE FUNCTION pgturso._on_table_rewrite();
 
-REVOKE ALL ON FUNCTION pgturso._plan_layout(integer, text, text, text, jsonb, text[], text, jsonb) FROM PUBLIC;
-REVOKE ALL ON FUNCTION pgturso._plan_change(jsonb, text, text, jsonb, text[], jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._plan_layout(integer, text, text, text, jsonb, text[], text, jsonb, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._plan_change(jsonb, text, text, jsonb, text[], jsonb, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._plan_rows(integer, jsonb, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._follow_schema(integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._recopy(integer) FROM PUBLIC;

@@ -54,6 +54,9 @@ class TableLayout:
     columns: tuple[Column, ...]
     key_columns: tuple[str, ...]
     indexes: tuple[Index, ...] = field(default=())
+    # track_table's row_filter, as Postgres deparsed it (pg_get_expr of the filter's publication): a boolean
+    # expression over the table's columns, built-in immutable functions only. None: every row.
+    row_filter: str | None = None
 
     @classmethod
     def from_catalog(
@@ -63,6 +66,7 @@ class TableLayout:
         columns: Sequence[Mapping[str, Any]],
         key_columns: Sequence[str],
         indexes: Sequence[Mapping[str, Any]] = (),
+        row_filter: str | None = None,
     ) -> TableLayout:
         """Build a layout from catalog rows.
 
@@ -105,7 +109,8 @@ class TableLayout:
             cols = tuple(str(c) for c in index["columns"])
             if cols and all(c in names for c in cols) and list(cols) != list(key_columns):
                 built_indexes.append(Index(str(index["name"]), cols))  # plain on Turso: see Index
-        return cls(source_table, target_table, tuple(built), tuple(key_columns), tuple(built_indexes))
+        return cls(source_table, target_table, tuple(built), tuple(key_columns), tuple(built_indexes),
+                   row_filter or None)
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> TableLayout:
@@ -118,16 +123,20 @@ class TableLayout:
             indexes=tuple(
                 Index(i["name"], tuple(i["columns"]), bool(i.get("unique", False))) for i in spec.get("indexes", ())
             ),
+            row_filter=spec.get("row_filter"),
         )
 
     def to_spec(self) -> dict[str, Any]:
-        return {
+        spec = {
             "source_table": self.source_table,
             "target_table": self.target_table,
             "columns": [asdict(c) for c in self.columns],
             "key_columns": list(self.key_columns),
             "indexes": [{"name": i.name, "columns": list(i.columns), "unique": i.unique} for i in self.indexes],
         }
+        if self.row_filter:  # absent rather than null: layouts without a filter read as before
+            spec["row_filter"] = self.row_filter
+        return spec
 
     @property
     def key_positions(self) -> list[int]:

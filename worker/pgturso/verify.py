@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 import psycopg
 
-from .capture import CAPTURE_SETTINGS, pack_sql, row_json_sql
+from .capture import CAPTURE_SETTINGS, filtered, pack_sql, row_json_sql
 from .layout import TableLayout
 from .logs import Progress
 from .quoting import quote_ident
@@ -57,6 +57,13 @@ class TableReport:
 def _set_local(conn: psycopg.Connection[Any]) -> None:
     for setting in CAPTURE_SETTINGS:
         conn.execute(setting.replace("SET ", "SET LOCAL ", 1))
+
+
+def _rows(layout: TableLayout, relation: str, with_params: bool = True) -> str:
+    """The rows of ``relation`` that belong on Turso (its row filter applied), for a query run with parameters
+    (a ``%`` of the filter doubled) or without."""
+    rows = filtered(layout, relation)
+    return rows.replace("%", "%%") if with_params else rows
 
 
 def _key_text(layout: TableLayout, alias: str) -> str:
@@ -145,14 +152,16 @@ class Verifier:
         """
         diff = _diff_sql(layout)
         order = ", ".join(f"src.{quote_ident(k)}" for k in layout.key_columns)
-        query = (f"SELECT {row_json_sql(layout, 'src')}, {_key_text(layout, 'src')} FROM {relation} AS src "
+        query = (f"SELECT {row_json_sql(layout, 'src')}, {_key_text(layout, 'src')} FROM {_rows(layout, relation)} "
+                 "AS src "
                  f"{where} ORDER BY {order}")
         total, differing, missing = 0, [], 0
         with self.conn.transaction():
             _set_local(self.conn)
             estimate = 0
             if not where:
-                estimate = self.conn.execute(f"SELECT count(*) FROM {relation}").fetchone()[0]  # type: ignore[index]
+                count = f"SELECT count(*) FROM {_rows(layout, relation, with_params=False)} AS r"
+                estimate = self.conn.execute(count).fetchone()[0]  # type: ignore[index]
             bar = Progress(f"verify {layout.source_table}", estimate, self.progress) if estimate else None
             with self.conn.cursor(name="pgturso_verify") as cur:
                 cur.itersize = CHUNK_ROWS
@@ -172,7 +181,7 @@ class Verifier:
     def _extra_keys(self, relation: str, layout: TableLayout) -> list[list[Any]]:
         """Keys on Turso that Postgres does not have (only run when the counts say there are some)."""
         probe = (f"SELECT k._pgturso_n FROM {_key_rows_sql(layout)} "
-                 f"WHERE NOT EXISTS (SELECT 1 FROM {relation} AS r WHERE {_key_match(layout, 'r')})")
+                 f"WHERE NOT EXISTS (SELECT 1 FROM {_rows(layout, relation)} AS r WHERE {_key_match(layout, 'r')})")
         extra: list[list[Any]] = []
         last_rowid = 0
         while True:
@@ -198,7 +207,8 @@ class Verifier:
             if differing:
                 _, differing, missing = self._recheck(relation, layout, differing)
             with self.conn.transaction():
-                row = self.conn.execute(f"SELECT count(*) FROM {relation}").fetchone()
+                rows = _rows(layout, relation, with_params=False)
+                row = self.conn.execute(f"SELECT count(*) FROM {rows} AS r").fetchone()
             report.postgres_rows = int(row[0]) if row else 0
             report.turso_rows = self._count_turso(layout)
             # Turso holds the rows that match, the differing ones that are present, and any extras.
@@ -227,7 +237,7 @@ class Verifier:
             queued = 0
             if report.different:
                 where, params = self._key_filter(layout, report.different)
-                source = f"(SELECT * FROM {relation} AS src {where})"
+                source = f"(SELECT * FROM {_rows(layout, relation)} AS src {where})"
                 queued += self.conn.execute(pack_sql(layout_id, "U", row_json_sql(layout, "src"), source),
                                             params).rowcount
             if report.extra:
