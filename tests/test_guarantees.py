@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO, drain, pending, run_worker
 from support.cloud_proxy import CloudProxy
 from support.pgcluster import PG_BIN, PgCluster, _as_postgres
-from support.turso import TursoServer, read_rows
+from support.turso import TursoServer, install_apply_counter, read_rows
 from support.workers import WorkerProcess, outbox_empty, wait_until
 from support.workload import Workload, assert_equal, create_tables
 
@@ -42,20 +42,12 @@ def test_convergence_under_concurrency(conn, dsn, turso: TursoServer):
         assert worker.stop() == 0
 
 
-def _install_apply_counter(turso: TursoServer, table: str) -> None:
-    """On Turso only: count every time a row of ``table`` is written, so a replayed batch shows up."""
-    read_rows(turso.url, "CREATE TABLE applied (id INTEGER)")
-    for when in ("INSERT", "UPDATE"):
-        read_rows(turso.url, f"CREATE TRIGGER count_{when.lower()} AFTER {when} ON {table} "
-                             "BEGIN INSERT INTO applied VALUES (NEW.id); END")
-
-
 def test_exactly_once_across_sigkill(conn, dsn, turso: TursoServer):
     """SIGKILL the worker 20 times under load: nothing lost, no row written twice on Turso."""
     conn.execute("CREATE TABLE ledger (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, who int, amount int)")
     conn.execute("SELECT pgturso.track_table('ledger')")
     drain(dsn, turso.url)
-    _install_apply_counter(turso, "ledger")
+    install_apply_counter(turso.url, "ledger")
     stop = threading.Event()
 
     def write(session: int) -> None:
@@ -255,7 +247,7 @@ def test_failover_to_a_promoted_standby_carries_on(turso: TursoServer):
             conn.execute("SELECT pgturso.track_table('ledger')")
             conn.execute("INSERT INTO ledger SELECT g, 'first' FROM generate_series(1, 100) g")
         drain(dsn, turso.url)
-        _install_apply_counter(turso, "ledger")
+        install_apply_counter(turso.url, "ledger")
         subprocess.run(_as_postgres([str(PG_BIN / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(primary.port),
                                      "-U", primary.user, "-D", str(standby_dir), "-R", "-X", "stream"]),
                        check=True, capture_output=True)

@@ -199,22 +199,23 @@ def test_failing_caller_statement_maps_to_its_index() -> None:
     result = batch_result(
         [R, R, R, None, None, R], [None, None, None, err("UNIQUE constraint failed: t.id"), None, None]
     )
-    assert read_batch_result(full_plan(), result) == BatchOutcome(1, "UNIQUE constraint failed: t.id", False)
+    outcome = BatchOutcome(1, "UNIQUE constraint failed: t.id", False, "SQLITE_ERROR")
+    assert read_batch_result(full_plan(), result) == outcome
 
 
 def test_failing_first_caller_statement() -> None:
     result = batch_result([R, R, None, None, None, R], [None, None, err("no such table: t"), None, None, None])
-    assert read_batch_result(full_plan(), result) == BatchOutcome(0, "no such table: t", False)
+    assert read_batch_result(full_plan(), result) == BatchOutcome(0, "no such table: t", False, "SQLITE_ERROR")
 
 
 def test_failing_begin_is_not_a_caller_statement() -> None:
     result = batch_result([R, None, None, None, None, None], [None, err("cannot BEGIN"), None, None, None, err("x")])
-    assert read_batch_result(full_plan(), result) == BatchOutcome(None, "cannot BEGIN", False)
+    assert read_batch_result(full_plan(), result) == BatchOutcome(None, "cannot BEGIN", False, "SQLITE_ERROR")
 
 
 def test_failing_commit() -> None:
     result = batch_result([R, R, R, R, None, R], [None, None, None, None, err("database is locked"), None])
-    assert read_batch_result(full_plan(), result) == BatchOutcome(None, "database is locked", False)
+    assert read_batch_result(full_plan(), result) == BatchOutcome(None, "database is locked", False, "SQLITE_ERROR")
 
 
 def test_trailing_rollback_error_is_ignored() -> None:
@@ -247,7 +248,7 @@ def test_continuation_plan_failure_in_first_step() -> None:
     plan.add("B")
     plan.commit()
     result = batch_result([None, None, None, R], [err("boom"), None, None, None])
-    assert read_batch_result(plan, result) == BatchOutcome(0, "boom", False)
+    assert read_batch_result(plan, result) == BatchOutcome(0, "boom", False, "SQLITE_ERROR")
 
 
 def test_error_without_message_is_still_reported() -> None:
@@ -260,7 +261,7 @@ def test_error_without_message_is_still_reported() -> None:
 
 def test_pipeline_level_error() -> None:
     result = {"type": "error", "error": {"message": "stream expired", "code": "STREAM_EXPIRED"}}
-    assert read_batch_result(full_plan(), result) == BatchOutcome(None, "stream expired", False)
+    assert read_batch_result(full_plan(), result) == BatchOutcome(None, "stream expired", False, "STREAM_EXPIRED")
 
 
 @pytest.mark.parametrize("count", [0, 5, 7])

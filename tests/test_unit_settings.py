@@ -33,12 +33,15 @@ def test_defaults() -> None:
         target="default",
         auth_token=None,
         auth_token_file=None,
+        encryption_key=None,
+        encryption_key_file=None,
         batch_rows=50_000,
         batch_events=50_000,
         copy_chunk_rows=20_000,
         max_request_bytes=8 << 20,
         max_statement_bytes=1 << 20,
         request_timeout=60.0,
+        max_transaction_seconds=2.0,
         idle_wait=5.0,
         retry_base_delay=0.5,
         retry_max_delay=30.0,
@@ -202,3 +205,16 @@ def test_sources_record_where_each_value_came_from() -> None:
     s = resolve({"pgturso.url": "http://conf"}, {"PGTURSO_BATCH_ROWS": "9"}, {"log_level": "debug"})
     assert (s.sources["url"], s.sources["batch_rows"], s.sources["log_level"], s.sources["idle_wait"]) == (
         "postgresql.conf", "environment", "flag", "default")
+
+
+def test_the_encryption_key_is_a_secret_like_the_token(tmp_path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("k3y\n")
+    assert not BY_NAME["encryption_key"].in_postgresql_conf
+    ignored = resolve({"pgturso.encryption_key": "from-conf"}, environ={}, flags={})
+    assert ignored.encryption() is None, "a key in postgresql.conf (SHOW-able by every role) is never used"
+    assert resolve({}, environ={"PGTURSO_ENCRYPTION_KEY": "env-key"}, flags={}).encryption() == "env-key"
+    assert resolve({"pgturso.encryption_key_file": str(key_file)}, environ={}, flags={}).encryption() == "k3y"
+    missing = resolve({}, environ={"PGTURSO_ENCRYPTION_KEY_FILE": str(tmp_path / "nope")}, flags={})
+    with pytest.raises(ConfigError, match="encryption_key_file"):
+        missing.encryption()

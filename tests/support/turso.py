@@ -73,6 +73,15 @@ class TursoServer:
         return read_rows(self.url, sql)
 
 
+def install_apply_counter(url: str, table: str) -> None:
+    """On Turso only: count every write of a row of ``table`` (keyed by its ``id``) in a table ``applied``, so
+    that a batch applied twice shows up even when the rows end up right."""
+    read_rows(url, "CREATE TABLE applied (id INTEGER)")
+    for when in ("INSERT", "UPDATE"):
+        read_rows(url, f"CREATE TRIGGER count_{when.lower()} AFTER {when} ON {table} "
+                       "BEGIN INSERT INTO applied VALUES (NEW.id); END")
+
+
 def read_rows(url: str, sql: str) -> list[list[Any]]:
     body = json.dumps({"requests": [{"type": "execute", "stmt": {"sql": sql}}]}).encode()
     request = urllib.request.Request(f"{url}/v2/pipeline", data=body, headers={"Content-Type": "application/json"})

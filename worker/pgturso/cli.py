@@ -77,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                flags.get("log_format") or os.environ.get("PGTURSO_LOG_FORMAT") or "text")  # type: ignore[arg-type]
     try:
         settings = load_settings(args.dsn, flags)
-        settings.token()  # a missing token file is a start-up error, not a later one
+        settings.token()  # a missing token or key file is a start-up error, not a later one
+        settings.encryption()
     except (ConfigError, psycopg.Error) as exc:
         logs.event(log, logging.ERROR, "bad_configuration", error=str(exc).strip())
         return EXIT_FATAL
@@ -94,7 +95,8 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
         with psycopg.connect(args.dsn, autocommit=True, application_name="pgturso-verify") as conn:
             url, token = target_endpoint(conn, settings)
             target = open_target(url, token, max_request_bytes=settings.max_request_bytes,
-                                 timeout=settings.request_timeout, tls_ca_file=settings.tls_ca_file)
+                                 timeout=settings.request_timeout, tls_ca_file=settings.tls_ca_file,
+                                 encryption_key=settings.encryption())
             try:
                 return run_verify(conn, target, args.tables, args.repair, args.settle_timeout, settings.target)
             finally:

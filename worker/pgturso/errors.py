@@ -12,7 +12,28 @@ class ConfigError(PgTursoError):
 
 
 class TursoUnavailable(PgTursoError):
-    """Turso could not be reached or answered 429/5xx or garbage: worth retrying later."""
+    """Turso could not be reached, or answered something that can succeed later (see hrana.ANSWERS): the worker
+    recovers from the progress marker and sends the whole batch again. ``retry_after``: seconds the server asked
+    the worker to wait (HTTP Retry-After), if it said."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class StreamLost(TursoUnavailable):
+    """The stream a transaction was using is gone (server restarted, request reached another instance, stream
+    expired, or the server ended it mid-transaction): nothing of the open transaction was committed."""
+
+
+class TursoBusy(TursoUnavailable):
+    """A step failed with a code that means "later" (the write lock was taken away, the server is busy or
+    blocked for now): nothing of the batch was committed. ``code`` is Turso's error code."""
+
+    def __init__(self, message: str, code: str, held_seconds: float | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.held_seconds = held_seconds  # how long this transaction had been open on Turso when it failed
 
 
 class RequestTooLarge(TursoUnavailable):
@@ -34,7 +55,7 @@ class TursoRequestRejected(PgTursoError):
 
 
 class TursoAuthError(TursoRequestRejected):
-    """Turso answered 401/403: the token is missing, wrong or expired."""
+    """Turso answered 401 (the token is missing, wrong or expired) or 403 (access to the database is blocked)."""
 
 
 class StatementFailed(PgTursoError):

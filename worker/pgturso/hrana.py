@@ -13,6 +13,7 @@ for one request continues in the next one (on the same stream, through the baton
 from __future__ import annotations
 
 import base64
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -103,12 +104,19 @@ class BatchOutcome:
     failed_caller_index: int | None  # index into the statements passed to add(), or None
     error: str | None
     committed: bool
+    code: str | None = None  # Turso's error code of the failed step, when it gave one
+
+
+def _error_code(error: Any) -> str | None:
+    code = error.get("code") if isinstance(error, dict) else None
+    return str(code) if code else None
 
 
 def read_batch_result(plan: BatchPlan, result: dict[str, Any]) -> BatchOutcome:
     """Interpret one pipeline result for ``plan``. Raises ValueError on a malformed answer."""
     if result.get("type") == "error":
-        return BatchOutcome(None, str(result.get("error", {}).get("message", result)), False)
+        error = result.get("error", {})
+        return BatchOutcome(None, str(error.get("message", result)), False, _error_code(error))
     batch = result["response"]["result"]
     step_errors: list[Any] = batch["step_errors"]
     step_results: list[Any] = batch["step_results"]
@@ -119,7 +127,7 @@ def read_batch_result(plan: BatchPlan, result: dict[str, Any]) -> BatchOutcome:
     for index, error in enumerate(step_errors):
         if error is None or index < first_real or (index == len(plan.steps) - 1 and plan.commit_step is not None):
             continue
-        return BatchOutcome(caller_of.get(index), str(error.get("message", error)), False)
+        return BatchOutcome(caller_of.get(index), str(error.get("message", error)), False, _error_code(error))
     if plan.commit_step is not None and step_results[plan.commit_step] is None:
         return BatchOutcome(None, "the COMMIT step did not run", False)
     for index in plan.caller_steps:
@@ -128,10 +136,19 @@ def read_batch_result(plan: BatchPlan, result: dict[str, Any]) -> BatchOutcome:
     return BatchOutcome(None, None, plan.commit_step is not None)
 
 
+class StepError(ValueError):
+    """A request of a pipeline failed; ``code`` is Turso's error code, when it gave one."""
+
+    def __init__(self, message: str, code: str | None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def rows_of(result: dict[str, Any]) -> list[list[Value]]:
-    """Rows of an ``execute`` pipeline result. Raises ValueError with Turso's message on error."""
+    """Rows of an ``execute`` pipeline result. Raises StepError with Turso's message and code on error."""
     if result.get("type") == "error":
-        raise ValueError(str(result.get("error", {}).get("message", result)))
+        error = result.get("error", {})
+        raise StepError(str(error.get("message", result)), _error_code(error))
     rows = result["response"]["result"]["rows"]
     return [[decode_value(v) for v in row] for row in rows]
 
@@ -141,3 +158,106 @@ def execute_request(sql: str, args: Sequence[Value] = ()) -> dict[str, Any]:
 
 
 CLOSE_REQUEST: dict[str, Any] = {"type": "close"}
+
+
+# -- What each answer of Turso means for the batch ------------------------------------------------------------
+
+
+class Meaning(enum.Enum):
+    TRANSIENT = "transient"  # nothing of the batch committed: recover from the marker, send the whole batch again
+    REFUSED = "refused"  # Turso refuses this statement for good: isolate the source transaction, show it blocked
+    TOO_LARGE = "too large"  # nothing ran: send the same changes again in smaller requests
+    CONFIGURATION = "configuration"  # stop (exit 2): the fix is a setting (token, access, URL)
+    REJECTED = "rejected"  # stop (exit 2): this server does not take the request; retrying cannot help
+
+
+@dataclass(frozen=True)
+class Rule:
+    key: str  # how the classifiers below look the rule up
+    answer: str  # what Turso answered, as the docs show it
+    meaning: Meaning
+    why: str
+
+    @property
+    def transient(self) -> bool:
+        return self.meaning is Meaning.TRANSIENT
+
+
+# The one table of these decisions; docs/design.md shows it (answers_markdown(), a test keeps them equal).
+ANSWERS: tuple[Rule, ...] = (
+    Rule("network", "no answer: connection refused or reset, TLS failure, timeout", Meaning.TRANSIENT,
+         "Turso or the network is down; a request that timed out may have committed, which the marker tells"),
+    Rule("not-hrana", "HTTP 200 that is not a Hrana answer (a proxy's HTML page)", Meaning.TRANSIENT,
+         "something between the worker and Turso answered instead of Turso"),
+    Rule("http-400-stream", "HTTP 400 to a continuation request (\"Received an invalid baton\")",
+         Meaning.TRANSIENT, "the stream is gone: sqld signs batons with a per-process key, so a restart or another "
+         "instance invalidates them; its open transaction was rolled back"),
+    Rule("http-404-stream", "HTTP 404 to a continuation request (stream not found)", Meaning.TRANSIENT,
+         "the stream expired (sqld: after 10 s idle) and its open transaction was rolled back"),
+    Rule("null-baton", "no baton in the middle of a transaction", Meaning.TRANSIENT,
+         "the server ended the stream: the rest would run outside the transaction, so none of it is sent"),
+    Rule("http-400", "HTTP 400/404 to the first request of a stream", Meaning.REJECTED,
+         "the server does not understand the request or the database does not exist: check pgturso.url"),
+    Rule("http-401", "HTTP 401", Meaning.CONFIGURATION, "the token is missing, wrong or expired"),
+    Rule("http-403", "HTTP 403", Meaning.CONFIGURATION,
+         "access is blocked: the token has no rights on this database, or the database or organisation is blocked"),
+    Rule("http-408", "HTTP 408", Meaning.TRANSIENT, "the server gave up waiting for the request"),
+    Rule("http-413", "HTTP 413", Meaning.TOO_LARGE, "the request is over the server's size limit; nothing ran"),
+    Rule("http-429", "HTTP 429 (Retry-After honoured)", Meaning.TRANSIENT, "rate limited, or too many transactions"),
+    Rule("http-5xx", "HTTP 5xx (503 with Retry-After honoured; sqld's STREAM_EXPIRED is a 500)",
+         Meaning.TRANSIENT, "the server or a proxy in front of it failed, or is restarting"),
+    Rule("http-4xx", "any other HTTP 4xx", Meaning.REJECTED, "the server refuses the request itself"),
+    Rule("TRANSACTION_TIMEOUT", "step error TRANSACTION_TIMEOUT", Meaning.TRANSIENT,
+         "sqld rolled the transaction back: it held the write lock over 5 s while another client wanted to write"),
+    Rule("TRANSACTION_BUSY", "step error TRANSACTION_BUSY", Meaning.TRANSIENT,
+         "the server cannot take another transaction now"),
+    Rule("BLOCKED", "step error BLOCKED", Meaning.TRANSIENT,
+         "writes are blocked for now (e.g. the organisation is over its quota); they resume when it is lifted"),
+    Rule("PROXY_ERROR", "step error PROXY_ERROR", Meaning.TRANSIENT,
+         "a replica could not reach the primary it forwards writes to"),
+    Rule("STREAM_EXPIRED", "step error STREAM_EXPIRED", Meaning.TRANSIENT, "the stream expired"),
+    Rule("SQLITE_BUSY", "step error SQLITE_BUSY*, SQLITE_LOCKED*, SQLITE_INTERRUPT (or, without a code, the "
+         "message \"database is locked\")", Meaning.TRANSIENT, "another connection holds the lock for now"),
+    Rule("step", "any other step error (constraint, missing table, type, SQL)", Meaning.REFUSED,
+         "this change cannot be applied as Turso stands: the worker finds the source transaction and blocks on it"),
+)
+_RULES = {rule.key: rule for rule in ANSWERS}
+_BUSY_CODES = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_INTERRUPT")
+_BUSY_MESSAGES = {"database is locked": "SQLITE_BUSY", "transaction timed-out": "TRANSACTION_TIMEOUT",
+                  "stream has expired": "STREAM_EXPIRED"}
+
+
+def rule(key: str) -> Rule:
+    return _RULES[key]
+
+
+def classify_status(status: int, continuation: bool) -> Rule:
+    """What a non-200 HTTP answer means; ``continuation``: the request carried a baton (an existing stream)."""
+    if status in (400, 404):
+        return _RULES[f"http-{status}-stream"] if continuation else _RULES["http-400"]
+    if status in (401, 403, 408, 413, 429):
+        return _RULES[f"http-{status}"]
+    if status >= 500:
+        return _RULES["http-5xx"]
+    return _RULES["http-4xx"]
+
+
+def classify_step_error(code: str | None, message: str) -> Rule:
+    """What a failed step means, by Turso's error code (or, from servers that send none, its message)."""
+    if code is None:
+        lowered = message.lower()
+        code = next((c for text, c in _BUSY_MESSAGES.items() if text in lowered), None)
+    if code is None:
+        return _RULES["step"]
+    if code.isupper() and code in _RULES:
+        return _RULES[code]
+    if code.startswith(_BUSY_CODES):
+        return _RULES["SQLITE_BUSY"]
+    return _RULES["step"]
+
+
+def answers_markdown() -> str:
+    """The table as docs/design.md shows it."""
+    lines = ["| Turso answered | meaning for the batch | why |", "| --- | --- | --- |"]
+    lines += [f"| {r.answer} | {r.meaning.value} | {r.why} |" for r in ANSWERS]
+    return "\n".join(lines) + "\n"

@@ -37,12 +37,17 @@ def send_batch(target: Target, statements: Iterable[Statement], marker: list[Sta
     transaction = target.begin()
     sent = 0
     try:
-        for statement in statements:
-            transaction.execute(statement)
-            sent += 1
-        for statement in marker:
-            transaction.execute(statement)
-        transaction.commit()
+        try:
+            for statement in statements:
+                transaction.execute(statement)
+                sent += 1
+            for statement in marker:
+                transaction.execute(statement)
+            transaction.commit()
+        except BaseException:
+            # Don't leave a half-sent transaction holding Turso's write lock until its stream expires.
+            transaction.abort()
+            raise
     except StatementFailed as exc:
         if exc.operation == CHECK_MARKER_OPERATION:
             raise MarkerMoved(

@@ -76,6 +76,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth_token", None, str, "Turso auth token (Bearer); never put it in postgresql.conf",
             in_postgresql_conf=False),
     Setting("auth_token_file", None, str, "file holding the Turso auth token"),
+    Setting("encryption_key", None, str, "key of an encrypted Turso Cloud database (sent as the "
+            "x-turso-encryption-key header); a secret like the token: never put it in postgresql.conf",
+            in_postgresql_conf=False),
+    Setting("encryption_key_file", None, str, "file holding the encryption key"),
     Setting("tls_ca_file", None, str, "CA bundle to verify https/libsql servers with (default: system CAs)"),
     Setting("batch_rows", 50_000, _positive_int, "rows per delivery (one Turso transaction), whole source "
             "transactions only: a larger one is delivered alone"),
@@ -85,6 +89,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_request_bytes", 8 << 20, _positive_int, "largest HTTP request; larger deliveries span requests"),
     Setting("max_statement_bytes", 1 << 20, _positive_int, "largest JSON argument of one statement"),
     Setting("request_timeout", 60.0, _positive_float, "seconds to wait for one Turso request"),
+    Setting("max_transaction_seconds", 2.0, _positive_float, "longest a delivery may hold its Turso transaction "
+            "open (Turso Cloud rolls back a transaction that holds the write lock 5 s while another client writes): "
+            "slower batches make the next ones smaller"),
     Setting("idle_wait", 5.0, _positive_float, "seconds between checks when no NOTIFY arrives"),
     Setting("retry_base_delay", 0.5, _positive_float, "first retry delay in seconds (doubles, with jitter)"),
     Setting("retry_max_delay", 30.0, _positive_float, "cap of the retry delay in seconds"),
@@ -103,6 +110,8 @@ class Settings:
     target: str
     auth_token: str | None
     auth_token_file: str | None
+    encryption_key: str | None
+    encryption_key_file: str | None
     tls_ca_file: str | None
     batch_rows: int
     batch_events: int
@@ -110,6 +119,7 @@ class Settings:
     max_request_bytes: int
     max_statement_bytes: int
     request_timeout: float
+    max_transaction_seconds: float
     idle_wait: float
     retry_base_delay: float
     retry_max_delay: float
@@ -123,16 +133,24 @@ class Settings:
 
     def token(self) -> str | None:
         """The auth token, read from auth_token_file when no token was given directly."""
-        if self.auth_token:
-            return self.auth_token
-        if self.auth_token_file:
-            try:
-                with open(self.auth_token_file, encoding="utf-8") as handle:
-                    return handle.read().strip() or None
-            except OSError as exc:
-                message = f"cannot read pgturso.auth_token_file {self.auth_token_file!r}: {exc.strerror}"
-                raise ConfigError(message) from None
-        return None
+        return _secret(self.auth_token, self.auth_token_file, "auth_token_file")
+
+    def encryption(self) -> str | None:
+        """The encryption key, read from encryption_key_file when no key was given directly."""
+        return _secret(self.encryption_key, self.encryption_key_file, "encryption_key_file")
+
+
+def _secret(value: str | None, path: str | None, setting: str) -> str | None:
+    """A secret given directly, or read from the file named by ``setting``."""
+    if value:
+        return value
+    if path:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                return handle.read().strip() or None
+        except OSError as exc:
+            raise ConfigError(f"cannot read pgturso.{setting} {path!r}: {exc.strerror}") from None
+    return None
 
 
 def resolve(

@@ -10,22 +10,27 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import requests
 
 from . import hrana
 from .errors import (
     ConfigError,
+    PgTursoError,
     RequestTooLarge,
     StatementFailed,
+    StreamLost,
     TursoAuthError,
+    TursoBusy,
     TursoRequestRejected,
     TursoUnavailable,
 )
 from .logs import event
+from .retry import parse_retry_after
 from .statements import Statement
 
 log = logging.getLogger("pgturso.target")
@@ -36,9 +41,12 @@ class Transaction(Protocol):
 
     def commit(self) -> None: ...
 
+    def abort(self) -> None: ...
+
 
 class Target(Protocol):
     description: str
+    last_hold_seconds: float  # how long the last committed transaction was open on the target
 
     def query(self, sql: str, args: Sequence[hrana.Value] = ()) -> list[list[hrana.Value]]: ...
 
@@ -58,31 +66,76 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-def open_target(url: str, auth_token: str | None, *, max_request_bytes: int, timeout: float,
-                tls_ca_file: str | None = None) -> Target:
-    """A target for ``url``: http(s)://, libsql:// (same as https://) or file:PATH.
+# Query parameters of a Turso URL, as libsql clients read them (@libsql/core's expandConfig): any other is an error.
+URL_QUERY_PARAMETERS = ("tls", "authToken")
 
-    TLS certificates are always verified, against the system CAs or ``tls_ca_file``.
+
+def http_endpoint(url: str) -> tuple[str, str | None]:
+    """The http(s) URL to POST pipelines to and the token given in the URL (``authToken=``), if any.
+
+    ``libsql://host`` is ``https://host``; ``libsql://host:port?tls=0`` is ``http://host:port`` (an explicit port
+    is required, as libsql clients require it). Any other query parameter is refused, not silently dropped.
     """
-    scheme = urlsplit(url).scheme
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    tls: str | None = None
+    token: str | None = None
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key not in URL_QUERY_PARAMETERS:
+            raise ConfigError(f"pgturso.url {redact_url(url)!r} has an unsupported query parameter {key!r}: "
+                              "Turso URLs take only tls=0|1 and authToken= (as libsql clients do)")
+        if key == "tls":
+            if value not in ("0", "1"):
+                raise ConfigError(f"pgturso.url {redact_url(url)!r}: tls must be 0 or 1, not {value!r}")
+            tls = value
+        else:
+            token = value or None
+    if scheme == "libsql":
+        if tls == "0":
+            try:
+                port = parts.port
+            except ValueError:
+                port = None
+            if port is None:
+                raise ConfigError(f"pgturso.url {redact_url(url)!r}: a libsql:// URL with ?tls=0 must name a port "
+                                  "(libsql://host:8080?tls=0), as libsql clients require")
+        scheme = "http" if tls == "0" else "https"
+    elif tls is not None and (tls == "1") != (scheme == "https"):
+        raise ConfigError(f"pgturso.url {redact_url(url)!r}: tls={tls} contradicts {scheme}://; drop it, or use "
+                          "libsql:// with tls=0|1")
+    return urlunsplit((scheme, parts.netloc, parts.path, "", "")), token
+
+
+def open_target(url: str, auth_token: str | None, *, max_request_bytes: int, timeout: float,
+                tls_ca_file: str | None = None, encryption_key: str | None = None) -> Target:
+    """A target for ``url``: http(s)://, libsql:// (https://, or http:// with ?tls=0) or file:PATH.
+
+    TLS certificates are always verified, against the system CAs or ``tls_ca_file``. A token in the URL
+    (``?authToken=``) wins over ``auth_token``, as in libsql clients. ``encryption_key`` opens an encrypted Turso
+    Cloud database (sent as the ``x-turso-encryption-key`` header).
+    """
+    scheme = urlsplit(url).scheme.lower()
     if scheme == "file":
         return FileTarget(url[len("file:") :])
     if scheme in ("http", "https", "libsql"):
-        if scheme == "libsql":
-            url = "https://" + url[len("libsql://") :]
-        return HttpTarget(url, auth_token, max_request_bytes=max_request_bytes, timeout=timeout,
-                          tls_ca_file=tls_ca_file)
+        endpoint, url_token = http_endpoint(url)
+        return HttpTarget(endpoint, url_token or auth_token, max_request_bytes=max_request_bytes, timeout=timeout,
+                          tls_ca_file=tls_ca_file, encryption_key=encryption_key)
     raise ConfigError(
         f"pgturso.url {redact_url(url)!r} is not a Turso URL; use http://, https://, libsql:// or file:PATH"
     )
 
 
 class HttpTarget:
-    """A Turso server speaking Hrana over HTTP (Turso Cloud, sqld, or ``tursodb --sync-server``)."""
+    """A Turso server speaking Hrana over HTTP (Turso Cloud, sqld, or ``tursodb --sync-server``).
+
+    What each answer means is decided by ``hrana.ANSWERS`` (one table, documented in docs/design.md); this class
+    turns those decisions into the exceptions of errors.py.
+    """
 
     def __init__(self, url: str, auth_token: str | None, *, max_request_bytes: int, timeout: float,
-                 tls_ca_file: str | None = None) -> None:
-        self.base_url = url.rstrip("/")
+                 tls_ca_file: str | None = None, encryption_key: str | None = None) -> None:
+        self.base_url = url.rstrip("/")  # the configured URL: every new stream starts here
         self.description = redact_url(self.base_url)
         self.max_request_bytes = max_request_bytes
         self.timeout = timeout
@@ -90,53 +143,41 @@ class HttpTarget:
         self.session.headers["Content-Type"] = "application/json"
         # Passed on every request: a session-level setting would lose to REQUESTS_CA_BUNDLE in the environment.
         self.verify: str | bool = tls_ca_file or True
+        # Secrets travel in headers only, never in a message or a log line.
         if auth_token:
             self.session.headers["Authorization"] = f"Bearer {auth_token}"
+        if encryption_key:
+            self.session.headers["x-turso-encryption-key"] = encryption_key
         # Turso Cloud wants streams closed; tursodb rejects the close request. Learnt on first use.
         self.sends_close = True
+        self.last_hold_seconds = 0.0  # how long the last committed transaction was open on Turso
 
-    def pipeline(self, requests_: list[dict[str, Any]], baton: str | None = None, *, last: bool = True
-                 ) -> dict[str, Any]:
-        """POST one pipeline; returns the decoded answer. Raises the errors of errors.py."""
+    def pipeline(self, requests_: list[dict[str, Any]], baton: str | None = None, *, last: bool = True,
+                 url: str | None = None) -> dict[str, Any]:
+        """POST one pipeline on the stream of ``baton`` (None: a new stream) to ``url`` (the stream's base_url;
+        None: the configured URL); returns the decoded answer. Raises the errors of errors.py."""
         body: dict[str, Any] = {"baton": baton, "requests": list(requests_)}
         if last and self.sends_close:
             body["requests"].append(hrana.CLOSE_REQUEST)
+        where = url or self.base_url
         try:
-            response = self.session.post(f"{self.base_url}/v2/pipeline", data=json.dumps(body), timeout=self.timeout,
+            response = self.session.post(f"{where}/v2/pipeline", data=json.dumps(body), timeout=self.timeout,
                                          verify=self.verify)
         except requests.exceptions.SSLError as exc:
             raise TursoUnavailable(
-                f"TLS with Turso at {self.description} failed: {exc}. If the server uses a private CA, "
+                f"TLS with Turso at {redact_url(where)} failed: {exc}. If the server uses a private CA, "
                 "name its certificate with --tls-ca-file or PGTURSO_TLS_CA_FILE."
             ) from exc
         except requests.RequestException as exc:
-            raise TursoUnavailable(f"cannot reach Turso at {self.description}: {type(exc).__name__}: {exc}") from exc
+            raise TursoUnavailable(f"cannot reach Turso at {redact_url(where)}: {type(exc).__name__}: {exc}") from exc
         text = response.text
         if response.status_code != 200 and last and self.sends_close and "close" in text and "variant" in text:
             # The server could not parse the request, so nothing in it ran: resend without close.
             event(log, logging.INFO, "close_unsupported", target=self.description)
             self.sends_close = False
-            return self.pipeline(requests_, baton, last=last)
-        if response.status_code in (401, 403):
-            raise TursoAuthError(
-                response.status_code,
-                f"Turso at {self.description} refused the token (HTTP {response.status_code}): {text[:200]}. "
-                "Set a valid token with --auth-token, PGTURSO_AUTH_TOKEN or pgturso.auth_token_file.",
-            )
-        if response.status_code == 413:
-            # Nothing of a refused request ran: send the same changes again in smaller pieces.
-            self.max_request_bytes = max(self.max_request_bytes // 2, 64 << 10)
-            raise RequestTooLarge(
-                f"Turso at {self.description} refused a request as too large (HTTP 413); "
-                f"retrying with requests of at most {self.max_request_bytes} bytes"
-            )
-        if response.status_code == 429 or response.status_code >= 500:
-            raise TursoUnavailable(f"Turso at {self.description} answered HTTP {response.status_code}: {text[:200]}")
+            return self.pipeline(requests_, baton, last=last, url=url)
         if response.status_code != 200:
-            raise TursoRequestRejected(
-                response.status_code,
-                f"Turso at {self.description} rejected the request (HTTP {response.status_code}): {text[:200]}",
-            )
+            self._raise_for(response.status_code, text, baton is not None, response.headers.get("Retry-After"))
         try:
             answer = response.json()
             results = answer["results"]
@@ -146,15 +187,44 @@ class HttpTarget:
             raise TursoUnavailable(
                 f"Turso at {self.description} answered with something that is not a Hrana response: {text[:200]!r}"
             ) from exc
-        if answer.get("base_url"):
-            self.base_url = str(answer["base_url"]).rstrip("/")
         return answer
+
+    def _raise_for(self, status: int, text: str, continuation: bool, retry_after: str | None) -> None:
+        """Raise what a non-200 answer means (hrana.classify_status)."""
+        rule = hrana.classify_status(status, continuation)
+        said = f"Turso at {self.description} answered HTTP {status}: {text[:200]}"
+        if rule.meaning is hrana.Meaning.TRANSIENT:
+            if rule.key.endswith("-stream"):
+                raise StreamLost(f"{said} ({rule.why}); sending the whole batch again on a new stream")
+            raise TursoUnavailable(f"{said} ({rule.why})", retry_after=parse_retry_after(retry_after))
+        if rule.meaning is hrana.Meaning.TOO_LARGE:
+            # Nothing of a refused request ran: send the same changes again in smaller pieces.
+            self.max_request_bytes = max(self.max_request_bytes // 2, 64 << 10)
+            raise RequestTooLarge(
+                f"Turso at {self.description} refused a request as too large (HTTP 413); "
+                f"retrying with requests of at most {self.max_request_bytes} bytes"
+            )
+        if status == 401:
+            raise TursoAuthError(status, f"Turso at {self.description} refused the token (HTTP 401): {text[:200]}. "
+                                 "Set a valid token with --auth-token, PGTURSO_AUTH_TOKEN or pgturso.auth_token_file.")
+        if status == 403:
+            raise TursoAuthError(status, f"Turso at {self.description} blocked access (HTTP 403): {text[:200]}. "
+                                 "The token is valid but may not use this database (a token of another database or "
+                                 "organisation, or a read-only token), or the database or organisation is blocked "
+                                 "(e.g. over its quota): check them in Turso, or set a token with write access "
+                                 "with --auth-token, PGTURSO_AUTH_TOKEN or pgturso.auth_token_file.")
+        raise TursoRequestRejected(status, f"Turso at {self.description} rejected the request (HTTP {status}): "
+                                   f"{text[:200]} ({rule.why})")
 
     def query(self, sql: str, args: Sequence[hrana.Value] = ()) -> list[list[hrana.Value]]:
         answer = self.pipeline([hrana.execute_request(sql, args)])
         try:
             return hrana.rows_of(answer["results"][0])
-        except ValueError as exc:
+        except hrana.StepError as exc:
+            rule = hrana.classify_step_error(exc.code, str(exc))
+            if rule.transient:
+                raise TursoBusy(f"Turso at {self.description} answered {exc.code or 'an error'}: {exc} "
+                                f"({rule.why})", exc.code or "") from exc
             raise StatementFailed(str(exc)) from exc
 
     def execute(self, sql: str) -> None:
@@ -168,7 +238,11 @@ class HttpTarget:
 
 
 class HttpTransaction:
-    """Statements buffered into batch requests; flushed when a request would grow past the size limit."""
+    """Statements buffered into batch requests; flushed when a request would grow past the size limit.
+
+    The requests of one transaction share a stream: each continuation carries the baton of the previous answer
+    and goes to that stream's ``base_url`` (if the server named one), which is forgotten with the stream.
+    """
 
     def __init__(self, target: HttpTarget) -> None:
         self.target = target
@@ -176,6 +250,8 @@ class HttpTransaction:
         self.statements: list[Statement] = []
         self.size = 0
         self.baton: str | None = None
+        self.stream_url: str | None = None  # the stream's base_url, for its later requests only
+        self.opened_at: float | None = None  # when the first request left: the transaction is open from then on
         self.sent_any = False
 
     def execute(self, statement: Statement) -> None:
@@ -190,22 +266,68 @@ class HttpTransaction:
         self.plan.commit()
         self._send(commit=True)
 
+    def abort(self) -> None:
+        """Roll back and close the stream of a transaction that will not be committed (best effort: a stream
+        left open expires on its own, holding Turso's write lock until then)."""
+        baton, url = self.baton, self.stream_url
+        self.baton = self.stream_url = None
+        if baton is None:
+            return
+        try:
+            self.target.pipeline([hrana.execute_request("ROLLBACK")], baton, url=url)
+        except PgTursoError as exc:
+            event(log, logging.DEBUG, "stream_not_closed", target=self.target.description, error=str(exc))
+
+    @property
+    def held_seconds(self) -> float:
+        return 0.0 if self.opened_at is None else time.monotonic() - self.opened_at
+
     def _send(self, commit: bool) -> None:
-        answer = self.target.pipeline([self.plan.request()], self.baton, last=commit)
+        if self.opened_at is None:
+            self.opened_at = time.monotonic()
+        try:
+            answer = self.target.pipeline([self.plan.request()], self.baton, last=commit, url=self.stream_url)
+        except PgTursoError:
+            self.baton = self.stream_url = None  # the answer (and the stream's next baton) never came
+            raise
         try:
             outcome = hrana.read_batch_result(self.plan, answer["results"][0])
         except (ValueError, KeyError, TypeError) as exc:
             raise TursoUnavailable(f"Turso at {self.target.description} sent a malformed batch result: {exc}") from exc
+        baton = answer.get("baton")
+        if commit or baton is None:
+            self.baton = self.stream_url = None  # the stream ended with this request
+        else:
+            self.baton = str(baton)
+            if answer.get("base_url"):
+                self.stream_url = str(answer["base_url"]).rstrip("/")
         if outcome.error is not None:
-            failed = self.statements[outcome.failed_caller_index] if outcome.failed_caller_index is not None else None
-            if failed is None:
-                raise StatementFailed(outcome.error)
-            raise StatementFailed(outcome.error, failed.table, failed.operation, failed.txids)
-        self.baton = answer.get("baton")
+            self.abort()  # a failed non-final request leaves the transaction open: roll it back, close the stream
+            self._raise_failure(outcome)
+        if not commit and baton is None and self.target.sends_close:
+            # A server with streams (Cloud, sqld) ended this one: the rest would run outside the transaction.
+            rule = hrana.rule("null-baton")
+            raise StreamLost(f"Turso at {self.target.description} answered without a baton in the middle of a "
+                             f"transaction ({rule.why}); sending the whole batch again on a new stream")
+        if commit:
+            self.target.last_hold_seconds = self.held_seconds
         self.sent_any = True
         self.plan = hrana.BatchPlan.new(begin=False)
         self.statements = []
         self.size = 0
+
+    def _raise_failure(self, outcome: hrana.BatchOutcome) -> None:
+        assert outcome.error is not None
+        rule = hrana.classify_step_error(outcome.code, outcome.error)
+        if rule.transient:
+            held = self.held_seconds
+            raise TursoBusy(f"Turso at {self.target.description} answered {outcome.code or 'an error'} after the "
+                            f"transaction had been open {held:.1f} s: {outcome.error} ({rule.why}); nothing of the "
+                            "batch was committed, sending it again", outcome.code or rule.key, held)
+        failed = self.statements[outcome.failed_caller_index] if outcome.failed_caller_index is not None else None
+        if failed is None:
+            raise StatementFailed(outcome.error)
+        raise StatementFailed(outcome.error, failed.table, failed.operation, failed.txids)
 
 
 class FileTarget:
@@ -224,6 +346,7 @@ class FileTarget:
         self.description = f"file:{path}"
         self._error = turso.Error
         self.conn = turso.connect(path, isolation_level=None)
+        self.last_hold_seconds = 0.0
 
     def query(self, sql: str, args: Sequence[hrana.Value] = ()) -> list[list[hrana.Value]]:
         try:
@@ -247,6 +370,7 @@ class FileTransaction:
         if self.target.conn.in_transaction:
             self.target.conn.execute("ROLLBACK")
         self.target.conn.execute("BEGIN")
+        self.opened_at = time.monotonic()
 
     def execute(self, statement: Statement) -> None:
         try:
@@ -261,3 +385,8 @@ class FileTransaction:
         except self.target._error as exc:
             self.target.conn.execute("ROLLBACK")
             raise StatementFailed(f"COMMIT failed: {exc}") from exc
+        self.target.last_hold_seconds = time.monotonic() - self.opened_at
+
+    def abort(self) -> None:
+        if self.target.conn.in_transaction:
+            self.target.conn.execute("ROLLBACK")

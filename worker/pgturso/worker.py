@@ -23,6 +23,7 @@ from .errors import (
     PgTursoError,
     RequestTooLarge,
     StatementFailed,
+    TursoBusy,
     TursoRequestRejected,
     TursoUnavailable,
 )
@@ -31,7 +32,7 @@ from .metrics import Metrics
 from .outbox import Batch, Outbox
 from .pipeline import InFlight, Sender, prepare, send_batch
 from .progress import CREATE_MARKER_SQL, READ_MARKER_SQL, marker_statements
-from .retry import backoff_delay
+from .retry import backoff_delay, retry_delay
 from .settings import DEFAULT_URL, Settings
 from .statements import Statement, StatementBuilder
 from .targets import Target, open_target, redact_url
@@ -48,6 +49,13 @@ EXIT_OK, EXIT_RETRIES_EXHAUSTED, EXIT_FATAL, EXIT_LOCKED = 0, 1, 2, 3
 VACUUM_EVERY_SECONDS, VACUUM_AFTER_ROWS = 5.0, 10_000
 # With no initial copy pending, the worker looks for a new one at most this often (track_table starts one).
 COPY_CHECK_SECONDS = 0.5
+# A source transaction that Turso rolls back this many times in a row for holding its write lock too long
+# (TRANSACTION_TIMEOUT) cannot be delivered as things stand: the worker says so and what to change.
+LOCK_TIMEOUTS_BEFORE_EXPLAINING = 3
+
+
+class TransactionTooSlow(TursoUnavailable):
+    """One source transaction cannot be applied within Turso's write-lock window while other clients write."""
 
 
 def target_endpoint(conn: psycopg.Connection[Any], settings: Settings) -> tuple[str, str | None]:
@@ -99,6 +107,11 @@ class Worker:
         self._rows_since_vacuum = 0
         self._vacuumed_at = time.monotonic()
         self._backlog_checked = 0.0
+        # Batch limits, sized by time as well (_fit_lock_window): start at the settings, shrink when slow.
+        self.batch_rows = settings.batch_rows
+        self.batch_events = settings.batch_events
+        self._sending: Batch | None = None  # the batch last handed to Turso
+        self._lock_timeouts = 0  # TRANSACTION_TIMEOUTs in a row of single-transaction batches
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -123,7 +136,7 @@ class Worker:
         conn.execute("SET work_mem = '64MB'")  # a batch's events are grouped in one sort; keep it in memory
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         self.conn = conn
-        self.outbox = Outbox(conn, batch_rows=self.settings.batch_rows, batch_events=self.settings.batch_events,
+        self.outbox = Outbox(conn, batch_rows=self.batch_rows, batch_events=self.batch_events,
                              target=self.settings.target, max_group_bytes=self.settings.max_statement_bytes)
         source_id = self.outbox.source_id()
         # The marker's key on the target: one Turso database may take several sources, or several targets.
@@ -162,6 +175,7 @@ class Worker:
                 max_request_bytes=self.settings.max_request_bytes,
                 timeout=self.settings.request_timeout,
                 tls_ca_file=self.settings.tls_ca_file,
+                encryption_key=self.settings.encryption(),
             )
         return self.target
 
@@ -257,6 +271,7 @@ class Worker:
         if prepared.statements is None:  # too large to hold in memory: streamed on its own
             return settled + self._deliver_streaming()
         marker = marker_statements(self.source_id, prepared.batch.marker(), self.last_marker)
+        self._sending = prepared.batch
         self.in_flight = self.sender.submit(target, prepared, marker)
         return settled + prepared.batch.event_count
 
@@ -271,6 +286,7 @@ class Worker:
             if batch is None:
                 return 0
             marker = marker_statements(self.source_id, batch.marker(), self.last_marker)
+            self._sending = batch
             statements = send_batch(target, self._statements(batch), marker)
         self.outbox.mark_delivered(batch)
         self._delivered(batch, statements, started)
@@ -310,6 +326,8 @@ class Worker:
         """Account for a batch that Turso committed and Postgres forgot."""
         self.last_marker = batch.marker()
         self.events_delivered += batch.event_count
+        held = self.target.last_hold_seconds if self.target is not None else 0.0
+        self._fit_lock_window(held)
         self._vacuum_if_due(batch.rows)
         self.metrics.add("pgturso_batches_total")
         self.metrics.add("pgturso_rows_delivered_total", batch.rows)
@@ -326,7 +344,50 @@ class Worker:
             rows=batch.rows,
             statements=statements,
             ms=round((time.monotonic() - started) * 1000, 1),
+            held_ms=round(held * 1000, 1),
         )
+
+    def _set_batch_limits(self, rows: int, events: int) -> None:
+        self.batch_rows, self.batch_events = rows, events
+        if self.outbox is not None:
+            self.outbox.batch_rows, self.outbox.batch_events = rows, events
+
+    def _fit_lock_window(self, held: float) -> None:
+        """Size batches by time as well as rows: Turso Cloud (sqld) rolls back a transaction that holds the
+        write lock 5 s while another client wants to write, so a delivery that held its transaction longer than
+        max_transaction_seconds makes the next batches half as large; fast ones let them grow back."""
+        self._lock_timeouts = 0
+        budget = self.settings.max_transaction_seconds
+        if held > budget and self.batch_rows > 1:
+            self._set_batch_limits(max(self.batch_rows // 2, 1), max(self.batch_events // 2, 1))
+            event(log, logging.INFO, "batch_shrunk", held_s=round(held, 2), max_transaction_seconds=budget,
+                  batch_rows=self.batch_rows)
+        elif held < budget / 4 and self.batch_rows < self.settings.batch_rows:
+            self._set_batch_limits(min(self.batch_rows * 2, self.settings.batch_rows),
+                                   min(self.batch_events * 2, self.settings.batch_events))
+
+    def _explain_transient(self, exc: Exception) -> Exception:
+        """After Turso rolled a batch back for holding its write lock too long: send smaller batches; a single
+        source transaction that keeps failing so gets an error that says what to change (not a silent loop)."""
+        if not (isinstance(exc, TursoBusy) and exc.code == "TRANSACTION_TIMEOUT") or self._sending is None:
+            return exc
+        batch = self._sending
+        if batch.transactions > 1:
+            rows = max(min(self.batch_rows, batch.rows) // 2, 1)
+            self._set_batch_limits(rows, max(min(self.batch_events, batch.event_count) // 2, 1))
+            event(log, logging.WARNING, "batch_shrunk", reason="TRANSACTION_TIMEOUT", batch_rows=rows)
+            return exc
+        self._lock_timeouts += 1
+        if self._lock_timeouts < LOCK_TIMEOUTS_BEFORE_EXPLAINING:
+            return exc
+        held = f"{exc.held_seconds:.1f} s" if exc.held_seconds is not None else "too long"
+        request_bytes = getattr(self.target, "max_request_bytes", self.settings.max_request_bytes)
+        return TransactionTooSlow(
+            f"a source transaction of {batch.rows} rows cannot be applied on Turso within its write-lock window: "
+            f"Turso rolled it back {self._lock_timeouts} times in a row (TRANSACTION_TIMEOUT) after it held the "
+            f"transaction open {held} while another client wrote to the database. Let it travel in fewer, larger "
+            f"requests (raise pgturso.max_request_bytes, now {request_bytes}) or keep other writers off that "
+            "database until it is delivered; the worker keeps retrying")
 
     def _vacuum_if_due(self, rows: int) -> None:
         """Vacuum the outbox every VACUUM_EVERY_SECONDS while deliveries are flowing."""
@@ -412,12 +473,14 @@ class Worker:
                     self._wait_for_changes()
                 except (TursoUnavailable, psycopg.OperationalError) as exc:
                     self._abandon_in_flight(exc)
+                    exc = self._explain_transient(exc)
                     attempts += 1
                     if retry_limit and attempts > retry_limit:
                         event(log, logging.ERROR, "giving_up", attempts=attempts - 1, error=str(exc).strip())
                         self._record("stopped", error=f"gave up after {attempts - 1} retries: {exc}")
                         return EXIT_RETRIES_EXHAUSTED
-                    delay = backoff_delay(attempts, self.settings.retry_base_delay, self.settings.retry_max_delay)
+                    delay = retry_delay(attempts, self.settings.retry_base_delay, self.settings.retry_max_delay,
+                                        getattr(exc, "retry_after", None))
                     self.metrics.add("pgturso_retries_total")
                     self.metrics.set("pgturso_up", 0)
                     event(log, logging.WARNING, "retry", attempt=attempts, delay_s=round(delay, 2),

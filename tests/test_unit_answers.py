@@ -1,0 +1,148 @@
+"""What each answer of Turso means for a batch (hrana.ANSWERS), the URL rules of libsql clients, Retry-After."""
+
+from __future__ import annotations
+
+import email.utils
+import random
+
+import pytest
+from conftest import REPO
+from pgturso import hrana
+from pgturso.errors import ConfigError
+from pgturso.hrana import Meaning, classify_status, classify_step_error
+from pgturso.retry import RETRY_AFTER_CAP, parse_retry_after, retry_delay
+from pgturso.targets import http_endpoint, open_target
+
+
+@pytest.mark.parametrize(
+    ("status", "continuation", "meaning"),
+    [
+        (400, True, Meaning.TRANSIENT),  # sqld after a restart: "Received an invalid baton"
+        (404, True, Meaning.TRANSIENT),  # the stream expired
+        (400, False, Meaning.REJECTED),  # a fresh stream: the request itself is wrong
+        (404, False, Meaning.REJECTED),  # a fresh stream: no such database
+        (401, False, Meaning.CONFIGURATION),
+        (401, True, Meaning.CONFIGURATION),
+        (403, False, Meaning.CONFIGURATION),
+        (408, False, Meaning.TRANSIENT),
+        (408, True, Meaning.TRANSIENT),
+        (413, False, Meaning.TOO_LARGE),
+        (429, False, Meaning.TRANSIENT),
+        (500, True, Meaning.TRANSIENT),
+        (502, False, Meaning.TRANSIENT),
+        (503, False, Meaning.TRANSIENT),
+        (504, False, Meaning.TRANSIENT),
+        (405, False, Meaning.REJECTED),
+        (409, True, Meaning.REJECTED),
+    ],
+)
+def test_http_answers(status: int, continuation: bool, meaning: Meaning) -> None:
+    assert classify_status(status, continuation).meaning is meaning
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "meaning"),
+    [
+        ("TRANSACTION_TIMEOUT", "Transaction timed-out", Meaning.TRANSIENT),
+        ("TRANSACTION_BUSY", "Server can't handle additional transactions", Meaning.TRANSIENT),
+        ("BLOCKED", "Operation was blocked", Meaning.TRANSIENT),
+        ("PROXY_ERROR", "primary unreachable", Meaning.TRANSIENT),
+        ("STREAM_EXPIRED", "The stream has expired due to inactivity", Meaning.TRANSIENT),
+        ("SQLITE_BUSY", "database is locked", Meaning.TRANSIENT),
+        ("SQLITE_BUSY_SNAPSHOT", "database is locked", Meaning.TRANSIENT),
+        ("SQLITE_LOCKED", "database table is locked", Meaning.TRANSIENT),
+        ("SQLITE_INTERRUPT", "interrupted", Meaning.TRANSIENT),
+        (None, "database is locked", Meaning.TRANSIENT),  # servers without codes: the message says it
+        (None, "Transaction timed-out", Meaning.TRANSIENT),
+        ("SQLITE_CONSTRAINT", "UNIQUE constraint failed: t.id", Meaning.REFUSED),
+        ("SQLITE_CONSTRAINT_TRIGGER", "no bad rows here", Meaning.REFUSED),
+        ("SQLITE_ERROR", "no such table: t", Meaning.REFUSED),
+        ("PREPARE_ERROR", "Parse error: no such table: t", Meaning.REFUSED),  # tursodb
+        ("SQL_PARSE_ERROR", "near x: syntax error", Meaning.REFUSED),
+        (None, "no such column: v", Meaning.REFUSED),
+        ("network", "lowercase codes are not rule keys", Meaning.REFUSED),
+    ],
+)
+def test_step_errors(code: str | None, message: str, meaning: Meaning) -> None:
+    assert classify_step_error(code, message).meaning is meaning
+
+
+def test_the_table_is_in_the_design_doc() -> None:
+    doc = (REPO / "docs/design.md").read_text()
+    assert hrana.answers_markdown() in doc, "copy hrana.answers_markdown() into docs/design.md (Retries)"
+
+
+def test_every_rule_is_reachable_by_its_key() -> None:
+    assert len({r.key for r in hrana.ANSWERS}) == len(hrana.ANSWERS)
+    for rule in hrana.ANSWERS:
+        assert hrana.rule(rule.key) is rule
+
+
+@pytest.mark.parametrize(
+    ("url", "endpoint", "token"),
+    [
+        ("libsql://db-org.turso.io", "https://db-org.turso.io", None),
+        ("libsql://db-org.turso.io?tls=1", "https://db-org.turso.io", None),
+        ("libsql://127.0.0.1:8080?tls=0", "http://127.0.0.1:8080", None),
+        ("libsql://db.turso.io?authToken=abc", "https://db.turso.io", "abc"),
+        ("libsql://h:9?tls=0&authToken=t%2Bk", "http://h:9", "t+k"),
+        ("https://db.turso.io/", "https://db.turso.io/", None),
+        ("http://127.0.0.1:8080?authToken=x", "http://127.0.0.1:8080", "x"),
+        ("LIBSQL://Db.turso.io", "https://Db.turso.io", None),
+    ],
+)
+def test_libsql_url_queries_as_libsql_clients_read_them(url: str, endpoint: str, token: str | None) -> None:
+    assert http_endpoint(url) == (endpoint, token)
+
+
+@pytest.mark.parametrize(
+    ("url", "error"),
+    [
+        ("libsql://db.turso.io?tls=0", "must name a port"),
+        ("libsql://db.turso.io?tls=yes", "tls must be 0 or 1"),
+        ("libsql://db.turso.io?mode=ro", "unsupported query parameter 'mode'"),
+        ("https://db.turso.io?tls=0", "contradicts"),
+        ("http://db.turso.io:8080?tls=1", "contradicts"),
+    ],
+)
+def test_url_queries_libsql_clients_refuse_are_refused(url: str, error: str) -> None:
+    with pytest.raises(ConfigError, match=error):
+        http_endpoint(url)
+
+
+def test_a_token_in_the_url_is_used_and_never_shown() -> None:
+    target = open_target("libsql://h:1?tls=0&authToken=url-secret", "flag-token", max_request_bytes=1 << 20,
+                         timeout=1, encryption_key="key-secret")
+    assert target.session.headers["Authorization"] == "Bearer url-secret"  # the URL wins, as in libsql clients
+    assert target.session.headers["x-turso-encryption-key"] == "key-secret"
+    assert "secret" not in target.description
+    with pytest.raises(ConfigError) as refused:
+        open_target("libsql://h?tls=0&authToken=url-secret", None, max_request_bytes=1, timeout=1)
+    assert "url-secret" not in str(refused.value)
+
+
+def test_no_encryption_header_without_a_key() -> None:
+    target = open_target("https://h", None, max_request_bytes=1 << 20, timeout=1)
+    assert "x-turso-encryption-key" not in target.session.headers
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("3", 3.0), (" 0 ", 0.0), ("1.5", 1.5), ("-4", 0.0), ("100000", RETRY_AFTER_CAP), ("soon", None), ("", None),
+     (None, None), ("nan", None)],
+)
+def test_retry_after_seconds(value: str | None, seconds: float | None) -> None:
+    assert parse_retry_after(value) == seconds
+
+
+def test_retry_after_as_an_http_date() -> None:
+    now = 1_800_000_000.0
+    assert parse_retry_after(email.utils.formatdate(now + 20, usegmt=True), now=now) == 20.0
+    assert parse_retry_after(email.utils.formatdate(now - 20, usegmt=True), now=now) == 0.0
+
+
+def test_the_delay_is_never_shorter_than_the_server_asked() -> None:
+    rng = random.Random(1)
+    assert retry_delay(1, 0.1, 1.0, retry_after=7.0, rng=rng) == 7.0
+    assert retry_delay(1, 0.1, 1.0, retry_after=None, rng=rng) <= 0.1
+    assert retry_delay(30, 0.1, 1.0, retry_after=0.0, rng=rng) <= 1.0
