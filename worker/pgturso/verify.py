@@ -7,8 +7,9 @@ by key. Differences seen while the worker is delivering are checked again after 
 those that persist are reported.
 
 Repairs go through the outbox, like any change: under a short SHARE lock on the table (so no write can slip
-between the read and the queued event) the differing rows are re-read and queued as upserts, extra rows as
-deletes, and the worker delivers them in order with everything else. Londiste's compare/repair is the model.
+between the read and the queued event) the differing rows are re-read and queued as upserts, extra rows that
+are still absent from Postgres as deletes, and the worker delivers them in order with everything else.
+Londiste's compare/repair is the model.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class TableReport:
 
     @property
     def equal(self) -> bool:
-        return not self.different and not self.extra
+        """No row missing, different or extra, and the counts agree (a count mismatch is never "equal")."""
+        return not self.different and not self.extra and self.postgres_rows == self.turso_rows
 
 
 def _set_local(conn: psycopg.Connection[Any]) -> None:
@@ -102,8 +104,11 @@ def _key_params(layout: TableLayout, keys: Sequence[Sequence[str | None]]) -> li
 
 
 def _turso_keys_sql(layout: TableLayout) -> str:
+    """Turso keys by rowid pages: the first page (NULL bound) from the lowest rowid, which may be 0 or negative
+    (an INTEGER PRIMARY KEY is the rowid)."""
     keys = ", ".join(quote_ident(k) for k in layout.key_columns)
-    return f"SELECT rowid, {keys} FROM {quote_ident(layout.target_table)} WHERE rowid > ? ORDER BY rowid LIMIT ?"
+    return (f"SELECT rowid, {keys} FROM {quote_ident(layout.target_table)} "
+            "WHERE ? IS NULL OR rowid > ? ORDER BY rowid LIMIT ?")
 
 
 def _as_pg_text(value: Any) -> str | None:
@@ -180,19 +185,23 @@ class Verifier:
 
     def _extra_keys(self, relation: str, layout: TableLayout) -> list[list[Any]]:
         """Keys on Turso that Postgres does not have (only run when the counts say there are some)."""
-        probe = (f"SELECT k._pgturso_n FROM {_key_rows_sql(layout)} "
-                 f"WHERE NOT EXISTS (SELECT 1 FROM {_rows(layout, relation)} AS r WHERE {_key_match(layout, 'r')})")
         extra: list[list[Any]] = []
-        last_rowid = 0
+        last_rowid: int | None = None
         while True:
-            rows = self.target.query(_turso_keys_sql(layout), [last_rowid, CHUNK_ROWS])
+            rows = self.target.query(_turso_keys_sql(layout), [last_rowid, last_rowid, CHUNK_ROWS])
             if not rows:
                 return extra
             last_rowid = int(rows[-1][0])  # type: ignore[arg-type]
-            keys = [[_as_pg_text(v) for v in r[1:]] for r in rows]
             with self.conn.transaction():
-                for (n,) in self.conn.execute(probe, _key_params(layout, keys)).fetchall():
-                    extra.append(list(rows[int(n) - 1][1:]))
+                extra.extend(self._absent_in_postgres(relation, layout, [list(r[1:]) for r in rows]))
+
+    def _absent_in_postgres(self, relation: str, layout: TableLayout, keys: list[list[Any]]) -> list[list[Any]]:
+        """Those of ``keys`` (Turso values) that no row of ``relation`` that belongs on Turso (its row filter
+        applied) has, as the caller's transaction sees."""
+        probe = (f"SELECT k._pgturso_n FROM {_key_rows_sql(layout)} "
+                 f"WHERE NOT EXISTS (SELECT 1 FROM {_rows(layout, relation)} AS r WHERE {_key_match(layout, 'r')})")
+        as_text = [[_as_pg_text(v) for v in key] for key in keys]
+        return [keys[int(n) - 1] for (n,) in self.conn.execute(probe, _key_params(layout, as_text)).fetchall()]
 
     def _count_turso(self, layout: TableLayout) -> int:
         return int(self.target.query(f"SELECT count(*) FROM {quote_ident(layout.target_table)}")[0][0])  # type: ignore[arg-type]
@@ -206,16 +215,24 @@ class Verifier:
             self.wait_for_sync(settle_timeout)
             if differing:
                 _, differing, missing = self._recheck(relation, layout, differing)
-            with self.conn.transaction():
-                rows = _rows(layout, relation, with_params=False)
-                row = self.conn.execute(f"SELECT count(*) FROM {rows} AS r").fetchone()
-            report.postgres_rows = int(row[0]) if row else 0
-            report.turso_rows = self._count_turso(layout)
+            self._recount(relation, layout, report)
             # Turso holds the rows that match, the differing ones that are present, and any extras.
             if report.turso_rows > report.postgres_rows - missing:
                 report.extra = self._extra_keys(relation, layout)
+            if not differing and not report.extra and report.postgres_rows != report.turso_rows:
+                # Only the counts differ: writes may have committed between the two counts; count once more
+                # after the worker caught up. A mismatch that remains is reported (never "equal").
+                self.wait_for_sync(settle_timeout)
+                self._recount(relation, layout, report)
         report.different = differing
         return report
+
+    def _recount(self, relation: str, layout: TableLayout, report: TableReport) -> None:
+        with self.conn.transaction():
+            rows = _rows(layout, relation, with_params=False)
+            row = self.conn.execute(f"SELECT count(*) FROM {rows} AS r").fetchone()
+        report.postgres_rows = int(row[0]) if row else 0
+        report.turso_rows = self._count_turso(layout)
 
     def _recheck(self, relation: str, layout: TableLayout, keys: list[tuple[str, ...]]
                  ) -> tuple[int, list[tuple[str, ...]], int]:
@@ -240,14 +257,18 @@ class Verifier:
                 source = f"(SELECT * FROM {_rows(layout, relation)} AS src {where})"
                 queued += self.conn.execute(pack_sql(layout_id, "U", row_json_sql(layout, "src"), source),
                                             params).rowcount
-            if report.extra:
-                keys = [[_as_pg_text(v) for v in key] for key in report.extra]
+            # A key extra on Turso when verify looked may have been written in Postgres since: its own event
+            # brings it to Turso, and a delete queued now would land after that event and remove the row.
+            # The SHARE lock is held, so what is absent now stays absent until the delete is queued.
+            extra = self._absent_in_postgres(relation, layout, report.extra) if report.extra else []
+            if extra:
+                keys = [[_as_pg_text(v) for v in key] for key in extra]
                 source = f"(SELECT * FROM {_key_rows_sql(layout)})"
                 queued += self.conn.execute(
                     pack_sql(layout_id, "D", row_json_sql(layout, "src", key_only=True), source),
                     _key_params(layout, keys)).rowcount
             self.conn.execute("SELECT pg_notify('pgturso', '')")
-        report.repaired = len(report.different) + len(report.extra)
+        report.repaired = len(report.different) + len(extra)
         return queued
 
 
@@ -257,6 +278,8 @@ def print_report(report: TableReport, stream: TextIO = sys.stdout, examples: int
                  f"turso {report.turso_rows} rows")
     if not report.equal:
         stream.write(f"; {len(report.different)} missing or different, {len(report.extra)} extra on Turso")
+        if not report.different and not report.extra:
+            stream.write("; the counts differ (rows changing while verify ran? run it again)")
     stream.write(")\n")
     for key in report.different[:examples]:
         stream.write(f"  missing or different: key {tuple(key)}\n")
