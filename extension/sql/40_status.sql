@@ -1,5 +1,45 @@
 -- What the worker did and is doing, for operators: pgturso.status, and skipping a change Turso refuses.
 
+-- Per target: its worker's recorded state, checked against the delivery lock. A worker that was killed
+-- cannot record that it died; the session advisory lock it held (worker.DELIVERY_LOCK_CLASS, the target's
+-- name hashed) goes with its connection, so a state that claims a running worker without the lock held is
+-- 'not running'. 'blocked' stays: the change Turso refused blocks the target whether or not a worker runs. last_error is the current error (cleared once delivery gets past it); previous_error is the
+-- last cleared one, with when it happened and when it cleared.
+CREATE OR REPLACE VIEW pgturso.target_status AS
+SELECT d.target,
+       CASE WHEN d.status IN ('delivering', 'idle', 'retrying') AND NOT lock.held
+            THEN 'not running' ELSE d.status END AS worker_status,
+       d.status AS recorded_status,
+       lock.held AS worker_alive,
+       d.worker,
+       d.started_at,
+       d.last_delivered_at,
+       d.transactions_delivered,
+       d.rows_delivered,
+       d.retries,
+       d.last_error,
+       d.last_error_at,
+       d.last_error_table,
+       d.last_error_txid,
+       d.previous_error,
+       d.previous_error_at,
+       d.error_cleared_at,
+       d.updated_at
+FROM pgturso.delivery_state d
+CROSS JOIN LATERAL (
+    SELECT EXISTS (
+        SELECT 1 FROM pg_catalog.pg_locks l
+        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+          AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
+          AND l.classid = 1885828210::oid  -- 'pgtr': worker.DELIVERY_LOCK_CLASS
+          AND l.objid = ((pg_catalog.hashtext(d.target)::bigint + 4294967296) % 4294967296)::oid
+    ) AS held
+) lock;
+COMMENT ON VIEW pgturso.target_status IS
+    'Per target: the worker''s status (''not running'' when its recorded state claims a running worker but '
+    'nobody holds the delivery lock: killed, or reconnecting), counters, the current error (last_error, NULL '
+    'once delivery got past it) and the last cleared one (previous_error, its time and when it cleared).';
+
 CREATE OR REPLACE VIEW pgturso.status AS
 SELECT t.relid AS table_name,
        t.target,
@@ -13,16 +53,20 @@ SELECT t.relid AS table_name,
        t.copy_state,
        t.copy_rows_done,
        t.copy_rows_total,
-       d.status AS worker_status,
+       d.worker_status,
        d.worker,
        d.retries AS worker_retries,
        d.last_error,
        d.last_error_at,
        d.last_error_table,
        d.last_error_txid,
-       pgturso._capture_disabled(t.id) AS capture_disabled
+       pgturso._capture_disabled(t.id) AS capture_disabled,
+       d.worker_alive,
+       d.previous_error,
+       d.previous_error_at,
+       d.error_cleared_at
 FROM pgturso.tracked_table t
-JOIN pgturso.delivery_state d ON d.target = t.target
+JOIN pgturso.target_status d ON d.target = t.target
 LEFT JOIN pgturso.table_state s ON s.table_id = t.id
 LEFT JOIN LATERAL (
     SELECT count(*) AS events, sum(o.nrows) AS rows, min(o.captured_at) AS oldest
@@ -31,15 +75,19 @@ LEFT JOIN LATERAL (
 ) p ON true;
 COMMENT ON VIEW pgturso.status IS
     'Per tracked table: pending changes, lag, rows delivered, initial copy progress (rows queued of the '
-    'estimated total); and its target''s worker status and last error. capture_disabled: a capture trigger '
-    'of the table is disabled (ALTER TABLE ... DISABLE TRIGGER): its writes are not replicated; enable it and '
-    'run pgturso.resync_table.';
+    'estimated total); and its target''s worker status (see pgturso.target_status), current error and the '
+    'last cleared one. capture_disabled: a capture trigger of the table is disabled (ALTER TABLE ... DISABLE '
+    'TRIGGER): its writes are not replicated; enable it and run pgturso.resync_table.';
 
-CREATE OR REPLACE FUNCTION pgturso.skip_transaction(txid xid8, reason text) RETURNS integer
+CREATE OR REPLACE FUNCTION pgturso.skip_transaction(txid xid8, reason text, target text DEFAULT NULL)
+RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    v_target text := skip_transaction.target;
+    v_targets text[];
+    v_refusing text[];
     v_events integer;
     v_rows bigint;
     v_tables text[];
@@ -48,29 +96,52 @@ BEGIN
         RAISE EXCEPTION 'pgturso: skipping a transaction needs a reason'
             USING HINT = 'Say why, e.g. pgturso.skip_transaction(''1234'', ''row violates a Turso-only check'').';
     END IF;
-    SELECT count(*), coalesce(sum(o.nrows), 0), array_agg(DISTINCT l.spec ->> 'source_table')
-    INTO v_events, v_rows, v_tables
-    FROM pgturso.outbox o JOIN pgturso.layout l ON l.id = o.layout_id
+    -- A transaction may touch tables of several targets: it is skipped only for the one that refuses it.
+    SELECT array_agg(DISTINCT t.target ORDER BY t.target) INTO v_targets
+    FROM pgturso.outbox o JOIN pgturso.layout l ON l.id = o.layout_id JOIN pgturso.tracked_table t ON t.id = l.table_id
     WHERE o.txid = skip_transaction.txid;
-    IF v_events = 0 THEN
+    IF v_targets IS NULL THEN
         RAISE EXCEPTION 'pgturso: transaction % has nothing pending', txid
             USING HINT = 'SELECT last_error_txid FROM pgturso.status names the transaction the worker is stuck on.';
     END IF;
-    INSERT INTO pgturso.skipped_transaction (txid, reason, events, rows, tables, error)
-    VALUES (skip_transaction.txid, reason, v_events, v_rows, v_tables,
-            (SELECT string_agg(d.last_error, '; ') FROM pgturso.delivery_state d
-             WHERE d.last_error_txid = skip_transaction.txid));
-    DELETE FROM pgturso.outbox o WHERE o.txid = skip_transaction.txid;
-    RAISE WARNING 'pgturso: skipped source transaction % (% rows in %): Turso now differs from Postgres for them',
-        txid, v_rows, array_to_string(v_tables, ', ')
+    IF v_target IS NULL THEN
+        SELECT array_agg(d.target) INTO v_refusing FROM pgturso.delivery_state d
+        WHERE d.last_error_txid = skip_transaction.txid AND d.target = ANY (v_targets);
+        IF cardinality(v_targets) = 1 THEN
+            v_target := v_targets[1];
+        ELSIF cardinality(v_refusing) = 1 THEN
+            v_target := v_refusing[1];
+        ELSE
+            RAISE EXCEPTION 'pgturso: transaction % touches tables of targets %', txid, array_to_string(v_targets, ', ')
+                USING HINT = format('Name the target that refuses it: pgturso.skip_transaction(%L, %L, target => %L).',
+                                    txid, reason, v_targets[1]);
+        END IF;
+    ELSIF NOT v_target = ANY (v_targets) THEN
+        RAISE EXCEPTION 'pgturso: transaction % has nothing pending for target %', txid, v_target
+            USING HINT = format('It has changes pending for: %s.', array_to_string(v_targets, ', '));
+    END IF;
+    SELECT count(*), coalesce(sum(o.nrows), 0), array_agg(DISTINCT l.spec ->> 'source_table')
+    INTO v_events, v_rows, v_tables
+    FROM pgturso.outbox o JOIN pgturso.layout l ON l.id = o.layout_id JOIN pgturso.tracked_table t ON t.id = l.table_id
+    WHERE o.txid = skip_transaction.txid AND t.target = v_target;
+    INSERT INTO pgturso.skipped_transaction (txid, target, reason, events, rows, tables, error)
+    VALUES (skip_transaction.txid, v_target, reason, v_events, v_rows, v_tables,
+            (SELECT d.last_error FROM pgturso.delivery_state d
+             WHERE d.target = v_target AND d.last_error_txid = skip_transaction.txid));
+    DELETE FROM pgturso.outbox o USING pgturso.layout l, pgturso.tracked_table t
+    WHERE o.txid = skip_transaction.txid AND l.id = o.layout_id AND t.id = l.table_id AND t.target = v_target;
+    RAISE WARNING 'pgturso: skipped source transaction % for target % (% rows in %): Turso now differs from Postgres for them',
+        txid, v_target, v_rows, array_to_string(v_tables, ', ')
         USING HINT = 'Fix the rows by hand on Turso, or untrack and track the table again to recopy it.';
     PERFORM pg_notify('pgturso', '');
     RETURN v_events;
 END
 $$;
 COMMENT ON FUNCTION pgturso.skip_transaction IS
-    'Deliberately drop one pending source transaction (one that Turso refuses); recorded in '
-    'pgturso.skipped_transaction. Turso then lacks its changes: repair or recopy the tables it touched.';
+    'Deliberately drop one pending source transaction (one that Turso refuses) for one target: the target '
+    'whose worker is stuck on it, or the one named (needed when it touches several and none or both are stuck '
+    'on it). Its changes for other targets are still delivered. Recorded in pgturso.skipped_transaction; that '
+    'target then lacks its changes: repair or recopy the tables it touched.';
 
-REVOKE ALL ON FUNCTION pgturso.skip_transaction(xid8, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso.skip_transaction(xid8, text, text) FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA pgturso FROM PUBLIC;

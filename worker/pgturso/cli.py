@@ -13,17 +13,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import time
 from collections.abc import Sequence
 
 import psycopg
 
 from . import __version__, logs
-from .errors import ConfigError, PgTursoError
+from .errors import ConfigError, PgTursoError, RetriesExhausted
+from .retry import backoff_delay
 from .settings import POSTGRESQL_CONF_NAMES, POSTGRESQL_CONF_QUERY, SETTINGS, Settings, resolve
 from .targets import open_target
 from .verify import run_verify
-from .worker import EXIT_FATAL, Worker, target_endpoint
+from .worker import EXIT_FATAL, EXIT_OK, EXIT_RETRIES_EXHAUSTED, Worker, target_endpoint
 
 log = logging.getLogger("pgturso.cli")
 
@@ -68,6 +71,51 @@ def load_settings(dsn: str, flags: dict[str, object]) -> Settings:
     return resolve(from_conf, os.environ, flags)
 
 
+def postgres_may_come_back(exc: psycopg.OperationalError) -> bool:
+    """A connection failure that retrying can fix: Postgres down, starting, restarting, out of connection
+    slots, the network. Not a rejected login (class 28) nor a database that does not exist (3D000)."""
+    state = exc.sqlstate or ""
+    return not (state.startswith("28") or state == "3D000")
+
+
+class _Stopping(Exception):
+    pass
+
+
+def load_settings_waiting(dsn: str, flags: dict[str, object], once: bool) -> Settings:
+    """``load_settings`` for ``run``: Postgres being down at start is an outage like any other, retried with
+    the worker's capped backoff (its retry settings from flags and environment, as postgresql.conf cannot be
+    read yet) until it answers; ``--once`` (or --retry-limit) gives up after the limit: RetriesExhausted."""
+    early = resolve({}, os.environ, flags)
+    limit = early.retry_limit or (3 if once else 0)
+    stop: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: stop.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        attempt = 0
+        while True:
+            try:
+                return load_settings(dsn, flags)
+            except psycopg.OperationalError as exc:
+                if not postgres_may_come_back(exc):
+                    raise
+                attempt += 1
+                if limit and attempt > limit:
+                    logs.event(log, logging.ERROR, "giving_up", attempts=attempt - 1, error=str(exc).strip())
+                    raise RetriesExhausted(f"Postgres unreachable after {attempt - 1} retries: {exc}") from exc
+                delay = backoff_delay(attempt, early.retry_base_delay, early.retry_max_delay)
+                logs.event(log, logging.WARNING, "retry", attempt=attempt, delay_s=round(delay, 2),
+                           error=str(exc).strip())
+                deadline = time.monotonic() + delay
+                while not stop and time.monotonic() < deadline:
+                    time.sleep(min(0.2, max(deadline - time.monotonic(), 0)))
+                if stop:
+                    raise _Stopping() from exc
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "status":
@@ -76,9 +124,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup(flags.get("log_level") or os.environ.get("PGTURSO_LOG_LEVEL") or "info",  # type: ignore[arg-type]
                flags.get("log_format") or os.environ.get("PGTURSO_LOG_FORMAT") or "text")  # type: ignore[arg-type]
     try:
-        settings = load_settings(args.dsn, flags)
+        if args.command == "run":
+            settings = load_settings_waiting(args.dsn, flags, args.once)
+        else:
+            settings = load_settings(args.dsn, flags)
         settings.token()  # a missing token or key file is a start-up error, not a later one
         settings.encryption()
+    except RetriesExhausted:
+        return EXIT_RETRIES_EXHAUSTED
+    except _Stopping:
+        logs.event(log, logging.INFO, "stopped", reason="signal while waiting for Postgres")
+        return EXIT_OK
     except (ConfigError, psycopg.Error) as exc:
         logs.event(log, logging.ERROR, "bad_configuration", error=str(exc).strip())
         return EXIT_FATAL
@@ -112,23 +168,30 @@ STATUS_QUERY = """
     FROM pgturso.status ORDER BY 1, 2
 """
 TARGETS_QUERY = """
-    SELECT target, status, worker, retries, last_error, last_error_at, last_error_txid::text
-    FROM pgturso.delivery_state ORDER BY target
+    SELECT target, worker_status, recorded_status, worker, retries, last_error, last_error_at,
+           last_error_txid::text, previous_error, previous_error_at, error_cleared_at
+    FROM pgturso.target_status ORDER BY target
 """
 
 
 def _status(dsn: str) -> int:
-    """Render pgturso.status for a terminal; exit 1 when a target is blocked or stopped with an error."""
+    """Render pgturso.status for a terminal; exit 1 when a target is failing now: blocked, stopped with a
+    current error, or claimed by a worker that is not running (killed). Cleared errors are shown as history."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         tables = conn.execute(STATUS_QUERY).fetchall()
         targets = conn.execute(TARGETS_QUERY).fetchall()
     failing = False
-    for target, status, worker, retries, error, error_at, error_txid in targets:
-        print(f"target {target}: worker {status}" + (f" ({worker})" if worker else "") + f", {retries} retries")
+    for (target, status, recorded, worker, retries, error, error_at, error_txid, previous, previous_at,
+         cleared_at) in targets:
+        shown = status if status == recorded else f"{status} (was {recorded}: nobody holds its delivery lock)"
+        print(f"target {target}: worker {shown}" + (f" ({worker})" if worker else "") + f", {retries} retries")
         if error:
-            print(f"  last error at {error_at}" + (f", source transaction {error_txid}" if error_txid else "") + ":")
+            print(f"  error at {error_at}" + (f", source transaction {error_txid}" if error_txid else "") + ":")
             print(f"    {error}")
-        failing |= status == "blocked" or (status == "stopped" and bool(error))
+        if previous:
+            print(f"  previous error at {previous_at}, cleared at {cleared_at}:")
+            print(f"    {previous}")
+        failing |= status in ("blocked", "not running") or (status == "stopped" and bool(error))
         mine = [t for t in tables if t[0] == target]
         if not mine:
             continue

@@ -74,3 +74,7 @@ class StatementFailed(PgTursoError):
             f"Turso rejected a change ({where}{txns}): {self.args[0]}. Nothing after it was applied; "
             "fix the cause on Turso (or the table) and the worker resumes from this change."
         )
+
+
+class RetriesExhausted(PgTursoError):
+    """An outage (Turso or Postgres unreachable) outlasted the retry limit (--retry-limit, or --once's 3)."""

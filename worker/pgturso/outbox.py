@@ -107,10 +107,19 @@ FIRST_COMMITTED_TRANSACTION = f"""
     SELECT max(id) AS last_id FROM pgturso.outbox WHERE {FOR_TARGET} GROUP BY txid ORDER BY last_id LIMIT 1
 """
 LAYOUT = "SELECT spec, table_id FROM pgturso.layout WHERE id = %(id)s"
+# %(clear)s: delivery got past the current error (it delivered, or nothing is pending): it becomes history.
 RECORD_STATE = """
     UPDATE pgturso.delivery_state SET status = %(status)s, worker = coalesce(%(worker)s, worker),
         started_at = CASE WHEN %(starting)s THEN now() ELSE started_at END,
-        retries = retries + %(retry)s, updated_at = now()
+        retries = retries + %(retry)s, updated_at = now(),
+        previous_error = CASE WHEN %(clear)s AND last_error IS NOT NULL THEN last_error ELSE previous_error END,
+        previous_error_at = CASE WHEN %(clear)s AND last_error IS NOT NULL THEN last_error_at
+                                 ELSE previous_error_at END,
+        error_cleared_at = CASE WHEN %(clear)s AND last_error IS NOT NULL THEN now() ELSE error_cleared_at END,
+        last_error = CASE WHEN %(clear)s THEN NULL ELSE last_error END,
+        last_error_at = CASE WHEN %(clear)s THEN NULL ELSE last_error_at END,
+        last_error_table = CASE WHEN %(clear)s THEN NULL ELSE last_error_table END,
+        last_error_txid = CASE WHEN %(clear)s THEN NULL ELSE last_error_txid END
     WHERE target = %(target)s
 """
 RECORD_ERROR = """
@@ -360,10 +369,11 @@ class Outbox:
                                          "table_rows": list(rows_per_table.values())})
 
     def record_state(self, status: str, *, worker: str | None = None, starting: bool = False,
-                     retry: bool = False) -> None:
+                     retry: bool = False, clear_error: bool = False) -> None:
+        """Record the worker's state; ``clear_error``: the current error is over (moved to history)."""
         with self.conn.transaction():
             self.conn.execute(RECORD_STATE, {"status": status, "worker": worker, "starting": starting,
-                                             "retry": int(retry), "target": self.target})
+                                             "retry": int(retry), "target": self.target, "clear": clear_error})
 
     def record_error(self, status: str, error: str, *, table: str | None = None, txid: int | None = None,
                      retry: bool = False) -> None:

@@ -461,15 +461,16 @@ class Worker:
                     delivered = self.deliver_batch()
                     if attempts:
                         event(log, logging.INFO, "resumed", after_attempts=attempts)
-                        self._record("delivering")
+                        self._record("delivering", clear_error=True)  # delivery got past the error
                     attempts = 0
                     self._update_backlog(force=not delivered)
                     if delivered or copied or self.copy_step(look=True):
                         continue
+                    # Nothing pending: whatever error there was is over.
                     if once:
-                        self._record("stopped")
+                        self._record("stopped", clear_error=True)
                         return EXIT_OK
-                    self._record("idle")
+                    self._record("idle", clear_error=True)
                     self._wait_for_changes()
                 except (TursoUnavailable, psycopg.OperationalError) as exc:
                     self._abandon_in_flight(exc)

@@ -1,0 +1,204 @@
+"""What the operational surface says is true: wait_for_sync, verify (and repair), status, skip_transaction,
+and a worker started while Postgres is down (issue 18's cases, each reproduced against real parts)."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import WORKER, drain, pending, run_worker
+from pgturso.targets import open_target
+from pgturso.verify import TableReport, Verifier
+from pgturso.worker import DELIVERY_LOCK_CLASS
+from support.turso import TursoServer, read_rows
+from support.workers import WorkerProcess, outbox_empty, wait_until
+
+
+def verify(dsn: str, url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*WORKER, "verify", "--dsn", dsn, "--url", url, "--settle-timeout", "1", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def status(dsn: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*WORKER, "status", "--dsn", dsn], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def second_turso():
+    server = TursoServer().start()
+    yield server
+    server.cleanup()
+
+
+# -- verify ------------------------------------------------------------------------------------------------
+
+
+def test_verify_finds_extra_turso_rows_with_keys_at_or_below_zero(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 20) g")
+    conn.execute("SELECT pgturso.track_table('t')")
+    drain(dsn, turso.url)
+    # An INTEGER PRIMARY KEY is SQLite's rowid: these two sort before any rowid > 0.
+    read_rows(turso.url, "INSERT INTO t VALUES (0, 'zero'), (-5, 'minus five')")
+    found = verify(dsn, turso.url)
+    assert found.returncode == 1, found.stdout + found.stderr
+    assert "DIFFERENT (postgres 20 rows, turso 22 rows; 0 missing or different, 2 extra" in found.stdout
+    assert "(0,)" in found.stdout and "(-5,)" in found.stdout
+
+
+def test_a_count_mismatch_is_never_equal():
+    assert TableReport("t", "t", postgres_rows=5, turso_rows=5).equal
+    assert not TableReport("t", "t", postgres_rows=20, turso_rows=22).equal
+
+
+def test_repair_does_not_delete_a_row_reinserted_while_verify_ran(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 10) g")
+    conn.execute("SELECT pgturso.track_table('t')")
+    drain(dsn, turso.url)
+    conn.execute("DELETE FROM t WHERE id = 7")  # pending: no worker runs, so Turso still has 7
+    target = open_target(turso.url, None, max_request_bytes=1 << 20, timeout=30)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as verify_conn:
+            verifier = Verifier(verify_conn, target, progress=io.StringIO())
+            ((relation, layout_id, layout),) = verifier.tables()
+            report = verifier.verify(relation, layout, settle_timeout=0.2)
+            assert report.extra == [[7]]
+            conn.execute("INSERT INTO t VALUES (7, 'back')")  # after verify looked, before repair
+            verifier.repair(relation, layout_id, layout, report)
+    finally:
+        target.close()
+    drain(dsn, turso.url)
+    assert turso.query("SELECT id, v FROM t WHERE id = 7") == [[7, "back"]]
+    assert verify(dsn, turso.url).returncode == 0
+
+
+# -- skip_transaction ----------------------------------------------------------------------------------------
+
+
+def test_skip_transaction_skips_it_for_the_refusing_target_only(conn, dsn, turso: TursoServer,
+                                                               second_turso: TursoServer):
+    conn.execute("SELECT pgturso.add_target('eu', %s)", (second_turso.url,))
+    conn.execute("CREATE TABLE home (id int PRIMARY KEY, v text)")
+    conn.execute("CREATE TABLE abroad (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('home')")
+    conn.execute("SELECT pgturso.track_table('abroad', target => 'eu')")
+    drain(dsn, turso.url)
+    drain(dsn, "", "--target", "eu")
+    read_rows(turso.url, "CREATE TRIGGER no_bad BEFORE INSERT ON home WHEN NEW.v = 'bad' "
+                         "BEGIN SELECT RAISE(ABORT, 'no bad rows here'); END")
+    with conn.transaction():  # one source transaction, both targets; only default refuses it
+        conn.execute("INSERT INTO home VALUES (1, 'bad')")
+        conn.execute("INSERT INTO abroad VALUES (1, 'fine')")
+    txid = conn.execute("SELECT DISTINCT txid::text FROM pgturso.outbox").fetchone()[0]
+    assert run_worker(dsn, turso.url).returncode == 2
+
+    conn.execute("SELECT pgturso.skip_transaction(%s::xid8, 'refused by default''s trigger')", (txid,))
+    assert conn.execute("SELECT target, rows, tables FROM pgturso.skipped_transaction").fetchall() == [
+        ("default", 1, ["public.home"])]
+    assert pending(conn) == 1, "eu's change of that transaction stays queued"
+    drain(dsn, "", "--target", "eu")
+    assert second_turso.query("SELECT id, v FROM abroad") == [[1, "fine"]]
+    drain(dsn, turso.url)
+    assert turso.query("SELECT count(*) FROM home") == [[0]]
+
+
+def test_skip_transaction_needs_a_target_when_it_cannot_tell_which(conn, dsn, second_turso: TursoServer):
+    conn.execute("SELECT pgturso.add_target('eu', %s)", (second_turso.url,))
+    conn.execute("CREATE TABLE home (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE abroad (id int PRIMARY KEY)")
+    conn.execute("SELECT pgturso.track_table('home')")
+    conn.execute("SELECT pgturso.track_table('abroad', target => 'eu')")
+    conn.execute("DELETE FROM pgturso.outbox")
+    with conn.transaction():
+        conn.execute("INSERT INTO home VALUES (1)")
+        conn.execute("INSERT INTO abroad VALUES (1)")
+    txid = conn.execute("SELECT DISTINCT txid::text FROM pgturso.outbox").fetchone()[0]
+    with pytest.raises(psycopg.Error, match="touches tables of targets default, eu") as ambiguous:
+        conn.execute("SELECT pgturso.skip_transaction(%s::xid8, 'why')", (txid,))
+    assert "target =>" in ambiguous.value.diag.message_hint
+    assert conn.execute("SELECT pgturso.skip_transaction(%s::xid8, 'why', target => 'eu')", (txid,)
+                        ).fetchone() == (1,)
+    assert conn.execute("SELECT count(*) FROM pgturso.outbox o JOIN pgturso.layout l ON l.id = o.layout_id "
+                        "JOIN pgturso.tracked_table t ON t.id = l.table_id WHERE t.target = 'default'"
+                        ).fetchone() == (1,)
+
+
+# -- status ----------------------------------------------------------------------------------------------------
+
+
+def _target_state(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
+    row = conn.execute("SELECT worker_status, last_error, previous_error, previous_error_at IS NOT NULL "
+                       "FROM pgturso.status").fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+def test_status_clears_an_error_once_delivery_recovered(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    turso.stop()
+    assert run_worker(dsn, turso.url, "--retry-limit", "1").returncode == 1
+    state = _target_state(conn)
+    assert state[0] == "stopped" and "gave up" in state[1]
+    down = status(dsn)
+    assert down.returncode == 1 and "gave up" in down.stdout  # a worker that gave up is a current failure
+
+    turso.start()
+    drain(dsn, turso.url)
+    state = _target_state(conn)
+    assert state[0] == "stopped" and state[1] is None, "the error is history now"
+    assert "gave up" in state[2] and state[3]
+    shown = status(dsn)
+    assert shown.returncode == 0, shown.stdout
+    assert "previous error" in shown.stdout and "gave up" in shown.stdout
+
+
+def test_status_tells_a_killed_worker_from_a_live_one(conn, dsn, turso: TursoServer):
+    assert DELIVERY_LOCK_CLASS == 1885828210, "pgturso.target_status names the delivery lock by this number"
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    worker = WorkerProcess(dsn, turso.url, "--idle-wait", "1").start()
+    wait_until(lambda: _target_state(conn)[0] == "idle", 30, "the worker to be idle")
+    assert conn.execute("SELECT worker_alive FROM pgturso.status").fetchone() == (True,)
+    assert status(dsn).returncode == 0
+    worker.kill()
+    wait_until(lambda: _target_state(conn)[0] == "not running", 30, "status to notice the dead worker")
+    assert conn.execute("SELECT worker_alive FROM pgturso.status").fetchone() == (False,)
+    shown = status(dsn)
+    assert shown.returncode == 1 and "worker not running (was idle" in shown.stdout
+
+
+# -- the worker and a Postgres that is down ------------------------------------------------------------------
+
+
+def test_worker_started_while_postgres_is_down_waits_for_it(pg_cluster, conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.close()
+    pg_cluster.pg_ctl("stop", "-m", "fast", "-w")
+    try:
+        worker = WorkerProcess(dsn, turso.url, "--idle-wait", "1", "--retry-max-delay", "0.5").start()
+        wait_until(lambda: len(worker.lines("retry")) >= 2, 30, "the worker to retry connecting")
+        assert worker.proc is not None and worker.proc.poll() is None, worker.output
+        assert "bad_configuration" not in worker.output
+    finally:
+        pg_cluster.pg_ctl("start", "-w", "-l", str(pg_cluster.logfile))
+    pg_cluster.wait_ready()
+    with psycopg.connect(dsn, autocommit=True) as again:
+        again.execute("INSERT INTO t VALUES (1, 'after the outage')")
+    wait_until(lambda: outbox_empty(dsn), 60, "delivery once Postgres is up")
+    assert turso.query("SELECT id, v FROM t") == [[1, "after the outage"]]
+    assert worker.stop() == 0
+
+
+def test_worker_once_gives_up_on_a_postgres_that_stays_down(dsn):
+    unreachable = "host=127.0.0.1 port=1 user=postgres dbname=nothing connect_timeout=2"
+    result = subprocess.run([*WORKER, "run", "--once", "--dsn", unreachable, "--url", "http://127.0.0.1:1",
+                             "--retry-limit", "2", "--retry-base-delay", "0.05"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr  # retries exhausted, not "bad configuration" (2)
+    assert result.stderr.count("event=retry") == 2 and "event=giving_up" in result.stderr
