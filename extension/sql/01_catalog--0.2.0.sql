@@ -19,3 +19,21 @@ ALTER TABLE pgturso.delivery_state
     ADD COLUMN previous_error text,
     ADD COLUMN previous_error_at timestamptz,
     ADD COLUMN error_cleared_at timestamptz;
+
+-- Capture from a logical replication slot (track_table(..., capture => 'wal')): chosen per target, since one
+-- slot feeds one target's worker in commit order. slot_generation counts the slots pgturso created for it, so a
+-- progress marker written from an earlier slot (lost to failover or invalidation) is recognised as such.
+ALTER TABLE pgturso.target
+    ADD COLUMN capture text NOT NULL DEFAULT 'trigger' CHECK (capture IN ('trigger', 'wal')),
+    ADD COLUMN slot_generation integer NOT NULL DEFAULT 0,
+    -- Set while the worker replaces a lost slot (invalidated, or gone with a failover): why. The new slot
+    -- is created, then the target's tables re-copied; a worker that dies in between starts over.
+    ADD COLUMN slot_rebuild text;
+-- The publications every pgturso slot decodes with. They must exist before any slot is created (pgoutput
+-- looks them up as of each decoded transaction), so they are created here, once: the outbox (inserts only:
+-- DDL, copy chunks, repairs, TRUNCATE reach wal targets through it) and the wal-captured tables, published
+-- as their partition root. Empty until a table is tracked with capture => 'wal': no cost before.
+SET LOCAL client_min_messages = error;  -- "wal_level is insufficient" is expected where no wal target exists
+CREATE PUBLICATION pgturso_outbox FOR TABLE pgturso.outbox WITH (publish = 'insert');
+CREATE PUBLICATION pgturso_tables WITH (publish = 'insert, update, delete', publish_via_partition_root = true);
+RESET client_min_messages;

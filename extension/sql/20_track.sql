@@ -308,6 +308,15 @@ COMMENT ON FUNCTION pgturso._capture_disabled IS
     'Private: whether a tracked table''s capture triggers are disabled (ALTER TABLE ... DISABLE TRIGGER).';
 -- Not revoked from PUBLIC: pgturso.status calls it for whoever may read the view (it reads only pg_trigger).
 
+-- How a tracked table is captured: by its target's capture mode ('trigger' or 'wal').
+CREATE OR REPLACE FUNCTION pgturso._capture_of(table_id integer) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT g.capture FROM pgturso.tracked_table t JOIN pgturso.target g ON g.name = t.target WHERE t.id = table_id
+$$;
+COMMENT ON FUNCTION pgturso._capture_of IS 'Private: the capture mode of a tracked table (its target''s).';
+
 -- Install (or, after a schema change, replace) the capture function, and the triggers if missing.
 CREATE OR REPLACE FUNCTION pgturso._install_capture(rel regclass, table_id integer, plan jsonb) RETURNS void
 LANGUAGE plpgsql
@@ -319,6 +328,10 @@ DECLARE
     v_part regclass;
 BEGIN
     SELECT relkind INTO v_kind FROM pg_class WHERE oid = rel;
+    IF v_kind <> 'm' AND pgturso._capture_of(table_id) = 'wal' THEN  -- no trigger: the slot has the rows
+        PERFORM pgturso._install_wal_capture(rel, table_id, plan);
+        RETURN;
+    END IF;
     IF v_kind = 'm' THEN
         EXECUTE plan ->> 'refresh_function_sql';
         EXECUTE format('REVOKE ALL ON FUNCTION pgturso.%I(regclass, boolean) FROM PUBLIC', v_function || '_refresh');
@@ -399,6 +412,11 @@ DECLARE
     v_part regclass;
     v_trigger text;
 BEGIN
+    PERFORM pgturso._remove_wal_capture(rel);
+    IF to_regproc(format('pgturso.%I', pgturso._capture_function_name(table_id))) IS NULL THEN
+        PERFORM pgturso._drop_capture_functions(table_id);
+        RETURN;
+    END IF;
     FOR v_part IN SELECT g.tgrelid::regclass FROM pg_trigger g
                   WHERE g.tgname = 'pgturso_capture_insert'
                     AND g.tgfoid = format('pgturso.%I', pgturso._capture_function_name(table_id))::regproc
@@ -490,7 +508,8 @@ CREATE OR REPLACE FUNCTION pgturso.track_table(
     drop_target boolean DEFAULT false,
     target text DEFAULT 'default',
     columns text[] DEFAULT NULL,
-    row_filter text DEFAULT NULL
+    row_filter text DEFAULT NULL,
+    capture text DEFAULT NULL
 ) RETURNS void
 LANGUAGE plpgsql
 -- The initial copy encodes values exactly as the capture functions do: the settings placeholder below is
@@ -509,7 +528,18 @@ DECLARE
     v_small bigint;
     v_attnums integer[];
     v_unknown text;
+    v_capture text;
 BEGIN
+    -- The capture mode is the target's: one slot feeds one target's worker, in commit order.
+    v_capture := coalesce(track_table.capture,
+                          (SELECT g.capture FROM pgturso.target g WHERE g.name = track_table.target), 'trigger');
+    IF v_capture NOT IN ('trigger', 'wal') THEN
+        RAISE EXCEPTION 'pgturso: unknown capture mode %', v_capture
+            USING HINT = 'Use capture => ''trigger'' (the default) or capture => ''wal''.';
+    END IF;
+    IF v_capture = 'wal' AND EXISTS (SELECT 1 FROM pgturso.target g WHERE g.name = track_table.target) THEN
+        PERFORM pgturso._prepare_wal_capture(track_table.target);  -- first: it must not follow a write
+    END IF;
     SELECT c.relkind, c.relispartition INTO v_kind FROM pg_class c WHERE c.oid = rel;
     IF v_kind IS NULL OR v_kind NOT IN ('r', 'p', 'm') THEN
         RAISE EXCEPTION 'pgturso: % is not a table (relkind %)', rel, v_kind
@@ -561,6 +591,11 @@ BEGIN
         'drop_target', CASE WHEN track_table.drop_target THEN true END,
         'column_attnums', to_jsonb(v_attnums)));
     IF track_table.row_filter IS NOT NULL THEN
+        IF v_capture = 'wal' THEN
+            RAISE EXCEPTION 'pgturso: row_filter is not supported with capture => ''wal'' (table %)', rel
+                USING HINT = 'Track the table to a target that captures by trigger (pgturso.add_target, then '
+                             'track_table(..., target => ''name'', capture => ''trigger'')), or drop the filter.';
+        END IF;
         v_options := v_options || jsonb_build_object(
             'row_filter_publication', pgturso._create_row_filter(rel, track_table.row_filter));
     END IF;
@@ -584,6 +619,18 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pgturso.target g WHERE g.name = track_table.target) THEN
         RAISE EXCEPTION 'pgturso: there is no target %', track_table.target
             USING HINT = 'Create it first: SELECT pgturso.add_target(''name'', ''libsql://...'', ''token'').';
+    END IF;
+    IF v_capture <> (SELECT g.capture FROM pgturso.target g WHERE g.name = track_table.target) THEN
+        IF EXISTS (SELECT 1 FROM pgturso.tracked_table t WHERE t.target = track_table.target) THEN
+            RAISE EXCEPTION 'pgturso: target % captures its tables by %, not %', track_table.target,
+                (SELECT g.capture FROM pgturso.target g WHERE g.name = track_table.target), v_capture
+                USING HINT = 'All tables of a target share one capture mode: track this one to another target '
+                             '(pgturso.add_target), or untrack the target''s tables first.';
+        END IF;
+        UPDATE pgturso.target g SET capture = v_capture WHERE g.name = track_table.target;
+        IF v_capture = 'trigger' THEN
+            PERFORM pgturso._drop_slot(track_table.target);
+        END IF;
     END IF;
     IF EXISTS (SELECT 1 FROM pgturso.tracked_table t
                WHERE t.target = track_table.target
@@ -630,7 +677,9 @@ COMMENT ON FUNCTION pgturso.track_table IS
     '(pgturso.add_target) whose worker delivers it. columns: only these columns (the key included) go to '
     'Turso; the others, and columns added later, never leave Postgres. row_filter: only rows for which this '
     'boolean expression (the table''s columns, built-in immutable functions) is true are on Turso; an UPDATE '
-    'moving a row in or out of it arrives as an insert or a delete there.';
+    'moving a row in or out of it arrives as an insert or a delete there. capture: ''trigger'' (statement triggers; no server '
+    'setting) or ''wal'' (decoded from a logical replication slot; needs wal_level = logical; writers pay '
+    'almost nothing); a target''s tables share one mode, set by its first table (default: the target''s).';
 
 CREATE OR REPLACE FUNCTION pgturso._partition_root(rel regclass) RETURNS regclass
 LANGUAGE sql STABLE
@@ -676,6 +725,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_table_id integer;
+    v_target text;
 BEGIN
     SELECT id INTO v_table_id FROM pgturso.tracked_table WHERE relid = rel AND dropped_at IS NULL;
     IF v_table_id IS NULL THEN
@@ -685,7 +735,12 @@ BEGIN
     PERFORM pgturso._remove_capture(rel, v_table_id);
     PERFORM pgturso._drop_row_filter(t.options) FROM pgturso.tracked_table t WHERE t.id = v_table_id;
     DELETE FROM pgturso.outbox o USING pgturso.layout l WHERE o.layout_id = l.id AND l.table_id = v_table_id;
+    SELECT target INTO v_target FROM pgturso.tracked_table WHERE id = v_table_id;
     DELETE FROM pgturso.tracked_table WHERE id = v_table_id;
+    -- The last table of a wal target: its slot would only pin WAL from now on.
+    IF NOT EXISTS (SELECT 1 FROM pgturso.tracked_table t WHERE t.target = v_target) THEN
+        PERFORM pgturso._drop_slot(v_target);
+    END IF;
 END
 $$;
 COMMENT ON FUNCTION pgturso.untrack_table IS
@@ -715,10 +770,11 @@ COMMENT ON FUNCTION pgturso.refresh_materialized_view IS
     'REFRESH MATERIALIZED VIEW [CONCURRENTLY] a tracked view and send Turso only the rows that changed.';
 
 REVOKE ALL ON FUNCTION pgturso._is_deferrable(oid) FROM PUBLIC;
-REVOKE ALL ON FUNCTION pgturso.track_table(regclass, text, text[], boolean, boolean, text, text[], text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso.track_table(regclass, text, text[], boolean, boolean, text, text[], text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._create_row_filter(regclass, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._row_filter(regclass, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._drop_row_filter(jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._capture_of(integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.untrack_table(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.resync_table(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.refresh_materialized_view(regclass, boolean) FROM PUBLIC;

@@ -33,6 +33,7 @@ BEGIN
             USING HINT = 'Untrack them first: SELECT relid FROM pgturso.tracked_table WHERE target = ''' ||
                          remove_target.name || '''.';
     END IF;
+    PERFORM pgturso._drop_slot(remove_target.name);
     DELETE FROM pgturso.target t WHERE t.name = remove_target.name;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'pgturso: there is no target %', remove_target.name

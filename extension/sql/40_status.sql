@@ -64,10 +64,23 @@ SELECT t.relid AS table_name,
        d.worker_alive,
        d.previous_error,
        d.previous_error_at,
-       d.error_cleared_at
+       d.error_cleared_at,
+       g.capture,
+       w.wal_status AS slot_status,
+       w.retained_bytes AS wal_retained_bytes
 FROM pgturso.tracked_table t
 JOIN pgturso.target_status d ON d.target = t.target
+JOIN pgturso.target g ON g.name = t.target
 LEFT JOIN pgturso.table_state s ON s.table_id = t.id
+-- A wal target's slot: how much WAL it keeps from being removed while the worker is behind or down, and
+-- whether max_slot_wal_keep_size invalidated it ('lost'; the worker then re-copies the target's tables).
+LEFT JOIN LATERAL (
+    SELECT coalesce(r.wal_status, 'missing') AS wal_status,
+           CASE WHEN NOT pg_is_in_recovery()
+                THEN pg_wal_lsn_diff(pg_current_wal_lsn(), r.restart_lsn)::bigint END AS retained_bytes
+    FROM (SELECT 1) AS one LEFT JOIN pg_replication_slots r ON r.slot_name = pgturso._slot_name(t.target)
+    WHERE g.capture = 'wal'
+) w ON true
 LEFT JOIN LATERAL (
     SELECT count(*) AS events, sum(o.nrows) AS rows, min(o.captured_at) AS oldest
     FROM pgturso.outbox o JOIN pgturso.layout l ON l.id = o.layout_id
@@ -77,7 +90,8 @@ COMMENT ON VIEW pgturso.status IS
     'Per tracked table: pending changes, lag, rows delivered, initial copy progress (rows queued of the '
     'estimated total); and its target''s worker status (see pgturso.target_status), current error and the '
     'last cleared one. capture_disabled: a capture trigger of the table is disabled (ALTER TABLE ... DISABLE '
-    'TRIGGER): its writes are not replicated; enable it and run pgturso.resync_table.';
+    'TRIGGER): its writes are not replicated; enable it and run pgturso.resync_table. Wal targets: slot_status '
+    '(reserved/extended/unreserved/lost/missing) and wal_retained_bytes, the WAL its slot keeps.';
 
 CREATE OR REPLACE FUNCTION pgturso.skip_transaction(txid xid8, reason text, target text DEFAULT NULL)
 RETURNS integer

@@ -10,6 +10,9 @@ DECLARE
     v_deadline timestamptz := clock_timestamp() + timeout;
     v_upto bigint;
     v_pause float8 := 0.002;
+    -- Wal targets: everything committed so far is below this position of the WAL; their slots pass it once
+    -- Turso confirmed all of it (the worker advances a slot only then).
+    v_lsn pg_lsn := CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_insert_lsn() END;
 BEGIN
     IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
         RAISE EXCEPTION 'pgturso: wait_for_sync cannot wait for this transaction''s own writes'
@@ -23,7 +26,11 @@ BEGIN
     LOOP
         -- Done when no event that was committed when we were called is still waiting for Turso.
         IF NOT EXISTS (SELECT 1 FROM pgturso.outbox o
-                       WHERE o.id <= v_upto AND pg_visible_in_snapshot(o.txid, v_snapshot)) THEN
+                       WHERE o.id <= v_upto AND pg_visible_in_snapshot(o.txid, v_snapshot))
+           AND NOT EXISTS (SELECT 1 FROM pgturso.target g JOIN pg_replication_slots r
+                               ON r.slot_name = pgturso._slot_name(g.name)
+                           WHERE g.capture = 'wal' AND r.confirmed_flush_lsn < v_lsn
+                             AND EXISTS (SELECT 1 FROM pgturso.tracked_table t WHERE t.target = g.name)) THEN
             RETURN true;
         END IF;
         IF clock_timestamp() >= v_deadline THEN

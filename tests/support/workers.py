@@ -66,9 +66,10 @@ def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05
 
 
 def outbox_empty(dsn: str) -> bool:
+    """Everything committed so far is on Turso (the outbox is empty; a wal target's slot is past it)."""
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
-            row = conn.execute("SELECT count(*) FROM pgturso.outbox").fetchone()
-            return bool(row and row[0] == 0)
+            row = conn.execute("SELECT pgturso.wait_for_sync('0 s')").fetchone()
+            return bool(row and row[0])
     except psycopg.OperationalError:
         return False

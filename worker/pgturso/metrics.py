@@ -16,6 +16,7 @@ _HELP = {
     "pgturso_retries_total": ("counter", "Retries after network errors, 429, 5xx or unreadable answers"),
     "pgturso_errors_total": ("counter", "Changes Turso refused, and fatal errors"),
     "pgturso_up": ("gauge", "1 while this worker holds the delivery lock"),
+    "pgturso_wal_retained_bytes": ("gauge", "WAL kept by a wal target's replication slot (0 in trigger capture)"),
 }
 
 

@@ -31,7 +31,7 @@ from .targets import Target
 log = logging.getLogger("pgturso.pipeline")
 
 
-def send_batch(target: Target, statements: Iterable[Statement], marker: list[Statement]) -> int:
+def send_batch(target: Target, statements: Iterable[Statement], marker: Iterable[Statement]) -> int:
     """Apply ``statements`` and the progress marker (``progress.marker_statements``) in one Turso transaction;
     returns the statements sent."""
     transaction = target.begin()

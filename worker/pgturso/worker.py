@@ -34,6 +34,7 @@ from .pipeline import InFlight, Sender, prepare, send_batch
 from .progress import CREATE_MARKER_SQL, READ_MARKER_SQL, marker_statements
 from .retry import backoff_delay, retry_delay
 from .settings import DEFAULT_URL, Settings
+from .slot import WalOutbox
 from .statements import Statement, StatementBuilder
 from .targets import Target, open_target, redact_url
 
@@ -42,6 +43,9 @@ log = logging.getLogger("pgturso.worker")
 # pg_advisory_lock(int4, int4) key: "pgtr" and the target's name hashed by Postgres: one lock per target.
 DELIVERY_LOCK_CLASS = int.from_bytes(b"pgtr", "big")
 TARGET_ROW = "SELECT url, auth_token FROM pgturso.target WHERE name = %s"
+CAPTURE_OF_TARGET = "SELECT capture FROM pgturso.target WHERE name = %s"
+# A wal target's worker has no trigger to wake it: it looks at the WAL's end this often while idle.
+WAL_POLL_SECONDS = 0.02
 NOTIFY_CHANNEL = "pgturso"
 
 EXIT_OK, EXIT_RETRIES_EXHAUSTED, EXIT_FATAL, EXIT_LOCKED = 0, 1, 2, 3
@@ -112,6 +116,8 @@ class Worker:
         self.batch_events = settings.batch_events
         self._sending: Batch | None = None  # the batch last handed to Turso
         self._lock_timeouts = 0  # TRANSACTION_TIMEOUTs in a row of single-transaction batches
+        self.capture = "trigger"
+        self._last_status = ""
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -136,14 +142,22 @@ class Worker:
         conn.execute("SET work_mem = '64MB'")  # a batch's events are grouped in one sort; keep it in memory
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         self.conn = conn
-        self.outbox = Outbox(conn, batch_rows=self.batch_rows, batch_events=self.batch_events,
+        capture = self._capture_mode(conn)
+        source = WalOutbox if capture == "wal" else Outbox
+        self.outbox = source(conn, batch_rows=self.batch_rows, batch_events=self.batch_events,
                              target=self.settings.target, max_group_bytes=self.settings.max_statement_bytes)
+        self.capture = capture
         source_id = self.outbox.source_id()
         # The marker's key on the target: one Turso database may take several sources, or several targets.
         self.source_id = source_id if self.settings.target == "default" else f"{source_id}/{self.settings.target}"
         if self.target is None:
             self.endpoint = target_endpoint(conn, self.settings)
         self.recovered = False
+
+    def _capture_mode(self, conn: psycopg.Connection[Any]) -> str:
+        with conn.transaction():
+            row = conn.execute(CAPTURE_OF_TARGET, (self.settings.target,)).fetchone()
+        return str(row[0]) if row else "trigger"
 
     def _acquire_lock(self, once: bool) -> bool:
         assert self.conn is not None
@@ -206,8 +220,8 @@ class Worker:
         target.execute(CREATE_MARKER_SQL)
         rows = target.query(READ_MARKER_SQL, [self.source_id])
         self.last_marker = str(rows[0][0]) if rows else ""
-        if rows:
-            removed = self.outbox.forget(str(rows[0][0]))
+        if rows or isinstance(self.outbox, WalOutbox):  # a wal target also checks its slot here
+            removed = self.outbox.forget(self.last_marker)
             if removed:
                 event(log, logging.INFO, "recovered", already_applied_events=removed)
         self.recovered = True
@@ -237,7 +251,7 @@ class Worker:
     def deliver_batch(self) -> int:
         """Deliver the next batch; returns the number of outbox events settled or sent (0: nothing pending and
         nothing in flight). Reads batch N+1 while batch N is in flight (see pipeline.py)."""
-        if self.isolating_until is not None or not self.read_ahead:
+        if self.isolating_until is not None or not self.read_ahead or isinstance(self.outbox, WalOutbox):
             return self._deliver_streaming()
         assert self.conn is not None and self.outbox is not None
         target = self._open_target()
@@ -285,12 +299,16 @@ class Worker:
             batch = self.outbox.choose_batch(single_transaction=self.isolating_until is not None)
             if batch is None:
                 return 0
-            marker = marker_statements(self.source_id, batch.marker(), self.last_marker)
             self._sending = batch
-            statements = send_batch(target, self._statements(batch), marker)
+            statements = send_batch(target, self._statements(batch), self._marker(batch))
         self.outbox.mark_delivered(batch)
         self._delivered(batch, statements, started)
         return batch.event_count
+
+    def _marker(self, batch: Batch) -> Generator[Statement, None, None]:
+        """The batch's marker statements, built once its statements were sent (a slot's batch knows where it
+        ends only then)."""
+        yield from marker_statements(self.source_id, batch.marker(), self.last_marker)
 
     def _statements(self, batch: Batch) -> Generator[Statement, None, None]:
         assert self.outbox is not None
@@ -405,7 +423,14 @@ class Worker:
             self.listen_conn = psycopg.connect(self.dsn, autocommit=True, application_name="pgturso-worker-listen")
             self.listen_conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
             return  # changes may have arrived before LISTEN: look once more before sleeping
-        assert self.outbox is not None
+        assert self.outbox is not None and self.conn is not None
+        if self._capture_mode(self.conn) != self.capture:  # the target's first table chose the other mode
+            event(log, logging.INFO, "capture_mode", capture=self._capture_mode(self.conn))
+            self._disconnect()
+            return
+        if isinstance(self.outbox, WalOutbox):
+            self._wait_for_wal(self.outbox)
+            return
         # Sleep holding the wake locks, so that capture notifies us (see capture.WAKE_LOCK_CLASS). A writer
         # that saw us awake holds its lock until it commits: until then, look again shortly instead.
         held, all_taken = self.outbox.take_wake_locks()
@@ -422,10 +447,23 @@ class Worker:
         finally:
             self.outbox.release_wake_locks(held)
 
+    def _wait_for_wal(self, source: WalOutbox) -> None:
+        """Sleep until the WAL moves past what the slot was last read up to (or a NOTIFY, or idle_wait)."""
+        assert self.listen_conn is not None
+        deadline = time.monotonic() + self.settings.idle_wait
+        while not self.stopping and time.monotonic() < deadline:
+            if source.wal_position() > source.seen_upto:
+                return
+            for _ in self.listen_conn.notifies(timeout=WAL_POLL_SECONDS, stop_after=1):
+                return
+
     def _record(self, status: str, error: str | None = None, **fields: Any) -> None:
         """Show the worker's state in pgturso.status; Postgres being unreachable must not hide the real error."""
         if self.outbox is None or self.conn is None or self.conn.closed:
             return
+        if status == self._last_status == "idle" and error is None and not fields:
+            return  # unchanged; and a wal target's worker wakes on every write to the WAL, its own too
+        self._last_status = status
         try:
             if error is None:
                 self.outbox.record_state(status, **fields)
@@ -539,6 +577,8 @@ class Worker:
             return
         self._backlog_checked = now
         events, rows, lag = self.outbox.backlog()
+        if isinstance(self.outbox, WalOutbox):
+            self.metrics.set("pgturso_wal_retained_bytes", self.outbox.retained_bytes())
         self.metrics.set("pgturso_backlog_events", events)
         self.metrics.set("pgturso_backlog_rows", rows)
         self.metrics.set("pgturso_lag_seconds", lag)

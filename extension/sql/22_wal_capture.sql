@@ -1,0 +1,200 @@
+-- Capture from a logical replication slot (track_table(..., capture => 'wal')): the tables of a wal target
+-- have no capture trigger; their row changes are decoded by the target's worker from a slot (pgoutput, with
+-- the publications pgturso_tables and pgturso_outbox), in commit order together with the outbox events that
+-- DDL, copies, repairs and TRUNCATE still write (docs/design.md, "Capture from the WAL").
+
+-- The slot of a target: slot names are cluster-wide, so the database's oid is part of it.
+CREATE OR REPLACE FUNCTION pgturso._slot_name(target text) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT format('pgturso_%s_%s', d.oid, left(md5(target), 12)) FROM pg_database d
+    WHERE d.datname = current_database()
+$$;
+COMMENT ON FUNCTION pgturso._slot_name IS 'Private: name of the logical replication slot of a wal target.';
+
+-- Before a table joins a wal target: logical decoding must be possible, and the target's slot must exist
+-- before anything is written, because Postgres creates a logical slot only in a transaction without writes.
+CREATE OR REPLACE FUNCTION pgturso._prepare_wal_capture(target text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_slot text := pgturso._slot_name(target);
+BEGIN
+    IF current_setting('wal_level') <> 'logical' THEN
+        RAISE EXCEPTION 'pgturso: capture => ''wal'' needs wal_level = logical (it is %)', current_setting('wal_level')
+            USING HINT = 'Run ALTER SYSTEM SET wal_level = logical and restart Postgres; or track the table with '
+                         'capture => ''trigger'', which needs no server setting.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_replication_slots s WHERE s.slot_name = v_slot AND s.wal_status <> 'lost') THEN
+        RETURN;
+    END IF;
+    IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
+        RAISE EXCEPTION 'pgturso: the replication slot of target % must be created before this transaction writes', target
+            USING HINT = 'Call pgturso.track_table(..., capture => ''wal'') first in its transaction (or on its own).';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_replication_slots s WHERE s.slot_name = v_slot) THEN
+        PERFORM pg_drop_replication_slot(v_slot);  -- invalidated: useless, and the worker re-copies its tables
+    END IF;
+    PERFORM pg_create_logical_replication_slot(v_slot, 'pgoutput');
+    UPDATE pgturso.target g SET slot_generation = g.slot_generation + 1 WHERE g.name = _prepare_wal_capture.target;
+END
+$$;
+COMMENT ON FUNCTION pgturso._prepare_wal_capture IS
+    'Private: check wal_level and create a wal target''s replication slot (before the caller writes).';
+
+-- Drop a target's slot, so that nothing pins WAL once no table is captured through it. A worker that is
+-- reading the slot holds it for the length of one read: wait for that (a few seconds at most).
+CREATE OR REPLACE FUNCTION pgturso._drop_slot(target text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_slot text := pgturso._slot_name(target);
+    v_deadline timestamptz := clock_timestamp() + interval '30 seconds';
+BEGIN
+    LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_replication_slots s WHERE s.slot_name = v_slot) THEN
+            RETURN;
+        END IF;
+        BEGIN
+            PERFORM pg_drop_replication_slot(v_slot);
+            RETURN;
+        EXCEPTION WHEN object_in_use THEN
+            IF clock_timestamp() > v_deadline THEN
+                RAISE EXCEPTION 'pgturso: replication slot % stays in use', v_slot
+                    USING HINT = 'Stop the worker of target ' || target || ' and try again.';
+            END IF;
+            PERFORM pg_sleep(0.05);
+        END;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION pgturso._drop_slot IS 'Private: drop a wal target''s replication slot if it exists.';
+
+-- Publish a wal-captured table (as its partition root) with a replica identity equal to its key, so that
+-- updates and deletes carry the key pgturso replicates by; TRUNCATE still goes through the outbox (a
+-- partition truncated alone is not published as the root), by statement triggers that cost writers nothing.
+-- Keys are checked immediately (a DEFERRABLE key is refused by track_table), so the rows, applied one by one in
+-- decoding order, never hold a key twice on Turso either.
+CREATE OR REPLACE FUNCTION pgturso._install_wal_capture(rel regclass, table_id integer, plan jsonb)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_part regclass;
+    v_kind "char";
+    v_index regclass;
+    key_columns text[] := ARRAY(SELECT jsonb_array_elements_text(plan -> 'spec' -> 'key_columns'));
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
+                   WHERE p.pubname = 'pgturso_tables' AND r.prrelid = rel) THEN
+        EXECUTE format('ALTER PUBLICATION pgturso_tables ADD TABLE ONLY %s', rel);
+    END IF;
+    FOR v_part, v_kind IN SELECT p.relid, c.relkind
+                          FROM (SELECT rel AS relid UNION SELECT relid FROM pg_partition_tree(rel)) p
+                          JOIN pg_class c ON c.oid = p.relid
+    LOOP
+        -- The index whose columns are exactly the key: the primary key (replica identity DEFAULT), else a
+        -- unique index over NOT NULL columns (USING INDEX); with neither, FULL (key_columns => ...).
+        SELECT i.indexrelid INTO v_index FROM pg_index i
+        WHERE i.indrelid = v_part AND i.indisunique AND i.indisvalid AND i.indimmediate AND i.indpred IS NULL
+          AND i.indexprs IS NULL AND i.indnkeyatts = cardinality(key_columns)
+          AND (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM unnest(i.indkey[0:i.indnkeyatts - 1]) k
+               JOIN pg_attribute a ON a.attrelid = v_part AND a.attnum = k)
+              = (SELECT array_agg(k ORDER BY k) FROM unnest(key_columns) k)
+          AND NOT EXISTS (SELECT 1 FROM unnest(i.indkey[0:i.indnkeyatts - 1]) k
+                          JOIN pg_attribute a ON a.attrelid = v_part AND a.attnum = k WHERE NOT a.attnotnull)
+        ORDER BY i.indisprimary DESC, i.indexrelid LIMIT 1;
+        IF v_index IS NOT NULL AND (SELECT indisprimary FROM pg_index WHERE indexrelid = v_index) THEN
+            IF (SELECT relreplident FROM pg_class WHERE oid = v_part) NOT IN ('d', 'f') THEN
+                EXECUTE format('ALTER TABLE %s REPLICA IDENTITY DEFAULT', v_part);
+            END IF;
+        ELSIF v_index IS NOT NULL THEN
+            IF NOT (SELECT indisreplident FROM pg_index WHERE indexrelid = v_index) THEN
+                EXECUTE format('ALTER TABLE %s REPLICA IDENTITY USING INDEX %s', v_part, v_index);
+            END IF;
+        ELSIF (SELECT relreplident FROM pg_class WHERE oid = v_part) <> 'f' THEN
+            EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', v_part);
+        END IF;
+        IF NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = v_part AND g.tgname = 'pgturso_capture_truncate') THEN
+            IF v_part = rel THEN
+                EXECUTE format('CREATE TRIGGER pgturso_capture_truncate AFTER TRUNCATE ON %s '
+                               'FOR EACH STATEMENT EXECUTE FUNCTION pgturso._capture_truncate(%s)', v_part, table_id);
+            ELSE
+                EXECUTE format('CREATE TRIGGER pgturso_capture_truncate BEFORE TRUNCATE ON %s '
+                               'FOR EACH STATEMENT EXECUTE FUNCTION pgturso._capture_partition_truncate(%s)',
+                               v_part, table_id);
+            END IF;
+        END IF;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION pgturso._install_wal_capture IS
+    'Private: publish a wal-captured table with its key as replica identity, and its TRUNCATE triggers.';
+
+CREATE OR REPLACE FUNCTION pgturso._remove_wal_capture(rel regclass) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_part regclass;
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
+               WHERE p.pubname = 'pgturso_tables' AND r.prrelid = rel) THEN
+        EXECUTE format('ALTER PUBLICATION pgturso_tables DROP TABLE ONLY %s', rel);
+    END IF;
+    FOR v_part IN SELECT rel UNION SELECT relid FROM pg_partition_tree(rel) LOOP
+        EXECUTE format('DROP TRIGGER IF EXISTS pgturso_capture_truncate ON %s', v_part);
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION pgturso._remove_wal_capture IS 'Private: stop publishing a wal-captured table.';
+
+-- TRUNCATE of a wal-captured table: a 'T' event through the outbox, in commit order with the decoded rows.
+CREATE OR REPLACE FUNCTION pgturso._capture_truncate() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    INSERT INTO pgturso.outbox (layout_id, op, nrows)
+    SELECT l.id, 'T', 0 FROM pgturso.layout l WHERE l.table_id = TG_ARGV[0]::integer ORDER BY l.id DESC LIMIT 1;
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION pgturso._capture_truncate IS 'Private: trigger queuing TRUNCATE of a wal-captured table.';
+
+-- DROP EXTENSION cannot run extension code afterwards, and slots are not extension members: drop them (and
+-- the publications, which are not members either) when the command starts. Event triggers cannot see
+-- which extension is being dropped at that point; the statement's text names it.
+CREATE OR REPLACE FUNCTION pgturso._on_drop_extension() RETURNS event_trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_target text;
+BEGIN
+    IF current_query() !~* '\mpgturso\M' THEN
+        RETURN;
+    END IF;
+    FOR v_target IN SELECT name FROM pgturso.target LOOP
+        PERFORM pgturso._drop_slot(v_target);
+    END LOOP;
+    DROP PUBLICATION IF EXISTS pgturso_tables, pgturso_outbox;
+END
+$$;
+COMMENT ON FUNCTION pgturso._on_drop_extension IS
+    'Private: DROP EXTENSION pgturso drops the replication slots and publications of wal capture.';
+DROP EVENT TRIGGER IF EXISTS pgturso_drop_extension;
+CREATE EVENT TRIGGER pgturso_drop_extension ON ddl_command_start WHEN TAG IN ('DROP EXTENSION')
+    EXECUTE FUNCTION pgturso._on_drop_extension();
+
+REVOKE ALL ON FUNCTION pgturso._slot_name(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._prepare_wal_capture(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._drop_slot(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._install_wal_capture(regclass, integer, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._remove_wal_capture(regclass) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._capture_truncate() FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._on_drop_extension() FROM PUBLIC;

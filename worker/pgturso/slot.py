@@ -1,0 +1,540 @@
+"""Capture from a logical replication slot: the batches of a wal target (``track_table(..., capture => 'wal')``).
+
+A wal target's tables have no capture trigger. Their row changes are decoded from the target's slot by the
+built-in ``pgoutput`` plugin (publication ``pgturso_tables``), together with the inserts into
+``pgturso.outbox`` (publication ``pgturso_outbox``: DDL, initial-copy chunks, repairs, materialized-view
+diffs, TRUNCATE), so everything arrives in commit order, each transaction whole. The worker reads the slot
+over its ordinary connection: ``pg_logical_slot_peek_binary_changes`` (which does not move the slot) streamed
+through a server-side cursor, and ``pg_replication_slot_advance`` once Turso confirmed a batch.
+
+- A batch is one peek: whole transactions, up to ``batch_rows`` decoded changes (a bigger transaction comes
+  whole and is streamed to Turso, never held in memory).
+- Values arrive as Postgres' text forms (the session pins the capture settings, see capture.CAPTURE_SETTINGS).
+  Postgres turns them back into values of the column's type and encodes them with the very expressions the
+  capture triggers use (capture.row_json_sql): one set-based query per run of rows, so both modes send the
+  same bytes and Python does no per-value work.
+- The progress marker on Turso names the batch's end (a commit LSN, or the point the peek read up to), the
+  slot generation it was read from, and the layout each table was decoded with at that point. The slot is
+  advanced only after Turso confirmed; a worker that restarts finds the marker ahead of the slot, deletes the
+  outbox rows of what was delivered and advances the slot there, instead of sending it again.
+- A slot invalidated by ``max_slot_wal_keep_size`` or gone with a failover (PG 15 slots are not kept on
+  standbys) is replaced, and the target's tables are copied afresh (recreated on Turso: nothing doubled).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from .capture import CAPTURE_SETTINGS, row_json_sql
+from .errors import PgTursoError
+from .layout import TableLayout
+from .logs import event
+from .outbox import Event, Outbox
+from .quoting import quote_ident
+
+log = logging.getLogger("pgturso.slot")
+
+PUBLICATIONS = "pgturso_tables,pgturso_outbox"
+SLOT_OF_TARGET = """
+    SELECT pgturso._slot_name(g.name), g.slot_generation, g.slot_rebuild, r.slot_name IS NOT NULL,
+           coalesce(r.wal_status, 'missing'), r.confirmed_flush_lsn::text
+    FROM pgturso.target g LEFT JOIN pg_replication_slots r ON r.slot_name = pgturso._slot_name(g.name)
+    WHERE g.name = %(target)s
+"""
+PEEK = f"""
+    SELECT data FROM pg_logical_slot_peek_binary_changes(%(slot)s, %(upto)s::pg_lsn, %(changes)s,
+        'proto_version', '1', 'publication_names', '{PUBLICATIONS}')
+"""
+TABLES = "SELECT id, relid::oid::int8, target FROM pgturso.tracked_table"
+OUTBOX_OID = "SELECT 'pgturso.outbox'::regclass::oid::int8"
+RECORD_WAL_BATCH = """
+    WITH totals AS (
+        UPDATE pgturso.delivery_state SET status = 'delivering', last_delivered_at = now(), updated_at = now(),
+            transactions_delivered = transactions_delivered + %(transactions)s,
+            rows_delivered = rows_delivered + %(rows)s
+        WHERE target = %(target)s
+    ), per_table AS (
+        INSERT INTO pgturso.table_state AS s (table_id, rows_delivered, last_delivered_at)
+        SELECT t.id, r.rows, now() FROM unnest(%(tables)s::int[], %(table_rows)s::int8[]) AS r(table_id, rows)
+        JOIN pgturso.tracked_table t ON t.id = r.table_id
+        ON CONFLICT (table_id) DO UPDATE SET rows_delivered = s.rows_delivered + excluded.rows_delivered,
+            last_delivered_at = excluded.last_delivered_at
+    )
+    DELETE FROM pgturso.outbox WHERE id = ANY (%(ids)s::int8[])
+"""
+DELETE_OUTBOX_IDS = "DELETE FROM pgturso.outbox WHERE id = ANY (%(ids)s::int8[])"
+ADVANCE = "SELECT pg_replication_slot_advance(%(slot)s, %(lsn)s::pg_lsn)"
+FLUSH_LSN = "SELECT pg_current_wal_flush_lsn()::text"
+# Rows per encoding query: bounds memory, and keeps a big transaction's statements flowing to Turso.
+ENCODE_ROWS = 5000
+
+_BEGIN, _COMMIT, _RELATION, _INSERT, _UPDATE, _DELETE, _TRUNCATE = b"BCRIUDT"
+
+
+class SlotError(PgTursoError):
+    """The slot's stream cannot be applied as it is (a decoded row does not fit its table's layout)."""
+
+
+def lsn_to_int(text: str) -> int:
+    high, low = text.split("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+def lsn_to_text(value: int) -> str:
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+@dataclass
+class Relation:
+    """A pgoutput Relation message: a published table's columns as of the changes that follow it."""
+
+    relid: int
+    name: str
+    columns: list[str]
+
+
+def _string(data: bytes, pos: int) -> tuple[str, int]:
+    end = data.index(0, pos)
+    return data[pos:end].decode(), end + 1
+
+
+def parse_relation(data: bytes) -> Relation:
+    relid = struct.unpack_from("!I", data, 1)[0]
+    namespace, pos = _string(data, 5)
+    name, pos = _string(data, pos)
+    ncols = struct.unpack_from("!H", data, pos + 1)[0]
+    pos += 3
+    columns = []
+    for _ in range(ncols):
+        column, pos = _string(data, pos + 1)  # skip the flags byte
+        columns.append(column)
+        pos += 8  # type oid, typmod
+    return Relation(relid, f"{namespace}.{name}", columns)
+
+
+UNCHANGED = object()  # a TOASTed value an UPDATE did not change: pgoutput does not send it
+
+
+def parse_tuple(data: bytes, pos: int) -> tuple[list[Any], int]:
+    """TupleData at ``pos``: the values as text (None for NULL, UNCHANGED for an unchanged TOASTed value)."""
+    ncols = struct.unpack_from("!H", data, pos)[0]
+    pos += 2
+    values: list[Any] = []
+    append = values.append
+    for _ in range(ncols):
+        kind = data[pos]
+        if kind == 116:  # 't'
+            length = struct.unpack_from("!I", data, pos + 1)[0]
+            append(data[pos + 5:pos + 5 + length].decode())
+            pos += 5 + length
+        elif kind == 110:  # 'n'
+            append(None)
+            pos += 1
+        elif kind == 117:  # 'u'
+            append(UNCHANGED)
+            pos += 1
+        else:
+            raise SlotError(f"pgoutput sent a value in an unexpected form ({chr(kind)!r})")
+    return values, pos
+
+
+def encode_rows_sql(layout: TableLayout, key_only: bool) -> str:
+    """A query turning $1 (a flat text[] of rows in layout order, $2 values per row) into each row's JSON
+    array, with capture's own expressions: each text form is cast back to the column's type first."""
+    columns = layout.key_layout if key_only else list(layout.columns)
+    width = len(columns)
+    casts = ", ".join(
+        f"(%(values)s::text[])[g.i * {width} + {n + 1}]::{c.pg_type} AS {quote_ident(c.name)}"
+        for n, c in enumerate(columns)
+    )
+    return (f"SELECT {row_json_sql(layout, 'src', key_only=key_only)} FROM ("
+            f"SELECT {casts} FROM generate_series(0, %(count)s - 1) AS g(i)) AS src")
+
+
+class WalBatch:
+    """One peek of the slot, read in the caller's transaction. Iterate ``events()`` once; ``marker()`` is
+    complete only after that (the worker writes the marker after the batch's statements)."""
+
+    def __init__(self, source: WalOutbox, upto: int, first_rows: list[bytes], more: Iterator[bytes],
+                 limit: int) -> None:
+        self.source = source
+        self.peek_upto = upto
+        self._first = first_rows
+        self._more = more
+        self.limit = limit
+        self.received = 0
+        self.end = 0  # the last commit's end LSN
+        self.event_count = 0
+        self.rows = 0
+        self.transactions = 0
+        self.rows_per_layout: dict[int, int] = {}
+        self.outbox_ids: list[int] = []
+        self.more_pending = False
+        self.uniform = False
+        self.held: list[str] = []
+        self.sent_anything = False
+        self.layouts = dict(source.layouts_in_force)
+        self._consumed = False
+
+    @property
+    def upto(self) -> int:
+        """The batch's last position: once read, the peek's end if it read all there was, else its last commit."""
+        if not self._consumed:
+            for _ in self.events(encode=False):
+                pass
+        return self.end
+
+    def marker(self) -> str:
+        return json.dumps({"slot": self.source.generation, "lsn": lsn_to_text(self.upto),
+                           "layouts": {str(k): v for k, v in sorted(self.layouts.items())}}, separators=(",", ":"))
+
+    def _messages(self) -> Iterator[bytes]:
+        yield from self._first
+        yield from self._more
+
+    def events(self, encode: bool = True) -> Iterator[Event]:
+        """The batch's changes as outbox events, in commit order: decoded rows merged into runs of one table
+        and operation, encoded by Postgres; outbox inserts as they were written."""
+        source = self.source
+        relations: dict[int, Relation] = {}
+        run_rows: list[Any] = []
+        run: tuple[int, str] | None = None  # (layout id, op)
+        run_txids: list[int] = []
+        xid = 0
+
+        def flush() -> Iterator[Event]:
+            nonlocal run, run_rows
+            if run is None or not run_rows:
+                run = None
+                return
+            layout_id, op = run
+            count = len(run_rows) // (len(source.layout(layout_id).key_columns) if op == "D"
+                                      else len(source.layout(layout_id).columns))
+            payload = source.encode(layout_id, op == "D", run_rows, count) if encode else ""
+            self.rows += count
+            self.rows_per_layout[layout_id] = self.rows_per_layout.get(layout_id, 0) + count
+            txids = (run_txids[0],) if run_txids[0] == run_txids[-1] else (run_txids[0], run_txids[-1])
+            yield Event(0, run_txids[0], layout_id, op, count, payload, txids, count)
+            run, run_rows = None, []
+
+        def add(layout_id: int, op: str, values: list[Any]) -> Iterator[Event]:
+            nonlocal run, run_rows, run_txids
+            per_row = len(values)
+            if run != (layout_id, op) or len(run_rows) >= ENCODE_ROWS * per_row:
+                yield from flush()
+                run, run_txids = (layout_id, op), [xid]
+            run_rows.extend(values)
+            run_txids.append(xid)
+
+        for data in self._messages():
+            self.received += 1
+            kind = data[0]
+            if kind == _BEGIN:
+                xid = struct.unpack_from("!I", data, 17)[0]
+            elif kind == _COMMIT:
+                self.end = struct.unpack_from("!Q", data, 10)[0]
+                self.transactions += 1
+            elif kind == _RELATION:
+                relation = parse_relation(data)
+                relations[relation.relid] = relation
+            elif kind in (_INSERT, _UPDATE, _DELETE):
+                relid = struct.unpack_from("!I", data, 1)[0]
+                relation = relations[relid]
+                old, new = self._tuples(data)
+                if relid == source.outbox_oid:
+                    if new is None:
+                        continue
+                    item = self._outbox_event(relation, new, xid)
+                    if item is not None:
+                        yield from flush()
+                        self.event_count += 1
+                        if item.op in "UD":
+                            self.rows += item.nrows
+                            self.rows_per_layout[item.layout_id] = (
+                                self.rows_per_layout.get(item.layout_id, 0) + item.nrows)
+                        yield item
+                    continue
+                table_id = source.table_of_relid.get(relid)
+                if table_id is None or table_id not in self.layouts:
+                    continue  # not this target's, or changed before the table's creation event
+                layout_id = self.layouts[table_id]
+                layout = source.layout(layout_id)
+                positions = source.positions(relation, layout_id)
+                self.event_count += 1
+                if old is not None:
+                    old_key = [old[positions[k]] for k in layout.key_positions]
+                    new_key = None if new is None else [new[positions[k]] for k in layout.key_positions]
+                    if new_key is None or any(v is UNCHANGED for v in new_key) or new_key != old_key:
+                        yield from add(layout_id, "D", old_key)
+                if new is not None:
+                    row = [new[p] for p in positions]
+                    if any(v is UNCHANGED for v in row):
+                        row = source.unchanged_values(layout_id, row, old, positions, relation)
+                    yield from add(layout_id, "U", row)
+            elif kind == _TRUNCATE:
+                continue  # not published: TRUNCATE reaches Turso through the outbox, like in trigger mode
+        yield from flush()
+        self._consumed = True
+        self.more_pending = self.received >= self.limit
+        if not self.more_pending:
+            self.end = max(self.end, self.peek_upto)
+
+    def _tuples(self, data: bytes) -> tuple[list[Any] | None, list[Any] | None]:
+        """The old (key or full) and new tuple of an Insert, Update or Delete message."""
+        kind, pos = data[0], 5
+        old = new = None
+        if kind == _INSERT:
+            new, _ = parse_tuple(data, pos + 1)
+        elif kind == _DELETE:
+            old, _ = parse_tuple(data, pos + 1)
+        else:
+            if data[pos] in (75, 79):  # 'K' or 'O'
+                old, pos = parse_tuple(data, pos + 1)
+            new, _ = parse_tuple(data, pos + 1)
+        return old, new
+
+    def _outbox_event(self, relation: Relation, values: list[Any], xid: int) -> Event | None:
+        row = dict(zip(relation.columns, values, strict=True))
+        layout_id = int(row["layout_id"])
+        table_id = self.source.table_of_layout_id(layout_id)
+        if table_id is None:
+            return None  # the table was untracked since: its events went with it, as in trigger mode
+        if self.source.target_of_table.get(table_id) != self.source.target:
+            return None  # another target's: its own worker deletes it
+        self.outbox_ids.append(int(row["id"]))
+        op = str(row["op"])
+        if op in "CA":
+            self.layouts[table_id] = layout_id
+        elif op == "X":
+            self.layouts.pop(table_id, None)
+        elif table_id not in self.layouts:
+            return None  # an event of a table whose creation event came before this slot: superseded by a re-copy
+        return Event(int(row["id"]), xid, layout_id, op, int(row["nrows"]), row["payload"])
+
+
+class WalOutbox(Outbox):
+    """The worker's source for a wal target: batches from the slot instead of the outbox table."""
+
+    def __init__(self, conn: psycopg.Connection[Any], **kwargs: Any) -> None:
+        super().__init__(conn, **kwargs)
+        self.slot = ""
+        self.generation = 0
+        self.outbox_oid = 0
+        self.layouts_in_force: dict[int, int] = {}
+        self.seen_upto = 0  # where the last peek read up to
+        self.table_of_relid: dict[int, int] = {}
+        self.target_of_table: dict[int, str] = {}
+        self._positions: dict[tuple[int, int, tuple[str, ...]], list[int]] = {}
+        self._encoders: dict[tuple[int, bool], str] = {}
+        for clause in CAPTURE_SETTINGS[1:]:  # text forms from pgoutput, and their encoding, as capture's
+            name, value = clause.removeprefix("SET ").split(" = ")
+            conn.execute(f"SET {name} = {value}")
+        self.outbox_oid = int(conn.execute(OUTBOX_OID).fetchone()[0])  # type: ignore[index]
+        self.slot_state()
+
+    # -- slot state and recovery -----------------------------------------------------------------------------
+
+    def slot_state(self) -> tuple[str, int, str | None, bool, str, str | None]:
+        with self.conn.transaction():
+            row = self.conn.execute(SLOT_OF_TARGET, {"target": self.target}).fetchone()
+        assert row is not None
+        self.slot, self.generation = str(row[0]), int(row[1])
+        return row  # type: ignore[return-value]
+
+    def forget(self, marker: str) -> int:
+        """Recover from the target's progress marker: rebuild a lost slot, or move the slot up to what Turso
+        already has (deleting the outbox rows that came with it). Returns the outbox rows removed."""
+        _, generation, rebuilding, exists, status, confirmed = self.slot_state()
+        if rebuilding or not exists or status == "lost":
+            self.rebuild_slot(rebuilding or ("invalidated (max_slot_wal_keep_size)" if exists else
+                                             "missing (a failover, or dropped by hand)"))
+            return 0
+        parsed = _parse_marker(marker)
+        if parsed is None or parsed["slot"] != generation:
+            self.layouts_in_force = {}
+            return 0
+        self.layouts_in_force = {int(k): int(v) for k, v in parsed["layouts"].items()}
+        position = lsn_to_int(parsed["lsn"])
+        if confirmed is None or position <= lsn_to_int(confirmed):
+            return 0
+        # Turso has batches the slot was not advanced past: forget their outbox rows, then move the slot.
+        removed = 0
+        with self.conn.transaction():
+            self.conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            batch = self._peek(position, 0)
+            if batch is not None:
+                batch.layouts = {}
+                for _ in batch.events(encode=False):
+                    pass
+                removed = self.conn.execute(DELETE_OUTBOX_IDS, {"ids": batch.outbox_ids}).rowcount
+        self.advance(position)
+        return removed
+
+    def rebuild_slot(self, reason: str) -> None:
+        """Replace a lost slot and copy the target's tables afresh through the new one (each is recreated on
+        Turso first, in order with the changes around it, so nothing is doubled)."""
+        event(log, logging.WARNING, "slot_lost", slot=self.slot, reason=reason, action="recreating it and re-copying")
+        with self.conn.transaction():
+            self.conn.execute("UPDATE pgturso.target SET slot_rebuild = %s WHERE name = %s", (reason, self.target))
+        self.conn.execute("SELECT pgturso._drop_slot(%s)", (self.target,))
+        self.conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (self.slot,))
+        with self.conn.transaction():
+            self.conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            tables = self.conn.execute(
+                "SELECT relid::regclass::text FROM pgturso.tracked_table WHERE target = %s AND dropped_at IS NULL "
+                "ORDER BY id", (self.target,)).fetchall()
+            # Events queued before the new slot are delivered or superseded by the copies below.
+            self.conn.execute("DELETE FROM pgturso.outbox o USING pgturso.layout l, pgturso.tracked_table t "
+                              "WHERE l.id = o.layout_id AND t.id = l.table_id AND t.target = %s", (self.target,))
+            for (table,) in tables:
+                self.conn.execute("SELECT pgturso.resync_table(%s::regclass)", (table,))
+            self.conn.execute("UPDATE pgturso.target SET slot_generation = slot_generation + 1, slot_rebuild = NULL "
+                              "WHERE name = %s", (self.target,))
+            self.record_error("delivering", f"replication slot {self.slot} was {reason}: recreated it; re-copying "
+                              f"{', '.join(t for (t,) in tables) or 'no tables'}")
+        self.generation += 1
+        self.layouts_in_force = {}
+
+    def advance(self, position: int) -> None:
+        confirmed = self.conn.execute("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+                                      (self.slot,)).fetchone()
+        if confirmed is not None and confirmed[0] is not None and lsn_to_int(confirmed[0]) >= position:
+            return
+        self.conn.execute(ADVANCE, {"slot": self.slot, "lsn": lsn_to_text(position)})
+
+    # -- batches ---------------------------------------------------------------------------------------------
+
+    def choose_batch(self, single_transaction: bool = False) -> WalBatch | None:  # type: ignore[override]
+        """Peek the next batch in the caller's transaction (READ COMMITTED: every layout a decoded transaction
+        created is visible); None when the slot has nothing for this target."""
+        self.conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        upto = lsn_to_int(str(self.conn.execute(FLUSH_LSN).fetchone()[0]))  # type: ignore[index]
+        batch = self._peek(upto, 1 if single_transaction else self.batch_rows)
+        self.seen_upto = upto
+        if batch is None:
+            self.advance(upto)  # nothing published up to here: let the slot release that WAL
+        return batch
+
+    def _peek(self, upto: int, changes: int) -> WalBatch | None:
+        self._load_tables()
+        cur = self.conn.cursor(name="pgturso_slot")
+        cur.itersize = 2000
+        cur.execute(PEEK, {"slot": self.slot, "upto": lsn_to_text(upto), "changes": changes or None})
+        first = [bytes(r[0]) for r in cur.fetchmany(cur.itersize)]
+        if not first:
+            cur.close()
+            return None
+        more = (bytes(r[0]) for r in cur)
+        return WalBatch(self, upto, first, more, changes or 1 << 62)
+
+    def _load_tables(self) -> None:
+        rows = self.conn.execute(TABLES).fetchall()
+        self.table_of_relid = {int(relid): int(table_id) for table_id, relid, _ in rows}
+        self.target_of_table = {int(table_id): str(target) for table_id, _, target in rows}
+
+    def table_of_layout_id(self, layout_id: int) -> int | None:
+        if layout_id not in self._table_of_layout:
+            row = self.conn.execute("SELECT spec, table_id FROM pgturso.layout WHERE id = %s", (layout_id,)).fetchone()
+            if row is None:
+                return None
+            self._layouts[layout_id] = TableLayout.from_spec(row[0])
+            self._table_of_layout[layout_id] = int(row[1])
+            if int(row[1]) not in self.target_of_table:
+                self._load_tables()
+        return self._table_of_layout[layout_id]
+
+    def positions(self, relation: Relation, layout_id: int) -> list[int]:
+        """Where each of the layout's columns is in the decoded relation's columns."""
+        key = (relation.relid, layout_id, tuple(relation.columns))
+        found = self._positions.get(key)
+        if found is None:
+            layout = self.layout(layout_id)
+            index = {name: i for i, name in enumerate(relation.columns)}
+            missing = [c.name for c in layout.columns if c.name not in index]
+            if missing:
+                raise SlotError(
+                    f"{layout.source_table}: the decoded rows have no column(s) {', '.join(missing)} of its layout "
+                    f"{layout_id} (columns {', '.join(relation.columns)}); generated columns are not decoded in "
+                    "Postgres 15: track this table with capture => 'trigger'")
+            found = self._positions[key] = [index[c.name] for c in layout.columns]
+        return found
+
+    def unchanged_values(self, layout_id: int, row: list[Any], old: list[Any] | None, positions: list[int],
+                         relation: Relation) -> list[Any]:
+        """An UPDATE that left a TOASTed value alone does not carry it: take it from the old row if the replica
+        identity sent it (FULL), else it is an error naming the fix."""
+        if old is not None and len(old) == len(relation.columns):
+            filled = [old[p] if v is UNCHANGED else v for v, p in zip(row, positions, strict=True)]
+            if not any(v is UNCHANGED for v in filled):
+                return filled
+        layout = self.layout(layout_id)
+        raise SlotError(f"{layout.source_table}: an UPDATE left a large (TOASTed) value unchanged, which logical "
+                        "decoding does not send")
+
+    def encode(self, layout_id: int, key_only: bool, values: list[Any], count: int) -> str:
+        """The rows' JSON arrays, joined by commas, encoded by Postgres as capture encodes them."""
+        sql = self._encoders.get((layout_id, key_only))
+        if sql is None:
+            sql = self._encoders[(layout_id, key_only)] = encode_rows_sql(self.layout(layout_id), key_only)
+        rows = self.conn.execute(sql, {"values": values, "count": count}).fetchall()
+        return ",".join(r[0] for r in rows)
+
+    # -- after delivery --------------------------------------------------------------------------------------
+
+    def remove_delivered(self, batch: WalBatch) -> None:  # type: ignore[override]
+        rows_per_table: dict[int, int] = {}
+        for layout_id, rows in batch.rows_per_layout.items():
+            table_id = self._table_of_layout.get(layout_id)
+            if table_id is not None:
+                rows_per_table[table_id] = rows_per_table.get(table_id, 0) + rows
+        self.conn.execute(RECORD_WAL_BATCH, {"ids": batch.outbox_ids, "transactions": batch.transactions,
+                                             "rows": batch.rows, "target": self.target,
+                                             "tables": list(rows_per_table),
+                                             "table_rows": list(rows_per_table.values())})
+
+    def mark_delivered(self, batch: WalBatch) -> None:  # type: ignore[override]
+        """Count the batch and delete its outbox rows, then move the slot past it (Turso has it)."""
+        with self.conn.transaction():
+            self.remove_delivered(batch)
+        self.advance(batch.upto)
+        self.layouts_in_force = batch.layouts
+
+    def skip(self, batch: WalBatch) -> None:
+        """A batch with nothing for this target: move the slot past it."""
+        if batch.outbox_ids:
+            with self.conn.transaction():
+                self.conn.execute(DELETE_OUTBOX_IDS, {"ids": batch.outbox_ids})
+        self.advance(batch.upto)
+        self.layouts_in_force = batch.layouts
+
+    def take_wake_locks(self) -> tuple[list[int], bool]:
+        return [], True  # no capture trigger to wake the worker: it watches the WAL instead
+
+    def any_pending(self) -> bool:
+        return False
+
+    def wal_position(self) -> int:
+        return lsn_to_int(str(self.conn.execute(FLUSH_LSN).fetchone()[0]))  # type: ignore[index]
+
+    def retained_bytes(self) -> int:
+        row = self.conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8 "
+                                "FROM pg_replication_slots WHERE slot_name = %s", (self.slot,)).fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+
+def _parse_marker(marker: str) -> dict[str, Any] | None:
+    """A marker written from a slot, or None (none yet, or one of trigger capture)."""
+    try:
+        parsed = json.loads(marker) if marker else None
+    except ValueError:
+        return None
+    if isinstance(parsed, dict) and "lsn" in parsed and "slot" in parsed:
+        return parsed
+    return None
