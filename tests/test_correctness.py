@@ -26,9 +26,9 @@ def rows(conn: psycopg.Connection[Any], sql: str) -> list[list[Any]]:
 
 @contextmanager
 def session(dsn: str, isolation: str | None = None) -> Iterator[psycopg.Connection[Any]]:
-    """Another client, autocommit; ``isolation`` becomes its default_transaction_isolation."""
-    options = f"-c default_transaction_isolation={isolation.replace(' ', '_')}" if isolation else ""
-    with psycopg.connect(dsn, autocommit=True, options=options.replace("_", "\\ ")) as conn:
+    """Another client, autocommit; ``isolation`` (e.g. 'repeatable read') is its default_transaction_isolation."""
+    options = "-c default_transaction_isolation=" + isolation.replace(" ", "\\ ") if isolation else ""
+    with psycopg.connect(dsn, autocommit=True, options=options) as conn:
         yield conn
 
 
@@ -119,3 +119,128 @@ def test_unique_columns_besides_the_key_never_stop_delivery(conn, dsn, turso: Tu
     # The unique index is on Turso for lookups, but plain: Postgres is the one that keeps it unique.
     assert turso.query("SELECT sql FROM sqlite_schema WHERE name = 's_u_key'") == [
         ['CREATE INDEX "s_u_key" ON "s" ("u")']]
+
+
+# -- 3. copies inside the caller's transaction, under REPEATABLE READ and SERIALIZABLE --------------------------
+
+SNAPSHOT_LEVELS = ["repeatable read", "serializable"]
+
+
+@pytest.mark.parametrize("isolation", SNAPSHOT_LEVELS)
+def test_track_table_in_an_old_snapshot_misses_no_writer(conn, dsn, turso: TursoServer, isolation):
+    """The statement's snapshot predates its lock wait: the writer's row is neither captured (no trigger yet)
+    nor in that snapshot. The copy is left to the worker's READ COMMITTED chunks."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("INSERT INTO t VALUES (1, 'before')")
+    with session(dsn) as writer, session(dsn, isolation) as tracker:
+        writer.execute("BEGIN")
+        writer.execute("INSERT INTO t VALUES (2, 'open while tracked')")
+        join = run_blocked(conn, tracker, "SELECT pgturso.track_table('t')")
+        writer.execute("COMMIT")
+        join()
+    drain(dsn, turso.url)
+    assert turso.query("SELECT id, v FROM t ORDER BY id") == rows(conn, "SELECT id, v FROM t ORDER BY id")
+
+
+@pytest.mark.parametrize("isolation", SNAPSHOT_LEVELS)
+def test_a_recopying_schema_change_in_an_old_snapshot_misses_no_writer(conn, dsn, turso: TursoServer, isolation):
+    """ADD COLUMN with a default re-copies the table (and a table that looks empty in the old snapshot is
+    re-copied too); so does a rewrite that changes values."""
+    for table in ("t", "e", "r"):
+        conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
+        conn.execute(f"SELECT pgturso.track_table('{table}')")
+    conn.execute("INSERT INTO t VALUES (1, 'before')")
+    conn.execute("INSERT INTO r VALUES (1, 'before')")
+    drain(dsn, turso.url)
+    with session(dsn) as writer, session(dsn, isolation) as ddl:
+        writer.execute("BEGIN")
+        for table in ("t", "e", "r"):
+            writer.execute(f"INSERT INTO {table} VALUES (2, 'open during ALTER')")
+        join = run_blocked(conn, ddl, "ALTER TABLE t ADD COLUMN c text DEFAULT 'x'; "
+                                      "ALTER TABLE e ADD COLUMN c text DEFAULT 'x'; "
+                                      "ALTER TABLE r ALTER COLUMN v TYPE text USING upper(v)")
+        writer.execute("COMMIT")
+        join()
+    drain(dsn, turso.url)
+    for table, columns in (("t", "id, v, c"), ("e", "id, v, c"), ("r", "id, v")):
+        assert turso.query(f"SELECT {columns} FROM {table} ORDER BY id") == rows(
+            conn, f"SELECT {columns} FROM {table} ORDER BY id")
+
+
+def _partitioned(conn: psycopg.Connection[Any]) -> None:
+    conn.execute("CREATE TABLE p (id int PRIMARY KEY, v text) PARTITION BY RANGE (id)")
+    conn.execute("CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (100)")
+    conn.execute("CREATE TABLE p2 (id int PRIMARY KEY, v text)")
+    conn.execute("INSERT INTO p VALUES (1, 'p1')")
+    conn.execute("INSERT INTO p2 VALUES (150, 'p2')")
+    conn.execute("SELECT pgturso.track_table('p')")
+
+
+@pytest.mark.parametrize("isolation", SNAPSHOT_LEVELS)
+def test_partitions_attached_detached_truncated_in_an_old_snapshot(conn, dsn, turso: TursoServer, isolation):
+    _partitioned(conn)
+    drain(dsn, turso.url)
+    # ATTACH: the worker copies the table in chunks (the old snapshot cannot see the writer's row).
+    with session(dsn) as writer, session(dsn, isolation) as ddl:
+        writer.execute("BEGIN")
+        writer.execute("INSERT INTO p2 VALUES (151, 'open during ATTACH')")
+        join = run_blocked(conn, ddl, "ALTER TABLE p ATTACH PARTITION p2 FOR VALUES FROM (100) TO (200)")
+        writer.execute("COMMIT")
+        join()
+    drain(dsn, turso.url)
+    assert turso.query("SELECT id, v FROM p ORDER BY id") == rows(conn, "SELECT id, v FROM p ORDER BY id")
+    # A partition created in the same transaction holds no one else's rows: no copy needed, none refused.
+    with session(dsn, isolation) as ddl:
+        ddl.execute("CREATE TABLE p3 PARTITION OF p FOR VALUES FROM (200) TO (300)")
+    # DETACH and TRUNCATE of a partition must read the keys leaving Turso: refused, with the fix named.
+    for n, statement in enumerate(("ALTER TABLE p DETACH PARTITION p2", "TRUNCATE p1")):
+        with session(dsn) as writer, session(dsn, isolation) as ddl:
+            writer.execute("BEGIN")
+            writer.execute("INSERT INTO p VALUES (%s, 'open'), (%s, 'open')", (152 + n, 2 + n))
+            join = run_blocked(conn, ddl, statement)
+            writer.execute("COMMIT")
+            with pytest.raises(psycopg.errors.RaiseException, match=f"cannot run in a {isolation.upper()}") as caught:
+                join()
+            assert "READ COMMITTED" in (caught.value.diag.message_hint or "")
+    with session(dsn, "read committed") as ddl:
+        ddl.execute("ALTER TABLE p DETACH PARTITION p2")
+        ddl.execute("TRUNCATE p1")
+    drain(dsn, turso.url)
+    assert turso.query("SELECT id, v FROM p ORDER BY id") == rows(conn, "SELECT id, v FROM p ORDER BY id")
+
+
+@pytest.mark.parametrize("isolation", SNAPSHOT_LEVELS)
+def test_materialized_view_copies_refuse_an_old_snapshot(conn, dsn, isolation):
+    """A materialized view cannot be copied in chunks: its copy and its REFRESH difference are refused."""
+    conn.execute("CREATE TABLE base (id int PRIMARY KEY)")
+    conn.execute("CREATE MATERIALIZED VIEW mv AS SELECT id FROM base")
+    conn.execute("CREATE UNIQUE INDEX mv_id ON mv (id)")
+    with session(dsn, isolation) as other:
+        with pytest.raises(psycopg.errors.RaiseException, match=r"track_table of table public\.mv"):
+            other.execute("SELECT pgturso.track_table('mv')")
+        conn.execute("SELECT pgturso.track_table('mv')")
+        for call in ("refresh_materialized_view", "resync_table"):
+            with pytest.raises(psycopg.errors.RaiseException, match=rf"{call} of table public\.mv cannot run"):
+                other.execute(f"SELECT pgturso.{call}('mv')")
+
+
+# -- 4. resync_table against open writers ---------------------------------------------------------------------
+
+
+def test_resync_table_waits_for_open_writers(conn, dsn, turso: TursoServer):
+    """A writer open when resync_table runs has an event id below the recreate's; unless resync waits for it,
+    the copy cannot see its row and the recreate wipes its upsert."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("INSERT INTO t SELECT g, 'row ' || g FROM generate_series(1, 5) g")
+    conn.execute("SELECT pgturso.track_table('t')")
+    drain(dsn, turso.url)
+    with session(dsn) as writer, session(dsn) as resync, session(dsn) as worker:
+        writer.execute("BEGIN")
+        writer.execute("INSERT INTO t VALUES (100, 'open during resync')")
+        join = run_blocked(conn, resync, "SELECT pgturso.resync_table('t')")
+        # A copy chunk as the worker runs it (its own READ COMMITTED transaction), before the writer commits.
+        worker.execute("SELECT pgturso._copy_chunk(id, 1000) FROM pgturso.tracked_table")
+        writer.execute("COMMIT")
+        join()
+    drain(dsn, turso.url)
+    assert turso.query("SELECT id, v FROM t ORDER BY id") == rows(conn, "SELECT id, v FROM t ORDER BY id")

@@ -44,6 +44,46 @@ SET search_path = pg_catalog, pg_temp
 AS $$ SELECT EXISTS (SELECT 1 FROM pg_constraint con WHERE con.conindid = index_id AND con.condeferrable) $$;
 COMMENT ON FUNCTION pgturso._is_deferrable IS 'Private: whether an index backs a DEFERRABLE constraint.';
 
+-- Reading a table's rows in the caller's transaction (a copy, or the keys a partition takes away) is right only
+-- in READ COMMITTED, where each statement sees what the lock it waited for protects. A REPEATABLE READ or
+-- SERIALIZABLE transaction took its snapshot when it began, maybe before the lock: rows committed in between
+-- would be missed on Turso. Paths that can hand the copy to the worker (pgturso._copy_chunk, READ COMMITTED)
+-- do so; the others call this to refuse.
+CREATE OR REPLACE FUNCTION pgturso._snapshot_is_current() RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT current_setting('transaction_isolation') = 'read committed' $$;
+COMMENT ON FUNCTION pgturso._snapshot_is_current IS
+    'Private: whether each statement of this transaction sees what committed before it (READ COMMITTED).';
+
+CREATE OR REPLACE FUNCTION pgturso._require_current_snapshot(operation text, rel regclass) RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT pgturso._snapshot_is_current() THEN
+        RAISE EXCEPTION 'pgturso: % of table % cannot run in a % transaction',
+                        operation, rel, upper(current_setting('transaction_isolation'))
+            USING DETAIL = 'pgturso must read the rows the table''s lock protects, and this transaction''s '
+                           'snapshot may be older than that lock: rows committed meanwhile would be wrong on Turso.',
+                  HINT = 'Run it in a READ COMMITTED transaction (BEGIN ISOLATION LEVEL READ COMMITTED; ...; '
+                         'COMMIT), or SET default_transaction_isolation = ''read committed'' for the session.';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION pgturso._require_current_snapshot IS
+    'Private: refuse an operation that reads a tracked table''s rows outside READ COMMITTED.';
+
+-- A materialized view read in this transaction must not be refreshed by another until this commits. LOCK TABLE
+-- refuses materialized views; ANALYZE takes SHARE UPDATE EXCLUSIVE, which REFRESH (ACCESS EXCLUSIVE) and
+-- REFRESH ... CONCURRENTLY (EXCLUSIVE) both wait for, and holds it to the end of the transaction.
+CREATE OR REPLACE FUNCTION pgturso._lock_materialized_view(rel regclass) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$ BEGIN EXECUTE format('ANALYZE %s', rel); END $$;
+COMMENT ON FUNCTION pgturso._lock_materialized_view IS
+    'Private: keep other REFRESHes of a materialized view out until this transaction ends.';
+
 -- The key a table replicates by: key_columns if given, else the primary key, else the unique index over NOT
 -- NULL columns with the fewest columns (materialized views: any unique index, NULLs allowed by Postgres).
 -- DEFERRABLE constraints never serve: a deferred uniqueness check lets a second writer of a key go on without
@@ -377,6 +417,8 @@ DECLARE
     v_layout_id integer;
     v_spec jsonb;
 BEGIN
+    -- TRUNCATE holds its lock already; the keys must be read in a snapshot taken after it.
+    PERFORM pgturso._require_current_snapshot('TRUNCATE of a partition', TG_RELID::regclass);
     SELECT l.id, l.spec INTO v_layout_id, v_spec FROM pgturso.layout l
     WHERE l.table_id = TG_ARGV[0]::integer ORDER BY l.id DESC LIMIT 1;
     EXECUTE pgturso._plan_rows(v_layout_id, v_spec, TG_RELID::regclass::text, 'D');
@@ -569,8 +611,12 @@ BEGIN
     -- Installing the capture triggers takes this lock anyway; writers wait only until this short
     -- transaction commits (the rows are copied afterwards, in chunks). A materialized view changes only by
     -- REFRESH, which pgturso follows from here on (see 30_*.sql).
+    -- A materialized view is copied right here: no REFRESH may commit until this does.
     IF v_kind <> 'm' THEN
         EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', rel);
+    ELSE
+        PERFORM pgturso._require_current_snapshot('track_table', rel);
+        PERFORM pgturso._lock_materialized_view(rel);
     END IF;
 
     IF track_table.columns IS NOT NULL THEN
@@ -653,9 +699,13 @@ BEGIN
     -- materialized view cannot lock rows and changes only by REFRESH: it is copied right here.
     INSERT INTO pgturso.outbox (layout_id, op, nrows) VALUES (v_layout_id, 'C', 0);
     -- A small table is copied here, under the lock this transaction holds anyway: it is on Turso as soon as
-    -- this commit is, and the worker has no copy to do.
-    EXECUTE format('SELECT count(*) FROM (SELECT 1 FROM %s LIMIT 10001) AS s', pgturso._row_source(rel))
-        INTO v_small;
+    -- this commit is, and the worker has no copy to do. Outside READ COMMITTED this transaction's snapshot
+    -- may predate the lock (a writer that committed while we waited would be missing): the worker copies.
+    v_small := NULL;
+    IF pgturso._snapshot_is_current() THEN
+        EXECUTE format('SELECT count(*) FROM (SELECT 1 FROM %s LIMIT 10001) AS s', pgturso._row_source(rel))
+            INTO v_small;
+    END IF;
     IF v_kind = 'm' OR v_small <= 10000 THEN
         EXECUTE v_plan ->> 'snapshot_sql';
         UPDATE pgturso.tracked_table t SET copy_rows_done = v_small, copy_rows_total = v_small,
@@ -703,9 +753,18 @@ BEGIN
         RAISE EXCEPTION 'pgturso: table % is not tracked', rel
             USING HINT = format('Track it: SELECT pgturso.track_table(%L).', rel::text);
     END IF;
+    -- Recreate the Turso table empty, in order with the changes before and after, then copy it again. The
+    -- lock (what track_table takes) waits for every open writer of the table: their events, drawn before
+    -- the recreate's, are then committed and visible to the copy, instead of landing before the recreate
+    -- and missing from the copy. Writers wait only for this short transaction.
+    IF v_kind = 'm' THEN
+        PERFORM pgturso._require_current_snapshot('resync_table', rel);
+        PERFORM pgturso._lock_materialized_view(rel);
+    ELSE
+        EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', rel);
+    END IF;
     SELECT l.id, l.spec INTO v_layout_id, v_spec FROM pgturso.layout l
     WHERE l.table_id = v_table_id ORDER BY l.id DESC LIMIT 1;
-    -- Recreate the Turso table empty, in order with the changes before and after, then copy it again.
     INSERT INTO pgturso.outbox (layout_id, op, nrows) VALUES (v_layout_id, 'C', 0);
     IF v_kind = 'm' THEN
         EXECUTE pgturso._plan_rows(v_layout_id, v_spec, pgturso._row_source(rel), 'U');
@@ -759,6 +818,10 @@ BEGIN
         RAISE EXCEPTION 'pgturso: % is not a tracked materialized view', rel
             USING HINT = format('Track it first: SELECT pgturso.track_table(%L).', rel::text);
     END IF;
+    -- The difference is taken against the contents before this REFRESH: no other REFRESH may commit between
+    -- reading them and refreshing, and they must be read in a snapshot taken after that lock.
+    PERFORM pgturso._require_current_snapshot('refresh_materialized_view', rel);
+    PERFORM pgturso._lock_materialized_view(rel);
     -- The event trigger leaves this REFRESH to the function, which sends the difference only.
     PERFORM set_config('pgturso.refreshing', rel::oid::text, true);
     EXECUTE format('SELECT pgturso.%I($1, $2)', pgturso._capture_function_name(v_table_id) || '_refresh')
@@ -775,6 +838,9 @@ REVOKE ALL ON FUNCTION pgturso._create_row_filter(regclass, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._row_filter(regclass, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._drop_row_filter(jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._capture_of(integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._snapshot_is_current() FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._lock_materialized_view(regclass) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._require_current_snapshot(text, regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.untrack_table(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.resync_table(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.refresh_materialized_view(regclass, boolean) FROM PUBLIC;

@@ -18,6 +18,7 @@ DECLARE
     v_plan jsonb;
     v_recopy boolean;
     v_part regclass;
+    v_copy_all boolean := false;
 BEGIN
     SELECT t.relid, t.options INTO v_rel, v_options FROM pgturso.tracked_table t WHERE t.id = table_id;
     SELECT l.id, l.spec INTO v_old_id, v_old_spec FROM pgturso.layout l
@@ -47,8 +48,12 @@ BEGIN
                SELECT 1 FROM pg_attribute a
                WHERE a.attrelid = v_rel AND a.attname::text IN (SELECT jsonb_array_elements_text(v_change -> 'added'))
                  AND (a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '')) THEN
-            -- Postgres filled the new columns of existing rows (a default): Turso cannot compute them.
-            EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s)', pgturso._row_source(v_rel)) INTO v_recopy;
+            -- Postgres filled the new columns of existing rows (a default): Turso cannot compute them. (Outside
+            -- READ COMMITTED an empty-looking table may hold rows committed since this snapshot: recopy.)
+            v_recopy := true;
+            IF pgturso._snapshot_is_current() THEN
+                EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s)', pgturso._row_source(v_rel)) INTO v_recopy;
+            END IF;
         END IF;
         INSERT INTO pgturso.layout (table_id, spec) VALUES (table_id, v_change -> 'spec') RETURNING id INTO v_new_id;
         v_plan := pgturso._plan_layout(v_new_id, pgturso._row_source(v_rel), v_desc.source_table,
@@ -57,8 +62,12 @@ BEGIN
                                        v_desc.row_filter);
         INSERT INTO pgturso.outbox (layout_id, op, nrows, payload)
         VALUES (v_new_id, 'A', 0, jsonb_build_object('from', v_old_id, 'recopy', v_recopy)::text);
-        IF v_recopy THEN
+        -- The DDL holds the table's lock; in READ COMMITTED this statement's snapshot is newer than that lock
+        -- and the rows are copied here. Otherwise the worker copies them in chunks after this commits.
+        IF v_recopy AND pgturso._snapshot_is_current() THEN
             EXECUTE v_plan ->> 'snapshot_sql';
+        ELSIF v_recopy THEN
+            v_copy_all := true;
         END IF;
         UPDATE pgturso.tracked_table t SET target_table = v_desc.target_table WHERE t.id = table_id;
         -- A chunked initial copy in progress resumes after a key of the old layout: after a recopy every row
@@ -85,6 +94,10 @@ BEGIN
                     AND g.tgfoid::regproc::text = 'pgturso.' || pgturso._capture_function_name(table_id)
                     AND NOT EXISTS (SELECT 1 FROM pg_partition_tree(v_rel) p WHERE p.relid = g.tgrelid)
     LOOP
+        -- The keys of the rows it takes away, read under a lock that waits for its writers (DETACH
+        -- CONCURRENTLY leaves them running) and in a snapshot taken after that lock.
+        PERFORM pgturso._require_current_snapshot('DETACH PARTITION ' || v_part::text, v_rel);
+        EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', v_part);
         EXECUTE pgturso._plan_rows(v_old_id, v_old_spec, v_part::text, 'D');
         EXECUTE format('DROP TRIGGER pgturso_capture_insert ON %1$s; DROP TRIGGER pgturso_capture_update ON %1$s; '
                        'DROP TRIGGER pgturso_capture_delete ON %1$s; DROP TRIGGER pgturso_capture_truncate ON %1$s',
@@ -101,8 +114,23 @@ BEGIN
                                            pgturso._capture_function_name(table_id), v_desc.indexes,
                                            v_desc.row_filter);
         END IF;
-        EXECUTE pgturso._plan_rows(v_old_id, v_old_spec, v_part::text, 'U');
+        -- Its rows, read here in READ COMMITTED (ATTACH holds the partition's lock), or when this transaction
+        -- created it (no one else wrote it: its ctid attribute row, which nothing alters, is ours); otherwise
+        -- the worker copies the whole table in chunks.
+        IF pgturso._snapshot_is_current()
+           OR (SELECT a.xmin FROM pg_attribute a WHERE a.attrelid = v_part AND a.attnum = -1)
+              = pg_current_xact_id()::xid THEN
+            EXECUTE pgturso._plan_rows(v_old_id, v_old_spec, v_part::text, 'U');
+        ELSE
+            v_copy_all := true;
+        END IF;
     END LOOP;
+    IF v_copy_all THEN
+        IF (SELECT c.relkind FROM pg_class c WHERE c.oid = v_rel) = 'm' THEN
+            PERFORM pgturso._require_current_snapshot('copying', v_rel);
+        END IF;
+        PERFORM pgturso._start_copy(table_id);
+    END IF;
     IF v_plan IS NOT NULL THEN
         PERFORM pgturso._install_capture(v_rel, table_id, v_plan);
         PERFORM pg_notify('pgturso', '');
@@ -127,10 +155,17 @@ BEGIN
     WHERE l.table_id = _recopy.table_id ORDER BY l.id DESC LIMIT 1;
     INSERT INTO pgturso.outbox (layout_id, op, nrows, payload)
     VALUES (v_layout_id, 'A', 0, jsonb_build_object('from', v_layout_id, 'recopy', true)::text);
-    EXECUTE pgturso._plan_rows(v_layout_id, v_spec, pgturso._row_source(v_rel), 'U');
-    -- Every row is queued now: a chunked initial copy still running has nothing left to do.
-    UPDATE pgturso.tracked_table t SET copy_state = 'done', copy_after = NULL, copy_finished_at = now()
-    WHERE t.id = table_id AND t.copy_state = 'copying';
+    -- A table (rewritten under its lock) is read here only in READ COMMITTED, where this statement's snapshot
+    -- is newer than the lock; otherwise the worker copies it in chunks (docs/design.md). A materialized view
+    -- comes here after a REFRESH by this very transaction, whose rows this snapshot sees.
+    IF pgturso._snapshot_is_current() OR (SELECT c.relkind FROM pg_class c WHERE c.oid = v_rel) = 'm' THEN
+        EXECUTE pgturso._plan_rows(v_layout_id, v_spec, pgturso._row_source(v_rel), 'U');
+        -- Every row is queued now: a chunked initial copy still running has nothing left to do.
+        UPDATE pgturso.tracked_table t SET copy_state = 'done', copy_after = NULL, copy_finished_at = now()
+        WHERE t.id = table_id AND t.copy_state = 'copying';
+    ELSE
+        PERFORM pgturso._start_copy(table_id);
+    END IF;
     PERFORM pg_notify('pgturso', '');
 END
 $$;
