@@ -167,6 +167,24 @@ def test_a_recopying_schema_change_in_an_old_snapshot_misses_no_writer(conn, dsn
             conn, f"SELECT {columns} FROM {table} ORDER BY id")
 
 
+def test_an_enum_change_recopies_after_open_writers(conn, dsn, turso: TursoServer):
+    """ALTER TYPE ... RENAME VALUE re-copies the tables holding the enum, but locks none of them: the recopy
+    must wait for their open writers, whose events come before its recreate."""
+    conn.execute("CREATE TYPE mood AS ENUM ('ok', 'sad')")
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, m mood)")
+    conn.execute("INSERT INTO t VALUES (1, 'ok')")
+    conn.execute("SELECT pgturso.track_table('t')")
+    drain(dsn, turso.url)
+    with session(dsn) as writer, session(dsn) as ddl:
+        writer.execute("BEGIN")
+        writer.execute("INSERT INTO t VALUES (2, 'sad')")
+        join = run_blocked(conn, ddl, "ALTER TYPE mood RENAME VALUE 'ok' TO 'fine'")
+        writer.execute("COMMIT")
+        join()
+    drain(dsn, turso.url)
+    assert turso.query("SELECT id, m FROM t ORDER BY id") == rows(conn, "SELECT id, m::text FROM t ORDER BY id")
+
+
 def _partitioned(conn: psycopg.Connection[Any]) -> None:
     conn.execute("CREATE TABLE p (id int PRIMARY KEY, v text) PARTITION BY RANGE (id)")
     conn.execute("CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (100)")

@@ -147,18 +147,25 @@ LANGUAGE plpgsql
 AS $$
 DECLARE
     v_rel regclass;
+    v_kind "char";
     v_layout_id integer;
     v_spec jsonb;
 BEGIN
     SELECT t.relid INTO v_rel FROM pgturso.tracked_table t WHERE t.id = table_id;
     SELECT l.id, l.spec INTO v_layout_id, v_spec FROM pgturso.layout l
     WHERE l.table_id = _recopy.table_id ORDER BY l.id DESC LIMIT 1;
+    SELECT c.relkind INTO v_kind FROM pg_class c WHERE c.oid = v_rel;
+    -- The recreate must come after the events of every writer still open (as in resync_table): a rewrite holds
+    -- the table's lock already, but ALTER TYPE on an enum it uses takes none.
+    IF v_kind <> 'm' THEN
+        EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', v_rel);
+    END IF;
     INSERT INTO pgturso.outbox (layout_id, op, nrows, payload)
     VALUES (v_layout_id, 'A', 0, jsonb_build_object('from', v_layout_id, 'recopy', true)::text);
-    -- A table (rewritten under its lock) is read here only in READ COMMITTED, where this statement's snapshot
-    -- is newer than the lock; otherwise the worker copies it in chunks (docs/design.md). A materialized view
-    -- comes here after a REFRESH by this very transaction, whose rows this snapshot sees.
-    IF pgturso._snapshot_is_current() OR (SELECT c.relkind FROM pg_class c WHERE c.oid = v_rel) = 'm' THEN
+    -- A materialized view comes here after its REFRESH by this transaction, whose rows any snapshot of it
+    -- sees; a table is read here only in READ COMMITTED, where this statement's snapshot is newer than the
+    -- lock, and otherwise copied by the worker in chunks (docs/design.md).
+    IF v_kind = 'm' OR pgturso._snapshot_is_current() THEN
         EXECUTE pgturso._plan_rows(v_layout_id, v_spec, pgturso._row_source(v_rel), 'U');
         -- Every row is queued now: a chunked initial copy still running has nothing left to do.
         UPDATE pgturso.tracked_table t SET copy_state = 'done', copy_after = NULL, copy_finished_at = now()
