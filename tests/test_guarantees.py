@@ -27,10 +27,26 @@ SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "0"))
 SEED = int(os.environ.get("PGTURSO_TEST_SEED", "20261125"))
 
 
-def test_convergence_under_concurrency(conn, dsn, turso: TursoServer):
+@pytest.fixture(params=["tursodb", "sqld-proxy"])
+def turso_url(request: pytest.FixtureRequest, turso: TursoServer, monkeypatch: pytest.MonkeyPatch):
+    """Where the worker delivers: tursodb itself, or the sqld-like proxy in front of it (Turso Cloud's signed
+    batons, closed and expiring streams, and the write lock that a stream of a killed worker holds until sqld
+    takes it away), so the same proofs cover Cloud's behaviour. Through the proxy, requests are small so that
+    deliveries span several requests of a stream, as large ones do on Cloud."""
+    if request.param == "tursodb":
+        yield turso.url
+        return
+    monkeypatch.setenv("PGTURSO_MAX_REQUEST_BYTES", "8000")
+    monkeypatch.setenv("PGTURSO_MAX_STATEMENT_BYTES", "4000")
+    with CloudProxy(turso.url, None, lock_timeout=2.0) as cloud:
+        yield cloud.url
+    assert any(body.get("baton") for body in cloud.requests), "deliveries spanned requests of a stream"
+
+
+def test_convergence_under_concurrency(conn, dsn, turso: TursoServer, turso_url: str):
     """8 sessions of random transactions on 3 tables while the worker runs; then Turso equals Postgres."""
     create_tables(conn)
-    worker = WorkerProcess(dsn, turso.url, "--idle-wait", "1").start()
+    worker = WorkerProcess(dsn, turso_url, "--idle-wait", "1").start()
     try:
         load = Workload(dsn, seed=SEED).run_for(SOAK_SECONDS or 8)
         assert not load.errors, load.errors[:5]
@@ -42,11 +58,11 @@ def test_convergence_under_concurrency(conn, dsn, turso: TursoServer):
         assert worker.stop() == 0
 
 
-def test_exactly_once_across_sigkill(conn, dsn, turso: TursoServer):
+def test_exactly_once_across_sigkill(conn, dsn, turso: TursoServer, turso_url: str):
     """SIGKILL the worker 20 times under load: nothing lost, no row written twice on Turso."""
     conn.execute("CREATE TABLE ledger (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, who int, amount int)")
     conn.execute("SELECT pgturso.track_table('ledger')")
-    drain(dsn, turso.url)
+    drain(dsn, turso_url)
     install_apply_counter(turso.url, "ledger")
     stop = threading.Event()
 
@@ -65,7 +81,7 @@ def test_exactly_once_across_sigkill(conn, dsn, turso: TursoServer):
     kills = 0
     try:
         while kills < 20:
-            worker = WorkerProcess(dsn, turso.url).start()
+            worker = WorkerProcess(dsn, turso_url).start()
             time.sleep(rng.uniform(0.3, 1.2))
             worker.kill()
             kills += 1
@@ -73,7 +89,7 @@ def test_exactly_once_across_sigkill(conn, dsn, turso: TursoServer):
         stop.set()
         for thread in writers:
             thread.join()
-    drain(dsn, turso.url)
+    drain(dsn, turso_url)
     total = conn.execute("SELECT count(*) FROM ledger").fetchone()[0]
     assert turso.query("SELECT count(*), count(DISTINCT id) FROM ledger") == [[total, total]]
     applied, distinct = turso.query("SELECT count(*), count(DISTINCT id) FROM applied")[0]
@@ -82,10 +98,10 @@ def test_exactly_once_across_sigkill(conn, dsn, turso: TursoServer):
     assert kills == 20
 
 
-def test_turso_outage_under_load(conn, dsn, turso: TursoServer):
+def test_turso_outage_under_load(conn, dsn, turso: TursoServer, turso_url: str):
     """Turso down 30 s under load: writes never fail, the worker backs off (capped, logged), then catches up."""
     create_tables(conn)
-    worker = WorkerProcess(dsn, turso.url, "--retry-max-delay", "4", "--idle-wait", "1").start()
+    worker = WorkerProcess(dsn, turso_url, "--retry-max-delay", "4", "--idle-wait", "1").start()
     load = Workload(dsn, seed=SEED + 1, sessions=3)
     threads = load.start()
     try:
