@@ -33,6 +33,41 @@ def second_turso():
     server.cleanup()
 
 
+# -- wait_for_sync -----------------------------------------------------------------------------------------
+
+
+def test_wait_for_sync_covers_pending_initial_copies_and_resyncs(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 30000) g")
+    worker = WorkerProcess(dsn, turso.url, "--idle-wait", "1", "--copy-chunk-rows", "1000").start()
+    try:
+        conn.execute("SELECT pgturso.track_table('t')")  # large: copied by the worker, in chunks
+        assert conn.execute("SELECT pgturso.wait_for_sync('120 s')").fetchone() == (True,)
+        assert turso.query("SELECT count(*) FROM t") == [[30000]]
+
+        conn.execute("SELECT pgturso.resync_table('t')")
+        conn.execute("UPDATE t SET v = 'mine' WHERE id = 1")
+        assert conn.execute("SELECT pgturso.wait_for_sync('120 s')").fetchone() == (True,)
+        assert turso.query("SELECT count(*) FROM t") == [[30000]]
+        assert turso.query("SELECT v FROM t WHERE id IN (1, 30000) ORDER BY id") == [["mine"], ["v30000"]]
+
+        # verify's re-check waits the same way: a copy in progress is not a difference.
+        conn.execute("SELECT pgturso.resync_table('t')")
+        checked = subprocess.run([*WORKER, "verify", "--dsn", dsn, "--url", turso.url, "--settle-timeout", "120"],
+                                 capture_output=True, text=True, timeout=300)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+    finally:
+        worker.stop()
+
+
+def test_wait_for_sync_without_a_worker_times_out_on_a_pending_copy(conn):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    conn.execute("INSERT INTO t SELECT generate_series(1, 20000)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("DELETE FROM pgturso.outbox")  # as if the create were delivered: only the copy is left
+    assert conn.execute("SELECT pgturso.wait_for_sync('0.3 s')").fetchone() == (False,)
+
+
 # -- verify ------------------------------------------------------------------------------------------------
 
 

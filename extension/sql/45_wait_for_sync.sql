@@ -9,6 +9,7 @@ DECLARE
     v_snapshot pg_snapshot := pg_current_snapshot();
     v_deadline timestamptz := clock_timestamp() + timeout;
     v_upto bigint;
+    v_copying integer[];
     v_pause float8 := 0.002;
     -- Wal targets: everything committed so far is below this position of the WAL; their slots pass it once
     -- Turso confirmed all of it (the worker advances a slot only then).
@@ -22,11 +23,26 @@ BEGIN
         RAISE EXCEPTION 'pgturso: wait_for_sync needs READ COMMITTED (it must see deliveries as they happen)'
             USING HINT = 'Call it outside an explicit REPEATABLE READ or SERIALIZABLE transaction.';
     END IF;
+    -- Rows of a chunked copy (track_table of a large table, resync_table) pending at the call were committed
+    -- before it too, but reach the outbox only chunk by chunk, later: wait for those copies to finish, then
+    -- for everything committed up to then (which holds their last chunks).
+    v_copying := ARRAY(SELECT t.id FROM pgturso.tracked_table t
+                       WHERE t.copy_state = 'copying' AND t.dropped_at IS NULL);
     SELECT max(id) INTO v_upto FROM pgturso.outbox;
     LOOP
-        -- Done when no event that was committed when we were called is still waiting for Turso.
-        IF NOT EXISTS (SELECT 1 FROM pgturso.outbox o
-                       WHERE o.id <= v_upto AND pg_visible_in_snapshot(o.txid, v_snapshot))
+        IF cardinality(v_copying) > 0 AND NOT EXISTS (
+               SELECT 1 FROM pgturso.tracked_table t
+               WHERE t.id = ANY (v_copying) AND t.copy_state = 'copying' AND t.dropped_at IS NULL) THEN
+            v_copying := '{}';
+            v_snapshot := pg_current_snapshot();
+            SELECT max(id) INTO v_upto FROM pgturso.outbox;
+            v_lsn := CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_insert_lsn() END;
+        END IF;
+        -- Done when no copy pending at the call is still running and no event that was committed when we
+        -- were called (or when those copies finished) is still waiting for Turso.
+        IF cardinality(v_copying) = 0
+           AND NOT EXISTS (SELECT 1 FROM pgturso.outbox o
+                           WHERE o.id <= v_upto AND pg_visible_in_snapshot(o.txid, v_snapshot))
            AND NOT EXISTS (SELECT 1 FROM pgturso.target g JOIN pg_replication_slots r
                                ON r.slot_name = pgturso._slot_name(g.name)
                            WHERE g.capture = 'wal' AND r.confirmed_flush_lsn < v_lsn
@@ -42,6 +58,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgturso.wait_for_sync IS
-    'Wait until every change committed before the call is on Turso; true when it is, false on timeout. '
-    'Call it after COMMIT, in READ COMMITTED. Any role may call it.';
+    'Wait until every change committed before the call is on Turso, including every row of the initial '
+    'copies and resyncs (track_table, resync_table) still running at the call; true when it is, false on '
+    'timeout (nothing is promised then). Call it after COMMIT, in READ COMMITTED. Any role may call it.';
 GRANT EXECUTE ON FUNCTION pgturso.wait_for_sync(interval) TO PUBLIC;
