@@ -68,6 +68,33 @@ def test_wait_for_sync_without_a_worker_times_out_on_a_pending_copy(conn):
     assert conn.execute("SELECT pgturso.wait_for_sync('0.3 s')").fetchone() == (False,)
 
 
+# -- pgturso.sync() inside a transaction -----------------------------------------------------------------------
+
+
+def test_sync_in_a_transaction_holding_a_table_being_copied_leaves_the_copy(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 20000) g")
+    conn.execute("SELECT pgturso.track_table('t')")  # large: a chunked copy is pending
+    dbname = conn.info.dbname
+    # A copy chunk waiting for the caller's row lock would wait forever (the caller waits for sync()):
+    # bound it, so that the failure this test guards against shows as an error, not a hang.
+    conn.execute(f"ALTER DATABASE {dbname} SET lock_timeout = '10s'")
+    try:
+        with conn.transaction():
+            conn.execute("UPDATE t SET v = 'mine' WHERE id = 1")
+            conn.execute("SET LOCAL client_min_messages = notice")
+            notices: list[str] = []
+            conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+            conn.execute("SELECT pgturso.sync(url => %s)", (turso.url,))
+        assert any("copy of public.t" in n and "after COMMIT" in n for n in notices), notices
+        assert turso.query("SELECT count(*) FROM t") == [[0]]  # created, its copy left for a later pass
+        conn.execute("SELECT pgturso.sync(url => %s)", (turso.url,))
+        assert turso.query("SELECT count(*) FROM t") == [[20000]]
+        assert turso.query("SELECT v FROM t WHERE id = 1") == [["mine"]]
+    finally:
+        conn.execute(f"ALTER DATABASE {dbname} RESET lock_timeout")
+
+
 # -- verify ------------------------------------------------------------------------------------------------
 
 

@@ -40,6 +40,24 @@ def own_dsn(plpy: Any) -> str:
                     for k, v in parts.items())
 
 
+# Tables of the target being copied on which this backend holds more than the ACCESS SHARE lock a read takes
+# (a write, SELECT FOR UPDATE/SHARE, LOCK TABLE): a copy chunk's FOR SHARE would wait for this transaction.
+LOCKED_COPIES = """
+    SELECT string_agg(DISTINCT t.relid::regclass::text, ', ') AS tables
+    FROM pgturso.tracked_table t
+    WHERE t.target = $1 AND t.copy_state = 'copying' AND t.dropped_at IS NULL
+      AND EXISTS (SELECT 1 FROM pg_catalog.pg_locks l
+                  WHERE l.pid = pg_catalog.pg_backend_pid() AND l.mode <> 'AccessShareLock'
+                    AND l.relation IN (SELECT t.relid UNION SELECT relid FROM pg_catalog.pg_partition_tree(t.relid)))
+"""
+
+
+def tables_being_copied_and_locked(plpy: Any, target: str) -> str | None:
+    """The target's tables with a copy pending that this transaction holds a lock on (see LOCKED_COPIES)."""
+    rows = plpy.execute(plpy.prepare(LOCKED_COPIES, ["text"]), [target])
+    return rows[0]["tables"] if rows else None
+
+
 def sync(plpy: Any, dsn: str | None = None, url: str | None = None, target: str | None = None) -> int:
     """Deliver what is committed; returns the number of outbox events delivered (0 if another worker runs)."""
     names = POSTGRESQL_CONF_NAMES
@@ -55,6 +73,13 @@ def sync(plpy: Any, dsn: str | None = None, url: str | None = None, target: str 
     try:
         worker = Worker(dsn or own_dsn(plpy), settings)
         worker.read_ahead = False  # no threads inside a Postgres backend
+        held = tables_being_copied_and_locked(plpy, settings.target)
+        if held:
+            # The pass runs on another connection, and this backend waits for it: a copy chunk (which locks
+            # its rows FOR SHARE) would wait for this transaction's locks forever, an undetectable deadlock.
+            worker.copy_enabled = False
+            plpy.notice(f"pgturso: the copy of {held} is left for a later pass: this transaction holds a lock on "
+                        "it that the copy would wait for; call pgturso.sync() after COMMIT to copy it")
         code = worker.run(once=True)
     finally:
         logger.removeHandler(handler)

@@ -104,6 +104,9 @@ class Worker:
         self.last_marker = ""  # the progress marker last read from or written to the target (its fence)
         self._copy_checked = 0.0
         self._copying = False  # an initial copy is in progress: more batches are coming
+        # Off for pgturso.sync() inside a transaction that holds a table being copied: a chunk would wait for
+        # the caller's locks while the caller waits for the pass (in_database.py).
+        self.copy_enabled = True
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self.metrics = Metrics()
         self.events_delivered = 0
@@ -230,6 +233,8 @@ class Worker:
         """Queue one chunk of a pending initial copy; False when no copy is pending (or, unless ``look``, none
         was found a moment ago)."""
         assert self.outbox is not None
+        if not self.copy_enabled:
+            return False
         now = time.monotonic()
         if not look and now - self._copy_checked < COPY_CHECK_SECONDS:
             return False
