@@ -12,6 +12,9 @@ PG_CONFIG   ?= /usr/lib/postgresql/15/bin/pg_config
 DATA_built   = $(EXTENSION)--$(EXTVERSION).sql \
                $(foreach v,$(OLD_VERSIONS),$(EXTENSION)--$(v).sql $(EXTENSION)--$(v)--$(EXTVERSION).sql)
 EXTRA_CLEAN  = $(DATA_built)
+# pgturso.so: the background workers that run the Python worker (shared_preload_libraries = 'pgturso').
+# Built in its own directory: a pgturso.so at the top would shadow the package for `python -m pgturso` here.
+MODULES      = extension/supervisor/pgturso
 
 SQL_SOURCES  = $(sort $(wildcard extension/sql/*.sql))
 PY_SOURCES   = $(wildcard worker/pgturso/*.py)
@@ -20,6 +23,11 @@ PGXS := $(shell $(PG_CONFIG) --pgxs 2>/dev/null)
 ifneq ($(wildcard $(PGXS)),)
 include $(PGXS)
 PYTHON_DIR = $(datadir)/extension/pgturso_python
+# A relocated copy of a packaged server (pg_config moved elsewhere) has no headers of its own: use the
+# package's, which belong to the same server.
+ifeq ($(wildcard $(includedir_server)/postgres.h),)
+override CPPFLAGS += -I/usr/include/postgresql/$(MAJORVERSION)/server
+endif
 else
 # No server development files yet: `make deps` installs them; `make test` and `make demo` do it for you.
 PYTHON_DIR = /usr/share/postgresql/15/extension/pgturso_python

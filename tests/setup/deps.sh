@@ -3,8 +3,10 @@
 set -euo pipefail
 need=()
 # python3-psycopg and python3-requests: for pgturso.sync(), which runs the worker inside the server.
+# postgresql-15-cron: pg_cron, which schedules pgturso.sync() (tested).
 # postgresql-15-pgq3: PgQ, a baseline the benchmark (and its quick run in the tests) measures against.
 for pkg in postgresql-15 postgresql-plpython3-15 postgresql-server-dev-15 python3-venv python3-psycopg \
+           postgresql-15-cron \
            python3-requests postgresql-15-pgq3 nodejs npm; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done

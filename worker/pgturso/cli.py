@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import psycopg
 
-from . import __version__, logs
+from . import __version__, background, logs
 from .errors import ConfigError, PgTursoError, RetriesExhausted
 from .retry import backoff_delay
 from .settings import POSTGRESQL_CONF_NAMES, POSTGRESQL_CONF_QUERY, SETTINGS, Settings, resolve
@@ -123,6 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags = {s.name: getattr(args, s.name) for s in SETTINGS}
     logs.setup(flags.get("log_level") or os.environ.get("PGTURSO_LOG_LEVEL") or "info",  # type: ignore[arg-type]
                flags.get("log_format") or os.environ.get("PGTURSO_LOG_FORMAT") or "text")  # type: ignore[arg-type]
+    if args.command == "run" and background.started_by_postgres():
+        target = flags.get("target") or os.environ.get("PGTURSO_TARGET") or "default"
+        if not background.wait_until_ready(args.dsn, str(target)):
+            return 0
     try:
         if args.command == "run":
             settings = load_settings_waiting(args.dsn, flags, args.once)
@@ -142,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "verify":
         return _verify(args, settings)
     worker = Worker(args.dsn, settings)
+    worker.reload_settings = lambda: load_settings(args.dsn, flags)
     worker.install_signal_handlers()
     return worker.run(once=args.once)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Any
 
 from .settings import POSTGRESQL_CONF_NAMES, resolve
@@ -73,6 +74,7 @@ def sync(plpy: Any, dsn: str | None = None, url: str | None = None, target: str 
     try:
         worker = Worker(dsn or own_dsn(plpy), settings)
         worker.read_ahead = False  # no threads inside a Postgres backend
+        worker.identity = f"pgturso.sync() in backend {os.getpid()} on {socket.gethostname()}"
         held = tables_being_copied_and_locked(plpy, settings.target)
         if held:
             # The pass runs on another connection, and this backend waits for it: a copy chunk (which locks

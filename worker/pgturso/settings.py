@@ -183,6 +183,30 @@ def resolve(
     return Settings(**{k: v for k, v in values.items() if k in names}, sources=sources)
 
 
+@dataclass(frozen=True)
+class ServerSetting:
+    """A setting of the background workers, defined by pgturso.so (extension/supervisor/pgturso.c) and read by
+    Postgres, not by the Python worker; tests/test_background_worker.py checks that the two agree."""
+
+    name: str
+    default: str
+    reload: bool  # False: a restart applies it
+    help: str
+
+
+SERVER_SETTINGS: tuple[ServerSetting, ...] = (
+    ServerSetting("database", "", False, "comma-separated: `db` (its default target) or `db/target` (a named "
+                  "target); one background worker each; empty: none"),
+    ServerSetting("enabled", "on", True, "off stops the background workers' Python processes until it is on again"),
+    ServerSetting("python", "/usr/bin/python3", True, "the interpreter (and so the psycopg, requests, pyturso) "
+                  "the background workers run; the pgturso package comes from the extension's directory"),
+    ServerSetting("role", "", True, "role the background workers connect as; empty: the server's operating "
+                  "system user"),
+    ServerSetting("restart_delay", "5", True, "seconds before a background worker starts its Python process "
+                  "again after it ended"),
+)
+
+
 # Placeholder settings (no module defines pgturso.*) are not listed in pg_settings: ask for each by name.
 POSTGRESQL_CONF_QUERY = "SELECT name, current_setting(name, true) FROM unnest(%(names)s::text[]) AS name"
 POSTGRESQL_CONF_NAMES = [s.guc for s in SETTINGS if s.in_postgresql_conf]
@@ -201,5 +225,15 @@ def markdown_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def server_markdown_table() -> str:
+    """The background workers' settings as the second table in docs/configuration.md."""
+    lines = ["| postgresql.conf | default | applied by | meaning |", "| --- | --- | --- | --- |"]
+    for s in SERVER_SETTINGS:
+        default = f"`{s.default}`" if s.default else "—"
+        lines.append(f"| `pgturso.{s.name}` | {default} | {'reload' if s.reload else 'restart'} | {s.help} |")
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
-    print(markdown_table(), end="")
+    print(markdown_table())
+    print(server_markdown_table(), end="")

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import socket
 import sys
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import psycopg
@@ -28,6 +29,7 @@ from .errors import (
     TursoUnavailable,
 )
 from .logs import Progress, event
+from .logs import setup as setup_logs
 from .metrics import Metrics
 from .outbox import Batch, Outbox
 from .pipeline import InFlight, Sender, prepare, send_batch
@@ -62,6 +64,15 @@ class TransactionTooSlow(TursoUnavailable):
     """One source transaction cannot be applied within Turso's write-lock window while other clients write."""
 
 
+def deliverer_identity() -> str:
+    """Who delivers, as pgturso.status shows it: a background worker of the server, or a separate process."""
+    host, pid = socket.gethostname(), os.getpid()
+    background = os.environ.get("PGTURSO_BACKGROUND_WORKER")
+    if background:
+        return f"background worker {background} on {host} (Python pid {pid})"
+    return f"pgturso-worker on {host} (pid {pid})"
+
+
 def target_endpoint(conn: psycopg.Connection[Any], settings: Settings) -> tuple[str, str | None]:
     """URL and token of the configured target: flags and environment first, then pgturso.url (the default
     target only), then the target's row in pgturso.target (which only the extension owner can read)."""
@@ -80,6 +91,20 @@ def target_endpoint(conn: psycopg.Connection[Any], settings: Settings) -> tuple[
     if url is None:
         raise ConfigError(f"target {name!r} has no URL: pass --url or set it with pgturso.add_target")
     return url, settings.token() or row_token
+
+
+def _notified(conn: psycopg.Connection[Any], timeout: float) -> bool:
+    """Whether a NOTIFY arrived on the idle LISTEN connection within ``timeout`` seconds. Written against
+    libpq directly: Debian 12's python3-psycopg (3.1), which the background worker runs with, has no
+    ``notifies(timeout=…)``."""
+    ready, _, _ = select.select([conn.fileno()], [], [], timeout)
+    if not ready:
+        return False
+    conn.pgconn.consume_input()  # raises OperationalError if the connection is gone
+    arrived = False
+    while conn.pgconn.notifies() is not None:
+        arrived = True
+    return arrived
 
 
 class Worker:
@@ -107,7 +132,10 @@ class Worker:
         # Off for pgturso.sync() inside a transaction that holds a table being copied: a chunk would wait for
         # the caller's locks while the caller waits for the pass (in_database.py).
         self.copy_enabled = True
-        self.identity = f"{socket.gethostname()}:{os.getpid()}"
+        self.identity = deliverer_identity()
+        # pg_reload_conf() reaches a background worker's Python process as SIGHUP: read the settings again.
+        self.reload_settings: Callable[[], Settings] | None = None
+        self.reload_requested = False
         self.metrics = Metrics()
         self.events_delivered = 0
         self._copy_bars: dict[str, Progress] = {}
@@ -129,8 +157,33 @@ class Worker:
             event(log, logging.INFO, "stopping", signal=signal.Signals(signum).name)
             self.stopping = True
 
+        def reload(_signum: int, _frame: Any) -> None:
+            self.reload_requested = True
+
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+        if self.reload_settings is not None:
+            signal.signal(signal.SIGHUP, reload)
+
+    def _reload(self) -> None:
+        """Apply settings changed by a reload: the log level and format at once; any other change by
+        stopping, so that the background worker starts this process again with them."""
+        self.reload_requested = False
+        if self.reload_settings is None:
+            return
+        try:
+            settings = self.reload_settings()
+        except (ConfigError, psycopg.Error) as exc:
+            event(log, logging.ERROR, "reload_failed", error=str(exc).strip(), keeping="the current settings")
+            return
+        changed = sorted(name for name in settings.sources
+                         if getattr(settings, name) != getattr(self.settings, name))
+        event(log, logging.INFO, "reloaded", changed=",".join(changed) or "-")
+        setup_logs(settings.log_level, settings.log_format)
+        self.settings = settings
+        if set(changed) - {"log_level", "log_format"}:
+            event(log, logging.INFO, "stopping", reason="settings changed; the background worker restarts me")
+            self.stopping = True
 
     def _connect(self) -> None:
         if self.conn is not None and not self.conn.closed:
@@ -446,8 +499,8 @@ class Worker:
             if self.outbox.any_pending():  # committed before we held the locks, without a NOTIFY
                 return
             deadline = time.monotonic() + self.settings.idle_wait
-            while not self.stopping and time.monotonic() < deadline:
-                for _ in self.listen_conn.notifies(timeout=min(1.0, self.settings.idle_wait), stop_after=1):
+            while not (self.stopping or self.reload_requested) and time.monotonic() < deadline:
+                if _notified(self.listen_conn, min(1.0, self.settings.idle_wait)):
                     return
         finally:
             self.outbox.release_wake_locks(held)
@@ -487,6 +540,9 @@ class Worker:
             event(log, logging.INFO, "metrics", listen=f"{self.settings.metrics_host}:{port}")
         try:
             while not self.stopping:
+                if self.reload_requested:
+                    self._reload()
+                    continue
                 try:
                     self._connect()
                     if not self._acquire_lock(once):
