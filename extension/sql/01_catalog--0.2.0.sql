@@ -37,3 +37,19 @@ SET LOCAL client_min_messages = error;  -- "wal_level is insufficient" is expect
 CREATE PUBLICATION pgturso_outbox FOR TABLE pgturso.outbox WITH (publish = 'insert');
 CREATE PUBLICATION pgturso_tables WITH (publish = 'insert, update, delete', publish_via_partition_root = true);
 RESET client_min_messages;
+
+-- pg_dump / pg_restore: dump what the extension's tables hold (an extension's tables are otherwise not
+-- dumped: a restore would lose what is tracked and every undelivered change). The rows that CREATE EXTENSION
+-- inserts itself are left out, or the restore would insert them twice. pgturso.instance is not dumped: a
+-- restored database is a new source on Turso (docs/design.md, "Backups").
+SELECT pg_catalog.pg_extension_config_dump('pgturso.target', 'WHERE name <> ''default''');
+SELECT pg_catalog.pg_extension_config_dump('pgturso.tracked_table', '');
+SELECT pg_catalog.pg_extension_config_dump('pgturso.layout', '');
+SELECT pg_catalog.pg_extension_config_dump('pgturso.outbox', '');
+SELECT pg_catalog.pg_extension_config_dump('pgturso.delivery_state', 'WHERE target <> ''default''');
+SELECT pg_catalog.pg_extension_config_dump('pgturso.table_state', '');
+SELECT pg_catalog.pg_extension_config_dump('pgturso.skipped_transaction', '');
+-- Their identity sequences too: outbox ids order delivery, and a restored outbox must carry on above them.
+SELECT pg_catalog.pg_extension_config_dump('pgturso.tracked_table_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('pgturso.layout_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('pgturso.outbox_id_seq', '');
