@@ -277,3 +277,41 @@ def test_pg_cron_schedules_pgturso_sync(clusters, turso: TursoServer):
     assert sql("SELECT count(*) FROM pgturso.outbox", "app") == [(0,)]
     deliverer = sql("SELECT DISTINCT worker FROM pgturso.status", "app")[0][0]
     assert deliverer.startswith("pgturso.sync() in backend"), deliverer
+
+
+def test_a_wal_captured_target_is_delivered_by_the_background_worker(clusters, turso: TursoServer):
+    cluster = start(clusters, "app", turso.url, wal_level="logical")
+    cluster.sql("CREATE DATABASE app")
+    cluster.sql("CREATE EXTENSION pgturso CASCADE", "app")
+    cluster.sql("UPDATE pgturso.target SET capture = 'wal'", "app")
+    cluster.sql("CREATE TABLE t (id int PRIMARY KEY, v text)", "app")
+    cluster.sql("SELECT pgturso.track_table('t')", "app")
+    insert_and_wait(cluster, turso, range(1, 51))
+    cluster.sql("UPDATE t SET v = 'changed' WHERE id <= 5", "app")
+    wait_until(lambda: turso.query("SELECT count(*) FROM t WHERE v = 'changed'") == [[5]], 60, "the update")
+
+
+def test_workers_start_on_promotion_not_on_a_standby(clusters, turso: TursoServer):
+    primary = start(clusters, "app", turso.url, wal_level="replica", max_wal_senders="4", hot_standby="on")
+    create_app(primary)
+    insert_and_wait(primary, turso, range(1, 11))
+    standby_dir = primary.base / "standby"
+    subprocess.run(_as_postgres([str(PG_BIN / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(primary.port),
+                                 "-U", primary.user, "-D", str(standby_dir), "-R", "-X", "stream"]),
+                   check=True, capture_output=True)
+    standby = PreloadCluster("app", turso.url)
+    standby.base, standby.datadir, standby.logfile = primary.base, standby_dir, primary.base / "standby.log"
+    with open(standby_dir / "postgresql.conf", "a") as conf:
+        conf.write(f"port = {standby.port}\n")
+    try:
+        standby.pg_ctl("start", "-w", "-l", str(standby.logfile))
+        primary.pg_ctl("stop", "-m", "fast", "-w")  # this primary's worker is gone; changes wait in the outbox
+        # While in recovery: no worker (the standby is read-only, and the primary's worker delivers).
+        standby.sql("SELECT pg_sleep(2)")
+        assert standby.sql(WORKERS_QUERY) == []
+        assert "started the Python worker" not in standby.log()
+        standby.pg_ctl("promote", "-w")
+        wait_until(lambda: standby.python_pids(), 30, "the worker to start after promotion")
+        insert_and_wait(standby, turso, range(11, 31))
+    finally:
+        standby.pg_ctl("stop", "-m", "immediate", "-w")

@@ -509,10 +509,10 @@ class Worker:
         """Sleep until the WAL moves past what the slot was last read up to (or a NOTIFY, or idle_wait)."""
         assert self.listen_conn is not None
         deadline = time.monotonic() + self.settings.idle_wait
-        while not self.stopping and time.monotonic() < deadline:
+        while not (self.stopping or self.reload_requested) and time.monotonic() < deadline:
             if source.wal_position() > source.seen_upto:
                 return
-            for _ in self.listen_conn.notifies(timeout=WAL_POLL_SECONDS, stop_after=1):
+            if _notified(self.listen_conn, WAL_POLL_SECONDS):
                 return
 
     def _record(self, status: str, error: str | None = None, **fields: Any) -> None:
