@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import psycopg
@@ -35,7 +36,11 @@ def test_dump_and_restore_keeps_what_is_tracked_and_every_undelivered_change(pg_
     restored_dsn = pg_cluster.dsn("restored")
     result = subprocess.run([str(PG_BIN / "pg_restore"), "-d", restored_dsn, str(dump)], capture_output=True,
                             text=True)
-    assert result.returncode == 0, result.stderr
+    # The only errors: the publications for capture => 'wal', which CREATE EXTENSION made already (a
+    # publication cannot be an extension member, so pg_dump dumps them too). Known; see README "Backups".
+    errors = re.findall(r"ERROR:  (.*)", result.stderr)
+    assert errors == ['publication "pgturso_outbox" already exists',
+                      'publication "pgturso_tables" already exists'], result.stderr
 
     with psycopg.connect(restored_dsn, autocommit=True) as restored:
         assert pending(restored) == waiting
