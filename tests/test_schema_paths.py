@@ -214,3 +214,31 @@ def test_disabled_capture_shows_in_status_and_resync_repairs(conn, dsn, turso: T
     conn.execute("SELECT pgturso.resync_table('d')")
     drain(dsn, turso.url)
     assert turso.query("SELECT * FROM d ORDER BY id") == pg_rows(conn, "SELECT * FROM d ORDER BY id")
+
+
+# ------------------------------------------------------------------------------------ the last line of defence
+
+
+def test_a_stale_capture_function_never_breaks_a_write(conn, dsn, turso: TursoServer):
+    """DDL that pgturso did not see (its event triggers disabled, or session_replication_role = replica):
+    the application's writes still succeed, and Turso still ends up equal (the table is followed and recopied,
+    with a WARNING), rather than the write failing on a column that is gone."""
+    conn.execute("CREATE TABLE w (id int PRIMARY KEY, v text, x int, n int)")
+    conn.execute("INSERT INTO w VALUES (1, 'one', 1, 1), (2, 'two', 2, 2)")
+    conn.execute("SELECT pgturso.track_table('w')")
+    for trigger in ("pgturso_ddl_command_end", "pgturso_sql_drop", "pgturso_table_rewrite"):
+        conn.execute(f"ALTER EVENT TRIGGER {trigger} DISABLE")
+    conn.execute("ALTER TABLE w RENAME COLUMN v TO vv")
+    conn.execute("ALTER TABLE w DROP COLUMN x")
+    conn.execute("ALTER TABLE w ALTER COLUMN n TYPE text USING 'n' || n")
+    for trigger in ("pgturso_ddl_command_end", "pgturso_sql_drop", "pgturso_table_rewrite"):
+        conn.execute(f"ALTER EVENT TRIGGER {trigger} ENABLE")
+    notices: list[str] = []
+    conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+    conn.execute("INSERT INTO w VALUES (3, 'three', 'n3')")
+    assert any("recopies" in n for n in notices), notices
+    conn.execute("UPDATE w SET vv = 'ONE' WHERE id = 1")
+    conn.execute("DELETE FROM w WHERE id = 2")
+    drain(dsn, turso.url)
+    assert turso_columns(turso, "w") == ["id", "vv", "n"]
+    assert turso.query("SELECT * FROM w ORDER BY id") == pg_rows(conn, "SELECT * FROM w ORDER BY id")

@@ -111,7 +111,7 @@ def test_capture_function_sql_header() -> None:
     assert second.startswith("LANGUAGE plpgsql SECURITY DEFINER SET ")
     # DOCS (int4, bytea, jsonb): no value's form depends on a session setting, so only search_path is pinned.
     assert second == "LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp"
-    assert rest.startswith("\nBEGIN\n")
+    assert rest.startswith("\nDECLARE\n")
 
 
 @pytest.mark.parametrize(
@@ -142,30 +142,35 @@ def test_capture_function_sql_has_all_four_branches() -> None:
     sql = capture_function_sql(DOCS, 12, "capture_12", 12)
     tag, body = _function_body(sql)
     assert tag == "$pgturso0$"
-    upsert_new = pack_sql(12, "U", row_json_sql(DOCS, "src"), "new_rows")
-    delete_old = pack_sql(12, "D", row_json_sql(DOCS, "src", key_only=True), "old_rows")
+    row, key = row_json_sql(DOCS, "src"), row_json_sql(DOCS, "src", key_only=True)
     moved = (
         '(SELECT o.* FROM old_rows AS o WHERE NOT EXISTS (SELECT 1 FROM new_rows AS n WHERE n."Ver" = o."Ver" '
         'AND n."id" = o."id"))'
     )
-    delete_moved = pack_sql(12, "D", row_json_sql(DOCS, "src", key_only=True), moved)
     truncate = "INSERT INTO pgturso.outbox (layout_id, op, nrows) VALUES (12, 'T', 0)"
+    truncate_at = body.index("IF TG_OP = 'TRUNCATE' THEN")
     insert_at = body.index("IF TG_OP = 'INSERT' THEN")
     update_at = body.index("ELSIF TG_OP = 'UPDATE' THEN")
-    delete_at = body.index("ELSIF TG_OP = 'DELETE' THEN")
-    else_at = body.index("\n  ELSE\n")
-    end_at = body.index("\n  END IF;")
-    assert insert_at < update_at < delete_at < else_at < end_at
+    delete_at = body.index("\n      ELSE\n", update_at)
+    handler_at = body.index("EXCEPTION WHEN OTHERS THEN")
+    write_at = body.index("INSERT INTO pgturso.outbox (layout_id, op, nrows, payload)")
+    assert truncate_at < insert_at < update_at < delete_at < handler_at < write_at
+    assert truncate + ";" in body[truncate_at:insert_at]
+    # Packing only reads (no outbox write inside the exception block, so its subtransaction takes no xid).
+    assert "INSERT INTO" not in body[insert_at:handler_at] and "pgturso.outbox" not in body[insert_at:handler_at]
     # Statements of up to CHUNK_ROWS rows take one event; larger ones are packed in chunks.
-    small_insert = "SELECT 12, 'U', count(*), string_agg(" + row_json_sql(DOCS, "src") + ", ',') FROM new_rows AS src"
-    assert body[insert_at:update_at].count(upsert_new + ";") == 1
+    small_insert = f"SELECT count(*), string_agg({row}, ',') INTO v_count, v_payload FROM new_rows AS src"
     assert small_insert in body[insert_at:update_at]
+    chunked = f"SELECT {row} AS row_json, (row_number() OVER () - 1) / 1000 AS chunk FROM new_rows"
+    assert chunked in body[insert_at:update_at]
     update_branch = body[update_at:delete_at]
     # Keys moved away by the UPDATE are deleted before the new rows are written.
-    assert update_branch.index(delete_moved + ";") < update_branch.index(upsert_new + ";")
-    assert delete_old + ";" in body[delete_at:else_at]
-    assert truncate + ";" in body[else_at:end_at]
-    assert body.index("PERFORM pg_notify('pgturso', '');") > end_at
+    moved_at = update_branch.index(f"SELECT {key} AS row_json, (row_number() OVER () - 1) / 1000 AS chunk FROM {moved}")
+    assert moved_at < update_branch.index(small_insert)
+    assert f"string_agg({key}, ',') INTO v_count, v_payload FROM old_rows AS src" in body[delete_at:handler_at]
+    assert "pgturso._capture_failed(12, TG_RELID, SQLSTATE, SQLERRM)" in body[handler_at:write_at]
+    assert "FROM unnest(v_ops, v_counts, v_payloads)" in body[write_at:]
+    assert body.index("PERFORM pg_notify('pgturso', '');") > write_at
     assert body.rstrip().endswith("RETURN NULL;\nEND")
 
 

@@ -178,6 +178,28 @@ END
 $$;
 COMMENT ON FUNCTION pgturso._recopy IS 'Private: recreate a tracked relation on Turso and send all its rows again.';
 
+-- The last line of defence of a write: a capture function whose layout no longer matches its table (DDL that
+-- pgturso's event triggers did not see: ALTER EVENT TRIGGER ... DISABLE, session_replication_role = replica)
+-- fails to pack the rows. The write must not fail, and the change must not be lost: follow the schema as the
+-- event trigger would have, and send the table afresh (the statement's own changes are in the table by now).
+-- If that fails too, its error fails the write: nothing is ever dropped silently.
+CREATE OR REPLACE FUNCTION pgturso._capture_failed(table_id integer, rel oid, error_code text, error text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RAISE WARNING 'pgturso: capturing a write to % failed (%: %), so pgturso follows its schema and recopies it '
+                  'to Turso', rel::regclass, error_code, error
+        USING HINT = 'DDL ran on the table while pgturso''s event triggers did not fire (ALTER EVENT TRIGGER ... '
+                     'DISABLE, or session_replication_role = replica): keep them enabled.';
+    PERFORM pgturso._follow_schema(table_id);
+    PERFORM pgturso._recopy(table_id);
+END
+$$;
+COMMENT ON FUNCTION pgturso._capture_failed IS
+    'Private: a capture function could not pack a write (stale layout): follow the schema and recopy the table.';
+
 -- Table rewrites: ALTER COLUMN TYPE rewrites the table, and with USING (or any cast) the values may change
 -- although the column's form on Turso does not (int -> bigint USING cents * 100, text -> text USING upper(v)).
 -- The table_rewrite event names the table before ddl_command_end sees the command: it is remembered for the
@@ -484,3 +506,4 @@ REVOKE ALL ON FUNCTION pgturso._stale_tables(boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._tables_using_type(oid) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._refuse_shapes(oid[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._warn_disabled_capture(oid[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._capture_failed(integer, oid, text, text) FROM PUBLIC;
