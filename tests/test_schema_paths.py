@@ -10,6 +10,7 @@ import psycopg
 import pytest
 from conftest import drain, pending
 from support.turso import TursoServer
+from test_verify import verify
 
 
 def pg_rows(conn: psycopg.Connection[Any], sql: str) -> list[list[Any]]:
@@ -200,20 +201,66 @@ def test_attaching_a_tracked_table_as_a_partition_is_refused(conn, dsn, turso: T
     assert turso.query("SELECT id, v FROM m") == [[1, "one"]]
 
 
-def test_disabled_capture_shows_in_status_and_resync_repairs(conn, dsn, turso: TursoServer):
+def test_disabled_capture_shows_in_status_and_verify_and_is_repaired(conn, dsn, turso: TursoServer):
     conn.execute("CREATE TABLE d (id int PRIMARY KEY, v text)")
     conn.execute("SELECT pgturso.track_table('d')")
     assert pg_rows(conn, "SELECT capture_disabled FROM pgturso.status") == [[False]]
+    notices: list[str] = []
+    conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
     conn.execute("ALTER TABLE d DISABLE TRIGGER ALL")  # what pg_restore --disable-triggers does
+    assert any("capture of tracked table public.d is disabled" in n for n in notices), notices
     conn.execute("INSERT INTO d VALUES (1, 'a'), (2, 'b'), (3, 'c')")
-    conn.execute("ALTER TABLE d ENABLE TRIGGER ALL")
-    # Once re-enabled the status cannot know what was missed: while disabled it can.
-    conn.execute("ALTER TABLE d DISABLE TRIGGER pgturso_capture_insert")
     assert pg_rows(conn, "SELECT capture_disabled FROM pgturso.status") == [[True]]
-    conn.execute("ALTER TABLE d ENABLE TRIGGER pgturso_capture_insert")
-    conn.execute("SELECT pgturso.resync_table('d')")
+    drain(dsn, turso.url)
+    found = verify(dsn, turso.url)
+    assert found.returncode == 1
+    assert "public.d: capture DISABLED" in found.stdout and "ENABLE TRIGGER ALL" in found.stdout
+    assert "public.d -> d: DIFFERENT" in found.stdout
+    # The repair documented in docs/schema-changes.md: enable the triggers, then verify --repair.
+    conn.execute("ALTER TABLE d ENABLE TRIGGER ALL")
+    assert pg_rows(conn, "SELECT capture_disabled FROM pgturso.status") == [[False]]
+    repaired = verify(dsn, turso.url, "--repair")
+    assert "repair queued for 3 rows" in repaired.stdout
     drain(dsn, turso.url)
     assert turso.query("SELECT * FROM d ORDER BY id") == pg_rows(conn, "SELECT * FROM d ORDER BY id")
+    assert verify(dsn, turso.url).returncode == 0
+
+
+def test_key_change_during_a_chunked_copy(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TABLE big (id int PRIMARY KEY, code text NOT NULL, v int)")
+    # The new key's order is the reverse of the old one's, and every code sorts before the text '6000'.
+    conn.execute("INSERT INTO big SELECT g, lpad((12001 - g)::text, 5, '0'), g FROM generate_series(1, 12000) g")
+    conn.execute("CREATE TABLE wide (id int PRIMARY KEY, v int)")
+    conn.execute("INSERT INTO wide SELECT g, g FROM generate_series(1, 12000) g")
+    conn.execute("SELECT pgturso.track_table('big')")  # over 10,000 rows: the worker copies them in chunks
+    conn.execute("SELECT pgturso.track_table('wide')")
+    ids = dict(pg_rows(conn, "SELECT relid::regclass::text, id FROM pgturso.tracked_table"))
+    for table in ("big", "wide"):  # half of the copy done, as the worker would
+        for _ in range(3):
+            conn.execute("SELECT pgturso._copy_chunk(%s, 2000)", (ids[table],))
+    assert pg_rows(conn, "SELECT count(*) FROM pgturso.tracked_table WHERE copy_state = 'copying'") == [[2]]
+    conn.execute("ALTER TABLE big DROP CONSTRAINT big_pkey, ADD PRIMARY KEY (code)")
+    conn.execute("ALTER TABLE wide ALTER COLUMN id TYPE bigint")  # the key's type
+    drain(dsn, turso.url)
+    assert turso.query("SELECT count(*), sum(v) FROM big") == [[12000, 12000 * 12001 // 2]]
+    assert turso.query("SELECT count(*), sum(v) FROM wide") == [[12000, 12000 * 12001 // 2]]
+    assert pg_rows(conn, "SELECT count(*) FROM pgturso.tracked_table WHERE copy_state = 'done'") == [[2]]
+
+
+def test_unlogged_and_temporary_tables_are_refused(conn):
+    conn.execute("CREATE UNLOGGED TABLE ul (id int PRIMARY KEY)")
+    with pytest.raises(psycopg.Error, match="unlogged") as failure:
+        conn.execute("SELECT pgturso.track_table('ul')")
+    assert "SET LOGGED" in failure.value.diag.message_hint
+    conn.execute("CREATE TEMP TABLE tmp (id int PRIMARY KEY)")
+    with pytest.raises(psycopg.Error, match="temporary"):
+        conn.execute("SELECT pgturso.track_table('tmp')")
+    conn.execute("CREATE TABLE l (id int PRIMARY KEY)")
+    conn.execute("SELECT pgturso.track_table('l')")
+    with pytest.raises(psycopg.Error, match="unlogged"):
+        conn.execute("ALTER TABLE l SET UNLOGGED")
+    conn.execute("ALTER TABLE ul SET LOGGED")
+    conn.execute("SELECT pgturso.track_table('ul')")
 
 
 # ------------------------------------------------------------------------------------ the last line of defence

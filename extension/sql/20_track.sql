@@ -327,6 +327,29 @@ $$;
 COMMENT ON FUNCTION pgturso._check_key IS 'Private: refuse keys that Turso cannot keep apart as Postgres does.';
 REVOKE ALL ON FUNCTION pgturso._check_key(regclass, jsonb, text[]) FROM PUBLIC;
 
+-- An unlogged table is emptied by crash recovery and is empty on a promoted standby, without any trigger
+-- firing: Turso would keep rows Postgres lost. Refused for tracked tables (and their partitions).
+CREATE OR REPLACE FUNCTION pgturso._refuse_unlogged(rels oid[]) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_rel regclass;
+BEGIN
+    SELECT c.oid INTO v_rel FROM unnest(rels) AS x(rel)
+    JOIN pg_class c ON c.oid IN (SELECT x.rel UNION SELECT relid FROM pg_partition_tree(x.rel))
+    WHERE c.relpersistence = 'u' AND c.relkind IN ('r', 'p', 'm') LIMIT 1;
+    IF v_rel IS NOT NULL THEN
+        RAISE EXCEPTION 'pgturso: % is unlogged, so a crash or a failover empties it without Postgres telling '
+                        'pgturso', v_rel
+            USING HINT = format('Make it logged (ALTER TABLE %s SET LOGGED) to replicate it, or untrack it first.',
+                                v_rel);
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION pgturso._refuse_unlogged IS 'Private: refuse unlogged tables (crash recovery empties them).';
+REVOKE ALL ON FUNCTION pgturso._refuse_unlogged(oid[]) FROM PUBLIC;
+
 -- What to select a relation's rows from: ONLY for a plain table (inheritance children are not tracked).
 CREATE OR REPLACE FUNCTION pgturso._row_source(rel regclass) RETURNS text
 LANGUAGE sql STABLE
@@ -596,6 +619,12 @@ BEGIN
                                 'Its partitions, present and future, all feed one Turso table.',
                                 pgturso._partition_root(rel)::text);
     END IF;
+    IF (SELECT relpersistence FROM pg_class WHERE oid = rel) = 't' THEN
+        RAISE EXCEPTION 'pgturso: % is a temporary table', rel
+            USING HINT = 'Only its own session sees a temporary table, and it goes with the session: track a '
+                         'permanent table.';
+    END IF;
+    PERFORM pgturso._refuse_unlogged(ARRAY[rel::oid]);
     IF EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
                WHERE rel IN (i.inhparent, i.inhrelid) AND NOT c.relispartition) THEN
         RAISE EXCEPTION 'pgturso: % is part of an inheritance tree (INHERITS), which pgturso does not replicate', rel

@@ -263,7 +263,8 @@ AS $$
       AND (coalesce(t.options ->> 'target_table', pgturso._turso_name(t.relid)) IS DISTINCT FROM l.spec ->> 'target_table'
            OR (SELECT jsonb_agg(jsonb_build_array(a.attnum, a.attname, format_type(a.atttypid, a.atttypmod))
                                 ORDER BY a.attnum)
-               FROM pg_attribute a WHERE a.attrelid = t.relid AND a.attnum > 0 AND NOT a.attisdropped)
+               FROM pg_attribute a WHERE a.attrelid = t.relid AND a.attnum > 0 AND NOT a.attisdropped
+                 AND (NOT t.options ? 'column_attnums' OR t.options -> 'column_attnums' @> to_jsonb(a.attnum::integer)))
               IS DISTINCT FROM
               (SELECT jsonb_agg(jsonb_build_array((x.col ->> 'attnum')::integer, x.col ->> 'name', x.col ->> 'pg_type')
                                 ORDER BY x.n)
@@ -307,6 +308,10 @@ DECLARE
     v_rel regclass;
     v_other regclass;
 BEGIN
+    PERFORM pgturso._refuse_unlogged(ARRAY(
+        SELECT t.relid FROM pgturso.tracked_table t
+        WHERE t.dropped_at IS NULL
+          AND EXISTS (SELECT 1 FROM unnest(rels) AS x(rel) WHERE t.relid IN (x.rel, pg_partition_root(x.rel)))));
     -- A tracked table attached as a partition: its rows would belong to two Turso tables.
     SELECT t.relid, pgturso._partition_root(t.relid) INTO v_rel, v_other
     FROM pgturso.tracked_table t JOIN pg_class c ON c.oid = t.relid
@@ -332,7 +337,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgturso._refuse_shapes IS
-    'Private: refuse DDL that makes a tracked table a partition or part of an inheritance tree.';
+    'Private: refuse DDL that makes a tracked table unlogged, a partition or part of an inheritance tree.';
 
 -- ALTER TABLE ... DISABLE TRIGGER [ALL] (pg_restore --disable-triggers does it) on a tracked table: its
 -- writes are not captured until it is enabled again. Postgres allows it, so pgturso warns, and
@@ -388,7 +393,11 @@ BEGIN
                OR EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = x.rel AND g.tgname = 'pgturso_capture_insert'
                           AND g.tgfoid::regproc::text = 'pgturso.' || pgturso._capture_function_name(t.id)))
         UNION
+        -- (not for DDL on temporary objects only, which applications may run often and cannot touch a
+        -- tracked table's columns)
         SELECT pgturso._stale_tables(false)
+        WHERE EXISTS (SELECT 1 FROM pg_event_trigger_ddl_commands() d
+                      WHERE d.schema_name IS NULL OR d.schema_name NOT LIKE 'pg\_temp%')
         ORDER BY 1
     LOOP
         PERFORM pgturso._follow_schema(v_table_id);
@@ -471,7 +480,8 @@ BEGIN
     END LOOP;
     -- Columns dropped through another object (DROP TYPE/DOMAIN/FUNCTION ... CASCADE), and the unique index
     -- that a table is keyed by (DROP INDEX): follow the tables, or refuse when no key is left.
-    FOR v_row IN SELECT pgturso._stale_tables(true) AS id LOOP
+    FOR v_row IN SELECT pgturso._stale_tables(true) AS id
+                 WHERE EXISTS (SELECT 1 FROM pg_event_trigger_dropped_objects() d WHERE NOT d.is_temporary) LOOP
         PERFORM pgturso._follow_schema(v_row.id);
     END LOOP;
     IF NOT v_tracked_dropped AND EXISTS (

@@ -39,6 +39,15 @@ TRACKED_TABLES = """
     ORDER BY 1
 """
 
+CAPTURE_DISABLED = """
+    SELECT format('%%I.%%I', n.nspname, c.relname)
+    FROM pgturso.tracked_table t
+    JOIN pg_class c ON c.oid = t.relid AND t.target = %(target)s AND t.dropped_at IS NULL
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE pgturso._capture_disabled(t.id)
+    ORDER BY 1
+"""
+
 
 @dataclass
 class TableReport:
@@ -295,6 +304,11 @@ def run_verify(conn: psycopg.Connection[Any], target: Target, names: Sequence[st
     verifier = Verifier(conn, target, target_name=target_name)
     started = time.monotonic()
     differences = 0
+    # A table whose capture triggers are disabled loses every write silently: name it first.
+    for (table,) in conn.execute(CAPTURE_DISABLED, {"target": target_name}).fetchall():
+        print(f"{table}: capture DISABLED (ALTER TABLE ... DISABLE TRIGGER): its writes are not replicated; "
+              "ALTER TABLE ... ENABLE TRIGGER ALL, then verify --repair (or SELECT pgturso.resync_table(...))")
+        differences += 1
     for relation, layout_id, layout in verifier.tables(names):
         report = verifier.verify(relation, layout, settle_timeout)
         if repair and not report.equal:
