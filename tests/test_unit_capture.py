@@ -206,7 +206,7 @@ def test_a_row_filter_restricts_every_row_source_and_round_trips_through_the_spe
     assert capture.filtered(DOCS, "new_rows") == "new_rows"
     assert capture.filtered(filtered_docs, "new_rows") == "(SELECT * FROM new_rows AS filtered WHERE ((found > 0)))"
     body = _function_body(capture_function_sql(filtered_docs, 4, "c", 4))[1]
-    assert body.startswith("\n#variable_conflict use_column\nBEGIN")  # a column named like a PL/pgSQL variable
+    assert body.startswith("\n#variable_conflict use_column\nDECLARE")  # a column named like a PL/pgSQL variable
     # new rows, old rows, and both sides of the moved keys: every transition table is read through the filter
     assert re.findall(r"FROM (?:new|old)_rows AS (\w+)", body) and set(
         re.findall(r"FROM (?:new|old)_rows AS (\w+)", body)) == {"filtered"}
