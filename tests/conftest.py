@@ -76,7 +76,7 @@ def _capture_mode(postgresql: psycopg.Connection[Any], capture: str) -> Iterator
     yield
     if capture == "wal":
         _kill_workers()  # a running worker would recreate the slot; a slot left behind blocks DROP DATABASE
-        if not postgresql.closed:
+        if not postgresql.closed and postgresql.execute("SELECT to_regclass('pgturso.target')").fetchone()[0]:
             postgresql.execute("SELECT pgturso._drop_slot(name) FROM pgturso.target")
 
 

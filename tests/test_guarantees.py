@@ -23,6 +23,8 @@ from support.turso import TursoServer, install_apply_counter, read_rows
 from support.workers import WorkerProcess, outbox_empty, wait_until
 from support.workload import Workload, assert_equal, create_tables
 
+CAPTURE_MODES = ("trigger", "wal")  # every test here runs in both capture modes (conftest)
+
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "0"))
 SEED = int(os.environ.get("PGTURSO_TEST_SEED", "20261125"))
 

@@ -15,6 +15,8 @@ from conftest import drain
 from support.turso import TursoServer, read_rows
 from support.workers import WorkerProcess, outbox_empty, wait_until
 
+CAPTURE_MODES = ("trigger", "wal")  # every test here runs in both capture modes (conftest)
+
 ROWS = int(os.environ.get("COPY_TEST_ROWS", "200000"))
 
 

@@ -413,3 +413,23 @@ def test_a_worker_that_missed_another_workers_delivery_cannot_commit(conn, dsn, 
     stale.close()
     assert turso.query("SELECT id, v FROM t ORDER BY id") == [[1, "by the other worker"], [2, "later"]]
     assert pending(conn) == 0
+
+
+def test_an_update_that_leaves_a_large_value_alone_keeps_it(conn, dsn, turso: TursoServer):
+    """Large values are stored out of line (TOAST); an UPDATE that does not touch them leaves them out of the
+    WAL, so logical decoding does not send them: the other columns are updated in place, key moves included."""
+    conn.execute("CREATE TABLE docs (id int PRIMARY KEY, status text, body text, data bytea)")
+    conn.execute("ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL, ALTER COLUMN data SET STORAGE EXTERNAL")
+    conn.execute("SELECT pgturso.track_table('docs')")
+    conn.execute("INSERT INTO docs SELECT g, 'new', repeat(md5(g::text), 400), decode(repeat(md5(g::text), 300), 'hex')"
+                 " FROM generate_series(1, 3) g")
+    drain(dsn, turso.url)
+    conn.execute("UPDATE docs SET status = 'read' WHERE id = 1")
+    conn.execute("UPDATE docs SET id = 20, status = 'moved' WHERE id = 2")
+    conn.execute("UPDATE docs SET body = 'short now' WHERE id = 3")
+    drain(dsn, turso.url)
+    expected = pg_rows(conn, "SELECT id, status, md5(body), md5(data) FROM docs ORDER BY id")
+    rows = turso.query("SELECT id, status, body, hex(data) FROM docs ORDER BY id")
+    import hashlib
+    assert [[r[0], r[1], hashlib.md5(r[2].encode()).hexdigest(), hashlib.md5(bytes.fromhex(r[3])).hexdigest()]
+            for r in rows] == expected

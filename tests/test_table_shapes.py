@@ -10,6 +10,8 @@ import pytest
 from conftest import drain, pending
 from support.turso import TursoServer
 
+CAPTURE_MODES = ("trigger", "wal")  # every test here runs in both capture modes (conftest)
+
 
 def pg_rows(conn: psycopg.Connection[Any], sql: str) -> list[list[Any]]:
     return [list(r) for r in conn.execute(sql).fetchall()]

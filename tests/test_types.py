@@ -12,6 +12,8 @@ from typing import Any
 from conftest import drain
 from support.turso import TursoServer
 
+CAPTURE_MODES = ("trigger", "wal")  # every test here runs in both capture modes (conftest)
+
 MIB = 1 << 20
 
 SETUP = """

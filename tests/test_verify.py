@@ -9,6 +9,8 @@ from conftest import drain
 from support.turso import TursoServer, read_rows
 from support.workers import WorkerProcess, outbox_empty, wait_until
 
+CAPTURE_MODES = ("trigger", "wal")  # every test here runs in both capture modes (conftest)
+
 
 def verify(dsn: str, url: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "pgturso", "verify", "--dsn", dsn, "--url", url,

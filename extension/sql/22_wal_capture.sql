@@ -88,7 +88,11 @@ DECLARE
     v_kind "char";
     v_index regclass;
     key_columns text[] := ARRAY(SELECT jsonb_array_elements_text(plan -> 'spec' -> 'key_columns'));
+    v_function text := pgturso._capture_function_name(table_id);
 BEGIN
+    -- The generated capture function serves the TRUNCATE trigger only (a 'T' event), as in trigger mode.
+    EXECUTE plan ->> 'capture_function_sql';
+    EXECUTE format('REVOKE ALL ON FUNCTION pgturso.%I() FROM PUBLIC', v_function);
     IF NOT EXISTS (SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
                    WHERE p.pubname = 'pgturso_tables' AND r.prrelid = rel) THEN
         EXECUTE format('ALTER PUBLICATION pgturso_tables ADD TABLE ONLY %s', rel);
@@ -114,7 +118,8 @@ BEGIN
             END IF;
         ELSIF v_index IS NOT NULL THEN
             IF NOT (SELECT indisreplident FROM pg_index WHERE indexrelid = v_index) THEN
-                EXECUTE format('ALTER TABLE %s REPLICA IDENTITY USING INDEX %s', v_part, v_index);
+                EXECUTE format('ALTER TABLE %s REPLICA IDENTITY USING INDEX %I', v_part,
+                               (SELECT relname FROM pg_class WHERE oid = v_index));
             END IF;
         ELSIF (SELECT relreplident FROM pg_class WHERE oid = v_part) <> 'f' THEN
             EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', v_part);
@@ -122,7 +127,7 @@ BEGIN
         IF NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = v_part AND g.tgname = 'pgturso_capture_truncate') THEN
             IF v_part = rel THEN
                 EXECUTE format('CREATE TRIGGER pgturso_capture_truncate AFTER TRUNCATE ON %s '
-                               'FOR EACH STATEMENT EXECUTE FUNCTION pgturso._capture_truncate(%s)', v_part, table_id);
+                               'FOR EACH STATEMENT EXECUTE FUNCTION pgturso.%I()', v_part, v_function);
             ELSE
                 EXECUTE format('CREATE TRIGGER pgturso_capture_truncate BEFORE TRUNCATE ON %s '
                                'FOR EACH STATEMENT EXECUTE FUNCTION pgturso._capture_partition_truncate(%s)',
@@ -152,19 +157,6 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgturso._remove_wal_capture IS 'Private: stop publishing a wal-captured table.';
-
--- TRUNCATE of a wal-captured table: a 'T' event through the outbox, in commit order with the decoded rows.
-CREATE OR REPLACE FUNCTION pgturso._capture_truncate() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    INSERT INTO pgturso.outbox (layout_id, op, nrows)
-    SELECT l.id, 'T', 0 FROM pgturso.layout l WHERE l.table_id = TG_ARGV[0]::integer ORDER BY l.id DESC LIMIT 1;
-    RETURN NULL;
-END
-$$;
-COMMENT ON FUNCTION pgturso._capture_truncate IS 'Private: trigger queuing TRUNCATE of a wal-captured table.';
 
 -- DROP EXTENSION cannot run extension code afterwards, and slots are not extension members: drop them (and
 -- the publications, which are not members either) when the command starts. Event triggers cannot see
@@ -196,5 +188,4 @@ REVOKE ALL ON FUNCTION pgturso._prepare_wal_capture(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._drop_slot(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._install_wal_capture(regclass, integer, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._remove_wal_capture(regclass) FROM PUBLIC;
-REVOKE ALL ON FUNCTION pgturso._capture_truncate() FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._on_drop_extension() FROM PUBLIC;

@@ -89,9 +89,14 @@ BEGIN
     END IF;
 
     -- Partitions: detached ones take their rows away from the table, new or attached ones bring theirs.
-    FOR v_part IN SELECT g.tgrelid::regclass FROM pg_trigger g
-                  WHERE g.tgname = 'pgturso_capture_insert' AND g.tgrelid <> v_rel
-                    AND g.tgfoid::regproc::text = 'pgturso.' || pgturso._capture_function_name(table_id)
+    -- (A partition captured from the WAL has only its TRUNCATE trigger, which names the table.)
+    FOR v_part IN SELECT DISTINCT g.tgrelid::regclass FROM pg_trigger g
+                  WHERE g.tgrelid <> v_rel
+                    AND (g.tgname = 'pgturso_capture_insert'
+                         AND g.tgfoid::regproc::text = 'pgturso.' || pgturso._capture_function_name(table_id)
+                         OR g.tgname = 'pgturso_capture_truncate'
+                         AND g.tgfoid = 'pgturso._capture_partition_truncate'::regproc
+                         AND g.tgargs = convert_to(table_id::text, 'UTF8') || '\x00'::bytea)
                     AND NOT EXISTS (SELECT 1 FROM pg_partition_tree(v_rel) p WHERE p.relid = g.tgrelid)
     LOOP
         -- The keys of the rows it takes away, read under a lock that waits for its writers (DETACH
@@ -99,14 +104,15 @@ BEGIN
         PERFORM pgturso._require_current_snapshot('DETACH PARTITION ' || v_part::text, v_rel);
         EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', v_part);
         EXECUTE pgturso._plan_rows(v_old_id, v_old_spec, v_part::text, 'D');
-        EXECUTE format('DROP TRIGGER pgturso_capture_insert ON %1$s; DROP TRIGGER pgturso_capture_update ON %1$s; '
-                       'DROP TRIGGER pgturso_capture_delete ON %1$s; DROP TRIGGER pgturso_capture_truncate ON %1$s',
-                       v_part);
+        EXECUTE format('DROP TRIGGER IF EXISTS pgturso_capture_insert ON %1$s; '
+                       'DROP TRIGGER IF EXISTS pgturso_capture_update ON %1$s; '
+                       'DROP TRIGGER IF EXISTS pgturso_capture_delete ON %1$s; '
+                       'DROP TRIGGER IF EXISTS pgturso_capture_truncate ON %1$s', v_part);
     END LOOP;
     FOR v_part IN SELECT p.relid FROM pg_partition_tree(v_rel) p
                   WHERE p.isleaf AND p.relid <> v_rel
                     AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = p.relid
-                                    AND g.tgname = 'pgturso_capture_insert')
+                                    AND g.tgname IN ('pgturso_capture_insert', 'pgturso_capture_truncate'))
     LOOP
         IF v_plan IS NULL THEN
             v_plan := pgturso._plan_layout(v_old_id, pgturso._row_source(v_rel), v_desc.source_table,
@@ -487,7 +493,8 @@ BEGIN
     IF NOT v_tracked_dropped AND EXISTS (
            SELECT 1 FROM pg_event_trigger_dropped_objects() tbl
            JOIN pg_event_trigger_dropped_objects() trg
-             ON trg.object_type = 'trigger' AND trg.address_names[3] = 'pgturso_capture_insert'
+             ON trg.object_type = 'trigger'
+            AND trg.address_names[3] IN ('pgturso_capture_insert', 'pgturso_capture_truncate')
             AND trg.address_names[1] = tbl.address_names[1] AND trg.address_names[2] = tbl.address_names[2]
            WHERE tbl.object_type = 'table') THEN
         -- A partition of a tracked table: its rows would vanish from Turso's copy unseen.

@@ -27,7 +27,7 @@ import json
 import logging
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -53,6 +53,11 @@ PEEK = f"""
         'proto_version', '1', 'publication_names', '{PUBLICATIONS}')
 """
 TABLES = "SELECT id, relid::oid::int8, target FROM pgturso.tracked_table"
+GENERATED_COLUMNS = """
+    SELECT a.attname, pg_get_expr(d.adbin, d.adrelid) FROM pg_attribute a
+    JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+    WHERE a.attrelid = to_regclass(%(table)s) AND a.attgenerated = 's' AND NOT a.attisdropped
+"""
 OUTBOX_OID = "SELECT 'pgturso.outbox'::regclass::oid::int8"
 RECORD_WAL_BATCH = """
     WITH totals AS (
@@ -72,8 +77,10 @@ RECORD_WAL_BATCH = """
 DELETE_OUTBOX_IDS = "DELETE FROM pgturso.outbox WHERE id = ANY (%(ids)s::int8[])"
 ADVANCE = "SELECT pg_replication_slot_advance(%(slot)s, %(lsn)s::pg_lsn)"
 FLUSH_LSN = "SELECT pg_current_wal_flush_lsn()::text"
-# Rows per encoding query: bounds memory, and keeps a big transaction's statements flowing to Turso.
+# Rows per round of encoding queries, and outbox payload bytes held meanwhile: bound memory, and keep a big
+# transaction's statements flowing to Turso.
 ENCODE_ROWS = 5000
+ENCODE_BYTES = 4 << 20
 
 _BEGIN, _COMMIT, _RELATION, _INSERT, _UPDATE, _DELETE, _TRUNCATE = b"BCRIUDT"
 
@@ -120,6 +127,7 @@ def parse_relation(data: bytes) -> Relation:
 
 
 UNCHANGED = object()  # a TOASTed value an UPDATE did not change: pgoutput does not send it
+GENERATED = object()  # a stored generated column: pgoutput (Postgres 15) does not send it; Postgres recomputes it
 
 
 def parse_tuple(data: bytes, pos: int) -> tuple[list[Any], int]:
@@ -145,17 +153,43 @@ def parse_tuple(data: bytes, pos: int) -> tuple[list[Any], int]:
     return values, pos
 
 
-def encode_rows_sql(layout: TableLayout, key_only: bool) -> str:
-    """A query turning $1 (a flat text[] of rows in layout order, $2 values per row) into each row's JSON
-    array, with capture's own expressions: each text form is cast back to the column's type first."""
-    columns = layout.key_layout if key_only else list(layout.columns)
+def encode_rows_sql(layout: TableLayout, key_only: bool, generated: dict[str, str] | None = None) -> str:
+    """A query turning %(values)s (a flat text[] of %(count)s rows, the layout's columns in order) into each
+    row's JSON array, with capture's own expressions: each text form is cast back to the column's type first.
+    ``generated``: stored generated columns (name: expression), which Postgres 15 does not decode: they are
+    not in the values but computed from the others, as Postgres computed them."""
+    generated = generated or {}
+    columns = [c for c in (layout.key_layout if key_only else layout.columns) if c.name not in generated]
     width = len(columns)
     casts = ", ".join(
         f"(%(values)s::text[])[g.i * {width} + {n + 1}]::{c.pg_type} AS {quote_ident(c.name)}"
         for n, c in enumerate(columns)
     )
-    return (f"SELECT {row_json_sql(layout, 'src', key_only=key_only)} FROM ("
-            f"SELECT {casts} FROM generate_series(0, %(count)s - 1) AS g(i)) AS src")
+    rows = f"SELECT {casts} FROM generate_series(0, %(count)s - 1) AS g(i)"
+    computed = [f"({expr})::{layout.column(name).pg_type} AS {quote_ident(name)}" for name, expr in generated.items()
+                if key_only is False or name in layout.key_columns]
+    if computed:
+        rows = f"SELECT s.*, {', '.join(computed)} FROM ({rows}) AS s"
+    return f"SELECT {row_json_sql(layout, 'src', key_only=key_only)} FROM ({rows}) AS src"
+
+
+@dataclass
+class _Run:
+    """Consecutive decoded rows of one table and operation, as text values until encoded."""
+
+    layout_id: int
+    op: str
+    values: list[Any] = field(default_factory=list)
+    count: int = 0
+    txids: list[int] = field(default_factory=list)
+    payload: str = ""
+
+
+def _group(runs: list[_Run]) -> dict[tuple[int, bool], list[_Run]]:
+    groups: dict[tuple[int, bool], list[_Run]] = {}
+    for run in runs:
+        groups.setdefault((run.layout_id, run.op == "D"), []).append(run)
+    return groups
 
 
 class WalBatch:
@@ -201,37 +235,55 @@ class WalBatch:
 
     def events(self, encode: bool = True) -> Iterator[Event]:
         """The batch's changes as outbox events, in commit order: decoded rows merged into runs of one table
-        and operation, encoded by Postgres; outbox inserts as they were written."""
+        and operation, outbox inserts as they were written. Rows are encoded by Postgres ENCODE_ROWS at a
+        time, one query per table and form whatever the runs (small transactions make short runs)."""
         source = self.source
         relations: dict[int, Relation] = {}
-        run_rows: list[Any] = []
-        run: tuple[int, str] | None = None  # (layout id, op)
-        run_txids: list[int] = []
+        pending: list[Event | _Run] = []  # in commit order; runs still to be encoded
+        current: _Run | None = None
+        pending_rows = pending_bytes = 0
         xid = 0
 
-        def flush() -> Iterator[Event]:
-            nonlocal run, run_rows
-            if run is None or not run_rows:
-                run = None
-                return
-            layout_id, op = run
-            count = len(run_rows) // (len(source.layout(layout_id).key_columns) if op == "D"
-                                      else len(source.layout(layout_id).columns))
-            payload = source.encode(layout_id, op == "D", run_rows, count) if encode else ""
-            self.rows += count
-            self.rows_per_layout[layout_id] = self.rows_per_layout.get(layout_id, 0) + count
-            txids = (run_txids[0],) if run_txids[0] == run_txids[-1] else (run_txids[0], run_txids[-1])
-            yield Event(0, run_txids[0], layout_id, op, count, payload, txids, count)
-            run, run_rows = None, []
+        def drain() -> Iterator[Event]:
+            nonlocal current, pending_rows, pending_bytes
+            current = None
+            runs = [item for item in pending if isinstance(item, _Run)]
+            if encode:
+                for (layout_id, key_only), group in _group(runs).items():
+                    values = [v for run in group for v in run.values]
+                    encoded = iter(source.encode(layout_id, key_only, values, sum(r.count for r in group)))
+                    for run in group:
+                        run.payload = ",".join(next(encoded) for _ in range(run.count))
+            for item in pending:
+                if isinstance(item, _Run):
+                    self.rows += item.count
+                    self.rows_per_layout[item.layout_id] = self.rows_per_layout.get(item.layout_id, 0) + item.count
+                    txids = (item.txids[0],) if item.txids[0] == item.txids[-1] else (item.txids[0], item.txids[-1])
+                    yield Event(0, item.txids[0], item.layout_id, item.op, item.count, item.payload, txids, item.count)
+                else:
+                    yield item
+            pending.clear()
+            pending_rows = pending_bytes = 0
 
         def add(layout_id: int, op: str, values: list[Any]) -> Iterator[Event]:
-            nonlocal run, run_rows, run_txids
-            per_row = len(values)
-            if run != (layout_id, op) or len(run_rows) >= ENCODE_ROWS * per_row:
-                yield from flush()
-                run, run_txids = (layout_id, op), [xid]
-            run_rows.extend(values)
-            run_txids.append(xid)
+            nonlocal current, pending_rows
+            if current is None or (current.layout_id, current.op) != (layout_id, op):
+                current = _Run(layout_id, op)
+                pending.append(current)
+            current.values.extend(v for v in values if v is not GENERATED)
+            current.count += 1
+            current.txids.append(xid)
+            pending_rows += 1
+            if pending_rows >= ENCODE_ROWS:
+                yield from drain()
+
+        def ready(item: Event) -> Iterator[Event]:
+            nonlocal current, pending_bytes
+            current = None
+            pending.append(item)
+            pending_bytes += len(item.payload or "")
+            if pending_bytes >= ENCODE_BYTES:
+                yield from drain()
 
         for data in self._messages():
             self.received += 1
@@ -247,19 +299,18 @@ class WalBatch:
             elif kind in (_INSERT, _UPDATE, _DELETE):
                 relid = struct.unpack_from("!I", data, 1)[0]
                 relation = relations[relid]
-                old, new = self._tuples(data)
+                old, new, old_full = self._tuples(data)
                 if relid == source.outbox_oid:
                     if new is None:
                         continue
                     item = self._outbox_event(relation, new, xid)
                     if item is not None:
-                        yield from flush()
                         self.event_count += 1
                         if item.op in "UD":
                             self.rows += item.nrows
                             self.rows_per_layout[item.layout_id] = (
                                 self.rows_per_layout.get(item.layout_id, 0) + item.nrows)
-                        yield item
+                        yield from ready(item)
                     continue
                 table_id = source.table_of_relid.get(relid)
                 if table_id is None or table_id not in self.layouts:
@@ -268,28 +319,46 @@ class WalBatch:
                 layout = source.layout(layout_id)
                 positions = source.positions(relation, layout_id)
                 self.event_count += 1
-                if old is not None:
-                    old_key = [old[positions[k]] for k in layout.key_positions]
-                    new_key = None if new is None else [new[positions[k]] for k in layout.key_positions]
-                    if new_key is None or any(v is UNCHANGED for v in new_key) or new_key != old_key:
+                row = None if new is None else [new[p] for p in positions]
+                if row is not None and old_full:
+                    row = [old[p] if v is UNCHANGED else v for v, p in zip(row, positions, strict=True)]
+                old_key = None if old is None else [old[positions[k]] for k in layout.key_positions]
+                if row is not None and any(v is UNCHANGED for v in row):
+                    # An UPDATE that left a large value alone: pgoutput does not send it; set the others only.
+                    key = old_key or [row[k] for k in layout.key_positions]
+                    yield from ready(self._partial_update(layout_id, row, key, xid, encode))
+                    continue
+                if old_key is not None:
+                    new_key = None if row is None else [row[k] for k in layout.key_positions]
+                    if new_key != old_key:
                         yield from add(layout_id, "D", old_key)
-                if new is not None:
-                    row = [new[p] for p in positions]
-                    if any(v is UNCHANGED for v in row):
-                        row = source.unchanged_values(layout_id, row, old, positions, relation)
+                if row is not None:
                     yield from add(layout_id, "U", row)
             elif kind == _TRUNCATE:
                 continue  # not published: TRUNCATE reaches Turso through the outbox, like in trigger mode
-        yield from flush()
+        yield from drain()
         self._consumed = True
         self.more_pending = self.received >= self.limit
         if not self.more_pending:
             self.end = max(self.end, self.peek_upto)
 
-    def _tuples(self, data: bytes) -> tuple[list[Any] | None, list[Any] | None]:
-        """The old (key or full) and new tuple of an Insert, Update or Delete message."""
+    def _partial_update(self, layout_id: int, row: list[Any], key: list[Any], xid: int, encode: bool) -> Event:
+        present = [i for i, v in enumerate(row) if v is not UNCHANGED and v is not GENERATED]
+        values = [None if v is UNCHANGED else v for v in row if v is not GENERATED]
+        encoded_row = self.source.encode(layout_id, False, values, 1)[0] if encode else "[]"
+        encoded_key = self.source.encode(layout_id, True, key, 1)[0] if encode else "[]"
+        self.rows += 1
+        self.rows_per_layout[layout_id] = self.rows_per_layout.get(layout_id, 0) + 1
+        payload = f'{{"c":{json.dumps(present)},"r":{encoded_row},"k":{encoded_key}}}'
+        return Event(0, xid, layout_id, "P", 1, payload)
+
+    def _tuples(self, data: bytes) -> tuple[list[Any] | None, list[Any] | None, bool]:
+        """The old (key or, with replica identity FULL, whole) and new tuple of an Insert, Update or Delete
+        message, each followed by GENERATED (where positions() points generated columns); and whether the old
+        tuple is whole."""
         kind, pos = data[0], 5
         old = new = None
+        full = data[pos] == 79  # 'O'
         if kind == _INSERT:
             new, _ = parse_tuple(data, pos + 1)
         elif kind == _DELETE:
@@ -298,10 +367,13 @@ class WalBatch:
             if data[pos] in (75, 79):  # 'K' or 'O'
                 old, pos = parse_tuple(data, pos + 1)
             new, _ = parse_tuple(data, pos + 1)
-        return old, new
+        for values in (old, new):
+            if values is not None:
+                values.append(GENERATED)
+        return old, new, full and old is not None
 
     def _outbox_event(self, relation: Relation, values: list[Any], xid: int) -> Event | None:
-        row = dict(zip(relation.columns, values, strict=True))
+        row = dict(zip(relation.columns, values[:len(relation.columns)], strict=True))
         layout_id = int(row["layout_id"])
         table_id = self.source.table_of_layout_id(layout_id)
         if table_id is None:
@@ -333,6 +405,7 @@ class WalOutbox(Outbox):
         self.target_of_table: dict[int, str] = {}
         self._positions: dict[tuple[int, int, tuple[str, ...]], list[int]] = {}
         self._encoders: dict[tuple[int, bool], str] = {}
+        self._generated: dict[int, dict[str, str]] = {}
         for clause in CAPTURE_SETTINGS[1:]:  # text forms from pgoutput, and their encoding, as capture's
             name, value = clause.removeprefix("SET ").split(" = ")
             conn.execute(f"SET {name} = {value}")
@@ -457,34 +530,32 @@ class WalOutbox(Outbox):
         if found is None:
             layout = self.layout(layout_id)
             index = {name: i for i, name in enumerate(relation.columns)}
+            index.update((name, len(relation.columns)) for name in self.generated(layout_id))
             missing = [c.name for c in layout.columns if c.name not in index]
             if missing:
                 raise SlotError(
                     f"{layout.source_table}: the decoded rows have no column(s) {', '.join(missing)} of its layout "
-                    f"{layout_id} (columns {', '.join(relation.columns)}); generated columns are not decoded in "
-                    "Postgres 15: track this table with capture => 'trigger'")
+                    f"{layout_id} (columns {', '.join(relation.columns)}); resync the table "
+                    f"(SELECT pgturso.resync_table('{layout.source_table}')) or track it with capture => 'trigger'")
             found = self._positions[key] = [index[c.name] for c in layout.columns]
         return found
 
-    def unchanged_values(self, layout_id: int, row: list[Any], old: list[Any] | None, positions: list[int],
-                         relation: Relation) -> list[Any]:
-        """An UPDATE that left a TOASTed value alone does not carry it: take it from the old row if the replica
-        identity sent it (FULL), else it is an error naming the fix."""
-        if old is not None and len(old) == len(relation.columns):
-            filled = [old[p] if v is UNCHANGED else v for v, p in zip(row, positions, strict=True)]
-            if not any(v is UNCHANGED for v in filled):
-                return filled
-        layout = self.layout(layout_id)
-        raise SlotError(f"{layout.source_table}: an UPDATE left a large (TOASTed) value unchanged, which logical "
-                        "decoding does not send")
+    def generated(self, layout_id: int) -> dict[str, str]:
+        """The stored generated columns of a layout's table (name: expression), which pgoutput does not send."""
+        if layout_id not in self._generated:
+            layout = self.layout(layout_id)
+            rows = self.conn.execute(GENERATED_COLUMNS, {"table": layout.source_table}).fetchall()
+            names = {c.name for c in layout.columns}
+            self._generated[layout_id] = {str(n): str(e) for n, e in rows if n in names}
+        return self._generated[layout_id]
 
-    def encode(self, layout_id: int, key_only: bool, values: list[Any], count: int) -> str:
-        """The rows' JSON arrays, joined by commas, encoded by Postgres as capture encodes them."""
+    def encode(self, layout_id: int, key_only: bool, values: list[Any], count: int) -> list[str]:
+        """The rows' JSON arrays, encoded by Postgres as capture encodes them."""
         sql = self._encoders.get((layout_id, key_only))
         if sql is None:
-            sql = self._encoders[(layout_id, key_only)] = encode_rows_sql(self.layout(layout_id), key_only)
-        rows = self.conn.execute(sql, {"values": values, "count": count}).fetchall()
-        return ",".join(r[0] for r in rows)
+            sql = self._encoders[(layout_id, key_only)] = encode_rows_sql(
+                self.layout(layout_id), key_only, self.generated(layout_id))
+        return [r[0] for r in self.conn.execute(sql, {"values": values, "count": count}).fetchall()]
 
     # -- after delivery --------------------------------------------------------------------------------------
 

@@ -157,6 +157,18 @@ def delete_sql(layout: TableLayout) -> str:
     return f"DELETE FROM {quote_ident(layout.target_table)} WHERE {targets} IN (SELECT {values} FROM json_each(?))"
 
 
+def partial_update_sql(layout: TableLayout, present: list[int]) -> str:
+    """Set only the ``present`` columns of the row whose key is the payload's ``k`` (capture => 'wal': an
+    UPDATE that left large TOASTed values alone, which logical decoding does not send). ``?1`` is the
+    payload ``{"c": present, "r": the row with those columns, "k": the old key}``."""
+    columns = layout.columns
+    sets = ", ".join(f"{quote_ident(columns[i].name)} = " + columns[i].decode.format(val=f"(?1 ->> '$.r[{i}]')")
+                     for i in present)
+    where = " AND ".join(f"{quote_ident(c.name)} = " + c.decode.format(val=f"(?1 ->> '$.k[{n}]')")
+                         for n, c in enumerate(layout.key_layout))
+    return f"UPDATE {quote_ident(layout.target_table)} SET {sets} WHERE {where}"
+
+
 def truncate_sql(layout: TableLayout) -> str:
     return f"DELETE FROM {quote_ident(layout.target_table)}"
 
@@ -168,6 +180,7 @@ _OPERATION = {
     "T": "truncate",
     "A": "alter table",
     "X": "drop table",
+    "P": "update",
 }
 
 
@@ -211,6 +224,9 @@ class StatementBuilder:
                 yield Statement(sql, **context)
         elif event.op == "T":
             yield Statement(truncate_sql(layout), **context)
+        elif event.op == "P":
+            present = json.loads(event.payload or "{}")["c"]
+            yield Statement(partial_update_sql(layout, present), (event.payload or "",), **context)
         elif event.op == "A":
             # A schema change: the payload names the layout the table had until now.
             change = json.loads(event.payload or "{}")

@@ -1,0 +1,168 @@
+"""capture => 'wal': what only the slot has — its setting, its lifetime, the WAL it keeps, losing it.
+
+The promises shared with trigger capture are proven by the modules that run in both modes (CAPTURE_MODES).
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import drain, pending, run_worker
+from support.pgcluster import PgCluster, free_port
+from support.turso import TursoServer
+from support.workers import WorkerProcess, outbox_empty, wait_until
+
+CAPTURE_MODES = ("wal",)
+
+
+def slots(conn: psycopg.Connection[Any]) -> list[str]:
+    return [r[0] for r in conn.execute(
+        "SELECT slot_name FROM pg_replication_slots WHERE database = current_database() ORDER BY 1").fetchall()]
+
+
+def test_wal_level_not_logical_is_a_clear_error():
+    cluster = PgCluster(settings={"wal_level": "replica"}).start()
+    try:
+        with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION pgturso CASCADE")
+            conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+            with pytest.raises(psycopg.errors.RaiseException) as failure:
+                conn.execute("SELECT pgturso.track_table('t', capture => 'wal')")
+            assert "wal_level = logical" in str(failure.value)
+            assert "ALTER SYSTEM SET wal_level = logical" in failure.value.diag.message_hint
+            assert "restart" in failure.value.diag.message_hint
+            assert slots(conn) == []
+            conn.execute("SELECT pgturso.track_table('t')")  # trigger capture needs nothing
+    finally:
+        cluster.stop()
+
+
+def test_the_slot_lives_exactly_as_long_as_a_wal_table(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE b (id int PRIMARY KEY)")
+    assert slots(conn) == []
+    conn.execute("SELECT pgturso.track_table('a')")
+    conn.execute("SELECT pgturso.track_table('b')")
+    assert len(slots(conn)) == 1
+    conn.execute("SELECT pgturso.untrack_table('a')")
+    assert len(slots(conn)) == 1
+    conn.execute("SELECT pgturso.untrack_table('b')")
+    assert slots(conn) == [], "the last wal table's untrack drops the slot"
+
+    conn.execute("SELECT pgturso.add_target('other', %s)", (turso.url,))
+    conn.execute("SELECT pgturso.track_table('a', target => 'other', capture => 'wal')")
+    assert len(slots(conn)) == 1
+    with pytest.raises(psycopg.errors.RaiseException, match="captures its tables by wal"):
+        conn.execute("SELECT pgturso.track_table('b', target => 'other', capture => 'trigger')")
+    conn.execute("SELECT pgturso.untrack_table('a')")
+    conn.execute("SELECT pgturso.track_table('a', target => 'other', capture => 'wal')")
+    conn.execute("DELETE FROM pgturso.tracked_table")  # as if the tables were gone: remove_target's own check
+    conn.execute("SELECT pgturso.remove_target('other')")
+    assert slots(conn) == [], "remove_target drops the slot"
+
+    conn.execute("SELECT pgturso.track_table('b')")
+    assert len(slots(conn)) == 1
+    conn.execute("DROP EXTENSION pgturso CASCADE")
+    assert slots(conn) == [], "DROP EXTENSION drops the slot"
+    assert conn.execute("SELECT count(*) FROM pg_publication WHERE pubname LIKE 'pgturso%'").fetchone()[0] == 0
+    conn.execute("CREATE EXTENSION pgturso CASCADE")  # for the fixtures' teardown
+
+
+def test_the_slot_is_created_before_anything_is_written(conn):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    with pytest.raises(psycopg.errors.RaiseException) as failure:
+        with conn.transaction():
+            conn.execute("INSERT INTO t VALUES (1)")
+            conn.execute("SELECT pgturso.track_table('t')")
+    assert "first in its transaction" in failure.value.diag.message_hint
+    assert slots(conn) == []
+
+
+def test_retained_wal_is_shown_in_status_and_metrics(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    drain(dsn, turso.url)
+    conn.execute("INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series(1, 20000) g")  # worker down
+    capture, status, retained = conn.execute(
+        "SELECT capture, slot_status, wal_retained_bytes FROM pgturso.status").fetchone()
+    assert (capture, status) == ("wal", "reserved") and retained > 2_000_000
+    port = free_port()
+    worker = WorkerProcess(dsn, turso.url, "--metrics-port", str(port)).start()
+    wait_until(lambda: outbox_empty(dsn), 60, "delivery")
+
+    def gauge() -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        return float(next(line.split()[1] for line in text.splitlines()
+                          if line.startswith("pgturso_wal_retained_bytes ")))
+
+    wait_until(lambda: 0 < gauge() < retained, 30, "the metric to show the WAL kept after delivery")
+    assert worker.stop() == 0
+    assert conn.execute("SELECT wal_retained_bytes FROM pgturso.status").fetchone()[0] < retained
+
+
+def test_an_invalidated_slot_is_recreated_and_its_tables_copied_again(conn, dsn, turso: TursoServer, pg_cluster):
+    """max_slot_wal_keep_size invalidates a slot whose worker is down too long: the worker reports it,
+    creates a new slot and copies the target's tables afresh; Turso ends equal, nothing doubled."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("CREATE TABLE filler (id serial PRIMARY KEY, v text)")  # not tracked: just WAL
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("INSERT INTO t SELECT g, 'before' FROM generate_series(1, 50) g")
+    drain(dsn, turso.url)
+    conn.execute("UPDATE t SET v = 'lost with the slot' WHERE id <= 10")
+    conn.execute("DELETE FROM t WHERE id > 40")
+    conn.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+    conn.execute("SELECT pg_reload_conf()")
+    try:
+        for _ in range(4):
+            conn.execute("INSERT INTO filler (v) SELECT repeat('w', 200) FROM generate_series(1, 2000)")
+            conn.execute("SELECT pg_switch_wal()")
+            conn.execute("CHECKPOINT")
+            if conn.execute("SELECT wal_status FROM pg_replication_slots WHERE database = current_database()"
+                            ).fetchone()[0] == "lost":
+                break
+        assert conn.execute("SELECT slot_status FROM pgturso.status").fetchone()[0] == "lost"
+    finally:
+        conn.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
+        conn.execute("SELECT pg_reload_conf()")
+    conn.execute("INSERT INTO t VALUES (100, 'after')")
+    result = drain(dsn, turso.url)
+    assert "event=slot_lost" in result.stderr
+    # Reported in pgturso.status (an error that delivery got past since: previous_error).
+    reported = conn.execute("SELECT coalesce(last_error, previous_error) FROM pgturso.status").fetchone()[0]
+    assert "was invalidated" in reported and "re-copying t" in reported
+    drain(dsn, turso.url)  # the copy's chunks
+    expected = [list(r) for r in conn.execute("SELECT id, v FROM t ORDER BY id").fetchall()]
+    assert turso.query("SELECT id, v FROM t ORDER BY id") == expected
+    assert conn.execute("SELECT slot_status FROM pgturso.status").fetchone()[0] == "reserved"
+    conn.execute("UPDATE t SET v = 'through the new slot' WHERE id = 1")
+    drain(dsn, turso.url)
+    assert turso.query("SELECT v FROM t WHERE id = 1") == [["through the new slot"]]
+    assert pending(conn) == 0
+
+
+def test_a_worker_that_dies_while_replacing_the_slot_starts_over(conn, dsn, turso: TursoServer):
+    """The replacement is marked in pgturso.target before the new slot is made: a worker that dies before
+    the tables' re-copy is queued finds the mark and does it all again."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("INSERT INTO t VALUES (1, 'a')")
+    drain(dsn, turso.url)
+    conn.execute("UPDATE pgturso.target SET slot_rebuild = 'as if a worker died here'")
+    conn.execute("INSERT INTO t VALUES (2, 'b')")
+    result = drain(dsn, turso.url)
+    assert "event=slot_lost" in result.stderr
+    drain(dsn, turso.url)
+    assert turso.query("SELECT id, v FROM t ORDER BY id") == [[1, "a"], [2, "b"]]
+    assert conn.execute("SELECT slot_rebuild FROM pgturso.target").fetchone()[0] is None
+
+
+def test_once_exits_with_nothing_pending(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("INSERT INTO t SELECT generate_series(1, 10)")
+    assert run_worker(dsn, turso.url).returncode == 0
+    assert turso.query("SELECT count(*) FROM t") == [[10]]
+    assert pending(conn) == 0
