@@ -4,6 +4,7 @@ and a worker started while Postgres is down (issue 18's cases, each reproduced a
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
 from typing import Any
 
@@ -232,6 +233,61 @@ def test_status_tells_a_killed_worker_from_a_live_one(conn, dsn, turso: TursoSer
     assert conn.execute("SELECT worker_alive FROM pgturso.status").fetchone() == (False,)
     shown = status(dsn)
     assert shown.returncode == 1 and "worker not running (was idle" in shown.stdout
+
+
+# -- a different or older Turso database -----------------------------------------------------------------------
+
+
+def _rows(conn: psycopg.Connection[Any]) -> list[list[Any]]:
+    return [list(r) for r in conn.execute("SELECT id, v FROM t ORDER BY id").fetchall()]
+
+
+def test_a_changed_url_gets_a_full_copy_not_just_the_pending_changes(conn, dsn, turso: TursoServer,
+                                                                    second_turso: TursoServer):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 100) g")
+    conn.execute("SELECT pgturso.track_table('t')")
+    drain(dsn, turso.url)
+    conn.execute("UPDATE t SET v = 'changed' WHERE id <= 10")
+    drain(dsn, turso.url)
+    conn.execute("INSERT INTO t VALUES (101, 'pending when the URL changed')")
+    # pgturso.url now names another database: it has none of what was delivered.
+    moved = drain(dsn, second_turso.url)
+    assert "event=target_behind" in moved.stderr and "copying its tables afresh" in moved.stderr
+    assert second_turso.query("SELECT id, v FROM t ORDER BY id") == _rows(conn)
+    conn.execute("INSERT INTO t VALUES (102, 'later')")
+    again = drain(dsn, second_turso.url)
+    assert "target_behind" not in again.stderr, "once caught up, the new database is the one delivered to"
+    assert second_turso.query("SELECT id, v FROM t ORDER BY id") == _rows(conn)
+
+
+def test_an_older_copy_of_the_turso_database_is_brought_up_to_date(conn, dsn, turso: TursoServer):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 50) g")
+    conn.execute("SELECT pgturso.track_table('t')")
+    drain(dsn, turso.url)
+    turso.stop()
+    backup = turso.dir / "backup"
+    backup.mkdir()
+    for file in turso.dir.glob("replica.db*"):
+        shutil.copy2(file, backup / file.name)
+    turso.start()
+    conn.execute("INSERT INTO t SELECT g, 'new' || g FROM generate_series(51, 60) g")
+    conn.execute("DELETE FROM t WHERE id <= 5")
+    conn.execute("UPDATE t SET v = 'updated' WHERE id = 20")
+    drain(dsn, turso.url)
+    assert turso.query("SELECT id, v FROM t ORDER BY id") == _rows(conn)
+
+    turso.stop()  # the operator restores yesterday's copy of the Turso database
+    for file in turso.dir.glob("replica.db*"):
+        file.unlink()
+    for file in backup.iterdir():
+        shutil.copy2(file, turso.dir / file.name)
+    turso.start()
+    conn.execute("INSERT INTO t VALUES (61, 'after the restore')")
+    restored = drain(dsn, turso.url)
+    assert "event=target_behind" in restored.stderr
+    assert turso.query("SELECT id, v FROM t ORDER BY id") == _rows(conn)
 
 
 # -- the worker and a Postgres that is down ------------------------------------------------------------------

@@ -53,3 +53,7 @@ SELECT pg_catalog.pg_extension_config_dump('pgturso.skipped_transaction', '');
 SELECT pg_catalog.pg_extension_config_dump('pgturso.tracked_table_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('pgturso.layout_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('pgturso.outbox_id_seq', '');
+-- The progress marker of the last batch Postgres knows its target committed (written with the batch's removal
+-- from the outbox): recovery compares it with the target's marker to recognize a target database that is not
+-- the one delivered to (pgturso.url changed) or an older copy of it, and copies it afresh (worker.py).
+ALTER TABLE pgturso.delivery_state ADD COLUMN delivered_marker text;

@@ -149,7 +149,7 @@ RECORD_BATCH = f"""
     WITH totals AS (
         UPDATE pgturso.delivery_state SET status = 'delivering', last_delivered_at = now(), updated_at = now(),
             transactions_delivered = transactions_delivered + %(transactions)s,
-            rows_delivered = rows_delivered + %(rows)s
+            rows_delivered = rows_delivered + %(rows)s, delivered_marker = %(marker)s
         WHERE target = %(target)s
     ), per_table AS (
         INSERT INTO pgturso.table_state AS s (table_id, rows_delivered, last_delivered_at)
@@ -159,6 +159,19 @@ RECORD_BATCH = f"""
             last_delivered_at = excluded.last_delivered_at
     )
     {DELETE_BATCH.strip()}
+"""
+DELIVERED_MARKER = "SELECT delivered_marker FROM pgturso.delivery_state WHERE target = %(target)s"
+SET_DELIVERED_MARKER = "UPDATE pgturso.delivery_state SET delivered_marker = %(marker)s WHERE target = %(target)s"
+# A target database that lacks what was delivered to it: every committed event of the target goes (the copies
+# supersede them) and each of its tables is recreated and copied afresh, in order with what commits later.
+DROP_COMMITTED_EVENTS = f"DELETE FROM pgturso.outbox WHERE {FOR_TARGET}"
+RESYNC_TARGET_TABLES = """
+    SELECT pgturso.resync_table(t.relid) FROM pgturso.tracked_table t
+    WHERE t.target = %(target)s AND t.dropped_at IS NULL ORDER BY t.id
+"""
+LATEST_LAYOUTS = """
+    SELECT DISTINCT ON (l.table_id) l.id FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
+    WHERE t.target = %(target)s AND t.dropped_at IS NULL ORDER BY l.table_id, l.id DESC
 """
 # While the worker sleeps it holds a wake lock per table of its target (see capture.WAKE_LOCK_CLASS).
 TAKE_WAKE_LOCKS = """
@@ -345,7 +358,31 @@ class Outbox:
         """Remove the events of the batch that ``marker`` names (on recovery, when the marker is all we know)."""
         query = DELETE_ID_RANGES if marker.lstrip().startswith("[") else DELETE_BATCH
         with self.conn.transaction():
-            return self.conn.execute(query, {"marker": marker}).rowcount
+            removed = self.conn.execute(query, {"marker": marker}).rowcount
+            if removed:
+                self.conn.execute(SET_DELIVERED_MARKER, {"marker": marker, "target": self.target})
+            return removed
+
+    def delivered_marker(self) -> str | None:
+        """The marker of the last batch Postgres knows the target committed; None before the first one."""
+        with self.conn.transaction():
+            row = self.conn.execute(DELIVERED_MARKER, {"target": self.target}).fetchone()
+        return None if row is None or row[0] is None else str(row[0])
+
+    def latest_layouts(self) -> list[TableLayout]:
+        """The current layout of each of the target's tables."""
+        with self.conn.transaction():
+            ids = [r[0] for r in self.conn.execute(LATEST_LAYOUTS, {"target": self.target}).fetchall()]
+            return [self.layout(i) for i in ids]
+
+    def recopy_target(self, target_marker: str) -> None:
+        """The target lacks what was delivered: drop the target's committed events and queue every table of
+        it to be recreated and copied afresh; ``target_marker`` (the target's own marker) is what Postgres
+        knows the target holds from now on."""
+        with self.conn.transaction():
+            self.conn.execute(DROP_COMMITTED_EVENTS, {"layouts": self._target_layouts()})
+            self.conn.execute(RESYNC_TARGET_TABLES, {"target": self.target})
+            self.conn.execute(SET_DELIVERED_MARKER, {"marker": target_marker, "target": self.target})
 
     def vacuum(self) -> None:
         """VACUUM the outbox (not FULL: it does not block writers), so its space is reused as a queue's must be.

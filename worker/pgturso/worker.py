@@ -37,7 +37,7 @@ from .progress import CREATE_MARKER_SQL, READ_MARKER_SQL, marker_statements
 from .retry import backoff_delay, retry_delay
 from .settings import DEFAULT_URL, Settings
 from .slot import WalOutbox
-from .statements import Statement, StatementBuilder
+from .statements import Statement, StatementBuilder, create_table_statements
 from .targets import Target, open_target, redact_url
 
 log = logging.getLogger("pgturso.worker")
@@ -276,11 +276,36 @@ class Worker:
         target.execute(CREATE_MARKER_SQL)
         rows = target.query(READ_MARKER_SQL, [self.source_id])
         self.last_marker = str(rows[0][0]) if rows else ""
+        removed = 0
         if rows or isinstance(self.outbox, WalOutbox):  # a wal target also checks its slot here
             removed = self.outbox.forget(self.last_marker)
             if removed:
                 event(log, logging.INFO, "recovered", already_applied_events=removed)
+        if not isinstance(self.outbox, WalOutbox) and not removed:
+            self._catch_up_a_target_that_is_behind(target)
         self.recovered = True
+
+    def _catch_up_a_target_that_is_behind(self, target: Target) -> None:
+        """Recopy the target if it is not the database delivered to (pgturso.url changed) or an older copy.
+
+        Postgres records the marker of every batch it removed as delivered. The target's marker is that one,
+        or the batch after it (committed on the target, its events still pending: ``forget`` removed them).
+        Anything else (no marker, or an older one) means the target lacks changes that left the outbox:
+        resending what is pending would skip them silently, so every table is created on the target now (so
+        that changes committing meanwhile apply) and queued to be recreated and copied afresh, in order.
+        """
+        assert self.outbox is not None
+        known = self.outbox.delivered_marker()
+        if known is None or known == self.last_marker:
+            return
+        event(log, logging.WARNING, "target_behind", target=self.settings.target, url=redact_url(self.endpoint[0]),
+              reason=("it has no progress marker of this source" if not self.last_marker
+                      else "its progress marker is older than the last batch delivered"),
+              action="a different database or an older copy: copying its tables afresh")
+        for layout in self.outbox.latest_layouts():
+            for sql in create_table_statements(layout):
+                target.execute(sql)
+        self.outbox.recopy_target(self.last_marker)
 
     def copy_step(self, look: bool = False) -> bool:
         """Queue one chunk of a pending initial copy; False when no copy is pending (or, unless ``look``, none
