@@ -290,6 +290,12 @@ def test_an_older_copy_of_the_turso_database_is_brought_up_to_date(conn, dsn, tu
     assert turso.query("SELECT id, v FROM t ORDER BY id") == _rows(conn)
 
 
+def test_status_that_cannot_be_read_is_not_healthy():
+    shown = status("host=127.0.0.1 port=1 user=postgres dbname=nothing connect_timeout=2")
+    assert shown.returncode == 2 and "cannot read pgturso.status" in shown.stderr
+    assert "Traceback" not in shown.stderr
+
+
 # -- the worker and a Postgres that is down ------------------------------------------------------------------
 
 

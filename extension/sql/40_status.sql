@@ -3,8 +3,9 @@
 -- Per target: its worker's recorded state, checked against the delivery lock. A worker that was killed
 -- cannot record that it died; the session advisory lock it held (worker.DELIVERY_LOCK_CLASS, the target's
 -- name hashed) goes with its connection, so a state that claims a running worker without the lock held is
--- 'not running'. 'blocked' stays: the change Turso refused blocks the target whether or not a worker runs. last_error is the current error (cleared once delivery gets past it); previous_error is the
--- last cleared one, with when it happened and when it cleared.
+-- 'not running'. 'blocked' stays: the change Turso refused blocks the target whether or not a worker runs.
+-- last_error is the current error (cleared once delivery gets past it); previous_error is the last cleared
+-- one, with when it happened and when it cleared.
 CREATE OR REPLACE VIEW pgturso.target_status AS
 SELECT d.target,
        CASE WHEN d.status IN ('delivering', 'idle', 'retrying') AND NOT lock.held

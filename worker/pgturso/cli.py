@@ -181,10 +181,15 @@ TARGETS_QUERY = """
 
 def _status(dsn: str) -> int:
     """Render pgturso.status for a terminal; exit 1 when a target is failing now: blocked, stopped with a
-    current error, or claimed by a worker that is not running (killed). Cleared errors are shown as history."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        tables = conn.execute(STATUS_QUERY).fetchall()
-        targets = conn.execute(TARGETS_QUERY).fetchall()
+    current error, or claimed by a worker that is not running (killed). Cleared errors are shown as history.
+    Exit 2 when the status cannot be read (Postgres unreachable, no pgturso, no right to read it)."""
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            tables = conn.execute(STATUS_QUERY).fetchall()
+            targets = conn.execute(TARGETS_QUERY).fetchall()
+    except psycopg.Error as exc:  # unknown is not healthy: say why, exit 2
+        print(f"pgturso: cannot read pgturso.status: {str(exc).strip()}", file=sys.stderr)
+        return EXIT_FATAL
     failing = False
     for (target, status, recorded, worker, retries, error, error_at, error_txid, previous, previous_at,
          cleared_at) in targets:
