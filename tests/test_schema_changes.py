@@ -205,11 +205,11 @@ def test_key_or_not_null_change_rebuilds_inside_turso_and_type_change_recopies()
     new = layout("r", [("id", "int4", True, 1), ("u", "text", True, 2)], ["u"], [{"name": "r_u", "columns": ["u"]}])
     assert change_between(old, new).rebuild and not change_between(old, new).recopy
     assert alter_table_statements(old, new, recopy=False) == [
-        'DROP TABLE IF EXISTS "r_pgturso_rebuild"',
-        'CREATE TABLE "r_pgturso_rebuild" ("id" INTEGER NOT NULL, "u" TEXT NOT NULL, PRIMARY KEY ("u"))',
-        'INSERT INTO "r_pgturso_rebuild" ("id", "u") SELECT "id", "u" FROM "r"',
+        'DROP TABLE IF EXISTS "_pgturso_rebuild_r"',
+        'CREATE TABLE "_pgturso_rebuild_r" ("id" INTEGER NOT NULL, "u" TEXT NOT NULL, PRIMARY KEY ("u"))',
+        'INSERT INTO "_pgturso_rebuild_r" ("id", "u") SELECT "id", "u" FROM "r"',
         'DROP TABLE IF EXISTS "r"',
-        'ALTER TABLE "r_pgturso_rebuild" RENAME TO "r"',  # (an index over just the key is left out)
+        'ALTER TABLE "_pgturso_rebuild_r" RENAME TO "r"',  # (an index over just the key is left out)
     ]
     index = [{"name": "r_u", "columns": ["u"]}]
     widened = layout("r", [("id", "int8", True, 1), ("u", "varchar", False, 2)], ["id"], index)

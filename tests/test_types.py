@@ -84,7 +84,7 @@ ROWS: list[dict[str, tuple[str, Any]]] = [
         "feeling": ("'happy'", "happy"), "pos": ("42", 42), "mail": ("'Me@Example.COM'", "Me@Example.COM"),
         "ints": ("'{1,NULL,3}'", "[1,null,3]"), "texts": ("ARRAY['a', 'b\"c', '']", '["a","b\\"c",""]'),
         "grid": ("'{{1,2},{3,4}}'", "[[1,2],[3,4]]"), "moods": ("'{sad,ok}'", '["sad","ok"]'),
-        "rec": ("ROW(1, 'x')", '{"a":1,"b":"x"}'),
+        "rec": ("ROW(1, 'x')", "(1,x)"),
         "span": ("'[1,5)'", "[1,5)"),
         "tspan": ("'[2024-01-01 00:00+02,infinity)'", '["2023-12-31 22:00:00+00",infinity)'),
         "doc": ("'<a x=\"1\">t</a>'", '<a x="1">t</a>'),
@@ -109,7 +109,7 @@ ROWS: list[dict[str, tuple[str, Any]]] = [
         "cash": ("'-92233720368547758.08'", "-92233720368547758.08"),
         "feeling": ("'sad'", "sad"), "pos": ("1", 1), "mail": ("''", ""),
         "ints": ("'{}'", "[]"), "texts": ("'{}'", "[]"), "grid": ("'{}'", "[]"), "moods": ("'{}'", "[]"),
-        "rec": ("ROW(NULL, NULL)", '{"a":null,"b":null}'),
+        "rec": ("ROW(NULL, NULL)", "(,)"),
         "span": ("'empty'", "empty"), "tspan": ("'empty'", "empty"),
         "doc": ("''", ""), "tsv": ("''", ""), "bits": ("B'0000'", "0000"), "vbits": ("B''", ""),
     },
@@ -171,8 +171,9 @@ def test_every_type_round_trips_through_copy_and_capture(conn, dsn, turso: Turso
     assert turso.query("SELECT datetime(tstz), date(d), time(tm) FROM typed WHERE id = 11") == [
         ["2024-06-01 16:00:00", "2024-02-29", "23:59:59"]
     ]
-    assert turso.query("SELECT json_extract(rec, '$.b'), json_array_length(ints), ints ->> 2 FROM typed WHERE id = 1"
-                       ) == [["x", 3, 3]]
+    # Arrays are JSON on Turso; composites are their text form (docs/types.md: their fields may change type).
+    assert turso.query("SELECT rec, json_array_length(ints), ints ->> 2, moods ->> 1 FROM typed WHERE id = 1"
+                       ) == [["(1,x)", 3, 3, "ok"]]
     floats = turso.query("SELECT id, f = -9e999, typeof(f), CASE WHEN id > 0 THEN f END FROM floats ORDER BY id")
     assert floats[0][1:3] == [1, "real"]
     floats = [[r[0], None, r[3]] for r in floats]

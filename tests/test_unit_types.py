@@ -213,6 +213,7 @@ def test_spec_roundtrip_through_json() -> None:
         "attnum": 2,
         "settings": (),
         "deterministic": True,
+        "base_pg_type": "",
     }
     stored = json.loads(json.dumps(spec))  # as pgturso.layout.spec (jsonb) gives it back
     assert TableLayout.from_spec(stored) == layout

@@ -115,6 +115,10 @@ def test_upgrade_with_pending_events_delivers_everything(pg_cluster, turso: Turs
         conn.execute("CREATE TABLE uq (id int PRIMARY KEY, u text UNIQUE)")
         conn.execute("SELECT pgturso.track_table('uq')")
         conn.execute("INSERT INTO s.other VALUES ('a', 1), ('b', 2)")
+        conn.execute("CREATE TYPE mood AS ENUM ('sad', 'ok')")
+        conn.execute("CREATE TABLE moods (id int PRIMARY KEY, m mood, ms mood[])")
+        conn.execute("SELECT pgturso.track_table('moods')")
+        conn.execute("INSERT INTO moods VALUES (1, 'sad', '{sad,ok}')")
         conn.execute("UPDATE items SET name = 'updated' WHERE id <= 10")
         conn.execute("DELETE FROM items WHERE id > 45")
         before = pending(conn)
@@ -128,6 +132,20 @@ def test_upgrade_with_pending_events_delivers_everything(pg_cluster, turso: Turs
         assert pending(conn) == before
         assert conn.execute(CATALOG_QUERIES["members"]).fetchall() == [
             m for m in conn.execute(CATALOG_QUERIES["members"]).fetchall() if not re.search(r"_capture_[0-9]", m[0])]
+        # The regenerated capture functions encode with this version's code (docs/security.md): a cast the
+        # type's owner adds is never run by them (0.1.0's json_build_array ran it as the extension owner).
+        conn.execute("""
+            CREATE FUNCTION mood_json(mood) RETURNS json LANGUAGE plpgsql AS
+                $$ BEGIN RAISE EXCEPTION 'a user-defined cast ran'; END $$;
+            CREATE CAST (mood AS json) WITH FUNCTION mood_json(mood)""")
+        conn.execute("INSERT INTO moods VALUES (2, 'ok', '{ok}')")
+        # ... and they go with the extension (DROP EXTENSION removes them and their triggers).
+        assert conn.execute("""
+            SELECT count(*) FROM pg_depend d
+            WHERE d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'pgturso') AND d.deptype = 'x'
+              AND (d.objid IN (SELECT oid FROM pg_trigger WHERE tgname LIKE 'pgturso_capture_%')
+                   OR d.objid IN (SELECT oid FROM pg_proc WHERE proname ~ '^_capture_[0-9]+$'))""").fetchone() == (
+            4 * 5,)
         conn.execute("INSERT INTO items VALUES (100, 'after', '2026-11-28')")
         conn.execute("UPDATE s.other SET n = n * 10")
         conn.execute("ALTER TABLE items ADD COLUMN extra int")
@@ -143,3 +161,5 @@ def test_upgrade_with_pending_events_delivers_everything(pg_cluster, turso: Turs
         assert turso.query("SELECT id, u FROM uq ORDER BY id") == [[2, "a"], [3, "b"]]
         assert turso.query("SELECT sql FROM sqlite_schema WHERE name = 'uq_u_key'") == [
             ['CREATE INDEX "uq_u_key" ON "uq" ("u")']]
+        assert turso.query("SELECT id, m, ms FROM moods ORDER BY id") == [[1, "sad", '["sad","ok"]'],
+                                                                         [2, "ok", '["ok"]']]

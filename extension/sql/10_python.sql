@@ -62,7 +62,8 @@ $$;
 COMMENT ON FUNCTION pgturso._plan_copy_chunk IS
     'Private: SQL copying the next chunk of a table''s rows (pgturso.capture.copy_chunk_sql).';
 
-CREATE OR REPLACE FUNCTION pgturso._plan_regenerate(layout_id integer, spec jsonb, function_name text)
+CREATE OR REPLACE FUNCTION pgturso._plan_regenerate(layout_id integer, spec jsonb, function_name text,
+                                                    columns jsonb)
 RETURNS jsonb
 LANGUAGE plpython3u
 SET search_path = pg_catalog, pg_temp
@@ -71,8 +72,9 @@ import sys
 if "@PYTHON_DIR@" not in sys.path:
     sys.path.insert(0, "@PYTHON_DIR@")
 from pgturso.extension_api import regenerate_capture
-return regenerate_capture(layout_id, spec, function_name)
+return regenerate_capture(layout_id, spec, function_name, columns)
 $$;
 COMMENT ON FUNCTION pgturso._plan_regenerate IS
-    'Private: a tracked table''s capture function SQL from its stored layout (upgrades regenerate them).';
-REVOKE ALL ON FUNCTION pgturso._plan_regenerate(integer, jsonb, text) FROM PUBLIC;
+    'Private: a tracked table''s capture function SQL from its stored layout, re-encoded as this version '
+    'encodes its columns'' types (upgrades regenerate them).';
+REVOKE ALL ON FUNCTION pgturso._plan_regenerate(integer, jsonb, text, jsonb) FROM PUBLIC;

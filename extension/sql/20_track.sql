@@ -15,6 +15,20 @@ AS $$
 $$;
 COMMENT ON FUNCTION pgturso._base_type IS 'Private: the type under a (possibly nested) domain.';
 
+-- Whether values of a type are encoded by functions built into Postgres only: the type under any domain is
+-- built in (an oid below FirstNormalObjectId, 16384, given at initdb), or is an array of such a type. Any
+-- other type (enum, composite, range, extension type...) may have an owner who is not a superuser and who
+-- may CREATE CAST from it, which json_build_array, to_json and ::text would call: pgturso.types.USER_TYPE.
+CREATE OR REPLACE FUNCTION pgturso._trusted_type(typ oid) RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT b.oid < 16384 OR (b.typcategory = 'A' AND b.typelem <> 0 AND pgturso._base_type(b.typelem) < 16384)
+    FROM pg_type b WHERE b.oid = pgturso._base_type(typ)
+$$;
+COMMENT ON FUNCTION pgturso._trusted_type IS
+    'Private: a type whose values only built-in functions encode (built in, under domains; arrays of it).';
+
 CREATE OR REPLACE FUNCTION pgturso._capture_function_name(table_id integer) RETURNS text
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
@@ -250,7 +264,7 @@ DECLARE
 BEGIN
     SELECT format('%I.%I', n.nspname, c.relname) INTO source_table
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel;
-    target_table := coalesce(options ->> 'target_table', pgturso._turso_name(rel));
+    target_table := coalesce(options ->> 'target_table', pgturso._turso_name(rel::oid));
     key_columns := pgturso._key_columns(rel, (SELECT array_agg(x) FROM jsonb_array_elements_text(
                                                  options -> 'key_columns') AS x));
     SELECT jsonb_agg(jsonb_build_object(
@@ -262,7 +276,10 @@ BEGIN
                'typmod', CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END,
                'not_null', a.attnotnull,
                'deterministic', coalesce((SELECT co.collisdeterministic FROM pg_collation co
-                                          WHERE co.oid = a.attcollation), true)) ORDER BY a.attnum)
+                                          WHERE co.oid = a.attcollation), true),
+               'trusted', pgturso._trusted_type(a.atttypid),
+               'base_pg_type', format_type(bt.oid, CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END))
+           ORDER BY a.attnum)
     INTO columns
     FROM pg_attribute a
     JOIN pg_type t ON t.oid = a.atttypid
@@ -389,6 +406,7 @@ DECLARE
     v_function text := pgturso._capture_function_name(table_id);
     v_kind "char";
     v_part regclass;
+    v_trigger name;
 BEGIN
     SELECT relkind INTO v_kind FROM pg_class WHERE oid = rel;
     IF v_kind <> 'm' AND pgturso._capture_of(table_id) = 'wal' THEN  -- no trigger: the slot has the rows
@@ -398,10 +416,15 @@ BEGIN
     IF v_kind = 'm' THEN
         EXECUTE plan ->> 'refresh_function_sql';
         EXECUTE format('REVOKE ALL ON FUNCTION pgturso.%I(regclass, boolean) FROM PUBLIC', v_function || '_refresh');
+        EXECUTE format('ALTER FUNCTION pgturso.%I(regclass, boolean) DEPENDS ON EXTENSION pgturso',
+                       v_function || '_refresh');
         RETURN;
     END IF;
     EXECUTE plan ->> 'capture_function_sql';
     EXECUTE format('REVOKE ALL ON FUNCTION pgturso.%I() FROM PUBLIC', v_function);
+    -- The generated function and triggers are not members of the extension (pg_dump dumps them with the
+    -- tables), but they go with it: DROP EXTENSION pgturso removes them, so the tables work as before.
+    EXECUTE format('ALTER FUNCTION pgturso.%I() DEPENDS ON EXTENSION pgturso', v_function);
     -- A partitioned table: statements on the parent fire its triggers, statements on a partition fire the
     -- partition's; every partition at any depth gets the same capture function.
     FOR v_part IN SELECT p.relid FROM (SELECT rel AS relid UNION SELECT relid FROM pg_partition_tree(rel)) p
@@ -427,6 +450,16 @@ BEGIN
                            v_part, table_id);
         END IF;
     END LOOP;
+    FOR v_part, v_trigger IN
+        SELECT g.tgrelid::regclass, g.tgname FROM pg_trigger g
+        WHERE g.tgname IN ('pgturso_capture_insert', 'pgturso_capture_update', 'pgturso_capture_delete',
+                           'pgturso_capture_truncate')
+          AND g.tgrelid IN (SELECT rel UNION SELECT relid FROM pg_partition_tree(rel))
+          AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                          WHERE d.classid = 'pg_trigger'::regclass AND d.objid = g.oid AND d.deptype = 'x')
+    LOOP
+        EXECUTE format('ALTER TRIGGER %I ON %s DEPENDS ON EXTENSION pgturso', v_trigger, v_part);
+    END LOOP;
 END
 $$;
 COMMENT ON FUNCTION pgturso._install_capture IS 'Private: (re)create a tracked relation''s capture.';
@@ -437,14 +470,30 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    v_root regclass;
     v_layout_id integer;
     v_spec jsonb;
 BEGIN
+    -- SECURITY DEFINER (it writes the outbox): it trusts neither its argument nor the table firing it. Only
+    -- the trigger _install_capture creates qualifies: BEFORE TRUNCATE, FOR EACH STATEMENT, on a partition
+    -- (at any depth) of the tracked table whose id is its one argument.
+    IF TG_NARGS = 1 AND TG_NAME = 'pgturso_capture_truncate' AND TG_WHEN = 'BEFORE' AND TG_LEVEL = 'STATEMENT'
+       AND TG_OP = 'TRUNCATE' AND TG_ARGV[0] ~ '^[0-9]{1,9}$' THEN
+        SELECT t.relid INTO v_root FROM pgturso.tracked_table t
+        WHERE t.id = TG_ARGV[0]::integer AND t.dropped_at IS NULL;
+    END IF;
+    IF v_root IS NULL OR TG_RELID = v_root::oid
+       OR NOT EXISTS (SELECT 1 FROM pg_partition_tree(v_root) p WHERE p.relid::oid = TG_RELID) THEN
+        RAISE EXCEPTION 'pgturso: _capture_partition_truncate fired on %, which is not a partition of the '
+                        'tracked table it names', TG_RELID::regclass
+            USING HINT = 'It is pgturso''s own trigger function: only pgturso.track_table attaches it. '
+                         'Drop this trigger.';
+    END IF;
     -- TRUNCATE holds its lock already; the keys must be read in a snapshot taken after it.
     PERFORM pgturso._require_current_snapshot('TRUNCATE of a partition', TG_RELID::regclass);
     SELECT l.id, l.spec INTO v_layout_id, v_spec FROM pgturso.layout l
     WHERE l.table_id = TG_ARGV[0]::integer ORDER BY l.id DESC LIMIT 1;
-    EXECUTE pgturso._plan_rows(v_layout_id, v_spec, TG_RELID::regclass::text, 'D');
+    EXECUTE pgturso._plan_rows(v_layout_id, v_spec, TG_RELID::regclass::text, 'D'::text);
     RETURN NULL;
 END
 $$;
@@ -523,8 +572,11 @@ $$;
 -- One chunk: the next max_rows rows in key order, locked FOR SHARE while their upserts are queued, so a
 -- write to one of them either committed before (and is read here) or waits and lands after. Called by the
 -- worker in its own READ COMMITTED transaction; returns the rows copied, or NULL when no copy was pending.
+-- SECURITY DEFINER: the worker needs no right on application tables, and every row is copied whatever
+-- row-level security says. It copies only tables being copied, and runs no code a user could define
+-- (docs/security.md: key bounds are read back as built-in types, values encoded by output functions).
 CREATE OR REPLACE FUNCTION pgturso._copy_chunk(table_id integer, max_rows integer) RETURNS bigint
-LANGUAGE plpgsql
+LANGUAGE plpgsql SECURITY DEFINER
 @CAPTURE_SETTINGS@
 AS $$
 DECLARE
@@ -536,9 +588,14 @@ DECLARE
     v_last text[];
     v_sql jsonb;
 BEGIN
+    IF max_rows IS NULL OR max_rows NOT BETWEEN 1 AND 10000000 THEN
+        RAISE EXCEPTION 'pgturso: a copy chunk of % rows', max_rows
+            USING HINT = 'Set copy_chunk_rows between 1 and 10,000,000.';
+    END IF;
     SELECT t.relid, t.copy_after INTO v_rel, v_after FROM pgturso.tracked_table t
+    JOIN pg_class c ON c.oid = t.relid AND c.relkind IN ('r', 'p')
     WHERE t.id = table_id AND t.copy_state = 'copying' AND t.dropped_at IS NULL
-    FOR UPDATE;
+    FOR UPDATE OF t;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
@@ -796,7 +853,7 @@ BEGIN
     WHERE l.table_id = v_table_id ORDER BY l.id DESC LIMIT 1;
     INSERT INTO pgturso.outbox (layout_id, op, nrows) VALUES (v_layout_id, 'C', 0);
     IF v_kind = 'm' THEN
-        EXECUTE pgturso._plan_rows(v_layout_id, v_spec, pgturso._row_source(rel), 'U');
+        EXECUTE pgturso._plan_rows(v_layout_id, v_spec, pgturso._row_source(rel), 'U'::text);
     ELSE
         PERFORM pgturso._start_copy(v_table_id);
     END IF;

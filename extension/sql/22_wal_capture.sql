@@ -93,6 +93,7 @@ BEGIN
     -- The generated capture function serves the TRUNCATE trigger only (a 'T' event), as in trigger mode.
     EXECUTE plan ->> 'capture_function_sql';
     EXECUTE format('REVOKE ALL ON FUNCTION pgturso.%I() FROM PUBLIC', v_function);
+    EXECUTE format('ALTER FUNCTION pgturso.%I() DEPENDS ON EXTENSION pgturso', v_function);  -- docs/security.md
     IF NOT EXISTS (SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
                    WHERE p.pubname = 'pgturso_tables' AND r.prrelid = rel) THEN
         EXECUTE format('ALTER PUBLICATION pgturso_tables ADD TABLE ONLY %s', rel);
@@ -133,6 +134,8 @@ BEGIN
                                'FOR EACH STATEMENT EXECUTE FUNCTION pgturso._capture_partition_truncate(%s)',
                                v_part, table_id);
             END IF;
+            -- Gone with the extension, like the capture triggers (docs/security.md).
+            EXECUTE format('ALTER TRIGGER pgturso_capture_truncate ON %s DEPENDS ON EXTENSION pgturso', v_part);
         END IF;
     END LOOP;
 END

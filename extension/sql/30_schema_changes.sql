@@ -103,7 +103,7 @@ BEGIN
         -- CONCURRENTLY leaves them running) and in a snapshot taken after that lock.
         PERFORM pgturso._require_current_snapshot('DETACH PARTITION ' || v_part::text, v_rel);
         EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', v_part);
-        EXECUTE pgturso._plan_rows(v_old_id, v_old_spec, v_part::text, 'D');
+        EXECUTE pgturso._plan_rows(v_old_id, v_old_spec, v_part::text, 'D'::text);
         EXECUTE format('DROP TRIGGER IF EXISTS pgturso_capture_insert ON %1$s; '
                        'DROP TRIGGER IF EXISTS pgturso_capture_update ON %1$s; '
                        'DROP TRIGGER IF EXISTS pgturso_capture_delete ON %1$s; '
@@ -126,7 +126,7 @@ BEGIN
         IF pgturso._snapshot_is_current()
            OR (SELECT a.xmin FROM pg_attribute a WHERE a.attrelid = v_part AND a.attnum = -1)
               = pg_current_xact_id()::xid THEN
-            EXECUTE pgturso._plan_rows(v_old_id, v_old_spec, v_part::text, 'U');
+            EXECUTE pgturso._plan_rows(v_old_id, v_old_spec, v_part::text, 'U'::text);
         ELSE
             v_copy_all := true;
         END IF;
@@ -172,7 +172,7 @@ BEGIN
     -- sees; a table is read here only in READ COMMITTED, where this statement's snapshot is newer than the
     -- lock, and otherwise copied by the worker in chunks (docs/design.md).
     IF v_kind = 'm' OR pgturso._snapshot_is_current() THEN
-        EXECUTE pgturso._plan_rows(v_layout_id, v_spec, pgturso._row_source(v_rel), 'U');
+        EXECUTE pgturso._plan_rows(v_layout_id, v_spec, pgturso._row_source(v_rel), 'U'::text);
         -- Every row is queued now: a chunked initial copy still running has nothing left to do.
         UPDATE pgturso.tracked_table t SET copy_state = 'done', copy_after = NULL, copy_finished_at = now()
         WHERE t.id = table_id AND t.copy_state = 'copying';
@@ -266,7 +266,7 @@ AS $$
     JOIN pg_class c ON c.oid = t.relid
     CROSS JOIN LATERAL (SELECT l.spec FROM pgturso.layout l WHERE l.table_id = t.id ORDER BY l.id DESC LIMIT 1) l
     WHERE t.dropped_at IS NULL
-      AND (coalesce(t.options ->> 'target_table', pgturso._turso_name(t.relid)) IS DISTINCT FROM l.spec ->> 'target_table'
+      AND (coalesce(t.options ->> 'target_table', pgturso._turso_name(t.relid::oid)) IS DISTINCT FROM l.spec ->> 'target_table'
            OR (SELECT jsonb_agg(jsonb_build_array(a.attnum, a.attname, format_type(a.atttypid, a.atttypmod))
                                 ORDER BY a.attnum)
                FROM pg_attribute a WHERE a.attrelid = t.relid AND a.attnum > 0 AND NOT a.attisdropped

@@ -6,12 +6,25 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF url !~ '^(https?|libsql)://|^file:' THEN
-        RAISE EXCEPTION 'pgturso: % is not a Turso URL', url
+    -- No message may carry the token (nor the URL, which can hold credentials): errors reach the server log.
+    -- Checked here rather than left to the table's constraints, whose errors show the whole row.
+    IF add_target.name IS NULL OR add_target.name !~ '^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$' THEN
+        RAISE EXCEPTION 'pgturso: % is not a valid target name', quote_literal(add_target.name)
+            USING HINT = 'Use 1 to 63 letters, digits, _ . - (not starting with . or -).';
+    END IF;
+    IF url IS NULL OR url !~ '^(https?|libsql)://|^file:' THEN
+        RAISE EXCEPTION 'pgturso: the URL of target % is not a Turso URL', add_target.name
             USING HINT = 'Use http://, https://, libsql:// (Turso Cloud) or file:PATH.';
     END IF;
-    INSERT INTO pgturso.target AS t (name, url, auth_token) VALUES (add_target.name, add_target.url, add_target.auth_token)
-    ON CONFLICT ON CONSTRAINT target_pkey DO UPDATE SET url = excluded.url, auth_token = excluded.auth_token;
+    BEGIN
+        INSERT INTO pgturso.target AS t (name, url, auth_token)
+        VALUES (add_target.name, add_target.url, add_target.auth_token)
+        ON CONFLICT ON CONSTRAINT target_pkey DO UPDATE SET url = excluded.url, auth_token = excluded.auth_token;
+    EXCEPTION WHEN OTHERS THEN
+        -- Re-raised without the DETAIL ("Failing row contains (..., token, ...)").
+        RAISE EXCEPTION USING ERRCODE = SQLSTATE, MESSAGE = 'pgturso: add_target ' || add_target.name || ': ' || SQLERRM,
+            HINT = 'SELECT name, url FROM pgturso.target lists the targets.';
+    END;
     INSERT INTO pgturso.delivery_state (target) VALUES (add_target.name) ON CONFLICT DO NOTHING;
 END
 $$;

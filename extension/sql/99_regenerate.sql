@@ -13,7 +13,7 @@ DECLARE
     v_function text;
 BEGIN
     FOR v_row IN
-        SELECT t.id, t.relid, c.relkind, l.id AS layout_id, l.spec
+        SELECT t.id, t.relid, t.options, c.relkind, l.id AS layout_id, l.spec
         FROM pgturso.tracked_table t
         JOIN pg_class c ON c.oid = t.relid
         JOIN LATERAL (SELECT l.id, l.spec FROM pgturso.layout l WHERE l.table_id = t.id
@@ -21,8 +21,11 @@ BEGIN
         WHERE t.dropped_at IS NULL
         ORDER BY t.id
     LOOP
-        v_plan := pgturso._plan_regenerate(v_row.layout_id, v_row.spec,
-                                           pgturso._capture_function_name(v_row.id));
+        -- Encoded as this version encodes the columns' types (older versions let user-defined casts in:
+        -- docs/security.md); the layout keeps its id, since what Turso stores and decodes is unchanged.
+        v_plan := pgturso._plan_regenerate(v_row.layout_id, v_row.spec, pgturso._capture_function_name(v_row.id),
+                                           (pgturso._describe(v_row.relid, v_row.options)).columns);
+        UPDATE pgturso.layout SET spec = v_plan -> 'spec' WHERE id = v_row.layout_id;
         -- Inside ALTER EXTENSION UPDATE, Postgres lets the script replace only the extension's own objects,
         -- and the generated functions are not (pg_dump must dump them with their triggers): the function is
         -- lent to the extension while it is replaced, then given back.

@@ -16,9 +16,9 @@ Materialized views cannot have triggers: ``refresh_function_sql`` generates the 
 
 from __future__ import annotations
 
-from .layout import TableLayout
+from .layout import Column, TableLayout
 from .quoting import quote_ident, quote_literal
-from .types import equality_is_identity
+from .types import OUTPUT_TEXT, equality_is_identity
 
 CHUNK_ROWS = 1000
 # json_build_array takes at most 100 arguments (FUNC_MAX_ARGS); wider rows are built from text pieces.
@@ -85,7 +85,7 @@ def _moved_keys_source(layout: TableLayout) -> str:
     With a row filter, only old rows that matched it are on Turso, and a new row that does not match it
     does not replace its old one: an UPDATE moving a row out of the filter deletes it there (one moving a
     row into the filter is an upsert of the new row), as a Postgres 15 publication's row filter does."""
-    if all(equality_is_identity(c.base_type) and c.deterministic for c in layout.key_layout):
+    if all(c.trusted and equality_is_identity(c.base_type) and c.deterministic for c in layout.key_layout):
         match = " AND ".join(f"n.{quote_ident(k)} = o.{quote_ident(k)}" for k in layout.key_columns)
     else:  # e.g. a citext key, or text under a nondeterministic collation, changing case: Postgres calls it
         # equal, Turso holds a different key
@@ -257,6 +257,23 @@ def _dollar_tag(body: str) -> str:
     return f"$pgturso{n}$"
 
 
+def key_text_sql(column: Column, ref: str) -> str:
+    """A key value's text form, by the type's output function only (no cast a user may have created)."""
+    return f"{ref}::text" if column.trusted else OUTPUT_TEXT.format(col=ref)
+
+
+def key_from_text_sql(column: Column, text: str) -> str | None:
+    """A value's text form read back as a value of the column's type (comparable with it, and encoded by
+    the column's encoder alike), by built-in input functions only: cast to the built-in type under the
+    domain, so no domain CHECK runs. None when the column's type is one a user may have defined (its input
+    or a cast from text could be theirs): such keys are compared as text, and such values are encoded from
+    their text form, which is what their encoder (types.USER_TYPE) makes of them anyway.
+    """
+    if not column.trusted or not column.base_pg_type:
+        return None
+    return f"({text})::{column.base_pg_type}"
+
+
 def copy_chunk_sql(layout: TableLayout, layout_id: int, relation: str, limit: int) -> tuple[str, str]:
     """One chunk of a table's initial copy, as two statements taking the previous chunk's last key $1
     (text[]; NULL: from the start):
@@ -269,24 +286,31 @@ def copy_chunk_sql(layout: TableLayout, layout_id: int, relation: str, limit: in
       returns the rows copied.
     """
     keys = [quote_ident(k) for k in layout.key_columns]
-    types = {c.name: c.pg_type for c in layout.columns}
     src_keys = ", ".join(f"src.{k}" for k in keys)
+    typed_keys = [key_from_text_sql(c, "") for c in layout.key_layout]
+    if None in typed_keys:
+        # The worker runs this with its own rights: it must not read a key back through a user's input
+        # function or cast. A key of such a type is copied in one chunk (one transaction) instead.
+        bound = "SELECT NULL::text[]"
+        after = before = "true"
+    else:
+        def typed(param: str) -> str:
+            values = ", ".join(key_from_text_sql(c, f"({param}::text[])[{i + 1}]") or ""
+                               for i, c in enumerate(layout.key_layout))
+            return f"({values})" if len(keys) > 1 else values
 
-    def typed(param: str) -> str:
-        values = ", ".join(f"({param}::text[])[{i + 1}]::{types[k]}" for i, k in enumerate(layout.key_columns))
-        return f"({values})" if len(keys) > 1 else values
-
-    key_tuple = f"({src_keys})" if len(keys) > 1 else src_keys
-    after = f"($1::text[] IS NULL OR {key_tuple} > {typed('$1')})"
-    key_text = ", ".join(f"src.{k}::text" for k in keys)
-    bound = (f"SELECT ARRAY[{key_text}] FROM {relation} AS src WHERE {after} "
-             f"ORDER BY {src_keys} OFFSET {int(limit) - 1} LIMIT 1")
+        key_tuple = f"({src_keys})" if len(keys) > 1 else src_keys
+        after = f"($1::text[] IS NULL OR {key_tuple} > {typed('$1')})"
+        before = f"($2::text[] IS NULL OR {key_tuple} <= {typed('$2')})"
+        key_text = ", ".join(key_text_sql(c, f"src.{k}") for c, k in zip(layout.key_layout, keys, strict=True))
+        bound = (f"SELECT ARRAY[{key_text}] FROM {relation} AS src WHERE {after} "
+                 f"ORDER BY {src_keys} OFFSET {int(limit) - 1} LIMIT 1")
     # Rows outside the row filter are neither copied nor locked: a write moving one into the filter is captured
     # as its upsert (FOR SHARE re-checks the filter on a row version that changed while the chunk waited).
     only_filtered = f" AND ({layout.row_filter})" if layout.row_filter else ""
     chunk = (
         f"WITH chunk AS MATERIALIZED (SELECT src.* FROM {relation} AS src "
-        f"WHERE {after} AND ($2::text[] IS NULL OR {key_tuple} <= {typed('$2')}){only_filtered} FOR SHARE OF src), "
+        f"WHERE {after} AND {before}{only_filtered} FOR SHARE OF src), "
         f"packed AS ({pack_sql(layout_id, 'U', row_json_sql(layout, 'src'), 'chunk')} RETURNING 1) "
         f"SELECT count(*) FROM chunk"
     )

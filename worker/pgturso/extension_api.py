@@ -84,13 +84,16 @@ def copy_chunk(layout_id: int, spec_json: str, relation: str, limit: int) -> str
     return json.dumps({"bound": bound, "chunk": chunk})
 
 
-def regenerate_capture(layout_id: int, spec_json: str, function_name: str) -> str:
+def regenerate_capture(layout_id: int, spec_json: str, function_name: str, columns_json: str) -> str:
     """The capture (or, for a materialized view, refresh) function of a stored layout, as JSON
-    {capture_function_sql, refresh_function_sql}: an upgrade regenerates every tracked table's functions
-    with this version's code, from the layout the table already has (no DDL, no event)."""
-    layout = TableLayout.from_spec(json.loads(spec_json))
+    {spec, capture_function_sql, refresh_function_sql}: an upgrade regenerates every tracked table's
+    functions with this version's code, from the layout the table already has (no DDL, no event), its columns
+    encoded as this version encodes their catalog types (``columns``, from ``_describe``) where Turso's
+    values keep their form (TableLayout.reencoded); ``spec`` is that layout, stored back in its place."""
+    layout = TableLayout.from_spec(json.loads(spec_json)).reencoded(json.loads(columns_json))
     table_id = int(function_name.rsplit("_", 1)[1])
     return json.dumps({
+        "spec": layout.to_spec(),
         "capture_function_sql": capture_function_sql(layout, layout_id, function_name, table_id),
         "refresh_function_sql": refresh_function_sql(layout, layout_id, function_name + "_refresh"),
     })

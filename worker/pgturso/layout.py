@@ -10,10 +10,17 @@ says how the Turso table gets from one to the other (statements.py writes the SQ
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .types import ENCODING_SETTINGS, column_type, numeric_precision_from_typmod, values_unchanged
+from .types import (
+    ENCODING_SETTINGS,
+    USER_DEFINED_ENCODES,
+    ColumnType,
+    column_type,
+    numeric_precision_from_typmod,
+    values_unchanged,
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,14 @@ class Column:
     settings: tuple[str, ...] = ENCODING_SETTINGS  # what the encoding depends on (types.ColumnType.settings)
     # False under a nondeterministic collation: Postgres calls 'Bob' = 'bob', Turso holds two different keys.
     deterministic: bool = True
+    # The built-in type under any domain, with the domain's typmod ('' for a type a user may have defined):
+    # what a key's text form is read back as, so that no domain CHECK or user-defined cast runs.
+    base_pg_type: str = ""
+
+    @property
+    def trusted(self) -> bool:
+        """Encoded, compared and read back with functions built into Postgres only (types.USER_TYPE)."""
+        return self.encode not in USER_DEFINED_ENCODES
 
 
 @dataclass(frozen=True)
@@ -76,8 +91,7 @@ class TableLayout:
         """
         built = []
         for position, col in enumerate(columns, start=1):
-            precision = numeric_precision_from_typmod(int(col.get("typmod", -1)))
-            ctype = column_type(str(col["base_type"]), precision, str(col.get("kind", "b")))
+            ctype = _catalog_column_type(col)
             built.append(
                 Column(
                     name=str(col["name"]),
@@ -90,6 +104,7 @@ class TableLayout:
                     attnum=int(col.get("attnum", position)),
                     settings=tuple(n for n in ENCODING_SETTINGS if n in ctype.settings),
                     deterministic=bool(col.get("deterministic", True)),
+                    base_pg_type=str(col.get("base_pg_type") or "") if ctype.encode not in USER_DEFINED_ENCODES else "",
                 )
             )
         names = {c.name for c in built}
@@ -101,6 +116,13 @@ class TableLayout:
                     f"{source_table}: columns {other!r} and {col.name!r} differ only in case, which SQLite does not "
                     "tell apart; rename one of them"
                 )
+        reserved = [name for name in (target_table, *(str(i["name"]) for i in indexes)) if is_reserved_name(name)]
+        if reserved:
+            raise ValueError(
+                f"{source_table}: the Turso name {reserved[0]!r} is reserved (pgturso's own tables start with "
+                f"{RESERVED_PREFIXES[0]!r}, SQLite's with {RESERVED_PREFIXES[1]!r}); choose another table name, "
+                "index name or target_table"
+            )
         missing = [k for k in key_columns if k not in names]
         if missing or not key_columns:
             raise ValueError(f"{source_table}: key columns {missing or list(key_columns)} are not columns")
@@ -126,6 +148,25 @@ class TableLayout:
             row_filter=spec.get("row_filter"),
         )
 
+    def reencoded(self, columns: Sequence[Mapping[str, Any]]) -> TableLayout:
+        """This layout with each column encoded as this version encodes its catalog type (``columns`` as for
+        ``from_catalog``, matched by attnum), where that keeps what Turso stores and decodes: an upgrade
+        regenerates capture with this version's (safer) encodings without a schema change or a recopy."""
+        by_attnum = {int(c.get("attnum", 0)): c for c in columns}
+        updated = []
+        for column in self.columns:
+            catalog = by_attnum.get(column.attnum)
+            ctype = _catalog_column_type(catalog) if catalog else None
+            if ctype and (ctype.sqlite_type, ctype.decode) == (column.sqlite_type, column.decode):
+                column = replace(
+                    column, encode=ctype.encode,
+                    settings=tuple(n for n in ENCODING_SETTINGS if n in ctype.settings),
+                    base_pg_type=str(catalog.get("base_pg_type") or "") if ctype.encode not in USER_DEFINED_ENCODES
+                    else "",
+                )
+            updated.append(column)
+        return replace(self, columns=tuple(updated))
+
     def to_spec(self) -> dict[str, Any]:
         spec = {
             "source_table": self.source_table,
@@ -149,6 +190,20 @@ class TableLayout:
 
     def column(self, name: str) -> Column:
         return next(c for c in self.columns if c.name == name)
+
+
+# Names on Turso that tracked tables and their indexes may not take (SQLite compares them without ASCII case):
+# pgturso's own (progress.MARKER_TABLE, the staging tables of statements.py) and SQLite's internal ones.
+RESERVED_PREFIXES = ("_pgturso", "sqlite_")
+
+
+def is_reserved_name(name: str) -> bool:
+    return ascii_lower(name).startswith(RESERVED_PREFIXES)
+
+
+def _catalog_column_type(col: Mapping[str, Any]) -> ColumnType:
+    precision = numeric_precision_from_typmod(int(col.get("typmod", -1)))
+    return column_type(str(col["base_type"]), precision, str(col.get("kind", "b")), bool(col.get("trusted", True)))
 
 
 def ascii_lower(name: str) -> str:

@@ -178,6 +178,10 @@ TAKE_WAKE_LOCKS = """
     SELECT t.id, pg_try_advisory_lock(%(class)s, t.id) FROM pgturso.tracked_table t WHERE t.target = %(target)s
 """
 RELEASE_WAKE_LOCKS = "SELECT pg_advisory_unlock(%(class)s, id) FROM unnest(%(ids)s::int[]) AS id"
+MAY_VACUUM = """
+    SELECT r.rolsuper OR pg_has_role(c.relowner, 'USAGE') FROM pg_roles r, pg_class c
+    WHERE r.rolname = current_user AND c.oid = 'pgturso.outbox'::regclass
+"""
 ANY_PENDING = f"SELECT EXISTS (SELECT 1 FROM pgturso.outbox WHERE {FOR_TARGET})"
 NEXT_COPY_CHUNK = """
     SELECT t.relid::regclass::text, pgturso._copy_chunk(t.id, %(rows)s), t.copy_rows_done, t.copy_rows_total
@@ -263,6 +267,7 @@ class Outbox:
         self.fetch_size = fetch_size
         self._layouts: dict[int, TableLayout] = {}
         self._table_of_layout: dict[int, int] = {}
+        self._may_vacuum: bool | None = None
 
     def source_id(self) -> str:
         with self.conn.transaction():
@@ -386,8 +391,13 @@ class Outbox:
 
     def vacuum(self) -> None:
         """VACUUM the outbox (not FULL: it does not block writers), so its space is reused as a queue's must be.
-        Autovacuum wakes at most once a minute per table; a busy outbox would grow in between."""
-        self.conn.execute("VACUUM pgturso.outbox")
+        Autovacuum wakes at most once a minute per table; a busy outbox would grow in between. Only a superuser
+        or the outbox's owner may: a worker role without superuser (docs/security.md) leaves it to autovacuum."""
+        if self._may_vacuum is None:
+            row = self.conn.execute(MAY_VACUUM).fetchone()
+            self._may_vacuum = bool(row and row[0])
+        if self._may_vacuum:
+            self.conn.execute("VACUUM pgturso.outbox")
 
     def mark_delivered(self, batch: Batch) -> None:
         """Remove a delivered batch's events and count it, in one transaction."""

@@ -32,9 +32,9 @@ from typing import Any
 
 import psycopg
 
-from .capture import CAPTURE_SETTINGS, row_json_sql
+from .capture import CAPTURE_SETTINGS, key_from_text_sql, row_json_sql
 from .errors import PgTursoError
-from .layout import TableLayout
+from .layout import Column, TableLayout
 from .logs import event
 from .outbox import Event, Outbox
 from .quoting import quote_ident
@@ -155,16 +155,21 @@ def parse_tuple(data: bytes, pos: int) -> tuple[list[Any], int]:
 
 def encode_rows_sql(layout: TableLayout, key_only: bool, generated: dict[str, str] | None = None) -> str:
     """A query turning %(values)s (a flat text[] of %(count)s rows, the layout's columns in order) into each
-    row's JSON array, with capture's own expressions: each text form is cast back to the column's type first.
+    row's JSON array, with capture's own expressions: each text form is read back as the column's type first,
+    by built-in input functions only (the worker runs this: no domain CHECK or user cast, docs/security.md).
     ``generated``: stored generated columns (name: expression), which Postgres 15 does not decode: they are
     not in the values but computed from the others, as Postgres computed them."""
     generated = generated or {}
     columns = [c for c in (layout.key_layout if key_only else layout.columns) if c.name not in generated]
     width = len(columns)
-    casts = ", ".join(
-        f"(%(values)s::text[])[g.i * {width} + {n + 1}]::{c.pg_type} AS {quote_ident(c.name)}"
-        for n, c in enumerate(columns)
-    )
+
+    def value(n: int, c: Column) -> str:
+        text = f"(%(values)s::text[])[g.i * {width} + {n + 1}]"
+        if not c.trusted:  # encoded from its text form anyway (types.USER_TYPE)
+            return text
+        return key_from_text_sql(c, text) or f"{text}::{c.pg_type}"  # (a layout from before 0.2.0)
+
+    casts = ", ".join(f"{value(n, c)} AS {quote_ident(c.name)}" for n, c in enumerate(columns))
     rows = f"SELECT {casts} FROM generate_series(0, %(count)s - 1) AS g(i)"
     computed = [f"({expr})::{layout.column(name).pg_type} AS {quote_ident(name)}" for name, expr in generated.items()
                 if key_only is False or name in layout.key_columns]

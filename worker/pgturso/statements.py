@@ -75,7 +75,8 @@ def alter_table_statements(old: TableLayout, new: TableLayout, recopy: bool) -> 
     change = change_between(old, new)
     out: list[str] = []
     if change.rebuild:
-        staging = _unused_name(new.target_table + "_pgturso_rebuild", {old.target_table, new.target_table})
+        # A reserved name (layout.RESERVED_PREFIXES): no tracked table can have it, so dropping it drops no data.
+        staging = _unused_name("_pgturso_rebuild_" + new.target_table, {old.target_table, new.target_table})
         old_by_num = {c.attnum: c for c in old.columns}
         pairs = [(c.name, old_by_num[c.attnum].name) for c in new.columns if c.attnum in old_by_num]
         out.append(f"DROP TABLE IF EXISTS {quote_ident(staging)}")

@@ -9,6 +9,19 @@ Rows travel as ``json_build_array(...)``, so a value whose encode is just ``{col
 own JSON conversion makes of it: numbers stay numbers, timestamps become ISO 8601 strings, arrays become JSON
 arrays and composites JSON objects (both arrive on Turso as JSON text), and every other type its text form.
 
+Security (docs/security.md): capture functions are SECURITY DEFINER, and the copies run with an operator's or
+the extension owner's rights, so no encoding may run code that a role other than a superuser defined.
+``json_build_array``, ``to_json`` and ``::text`` consult casts (``CREATE CAST``) for every type that is not
+built into Postgres, and the owner of an enum, composite, range or domain may create casts from it. So built-in
+encodings are used only for columns whose type is built in (under any domain, arrays of it included:
+``trusted`` in the catalog, ``_trusted_type`` in extension/sql/20_track.sql); every other value travels as its
+text form from the type's output function (``concat(…)``, which consults no cast), arrays of such
+types as a JSON array of the elements' text forms. Only a superuser can define an output function.
+
+Nothing that Turso's JSON parser could refuse travels as JSON structure inside a row: arrays travel as the
+text of their JSON (a JSON string inside the row), so a deeply nested jsonb element, a number beyond any
+double, ``\u0000`` or a lone surrogate in a ``json`` value arrive as text and cannot stop delivery.
+
 Capture functions run with ``TimeZone = UTC``, ``DateStyle = ISO``, ``IntervalStyle = iso_8601`` and
 ``extra_float_digits = 1`` (capture.CAPTURE_SETTINGS), so no session setting changes what arrives.
 """
@@ -61,9 +74,25 @@ TIME_TEXT = ColumnType("TEXT", note="HH:MM:SS[.ffffff], timetz with its offset",
 INTERVAL = ColumnType("TEXT", note="ISO 8601 duration, e.g. P1Y2M3DT4H5M6S", settings=frozenset({"IntervalStyle"}))
 MONEY = ColumnType("TEXT", encode="{col}::numeric::text", note="exact decimal text, no currency symbol")
 # Arrays, composites and other types contain or print values of any type: they depend on every setting.
-JSON_STRUCTURE = ColumnType("TEXT", note="JSON text: arrays as JSON arrays, composites as JSON objects",
+# An array travels as the text of its JSON (a string in the row), never as nested JSON Turso must parse.
+JSON_STRUCTURE = ColumnType("TEXT", encode="to_json({col})::text",
+                            note="JSON text: arrays as JSON arrays (built-in composites as JSON objects)",
                             settings=frozenset(ENCODING_SETTINGS))
 PG_TEXT = ColumnType("TEXT", note="the Postgres text form", settings=frozenset(ENCODING_SETTINGS))
+# Types a role other than a superuser may have defined (enums, composites, ranges, domains over them, and
+# arrays of them): only their output function, which no such role can define, turns them into text.
+# concat() calls the output function of its argument's type and consults no cast (nor does format(), but
+# its '%' would clash with client-side placeholders, e.g. in verify.py). concat(NULL) is '', hence the test
+# for NULL (num_nulls: a composite whose fields are all NULL is not NULL itself, though "IS NULL" says so).
+OUTPUT_TEXT = "CASE WHEN num_nulls({col}) = 0 THEN concat({col}) END"
+USER_TYPE = ColumnType("TEXT", encode=OUTPUT_TEXT, note="the text form from the type's output function",
+                       settings=frozenset(ENCODING_SETTINGS))
+USER_ARRAY = ColumnType(
+    "TEXT", encode="CASE WHEN num_nulls({col}) = 0 THEN array_to_json(concat({col})::text[])::text END",
+    note="a JSON array of the elements' text forms", settings=frozenset(ENCODING_SETTINGS),
+)
+# Encodings that run no function a user could have defined: everything but these two (see the module doc).
+USER_DEFINED_ENCODES = frozenset({USER_TYPE.encode, USER_ARRAY.encode})
 
 _BY_BASE_TYPE: dict[str, ColumnType] = {
     "int2": INTEGER,
@@ -99,13 +128,18 @@ JSON_FALLBACK = PG_TEXT
 _SAME_VALUES = [frozenset({"int2", "int4", "int8"}), frozenset({"text", "varchar"})]
 
 
-def column_type(base_type: str, numeric_precision: int | None = None, kind: str = "b") -> ColumnType:
+def column_type(base_type: str, numeric_precision: int | None = None, kind: str = "b",
+                trusted: bool = True) -> ColumnType:
     """Map a Postgres base type to its ColumnType.
 
     ``base_type`` is ``pg_type.typname`` after resolving domains; ``numeric_precision`` the declared precision
     of a numeric column (None when unconstrained); ``kind`` is ``typtype`` of the base type, or 'A' for an
-    array (``typcategory``): arrays and composites ('c') travel as JSON.
+    array (``typcategory``): arrays and composites ('c') travel as JSON. ``trusted``: the type is built into
+    Postgres (under any domain; an array's element too); False for any type a user may have created, whatever
+    its name, which then travels as its text form (USER_TYPE, USER_ARRAY).
     """
+    if not trusted:
+        return USER_ARRAY if kind == "A" else USER_TYPE
     if base_type == "numeric":
         if numeric_precision is not None and numeric_precision <= SQLITE_EXACT_DIGITS:
             return EXACT_NUMERIC

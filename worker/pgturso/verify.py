@@ -22,8 +22,8 @@ from typing import Any, TextIO
 
 import psycopg
 
-from .capture import CAPTURE_SETTINGS, filtered, pack_sql, row_json_sql
-from .layout import TableLayout
+from .capture import CAPTURE_SETTINGS, filtered, key_from_text_sql, key_text_sql, pack_sql, row_json_sql
+from .layout import Column, TableLayout
 from .logs import Progress
 from .quoting import quote_ident
 from .targets import Target
@@ -78,7 +78,7 @@ def _rows(layout: TableLayout, relation: str, with_params: bool = True) -> str:
 
 
 def _key_text(layout: TableLayout, alias: str) -> str:
-    return ", ".join(f"{alias}.{quote_ident(k)}::text" for k in layout.key_columns)
+    return ", ".join(key_text_sql(c, f"{alias}.{quote_ident(c.name)}") for c in layout.key_layout)
 
 
 def _diff_sql(layout: TableLayout) -> str:
@@ -95,17 +95,22 @@ def _diff_sql(layout: TableLayout) -> str:
 
 
 def _key_rows_sql(layout: TableLayout) -> str:
-    """Postgres: derived table ``k`` of typed key columns (and their position), one text[] per column."""
+    """Postgres: derived table ``k`` of typed key columns (and their position), one text[] per column; a key
+    of a type a user may have defined stays text (capture.key_from_text_sql), compared by _key_match as such."""
     arrays = ", ".join("%s::text[]" for _ in layout.key_columns)
     raw = ", ".join(f"k{i}" for i in range(len(layout.key_columns)))
-    types = {c.name: c.pg_type for c in layout.columns}
-    casts = ", ".join(f"raw.k{i}::{types[k]} AS {quote_ident(k)}" for i, k in enumerate(layout.key_columns))
+    casts = ", ".join(f"{key_from_text_sql(c, f'raw.k{i}') or f'raw.k{i}'} AS {quote_ident(c.name)}"
+                      for i, c in enumerate(layout.key_layout))
     return (f"(SELECT {casts}, raw._pgturso_n FROM unnest({arrays}) WITH ORDINALITY AS raw({raw}, _pgturso_n)) "
             "AS k")
 
 
 def _key_match(layout: TableLayout, alias: str) -> str:
-    return " AND ".join(f"{alias}.{quote_ident(k)} = k.{quote_ident(k)}" for k in layout.key_columns)
+    def side(c: Column) -> str:
+        ref = f"{alias}.{quote_ident(c.name)}"
+        return ref if key_from_text_sql(c, "") else key_text_sql(c, ref)
+
+    return " AND ".join(f"{side(c)} = k.{quote_ident(c.name)}" for c in layout.key_layout)
 
 
 def _key_params(layout: TableLayout, keys: Sequence[Sequence[str | None]]) -> list[list[str | None]]:
