@@ -402,3 +402,34 @@ def test_the_worker_delivers_without_superuser_with_what_grant_worker_grants(con
                               "SELECT pgturso.track_table('p1')", "SELECT pgturso.skip_transaction('1', 'x')"):
                 with pytest.raises(psycopg.errors.InsufficientPrivilege):
                     worker.execute(forbidden)
+
+
+def test_a_tracked_table_its_owner_turns_into_a_view_is_never_read(conn, dsn, turso: TursoServer):
+    with login_role(conn, dsn, "converter") as owner_dsn:
+        conn.execute("GRANT CREATE ON SCHEMA public TO converter")
+        with psycopg.connect(owner_dsn, autocommit=True) as owner:
+            owner.execute(ESCALATE.format(attacker="converter"))
+            owner.execute("CREATE TABLE t (id int NOT NULL, v text)")
+        conn.execute("SELECT pgturso.track_table('t', key_columns => ARRAY['id'])")
+        drain(dsn, turso.url)
+        with psycopg.connect(owner_dsn, autocommit=True) as owner:
+            for trigger in ("insert", "update", "delete", "truncate"):
+                owner.execute(f"DROP TRIGGER pgturso_capture_{trigger} ON t")
+            owner.execute("VACUUM t")  # clears relhastriggers: Postgres 15 then lets a table become a view
+            owner.execute("""
+                CREATE FUNCTION one() RETURNS int LANGUAGE plpgsql AS
+                    $$ BEGIN PERFORM public.escalate('view'); RETURN 1; END $$;
+                CREATE RULE "_RETURN" AS ON SELECT TO t DO INSTEAD SELECT one() AS id, 'x'::text AS v""")
+        with pytest.raises(psycopg.errors.RaiseException, match="not a table"):
+            conn.execute("SELECT pgturso.resync_table('t')")
+        # A copy started before the conversion is abandoned, not read, by the worker; verify skips it.
+        conn.execute("UPDATE pgturso.tracked_table SET copy_state = 'copying'")
+        drain(dsn, turso.url)
+        assert conn.execute("SELECT copy_state FROM pgturso.tracked_table").fetchone() == ("done",)
+        run_worker(dsn, turso.url)
+        import subprocess
+        import sys
+        subprocess.run([sys.executable, "-m", "pgturso", "verify", "--dsn", dsn, "--url", turso.url],
+                       capture_output=True, text=True, timeout=120)
+        assert calls(conn) == []
+        assert not is_superuser(conn, "converter")

@@ -368,10 +368,23 @@ COMMENT ON FUNCTION pgturso._refuse_unlogged IS 'Private: refuse unlogged tables
 REVOKE ALL ON FUNCTION pgturso._refuse_unlogged(oid[]) FROM PUBLIC;
 
 -- What to select a relation's rows from: ONLY for a plain table (inheritance children are not tracked).
+-- Only tables and materialized views are read: a view (a table can become one, CREATE RULE "_RETURN") or a
+-- foreign table would run code its owner chose with the reader's rights (docs/security.md).
 CREATE OR REPLACE FUNCTION pgturso._row_source(rel regclass) RETURNS text
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
-AS $$ SELECT CASE WHEN relkind = 'r' THEN 'ONLY ' ELSE '' END || rel::text FROM pg_class WHERE oid = rel $$;
+AS $$
+DECLARE
+    v_kind "char" := (SELECT c.relkind FROM pg_class c WHERE c.oid = rel);
+BEGIN
+    IF v_kind IS NULL OR v_kind NOT IN ('r', 'p', 'm') THEN
+        RAISE EXCEPTION 'pgturso: % is not a table or materialized view (relkind %)', rel, v_kind
+            USING HINT = 'pgturso reads only tables and materialized views; untrack it: '
+                         'SELECT pgturso.untrack_table(' || quote_literal(rel::text) || ').';
+    END IF;
+    RETURN CASE WHEN v_kind = 'r' THEN 'ONLY ' ELSE '' END || rel::text;
+END
+$$;
 COMMENT ON FUNCTION pgturso._row_source IS 'Private: FROM clause text for a tracked relation''s rows.';
 
 -- Whether a tracked table's capture is off: a capture trigger of it (or of a partition) disabled, or set to
@@ -593,11 +606,17 @@ BEGIN
             USING HINT = 'Set copy_chunk_rows between 1 and 10,000,000.';
     END IF;
     SELECT t.relid, t.copy_after INTO v_rel, v_after FROM pgturso.tracked_table t
-    JOIN pg_class c ON c.oid = t.relid AND c.relkind IN ('r', 'p')
     WHERE t.id = table_id AND t.copy_state = 'copying' AND t.dropped_at IS NULL
     FOR UPDATE OF t;
     IF NOT FOUND THEN
         RETURN NULL;
+    END IF;
+    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = v_rel) NOT IN ('r', 'p') THEN
+        -- Its owner turned it into something else (a view: CREATE RULE "_RETURN"): never read it.
+        UPDATE pgturso.tracked_table t SET copy_state = 'done', copy_finished_at = now() WHERE t.id = table_id;
+        RAISE WARNING 'pgturso: % is no longer a table; its copy is abandoned', v_rel
+            USING HINT = format('SELECT pgturso.untrack_table(%L)', v_rel::text);
+        RETURN 0;
     END IF;
     SELECT l.id, l.spec INTO v_layout_id, v_spec FROM pgturso.layout l
     WHERE l.table_id = _copy_chunk.table_id ORDER BY l.id DESC LIMIT 1;
@@ -839,6 +858,7 @@ BEGIN
         RAISE EXCEPTION 'pgturso: table % is not tracked', rel
             USING HINT = format('Track it: SELECT pgturso.track_table(%L).', rel::text);
     END IF;
+    PERFORM pgturso._row_source(rel);  -- still a table (or materialized view), or an error
     -- Recreate the Turso table empty, in order with the changes before and after, then copy it again. The
     -- lock (what track_table takes) waits for every open writer of the table: their events, drawn before
     -- the recreate's, are then committed and visible to the copy, instead of landing before the recreate

@@ -34,6 +34,7 @@ TRACKED_TABLES = """
     SELECT format('%%I.%%I', n.nspname, c.relname), l.id, l.spec
     FROM pgturso.tracked_table t
     JOIN pg_class c ON c.oid = t.relid AND t.target = %(target)s
+        AND c.relkind IN ('r', 'p', 'm')  -- never a view its owner made of a tracked table (docs/security.md)
     JOIN pg_namespace n ON n.oid = c.relnamespace
     CROSS JOIN LATERAL (SELECT id, spec FROM pgturso.layout WHERE table_id = t.id ORDER BY id DESC LIMIT 1) l
     ORDER BY 1
