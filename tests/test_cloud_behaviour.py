@@ -198,3 +198,11 @@ def test_libsql_url_with_tls0_token_and_encryption_key(tracked, dsn, turso):
     assert set(cloud.encryption_keys) == {"3ncrypt10n-key"}
     assert TOKEN not in result.stderr and "3ncrypt10n-key" not in result.stderr
     assert_complete_and_once(tracked, turso)
+
+
+def test_a_token_in_pgturso_url_is_refused_because_every_role_can_show_it(tracked, dsn):
+    dbname = tracked.info.dbname
+    tracked.execute(f"ALTER DATABASE {dbname} SET pgturso.url = 'libsql://127.0.0.1:1?tls=0&authToken=sh0wable'")
+    result = run_worker(dsn, "")
+    assert result.returncode == 2 and "pgturso.auth_token_file" in result.stderr
+    assert "sh0wable" not in result.stderr

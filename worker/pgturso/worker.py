@@ -87,6 +87,9 @@ def target_endpoint(conn: psycopg.Connection[Any], settings: Settings) -> tuple[
     url = settings.url if source in ("flag", "environment") else None
     if url is None and name == "default" and source == "postgresql.conf":
         url = settings.url
+        if "authtoken=" in url.lower():  # every role can SHOW pgturso.url: a token there is not a secret
+            raise ConfigError("pgturso.url carries a token (authToken=), which every role can read with SHOW; "
+                              "remove it and put the token in pgturso.auth_token_file (or PGTURSO_AUTH_TOKEN)")
     url = url or row_url or (DEFAULT_URL if name == "default" else None)
     if url is None:
         raise ConfigError(f"target {name!r} has no URL: pass --url or set it with pgturso.add_target")
