@@ -66,5 +66,6 @@ def test_metrics_endpoint_reports_deliveries(conn, dsn, turso: TursoServer):
         values = scrape()
         assert values["pgturso_up"] == 1 and values["pgturso_batches_total"] >= 1
         assert values["pgturso_backlog_events"] == 0 and values["pgturso_retries_total"] == 0
+        assert values["pgturso_transaction_hold_seconds"] > 0 and values["pgturso_batch_rows_limit"] == 50_000
     finally:
         assert worker.stop() == 0

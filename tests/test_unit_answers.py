@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import email.utils
 import random
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from conftest import REPO
@@ -146,3 +148,55 @@ def test_the_delay_is_never_shorter_than_the_server_asked() -> None:
     assert retry_delay(1, 0.1, 1.0, retry_after=7.0, rng=rng) == 7.0
     assert retry_delay(1, 0.1, 1.0, retry_after=None, rng=rng) <= 0.1
     assert retry_delay(30, 0.1, 1.0, retry_after=0.0, rng=rng) <= 1.0
+
+
+# -- batches sized by the time they hold Turso's write lock ---------------------------------------------------
+
+
+def _worker(batch_rows: int = 1000) -> Any:
+    from pgturso.settings import resolve
+    from pgturso.worker import Worker
+
+    return Worker("", resolve({}, environ={}, flags={"batch_rows": str(batch_rows), "batch_events": "1000"}))
+
+
+def test_slow_deliveries_shrink_batches_and_fast_ones_grow_them_back() -> None:
+    worker = _worker()
+    worker._fit_lock_window(2.5)  # over max_transaction_seconds (2 s)
+    assert (worker.batch_rows, worker.batch_events) == (500, 500)
+    for _ in range(20):
+        worker._fit_lock_window(10.0)
+    assert worker.batch_rows == 1, "never below one source transaction"
+    worker._fit_lock_window(1.0)  # not slow, not fast: stays
+    assert worker.batch_rows == 1
+    for _ in range(20):
+        worker._fit_lock_window(0.1)
+    assert (worker.batch_rows, worker.batch_events) == (1000, 1000), "back to the settings, not beyond"
+
+
+def test_a_lock_timeout_halves_a_batch_of_many_transactions_at_once() -> None:
+    from pgturso.errors import TursoBusy
+
+    worker = _worker()
+    worker._sending = SimpleNamespace(transactions=40, rows=300, event_count=40)
+    busy = TursoBusy("rolled back", "TRANSACTION_TIMEOUT", 6.0)
+    assert worker._explain_transient(busy) is busy
+    assert (worker.batch_rows, worker.batch_events) == (150, 20)
+    other = TursoBusy("busy", "SQLITE_BUSY")
+    assert worker._explain_transient(other) is other and worker.batch_rows == 150, "only lock timeouts resize"
+
+
+def test_a_single_transaction_that_never_fits_the_window_gets_an_error_naming_the_setting() -> None:
+    from pgturso.errors import TursoBusy, TursoUnavailable
+
+    worker = _worker()
+    worker._sending = SimpleNamespace(transactions=1, rows=90_000, event_count=3)
+    busy = TursoBusy("rolled back", "TRANSACTION_TIMEOUT", 6.2)
+    assert worker._explain_transient(busy) is busy
+    assert worker._explain_transient(busy) is busy
+    explained = worker._explain_transient(busy)
+    assert isinstance(explained, TursoUnavailable), "still retried: another writer may stop"
+    assert "pgturso.max_request_bytes" in str(explained) and "6.2 s" in str(explained)
+    assert "90000 rows" in str(explained) and "3 times" in str(explained)
+    worker._fit_lock_window(0.1)  # a delivery went through: the count starts again
+    assert worker._explain_transient(busy) is busy

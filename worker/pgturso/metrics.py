@@ -16,6 +16,8 @@ _HELP = {
     "pgturso_retries_total": ("counter", "Retries after network errors, 429, 5xx or unreadable answers"),
     "pgturso_errors_total": ("counter", "Changes Turso refused, and fatal errors"),
     "pgturso_up": ("gauge", "1 while this worker holds the delivery lock"),
+    "pgturso_transaction_hold_seconds": ("gauge", "How long the last delivery kept its Turso transaction open"),
+    "pgturso_batch_rows_limit": ("gauge", "Rows per delivery now (batch_rows, smaller while deliveries are slow)"),
     "pgturso_wal_retained_bytes": ("gauge", "WAL kept by a wal target's replication slot (0 in trigger capture)"),
 }
 

@@ -432,6 +432,8 @@ class Worker:
         self.events_delivered += batch.event_count
         held = self.target.last_hold_seconds if self.target is not None else 0.0
         self._fit_lock_window(held)
+        self.metrics.set("pgturso_transaction_hold_seconds", held)
+        self.metrics.set("pgturso_batch_rows_limit", self.batch_rows)
         self._vacuum_if_due(batch.rows)
         self.metrics.add("pgturso_batches_total")
         self.metrics.add("pgturso_rows_delivered_total", batch.rows)
