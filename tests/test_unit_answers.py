@@ -200,3 +200,28 @@ def test_a_single_transaction_that_never_fits_the_window_gets_an_error_naming_th
     assert "90000 rows" in str(explained) and "3 times" in str(explained)
     worker._fit_lock_window(0.1)  # a delivery went through: the count starts again
     assert worker._explain_transient(busy) is busy
+
+
+def test_a_file_target_locked_by_another_connection_is_transient_and_a_bad_statement_is_refused(tmp_path) -> None:
+    import turso
+    from pgturso.errors import StatementFailed, TursoBusy
+    from pgturso.statements import Statement
+    from pgturso.targets import FileTarget
+
+    path = str(tmp_path / "replica.db")
+    target = FileTarget(path)
+    target.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+    other = turso.connect(path, isolation_level=None)
+    other.execute("BEGIN")
+    other.execute("INSERT INTO t VALUES (1)")  # holds the write lock
+    transaction = target.begin()
+    with pytest.raises(TursoBusy, match="database is locked"):
+        transaction.execute(Statement("INSERT INTO t VALUES (2)", table="public.t", operation="insert"))
+    other.execute("COMMIT")
+    transaction = target.begin()
+    with pytest.raises(StatementFailed) as refused:
+        transaction.execute(Statement("INSERT INTO nope VALUES (2)", table="public.t", operation="insert"))
+    assert refused.value.table == "public.t"
+    assert target.query("SELECT id FROM t") == [[1]]
+    other.close()
+    target.close()

@@ -352,7 +352,18 @@ class FileTarget:
         try:
             return [list(row) for row in self.conn.execute(sql, tuple(args)).fetchall()]
         except self._error as exc:
-            raise StatementFailed(str(exc)) from exc
+            raise self.failure(exc) from exc
+
+    def failure(self, exc: Exception, statement: Statement | None = None, what: str = "") -> PgTursoError:
+        """What a pyturso error means, by the same table as Turso's answers: another process holding the file's
+        lock is transient; anything else refuses the statement."""
+        rule = hrana.classify_step_error(None, str(exc))
+        if rule.transient:
+            return TursoBusy(f"{self.description}: {exc} ({rule.why}); nothing was committed, sending it again",
+                             rule.key)
+        if statement is None:
+            return StatementFailed(f"{what}{exc}")
+        return StatementFailed(str(exc), statement.table, statement.operation, statement.txids)
 
     def execute(self, sql: str) -> None:
         self.query(sql)
@@ -376,15 +387,15 @@ class FileTransaction:
         try:
             self.target.conn.execute(statement.sql, statement.args)
         except self.target._error as exc:
-            self.target.conn.execute("ROLLBACK")
-            raise StatementFailed(str(exc), statement.table, statement.operation, statement.txids) from exc
+            self.abort()
+            raise self.target.failure(exc, statement) from exc
 
     def commit(self) -> None:
         try:
             self.target.conn.execute("COMMIT")
         except self.target._error as exc:
-            self.target.conn.execute("ROLLBACK")
-            raise StatementFailed(f"COMMIT failed: {exc}") from exc
+            self.abort()
+            raise self.target.failure(exc, what="COMMIT failed: ") from exc
         self.target.last_hold_seconds = time.monotonic() - self.opened_at
 
     def abort(self) -> None:
