@@ -56,7 +56,7 @@ def main() -> int:
     started_at, started = utcnow(), time.monotonic()
     load_before = Path("/proc/loadavg").read_text().split()[0]
     product = product_version()  # before the run: the measured code must not change under it
-    pg = PgCluster()
+    pg = PgCluster(settings={"wal_level": "logical"})  # capture => 'wal' is measured beside trigger capture
     bench = Bench(sizes=QUICK if args.quick else FULL, quick=args.quick, pg=pg)
     errors = 0
     try:

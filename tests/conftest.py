@@ -76,8 +76,11 @@ def _capture_mode(postgresql: psycopg.Connection[Any], capture: str) -> Iterator
     yield
     if capture == "wal":
         _kill_workers()  # a running worker would recreate the slot; a slot left behind blocks DROP DATABASE
-        if not postgresql.closed and postgresql.execute("SELECT to_regclass('pgturso.target')").fetchone()[0]:
-            postgresql.execute("SELECT pgturso._drop_slot(name) FROM pgturso.target")
+        info = postgresql.info  # a fresh connection: the test may have restarted Postgres under this one
+        with psycopg.connect(host=info.host, port=info.port, user=info.user, dbname=info.dbname,
+                             autocommit=True) as fresh:
+            if fresh.execute("SELECT to_regclass('pgturso.target')").fetchone()[0]:  # type: ignore[index]
+                fresh.execute("SELECT pgturso._drop_slot(name) FROM pgturso.target")
 
 
 @pytest.fixture

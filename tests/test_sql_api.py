@@ -164,6 +164,7 @@ def test_every_function_pins_search_path():
         assert "SET search_path = pg_catalog, pg_temp" in sql[match.end():body_start], match.group()
 
 
+@pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
 def test_wait_for_sync_gives_read_your_writes(conn, dsn, turso: TursoServer):
     from support.workers import WorkerProcess
 
@@ -195,6 +196,7 @@ def test_wait_for_sync_gives_read_your_writes(conn, dsn, turso: TursoServer):
         conn.execute("DROP ROLE reader_app")
 
 
+@pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
 def test_sync_delivers_from_inside_postgres_with_the_worker_code(conn, dsn, turso: TursoServer):
     from support.workers import WorkerProcess, wait_until
 

@@ -166,3 +166,28 @@ def test_once_exits_with_nothing_pending(conn, dsn, turso: TursoServer):
     assert run_worker(dsn, turso.url).returncode == 0
     assert turso.query("SELECT count(*) FROM t") == [[10]]
     assert pending(conn) == 0
+
+
+def test_a_change_turso_refuses_blocks_visibly_then_resumes(conn, dsn, turso: TursoServer):
+    """Decoded in commit order, delivered up to the transaction Turso refuses, which blocks the target until
+    the target is fixed (skip_transaction is for trigger capture)."""
+    from support.turso import read_rows
+
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    drain(dsn, turso.url)
+    read_rows(turso.url, "CREATE TRIGGER no_bad BEFORE INSERT ON t WHEN NEW.v LIKE 'bad%' "
+                         "BEGIN SELECT RAISE(ABORT, 'no bad rows here'); END")
+    for i, v in enumerate(["good", "bad one", "after"], start=1):
+        conn.execute("INSERT INTO t VALUES (%s, %s)", (i, v))
+    result = run_worker(dsn, turso.url)
+    assert result.returncode == 2
+    assert "event=blocked" in result.stderr and "public.t" in result.stderr and "no bad rows here" in result.stderr
+    assert turso.query("SELECT id FROM t ORDER BY id") == [[1]]
+    status = conn.execute("SELECT worker_status, last_error FROM pgturso.status").fetchone()
+    assert status[0] == "blocked" and "no bad rows here" in status[1]
+    assert pending(conn) == 2
+    read_rows(turso.url, "DROP TRIGGER no_bad")
+    drain(dsn, turso.url)
+    assert turso.query("SELECT id, v FROM t ORDER BY id") == [[1, "good"], [2, "bad one"], [3, "after"]]
+    assert pending(conn) == 0

@@ -30,6 +30,14 @@ BEGIN
     IF EXISTS (SELECT 1 FROM pg_replication_slots s WHERE s.slot_name = v_slot AND s.wal_status <> 'lost') THEN
         RETURN;
     END IF;
+    IF EXISTS (SELECT 1 FROM pgturso.target g JOIN pgturso.tracked_table t ON t.target = g.name
+               WHERE g.name = _prepare_wal_capture.target AND g.capture = 'wal') THEN
+        -- The target's slot was lost (invalidated, or a failover) and its worker has not replaced it yet: it
+        -- will, and copy every table of the target afresh, this one included.
+        UPDATE pgturso.target g SET slot_rebuild = coalesce(g.slot_rebuild, 'lost or missing')
+        WHERE g.name = _prepare_wal_capture.target;
+        RETURN;
+    END IF;
     IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
         RAISE EXCEPTION 'pgturso: the replication slot of target % must be created before this transaction writes', target
             USING HINT = 'Call pgturso.track_table(..., capture => ''wal'') first in its transaction (or on its own).';

@@ -406,6 +406,7 @@ class WalOutbox(Outbox):
         self.outbox_oid = 0
         self.layouts_in_force: dict[int, int] = {}
         self.seen_upto = 0  # where the last peek read up to
+        self.slot_missing = False
         self.table_of_relid: dict[int, int] = {}
         self.target_of_table: dict[int, str] = {}
         self._positions: dict[tuple[int, int, tuple[str, ...]], list[int]] = {}
@@ -430,6 +431,9 @@ class WalOutbox(Outbox):
         """Recover from the target's progress marker: rebuild a lost slot, or move the slot up to what Turso
         already has (deleting the outbox rows that came with it). Returns the outbox rows removed."""
         _, generation, rebuilding, exists, status, confirmed = self.slot_state()
+        self.slot_missing = not exists
+        if not exists and not rebuilding and not self._has_tables():
+            return 0  # nothing tracked: no slot wanted (track_table makes one for the first table)
         if rebuilding or not exists or status == "lost":
             self.rebuild_slot(rebuilding or ("invalidated (max_slot_wal_keep_size)" if exists else
                                              "missing (a failover, or dropped by hand)"))
@@ -455,6 +459,12 @@ class WalOutbox(Outbox):
         self.advance(position)
         return removed
 
+    def _has_tables(self) -> bool:
+        with self.conn.transaction():
+            row = self.conn.execute("SELECT EXISTS (SELECT 1 FROM pgturso.tracked_table WHERE target = %s)",
+                                    (self.target,)).fetchone()
+        return bool(row and row[0])
+
     def rebuild_slot(self, reason: str) -> None:
         """Replace a lost slot and copy the target's tables afresh through the new one (each is recreated on
         Turso first, in order with the changes around it, so nothing is doubled)."""
@@ -479,6 +489,7 @@ class WalOutbox(Outbox):
                               f"{', '.join(t for (t,) in tables) or 'no tables'}")
         self.generation += 1
         self.layouts_in_force = {}
+        self.slot_missing = False
 
     def advance(self, position: int) -> None:
         confirmed = self.conn.execute("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
@@ -494,6 +505,11 @@ class WalOutbox(Outbox):
         created is visible); None when the slot has nothing for this target."""
         self.conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
         upto = lsn_to_int(str(self.conn.execute(FLUSH_LSN).fetchone()[0]))  # type: ignore[index]
+        if self.slot_missing:  # no table was tracked: has track_table made the slot since?
+            row = self.conn.execute(SLOT_OF_TARGET, {"target": self.target}).fetchone()
+            if row is None or not row[3]:
+                return None
+            self.slot_missing, self.generation, self.layouts_in_force = False, int(row[1]), {}
         batch = self._peek(upto, 1 if single_transaction else self.batch_rows)
         self.seen_upto = upto
         if batch is None:
@@ -504,7 +520,11 @@ class WalOutbox(Outbox):
         self._load_tables()
         cur = self.conn.cursor(name="pgturso_slot")
         cur.itersize = 2000
-        cur.execute(PEEK, {"slot": self.slot, "upto": lsn_to_text(upto), "changes": changes or None})
+        try:
+            cur.execute(PEEK, {"slot": self.slot, "upto": lsn_to_text(upto), "changes": changes or None})
+        except (psycopg.errors.UndefinedObject, psycopg.errors.ObjectNotInPrerequisiteState) as exc:
+            # The slot was dropped or invalidated under the worker: reconnect and recover (forget()).
+            raise psycopg.OperationalError(f"replication slot {self.slot}: {str(exc).strip()}") from exc
         first = [bytes(r[0]) for r in cur.fetchmany(cur.itersize)]
         if not first:
             cur.close()

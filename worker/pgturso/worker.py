@@ -677,9 +677,9 @@ class Worker:
     def _failed_batch_end(self) -> int | None:
         """The last outbox id of the batch that just failed (it is still pending: nothing was removed)."""
         assert self.conn is not None and self.outbox is not None
-        with self.conn.transaction():
+        with self.conn.transaction():  # a slot's batch learns where it ends by reading it, in the transaction
             batch = self.outbox.choose_batch()
-        return batch.upto if batch is not None else None
+            return batch.upto if batch is not None else None
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
