@@ -12,6 +12,10 @@ from conftest import drain, pending
 from support.turso import TursoServer
 from test_verify import verify
 
+# Each test runs with trigger capture and with capture => 'wal' (conftest.py), except those about triggers
+# (disabled capture, a stale capture function) and refusals made before anything is captured.
+CAPTURE_MODES = ("trigger", "wal")
+
 
 def pg_rows(conn: psycopg.Connection[Any], sql: str) -> list[list[Any]]:
     return [list(r) for r in conn.execute(sql).fetchall()]
@@ -24,12 +28,15 @@ def turso_columns(turso: TursoServer, table: str) -> list[str]:
 # ------------------------------------------------------------------ (a) columns changed through other objects
 
 
-def test_drop_type_domain_and_function_cascade_drop_columns_and_writes_go_on(conn, dsn, turso: TursoServer):
+def test_drop_type_domain_and_function_cascade_drop_columns_and_writes_go_on(capture, conn, dsn, turso):
     conn.execute("CREATE TYPE mood AS ENUM ('sad', 'happy')")
     conn.execute("CREATE DOMAIN posint AS int CHECK (VALUE > 0)")
     conn.execute("CREATE FUNCTION twice(int) RETURNS int IMMUTABLE LANGUAGE sql AS 'SELECT $1 * 2'")
-    conn.execute("CREATE TABLE t (id int PRIMARY KEY, m mood, p posint, v int, "
-                 "g int GENERATED ALWAYS AS (twice(v)) STORED, keep text)")
+    # capture => 'wal' computes a generated column at delivery from the catalog, which cannot be done for rows
+    # written before DROP FUNCTION ... CASCADE dropped it (the slot worker stops with a SlotError naming
+    # resync_table: issue 14's to settle); there the column is a plain one with a default.
+    generated = "GENERATED ALWAYS AS (twice(v)) STORED" if capture == "trigger" else "DEFAULT twice(1)"
+    conn.execute(f"CREATE TABLE t (id int PRIMARY KEY, m mood, p posint, v int, g int {generated}, keep text)")
     conn.execute("INSERT INTO t VALUES (1, 'sad', 1, 1, DEFAULT, 'one')")
     conn.execute("SELECT pgturso.track_table('t')")
     conn.execute("DROP TYPE mood CASCADE")
@@ -39,11 +46,12 @@ def test_drop_type_domain_and_function_cascade_drop_columns_and_writes_go_on(con
     conn.execute("DROP FUNCTION twice(int) CASCADE")
     conn.execute("INSERT INTO t (id, v, keep) VALUES (3, 3, 'three')")
     drain(dsn, turso.url)
-    assert turso_columns(turso, "t") == ["id", "v", "keep"]
+    assert turso_columns(turso, "t") == (["id", "v", "keep"] if capture == "trigger" else ["id", "v", "g", "keep"])
     assert turso.query("SELECT * FROM t ORDER BY id") == pg_rows(conn, "SELECT * FROM t ORDER BY id")
     assert pending(conn) == 0
 
 
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)
 def test_a_key_column_dropped_through_its_type_is_refused(conn):
     conn.execute("CREATE DOMAIN code AS text CHECK (VALUE <> '')")
     conn.execute("CREATE TABLE c (k code PRIMARY KEY, v int)")
@@ -156,6 +164,7 @@ def test_keys_postgres_calls_equal_move_on_turso(conn, dsn, turso: TursoServer):
     assert turso.query("SELECT c, v FROM padded") == pg_rows(conn, "SELECT c::text, v FROM padded")
 
 
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)
 def test_array_keys_keep_their_bounds_or_are_refused(conn):
     conn.execute("CREATE TABLE a (k int[] PRIMARY KEY, v int)")
     with pytest.raises(psycopg.Error, match="array") as failure:
@@ -167,6 +176,7 @@ def test_array_keys_keep_their_bounds_or_are_refused(conn):
         conn.execute("ALTER TABLE b DROP CONSTRAINT b_pkey")
 
 
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)
 def test_inheritance_is_refused(conn):
     conn.execute("CREATE TABLE parent (id int PRIMARY KEY, v text)")
     conn.execute("CREATE TABLE child () INHERITS (parent)")
@@ -201,6 +211,7 @@ def test_attaching_a_tracked_table_as_a_partition_is_refused(conn, dsn, turso: T
     assert turso.query("SELECT id, v FROM m") == [[1, "one"]]
 
 
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)
 def test_disabled_capture_shows_in_status_and_verify_and_is_repaired(conn, dsn, turso: TursoServer):
     conn.execute("CREATE TABLE d (id int PRIMARY KEY, v text)")
     conn.execute("SELECT pgturso.track_table('d')")
@@ -247,6 +258,7 @@ def test_key_change_during_a_chunked_copy(conn, dsn, turso: TursoServer):
     assert pg_rows(conn, "SELECT count(*) FROM pgturso.tracked_table WHERE copy_state = 'done'") == [[2]]
 
 
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)
 def test_unlogged_and_temporary_tables_are_refused(conn):
     conn.execute("CREATE UNLOGGED TABLE ul (id int PRIMARY KEY)")
     with pytest.raises(psycopg.Error, match="unlogged") as failure:
@@ -263,9 +275,31 @@ def test_unlogged_and_temporary_tables_are_refused(conn):
     conn.execute("SELECT pgturso.track_table('ul')")
 
 
+def test_replica_identity_changes_never_break_writes(capture, conn, dsn, turso: TursoServer):
+    """Trigger capture does not use the replica identity; capture => 'wal' needs the old key of every UPDATE
+    and DELETE, and Postgres fails those writes on a published table without an identity."""
+    conn.execute("CREATE TABLE ri (id int PRIMARY KEY, code text NOT NULL UNIQUE, v text)")
+    conn.execute("INSERT INTO ri VALUES (1, 'a', 'one'), (2, 'b', 'two')")
+    conn.execute("SELECT pgturso.track_table('ri')")
+    if capture == "wal":
+        with pytest.raises(psycopg.Error, match="replica identity") as failure:
+            conn.execute("ALTER TABLE ri REPLICA IDENTITY NOTHING")
+        assert "REPLICA IDENTITY DEFAULT" in failure.value.diag.message_hint
+        with pytest.raises(psycopg.Error, match="replica identity"):
+            conn.execute("ALTER TABLE ri REPLICA IDENTITY USING INDEX ri_code_key")  # not the key's columns
+    else:
+        conn.execute("ALTER TABLE ri REPLICA IDENTITY NOTHING")
+    conn.execute("ALTER TABLE ri REPLICA IDENTITY FULL")
+    conn.execute("UPDATE ri SET id = 10, v = 'ten' WHERE id = 1")
+    conn.execute("DELETE FROM ri WHERE id = 2")
+    drain(dsn, turso.url)
+    assert turso.query("SELECT * FROM ri ORDER BY id") == pg_rows(conn, "SELECT * FROM ri ORDER BY id")
+
+
 # ------------------------------------------------------------------------------------ the last line of defence
 
 
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)
 def test_a_stale_capture_function_never_breaks_a_write(conn, dsn, turso: TursoServer):
     """DDL that pgturso did not see (its event triggers disabled, or session_replication_role = replica):
     the application's writes still succeed, and Turso still ends up equal (the table is followed and recopied,

@@ -370,6 +370,40 @@ $$;
 COMMENT ON FUNCTION pgturso._warn_disabled_capture IS
     'Private: warn about tracked tables (touched by this DDL) whose capture triggers are disabled.';
 
+-- capture => 'wal' decodes each UPDATE's and DELETE's old key from the replica identity, and Postgres fails
+-- UPDATE and DELETE on a published table that has none: after DDL, every wal-captured table touched (each
+-- leaf) must still identify its rows by columns that include the key (FULL, the primary key, or USING INDEX).
+CREATE OR REPLACE FUNCTION pgturso._refuse_lost_replica_identity(rels oid[]) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_rel regclass;
+BEGIN
+    SELECT c.oid INTO v_rel
+    FROM pgturso.tracked_table t
+    CROSS JOIN LATERAL (SELECT l.spec FROM pgturso.layout l WHERE l.table_id = t.id ORDER BY l.id DESC LIMIT 1) l
+    JOIN pg_class c ON c.oid IN (SELECT t.relid UNION SELECT p.relid FROM pg_partition_tree(t.relid) p)
+    WHERE t.dropped_at IS NULL AND pgturso._capture_of(t.id) = 'wal'
+      AND EXISTS (SELECT 1 FROM unnest(rels) AS x(rel) WHERE t.relid IN (x.rel, pg_partition_root(x.rel)))
+      AND c.relkind = 'r' AND c.relreplident <> 'f'
+      AND NOT ARRAY(SELECT jsonb_array_elements_text(l.spec -> 'key_columns')) <@ coalesce((
+              SELECT array_agg(a.attname::text) FROM pg_index i
+              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+              WHERE i.indrelid = c.oid
+                AND ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident))),
+              '{}')
+    LIMIT 1;
+    IF v_rel IS NOT NULL THEN
+        RAISE EXCEPTION 'pgturso: % would lose the replica identity that capture => ''wal'' reads its key from', v_rel
+            USING HINT = format('Keep ALTER TABLE %s REPLICA IDENTITY DEFAULT (the primary key), FULL, or USING '
+                                'INDEX of a unique index over the key''s columns.', v_rel);
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION pgturso._refuse_lost_replica_identity IS
+    'Private: refuse DDL that leaves a wal-captured table without a replica identity covering its key.';
+
 CREATE OR REPLACE FUNCTION pgturso._on_ddl_command_end() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -438,6 +472,7 @@ BEGIN
     END LOOP;
     -- ALTER TABLE ... DISABLE TRIGGER [ALL] on a tracked table: say so now (pgturso.status shows it too).
     PERFORM pgturso._warn_disabled_capture(v_rels);
+    PERFORM pgturso._refuse_lost_replica_identity(coalesce(v_rels, '{}'));
     PERFORM set_config('pgturso.rewritten', '', true);
 END
 $$;
@@ -524,3 +559,4 @@ REVOKE ALL ON FUNCTION pgturso._tables_using_type(oid) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._refuse_shapes(oid[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._warn_disabled_capture(oid[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._capture_failed(integer, oid, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._refuse_lost_replica_identity(oid[]) FROM PUBLIC;
