@@ -38,16 +38,16 @@ END $$;
 WAL_TARGET = "bench_wal"
 
 
-def track_wal(conn: psycopg.Connection[Any], table: str) -> None:
+def track_wal(conn: psycopg.Connection[Any], table: str, target: str = WAL_TARGET) -> None:
     conn.execute("SELECT pgturso.add_target(%s, 'file:/dev/null') WHERE NOT EXISTS "
-                 "(SELECT 1 FROM pgturso.target WHERE name = %s)", (WAL_TARGET, WAL_TARGET))
-    conn.execute("SELECT pgturso.track_table(%s, target => %s, capture => 'wal')", (table, WAL_TARGET))
+                 "(SELECT 1 FROM pgturso.target WHERE name = %s)", (target, target))
+    conn.execute("SELECT pgturso.track_table(%s, target => %s, capture => 'wal')", (table, target))
 
 
 def drop_wal_slot(conn: psycopg.Connection[Any]) -> None:
-    """Let the slot go, so that it does not keep the WAL of the scenarios that follow."""
+    """Let the slot go, so that it does not keep the WAL of the runs and scenarios that follow. No worker reads
+    it while writers are measured, so whether it exists changes nothing for them (wal_level = logical does)."""
     conn.execute("SELECT pgturso._drop_slot(%s)", (WAL_TARGET,))
-    conn.execute("SELECT pgturso._prepare_wal_capture(%s)", (WAL_TARGET,))
 
 
 def _setup_bulk(b: Bench) -> str:

@@ -154,23 +154,23 @@ def parse_tuple(data: bytes, pos: int) -> tuple[list[Any], int]:
 
 
 def encode_rows_sql(layout: TableLayout, key_only: bool, generated: dict[str, str] | None = None) -> str:
-    """A query turning %(values)s (a flat text[] of %(count)s rows, the layout's columns in order) into each
+    """A query turning %(c0)s, %(c1)s, … (one text[] per column, the layout's columns in order: unnest reads
+    them in step, in order, where subscripting one flat array would cost a pass per value) into each
     row's JSON array, with capture's own expressions: each text form is read back as the column's type first,
     by built-in input functions only (the worker runs this: no domain CHECK or user cast, docs/security.md).
     ``generated``: stored generated columns (name: expression), which Postgres 15 does not decode: they are
     not in the values but computed from the others, as Postgres computed them."""
     generated = generated or {}
     columns = [c for c in (layout.key_layout if key_only else layout.columns) if c.name not in generated]
-    width = len(columns)
-
     def value(n: int, c: Column) -> str:
-        text = f"(%(values)s::text[])[g.i * {width} + {n + 1}]"
+        text = f"u.c{n}"
         if not c.trusted:  # encoded from its text form anyway (types.USER_TYPE)
             return text
         return key_from_text_sql(c, text) or f"{text}::{c.pg_type}"  # (a layout from before 0.2.0)
 
     casts = ", ".join(f"{value(n, c)} AS {quote_ident(c.name)}" for n, c in enumerate(columns))
-    rows = f"SELECT {casts} FROM generate_series(0, %(count)s - 1) AS g(i)"
+    arrays = ", ".join(f"%(c{n})s::text[]" for n in range(len(columns)))
+    rows = f"SELECT {casts} FROM unnest({arrays}) AS u({', '.join(f'c{n}' for n in range(len(columns)))})"
     computed = [f"({expr})::{layout.column(name).pg_type} AS {quote_ident(name)}" for name, expr in generated.items()
                 if key_only is False or name in layout.key_columns]
     if computed:
@@ -580,7 +580,9 @@ class WalOutbox(Outbox):
         if sql is None:
             sql = self._encoders[(layout_id, key_only)] = encode_rows_sql(
                 self.layout(layout_id), key_only, self.generated(layout_id))
-        return [r[0] for r in self.conn.execute(sql, {"values": values, "count": count}).fetchall()]
+        width = len(values) // count if count else 0
+        columns = {f"c{n}": values[n::width] for n in range(width)}  # the rows' values, column by column
+        return [r[0] for r in self.conn.execute(sql, columns, binary=True).fetchall()]  # binary: no quoting
 
     # -- after delivery --------------------------------------------------------------------------------------
 

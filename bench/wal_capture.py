@@ -1,0 +1,64 @@
+"""Scenario 10: capture => 'wal' — the worker drains a backlog of single-row transactions from the slot.
+
+Scenarios 1 and 2 measure what wal capture costs writers (rows 1*w, 2*w); this one what it costs the worker:
+the same backlog as scenario 4a, committed with no worker running, then drained by one `--once` run into a
+fresh tursodb, against the HTTP ceiling scenario 4 measured.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from capture_cost import track_wal
+from delivery import COLUMNS, turso_count
+from harness import Bench, Row, WorkerProcess, fmt_int, fmt_rate, fresh_turso, pgbench, pgbench_conn_args, progress
+
+INSERT_ONE = "INSERT INTO backlog_wal VALUES (nextval('backlog_wal_ids'), 'pgbench row', 1, 0.5);\n"
+DRAIN_TARGET = "bench_wal_drain"  # a target of its own: its slot is made for this backlog
+
+
+def s10_wal_drain(b: Bench) -> None:
+    n = b.sizes.backlog_txns
+    progress(f"10. capture => 'wal': drain {fmt_int(n)} single-row transactions from the slot")
+    with b.connect() as conn:
+        conn.execute(f"CREATE TABLE backlog_wal {COLUMNS}")
+        conn.execute("CREATE SEQUENCE backlog_wal_ids")
+        track_wal(conn, "backlog_wal", DRAIN_TARGET)
+    script = Path(tempfile.mkdtemp(prefix="pgturso-bench-")) / "insert.sql"
+    b.cleanup.append(script.parent)
+    script.write_text(INSERT_ONE)
+    pgbench(pgbench_conn_args(b.pg), ["-n", "-M", "prepared", "-c", "4", "-j", "2", "-t", str(n // 4),
+                                      "-f", str(script)])
+    retained = b.sql("SELECT wal_retained_bytes FROM pgturso.status WHERE table_name = 'backlog_wal'::regclass")
+    try:
+        with fresh_turso() as server:
+            run = WorkerProcess(b.dsn, server.url, once=True, extra=["--target", DRAIN_TARGET]).wait(1800)
+            if run.returncode != 0:
+                raise RuntimeError(f"worker exited with {run.returncode}: {' | '.join(run.errors[-3:])}")
+            run.rows = turso_count(server.url, "backlog_wal")
+        if run.rows != n // 4 * 4:
+            raise RuntimeError(f"wal drain: Turso has {run.rows} rows, expected {n // 4 * 4}")
+    finally:
+        b.sql("SELECT pgturso._drop_slot(%s)", (DRAIN_TARGET,))
+    ceiling = b.facts.get("http_ceiling")
+    b.add(
+        Row(
+            "10a",
+            f"capture => 'wal': drain {fmt_int(n)} single-row transactions from the slot to tursodb over HTTP",
+            fmt_rate(run.rows_per_s) + (f" = {run.rows_per_s / ceiling:.2f}x ceiling" if ceiling else ""),
+            ">= 0.70x ceiling",
+            (run.rows_per_s >= 0.7 * ceiling) if ceiling else None,
+            f"{run.seconds:.1f}s, {run.batches} batches; the slot kept {(retained[0][0] or 0) / 2**20:.0f} MB of WAL",
+        )
+    )
+    b.add(
+        Row(
+            "10b",
+            f"capture => 'wal': worker peak RSS draining {fmt_int(n)} single-row transactions",
+            f"{run.peak_rss_mb:.0f} MB",
+            "<= 150 MB",
+            run.peak_rss_mb <= 150,
+            "VmHWM of the worker process, sampled every 10 ms",
+        )
+    )
