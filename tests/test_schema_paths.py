@@ -296,6 +296,53 @@ def test_replica_identity_changes_never_break_writes(capture, conn, dsn, turso: 
     assert turso.query("SELECT * FROM ri ORDER BY id") == pg_rows(conn, "SELECT * FROM ri ORDER BY id")
 
 
+def test_siblings_found_by_attacking_the_fixes(conn, dsn, turso: TursoServer):
+    """More roads to the same places: a case-only table rename, a rewrite of a partitioned table, a domain
+    renamed, a composite's attribute retyped under a typed table, a collation dropped with its column, an enum
+    value added."""
+    conn.execute("CREATE TABLE events (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('events')")
+    conn.execute('ALTER TABLE events RENAME TO "Events"')  # SQLite: the same name
+    conn.execute('INSERT INTO "Events" VALUES (1, \'one\')')
+
+    conn.execute("CREATE TABLE parted (id int, n int, PRIMARY KEY (id)) PARTITION BY RANGE (id)")
+    conn.execute("CREATE TABLE parted_1 PARTITION OF parted FOR VALUES FROM (0) TO (100)")
+    conn.execute("INSERT INTO parted VALUES (1, 1), (50, 2)")
+    conn.execute("SELECT pgturso.track_table('parted')")
+    conn.execute("ALTER TABLE parted ALTER COLUMN n TYPE bigint USING n * 1000")
+
+    conn.execute("CREATE DOMAIN stamp AS timestamptz")
+    conn.execute("CREATE TYPE point2 AS (x int, y int)")
+    conn.execute("CREATE TABLE pts OF point2 (PRIMARY KEY (x))")
+    conn.execute("CREATE TABLE stamped (id int PRIMARY KEY, at stamp, c text COLLATE \"C\")")
+    conn.execute("CREATE COLLATION mine (provider = icu, locale = 'und')")
+    conn.execute("ALTER TABLE stamped ADD COLUMN label text COLLATE mine")
+    conn.execute("INSERT INTO pts VALUES (1, 2)")
+    conn.execute("INSERT INTO stamped VALUES (1, '2024-01-01 00:00+00', 'c', 'l')")
+    conn.execute("SELECT pgturso.track_table('pts')")
+    conn.execute("SELECT pgturso.track_table('stamped')")
+    conn.execute("ALTER DOMAIN stamp RENAME TO moment")
+    conn.execute("ALTER TYPE point2 ALTER ATTRIBUTE y TYPE text CASCADE")
+    conn.execute("UPDATE pts SET y = y || '!'")
+    conn.execute("DROP COLLATION mine CASCADE")
+    conn.execute("INSERT INTO stamped VALUES (2, '2024-01-02 00:00+00', 'd')")
+
+    conn.execute("CREATE TYPE level AS ENUM ('low')")
+    conn.execute("CREATE TABLE lv (id int PRIMARY KEY, l level)")
+    conn.execute("INSERT INTO lv VALUES (1, 'low')")
+    conn.execute("SELECT pgturso.track_table('lv')")
+    conn.execute("ALTER TYPE level ADD VALUE 'high'")
+    conn.execute("INSERT INTO lv VALUES (2, 'high')")
+    drain(dsn, turso.url)
+    assert turso.query('SELECT * FROM "Events"') == [[1, "one"]]
+    for table in ("parted", "pts", "lv"):
+        assert turso.query(f"SELECT * FROM {table} ORDER BY 1") == pg_rows(
+            conn, f"SELECT * FROM {table} ORDER BY 1"), table
+    assert turso_columns(turso, "stamped") == ["id", "at", "c"]
+    assert turso.query("SELECT * FROM stamped ORDER BY 1") == [[1, "2024-01-01T00:00:00+00:00", "c"],
+                                                               [2, "2024-01-02T00:00:00+00:00", "d"]]
+
+
 # ------------------------------------------------------------------------------------ the last line of defence
 
 

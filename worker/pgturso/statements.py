@@ -96,6 +96,10 @@ def alter_table_statements(old: TableLayout, new: TableLayout, recopy: bool) -> 
     out.extend(drop_index_sql(i) for i in old.indexes if i.name not in {k.name for k in kept & wanted})
     table = quote_ident(old.target_table)
     if old.target_table != new.target_table:
+        if ascii_lower(old.target_table) == ascii_lower(new.target_table):  # "events" -> "Events": the same to SQLite
+            via = _unused_name(f"{new.target_table}_pgturso_rename", {ascii_lower(old.target_table)})
+            out.append(f"ALTER TABLE {table} RENAME TO {quote_ident(via)}")
+            table = quote_ident(via)
         out.append(f"ALTER TABLE {table} RENAME TO {quote_ident(new.target_table)}")
         table = quote_ident(new.target_table)
     # Renames may swap names (a -> b, b -> a) or change only case (createdat -> createdAt, which SQLite calls
