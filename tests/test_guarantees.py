@@ -13,6 +13,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import psycopg
 import pytest
@@ -253,24 +255,14 @@ def test_a_big_transaction_is_streamed_and_atomic(conn, dsn, turso: TursoServer)
     assert pending(conn) == 0
 
 
-@pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
-def test_failover_to_a_promoted_standby_carries_on(turso: TursoServer, capture: str):
-    """Trigger capture: the outbox is replicated with the data, so after promotion the worker resumes, nothing
-    lost or doubled. Wal capture: PG 15 does not keep the slot on the standby; the worker finds it missing,
-    makes a new one and copies the tables afresh (recreated on Turso: nothing doubled, nothing lost)."""
-    wal_level = "logical" if capture == "wal" else "replica"
+@contextmanager
+def _primary_and_standby(wal_level: str = "replica") -> Iterator[tuple[PgCluster, Callable[[], PgCluster]]]:
+    """A primary that streams WAL, and a function that makes a standby of it (a base backup) and starts it."""
     primary = PgCluster(settings={"wal_level": wal_level, "max_wal_senders": "4", "hot_standby": "on"}).start()
-    standby_dir = primary.base / "standby"
-    standby = None
-    try:
-        dsn = primary.dsn()
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("CREATE EXTENSION pgturso CASCADE")
-            conn.execute("CREATE TABLE ledger (id int PRIMARY KEY, v text)")
-            conn.execute("SELECT pgturso.track_table('ledger', capture => %s)", (capture,))
-            conn.execute("INSERT INTO ledger SELECT g, 'first' FROM generate_series(1, 100) g")
-        drain(dsn, turso.url)
-        install_apply_counter(turso.url, "ledger")
+    standbys: list[PgCluster] = []
+
+    def start_standby() -> PgCluster:
+        standby_dir = primary.base / "standby"
         subprocess.run(_as_postgres([str(PG_BIN / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(primary.port),
                                      "-U", primary.user, "-D", str(standby_dir), "-R", "-X", "stream"]),
                        check=True, capture_output=True)
@@ -279,13 +271,56 @@ def test_failover_to_a_promoted_standby_carries_on(turso: TursoServer, capture: 
         with open(standby_dir / "postgresql.conf", "a") as conf:
             conf.write(f"port = {standby.port}\n")
         standby.pg_ctl("start", "-w", "-l", str(primary.base / "standby.log"))
+        standbys.append(standby)
+        return standby
+
+    try:
+        yield primary, start_standby
+    finally:
+        for standby in standbys:
+            try:
+                standby.pg_ctl("stop", "-m", "immediate", "-w")
+            except subprocess.CalledProcessError:
+                pass
+        primary.stop()
+
+
+def _wait_replayed(primary: PgCluster, standby: PgCluster) -> None:
+    with psycopg.connect(primary.dsn(), autocommit=True) as conn:
+        lsn = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]  # type: ignore[index]
+    with psycopg.connect(standby.dsn(), autocommit=True) as replica:
+        wait_until(lambda: replica.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).fetchone()[0],
+                   30, "the standby to replay")
+
+
+def _ledger(dsn: str, capture: str = "trigger") -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION pgturso CASCADE")
+        conn.execute("CREATE TABLE ledger (id int PRIMARY KEY, v text)")
+        conn.execute("SELECT pgturso.track_table('ledger', capture => %s)", (capture,))
+        conn.execute("INSERT INTO ledger SELECT g, 'first' FROM generate_series(1, 100) g")
+
+
+def _rows(dsn: str) -> list[list[object]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return [list(r) for r in conn.execute("SELECT id, v FROM ledger ORDER BY id").fetchall()]
+
+
+@pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
+def test_failover_to_a_promoted_standby_carries_on(turso: TursoServer, capture: str):
+    """Trigger capture: the outbox is replicated with the data, so after promotion the worker resumes, nothing
+    lost or doubled. Wal capture: PG 15 does not keep the slot on the standby; the worker finds it missing,
+    makes a new one and copies the tables afresh (recreated on Turso: nothing doubled, nothing lost)."""
+    with _primary_and_standby("logical" if capture == "wal" else "replica") as (primary, start_standby):
+        dsn = primary.dsn()
+        _ledger(dsn, capture)
+        drain(dsn, turso.url)
+        install_apply_counter(turso.url, "ledger")
+        standby = start_standby()
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("INSERT INTO ledger SELECT g, 'pending' FROM generate_series(101, 200) g")
             conn.execute("UPDATE ledger SET v = 'changed' WHERE id <= 10")
-            lsn = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]
-        with psycopg.connect(standby.dsn(), autocommit=True) as replica:
-            wait_until(lambda: replica.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).fetchone()[0],
-                       30, "the standby to replay")
+        _wait_replayed(primary, standby)
         primary.pg_ctl("stop", "-m", "immediate", "-w")
         standby.pg_ctl("promote", "-w")
         new_dsn = standby.dsn()
@@ -293,21 +328,54 @@ def test_failover_to_a_promoted_standby_carries_on(turso: TursoServer, capture: 
         with psycopg.connect(new_dsn, autocommit=True) as conn:
             conn.execute("INSERT INTO ledger VALUES (201, 'on the new primary')")
             drain(new_dsn, turso.url)
-            expected = [list(r) for r in conn.execute("SELECT id, v FROM ledger ORDER BY id").fetchall()]
             reported = conn.execute("SELECT coalesce(last_error, previous_error) FROM pgturso.status").fetchone()[0]
-        assert turso.query("SELECT id, v FROM ledger ORDER BY id") == expected
+        assert turso.query("SELECT id, v FROM ledger ORDER BY id") == _rows(new_dsn)
         if capture == "wal":
             assert "event=slot_lost" in result.stderr and "missing" in reported and "re-copying ledger" in reported
             return
         # 100 new rows + 10 updates + 1 row after promotion; the first 100 were copied before the counter.
         assert turso.query("SELECT count(*) FROM applied") == [[111]], "no re-copy, nothing applied twice"
-    finally:
-        if standby is not None:
-            try:
-                standby.pg_ctl("stop", "-m", "immediate", "-w")
-            except subprocess.CalledProcessError:
-                pass
-        primary.stop()
+        assert "source_history_changed" not in result.stderr  # the marker's position is in the new history
+
+
+def test_failover_to_a_lagging_standby_brings_turso_back_to_postgres(turso: TursoServer):
+    """A standby promoted before it replayed changes already delivered: the new server lacks them, and hands
+    out outbox ids and transaction ids again that the marker on Turso names. The worker sees that the marker's
+    WAL position is not in the new server's history, forgets nothing by it (new events would go), and resyncs
+    every table so that Turso holds what Postgres has, not the changes Postgres lost."""
+    with _primary_and_standby() as (primary, start_standby):
+        dsn = primary.dsn()
+        _ledger(dsn)
+        drain(dsn, turso.url)
+        standby = start_standby()
+        _wait_replayed(primary, standby)
+        with psycopg.connect(standby.dsn(), autocommit=True) as replica:
+            # The standby falls behind: it stops receiving WAL (a paused replay alone would not do: promotion
+            # replays whatever WAL the standby has received).
+            replica.execute("ALTER SYSTEM SET primary_conninfo = ''")
+            replica.execute("SELECT pg_reload_conf()")
+            wait_until(lambda: not replica.execute("SELECT count(*) FROM pg_stat_wal_receiver").fetchone()[0],
+                       30, "the standby to stop receiving")
+        with psycopg.connect(dsn, autocommit=True) as conn:  # delivered from the primary, never replayed
+            conn.execute("INSERT INTO ledger SELECT g, 'lost' FROM generate_series(101, 150) g")
+            conn.execute("UPDATE ledger SET v = 'lost' WHERE id <= 10")
+        drain(dsn, turso.url)
+        assert turso.query("SELECT count(*) FROM ledger WHERE v = 'lost'") == [[60]]
+        primary.pg_ctl("stop", "-m", "immediate", "-w")
+        standby.pg_ctl("promote", "-w")
+        new_dsn = standby.dsn()
+        with psycopg.connect(new_dsn, autocommit=True) as conn:
+            for key in range(101, 121):  # one transaction each: their ids and xids repeat delivered ones
+                conn.execute("INSERT INTO ledger VALUES (%s, 'new')", (key,))
+            conn.execute("UPDATE ledger SET v = 'new' WHERE id IN (11, 12)")
+        result = drain(new_dsn, turso.url)
+        assert turso.query("SELECT id, v FROM ledger ORDER BY id") == _rows(new_dsn), result.stderr
+        assert "source_history_changed" in result.stderr
+        with psycopg.connect(new_dsn, autocommit=True) as conn:
+            conn.execute("INSERT INTO ledger VALUES (121, 'later')")
+        again = drain(new_dsn, turso.url)
+        assert "source_history_changed" not in again.stderr, "the new marker is trusted: no second resync"
+        assert turso.query("SELECT id, v FROM ledger ORDER BY id") == _rows(new_dsn)
 
 
 def test_soak_target_is_wired():

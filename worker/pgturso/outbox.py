@@ -29,6 +29,9 @@ from .layout import TableLayout
 
 # Named queries.
 SOURCE_ID = "SELECT source_id::text FROM pgturso.instance"
+SOURCE_POSITION = "SELECT pgturso._source_position()"
+POSITION_REACHED = "SELECT pgturso._position_reached(%(position)s::jsonb)"
+
 # Every query sees only the events of this worker's target (%(layouts)s: its tables' layouts; NULL when the
 # outbox holds no other target's events).
 FOR_TARGET = "(%(layouts)s::int[] IS NULL OR layout_id = ANY (%(layouts)s::int[]))"
@@ -227,6 +230,8 @@ class Batch:
         self.event_count = 0
         self.rows = 0
         self.rows_per_layout: dict[int, int] = {}
+        # Where the source server was when the batch was sent (Outbox.position): set before marker() is used.
+        self.position: dict[str, Any] | None = None
 
     def merge_by_id_range(self, uniform: bool, widest_payload: int) -> None:
         """The batch's events are all upserts (or all deletes) of one table, none larger than
@@ -236,8 +241,11 @@ class Batch:
         self.params["bucket"] = max(1, (self.max_group_bytes - 1) // (int(widest_payload) + 1))
 
     def marker(self) -> str:
-        return json.dumps({"upto": self.upto, "snapshot": self.snapshot, "held": self.held, "layouts": self.layouts},
-                          separators=(",", ":"))
+        name: dict[str, Any] = {"upto": self.upto, "snapshot": self.snapshot, "held": self.held,
+                                "layouts": self.layouts}
+        if self.position is not None:
+            name["position"] = self.position
+        return json.dumps(name, separators=(",", ":"))
 
     def events(self) -> Iterator[Event]:
         """The batch as events in outbox order, runs of upserts or deletes of a table already merged into one
@@ -358,6 +366,32 @@ class Outbox:
             return None
         table, copied, done, total = row
         return str(table), int(copied), int(done), None if total is None else int(total)
+
+    def position(self) -> dict[str, Any]:
+        """The server's system, timeline and WAL insert position now (55_position.sql). Taken for a batch
+        after its events and every earlier batch's deletion committed, so that a server whose history
+        reaches it has all of them."""
+        row = self.conn.execute(SOURCE_POSITION).fetchone()
+        assert row is not None
+        return dict(row[0])
+
+    def trusts(self, marker: str) -> bool:
+        """Whether a marker read from the target describes this server's past: it carries no position (written
+        before positions were recorded: trusted as before), or this server's history contains its position."""
+        try:
+            position = json.loads(marker).get("position")
+        except (ValueError, AttributeError):
+            return True
+        if position is None:
+            return True
+        with self.conn.transaction():
+            row = self.conn.execute(POSITION_REACHED, {"position": json.dumps(position)}).fetchone()
+        return bool(row and row[0])
+
+    def marker_of_nothing(self) -> str:
+        """A marker that names no event (no id is <= 0) and this server's position."""
+        return json.dumps({"upto": 0, "snapshot": "1:1:", "held": [], "layouts": None, "position": self.position()},
+                          separators=(",", ":"))
 
     def forget(self, marker: str) -> int:
         """Remove the events of the batch that ``marker`` names (on recovery, when the marker is all we know)."""

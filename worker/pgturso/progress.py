@@ -4,7 +4,10 @@ Every delivery writes, in the same Turso transaction as the data, which outbox e
 target's ``_pgturso_progress`` table: the batch's name (``outbox.Batch.marker()``: its last id, snapshot,
 held transactions and tables). The worker deletes those events from the outbox only after the commit; if it
 dies in between, the next start reads the marker and deletes them then, instead of sending them again. A
-batch's name never matches a later event (outbox.py says why), so an old marker is harmless.
+batch's name never matches a later event (outbox.py says why), so an old marker is harmless — on the server
+whose past it describes: the marker also records that server's position (system, timeline, WAL position), and
+a worker whose source does not have that position in its history (a standby promoted before it replayed what
+was delivered) forgets nothing by it and resyncs instead (Worker._start_over, docs/design.md).
 
 The marker is also a fence: a worker writes it only over the marker it last saw. A worker that lost the
 delivery lock (its Postgres connection died while a batch was in flight) and whose batch reaches Turso after

@@ -280,7 +280,9 @@ class Worker:
         rows = target.query(READ_MARKER_SQL, [self.source_id])
         self.last_marker = str(rows[0][0]) if rows else ""
         removed = 0
-        if rows or isinstance(self.outbox, WalOutbox):  # a wal target also checks its slot here
+        if rows and not isinstance(self.outbox, WalOutbox) and not self.outbox.trusts(self.last_marker):
+            self._start_over(target)
+        elif rows or isinstance(self.outbox, WalOutbox):  # a wal target also checks its slot here
             removed = self.outbox.forget(self.last_marker)
             if removed:
                 event(log, logging.INFO, "recovered", already_applied_events=removed)
@@ -309,6 +311,22 @@ class Worker:
             for sql in create_table_statements(layout):
                 target.execute(sql)
         self.outbox.recopy_target(self.last_marker)
+
+    def _start_over(self, target: Target) -> None:
+        """The marker names a position outside this server's history: a standby promoted before it replayed
+        everything already delivered, a restored backup. Events and transaction ids it names may have been
+        handed out again here, so nothing is forgotten by it; Turso may hold changes this server lost, so every
+        table of the target is recreated and copied afresh (recopy_target). Then a marker naming no event and
+        this server's position replaces it (here and on the target), so that a restart does not do it again."""
+        assert self.outbox is not None
+        event(log, logging.WARNING, "source_history_changed", target=self.settings.target,
+              reason="the progress marker on the target names a WAL position this server's history does not "
+                     "contain (a standby promoted before it replayed what was delivered, or a restore)",
+              action="nothing is forgotten by that marker; copying the target's tables afresh")
+        fresh = self.outbox.marker_of_nothing()
+        self.outbox.recopy_target(fresh)
+        send_batch(target, (), marker_statements(self.source_id, fresh, self.last_marker))
+        self.last_marker = fresh
 
     def copy_step(self, look: bool = False) -> bool:
         """Queue one chunk of a pending initial copy; False when no copy is pending (or, unless ``look``, none
@@ -370,6 +388,8 @@ class Worker:
             return settled
         if prepared.statements is None:  # too large to hold in memory: streamed on its own
             return settled + self._deliver_streaming()
+        # Now that the deletion of the batch before is committed: a server that has this position has both.
+        prepared.batch.position = self.outbox.position()
         marker = marker_statements(self.source_id, prepared.batch.marker(), self.last_marker)
         self._sending = prepared.batch
         self.in_flight = self.sender.submit(target, prepared, marker)
@@ -385,6 +405,8 @@ class Worker:
             batch = self.outbox.choose_batch(single_transaction=self.isolating_until is not None)
             if batch is None:
                 return 0
+            if not isinstance(self.outbox, WalOutbox):  # earlier deletions are committed: see deliver_batch
+                batch.position = self.outbox.position()
             self._sending = batch
             statements = send_batch(target, self._statements(batch), self._marker(batch))
         self.outbox.mark_delivered(batch)
