@@ -433,3 +433,35 @@ def test_a_tracked_table_its_owner_turns_into_a_view_is_never_read(conn, dsn, tu
                        capture_output=True, text=True, timeout=120)
         assert calls(conn) == []
         assert not is_superuser(conn, "converter")
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_the_wal_capture_worker_runs_no_code_a_table_owner_chose(conn, dsn, turso: TursoServer):
+    with login_role(conn, dsn, "walowner") as owner_dsn:
+        conn.execute("GRANT CREATE ON SCHEMA public TO walowner")
+        with psycopg.connect(owner_dsn, autocommit=True) as owner:
+            owner.execute(ESCALATE.format(attacker="walowner"))
+            # Overloads in a schema on a default search_path that match the encoding's calls better than
+            # pg_catalog's polymorphic ones, and a domain whose CHECK the decoding would run.
+            owner.execute("""
+                CREATE FUNCTION public.json_build_array(integer, text, integer) RETURNS json LANGUAGE plpgsql AS
+                    $$ BEGIN PERFORM public.escalate('json_build_array overload'); RETURN '[]'; END $$;
+                CREATE FUNCTION key_ok(integer) RETURNS boolean LANGUAGE plpgsql AS
+                    $$ BEGIN PERFORM public.escalate('domain check'); RETURN true; END $$;
+                CREATE DOMAIN checked AS integer CHECK (key_ok(VALUE));
+                CREATE TABLE w (id int PRIMARY KEY, v text, c checked);
+                CREATE FUNCTION twice(integer) RETURNS integer IMMUTABLE LANGUAGE plpgsql AS
+                    $$ BEGIN PERFORM public.escalate('generated column'); RETURN $1 * 2; END $$;
+                CREATE TABLE g (id int PRIMARY KEY, n int, d int GENERATED ALWAYS AS (twice(n)) STORED)""")
+        conn.execute("SELECT pgturso.track_table('w')")
+        with pytest.raises(psycopg.errors.RaiseException, match="generated column d") as refused:
+            conn.execute("SELECT pgturso.track_table('g')")
+        assert "trigger" in (refused.value.diag.message_hint or "")
+        with psycopg.connect(owner_dsn, autocommit=True) as owner:
+            owner.execute("INSERT INTO w VALUES (1, 'a', 5)")
+            owner.execute("UPDATE w SET v = 'b'")
+            owner.execute("TRUNCATE calls")  # the domain check ran for the owner's own INSERT and UPDATE
+        drain(dsn, turso.url)
+        assert turso.query("SELECT id, v, c FROM w") == [[1, "b", 5]]
+        assert calls(conn) == []
+        assert not is_superuser(conn, "walowner")

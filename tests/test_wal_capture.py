@@ -132,7 +132,7 @@ def test_an_invalidated_slot_is_recreated_and_its_tables_copied_again(conn, dsn,
     assert "event=slot_lost" in result.stderr
     # Reported in pgturso.status (an error that delivery got past since: previous_error).
     reported = conn.execute("SELECT coalesce(last_error, previous_error) FROM pgturso.status").fetchone()[0]
-    assert "was invalidated" in reported and "re-copying t" in reported
+    assert "was invalidated" in reported and "re-copying public.t" in reported  # qualified: the worker pins search_path
     drain(dsn, turso.url)  # the copy's chunks
     expected = [list(r) for r in conn.execute("SELECT id, v FROM t ORDER BY id").fetchall()]
     assert turso.query("SELECT id, v FROM t ORDER BY id") == expected

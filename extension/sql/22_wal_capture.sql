@@ -97,7 +97,26 @@ DECLARE
     v_index regclass;
     key_columns text[] := ARRAY(SELECT jsonb_array_elements_text(plan -> 'spec' -> 'key_columns'));
     v_function text := pgturso._capture_function_name(table_id);
+    v_generated text;
 BEGIN
+    -- pgoutput (Postgres 15) does not send stored generated columns: the worker computes them from the other
+    -- values, with its own rights. So their expressions may use nothing a user defined (docs/security.md).
+    SELECT format('%s (uses %s)', a.attname, pg_describe_object(d.refclassid, d.refobjid, d.refobjsubid))
+    INTO v_generated
+    FROM pg_attrdef ad
+    JOIN pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum AND a.attgenerated = 's'
+    JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid
+    WHERE ad.adrelid IN (SELECT rel UNION SELECT relid FROM pg_partition_tree(rel))
+      AND d.refclassid IN ('pg_proc'::regclass, 'pg_operator'::regclass, 'pg_cast'::regclass,
+                           'pg_type'::regclass, 'pg_collation'::regclass)
+      AND d.refobjid >= 16384
+    LIMIT 1;
+    IF v_generated IS NOT NULL THEN
+        RAISE EXCEPTION 'pgturso: generated column % of % uses an object a user defined, which the worker would '
+                        'run to compute it', v_generated, rel
+            USING HINT = 'With capture => ''wal'' generated columns may use built-in functions only; use the '
+                         'trigger capture mode for this table (a target with capture => ''trigger'').';
+    END IF;
     -- The generated capture function serves the TRUNCATE trigger only (a 'T' event), as in trigger mode.
     EXECUTE plan ->> 'capture_function_sql';
     EXECUTE format('REVOKE ALL ON FUNCTION pgturso.%I() FROM PUBLIC', v_function);

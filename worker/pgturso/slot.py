@@ -412,7 +412,9 @@ class WalOutbox(Outbox):
         self._positions: dict[tuple[int, int, tuple[str, ...]], list[int]] = {}
         self._encoders: dict[tuple[int, bool], str] = {}
         self._generated: dict[int, dict[str, str]] = {}
-        for clause in CAPTURE_SETTINGS[1:]:  # text forms from pgoutput, and their encoding, as capture's
+        # Text forms from pgoutput, and their encoding, as capture's; and capture's search_path, so that no
+        # function of a schema another role may create in is picked up by the encoding (docs/security.md).
+        for clause in CAPTURE_SETTINGS:
             name, value = clause.removeprefix("SET ").split(" = ")
             conn.execute(f"SET {name} = {value}")
         self.outbox_oid = int(conn.execute(OUTBOX_OID).fetchone()[0])  # type: ignore[index]

@@ -199,6 +199,9 @@ class Worker:
         conn = psycopg.connect(self.dsn, autocommit=True, application_name="pgturso-worker", prepare_threshold=None)
         conn.execute("SET jit = off")
         conn.execute("SET work_mem = '64MB'")  # a batch's events are grouped in one sort; keep it in memory
+        # Every name the worker uses is qualified or built in: no function or operator from a schema that other
+        # roles may create in (public, "$user") can stand in for a built-in one (docs/security.md).
+        conn.execute("SET search_path = pg_catalog, pg_temp")
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         self.conn = conn
         capture = self._capture_mode(conn)
