@@ -5,6 +5,9 @@ against real Postgres sessions, the real worker and a real tursodb, asserting on
 - unique columns besides the key: plain indexes on Turso, which never refuses a state Postgres committed;
 - copies inside the caller's transaction under REPEATABLE READ / SERIALIZABLE;
 - resync_table against writers that are open when it runs.
+
+Each runs in both capture modes (CAPTURE_MODES): copies, DDL and resyncs go through the outbox in both.
+The failover case is in test_guarantees.py.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import psycopg
 import pytest
 from conftest import drain
 from support.turso import TursoServer
+
+CAPTURE_MODES = ["trigger", "wal"]
 
 
 def rows(conn: psycopg.Connection[Any], sql: str) -> list[list[Any]]:
@@ -68,7 +73,7 @@ def run_blocked(conn: psycopg.Connection[Any], dsn_session: psycopg.Connection[A
 # -- 1. deferrable keys ---------------------------------------------------------------------------------------
 
 
-def test_a_deferrable_key_is_refused_with_the_fix(conn):
+def test_a_deferrable_key_is_refused_with_the_fix(conn, capture):
     conn.execute("CREATE TABLE t (id int PRIMARY KEY DEFERRABLE INITIALLY DEFERRED, v text)")
     with pytest.raises(psycopg.errors.RaiseException) as caught:
         conn.execute("SELECT pgturso.track_table('t')")
@@ -81,7 +86,7 @@ def test_a_deferrable_key_is_refused_with_the_fix(conn):
     assert conn.execute("SELECT count(*) FROM pgturso.tracked_table").fetchone() == (0,)
 
 
-def test_an_immediate_unique_index_serves_when_the_primary_key_is_deferrable(conn, dsn, turso: TursoServer):
+def test_an_immediate_unique_index_serves_when_the_primary_key_is_deferrable(conn, dsn, turso: TursoServer, capture):
     """The interleaving that lost a row with a deferred key: B inserts key 1 without waiting, A deletes the old
     row 1 and commits, B commits. Replicated by the immediate unique index, the order is right."""
     conn.execute("CREATE TABLE t (id int PRIMARY KEY DEFERRABLE INITIALLY DEFERRED, code int NOT NULL UNIQUE, "
@@ -102,7 +107,7 @@ def test_an_immediate_unique_index_serves_when_the_primary_key_is_deferrable(con
 # -- 2. unique columns besides the key ------------------------------------------------------------------------
 
 
-def test_unique_columns_besides_the_key_never_stop_delivery(conn, dsn, turso: TursoServer):
+def test_unique_columns_besides_the_key_never_stop_delivery(conn, dsn, turso: TursoServer, capture):
     conn.execute("CREATE TABLE s (id int PRIMARY KEY, u text UNIQUE)")
     conn.execute("CREATE TABLE w (id int PRIMARY KEY, u text, CONSTRAINT w_u UNIQUE (u) DEFERRABLE)")
     conn.execute("SELECT pgturso.track_table('s'), pgturso.track_table('w')")
@@ -127,7 +132,7 @@ SNAPSHOT_LEVELS = ["repeatable read", "serializable"]
 
 
 @pytest.mark.parametrize("isolation", SNAPSHOT_LEVELS)
-def test_track_table_in_an_old_snapshot_misses_no_writer(conn, dsn, turso: TursoServer, isolation):
+def test_track_table_in_an_old_snapshot_misses_no_writer(conn, dsn, turso: TursoServer, isolation, capture):
     """The statement's snapshot predates its lock wait: the writer's row is neither captured (no trigger yet)
     nor in that snapshot. The copy is left to the worker's READ COMMITTED chunks."""
     conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
@@ -143,7 +148,8 @@ def test_track_table_in_an_old_snapshot_misses_no_writer(conn, dsn, turso: Turso
 
 
 @pytest.mark.parametrize("isolation", SNAPSHOT_LEVELS)
-def test_a_recopying_schema_change_in_an_old_snapshot_misses_no_writer(conn, dsn, turso: TursoServer, isolation):
+def test_a_recopying_schema_change_in_an_old_snapshot_misses_no_writer(conn, dsn, turso: TursoServer, isolation,
+                                                                      capture):
     """ADD COLUMN with a default re-copies the table (and a table that looks empty in the old snapshot is
     re-copied too); so does a rewrite that changes values."""
     for table in ("t", "e", "r"):
@@ -167,7 +173,7 @@ def test_a_recopying_schema_change_in_an_old_snapshot_misses_no_writer(conn, dsn
             conn, f"SELECT {columns} FROM {table} ORDER BY id")
 
 
-def test_an_enum_change_recopies_after_open_writers(conn, dsn, turso: TursoServer):
+def test_an_enum_change_recopies_after_open_writers(conn, dsn, turso: TursoServer, capture):
     """ALTER TYPE ... RENAME VALUE re-copies the tables holding the enum, but locks none of them: the recopy
     must wait for their open writers, whose events come before its recreate."""
     conn.execute("CREATE TYPE mood AS ENUM ('ok', 'sad')")
@@ -195,7 +201,8 @@ def _partitioned(conn: psycopg.Connection[Any]) -> None:
 
 
 @pytest.mark.parametrize("isolation", SNAPSHOT_LEVELS)
-def test_partitions_attached_detached_truncated_in_an_old_snapshot(conn, dsn, turso: TursoServer, isolation):
+def test_partitions_attached_detached_truncated_in_an_old_snapshot(conn, dsn, turso: TursoServer, isolation,
+                                                                   capture):
     _partitioned(conn)
     drain(dsn, turso.url)
     # ATTACH: the worker copies the table in chunks (the old snapshot cannot see the writer's row).
@@ -228,7 +235,7 @@ def test_partitions_attached_detached_truncated_in_an_old_snapshot(conn, dsn, tu
 
 
 @pytest.mark.parametrize("isolation", SNAPSHOT_LEVELS)
-def test_materialized_view_copies_refuse_an_old_snapshot(conn, dsn, isolation):
+def test_materialized_view_copies_refuse_an_old_snapshot(conn, dsn, isolation, capture):
     """A materialized view cannot be copied in chunks: its copy and its REFRESH difference are refused."""
     conn.execute("CREATE TABLE base (id int PRIMARY KEY)")
     conn.execute("CREATE MATERIALIZED VIEW mv AS SELECT id FROM base")
@@ -245,7 +252,7 @@ def test_materialized_view_copies_refuse_an_old_snapshot(conn, dsn, isolation):
 # -- 4. resync_table against open writers ---------------------------------------------------------------------
 
 
-def test_resync_table_waits_for_open_writers(conn, dsn, turso: TursoServer):
+def test_resync_table_waits_for_open_writers(conn, dsn, turso: TursoServer, capture):
     """A writer open when resync_table runs has an event id below the recreate's; unless resync waits for it,
     the copy cannot see its row and the recreate wipes its upsert."""
     conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
