@@ -21,7 +21,8 @@ BEGIN
     EXECUTE format('GRANT SELECT ON pgturso.layout, pgturso.tracked_table, pgturso.target, pgturso.instance, '
                    'pgturso.skipped_transaction, pgturso.status TO %s', worker);
     EXECUTE format('GRANT SELECT, INSERT, UPDATE ON pgturso.delivery_state, pgturso.table_state TO %s', worker);
-    EXECUTE format('GRANT EXECUTE ON FUNCTION pgturso._copy_chunk(integer, integer) TO %s', worker);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION pgturso._copy_chunk(integer, integer), pgturso._source_position(), '
+                   'pgturso._position_reached(jsonb) TO %s', worker);
 END
 $$;
 COMMENT ON FUNCTION pgturso.grant_worker IS
