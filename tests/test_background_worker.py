@@ -315,3 +315,19 @@ def test_workers_start_on_promotion_not_on_a_standby(clusters, turso: TursoServe
         insert_and_wait(standby, turso, range(11, 31))
     finally:
         standby.pg_ctl("stop", "-m", "immediate", "-w")
+
+
+def test_an_interpreter_without_psycopg_is_named_then_fixed_by_a_reload(clusters, turso: TursoServer):
+    cluster = PreloadCluster("app", turso.url)
+    clusters.append(cluster)
+    bare = cluster.base / "bare"  # a Python without psycopg, as a fresh machine's python3 before apt-get
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(bare)], check=True)
+    cluster.settings["pgturso.python"] = f"'{bare}/bin/python'"
+    cluster.start()
+    create_app(cluster)
+    wait_until(lambda: "retrying cannot fix" in cluster.log(), 30, "the worker to give up on that interpreter")
+    assert "cannot start: No module named 'psycopg'" in cluster.log()
+    assert "python3-psycopg" in cluster.log()
+    cluster.set("pgturso.python", "'/usr/bin/python3'")  # appends it to postgresql.conf, then reloads
+    insert_and_wait(cluster, turso, range(1, 11))
+    assert cluster.log().count("cannot start") == 1  # not retried every few seconds meanwhile

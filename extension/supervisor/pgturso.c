@@ -53,6 +53,10 @@ PGDLLEXPORT void pgturso_worker_main(Datum main_arg);
 #define FATAL_RETRY_SECONDS 60
 /* The postmaster restarts this worker this long after it exited 1. */
 #define WORKER_RESTART_SECONDS 5
+/* A child that keeps failing within this long (say, python3 lacks psycopg) is restarted ever later, up to
+ * MAX_RESTART_SECONDS: a few log lines, not one every few seconds. */
+#define QUICK_FAILURE_SECONDS 30
+#define MAX_RESTART_SECONDS 300
 
 static char *pgturso_database = NULL;
 static bool pgturso_enabled = true;
@@ -64,6 +68,8 @@ static volatile sig_atomic_t got_sigterm = false;
 
 /* The child: its pid (also its process group), the read end of its output pipe, and unfinished output. */
 static pid_t child_pid = 0;
+static TimestampTz child_started_at = 0;
+static int	quick_failures = 0;
 static int	child_output = -1;
 static char output_line[8192];
 static int	output_len = 0;
@@ -282,32 +288,46 @@ read_child_output(void)
 static int
 child_ended(int status)
 {
+	int			delay = pgturso_restart_delay;
+
 	read_child_output();
 	/* Anything the child started is part of its process group: end it too. */
 	kill(-child_pid, SIGKILL);
 	child_pid = 0;
-	if (WIFSIGNALED(status))
+	if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
 	{
+		/* It stopped by itself, as after a reload that changed its settings: start it again. */
+		quick_failures = 0;
+		ereport(LOG, (errmsg("pgturso %s/%s: the Python worker stopped; starting it again in %d s",
+							 worker_database, worker_target, delay)));
+		return delay;
+	}
+	if (TimestampDifferenceExceeds(child_started_at, GetCurrentTimestamp(), QUICK_FAILURE_SECONDS * 1000))
+		quick_failures = 0;
+	else if (quick_failures < 16)
+		quick_failures++;
+	if (quick_failures > 1)
+		delay = Min((long) delay << (quick_failures - 1), MAX_RESTART_SECONDS);
+	if (WIFSIGNALED(status))
 		ereport(LOG,
 				(errmsg("pgturso %s/%s: the Python worker was terminated by signal %d: %s",
 						worker_database, worker_target, WTERMSIG(status), pg_strsignal(WTERMSIG(status))),
 				 errdetail("Delivery resumes where it stopped (it is exactly-once); restarting it in %d s.",
-						   pgturso_restart_delay)));
-		return pgturso_restart_delay;
-	}
-	if (WEXITSTATUS(status) == EXIT_FATAL)
+						   delay)));
+	else if (WEXITSTATUS(status) == EXIT_FATAL)
 	{
+		delay = Max(delay, FATAL_RETRY_SECONDS);
 		ereport(LOG,
 				(errmsg("pgturso %s/%s: the Python worker stopped on a problem that retrying cannot fix",
 						worker_database, worker_target),
 				 errhint("Its last lines above name the problem. Fix it and run SELECT pg_reload_conf(); "
-						 "it is also retried every %d s.", FATAL_RETRY_SECONDS)));
-		return FATAL_RETRY_SECONDS;
+						 "it is also retried in %d s.", delay)));
 	}
-	ereport(LOG,
-			(errmsg("pgturso %s/%s: the Python worker exited with code %d; restarting it in %d s",
-					worker_database, worker_target, WEXITSTATUS(status), pgturso_restart_delay)));
-	return pgturso_restart_delay;
+	else
+		ereport(LOG,
+				(errmsg("pgturso %s/%s: the Python worker exited with code %d; restarting it in %d s",
+						worker_database, worker_target, WEXITSTATUS(status), delay)));
+	return delay;
 }
 
 /* Reap the child if it ended; returns the restart delay then, -1 while it runs (or there is none). */
@@ -439,6 +459,7 @@ start_child(void)
 	fcntl(child_output, F_SETFL, O_NONBLOCK);
 	fcntl(child_output, F_SETFD, FD_CLOEXEC);
 	child_pid = pid;
+	child_started_at = GetCurrentTimestamp();
 	ereport(LOG, (errmsg("pgturso %s/%s: started the Python worker (pid %d)",
 						 worker_database, worker_target, (int) pid)));
 }

@@ -51,6 +51,9 @@ def wait_until_ready(dsn: str, target: str) -> bool:
         stopped = True
 
     previous = signal.signal(signal.SIGTERM, stop)
+    # A reload while waiting changes nothing here (the settings are read once ready); the worker's own SIGHUP
+    # handler replaces this one.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logged = None
     try:
         while not stopped:
