@@ -331,3 +331,18 @@ def test_an_interpreter_without_psycopg_is_named_then_fixed_by_a_reload(clusters
     cluster.set("pgturso.python", "'/usr/bin/python3'")  # appends it to postgresql.conf, then reloads
     insert_and_wait(cluster, turso, range(1, 11))
     assert cluster.log().count("cannot start") == 1  # not retried every few seconds meanwhile
+
+
+def test_the_background_worker_delivers_as_a_role_that_is_not_a_superuser(clusters, turso: TursoServer):
+    cluster = start(clusters, "app", turso.url, **{"pgturso.role": "'pgturso_worker'"})
+    wait_until(lambda: 'role "pgturso_worker" does not exist' in cluster.log(), 30, "the worker to wait")
+    cluster.sql("CREATE ROLE pgturso_worker LOGIN")
+    cluster.sql("CREATE DATABASE app")
+    cluster.sql("CREATE EXTENSION pgturso CASCADE", "app")
+    cluster.sql("SELECT pgturso.grant_worker('pgturso_worker')", "app")
+    cluster.sql("CREATE TABLE t (id int PRIMARY KEY, v text)", "app")
+    cluster.sql("SELECT pgturso.track_table('t')", "app")
+    insert_and_wait(cluster, turso, range(1, 21))
+    users = cluster.sql("SELECT DISTINCT usename FROM pg_stat_activity WHERE application_name LIKE 'pgturso-worker%'")
+    assert users == [("pgturso_worker",)]
+    assert cluster.sql("SELECT rolsuper FROM pg_roles WHERE rolname = 'pgturso_worker'") == [(False,)]
