@@ -119,6 +119,7 @@ def test_a_missing_database_is_waited_for_quietly_then_delivered_from(clusters, 
     insert_and_wait(cluster, turso, range(1, 101))
     assert turso.query("SELECT id, v FROM t WHERE id = 42") == [[42, "v42"]]
     assert cluster.log().count("event=waiting") == 2  # one per reason: no database, then no extension
+    assert "app/default: level=info" in cluster.log() and " ts=" not in cluster.log()  # the server's prefix dates it
 
     workers = cluster.sql(WORKERS_QUERY)
     assert [name for name, _ in workers] == ["pgturso app/default"]

@@ -121,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "status":
         return _status(args.dsn)
     flags = {s.name: getattr(args, s.name) for s in SETTINGS}
+    logs.TIMESTAMPS = not background.started_by_postgres()
     logs.setup(flags.get("log_level") or os.environ.get("PGTURSO_LOG_LEVEL") or "info",  # type: ignore[arg-type]
                flags.get("log_format") or os.environ.get("PGTURSO_LOG_FORMAT") or "text")  # type: ignore[arg-type]
     if args.command == "run" and background.started_by_postgres():

@@ -8,6 +8,9 @@ import sys
 import time
 from typing import Any, TextIO
 
+# Off in a background worker's process: the server log's own prefix carries the time.
+TIMESTAMPS = True
+
 
 class _Formatter(logging.Formatter):
     def __init__(self, as_json: bool) -> None:
@@ -15,11 +18,11 @@ class _Formatter(logging.Formatter):
         self.as_json = as_json
 
     def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-        }
+        fields: dict[str, Any] = {}
+        if TIMESTAMPS:
+            second = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            fields["ts"] = f"{second}.{int(record.msecs):03d}Z"
+        fields.update(level=record.levelname.lower(), logger=record.name)
         fields.update(getattr(record, "fields", {}) or {"msg": record.getMessage()})
         if record.exc_info and record.levelno >= logging.ERROR:
             fields["exception"] = self.formatException(record.exc_info)
