@@ -12,6 +12,9 @@ import pytest
 from conftest import drain, pending
 from support.turso import TursoServer
 
+# Publications holding row filters (pgturso_tables and pgturso_outbox, of capture => 'wal', always exist).
+ROW_FILTER_PUBLICATIONS = "SELECT count(*) FROM pg_publication WHERE pubname LIKE 'pgturso\\_row\\_filter%'"
+
 
 def verify(dsn: str, url: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "pgturso", "verify", "--dsn", dsn, "--url", url, *args],
@@ -156,7 +159,7 @@ def test_row_filter_moves_rows_in_and_out(conn, dsn, turso: TursoServer):
 
     # untrack_table removes the publication that held the filter.
     conn.execute("SELECT pgturso.untrack_table('orders')")
-    assert conn.execute("SELECT count(*) FROM pg_publication WHERE pubname LIKE 'pgturso%'").fetchone() == (0,)
+    assert conn.execute(ROW_FILTER_PUBLICATIONS).fetchone() == (0,)
 
 
 def test_row_filter_on_a_table_copied_in_chunks_and_a_partitioned_table(conn, dsn, turso: TursoServer):
@@ -197,7 +200,7 @@ def test_row_filter_errors(conn, row_filter: str, message: str):
     assert message.lower() in ((error.message_primary or "") + (error.message_detail or "")).lower()
     assert "built-in immutable functions" in (error.message_hint or "")
     assert conn.execute("SELECT count(*) FROM pgturso.tracked_table").fetchone() == (0,)
-    assert conn.execute("SELECT count(*) FROM pg_publication").fetchone() == (0,)
+    assert conn.execute(ROW_FILTER_PUBLICATIONS).fetchone() == (0,)
 
 
 def test_row_filter_with_plpgsql_names_and_a_column_list(conn, dsn, turso: TursoServer):

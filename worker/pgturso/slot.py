@@ -606,14 +606,6 @@ class WalOutbox(Outbox):
         self.advance(batch.upto)
         self.layouts_in_force = batch.layouts
 
-    def skip(self, batch: WalBatch) -> None:
-        """A batch with nothing for this target: move the slot past it."""
-        if batch.outbox_ids:
-            with self.conn.transaction():
-                self.conn.execute(DELETE_OUTBOX_IDS, {"ids": batch.outbox_ids})
-        self.advance(batch.upto)
-        self.layouts_in_force = batch.layouts
-
     def take_wake_locks(self) -> tuple[list[int], bool]:
         return [], True  # no capture trigger to wake the worker: it watches the WAL instead
 
