@@ -456,12 +456,12 @@ def _request_round_trips(url: str, n: int) -> list[float]:
     return times
 
 
-def _measure_latency(b: Bench, url: str, rate: int, total: int) -> LatencyResult:
+def _measure_latency(b: Bench, url: str, rate: int, total: int, table: str = "lat") -> LatencyResult:
     client = TursoHttp(url)
     deadline = time.monotonic() + 30
     while True:  # the worker has created the table on Turso and is idle, waiting for NOTIFY
         try:
-            client.execute("SELECT max(id) FROM lat")
+            client.execute(f"SELECT max(id) FROM {table}")
             break
         except Exception:
             if time.monotonic() > deadline:
@@ -475,7 +475,7 @@ def _measure_latency(b: Bench, url: str, rate: int, total: int) -> LatencyResult
     def poll() -> None:
         last = 0
         while True:
-            value = client.execute("SELECT max(id) FROM lat")[0][0]
+            value = client.execute(f"SELECT max(id) FROM {table}")[0][0]
             now = time.monotonic()
             top = int(value) if value is not None else 0
             for i in range(last + 1, top + 1):
@@ -495,7 +495,7 @@ def _measure_latency(b: Bench, url: str, rate: int, total: int) -> LatencyResult
             wait = due - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
-            conn.execute("INSERT INTO lat VALUES (%s, 'latency probe', 0, 0.0)", (i,), prepare=True)
+            conn.execute(f"INSERT INTO {table} VALUES (%s, 'latency probe', 0, 0.0)", (i,), prepare=True)
             committed[i] = time.monotonic()
         elapsed = time.monotonic() - start
     done_at = time.monotonic()

@@ -23,7 +23,7 @@ from capture_cost import s1_bulk, s2_oltp
 from delivery import make_backlogs, s3_upkeep, s4_throughput, s5_latency, s6_file, s7_initial_copy
 from harness import FULL, QUICK, REPO, Bench, PgCluster, Row, progress
 from report import product_version, section, table, utcnow, write_benchmarks_md
-from wal_capture import s10_wal_drain
+from wal_capture import s10_wal_drain, s10_wal_latency
 
 # (number, name, function); the order is chosen so that later scenarios reuse earlier ones' backlogs and ceiling.
 SCENARIOS: list[tuple[int, str, Callable[[Bench], None]]] = [
@@ -32,6 +32,7 @@ SCENARIOS: list[tuple[int, str, Callable[[Bench], None]]] = [
     (4, "backlog generation", make_backlogs),
     (4, "throughput, memory and scale", s4_throughput),
     (10, "capture => 'wal': drain from the slot", s10_wal_drain),
+    (10, "capture => 'wal': latency", s10_wal_latency),
     (6, "embedded file target", s6_file),
     (7, "initial copy", s7_initial_copy),
     (5, "latency", s5_latency),

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from capture_cost import track_wal
-from delivery import COLUMNS, turso_count
+from delivery import COLUMNS, _measure_latency, _percentile, turso_count
 from harness import Bench, Row, WorkerProcess, fmt_int, fmt_rate, fresh_turso, pgbench, pgbench_conn_args, progress
 
 INSERT_ONE = "INSERT INTO backlog_wal VALUES (nextval('backlog_wal_ids'), 'pgbench row', 1, 0.5);\n"
@@ -40,7 +40,7 @@ def s10_wal_drain(b: Bench) -> None:
         if run.rows != n // 4 * 4:
             raise RuntimeError(f"wal drain: Turso has {run.rows} rows, expected {n // 4 * 4}")
     finally:
-        b.sql("SELECT pgturso._drop_slot(%s)", (DRAIN_TARGET,))
+        b.sql("SELECT pgturso.untrack_table('backlog_wal')")  # the target's last table: its slot goes too
     ceiling = b.facts.get("http_ceiling")
     b.add(
         Row(
@@ -62,3 +62,34 @@ def s10_wal_drain(b: Bench) -> None:
             "VmHWM of the worker process, sampled every 10 ms",
         )
     )
+
+
+def s10_wal_latency(b: Bench) -> None:
+    """Commit-to-visible latency of a wal table with the worker running, as scenario 5 measures trigger capture:
+    compare 10c/10d with 5a/5b."""
+    s = b.sizes
+    total = s.latency_rate * s.latency_seconds
+    progress(f"10. capture => 'wal': latency at {s.latency_rate} transactions/s for {s.latency_seconds}s")
+    with b.connect() as conn:
+        conn.execute(f"CREATE TABLE lat_wal {COLUMNS}")
+        track_wal(conn, "lat_wal", DRAIN_TARGET)
+        conn.execute("CHECKPOINT")
+    try:
+        with fresh_turso() as server:
+            worker = WorkerProcess(b.dsn, server.url, once=False, extra=["--target", DRAIN_TARGET])
+            try:
+                result = _measure_latency(b, server.url, s.latency_rate, total, table="lat_wal")
+            finally:
+                run = worker.stop()
+    finally:
+        b.sql("SELECT pgturso.untrack_table('lat_wal')")
+    lat = result.latencies_ms
+    note = (f"{len(lat)} transactions at {result.rate:.0f}/s; the worker polls the WAL's end every 20 ms while idle; "
+            f"{run.batches} batches; peak RSS {run.peak_rss_mb:.0f} MB; compare with 5a/5b (trigger capture)")
+    if result.unseen:
+        note += f"; {result.unseen} never seen"
+    p50, p99 = _percentile(lat, 50), _percentile(lat, 99)
+    b.add(Row("10c", f"capture => 'wal': commit-to-visible latency at {s.latency_rate} tx/s: p50", f"{p50:.1f} ms",
+              "<= 20 ms", p50 <= 20 and not result.unseen, note))
+    b.add(Row("10d", f"capture => 'wal': commit-to-visible latency at {s.latency_rate} tx/s: p99", f"{p99:.1f} ms",
+              "<= 100 ms", p99 <= 100 and not result.unseen))

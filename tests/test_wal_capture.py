@@ -191,3 +191,21 @@ def test_a_change_turso_refuses_blocks_visibly_then_resumes(conn, dsn, turso: Tu
     drain(dsn, turso.url)
     assert turso.query("SELECT id, v FROM t ORDER BY id") == [[1, "good"], [2, "bad one"], [3, "after"]]
     assert pending(conn) == 0
+
+
+def test_a_new_turso_database_gets_every_table_again(conn, dsn, turso: TursoServer):
+    """A target without this slot's marker (a new or replaced Turso database) would never get the rows of
+    tables created there before: the worker says so and copies the target's tables afresh."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("INSERT INTO t VALUES (1, 'a')")
+    drain(dsn, turso.url)
+    conn.execute("INSERT INTO t VALUES (2, 'b')")
+    replacement = TursoServer().start()
+    try:
+        result = drain(dsn, replacement.url)
+        assert "event=slot_lost" in result.stderr and "replaced Turso database" in result.stderr
+        drain(dsn, replacement.url)
+        assert replacement.query("SELECT id, v FROM t ORDER BY id") == [[1, "a"], [2, "b"]]
+    finally:
+        replacement.cleanup()

@@ -443,6 +443,10 @@ class WalOutbox(Outbox):
         parsed = _parse_marker(marker)
         if parsed is None or parsed["slot"] != generation:
             self.layouts_in_force = {}
+            if self._delivered_before():
+                # Tables whose creation event was delivered, and no marker of this slot on the target: a new or
+                # replaced Turso database. Their changes would be skipped (no layout to decode them with).
+                self.rebuild_slot("not matched by the target's progress marker (a new or replaced Turso database)")
             return 0
         self.layouts_in_force = {int(k): int(v) for k, v in parsed["layouts"].items()}
         position = lsn_to_int(parsed["lsn"])
@@ -460,6 +464,15 @@ class WalOutbox(Outbox):
                 removed = self.conn.execute(DELETE_OUTBOX_IDS, {"ids": batch.outbox_ids}).rowcount
         self.advance(position)
         return removed
+
+    def _delivered_before(self) -> bool:
+        """Whether a table of this target has no creation event pending (the stream has no 'C' for it ahead)."""
+        with self.conn.transaction():
+            row = self.conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM pgturso.tracked_table t WHERE t.target = %s AND t.dropped_at IS NULL "
+                "AND NOT EXISTS (SELECT 1 FROM pgturso.outbox o JOIN pgturso.layout l ON l.id = o.layout_id "
+                "WHERE l.table_id = t.id AND o.op = 'C'))", (self.target,)).fetchone()
+        return bool(row and row[0])
 
     def _has_tables(self) -> bool:
         with self.conn.transaction():
