@@ -6,6 +6,7 @@ separate process; SOAK_SECONDS (``make soak``) lengthens the concurrency runs.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -364,10 +365,19 @@ def test_failover_to_a_lagging_standby_brings_turso_back_to_postgres(turso: Turs
         primary.pg_ctl("stop", "-m", "immediate", "-w")
         standby.pg_ctl("promote", "-w")
         new_dsn = standby.dsn()
+        marker = json.loads(turso.query("SELECT applied_ids FROM _pgturso_progress")[0][0])  # type: ignore[arg-type]
         with psycopg.connect(new_dsn, autocommit=True) as conn:
             for key in range(101, 121):  # one transaction each: their ids and xids repeat delivered ones
                 conn.execute("INSERT INTO ledger VALUES (%s, 'new')", (key,))
             conn.execute("UPDATE ledger SET v = 'new' WHERE id IN (11, 12)")
+            # The new server writes past the marker's WAL position: only its timeline tells the two apart.
+            conn.execute("CREATE TABLE filler (n int)")  # not tracked
+            while conn.execute("SELECT pg_current_wal_insert_lsn() <= %s::pg_lsn",
+                               (marker["position"]["lsn"],)).fetchone()[0]:
+                conn.execute("INSERT INTO filler VALUES (1)")
+                conn.execute("SELECT pg_switch_wal()")
+            position = conn.execute("SELECT pgturso._source_position()").fetchone()[0]
+            assert position["timeline"] == marker["position"]["timeline"] + 1
         result = drain(new_dsn, turso.url)
         assert turso.query("SELECT id, v FROM ledger ORDER BY id") == _rows(new_dsn), result.stderr
         assert "source_history_changed" in result.stderr
