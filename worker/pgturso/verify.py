@@ -138,6 +138,9 @@ class Verifier:
     def __init__(self, conn: psycopg.Connection[Any], target: Target, progress: TextIO = sys.stderr,
                  target_name: str = "default") -> None:
         self.conn = conn
+        # As the worker's: no function or operator of a schema others may create in can stand in for a built-in
+        # one in the comparisons verify runs with its operator's rights (docs/security.md).
+        conn.execute("SET search_path = pg_catalog, pg_temp")
         self.target_name = target_name
         self.target = target
         self.progress = progress
