@@ -84,6 +84,9 @@ def load_backlog(b: Bench, saved: str, transactions: int | None = None) -> None:
         upto = f"WHERE id <= ({nth})"
     with b.connect() as conn:
         conn.execute("TRUNCATE pgturso.outbox")
+        # Each drain goes to a fresh Turso database: Postgres must not remember delivering to another one, or
+        # recovery (rightly) takes the fresh database for a lost one and copies the tables afresh.
+        conn.execute("UPDATE pgturso.delivery_state SET delivered_marker = NULL")
         conn.execute(f"INSERT INTO pgturso.outbox OVERRIDING SYSTEM VALUE SELECT * FROM {saved} {upto} ORDER BY id")
         conn.execute("VACUUM ANALYZE pgturso.outbox")
         conn.execute("CHECKPOINT")
