@@ -12,6 +12,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -107,12 +108,13 @@ def http_endpoint(url: str) -> tuple[str, str | None]:
 
 
 def open_target(url: str, auth_token: str | None, *, max_request_bytes: int, timeout: float,
-                tls_ca_file: str | None = None, encryption_key: str | None = None) -> Target:
+                tls_ca_file: str | None = None, encryption_key: str | None = None, threads: bool = True) -> Target:
     """A target for ``url``: http(s)://, libsql:// (https://, or http:// with ?tls=0) or file:PATH.
 
     TLS certificates are always verified, against the system CAs or ``tls_ca_file``. A token in the URL
     (``?authToken=``) wins over ``auth_token``, as in libsql clients. ``encryption_key`` opens an encrypted Turso
-    Cloud database (sent as the ``x-turso-encryption-key`` header).
+    Cloud database (sent as the ``x-turso-encryption-key`` header). ``threads=False`` (inside a Postgres
+    backend) sends every request from the caller's thread.
     """
     scheme = urlsplit(url).scheme.lower()
     if scheme == "file":
@@ -120,7 +122,7 @@ def open_target(url: str, auth_token: str | None, *, max_request_bytes: int, tim
     if scheme in ("http", "https", "libsql"):
         endpoint, url_token = http_endpoint(url)
         return HttpTarget(endpoint, url_token or auth_token, max_request_bytes=max_request_bytes, timeout=timeout,
-                          tls_ca_file=tls_ca_file, encryption_key=encryption_key)
+                          tls_ca_file=tls_ca_file, encryption_key=encryption_key, threads=threads)
     raise ConfigError(
         f"pgturso.url {redact_url(url)!r} is not a Turso URL; use http://, https://, libsql:// or file:PATH"
     )
@@ -134,7 +136,7 @@ class HttpTarget:
     """
 
     def __init__(self, url: str, auth_token: str | None, *, max_request_bytes: int, timeout: float,
-                 tls_ca_file: str | None = None, encryption_key: str | None = None) -> None:
+                 tls_ca_file: str | None = None, encryption_key: str | None = None, threads: bool = True) -> None:
         self.base_url = url.rstrip("/")  # the configured URL: every new stream starts here
         self.description = redact_url(self.base_url)
         self.max_request_bytes = max_request_bytes
@@ -151,6 +153,14 @@ class HttpTarget:
         # Turso Cloud wants streams closed; tursodb rejects the close request. Learnt on first use.
         self.sends_close = True
         self.last_hold_seconds = 0.0  # how long the last committed transaction was open on Turso
+        self.threads = threads
+        self._requests: ThreadPoolExecutor | None = None  # sends a transaction's non-final requests
+
+    def background(self) -> ThreadPoolExecutor:
+        """The thread that sends a non-final request while the caller reads the next one out of Postgres."""
+        if self._requests is None:
+            self._requests = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgturso-request")
+        return self._requests
 
     def pipeline(self, requests_: list[dict[str, Any]], baton: str | None = None, *, last: bool = True,
                  url: str | None = None) -> dict[str, Any]:
@@ -234,6 +244,9 @@ class HttpTarget:
         return HttpTransaction(self)
 
     def close(self) -> None:
+        if self._requests is not None:
+            self._requests.shutdown(wait=True)
+            self._requests = None
         self.session.close()
 
 
@@ -242,6 +255,9 @@ class HttpTransaction:
 
     The requests of one transaction share a stream: each continuation carries the baton of the previous answer
     and goes to that stream's ``base_url`` (if the server named one), which is forgotten with the stream.
+    A non-final request travels on a background thread while the caller reads the next statements out of
+    Postgres, so that a transaction spanning requests holds Turso's write lock for as short a time as it can
+    (Turso Cloud takes it away after 5 s when another client waits); one request at most is in flight.
     """
 
     def __init__(self, target: HttpTarget) -> None:
@@ -252,23 +268,48 @@ class HttpTransaction:
         self.baton: str | None = None
         self.stream_url: str | None = None  # the stream's base_url, for its later requests only
         self.opened_at: float | None = None  # when the first request left: the transaction is open from then on
-        self.sent_any = False
+        self.in_flight: Future[None] | None = None  # the non-final request travelling, if any
 
     def execute(self, statement: Statement) -> None:
         size = statement.size + 64
         if self.statements and self.size + size > self.target.max_request_bytes:
-            self._send(commit=False)
+            self._flush()
         self.plan.add(statement.sql, statement.args)
         self.statements.append(statement)
         self.size += size
 
+    def _flush(self) -> None:
+        """Send what is buffered as a non-final request once the previous one was answered (its baton names the
+        stream), and return to reading while it travels."""
+        self._wait()
+        plan, statements = self.plan, self.statements
+        self.plan, self.statements, self.size = hrana.BatchPlan.new(begin=False), [], 0
+        if not self.target.threads:
+            self._send(plan, statements, False)
+            return
+        self.in_flight = self.target.background().submit(self._send, plan, statements, False)
+
+    def _wait(self) -> None:
+        """Wait for the request in flight; raises what sending it raised."""
+        in_flight, self.in_flight = self.in_flight, None
+        if in_flight is not None:
+            in_flight.result()
+
     def commit(self) -> None:
+        self._wait()
         self.plan.commit()
-        self._send(commit=True)
+        self._send(self.plan, self.statements, commit=True)
 
     def abort(self) -> None:
         """Roll back and close the stream of a transaction that will not be committed (best effort: a stream
         left open expires on its own, holding Turso's write lock until then)."""
+        try:
+            self._wait()
+        except Exception as exc:  # the caller is handling its own failure; this one would go unseen
+            event(log, logging.INFO, "request_abandoned", target=self.target.description, error=str(exc))
+        self._close_stream()
+
+    def _close_stream(self) -> None:
         baton, url = self.baton, self.stream_url
         self.baton = self.stream_url = None
         if baton is None:
@@ -282,16 +323,16 @@ class HttpTransaction:
     def held_seconds(self) -> float:
         return 0.0 if self.opened_at is None else time.monotonic() - self.opened_at
 
-    def _send(self, commit: bool) -> None:
+    def _send(self, plan: hrana.BatchPlan, statements: list[Statement], commit: bool) -> None:
         if self.opened_at is None:
             self.opened_at = time.monotonic()
         try:
-            answer = self.target.pipeline([self.plan.request()], self.baton, last=commit, url=self.stream_url)
+            answer = self.target.pipeline([plan.request()], self.baton, last=commit, url=self.stream_url)
         except PgTursoError:
             self.baton = self.stream_url = None  # the answer (and the stream's next baton) never came
             raise
         try:
-            outcome = hrana.read_batch_result(self.plan, answer["results"][0])
+            outcome = hrana.read_batch_result(plan, answer["results"][0])
         except (ValueError, KeyError, TypeError) as exc:
             raise TursoUnavailable(f"Turso at {self.target.description} sent a malformed batch result: {exc}") from exc
         baton = answer.get("baton")
@@ -302,8 +343,8 @@ class HttpTransaction:
             if answer.get("base_url"):
                 self.stream_url = str(answer["base_url"]).rstrip("/")
         if outcome.error is not None:
-            self.abort()  # a failed non-final request leaves the transaction open: roll it back, close the stream
-            self._raise_failure(outcome)
+            self._close_stream()  # a failed non-final request leaves the transaction open: roll it back, close it
+            self._raise_failure(outcome, statements)
         if not commit and baton is None and self.target.sends_close:
             # A server with streams (Cloud, sqld) ended this one: the rest would run outside the transaction.
             rule = hrana.rule("null-baton")
@@ -311,12 +352,8 @@ class HttpTransaction:
                              f"transaction ({rule.why}); sending the whole batch again on a new stream")
         if commit:
             self.target.last_hold_seconds = self.held_seconds
-        self.sent_any = True
-        self.plan = hrana.BatchPlan.new(begin=False)
-        self.statements = []
-        self.size = 0
 
-    def _raise_failure(self, outcome: hrana.BatchOutcome) -> None:
+    def _raise_failure(self, outcome: hrana.BatchOutcome, statements: list[Statement]) -> None:
         assert outcome.error is not None
         rule = hrana.classify_step_error(outcome.code, outcome.error)
         if rule.transient:
@@ -324,7 +361,7 @@ class HttpTransaction:
             raise TursoBusy(f"Turso at {self.target.description} answered {outcome.code or 'an error'} after the "
                             f"transaction had been open {held:.1f} s: {outcome.error} ({rule.why}); nothing of the "
                             "batch was committed, sending it again", outcome.code or rule.key, held)
-        failed = self.statements[outcome.failed_caller_index] if outcome.failed_caller_index is not None else None
+        failed = statements[outcome.failed_caller_index] if outcome.failed_caller_index is not None else None
         if failed is None:
             raise StatementFailed(outcome.error)
         raise StatementFailed(outcome.error, failed.table, failed.operation, failed.txids)

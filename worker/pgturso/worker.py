@@ -252,6 +252,7 @@ class Worker:
                 timeout=self.settings.request_timeout,
                 tls_ca_file=self.settings.tls_ca_file,
                 encryption_key=self.settings.encryption(),
+                threads=self.read_ahead,  # no threads inside a Postgres backend
             )
         return self.target
 
