@@ -47,6 +47,11 @@ def send_batch(target: Target, statements: Iterable[Statement], marker: Iterable
         except BaseException:
             # Don't leave a half-sent transaction holding Turso's write lock until its stream expires.
             transaction.abort()
+            # A generator of statements reads a server-side cursor of the caller's transaction: close it now,
+            # not whenever the collector gets to it (by then a retry may have opened a cursor of the same name).
+            close = getattr(statements, "close", None)
+            if close is not None:
+                close()
             raise
     except StatementFailed as exc:
         if exc.operation == CHECK_MARKER_OPERATION:
