@@ -57,3 +57,26 @@ SELECT pg_catalog.pg_extension_config_dump('pgturso.outbox_id_seq', '');
 -- from the outbox): recovery compares it with the target's marker to recognize a target database that is not
 -- the one delivered to (pgturso.url changed) or an older copy of it, and copies it afresh (worker.py).
 ALTER TABLE pgturso.delivery_state ADD COLUMN delivered_marker text;
+
+-- (and the versions of them developed in 0.2.0 before route_by: drop whatever argument list they had)
+DROP FUNCTION IF EXISTS pgturso._plan_layout(integer, text, text, text, jsonb, text[], text, jsonb, text);
+DROP FUNCTION IF EXISTS pgturso._plan_change(jsonb, text, text, jsonb, text[], jsonb, text);
+DROP FUNCTION IF EXISTS pgturso.track_table(regclass, text, text[], boolean, boolean, text, text[], text);
+DROP FUNCTION IF EXISTS pgturso.track_table(regclass, text, text[], boolean, boolean, text, text[], text, text);
+
+-- A database per tenant. A pattern target's name holds one %s (add_target('tenant-%s', 'libsql://tenant-%s-…'));
+-- each tenant value met in a routed table's route_by column becomes a target of its own, named by the pattern
+-- (pattern: the pattern it belongs to, tenant: the value), with the pattern's URL and token unless an explicit
+-- add_target of that name overrides them. generation: bumped by every change that must reach all of a pattern's
+-- tenants (DDL, TRUNCATE) and by every new tenant: the row lock orders the two (docs/design.md).
+ALTER TABLE pgturso.target DROP CONSTRAINT target_name_check;
+ALTER TABLE pgturso.target ADD CONSTRAINT target_name_check
+    CHECK (name ~ '^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$' OR name ~ '^[A-Za-z0-9_.-]*%s[A-Za-z0-9_.-]*$');
+ALTER TABLE pgturso.target
+    ADD COLUMN pattern text REFERENCES pgturso.target (name) ON DELETE CASCADE,
+    ADD COLUMN tenant text,
+    ADD COLUMN generation bigint NOT NULL DEFAULT 0;
+CREATE INDEX target_pattern_idx ON pgturso.target (pattern, tenant) WHERE pattern IS NOT NULL;
+-- Events of a routed table carry their tenant; the tenant's worker reads only its own.
+ALTER TABLE pgturso.outbox ADD COLUMN tenant text;
+CREATE INDEX outbox_tenant_idx ON pgturso.outbox (tenant, id) WHERE tenant IS NOT NULL;

@@ -3,7 +3,7 @@
 
 CREATE OR REPLACE FUNCTION pgturso._plan_layout(
     layout_id integer, relation text, source_table text, target_table text,
-    columns jsonb, key_columns text[], function_name text, indexes jsonb, row_filter text
+    columns jsonb, key_columns text[], function_name text, indexes jsonb, row_filter text, route_by text
 ) RETURNS jsonb
 LANGUAGE plpython3u
 SET search_path = pg_catalog, pg_temp
@@ -13,14 +13,14 @@ if "@PYTHON_DIR@" not in sys.path:
     sys.path.insert(0, "@PYTHON_DIR@")
 from pgturso.extension_api import plan_table
 return plan_table(layout_id, relation, source_table, target_table, columns, key_columns, function_name, indexes,
-                  row_filter)
+                  row_filter, route_by)
 $$;
 COMMENT ON FUNCTION pgturso._plan_layout IS
     'Private: layout, capture and copy SQL of a table (pgturso.extension_api.plan_table).';
 
 CREATE OR REPLACE FUNCTION pgturso._plan_change(
     old_spec jsonb, source_table text, target_table text, columns jsonb, key_columns text[], indexes jsonb,
-    row_filter text
+    row_filter text, route_by text
 ) RETURNS jsonb
 LANGUAGE plpython3u
 SET search_path = pg_catalog, pg_temp
@@ -29,7 +29,7 @@ import sys
 if "@PYTHON_DIR@" not in sys.path:
     sys.path.insert(0, "@PYTHON_DIR@")
 from pgturso.extension_api import plan_change
-return plan_change(old_spec, source_table, target_table, columns, key_columns, indexes, row_filter)
+return plan_change(old_spec, source_table, target_table, columns, key_columns, indexes, row_filter, route_by)
 $$;
 COMMENT ON FUNCTION pgturso._plan_change IS
     'Private: how a tracked table''s layout changed (pgturso.extension_api.plan_change).';

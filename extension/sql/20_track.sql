@@ -254,7 +254,7 @@ COMMENT ON FUNCTION pgturso._drop_row_filter IS 'Private: drop the publication h
 CREATE OR REPLACE FUNCTION pgturso._describe(
     rel regclass, options jsonb,
     OUT source_table text, OUT target_table text, OUT columns jsonb, OUT key_columns text[], OUT indexes jsonb,
-    OUT row_filter text
+    OUT row_filter text, OUT route_by text
 )
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -296,6 +296,16 @@ BEGIN
         END IF;
     END IF;
     row_filter := pgturso._row_filter(rel, options);
+    IF options ? 'route_attnum' THEN  -- by attnum: a rename of the column is followed
+        SELECT a.attname INTO route_by FROM pg_attribute a
+        WHERE a.attrelid = rel AND a.attnum = (options ->> 'route_attnum')::integer AND NOT a.attisdropped;
+        IF route_by IS NULL OR NOT columns @> jsonb_build_array(jsonb_build_object('name', route_by, 'not_null', true))
+        THEN
+            RAISE EXCEPTION 'pgturso: the route_by column of % must be a replicated NOT NULL column', rel
+                USING HINT = 'Its value names the tenant database each row goes to: keep it NOT NULL and in the '
+                             'column list (or untrack the table first).';
+        END IF;
+    END IF;
     -- Plain-column btree/hash indexes without predicate or deferral; partial, expression and other indexes
     -- (GIN, GiST, ...) have no SQLite equivalent and stay on Postgres.
     IF coalesce((options ->> 'indexes')::boolean, true) THEN
@@ -650,7 +660,8 @@ CREATE OR REPLACE FUNCTION pgturso.track_table(
     target text DEFAULT 'default',
     columns text[] DEFAULT NULL,
     row_filter text DEFAULT NULL,
-    capture text DEFAULT NULL
+    capture text DEFAULT NULL,
+    route_by text DEFAULT NULL
 ) RETURNS void
 LANGUAGE plpgsql
 -- The initial copy encodes values exactly as the capture functions do: the settings placeholder below is
@@ -670,6 +681,7 @@ DECLARE
     v_attnums integer[];
     v_unknown text;
     v_capture text;
+    v_route_attnum integer;
 BEGIN
     -- The capture mode is the target's: one slot feeds one target's worker, in commit order.
     v_capture := coalesce(track_table.capture,
@@ -741,6 +753,31 @@ BEGIN
         'indexes', CASE WHEN NOT track_table.indexes THEN false END,
         'drop_target', CASE WHEN track_table.drop_target THEN true END,
         'column_attnums', to_jsonb(v_attnums)));
+    IF strpos(track_table.target, '%s') > 0 OR track_table.route_by IS NOT NULL THEN
+        IF strpos(track_table.target, '%s') = 0 THEN
+            RAISE EXCEPTION 'pgturso: route_by needs a pattern target, not %', track_table.target
+                USING HINT = 'Create one whose name holds %s: SELECT pgturso.add_target(''tenant-%s'', '
+                             '''libsql://tenant-%s-myorg.turso.io'', ''token''), then track_table(..., '
+                             'target => ''tenant-%s'', route_by => ''tenant_id'').';
+        END IF;
+        IF track_table.route_by IS NULL THEN
+            RAISE EXCEPTION 'pgturso: % goes to pattern target %, which needs route_by', rel, track_table.target
+                USING HINT = 'Name the column whose value is the tenant: route_by => ''tenant_id''. (Reference tables '
+                             'sent whole to every tenant database are not supported yet.)';
+        END IF;
+        SELECT a.attnum INTO v_route_attnum FROM pg_attribute a
+        WHERE a.attrelid = rel AND a.attname = track_table.route_by AND a.attnum > 0 AND NOT a.attisdropped;
+        IF v_route_attnum IS NULL OR v_kind = 'm' THEN
+            RAISE EXCEPTION 'pgturso: route_by "%" is not a column of table %', track_table.route_by, rel
+                USING HINT = 'route_by names a NOT NULL column of an ordinary or partitioned table whose value is '
+                             'the tenant (e.g. tenant_id).';
+        END IF;
+        IF v_capture = 'wal' THEN
+            RAISE EXCEPTION 'pgturso: tables of pattern target % cannot use capture => ''wal''', track_table.target
+                USING HINT = 'Per-tenant routing is done by the capture triggers: use capture => ''trigger''.';
+        END IF;
+        v_options := v_options || jsonb_build_object('route_attnum', v_route_attnum);
+    END IF;
     IF track_table.row_filter IS NOT NULL THEN
         IF v_capture = 'wal' THEN
             RAISE EXCEPTION 'pgturso: row_filter is not supported with capture => ''wal'' (table %)', rel
@@ -796,13 +833,13 @@ BEGIN
     INSERT INTO pgturso.layout (table_id, spec) VALUES (v_table_id, '{}') RETURNING id INTO v_layout_id;
     v_plan := pgturso._plan_layout(v_layout_id, pgturso._row_source(rel), v_desc.source_table, v_desc.target_table,
                                    v_desc.columns, v_desc.key_columns, pgturso._capture_function_name(v_table_id),
-                                   v_desc.indexes, v_desc.row_filter);
+                                   v_desc.indexes, v_desc.row_filter, v_desc.route_by);
     UPDATE pgturso.layout SET spec = v_plan -> 'spec' WHERE id = v_layout_id;
 
     -- Create the Turso table and start capture now. The rows already there are copied by the worker in
     -- chunks of short transactions (pgturso._copy_chunk): writers are not held up by a long copy. A
     -- materialized view cannot lock rows and changes only by REFRESH: it is copied right here.
-    INSERT INTO pgturso.outbox (layout_id, op, nrows) VALUES (v_layout_id, 'C', 0);
+    PERFORM pgturso._fan_out(v_layout_id, 'C', NULL);  -- one per tenant database for a pattern target
     -- A small table is copied here, under the lock this transaction holds anyway: it is on Turso as soon as
     -- this commit is, and the worker has no copy to do. Outside READ COMMITTED this transaction's snapshot
     -- may predate the lock (a writer that committed while we waited would be missing): the worker copies.
@@ -834,7 +871,8 @@ COMMENT ON FUNCTION pgturso.track_table IS
     'boolean expression (the table''s columns, built-in immutable functions) is true are on Turso; an UPDATE '
     'moving a row in or out of it arrives as an insert or a delete there. capture: ''trigger'' (statement triggers; no server '
     'setting) or ''wal'' (decoded from a logical replication slot; needs wal_level = logical; writers pay '
-    'almost nothing); a target''s tables share one mode, set by its first table (default: the target''s).';
+    'almost nothing); a target''s tables share one mode, set by its first table (default: the target''s). route_by (with a pattern '
+    'target such as ''tenant-%s''): each row goes to the database of the tenant its value names.';
 
 CREATE OR REPLACE FUNCTION pgturso._partition_root(rel regclass) RETURNS regclass
 LANGUAGE sql STABLE
@@ -871,7 +909,8 @@ BEGIN
     END IF;
     SELECT l.id, l.spec INTO v_layout_id, v_spec FROM pgturso.layout l
     WHERE l.table_id = v_table_id ORDER BY l.id DESC LIMIT 1;
-    INSERT INTO pgturso.outbox (layout_id, op, nrows) VALUES (v_layout_id, 'C', 0);
+    -- Recreate the Turso table empty, in order with the changes before and after, then copy it again.
+    PERFORM pgturso._fan_out(v_layout_id, 'C', NULL);
     IF v_kind = 'm' THEN
         EXECUTE pgturso._plan_rows(v_layout_id, v_spec, pgturso._row_source(rel), 'U'::text);
     ELSE
@@ -939,7 +978,8 @@ COMMENT ON FUNCTION pgturso.refresh_materialized_view IS
     'REFRESH MATERIALIZED VIEW [CONCURRENTLY] a tracked view and send Turso only the rows that changed.';
 
 REVOKE ALL ON FUNCTION pgturso._is_deferrable(oid) FROM PUBLIC;
-REVOKE ALL ON FUNCTION pgturso.track_table(regclass, text, text[], boolean, boolean, text, text[], text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso.track_table(regclass, text, text[], boolean, boolean, text, text[], text, text, text)
+    FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._create_row_filter(regclass, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._row_filter(regclass, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._drop_row_filter(jsonb) FROM PUBLIC;

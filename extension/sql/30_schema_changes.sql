@@ -32,7 +32,7 @@ BEGIN
     END IF;
     PERFORM pgturso._check_key(v_rel, v_desc.columns, v_desc.key_columns);
     v_change := pgturso._plan_change(v_old_spec, v_desc.source_table, v_desc.target_table, v_desc.columns,
-                                     v_desc.key_columns, v_desc.indexes, v_desc.row_filter);
+                                     v_desc.key_columns, v_desc.indexes, v_desc.row_filter, v_desc.route_by);
     IF (v_change ->> 'changed')::boolean THEN
         IF v_desc.target_table IS DISTINCT FROM v_old_spec ->> 'target_table' AND EXISTS (
                SELECT 1 FROM pgturso.tracked_table t
@@ -59,9 +59,8 @@ BEGIN
         v_plan := pgturso._plan_layout(v_new_id, pgturso._row_source(v_rel), v_desc.source_table,
                                        v_desc.target_table, v_desc.columns, v_desc.key_columns,
                                        pgturso._capture_function_name(table_id), v_desc.indexes,
-                                       v_desc.row_filter);
-        INSERT INTO pgturso.outbox (layout_id, op, nrows, payload)
-        VALUES (v_new_id, 'A', 0, jsonb_build_object('from', v_old_id, 'recopy', v_recopy)::text);
+                                       v_desc.row_filter, v_desc.route_by);
+        PERFORM pgturso._fan_out(v_new_id, 'A', jsonb_build_object('from', v_old_id, 'recopy', v_recopy)::text);
         -- The DDL holds the table's lock; in READ COMMITTED this statement's snapshot is newer than that lock
         -- and the rows are copied here. Otherwise the worker copies them in chunks after this commits.
         IF v_recopy AND pgturso._snapshot_is_current() THEN
@@ -118,7 +117,7 @@ BEGIN
             v_plan := pgturso._plan_layout(v_old_id, pgturso._row_source(v_rel), v_desc.source_table,
                                            v_desc.target_table, v_desc.columns, v_desc.key_columns,
                                            pgturso._capture_function_name(table_id), v_desc.indexes,
-                                           v_desc.row_filter);
+                                           v_desc.row_filter, v_desc.route_by);
         END IF;
         -- Its rows, read here in READ COMMITTED (ATTACH holds the partition's lock), or when this transaction
         -- created it (no one else wrote it: its ctid attribute row, which nothing alters, is ours); otherwise
@@ -166,8 +165,7 @@ BEGIN
     IF v_kind <> 'm' THEN
         EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', v_rel);
     END IF;
-    INSERT INTO pgturso.outbox (layout_id, op, nrows, payload)
-    VALUES (v_layout_id, 'A', 0, jsonb_build_object('from', v_layout_id, 'recopy', true)::text);
+    PERFORM pgturso._fan_out(v_layout_id, 'A', jsonb_build_object('from', v_layout_id, 'recopy', true)::text);
     -- A materialized view comes here after its REFRESH by this transaction, whose rows any snapshot of it
     -- sees; a table is read here only in READ COMMITTED, where this statement's snapshot is newer than the
     -- lock, and otherwise copied by the worker in chunks (docs/design.md).
@@ -497,9 +495,8 @@ BEGIN
         JOIN pgturso.tracked_table t ON t.relid = d.objid AND t.dropped_at IS NULL
         WHERE d.classid = 'pg_class'::regclass AND d.objsubid = 0
     LOOP
-        INSERT INTO pgturso.outbox (layout_id, op, nrows, payload)
-        SELECT max(l.id), 'X', 0,
-               jsonb_build_object('drop_target', coalesce((v_row.options ->> 'drop_target')::boolean, false))::text
+        PERFORM pgturso._fan_out(max(l.id), 'X',
+               jsonb_build_object('drop_target', coalesce((v_row.options ->> 'drop_target')::boolean, false))::text)
         FROM pgturso.layout l WHERE l.table_id = v_row.id;
         PERFORM pgturso._drop_capture_functions(v_row.id);
         PERFORM pgturso._drop_row_filter(v_row.options);
@@ -548,8 +545,8 @@ CREATE EVENT TRIGGER pgturso_sql_drop ON sql_drop EXECUTE FUNCTION pgturso._on_s
 DROP EVENT TRIGGER IF EXISTS pgturso_table_rewrite;
 CREATE EVENT TRIGGER pgturso_table_rewrite ON table_rewrite EXECUTE FUNCTION pgturso._on_table_rewrite();
 
-REVOKE ALL ON FUNCTION pgturso._plan_layout(integer, text, text, text, jsonb, text[], text, jsonb, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION pgturso._plan_change(jsonb, text, text, jsonb, text[], jsonb, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._plan_layout(integer, text, text, text, jsonb, text[], text, jsonb, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._plan_change(jsonb, text, text, jsonb, text[], jsonb, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._plan_rows(integer, jsonb, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._follow_schema(integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._recopy(integer) FROM PUBLIC;

@@ -8,13 +8,21 @@ AS $$
 BEGIN
     -- No message may carry the token (nor the URL, which can hold credentials): errors reach the server log.
     -- Checked here rather than left to the table's constraints, whose errors show the whole row.
-    IF add_target.name IS NULL OR add_target.name !~ '^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$' THEN
+    IF add_target.name IS NULL OR (add_target.name !~ '^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$'
+                                   AND add_target.name !~ '^[A-Za-z0-9_.-]*%s[A-Za-z0-9_.-]*$') THEN
         RAISE EXCEPTION 'pgturso: % is not a valid target name', quote_literal(add_target.name)
             USING HINT = 'Use 1 to 63 letters, digits, _ . - (not starting with . or -).';
     END IF;
     IF url IS NULL OR url !~ '^(https?|libsql)://|^file:' THEN
         RAISE EXCEPTION 'pgturso: the URL of target % is not a Turso URL', add_target.name
             USING HINT = 'Use http://, https://, libsql:// (Turso Cloud) or file:PATH.';
+    END IF;
+    IF strpos(add_target.name, '%s') > 0 AND (add_target.name !~ '^[A-Za-z0-9_.-]*%s[A-Za-z0-9_.-]*$'
+                                              OR strpos(add_target.url, '%s') = 0
+                                              OR add_target.url ~ '%s.*%s') THEN
+        RAISE EXCEPTION 'pgturso: pattern target % needs one %%s in its name and in its URL', add_target.name
+            USING HINT = 'E.g. SELECT pgturso.add_target(''tenant-%s'', ''libsql://tenant-%s-myorg.turso.io'', '
+                         '''token''): each tenant value replaces %s (letters, digits, _ . - only).';
     END IF;
     BEGIN
         INSERT INTO pgturso.target AS t (name, url, auth_token)
@@ -46,6 +54,12 @@ BEGIN
             USING HINT = 'Untrack them first: SELECT relid FROM pgturso.tracked_table WHERE target = ''' ||
                          remove_target.name || '''.';
     END IF;
+    IF EXISTS (SELECT 1 FROM pgturso.target t WHERE t.name = remove_target.name AND t.pattern IS NOT NULL) THEN
+        RAISE EXCEPTION 'pgturso: % is a tenant database of pattern target %', remove_target.name,
+                        (SELECT t.pattern FROM pgturso.target t WHERE t.name = remove_target.name)
+            USING HINT = 'Tenants go with their pattern (remove that once its tables are untracked); to move a tenant '
+                         'elsewhere, add_target its name with the new URL.';
+    END IF;
     PERFORM pgturso._drop_slot(remove_target.name);
     DELETE FROM pgturso.target t WHERE t.name = remove_target.name;
     IF NOT FOUND THEN
@@ -56,6 +70,78 @@ END
 $$;
 COMMENT ON FUNCTION pgturso.remove_target IS 'Remove a named target that no table is tracked to.';
 
+-- Per-tenant databases (a pattern target such as 'tenant-%s' and tables tracked to it with route_by).
+--
+-- Every change that must reach all of a pattern's tenant databases (create, schema change, TRUNCATE, drop) is
+-- written once per tenant known then; a new tenant gets its tables created (pgturso._register_tenants) before
+-- its first rows. Both first update the pattern's row in pgturso.target (generation): that row lock orders them,
+-- so a tenant registered concurrently either waits for the change and is created with its result, or the change
+-- waits for the registration and reaches the new tenant too. Under REPEATABLE READ, the loser of that race gets
+-- a serialization failure (retry the transaction) instead of reading a stale list of tenants.
+CREATE OR REPLACE FUNCTION pgturso._fan_out(layout_id integer, op "char", payload text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_pattern text;
+BEGIN
+    SELECT t.target INTO v_pattern FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
+    WHERE l.id = _fan_out.layout_id AND strpos(t.target, '%s') > 0;
+    IF v_pattern IS NULL THEN
+        INSERT INTO pgturso.outbox (layout_id, op, nrows, payload) VALUES (layout_id, op, 0, payload);
+        RETURN;
+    END IF;
+    UPDATE pgturso.target SET generation = generation + 1 WHERE name = v_pattern;
+    INSERT INTO pgturso.outbox (layout_id, op, nrows, payload, tenant)
+    SELECT _fan_out.layout_id, _fan_out.op, 0, _fan_out.payload, g.tenant
+    FROM pgturso.target g WHERE g.pattern = v_pattern ORDER BY g.tenant;
+END
+$$;
+COMMENT ON FUNCTION pgturso._fan_out IS
+    'Private: queue a table-wide event (C, A, T, X): once, or once per tenant database of a pattern target.';
+
+CREATE OR REPLACE FUNCTION pgturso._register_tenants(layout_id integer, tenants text[]) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_pattern text;
+    v_tenant text;
+    v_name text;
+BEGIN
+    SELECT t.target INTO v_pattern FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
+    WHERE l.id = _register_tenants.layout_id;
+    IF NOT EXISTS (SELECT 1 FROM unnest(tenants) AS x
+                   WHERE NOT EXISTS (SELECT 1 FROM pgturso.target g WHERE g.pattern = v_pattern AND g.tenant = x)) THEN
+        RETURN;
+    END IF;
+    UPDATE pgturso.target SET generation = generation + 1 WHERE name = v_pattern;
+    FOR v_tenant IN SELECT DISTINCT x FROM unnest(tenants) AS x ORDER BY 1 LOOP
+        v_name := replace(v_pattern, '%s', v_tenant);
+        IF v_tenant !~ '^[A-Za-z0-9_.-]+$' OR v_name !~ '^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$' THEN
+            RAISE EXCEPTION 'pgturso: tenant value "%" cannot name a database of pattern %', v_tenant, v_pattern
+                USING HINT = 'route_by values become part of a database name and URL: letters, digits, _ . - only, '
+                             'and the target name at most 63 characters.';
+        END IF;
+        -- An explicit add_target of this name (an override of the pattern's URL or token) becomes the tenant's.
+        INSERT INTO pgturso.target AS g (name, pattern, tenant) VALUES (v_name, v_pattern, v_tenant)
+        ON CONFLICT ON CONSTRAINT target_pkey DO UPDATE SET pattern = excluded.pattern, tenant = excluded.tenant
+        WHERE g.pattern IS NULL;
+        IF FOUND THEN
+            INSERT INTO pgturso.delivery_state (target) VALUES (v_name) ON CONFLICT DO NOTHING;
+            INSERT INTO pgturso.outbox (layout_id, op, nrows, tenant)
+            SELECT (SELECT max(l.id) FROM pgturso.layout l WHERE l.table_id = t.id), 'C', 0, v_tenant
+            FROM pgturso.tracked_table t WHERE t.target = v_pattern AND t.dropped_at IS NULL ORDER BY t.id;
+            PERFORM pg_notify('pgturso', '');
+        END IF;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION pgturso._register_tenants IS
+    'Private: make new tenant values of a routed table targets of their pattern, their tables created first.';
+
+REVOKE ALL ON FUNCTION pgturso._fan_out(integer, "char", text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._register_tenants(integer, text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.add_target(text, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.remove_target(text) FROM PUBLIC;
 REVOKE ALL ON pgturso.target FROM PUBLIC;

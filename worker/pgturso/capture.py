@@ -69,14 +69,40 @@ def filtered(layout: TableLayout, source: str) -> str:
     return f"(SELECT * FROM {source} AS filtered WHERE ({layout.row_filter}))"
 
 
-def pack_sql(layout_id: int, op: str, row_expr: str, source: str) -> str:
-    """INSERT … SELECT that packs the rows of ``source`` (aliased ``src``) into outbox events."""
+def pack_sql(layout_id: int, op: str, row_expr: str, source: str, tenant: str | None = None) -> str:
+    """INSERT … SELECT that packs the rows of ``source`` (aliased ``src``) into outbox events.
+
+    ``tenant``: an expression over ``src`` naming each row's tenant (a routed table, see ``route_expr``): an
+    event then holds the rows of one tenant only.
+    """
+    if tenant is None:
+        return (
+            "INSERT INTO pgturso.outbox (layout_id, op, nrows, payload) "
+            f"SELECT {int(layout_id)}, '{op}', count(*), string_agg(packed.row_json, ',') "
+            f"FROM (SELECT {row_expr} AS row_json, (row_number() OVER () - 1) / {CHUNK_ROWS} AS chunk "
+            f"FROM {source} AS src) AS packed GROUP BY packed.chunk"
+        )
     return (
-        "INSERT INTO pgturso.outbox (layout_id, op, nrows, payload) "
-        f"SELECT {int(layout_id)}, '{op}', count(*), string_agg(packed.row_json, ',') "
-        f"FROM (SELECT {row_expr} AS row_json, (row_number() OVER () - 1) / {CHUNK_ROWS} AS chunk "
-        f"FROM {source} AS src) AS packed GROUP BY packed.chunk"
+        "INSERT INTO pgturso.outbox (layout_id, op, nrows, payload, tenant) "
+        f"SELECT {int(layout_id)}, '{op}', count(*), string_agg(packed.row_json, ','), packed.tenant "
+        f"FROM (SELECT {row_expr} AS row_json, {tenant} AS tenant, "
+        f"(row_number() OVER (PARTITION BY {tenant}) - 1) / {CHUNK_ROWS} AS chunk "
+        f"FROM {source} AS src) AS packed GROUP BY packed.tenant, packed.chunk"
     )
+
+
+def route_expr(layout: TableLayout, alias: str) -> str | None:
+    """The tenant of a row of a routed table (its route_by column as text); None for other tables."""
+    return f"{alias}.{quote_ident(layout.route_by)}::text" if layout.route_by else None
+
+
+def register_tenants_sql(layout: TableLayout, layout_id: int, source: str, where: str = "") -> str:
+    """A routed table: the statement that registers the tenants of ``source``'s rows (their databases get the
+    pattern's tables) before their events are packed; '' for other tables."""
+    if not layout.route_by:
+        return ""
+    return (f"SELECT pgturso._register_tenants({int(layout_id)}, ARRAY(SELECT DISTINCT {route_expr(layout, 'src')} "
+            f"FROM {filtered(layout, source)} AS src {where}))")
 
 
 def _moved_keys_source(layout: TableLayout) -> str:
@@ -90,13 +116,18 @@ def _moved_keys_source(layout: TableLayout) -> str:
     else:  # e.g. a citext key, or text under a nondeterministic collation, changing case: Postgres calls it
         # equal, Turso holds a different key
         match = f"{row_json_sql(layout, 'n', key_only=True)} = {row_json_sql(layout, 'o', key_only=True)}"
+    if layout.route_by:  # a row whose tenant changed leaves its old tenant's database
+        match += f" AND {route_expr(layout, 'n')} = {route_expr(layout, 'o')}"
     old_rows, new_rows = filtered(layout, "old_rows"), filtered(layout, "new_rows")
     return f"(SELECT o.* FROM {old_rows} AS o WHERE NOT EXISTS (SELECT 1 FROM {new_rows} AS n WHERE {match}))"
 
 
 def snapshot_sql(layout: TableLayout, layout_id: int, relation: str) -> str:
     """The initial copy: every existing row of ``relation`` as upsert events."""
-    return pack_sql(layout_id, "U", row_json_sql(layout, "src"), filtered(layout, relation))
+    packed = pack_sql(layout_id, "U", row_json_sql(layout, "src"), filtered(layout, relation),
+                      route_expr(layout, "src"))
+    register = register_tenants_sql(layout, layout_id, relation)
+    return f"{register}; {packed}" if register else packed
 
 
 def capture_settings(layout: TableLayout) -> list[str]:
@@ -105,11 +136,26 @@ def capture_settings(layout: TableLayout) -> list[str]:
     return [CAPTURE_SETTINGS[0]] + [clause for clause in CAPTURE_SETTINGS[1:] if clause.split()[1] in needed]
 
 
-def _collect_sql(op: str, row_expr: str, source: str, small_first: bool = True) -> str:
+def _collect_sql(op: str, row_expr: str, source: str, small_first: bool = True, tenant: str | None = None) -> str:
     """PL/pgSQL that packs the rows of ``source`` (a transition table) into events held in the capture
     function's arrays (v_ops, v_counts, v_payloads), read-only: the function writes them to the outbox
     afterwards. With ``small_first`` a statement of up to CHUNK_ROWS rows, the common case, takes one cheaper
-    query (counting the rows first costs little for a transition table, more for a join)."""
+    query (counting the rows first costs little for a transition table, more for a join).
+
+    ``tenant`` (a routed table, see ``route_expr``): one event per tenant and chunk, its tenant in v_tenants."""
+    if tenant is not None:
+        chunks = (
+            f"SELECT count(*) AS n, string_agg(packed.row_json, ',') AS p, packed.chunk, packed.tenant "
+            f"FROM (SELECT {row_expr} AS row_json, {tenant} AS tenant, "
+            f"(row_number() OVER (PARTITION BY {tenant}) - 1) / {CHUNK_ROWS} AS chunk "
+            f"FROM {source} AS src) AS packed GROUP BY packed.tenant, packed.chunk"
+        )
+        order = "ORDER BY c.tenant, c.chunk"
+        return (
+            f"SELECT v_ops || array_agg('{op}'::text {order}), v_counts || array_agg(c.n {order}), "
+            f"v_payloads || array_agg(c.p {order}), v_tenants || array_agg(c.tenant {order}) "
+            f"INTO v_ops, v_counts, v_payloads, v_tenants FROM ({chunks}) AS c"
+        )
     chunks = (
         f"SELECT count(*) AS n, string_agg(packed.row_json, ',') AS p, packed.chunk "
         f"FROM (SELECT {row_expr} AS row_json, (row_number() OVER () - 1) / {CHUNK_ROWS} AS chunk "
@@ -150,11 +196,33 @@ def capture_function_sql(layout: TableLayout, layout_id: int, function_name: str
     event triggers did not see): pgturso._capture_failed follows the schema and recopies the table, with a
     WARNING, so the application's write goes through and Turso still gets every change.
     """
-    upsert_new = _collect_sql("U", row_json_sql(layout, "src"), filtered(layout, "new_rows"))
-    delete_old = _collect_sql("D", row_json_sql(layout, "src", key_only=True), filtered(layout, "old_rows"))
+    tenant = route_expr(layout, "src")
+    upsert_new = _collect_sql("U", row_json_sql(layout, "src"), filtered(layout, "new_rows"), tenant=tenant)
+    delete_old = _collect_sql("D", row_json_sql(layout, "src", key_only=True), filtered(layout, "old_rows"),
+                              tenant=tenant)
     delete_moved = _collect_sql("D", row_json_sql(layout, "src", key_only=True), _moved_keys_source(layout),
-                                small_first=False)
+                                small_first=False, tenant=tenant)
     truncate = f"INSERT INTO pgturso.outbox (layout_id, op, nrows) VALUES ({int(layout_id)}, 'T', 0)"
+    write = (f"INSERT INTO pgturso.outbox (layout_id, op, nrows, payload)\n"
+             f"    SELECT {int(layout_id)}, e.op::\"char\", e.n, e.p "
+             "FROM unnest(v_ops, v_counts, v_payloads) AS e(op, n, p)")
+    declare_tenants = ""
+    if layout.route_by:
+        # A new tenant value first gets its database's tables (pgturso._register_tenants: it writes, so after
+        # the read-only block, and before the rows' events); TRUNCATE empties the table in every tenant's
+        # database.
+        unregistered = (
+            f"SELECT 1 FROM {filtered(layout, 'new_rows')} AS src WHERE NOT EXISTS (SELECT 1 FROM pgturso.target g "
+            f"WHERE g.tenant = {tenant} AND g.pattern = (SELECT t.target FROM pgturso.layout l "
+            f"JOIN pgturso.tracked_table t ON t.id = l.table_id WHERE l.id = {int(layout_id)}))")
+        perform = "PERFORM " + register_tenants_sql(layout, layout_id, "new_rows").removeprefix("SELECT ")
+        write = (f"IF TG_OP <> 'DELETE' THEN\n      IF EXISTS ({unregistered}) THEN\n        {perform};\n"
+                 f"      END IF;\n    END IF;\n"
+                 f"    INSERT INTO pgturso.outbox (layout_id, op, nrows, payload, tenant)\n"
+                 f"    SELECT {int(layout_id)}, e.op::\"char\", e.n, e.p, e.t "
+                 f"FROM unnest(v_ops, v_counts, v_payloads, v_tenants) AS e(op, n, p, t)")
+        declare_tenants = "  v_tenants text[] := '{}';\n"
+        truncate = f"PERFORM pgturso._fan_out({int(layout_id)}, 'T', NULL)"
     # A row filter names columns unqualified: let them win over PL/pgSQL's own names (found, new, ...).
     conflict = "#variable_conflict use_column\n" if layout.row_filter else ""
     body = f"""
@@ -164,7 +232,7 @@ def capture_function_sql(layout: TableLayout, layout_id: int, function_name: str
   v_payloads text[] := '{{}}';
   v_count bigint;
   v_payload text;
-BEGIN
+{declare_tenants}BEGIN
   -- Generated by pgturso.track_table; do not edit.
   IF TG_OP = 'TRUNCATE' THEN
     {truncate};
@@ -182,8 +250,7 @@ BEGIN
       PERFORM pgturso._capture_failed({int(table_id)}, TG_RELID, SQLSTATE, SQLERRM);
       RETURN NULL;
     END;
-    INSERT INTO pgturso.outbox (layout_id, op, nrows, payload)
-    SELECT {int(layout_id)}, e.op::"char", e.n, e.p FROM unnest(v_ops, v_counts, v_payloads) AS e(op, n, p);
+    {write};
   END IF;
   IF NOT pg_try_advisory_xact_lock_shared({WAKE_LOCK_CLASS}, {int(table_id)}) THEN
     PERFORM pg_notify('pgturso', '');
@@ -308,10 +375,17 @@ def copy_chunk_sql(layout: TableLayout, layout_id: int, relation: str, limit: in
     # Rows outside the row filter are neither copied nor locked: a write moving one into the filter is captured
     # as its upsert (FOR SHARE re-checks the filter on a row version that changed while the chunk waited).
     only_filtered = f" AND ({layout.row_filter})" if layout.row_filter else ""
+    rows = "chunk"
+    register = ""
+    if layout.route_by:
+        # The chunk's new tenants are registered (their C events drawn) before its rows are packed: packing
+        # waits for the registration's one row.
+        register = f"registered AS MATERIALIZED ({register_tenants_sql(layout, layout_id, 'chunk')}), "
+        rows = "(SELECT * FROM chunk WHERE (SELECT true FROM registered))"
     chunk = (
         f"WITH chunk AS MATERIALIZED (SELECT src.* FROM {relation} AS src "
         f"WHERE {after} AND {before}{only_filtered} FOR SHARE OF src), "
-        f"packed AS ({pack_sql(layout_id, 'U', row_json_sql(layout, 'src'), 'chunk')} RETURNING 1) "
-        f"SELECT count(*) FROM chunk"
+        f"{register}packed AS ({pack_sql(layout_id, 'U', row_json_sql(layout, 'src'), rows, route_expr(layout, 'src'))}"
+        " RETURNING 1) SELECT count(*) FROM chunk"
     )
     return bound, chunk

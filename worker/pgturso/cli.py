@@ -22,6 +22,7 @@ import psycopg
 
 from . import __version__, background, logs
 from .errors import ConfigError, PgTursoError, RetriesExhausted
+from .fanout import PatternWorker
 from .retry import backoff_delay
 from .settings import POSTGRESQL_CONF_NAMES, POSTGRESQL_CONF_QUERY, SETTINGS, Settings, resolve
 from .targets import open_target
@@ -146,6 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup(settings.log_level, settings.log_format)
     if args.command == "verify":
         return _verify(args, settings)
+    if "%s" in settings.target:  # a pattern target: every tenant database, each by its own worker thread
+        pattern = PatternWorker(args.dsn, settings)
+        pattern.install_signal_handlers()
+        return pattern.run(once=args.once)
     worker = Worker(args.dsn, settings)
     worker.reload_settings = lambda: load_settings(args.dsn, flags)
     worker.install_signal_handlers()
@@ -155,6 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _verify(args: argparse.Namespace, settings: Settings) -> int:
     try:
         with psycopg.connect(args.dsn, autocommit=True, application_name="pgturso-verify") as conn:
+            tenant = conn.execute("SELECT pattern IS NOT NULL FROM pgturso.target WHERE name = %s",
+                                  (settings.target,)).fetchone()
+            if "%s" in settings.target or (tenant and tenant[0]):
+                raise ConfigError(f"verify does not compare the tenant databases of a pattern target yet "
+                                  f"({settings.target}); compare a tenant's rows by hand meanwhile")
             url, token = target_endpoint(conn, settings)
             target = open_target(url, token, max_request_bytes=settings.max_request_bytes,
                                  timeout=settings.request_timeout, tls_ca_file=settings.tls_ca_file,

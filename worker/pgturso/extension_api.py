@@ -14,6 +14,8 @@ from .capture import (
     filtered,
     pack_sql,
     refresh_function_sql,
+    register_tenants_sql,
+    route_expr,
     row_json_sql,
     snapshot_sql,
 )
@@ -21,10 +23,10 @@ from .layout import TableLayout, change_between
 
 
 def _layout(source_table: str, target_table: str, columns_json: str, key_columns: list[str],
-            indexes_json: str | None, row_filter: str | None) -> TableLayout:
+            indexes_json: str | None, row_filter: str | None, route_by: str | None) -> TableLayout:
     indexes = json.loads(indexes_json) if indexes_json else []
     return TableLayout.from_catalog(source_table, target_table, json.loads(columns_json), key_columns, indexes,
-                                    row_filter)
+                                    row_filter, route_by)
 
 
 def plan_table(
@@ -37,6 +39,7 @@ def plan_table(
     function_name: str,
     indexes_json: str | None = None,
     row_filter: str | None = None,
+    route_by: str | None = None,
 ) -> str:
     """Compute a table's layout and the SQL that installs its capture and copies its rows.
 
@@ -44,7 +47,7 @@ def plan_table(
     Returns JSON: ``spec`` (stored in pgturso.layout), ``capture_function_sql``, ``snapshot_sql`` and
     ``refresh_function_sql`` (for materialized views).
     """
-    layout = _layout(source_table, target_table, columns_json, key_columns, indexes_json, row_filter)
+    layout = _layout(source_table, target_table, columns_json, key_columns, indexes_json, row_filter, route_by)
     plan: dict[str, Any] = {
         "spec": layout.to_spec(),
         # pgturso._capture_function_name(table_id) is '_capture_<table_id>'.
@@ -57,7 +60,8 @@ def plan_table(
 
 
 def plan_change(old_spec_json: str, source_table: str, target_table: str, columns_json: str,
-                key_columns: list[str], indexes_json: str | None, row_filter: str | None = None) -> str:
+                key_columns: list[str], indexes_json: str | None, row_filter: str | None = None,
+                route_by: str | None = None) -> str:
     """Compare a table's stored layout with what the catalog says now (after DDL).
 
     Returns JSON: ``changed`` (false: nothing to do), ``spec`` (the new layout), ``recopy`` (the Turso table
@@ -65,7 +69,7 @@ def plan_change(old_spec_json: str, source_table: str, target_table: str, column
     values, the caller recopies as well).
     """
     old = TableLayout.from_spec(json.loads(old_spec_json))
-    new = _layout(source_table, target_table, columns_json, key_columns, indexes_json, row_filter)
+    new = _layout(source_table, target_table, columns_json, key_columns, indexes_json, row_filter, route_by)
     if new == old:
         return json.dumps({"changed": False})
     change = change_between(old, new)
@@ -75,7 +79,10 @@ def plan_change(old_spec_json: str, source_table: str, target_table: str, column
 def rows_sql(layout_id: int, spec_json: str, relation: str, op: str) -> str:
     """SQL sending every row of ``relation`` (a partition) as upserts ('U') or its keys as deletes ('D')."""
     layout = TableLayout.from_spec(json.loads(spec_json))
-    return pack_sql(layout_id, op, row_json_sql(layout, "src", key_only=(op == "D")), filtered(layout, relation))
+    packed = pack_sql(layout_id, op, row_json_sql(layout, "src", key_only=(op == "D")), filtered(layout, relation),
+                      route_expr(layout, "src"))
+    register = register_tenants_sql(layout, layout_id, relation) if op == "U" else ""
+    return f"{register}; {packed}" if register else packed
 
 
 def copy_chunk(layout_id: int, spec_json: str, relation: str, limit: int) -> str:

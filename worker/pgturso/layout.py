@@ -72,6 +72,9 @@ class TableLayout:
     # track_table's row_filter, as Postgres deparsed it (pg_get_expr of the filter's publication): a boolean
     # expression over the table's columns, built-in immutable functions only. None: every row.
     row_filter: str | None = None
+    # track_table's route_by: the column whose value names the tenant database a row goes to (a pattern
+    # target); None: the table is not routed.
+    route_by: str | None = None
 
     @classmethod
     def from_catalog(
@@ -82,6 +85,7 @@ class TableLayout:
         key_columns: Sequence[str],
         indexes: Sequence[Mapping[str, Any]] = (),
         row_filter: str | None = None,
+        route_by: str | None = None,
     ) -> TableLayout:
         """Build a layout from catalog rows.
 
@@ -131,8 +135,10 @@ class TableLayout:
             cols = tuple(str(c) for c in index["columns"])
             if cols and all(c in names for c in cols) and list(cols) != list(key_columns):
                 built_indexes.append(Index(str(index["name"]), cols))  # plain on Turso: see Index
+        if route_by and route_by not in names:
+            raise ValueError(f"{source_table}: route_by column {route_by!r} is not a replicated column")
         return cls(source_table, target_table, tuple(built), tuple(key_columns), tuple(built_indexes),
-                   row_filter or None)
+                   row_filter or None, route_by or None)
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> TableLayout:
@@ -146,6 +152,7 @@ class TableLayout:
                 Index(i["name"], tuple(i["columns"]), bool(i.get("unique", False))) for i in spec.get("indexes", ())
             ),
             row_filter=spec.get("row_filter"),
+            route_by=spec.get("route_by"),
         )
 
     def reencoded(self, columns: Sequence[Mapping[str, Any]]) -> TableLayout:
@@ -177,6 +184,8 @@ class TableLayout:
         }
         if self.row_filter:  # absent rather than null: layouts without a filter read as before
             spec["row_filter"] = self.row_filter
+        if self.route_by:
+            spec["route_by"] = self.route_by
         return spec
 
     @property

@@ -23,10 +23,24 @@ _HELP = {
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, labels: str = "") -> None:
         self._values: dict[str, float] = {name: 0.0 for name in _HELP}
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
+        self.labels = labels  # e.g. 'target="tenant-acme"': one tenant's worker among a pattern's
+        self._members: list[Metrics] = []
+
+    def member(self, labels: str) -> Metrics:
+        """Metrics of one part (a tenant of a pattern target), served by this one's endpoint with labels."""
+        part = Metrics(labels)
+        with self._lock:
+            self._members.append(part)
+        return part
+
+    def _samples(self, name: str) -> list[str]:
+        with self._lock:
+            value = self._values[name]
+        return [f"{name}{{{self.labels}}} {value:g}" if self.labels else f"{name} {value:g}"]
 
     def add(self, name: str, amount: float = 1.0) -> None:
         with self._lock:
@@ -38,10 +52,12 @@ class Metrics:
 
     def render(self) -> str:
         with self._lock:
-            values = dict(self._values)
+            members = list(self._members)
         lines = []
         for name, (kind, text) in _HELP.items():
-            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {values[name]:g}"]
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+            for part in members or [self]:
+                lines += part._samples(name)
         return "\n".join(lines) + "\n"
 
     def serve(self, host: str, port: int) -> int:

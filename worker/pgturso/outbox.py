@@ -33,8 +33,10 @@ SOURCE_POSITION = "SELECT pgturso._source_position()"
 POSITION_REACHED = "SELECT pgturso._position_reached(%(position)s::jsonb)"
 
 # Every query sees only the events of this worker's target (%(layouts)s: its tables' layouts; NULL when the
-# outbox holds no other target's events).
-FOR_TARGET = "(%(layouts)s::int[] IS NULL OR layout_id = ANY (%(layouts)s::int[]))"
+# outbox holds no other target's events) and, for a tenant of a pattern target, of its tenant (%(tenant)s;
+# NULL: events without one, which every other target's are).
+FOR_TARGET = ("(%(layouts)s::int[] IS NULL OR layout_id = ANY (%(layouts)s::int[])) "
+              "AND (%(tenant)s::text IS NULL AND tenant IS NULL OR tenant = %(tenant)s::text)")
 TARGET_LAYOUTS = """
     SELECT coalesce(array_agg(l.id) FILTER (WHERE t.target = %(target)s), '{}'),
            coalesce(bool_and(t.target = %(target)s), true)
@@ -137,10 +139,11 @@ DELETE_BATCH = """
         SELECT (m->>'upto')::int8 AS upto, (m->>'snapshot')::pg_snapshot AS snap,
                ARRAY(SELECT jsonb_array_elements_text(m->'held'))::xid8[] AS held,
                ARRAY(SELECT jsonb_array_elements_text(m->'layouts'))::int[] AS layouts,
-               jsonb_typeof(m->'layouts') = 'array' AS filtered
+               jsonb_typeof(m->'layouts') = 'array' AS filtered, m->>'tenant' AS tenant
         FROM (SELECT %(marker)s::jsonb AS m) AS given) AS b
     WHERE o.id <= b.upto AND pg_visible_in_snapshot(o.txid, b.snap) AND NOT (o.txid = ANY (b.held))
       AND (NOT b.filtered OR o.layout_id = ANY (b.layouts))
+      AND (b.tenant IS NULL AND o.tenant IS NULL OR o.tenant = b.tenant)
 """
 # A marker written by pgturso before batches were named by snapshot: the id ranges [[low, high], ...] it carried.
 DELETE_ID_RANGES = """
@@ -215,13 +218,16 @@ class Batch:
     server-side cursor) in that transaction; ``marker()`` names its events for deletion and recovery."""
 
     def __init__(self, conn: psycopg.Connection[Any], upto: int, held: list[str], snapshot: str, transactions: int,
-                 fetch_size: int, layouts: list[int] | None = None, max_group_bytes: int = 1 << 20) -> None:
+                 fetch_size: int, layouts: list[int] | None = None, max_group_bytes: int = 1 << 20,
+                 tenant: str | None = None) -> None:
         self.conn = conn
         self.upto = upto
         self.held = held
         self.snapshot = snapshot
         self.layouts = layouts
-        self.params = {"upto": upto, "held": held, "layouts": layouts, "max_bytes": max_group_bytes, "bucket": 1}
+        self.tenant = tenant
+        self.params = {"upto": upto, "held": held, "layouts": layouts, "max_bytes": max_group_bytes, "bucket": 1,
+                       "tenant": tenant}
         self.max_group_bytes = max_group_bytes
         self.uniform = False  # set by choose_batch: all upserts (or all deletes) of one table
         self.fetch_size = fetch_size
@@ -245,6 +251,8 @@ class Batch:
                                 "layouts": self.layouts}
         if self.position is not None:
             name["position"] = self.position
+        if self.tenant is not None:
+            name["tenant"] = self.tenant
         return json.dumps(name, separators=(",", ":"))
 
     def events(self) -> Iterator[Event]:
@@ -265,10 +273,14 @@ class Outbox:
     """The worker's view of the outbox, over one connection that it owns."""
 
     def __init__(self, conn: psycopg.Connection[Any], *, batch_rows: int, batch_events: int, fetch_size: int = 4,
-                 target: str = "default", max_group_bytes: int = 1 << 20) -> None:
+                 target: str = "default", max_group_bytes: int = 1 << 20, pattern: str | None = None,
+                 tenant: str | None = None) -> None:
         self.conn = conn
         self.max_group_bytes = max_group_bytes
-        self.target = target
+        self.target = target  # the target delivered to (a tenant's own name, for a pattern)
+        # A tenant of a pattern target: its tables are the pattern's, its events those of its tenant value.
+        self.tables_target = pattern or target
+        self.tenant = tenant
         self.layouts: list[int] | None = None
         self.batch_rows = batch_rows
         self.batch_events = batch_events
@@ -301,7 +313,7 @@ class Outbox:
         one Turso refuses and deliver everything before it.
         """
         self.layouts = self._target_layouts()
-        scope = {"layouts": self.layouts}
+        scope = {"layouts": self.layouts, "tenant": self.tenant}
         if single_transaction:
             first = self.conn.execute(FIRST_COMMITTED_TRANSACTION, scope).fetchone()
             if first is None:
@@ -326,20 +338,21 @@ class Outbox:
 
     def _batch(self, upto: int) -> Batch:
         head_transactions, uniform, widest, snapshot, held = self.conn.execute(  # type: ignore[misc]
-            STRADDLING_TRANSACTIONS, {"upto": upto, "layouts": self.layouts}).fetchone()
+            STRADDLING_TRANSACTIONS, {"upto": upto, "layouts": self.layouts, "tenant": self.tenant}).fetchone()
         batch = Batch(self.conn, upto, list(held), snapshot, int(head_transactions) - len(held), self.fetch_size,
-                      self.layouts, self.max_group_bytes)
+                      self.layouts, self.max_group_bytes, self.tenant)
         batch.merge_by_id_range(uniform, widest)
         return batch
 
     def _only_held(self, upto: int, held: list[str]) -> bool:
-        row = self.conn.execute(ONLY_HELD, {"upto": upto, "held": held, "layouts": self.layouts}).fetchone()
+        row = self.conn.execute(ONLY_HELD, {"upto": upto, "held": held, "layouts": self.layouts,
+                                            "tenant": self.tenant}).fetchone()
         return bool(row and row[0])
 
     def take_wake_locks(self) -> tuple[list[int], bool]:
         """Take the wake lock of each of this target's tables; returns the ones taken and whether all were
         (one is busy while a transaction that wrote the table, and found the worker awake, is open)."""
-        rows = self.conn.execute(TAKE_WAKE_LOCKS, {"class": WAKE_LOCK_CLASS, "target": self.target}).fetchall()
+        rows = self.conn.execute(TAKE_WAKE_LOCKS, {"class": WAKE_LOCK_CLASS, "target": self.tables_target}).fetchall()
         return [table_id for table_id, taken in rows if taken], all(taken for _, taken in rows)
 
     def release_wake_locks(self, table_ids: list[int]) -> None:
@@ -348,12 +361,13 @@ class Outbox:
 
     def _target_layouts(self) -> list[int] | None:
         """This target's layout ids, or None when the outbox holds no other target's events (no filter)."""
-        mine, only_mine = self.conn.execute(TARGET_LAYOUTS, {"target": self.target}).fetchone()  # type: ignore[misc]
+        mine, only_mine = self.conn.execute(  # type: ignore[misc]
+            TARGET_LAYOUTS, {"target": self.tables_target}).fetchone()
         return None if only_mine else list(mine)
 
     def any_pending(self) -> bool:
         with self.conn.transaction():
-            row = self.conn.execute(ANY_PENDING, {"layouts": self._target_layouts()}).fetchone()
+            row = self.conn.execute(ANY_PENDING, {"layouts": self._target_layouts(), "tenant": self.tenant}).fetchone()
         return bool(row and row[0])
 
     def copy_chunk(self, rows: int) -> tuple[str, int, int, int | None] | None:
@@ -361,7 +375,7 @@ class Outbox:
         transaction: the chunk locks its rows FOR SHARE). Returns (table, rows copied, done, total)."""
         with self.conn.transaction():
             self.conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-            row = self.conn.execute(NEXT_COPY_CHUNK, {"rows": rows, "target": self.target}).fetchone()
+            row = self.conn.execute(NEXT_COPY_CHUNK, {"rows": rows, "target": self.tables_target}).fetchone()
         if row is None or row[1] is None:
             return None
         table, copied, done, total = row
@@ -411,7 +425,7 @@ class Outbox:
     def latest_layouts(self) -> list[TableLayout]:
         """The current layout of each of the target's tables."""
         with self.conn.transaction():
-            ids = [r[0] for r in self.conn.execute(LATEST_LAYOUTS, {"target": self.target}).fetchall()]
+            ids = [r[0] for r in self.conn.execute(LATEST_LAYOUTS, {"target": self.tables_target}).fetchall()]
             return [self.layout(i) for i in ids]
 
     def recopy_target(self, target_marker: str) -> None:
@@ -419,8 +433,9 @@ class Outbox:
         it to be recreated and copied afresh; ``target_marker`` (the target's own marker) is what Postgres
         knows the target holds from now on."""
         with self.conn.transaction():
-            self.conn.execute(DROP_COMMITTED_EVENTS, {"layouts": self._target_layouts()})
-            self.conn.execute(RESYNC_TARGET_TABLES, {"target": self.target})
+            self.conn.execute(DROP_COMMITTED_EVENTS, {"layouts": self._target_layouts(), "tenant": self.tenant})
+            # A tenant's tables are its pattern's: resync_table recreates and copies them for every tenant.
+            self.conn.execute(RESYNC_TARGET_TABLES, {"target": self.tables_target})
             self.conn.execute(SET_DELIVERED_MARKER, {"marker": target_marker, "target": self.target})
 
     def vacuum(self) -> None:
@@ -466,5 +481,6 @@ class Outbox:
     def backlog(self) -> tuple[int, int, float]:
         """Pending events, their rows, and the age in seconds of the oldest one."""
         with self.conn.transaction():
-            events, rows, lag = self.conn.execute(BACKLOG, {"layouts": self._target_layouts()}).fetchone()  # type: ignore[misc]
+            events, rows, lag = self.conn.execute(  # type: ignore[misc]
+                BACKLOG, {"layouts": self._target_layouts(), "tenant": self.tenant}).fetchone()
         return int(events), int(rows), float(lag)

@@ -72,7 +72,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("url", None, str, "Turso URL: http(s)://, libsql:// or file:PATH (embedded; the default target's "
             f"default is {DEFAULT_URL})"),
     Setting("target", "default", str, "the named target to deliver to (pgturso.add_target); its URL and token "
-            "come from pgturso.target unless given here"),
+            "come from pgturso.target unless given here. A pattern target (its name holds the tenant "
+            "placeholder) delivers every tenant database of the pattern, each on its own thread"),
     Setting("auth_token", None, str, "Turso auth token (Bearer); never put it in postgresql.conf",
             in_postgresql_conf=False),
     Setting("auth_token_file", None, str, "file holding the Turso auth token"),

@@ -44,7 +44,8 @@ log = logging.getLogger("pgturso.worker")
 
 # pg_advisory_lock(int4, int4) key: "pgtr" and the target's name hashed by Postgres: one lock per target.
 DELIVERY_LOCK_CLASS = int.from_bytes(b"pgtr", "big")
-TARGET_ROW = "SELECT url, auth_token FROM pgturso.target WHERE name = %s"
+TARGET_ROW = "SELECT url, auth_token, pattern, tenant FROM pgturso.target WHERE name = %s"
+PATTERN_ROW = "SELECT url, auth_token FROM pgturso.target WHERE name = %s"
 CAPTURE_OF_TARGET = "SELECT capture FROM pgturso.target WHERE name = %s"
 # A wal target's worker has no trigger to wake it: it looks at the WAL's end this often while idle.
 WAL_POLL_SECONDS = 0.02
@@ -82,7 +83,11 @@ def target_endpoint(conn: psycopg.Connection[Any], settings: Settings) -> tuple[
     if row is None:
         raise ConfigError(f"there is no target named {name!r}; create it with "
                           f"SELECT pgturso.add_target('{name}', 'libsql://…', 'token')")
-    row_url, row_token = row
+    row_url, row_token, pattern, tenant = row
+    if pattern is not None:  # a tenant of a pattern target: its own URL/token (an override), or the pattern's
+        with conn.transaction():
+            pattern_url, pattern_token = conn.execute(PATTERN_ROW, (pattern,)).fetchone()  # type: ignore[misc]
+        return row_url or pattern_url.replace("%s", tenant), row_token or pattern_token
     source = settings.sources.get("url", "default")
     url = settings.url if source in ("flag", "environment") else None
     if url is None and name == "default" and source == "postgresql.conf":
@@ -111,9 +116,12 @@ def _notified(conn: psycopg.Connection[Any], timeout: float) -> bool:
 
 
 class Worker:
-    def __init__(self, dsn: str, settings: Settings) -> None:
+    def __init__(self, dsn: str, settings: Settings, pattern: str | None = None, tenant: str | None = None) -> None:
         self.dsn = dsn
         self.settings = settings
+        # A tenant of a pattern target (fanout.py): settings.target is the tenant's own target name.
+        self.pattern = pattern
+        self.tenant = tenant
         self.stopping = False
         self.conn: psycopg.Connection[Any] | None = None
         self.listen_conn: psycopg.Connection[Any] | None = None
@@ -206,8 +214,11 @@ class Worker:
         self.conn = conn
         capture = self._capture_mode(conn)
         source = WalOutbox if capture == "wal" else Outbox
+        # A tenant of a pattern target reads its tenant's events of the pattern's tables (trigger capture only).
+        tenancy = {} if self.tenant is None else {"pattern": self.pattern, "tenant": self.tenant}
         self.outbox = source(conn, batch_rows=self.batch_rows, batch_events=self.batch_events,
-                             target=self.settings.target, max_group_bytes=self.settings.max_statement_bytes)
+                             target=self.settings.target, max_group_bytes=self.settings.max_statement_bytes,
+                             **tenancy)
         self.capture = capture
         source_id = self.outbox.source_id()
         # The marker's key on the target: one Turso database may take several sources, or several targets.
@@ -586,8 +597,10 @@ class Worker:
         except psycopg.Error as exc:
             event(log, logging.WARNING, "state_not_recorded", status=status, error=str(exc).strip())
 
-    def run(self, once: bool = False) -> int:
-        """Deliver until stopped (or, with ``once``, until nothing committed is left). Returns an exit code."""
+    def run(self, once: bool = False, standby: bool = True) -> int:
+        """Deliver until stopped (or, with ``once``, until nothing committed is left). Returns an exit code.
+
+        ``standby``: wait for the delivery lock while another worker holds it (else return EXIT_LOCKED)."""
         attempts = 0
         retry_limit = self.settings.retry_limit or (3 if once else 0)
         event(log, logging.INFO, "starting", target=self.settings.target, once=once)
@@ -601,10 +614,11 @@ class Worker:
                     continue
                 try:
                     self._connect()
-                    if not self._acquire_lock(once):
+                    if not self._acquire_lock(once or not standby):
                         if self.stopping:
                             break
-                        event(log, logging.ERROR, "locked", reason="another worker is delivering; not running")
+                        if standby:
+                            event(log, logging.ERROR, "locked", reason="another worker is delivering; not running")
                         return EXIT_LOCKED
                     if not self.recovered:
                         if self.target is None:

@@ -1,0 +1,224 @@
+"""A database per tenant: a pattern target ('tenant-%s'), tables routed by a tenant column, one worker for all
+tenants. Many databases are `file:` targets (pyturso); the outage case uses real tursodb servers."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import WORKER, pending, run_worker
+from support.pgcluster import free_port
+from support.turso import TursoServer
+from support.workers import WorkerProcess, wait_until
+
+
+def tenant_rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
+    import turso as pyturso
+
+    db = pyturso.connect(str(path))
+    try:
+        return [tuple(r) for r in db.execute(sql).fetchall()]
+    finally:
+        db.close()
+
+
+def pg_tenant_rows(conn: psycopg.Connection[Any], tenant: str, columns: str = "id, item") -> list[tuple[Any, ...]]:
+    return [tuple(r) for r in conn.execute(
+        f"SELECT {columns} FROM orders WHERE tenant_id = %s ORDER BY id", (tenant,)).fetchall()]
+
+
+def drain_pattern(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
+    result = run_worker(dsn, "", "--target", "tenant-%s", *args)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_rows_reach_their_tenants_database_with_moves_ddl_and_new_tenants(conn, dsn, tmp_path: Path):
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text, secret text)")
+    conn.execute("INSERT INTO orders VALUES (1, 'acme', 'anvil', 'S1'), (2, 'globex', 'gear', 'S2'), "
+                 "(3, 'acme', 'rope', 'S3')")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id', "
+                 "columns => ARRAY['id', 'tenant_id', 'item'])")
+    assert conn.execute("SELECT name, tenant FROM pgturso.target WHERE pattern IS NOT NULL ORDER BY 1").fetchall() == [
+        ("tenant-acme", "acme"), ("tenant-globex", "globex")]
+    with conn.transaction():  # one source transaction touching three tenants, one of them new
+        conn.execute("INSERT INTO orders VALUES (4, 'initech', 'stapler', 'S4')")
+        conn.execute("UPDATE orders SET tenant_id = 'globex' WHERE id = 3")  # a move: acme -> globex
+        conn.execute("UPDATE orders SET item = 'ANVIL' WHERE id = 1")
+    assert all(t is not None for (t,) in conn.execute("SELECT tenant FROM pgturso.outbox").fetchall())
+    drain_pattern(dsn)
+    for tenant in ("acme", "globex", "initech"):
+        assert tenant_rows(tmp_path / f"tenant-{tenant}.db", "SELECT id, item FROM orders ORDER BY id") == \
+            pg_tenant_rows(conn, tenant), tenant
+    assert tenant_rows(tmp_path / "tenant-acme.db", "SELECT id, item FROM orders ORDER BY id") == [(1, "ANVIL")]
+    assert pending(conn) == 0
+
+    # A second routed table reaches the tenants there are, and a DDL reaches every tenant, in order.
+    conn.execute("CREATE TABLE invoices (id int PRIMARY KEY, tenant_id text NOT NULL, total int)")
+    conn.execute("SELECT pgturso.track_table('invoices', target => 'tenant-%s', route_by => 'tenant_id')")
+    with conn.transaction():
+        conn.execute("INSERT INTO orders VALUES (5, 'acme', 'before', 'S5')")
+        conn.execute("ALTER TABLE orders ADD COLUMN qty int")  # not in the column list: stays in Postgres
+        conn.execute("ALTER TABLE orders RENAME COLUMN item TO product")
+        conn.execute("INSERT INTO orders VALUES (6, 'globex', 'after', 'S6', 7)")
+        conn.execute("INSERT INTO invoices VALUES (1, 'initech', 100), (2, 'umbrella', 5)")  # umbrella is new
+    conn.execute("UPDATE orders SET qty = 1, product = upper(product) WHERE tenant_id = 'acme'")
+    drain_pattern(dsn)
+    for tenant in ("acme", "globex", "initech"):
+        path = tmp_path / f"tenant-{tenant}.db"
+        assert tenant_rows(path, "SELECT id, product FROM orders ORDER BY id") == \
+            pg_tenant_rows(conn, tenant, "id, product"), tenant
+        assert [r[1] for r in tenant_rows(path, "PRAGMA table_info(orders)")] == ["id", "tenant_id", "product"]
+    assert tenant_rows(tmp_path / "tenant-initech.db", "SELECT id, total FROM invoices") == [(1, 100)]
+    # the new tenant got every table of the pattern, at its current shape
+    assert tenant_rows(tmp_path / "tenant-umbrella.db", "SELECT id, total FROM invoices") == [(2, 5)]
+    assert tenant_rows(tmp_path / "tenant-umbrella.db", "SELECT count(*) FROM orders") == [(0,)]
+    assert [r[1] for r in tenant_rows(tmp_path / "tenant-umbrella.db", "PRAGMA table_info(orders)")] == [
+        "id", "tenant_id", "product"]
+    # TRUNCATE empties the table in every tenant's database
+    conn.execute("TRUNCATE invoices")
+    drain_pattern(dsn)
+    for tenant in ("acme", "globex", "initech", "umbrella"):
+        assert tenant_rows(tmp_path / f"tenant-{tenant}.db", "SELECT count(*) FROM invoices") == [(0,)]
+    with pytest.raises(psycopg.Error, match="tenant database of pattern target"):
+        conn.execute("SELECT pgturso.remove_target('tenant-acme')")
+    states = conn.execute("SELECT target, status FROM pgturso.delivery_state WHERE target LIKE 'tenant-%' "
+                          "AND target <> 'tenant-%s' ORDER BY 1").fetchall()
+    assert states == [(f"tenant-{t}", "stopped") for t in ("acme", "globex", "initech", "umbrella")]
+
+
+def test_tenant_and_pattern_errors(conn, dsn):
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text, item text)")
+    with pytest.raises(psycopg.Error, match="needs one %s in its name and in its URL"):
+        conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", "libsql://one-db.turso.io"))
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", "file:/tmp/pgturso-never-%s.db"))
+    with pytest.raises(psycopg.Error, match="needs route_by"):
+        conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s')")
+    with pytest.raises(psycopg.Error, match="route_by needs a pattern target"):
+        conn.execute("SELECT pgturso.track_table('orders', route_by => 'tenant_id')")
+    with pytest.raises(psycopg.Error, match="must be a replicated NOT NULL column"):
+        conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    conn.execute("ALTER TABLE orders ALTER COLUMN tenant_id SET NOT NULL")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    with pytest.raises(psycopg.Error, match='tenant value "a b" cannot name a database'):
+        conn.execute("INSERT INTO orders VALUES (1, 'a b', 'x')")
+    assert pending(conn) == 0  # no tenant yet (so no table to create anywhere), and the refused write left nothing
+    refused = subprocess.run([*WORKER, "verify", "--dsn", dsn, "--target", "tenant-%s"], capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode == 2 and "does not compare the tenant databases" in refused.stderr
+
+
+def _start_worker(dsn: str, *args: str) -> WorkerProcess:
+    return WorkerProcess(dsn, "", "--target", "tenant-%s", "--idle-wait", "1", *args,
+                         env={"PGTURSO_RETRY_BASE_DELAY": "0.05", "PGTURSO_RETRY_MAX_DELAY": "1"}).start()
+
+
+def _metrics(port: int) -> dict[str, float]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_one_tenant_down_does_not_hold_back_the_others(conn, dsn, tmp_path: Path):
+    servers = {name: TursoServer().start() for name in ("a", "b", "c")}
+    worker = None
+    try:
+        conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+        for name, server in servers.items():  # explicit overrides: each tenant on its own tursodb server
+            conn.execute("SELECT pgturso.add_target(%s, %s)", (f"tenant-{name}", server.url))
+        conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+        conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+        next_id = iter(range(1, 1_000_000))
+
+        def write_round(label: str) -> None:
+            with conn.transaction():  # one transaction over all three tenants
+                for name in servers:
+                    conn.execute("INSERT INTO orders VALUES (%s, %s, %s)", (next(next_id), name, label))
+
+        def on_turso(name: str) -> list[Any]:
+            return [tuple(r) for r in servers[name].query("SELECT id, item FROM orders ORDER BY id")]
+
+        def equal(name: str) -> bool:
+            try:
+                return on_turso(name) == pg_tenant_rows(conn, name)
+            except Exception:  # the table may not exist yet
+                return False
+
+        write_round("first")
+        metrics_port = free_port()
+        worker = _start_worker(dsn, "--metrics-port", str(metrics_port))
+        wait_until(lambda: all(equal(n) for n in servers), 90, "all tenants")
+
+        servers["b"].stop()
+        for round_no in range(30):  # b stays down for about 30 s while a and c keep receiving
+            write_round(f"while b is down {round_no}")
+            time.sleep(1)
+            if round_no in (10, 20):
+                wait_until(lambda: equal("a") and equal("c"), 90, "a and c while b is down")
+        wait_until(lambda: equal("a") and equal("c"), 90, "a and c while b is down")
+        status = dict(conn.execute("SELECT target, status FROM pgturso.delivery_state "
+                                   "WHERE target IN ('tenant-a', 'tenant-b', 'tenant-c')").fetchall())
+        wait_until(lambda: conn.execute("SELECT status FROM pgturso.delivery_state WHERE target = 'tenant-b'"
+                                        ).fetchone()[0] == "retrying", 90, "b retrying")
+        assert status["tenant-a"] in ("delivering", "idle") and status["tenant-c"] in ("delivering", "idle")
+        error = conn.execute("SELECT last_error FROM pgturso.delivery_state WHERE target = 'tenant-b'").fetchone()[0]
+        assert error
+        # One metrics endpoint for the pattern, a sample per tenant.
+        samples = _metrics(metrics_port)
+        assert samples['pgturso_retries_total{target="tenant-b"}'] > 0
+        assert samples['pgturso_retries_total{target="tenant-a"}'] == 0
+        assert samples['pgturso_rows_delivered_total{target="tenant-a"}'] >= 11
+
+        servers["b"].start()
+        write_round("after")
+        wait_until(lambda: all(equal(n) for n in servers), 90, "all tenants after b is back")
+        assert len(on_turso("b")) == 32
+        wait_until(lambda: pending(conn) == 0, 90, "an empty outbox")
+        assert worker.stop() == 0, worker.output
+    finally:
+        for server in servers.values():
+            server.cleanup()
+
+
+def test_two_workers_share_the_tenants_and_take_over_from_a_killed_one(conn, dsn, tmp_path: Path):
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    tenants = ["t1", "t2", "t3", "t4"]
+    for i, tenant in enumerate(tenants):
+        conn.execute("INSERT INTO orders VALUES (%s, %s, 'seed')", (i, tenant))
+    first = _start_worker(dsn)
+    second = None
+    try:
+        wait_until(lambda: pending(conn) == 0, 90, "the first worker to deliver")
+        second = _start_worker(dsn)
+
+        def owners() -> dict[str, str]:
+            return dict(conn.execute("SELECT target, worker FROM pgturso.delivery_state WHERE target LIKE 'tenant-t_' "
+                                     "AND status IN ('delivering', 'idle', 'retrying')").fetchall())
+
+        # The second worker gets a fair share: the first hands two tenants over.
+        wait_until(lambda: len(set(owners().values())) == 2 and len(owners()) == 4, 90, "two workers sharing")
+        for n in range(100, 400):
+            conn.execute("INSERT INTO orders VALUES (%s, %s, 'load')", (n, tenants[n % 4]))
+            if n == 200:
+                first.kill()
+            if n % 50 == 0:
+                conn.execute("UPDATE orders SET item = item || '+' WHERE id % 7 = 0")
+        wait_until(lambda: pending(conn) == 0, 90, "the second worker to take everything over")
+        assert second.stop() == 0, second.output
+        for tenant in tenants:
+            assert tenant_rows(tmp_path / f"tenant-{tenant}.db", "SELECT id, item FROM orders ORDER BY id") == \
+                pg_tenant_rows(conn, tenant), tenant
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.proc is not None and proc.proc.poll() is None:
+                proc.kill()
