@@ -222,3 +222,78 @@ def test_two_workers_share_the_tenants_and_take_over_from_a_killed_one(conn, dsn
         for proc in (first, second):
             if proc is not None and proc.proc is not None and proc.proc.poll() is None:
                 proc.kill()
+
+
+def test_random_workload_converges_in_every_tenant_database(conn, dsn, tmp_path: Path):
+    """Six sessions of random transactions over five tenants (inserts, updates, tenant moves, key changes,
+    deletes, rollbacks, a new tenant appearing under load) while the pattern worker runs; then every tenant's
+    database holds exactly that tenant's rows."""
+    import random
+    import threading
+
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text, qty int)")
+    conn.execute("INSERT INTO orders SELECT g, 't' || (g % 4), 'seed', g FROM generate_series(1, 200) g")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    worker = _start_worker(dsn)
+    tenants = ["t0", "t1", "t2", "t3"]
+    errors: list[str] = []
+    commits = [0]
+
+    def session(number: int) -> None:
+        rng = random.Random(1000 + number)
+        with psycopg.connect(dsn, autocommit=True) as writer:
+            for _ in range(60):
+                if number == 0 and _ == 30:
+                    tenants.append("t4")  # a tenant that appears under load
+                try:
+                    with writer.transaction():
+                        for _ in range(rng.randint(1, 4)):
+                            key, tenant = rng.randint(1, 400), rng.choice(tenants)
+                            choice = rng.random()
+                            if choice < 0.35:
+                                writer.execute("INSERT INTO orders VALUES (%s, %s, 'new', %s) ON CONFLICT (id) "
+                                               "DO UPDATE SET qty = orders.qty + 1", (key, tenant, key))
+                            elif choice < 0.55:
+                                writer.execute("UPDATE orders SET tenant_id = %s WHERE id = %s", (tenant, key))
+                            elif choice < 0.7:
+                                writer.execute("UPDATE orders SET id = id + 1000 WHERE id = %s", (key,))
+                            elif choice < 0.85:
+                                writer.execute("UPDATE orders SET qty = qty + 1 WHERE id BETWEEN %s AND %s",
+                                               (key, key + 5))
+                            else:
+                                writer.execute("DELETE FROM orders WHERE id = %s", (key,))
+                        if rng.random() < 0.1:
+                            raise _Rollback
+                    commits[0] += 1
+                except _Rollback:
+                    pass
+                except (psycopg.errors.DeadlockDetected, psycopg.errors.UniqueViolation,
+                        psycopg.errors.SerializationFailure):
+                    pass  # the application's own conflicts: its transaction is rolled back, nothing to send
+                except Exception as exc:  # anything else is a failure of the test's subject
+                    errors.append(repr(exc))
+
+    try:
+        threads = [threading.Thread(target=session, args=(n,)) for n in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors[:5]
+        assert commits[0] > 100
+        wait_until(lambda: pending(conn) == 0, 120, "every tenant to catch up")
+        assert worker.stop() == 0, worker.output
+    finally:
+        if worker.proc is not None and worker.proc.poll() is None:
+            worker.kill()
+    names = [name for (name,) in conn.execute(
+        "SELECT tenant FROM pgturso.target WHERE pattern = 'tenant-%s' ORDER BY 1").fetchall()]
+    assert names == ["t0", "t1", "t2", "t3", "t4"]
+    for tenant in names:
+        assert tenant_rows(tmp_path / f"tenant-{tenant}.db", "SELECT id, item, qty FROM orders ORDER BY id") == \
+            pg_tenant_rows(conn, tenant, "id, item, qty"), tenant
+
+
+class _Rollback(Exception):
+    pass
