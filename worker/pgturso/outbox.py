@@ -456,7 +456,10 @@ class Outbox:
     def remove_delivered(self, batch: Batch) -> None:
         """Remove a delivered batch's events and count it, in the caller's transaction."""
         rows_per_table: dict[int, int] = {}
-        for layout_id, rows in batch.rows_per_layout.items():
+        # A pattern's tables are shared by all its tenants, whose workers run at once: their table_state rows
+        # would make every tenant's delivery wait for (or, in REPEATABLE READ, fail on) the others'. A tenant
+        # counts its rows in its own delivery_state row only.
+        for layout_id, rows in ({} if self.tenant is not None else batch.rows_per_layout).items():
             table_id = self._table_of_layout.get(layout_id)
             if table_id is not None:
                 rows_per_table[table_id] = rows_per_table.get(table_id, 0) + rows

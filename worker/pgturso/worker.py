@@ -653,8 +653,8 @@ class Worker:
                                         getattr(exc, "retry_after", None))
                     self.metrics.add("pgturso_retries_total")
                     self.metrics.set("pgturso_up", 0)
-                    event(log, logging.WARNING, "retry", attempt=attempts, delay_s=round(delay, 2),
-                          error=str(exc).strip())
+                    event(log, logging.WARNING, "retry", target=self.settings.target, attempt=attempts,
+                          delay_s=round(delay, 2), error=str(exc).strip())
                     if isinstance(exc, RequestTooLarge) and self.outbox is not None and self.target is not None:
                         limit = getattr(self.target, "max_request_bytes", self.outbox.max_group_bytes)
                         self.outbox.max_group_bytes = min(self.outbox.max_group_bytes, max(limit // 2, 32 << 10))
