@@ -98,10 +98,9 @@ BEGIN
                          AND g.tgargs = convert_to(table_id::text, 'UTF8') || '\x00'::bytea)
                     AND NOT EXISTS (SELECT 1 FROM pg_partition_tree(v_rel) p WHERE p.relid = g.tgrelid)
     LOOP
-        -- The keys of the rows it takes away, read under a lock that waits for its writers (DETACH
-        -- CONCURRENTLY leaves them running) and in a snapshot taken after that lock.
+        -- The keys of the rows it takes away: DETACH (CONCURRENTLY too, in its second transaction) holds
+        -- ACCESS EXCLUSIVE on the partition, so they must be read in a snapshot taken after that lock.
         PERFORM pgturso._require_current_snapshot('DETACH PARTITION ' || v_part::text, v_rel);
-        EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', v_part);
         EXECUTE pgturso._plan_rows(v_old_id, v_old_spec, v_part::text, 'D'::text);
         EXECUTE format('DROP TRIGGER IF EXISTS pgturso_capture_insert ON %1$s; '
                        'DROP TRIGGER IF EXISTS pgturso_capture_update ON %1$s; '
