@@ -404,6 +404,31 @@ def test_the_worker_delivers_without_superuser_with_what_grant_worker_grants(con
                     worker.execute(forbidden)
 
 
+def test_a_worker_without_superuser_copies_afresh_a_target_that_lost_what_it_was_sent(conn, dsn, tmp_path):
+    """Recovery onto a Turso database that lacks what was delivered (pgturso.url changed) queues a resync of
+    every table of the target: a worker set up with grant_worker does it without any right on the tables."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 30) AS g")
+    first, second = TursoServer().start(), TursoServer().start()
+    try:
+        with login_role(conn, dsn, "pgturso_worker") as worker_dsn:
+            conn.execute("SELECT pgturso.grant_worker('pgturso_worker')")
+            conn.execute("SELECT pgturso.track_table('t')")
+            drain(worker_dsn, first.url)
+            conn.execute("UPDATE t SET v = 'changed' WHERE id <= 5")
+            drain(worker_dsn, first.url)
+            conn.execute("INSERT INTO t VALUES (31, 'pending when the URL changed')")
+            moved = run_worker(worker_dsn, second.url)
+            assert moved.returncode == 0, moved.stderr
+            assert "target_behind" in moved.stderr
+            assert second.query("SELECT id, v FROM t ORDER BY id") == [
+                list(r) for r in conn.execute("SELECT id, v FROM t ORDER BY id").fetchall()]
+            assert pending(conn) == 0
+    finally:
+        first.cleanup()
+        second.cleanup()
+
+
 def test_a_tracked_table_its_owner_turns_into_a_view_is_never_read(conn, dsn, turso: TursoServer):
     with login_role(conn, dsn, "converter") as owner_dsn:
         conn.execute("GRANT CREATE ON SCHEMA public TO converter")

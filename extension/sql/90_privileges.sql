@@ -6,6 +6,31 @@ REVOKE ALL ON ALL TABLES IN SCHEMA pgturso FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA pgturso FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pgturso.wait_for_sync(interval) TO PUBLIC;
 
+-- Recovery onto a target database that lacks what was delivered to it (pgturso.url changed, an older copy
+-- restored, a lagging standby promoted) recreates and copies every table of the target afresh. resync_table
+-- locks each table against open writers, a right on the application's tables that the worker's role does not
+-- have: this runs it as the extension owner, for the tables of the one target named, and nothing else.
+CREATE OR REPLACE FUNCTION pgturso._resync_target(target text) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_rel regclass;
+    v_count integer := 0;
+BEGIN
+    FOR v_rel IN SELECT t.relid FROM pgturso.tracked_table t
+                 WHERE t.target = _resync_target.target AND t.dropped_at IS NULL ORDER BY t.id
+    LOOP
+        PERFORM pgturso.resync_table(v_rel);
+        v_count := v_count + 1;
+    END LOOP;
+    RETURN v_count;
+END
+$$;
+COMMENT ON FUNCTION pgturso._resync_target IS
+    'Private: resync every table of a target (the worker, recovering onto a database that lost what it was sent).';
+REVOKE ALL ON FUNCTION pgturso._resync_target(text) FROM PUBLIC;
+
 -- The worker's role (docs/security.md): what delivery needs, and no superuser.
 CREATE OR REPLACE FUNCTION pgturso.grant_worker(worker regrole) RETURNS void
 LANGUAGE plpgsql
@@ -22,7 +47,7 @@ BEGIN
                    'pgturso.skipped_transaction, pgturso.status TO %s', worker);
     EXECUTE format('GRANT SELECT, INSERT, UPDATE ON pgturso.delivery_state, pgturso.table_state TO %s', worker);
     EXECUTE format('GRANT EXECUTE ON FUNCTION pgturso._copy_chunk(integer, integer), pgturso._source_position(), '
-                   'pgturso._position_reached(jsonb) TO %s', worker);
+                   'pgturso._position_reached(jsonb), pgturso._resync_target(text) TO %s', worker);
 END
 $$;
 COMMENT ON FUNCTION pgturso.grant_worker IS

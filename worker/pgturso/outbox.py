@@ -171,10 +171,7 @@ SET_DELIVERED_MARKER = "UPDATE pgturso.delivery_state SET delivered_marker = %(m
 # A target database that lacks what was delivered to it: every committed event of the target goes (the copies
 # supersede them) and each of its tables is recreated and copied afresh, in order with what commits later.
 DROP_COMMITTED_EVENTS = f"DELETE FROM pgturso.outbox WHERE {FOR_TARGET}"
-RESYNC_TARGET_TABLES = """
-    SELECT pgturso.resync_table(t.relid) FROM pgturso.tracked_table t
-    WHERE t.target = %(target)s AND t.dropped_at IS NULL ORDER BY t.id
-"""
+RESYNC_TARGET_TABLES = "SELECT pgturso._resync_target(%(target)s)"
 LATEST_LAYOUTS = """
     SELECT DISTINCT ON (l.table_id) l.id FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
     WHERE t.target = %(target)s AND t.dropped_at IS NULL ORDER BY l.table_id, l.id DESC
