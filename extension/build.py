@@ -15,7 +15,8 @@ install runs them all in order, so the two paths cannot drift apart; tests/test_
 catalogs they produce.
 
 Substitutes ``@PYTHON_DIR@`` (where the PL/Python functions import the package from) and
-``@CAPTURE_SETTINGS@`` (the SET clauses that pin value encoding, from pgturso.capture.CAPTURE_SETTINGS: the
+``@CAPTURE_SETTINGS@`` and ``@SESSION_SETTINGS@`` (the SET clauses that pin value encoding, and the search_path and
+standard_conforming_strings every function pins, from pgturso.capture.CAPTURE_SETTINGS: the
 one source of truth for them, shared with the generated capture functions).
 """
 
@@ -27,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "worker"))
 
-from pgturso.capture import CAPTURE_SETTINGS
+from pgturso.capture import CAPTURE_SETTINGS, SESSION_SETTINGS
 
 FIRST_RELEASE = "0.1.0"
 _MIGRATION = re.compile(r"^\d+_catalog--(\d+\.\d+\.\d+)\.sql$")
@@ -53,6 +54,7 @@ def _render(sources: list[str], python_dir: str, header: str) -> str:
         parts += ["", f"-- {source}", Path(source).read_text()]
     text = "\n".join(parts)
     text = text.replace("@CAPTURE_SETTINGS@", "\n".join(CAPTURE_SETTINGS))
+    text = text.replace("@SESSION_SETTINGS@", "\n".join(SESSION_SETTINGS))
     return text.replace("@PYTHON_DIR@", python_dir)
 
 

@@ -8,7 +8,7 @@ import time
 import psycopg
 import pytest
 from conftest import REPO, drain, pending, run_worker
-from pgturso.capture import CAPTURE_SETTINGS
+from pgturso.capture import CAPTURE_SETTINGS, SESSION_SETTINGS
 from support.turso import TursoServer
 
 
@@ -155,13 +155,14 @@ def test_track_table_pins_the_same_settings_as_the_capture_functions():
     assert not re.search(r"@[A-Z_]+@", sql), "every placeholder is substituted"
 
 
-def test_every_function_pins_search_path():
+def test_every_function_pins_search_path_and_standard_conforming_strings():
     sql = _built_script()
     functions = list(re.finditer(r"CREATE (?:OR REPLACE )?FUNCTION [^(]+\(", sql))
     assert len(functions) > 30, "the pattern still finds the extension's functions"
     for match in functions:
         body_start = sql.index("AS $", match.end())
-        assert "SET search_path = pg_catalog, pg_temp" in sql[match.end():body_start], match.group()
+        for setting in SESSION_SETTINGS:
+            assert setting in sql[match.end():body_start], (match.group(), setting)
 
 
 @pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)

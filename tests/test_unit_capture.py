@@ -9,6 +9,7 @@ from pgturso import capture
 from pgturso.capture import (
     CAPTURE_SETTINGS,
     CHUNK_ROWS,
+    SESSION_SETTINGS,
     WAKE_LOCK_CLASS,
     capture_function_sql,
     capture_settings,
@@ -109,8 +110,10 @@ def test_capture_function_sql_header() -> None:
     first, second = header.split("\n")
     assert first == 'CREATE OR REPLACE FUNCTION pgturso."capture ""12"""() RETURNS trigger'
     assert second.startswith("LANGUAGE plpgsql SECURITY DEFINER SET ")
-    # DOCS (int4, bytea, jsonb): no value's form depends on a session setting, so only search_path is pinned.
-    assert second == "LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp"
+    # DOCS (int4, bytea, jsonb): no value's form depends on a session setting, so only search_path and
+    # standard_conforming_strings (how the body's string constants read) are pinned.
+    assert second == ("LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp "
+                      "SET standard_conforming_strings = on")
     assert rest.startswith("\nDECLARE\n")
 
 
@@ -128,8 +131,10 @@ def test_capture_function_sql_header() -> None:
 )
 def test_capture_pins_exactly_the_settings_its_types_depend_on(base_type: str, pinned: list[str]) -> None:
     layout = TableLayout.from_catalog("public.t", "t", [col("id", "int4", True), col("v", base_type)], ["id"])
-    assert capture_settings(layout) == ["SET search_path = pg_catalog, pg_temp", *pinned]
+    assert capture_settings(layout) == ["SET search_path = pg_catalog, pg_temp",
+                                        "SET standard_conforming_strings = on", *pinned]
     assert set(capture_settings(layout)) <= set(CAPTURE_SETTINGS)
+    assert CAPTURE_SETTINGS[:len(SESSION_SETTINGS)] == SESSION_SETTINGS
 
 
 def test_a_sleeping_worker_is_notified_only_when_it_holds_the_wake_lock() -> None:

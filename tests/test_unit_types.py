@@ -50,8 +50,10 @@ def test_quote_ident_rejects_nul(name: str) -> None:
 
 
 def test_quote_literal_and_qualified_name() -> None:
-    assert quote_literal("it's") == "'it''s'"
-    assert quote_literal("") == "''"
+    assert quote_literal("it's") == "E'it''s'"
+    assert quote_literal("") == "E''"
+    # A backslash cannot end the constant early, whatever standard_conforming_strings says.
+    assert quote_literal("\\'||x()--") == "E'\\\\''||x()--'"
     assert qualified_name("my schema", 'ta"ble') == '"my schema"."ta""ble"'
     with pytest.raises(ValueError, match="NUL"):
         quote_literal("a\x00")

@@ -6,7 +6,7 @@ CREATE OR REPLACE FUNCTION pgturso._plan_layout(
     columns jsonb, key_columns text[], function_name text, indexes jsonb, row_filter text, route_by text
 ) RETURNS jsonb
 LANGUAGE plpython3u
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 import sys
 if "@PYTHON_DIR@" not in sys.path:
@@ -23,7 +23,7 @@ CREATE OR REPLACE FUNCTION pgturso._plan_change(
     row_filter text, route_by text
 ) RETURNS jsonb
 LANGUAGE plpython3u
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 import sys
 if "@PYTHON_DIR@" not in sys.path:
@@ -36,7 +36,7 @@ COMMENT ON FUNCTION pgturso._plan_change IS
 
 CREATE OR REPLACE FUNCTION pgturso._plan_rows(layout_id integer, spec jsonb, relation text, op text) RETURNS text
 LANGUAGE plpython3u
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 import sys
 if "@PYTHON_DIR@" not in sys.path:
@@ -51,7 +51,7 @@ COMMENT ON FUNCTION pgturso._plan_rows IS
 CREATE OR REPLACE FUNCTION pgturso._plan_copy_chunk(layout_id integer, spec jsonb, relation text, max_rows integer)
 RETURNS jsonb
 LANGUAGE plpython3u
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 import sys
 if "@PYTHON_DIR@" not in sys.path:
@@ -66,7 +66,7 @@ CREATE OR REPLACE FUNCTION pgturso._plan_regenerate(layout_id integer, spec json
                                                     columns jsonb)
 RETURNS jsonb
 LANGUAGE plpython3u
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 import sys
 if "@PYTHON_DIR@" not in sys.path:

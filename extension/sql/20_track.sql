@@ -4,7 +4,7 @@
 
 CREATE OR REPLACE FUNCTION pgturso._base_type(typ oid) RETURNS oid
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
     WITH RECURSIVE chain(oid, base, depth) AS (
         SELECT t.oid, t.typbasetype, 0 FROM pg_type t WHERE t.oid = typ
@@ -21,7 +21,7 @@ COMMENT ON FUNCTION pgturso._base_type IS 'Private: the type under a (possibly n
 -- may CREATE CAST from it, which json_build_array, to_json and ::text would call: pgturso.types.USER_TYPE.
 CREATE OR REPLACE FUNCTION pgturso._trusted_type(typ oid) RETURNS boolean
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
     SELECT b.oid < 16384 OR (b.typcategory = 'A' AND b.typelem <> 0 AND pgturso._base_type(b.typelem) < 16384)
     FROM pg_type b WHERE b.oid = pgturso._base_type(typ)
@@ -31,14 +31,14 @@ COMMENT ON FUNCTION pgturso._trusted_type IS
 
 CREATE OR REPLACE FUNCTION pgturso._capture_function_name(table_id integer) RETURNS text
 LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$ SELECT '_capture_' || table_id $$;
 COMMENT ON FUNCTION pgturso._capture_function_name IS 'Private: name of a tracked table''s capture function.';
 
 -- The Turso name of a Postgres relation: the bare name in public, schema.name elsewhere (indexes too).
 CREATE OR REPLACE FUNCTION pgturso._turso_name(rel oid) RETURNS text
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
     SELECT CASE WHEN n.nspname = 'public' THEN c.relname::text ELSE n.nspname || '.' || c.relname END
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel
@@ -48,13 +48,13 @@ COMMENT ON FUNCTION pgturso._turso_name IS 'Private: default Turso name of a tab
 -- SQLite compares names ignoring the case of ASCII letters: two names equal under this clash on Turso.
 CREATE OR REPLACE FUNCTION pgturso._sqlite_name(name text) RETURNS text
 LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$ SELECT translate(name, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz') $$;
 COMMENT ON FUNCTION pgturso._sqlite_name IS 'Private: a name as SQLite compares it (ASCII case folded).';
 
 CREATE OR REPLACE FUNCTION pgturso._is_deferrable(index_id oid) RETURNS boolean
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$ SELECT EXISTS (SELECT 1 FROM pg_constraint con WHERE con.conindid = index_id AND con.condeferrable) $$;
 COMMENT ON FUNCTION pgturso._is_deferrable IS 'Private: whether an index backs a DEFERRABLE constraint.';
 
@@ -65,14 +65,14 @@ COMMENT ON FUNCTION pgturso._is_deferrable IS 'Private: whether an index backs a
 -- do so; the others call this to refuse.
 CREATE OR REPLACE FUNCTION pgturso._snapshot_is_current() RETURNS boolean
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$ SELECT current_setting('transaction_isolation') = 'read committed' $$;
 COMMENT ON FUNCTION pgturso._snapshot_is_current IS
     'Private: whether each statement of this transaction sees what committed before it (READ COMMITTED).';
 
 CREATE OR REPLACE FUNCTION pgturso._require_current_snapshot(operation text, rel regclass) RETURNS void
 LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 BEGIN
     IF NOT pgturso._snapshot_is_current() THEN
@@ -93,7 +93,7 @@ COMMENT ON FUNCTION pgturso._require_current_snapshot IS
 -- REFRESH ... CONCURRENTLY (EXCLUSIVE) both wait for, and holds it to the end of the transaction.
 CREATE OR REPLACE FUNCTION pgturso._lock_materialized_view(rel regclass) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$ BEGIN EXECUTE format('ANALYZE %s', rel); END $$;
 COMMENT ON FUNCTION pgturso._lock_materialized_view IS
     'Private: keep other REFRESHes of a materialized view out until this transaction ends.';
@@ -104,7 +104,7 @@ COMMENT ON FUNCTION pgturso._lock_materialized_view IS
 -- waiting for the first, so their outbox ids need not follow their commit order (docs/design.md, fact 1).
 CREATE OR REPLACE FUNCTION pgturso._key_columns(rel regclass, explicit text[]) RETURNS text[]
 LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_keys text[];
@@ -177,7 +177,7 @@ COMMENT ON FUNCTION pgturso._key_columns IS 'Private: the columns a tracked tabl
 -- caller wrote: only built-in immutable code, whoever runs it.
 CREATE OR REPLACE FUNCTION pgturso._create_row_filter(rel regclass, row_filter text) RETURNS text
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 -- CREATE PUBLICATION warns when wal_level is not logical: irrelevant here, nothing is published.
 SET client_min_messages = error
 AS $$
@@ -214,7 +214,7 @@ COMMENT ON FUNCTION pgturso._create_row_filter IS
 
 CREATE OR REPLACE FUNCTION pgturso._row_filter(rel regclass, options jsonb) RETURNS text
 LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_filter text;
@@ -238,7 +238,7 @@ COMMENT ON FUNCTION pgturso._row_filter IS 'Private: a tracked table''s row filt
 
 CREATE OR REPLACE FUNCTION pgturso._drop_row_filter(options jsonb) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 BEGIN
     IF options ? 'row_filter_publication' THEN
@@ -257,7 +257,7 @@ CREATE OR REPLACE FUNCTION pgturso._describe(
     OUT row_filter text, OUT route_by text
 )
 LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_excluded text;
@@ -336,7 +336,7 @@ COMMENT ON FUNCTION pgturso._describe IS
 -- ('{1,2}' and '[0:1]={1,2}' are two keys in Postgres, one on Turso).
 CREATE OR REPLACE FUNCTION pgturso._check_key(rel regclass, columns jsonb, key_columns text[]) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_bad text;
@@ -358,7 +358,7 @@ REVOKE ALL ON FUNCTION pgturso._check_key(regclass, jsonb, text[]) FROM PUBLIC;
 -- firing: Turso would keep rows Postgres lost. Refused for tracked tables (and their partitions).
 CREATE OR REPLACE FUNCTION pgturso._refuse_unlogged(rels oid[]) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_rel regclass;
@@ -382,7 +382,7 @@ REVOKE ALL ON FUNCTION pgturso._refuse_unlogged(oid[]) FROM PUBLIC;
 -- foreign table would run code its owner chose with the reader's rights (docs/security.md).
 CREATE OR REPLACE FUNCTION pgturso._row_source(rel regclass) RETURNS text
 LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_kind "char" := (SELECT c.relkind FROM pg_class c WHERE c.oid = rel);
@@ -401,7 +401,7 @@ COMMENT ON FUNCTION pgturso._row_source IS 'Private: FROM clause text for a trac
 -- fire only under session_replication_role = replica. Its writes are then not replicated (pgturso.status).
 CREATE OR REPLACE FUNCTION pgturso._capture_disabled(table_id integer) RETURNS boolean
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
     SELECT EXISTS (SELECT 1 FROM pg_trigger g
                    WHERE g.tgname LIKE 'pgturso\_capture\_%' AND g.tgenabled IN ('D', 'R')
@@ -414,7 +414,7 @@ COMMENT ON FUNCTION pgturso._capture_disabled IS
 -- How a tracked table is captured: by its target's capture mode ('trigger' or 'wal').
 CREATE OR REPLACE FUNCTION pgturso._capture_of(table_id integer) RETURNS text
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
     SELECT g.capture FROM pgturso.tracked_table t JOIN pgturso.target g ON g.name = t.target WHERE t.id = table_id
 $$;
@@ -423,7 +423,7 @@ COMMENT ON FUNCTION pgturso._capture_of IS 'Private: the capture mode of a track
 -- Install (or, after a schema change, replace) the capture function, and the triggers if missing.
 CREATE OR REPLACE FUNCTION pgturso._install_capture(rel regclass, table_id integer, plan jsonb) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_function text := pgturso._capture_function_name(table_id);
@@ -490,7 +490,7 @@ COMMENT ON FUNCTION pgturso._install_capture IS 'Private: (re)create a tracked r
 -- Truncating a partition of a tracked partitioned table: its rows' keys as delete events.
 CREATE OR REPLACE FUNCTION pgturso._capture_partition_truncate() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_root regclass;
@@ -525,7 +525,7 @@ COMMENT ON FUNCTION pgturso._capture_partition_truncate IS
 
 CREATE OR REPLACE FUNCTION pgturso._drop_capture_functions(table_id integer) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_name text := pgturso._capture_function_name(table_id);
@@ -543,7 +543,7 @@ COMMENT ON FUNCTION pgturso._drop_capture_functions IS 'Private: drop a tracked 
 -- Remove the capture of a tracked relation (and its partitions).
 CREATE OR REPLACE FUNCTION pgturso._remove_capture(rel regclass, table_id integer) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_part regclass;
@@ -570,7 +570,7 @@ COMMENT ON FUNCTION pgturso._remove_capture IS 'Private: drop a tracked relation
 -- Tables dropped in Postgres stay in tracked_table until the worker delivered their last changes.
 CREATE OR REPLACE FUNCTION pgturso._forget_dropped() RETURNS void
 LANGUAGE sql
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
     DELETE FROM pgturso.tracked_table t
     WHERE t.dropped_at IS NOT NULL
@@ -582,7 +582,7 @@ COMMENT ON FUNCTION pgturso._forget_dropped IS 'Private: forget dropped tables w
 -- The chunked copy of a table's existing rows, driven by the worker, while capture already runs.
 CREATE OR REPLACE FUNCTION pgturso._start_copy(table_id integer) RETURNS void
 LANGUAGE sql
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
     UPDATE pgturso.tracked_table t
     SET copy_state = 'copying', copy_after = NULL, copy_rows_done = 0, copy_started_at = now(),
@@ -876,7 +876,7 @@ COMMENT ON FUNCTION pgturso.track_table IS
 
 CREATE OR REPLACE FUNCTION pgturso._partition_root(rel regclass) RETURNS regclass
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$ SELECT a FROM pg_partition_ancestors(rel) AS a ORDER BY pg_partition_root(rel) = a DESC LIMIT 1 $$;
 COMMENT ON FUNCTION pgturso._partition_root IS 'Private: the topmost partitioned table above a partition.';
 
@@ -925,7 +925,7 @@ COMMENT ON FUNCTION pgturso.resync_table IS
 
 CREATE OR REPLACE FUNCTION pgturso.untrack_table(rel regclass) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_table_id integer;

@@ -6,7 +6,7 @@
 -- The slot of a target: slot names are cluster-wide, so the database's oid is part of it.
 CREATE OR REPLACE FUNCTION pgturso._slot_name(target text) RETURNS text
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
     SELECT format('pgturso_%s_%s', d.oid, left(md5(target), 12)) FROM pg_database d
     WHERE d.datname = current_database()
@@ -17,7 +17,7 @@ COMMENT ON FUNCTION pgturso._slot_name IS 'Private: name of the logical replicat
 -- before anything is written, because Postgres creates a logical slot only in a transaction without writes.
 CREATE OR REPLACE FUNCTION pgturso._prepare_wal_capture(target text) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_slot text := pgturso._slot_name(target);
@@ -56,7 +56,7 @@ COMMENT ON FUNCTION pgturso._prepare_wal_capture IS
 -- reading the slot holds it for the length of one read: wait for that (a few seconds at most).
 CREATE OR REPLACE FUNCTION pgturso._drop_slot(target text) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_slot text := pgturso._slot_name(target);
@@ -89,7 +89,7 @@ COMMENT ON FUNCTION pgturso._drop_slot IS 'Private: drop a wal target''s replica
 CREATE OR REPLACE FUNCTION pgturso._install_wal_capture(rel regclass, table_id integer, plan jsonb)
 RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_part regclass;
@@ -172,7 +172,7 @@ COMMENT ON FUNCTION pgturso._install_wal_capture IS
 
 CREATE OR REPLACE FUNCTION pgturso._remove_wal_capture(rel regclass) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_part regclass;
@@ -193,7 +193,7 @@ COMMENT ON FUNCTION pgturso._remove_wal_capture IS 'Private: stop publishing a w
 -- which extension is being dropped at that point; the statement's text names it.
 CREATE OR REPLACE FUNCTION pgturso._on_drop_extension() RETURNS event_trigger
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_target text;

@@ -189,7 +189,7 @@ COMMENT ON FUNCTION pgturso._recopy IS 'Private: recreate a tracked relation on 
 CREATE OR REPLACE FUNCTION pgturso._capture_failed(table_id integer, rel oid, error_code text, error text)
 RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 BEGIN
     RAISE WARNING 'pgturso: capturing a write to % failed (%: %), so pgturso follows its schema and recopies it '
@@ -209,7 +209,7 @@ COMMENT ON FUNCTION pgturso._capture_failed IS
 -- transaction, and following the command then recopies the table.
 CREATE OR REPLACE FUNCTION pgturso._on_table_rewrite() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_rel oid := pg_event_trigger_table_rewrite_oid();
@@ -234,7 +234,7 @@ COMMENT ON FUNCTION pgturso._on_table_rewrite IS
 -- Whether a table rewrite of this transaction changed a column of the table; forgets it (it is recopied once).
 CREATE OR REPLACE FUNCTION pgturso._take_rewritten(table_id integer) RETURNS boolean
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_ids text[] := string_to_array(coalesce(current_setting('pgturso.rewritten', true), ''), ',');
@@ -256,7 +256,7 @@ COMMENT ON FUNCTION pgturso._take_rewritten IS
 -- that is gone.
 CREATE OR REPLACE FUNCTION pgturso._stale_tables(check_keys boolean) RETURNS SETOF integer
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
     SELECT t.id
     FROM pgturso.tracked_table t
@@ -284,7 +284,7 @@ COMMENT ON FUNCTION pgturso._stale_tables IS
 -- and domains over it, composites with an attribute of it, at any depth.
 CREATE OR REPLACE FUNCTION pgturso._tables_using_type(typ oid) RETURNS SETOF integer
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
     WITH RECURSIVE using_type(oid) AS (
         SELECT typ
@@ -305,7 +305,7 @@ COMMENT ON FUNCTION pgturso._tables_using_type IS
 -- What pgturso refuses after any DDL, whatever object the DDL was on (docs/schema-changes.md).
 CREATE OR REPLACE FUNCTION pgturso._refuse_shapes(rels oid[]) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_rel regclass;
@@ -347,7 +347,7 @@ COMMENT ON FUNCTION pgturso._refuse_shapes IS
 -- pgturso.status shows it while it lasts.
 CREATE OR REPLACE FUNCTION pgturso._warn_disabled_capture(rels oid[]) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_rel regclass;
@@ -372,7 +372,7 @@ COMMENT ON FUNCTION pgturso._warn_disabled_capture IS
 -- leaf) must still identify its rows by columns that include the key (FULL, the primary key, or USING INDEX).
 CREATE OR REPLACE FUNCTION pgturso._refuse_lost_replica_identity(rels oid[]) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_rel regclass;
@@ -403,7 +403,7 @@ COMMENT ON FUNCTION pgturso._refuse_lost_replica_identity IS
 
 CREATE OR REPLACE FUNCTION pgturso._on_ddl_command_end() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_table_id integer;
@@ -477,7 +477,7 @@ COMMENT ON FUNCTION pgturso._on_ddl_command_end IS 'Private: event trigger follo
 
 CREATE OR REPLACE FUNCTION pgturso._on_sql_drop() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_row record;

@@ -3,7 +3,7 @@
 
 CREATE OR REPLACE FUNCTION pgturso.add_target(name text, url text, auth_token text DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 BEGIN
     -- No message may carry the token (nor the URL, which can hold credentials): errors reach the server log.
@@ -42,7 +42,7 @@ COMMENT ON FUNCTION pgturso.add_target IS
 
 CREATE OR REPLACE FUNCTION pgturso.remove_target(name text) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 BEGIN
     IF remove_target.name = 'default' THEN
@@ -80,7 +80,7 @@ COMMENT ON FUNCTION pgturso.remove_target IS 'Remove a named target that no tabl
 -- a serialization failure (retry the transaction) instead of reading a stale list of tenants.
 CREATE OR REPLACE FUNCTION pgturso._fan_out(layout_id integer, op "char", payload text) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_pattern text;
@@ -102,7 +102,7 @@ COMMENT ON FUNCTION pgturso._fan_out IS
 
 CREATE OR REPLACE FUNCTION pgturso._register_tenants(layout_id integer, tenants text[]) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_pattern text;

@@ -97,7 +97,7 @@ COMMENT ON VIEW pgturso.status IS
 CREATE OR REPLACE FUNCTION pgturso.skip_transaction(txid xid8, reason text, target text DEFAULT NULL)
 RETURNS integer
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_target text := skip_transaction.target;

@@ -3,7 +3,7 @@
 CREATE OR REPLACE FUNCTION pgturso.wait_for_sync(timeout interval DEFAULT '30 seconds') RETURNS boolean
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_snapshot pg_snapshot := pg_current_snapshot();

@@ -3,7 +3,7 @@
 CREATE OR REPLACE FUNCTION pgturso.sync(url text DEFAULT NULL, dsn text DEFAULT NULL, target text DEFAULT NULL)
 RETURNS integer
 LANGUAGE plpython3u
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 import sys
 if "@PYTHON_DIR@" not in sys.path:

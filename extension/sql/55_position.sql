@@ -8,7 +8,7 @@
 
 CREATE OR REPLACE FUNCTION pgturso._source_position() RETURNS jsonb
 LANGUAGE sql VOLATILE
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
     SELECT jsonb_build_object(
         'system', (SELECT system_identifier::text FROM pg_control_system()),
@@ -25,7 +25,7 @@ COMMENT ON FUNCTION pgturso._source_position IS
 -- is read with pg_read_file, which needs a superuser; the only input is a number.
 CREATE OR REPLACE FUNCTION pgturso._position_reached(recorded jsonb) RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_here jsonb := pgturso._source_position();

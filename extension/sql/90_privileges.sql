@@ -34,7 +34,7 @@ REVOKE ALL ON FUNCTION pgturso._resync_target(text) FROM PUBLIC;
 -- The worker's role (docs/security.md): what delivery needs, and no superuser.
 CREATE OR REPLACE FUNCTION pgturso.grant_worker(worker regrole) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 BEGIN
     IF worker IS NULL OR worker::oid = 0 THEN

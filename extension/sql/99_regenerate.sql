@@ -4,7 +4,7 @@
 
 CREATE OR REPLACE FUNCTION pgturso._regenerate_captures() RETURNS integer
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_row record;
@@ -51,7 +51,7 @@ REVOKE ALL ON FUNCTION pgturso._regenerate_captures() FROM PUBLIC;
 -- and an 'A' event that re-creates them plain on Turso, in order with the changes around it.
 CREATE OR REPLACE FUNCTION pgturso._plain_turso_indexes() RETURNS integer
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_row record;

