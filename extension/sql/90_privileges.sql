@@ -12,7 +12,7 @@ GRANT EXECUTE ON FUNCTION pgturso.wait_for_sync(interval) TO PUBLIC;
 -- have: this runs it as the extension owner, for the tables of the one target named, and nothing else.
 CREATE OR REPLACE FUNCTION pgturso._resync_target(target text) RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
+@SESSION_SETTINGS@
 AS $$
 DECLARE
     v_rel regclass;
