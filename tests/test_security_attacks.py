@@ -9,7 +9,10 @@ from __future__ import annotations
 import uuid
 
 import psycopg
-from test_security import login_role
+import pytest
+from conftest import run_worker
+from support.turso import TursoServer
+from test_security import ESCALATE, calls, is_superuser, login_role
 
 
 def test_database_owner_cannot_run_code_as_the_operator_refreshing_a_tracked_materialized_view(conn, dsn):
@@ -57,3 +60,36 @@ def test_database_owner_cannot_run_code_as_the_operator_refreshing_a_tracked_mat
         finally:
             conn.execute(f'ALTER DATABASE "{db}" RESET standard_conforming_strings')
             conn.execute(f'ALTER DATABASE "{db}" OWNER TO {conn.info.user}')
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_wal_worker_runs_no_domain_check_of_an_array_of_a_domain(conn, dsn, turso: TursoServer):
+    """pgturso._trusted_type calls an array trusted when its element's *base* type is built in, so an array of
+    the owner's domain (checked[]: element checked, a domain over integer) is "trusted", and its base_pg_type
+    is the array type itself (public.checked[], _base_type only strips domains from the column's own type).
+    The wal worker reads decoded values back as ``(text)::public.checked[]`` (slot.encode_rows_sql,
+    capture.key_from_text_sql): the domain's CHECK runs for every element, with the worker's rights."""
+    with login_role(conn, dsn, "arrowner") as owner_dsn:
+        conn.execute("GRANT CREATE ON SCHEMA public TO arrowner")
+        with psycopg.connect(owner_dsn, autocommit=True) as owner:
+            owner.execute(ESCALATE.format(attacker="arrowner"))
+            owner.execute("""
+                CREATE FUNCTION key_ok(integer) RETURNS boolean LANGUAGE plpgsql AS
+                    $$ BEGIN PERFORM public.escalate('domain check of an array element'); RETURN true; END $$;
+                CREATE DOMAIN checked AS integer CHECK (key_ok(VALUE));
+                CREATE TABLE w (id int PRIMARY KEY, v text)""")
+        conn.execute("SELECT pgturso.track_table('w')")
+        with psycopg.connect(owner_dsn, autocommit=True) as owner:
+            # An array of the domain, a domain over such an array, and the built-in array they hold.
+            owner.execute("""
+                CREATE DOMAIN checked_list AS checked[];
+                ALTER TABLE w ADD COLUMN c checked[], ADD COLUMN l checked_list, ADD COLUMN plain integer[]""")
+            owner.execute("INSERT INTO w VALUES (1, 'a', '{5}', '{6,7}', '{5}')")
+            owner.execute("TRUNCATE calls")  # the owner's own INSERT ran the check (as the owner)
+        result = run_worker(dsn, turso.url)
+        assert not is_superuser(conn, "arrowner")
+        assert calls(conn) == []
+        # The legitimate use still works: the values arrive as those of the built-in array type.
+        assert result.returncode == 0, result.stderr[-2000:]
+        rows = turso.query("SELECT id, c, l, plain FROM w")
+        assert rows == [[1, rows[0][3], rows[0][3].replace("5", "6,7"), rows[0][3]]], rows

@@ -11,9 +11,19 @@ AS $$
         UNION ALL
         SELECT t.oid, t.typbasetype, c.depth + 1 FROM chain c JOIN pg_type t ON t.oid = c.base
     )
-    SELECT oid FROM chain ORDER BY depth DESC LIMIT 1
+    SELECT coalesce(
+               -- An array of a domain (or a domain over one) is read as the array of the type under the
+               -- domain: the worker casts decoded text to this type, and a cast to the domain's array would
+               -- run the domain's CHECK, code of the domain's owner, with the worker's rights.
+               -- (the array of a domain over an array is that array: Postgres arrays have no nesting).
+               (SELECT CASE WHEN eb.typcategory = 'A' THEN eb.oid ELSE nullif(eb.typarray, 0) END
+                FROM pg_type a JOIN pg_type eb ON eb.oid = pgturso._base_type(a.typelem)
+                WHERE a.oid = b.oid AND a.typcategory = 'A' AND a.typelem <> 0 AND eb.oid <> a.typelem),
+               b.oid)
+    FROM (SELECT oid FROM chain ORDER BY depth DESC LIMIT 1) AS b
 $$;
-COMMENT ON FUNCTION pgturso._base_type IS 'Private: the type under a (possibly nested) domain.';
+COMMENT ON FUNCTION pgturso._base_type IS
+    'Private: the type under a (possibly nested) domain; for an array of a domain, the array of the type under it.';
 
 -- Whether values of a type are encoded by functions built into Postgres only: the type under any domain is
 -- built in (an oid below FirstNormalObjectId, 16384, given at initdb), or is an array of such a type. Any
