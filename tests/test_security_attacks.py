@@ -93,3 +93,56 @@ def test_wal_worker_runs_no_domain_check_of_an_array_of_a_domain(conn, dsn, turs
         assert result.returncode == 0, result.stderr[-2000:]
         rows = turso.query("SELECT id, c, l, plain FROM w")
         assert rows == [[1, rows[0][3], rows[0][3].replace("5", "6,7"), rows[0][3]]], rows
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_wal_table_owner_cannot_stop_the_target_with_a_generated_column_over_a_user_type(
+        conn, dsn, turso: TursoServer):
+    """The worker computes stored generated columns (pgoutput does not send them) from the decoded values,
+    where a column of a user-defined type is its *text* form: an expression valid over the real type
+    (cardinality of an enum array) fails over text, and the worker cannot deliver anything on the target.
+    _install_wal_capture only refuses expressions that *depend* on a user object; this one uses built-ins."""
+    conn.execute("CREATE TABLE bystander (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('bystander')")
+    with login_role(conn, dsn, "genowner") as owner_dsn:
+        conn.execute("GRANT CREATE ON SCHEMA public TO genowner")
+        with psycopg.connect(owner_dsn, autocommit=True) as owner:
+            owner.execute("CREATE TABLE w (id int PRIMARY KEY, v text)")
+        conn.execute("SELECT pgturso.track_table('w')")
+        with psycopg.connect(owner_dsn, autocommit=True) as owner:
+            # Refused at the DDL (the whole statement rolls back), with the fix in the HINT.
+            with pytest.raises(psycopg.errors.RaiseException, match="user-defined type") as refused:
+                owner.execute("""
+                    CREATE TYPE mood AS ENUM ('ok', 'bad');
+                    ALTER TABLE w ADD COLUMN m mood[] DEFAULT '{ok}';
+                    ALTER TABLE w ADD COLUMN n int GENERATED ALWAYS AS (cardinality(m)) STORED""")
+            assert "trigger" in (refused.value.diag.message_hint or "")
+            owner.execute("INSERT INTO w (id, v) VALUES (1, 'a')")
+        conn.execute("INSERT INTO bystander VALUES (1, 'innocent')")
+        result = run_worker(dsn, turso.url)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert turso.query("SELECT id, v FROM bystander") == [[1, "innocent"]]
+        assert turso.query("SELECT id, v FROM w") == [[1, "a"]]
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_wal_generated_column_over_an_enum_never_arrives_other_than_postgres_computed_it(
+        conn, dsn, turso: TursoServer):
+    """The same root cause as the test above, silently: the worker recomputes a generated column over an enum
+    from the enum's text form, so "m > m2" compares text ('z' > 'a') where Postgres compared the enum's order
+    ('z' was declared first: less). Turso would get a value Postgres never held, and no error would say so:
+    track_table refuses the table instead (the worker cannot compute it right), naming the fix; a generated
+    column over built-in types is tracked and arrives as Postgres computed it."""
+    conn.execute("""
+        CREATE TYPE letter AS ENUM ('z', 'a');
+        CREATE TABLE w (id int PRIMARY KEY, m letter, m2 letter, later boolean GENERATED ALWAYS AS (m > m2) STORED)""")
+    with pytest.raises(psycopg.errors.RaiseException, match="user-defined type") as refused:
+        conn.execute("SELECT pgturso.track_table('w')")
+    assert "trigger" in (refused.value.diag.message_hint or "")
+    conn.execute("""
+        CREATE TABLE ok (id int PRIMARY KEY, m text, m2 text, later boolean GENERATED ALWAYS AS (m > m2) STORED)""")
+    conn.execute("SELECT pgturso.track_table('ok')")
+    conn.execute("INSERT INTO ok (id, m, m2) VALUES (1, 'z', 'a')")
+    result = run_worker(dsn, turso.url)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert turso.query("SELECT id, later FROM ok") == [[1, 1]]

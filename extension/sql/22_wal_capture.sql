@@ -117,6 +117,26 @@ BEGIN
             USING HINT = 'With capture => ''wal'' generated columns may use built-in functions only; use the '
                          'trigger capture mode for this table (a target with capture => ''trigger'').';
     END IF;
+    -- The worker computes them over decoded values, where a column of a type that is not trusted
+    -- (pgturso._trusted_type: enum, composite, extension type...) is its text form: an expression over it would
+    -- fail (and stop the target) or give a value Postgres never held (an enum compared as text).
+    SELECT format('%s (uses column %s of type %s)', a.attname, quote_ident(ra.attname), format_type(ra.atttypid, NULL))
+    INTO v_generated
+    FROM pg_attrdef ad
+    JOIN pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum AND a.attgenerated = 's'
+    JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid
+                    AND d.refclassid = 'pg_class'::regclass AND d.refobjid = ad.adrelid AND d.refobjsubid > 0
+    JOIN pg_attribute ra ON ra.attrelid = d.refobjid AND ra.attnum = d.refobjsubid
+    WHERE ad.adrelid IN (SELECT rel UNION SELECT relid FROM pg_partition_tree(rel))
+      AND NOT pgturso._trusted_type(ra.atttypid)
+    LIMIT 1;
+    IF v_generated IS NOT NULL THEN
+        RAISE EXCEPTION 'pgturso: generated column % of % is computed from a column of a user-defined type, which '
+                        'the worker only has as text', v_generated, rel
+            USING HINT = 'With capture => ''wal'' generated columns may use columns of built-in types only (arrays '
+                         'and domains of them too); cast the column to a built-in type in the table, or use the '
+                         'trigger capture mode for this table (a target with capture => ''trigger'').';
+    END IF;
     -- The generated capture function serves the TRUNCATE trigger only (a 'T' event), as in trigger mode.
     EXECUTE plan ->> 'capture_function_sql';
     EXECUTE format('REVOKE ALL ON FUNCTION pgturso.%I() FROM PUBLIC', v_function);
