@@ -146,3 +146,39 @@ def test_wal_generated_column_over_an_enum_never_arrives_other_than_postgres_com
     result = run_worker(dsn, turso.url)
     assert result.returncode == 0, result.stderr[-2000:]
     assert turso.query("SELECT id, later FROM ok") == [[1, 1]]
+
+
+def test_table_owner_cannot_stop_the_target_with_an_index_named_like_another_table_on_turso(
+        conn, dsn, turso: TursoServer):
+    """SQLite keeps tables and indexes in one namespace and compares names without ASCII case. Postgres lets
+    the owner of one tracked table name an index "Bystander" (not the relation "bystander"), and pgturso
+    checks clashes of table names only (track_table, _follow_schema): the index reaches Turso as a
+    CREATE INDEX that clashes with the other table's name, and the target stops."""
+    conn.execute("CREATE TABLE bystander (id int PRIMARY KEY, v text)")
+    conn.execute('CREATE INDEX "bystander by v" ON bystander (v)')
+    conn.execute("SELECT pgturso.track_table('bystander')")
+    with login_role(conn, dsn, "idxowner") as owner_dsn:
+        conn.execute("GRANT CREATE ON SCHEMA public TO idxowner")
+        with psycopg.connect(owner_dsn, autocommit=True) as owner:
+            owner.execute("CREATE TABLE w (id int PRIMARY KEY, v text)")
+        conn.execute("SELECT pgturso.track_table('w')")
+        with psycopg.connect(owner_dsn, autocommit=True) as owner:
+            # Refused at the DDL (the index is not created), with the fix in the HINT; so is an index whose
+            # name clashes with another table's index, or with its own table's name.
+            for index in ('"Bystander"', '"BYSTANDER BY V"', '"W"'):
+                with pytest.raises(psycopg.errors.RaiseException, match="on Turso") as refused:
+                    owner.execute(f"CREATE INDEX {index} ON w (v)")
+                assert "RENAME" in (refused.value.diag.message_hint or "")
+            owner.execute('CREATE INDEX "w by v" ON w (v)')  # a name of its own is followed as before
+            owner.execute("INSERT INTO w VALUES (1, 'a')")
+        conn.execute("INSERT INTO bystander VALUES (1, 'innocent')")
+        result = run_worker(dsn, turso.url)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert turso.query("SELECT id, v FROM bystander") == [[1, "innocent"]]
+        assert turso.query("SELECT id, v FROM w") == [[1, "a"]]
+        assert turso.query("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'w' "
+                           "AND name NOT LIKE 'sqlite%'") == [["w by v"]]
+    # track_table checks the same: a table that would take an index's name on Turso is refused.
+    conn.execute('CREATE TABLE "W BY V" (id int PRIMARY KEY)')
+    with pytest.raises(psycopg.errors.RaiseException, match="on Turso"):
+        conn.execute("""SELECT pgturso.track_table('"W BY V"')""")

@@ -62,6 +62,50 @@ LANGUAGE sql IMMUTABLE
 AS $$ SELECT translate(name, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz') $$;
 COMMENT ON FUNCTION pgturso._sqlite_name IS 'Private: a name as SQLite compares it (ASCII case folded).';
 
+-- SQLite keeps tables and indexes in one namespace and compares names without ASCII case: a Turso name of a
+-- table or of one of its indexes that another table or index of the target has (or another of its own names)
+-- would make the CREATE fail on Turso and stop the whole target. Checked by track_table and at every schema
+-- change (_follow_schema) against the latest layout of every other table of the target.
+CREATE OR REPLACE FUNCTION pgturso._check_turso_names(rel regclass, target text, table_id integer,
+                                                      target_table text, indexes jsonb) RETURNS void
+LANGUAGE plpgsql STABLE
+@SESSION_SETTINGS@
+AS $$
+DECLARE
+    v_clash text;
+BEGIN
+    WITH mine AS (
+        SELECT _check_turso_names.target_table AS name
+        UNION ALL
+        SELECT i ->> 'name' FROM jsonb_array_elements(coalesce(indexes, '[]')) AS i
+    ), others AS (
+        SELECT t.target_table AS name FROM pgturso.tracked_table t
+        WHERE t.target = _check_turso_names.target AND t.id IS DISTINCT FROM _check_turso_names.table_id
+        UNION ALL
+        SELECT i ->> 'name'
+        FROM (SELECT DISTINCT ON (l.table_id) l.spec
+              FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
+              WHERE t.target = _check_turso_names.target AND t.id IS DISTINCT FROM _check_turso_names.table_id
+              ORDER BY l.table_id, l.id DESC) AS latest,
+             jsonb_array_elements(coalesce(latest.spec -> 'indexes', '[]')) AS i
+    )
+    SELECT m.name INTO v_clash FROM mine m
+    WHERE EXISTS (SELECT 1 FROM others o WHERE pgturso._sqlite_name(o.name) = pgturso._sqlite_name(m.name))
+       OR (SELECT count(*) FROM mine m2 WHERE pgturso._sqlite_name(m2.name) = pgturso._sqlite_name(m.name)) > 1
+    LIMIT 1;
+    IF v_clash IS NOT NULL THEN
+        RAISE EXCEPTION 'pgturso: % would use the name "%" on Turso, which another table or index there already has',
+                        rel, v_clash
+            USING DETAIL = 'Turso (SQLite) keeps tables and indexes in one namespace and compares names without '
+                           'the case of ASCII letters.',
+                  HINT = 'Rename the index (ALTER INDEX ... RENAME TO ...) or the table, pass another '
+                         'target_table => ''name'' to pgturso.track_table, or track it with indexes => false.';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION pgturso._check_turso_names IS
+    'Private: refuses a table whose Turso table or index names clash (ASCII case folded) with others of its target.';
+
 CREATE OR REPLACE FUNCTION pgturso._is_deferrable(index_id oid) RETURNS boolean
 LANGUAGE sql STABLE
 @SESSION_SETTINGS@
@@ -837,6 +881,7 @@ BEGIN
             USING HINT = 'Pass a different target_table => ''name'' to pgturso.track_table (or, if that table was '
                          'dropped, let the worker deliver its last changes first).';
     END IF;
+    PERFORM pgturso._check_turso_names(rel, track_table.target, NULL, v_desc.target_table, v_desc.indexes);
 
     INSERT INTO pgturso.tracked_table (relid, target, target_table, options)
     VALUES (rel, track_table.target, v_desc.target_table, v_options) RETURNING id INTO v_table_id;

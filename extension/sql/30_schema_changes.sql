@@ -43,6 +43,9 @@ BEGIN
                             'tracked table uses', v_rel, v_desc.target_table
                 USING HINT = 'Choose another name, or untrack one of the tables.';
         END IF;
+        PERFORM pgturso._check_turso_names(v_rel, (SELECT o.target FROM pgturso.tracked_table o
+                                                   WHERE o.id = _follow_schema.table_id),
+                                           _follow_schema.table_id, v_desc.target_table, v_desc.indexes);
         v_recopy := (v_change ->> 'recopy')::boolean OR pgturso._take_rewritten(table_id);
         IF NOT v_recopy AND jsonb_array_length(v_change -> 'added') > 0 AND EXISTS (
                SELECT 1 FROM pg_attribute a
