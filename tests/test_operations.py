@@ -326,3 +326,31 @@ def test_worker_once_gives_up_on_a_postgres_that_stays_down(dsn):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1, result.stderr  # retries exhausted, not "bad configuration" (2)
     assert result.stderr.count("event=retry") == 2 and "event=giving_up" in result.stderr
+
+
+def test_skip_transaction_never_drops_the_schema_change_it_carries(conn, dsn, turso):
+    """The refused transaction also added a column. Skipping it must drop its row changes only: the schema
+    change is not what Turso refused, and without it every later write to the table is refused too (and
+    verify --repair, whose upserts name the new column, cannot repair it)."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    drain(dsn, turso.url)
+    read_rows(turso.url, "CREATE TRIGGER no_bad BEFORE INSERT ON t WHEN NEW.v LIKE 'bad%' "
+                         "BEGIN SELECT RAISE(ABORT, 'no bad rows here'); END")
+    with conn.transaction():
+        conn.execute("ALTER TABLE t ADD COLUMN c int")
+        conn.execute("INSERT INTO t VALUES (1, 'bad row', 10)")
+    bad_txid = conn.execute("SELECT max(txid)::text FROM pgturso.outbox").fetchone()[0]
+    conn.execute("INSERT INTO t VALUES (2, 'good', 20)")
+    result = run_worker(dsn, turso.url)
+    assert result.returncode == 2 and "no bad rows here" in result.stderr, result.stderr
+    assert conn.execute("SELECT last_error_txid::text FROM pgturso.status").fetchone()[0] == bad_txid
+
+    skipped = conn.execute("SELECT pgturso.skip_transaction(%s::xid8, 'a row Turso refuses')", (bad_txid,))
+    assert skipped.fetchone()[0] == 1  # the insert; the schema change stays
+    assert conn.execute("SELECT events, rows, tables FROM pgturso.skipped_transaction").fetchall() == [
+        (1, 1, ["public.t"])]
+    result = run_worker(dsn, turso.url)
+    # The later, good transaction is delivered, with the column the skipped transaction added.
+    assert result.returncode == 0, result.stderr
+    assert turso.query("SELECT id, v, c FROM t ORDER BY id") == [[2, "good", 20]]

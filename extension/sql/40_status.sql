@@ -135,16 +135,23 @@ BEGIN
         RAISE EXCEPTION 'pgturso: transaction % has nothing pending for target %', txid, v_target
             USING HINT = format('It has changes pending for: %s.', array_to_string(v_targets, ', '));
     END IF;
+    -- Only its row changes are dropped: its schema changes ('A'), copies ('C') and drops ('X') are not what
+    -- Turso refused, and without them every later change of the table would be refused too (DDL is never skipped).
     SELECT count(*), coalesce(sum(o.nrows), 0), array_agg(DISTINCT l.spec ->> 'source_table')
     INTO v_events, v_rows, v_tables
     FROM pgturso.outbox o JOIN pgturso.layout l ON l.id = o.layout_id JOIN pgturso.tracked_table t ON t.id = l.table_id
-    WHERE o.txid = skip_transaction.txid AND t.target = v_target;
+    WHERE o.txid = skip_transaction.txid AND t.target = v_target AND o.op IN ('U', 'D', 'T');
+    IF v_events = 0 THEN
+        RAISE EXCEPTION 'pgturso: transaction % carries only schema changes for target %, which are never skipped', txid, v_target
+            USING HINT = 'Fix the table on Turso (or untrack and track it again) so the schema change applies.';
+    END IF;
     INSERT INTO pgturso.skipped_transaction (txid, target, reason, events, rows, tables, error)
     VALUES (skip_transaction.txid, v_target, reason, v_events, v_rows, v_tables,
             (SELECT d.last_error FROM pgturso.delivery_state d
              WHERE d.target = v_target AND d.last_error_txid = skip_transaction.txid));
     DELETE FROM pgturso.outbox o USING pgturso.layout l, pgturso.tracked_table t
-    WHERE o.txid = skip_transaction.txid AND l.id = o.layout_id AND t.id = l.table_id AND t.target = v_target;
+    WHERE o.txid = skip_transaction.txid AND l.id = o.layout_id AND t.id = l.table_id AND t.target = v_target
+      AND o.op IN ('U', 'D', 'T');
     RAISE WARNING 'pgturso: skipped source transaction % for target % (% rows in %): Turso now differs from Postgres for them',
         txid, v_target, v_rows, array_to_string(v_tables, ', ')
         USING HINT = 'Fix the rows by hand on Turso, or untrack and track the table again to recopy it.';
@@ -155,7 +162,8 @@ $$;
 COMMENT ON FUNCTION pgturso.skip_transaction IS
     'Deliberately drop one pending source transaction (one that Turso refuses) for one target: the target '
     'whose worker is stuck on it, or the one named (needed when it touches several and none or both are stuck '
-    'on it). Its changes for other targets are still delivered. Recorded in pgturso.skipped_transaction; that '
+    'on it). Only its row changes are dropped: its schema changes are still delivered, as are its changes for '
+    'other targets. Recorded in pgturso.skipped_transaction; that '
     'target then lacks its changes: repair or recopy the tables it touched.';
 
 REVOKE ALL ON FUNCTION pgturso.skip_transaction(xid8, text, text) FROM PUBLIC;
