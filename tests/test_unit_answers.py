@@ -54,6 +54,10 @@ def test_http_answers(status: int, continuation: bool, meaning: Meaning) -> None
         ("SQLITE_BUSY_SNAPSHOT", "database is locked", Meaning.TRANSIENT),
         ("SQLITE_LOCKED", "database table is locked", Meaning.TRANSIENT),
         ("SQLITE_INTERRUPT", "interrupted", Meaning.TRANSIENT),
+        ("RPC_QUERY_EXECUTION_TIMEOUT", "query execution timed out on the primary", Meaning.TRANSIENT),
+        ("SQLITE_IOERR", "disk I/O error", Meaning.TRANSIENT),
+        ("SQLITE_IOERR_WRITE", "disk I/O error", Meaning.TRANSIENT),
+        ("SQLITE_FULL", "database or disk is full", Meaning.TRANSIENT),
         (None, "database is locked", Meaning.TRANSIENT),  # servers without codes: the message says it
         (None, "Transaction timed-out", Meaning.TRANSIENT),
         ("SQLITE_CONSTRAINT", "UNIQUE constraint failed: t.id", Meaning.REFUSED),

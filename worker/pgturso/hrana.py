@@ -218,11 +218,16 @@ ANSWERS: tuple[Rule, ...] = (
     Rule("STREAM_EXPIRED", "step error STREAM_EXPIRED", Meaning.TRANSIENT, "the stream expired"),
     Rule("SQLITE_BUSY", "step error SQLITE_BUSY*, SQLITE_LOCKED*, SQLITE_INTERRUPT (or, without a code, the "
          "message \"database is locked\")", Meaning.TRANSIENT, "another connection holds the lock for now"),
+    Rule("RPC_QUERY_EXECUTION_TIMEOUT", "step error RPC_QUERY_EXECUTION_TIMEOUT", Meaning.TRANSIENT,
+         "the primary a replica forwards writes to did not answer in time"),
+    Rule("SQLITE_IOERR", "step error SQLITE_IOERR*, SQLITE_FULL", Meaning.TRANSIENT,
+         "the server's disk failed for now, or is full (e.g. a storage quota): it passes, or the operator lifts it"),
     Rule("step", "any other step error (constraint, missing table, type, SQL)", Meaning.REFUSED,
          "this change cannot be applied as Turso stands: the worker finds the source transaction and blocks on it"),
 )
 _RULES = {rule.key: rule for rule in ANSWERS}
 _BUSY_CODES = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_INTERRUPT")
+_DISK_CODES = ("SQLITE_IOERR", "SQLITE_FULL")
 _BUSY_MESSAGES = {"database is locked": "SQLITE_BUSY", "transaction timed-out": "TRANSACTION_TIMEOUT",
                   "stream has expired": "STREAM_EXPIRED"}
 
@@ -253,6 +258,8 @@ def classify_step_error(code: str | None, message: str) -> Rule:
         return _RULES[code]
     if code.startswith(_BUSY_CODES):
         return _RULES["SQLITE_BUSY"]
+    if code.startswith(_DISK_CODES):
+        return _RULES["SQLITE_IOERR"]
     return _RULES["step"]
 
 
