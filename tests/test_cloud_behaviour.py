@@ -206,3 +206,83 @@ def test_a_token_in_pgturso_url_is_refused_because_every_role_can_show_it(tracke
     result = run_worker(dsn, "")
     assert result.returncode == 2 and "pgturso.auth_token_file" in result.stderr
     assert "sh0wable" not in result.stderr
+
+
+class StepErrorProxy(CloudProxy):
+    """The sqld-like proxy, answering the next ``count`` requests with a request error carrying ``code`` (as sqld
+    does for a whole request: ``{"type": "error", "error": {"message", "code"}}``; batches get it per step), without
+    running them upstream, as a replica whose write forwarding to the primary failed answers."""
+
+    def __init__(self, *args: Any, code: str, message: str, count: int, touching: str | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.code, self.message, self.count, self.touching = code, message, count, touching
+        self.injected = 0
+
+    def _forward(self, requests_: list[dict[str, Any]]) -> dict[str, Any]:
+        if not (self.count > 0 and requests_):
+            return super()._forward(requests_)
+        if self.touching is None:
+            self.count -= 1
+            self.injected += 1
+            return {"results": [self._failed(r) for r in requests_]}
+        # Only the first step that writes the table fails (the server ran the steps before it, and the batch's
+        # conditions skip those after it): run the batch with that step replaced by one that fails, then give
+        # the failure sqld's code.
+        for request in requests_:
+            steps = request.get("batch", {}).get("steps", []) if request["type"] == "batch" else []
+            for index, step in enumerate(steps):
+                if self.touching in step["stmt"]["sql"]:
+                    step["stmt"] = {"sql": "SELECT * FROM pgturso_attack_no_such_table", "args": []}
+                    answer = super()._forward(requests_)
+                    result = answer["results"][requests_.index(request)]["response"]["result"]
+                    result["step_errors"][index] = {"message": self.message, "code": self.code}
+                    self.count -= 1
+                    self.injected += 1
+                    return answer
+        return super()._forward(requests_)
+
+    def _failed(self, request: dict[str, Any]) -> dict[str, Any]:
+        error = {"message": self.message, "code": self.code}
+        if request["type"] == "batch":
+            steps = len(request["batch"]["steps"])
+            return {"type": "ok", "response": {"type": "batch", "result": {
+                "step_results": [None] * steps, "step_errors": [error] * steps}}}
+        return {"type": "error", "error": error}
+
+
+# Step error codes that libsql-server (sqld) gives for conditions that pass by themselves: the primary a replica
+# forwards writes to did not answer in time (StmtError::RpcQueryExecutionTimeout), a transient disk I/O error of
+# the server's SQLite (sqlite_error_code maps the primary result code), the database being full (storage quota
+# reached; lifted by the operator without touching Postgres, like BLOCKED).
+TRANSIENT_SQLD_CODES = [
+    ("RPC_QUERY_EXECUTION_TIMEOUT", "query execution timed out on the primary"),
+    ("SQLITE_IOERR", "disk I/O error"),
+]
+
+
+@pytest.mark.parametrize(("code", "message"), TRANSIENT_SQLD_CODES)
+def test_a_transient_sqld_step_error_never_blocks_a_table(tracked, dsn, turso, code, message):
+    """A few requests answered with a transient sqld error code must be retried (from the marker), not taken as
+    a change Turso refuses for good: no isolation, no blocked table, every row delivered once."""
+    with StepErrorProxy(turso.url, TOKEN, code=code, message=message, count=3) as cloud:
+        result = run_worker(dsn, cloud.url, "--auth-token", TOKEN, "--retry-limit", "10", *SMALL)
+    assert "event=blocked" not in result.stderr and "event=isolating" not in result.stderr, result.stderr
+    assert result.returncode == 0, result.stderr
+    assert cloud.injected == 3
+    status = tracked.execute("SELECT worker_status FROM pgturso.status").fetchall()
+    assert all(s[0] != "blocked" for s in status), status
+    assert pending(tracked) == 0
+    assert_complete_and_once(tracked, turso)
+
+
+@pytest.mark.parametrize(("code", "message"), TRANSIENT_SQLD_CODES)
+def test_a_transient_sqld_error_on_a_change_does_not_blame_the_table(tracked, dsn, turso, code, message):
+    """The same answers to the requests that carry rows of t: the worker must not say that Turso refuses a
+    change of public.t (status blocked, naming a source transaction an operator would then skip)."""
+    with StepErrorProxy(turso.url, TOKEN, code=code, message=message, count=3, touching='"t"') as cloud:
+        result = run_worker(dsn, cloud.url, "--auth-token", TOKEN, "--retry-limit", "10", *SMALL)
+    assert "event=blocked" not in result.stderr, result.stderr
+    assert result.returncode == 0, result.stderr
+    assert cloud.injected == 3
+    assert_complete_and_once(tracked, turso)

@@ -354,3 +354,45 @@ def test_skip_transaction_never_drops_the_schema_change_it_carries(conn, dsn, tu
     # The later, good transaction is delivered, with the column the skipped transaction added.
     assert result.returncode == 0, result.stderr
     assert turso.query("SELECT id, v, c FROM t ORDER BY id") == [[2, "good", 20]]
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_wait_for_sync_is_not_true_while_a_wal_targets_slot_is_missing(conn, dsn, turso, capture):
+    """A wal target's slot is gone (a failover to a standby: Postgres 15 does not carry logical slots over; or
+    an operator dropped it). A row committed since is on Turso only after the worker replaced the slot and
+    copied the table again; until then wait_for_sync must not say it is there."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("INSERT INTO t VALUES (1, 'a')")
+    drain(dsn, turso.url)
+    conn.execute("SELECT pg_drop_replication_slot(pgturso._slot_name('default'))")
+    conn.execute("INSERT INTO t VALUES (2, 'committed before the call')")
+    synced = conn.execute("SELECT pgturso.wait_for_sync('1 second')").fetchone()[0]
+    on_turso = turso.query("SELECT id FROM t ORDER BY id")
+    assert on_turso == [[1]]  # no worker ran: row 2 is not on Turso
+    assert synced is False, "wait_for_sync said every committed row is on Turso; row 2 is not"
+
+
+def test_wait_for_sync_on_a_hot_standby_refuses_while_a_target_captures_from_the_wal(turso):
+    """Read-your-writes from a replica: an application writes on the primary, then calls wait_for_sync on a hot
+    standby before reading Turso. For a wal target what Turso confirmed is the primary's slot, which a standby
+    cannot see: it must refuse, naming the fix, rather than answer true while the row, committed and replayed
+    before the call, is not on Turso."""
+    from test_guarantees import _ledger, _primary_and_standby, _wait_replayed
+
+    with _primary_and_standby("logical") as (primary, start_standby):
+        dsn = primary.dsn()
+        _ledger(dsn, "wal")
+        drain(dsn, turso.url)
+        standby = start_standby()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("INSERT INTO ledger VALUES (101, 'committed before the call')")
+        _wait_replayed(primary, standby)
+        with psycopg.connect(standby.dsn(), autocommit=True) as replica:
+            assert replica.execute("SELECT count(*) FROM ledger WHERE id = 101").fetchone()[0] == 1
+            with pytest.raises(psycopg.errors.RaiseException, match="cannot run on a standby") as refused:
+                replica.execute("SELECT pgturso.wait_for_sync('1 second')")
+            assert "on the primary" in (refused.value.diag.message_hint or "")
+        assert turso.query("SELECT count(*) FROM ledger WHERE id = 101") == [[0]]  # no worker ran since
+        with psycopg.connect(dsn, autocommit=True) as conn:  # the primary still answers, honestly
+            assert conn.execute("SELECT pgturso.wait_for_sync('1 second')").fetchone()[0] is False

@@ -23,6 +23,15 @@ BEGIN
         RAISE EXCEPTION 'pgturso: wait_for_sync needs READ COMMITTED (it must see deliveries as they happen)'
             USING HINT = 'Call it outside an explicit REPEATABLE READ or SERIALIZABLE transaction.';
     END IF;
+    -- A standby cannot tell what a wal target delivered: the target's slot (what Turso confirmed) lives on the
+    -- primary, and a standby of Postgres 15 sees only its own slots. Refuse rather than say true unchecked.
+    IF pg_is_in_recovery() AND EXISTS (
+           SELECT 1 FROM pgturso.target g
+           WHERE g.capture = 'wal' AND EXISTS (SELECT 1 FROM pgturso.tracked_table t WHERE t.target = g.name)) THEN
+        RAISE EXCEPTION 'pgturso: wait_for_sync cannot run on a standby while a target captures from the WAL'
+            USING HINT = 'Call pgturso.wait_for_sync() on the primary: the replication slot that tells what Turso '
+                         'confirmed is there, and a standby cannot see it.';
+    END IF;
     -- Rows of a chunked copy (track_table of a large table, resync_table) pending at the call were committed
     -- before it too, but reach the outbox only chunk by chunk, later: wait for those copies to finish, then
     -- for everything committed up to then (which holds their last chunks).
@@ -43,10 +52,16 @@ BEGIN
         IF cardinality(v_copying) = 0
            AND NOT EXISTS (SELECT 1 FROM pgturso.outbox o
                            WHERE o.id <= v_upto AND pg_visible_in_snapshot(o.txid, v_snapshot))
-           AND NOT EXISTS (SELECT 1 FROM pgturso.target g JOIN pg_replication_slots r
-                               ON r.slot_name = pgturso._slot_name(g.name)
-                           WHERE g.capture = 'wal' AND r.confirmed_flush_lsn < v_lsn
-                             AND EXISTS (SELECT 1 FROM pgturso.tracked_table t WHERE t.target = g.name)) THEN
+           -- A wal target with tracked tables is synced only when its slot is usable and passed v_lsn: a
+           -- missing or lost slot (failover, dropped, invalidated), or one being replaced, has not delivered.
+           AND NOT EXISTS (SELECT 1 FROM pgturso.target g
+                           WHERE g.capture = 'wal'
+                             AND EXISTS (SELECT 1 FROM pgturso.tracked_table t WHERE t.target = g.name)
+                             AND (g.slot_rebuild IS NOT NULL
+                                  OR NOT EXISTS (SELECT 1 FROM pg_replication_slots r
+                                                 WHERE r.slot_name = pgturso._slot_name(g.name)
+                                                   AND r.wal_status IS DISTINCT FROM 'lost'
+                                                   AND r.confirmed_flush_lsn >= v_lsn))) THEN
             RETURN true;
         END IF;
         IF clock_timestamp() >= v_deadline THEN
@@ -60,5 +75,7 @@ $$;
 COMMENT ON FUNCTION pgturso.wait_for_sync IS
     'Wait until every change committed before the call is on Turso, including every row of the initial '
     'copies and resyncs (track_table, resync_table) still running at the call; true when it is, false on '
-    'timeout (nothing is promised then). Call it after COMMIT, in READ COMMITTED. Any role may call it.';
+    'timeout (nothing is promised then), and false while a wal target''s slot is missing, lost or being '
+    'replaced. Call it after COMMIT, in READ COMMITTED, on the primary when a target captures from the WAL '
+    '(a standby refuses: it cannot see the slot). Any role may call it.';
 GRANT EXECUTE ON FUNCTION pgturso.wait_for_sync(interval) TO PUBLIC;
