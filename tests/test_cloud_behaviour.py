@@ -286,3 +286,15 @@ def test_a_transient_sqld_error_on_a_change_does_not_blame_the_table(tracked, ds
     assert result.returncode == 0, result.stderr
     assert cloud.injected == 3
     assert_complete_and_once(tracked, turso)
+
+
+def test_a_failed_progress_marker_write_is_retried_not_blamed_on_a_table(tracked, dsn, turso):
+    """Any error answering pgturso's own bookkeeping (the marker write), even one with a code that refuses a
+    change of a table, names no source transaction: the batch is sent again, nothing is isolated or blocked."""
+    with StepErrorProxy(turso.url, TOKEN, code="SQLITE_ERROR", message="some error", count=2,
+                        touching='INSERT INTO "_pgturso_progress"') as cloud:
+        result = run_worker(dsn, cloud.url, "--auth-token", TOKEN, "--retry-limit", "10", *SMALL)
+    assert "event=blocked" not in result.stderr and "event=isolating" not in result.stderr, result.stderr
+    assert result.returncode == 0, result.stderr
+    assert cloud.injected == 2 and "progress marker" in result.stderr
+    assert_complete_and_once(tracked, turso)

@@ -362,8 +362,13 @@ class HttpTransaction:
                             f"transaction had been open {held:.1f} s: {outcome.error} ({rule.why}); nothing of the "
                             "batch was committed, sending it again", outcome.code or rule.key, held)
         failed = statements[outcome.failed_caller_index] if outcome.failed_caller_index is not None else None
-        if failed is None:
-            raise StatementFailed(outcome.error)
+        if failed is None or not failed.table:
+            # pgturso's own bookkeeping (the progress marker write) failed: that is no change of a table Turso
+            # refuses, so there is no source transaction to isolate, block on or skip. It is sent again (the
+            # marker tells what committed), visibly, up to --retry-limit.
+            raise TursoUnavailable(f"Turso at {self.target.description} failed pgturso's bookkeeping (progress "
+                                   f"marker): {outcome.code or 'error'}: {outcome.error}; nothing of the batch "
+                                   "was committed, sending it again")
         raise StatementFailed(outcome.error, failed.table, failed.operation, failed.txids)
 
 
