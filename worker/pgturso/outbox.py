@@ -150,12 +150,14 @@ DELETE_ID_RANGES = """
     DELETE FROM pgturso.outbox o USING jsonb_array_elements(%(marker)s::jsonb) AS r
     WHERE o.id BETWEEN (r->>0)::int8 AND (r->>1)::int8
 """
-# One round trip: the batch's events go, and its counts are added to the target's and its tables' totals.
-RECORD_BATCH = f"""
+def record_batch_sql(set_also: str, delete: str) -> str:
+    """One round trip recording a delivered batch: ``delete`` removes its events, and its counts are added to
+    the target's and its tables' totals (``set_also``: more assignments to the target's state, or '')."""
+    return f"""
     WITH totals AS (
         UPDATE pgturso.delivery_state SET status = 'delivering', last_delivered_at = now(), updated_at = now(),
             transactions_delivered = transactions_delivered + %(transactions)s,
-            rows_delivered = rows_delivered + %(rows)s, delivered_marker = %(marker)s
+            rows_delivered = rows_delivered + %(rows)s{set_also}
         WHERE target = %(target)s
     ), per_table AS (
         INSERT INTO pgturso.table_state AS s (table_id, rows_delivered, last_delivered_at)
@@ -164,8 +166,11 @@ RECORD_BATCH = f"""
         ON CONFLICT (table_id) DO UPDATE SET rows_delivered = s.rows_delivered + excluded.rows_delivered,
             last_delivered_at = excluded.last_delivered_at
     )
-    {DELETE_BATCH.strip()}
+    {delete.strip()}
 """
+
+
+RECORD_BATCH = record_batch_sql(", delivered_marker = %(marker)s", DELETE_BATCH)
 DELIVERED_MARKER = "SELECT delivered_marker FROM pgturso.delivery_state WHERE target = %(target)s"
 SET_DELIVERED_MARKER = "UPDATE pgturso.delivery_state SET delivered_marker = %(marker)s WHERE target = %(target)s"
 # A target database that lacks what was delivered to it: every committed event of the target goes (the copies

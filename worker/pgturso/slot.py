@@ -36,7 +36,7 @@ from .capture import CAPTURE_SETTINGS, key_from_text_sql, row_json_sql
 from .errors import PgTursoError
 from .layout import Column, TableLayout
 from .logs import event
-from .outbox import Event, Outbox
+from .outbox import Event, Outbox, record_batch_sql
 from .quoting import quote_ident
 
 log = logging.getLogger("pgturso.slot")
@@ -59,21 +59,7 @@ GENERATED_COLUMNS = """
     WHERE a.attrelid = to_regclass(%(table)s) AND a.attgenerated = 's' AND NOT a.attisdropped
 """
 OUTBOX_OID = "SELECT 'pgturso.outbox'::regclass::oid::int8"
-RECORD_WAL_BATCH = """
-    WITH totals AS (
-        UPDATE pgturso.delivery_state SET status = 'delivering', last_delivered_at = now(), updated_at = now(),
-            transactions_delivered = transactions_delivered + %(transactions)s,
-            rows_delivered = rows_delivered + %(rows)s
-        WHERE target = %(target)s
-    ), per_table AS (
-        INSERT INTO pgturso.table_state AS s (table_id, rows_delivered, last_delivered_at)
-        SELECT t.id, r.rows, now() FROM unnest(%(tables)s::int[], %(table_rows)s::int8[]) AS r(table_id, rows)
-        JOIN pgturso.tracked_table t ON t.id = r.table_id
-        ON CONFLICT (table_id) DO UPDATE SET rows_delivered = s.rows_delivered + excluded.rows_delivered,
-            last_delivered_at = excluded.last_delivered_at
-    )
-    DELETE FROM pgturso.outbox WHERE id = ANY (%(ids)s::int8[])
-"""
+RECORD_WAL_BATCH = record_batch_sql("", "DELETE FROM pgturso.outbox WHERE id = ANY (%(ids)s::int8[])")
 DELETE_OUTBOX_IDS = "DELETE FROM pgturso.outbox WHERE id = ANY (%(ids)s::int8[])"
 ADVANCE = "SELECT pg_replication_slot_advance(%(slot)s, %(lsn)s::pg_lsn)"
 FLUSH_LSN = "SELECT pg_current_wal_flush_lsn()::text"
