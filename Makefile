@@ -35,6 +35,10 @@ install:
 	@echo "PGXS not found via $(PG_CONFIG): run 'make deps' first (installs postgresql-server-dev-15)"; exit 1
 endif
 
+# `make test` runs the suite on three pytest-xdist workers, each with its own Postgres cluster: most tests wait
+# on servers, so three fit two cores (about 13 minutes instead of 40). PYTEST_ARGS replaces this (-n 0: serial).
+TEST_WORKERS = -n 3
+
 VENV   = .venv
 PY     = $(VENV)/bin/python
 TURSO_DIR = .cache/turso
@@ -74,7 +78,7 @@ demo: deps
 test: deps
 	$(MAKE) install venv turso
 	$(VENV)/bin/ruff check worker tests bench extension
-	TURSODB=$(CURDIR)/$(TURSO_DIR)/node_modules/.bin/tursodb $(VENV)/bin/pytest $(PYTEST_ARGS)
+	TURSODB=$(CURDIR)/$(TURSO_DIR)/node_modules/.bin/tursodb $(VENV)/bin/pytest $(or $(PYTEST_ARGS),$(TEST_WORKERS))
 
 lint: venv
 	$(VENV)/bin/ruff check worker tests bench extension
