@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,7 @@ def s1_bulk(b: Bench) -> None:
         "DELETE": "DELETE FROM {t}",
     }
     times: dict[tuple[str, str], list[float]] = {(v, op): [] for v in BULK_VARIANTS for op in statements}
+    wal_bytes: dict[tuple[str, str], int] = {}  # the same every repetition: WAL is what a statement must write
     with b.connect() as conn:
         for rep in range(3):
             order = BULK_VARIANTS[rep:] + BULK_VARIANTS[:rep]  # rotate, so no variant always runs first
@@ -95,9 +98,12 @@ def s1_bulk(b: Bench) -> None:
                 drop_wal_slot(conn)
                 conn.execute("CHECKPOINT")
                 for op, sql in statements.items():
+                    before = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
                     started = time.perf_counter()
                     conn.execute(sql.format(t=table, n=n))
                     times[(variant, op)].append(time.perf_counter() - started)
+                    row = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), %s)", before).fetchone()
+                    wal_bytes[(variant, op)] = int(row[0]) if row else 0
         conn.execute("TRUNCATE pgturso.outbox, bench_queue")
         conn.execute(f"TRUNCATE {pgq_events}")
         conn.execute("SELECT pgturso._drop_slot(%s)", (WAL_TARGET,))
@@ -114,7 +120,9 @@ def s1_bulk(b: Bench) -> None:
                     measured=f"{ratio:.2f}x untracked",
                     target=f"<= {limit}x" if tracked else "",
                     ok=(ratio <= limit) if tracked else None,
-                    note=f"untracked {base * 1000:.0f} ms, this {median(times[(variant, op)]) * 1000:.0f} ms"
+                    note=f"untracked {base * 1000:.0f} ms, this {median(times[(variant, op)]) * 1000:.0f} ms; "
+                    f"WAL {wal_bytes[('untracked', op)] / 1e6:.1f} MB untracked, "
+                    f"{wal_bytes[(variant, op)] / 1e6:.1f} MB this"
                     if tracked
                     else f"{median(times[(variant, op)]) * 1000:.0f} ms",
                 )
@@ -127,11 +135,74 @@ OLTP_SCRIPTS = {
     "UPDATE": "\\set id random(1, {rows})\nUPDATE {t} SET n = n + 1, f = f + 1 WHERE id = :id;\n",
 }
 TPS = re.compile(r"tps = ([0-9.]+) \(without initial connection time\)")
+PROCESSED = re.compile(r"number of transactions actually processed: (\d+)")
+# Each table's share of the time is cut into rounds taken in rotation, so that a load moving on this shared
+# machine falls on every table alike (one run each moved a ratio by 0.1 from one full run to the next).
+OLTP_ROUNDS = 3
+
+
+@dataclass
+class Oltp:
+    """Transactions, seconds and WAL bytes summed over a table's rounds."""
+
+    txns: int = 0
+    seconds: float = 0.0
+    wal_bytes: int = 0
+
+    @property
+    def tps(self) -> float:
+        return self.txns / self.seconds if self.seconds else 0.0
+
+    @property
+    def wal_per_txn(self) -> float:
+        return self.wal_bytes / self.txns if self.txns else 0.0
+
+
+def _wal_lsn(b: Bench) -> str:
+    return str(b.sql("SELECT pg_current_wal_insert_lsn()")[0][0])
+
+
+def _pgbench_round(b: Bench, script: Path, seconds: int, into: Oltp) -> None:
+    before = _wal_lsn(b)
+    out = pgbench(pgbench_conn_args(b.pg), [*"-n -M prepared -c 4 -j 2 -T".split(), str(seconds), "-f", str(script)])
+    tps, txns = TPS.search(out), PROCESSED.search(out)
+    if not tps or not txns:
+        raise RuntimeError(f"no tps in pgbench output: {out[-300:]}")
+    into.txns += int(txns.group(1))
+    into.seconds += int(txns.group(1)) / float(tps.group(1))
+    into.wal_bytes += int(b.sql("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), %s)", (before,))[0][0])
+
+
+def _prepare_oltp_table(b: Bench, table: str, op: str, rows: int) -> None:
+    with b.connect() as conn:
+        drop_wal_slot(conn)
+        conn.execute(f"TRUNCATE {table} RESTART IDENTITY")
+        if op == "UPDATE":
+            conn.execute(
+                f"INSERT INTO {table} (txt, n, f) SELECT 'row ' || g, g, g * 0.5 FROM generate_series(1, {rows}) g"
+            )
+        conn.execute("TRUNCATE pgturso.outbox")
+        conn.execute(f"VACUUM ANALYZE {table}")
+        conn.execute("VACUUM pgturso.outbox")
+        conn.execute("CHECKPOINT")
+
+
+def _oltp_rounds(b: Bench, tables: Sequence[str], op: str, scripts: Path, seconds: int) -> dict[str, Oltp]:
+    """pgbench on each table, ``OLTP_ROUNDS`` rounds in rotation; each table is reset once, before its first."""
+    result = {t: Oltp() for t in tables}
+    per_round = max(1, round(seconds / OLTP_ROUNDS))
+    for t in tables:
+        _prepare_oltp_table(b, t, op, b.sizes.oltp_update_rows)
+    for rnd in range(OLTP_ROUNDS):
+        for t in [*tables[rnd % len(tables):], *tables[: rnd % len(tables)]]:
+            _pgbench_round(b, scripts / f"{op}_{t}.sql", per_round, result[t])
+    return result
 
 
 def s2_oltp(b: Bench) -> None:
     seconds, rows = b.sizes.oltp_seconds, b.sizes.oltp_update_rows
-    progress(f"2. OLTP capture cost: pgbench, 4 clients, {seconds}s per run, single-row INSERT and UPDATE")
+    progress(f"2. OLTP capture cost: pgbench, 4 clients, {seconds}s per table in {OLTP_ROUNDS} rounds, "
+             "single-row INSERT and UPDATE; then the cost of wal_level = logical")
     with b.connect() as conn:
         for t in OLTP_TABLES:
             conn.execute(f"CREATE TABLE {t} (id bigserial PRIMARY KEY, txt text, n int, f float8)")
@@ -143,30 +214,11 @@ def s2_oltp(b: Bench) -> None:
         for t in OLTP_TABLES:
             (scripts / f"{op}_{t}.sql").write_text(script.format(t=t, rows=rows))
     for i, op in enumerate(OLTP_SCRIPTS):
-        tps: dict[str, float] = {}
-        for t in OLTP_TABLES:
-            with b.connect() as conn:
-                drop_wal_slot(conn)
-                conn.execute(f"TRUNCATE {t} RESTART IDENTITY")
-                if op == "UPDATE":
-                    conn.execute(
-                        f"INSERT INTO {t} (txt, n, f) SELECT 'row ' || g, g, g * 0.5 FROM generate_series(1, {rows}) g"
-                    )
-                conn.execute("TRUNCATE pgturso.outbox")
-                conn.execute(f"VACUUM ANALYZE {t}")
-                conn.execute("VACUUM pgturso.outbox")
-                conn.execute("CHECKPOINT")
-            out = pgbench(
-                pgbench_conn_args(b.pg),
-                [*"-n -M prepared -c 4 -j 2 -T".split(), str(seconds), "-f", str(scripts / f"{op}_{t}.sql")],
-            )
-            match = TPS.search(out)
-            if not match:
-                raise RuntimeError(f"no tps in pgbench output: {out[-300:]}")
-            tps[t] = float(match.group(1))
+        runs = _oltp_rounds(b, OLTP_TABLES, op, scripts, seconds)
         b.clear_outbox()
         b.sql("SELECT pgturso._drop_slot(%s)", (WAL_TARGET,))
-        ratio = tps["oltp_tracked"] / tps["oltp_plain"]
+        plain, tracked, wal = runs["oltp_plain"], runs["oltp_tracked"], runs["oltp_wal"]
+        ratio = tracked.tps / plain.tps
         b.add(
             Row(
                 key=f"2{'ab'[i]}",
@@ -174,10 +226,10 @@ def s2_oltp(b: Bench) -> None:
                 measured=f"{ratio:.2f}x",
                 target=">= 0.85x",
                 ok=ratio >= 0.85,
-                note=f"untracked {tps['oltp_plain']:,.0f} tps, tracked {tps['oltp_tracked']:,.0f} tps (one run each)",
+                note=f"untracked {plain.tps:,.0f} tps, tracked {tracked.tps:,.0f} tps ({OLTP_ROUNDS} rounds each)",
             )
         )
-        ratio = tps["oltp_wal"] / tps["oltp_plain"]
+        ratio = wal.tps / plain.tps
         b.add(
             Row(
                 key=f"2{'ab'[i]}w",
@@ -185,6 +237,42 @@ def s2_oltp(b: Bench) -> None:
                 measured=f"{ratio:.2f}x",
                 target=">= 0.90x",
                 ok=ratio >= 0.90,
-                note=f"untracked {tps['oltp_plain']:,.0f} tps, wal-tracked {tps['oltp_wal']:,.0f} tps (one run each)",
+                note=f"untracked {plain.tps:,.0f} tps, wal-tracked {wal.tps:,.0f} tps ({OLTP_ROUNDS} rounds each); "
+                f"WAL per transaction {plain.wal_per_txn:.0f} B untracked, {wal.wal_per_txn:.0f} B wal-tracked",
+            )
+        )
+    _wal_level_cost(b, scripts, seconds)
+
+
+def _wal_level_cost(b: Bench, scripts: Path, seconds: int) -> None:
+    """What wal_level = logical itself costs writers (any table, tracked or not): untracked tps at logical /
+    at replica. Postgres restarts between the levels (no logical slot may exist at replica), so the rounds
+    alternate the level, not the table."""
+    runs = {(level, op): Oltp() for level in ("logical", "replica") for op in OLTP_SCRIPTS}
+    if b.sql("SELECT slot_name FROM pg_replication_slots WHERE slot_type = 'logical'"):
+        raise RuntimeError("a logical slot exists: Postgres would not start at wal_level = replica")
+    per_round = max(1, round(seconds / OLTP_ROUNDS))
+    try:
+        for rnd in range(OLTP_ROUNDS):
+            for level in ("replica", "logical") if rnd % 2 == 0 else ("logical", "replica"):
+                b.pg.set("wal_level", level)
+                b.pg.restart()
+                for op in OLTP_SCRIPTS:
+                    if rnd == 0 and level == "replica":
+                        _prepare_oltp_table(b, "oltp_plain", op, b.sizes.oltp_update_rows)
+                    _pgbench_round(b, scripts / f"{op}_oltp_plain.sql", per_round, runs[(level, op)])
+    finally:
+        b.pg.set("wal_level", "logical")
+        b.pg.restart()
+    for i, op in enumerate(OLTP_SCRIPTS):
+        logical, replica = runs[("logical", op)], runs[("replica", op)]
+        b.add(
+            Row(
+                key=f"2{'cd'[i]}",
+                scenario=f"OLTP single-row {op}, untracked: tps at wal_level = logical / at replica "
+                "(the setting capture => 'wal' needs)",
+                measured=f"{logical.tps / replica.tps:.2f}x",
+                note=f"replica {replica.tps:,.0f} tps, logical {logical.tps:,.0f} tps ({OLTP_ROUNDS} rounds each); "
+                f"WAL per transaction {replica.wal_per_txn:.0f} B at replica, {logical.wal_per_txn:.0f} B at logical",
             )
         )
