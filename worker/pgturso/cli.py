@@ -11,6 +11,7 @@ flag; the last one given wins.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -25,8 +26,8 @@ from .errors import ConfigError, PgTursoError, RetriesExhausted
 from .fanout import PatternWorker
 from .retry import backoff_delay
 from .settings import POSTGRESQL_CONF_NAMES, POSTGRESQL_CONF_QUERY, SETTINGS, Settings, resolve
-from .targets import open_target
-from .verify import run_verify
+from .targets import Target, open_target
+from .verify import TENANTS_OF, run_verify, verify_tenants
 from .worker import EXIT_FATAL, EXIT_OK, EXIT_RETRIES_EXHAUSTED, Worker, target_endpoint
 
 log = logging.getLogger("pgturso.cli")
@@ -158,17 +159,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _verify(args: argparse.Namespace, settings: Settings) -> int:
+    """Verify the target's tables; a pattern target ('tenant-%s'): every tenant's database, or one tenant's
+    database by its own name ('tenant-acme')."""
+    def open_endpoint(name: str) -> Target:
+        url, token = target_endpoint(conn, dataclasses.replace(settings, target=name))
+        return open_target(url, token, max_request_bytes=settings.max_request_bytes,
+                           timeout=settings.request_timeout, tls_ca_file=settings.tls_ca_file,
+                           encryption_key=settings.encryption())
+
     try:
         with psycopg.connect(args.dsn, autocommit=True, application_name="pgturso-verify") as conn:
-            tenant = conn.execute("SELECT pattern IS NOT NULL FROM pgturso.target WHERE name = %s",
-                                  (settings.target,)).fetchone()
-            if "%s" in settings.target or (tenant and tenant[0]):
-                raise ConfigError(f"verify does not compare the tenant databases of a pattern target yet "
-                                  f"({settings.target}); compare a tenant's rows by hand meanwhile")
-            url, token = target_endpoint(conn, settings)
-            target = open_target(url, token, max_request_bytes=settings.max_request_bytes,
-                                 timeout=settings.request_timeout, tls_ca_file=settings.tls_ca_file,
-                                 encryption_key=settings.encryption())
+            row = conn.execute(TARGET_PATTERN, (settings.target,)).fetchone()
+            if row is None and "%s" in settings.target:
+                raise ConfigError(f"there is no target named {settings.target!r}; create it with SELECT "
+                                  f"pgturso.add_target('{settings.target}', 'libsql://…%s…', 'token')")
+            if "%s" in settings.target or (row is not None and row[0] is not None):
+                pattern = settings.target if "%s" in settings.target else row[0]  # type: ignore[index]
+                tenants = (conn.execute(TENANTS_OF, (pattern,)).fetchall() if pattern == settings.target
+                           else [(settings.target, row[1])])  # type: ignore[index]
+                return verify_tenants(conn, pattern, tenants, open_endpoint, args.tables, args.repair,
+                                      args.settle_timeout)
+            target = open_endpoint(settings.target)
             try:
                 return run_verify(conn, target, args.tables, args.repair, args.settle_timeout, settings.target)
             finally:
@@ -178,6 +189,7 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_FATAL
 
 
+TARGET_PATTERN = "SELECT pattern, tenant FROM pgturso.target WHERE name = %s"
 STATUS_QUERY = """
     SELECT target, table_name::text, target_table, pending_rows, coalesce(extract(epoch FROM lag), 0)::float8,
            rows_delivered, last_delivered_at, copy_state, copy_rows_done, copy_rows_total

@@ -10,13 +10,18 @@ Repairs go through the outbox, like any change: under a short SHARE lock on the 
 between the read and the queued event) the differing rows are re-read and queued as upserts, extra rows that
 are still absent from Postgres as deletes, and the worker delivers them in order with everything else.
 Londiste's compare/repair is the model.
+
+A pattern target ('tenant-%s'): each tenant's database is compared with that tenant's rows only (the rows
+of a routed table whose route_by value is the tenant, its column list and row filter applied), one tenant
+after the other (``verify_tenants``); a row on a tenant's database that Postgres has under another tenant is
+extra there. Repairs are that tenant's events, which only its database receives.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -29,11 +34,13 @@ from .capture import (
     key_from_text_sql,
     key_text_sql,
     pack_sql,
+    route_expr,
     row_json_sql,
 )
+from .errors import PgTursoError
 from .layout import Column, TableLayout
 from .logs import Progress
-from .quoting import quote_ident
+from .quoting import quote_ident, quote_literal
 from .targets import Target
 
 CHUNK_ROWS = 5000
@@ -79,10 +86,13 @@ def _set_local(conn: psycopg.Connection[Any]) -> None:
         conn.execute(setting.replace("SET ", "SET LOCAL ", 1))
 
 
-def _rows(layout: TableLayout, relation: str, with_params: bool = True) -> str:
-    """The rows of ``relation`` that belong on Turso (its row filter applied), for a query run with parameters
-    (a ``%`` of the filter doubled) or without."""
+def _rows(layout: TableLayout, relation: str, with_params: bool = True, tenant: str | None = None) -> str:
+    """The rows of ``relation`` that belong on Turso (its row filter applied; ``tenant``: on that tenant's
+    database, those whose route_by value it is), for a query run with parameters (a ``%`` doubled) or without."""
     rows = filtered(layout, relation)
+    if tenant is not None and layout.route_by:
+        rows = (f"(SELECT * FROM {rows} AS routed WHERE {route_expr(layout, 'routed')} = "
+                f"{quote_literal(tenant)})")
     return rows.replace("%", "%%") if with_params else rows
 
 
@@ -144,13 +154,14 @@ def _as_pg_text(value: Any) -> str | None:
 
 class Verifier:
     def __init__(self, conn: psycopg.Connection[Any], target: Target, progress: TextIO = sys.stderr,
-                 target_name: str = "default") -> None:
+                 target_name: str = "default", tenant: str | None = None) -> None:
         self.conn = conn
         # As the worker's: no function or operator of a schema others may create in can stand in for a built-in
         # one in the comparisons verify runs with its operator's rights (docs/security.md).
         for setting in SESSION_SETTINGS:
             conn.execute(setting)
-        self.target_name = target_name
+        self.target_name = target_name  # a pattern's name for a tenant's database
+        self.tenant = tenant  # the tenant whose database ``target`` is (a pattern target), else None
         self.target = target
         self.progress = progress
 
@@ -175,6 +186,9 @@ class Verifier:
         self.conn.commit()
         return bool(row and row[0])
 
+    def _rows(self, layout: TableLayout, relation: str, with_params: bool = True) -> str:
+        return _rows(layout, relation, with_params, self.tenant)
+
     def _differing(self, relation: str, layout: TableLayout, where: str = "", params: Sequence[Any] = ()
                    ) -> tuple[int, list[tuple[str, ...]], int]:
         """Stream Postgres rows (optionally filtered) and ask Turso which differ.
@@ -184,15 +198,14 @@ class Verifier:
         """
         diff = _diff_sql(layout)
         order = ", ".join(f"src.{quote_ident(k)}" for k in layout.key_columns)
-        query = (f"SELECT {row_json_sql(layout, 'src')}, {_key_text(layout, 'src')} FROM {_rows(layout, relation)} "
-                 "AS src "
-                 f"{where} ORDER BY {order}")
+        query = (f"SELECT {row_json_sql(layout, 'src')}, {_key_text(layout, 'src')} "
+                 f"FROM {self._rows(layout, relation)} AS src {where} ORDER BY {order}")
         total, differing, missing = 0, [], 0
         with self.conn.transaction():
             _set_local(self.conn)
             estimate = 0
             if not where:
-                count = f"SELECT count(*) FROM {_rows(layout, relation, with_params=False)} AS r"
+                count = f"SELECT count(*) FROM {self._rows(layout, relation, with_params=False)} AS r"
                 estimate = self.conn.execute(count).fetchone()[0]  # type: ignore[index]
             bar = Progress(f"verify {layout.source_table}", estimate, self.progress) if estimate else None
             with self.conn.cursor(name="pgturso_verify") as cur:
@@ -225,8 +238,8 @@ class Verifier:
     def _absent_in_postgres(self, relation: str, layout: TableLayout, keys: list[list[Any]]) -> list[list[Any]]:
         """Those of ``keys`` (Turso values) that no row of ``relation`` that belongs on Turso (its row filter
         applied) has, as the caller's transaction sees."""
-        probe = (f"SELECT k._pgturso_n FROM {_key_rows_sql(layout)} "
-                 f"WHERE NOT EXISTS (SELECT 1 FROM {_rows(layout, relation)} AS r WHERE {_key_match(layout, 'r')})")
+        probe = (f"SELECT k._pgturso_n FROM {_key_rows_sql(layout)} WHERE NOT EXISTS "
+                 f"(SELECT 1 FROM {self._rows(layout, relation)} AS r WHERE {_key_match(layout, 'r')})")
         as_text = [[_as_pg_text(v) for v in key] for key in keys]
         return [keys[int(n) - 1] for (n,) in self.conn.execute(probe, _key_params(layout, as_text)).fetchall()]
 
@@ -256,7 +269,7 @@ class Verifier:
 
     def _recount(self, relation: str, layout: TableLayout, report: TableReport) -> None:
         with self.conn.transaction():
-            rows = _rows(layout, relation, with_params=False)
+            rows = self._rows(layout, relation, with_params=False)
             row = self.conn.execute(f"SELECT count(*) FROM {rows} AS r").fetchone()
         report.postgres_rows = int(row[0]) if row else 0
         report.turso_rows = self._count_turso(layout)
@@ -271,6 +284,10 @@ class Verifier:
         where = f"WHERE EXISTS (SELECT 1 FROM {_key_rows_sql(layout)} WHERE {_key_match(layout, 'src')})"
         return where, _key_params(layout, keys)
 
+    def _event_tenant(self) -> str | None:
+        """The tenant of the repair events (a constant: only this tenant's database receives them)."""
+        return None if self.tenant is None else quote_literal(self.tenant).replace("%", "%%")
+
     def repair(self, relation: str, layout_id: int, layout: TableLayout, report: TableReport) -> int:
         """Queue upserts for missing/different rows and deletes for extra ones; returns events queued."""
         if report.equal:
@@ -281,9 +298,9 @@ class Verifier:
             queued = 0
             if report.different:
                 where, params = self._key_filter(layout, report.different)
-                source = f"(SELECT * FROM {_rows(layout, relation)} AS src {where})"
-                queued += self.conn.execute(pack_sql(layout_id, "U", row_json_sql(layout, "src"), source),
-                                            params).rowcount
+                source = f"(SELECT * FROM {self._rows(layout, relation)} AS src {where})"
+                queued += self.conn.execute(pack_sql(layout_id, "U", row_json_sql(layout, "src"), source,
+                                                     self._event_tenant()), params).rowcount
             # A key extra on Turso when verify looked may have been written in Postgres since: its own event
             # brings it to Turso, and a delete queued now would land after that event and remove the row.
             # The SHARE lock is held, so what is absent now stays absent until the delete is queued.
@@ -292,16 +309,17 @@ class Verifier:
                 keys = [[_as_pg_text(v) for v in key] for key in extra]
                 source = f"(SELECT * FROM {_key_rows_sql(layout)})"
                 queued += self.conn.execute(
-                    pack_sql(layout_id, "D", row_json_sql(layout, "src", key_only=True), source),
+                    pack_sql(layout_id, "D", row_json_sql(layout, "src", key_only=True), source,
+                             self._event_tenant()),
                     _key_params(layout, keys)).rowcount
             self.conn.execute("SELECT pg_notify('pgturso', '')")
         report.repaired = len(report.different) + len(extra)
         return queued
 
 
-def print_report(report: TableReport, stream: TextIO = sys.stdout, examples: int = 10) -> None:
+def print_report(report: TableReport, stream: TextIO = sys.stdout, examples: int = 10, label: str = "") -> None:
     state = "equal" if report.equal else "DIFFERENT"
-    stream.write(f"{report.table} -> {report.target_table}: {state} (postgres {report.postgres_rows} rows, "
+    stream.write(f"{label}{report.table} -> {report.target_table}: {state} (postgres {report.postgres_rows} rows, "
                  f"turso {report.turso_rows} rows")
     if not report.equal:
         stream.write(f"; {len(report.different)} missing or different, {len(report.extra)} extra on Turso")
@@ -316,26 +334,72 @@ def print_report(report: TableReport, stream: TextIO = sys.stdout, examples: int
         stream.write(f"  repair queued for {report.repaired} rows\n")
 
 
-def run_verify(conn: psycopg.Connection[Any], target: Target, names: Sequence[str], repair: bool,
-               settle_timeout: float = 30.0, target_name: str = "default") -> int:
-    """Verify (and repair) the named tables, or all of the target's; 0 when all were equal, 1 otherwise."""
-    verifier = Verifier(conn, target, target_name=target_name)
-    started = time.monotonic()
+def _verify_tables(verifier: Verifier, names: Sequence[str], repair: bool, settle_timeout: float,
+                   label: str = "") -> int:
+    """Verify (and repair) the named tables, or all of the verifier's target's; the number that differ."""
     differences = 0
     # A table whose capture triggers are disabled loses every write silently: name it first.
-    for (table,) in conn.execute(CAPTURE_DISABLED, {"target": target_name}).fetchall():
-        print(f"{table}: capture DISABLED (ALTER TABLE ... DISABLE TRIGGER): its writes are not replicated; "
+    for (table,) in verifier.conn.execute(CAPTURE_DISABLED, {"target": verifier.target_name}).fetchall():
+        print(f"{label}{table}: capture DISABLED (ALTER TABLE ... DISABLE TRIGGER): its writes are not replicated; "
               "ALTER TABLE ... ENABLE TRIGGER ALL, then verify --repair (or SELECT pgturso.resync_table(...))")
         differences += 1
     for relation, layout_id, layout in verifier.tables(names):
         report = verifier.verify(relation, layout, settle_timeout)
         if repair and not report.equal:
             verifier.repair(relation, layout_id, layout, report)
-        print_report(report)
+        print_report(report, label=label)
         differences += not report.equal
+    return differences
+
+
+def _finish(verifier: Verifier, repair: bool, differences: int, settle_timeout: float, started: float,
+            what: str) -> None:
     if repair and differences:
         synced = verifier.wait_for_sync(settle_timeout)
         print("repairs delivered" if synced else "repairs queued; they are delivered when the worker runs")
     print(f"verified in {time.monotonic() - started:.1f}s: "
-          + ("all equal" if not differences else f"{differences} table(s) differ"))
+          + ("all equal" if not differences else f"{differences} {what} differ"))
+
+
+def run_verify(conn: psycopg.Connection[Any], target: Target, names: Sequence[str], repair: bool,
+               settle_timeout: float = 30.0, target_name: str = "default") -> int:
+    """Verify (and repair) the named tables, or all of the target's; 0 when all were equal, 1 otherwise."""
+    verifier = Verifier(conn, target, target_name=target_name)
+    started = time.monotonic()
+    differences = _verify_tables(verifier, names, repair, settle_timeout)
+    _finish(verifier, repair, differences, settle_timeout, started, "table(s)")
     return 1 if differences else 0
+
+
+TENANTS_OF = "SELECT name, tenant FROM pgturso.target WHERE pattern = %s ORDER BY name"
+
+
+def verify_tenants(conn: psycopg.Connection[Any], pattern: str, tenants: Sequence[tuple[str, str]],
+                   open_tenant: Callable[[str], Target], names: Sequence[str], repair: bool,
+                   settle_timeout: float = 30.0) -> int:
+    """Verify (and repair) each of ``tenants`` (target name, tenant value) of ``pattern``: 0 when every tenant's
+    database was equal to its rows, 1 when one differed, 2 when one could not be compared (the others are
+    compared all the same; the error names the tenant)."""
+    started = time.monotonic()
+    if not tenants:
+        print(f"{pattern}: no tenant databases yet (a tenant's database appears with its first routed row)")
+        return 0
+    differing, failed = 0, 0
+    verifier: Verifier | None = None
+    for name, tenant in tenants:
+        try:
+            target = open_tenant(name)
+            try:
+                verifier = Verifier(conn, target, target_name=pattern, tenant=tenant)
+                differing += bool(_verify_tables(verifier, names, repair, settle_timeout, label=f"{name}: "))
+            finally:
+                target.close()
+        except (PgTursoError, psycopg.Error) as exc:
+            print(f"{name}: cannot verify: {str(exc).strip()}", file=sys.stderr)
+            failed += 1
+    if verifier is not None:
+        _finish(verifier, repair, differing, settle_timeout, started, "tenant database(s)")
+    if failed:
+        print(f"{failed} tenant database(s) could not be verified (see the errors above)", file=sys.stderr)
+        return 2
+    return 1 if differing else 0
