@@ -491,3 +491,21 @@ def test_the_wal_capture_worker_runs_no_code_a_table_owner_chose(conn, dsn, turs
         assert turso.query("SELECT id, v, c FROM w") == [[1, "b", 5]]
         assert calls(conn) == []
         assert not is_superuser(conn, "walowner")
+
+
+def test_a_worker_role_without_the_grants_stops_with_the_fix_named(conn, dsn, turso: TursoServer):
+    """A role that was never given grant_worker gets one clear error naming the fix, not a Python traceback,
+    and nothing is lost: once granted, the same worker delivers everything."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("INSERT INTO t VALUES (1, 'a')")
+    with login_role(conn, dsn, "pgturso_worker") as worker_dsn:
+        refused = run_worker(worker_dsn, turso.url)
+        assert refused.returncode == 2, refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert "permission denied" in refused.stderr
+        assert "grant_worker" in refused.stderr
+        conn.execute("SELECT pgturso.grant_worker('pgturso_worker')")
+        drain(worker_dsn, turso.url)
+    assert turso.query("SELECT id, v FROM t") == [[1, "a"]]
+    assert pending(conn) == 0

@@ -35,6 +35,7 @@ from .metrics import Metrics
 from .outbox import Batch, Outbox
 from .pipeline import InFlight, Sender, prepare, send_batch
 from .progress import CREATE_MARKER_SQL, READ_MARKER_SQL, marker_statements
+from .quoting import quote_literal
 from .retry import backoff_delay, retry_delay
 from .settings import DEFAULT_URL, Settings
 from .slot import WalOutbox
@@ -600,6 +601,13 @@ class Worker:
         except psycopg.Error as exc:
             event(log, logging.WARNING, "state_not_recorded", status=status, error=str(exc).strip())
 
+    def _explain_missing_right(self, exc: psycopg.errors.InsufficientPrivilege) -> ConfigError:
+        """A role without pgturso's rights is a setup mistake that retrying cannot mend: say which role and the fix."""
+        role = self.conn.info.user if self.conn is not None and not self.conn.closed else "the worker's role"
+        first_line = str(exc).strip().splitlines()[0]
+        return ConfigError(f"{first_line} (the worker runs as {role}, which lacks the rights delivery needs); "
+                           f"a superuser gives them with: SELECT pgturso.grant_worker({quote_literal(role)})")
+
     def run(self, once: bool = False, standby: bool = True) -> int:
         """Deliver until stopped (or, with ``once``, until nothing committed is left). Returns an exit code.
 
@@ -685,8 +693,10 @@ class Worker:
                     attempts += 1
                     self._sleep(backoff_delay(attempts, self.settings.retry_base_delay,
                                               self.settings.retry_max_delay))
-                except (TursoRequestRejected, ConfigError) as exc:
+                except (TursoRequestRejected, ConfigError, psycopg.errors.InsufficientPrivilege) as exc:
                     self._abandon_in_flight(exc)
+                    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+                        exc = self._explain_missing_right(exc)
                     self.metrics.add("pgturso_errors_total")
                     event(log, logging.ERROR, "stopped", error=str(exc))
                     self._record("stopped", error=str(exc))
