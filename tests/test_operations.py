@@ -96,6 +96,36 @@ def test_sync_in_a_transaction_holding_a_table_being_copied_leaves_the_copy(conn
         conn.execute(f"ALTER DATABASE {dbname} RESET lock_timeout")
 
 
+
+def test_sync_in_the_transaction_that_skipped_a_transaction_does_not_wait_for_itself(conn, dsn, turso: TursoServer):
+    """skip_transaction deletes outbox events and records the skip: a pass on another connection would wait
+    for those row locks while this transaction waits for it. sync() says so and does nothing; after COMMIT
+    it delivers the rest."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    drain(dsn, turso.url)
+    read_rows(turso.url, "CREATE TRIGGER no_bad BEFORE INSERT ON t WHEN NEW.v = 'bad' "
+                         "BEGIN SELECT RAISE(ABORT, 'no bad rows here'); END")
+    conn.execute("INSERT INTO t VALUES (1, 'bad')")
+    conn.execute("INSERT INTO t VALUES (2, 'good')")
+    txid = conn.execute("SELECT min(txid)::text FROM pgturso.outbox").fetchone()[0]
+    assert run_worker(dsn, turso.url).returncode == 2
+    dbname = conn.info.dbname
+    conn.execute(f"ALTER DATABASE {dbname} SET lock_timeout = '10s'")  # the failure shows as an error, not a hang
+    try:
+        with conn.transaction():
+            conn.execute("SELECT pgturso.skip_transaction(%s::xid8, 'refused by Turso')", (txid,))
+            conn.execute("SET LOCAL client_min_messages = notice")
+            notices: list[str] = []
+            conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+            assert conn.execute("SELECT pgturso.sync(url => %s)", (turso.url,)).fetchone() == (0,)
+        assert any("after COMMIT" in n and "skipped_transaction" in n for n in notices), notices
+        assert conn.execute("SELECT pgturso.sync(url => %s)", (turso.url,)).fetchone()[0] >= 1
+    finally:
+        conn.execute(f"ALTER DATABASE {dbname} RESET lock_timeout")
+    assert turso.query("SELECT id, v FROM t") == [[2, "good"]]
+    assert pending(conn) == 0
+
 # -- verify ------------------------------------------------------------------------------------------------
 
 

@@ -59,6 +59,25 @@ def tables_being_copied_and_locked(plpy: Any, target: str) -> str | None:
     return rows[0]["tables"] if rows else None
 
 
+# pgturso's own tables (but the outbox) that this transaction has written or locked for writing
+# (skip_transaction, resync_table, DDL on a tracked table, ...). A pass on another connection reads them as
+# they were before this transaction and may update or delete the same rows (the events skip_transaction
+# deleted, the state it recorded): it would wait for this transaction, which waits for it. Captures only
+# insert into the outbox, which a pass never waits for, so the outbox is left out.
+WRITTEN_CATALOG = """
+    SELECT string_agg(DISTINCT c.relname, ', ' ORDER BY c.relname) AS tables
+    FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_class c ON c.oid = l.relation
+    WHERE l.pid = pg_catalog.pg_backend_pid() AND l.mode <> 'AccessShareLock' AND c.relkind = 'r'
+      AND c.relnamespace = 'pgturso'::regnamespace AND c.relname <> 'outbox'
+"""
+
+
+def pgturso_tables_written(plpy: Any) -> str | None:
+    """pgturso's tables this transaction wrote that a delivery pass could wait on (see WRITTEN_CATALOG)."""
+    rows = plpy.execute(WRITTEN_CATALOG)
+    return rows[0]["tables"] if rows else None
+
+
 def sync(plpy: Any, dsn: str | None = None, url: str | None = None, target: str | None = None) -> int:
     """Deliver what is committed; returns the number of outbox events delivered (0 if another worker runs)."""
     names = POSTGRESQL_CONF_NAMES
@@ -66,6 +85,12 @@ def sync(plpy: Any, dsn: str | None = None, url: str | None = None, target: str 
                                      ["text[]"]), [names])
     from_conf = {r["name"]: r["value"] for r in rows if r["value"] is not None}
     settings = resolve(from_conf, os.environ, {"url": url, "target": target})
+    written = pgturso_tables_written(plpy)
+    if written:
+        plpy.notice(f"pgturso: this pass did nothing: this transaction changed pgturso's own tables ({written}), "
+                    "which a delivery pass would wait for while this transaction waits for the pass; call "
+                    "pgturso.sync() after COMMIT")
+        return 0
     logger = logging.getLogger("pgturso")
     handler = _PlpyHandler(plpy)
     logger.addHandler(handler)
