@@ -347,3 +347,29 @@ def test_the_background_worker_delivers_as_a_role_that_is_not_a_superuser(cluste
     users = cluster.sql("SELECT DISTINCT usename FROM pg_stat_activity WHERE application_name LIKE 'pgturso-worker%'")
     assert users == [("pgturso_worker",)]
     assert cluster.sql("SELECT rolsuper FROM pg_roles WHERE rolname = 'pgturso_worker'") == [(False,)]
+
+
+def test_the_background_worker_delivers_every_tenant_of_a_pattern_target(clusters, turso: TursoServer):
+    """`pgturso.database = 'app/tenant-%s'`: one background worker delivers each tenant to its own database. The
+    tenant value here is a tursodb port, so that each tenant is a real server of its own (the server's Python has
+    no pyturso for file: databases)."""
+    other = TursoServer().start()
+    try:
+        ports = [turso.url.rsplit(":", 1)[1].strip("/"), other.url.rsplit(":", 1)[1].strip("/")]
+        cluster = start(clusters, "app/tenant-%s", turso.url)
+        cluster.sql("CREATE DATABASE app")
+        cluster.sql("CREATE EXTENSION pgturso CASCADE", "app")
+        cluster.sql("SELECT pgturso.add_target('tenant-%s', 'http://127.0.0.1:%s')", "app")
+        cluster.sql("CREATE TABLE orders (id int PRIMARY KEY, tenant text NOT NULL, item text)", "app")
+        cluster.sql("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant')", "app")
+        cluster.sql("INSERT INTO orders SELECT g, %s, 'first' FROM generate_series(1, 20) g", "app", (ports[0],))
+        cluster.sql("INSERT INTO orders SELECT g, %s, 'second' FROM generate_series(21, 50) g", "app", (ports[1],))
+        wait_until(lambda: turso_count(turso, "orders") == 20 and turso_count(other, "orders") == 30, 90,
+                   "each tenant's rows in its own database")
+        cluster.sql("UPDATE orders SET tenant = %s WHERE id = 1", "app", (ports[1],))  # a move between tenants
+        wait_until(lambda: turso_count(turso, "orders") == 19 and turso_count(other, "orders") == 31, 60,
+                   "the moved row to leave one tenant's database for the other's")
+        assert other.query("SELECT item FROM orders WHERE id = 1") == [["first"]]
+        assert list(cluster.python_pids()) == ["pgturso app/tenant-%s"]
+    finally:
+        other.cleanup()

@@ -33,7 +33,7 @@ from .errors import ConfigError
 from .logs import event
 from .metrics import Metrics
 from .settings import Settings
-from .worker import EXIT_FATAL, EXIT_LOCKED, EXIT_OK, EXIT_RETRIES_EXHAUSTED, NOTIFY_CHANNEL, Worker
+from .worker import EXIT_FATAL, EXIT_LOCKED, EXIT_OK, EXIT_RETRIES_EXHAUSTED, NOTIFY_CHANNEL, Worker, notified
 
 log = logging.getLogger("pgturso.fanout")
 
@@ -208,7 +208,7 @@ class PatternWorker:
                     deadline = time.monotonic() + SCAN_SECONDS
                     while not self.stopping and time.monotonic() < deadline:
                         assert self.conn is not None
-                        for _ in self.conn.notifies(timeout=0.2, stop_after=1):
+                        if notified(self.conn, 0.2):
                             self.bell.ring()
                 except psycopg.OperationalError as exc:
                     event(log, logging.WARNING, "retry", error=str(exc).strip())

@@ -103,7 +103,7 @@ def target_endpoint(conn: psycopg.Connection[Any], settings: Settings) -> tuple[
     return url, settings.token() or row_token
 
 
-def _notified(conn: psycopg.Connection[Any], timeout: float) -> bool:
+def notified(conn: psycopg.Connection[Any], timeout: float) -> bool:
     """Whether a NOTIFY arrived on the idle LISTEN connection within ``timeout`` seconds. Written against
     libpq directly: Debian 12's python3-psycopg (3.1), which the background worker runs with, has no
     ``notifies(timeout=…)``."""
@@ -571,7 +571,7 @@ class Worker:
                 return
             deadline = time.monotonic() + self.settings.idle_wait
             while not (self.stopping or self.reload_requested) and time.monotonic() < deadline:
-                if _notified(self.listen_conn, min(1.0, self.settings.idle_wait)):
+                if notified(self.listen_conn, min(1.0, self.settings.idle_wait)):
                     return
         finally:
             self.outbox.release_wake_locks(held)
@@ -583,7 +583,7 @@ class Worker:
         while not (self.stopping or self.reload_requested) and time.monotonic() < deadline:
             if source.wal_position() > source.seen_upto:
                 return
-            if _notified(self.listen_conn, WAL_POLL_SECONDS):
+            if notified(self.listen_conn, WAL_POLL_SECONDS):
                 return
 
     def _record(self, status: str, error: str | None = None, **fields: Any) -> None:
