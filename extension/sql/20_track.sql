@@ -833,11 +833,6 @@ BEGIN
         v_options := v_options || jsonb_build_object('route_attnum', v_route_attnum);
     END IF;
     IF track_table.row_filter IS NOT NULL THEN
-        IF v_capture = 'wal' THEN
-            RAISE EXCEPTION 'pgturso: row_filter is not supported with capture => ''wal'' (table %)', rel
-                USING HINT = 'Track the table to a target that captures by trigger (pgturso.add_target, then '
-                             'track_table(..., target => ''name'', capture => ''trigger'')), or drop the filter.';
-        END IF;
         v_options := v_options || jsonb_build_object(
             'row_filter_publication', pgturso._create_row_filter(rel, track_table.row_filter));
     END IF;

@@ -98,6 +98,7 @@ DECLARE
     key_columns text[] := ARRAY(SELECT jsonb_array_elements_text(plan -> 'spec' -> 'key_columns'));
     v_function text := pgturso._capture_function_name(table_id);
     v_generated text;
+    v_filter_outside_key boolean;
 BEGIN
     -- pgoutput (Postgres 15) does not send stored generated columns: the worker computes them from the other
     -- values, with its own rights. So their expressions may use nothing a user defined (docs/security.md).
@@ -141,16 +142,30 @@ BEGIN
     EXECUTE plan ->> 'capture_function_sql';
     EXECUTE format('REVOKE ALL ON FUNCTION pgturso.%I() FROM PUBLIC', v_function);
     EXECUTE format('ALTER FUNCTION pgturso.%I() DEPENDS ON EXTENSION pgturso', v_function);  -- docs/security.md
+    -- A row filter (track_table's row_filter, Postgres' deparsed form of it) is the table's filter in the
+    -- publication: pgoutput sends only the rows it lets through, and an UPDATE moving a row into or out of it
+    -- as an insert or a delete. Renames follow it there too (the filter is stored parsed).
     IF NOT EXISTS (SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
                    WHERE p.pubname = 'pgturso_tables' AND r.prrelid = rel) THEN
-        EXECUTE format('ALTER PUBLICATION pgturso_tables ADD TABLE ONLY %s', rel);
+        EXECUTE format('ALTER PUBLICATION pgturso_tables ADD TABLE ONLY %s', rel)
+                || coalesce(' WHERE (' || (plan -> 'spec' ->> 'row_filter') || ')', '');
     END IF;
+    -- Postgres refuses an UPDATE or DELETE of a table whose publication filter uses a column outside the
+    -- replica identity: writers would fail. Such a filter makes the identity FULL (the old row is logged whole,
+    -- so pgoutput can tell whether it was inside the filter; docs/design.md says what that costs).
+    v_filter_outside_key := EXISTS (
+        SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
+        JOIN pg_depend d ON d.classid = 'pg_publication_rel'::regclass AND d.objid = r.oid
+                        AND d.refclassid = 'pg_class'::regclass AND d.refobjid = rel AND d.refobjsubid > 0
+        JOIN pg_attribute a ON a.attrelid = rel AND a.attnum = d.refobjsubid
+        WHERE p.pubname = 'pgturso_tables' AND r.prrelid = rel AND NOT a.attname = ANY (key_columns));
     FOR v_part, v_kind IN SELECT p.relid, c.relkind
                           FROM (SELECT rel AS relid UNION SELECT relid FROM pg_partition_tree(rel)) p
                           JOIN pg_class c ON c.oid = p.relid
     LOOP
         -- The index whose columns are exactly the key: the primary key (replica identity DEFAULT), else a
-        -- unique index over NOT NULL columns (USING INDEX); with neither, FULL (key_columns => ...).
+        -- unique index over NOT NULL columns (USING INDEX); with neither, or a row filter over other columns,
+        -- FULL (key_columns => ...).
         SELECT i.indexrelid INTO v_index FROM pg_index i
         WHERE i.indrelid = v_part AND i.indisunique AND i.indisvalid AND i.indimmediate AND i.indpred IS NULL
           AND i.indexprs IS NULL AND i.indnkeyatts = cardinality(key_columns)
@@ -160,6 +175,9 @@ BEGIN
           AND NOT EXISTS (SELECT 1 FROM unnest(i.indkey[0:i.indnkeyatts - 1]) k
                           JOIN pg_attribute a ON a.attrelid = v_part AND a.attnum = k WHERE NOT a.attnotnull)
         ORDER BY i.indisprimary DESC, i.indexrelid LIMIT 1;
+        IF v_filter_outside_key THEN
+            v_index := NULL;
+        END IF;
         IF v_index IS NOT NULL AND (SELECT indisprimary FROM pg_index WHERE indexrelid = v_index) THEN
             IF (SELECT relreplident FROM pg_class WHERE oid = v_part) NOT IN ('d', 'f') THEN
                 EXECUTE format('ALTER TABLE %s REPLICA IDENTITY DEFAULT', v_part);
