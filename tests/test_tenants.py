@@ -97,8 +97,6 @@ def test_tenant_and_pattern_errors(conn, dsn):
     with pytest.raises(psycopg.Error, match="needs one %s in its name and in its URL"):
         conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", "libsql://one-db.turso.io"))
     conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", "file:/tmp/pgturso-never-%s.db"))
-    with pytest.raises(psycopg.Error, match="needs route_by"):
-        conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s')")
     with pytest.raises(psycopg.Error, match="route_by needs a pattern target"):
         conn.execute("SELECT pgturso.track_table('orders', route_by => 'tenant_id')")
     with pytest.raises(psycopg.Error, match="must be a replicated NOT NULL column"):

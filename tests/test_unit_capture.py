@@ -218,3 +218,23 @@ def test_a_row_filter_restricts_every_row_source_and_round_trips_through_the_spe
     assert "WHERE ((found > 0))" in snapshot_sql(filtered_docs, 4, "t")
     assert "AND ((found > 0)) FOR SHARE" in capture.copy_chunk_sql(filtered_docs, 4, "t", 10)[1]
     assert "WHERE ((found > 0))" in capture.refresh_function_sql(filtered_docs, 4, "c_refresh")
+
+
+def test_a_reference_table_queues_every_event_once_per_tenant_and_round_trips_through_the_spec() -> None:
+    plans = TableLayout.from_catalog("public.plans", "plans", [col("id", "int4", True), col("name", "text")], ["id"],
+                                     reference=True)
+    assert TableLayout.from_spec(plans.to_spec()) == plans and plans.to_spec()["reference"] is True
+    assert "reference" not in DOCS.to_spec()  # other layouts are stored as before
+    fan_out = "CROSS JOIN pgturso._pattern_tenants(7) AS g(tenant)"
+    body = _function_body(capture_function_sql(plans, 7, "c", 4))[1]
+    # each event once per tenant, in statement order for each tenant; TRUNCATE through _fan_out
+    assert f"{fan_out} ORDER BY e.ord, g.tenant" in body and "pgturso._fan_out(7, 'T', NULL)" in body
+    assert "INSERT INTO pgturso.outbox (layout_id, op, nrows, payload)\n" not in body  # never without a tenant
+    for copy in (snapshot_sql(plans, 7, "t"), capture.copy_chunk_sql(plans, 7, "t", 10)[1]):
+        assert f"{fan_out} ORDER BY p.chunk, g.tenant" in copy
+    # a new tenant's copy of the rows: its tenant is the statement's parameter
+    assert "$1::text AS tenant" in capture.tenant_rows_sql(plans, 7, "t")
+    # route_by wins: a routed table is never a reference table
+    routed = TableLayout.from_catalog("public.o", "o", [col("id", "int4", True), col("t", "text", True)], ["id"],
+                                      route_by="t", reference=True)
+    assert not routed.reference

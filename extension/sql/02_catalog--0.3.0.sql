@@ -1,3 +1,15 @@
 -- Table changes of 0.3.0 (run after 00_catalog.sql and 01_catalog--0.2.0.sql by a fresh install, and by the
 -- upgrade from any release before 0.3.0). Append here: ALTER TABLE, new tables, and DROP FUNCTION IF EXISTS of a
 -- function whose argument list or result type changes in 0.3.0 (CREATE OR REPLACE cannot change those).
+
+-- Reference tables of a pattern target (track_table(..., target => 'tenant-%s') without route_by): the layout
+-- planners take whether a table is one (its capture queues each event once per tenant).
+DROP FUNCTION IF EXISTS pgturso._plan_layout(integer, text, text, text, jsonb, text[], text, jsonb, text, text);
+DROP FUNCTION IF EXISTS pgturso._plan_change(jsonb, text, text, jsonb, text[], jsonb, text, text);
+-- A writer of a reference table updates one of these rows (its backend's) before reading the pattern's
+-- tenants, and a new tenant's registration updates them all before copying the reference rows: so they wait
+-- for each other (and a REPEATABLE READ one that would act on a stale list fails), while writers of reference
+-- tables rarely wait for each other (pgturso._pattern_tenants, pgturso._register_tenants; docs/design.md).
+CREATE TABLE pgturso.tenant_stripe (stripe integer PRIMARY KEY, generation bigint NOT NULL DEFAULT 0);
+INSERT INTO pgturso.tenant_stripe (stripe) SELECT generate_series(0, 63);
+REVOKE ALL ON pgturso.tenant_stripe FROM PUBLIC;

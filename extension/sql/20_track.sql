@@ -814,23 +814,29 @@ BEGIN
                              '''libsql://tenant-%s-myorg.turso.io'', ''token''), then track_table(..., '
                              'target => ''tenant-%s'', route_by => ''tenant_id'').';
         END IF;
-        IF track_table.route_by IS NULL THEN
-            RAISE EXCEPTION 'pgturso: % goes to pattern target %, which needs route_by', rel, track_table.target
-                USING HINT = 'Name the column whose value is the tenant: route_by => ''tenant_id''. (Reference tables '
-                             'sent whole to every tenant database are not supported yet.)';
-        END IF;
-        SELECT a.attnum INTO v_route_attnum FROM pg_attribute a
-        WHERE a.attrelid = rel AND a.attname = track_table.route_by AND a.attnum > 0 AND NOT a.attisdropped;
-        IF v_route_attnum IS NULL OR v_kind = 'm' THEN
-            RAISE EXCEPTION 'pgturso: route_by "%" is not a column of table %', track_table.route_by, rel
-                USING HINT = 'route_by names a NOT NULL column of an ordinary or partitioned table whose value is '
-                             'the tenant (e.g. tenant_id).';
-        END IF;
         IF v_capture = 'wal' THEN
             RAISE EXCEPTION 'pgturso: tables of pattern target % cannot use capture => ''wal''', track_table.target
                 USING HINT = 'Per-tenant routing is done by the capture triggers: use capture => ''trigger''.';
         END IF;
-        v_options := v_options || jsonb_build_object('route_attnum', v_route_attnum);
+        IF track_table.route_by IS NULL THEN
+            -- A reference table: all of its rows go to every tenant database of the pattern, present and future.
+            IF v_kind = 'm' THEN
+                RAISE EXCEPTION 'pgturso: materialized view % cannot be a reference table of pattern target %',
+                                rel, track_table.target
+                    USING HINT = 'Track a table instead (e.g. one that the view''s query fills), or track the view '
+                                 'to a named target of its own.';
+            END IF;
+            v_options := v_options || jsonb_build_object('reference', true);
+        ELSE
+            SELECT a.attnum INTO v_route_attnum FROM pg_attribute a
+            WHERE a.attrelid = rel AND a.attname = track_table.route_by AND a.attnum > 0 AND NOT a.attisdropped;
+            IF v_route_attnum IS NULL OR v_kind = 'm' THEN
+                RAISE EXCEPTION 'pgturso: route_by "%" is not a column of table %', track_table.route_by, rel
+                    USING HINT = 'route_by names a NOT NULL column of an ordinary or partitioned table whose value '
+                                 'is the tenant (e.g. tenant_id).';
+            END IF;
+            v_options := v_options || jsonb_build_object('route_attnum', v_route_attnum);
+        END IF;
     END IF;
     IF track_table.row_filter IS NOT NULL THEN
         v_options := v_options || jsonb_build_object(
@@ -883,7 +889,7 @@ BEGIN
     INSERT INTO pgturso.layout (table_id, spec) VALUES (v_table_id, '{}') RETURNING id INTO v_layout_id;
     v_plan := pgturso._plan_layout(v_layout_id, pgturso._row_source(rel), v_desc.source_table, v_desc.target_table,
                                    v_desc.columns, v_desc.key_columns, pgturso._capture_function_name(v_table_id),
-                                   v_desc.indexes, v_desc.row_filter, v_desc.route_by);
+                                   v_desc.indexes, v_desc.row_filter, v_desc.route_by, v_options ? 'reference');
     UPDATE pgturso.layout SET spec = v_plan -> 'spec' WHERE id = v_layout_id;
 
     -- Create the Turso table and start capture now. The rows already there are copied by the worker in
@@ -922,7 +928,8 @@ COMMENT ON FUNCTION pgturso.track_table IS
     'moving a row in or out of it arrives as an insert or a delete there. capture: ''trigger'' (statement triggers; no server '
     'setting) or ''wal'' (decoded from a logical replication slot; needs wal_level = logical; writers pay '
     'almost nothing); a target''s tables share one mode, set by its first table (default: the target''s). route_by (with a pattern '
-    'target such as ''tenant-%s''): each row goes to the database of the tenant its value names.';
+    'target such as ''tenant-%s''): each row goes to the database of the tenant its value names; a table tracked to a '
+    'pattern target without route_by is a reference table, sent whole to every tenant database.';
 
 CREATE OR REPLACE FUNCTION pgturso._partition_root(rel regclass) RETURNS regclass
 LANGUAGE sql STABLE

@@ -32,7 +32,8 @@ BEGIN
     END IF;
     PERFORM pgturso._check_key(v_rel, v_desc.columns, v_desc.key_columns);
     v_change := pgturso._plan_change(v_old_spec, v_desc.source_table, v_desc.target_table, v_desc.columns,
-                                     v_desc.key_columns, v_desc.indexes, v_desc.row_filter, v_desc.route_by);
+                                     v_desc.key_columns, v_desc.indexes, v_desc.row_filter, v_desc.route_by,
+                                     v_options ? 'reference');
     IF (v_change ->> 'changed')::boolean THEN
         IF v_desc.target_table IS DISTINCT FROM v_old_spec ->> 'target_table' AND EXISTS (
                SELECT 1 FROM pgturso.tracked_table t
@@ -62,7 +63,7 @@ BEGIN
         v_plan := pgturso._plan_layout(v_new_id, pgturso._row_source(v_rel), v_desc.source_table,
                                        v_desc.target_table, v_desc.columns, v_desc.key_columns,
                                        pgturso._capture_function_name(table_id), v_desc.indexes,
-                                       v_desc.row_filter, v_desc.route_by);
+                                       v_desc.row_filter, v_desc.route_by, v_options ? 'reference');
         PERFORM pgturso._fan_out(v_new_id, 'A', jsonb_build_object('from', v_old_id, 'recopy', v_recopy)::text);
         -- The DDL holds the table's lock; in READ COMMITTED this statement's snapshot is newer than that lock
         -- and the rows are copied here. Otherwise the worker copies them in chunks after this commits.
@@ -119,7 +120,7 @@ BEGIN
             v_plan := pgturso._plan_layout(v_old_id, pgturso._row_source(v_rel), v_desc.source_table,
                                            v_desc.target_table, v_desc.columns, v_desc.key_columns,
                                            pgturso._capture_function_name(table_id), v_desc.indexes,
-                                           v_desc.row_filter, v_desc.route_by);
+                                           v_desc.row_filter, v_desc.route_by, v_options ? 'reference');
         END IF;
         -- Its rows, read here in READ COMMITTED (ATTACH holds the partition's lock), or when this transaction
         -- created it (no one else wrote it: its ctid attribute row, which nothing alters, is ours); otherwise
@@ -547,8 +548,10 @@ CREATE EVENT TRIGGER pgturso_sql_drop ON sql_drop EXECUTE FUNCTION pgturso._on_s
 DROP EVENT TRIGGER IF EXISTS pgturso_table_rewrite;
 CREATE EVENT TRIGGER pgturso_table_rewrite ON table_rewrite EXECUTE FUNCTION pgturso._on_table_rewrite();
 
-REVOKE ALL ON FUNCTION pgturso._plan_layout(integer, text, text, text, jsonb, text[], text, jsonb, text, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION pgturso._plan_change(jsonb, text, text, jsonb, text[], jsonb, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._plan_layout(integer, text, text, text, jsonb, text[], text, jsonb, text, text, boolean)
+    FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._plan_change(jsonb, text, text, jsonb, text[], jsonb, text, text, boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._plan_tenant_rows(integer, jsonb, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._plan_rows(integer, jsonb, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._follow_schema(integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._recopy(integer) FROM PUBLIC;

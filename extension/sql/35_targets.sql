@@ -108,6 +108,7 @@ DECLARE
     v_pattern text;
     v_tenant text;
     v_name text;
+    v_ref record;
 BEGIN
     SELECT t.target INTO v_pattern FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
     WHERE l.id = _register_tenants.layout_id;
@@ -116,6 +117,12 @@ BEGIN
         RETURN;
     END IF;
     UPDATE pgturso.target SET generation = generation + 1 WHERE name = v_pattern;
+    IF EXISTS (SELECT 1 FROM pgturso.tracked_table t
+               WHERE t.target = v_pattern AND t.dropped_at IS NULL AND t.options ? 'reference') THEN
+        -- Wait for every open writer of a reference table (each holds its stripe: pgturso._pattern_tenants),
+        -- or fail if one committed after this REPEATABLE READ snapshot, before copying the reference rows.
+        UPDATE pgturso.tenant_stripe SET generation = generation + 1;
+    END IF;
     FOR v_tenant IN SELECT DISTINCT x FROM unnest(tenants) AS x ORDER BY 1 LOOP
         v_name := replace(v_pattern, '%s', v_tenant);
         IF v_tenant !~ '^[A-Za-z0-9_.-]+$' OR v_name !~ '^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$' THEN
@@ -132,16 +139,51 @@ BEGIN
             INSERT INTO pgturso.outbox (layout_id, op, nrows, tenant)
             SELECT (SELECT max(l.id) FROM pgturso.layout l WHERE l.table_id = t.id), 'C', 0, v_tenant
             FROM pgturso.tracked_table t WHERE t.target = v_pattern AND t.dropped_at IS NULL ORDER BY t.id;
+            -- Then every row of the pattern's reference tables, read after the stripes' locks above: a change
+            -- to them committed before is in these rows, and one committed after is queued for this tenant too
+            -- (pgturso._pattern_tenants); a REPEATABLE READ snapshot older than such a change failed there.
+            FOR v_ref IN
+                SELECT t.relid, l.id, l.spec FROM pgturso.tracked_table t
+                JOIN LATERAL (SELECT l.id, l.spec FROM pgturso.layout l WHERE l.table_id = t.id
+                              ORDER BY l.id DESC LIMIT 1) AS l ON true
+                WHERE t.target = v_pattern AND t.dropped_at IS NULL AND t.options ? 'reference' ORDER BY t.id
+            LOOP
+                EXECUTE pgturso._plan_tenant_rows(v_ref.id, v_ref.spec, pgturso._row_source(v_ref.relid))
+                    USING v_tenant;
+            END LOOP;
             PERFORM pg_notify('pgturso', '');
         END IF;
     END LOOP;
 END
 $$;
 COMMENT ON FUNCTION pgturso._register_tenants IS
-    'Private: make new tenant values of a routed table targets of their pattern, their tables created first.';
+    'Private: make new tenant values of a routed table targets of their pattern, their tables created first '
+    'and their reference tables'' rows queued.';
+
+-- A reference table's change goes to every tenant of its pattern (the capture function, the copies): update
+-- this backend's row of pgturso.tenant_stripe, which a registration updates too (all of them), then read the
+-- tenants. A registration then either waits for this transaction and copies the reference rows with its change,
+-- or this waits for the registration and reads the new tenant with the list; under REPEATABLE READ the loser
+-- gets a serialization failure instead of a stale list. Writers of reference tables share no row unless their
+-- backend ids collide modulo 64, so they seldom wait for (or, under REPEATABLE READ, fail on) each other.
+CREATE OR REPLACE FUNCTION pgturso._pattern_tenants(layout_id integer) RETURNS SETOF text
+LANGUAGE plpgsql
+@SESSION_SETTINGS@
+AS $$
+BEGIN
+    UPDATE pgturso.tenant_stripe SET generation = generation + 1 WHERE stripe = pg_backend_pid() % 64;
+    RETURN QUERY
+        SELECT g.tenant FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
+        JOIN pgturso.target g ON g.pattern = t.target
+        WHERE l.id = _pattern_tenants.layout_id ORDER BY g.tenant;
+END
+$$;
+COMMENT ON FUNCTION pgturso._pattern_tenants IS
+    'Private: the tenants of a reference table''s pattern, locked against a concurrent registration.';
 
 REVOKE ALL ON FUNCTION pgturso._fan_out(integer, "char", text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._register_tenants(integer, text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._pattern_tenants(integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.add_target(text, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.remove_target(text) FROM PUBLIC;
 REVOKE ALL ON pgturso.target FROM PUBLIC;

@@ -75,12 +75,23 @@ def filtered(layout: TableLayout, source: str) -> str:
     return f"(SELECT * FROM {source} AS filtered WHERE ({layout.row_filter}))"
 
 
-def pack_sql(layout_id: int, op: str, row_expr: str, source: str, tenant: str | None = None) -> str:
+def pack_sql(layout_id: int, op: str, row_expr: str, source: str, tenant: str | None = None,
+             fan_out: bool = False) -> str:
     """INSERT … SELECT that packs the rows of ``source`` (aliased ``src``) into outbox events.
 
     ``tenant``: an expression over ``src`` naming each row's tenant (a routed table, see ``route_expr``): an
-    event then holds the rows of one tenant only.
+    event then holds the rows of one tenant only. ``fan_out``: a reference table, each event queued once per
+    tenant of its pattern (``FAN_OUT_TENANTS``).
     """
+    if fan_out:
+        return (
+            "INSERT INTO pgturso.outbox (layout_id, op, nrows, payload, tenant) "
+            f"SELECT {int(layout_id)}, '{op}', p.n, p.payload, g.tenant "
+            f"FROM (SELECT count(*) AS n, string_agg(packed.row_json, ',') AS payload, packed.chunk "
+            f"FROM (SELECT {row_expr} AS row_json, (row_number() OVER () - 1) / {CHUNK_ROWS} AS chunk "
+            f"FROM {source} AS src) AS packed GROUP BY packed.chunk) AS p "
+            f"CROSS JOIN {FAN_OUT_TENANTS.format(layout_id=int(layout_id))} ORDER BY p.chunk, g.tenant"
+        )
     if tenant is None:
         return (
             "INSERT INTO pgturso.outbox (layout_id, op, nrows, payload) "
@@ -95,6 +106,19 @@ def pack_sql(layout_id: int, op: str, row_expr: str, source: str, tenant: str | 
         f"(row_number() OVER (PARTITION BY {tenant}) - 1) / {CHUNK_ROWS} AS chunk "
         f"FROM {source} AS src) AS packed GROUP BY packed.tenant, packed.chunk"
     )
+
+
+# A reference table's events go to every tenant of its pattern: pgturso._pattern_tenants first updates a row
+# that a new tenant's registration updates too, so a concurrent registration either waits for this transaction
+# and copies the reference rows with its change, or this waits for the registration and queues the change for
+# the new tenant too; under REPEATABLE READ the loser gets a serialization failure instead of a stale list
+# (docs/design.md, "Reference tables").
+FAN_OUT_TENANTS = "pgturso._pattern_tenants({layout_id}) AS g(tenant)"
+
+
+def tenant_rows_sql(layout: TableLayout, layout_id: int, relation: str) -> str:
+    """Every row of a reference table as upsert events for one tenant, ``$1`` (a new tenant's registration)."""
+    return pack_sql(layout_id, "U", row_json_sql(layout, "src"), filtered(layout, relation), "$1::text")
 
 
 def route_expr(layout: TableLayout, alias: str) -> str | None:
@@ -131,7 +155,7 @@ def _moved_keys_source(layout: TableLayout) -> str:
 def snapshot_sql(layout: TableLayout, layout_id: int, relation: str) -> str:
     """The initial copy: every existing row of ``relation`` as upsert events."""
     packed = pack_sql(layout_id, "U", row_json_sql(layout, "src"), filtered(layout, relation),
-                      route_expr(layout, "src"))
+                      route_expr(layout, "src"), layout.reference)
     register = register_tenants_sql(layout, layout_id, relation)
     return f"{register}; {packed}" if register else packed
 
@@ -229,6 +253,16 @@ def capture_function_sql(layout: TableLayout, layout_id: int, function_name: str
                  f"    SELECT {int(layout_id)}, e.op::\"char\", e.n, e.p, e.t "
                  f"FROM unnest(v_ops, v_counts, v_payloads, v_tenants) AS e(op, n, p, t)")
         declare_tenants = "  v_tenants text[] := '{}';\n"
+        truncate = f"PERFORM pgturso._fan_out({int(layout_id)}, 'T', NULL)"
+    elif layout.reference:
+        # Each event once per tenant database of the pattern, in order for each; TRUNCATE empties the table in
+        # every one of them.
+        write = (f"IF cardinality(v_ops) > 0 THEN\n"
+                 f"      INSERT INTO pgturso.outbox (layout_id, op, nrows, payload, tenant)\n"
+                 f"      SELECT {int(layout_id)}, e.op::\"char\", e.n, e.p, g.tenant "
+                 f"FROM unnest(v_ops, v_counts, v_payloads) WITH ORDINALITY AS e(op, n, p, ord) "
+                 f"CROSS JOIN {FAN_OUT_TENANTS.format(layout_id=int(layout_id))} ORDER BY e.ord, g.tenant;\n"
+                 f"    END IF")
         truncate = f"PERFORM pgturso._fan_out({int(layout_id)}, 'T', NULL)"
     # A row filter names columns unqualified: let them win over PL/pgSQL's own names (found, new, ...).
     conflict = "#variable_conflict use_column\n" if layout.row_filter else ""
@@ -398,10 +432,11 @@ def copy_chunk_sql(layout: TableLayout, layout_id: int, relation: str, limit: in
         # waits for the registration's one row.
         register = f"registered AS MATERIALIZED ({register_tenants_sql(layout, layout_id, 'chunk')}), "
         rows = "(SELECT * FROM chunk WHERE (SELECT true FROM registered))"
+    packed = pack_sql(layout_id, "U", row_json_sql(layout, "src"), rows, route_expr(layout, "src"), layout.reference)
     chunk = (
         f"WITH chunk AS MATERIALIZED (SELECT src.* FROM {relation} AS src "
         f"WHERE {after} AND {before}{only_filtered} FOR SHARE OF src), "
-        f"{register}packed AS ({pack_sql(layout_id, 'U', row_json_sql(layout, 'src'), rows, route_expr(layout, 'src'))}"
+        f"{register}packed AS ({packed}"
         " RETURNING 1) SELECT count(*) FROM chunk"
     )
     return bound, chunk

@@ -18,15 +18,17 @@ from .capture import (
     route_expr,
     row_json_sql,
     snapshot_sql,
+    tenant_rows_sql,
 )
 from .layout import TableLayout, change_between
 
 
 def _layout(source_table: str, target_table: str, columns_json: str, key_columns: list[str],
-            indexes_json: str | None, row_filter: str | None, route_by: str | None) -> TableLayout:
+            indexes_json: str | None, row_filter: str | None, route_by: str | None,
+            reference: bool = False) -> TableLayout:
     indexes = json.loads(indexes_json) if indexes_json else []
     return TableLayout.from_catalog(source_table, target_table, json.loads(columns_json), key_columns, indexes,
-                                    row_filter, route_by)
+                                    row_filter, route_by, reference)
 
 
 def plan_table(
@@ -40,6 +42,7 @@ def plan_table(
     indexes_json: str | None = None,
     row_filter: str | None = None,
     route_by: str | None = None,
+    reference: bool = False,
 ) -> str:
     """Compute a table's layout and the SQL that installs its capture and copies its rows.
 
@@ -47,7 +50,8 @@ def plan_table(
     Returns JSON: ``spec`` (stored in pgturso.layout), ``capture_function_sql``, ``snapshot_sql`` and
     ``refresh_function_sql`` (for materialized views).
     """
-    layout = _layout(source_table, target_table, columns_json, key_columns, indexes_json, row_filter, route_by)
+    layout = _layout(source_table, target_table, columns_json, key_columns, indexes_json, row_filter, route_by,
+                     reference)
     plan: dict[str, Any] = {
         "spec": layout.to_spec(),
         # pgturso._capture_function_name(table_id) is '_capture_<table_id>'.
@@ -61,7 +65,7 @@ def plan_table(
 
 def plan_change(old_spec_json: str, source_table: str, target_table: str, columns_json: str,
                 key_columns: list[str], indexes_json: str | None, row_filter: str | None = None,
-                route_by: str | None = None) -> str:
+                route_by: str | None = None, reference: bool = False) -> str:
     """Compare a table's stored layout with what the catalog says now (after DDL).
 
     Returns JSON: ``changed`` (false: nothing to do), ``spec`` (the new layout), ``recopy`` (the Turso table
@@ -69,7 +73,8 @@ def plan_change(old_spec_json: str, source_table: str, target_table: str, column
     values, the caller recopies as well).
     """
     old = TableLayout.from_spec(json.loads(old_spec_json))
-    new = _layout(source_table, target_table, columns_json, key_columns, indexes_json, row_filter, route_by)
+    new = _layout(source_table, target_table, columns_json, key_columns, indexes_json, row_filter, route_by,
+                  reference)
     if new == old:
         return json.dumps({"changed": False})
     change = change_between(old, new)
@@ -80,9 +85,14 @@ def rows_sql(layout_id: int, spec_json: str, relation: str, op: str) -> str:
     """SQL sending every row of ``relation`` (a partition) as upserts ('U') or its keys as deletes ('D')."""
     layout = TableLayout.from_spec(json.loads(spec_json))
     packed = pack_sql(layout_id, op, row_json_sql(layout, "src", key_only=(op == "D")), filtered(layout, relation),
-                      route_expr(layout, "src"))
+                      route_expr(layout, "src"), layout.reference)
     register = register_tenants_sql(layout, layout_id, relation) if op == "U" else ""
     return f"{register}; {packed}" if register else packed
+
+
+def tenant_rows(layout_id: int, spec_json: str, relation: str) -> str:
+    """SQL queueing every row of a reference table for one new tenant, ``$1`` (capture.tenant_rows_sql)."""
+    return tenant_rows_sql(TableLayout.from_spec(json.loads(spec_json)), layout_id, relation)
 
 
 def copy_chunk(layout_id: int, spec_json: str, relation: str, limit: int) -> str:

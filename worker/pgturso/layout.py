@@ -75,6 +75,9 @@ class TableLayout:
     # track_table's route_by: the column whose value names the tenant database a row goes to (a pattern
     # target); None: the table is not routed.
     route_by: str | None = None
+    # A reference table of a pattern target (track_table without route_by): every tenant database gets all of
+    # its rows, and each change is queued once per tenant (pgturso._pattern_tenants).
+    reference: bool = False
 
     @classmethod
     def from_catalog(
@@ -86,6 +89,7 @@ class TableLayout:
         indexes: Sequence[Mapping[str, Any]] = (),
         row_filter: str | None = None,
         route_by: str | None = None,
+        reference: bool = False,
     ) -> TableLayout:
         """Build a layout from catalog rows.
 
@@ -138,7 +142,7 @@ class TableLayout:
         if route_by and route_by not in names:
             raise ValueError(f"{source_table}: route_by column {route_by!r} is not a replicated column")
         return cls(source_table, target_table, tuple(built), tuple(key_columns), tuple(built_indexes),
-                   row_filter or None, route_by or None)
+                   row_filter or None, route_by or None, bool(reference) and not route_by)
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> TableLayout:
@@ -153,6 +157,7 @@ class TableLayout:
             ),
             row_filter=spec.get("row_filter"),
             route_by=spec.get("route_by"),
+            reference=bool(spec.get("reference", False)),
         )
 
     def reencoded(self, columns: Sequence[Mapping[str, Any]]) -> TableLayout:
@@ -186,6 +191,8 @@ class TableLayout:
             spec["row_filter"] = self.row_filter
         if self.route_by:
             spec["route_by"] = self.route_by
+        if self.reference:
+            spec["reference"] = True
         return spec
 
     @property
