@@ -5,6 +5,8 @@ real tursodb servers)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import pending
+from conftest import WORKER, pending
 from support.turso import TursoServer
 from support.workers import WorkerProcess, wait_until
 from test_tenants import drain_pattern, pg_tenant_rows, tenant_rows
@@ -79,6 +81,20 @@ def test_reference_table_reaches_every_tenant_present_and_future(conn, dsn, tmp_
         path = tmp_path / f"tenant-{tenant}.db"
         assert tenant_rows(path, "SELECT id, name, monthly FROM plans ORDER BY id") == [(7, "fresh", 1)], tenant
     assert pending(conn) == 0
+    # verify compares every tenant's copy of the reference table with the whole table; --repair fixes only the
+    # tenant whose copy differs
+    subprocess.run([sys.executable, "-c", "import sys, turso; db = turso.connect(sys.argv[1]); "
+                    "db.execute('DELETE FROM plans'); db.commit(); db.close()", str(tmp_path / "tenant-globex.db")],
+                   check=True, timeout=60)  # another process: this one's pyturso keeps the file locked
+    verify = [*WORKER, "verify", "--dsn", dsn, "--target", "tenant-%s"]
+    differs = subprocess.run(verify, capture_output=True, text=True, timeout=120)
+    assert differs.returncode == 1 and "tenant-globex" in differs.stdout, differs.stdout + differs.stderr
+    repaired = subprocess.run([*verify, "--repair"], capture_output=True, text=True, timeout=120)
+    assert repaired.returncode in (0, 1), repaired.stderr
+    assert pg_rows(conn, "SELECT DISTINCT tenant FROM pgturso.outbox") == [("globex",)]
+    drain_pattern(dsn)
+    assert tenant_rows(tmp_path / "tenant-globex.db", "SELECT id, name, monthly FROM plans") == [(7, "fresh", 1)]
+    assert subprocess.run(verify, capture_output=True, text=True, timeout=120).returncode == 0
 
 
 def test_reference_table_tracked_before_any_tenant_and_errors(conn, dsn, tmp_path: Path):
