@@ -170,7 +170,7 @@ def test_once_exits_with_nothing_pending(conn, dsn, turso: TursoServer):
 
 def test_a_change_turso_refuses_blocks_visibly_then_resumes(conn, dsn, turso: TursoServer):
     """Decoded in commit order, delivered up to the transaction Turso refuses, which blocks the target until
-    the target is fixed (skip_transaction is for trigger capture)."""
+    the target is fixed (or the transaction skipped: test_operations, both modes)."""
     from support.turso import read_rows
 
     conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")

@@ -13,3 +13,8 @@ DROP FUNCTION IF EXISTS pgturso._plan_change(jsonb, text, text, jsonb, text[], j
 CREATE TABLE pgturso.tenant_stripe (stripe integer PRIMARY KEY, generation bigint NOT NULL DEFAULT 0);
 INSERT INTO pgturso.tenant_stripe (stripe) SELECT generate_series(0, 63);
 REVOKE ALL ON pgturso.tenant_stripe FROM PUBLIC;
+
+-- skip_transaction for targets with capture => 'wal': the worker drops the skipped transaction's row changes as
+-- it decodes them from the slot, for the transaction with that (32-bit) xid that committed before this WAL
+-- position (NULL for trigger capture, whose skip deletes outbox rows).
+ALTER TABLE pgturso.skipped_transaction ADD COLUMN committed_before pg_lsn;

@@ -106,22 +106,31 @@ DECLARE
     v_events integer;
     v_rows bigint;
     v_tables text[];
+    v_xid32 numeric := skip_transaction.txid::text::numeric % 4294967296;
+    v_wal boolean;
 BEGIN
     IF coalesce(trim(reason), '') = '' THEN
         RAISE EXCEPTION 'pgturso: skipping a transaction needs a reason'
             USING HINT = 'Say why, e.g. pgturso.skip_transaction(''1234'', ''row violates a Turso-only check'').';
     END IF;
-    -- A transaction may touch tables of several targets: it is skipped only for the one that refuses it.
-    SELECT array_agg(DISTINCT t.target ORDER BY t.target) INTO v_targets
-    FROM pgturso.outbox o JOIN pgturso.layout l ON l.id = o.layout_id JOIN pgturso.tracked_table t ON t.id = l.table_id
-    WHERE o.txid = skip_transaction.txid;
+    -- A transaction may touch tables of several targets: it is skipped only for the one that refuses it. A
+    -- wal target's row changes are in its slot, not the outbox: it counts when its worker is stuck on the
+    -- transaction (the slot's xid is 32 bits: compared modulo 2^32), or when the caller names it.
+    SELECT array_agg(DISTINCT c.target ORDER BY c.target) INTO v_targets FROM (
+        SELECT t.target FROM pgturso.outbox o JOIN pgturso.layout l ON l.id = o.layout_id
+        JOIN pgturso.tracked_table t ON t.id = l.table_id WHERE o.txid = skip_transaction.txid
+        UNION
+        SELECT d.target FROM pgturso.delivery_state d JOIN pgturso.target g ON g.name = d.target
+        WHERE g.capture = 'wal' AND d.last_error_txid::text::numeric % 4294967296 = v_xid32
+        UNION
+        SELECT g.name FROM pgturso.target g WHERE g.capture = 'wal' AND g.name = skip_transaction.target) c;
     IF v_targets IS NULL THEN
         RAISE EXCEPTION 'pgturso: transaction % has nothing pending', txid
             USING HINT = 'SELECT last_error_txid FROM pgturso.status names the transaction the worker is stuck on.';
     END IF;
     IF v_target IS NULL THEN
         SELECT array_agg(d.target) INTO v_refusing FROM pgturso.delivery_state d
-        WHERE d.last_error_txid = skip_transaction.txid AND d.target = ANY (v_targets);
+        WHERE d.last_error_txid::text::numeric % 4294967296 = v_xid32 AND d.target = ANY (v_targets);
         IF cardinality(v_targets) = 1 THEN
             v_target := v_targets[1];
         ELSIF cardinality(v_refusing) = 1 THEN
@@ -135,20 +144,31 @@ BEGIN
         RAISE EXCEPTION 'pgturso: transaction % has nothing pending for target %', txid, v_target
             USING HINT = format('It has changes pending for: %s.', array_to_string(v_targets, ', '));
     END IF;
+    v_wal := (SELECT g.capture = 'wal' FROM pgturso.target g WHERE g.name = v_target);
     -- Only its row changes are dropped: its schema changes ('A'), copies ('C') and drops ('X') are not what
     -- Turso refused, and without them every later change of the table would be refused too (DDL is never skipped).
     SELECT count(*), coalesce(sum(o.nrows), 0), array_agg(DISTINCT l.spec ->> 'source_table')
     INTO v_events, v_rows, v_tables
     FROM pgturso.outbox o JOIN pgturso.layout l ON l.id = o.layout_id JOIN pgturso.tracked_table t ON t.id = l.table_id
     WHERE o.txid = skip_transaction.txid AND t.target = v_target AND o.op IN ('U', 'D', 'T');
-    IF v_events = 0 THEN
+    IF v_events = 0 AND NOT v_wal THEN
         RAISE EXCEPTION 'pgturso: transaction % carries only schema changes for target %, which are never skipped', txid, v_target
             USING HINT = 'Fix the table on Turso (or untrack and track it again) so the schema change applies.';
     END IF;
-    INSERT INTO pgturso.skipped_transaction (txid, target, reason, events, rows, tables, error)
-    VALUES (skip_transaction.txid, v_target, reason, v_events, v_rows, v_tables,
+    IF v_wal THEN
+        -- The worker drops the transaction's row changes as it decodes them (and counts them here): those of
+        -- a transaction with this xid that committed before now, so a later transaction reusing the 32-bit
+        -- xid after a wraparound is never skipped.
+        SELECT array_agg(DISTINCT x ORDER BY x) INTO v_tables FROM unnest(v_tables || (
+            SELECT d.last_error_table FROM pgturso.delivery_state d
+            WHERE d.target = v_target AND d.last_error_txid::text::numeric % 4294967296 = v_xid32)) x
+        WHERE x IS NOT NULL;
+    END IF;
+    INSERT INTO pgturso.skipped_transaction (txid, target, reason, events, rows, tables, error, committed_before)
+    VALUES (skip_transaction.txid, v_target, reason, v_events, v_rows, coalesce(v_tables, '{}'),
             (SELECT d.last_error FROM pgturso.delivery_state d
-             WHERE d.target = v_target AND d.last_error_txid = skip_transaction.txid));
+             WHERE d.target = v_target AND d.last_error_txid::text::numeric % 4294967296 = v_xid32),
+            CASE WHEN v_wal THEN pg_current_wal_insert_lsn() END);
     DELETE FROM pgturso.outbox o USING pgturso.layout l, pgturso.tracked_table t
     WHERE o.txid = skip_transaction.txid AND l.id = o.layout_id AND t.id = l.table_id AND t.target = v_target
       AND o.op IN ('U', 'D', 'T');
@@ -164,7 +184,8 @@ COMMENT ON FUNCTION pgturso.skip_transaction IS
     'whose worker is stuck on it, or the one named (needed when it touches several and none or both are stuck '
     'on it). Only its row changes are dropped: its schema changes are still delivered, as are its changes for '
     'other targets. Recorded in pgturso.skipped_transaction; that '
-    'target then lacks its changes: repair or recopy the tables it touched.';
+    'target then lacks its changes: repair or recopy the tables it touched. For a target with capture => ''wal'' '
+    'its worker drops the row changes as it decodes them from the slot (and adds them to the recorded counts).';
 
 REVOKE ALL ON FUNCTION pgturso.skip_transaction(xid8, text, text) FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA pgturso FROM PUBLIC;

@@ -53,6 +53,20 @@ PEEK = f"""
         'proto_version', '1', 'publication_names', '{PUBLICATIONS}')
 """
 TABLES = "SELECT id, relid::oid::int8, target FROM pgturso.tracked_table"
+# Transactions skip_transaction dropped for this target and its slot has not passed: the 32-bit xid (as in
+# pgoutput's Begin) and the WAL position before which that transaction committed (a later one reusing the xid
+# after a wraparound commits after it).
+SKIPPED = """
+    SELECT (s.txid::text::numeric %% 4294967296)::int8, s.committed_before::text FROM pgturso.skipped_transaction s
+    WHERE s.target = %(target)s AND s.committed_before IS NOT NULL
+      AND s.committed_before > coalesce((SELECT r.confirmed_flush_lsn FROM pg_replication_slots r
+                                         WHERE r.slot_name = %(slot)s), '0/0')
+"""
+COUNT_SKIPPED = """
+    UPDATE pgturso.skipped_transaction SET events = events + %(events)s, rows = rows + %(rows)s
+    WHERE target = %(target)s AND committed_before IS NOT NULL AND (txid::text::numeric %% 4294967296)::int8 = %(xid)s
+      AND committed_before > %(lsn)s::pg_lsn
+"""
 GENERATED_COLUMNS = """
     SELECT a.attname, pg_get_expr(d.adbin, d.adrelid) FROM pg_attribute a
     JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
@@ -201,6 +215,8 @@ class WalBatch:
         self.transactions = 0
         self.rows_per_layout: dict[int, int] = {}
         self.outbox_ids: list[int] = []
+        self.skipped: dict[tuple[int, int], int] = {}  # (xid, commit LSN) of a skipped transaction: rows dropped
+        self._skipping: tuple[int, int] | None = None  # the transaction being decoded, if it is skipped
         self.more_pending = False
         self.uniform = False
         self.held: list[str] = []
@@ -281,6 +297,7 @@ class WalBatch:
             kind = data[0]
             if kind == _BEGIN:
                 xid = struct.unpack_from("!I", data, 17)[0]
+                self._skipping = source.skip_of(xid, struct.unpack_from("!Q", data, 1)[0])
             elif kind == _COMMIT:
                 self.end = struct.unpack_from("!Q", data, 10)[0]
                 self.transactions += 1
@@ -307,6 +324,9 @@ class WalBatch:
                 if table_id is None or table_id not in self.layouts:
                     continue  # not this target's, or changed before the table's creation event
                 layout_id = self.layouts[table_id]
+                if self._skipping is not None:  # pgturso.skip_transaction: its row changes are dropped
+                    self.skipped[self._skipping] = self.skipped.get(self._skipping, 0) + 1
+                    continue
                 layout = source.layout(layout_id)
                 positions = source.positions(relation, layout_id)
                 self.event_count += 1
@@ -379,6 +399,9 @@ class WalBatch:
             self.layouts.pop(table_id, None)
         elif table_id not in self.layouts:
             return None  # an event of a table whose creation event came before this slot: superseded by a re-copy
+        elif self._skipping is not None and op in "UDTP":
+            self.skipped[self._skipping] = self.skipped.get(self._skipping, 0) + int(row["nrows"])
+            return None  # a row change of a transaction skip_transaction dropped (its schema changes stay)
         return Event(int(row["id"]), xid, layout_id, op, int(row["nrows"]), row["payload"])
 
 
@@ -395,6 +418,7 @@ class WalOutbox(Outbox):
         self.slot_missing = False
         self.table_of_relid: dict[int, int] = {}
         self.target_of_table: dict[int, str] = {}
+        self.skips: dict[int, int] = {}  # xid of a skipped transaction: the WAL position it committed before
         self._positions: dict[tuple[int, int, tuple[str, ...]], list[int]] = {}
         self._encoders: dict[tuple[int, bool], str] = {}
         self._generated: dict[int, dict[str, str]] = {}
@@ -537,6 +561,13 @@ class WalOutbox(Outbox):
         rows = self.conn.execute(TABLES).fetchall()
         self.table_of_relid = {int(relid): int(table_id) for table_id, relid, _ in rows}
         self.target_of_table = {int(table_id): str(target) for table_id, _, target in rows}
+        skips = self.conn.execute(SKIPPED, {"target": self.target, "slot": self.slot}).fetchall()
+        self.skips = {int(xid): lsn_to_int(str(before)) for xid, before in skips}
+
+    def skip_of(self, xid: int, commit_lsn: int) -> tuple[int, int] | None:
+        """(xid, commit LSN) if pgturso.skip_transaction dropped this transaction for the target, else None."""
+        before = self.skips.get(xid)
+        return (xid, commit_lsn) if before is not None and commit_lsn < before else None
 
     def table_of_layout_id(self, layout_id: int) -> int | None:
         if layout_id not in self._table_of_layout:
@@ -597,6 +628,9 @@ class WalOutbox(Outbox):
                                              "rows": batch.rows, "target": self.target,
                                              "tables": list(rows_per_table),
                                              "table_rows": list(rows_per_table.values())})
+        for (xid, commit_lsn), rows in batch.skipped.items():
+            self.conn.execute(COUNT_SKIPPED, {"events": rows, "rows": rows, "target": self.target, "xid": xid,
+                                              "lsn": lsn_to_text(commit_lsn)})
 
     def mark_delivered(self, batch: WalBatch) -> None:  # type: ignore[override]
         """Count the batch and delete its outbox rows, then move the slot past it (Turso has it)."""
