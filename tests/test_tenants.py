@@ -296,3 +296,51 @@ def test_random_workload_converges_in_every_tenant_database(conn, dsn, tmp_path:
 
 class _Rollback(Exception):
     pass
+
+
+def test_one_worker_delivers_many_tenants_over_a_bounded_number_of_connections(conn, dsn, tmp_path: Path):
+    """200 tenants (an initial copy of 100 of them, live writes to all, 20 appearing under load) by one worker
+    with three tenant threads: Postgres never sees more than its four connections (three pool connections and
+    the scheduler's), its threads stay bounded, and every tenant's database holds exactly its rows."""
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("INSERT INTO orders SELECT g, 'c' || (g % 100), 'copied' FROM generate_series(1, 2000) g")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    worker = _start_worker(dsn, "--tenant-threads", "3")
+    seen_connections: list[int] = []
+    seen_threads: list[int] = []
+
+    def sample() -> None:
+        seen_connections.append(conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pgturso-worker%'").fetchone()[0])
+        assert worker.proc is not None
+        seen_threads.append(len(list(Path(f"/proc/{worker.proc.pid}/task").iterdir())))
+
+    try:
+        next_id = iter(range(10_000, 1_000_000))
+        for round_no in range(10):
+            with conn.transaction():  # one source transaction over 18 tenants and 20 more of them per round
+                for n in range(round_no * 18, round_no * 18 + 18):
+                    conn.execute("INSERT INTO orders VALUES (%s, %s, 'live')", (next(next_id), f"l{n}"))
+                for n in range(20):
+                    conn.execute("UPDATE orders SET item = item || '+' WHERE id = %s", (round_no * 200 + n * 10 + 1,))
+            if round_no == 5:  # tenants appearing under load
+                conn.execute("INSERT INTO orders SELECT 500000 + g, 'new' || g, 'late' FROM generate_series(1, 20) g")
+            sample()
+            time.sleep(0.2)
+        wait_until(lambda: (sample(), pending(conn) == 0)[1], 180, "every tenant to catch up")
+        for _ in range(5):  # and idle
+            sample()
+            time.sleep(0.2)
+        assert worker.stop() == 0, worker.output
+    finally:
+        if worker.proc is not None and worker.proc.poll() is None:
+            worker.kill()
+    tenants = [t for (t,) in conn.execute(
+        "SELECT tenant FROM pgturso.target WHERE pattern = 'tenant-%s' ORDER BY 1").fetchall()]
+    assert len(tenants) == 100 + 180 + 20
+    assert max(seen_connections) <= 4, seen_connections
+    assert max(seen_threads) <= 3 + 4, seen_threads  # the pool, the main thread and a few of Python's and pyturso's
+    for tenant in tenants:
+        assert tenant_rows(tmp_path / f"tenant-{tenant}.db", "SELECT id, item FROM orders ORDER BY id") == \
+            pg_tenant_rows(conn, tenant), tenant

@@ -1,19 +1,35 @@
 """``pgturso-worker run --target 'tenant-%s'``: deliver to every tenant database of a pattern target.
 
 Each tenant is a target of its own (a row of pgturso.target that pgturso._register_tenants created, with the
-pattern's URL and token unless an add_target of that name overrides them) and is delivered by its own
-``Worker`` on its own thread: its own connection, delivery lock, progress marker on its own database, commit
-order, retries and backoff, and row in pgturso.delivery_state. So one tenant whose database is slow, down or
-refusing a change holds back no other.
+pattern's URL and token unless an add_target of that name overrides them): its own progress marker on its own
+database, commit order, retries and backoff, and row in pgturso.delivery_state. One process delivers any number
+of them with bounded resources:
+
+- A scheduler (the main thread) finds the tenants with pending events (one index walk over the outbox's
+  tenants, not a query per tenant) and hands each a *step* (deliver one batch) on a pool of ``tenant_threads``
+  threads. Each pool thread has one Postgres connection; the scheduler has one more (tenant list, locks, LISTEN).
+  So connections and threads do not grow with the tenants: 1,000 tenants take ``tenant_threads + 1``
+  connections.
+- A tenant is stepped by one thread at a time, least recently served first, so one busy tenant does not starve
+  the others. A tenant whose step failed waits out its own backoff (``handle_failure``, as a single-target
+  worker does) without holding a thread; and at most half of the threads serve tenants that are failing, so
+  slow or down databases (each step bounded by request_timeout) never take every thread from the others.
+- Per-tenant state is a TenantWorker (a few kB). Its Turso connection (a file handle or an HTTP session) is
+  closed once the tenant has been idle for TARGET_IDLE_SECONDS, and at most MAX_OPEN_TARGETS stay open: an idle
+  tenant costs no connection, thread or file handle, and no CPU (only tenants with pending events are looked at).
+- The initial copy of a pattern's table is one job for all tenants (its chunks make events for each tenant),
+  and so is vacuuming the outbox.
 
 Several processes started for the same pattern share its tenants through Postgres alone: each holds a member
 lock (one of ``MAX_MEMBERS`` advisory locks of the pattern), counts the members alive, and delivers at most its
-fair share of the tenants, each under that tenant's delivery lock (``Worker._acquire_lock``). A process that
-dies loses its locks with its connections; the others' next scan takes its tenants over (the progress
-marker on each tenant's database fences a batch the dead process still had in flight).
+fair share of the tenants, each under that tenant's delivery lock, all held by the scheduler's connection. A
+process that dies loses its locks with that connection; the others' next scan takes its tenants over (the
+progress marker on each tenant's database fences a batch the dead process still had in flight). A scheduler
+that loses its connection forgets every tenant and takes them again (recovering each from its marker).
 
-Waking: the pattern worker holds the wake locks of the pattern's tables for as long as it runs, so every
-capture on them sends a NOTIFY; one LISTEN connection rings a bell that all tenant workers wait on.
+Waking: like a single-target worker, the scheduler holds the wake locks of the pattern's tables only while it
+has nothing to do, so writers send a NOTIFY only to wake an idle worker (capture.WAKE_LOCK_CLASS); while it is
+busy it looks for pending tenants every PENDING_EVERY_SECONDS instead.
 """
 
 from __future__ import annotations
@@ -24,80 +40,165 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import psycopg
 
-from .capture import WAKE_LOCK_CLASS
-from .errors import ConfigError
+from .errors import ConfigError, PgTursoError, StatementFailed, TursoRequestRejected, TursoUnavailable
 from .logs import event
 from .metrics import Metrics
+from .outbox import Outbox
 from .settings import Settings
-from .worker import EXIT_FATAL, EXIT_LOCKED, EXIT_OK, EXIT_RETRIES_EXHAUSTED, NOTIFY_CHANNEL, Worker, notified
+from .targets import redact_url
+from .worker import (
+    DELIVERY_LOCK_CLASS,
+    EXIT_FATAL,
+    EXIT_LOCKED,
+    EXIT_OK,
+    EXIT_RETRIES_EXHAUSTED,
+    NOTIFY_CHANNEL,
+    VACUUM_AFTER_ROWS,
+    VACUUM_EVERY_SECONDS,
+    Worker,
+    delivery_connection,
+    notified,
+    target_endpoint,
+)
 
 log = logging.getLogger("pgturso.fanout")
 
 MEMBER_LOCK_CLASS = int.from_bytes(b"pgtm", "big")
 MAX_MEMBERS = 64
-SCAN_SECONDS = 1.0
+SCAN_SECONDS = 1.0  # how often the tenant list and the members alive are read (new tenants, hand-overs)
+PENDING_EVERY_SECONDS = 0.05  # while busy: how often the outbox is asked which tenants have events
+COPY_CHECK_SECONDS = 0.5
+TARGET_IDLE_SECONDS = 10.0  # a tenant idle this long has its Turso connection (file handle, HTTP session) closed
+MAX_OPEN_TARGETS = 128  # Turso connections kept open at most (least recently used closed first)
 
 TENANTS = "SELECT name, tenant FROM pgturso.target WHERE pattern = %s ORDER BY name"
 PATTERN_EXISTS = "SELECT EXISTS (SELECT 1 FROM pgturso.target WHERE name = %s)"
+PATTERN_LAYOUTS = """
+    SELECT coalesce(array_agg(l.id), '{}') FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
+    WHERE t.target = %s
+"""
 MEMBERS_ALIVE = """
     SELECT count(*) FROM pg_locks l
     WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %(class)s::oid
       AND l.objid IN (SELECT hashtext(%(pattern)s || ':' || k)::oid FROM generate_series(0, %(max)s - 1) AS k)
 """
 TAKE_MEMBER_LOCK = "SELECT pg_try_advisory_lock(%s, hashtext(%s))"
-TAKE_WAKE_LOCKS = """
-    SELECT t.id FROM pgturso.tracked_table t
-    WHERE t.target = %(pattern)s AND NOT (t.id = ANY (%(held)s::int[])) AND pg_try_advisory_lock(%(class)s, t.id)
-"""
+TAKE_DELIVERY_LOCKS = "SELECT n, pg_try_advisory_lock(%s, hashtext(n)) FROM unnest(%s::text[]) AS n"
+RELEASE_DELIVERY_LOCKS = "SELECT pg_advisory_unlock(%s, hashtext(n)) FROM unnest(%s::text[]) AS n"
+# The distinct tenants with events of the pattern's tables: a walk of outbox_tenant_idx, one probe per tenant
+# that has events (the ones without cost nothing), instead of a scan of every pending event.
 PENDING_TENANTS = """
-    SELECT DISTINCT replace(%(pattern)s, '%%s', o.tenant) FROM pgturso.outbox o
-    JOIN pgturso.layout l ON l.id = o.layout_id JOIN pgturso.tracked_table t ON t.id = l.table_id
-    WHERE t.target = %(pattern)s AND o.tenant IS NOT NULL
+    WITH RECURSIVE pending(tenant) AS (
+        (SELECT o.tenant FROM pgturso.outbox o WHERE o.tenant IS NOT NULL AND o.layout_id = ANY (%(layouts)s)
+         ORDER BY o.tenant LIMIT 1)
+        UNION ALL
+        SELECT (SELECT o.tenant FROM pgturso.outbox o WHERE o.tenant > p.tenant AND o.layout_id = ANY (%(layouts)s)
+                ORDER BY o.tenant LIMIT 1)
+        FROM pending p WHERE p.tenant IS NOT NULL
+    )
+    SELECT tenant FROM pending WHERE tenant IS NOT NULL
 """
 COPYING = "SELECT EXISTS (SELECT 1 FROM pgturso.tracked_table WHERE target = %s AND copy_state = 'copying')"
-
-
-class Bell:
-    """Rung on every NOTIFY; tenant workers wait for the next ring (or their idle timeout)."""
-
-    def __init__(self) -> None:
-        self._rung = 0
-        self._cond = threading.Condition()
-
-    @property
-    def rung(self) -> int:
-        return self._rung
-
-    def ring(self) -> None:
-        with self._cond:
-            self._rung += 1
-            self._cond.notify_all()
-
-    def wait(self, seen: int, timeout: float) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: self._rung != seen, timeout=timeout)
+RECORD_STOPPED = """
+    UPDATE pgturso.delivery_state SET status = 'stopped', updated_at = now()
+    WHERE target = ANY (%(names)s) AND status <> 'stopped'
+"""
 
 
 class TenantWorker(Worker):
-    """A Worker for one tenant of a pattern: woken by the pattern worker's bell instead of its own LISTEN."""
+    """One tenant of a pattern: a Worker's delivery state and failure handling, stepped by the pattern's scheduler
+    on whichever pool connection is free, one batch per step."""
 
-    def __init__(self, dsn: str, settings: Settings, pattern: str, tenant: str, bell: Bell, metrics: Metrics) -> None:
+    def __init__(self, dsn: str, settings: Settings, pattern: str, tenant: str, metrics: Metrics,
+                 shared_layouts: Outbox | None, count_rows: Callable[[int], None]) -> None:
         super().__init__(dsn, settings, pattern=pattern, tenant=tenant)
-        self.bell = bell
-        self.metrics = metrics.member(f'target="{settings.target}"')  # served by the pattern worker
+        self.read_ahead = False  # one batch at a time on a pool thread: no sender thread per tenant
+        self.copy_enabled = False  # the pattern's initial copy is one job of the scheduler for every tenant
+        self.metrics = metrics
+        self._shared_layouts = shared_layouts
+        self._count_rows = count_rows
+        # Scheduling state (read and written by the scheduler's thread only).
+        self.running = False
+        self.due = True  # look at it: a first visit recovers it and records this worker as its deliverer
+        self.not_before = 0.0  # its backoff: not stepped again before this time
+        self.served_at = 0.0  # when its last step started (least recently served first)
+        self.used_at = 0.0  # when its Turso connection was last used
+        self.code: int | None = None  # why it stopped (--once: fatal, retries exhausted)
 
-    def _wait_for_changes(self) -> None:
-        assert self.outbox is not None
-        seen = self.bell.rung
-        if self.outbox.any_pending():
-            return
-        deadline = time.monotonic() + self.settings.idle_wait
-        while not self.stopping and time.monotonic() < deadline and self.bell.rung == seen:
-            self.bell.wait(seen, min(0.5, self.settings.idle_wait))
+    def attach(self, conn: psycopg.Connection[Any]) -> None:
+        """Deliver over ``conn`` (a pool connection) for this step."""
+        self.conn = conn
+        if self.outbox is None:
+            outbox = Outbox(conn, batch_rows=self.batch_rows, batch_events=self.batch_events,
+                            target=self.settings.target, max_group_bytes=self.settings.max_statement_bytes,
+                            pattern=self.pattern, tenant=self.tenant)
+            if self._shared_layouts is not None:  # layouts never change once committed: one cache for all tenants
+                outbox._layouts = self._shared_layouts._layouts
+                outbox._table_of_layout = self._shared_layouts._table_of_layout
+            self.source_id = f"{outbox.source_id()}/{self.settings.target}"
+            self.endpoint = target_endpoint(conn, self.settings)
+            self.outbox = outbox
+        else:
+            self.outbox.conn = conn
+
+    def step(self, connect: Callable[[], psycopg.Connection[Any]], once: bool) -> float | None:
+        """Deliver one batch. Returns when to look again: 0 (at once: more may be pending), a delay (a retry
+        after a failure), or None (nothing pending). Sets ``code`` when the tenant stops (--once)."""
+        retry_limit = self.settings.retry_limit or (3 if once else 0)
+        try:
+            self.attach(connect())
+            if not self.recovered:
+                if self.target is None:
+                    event(log, logging.INFO, "target", target=self.settings.target, url=redact_url(self.endpoint[0]))
+                self.recover()
+                self._record("delivering", worker=self.identity, starting=self.attempts == 0)
+            delivered = self.deliver_batch()
+            if self.attempts:
+                event(log, logging.INFO, "resumed", target=self.settings.target, after_attempts=self.attempts)
+                self._record("delivering", clear_error=True)  # delivery got past the error
+            self.attempts = 0
+            self._update_backlog(force=not delivered)
+            if delivered:
+                return 0.0
+            self._record("idle", clear_error=True)
+            return None
+        except (TursoUnavailable, psycopg.OperationalError, StatementFailed, TursoRequestRejected,
+                ConfigError, psycopg.errors.InsufficientPrivilege) as exc:
+            code, delay = self.handle_failure(exc, retry_limit, once)
+            if code is not None:
+                self.code = code
+                return None
+            return delay
+        finally:
+            self.used_at = time.monotonic()
+            self.conn = None  # the pool's connection, not this tenant's
+            if self.outbox is not None:
+                self.outbox.conn = None  # type: ignore[assignment]
+
+    def _disconnect(self) -> None:
+        if self.conn is not None:  # a pool connection that failed: the pool opens a new one for its next step
+            try:
+                self.conn.close()
+            except psycopg.Error:
+                pass
+        self.conn = None
+
+    def _vacuum_if_due(self, rows: int) -> None:
+        self._count_rows(rows)  # the scheduler vacuums the outbox for all tenants
+
+    def close_target(self) -> None:
+        if self.target is not None:
+            try:
+                self.target.close()
+            except Exception as exc:  # closing an unused connection: nothing of the tenant's data is at stake
+                event(log, logging.DEBUG, "close_failed", target=self.settings.target, error=repr(exc))
+            self.target = None
 
 
 class PatternWorker:
@@ -106,13 +207,35 @@ class PatternWorker:
         self.settings = settings
         self.pattern = settings.target
         self.stopping = False
-        self.bell = Bell()
-        self.threads: dict[str, tuple[threading.Thread, TenantWorker]] = {}
-        self.codes: dict[str, int] = {}
-        self.conn: psycopg.Connection[Any] | None = None
-        self.wake_locks: list[int] = []
+        self.once = False
+        self.threads = settings.tenant_threads
+        self.conn: psycopg.Connection[Any] | None = None  # the scheduler's: tenant list, locks, LISTEN
+        self.tenants: dict[str, TenantWorker] = {}  # the tenants whose delivery lock this process holds
+        self.orphans: dict[str, TenantWorker] = {}  # stepped when the scheduler lost its connection (and locks)
+        self.locked_elsewhere: set[str] = set()
         self.tried_at: dict[str, float] = {}
+        self.layouts: list[int] = []
+        self.layout_cache: Outbox | None = None
         self.metrics = Metrics()  # one endpoint, a sample per tenant labelled target="…"
+        self.tenant_metrics: dict[str, Metrics] = {}
+        self.pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="pgturso-tenant")
+        self._local = threading.local()
+        self._pool_conns: list[psycopg.Connection[Any]] = []
+        self._pool_lock = threading.Lock()
+        self.woken = threading.Event()  # a step or job ended
+        self.running: dict[str, Future[float | None]] = {}
+        self.job: Future[bool] | None = None  # the copy chunk or vacuum running, if any
+        self.copying = False
+        self._copy_checked = 0.0
+        self._scanned_at = 0.0
+        self._pending_at = 0.0
+        self._closed_at = 0.0
+        self._rows_lock = threading.Lock()
+        self._rows_since_vacuum = 0
+        self._vacuumed_at = time.monotonic()
+        self._codes: dict[str, int] = {}  # --once: tenants that stopped, and why
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
 
     def install_signal_handlers(self) -> None:
         def stop(signum: int, _frame: Any) -> None:
@@ -124,9 +247,7 @@ class PatternWorker:
 
     def stop(self) -> None:
         self.stopping = True
-        for _thread, worker in list(self.threads.values()):
-            worker.stopping = True
-        self.bell.ring()
+        self.woken.set()
 
     def _tenant_settings(self, name: str) -> Settings:
         # The flags' URL and token are the pattern's business (pgturso.target); metrics are served by the pattern
@@ -134,116 +255,348 @@ class PatternWorker:
         return dataclasses.replace(self.settings, target=name, url=None, auth_token=None, auth_token_file=None,
                                    metrics_port=0)
 
-    def _start(self, name: str, tenant: str, once: bool) -> None:
-        worker = TenantWorker(self.dsn, self._tenant_settings(name), self.pattern, tenant, self.bell, self.metrics)
-
-        def deliver() -> None:
-            try:
-                self.codes[name] = worker.run(once=once, standby=False)
-            except Exception as exc:  # a tenant's failure is reported, never the other tenants' problem
-                event(log, logging.ERROR, "tenant_failed", target=name, error=repr(exc))
-                self.codes[name] = EXIT_FATAL
-
-        thread = threading.Thread(target=deliver, name=f"pgturso-{name}", daemon=True)
-        self.threads[name] = (thread, worker)
-        thread.start()
-
     def _connect(self) -> psycopg.Connection[Any]:
         if self.conn is None or self.conn.closed:
-            self.conn = psycopg.connect(self.dsn, autocommit=True, application_name="pgturso-worker-pattern")
-            self.wake_locks = []
-            if not self.conn.execute(PATTERN_EXISTS, (self.pattern,)).fetchone()[0]:  # type: ignore[index]
+            self.conn = None
+            conn = delivery_connection(self.dsn, "pgturso-worker-pattern")
+            if not conn.execute(PATTERN_EXISTS, (self.pattern,)).fetchone()[0]:  # type: ignore[index]
+                conn.close()
                 raise ConfigError(f"there is no target named {self.pattern!r}; create it with SELECT "
                                   f"pgturso.add_target('{self.pattern}', 'libsql://…%s…', 'token')")
             for slot in range(MAX_MEMBERS):
-                if self.conn.execute(TAKE_MEMBER_LOCK, (MEMBER_LOCK_CLASS, f"{self.pattern}:{slot}")).fetchone()[0]:  # type: ignore[index]
+                if conn.execute(TAKE_MEMBER_LOCK, (MEMBER_LOCK_CLASS, f"{self.pattern}:{slot}")).fetchone()[0]:  # type: ignore[index]
                     break
-            self.conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            self.conn = conn
+            self.layout_cache = Outbox(conn, batch_rows=1, batch_events=1, target=self.pattern)
+            self._scanned_at = 0.0
         return self.conn
 
+    def _lose_connection(self) -> None:
+        """The scheduler's connection is gone, and every delivery lock with it: another worker may take any of
+        these tenants now. Forget them (a step still running finishes, fenced by the marker); take them again,
+        recovering each from its marker, once connected."""
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except psycopg.Error:
+                pass
+        self.conn = None
+        for name, tenant in self.tenants.items():
+            if tenant.running:
+                self.orphans[name] = tenant
+            else:
+                tenant.close_target()
+        self.tenants = {}
+
+    def _pool_connection(self) -> psycopg.Connection[Any]:
+        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            if conn is not None:
+                conn.close()
+            conn = delivery_connection(self.dsn, "pgturso-worker-tenant")
+            self._local.conn = conn
+            with self._pool_lock:
+                self._pool_conns = [c for c in self._pool_conns if not c.closed] + [conn]
+        return conn
+
+    # -- tenants: who delivers which ---------------------------------------------------------------------------
+
     def _scan(self, once: bool) -> None:
-        """Start a worker for each tenant this process should deliver and is not delivering yet."""
+        """Read the pattern's tenants and the members alive; take the delivery locks of up to a fair share of
+        the tenants (all of them with --once), hand the excess over when another worker joined."""
         conn = self._connect()
-        self.wake_locks += [r[0] for r in conn.execute(
-            TAKE_WAKE_LOCKS, {"pattern": self.pattern, "held": self.wake_locks, "class": WAKE_LOCK_CLASS}).fetchall()]
-        tenants = conn.execute(TENANTS, (self.pattern,)).fetchall()
+        self._scanned_at = time.monotonic()
+        self.layouts = list(conn.execute(PATTERN_LAYOUTS, (self.pattern,)).fetchone()[0])  # type: ignore[index]
+        known = dict(conn.execute(TENANTS, (self.pattern,)).fetchall())
         members = max(1, conn.execute(MEMBERS_ALIVE, {"class": MEMBER_LOCK_CLASS, "pattern": self.pattern,  # type: ignore[index]
                                                       "max": MAX_MEMBERS}).fetchone()[0])
-        share = math.ceil(len(tenants) / members) if not once else len(tenants)
-        for name, _ in list(self.threads.items()):
-            thread, _worker = self.threads[name]
-            if not thread.is_alive():
-                del self.threads[name]
-        # Running and not handed over yet; the ones holding their tenant's lock first, so the excess handed over
-        # is made of those still starting (and perhaps about to find the tenant taken) before delivering ones.
-        owned = sorted((name for name, (_thread, worker) in self.threads.items()
-                        if self.codes.get(name) is None and not worker.stopping),
-                       key=lambda name: (self.threads[name][1].locked_conn is None, name))
-        for name in owned[share:]:  # more than a fair share (another worker joined): hand the rest over
-            self.threads[name][1].stopping = True
-        owned = owned[:share]
+        share = len(known) if once else math.ceil(len(known) / members)
+        gone = [name for name in self.tenants if name not in known and not self.tenants[name].running]
+        excess = len(self.tenants) - len(gone) - share
+        if excess > 0:  # another worker joined: hand over the idle tenants first, then those not running
+            idle_first = sorted((t for n, t in self.tenants.items() if n not in gone and not t.running),
+                                key=lambda t: (t.due, t.served_at))
+            gone += [t.settings.target for t in idle_first[:excess]]
+        if gone:
+            for name in gone:
+                tenant = self.tenants.pop(name)
+                tenant.close_target()
+            conn.execute(RELEASE_DELIVERY_LOCKS, (DELIVERY_LOCK_CLASS, gone))
+            event(log, logging.INFO, "handed_over", target=self.pattern, tenants=len(gone))
+        want = share - len(self.tenants)
         # Least recently tried first: tenants another worker holds do not keep this one from the free ones.
-        for name, tenant in sorted(tenants, key=lambda t: self.tried_at.get(t[0], 0.0)):
-            if self.stopping or len(owned) >= share:
+        candidates = sorted((n for n in known if n not in self.tenants and n not in self.orphans),
+                            key=lambda n: self.tried_at.get(n, 0.0))
+        now = time.monotonic()
+        while want > 0 and candidates and not self.stopping:
+            chunk, candidates = candidates[:want], candidates[want:]
+            for name, taken in conn.execute(TAKE_DELIVERY_LOCKS, (DELIVERY_LOCK_CLASS, chunk)).fetchall():
+                self.tried_at[name] = now
+                if taken:
+                    self.tenants[name] = self._tenant(name, known[name])
+                    self.locked_elsewhere.discard(name)
+                    want -= 1
+                else:
+                    self.locked_elsewhere.add(name)
+
+    def _tenant(self, name: str, tenant: str) -> TenantWorker:
+        if name not in self.tenant_metrics:
+            self.tenant_metrics[name] = self.metrics.member(f'target="{name}"')
+        return TenantWorker(self.dsn, self._tenant_settings(name), self.pattern, tenant, self.tenant_metrics[name],
+                            self.layout_cache, self._count_rows)
+
+    def _count_rows(self, rows: int) -> None:
+        with self._rows_lock:
+            self._rows_since_vacuum += rows
+
+    # -- scheduling ----------------------------------------------------------------------------------------------
+
+    def _refresh_pending(self, force: bool = False) -> None:
+        """Mark the tenants with pending events as due (at most every PENDING_EVERY_SECONDS unless ``force``)."""
+        now = time.monotonic()
+        if not force and now - self._pending_at < PENDING_EVERY_SECONDS:
+            return
+        self._pending_at = now
+        assert self.conn is not None
+        for (value,) in self.conn.execute(PENDING_TENANTS, {"layouts": self.layouts}).fetchall():
+            tenant = self.tenants.get(self.pattern.replace("%s", value))
+            if tenant is not None:
+                tenant.due = True
+
+    def _collect(self) -> None:
+        """Take the results of the steps and jobs that ended."""
+        now = time.monotonic()
+        for name, future in list(self.running.items()):
+            if not future.done():
+                continue
+            del self.running[name]
+            tenant = self.tenants.get(name)
+            orphan = self.orphans.pop(name, None)
+            if tenant is None or (orphan is not None and orphan is not tenant):
+                if orphan is not None:
+                    orphan.running = False
+                    orphan.close_target()
+                continue
+            tenant.running = False
+            try:
+                again = future.result()
+            except Exception as exc:  # a tenant's failure is reported, never the other tenants' problem
+                event(log, logging.ERROR, "tenant_failed", target=name, error=repr(exc))
+                tenant.close_target()
+                tenant.recovered = False
+                tenant.attempts += 1
+                tenant.code = EXIT_FATAL
+                again = self.settings.retry_max_delay
+            if tenant.code is not None:
+                self._codes[name] = tenant.code
+                if self.once:
+                    tenant.due = False
+                    continue
+                # Running on: a tenant that stopped is tried again later (its error stays in pgturso.status).
+                tenant.code = None
+                again = self.settings.retry_max_delay
+            if again is not None:
+                tenant.due = True
+                tenant.not_before = now + again
+        if self.job is not None and self.job.done():
+            job, self.job = self.job, None
+            try:
+                self.copying = job.result()
+            except (psycopg.Error, PgTursoError) as exc:
+                event(log, logging.WARNING, "retry", target=self.pattern, job="copy", error=str(exc).strip())
+                self._copy_checked = now + self.settings.retry_base_delay
+
+    def _dispatch(self) -> None:
+        now = time.monotonic()
+        free = self.threads - len(self.running) - (self.job is not None)
+        if free <= 0:
+            return
+        if self.job is None and self._job_due(now):
+            self.job = self.pool.submit(self._run_job)
+            free -= 1
+        ready = [t for t in self.tenants.values()
+                 if t.due and not t.running and t.code is None and t.not_before <= now]
+        if not ready:
+            return
+        ready.sort(key=lambda t: t.served_at)
+        # Tenants that are failing (slow or down databases) may take at most half of the threads.
+        failing_allowed = max(1, self.threads // 2) - sum(1 for n in self.running
+                                                          if n in self.tenants and self.tenants[n].attempts)
+        for tenant in ready:
+            if free <= 0:
                 break
-            if once and self.codes.get(name) == EXIT_LOCKED:
-                continue  # another worker delivers it
-            if name not in self.threads:
-                self.codes.pop(name, None)
-                self.tried_at[name] = time.monotonic()
-                self._start(name, tenant, once)
-                owned.append(name)
+            if tenant.attempts:
+                if failing_allowed <= 0:
+                    continue
+                failing_allowed -= 1
+            tenant.due = False
+            tenant.running = True
+            tenant.served_at = now
+            self.running[tenant.settings.target] = self.pool.submit(self._run_step, tenant)
+            free -= 1
+
+    def _run_step(self, tenant: TenantWorker) -> float | None:
+        try:
+            return tenant.step(self._pool_connection, self.once)
+        finally:
+            self.woken.set()
+
+    def _job_due(self, now: float) -> bool:
+        if now < self._copy_checked:
+            return False
+        with self._rows_lock:
+            vacuum = self._rows_since_vacuum >= VACUUM_AFTER_ROWS and now - self._vacuumed_at >= VACUUM_EVERY_SECONDS
+        return vacuum or self.copying or now - self._copy_checked >= COPY_CHECK_SECONDS
+
+    def _run_job(self) -> bool:
+        """The pattern's own work on a pool connection: vacuum the outbox when due, else queue one chunk of an
+        initial copy (its events go to every tenant). Returns whether a copy is in progress."""
+        try:
+            conn = self._pool_connection()
+            outbox = Outbox(conn, batch_rows=1, batch_events=1, target=self.pattern)
+            now = time.monotonic()
+            with self._rows_lock:
+                vacuum = (self._rows_since_vacuum >= VACUUM_AFTER_ROWS
+                          and now - self._vacuumed_at >= VACUUM_EVERY_SECONDS)
+                if vacuum:
+                    self._rows_since_vacuum, self._vacuumed_at = 0, now
+            if vacuum:
+                outbox.vacuum()
+                return self.copying
+            self._copy_checked = now
+            chunk = outbox.copy_chunk(self.settings.copy_chunk_rows)
+            if chunk is None:
+                return False
+            table, copied, done, total = chunk
+            event(log, logging.INFO, "copy", target=self.pattern, table=table, rows=copied, done=done,
+                  total=total if total else "?")
+            return True
+        finally:
+            self.woken.set()
+
+    def _close_idle_targets(self) -> None:
+        """Close the Turso connections of tenants idle for a while, and the least recently used beyond
+        MAX_OPEN_TARGETS: an idle tenant holds no file handle or socket."""
+        now = self._closed_at = time.monotonic()
+        open_targets = sorted((t for t in self.tenants.values() if t.target is not None and not t.running),
+                              key=lambda t: t.used_at)
+        excess = len(open_targets) - MAX_OPEN_TARGETS
+        for number, tenant in enumerate(open_targets):
+            if number < excess or now - tenant.used_at > TARGET_IDLE_SECONDS:
+                tenant.close_target()
+
+    def _has_work(self, now: float) -> bool:
+        return self.copying or any(t.due and t.code is None and t.not_before <= now for t in self.tenants.values())
+
+    def _sleep_until_changes(self) -> None:
+        """Nothing to do: sleep holding the pattern tables' wake locks (writers then NOTIFY) until a NOTIFY, the
+        next backoff to expire, the next scan or idle_wait."""
+        assert self.conn is not None and self.layout_cache is not None
+        now = time.monotonic()
+        waits = [t.not_before for t in self.tenants.values() if t.due and t.code is None]
+        deadline = min([now + self.settings.idle_wait, self._scanned_at + SCAN_SECONDS, *waits])
+        outbox = self.layout_cache
+        held, all_taken = outbox.take_wake_locks()
+        try:
+            if not all_taken:
+                # A writer that found us busy holds its table's lock until it commits, or another worker of the
+                # pattern sleeps holding them (its NOTIFY reaches us too): look again shortly.
+                notified(self.conn, min(max(deadline - now, 0.0), PENDING_EVERY_SECONDS * 2))
+                return
+            self._refresh_pending(force=True)  # committed before we held the locks, without a NOTIFY
+            if self._has_work(time.monotonic()):
+                return
+            while not self.stopping and time.monotonic() < deadline:
+                if notified(self.conn, min(1.0, max(deadline - time.monotonic(), 0.0))):
+                    self._refresh_pending(force=True)
+                    return
+        finally:
+            outbox.release_wake_locks(held)
+
+    def _wait_for_steps(self) -> None:
+        """Busy: wait for a step to end (or the next look for pending tenants); consume NOTIFYs meanwhile."""
+        self.woken.wait(PENDING_EVERY_SECONDS)
+        self.woken.clear()
+        assert self.conn is not None
+        notified(self.conn, 0)
 
     def run(self, once: bool = False) -> int:
-        event(log, logging.INFO, "starting", target=self.pattern, once=once)
+        self.once = once
+        event(log, logging.INFO, "starting", target=self.pattern, once=once, threads=self.threads)
         if self.settings.metrics_port:
             port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
             event(log, logging.INFO, "metrics", listen=f"{self.settings.metrics_host}:{port}")
         try:
-            if once:
-                return self._run_once()
             while not self.stopping:
                 try:
-                    self._scan(once=False)
-                    deadline = time.monotonic() + SCAN_SECONDS
-                    while not self.stopping and time.monotonic() < deadline:
-                        assert self.conn is not None
-                        if notified(self.conn, 0.2):
-                            self.bell.ring()
+                    self._connect()
+                    now = time.monotonic()
+                    if now - self._scanned_at >= SCAN_SECONDS:
+                        self._scan(once)
+                    self._collect()
+                    if len(self.running) + (self.job is not None) < self.threads:
+                        self._refresh_pending()
+                        self._dispatch()
+                    if now - self._closed_at >= 0.2:
+                        self._close_idle_targets()
+                    if self.running or self.job is not None or self._has_work(time.monotonic()):
+                        self._wait_for_steps()
+                    elif once:
+                        if self._finished_once():
+                            break
+                        self._wait_for_steps()  # a tenant waits out its backoff
+                    else:
+                        self._sleep_until_changes()
                 except psycopg.OperationalError as exc:
-                    event(log, logging.WARNING, "retry", error=str(exc).strip())
-                    self.conn = None
+                    event(log, logging.WARNING, "retry", target=self.pattern, error=str(exc).strip())
+                    self._lose_connection()
                     time.sleep(self.settings.retry_base_delay)
-            return EXIT_OK
+            return self._exit_code(once)
         except ConfigError as exc:
             event(log, logging.ERROR, "stopped", error=str(exc))
             return EXIT_FATAL
         finally:
-            self.stop()
-            for thread, _worker in list(self.threads.values()):
-                thread.join(timeout=30)
-            if self.conn is not None:
-                self.conn.close()
-            self.metrics.close()
+            self._shut_down()
 
-    def _run_once(self) -> int:
-        """Deliver everything committed for every tenant (new tenants that appear meanwhile included); tenants
-        another worker delivers are left to it."""
-        while not self.stopping:
-            self._scan(once=True)
-            for thread, _worker in list(self.threads.values()):
-                thread.join()
-            failed = [code for code in self.codes.values() if code not in (EXIT_OK, EXIT_LOCKED)]
-            if failed:
-                return EXIT_FATAL if EXIT_FATAL in failed else EXIT_RETRIES_EXHAUSTED
-            assert self.conn is not None
-            locked = {name for name, code in self.codes.items() if code == EXIT_LOCKED}
-            known = {name for name, _ in self.conn.execute(TENANTS, (self.pattern,)).fetchall()}
-            pending = {r[0] for r in self.conn.execute(PENDING_TENANTS, {"pattern": self.pattern}).fetchall()}
-            copying = self.conn.execute(COPYING, (self.pattern,)).fetchone()[0]  # type: ignore[index]
-            todo = ((known - set(self.codes)) | pending) - locked
-            if not todo and not (copying and len(locked) < len(known)):
-                return EXIT_LOCKED if self.codes and locked == set(self.codes) else EXIT_OK
-            self.threads.clear()
-            self.codes = {name: EXIT_LOCKED for name in locked}
+    def _finished_once(self) -> bool:
+        """--once: nothing left for the tenants this worker holds? Look once more (new tenants included)."""
+        if self.copying or time.monotonic() < self._copy_checked:
+            return False
+        if any(t.due and t.code is None for t in self.tenants.values()):
+            return False  # one waits out its backoff
+        self._scan(once=True)
+        self._refresh_pending(force=True)
+        if self._has_work(time.monotonic()) or any(not t.recovered and t.code is None for t in self.tenants.values()):
+            return False
+        assert self.conn is not None
+        return not self.conn.execute(COPYING, (self.pattern,)).fetchone()[0]  # type: ignore[index]
+
+    def _exit_code(self, once: bool) -> int:
+        codes = set(self._codes.values()) if once else set()
+        if EXIT_FATAL in codes:
+            return EXIT_FATAL
+        if EXIT_RETRIES_EXHAUSTED in codes:
+            return EXIT_RETRIES_EXHAUSTED
+        if once and not self.tenants and self.locked_elsewhere:
+            return EXIT_LOCKED
         return EXIT_OK
+
+    def _shut_down(self) -> None:
+        self.stopping = True
+        self.pool.shutdown(wait=True)  # each step ends within request_timeout
+        self._collect()
+        names = [name for name, t in self.tenants.items() if t.code is None or not self.once]
+        if names and self.conn is not None and not self.conn.closed:
+            try:
+                self.conn.execute(RECORD_STOPPED, {"names": names})
+            except psycopg.Error as exc:
+                event(log, logging.WARNING, "state_not_recorded", status="stopped", error=str(exc).strip())
+        for tenant in [*self.tenants.values(), *self.orphans.values()]:
+            tenant.close_target()
+        with self._pool_lock:
+            for conn in self._pool_conns:
+                conn.close()
+        if self.conn is not None:
+            self.conn.close()
+        self.metrics.close()

@@ -73,7 +73,7 @@ SETTINGS: tuple[Setting, ...] = (
             f"default is {DEFAULT_URL})"),
     Setting("target", "default", str, "the named target to deliver to (pgturso.add_target); its URL and token "
             "come from pgturso.target unless given here. A pattern target (its name holds the tenant "
-            "placeholder) delivers every tenant database of the pattern, each on its own thread"),
+            "placeholder) delivers every tenant database of the pattern (see tenant_threads)"),
     Setting("auth_token", None, str, "Turso auth token (Bearer); never put it in postgresql.conf",
             in_postgresql_conf=False),
     Setting("auth_token_file", None, str, "file holding the Turso auth token"),
@@ -97,6 +97,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("retry_base_delay", 0.5, _positive_float, "first retry delay in seconds (doubles, with jitter)"),
     Setting("retry_max_delay", 30.0, _positive_float, "cap of the retry delay in seconds"),
     Setting("retry_limit", 0, _non_negative_int, "retries before giving up; 0: forever (run), 3 (--once)"),
+    Setting("tenant_threads", 4, _positive_int, "a pattern target's worker: tenant databases delivered at once, "
+            "each by a thread with its own Postgres connection (one more connection watches the tenants); any "
+            "number of tenants shares them"),
     Setting("log_level", "info", _choice("debug", "info", "warning", "error"), "log level"),
     Setting("log_format", "text", _choice("text", "json"), "log lines as key=value text or JSON"),
     Setting("metrics_port", 0, _non_negative_int, "serve Prometheus metrics on 127.0.0.1:PORT; 0: off"),
@@ -125,6 +128,7 @@ class Settings:
     retry_base_delay: float
     retry_max_delay: float
     retry_limit: int
+    tenant_threads: int
     log_level: str
     log_format: str
     metrics_port: int

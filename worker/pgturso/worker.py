@@ -103,6 +103,22 @@ def target_endpoint(conn: psycopg.Connection[Any], settings: Settings) -> tuple[
     return url, settings.token() or row_token
 
 
+def delivery_connection(dsn: str, application_name: str = "pgturso-worker") -> psycopg.Connection[Any]:
+    """A connection set up to read batches: a worker's own, or one of a pattern worker's pool (fanout.py)."""
+    # No server-side prepared statements: the batch queries need plans for their actual bounds (a
+    # generic plan scans the whole outbox); no JIT: these are small, frequent queries.
+    conn = psycopg.connect(dsn, autocommit=True, application_name=application_name, prepare_threshold=None)
+    conn.execute("SET jit = off")
+    conn.execute("SET work_mem = '64MB'")  # a batch's events are grouped in one sort; keep it in memory
+    # Every name the worker uses is qualified or built in: no function or operator from a schema that other
+    # roles may create in (public, "$user") can stand in for a built-in one; and string constants mean what
+    # they say whatever the database's standard_conforming_strings default is (docs/security.md).
+    for setting in SESSION_SETTINGS:
+        conn.execute(setting)
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    return conn
+
+
 def notified(conn: psycopg.Connection[Any], timeout: float) -> bool:
     """Whether a NOTIFY arrived on the idle LISTEN connection within ``timeout`` seconds. Written against
     libpq directly: Debian 12's python3-psycopg (3.1), which the background worker runs with, has no
@@ -162,6 +178,7 @@ class Worker:
         self._lock_timeouts = 0  # TRANSACTION_TIMEOUTs in a row of single-transaction batches
         self.capture = "trigger"
         self._last_status = ""
+        self.attempts = 0  # failed delivery attempts in a row (the retry/backoff count)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -204,17 +221,7 @@ class Worker:
         # A batch still in flight belonged to the lost connection's transaction: let it end before anything
         # else talks to Turso; the marker says whether it committed.
         self._abandon_in_flight(None)
-        # No server-side prepared statements: the batch queries need plans for their actual bounds (a
-        # generic plan scans the whole outbox); no JIT: these are small, frequent queries.
-        conn = psycopg.connect(self.dsn, autocommit=True, application_name="pgturso-worker", prepare_threshold=None)
-        conn.execute("SET jit = off")
-        conn.execute("SET work_mem = '64MB'")  # a batch's events are grouped in one sort; keep it in memory
-        # Every name the worker uses is qualified or built in: no function or operator from a schema that other
-        # roles may create in (public, "$user") can stand in for a built-in one; and string constants mean what
-        # they say whatever the database's standard_conforming_strings default is (docs/security.md).
-        for setting in SESSION_SETTINGS:
-            conn.execute(setting)
-        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn = delivery_connection(self.dsn)
         self.conn = conn
         capture = self._capture_mode(conn)
         source = WalOutbox if capture == "wal" else Outbox
@@ -612,7 +619,7 @@ class Worker:
         """Deliver until stopped (or, with ``once``, until nothing committed is left). Returns an exit code.
 
         ``standby``: wait for the delivery lock while another worker holds it (else return EXIT_LOCKED)."""
-        attempts = 0
+        self.attempts = 0
         retry_limit = self.settings.retry_limit or (3 if once else 0)
         event(log, logging.INFO, "starting", target=self.settings.target, once=once)
         if self.settings.metrics_port:
@@ -636,13 +643,13 @@ class Worker:
                             event(log, logging.INFO, "target", target=self.settings.target,
                                   url=redact_url(self.endpoint[0]))
                         self.recover()
-                        self._record("delivering", worker=self.identity, starting=attempts == 0)
+                        self._record("delivering", worker=self.identity, starting=self.attempts == 0)
                     copied = self.copy_step()
                     delivered = self.deliver_batch()
-                    if attempts:
-                        event(log, logging.INFO, "resumed", after_attempts=attempts)
+                    if self.attempts:
+                        event(log, logging.INFO, "resumed", after_attempts=self.attempts)
                         self._record("delivering", clear_error=True)  # delivery got past the error
-                    attempts = 0
+                    self.attempts = 0
                     self._update_backlog(force=not delivered)
                     if delivered or copied or self.copy_step(look=True):
                         continue
@@ -652,55 +659,12 @@ class Worker:
                         return EXIT_OK
                     self._record("idle", clear_error=True)
                     self._wait_for_changes()
-                except (TursoUnavailable, psycopg.OperationalError) as exc:
-                    self._abandon_in_flight(exc)
-                    exc = self._explain_transient(exc)
-                    attempts += 1
-                    if retry_limit and attempts > retry_limit:
-                        event(log, logging.ERROR, "giving_up", attempts=attempts - 1, error=str(exc).strip())
-                        self._record("stopped", error=f"gave up after {attempts - 1} retries: {exc}")
-                        return EXIT_RETRIES_EXHAUSTED
-                    delay = retry_delay(attempts, self.settings.retry_base_delay, self.settings.retry_max_delay,
-                                        getattr(exc, "retry_after", None))
-                    self.metrics.add("pgturso_retries_total")
-                    self.metrics.set("pgturso_up", 0)
-                    event(log, logging.WARNING, "retry", target=self.settings.target, attempt=attempts,
-                          delay_s=round(delay, 2), error=str(exc).strip())
-                    if isinstance(exc, RequestTooLarge) and self.outbox is not None and self.target is not None:
-                        limit = getattr(self.target, "max_request_bytes", self.outbox.max_group_bytes)
-                        self.outbox.max_group_bytes = min(self.outbox.max_group_bytes, max(limit // 2, 32 << 10))
-                    if isinstance(exc, psycopg.OperationalError):
-                        self._disconnect()
-                    else:
-                        self._record("retrying", error=str(exc), retry=True)
-                    self.recovered = False
+                except (TursoUnavailable, psycopg.OperationalError, StatementFailed, TursoRequestRejected,
+                        ConfigError, psycopg.errors.InsufficientPrivilege) as exc:
+                    code, delay = self.handle_failure(exc, retry_limit, once)
+                    if code is not None:
+                        return code
                     self._sleep(delay)
-                except StatementFailed as exc:
-                    self._abandon_in_flight(exc)
-                    if self.isolating_until is None:
-                        # Deliver one source transaction at a time up to the failure, to find the one Turso
-                        # refuses and apply everything before it.
-                        self.isolating_until = self._failed_batch_end()
-                        if self.isolating_until is not None:
-                            event(log, logging.WARNING, "isolating", error=str(exc))
-                            continue
-                    txid = exc.txids[0] if len(exc.txids) == 1 else None
-                    self.metrics.add("pgturso_errors_total")
-                    event(log, logging.ERROR, "blocked", table=exc.table or "-", txid=txid or "-", error=str(exc))
-                    self._record("blocked", error=str(exc), table=exc.table or None, txid=txid)
-                    if once:
-                        return EXIT_FATAL
-                    attempts += 1
-                    self._sleep(backoff_delay(attempts, self.settings.retry_base_delay,
-                                              self.settings.retry_max_delay))
-                except (TursoRequestRejected, ConfigError, psycopg.errors.InsufficientPrivilege) as exc:
-                    self._abandon_in_flight(exc)
-                    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
-                        exc = self._explain_missing_right(exc)
-                    self.metrics.add("pgturso_errors_total")
-                    event(log, logging.ERROR, "stopped", error=str(exc))
-                    self._record("stopped", error=str(exc))
-                    return EXIT_FATAL
             try:
                 self._finish_in_flight()
             except (PgTursoError, psycopg.Error) as exc:
@@ -710,6 +674,59 @@ class Worker:
         finally:
             self.close()
             self.metrics.close()
+
+    def handle_failure(self, exc: Exception, retry_limit: int, once: bool) -> tuple[int | None, float]:
+        """What a failed delivery step means: (an exit code to stop with, or None to go on; seconds to wait
+        first). Counts the attempt, logs it and shows it in pgturso.status."""
+        if isinstance(exc, (TursoUnavailable, psycopg.OperationalError)):
+            self._abandon_in_flight(exc)
+            exc = self._explain_transient(exc)
+            self.attempts += 1
+            if retry_limit and self.attempts > retry_limit:
+                event(log, logging.ERROR, "giving_up", target=self.settings.target, attempts=self.attempts - 1,
+                      error=str(exc).strip())
+                self._record("stopped", error=f"gave up after {self.attempts - 1} retries: {exc}")
+                return EXIT_RETRIES_EXHAUSTED, 0.0
+            delay = retry_delay(self.attempts, self.settings.retry_base_delay, self.settings.retry_max_delay,
+                                getattr(exc, "retry_after", None))
+            self.metrics.add("pgturso_retries_total")
+            self.metrics.set("pgturso_up", 0)
+            event(log, logging.WARNING, "retry", target=self.settings.target, attempt=self.attempts,
+                  delay_s=round(delay, 2), error=str(exc).strip())
+            if isinstance(exc, RequestTooLarge) and self.outbox is not None and self.target is not None:
+                limit = getattr(self.target, "max_request_bytes", self.outbox.max_group_bytes)
+                self.outbox.max_group_bytes = min(self.outbox.max_group_bytes, max(limit // 2, 32 << 10))
+            if isinstance(exc, psycopg.OperationalError):
+                self._disconnect()
+            else:
+                self._record("retrying", error=str(exc), retry=True)
+            self.recovered = False
+            return None, delay
+        if isinstance(exc, StatementFailed):
+            self._abandon_in_flight(exc)
+            if self.isolating_until is None:
+                # Deliver one source transaction at a time up to the failure, to find the one Turso
+                # refuses and apply everything before it.
+                self.isolating_until = self._failed_batch_end()
+                if self.isolating_until is not None:
+                    event(log, logging.WARNING, "isolating", target=self.settings.target, error=str(exc))
+                    return None, 0.0
+            txid = exc.txids[0] if len(exc.txids) == 1 else None
+            self.metrics.add("pgturso_errors_total")
+            event(log, logging.ERROR, "blocked", target=self.settings.target, table=exc.table or "-",
+                  txid=txid or "-", error=str(exc))
+            self._record("blocked", error=str(exc), table=exc.table or None, txid=txid)
+            if once:
+                return EXIT_FATAL, 0.0
+            self.attempts += 1
+            return None, backoff_delay(self.attempts, self.settings.retry_base_delay, self.settings.retry_max_delay)
+        self._abandon_in_flight(exc)  # a request Turso rejects, a configuration error, a missing right: no retry
+        if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+            exc = self._explain_missing_right(exc)
+        self.metrics.add("pgturso_errors_total")
+        event(log, logging.ERROR, "stopped", target=self.settings.target, error=str(exc))
+        self._record("stopped", error=str(exc))
+        return EXIT_FATAL, 0.0
 
     def _update_backlog(self, force: bool) -> None:
         """Refresh the backlog gauges (a count over the outbox: at most every few seconds while busy)."""
