@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import WORKER, pending
+from conftest import WORKER, pending, run_worker
 from support.turso import TursoServer
 from support.workers import WorkerProcess, wait_until
 from test_tenants import drain_pattern, pg_tenant_rows, tenant_rows
@@ -167,6 +167,82 @@ def test_a_tenant_whose_database_was_down_gets_the_reference_changes_it_missed(c
     finally:
         if worker is not None and worker.proc is not None and worker.proc.poll() is None:
             worker.kill()
+        for server in servers.values():
+            server.cleanup()
+
+
+def test_roles_without_rights_on_pgturso_write_alter_and_copy_a_partitioned_filtered_reference_table(
+        conn, dsn, tmp_path: Path):
+    """The application's role (owner of the tables, no superuser) writes, attaches partitions and alters a
+    reference table and brings new tenants; a worker role set up by grant_worker copies it in chunks. The
+    fan-out runs inside pgturso's own functions, so neither needs a right on pgturso's tables."""
+    from test_security import login_role
+
+    with login_role(conn, dsn, "ref_owner") as owner_dsn, login_role(conn, dsn, "pgturso_worker") as worker_dsn:
+        conn.execute("SELECT pgturso.grant_worker('pgturso_worker')")
+        conn.execute("GRANT CREATE ON SCHEMA public TO ref_owner")
+        conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+        with psycopg.connect(owner_dsn, autocommit=True) as owner:
+            owner.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL)")
+            owner.execute("CREATE TABLE plans (id int PRIMARY KEY, name text, active boolean NOT NULL) "
+                          "PARTITION BY RANGE (id)")
+            owner.execute("CREATE TABLE plans_1 PARTITION OF plans FOR VALUES FROM (0) TO (100)")
+            owner.execute("INSERT INTO plans SELECT g, 'p' || g, g % 2 = 0 FROM generate_series(1, 60) AS g")
+            conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+            conn.execute("SELECT pgturso.track_table('plans', target => 'tenant-%s', row_filter => 'active')")
+            owner.execute("INSERT INTO orders VALUES (1, 'acme')")  # a new tenant, registered through capture
+            owner.execute("UPDATE plans SET active = NOT active WHERE id <= 4")  # rows moving in and out
+            owner.execute("CREATE TABLE plans_2 (id int NOT NULL, name text, active boolean NOT NULL)")
+            owner.execute("INSERT INTO plans_2 VALUES (150, 'attached', true), (151, 'filtered out', false)")
+            owner.execute("ALTER TABLE plans ATTACH PARTITION plans_2 FOR VALUES FROM (100) TO (200)")
+            owner.execute("INSERT INTO orders VALUES (2, 'globex')")
+            owner.execute("ALTER TABLE plans ADD COLUMN tier text DEFAULT 'std'")  # a recopy
+            owner.execute("UPDATE plans SET tier = 'gold' WHERE id = 150")
+        conn.execute("SELECT pgturso.resync_table('plans')")  # copied by the worker, in chunks
+        result = run_worker(worker_dsn, "", "--target", "tenant-%s", env={"PGTURSO_COPY_CHUNK_ROWS": "7"})
+        assert result.returncode == 0, result.stderr
+        assert pending(conn) == 0
+        expected = pg_rows(conn, "SELECT id, name, tier FROM plans WHERE active ORDER BY id")
+        assert len(expected) == 31 and (150, "attached", "gold") in expected
+        for tenant in ("acme", "globex"):
+            assert tenant_rows(tmp_path / f"tenant-{tenant}.db", "SELECT id, name, tier FROM plans ORDER BY id") \
+                == expected, tenant
+        conn.execute("SELECT pgturso.untrack_table('plans')")
+        conn.execute("SELECT pgturso.untrack_table('orders')")
+
+
+def test_skip_transaction_skips_a_reference_change_for_the_refusing_tenant_only(conn, dsn, tmp_path: Path):
+    """A reference change that one tenant's database refuses blocks that tenant only; skipping it drops that
+    tenant's copy only: a tenant that was down meanwhile still gets it."""
+    servers = {name: TursoServer().start() for name in ("a", "b", "c")}
+    try:
+        _pattern_with_orders(conn, f"file:{tmp_path}/tenant-%s.db")
+        for name, server in servers.items():
+            conn.execute("SELECT pgturso.add_target(%s, %s)", (f"tenant-{name}", server.url))
+        conn.execute("CREATE TABLE plans (id int PRIMARY KEY, name text)")
+        conn.execute("SELECT pgturso.track_table('plans', target => 'tenant-%s')")
+        conn.execute("INSERT INTO orders VALUES (1, 'a', 'x', 1), (2, 'b', 'y', 1), (3, 'c', 'z', 1)")
+        conn.execute("INSERT INTO plans VALUES (1, 'good')")
+        drain_pattern(dsn)
+        servers["b"].query("CREATE TRIGGER no_bad BEFORE INSERT ON plans WHEN NEW.name LIKE 'bad%' "
+                           "BEGIN SELECT RAISE(ABORT, 'no bad plans here'); END")
+        servers["c"].stop()
+        bad_txid = conn.execute("INSERT INTO plans VALUES (2, 'bad') RETURNING pg_current_xact_id()::text"
+                                ).fetchone()[0]  # type: ignore[index]
+        conn.execute("INSERT INTO plans VALUES (3, 'after')")
+        blocked = run_worker(dsn, "", "--target", "tenant-%s", env={"PGTURSO_RETRY_LIMIT": "1"})
+        assert blocked.returncode != 0
+        assert servers["a"].query("SELECT id FROM plans ORDER BY id") == [[1], [2], [3]]
+        assert conn.execute("SELECT last_error_txid::text FROM pgturso.delivery_state WHERE target = 'tenant-b'"
+                            ).fetchone()[0] == bad_txid  # type: ignore[index]
+        conn.execute("SELECT pgturso.skip_transaction(%s::xid8, 'b refuses it')", (bad_txid,))
+        assert pg_rows(conn, "SELECT target FROM pgturso.skipped_transaction") == [("tenant-b",)]
+        servers["c"].start()
+        drain_pattern(dsn)
+        assert servers["b"].query("SELECT id FROM plans ORDER BY id") == [[1], [3]]
+        assert servers["c"].query("SELECT id FROM plans ORDER BY id") == [[1], [2], [3]]
+        assert pending(conn) == 0
+    finally:
         for server in servers.values():
             server.cleanup()
 

@@ -115,10 +115,11 @@ BEGIN
     END IF;
     -- A transaction may touch tables of several targets: it is skipped only for the one that refuses it. A
     -- wal target's row changes are in its slot, not the outbox: it counts when its worker is stuck on the
-    -- transaction (the slot's xid is 32 bits: compared modulo 2^32), or when the caller names it.
+    -- transaction (the slot's xid is 32 bits: compared modulo 2^32), or when the caller names it. An event of
+    -- a pattern's table goes to its tenant's target (a reference table's change has one per tenant).
     SELECT array_agg(DISTINCT c.target ORDER BY c.target) INTO v_targets FROM (
-        SELECT t.target FROM pgturso.outbox o JOIN pgturso.layout l ON l.id = o.layout_id
-        JOIN pgturso.tracked_table t ON t.id = l.table_id WHERE o.txid = skip_transaction.txid
+        SELECT coalesce(replace(t.target, '%s', o.tenant), t.target) AS target
+        FROM pgturso.outbox o JOIN pgturso.layout l ON l.id = o.layout_id JOIN pgturso.tracked_table t ON t.id = l.table_id WHERE o.txid = skip_transaction.txid
         UNION
         SELECT d.target FROM pgturso.delivery_state d JOIN pgturso.target g ON g.name = d.target
         WHERE g.capture = 'wal' AND d.last_error_txid::text::numeric % 4294967296 = v_xid32
@@ -150,7 +151,8 @@ BEGIN
     SELECT count(*), coalesce(sum(o.nrows), 0), array_agg(DISTINCT l.spec ->> 'source_table')
     INTO v_events, v_rows, v_tables
     FROM pgturso.outbox o JOIN pgturso.layout l ON l.id = o.layout_id JOIN pgturso.tracked_table t ON t.id = l.table_id
-    WHERE o.txid = skip_transaction.txid AND t.target = v_target AND o.op IN ('U', 'D', 'T');
+    WHERE o.txid = skip_transaction.txid AND coalesce(replace(t.target, '%s', o.tenant), t.target) = v_target
+      AND o.op IN ('U', 'D', 'T');
     IF v_events = 0 AND NOT v_wal THEN
         RAISE EXCEPTION 'pgturso: transaction % carries only schema changes for target %, which are never skipped', txid, v_target
             USING HINT = 'Fix the table on Turso (or untrack and track it again) so the schema change applies.';
@@ -170,8 +172,8 @@ BEGIN
              WHERE d.target = v_target AND d.last_error_txid::text::numeric % 4294967296 = v_xid32),
             CASE WHEN v_wal THEN pg_current_wal_insert_lsn() END);
     DELETE FROM pgturso.outbox o USING pgturso.layout l, pgturso.tracked_table t
-    WHERE o.txid = skip_transaction.txid AND l.id = o.layout_id AND t.id = l.table_id AND t.target = v_target
-      AND o.op IN ('U', 'D', 'T');
+    WHERE o.txid = skip_transaction.txid AND l.id = o.layout_id AND t.id = l.table_id
+      AND coalesce(replace(t.target, '%s', o.tenant), t.target) = v_target AND o.op IN ('U', 'D', 'T');
     RAISE WARNING 'pgturso: skipped source transaction % for target % (% rows in %): Turso now differs from Postgres for them',
         txid, v_target, v_rows, array_to_string(v_tables, ', ')
         USING HINT = 'Fix the rows by hand on Turso, or untrack and track the table again to recopy it.';
