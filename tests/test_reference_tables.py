@@ -114,13 +114,29 @@ def test_reference_table_tracked_before_any_tenant_and_errors(conn, dsn, tmp_pat
     assert tenant_rows(path, "SELECT name FROM plans WHERE id = 3") == [("changed",)]
     assert tenant_rows(path, "SELECT id FROM orders") == [(1,)]
 
+    # untrack_table leaves the tenants' copies in place; DROP TABLE of one tracked with drop_target drops it in
+    # every tenant database
+    conn.execute("CREATE TABLE regions (id int PRIMARY KEY, name text)")
+    conn.execute("INSERT INTO regions VALUES (1, 'eu')")
+    conn.execute("SELECT pgturso.track_table('regions', target => 'tenant-%s', drop_target => true)")
+    conn.execute("INSERT INTO orders VALUES (2, 'globex')")
+    drain_pattern(dsn)
+    for tenant in ("acme", "globex"):
+        assert tenant_rows(tmp_path / f"tenant-{tenant}.db", "SELECT id, name FROM regions") == [(1, "eu")]
+    conn.execute("DROP TABLE regions")
+    drain_pattern(dsn)
+    for tenant in ("acme", "globex"):
+        assert tenant_rows(tmp_path / f"tenant-{tenant}.db",
+                           "SELECT count(*) FROM sqlite_schema WHERE name = 'regions'") == [(0,)]
+    assert pending(conn) == 0
+
     conn.execute("CREATE MATERIALIZED VIEW plan_names AS SELECT id, name FROM plans")
     conn.execute("CREATE UNIQUE INDEX ON plan_names (id)")
     with pytest.raises(psycopg.Error, match="cannot be a reference table"):
         conn.execute("SELECT pgturso.track_table('plan_names', target => 'tenant-%s')")
-    conn.execute("CREATE TABLE regions (id int PRIMARY KEY)")
+    conn.execute("CREATE TABLE countries (id int PRIMARY KEY)")
     with pytest.raises(psycopg.Error, match="cannot use capture => 'wal'"):
-        conn.execute("SELECT pgturso.track_table('regions', target => 'tenant-%s', capture => 'wal')")
+        conn.execute("SELECT pgturso.track_table('countries', target => 'tenant-%s', capture => 'wal')")
 
 
 def test_a_tenant_whose_database_was_down_gets_the_reference_changes_it_missed(conn, dsn, tmp_path: Path):
