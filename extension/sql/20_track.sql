@@ -279,6 +279,15 @@ BEGIN
     SELECT pg_get_expr(pr.prqual, pr.prrelid) INTO v_filter
     FROM pg_publication p JOIN pg_publication_rel pr ON pr.prpubid = p.oid
     WHERE p.pubname = options ->> 'row_filter_publication' AND pr.prrelid = rel AND pr.prqual IS NOT NULL;
+    IF v_filter IS NULL AND NOT EXISTS (SELECT 1 FROM pg_publication p
+                                        WHERE p.pubname = options ->> 'row_filter_publication') THEN
+        -- No such publication at all: pg_restore makes publications after the constraints, whose DDL is
+        -- followed before then. The table's filter is its last layout's (a DROP COLUMN ... CASCADE removes
+        -- the table from the publication, not the publication: that case stays an error below).
+        SELECT l.spec ->> 'row_filter' INTO v_filter FROM pgturso.layout l
+        JOIN pgturso.tracked_table t ON t.id = l.table_id
+        WHERE t.relid = rel ORDER BY l.id DESC LIMIT 1;
+    END IF;
     IF v_filter IS NULL THEN
         RAISE EXCEPTION 'pgturso: the row filter of tracked table % is gone (publication %)', rel,
                         options ->> 'row_filter_publication'

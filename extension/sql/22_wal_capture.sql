@@ -251,9 +251,56 @@ DROP EVENT TRIGGER IF EXISTS pgturso_drop_extension;
 CREATE EVENT TRIGGER pgturso_drop_extension ON ddl_command_start WHEN TAG IN ('DROP EXTENSION')
     EXECUTE FUNCTION pgturso._on_drop_extension();
 
+-- pg_restore: the publications pgturso_outbox and pgturso_tables are made by CREATE EXTENSION, and a publication
+-- cannot belong to an extension, so pg_dump dumps them too and the restore's CREATE PUBLICATION would fail
+-- ("already exists": pg_restore reports errors, and --exit-on-error or --single-transaction restores stop).
+-- They cannot be made later, by the first wal table's track_table: pgoutput looks them up at every decoded
+-- transaction, so they must exist before any slot, and a slot can only be made before its transaction writes.
+-- So the restore's CREATE PUBLICATION replaces the extension's own, as long as that one is as CREATE
+-- EXTENSION made it (no table published, no slot of this database): the dumped definition is the same, and
+-- the outbox, an extension table whose membership pg_dump leaves out, is put back in at the command's end.
+-- Runs as the caller (not SECURITY DEFINER): only the publications' owner can have them replaced.
+CREATE OR REPLACE FUNCTION pgturso._on_create_publication() RETURNS event_trigger
+LANGUAGE plpgsql
+@SESSION_SETTINGS@
+AS $$
+DECLARE
+    v_name text := substring(current_query() FROM '(?i)^\s*CREATE\s+PUBLICATION\s+"?(pgturso_outbox|pgturso_tables)"?(?:\s|;|$)');
+BEGIN
+    IF v_name IS NULL THEN
+        RETURN;
+    END IF;
+    IF TG_EVENT = 'ddl_command_end' THEN
+        IF v_name = 'pgturso_outbox' AND NOT EXISTS (
+                SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
+                WHERE p.pubname = 'pgturso_outbox' AND r.prrelid = 'pgturso.outbox'::regclass) THEN
+            ALTER PUBLICATION pgturso_outbox ADD TABLE ONLY pgturso.outbox;
+        END IF;
+        RETURN;
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_replication_slots s
+               WHERE s.database = current_database() AND s.slot_name LIKE 'pgturso\_%')
+       OR EXISTS (SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
+                  WHERE p.pubname = v_name AND r.prrelid <> 'pgturso.outbox'::regclass) THEN
+        RETURN;  -- in use: the CREATE fails as it would
+    END IF;
+    EXECUTE format('DROP PUBLICATION IF EXISTS %I', v_name);
+END
+$$;
+COMMENT ON FUNCTION pgturso._on_create_publication IS
+    'Private: a restored dump''s CREATE PUBLICATION of pgturso''s publications replaces the unused ones '
+    'CREATE EXTENSION made, so pg_restore runs without errors.';
+DROP EVENT TRIGGER IF EXISTS pgturso_create_publication;
+CREATE EVENT TRIGGER pgturso_create_publication ON ddl_command_start WHEN TAG IN ('CREATE PUBLICATION')
+    EXECUTE FUNCTION pgturso._on_create_publication();
+DROP EVENT TRIGGER IF EXISTS pgturso_create_publication_end;
+CREATE EVENT TRIGGER pgturso_create_publication_end ON ddl_command_end WHEN TAG IN ('CREATE PUBLICATION')
+    EXECUTE FUNCTION pgturso._on_create_publication();
+
 REVOKE ALL ON FUNCTION pgturso._slot_name(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._prepare_wal_capture(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._drop_slot(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._install_wal_capture(regclass, integer, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._remove_wal_capture(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._on_drop_extension() FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._on_create_publication() FROM PUBLIC;
