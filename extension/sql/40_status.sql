@@ -145,7 +145,7 @@ BEGIN
         RAISE EXCEPTION 'pgturso: transaction % has nothing pending for target %', txid, v_target
             USING HINT = format('It has changes pending for: %s.', array_to_string(v_targets, ', '));
     END IF;
-    v_wal := (SELECT g.capture = 'wal' FROM pgturso.target g WHERE g.name = v_target);
+    v_wal := coalesce((SELECT g.capture = 'wal' FROM pgturso.target g WHERE g.name = v_target), false);  -- a tenant's: trigger
     -- Only its row changes are dropped: its schema changes ('A'), copies ('C') and drops ('X') are not what
     -- Turso refused, and without them every later change of the table would be refused too (DDL is never skipped).
     SELECT count(*), coalesce(sum(o.nrows), 0), array_agg(DISTINCT l.spec ->> 'source_table')
