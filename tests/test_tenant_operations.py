@@ -9,7 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from test_tenants import drain_pattern, tenant_rows
+from conftest import pending
+from support.pgcluster import free_port
+from support.workers import WorkerProcess, wait_until
+from test_tenants import _metrics, _start_worker, drain_pattern, tenant_rows
 
 TENANTS = ("acme", "globex", "initech")
 
@@ -115,3 +118,154 @@ def test_verify_of_a_pattern_without_tenants_says_so(conn, dsn, tmp_path: Path):
     assert "no tenant databases yet" in result.stdout
     unknown = verify(dsn, "other-%s")
     assert unknown.returncode == 2 and "no target named 'other-%s'" in unknown.stderr
+
+
+def status(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pgturso", "status", "--dsn", dsn, *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def retrying_for(conn: psycopg.Connection[Any], target: str) -> float:
+    row = conn.execute("SELECT extract(epoch FROM now() - failing_since)::float8 FROM pgturso.target_status "
+                       "WHERE target = %s AND worker_status = 'retrying'", (target,)).fetchone()
+    return row[0] if row and row[0] is not None else -1.0
+
+
+def test_status_and_metrics_show_each_tenant_and_a_long_retry_fails_the_check(conn, dsn, tmp_path: Path):
+    # globex's database is a server nobody listens on: its tenant retries, acme's delivers.
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("SELECT pgturso.add_target('tenant-globex', %s)", (f"http://127.0.0.1:{free_port()}",))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    shown = status(dsn)
+    assert "pattern tenant-%s: no tenant databases yet" in shown.stdout, shown.stderr
+    conn.execute("INSERT INTO orders VALUES (1, 'acme', 'anvil'), (2, 'globex', 'gear'), (3, 'globex', 'rope')")
+    port = free_port()
+    worker = _start_worker(dsn, "--metrics-port", str(port))
+    try:
+        wait_until(lambda: retrying_for(conn, "tenant-globex") >= 0, 60, "globex to retry")
+        wait_until(lambda: conn.execute("SELECT worker_status FROM pgturso.target_status "
+                                        "WHERE target = 'tenant-acme'").fetchone()[0] == "idle", 60, "acme idle")
+        rows = conn.execute("SELECT target, pattern, tenant, pending_rows, lag IS NOT NULL, worker_status, "
+                            "last_error IS NOT NULL FROM pgturso.status WHERE table_name = 'orders'::regclass "
+                            "ORDER BY target").fetchall()
+        assert rows == [("tenant-acme", "tenant-%s", "acme", 0, False, "idle", False),
+                        ("tenant-globex", "tenant-%s", "globex", 2, True, "retrying", True)]
+
+        # Retrying for less than the threshold: reported, not failing (a Turso blip must not page anyone).
+        shown = status(dsn, "--max-retrying", "3600")
+        assert shown.returncode == 0, shown.stdout
+        assert "pattern tenant-%s: 2 tenant database(s) (1 idle, 1 retrying)" in shown.stdout, shown.stdout
+        assert "target tenant-globex (tenant globex of tenant-%s): worker retrying" in shown.stdout
+        assert "target tenant-acme (tenant acme of tenant-%s): worker idle" in shown.stdout
+        globex_block = shown.stdout.split("target tenant-globex")[1]
+        assert "retrying for" in globex_block and "orders" in globex_block
+        # Longer than the threshold: the check fails, naming the tenant.
+        wait_until(lambda: retrying_for(conn, "tenant-globex") > 1.5, 60, "globex to retry for a while")
+        failing = status(dsn, "--max-retrying", "1")
+        assert failing.returncode == 1, failing.stdout
+        assert "over --max-retrying 1s" in failing.stdout.split("target tenant-globex")[1]
+        assert "over --max-retrying" not in failing.stdout.split("target tenant-globex")[0]
+
+        # One endpoint, each tenant's gauges and counters labelled with its target.
+        def samples() -> dict[str, float]:
+            return _metrics(port)
+
+        wait_until(lambda: samples().get('pgturso_backlog_rows{target="tenant-globex"}') == 2, 60,
+                   "globex's backlog in the metrics")
+        values = samples()
+        assert values['pgturso_lag_seconds{target="tenant-globex"}'] > 0
+        assert values['pgturso_retries_total{target="tenant-globex"}'] > 0
+        assert values['pgturso_backlog_rows{target="tenant-acme"}'] == 0
+        assert values['pgturso_up{target="tenant-acme"}'] == 1
+        assert values['pgturso_rows_delivered_total{target="tenant-acme"}'] == 1
+
+        # globex comes back (its database moves to a file): the error and the retrying streak are over.
+        conn.execute("SELECT pgturso.add_target('tenant-globex', %s)", (f"file:{tmp_path}/globex-now.db",))
+        worker.stop()
+        worker = _start_worker(dsn)
+        wait_until(lambda: pending(conn) == 0, 60, "globex delivered")
+        wait_until(lambda: status(dsn, "--max-retrying", "1").returncode == 0, 60, "status healthy again")
+        assert conn.execute("SELECT failing_since FROM pgturso.delivery_state WHERE target = 'tenant-globex'"
+                            ).fetchone()[0] is None
+    finally:
+        worker.stop()
+
+
+def test_status_fails_on_a_plain_target_retrying_too_long(conn, dsn):
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    conn.execute("SELECT pgturso.add_target('eu', %s)", (f"http://127.0.0.1:{free_port()}",))
+    conn.execute("SELECT pgturso.track_table('t', target => 'eu')")
+    worker = WorkerProcess(dsn, "", "--target", "eu", env={"PGTURSO_RETRY_MAX_DELAY": "1"}).start()
+    try:
+        wait_until(lambda: retrying_for(conn, "eu") >= 0, 60, "eu to retry")
+        assert status(dsn).returncode == 0  # the default threshold (5 minutes) is not reached
+        wait_until(lambda: retrying_for(conn, "eu") > 1.5, 60, "eu to retry for a while")
+        failing = status(dsn, "--max-retrying", "1")
+        assert failing.returncode == 1 and "target eu: worker retrying" in failing.stdout, failing.stdout
+        assert status(dsn, "--max-retrying", "0").returncode == 0  # 0: never
+    finally:
+        worker.stop()
+
+
+def test_a_tenant_metrics_member_started_again_is_one_series():
+    from pgturso.metrics import Metrics
+
+    pattern = Metrics()
+    first = pattern.member('target="tenant-a"')
+    first.add("pgturso_rows_delivered_total", 3)
+    again = pattern.member('target="tenant-a"')  # the tenant's worker handed over and back
+    again.add("pgturso_rows_delivered_total", 2)
+    lines = [ln for ln in pattern.render().splitlines() if ln.startswith("pgturso_rows_delivered_total")]
+    assert lines == ['pgturso_rows_delivered_total{target="tenant-a"} 5']
+    assert not first.serving
+
+
+def readme_per_tenant_example() -> tuple[str, list[str]]:
+    """The SQL and shell blocks of README.md's "A database per tenant", as written there."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("### A database per tenant", 1)[1]
+    sql = section.split("```sql\n", 1)[1].split("```", 1)[0]
+    shell = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    return sql, [line.split("  #", 1)[0].strip() for line in shell.splitlines() if line.strip()]
+
+
+def test_the_readme_per_tenant_example_delivers_rows_to_two_tenant_databases(conn, dsn, tmp_path: Path):
+    import os
+    import signal
+
+    sql, commands = readme_per_tenant_example()
+    # The README's Turso Cloud URLs, as local files (the only change to what it says).
+    urls = {"libsql://tenant-%s-myorg.turso.io": f"file:{tmp_path}/tenant-%s.db",
+            "libsql://acme-eu-myorg.turso.io": f"file:{tmp_path}/acme-eu.db"}
+    for cloud, local in urls.items():
+        assert cloud in sql
+        sql = sql.replace(cloud, local)
+    conn.execute(sql)
+    run, shown, verified = commands
+    assert run.startswith("pgturso-worker run") and shown.startswith("pgturso-worker status")
+    env = {**os.environ, "DSN": dsn, "PGTURSO_IDLE_WAIT": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    log = tmp_path / "worker.log"
+    worker = subprocess.Popen(["bash", "-c", f"exec {run}"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=log.open("w"))
+    try:
+        wait_until(lambda: conn.execute("SELECT count(*) FROM pgturso.outbox").fetchone()[0] == 0, 90,
+                   "the worker to deliver")
+    finally:
+        worker.send_signal(signal.SIGTERM)  # it holds the file: databases open (a server would not care)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+    assert worker.returncode == 0, log.read_text()
+    assert tenant_rows(tmp_path / "acme-eu.db", "SELECT * FROM orders") == [(1, "acme", "anvil")]
+    assert tenant_rows(tmp_path / "tenant-globex.db", "SELECT * FROM orders") == [(2, "globex", "gear")]
+    assert not (tmp_path / "tenant-acme.db").exists()  # acme's own target overrides the pattern's URL
+    status_run = subprocess.run(["bash", "-c", shown], env=env, capture_output=True, text=True, timeout=60)
+    assert status_run.returncode == 0, status_run.stdout + status_run.stderr
+    assert "target tenant-acme (tenant acme of tenant-%s)" in status_run.stdout
+    verify_run = subprocess.run(["bash", "-c", verified], env=env, capture_output=True, text=True, timeout=60)
+    assert verify_run.returncode == 0, verify_run.stdout + verify_run.stderr
+    assert "tenant-globex: public.orders -> orders: equal (postgres 1 rows, turso 1 rows)" in verify_run.stdout

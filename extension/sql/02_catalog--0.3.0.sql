@@ -18,3 +18,7 @@ REVOKE ALL ON pgturso.tenant_stripe FROM PUBLIC;
 -- it decodes them from the slot, for the transaction with that (32-bit) xid that committed before this WAL
 -- position (NULL for trigger capture, whose skip deletes outbox rows).
 ALTER TABLE pgturso.skipped_transaction ADD COLUMN committed_before pg_lsn;
+
+-- Status of a target that keeps failing (pgturso-worker status --max-retrying): when its current run of errors
+-- began. last_error_at moves with every retry; failing_since stays until delivery gets past the error.
+ALTER TABLE pgturso.delivery_state ADD COLUMN failing_since timestamptz;

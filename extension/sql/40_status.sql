@@ -25,8 +25,12 @@ SELECT d.target,
        d.previous_error,
        d.previous_error_at,
        d.error_cleared_at,
-       d.updated_at
+       d.updated_at,
+       d.failing_since,
+       g.pattern,
+       g.tenant
 FROM pgturso.delivery_state d
+JOIN pgturso.target g ON g.name = d.target
 CROSS JOIN LATERAL (
     SELECT EXISTS (
         SELECT 1 FROM pg_catalog.pg_locks l
@@ -39,11 +43,15 @@ CROSS JOIN LATERAL (
 COMMENT ON VIEW pgturso.target_status IS
     'Per target: the worker''s status (''not running'' when its recorded state claims a running worker but '
     'nobody holds the delivery lock: killed, or reconnecting), counters, the current error (last_error, NULL '
-    'once delivery got past it) and the last cleared one (previous_error, its time and when it cleared).';
+    'once delivery got past it) and the last cleared one (previous_error, its time and when it cleared). '
+    'failing_since: when the current run of errors began (a target retrying since then has delivered nothing). '
+    'A tenant database of a pattern target is a target of its own: pattern and tenant name it.';
 
+-- A table of a pattern target ('tenant-%s') has a row per tenant database: target is the tenant's own target,
+-- pending and lag count that tenant's events; a pattern without tenants yet shows the pattern itself.
 CREATE OR REPLACE VIEW pgturso.status AS
 SELECT t.relid AS table_name,
-       t.target,
+       dest.name AS target,
        t.target_table,
        coalesce(p.events, 0) AS pending_events,
        coalesce(p.rows, 0) AS pending_rows,
@@ -68,10 +76,19 @@ SELECT t.relid AS table_name,
        d.error_cleared_at,
        g.capture,
        w.wal_status AS slot_status,
-       w.retained_bytes AS wal_retained_bytes
+       w.retained_bytes AS wal_retained_bytes,
+       dest.pattern,
+       dest.tenant,
+       d.failing_since
 FROM pgturso.tracked_table t
-JOIN pgturso.target_status d ON d.target = t.target
 JOIN pgturso.target g ON g.name = t.target
+CROSS JOIN LATERAL (
+    SELECT x.name, x.pattern, x.tenant FROM pgturso.target x WHERE x.pattern = t.target
+    UNION ALL
+    SELECT t.target, NULL, NULL
+    WHERE NOT EXISTS (SELECT 1 FROM pgturso.target x WHERE x.pattern = t.target)
+) dest
+JOIN pgturso.target_status d ON d.target = dest.name
 LEFT JOIN pgturso.table_state s ON s.table_id = t.id
 -- A wal target's slot: how much WAL it keeps from being removed while the worker is behind or down, and
 -- whether max_slot_wal_keep_size invalidated it ('lost'; the worker then re-copies the target's tables).
@@ -82,17 +99,22 @@ LEFT JOIN LATERAL (
     FROM (SELECT 1) AS one LEFT JOIN pg_replication_slots r ON r.slot_name = pgturso._slot_name(t.target)
     WHERE g.capture = 'wal'
 ) w ON true
-LEFT JOIN LATERAL (
-    SELECT count(*) AS events, sum(o.nrows) AS rows, min(o.captured_at) AS oldest
+-- One pass over the outbox for every table and tenant (not one per tenant: a pattern may have thousands); a
+-- tenant value is never '' (pgturso._register_tenants), so coalesce tells plain targets' events apart.
+LEFT JOIN (
+    SELECT l.table_id, o.tenant, count(*) AS events, sum(o.nrows) AS rows, min(o.captured_at) AS oldest
     FROM pgturso.outbox o JOIN pgturso.layout l ON l.id = o.layout_id
-    WHERE l.table_id = t.id
-) p ON true;
+    GROUP BY l.table_id, o.tenant
+) p ON p.table_id = t.id AND coalesce(p.tenant, '') = coalesce(dest.tenant, '');
 COMMENT ON VIEW pgturso.status IS
     'Per tracked table: pending changes, lag, rows delivered, initial copy progress (rows queued of the '
     'estimated total); and its target''s worker status (see pgturso.target_status), current error and the '
     'last cleared one. capture_disabled: a capture trigger of the table is disabled (ALTER TABLE ... DISABLE '
     'TRIGGER): its writes are not replicated; enable it and run pgturso.resync_table. Wal targets: slot_status '
-    '(reserved/extended/unreserved/lost/missing) and wal_retained_bytes, the WAL its slot keeps.';
+    '(reserved/extended/unreserved/lost/missing) and wal_retained_bytes, the WAL its slot keeps. A table of a '
+    'pattern target has a row per tenant database (target: the tenant''s; pattern, tenant; pending and lag of '
+    'that tenant''s changes; rows_delivered counts no tenant''s rows: see target_status). failing_since: when '
+    'the target''s current run of errors began.';
 
 CREATE OR REPLACE FUNCTION pgturso.skip_transaction(txid xid8, reason text, target text DEFAULT NULL)
 RETURNS integer

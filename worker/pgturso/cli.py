@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         sub.add_argument("--dsn", default=os.environ.get("PGTURSO_DSN", ""),
                          help="Postgres connection string (env PGTURSO_DSN; libpq PG* variables also apply)")
+        if name == "status":
+            sub.add_argument("--max-retrying", type=float, default=DEFAULT_MAX_RETRYING, metavar="SECONDS",
+                             help="exit 1 when a target (or tenant database) has been retrying, delivering "
+                                  "nothing, for longer than this (0: never)")
         if name == "run":
             sub.add_argument("--once", action="store_true", help="deliver what is committed now, then exit")
         if name == "verify":
@@ -121,7 +125,7 @@ def load_settings_waiting(dsn: str, flags: dict[str, object], once: bool) -> Set
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "status":
-        return _status(args.dsn)
+        return _status(args.dsn, args.max_retrying)
     flags = {s.name: getattr(args, s.name) for s in SETTINGS}
     logs.TIMESTAMPS = not background.started_by_postgres()
     logs.setup(flags.get("log_level") or os.environ.get("PGTURSO_LOG_LEVEL") or "info",  # type: ignore[arg-type]
@@ -195,16 +199,28 @@ STATUS_QUERY = """
            rows_delivered, last_delivered_at, copy_state, copy_rows_done, copy_rows_total
     FROM pgturso.status ORDER BY 1, 2
 """
+# A pattern target first, then its tenants (each a target of its own).
 TARGETS_QUERY = """
     SELECT target, worker_status, recorded_status, worker, retries, last_error, last_error_at,
-           last_error_txid::text, previous_error, previous_error_at, error_cleared_at
-    FROM pgturso.target_status ORDER BY target
+           last_error_txid::text, previous_error, previous_error_at, error_cleared_at,
+           extract(epoch FROM now() - failing_since)::float8, pattern, tenant, rows_delivered,
+           strpos(target, '%s') > 0
+    FROM pgturso.target_status ORDER BY coalesce(pattern, target), pattern IS NOT NULL, target
 """
+DEFAULT_MAX_RETRYING = 300.0
 
 
-def _status(dsn: str) -> int:
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _status(dsn: str, max_retrying: float = DEFAULT_MAX_RETRYING) -> int:
     """Render pgturso.status for a terminal; exit 1 when a target is failing now: blocked, stopped with a
-    current error, or claimed by a worker that is not running (killed). Cleared errors are shown as history.
+    current error, claimed by a worker that is not running (killed), or retrying (Turso unreachable, 5xx,
+    429) for longer than ``max_retrying`` seconds (0: never) -- it has delivered nothing since. A pattern
+    target is shown as a summary line, then a block per tenant database. Cleared errors are shown as history.
     Exit 2 when the status cannot be read (Postgres unreachable, no pgturso, no right to read it)."""
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -214,17 +230,34 @@ def _status(dsn: str) -> int:
         print(f"pgturso: cannot read pgturso.status: {str(exc).strip()}", file=sys.stderr)
         return EXIT_FATAL
     failing = False
+    tenants_of: dict[str, list[str]] = {}
+    for row in targets:
+        if row[12] is not None:
+            tenants_of.setdefault(row[12], []).append(row[1])
     for (target, status, recorded, worker, retries, error, error_at, error_txid, previous, previous_at,
-         cleared_at) in targets:
-        shown = status if status == recorded else f"{status} (was {recorded}: nobody holds its delivery lock)"
-        print(f"target {target}: worker {shown}" + (f" ({worker})" if worker else "") + f", {retries} retries")
-        if error:
-            print(f"  error at {error_at}" + (f", source transaction {error_txid}" if error_txid else "") + ":")
-            print(f"    {error}")
-        if previous:
-            print(f"  previous error at {previous_at}, cleared at {cleared_at}:")
-            print(f"    {previous}")
-        failing |= status in ("blocked", "not running") or (status == "stopped" and bool(error))
+         cleared_at, failing_for, pattern, tenant, delivered_total, is_pattern) in targets:
+        if is_pattern:  # its tenants have the workers and the state; the pattern's own row has neither
+            states = tenants_of.get(target, [])
+            counts = ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states)))
+            print(f"pattern {target}: " + (f"{len(states)} tenant database(s) ({counts})" if states
+                                           else "no tenant databases yet"))
+        else:
+            shown = status if status == recorded else f"{status} (was {recorded}: nobody holds its delivery lock)"
+            what = f"target {target}" + (f" (tenant {tenant} of {pattern})" if pattern else "")
+            print(f"{what}: worker {shown}" + (f" ({worker})" if worker else "")
+                  + f", {retries} retries, {delivered_total} rows delivered")
+            long_retry = status == "retrying" and failing_for is not None and 0 < max_retrying < failing_for
+            if status == "retrying" and failing_for is not None:
+                print(f"  retrying for {_duration(failing_for)}, nothing delivered since"
+                      + (f" (over --max-retrying {max_retrying:g}s)" if long_retry else ""))
+            if error:
+                print(f"  error at {error_at}" + (f", source transaction {error_txid}" if error_txid else "") + ":")
+                print(f"    {error}")
+            if previous:
+                print(f"  previous error at {previous_at}, cleared at {cleared_at}:")
+                print(f"    {previous}")
+            failing |= (status in ("blocked", "not running") or (status == "stopped" and bool(error))
+                        or long_retry)
         mine = [t for t in tables if t[0] == target]
         if not mine:
             continue
@@ -233,7 +266,8 @@ def _status(dsn: str) -> int:
         for _, table, turso_table, pending, lag, delivered, last_at, copy_state, done, total in mine:
             last = last_at.strftime("%Y-%m-%d %H:%M:%S") if last_at else "-"
             copy = "done" if copy_state == "done" else f"{done}/{total or '?'} rows"
-            print(f"  {table:30} {turso_table:30} {pending:>12} {lag:>7.1f}s {delivered:>12}  {last:19}  {copy}")
+            count = "-" if pattern else delivered  # a tenant's rows are counted per target only (above)
+            print(f"  {table:30} {turso_table:30} {pending:>12} {lag:>7.1f}s {count:>12}  {last:19}  {copy}")
     return 1 if failing else 0
 
 

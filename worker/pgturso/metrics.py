@@ -29,11 +29,24 @@ class Metrics:
         self._server: ThreadingHTTPServer | None = None
         self.labels = labels  # e.g. 'target="tenant-acme"': one tenant's worker among a pattern's
         self._members: list[Metrics] = []
+        self._parent: Metrics | None = None
+
+    @property
+    def serving(self) -> bool:
+        """Whether an endpoint shows these values (this one's, or for a member its pattern's): gauges that
+        cost a query are only refreshed then."""
+        return self._server is not None or (self._parent is not None and self._parent.serving)
 
     def member(self, labels: str) -> Metrics:
-        """Metrics of one part (a tenant of a pattern target), served by this one's endpoint with labels."""
-        part = Metrics(labels)
+        """Metrics of one part (a tenant of a pattern target), served by this one's endpoint with labels. The
+        same labels give the same part: a tenant's worker started again (handed over and back, restarted)
+        carries on its counters, and the endpoint never shows one series twice."""
         with self._lock:
+            for part in self._members:
+                if part.labels == labels:
+                    return part
+            part = Metrics(labels)
+            part._parent = self
             self._members.append(part)
         return part
 

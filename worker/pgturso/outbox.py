@@ -124,13 +124,14 @@ RECORD_STATE = """
         last_error = CASE WHEN %(clear)s THEN NULL ELSE last_error END,
         last_error_at = CASE WHEN %(clear)s THEN NULL ELSE last_error_at END,
         last_error_table = CASE WHEN %(clear)s THEN NULL ELSE last_error_table END,
-        last_error_txid = CASE WHEN %(clear)s THEN NULL ELSE last_error_txid END
+        last_error_txid = CASE WHEN %(clear)s THEN NULL ELSE last_error_txid END,
+        failing_since = CASE WHEN %(clear)s THEN NULL ELSE failing_since END
     WHERE target = %(target)s
 """
 RECORD_ERROR = """
     UPDATE pgturso.delivery_state SET status = %(status)s, retries = retries + %(retry)s, last_error = %(error)s,
         last_error_at = now(), last_error_table = %(table)s, last_error_txid = %(txid)s::text::xid8,
-        updated_at = now()
+        failing_since = coalesce(failing_since, now()), updated_at = now()
     WHERE target = %(target)s
 """
 # A batch's events by its name (see the module docstring); %(marker)s is Batch.marker().

@@ -700,6 +700,10 @@ class Worker:
                 self._disconnect()
             else:
                 self._record("retrying", error=str(exc), retry=True)
+                try:
+                    self._update_backlog(force=False, up=False)
+                except psycopg.Error as backlog_exc:  # the retry's own error is the one that matters
+                    event(log, logging.WARNING, "backlog_not_read", error=str(backlog_exc).strip())
             self.recovered = False
             return None, delay
         if isinstance(exc, StatementFailed):
@@ -728,10 +732,11 @@ class Worker:
         self._record("stopped", error=str(exc))
         return EXIT_FATAL, 0.0
 
-    def _update_backlog(self, force: bool) -> None:
-        """Refresh the backlog gauges (a count over the outbox: at most every few seconds while busy)."""
-        self.metrics.set("pgturso_up", 1)
-        if not self.settings.metrics_port or self.outbox is None:
+    def _update_backlog(self, force: bool, up: bool = True) -> None:
+        """Refresh the backlog gauges (a count over the outbox: at most every few seconds while busy); ``up``:
+        delivering (else retrying: the lag of a target that is down is what its alert watches)."""
+        self.metrics.set("pgturso_up", int(up))
+        if not self.metrics.serving or self.outbox is None:
             return
         now = time.monotonic()
         if not force and now - self._backlog_checked < 5:
