@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from conftest import WORKER, pending, run_worker
 from support.pgcluster import free_port
-from support.turso import TursoServer
+from support.turso import TursoServer, install_apply_counter
 from support.workers import WorkerProcess, wait_until
 
 
@@ -29,6 +29,40 @@ def tenant_rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
 def pg_tenant_rows(conn: psycopg.Connection[Any], tenant: str, columns: str = "id, item") -> list[tuple[Any, ...]]:
     return [tuple(r) for r in conn.execute(
         f"SELECT {columns} FROM orders WHERE tenant_id = %s ORDER BY id", (tenant,)).fetchall()]
+
+
+def install_file_apply_counter(path: Path, table: str) -> None:
+    """On a tenant's file: database only: count every write of a row of ``table`` (by its ``id``) in a table
+    ``applied``, as support.turso.install_apply_counter does on a server: a batch applied twice shows up even
+    when the rows end up right."""
+    import turso as pyturso
+
+    db = pyturso.connect(str(path))
+    try:
+        db.execute("CREATE TABLE applied (id INTEGER)")
+        for when in ("INSERT", "UPDATE"):
+            db.execute(f"CREATE TRIGGER count_{when.lower()} AFTER {when} ON {table} "
+                       "BEGIN INSERT INTO applied VALUES (NEW.id); END")
+        db.commit()
+    finally:
+        db.close()
+
+
+def applied_writes(path: Path) -> list[int]:
+    return [r[0] for r in tenant_rows(path, "SELECT id FROM applied ORDER BY id")]
+
+
+def count_postgres_writes(conn: psycopg.Connection[Any]) -> None:
+    """The test's own count of the row writes committed in Postgres, per tenant (what Turso must apply once)."""
+    conn.execute("CREATE TABLE written (tenant text, id int)")
+    conn.execute("CREATE FUNCTION count_write() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                 "INSERT INTO written VALUES (NEW.tenant_id, NEW.id); RETURN NULL; END $$")
+    conn.execute("CREATE TRIGGER count_write AFTER INSERT OR UPDATE ON orders FOR EACH ROW EXECUTE FUNCTION "
+                 "count_write()")
+
+
+def postgres_writes(conn: psycopg.Connection[Any], tenant: str) -> list[int]:
+    return [r[0] for r in conn.execute("SELECT id FROM written WHERE tenant = %s ORDER BY id", (tenant,))]
 
 
 def drain_pattern(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -154,14 +188,23 @@ def test_one_tenant_down_does_not_hold_back_the_others(conn, dsn, tmp_path: Path
         metrics_port = free_port()
         worker = _start_worker(dsn, "--metrics-port", str(metrics_port))
         wait_until(lambda: all(equal(n) for n in servers), 90, "all tenants")
+        for server in servers.values():  # from here on, every row write on Turso is counted
+            install_apply_counter(server.url, "orders")
+
+        def applied(name: str) -> list[Any]:
+            return [r[0] for r in servers[name].query("SELECT id FROM applied ORDER BY id")]
 
         servers["b"].stop()
+        progress: dict[str, list[int]] = {"a": [], "c": []}
         for round_no in range(30):  # b stays down for about 30 s while a and c keep receiving
             write_round(f"while b is down {round_no}")
             time.sleep(1)
             if round_no in (10, 20):
                 wait_until(lambda: equal("a") and equal("c"), 90, "a and c while b is down")
+                for name in progress:  # a and c progressed while b was down: every round so far arrived
+                    progress[name].append(len(on_turso(name)))
         wait_until(lambda: equal("a") and equal("c"), 90, "a and c while b is down")
+        assert progress == {"a": [12, 22], "c": [12, 22]}, progress  # the first round, then 11 and 21 rounds
         status = dict(conn.execute("SELECT target, status FROM pgturso.delivery_state "
                                    "WHERE target IN ('tenant-a', 'tenant-b', 'tenant-c')").fetchall())
         wait_until(lambda: conn.execute("SELECT status FROM pgturso.delivery_state WHERE target = 'tenant-b'"
@@ -180,6 +223,8 @@ def test_one_tenant_down_does_not_hold_back_the_others(conn, dsn, tmp_path: Path
         write_round("after")
         wait_until(lambda: all(equal(n) for n in servers), 90, "all tenants after b is back")
         assert len(on_turso("b")) == 32
+        for name in servers:  # 31 rounds since the counter, each row written once, b's retries included
+            assert applied(name) == [r[0] for r in on_turso(name)][1:], f"{name}: a write lost or applied twice"
         wait_until(lambda: pending(conn) == 0, 90, "an empty outbox")
         assert worker.stop() == 0, worker.output
     finally:
@@ -194,15 +239,22 @@ def test_two_workers_share_the_tenants_and_take_over_from_a_killed_one(conn, dsn
     tenants = ["t1", "t2", "t3", "t4"]
     for i, tenant in enumerate(tenants):
         conn.execute("INSERT INTO orders VALUES (%s, %s, 'seed')", (i, tenant))
+    drain_pattern(dsn)
+    # From here on, every row write is counted on both sides: Postgres's by a trigger of the test, each tenant
+    # database's by install_file_apply_counter. Equal multisets of keys prove each write applied exactly once.
+    count_postgres_writes(conn)
+    for tenant in tenants:
+        install_file_apply_counter(tmp_path / f"tenant-{tenant}.db", "orders")
     first = _start_worker(dsn)
     second = None
-    try:
-        wait_until(lambda: pending(conn) == 0, 90, "the first worker to deliver")
-        second = _start_worker(dsn)
 
-        def owners() -> dict[str, str]:
-            return dict(conn.execute("SELECT target, worker FROM pgturso.delivery_state WHERE target LIKE 'tenant-t_' "
-                                     "AND status IN ('delivering', 'idle', 'retrying')").fetchall())
+    def owners() -> dict[str, str]:
+        return dict(conn.execute("SELECT target, worker FROM pgturso.delivery_state WHERE target LIKE 'tenant-t_' "
+                                 "AND status IN ('delivering', 'idle', 'retrying')").fetchall())
+
+    try:
+        wait_until(lambda: len(owners()) == 4, 90, "the first worker to take every tenant")
+        second = _start_worker(dsn)
 
         # The second worker gets a fair share: the first hands two tenants over.
         wait_until(lambda: len(set(owners().values())) == 2 and len(owners()) == 4, 90, "two workers sharing")
@@ -214,9 +266,11 @@ def test_two_workers_share_the_tenants_and_take_over_from_a_killed_one(conn, dsn
                 conn.execute("UPDATE orders SET item = item || '+' WHERE id % 7 = 0")
         wait_until(lambda: pending(conn) == 0, 90, "the second worker to take everything over")
         assert second.stop() == 0, second.output
+        assert "event=tenant_failed" not in first.output + second.output
         for tenant in tenants:
-            assert tenant_rows(tmp_path / f"tenant-{tenant}.db", "SELECT id, item FROM orders ORDER BY id") == \
-                pg_tenant_rows(conn, tenant), tenant
+            path = tmp_path / f"tenant-{tenant}.db"
+            assert tenant_rows(path, "SELECT id, item FROM orders ORDER BY id") == pg_tenant_rows(conn, tenant), tenant
+            assert applied_writes(path) == postgres_writes(conn, tenant), f"{tenant}: a write lost or applied twice"
     finally:
         for proc in (first, second):
             if proc is not None and proc.proc is not None and proc.proc.poll() is None:
