@@ -263,6 +263,26 @@ def test_skip_transaction_skips_a_reference_change_for_the_refusing_tenant_only(
             server.cleanup()
 
 
+def test_a_new_tenant_gets_reference_values_encoded_whatever_the_writing_sessions_settings(conn, dsn, tmp_path: Path):
+    """The rows that bring a new tenant are of a table with no time type, so its capture pins no TimeZone or
+    DateStyle; the reference rows copied for the tenant must still be encoded as capture encodes them."""
+    _pattern_with_orders(conn, f"file:{tmp_path}/tenant-%s.db")
+    conn.execute("CREATE TABLE plans (id int PRIMARY KEY, starts timestamptz, day date, price float8, span interval)")
+    conn.execute("INSERT INTO plans VALUES (1, '2024-03-01 12:00:00+00', '2024-03-01', 0.1, '1 day 2 hours')")
+    conn.execute("SELECT pgturso.track_table('plans', target => 'tenant-%s')")
+    conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a', 1)")  # acme: registered in this session
+    with psycopg.connect(dsn, autocommit=True) as odd:
+        odd.execute("SET TimeZone = 'America/New_York'")
+        odd.execute("SET DateStyle = 'SQL, DMY'")
+        odd.execute("SET IntervalStyle = 'postgres_verbose'")
+        odd.execute("SET extra_float_digits = -3")
+        odd.execute("INSERT INTO orders VALUES (2, 'globex', 'g', 1)")  # globex: registered under odd settings
+    drain_pattern(dsn)
+    columns = "SELECT id, starts, day, price, span FROM plans"
+    acme = tenant_rows(tmp_path / "tenant-acme.db", columns)
+    assert acme and tenant_rows(tmp_path / "tenant-globex.db", columns) == acme
+
+
 def _blocked(conn: psycopg.Connection[Any], pid: int) -> bool:
     return conn.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s",
                         (pid,)).fetchone()[0]  # type: ignore[index]

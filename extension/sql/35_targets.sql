@@ -102,7 +102,9 @@ COMMENT ON FUNCTION pgturso._fan_out IS
 
 CREATE OR REPLACE FUNCTION pgturso._register_tenants(layout_id integer, tenants text[]) RETURNS void
 LANGUAGE plpgsql
-@SESSION_SETTINGS@
+-- It copies reference tables' rows: encoded as capture encodes them, whatever its caller pinned (a routed
+-- table's capture pins only the settings its own columns' types need).
+@CAPTURE_SETTINGS@
 AS $$
 DECLARE
     v_pattern text;
