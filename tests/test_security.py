@@ -509,3 +509,28 @@ def test_a_worker_role_without_the_grants_stops_with_the_fix_named(conn, dsn, tu
         drain(worker_dsn, turso.url)
     assert turso.query("SELECT id, v FROM t") == [[1, "a"]]
     assert pending(conn) == 0
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_a_wal_worker_role_needs_replication_and_is_told_the_command(conn, dsn, turso: TursoServer):
+    """grant_worker gives no role attribute: a wal target's worker without REPLICATION stops at start with the
+    exact command; with it (and grant_worker's grants, no superuser), it delivers, and recovers a lost slot."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("INSERT INTO t VALUES (1, 'a')")
+    with login_role(conn, dsn, "walworker") as worker_dsn:
+        conn.execute("SELECT pgturso.grant_worker('walworker')")
+        refused = run_worker(worker_dsn, turso.url)
+        assert refused.returncode == 2, refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert 'ALTER ROLE \\"walworker\\" REPLICATION' in refused.stderr  # (the log line escapes quotes)
+        conn.execute("ALTER ROLE walworker REPLICATION")
+        drain(worker_dsn, turso.url)
+        assert turso.query("SELECT id, v FROM t") == [[1, "a"]]
+        conn.execute("INSERT INTO t VALUES (2, 'b')")
+        conn.execute("SELECT pg_drop_replication_slot(pgturso._slot_name('default'))")  # lost (a failover)
+        conn.execute("INSERT INTO t VALUES (3, 'c')")
+        drain(worker_dsn, turso.url)
+        assert turso.query("SELECT id, v FROM t ORDER BY id") == [[1, "a"], [2, "b"], [3, "c"]]
+        assert not is_superuser(conn, "walworker")
+    assert pending(conn) == 0

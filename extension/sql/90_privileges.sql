@@ -46,8 +46,13 @@ BEGIN
     EXECUTE format('GRANT SELECT ON pgturso.layout, pgturso.tracked_table, pgturso.target, pgturso.instance, '
                    'pgturso.skipped_transaction, pgturso.status TO %s', worker);
     EXECUTE format('GRANT SELECT, INSERT, UPDATE ON pgturso.delivery_state, pgturso.table_state TO %s', worker);
-    -- A wal target's worker counts the row changes of a skipped transaction as it drops them from the slot.
+    -- A wal target's worker counts the row changes of a skipped transaction as it drops them from the slot,
+    -- and replaces a lost slot (its name, dropping it, the target's slot generation and rebuild reason). Reading
+    -- a slot also needs the REPLICATION attribute, which only a superuser can give (ALTER ROLE ... REPLICATION):
+    -- the worker names that command at start when it lacks it.
     EXECUTE format('GRANT UPDATE (events, rows) ON pgturso.skipped_transaction TO %s', worker);
+    EXECUTE format('GRANT UPDATE (slot_rebuild, slot_generation) ON pgturso.target TO %s', worker);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION pgturso._slot_name(text), pgturso._drop_slot(text) TO %s', worker);
     EXECUTE format('GRANT EXECUTE ON FUNCTION pgturso._copy_chunk(integer, integer), pgturso._source_position(), '
                    'pgturso._position_reached(jsonb), pgturso._resync_target(text) TO %s', worker);
 END

@@ -33,11 +33,11 @@ from typing import Any
 import psycopg
 
 from .capture import CAPTURE_SETTINGS, key_from_text_sql, row_json_sql
-from .errors import PgTursoError
+from .errors import ConfigError, PgTursoError
 from .layout import Column, TableLayout
 from .logs import event
 from .outbox import Event, Outbox, record_batch_sql
-from .quoting import quote_ident
+from .quoting import quote_ident, quote_literal
 
 log = logging.getLogger("pgturso.slot")
 
@@ -427,8 +427,23 @@ class WalOutbox(Outbox):
         for clause in CAPTURE_SETTINGS:
             name, value = clause.removeprefix("SET ").split(" = ")
             conn.execute(f"SET {name} = {value}")
+        self._require_replication_attribute()
         self.outbox_oid = int(conn.execute(OUTBOX_OID).fetchone()[0])  # type: ignore[index]
         self.slot_state()
+
+    def _require_replication_attribute(self) -> None:
+        """Reading and advancing a slot takes the REPLICATION attribute (or superuser), which grant_worker does
+        not give (a role attribute: only a superuser can set it, and pgturso gives no role a right): say so at
+        start, with the command, instead of failing at the first peek."""
+        row = self.conn.execute("SELECT current_user, rolsuper OR rolreplication FROM pg_roles "
+                                "WHERE rolname = current_user").fetchone()
+        if row is not None and not row[1]:
+            role = str(row[0])
+            raise ConfigError(
+                f"target {self.target!r} captures from the WAL (capture => 'wal'), and reading its replication slot "
+                f"needs the REPLICATION attribute, which the worker's role {role} lacks; a superuser gives it with: "
+                f"ALTER ROLE {quote_ident(role)} REPLICATION "
+                f"(besides SELECT pgturso.grant_worker({quote_literal(role)}))")
 
     # -- slot state and recovery -----------------------------------------------------------------------------
 
@@ -506,8 +521,8 @@ class WalOutbox(Outbox):
             # Events queued before the new slot are delivered or superseded by the copies below.
             self.conn.execute("DELETE FROM pgturso.outbox o USING pgturso.layout l, pgturso.tracked_table t "
                               "WHERE l.id = o.layout_id AND t.id = l.table_id AND t.target = %s", (self.target,))
-            for (table,) in tables:
-                self.conn.execute("SELECT pgturso.resync_table(%s::regclass)", (table,))
+            # The same tables, resynced as the extension owner: a worker role without superuser may not lock them.
+            self.conn.execute("SELECT pgturso._resync_target(%s)", (self.target,))
             self.conn.execute("UPDATE pgturso.target SET slot_generation = slot_generation + 1, slot_rebuild = NULL "
                               "WHERE name = %s", (self.target,))
             self.record_error("delivering", f"replication slot {self.slot} was {reason}: recreated it; re-copying "
