@@ -269,3 +269,29 @@ def test_the_readme_per_tenant_example_delivers_rows_to_two_tenant_databases(con
     verify_run = subprocess.run(["bash", "-c", verified], env=env, capture_output=True, text=True, timeout=60)
     assert verify_run.returncode == 0, verify_run.stdout + verify_run.stderr
     assert "tenant-globex: public.orders -> orders: equal (postgres 1 rows, turso 1 rows)" in verify_run.stdout
+
+
+def test_verify_of_an_integer_routed_table_reads_each_tenant_by_index(conn, dsn, tmp_path: Path):
+    from pgturso.layout import TableLayout
+    from pgturso.verify import _rows
+
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("shop-%s", f"file:{tmp_path}/shop-%s.db"))
+    conn.execute("CREATE TABLE sales (id int PRIMARY KEY, shop int NOT NULL, amount int)")
+    conn.execute("CREATE INDEX ON sales (shop)")
+    conn.execute("INSERT INTO sales SELECT g, g % 5, g FROM generate_series(1, 2000) g")
+    conn.execute("SELECT pgturso.track_table('sales', target => 'shop-%s', route_by => 'shop')")
+    conn.execute("ANALYZE sales")
+    run = subprocess.run([sys.executable, "-m", "pgturso", "run", "--once", "--dsn", dsn, "--target", "shop-%s"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    spec = conn.execute("SELECT spec FROM pgturso.layout ORDER BY id DESC LIMIT 1").fetchone()[0]
+    rows = _rows(TableLayout.from_spec(spec), "public.sales", with_params=False, tenant="3")
+    with conn.transaction():
+        conn.execute("SET LOCAL enable_seqscan = off")
+        plan = "\n".join(r[0] for r in conn.execute(f"EXPLAIN SELECT count(*) FROM {rows} AS r").fetchall())
+    assert "Index Cond: (shop = 3)" in plan, plan  # an index finds the tenant's rows, not a walk of all of them
+    assert conn.execute(f"SELECT count(*) FROM {rows} AS r").fetchone()[0] == 400
+    write_on_turso(tmp_path / "shop-3.db", "DELETE FROM sales WHERE id = 3")
+    found = verify(dsn, "shop-%s")
+    assert found.returncode == 1 and "shop-3: public.sales -> sales: DIFFERENT" in found.stdout, found.stdout
+    assert "shop-4: public.sales -> sales: equal (postgres 400 rows, turso 400 rows)" in found.stdout

@@ -86,13 +86,23 @@ def _set_local(conn: psycopg.Connection[Any]) -> None:
         conn.execute(setting.replace("SET ", "SET LOCAL ", 1))
 
 
+# Route column types whose text form read back is the value itself, so `column = 'tenant'::type` selects the
+# rows whose column::text is 'tenant' (and more only under a nondeterministic collation: the text test stays).
+_INDEXABLE_ROUTES = frozenset({"int2", "int4", "int8", "text", "varchar", "bpchar", "uuid"})
+
+
 def _rows(layout: TableLayout, relation: str, with_params: bool = True, tenant: str | None = None) -> str:
     """The rows of ``relation`` that belong on Turso (its row filter applied; ``tenant``: on that tenant's
     database, those whose route_by value it is), for a query run with parameters (a ``%`` doubled) or without."""
     rows = filtered(layout, relation)
     if tenant is not None and layout.route_by:
-        rows = (f"(SELECT * FROM {rows} AS routed WHERE {route_expr(layout, 'routed')} = "
-                f"{quote_literal(tenant)})")
+        where = f"{route_expr(layout, 'routed')} = {quote_literal(tenant)}"
+        column = next(c for c in layout.columns if c.name == layout.route_by)
+        if column.base_type in _INDEXABLE_ROUTES:
+            # The same rows, but an index on the column (route_by::text is not indexable unless a text column)
+            # finds them: each tenant reads its rows, not the whole table.
+            where = f"routed.{quote_ident(column.name)} = {quote_literal(tenant)}::{column.base_type} AND {where}"
+        rows = f"(SELECT * FROM {rows} AS routed WHERE {where})"
     return rows.replace("%", "%%") if with_params else rows
 
 
