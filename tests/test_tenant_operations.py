@@ -116,6 +116,10 @@ def test_verify_of_a_pattern_without_tenants_says_so(conn, dsn, tmp_path: Path):
     result = verify(dsn, "tenant-%s")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no tenant databases yet" in result.stdout
+    # an override of a tenant not seen yet is not a tenant database yet: said so, not "equal"
+    conn.execute("SELECT pgturso.add_target('tenant-zeta', %s)", (f"file:{tmp_path}/zeta.db",))
+    early = verify(dsn, "tenant-zeta")
+    assert early.returncode == 0 and "tenant-zeta: no tables are tracked to this target" in early.stdout
     unknown = verify(dsn, "other-%s")
     assert unknown.returncode == 2 and "no target named 'other-%s'" in unknown.stderr
 

@@ -353,7 +353,11 @@ def _verify_tables(verifier: Verifier, names: Sequence[str], repair: bool, settl
         print(f"{label}{table}: capture DISABLED (ALTER TABLE ... DISABLE TRIGGER): its writes are not replicated; "
               "ALTER TABLE ... ENABLE TRIGGER ALL, then verify --repair (or SELECT pgturso.resync_table(...))")
         differences += 1
-    for relation, layout_id, layout in verifier.tables(names):
+    tables = verifier.tables(names)
+    if not tables and verifier.tenant is None:
+        print(f"{verifier.target_name}: no tables are tracked to this target (an add_target of a tenant's name "
+              "becomes that tenant's database with the tenant's first routed row)")
+    for relation, layout_id, layout in tables:
         report = verifier.verify(relation, layout, settle_timeout)
         if repair and not report.equal:
             verifier.repair(relation, layout_id, layout, report)
