@@ -433,3 +433,66 @@ def test_an_update_that_leaves_a_large_value_alone_keeps_it(conn, dsn, turso: Tu
     import hashlib
     assert [[r[0], r[1], hashlib.md5(r[2].encode()).hexdigest(), hashlib.md5(bytes.fromhex(r[3])).hexdigest()]
             for r in rows] == expected
+
+
+def test_truncate_among_concurrent_writers_lands_in_commit_order(conn, dsn, turso: TursoServer):
+    """Sessions insert and update while others TRUNCATE (a table, and a partition alone), some in the same
+    transaction as their inserts, a few of them deadlocking (rolled back: nothing sent), with a worker
+    delivering meanwhile: whatever order the commits took, Turso ends equal to Postgres."""
+    import random
+
+    from support.workers import WorkerProcess
+
+    conn.execute("CREATE TABLE t (id bigserial PRIMARY KEY, session int, n int)")
+    conn.execute("CREATE TABLE p (id bigserial, region text, n int, PRIMARY KEY (id, region)) "
+                 "PARTITION BY LIST (region)")
+    conn.execute("CREATE TABLE p_eu PARTITION OF p FOR VALUES IN ('eu')")
+    conn.execute("CREATE TABLE p_us PARTITION OF p FOR VALUES IN ('us')")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("SELECT pgturso.track_table('p')")
+    failures: list[BaseException] = []
+
+    def statement(writer: psycopg.Connection[Any], rng: random.Random, number: int) -> None:
+        step = rng.random()
+        if step < 0.5:
+            writer.execute("INSERT INTO t (session, n) SELECT %s, g FROM generate_series(1, %s) g",
+                           (number, rng.randint(1, 5)))
+            writer.execute("INSERT INTO p (region, n) VALUES (%s, %s)", (rng.choice(["eu", "us"]), number))
+        elif step < 0.75:
+            writer.execute("UPDATE t SET n = n + 1 WHERE id %% 3 = %s", (number % 3,))
+        elif step < 0.87:
+            writer.execute("TRUNCATE t")
+        elif step < 0.95:
+            writer.execute(f"TRUNCATE p_{rng.choice(['eu', 'us'])}")  # a partition alone
+        else:
+            writer.execute("TRUNCATE p")
+
+    def session(number: int) -> None:
+        rng = random.Random(number)
+        try:
+            with psycopg.connect(dsn, autocommit=True) as writer:
+                for _ in range(40):
+                    try:
+                        with writer.transaction():
+                            for _ in range(rng.randint(1, 3)):
+                                statement(writer, rng, number)
+                    except psycopg.errors.DeadlockDetected:
+                        pass  # rolled back whole: none of it may reach Turso
+        except BaseException as exc:  # reported by the test below
+            failures.append(exc)
+
+    worker = WorkerProcess(dsn, turso.url, "--idle-wait", "0.2").start()
+    try:
+        sessions = [threading.Thread(target=session, args=(n,)) for n in range(4)]
+        for thread in sessions:
+            thread.start()
+        for thread in sessions:
+            thread.join()
+    finally:
+        assert worker.stop() == 0
+    assert failures == []
+    drain(dsn, turso.url)
+    for table in ("t", "p"):
+        expected = [list(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY id, 2").fetchall()]
+        assert turso.query(f"SELECT * FROM {table} ORDER BY id, 2") == expected, table
+    assert pending(conn) == 0
