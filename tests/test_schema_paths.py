@@ -32,9 +32,9 @@ def test_drop_type_domain_and_function_cascade_drop_columns_and_writes_go_on(cap
     conn.execute("CREATE TYPE mood AS ENUM ('sad', 'happy')")
     conn.execute("CREATE DOMAIN posint AS int CHECK (VALUE > 0)")
     conn.execute("CREATE FUNCTION twice(int) RETURNS int IMMUTABLE LANGUAGE sql AS 'SELECT $1 * 2'")
-    # capture => 'wal' computes a generated column at delivery from the catalog, which cannot be done for rows
-    # written before DROP FUNCTION ... CASCADE dropped it (the slot worker stops with a SlotError naming
-    # resync_table: issue 14's to settle); there the column is a plain one with a default.
+    # capture => 'wal' refuses a generated column whose expression calls a user-defined function (the worker
+    # would run it): there the column is a plain one with a default. A generated column dropped by a CASCADE in
+    # wal mode: test_rows_written_before_a_cascade_drops_their_generated_column_arrive.
     generated = "GENERATED ALWAYS AS (twice(v)) STORED" if capture == "trigger" else "DEFAULT twice(1)"
     conn.execute(f"CREATE TABLE t (id int PRIMARY KEY, m mood, p posint, v int, g int {generated}, keep text)")
     conn.execute("INSERT INTO t VALUES (1, 'sad', 1, 1, DEFAULT, 'one')")
@@ -48,6 +48,31 @@ def test_drop_type_domain_and_function_cascade_drop_columns_and_writes_go_on(cap
     drain(dsn, turso.url)
     assert turso_columns(turso, "t") == (["id", "v", "keep"] if capture == "trigger" else ["id", "v", "g", "keep"])
     assert turso.query("SELECT * FROM t ORDER BY id") == pg_rows(conn, "SELECT * FROM t ORDER BY id")
+    assert pending(conn) == 0
+
+
+def test_rows_written_before_a_cascade_drops_their_generated_column_arrive(capture, conn, dsn, turso):
+    """capture => 'wal' computes a generated column at delivery (pgoutput does not send it): for rows written
+    before DROP ... CASCADE (or DROP COLUMN) took the column and its expression, the worker used to stop with a
+    SlotError. They arrive, and the column's drop follows them; a renamed generated column is still computed."""
+    conn.execute("CREATE DOMAIN posint AS int CHECK (VALUE > 0)")
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, p posint, g int GENERATED ALWAYS AS (p * 2) STORED, "
+                 "h int GENERATED ALWAYS AS (id + 100) STORED, keep text)")
+    conn.execute("INSERT INTO t VALUES (1, 1, DEFAULT, DEFAULT, 'one')")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("INSERT INTO t (id, p, keep) VALUES (2, 2, 'two')")
+    conn.execute("UPDATE t SET keep = 'one!', p = 5 WHERE id = 1")
+    conn.execute("ALTER TABLE t RENAME COLUMN h TO h2")
+    conn.execute("INSERT INTO t (id, p, keep) VALUES (3, 3, 'three')")
+    conn.execute("DELETE FROM t WHERE id = 2")
+    conn.execute("DROP DOMAIN posint CASCADE")  # drops p, and g computed from it
+    conn.execute("INSERT INTO t (id, keep) VALUES (4, 'four')")
+    conn.execute("UPDATE t SET keep = 'three!' WHERE id = 3")
+    result = drain(dsn, turso.url)
+    assert "SlotError" not in result.stderr
+    assert turso_columns(turso, "t") == ["id", "h2", "keep"]
+    assert turso.query("SELECT * FROM t ORDER BY id") == pg_rows(conn, "SELECT * FROM t ORDER BY id")
+    assert turso.query("SELECT id, h2 FROM t ORDER BY id") == [[1, 101], [3, 103], [4, 104]]
     assert pending(conn) == 0
 
 

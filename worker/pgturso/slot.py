@@ -67,10 +67,14 @@ COUNT_SKIPPED = """
     WHERE target = %(target)s AND committed_before IS NOT NULL AND (txid::text::numeric %% 4294967296)::int8 = %(xid)s
       AND committed_before > %(lsn)s::pg_lsn
 """
+# By the tracked table's oid and the columns' numbers: what a rename of the table or the column leaves alone.
 GENERATED_COLUMNS = """
-    SELECT a.attname, pg_get_expr(d.adbin, d.adrelid) FROM pg_attribute a
+    SELECT a.attnum, a.attname, pg_get_expr(d.adbin, d.adrelid) FROM pg_attribute a
     JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-    WHERE a.attrelid = to_regclass(%(table)s) AND a.attgenerated = 's' AND NOT a.attisdropped
+    WHERE a.attrelid = %(relid)s AND a.attgenerated = 's' AND NOT a.attisdropped
+"""
+LIVE_COLUMNS = """
+    SELECT a.attnum, a.attname FROM pg_attribute a WHERE a.attrelid = %(relid)s AND a.attnum > 0 AND NOT a.attisdropped
 """
 OUTBOX_OID = "SELECT 'pgturso.outbox'::regclass::oid::int8"
 RECORD_WAL_BATCH = record_batch_sql("", "DELETE FROM pgturso.outbox WHERE id = ANY (%(ids)s::int8[])")
@@ -604,6 +608,17 @@ class WalOutbox(Outbox):
             index = {name: i for i, name in enumerate(relation.columns)}
             index.update((name, len(relation.columns)) for name in self.generated(layout_id))
             missing = [c.name for c in layout.columns if c.name not in index]
+            if missing and self._dropped_since(relation.relid, layout, missing):
+                # Generated columns (pgoutput does not send them) that were dropped since these rows were written
+                # (DROP COLUMN, or DROP ... CASCADE of what they used): their expression is gone with them. The
+                # schema change that dropped them follows in the stream and drops them on Turso, so their value
+                # there is never read: NULL.
+                event(log, logging.WARNING, "generated_column_gone", table=layout.source_table,
+                      columns=",".join(missing), sent="NULL until the column's drop, which follows")
+                self._generated[layout_id].update((name, "NULL") for name in missing)
+                self._encoders = {k: v for k, v in self._encoders.items() if k[0] != layout_id}
+                index.update((name, len(relation.columns)) for name in missing)
+                missing = []
             if missing:
                 raise SlotError(
                     f"{layout.source_table}: the decoded rows have no column(s) {', '.join(missing)} of its layout "
@@ -612,14 +627,33 @@ class WalOutbox(Outbox):
             found = self._positions[key] = [index[c.name] for c in layout.columns]
         return found
 
+    def _relid_of_layout(self, layout_id: int) -> int | None:
+        table_id = self.table_of_layout_id(layout_id)
+        return next((relid for relid, table in self.table_of_relid.items() if table == table_id), None)
+
     def generated(self, layout_id: int) -> dict[str, str]:
-        """The stored generated columns of a layout's table (name: expression), which pgoutput does not send."""
+        """The stored generated columns of a layout's table (the layout's name: expression), which pgoutput
+        does not send; found by column number, so a renamed column or table is still found."""
         if layout_id not in self._generated:
             layout = self.layout(layout_id)
-            rows = self.conn.execute(GENERATED_COLUMNS, {"table": layout.source_table}).fetchall()
-            names = {c.name for c in layout.columns}
-            self._generated[layout_id] = {str(n): str(e) for n, e in rows if n in names}
+            relid = self._relid_of_layout(layout_id)
+            rows = self.conn.execute(GENERATED_COLUMNS, {"relid": relid}).fetchall() if relid else []
+            by_attnum = {int(attnum): str(expr) for attnum, _, expr in rows}
+            by_name = {str(name): str(expr) for _, name, expr in rows}
+            found = {}
+            for c in layout.columns:
+                expr = by_attnum.get(c.attnum) if c.attnum else by_name.get(c.name)
+                if expr is not None:
+                    found[c.name] = expr
+            self._generated[layout_id] = found
         return self._generated[layout_id]
+
+    def _dropped_since(self, relid: int, layout: TableLayout, names: list[str]) -> bool:
+        """Whether every one of the layout's columns ``names`` is gone from its table (or the table is)."""
+        live = self.conn.execute(LIVE_COLUMNS, {"relid": relid}).fetchall()
+        attnums, live_names = {int(a) for a, _ in live}, {str(n) for _, n in live}
+        columns = [layout.column(name) for name in names]
+        return all((c.attnum not in attnums) if c.attnum else (c.name not in live_names) for c in columns)
 
     def encode(self, layout_id: int, key_only: bool, values: list[Any], count: int) -> list[str]:
         """The rows' JSON arrays, encoded by Postgres as capture encodes them."""
