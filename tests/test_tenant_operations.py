@@ -164,6 +164,10 @@ def test_status_and_metrics_show_each_tenant_and_a_long_retry_fails_the_check(co
         assert "target tenant-acme (tenant acme of tenant-%s): worker idle" in shown.stdout
         globex_block = shown.stdout.split("target tenant-globex")[1]
         assert "retrying for" in globex_block and "orders" in globex_block
+        # Only what needs a look: for a pattern of hundreds of idle tenants, the one that is not.
+        problems = status(dsn, "--max-retrying", "3600", "--problems")
+        assert problems.returncode == 0 and "target tenant-globex" in problems.stdout, problems.stdout
+        assert "target tenant-acme" not in problems.stdout and "pattern tenant-%s: 2 tenant" in problems.stdout
         # Longer than the threshold: the check fails, naming the tenant.
         wait_until(lambda: retrying_for(conn, "tenant-globex") > 1.5, 60, "globex to retry for a while")
         failing = status(dsn, "--max-retrying", "1")

@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--max-retrying", type=float, default=DEFAULT_MAX_RETRYING, metavar="SECONDS",
                              help="exit 1 when a target (or tenant database) has been retrying, delivering "
                                   "nothing, for longer than this (0: never)")
+            sub.add_argument("--problems", action="store_true",
+                             help="show only the targets and tenant databases with an error, retrying, blocked "
+                                  "or not running (and each pattern's summary line)")
         if name == "run":
             sub.add_argument("--once", action="store_true", help="deliver what is committed now, then exit")
         if name == "verify":
@@ -125,7 +128,7 @@ def load_settings_waiting(dsn: str, flags: dict[str, object], once: bool) -> Set
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "status":
-        return _status(args.dsn, args.max_retrying)
+        return _status(args.dsn, args.max_retrying, args.problems)
     flags = {s.name: getattr(args, s.name) for s in SETTINGS}
     logs.TIMESTAMPS = not background.started_by_postgres()
     logs.setup(flags.get("log_level") or os.environ.get("PGTURSO_LOG_LEVEL") or "info",  # type: ignore[arg-type]
@@ -216,11 +219,12 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def _status(dsn: str, max_retrying: float = DEFAULT_MAX_RETRYING) -> int:
+def _status(dsn: str, max_retrying: float = DEFAULT_MAX_RETRYING, problems_only: bool = False) -> int:
     """Render pgturso.status for a terminal; exit 1 when a target is failing now: blocked, stopped with a
     current error, claimed by a worker that is not running (killed), or retrying (Turso unreachable, 5xx,
     429) for longer than ``max_retrying`` seconds (0: never) -- it has delivered nothing since. A pattern
-    target is shown as a summary line, then a block per tenant database. Cleared errors are shown as history.
+    target is shown as a summary line, then a block per tenant database (``problems_only``: only the targets
+    and tenants with an error, retrying, blocked or not running). Cleared errors are shown as history.
     Exit 2 when the status cannot be read (Postgres unreachable, no pgturso, no right to read it)."""
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -236,38 +240,45 @@ def _status(dsn: str, max_retrying: float = DEFAULT_MAX_RETRYING) -> int:
             tenants_of.setdefault(row[12], []).append(row[1])
     for (target, status, recorded, worker, retries, error, error_at, error_txid, previous, previous_at,
          cleared_at, failing_for, pattern, tenant, delivered_total, is_pattern) in targets:
+        lines: list[str] = []
+        problem = False
         if is_pattern:  # its tenants have the workers and the state; the pattern's own row has neither
             states = tenants_of.get(target, [])
             counts = ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states)))
-            print(f"pattern {target}: " + (f"{len(states)} tenant database(s) ({counts})" if states
-                                           else "no tenant databases yet"))
+            lines.append(f"pattern {target}: " + (f"{len(states)} tenant database(s) ({counts})" if states
+                                                  else "no tenant databases yet"))
+            problem = True  # the summary line is always shown
         else:
             shown = status if status == recorded else f"{status} (was {recorded}: nobody holds its delivery lock)"
             what = f"target {target}" + (f" (tenant {tenant} of {pattern})" if pattern else "")
-            print(f"{what}: worker {shown}" + (f" ({worker})" if worker else "")
-                  + f", {retries} retries, {delivered_total} rows delivered")
+            lines.append(f"{what}: worker {shown}" + (f" ({worker})" if worker else "")
+                         + f", {retries} retries, {delivered_total} rows delivered")
             long_retry = status == "retrying" and failing_for is not None and 0 < max_retrying < failing_for
             if status == "retrying" and failing_for is not None:
-                print(f"  retrying for {_duration(failing_for)}, nothing delivered since"
-                      + (f" (over --max-retrying {max_retrying:g}s)" if long_retry else ""))
+                lines.append(f"  retrying for {_duration(failing_for)}, nothing delivered since"
+                             + (f" (over --max-retrying {max_retrying:g}s)" if long_retry else ""))
             if error:
-                print(f"  error at {error_at}" + (f", source transaction {error_txid}" if error_txid else "") + ":")
-                print(f"    {error}")
+                lines.append(f"  error at {error_at}" + (f", source transaction {error_txid}" if error_txid else "")
+                             + ":")
+                lines.append(f"    {error}")
             if previous:
-                print(f"  previous error at {previous_at}, cleared at {cleared_at}:")
-                print(f"    {previous}")
+                lines.append(f"  previous error at {previous_at}, cleared at {cleared_at}:")
+                lines.append(f"    {previous}")
             failing |= (status in ("blocked", "not running") or (status == "stopped" and bool(error))
                         or long_retry)
+            problem = bool(error) or status in ("retrying", "blocked", "not running")
+        if problems_only and not problem:
+            continue  # e.g. the hundreds of idle tenants of a pattern
         mine = [t for t in tables if t[0] == target]
-        if not mine:
-            continue
-        print(f"  {'table':30} {'turso table':30} {'pending rows':>12} {'lag':>8} {'delivered':>12}  "
-              "last delivered       initial copy")
+        if mine:
+            lines.append(f"  {'table':30} {'turso table':30} {'pending rows':>12} {'lag':>8} {'delivered':>12}  "
+                         "last delivered       initial copy")
         for _, table, turso_table, pending, lag, delivered, last_at, copy_state, done, total in mine:
             last = last_at.strftime("%Y-%m-%d %H:%M:%S") if last_at else "-"
             copy = "done" if copy_state == "done" else f"{done}/{total or '?'} rows"
             count = "-" if pattern else delivered  # a tenant's rows are counted per target only (above)
-            print(f"  {table:30} {turso_table:30} {pending:>12} {lag:>7.1f}s {count:>12}  {last:19}  {copy}")
+            lines.append(f"  {table:30} {turso_table:30} {pending:>12} {lag:>7.1f}s {count:>12}  {last:19}  {copy}")
+        print("\n".join(lines))
     return 1 if failing else 0
 
 
