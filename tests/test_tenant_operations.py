@@ -204,9 +204,15 @@ def test_status_fails_on_a_plain_target_retrying_too_long(conn, dsn):
     conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
     conn.execute("SELECT pgturso.add_target('eu', %s)", (f"http://127.0.0.1:{free_port()}",))
     conn.execute("SELECT pgturso.track_table('t', target => 'eu')")
-    worker = WorkerProcess(dsn, "", "--target", "eu", env={"PGTURSO_RETRY_MAX_DELAY": "1"}).start()
+    conn.execute("INSERT INTO t VALUES (1), (2)")
+    port = free_port()
+    worker = WorkerProcess(dsn, "", "--target", "eu", "--metrics-port", str(port),
+                           env={"PGTURSO_RETRY_MAX_DELAY": "1"}).start()
     try:
         wait_until(lambda: retrying_for(conn, "eu") >= 0, 60, "eu to retry")
+        # The backlog and lag of a target that is down are in the metrics (they were only read after a delivery).
+        wait_until(lambda: _metrics(port).get("pgturso_backlog_rows") == 2, 60, "the backlog in the metrics")
+        assert _metrics(port)["pgturso_lag_seconds"] > 0 and _metrics(port)["pgturso_up"] == 0
         assert status(dsn).returncode == 0  # the default threshold (5 minutes) is not reached
         wait_until(lambda: retrying_for(conn, "eu") > 1.5, 60, "eu to retry for a while")
         failing = status(dsn, "--max-retrying", "1")
