@@ -52,6 +52,11 @@ class Sizes:
     latency_rate: int  # 5: transactions per second
     latency_seconds: int  # 5: duration of the steady load
     copy_rows: int  # 7: rows in the table that track_table copies
+    fan_tenants: int  # 11: tenants of the pattern target (one file: database each)
+    fan_rows_per_tenant: int  # 11: rows per tenant in the copy
+    fan_rate: int  # 11: transactions per second of the live load over all tenants
+    fan_seconds: int  # 11: duration of each live load
+    fan_outage_seconds: int  # 11: how long one tenant's database is down during the second load
 
 
 FULL = Sizes(
@@ -70,6 +75,11 @@ FULL = Sizes(
     latency_rate=500,
     latency_seconds=20,
     copy_rows=1_000_000,
+    fan_tenants=1_000,
+    fan_rows_per_tenant=1_000,
+    fan_rate=500,
+    fan_seconds=40,
+    fan_outage_seconds=30,
 )
 QUICK = Sizes(
     bulk_rows=5_000,
@@ -87,6 +97,11 @@ QUICK = Sizes(
     latency_rate=100,
     latency_seconds=3,
     copy_rows=10_000,
+    fan_tenants=30,
+    fan_rows_per_tenant=200,
+    fan_rate=60,
+    fan_seconds=6,
+    fan_outage_seconds=3,
 )
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from capture_cost import s1_bulk, s2_oltp
 from delivery import make_backlogs, s3_upkeep, s4_throughput, s5_latency, s6_file, s7_initial_copy
+from fanout import s11_fanout
 from harness import FULL, QUICK, REPO, Bench, PgCluster, Row, progress
 from report import product_version, section, table, utcnow, write_benchmarks_md
 from wal_capture import s10_wal_drain, s10_wal_latency
@@ -37,6 +38,7 @@ SCENARIOS: list[tuple[int, str, Callable[[Bench], None]]] = [
     (7, "initial copy", s7_initial_copy),
     (5, "latency", s5_latency),
     (3, "outbox upkeep", s3_upkeep),
+    (11, "a database per tenant", s11_fanout),
 ]
 
 

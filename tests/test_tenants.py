@@ -398,3 +398,70 @@ def test_one_worker_delivers_many_tenants_over_a_bounded_number_of_connections(c
     for tenant in tenants:
         assert tenant_rows(tmp_path / f"tenant-{tenant}.db", "SELECT id, item FROM orders ORDER BY id") == \
             pg_tenant_rows(conn, tenant), tenant
+
+
+def test_many_tenants_survive_lost_connections_a_sigkill_and_a_second_worker_under_load(conn, dsn, tmp_path: Path):
+    """Attack on the pattern worker's scheduler: while 60 tenants (some new) are written to, its own Postgres
+    connection (which holds every tenant's delivery lock) is terminated twice with steps in flight on the pool
+    connections, the pool connections once, a second worker joins and takes a share, and the first is SIGKILLed.
+    Nothing is lost or applied twice in any tenant's database."""
+    import threading
+
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text, qty int)")
+    conn.execute("INSERT INTO orders SELECT g, 'k' || (g % 40), 'seed', 0 FROM generate_series(1, 400) g")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    first = _start_worker(dsn, "--tenant-threads", "3")
+    second = None
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def write() -> None:
+        with psycopg.connect(dsn, autocommit=True) as writer:
+            n = 1000
+            while not stop.is_set():
+                n += 1
+                try:
+                    with writer.transaction():
+                        writer.execute("INSERT INTO orders VALUES (%s, %s, 'live', 0)", (n, f"k{n % 60}"))
+                        writer.execute("UPDATE orders SET qty = qty + 1 WHERE id = %s", (n % 400 + 1,))
+                except Exception as exc:  # the test's subject is the worker: the writer must never fail
+                    errors.append(repr(exc))
+                time.sleep(0.005)
+
+    def terminate(application: str) -> int:
+        return conn.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                            "WHERE application_name = %s", (application,)).fetchone()[0]
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        time.sleep(2)
+        wait_until(lambda: terminate("pgturso-worker-pattern") == 1, 60, "the scheduler's connection")
+        time.sleep(1.5)
+        wait_until(lambda: terminate("pgturso-worker-tenant") >= 1, 60, "a pool connection")
+        time.sleep(1.5)
+        wait_until(lambda: terminate("pgturso-worker-pattern") == 1, 60, "the scheduler's connection again")
+        time.sleep(1)
+        second = _start_worker(dsn, "--tenant-threads", "2")
+        time.sleep(3)
+        first.kill()
+        time.sleep(2)
+        stop.set()
+        writer.join()
+        assert not errors, errors[:5]
+        wait_until(lambda: pending(conn) == 0, 180, "the second worker to deliver everything")
+        assert second.stop() == 0, second.output
+    finally:
+        stop.set()
+        writer.join()
+        for proc in (first, second):
+            if proc is not None and proc.proc is not None and proc.proc.poll() is None:
+                proc.kill()
+    assert first.lines("retry"), first.output  # it did lose its connection, and carried on
+    tenants = [t for (t,) in conn.execute(
+        "SELECT tenant FROM pgturso.target WHERE pattern = 'tenant-%s' ORDER BY 1").fetchall()]
+    assert len(tenants) == 60
+    for tenant in tenants:
+        assert tenant_rows(tmp_path / f"tenant-{tenant}.db", "SELECT id, item, qty FROM orders ORDER BY id") == \
+            pg_tenant_rows(conn, tenant, "id, item, qty"), tenant

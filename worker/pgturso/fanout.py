@@ -75,7 +75,10 @@ SCAN_SECONDS = 1.0  # how often the tenant list and the members alive are read (
 PENDING_EVERY_SECONDS = 0.05  # while busy: how often the outbox is asked which tenants have events
 COPY_CHECK_SECONDS = 0.5
 TARGET_IDLE_SECONDS = 10.0  # a tenant idle this long has its Turso connection (file handle, HTTP session) closed
-MAX_OPEN_TARGETS = 128  # Turso connections kept open at most (least recently used closed first)
+# Turso connections kept open at most (least recently used closed first): a file: database open in pyturso
+# takes about 2 MB, which the allocator keeps once touched; reopening one costs about 10 ms.
+MAX_OPEN_TARGETS = 32
+COPY_STEP_SECONDS = 1.0  # during an initial copy a tenant is stepped at most this often (larger batches)
 
 TENANTS = "SELECT name, tenant FROM pgturso.target WHERE pattern = %s ORDER BY name"
 PATTERN_EXISTS = "SELECT EXISTS (SELECT 1 FROM pgturso.target WHERE name = %s)"
@@ -105,6 +108,10 @@ PENDING_TENANTS = """
     SELECT tenant FROM pending WHERE tenant IS NOT NULL
 """
 COPYING = "SELECT EXISTS (SELECT 1 FROM pgturso.tracked_table WHERE target = %s AND copy_state = 'copying')"
+RECORD_IDLE = """
+    UPDATE pgturso.delivery_state SET status = 'idle', updated_at = now()
+    WHERE target = ANY (%(names)s) AND status = 'delivering'
+"""
 RECORD_STOPPED = """
     UPDATE pgturso.delivery_state SET status = 'stopped', updated_at = now()
     WHERE target = ANY (%(names)s) AND status <> 'stopped'
@@ -130,6 +137,7 @@ class TenantWorker(Worker):
         self.served_at = 0.0  # when its last step started (least recently served first)
         self.used_at = 0.0  # when its Turso connection was last used
         self.code: int | None = None  # why it stopped (--once: fatal, retries exhausted)
+        self.shown_idle = False  # pgturso.status shows it idle (the scheduler records that for many at once)
 
     def attach(self, conn: psycopg.Connection[Any]) -> None:
         """Deliver over ``conn`` (a pool connection) for this step."""
@@ -165,8 +173,13 @@ class TenantWorker(Worker):
             self.attempts = 0
             self._update_backlog(force=not delivered)
             if delivered:
-                return 0.0
+                self.shown_idle = False
+                # Cut short by the batch limits, or delivering one transaction at a time: more is pending. Else
+                # the scheduler's next look at the outbox says (no empty step to find out).
+                more = self.isolating_until is not None or (self._sending is not None and self._sending.more_pending)
+                return 0.0 if more else None
             self._record("idle", clear_error=True)
+            self.shown_idle = True
             return None
         except (TursoUnavailable, psycopg.OperationalError, StatementFailed, TursoRequestRejected,
                 ConfigError, psycopg.errors.InsufficientPrivilege) as exc:
@@ -223,7 +236,7 @@ class PatternWorker:
         self._pool_conns: list[psycopg.Connection[Any]] = []
         self._pool_lock = threading.Lock()
         self.woken = threading.Event()  # a step or job ended
-        self.running: dict[str, Future[float | None]] = {}
+        self.running: dict[str, Future[float | None]] = {}  # steps (and closes) of tenants, by name
         self.job: Future[bool] | None = None  # the copy chunk or vacuum running, if any
         self.copying = False
         self._copy_checked = 0.0
@@ -415,8 +428,10 @@ class PatternWorker:
         if self.job is None and self._job_due(now):
             self.job = self.pool.submit(self._run_job)
             free -= 1
+        # During an initial copy every chunk brings each tenant a few rows: let them gather into larger batches.
+        gathered = now - COPY_STEP_SECONDS if self.copying else now
         ready = [t for t in self.tenants.values()
-                 if t.due and not t.running and t.code is None and t.not_before <= now]
+                 if t.due and not t.running and t.code is None and t.not_before <= now and t.served_at <= gathered]
         if not ready:
             return
         ready.sort(key=lambda t: t.served_at)
@@ -482,9 +497,30 @@ class PatternWorker:
         open_targets = sorted((t for t in self.tenants.values() if t.target is not None and not t.running),
                               key=lambda t: t.used_at)
         excess = len(open_targets) - MAX_OPEN_TARGETS
+        free = self.threads - len(self.running) - (self.job is not None)
         for number, tenant in enumerate(open_targets):
+            if free <= 0:
+                break
             if number < excess or now - tenant.used_at > TARGET_IDLE_SECONDS:
-                tenant.close_target()
+                # On a pool thread, as a step of the tenant: closing a file database checkpoints it (a write).
+                tenant.running = True
+                self.running[tenant.settings.target] = self.pool.submit(self._run_close, tenant)
+                free -= 1
+
+    def _run_close(self, tenant: TenantWorker) -> None:
+        try:
+            tenant.close_target()
+        finally:
+            self.woken.set()
+
+    def _show_idle(self) -> None:
+        """Show the tenants that delivered and have nothing pending as idle in pgturso.status, in one statement."""
+        idle = [t for t in self.tenants.values() if not (t.shown_idle or t.due or t.running or t.code is not None)]
+        if idle and self.conn is not None:
+            self.conn.execute(RECORD_IDLE, {"names": [t.settings.target for t in idle]})
+            for tenant in idle:
+                tenant.shown_idle = True
+                tenant._last_status = "idle"
 
     def _has_work(self, now: float) -> bool:
         return self.copying or any(t.due and t.code is None and t.not_before <= now for t in self.tenants.values())
@@ -497,6 +533,7 @@ class PatternWorker:
         waits = [t.not_before for t in self.tenants.values() if t.due and t.code is None]
         deadline = min([now + self.settings.idle_wait, self._scanned_at + SCAN_SECONDS, *waits])
         outbox = self.layout_cache
+        self._show_idle()
         held, all_taken = outbox.take_wake_locks()
         try:
             if not all_taken:
@@ -534,6 +571,7 @@ class PatternWorker:
                     now = time.monotonic()
                     if now - self._scanned_at >= SCAN_SECONDS:
                         self._scan(once)
+                        self._show_idle()
                     self._collect()
                     if len(self.running) + (self.job is not None) < self.threads:
                         self._refresh_pending()

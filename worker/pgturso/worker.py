@@ -493,6 +493,7 @@ class Worker:
             log,
             logging.INFO,
             "delivered",
+            target=self.settings.target,
             transactions=batch.transactions,
             events=batch.event_count,
             rows=batch.rows,
