@@ -242,3 +242,27 @@ def test_row_filter_with_plpgsql_names_and_a_column_list(conn, dsn, turso: Turso
     assert turso_columns(turso, "t") == ["id", "new"]
     assert turso.query("SELECT id, new FROM t ORDER BY id") == [[1, "a"], [3, "c"]]
     assert verify(dsn, turso.url, "t").returncode == 0
+
+
+def test_a_row_the_filter_fails_on_is_refused_to_its_writer(conn, dsn, turso: TursoServer, capture: str):
+    """A filter that raises on a row (a division by zero): trigger capture evaluates it in the writer's
+    statement; pgoutput would evaluate it while decoding and stop the slot for good, so in wal mode a CHECK
+    constraint evaluates it for the writer. Either way the writer gets the error, and nothing else stops."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, n int)")
+    conn.execute("INSERT INTO t VALUES (1, 0)")
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        conn.execute("SELECT pgturso.track_table('t', row_filter => '10 / n > 1')")
+    conn.execute("DELETE FROM t")
+    conn.execute("SELECT pgturso.track_table('t', row_filter => '10 / n > 1')")
+    conn.execute("INSERT INTO t VALUES (1, 1), (2, 20)")
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        conn.execute("INSERT INTO t VALUES (3, 0)")
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        conn.execute("UPDATE t SET n = 0 WHERE id = 2")
+    conn.execute("UPDATE t SET n = 2 WHERE id = 2")  # into the filter
+    conn.execute("DELETE FROM t WHERE id = 1")
+    drain(dsn, turso.url)
+    assert turso.query("SELECT id, n FROM t") == [[2, 2]]
+    assert pending(conn) == 0
+    conn.execute("SELECT pgturso.untrack_table('t')")
+    conn.execute("INSERT INTO t VALUES (3, 0)")  # no filter left behind

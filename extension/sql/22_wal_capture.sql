@@ -150,6 +150,22 @@ BEGIN
         EXECUTE format('ALTER PUBLICATION pgturso_tables ADD TABLE ONLY %s', rel)
                 || coalesce(' WHERE (' || (plan -> 'spec' ->> 'row_filter') || ')', '');
     END IF;
+    -- pgoutput evaluates the filter while decoding: a row on which it raises (10 / n with n = 0) would stop
+    -- the slot for good (every later read decodes it again). As in trigger mode, where capture evaluates it
+    -- in the writer's statement, such a row is refused to its writer instead: a CHECK that evaluates the filter
+    -- and is always true otherwise (num_nulls is not folded away). Existing rows are checked now.
+    IF plan -> 'spec' ->> 'row_filter' IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conrelid = rel AND c.conname = 'pgturso_row_filter') THEN
+        BEGIN
+            EXECUTE format('ALTER TABLE %s ADD CONSTRAINT pgturso_row_filter CHECK (num_nulls(%s) >= 0)', rel,
+                           plan -> 'spec' ->> 'row_filter');
+        EXCEPTION WHEN data_exception THEN
+            GET STACKED DIAGNOSTICS v_generated = MESSAGE_TEXT;
+            RAISE EXCEPTION 'pgturso: the row filter of % fails on a row of the table: %', rel, v_generated
+                USING HINT = 'Make the filter total over the rows (e.g. NULLIF(n, 0) instead of n as a divisor), or '
+                             'fix the row: with capture => ''wal'' a filter that fails on a row would stop the slot.';
+        END;
+    END IF;
     -- Postgres refuses an UPDATE or DELETE of a table whose publication filter uses a column outside the
     -- replica identity: writers would fail. Such a filter makes the identity FULL (the old row is logged whole,
     -- so pgoutput can tell whether it was inside the filter; docs/design.md says what that costs).
@@ -219,6 +235,9 @@ BEGIN
                WHERE p.pubname = 'pgturso_tables' AND r.prrelid = rel) THEN
         EXECUTE format('ALTER PUBLICATION pgturso_tables DROP TABLE ONLY %s', rel);
     END IF;
+    IF EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conrelid = rel AND c.conname = 'pgturso_row_filter') THEN
+        EXECUTE format('ALTER TABLE %s DROP CONSTRAINT pgturso_row_filter', rel);
+    END IF;
     FOR v_part IN SELECT rel UNION SELECT relid FROM pg_partition_tree(rel) LOOP
         EXECUTE format('DROP TRIGGER IF EXISTS pgturso_capture_truncate ON %s', v_part);
     END LOOP;
@@ -241,6 +260,11 @@ BEGIN
     END IF;
     FOR v_target IN SELECT name FROM pgturso.target LOOP
         PERFORM pgturso._drop_slot(v_target);
+    END LOOP;
+    -- The row filters' CHECK constraints on wal tables are not extension members either.
+    FOR v_target IN SELECT c.conrelid::regclass::text FROM pg_constraint c
+                    JOIN pgturso.tracked_table t ON t.relid = c.conrelid WHERE c.conname = 'pgturso_row_filter' LOOP
+        EXECUTE format('ALTER TABLE %s DROP CONSTRAINT pgturso_row_filter', v_target);
     END LOOP;
     DROP PUBLICATION IF EXISTS pgturso_tables, pgturso_outbox;
 END
