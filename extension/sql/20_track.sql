@@ -872,6 +872,13 @@ BEGIN
         RAISE EXCEPTION 'pgturso: there is no target %', track_table.target
             USING HINT = 'Create it first: SELECT pgturso.add_target(''name'', ''libsql://...'', ''token'').';
     END IF;
+    -- A tenant's database gets its pattern's tables only: another stream of events would share its marker.
+    IF EXISTS (SELECT 1 FROM pgturso.target g WHERE g.name = track_table.target AND g.pattern IS NOT NULL) THEN
+        RAISE EXCEPTION 'pgturso: % is a tenant database of pattern target %', track_table.target,
+                        (SELECT g.pattern FROM pgturso.target g WHERE g.name = track_table.target)
+            USING HINT = 'Track the table to the pattern (with route_by, or without it: a reference table sent to '
+                         'every tenant), or to a target of its own (pgturso.add_target).';
+    END IF;
     IF v_capture <> (SELECT g.capture FROM pgturso.target g WHERE g.name = track_table.target) THEN
         IF EXISTS (SELECT 1 FROM pgturso.tracked_table t WHERE t.target = track_table.target) THEN
             RAISE EXCEPTION 'pgturso: target % captures its tables by %, not %', track_table.target,

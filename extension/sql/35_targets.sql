@@ -110,6 +110,7 @@ DECLARE
     v_pattern text;
     v_tenant text;
     v_name text;
+    v_other text;
     v_ref record;
 BEGIN
     SELECT t.target INTO v_pattern FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
@@ -127,12 +128,32 @@ BEGIN
     END IF;
     FOR v_tenant IN SELECT DISTINCT x FROM unnest(tenants) AS x ORDER BY 1 LOOP
         v_name := replace(v_pattern, '%s', v_tenant);
-        IF v_tenant !~ '^[A-Za-z0-9_.-]+$' OR v_name !~ '^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$' THEN
+        -- '.' and '..' would be the directory itself or its parent where %s is a path segment of the URL.
+        IF v_tenant !~ '^[A-Za-z0-9_.-]+$' OR v_tenant ~ '^\.\.?$'
+           OR v_name !~ '^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$' THEN
             RAISE EXCEPTION 'pgturso: tenant value "%" cannot name a database of pattern %', v_tenant, v_pattern
-                USING HINT = 'route_by values become part of a database name and URL: letters, digits, _ . - only, '
-                             'and the target name at most 63 characters.';
+                USING HINT = 'route_by values become part of a database name and URL: letters, digits, _ . - only '
+                             '(not . or ..), and the target name at most 63 characters.';
         END IF;
-        -- An explicit add_target of this name (an override of the pattern's URL or token) becomes the tenant's.
+        -- Host names and Turso Cloud database names ignore case: two such tenants would share one database.
+        SELECT g.tenant INTO v_other FROM pgturso.target g
+        WHERE g.pattern = v_pattern AND lower(g.tenant) = lower(v_tenant) AND g.tenant <> v_tenant LIMIT 1;
+        IF v_other IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pgturso.target g
+                                               WHERE g.pattern = v_pattern AND g.tenant = v_tenant) THEN
+            RAISE EXCEPTION 'pgturso: tenant value "%" differs only in case from tenant "%" of pattern %',
+                            v_tenant, v_other, v_pattern
+                USING HINT = 'Their URLs would name one database (host and Turso database names ignore case): keep '
+                             'route_by values of one case, e.g. a CHECK (tenant_id = lower(tenant_id)).';
+        END IF;
+        -- An explicit add_target of this name (an override of the pattern's URL or token) becomes the tenant's;
+        -- unless tables are tracked to it: their events and the tenant's would share one progress marker.
+        IF EXISTS (SELECT 1 FROM pgturso.target g WHERE g.name = v_name AND g.pattern IS NULL)
+           AND EXISTS (SELECT 1 FROM pgturso.tracked_table t WHERE t.target = v_name) THEN
+            RAISE EXCEPTION 'pgturso: target "%" has tables of its own and cannot be tenant "%"''s database of '
+                            'pattern %', v_name, v_tenant, v_pattern
+                USING HINT = 'An add_target of a tenant''s name only overrides the pattern''s URL and token: untrack '
+                             'its tables (or move them to another target) before this tenant''s first row.';
+        END IF;
         INSERT INTO pgturso.target AS g (name, pattern, tenant) VALUES (v_name, v_pattern, v_tenant)
         ON CONFLICT ON CONSTRAINT target_pkey DO UPDATE SET pattern = excluded.pattern, tenant = excluded.tenant
         WHERE g.pattern IS NULL;

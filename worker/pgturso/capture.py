@@ -122,8 +122,12 @@ def tenant_rows_sql(layout: TableLayout, layout_id: int, relation: str) -> str:
 
 
 def route_expr(layout: TableLayout, alias: str) -> str | None:
-    """The tenant of a row of a routed table (its route_by column as text); None for other tables."""
-    return f"{alias}.{quote_ident(layout.route_by)}::text" if layout.route_by else None
+    """The tenant of a row of a routed table (its route_by column as text); None for other tables. The text is
+    the type's output (key_text_sql), never a cast the table's owner created: the capture function runs it as
+    pgturso (SECURITY DEFINER), and the text chooses the tenant database the row goes to."""
+    if not layout.route_by:
+        return None
+    return key_text_sql(layout.column(layout.route_by), f"{alias}.{quote_ident(layout.route_by)}")
 
 
 def register_tenants_sql(layout: TableLayout, layout_id: int, source: str, where: str = "") -> str:

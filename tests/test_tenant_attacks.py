@@ -1,0 +1,244 @@
+"""Attacks on the per-tenant fan-out (a pattern target 'tenant-%s', tables routed by a tenant column, reference
+tables): odd tenant values, a table owner's own code, transactions that bring, move and roll back tenants.
+Asserted on the rows that arrived in each tenant's database (`file:` databases, real tursodb servers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import pending
+from support.turso import TursoServer
+from test_security import ESCALATE, calls, is_superuser, login_role
+from test_tenants import drain_pattern, pg_tenant_rows, tenant_rows
+
+
+def test_table_owner_runs_no_cast_of_theirs_through_the_route_by_value(conn, dsn, tmp_path: Path):
+    """The route_by value's text names the tenant: taken by the type's output function, never by a cast the
+    table's owner created, which pgturso's SECURITY DEFINER capture (and track_table, the copy, verify) would
+    run with pgturso's rights, and which could send a tenant's rows to another tenant's database."""
+    with login_role(conn, dsn, "routeowner") as owner_dsn:
+        conn.execute("GRANT CREATE ON SCHEMA public TO routeowner")
+        conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+        with psycopg.connect(owner_dsn, autocommit=True) as owner:
+            owner.execute(ESCALATE.format(attacker="routeowner"))
+            owner.execute("""
+                CREATE TYPE tenant_name AS ENUM ('acme', 'globex');
+                CREATE TABLE orders (id int PRIMARY KEY, tenant_id tenant_name NOT NULL, item text);
+                INSERT INTO orders VALUES (1, 'acme', 'anvil');
+                CREATE FUNCTION tenant_text(tenant_name) RETURNS text LANGUAGE plpgsql AS
+                    $$ BEGIN PERFORM public.escalate('cast tenant_name to text'); RETURN 'globex'; END $$;
+                CREATE CAST (tenant_name AS text) WITH FUNCTION tenant_text(tenant_name);
+            """)
+            conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+            owner.execute("INSERT INTO orders VALUES (2, 'acme', 'rope'), (3, 'globex', 'gear')")
+            owner.execute("UPDATE orders SET tenant_id = 'globex' WHERE id = 2")
+            owner.execute("UPDATE orders SET tenant_id = 'acme' WHERE id = 2")
+        conn.execute("SELECT pgturso.resync_table('orders')")
+        drain_pattern(dsn)
+        assert not is_superuser(conn, "routeowner")
+        assert calls(conn) == []
+        assert conn.execute("SELECT tenant FROM pgturso.target WHERE pattern IS NOT NULL ORDER BY 1").fetchall() == [
+            ("acme",), ("globex",)]
+        for tenant in ("acme", "globex"):
+            assert tenant_rows(tmp_path / f"tenant-{tenant}.db", "SELECT id, item FROM orders ORDER BY id") == [
+                tuple(r) for r in conn.execute("SELECT id, item FROM orders WHERE tenant_id::name = %s ORDER BY id",
+                                               (tenant,)).fetchall()], tenant
+        conn.execute("SELECT pgturso.untrack_table('orders')")
+
+
+@pytest.mark.parametrize("value", ["..", "."])
+def test_a_tenant_value_cannot_lead_a_file_url_out_of_the_patterns_directory(conn, dsn, tmp_path: Path, value: str):
+    """'tenant-..' is a valid target name, but in a pattern URL with %s as a directory it is the parent."""
+    (tmp_path / "dbs" / "acme").mkdir(parents=True)
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/dbs/%s/data.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    conn.execute("INSERT INTO orders VALUES (1, 'acme', 'anvil')")
+    with pytest.raises(psycopg.Error, match=f'tenant value "{value}" cannot name a database'):
+        conn.execute("INSERT INTO orders VALUES (2, %s, 'escaped')", (value,))
+    drain_pattern(dsn)
+    assert not (tmp_path / "dbs" / "data.db").exists() and not (tmp_path / "data.db").exists()
+    assert tenant_rows(tmp_path / "dbs" / "acme" / "data.db", "SELECT id, item FROM orders") == [(1, "anvil")]
+    assert conn.execute("SELECT tenant FROM pgturso.target WHERE pattern IS NOT NULL").fetchall() == [("acme",)]
+
+
+def test_tenant_values_differing_only_in_case_never_share_a_database(conn, dsn, turso: TursoServer):
+    """Host names (and Turso Cloud database names) ignore case: tenants 'localhost' and 'LOCALHOST' of
+    'http://%s:PORT' would be one database, each tenant's rows landing in the other's. The second is refused."""
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"http://%s:{turso.port}"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    conn.execute("INSERT INTO orders VALUES (1, 'localhost', 'mine')")
+    with pytest.raises(psycopg.Error, match='tenant value "LOCALHOST" differs only in case from tenant "localhost"'):
+        conn.execute("INSERT INTO orders VALUES (2, 'LOCALHOST', 'theirs')")
+    with pytest.raises(psycopg.Error, match=r'tenant value "(Bob|bob)" differs only in case from tenant "(bob|Bob)"'):
+        conn.execute("INSERT INTO orders VALUES (3, 'bob', 'x'), (4, 'Bob', 'y')")  # both new, in one statement
+    drain_pattern(dsn)
+    assert turso.query("SELECT id, item FROM orders ORDER BY id") == [[1, "mine"]]
+    assert conn.execute("SELECT tenant FROM pgturso.target WHERE pattern IS NOT NULL").fetchall() == [("localhost",)]
+
+
+def test_moves_swaps_and_rolled_back_tenants_in_one_transaction(conn, dsn, tmp_path: Path):
+    """A row moved A -> B -> A in one transaction, two rows swapping tenants, a tenant brought by a savepoint
+    rolled back, and a transaction rolled back after bringing a tenant and altering the table: every tenant's
+    database ends with exactly its rows, and no database or target appears for a tenant that never committed."""
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("INSERT INTO orders VALUES (1, 'a', 'one'), (2, 'b', 'two'), (3, 'a', 'three')")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    drain_pattern(dsn)
+    with conn.transaction():
+        conn.execute("UPDATE orders SET tenant_id = 'b', item = 'moved' WHERE id = 1")
+        conn.execute("UPDATE orders SET tenant_id = 'a', item = 'back' WHERE id = 1")
+        # a swap in one statement, and a key change together with a tenant change
+        conn.execute("UPDATE orders SET tenant_id = CASE tenant_id WHEN 'a' THEN 'b' ELSE 'a' END WHERE id IN (2, 3)")
+        conn.execute("UPDATE orders SET id = 20, tenant_id = 'b' WHERE id = 2")
+        try:
+            with conn.transaction():
+                conn.execute("INSERT INTO orders VALUES (4, 'ghost', 'never')")
+                conn.execute("UPDATE orders SET tenant_id = 'ghost' WHERE id = 3")
+                raise RuntimeError("roll the savepoint back")
+        except RuntimeError:
+            pass
+    try:
+        with conn.transaction():
+            conn.execute("INSERT INTO orders VALUES (5, 'phantom', 'never')")
+            conn.execute("ALTER TABLE orders ADD COLUMN note text")
+            conn.execute("UPDATE orders SET note = 'x', tenant_id = 'phantom' WHERE id = 1")
+            raise RuntimeError("roll the transaction back")
+    except RuntimeError:
+        pass
+    conn.execute("INSERT INTO orders VALUES (6, 'c', 'six')")
+    drain_pattern(dsn)
+    assert conn.execute("SELECT tenant FROM pgturso.target WHERE pattern IS NOT NULL ORDER BY 1").fetchall() == [
+        ("a",), ("b",), ("c",)]
+    assert sorted(p.name for p in tmp_path.glob("tenant-*.db")) == ["tenant-a.db", "tenant-b.db", "tenant-c.db"]
+    for tenant in ("a", "b", "c"):
+        assert tenant_rows(tmp_path / f"tenant-{tenant}.db", "SELECT id, item FROM orders ORDER BY id") == \
+            pg_tenant_rows(conn, tenant), tenant
+        assert [r[1] for r in tenant_rows(tmp_path / f"tenant-{tenant}.db", "PRAGMA table_info(orders)")] == [
+            "id", "tenant_id", "item"]
+    assert [pg_tenant_rows(conn, t) for t in ("a", "b", "c")] == [
+        [(1, "back")], [(3, "three"), (20, "two")], [(6, "six")]]
+    assert pending(conn) == 0
+
+
+def _install_file_counter(path: Path, table: str) -> None:
+    """On a tenant's `file:` database only: count every write of a row of ``table`` (by its id) in ``applied``,
+    so that a batch applied twice shows up even when the rows end up right (support.turso's counter, for
+    pyturso databases)."""
+    import turso as pyturso
+
+    db = pyturso.connect(str(path))
+    try:
+        db.execute("CREATE TABLE applied (id INTEGER)")
+        for when in ("INSERT", "UPDATE"):
+            db.execute(f"CREATE TRIGGER count_{when.lower()} AFTER {when} ON {table} "
+                       "BEGIN INSERT INTO applied VALUES (NEW.id); END")
+        db.commit()
+    finally:
+        db.close()
+
+
+def test_two_pattern_workers_sigkilled_in_turn_apply_every_tenants_rows_exactly_once(conn, dsn, tmp_path: Path):
+    """Writers spread inserts over twelve tenants while two pattern workers share them and are SIGKILLed in
+    turn at random points (a hand-over each time): every tenant's database holds exactly its rows, each
+    written once (a Turso-side trigger counts the writes), the one that was down got everything."""
+    import random
+    import threading
+    import time
+
+    from support.workers import WorkerProcess
+
+    tenants = [f"t{n:02d}" for n in range(12)]
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE ledger (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
+                 "tenant_id text NOT NULL, amount int)")
+    conn.execute("SELECT pgturso.track_table('ledger', target => 'tenant-%s', route_by => 'tenant_id')")
+    conn.execute("INSERT INTO ledger (tenant_id, amount) SELECT t, 0 FROM unnest(%s::text[]) AS t", (tenants,))
+    drain_pattern(dsn)
+    for tenant in tenants:
+        _install_file_counter(tmp_path / f"tenant-{tenant}.db", "ledger")
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def write(session: int) -> None:
+        rng = random.Random(session)
+        try:
+            with psycopg.connect(dsn, autocommit=True) as writer:
+                while not stop.is_set():
+                    chosen = rng.sample(tenants, rng.randint(1, 4))  # one transaction, several tenants
+                    writer.execute("INSERT INTO ledger (tenant_id, amount) "
+                                   "SELECT t, g FROM unnest(%s::text[]) AS t, generate_series(1, %s) AS g",
+                                   (chosen, rng.randint(1, 20)))
+                    time.sleep(0.01)
+        except Exception as exc:
+            errors.append(repr(exc))
+
+    def start() -> WorkerProcess:
+        return WorkerProcess(dsn, "", "--target", "tenant-%s", "--idle-wait", "1", "--tenant-threads", "3",
+                             env={"PGTURSO_RETRY_BASE_DELAY": "0.05", "PGTURSO_RETRY_MAX_DELAY": "0.5"}).start()
+
+    writers = [threading.Thread(target=write, args=(s,)) for s in range(2)]
+    workers = [start(), start()]
+    rng = random.Random(7)
+    try:
+        for thread in writers:
+            thread.start()
+        for _ in range(6):
+            time.sleep(rng.uniform(0.3, 1.5))
+            victim = rng.randrange(2)
+            workers[victim].kill()
+            workers[victim] = start()
+        stop.set()
+        for thread in writers:
+            thread.join()
+        assert not errors, errors
+        wait_until_drained(conn)
+    finally:
+        stop.set()
+        for worker in workers:
+            if worker.proc is not None and worker.proc.poll() is None:
+                worker.kill()
+    for tenant in tenants:
+        path = tmp_path / f"tenant-{tenant}.db"
+        expected = [tuple(r) for r in conn.execute(
+            "SELECT id, amount FROM ledger WHERE tenant_id = %s AND amount > 0 ORDER BY id", (tenant,)).fetchall()]
+        assert len(expected) > 0
+        assert tenant_rows(path, "SELECT id, amount FROM ledger WHERE amount > 0 ORDER BY id") == expected, tenant
+        assert tenant_rows(path, "SELECT count(*), count(DISTINCT id) FROM applied") == [
+            (len(expected), len(expected))], tenant
+
+
+def wait_until_drained(conn: psycopg.Connection[Any]) -> None:
+    from support.workers import wait_until
+
+    wait_until(lambda: pending(conn) == 0, 120, "every tenant to catch up")
+
+
+def test_a_named_target_with_tables_of_its_own_never_becomes_a_tenant_database(conn, dsn, tmp_path: Path):
+    """add_target('tenant-acme', ...) overrides the pattern's URL for tenant acme. But a named target that has
+    tables of its own is not a tenant: two event streams (its tables, tenant acme's) would share one progress
+    marker on one database, each fencing the other's events as already applied. Either order is refused."""
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-acme", f"file:{tmp_path}/acme-own.db"))
+    conn.execute("CREATE TABLE notes (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('notes', target => 'tenant-acme')")
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    conn.execute("INSERT INTO notes VALUES (1, 'own')")
+    with pytest.raises(psycopg.Error, match='target "tenant-acme" has tables of its own'):
+        conn.execute("INSERT INTO orders VALUES (1, 'acme', 'routed')")
+    conn.execute("INSERT INTO orders VALUES (2, 'globex', 'routed')")
+    conn.execute("CREATE TABLE memos (id int PRIMARY KEY, v text)")
+    with pytest.raises(psycopg.Error, match="tenant-globex is a tenant database of pattern target tenant-%s"):
+        conn.execute("SELECT pgturso.track_table('memos', target => 'tenant-globex')")
+    drain_pattern(dsn)
+    result = __import__("conftest").run_worker(dsn, "", "--target", "tenant-acme", "--once")
+    assert result.returncode == 0, result.stderr
+    assert tenant_rows(tmp_path / "acme-own.db", "SELECT id, v FROM notes") == [(1, "own")]
+    assert tenant_rows(tmp_path / "tenant-globex.db", "SELECT id, item FROM orders") == [(2, "routed")]
+    assert conn.execute("SELECT name FROM pgturso.target WHERE pattern IS NOT NULL").fetchall() == [("tenant-globex",)]
