@@ -112,17 +112,22 @@ def test_moves_swaps_and_rolled_back_tenants_in_one_transaction(conn, dsn, tmp_p
     except RuntimeError:
         pass
     conn.execute("INSERT INTO orders VALUES (6, 'c', 'six')")
+    with conn.transaction():  # committed this time: a new tenant, then the table altered, then its column used
+        conn.execute("INSERT INTO orders VALUES (7, 'd', 'seven')")
+        conn.execute("ALTER TABLE orders ADD COLUMN note text")
+        conn.execute("UPDATE orders SET note = 'n' || id WHERE tenant_id IN ('a', 'd')")
+        conn.execute("INSERT INTO orders VALUES (8, 'e', 'eight', 'late')")
     drain_pattern(dsn)
+    tenants = ("a", "b", "c", "d", "e")
     assert conn.execute("SELECT tenant FROM pgturso.target WHERE pattern IS NOT NULL ORDER BY 1").fetchall() == [
-        ("a",), ("b",), ("c",)]
-    assert sorted(p.name for p in tmp_path.glob("tenant-*.db")) == ["tenant-a.db", "tenant-b.db", "tenant-c.db"]
-    for tenant in ("a", "b", "c"):
-        assert tenant_rows(tmp_path / f"tenant-{tenant}.db", "SELECT id, item FROM orders ORDER BY id") == \
-            pg_tenant_rows(conn, tenant), tenant
-        assert [r[1] for r in tenant_rows(tmp_path / f"tenant-{tenant}.db", "PRAGMA table_info(orders)")] == [
-            "id", "tenant_id", "item"]
-    assert [pg_tenant_rows(conn, t) for t in ("a", "b", "c")] == [
-        [(1, "back")], [(3, "three"), (20, "two")], [(6, "six")]]
+        (t,) for t in tenants]
+    assert sorted(p.name for p in tmp_path.glob("tenant-*.db")) == [f"tenant-{t}.db" for t in tenants]
+    for tenant in tenants:
+        assert tenant_rows(tmp_path / f"tenant-{tenant}.db", "SELECT id, item, note FROM orders ORDER BY id") == \
+            pg_tenant_rows(conn, tenant, "id, item, note"), tenant
+    assert [pg_tenant_rows(conn, t, "id, item, note") for t in tenants] == [
+        [(1, "back", "n1")], [(3, "three", None), (20, "two", None)], [(6, "six", None)], [(7, "seven", "n7")],
+        [(8, "eight", "late")]]
     assert pending(conn) == 0
 
 
@@ -242,3 +247,26 @@ def test_a_named_target_with_tables_of_its_own_never_becomes_a_tenant_database(c
     assert tenant_rows(tmp_path / "acme-own.db", "SELECT id, v FROM notes") == [(1, "own")]
     assert tenant_rows(tmp_path / "tenant-globex.db", "SELECT id, item FROM orders") == [(2, "routed")]
     assert conn.execute("SELECT name FROM pgturso.target WHERE pattern IS NOT NULL").fetchall() == [("tenant-globex",)]
+
+
+def test_two_patterns_whose_tenant_names_collide_refuse_the_second_tenant(conn, dsn, tmp_path: Path):
+    """Tenant 'x-eu' of 'tenant-%s' and tenant 'x' of 'tenant-%s-eu' are both named 'tenant-x-eu': the second
+    was silently not registered, its rows queued for a tenant no worker delivers (and re-registered in vain
+    at every write). It is refused, naming the other pattern."""
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/a-%s.db"))
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s-eu", f"file:{tmp_path}/b-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("CREATE TABLE eu_orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    conn.execute("SELECT pgturso.track_table('eu_orders', target => 'tenant-%s-eu', route_by => 'tenant_id')")
+    conn.execute("INSERT INTO orders VALUES (1, 'x-eu', 'first')")
+    with pytest.raises(psycopg.Error, match='"tenant-x-eu" is already the database of tenant "x-eu" of pattern '
+                                            'tenant-%s'):
+        conn.execute("INSERT INTO eu_orders VALUES (1, 'x', 'second')")
+    conn.execute("INSERT INTO eu_orders VALUES (2, 'y', 'fine')")
+    drain_pattern(dsn)
+    result = __import__("conftest").run_worker(dsn, "", "--target", "tenant-%s-eu", "--once")
+    assert result.returncode == 0, result.stderr
+    assert tenant_rows(tmp_path / "a-x-eu.db", "SELECT id, item FROM orders") == [(1, "first")]
+    assert tenant_rows(tmp_path / "b-y.db", "SELECT id, item FROM eu_orders") == [(2, "fine")]
+    assert pending(conn) == 0

@@ -111,6 +111,7 @@ DECLARE
     v_tenant text;
     v_name text;
     v_other text;
+    v_other_pattern text;
     v_ref record;
 BEGIN
     SELECT t.target INTO v_pattern FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
@@ -144,6 +145,14 @@ BEGIN
                             v_tenant, v_other, v_pattern
                 USING HINT = 'Their URLs would name one database (host and Turso database names ignore case): keep '
                              'route_by values of one case, e.g. a CHECK (tenant_id = lower(tenant_id)).';
+        END IF;
+        SELECT g.tenant, g.pattern INTO v_other, v_other_pattern FROM pgturso.target g
+        WHERE g.name = v_name AND g.pattern <> v_pattern;
+        IF v_other_pattern IS NOT NULL THEN  -- e.g. tenant 'x-eu' of 'tenant-%s' and 'x' of 'tenant-%s-eu'
+            RAISE EXCEPTION 'pgturso: tenant "%" of pattern % cannot be named "%": "%" is already the database of '
+                            'tenant "%" of pattern %', v_tenant, v_pattern, v_name, v_name, v_other, v_other_pattern
+                USING HINT = 'Give the patterns names that no tenant value can make equal (e.g. eu-%s and us-%s), '
+                             'or keep such route_by values out with a CHECK constraint.';
         END IF;
         -- An explicit add_target of this name (an override of the pattern's URL or token) becomes the tenant's;
         -- unless tables are tracked to it: their events and the tenant's would share one progress marker.
