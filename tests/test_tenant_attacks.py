@@ -270,3 +270,35 @@ def test_two_patterns_whose_tenant_names_collide_refuse_the_second_tenant(conn, 
     assert tenant_rows(tmp_path / "a-x-eu.db", "SELECT id, item FROM orders") == [(1, "first")]
     assert tenant_rows(tmp_path / "b-y.db", "SELECT id, item FROM eu_orders") == [(2, "fine")]
     assert pending(conn) == 0
+
+
+def test_route_by_column_losing_not_null_or_changing_type_keeps_every_row_routed(conn, dsn, tmp_path: Path):
+    """route_by must be NOT NULL: dropping the constraint later, or changing the column's type, either is refused
+    with the reason or leaves every row still routed to its tenant; a NULL tenant never reaches an outbox
+    event without a tenant, and no target appears for it."""
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id int NOT NULL, item text)")
+    conn.execute("INSERT INTO orders VALUES (1, 7, 'seven'), (2, -1, 'minus one')")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    refused = []
+    try:
+        conn.execute("ALTER TABLE orders ALTER COLUMN tenant_id DROP NOT NULL")
+    except psycopg.Error as exc:
+        refused.append(str(exc))
+        assert "route_by" in str(exc), exc
+    if not refused:
+        with pytest.raises(psycopg.Error, match="tenant"):
+            conn.execute("INSERT INTO orders VALUES (3, NULL, 'nobody')")
+        conn.execute("ALTER TABLE orders ALTER COLUMN tenant_id SET NOT NULL")
+    conn.execute("ALTER TABLE orders ALTER COLUMN tenant_id TYPE numeric(10, 2)")  # 7 becomes '7.00'
+    conn.execute("INSERT INTO orders VALUES (4, 7, 'four')")
+    drain_pattern(dsn)
+    assert conn.execute("SELECT count(*) FROM pgturso.outbox WHERE tenant IS NULL").fetchone()[0] == 0
+    names = [n for (n,) in conn.execute("SELECT tenant FROM pgturso.target WHERE pattern IS NOT NULL ORDER BY 1")]
+    for tenant in names:
+        assert tenant_rows(tmp_path / f"tenant-{tenant}.db", "SELECT id, item FROM orders ORDER BY id") == [
+            tuple(r) for r in conn.execute("SELECT id, item FROM orders WHERE tenant_id::text = %s ORDER BY id",
+                                           (tenant,)).fetchall()], tenant
+    routed = sum(len(tenant_rows(tmp_path / f"tenant-{t}.db", "SELECT id FROM orders")) for t in names)
+    assert routed == conn.execute("SELECT count(*) FROM orders").fetchone()[0]
+    assert pending(conn) == 0
