@@ -309,3 +309,37 @@ def test_verify_of_an_integer_routed_table_reads_each_tenant_by_index(conn, dsn,
     found = verify(dsn, "shop-%s")
     assert found.returncode == 1 and "shop-3: public.sales -> sales: DIFFERENT" in found.stdout, found.stdout
     assert "shop-4: public.sales -> sales: equal (postgres 400 rows, turso 400 rows)" in found.stdout
+
+
+def test_verify_repair_while_the_pattern_worker_delivers_to_tursodb_servers(conn, dsn, tmp_path: Path):
+    from support.turso import TursoServer, read_rows
+
+    servers = {name: TursoServer().start() for name in ("a", "b")}
+    worker = None
+    try:
+        conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+        for name, server in servers.items():
+            conn.execute("SELECT pgturso.add_target(%s, %s)", (f"tenant-{name}", server.url))
+        conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+        conn.execute("INSERT INTO orders SELECT g, CASE WHEN g % 2 = 0 THEN 'a' ELSE 'b' END, 'i' || g "
+                     "FROM generate_series(1, 200) g")
+        conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+        worker = _start_worker(dsn)
+        wait_until(lambda: pending(conn) == 0, 90, "both tenants delivered")
+        read_rows(servers["b"].url, "UPDATE orders SET item = 'tampered' WHERE id = 1")
+        read_rows(servers["b"].url, "INSERT INTO orders VALUES (2, 'a', 'i2')")  # a's row, extra on b
+        conn.execute("UPDATE orders SET item = item || '!' WHERE id % 10 = 0")  # in flight while verify runs
+        repaired = verify(dsn, "tenant-%s", "--repair", "--settle-timeout", "30")
+        assert repaired.returncode == 1, repaired.stdout + repaired.stderr
+        assert "tenant-b: public.orders -> orders: DIFFERENT" in repaired.stdout
+        assert "tenant-a: public.orders -> orders: equal" in repaired.stdout
+        assert "repair queued for 2 rows" in repaired.stdout and "repairs delivered" in repaired.stdout
+        again = verify(dsn, "tenant-%s")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert servers["b"].query("SELECT item FROM orders WHERE id = 1") == [["i1"]]
+        assert worker.stop() == 0, worker.output
+    finally:
+        if worker is not None and worker.proc is not None and worker.proc.poll() is None:
+            worker.kill()
+        for server in servers.values():
+            server.cleanup()
