@@ -302,3 +302,48 @@ def test_route_by_column_losing_not_null_or_changing_type_keeps_every_row_routed
     routed = sum(len(tenant_rows(tmp_path / f"tenant-{t}.db", "SELECT id FROM orders")) for t in names)
     assert routed == conn.execute("SELECT count(*) FROM orders").fetchone()[0]
     assert pending(conn) == 0
+
+
+def test_a_tenant_pointed_at_a_new_database_gets_its_tables_and_rows_or_a_clear_error(conn, dsn, tmp_path: Path):
+    """remove_target's HINT says: to move a tenant elsewhere, add_target its name with the new URL. The new
+    database has neither the tenant's tables nor its rows: after the move it must hold them all (or the move is
+    refused with the reason), never only the rows written after it."""
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    conn.execute("INSERT INTO orders VALUES (1, 'acme', 'before'), (2, 'globex', 'other')")
+    drain_pattern(dsn)
+    try:
+        conn.execute("SELECT pgturso.add_target('tenant-acme', %s)", (f"file:{tmp_path}/moved-acme.db",))
+    except psycopg.Error as exc:
+        assert "tenant" in str(exc) and exc.diag.message_hint, exc
+        return
+    conn.execute("INSERT INTO orders VALUES (3, 'acme', 'after')")
+    result = __import__("conftest").run_worker(dsn, "", "--target", "tenant-%s", "--once")
+    assert tenant_rows(tmp_path / "moved-acme.db", "SELECT id, item FROM orders ORDER BY id") == [
+        (1, "before"), (3, "after")], result.stderr
+    assert result.returncode == 0, result.stderr
+
+
+def test_one_tenant_value_under_two_patterns_keeps_each_patterns_rows_apart(conn, dsn, tmp_path: Path):
+    """Tenant 'acme' of 'tenant-%s' and of 'eu-%s' are two databases: each gets its own pattern's tables and
+    rows only (events are scoped by the pattern's layouts and the tenant value)."""
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/us-%s.db"))
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("eu-%s", f"file:{tmp_path}/eu-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("CREATE TABLE eu_orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    conn.execute("SELECT pgturso.track_table('eu_orders', target => 'eu-%s', route_by => 'tenant_id')")
+    with conn.transaction():
+        conn.execute("INSERT INTO orders VALUES (1, 'acme', 'us')")
+        conn.execute("INSERT INTO eu_orders VALUES (1, 'acme', 'eu')")
+        conn.execute("TRUNCATE eu_orders")
+        conn.execute("INSERT INTO eu_orders VALUES (2, 'acme', 'eu again')")
+    drain_pattern(dsn)
+    result = __import__("conftest").run_worker(dsn, "", "--target", "eu-%s", "--once")
+    assert result.returncode == 0, result.stderr
+    assert tenant_rows(tmp_path / "us-acme.db", "SELECT id, item FROM orders") == [(1, "us")]
+    assert tenant_rows(tmp_path / "eu-acme.db", "SELECT id, item FROM eu_orders") == [(2, "eu again")]
+    assert tenant_rows(tmp_path / "us-acme.db", "SELECT name FROM sqlite_master WHERE type = 'table' "
+                       "AND name NOT LIKE '\\_%' ESCAPE '\\' AND name NOT LIKE 'sqlite%'") == [("orders",)]
+    assert pending(conn) == 0
