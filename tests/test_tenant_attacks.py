@@ -347,3 +347,21 @@ def test_one_tenant_value_under_two_patterns_keeps_each_patterns_rows_apart(conn
     assert tenant_rows(tmp_path / "us-acme.db", "SELECT name FROM sqlite_master WHERE type = 'table' "
                        "AND name NOT LIKE '\\_%' ESCAPE '\\' AND name NOT LIKE 'sqlite%'") == [("orders",)]
     assert pending(conn) == 0
+
+
+def test_odd_tenant_values_are_refused_with_the_reason_and_nothing_queued(conn, dsn, tmp_path: Path):
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    odd = ["", "%s", "a/b", "../x", "ü", "x" * 60, "a'; DROP TABLE orders; --", "a b", "a\nb", "a%", "a\\b"]
+    for number, value in enumerate(odd):
+        with pytest.raises(psycopg.Error, match="cannot name a database") as refused:
+            conn.execute("INSERT INTO orders VALUES (%s, %s, 'odd')", (number, value))
+        assert refused.value.diag.message_hint, value
+        with pytest.raises(psycopg.Error, match="cannot name a database"):  # moving a row there, too
+            with conn.transaction():
+                conn.execute("INSERT INTO orders VALUES (100, 'fine', 'x')")
+                conn.execute("UPDATE orders SET tenant_id = %s WHERE id = 100", (value,))
+    assert conn.execute("SELECT count(*) FROM pgturso.target WHERE pattern IS NOT NULL").fetchone()[0] == 0
+    assert pending(conn) == 0
+    assert list(tmp_path.iterdir()) == []
