@@ -131,27 +131,29 @@ def test_moves_swaps_and_rolled_back_tenants_in_one_transaction(conn, dsn, tmp_p
     assert pending(conn) == 0
 
 
-def _install_file_counter(path: Path, table: str) -> None:
-    """On a tenant's `file:` database only: count every write of a row of ``table`` (by its id) in ``applied``,
-    so that a batch applied twice shows up even when the rows end up right (support.turso's counter, for
-    pyturso databases)."""
+def _install_file_counter(path: Path, *tables: str) -> None:
+    """On a tenant's `file:` database only: count every write of a row of ``tables`` (by table and id) in
+    ``applied``, so that a batch applied twice shows up even when the rows end up right (support.turso's
+    counter, for pyturso databases)."""
     import turso as pyturso
 
     db = pyturso.connect(str(path))
     try:
-        db.execute("CREATE TABLE applied (id INTEGER)")
-        for when in ("INSERT", "UPDATE"):
-            db.execute(f"CREATE TRIGGER count_{when.lower()} AFTER {when} ON {table} "
-                       "BEGIN INSERT INTO applied VALUES (NEW.id); END")
+        db.execute("CREATE TABLE applied (tbl TEXT, id INTEGER)")
+        for table in tables:
+            for when in ("INSERT", "UPDATE"):
+                db.execute(f"CREATE TRIGGER count_{table}_{when.lower()} AFTER {when} ON {table} "
+                           f"BEGIN INSERT INTO applied VALUES ('{table}', NEW.id); END")
         db.commit()
     finally:
         db.close()
 
 
 def test_two_pattern_workers_sigkilled_in_turn_apply_every_tenants_rows_exactly_once(conn, dsn, tmp_path: Path):
-    """Writers spread inserts over twelve tenants while two pattern workers share them and are SIGKILLed in
-    turn at random points (a hand-over each time): every tenant's database holds exactly its rows, each
-    written once (a Turso-side trigger counts the writes), the one that was down got everything."""
+    """Writers spread inserts over twelve tenants and into a reference table (every tenant gets each of its
+    rows), and new tenants appear, while two pattern workers share the tenants and are SIGKILLed in turn at
+    random points (a hand-over each time): every tenant's database holds exactly its rows and the reference
+    rows, each written once (a Turso-side trigger counts the writes on the first twelve)."""
     import random
     import threading
     import time
@@ -163,10 +165,12 @@ def test_two_pattern_workers_sigkilled_in_turn_apply_every_tenants_rows_exactly_
     conn.execute("CREATE TABLE ledger (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
                  "tenant_id text NOT NULL, amount int)")
     conn.execute("SELECT pgturso.track_table('ledger', target => 'tenant-%s', route_by => 'tenant_id')")
+    conn.execute("CREATE TABLE notices (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, body text)")
+    conn.execute("SELECT pgturso.track_table('notices', target => 'tenant-%s')")
     conn.execute("INSERT INTO ledger (tenant_id, amount) SELECT t, 0 FROM unnest(%s::text[]) AS t", (tenants,))
     drain_pattern(dsn)
     for tenant in tenants:
-        _install_file_counter(tmp_path / f"tenant-{tenant}.db", "ledger")
+        _install_file_counter(tmp_path / f"tenant-{tenant}.db", "ledger", "notices")
     stop = threading.Event()
     errors: list[str] = []
 
@@ -176,9 +180,16 @@ def test_two_pattern_workers_sigkilled_in_turn_apply_every_tenants_rows_exactly_
             with psycopg.connect(dsn, autocommit=True) as writer:
                 while not stop.is_set():
                     chosen = rng.sample(tenants, rng.randint(1, 4))  # one transaction, several tenants
-                    writer.execute("INSERT INTO ledger (tenant_id, amount) "
-                                   "SELECT t, g FROM unnest(%s::text[]) AS t, generate_series(1, %s) AS g",
-                                   (chosen, rng.randint(1, 20)))
+                    with writer.transaction():
+                        writer.execute("INSERT INTO ledger (tenant_id, amount) "
+                                       "SELECT t, g FROM unnest(%s::text[]) AS t, generate_series(1, %s) AS g",
+                                       (chosen, rng.randint(1, 20)))
+                        if rng.random() < 0.3:
+                            writer.execute("INSERT INTO notices (body) SELECT 'n' || g FROM generate_series(1, %s) g",
+                                           (rng.randint(1, 5),))
+                        if rng.random() < 0.1:  # a new tenant, its first rows and the reference rows
+                            writer.execute("INSERT INTO ledger (tenant_id, amount) VALUES (%s, 1)",
+                                           (f"new{session}x{rng.randrange(10**6)}",))
                     time.sleep(0.01)
         except Exception as exc:
             errors.append(repr(exc))
@@ -208,14 +219,24 @@ def test_two_pattern_workers_sigkilled_in_turn_apply_every_tenants_rows_exactly_
         for worker in workers:
             if worker.proc is not None and worker.proc.poll() is None:
                 worker.kill()
+    notices = [tuple(r) for r in conn.execute("SELECT id, body FROM notices ORDER BY id").fetchall()]
+    assert notices
     for tenant in tenants:
         path = tmp_path / f"tenant-{tenant}.db"
         expected = [tuple(r) for r in conn.execute(
             "SELECT id, amount FROM ledger WHERE tenant_id = %s AND amount > 0 ORDER BY id", (tenant,)).fetchall()]
         assert len(expected) > 0
         assert tenant_rows(path, "SELECT id, amount FROM ledger WHERE amount > 0 ORDER BY id") == expected, tenant
-        assert tenant_rows(path, "SELECT count(*), count(DISTINCT id) FROM applied") == [
-            (len(expected), len(expected))], tenant
+        assert tenant_rows(path, "SELECT id, body FROM notices ORDER BY id") == notices, tenant
+        assert tenant_rows(path, "SELECT tbl, count(*), count(DISTINCT id) FROM applied GROUP BY tbl ORDER BY tbl") \
+            == [("ledger", len(expected), len(expected)), ("notices", len(notices), len(notices))], tenant
+    newcomers = [t for (t,) in conn.execute("SELECT tenant FROM pgturso.target WHERE tenant LIKE 'new%'")]
+    assert newcomers
+    for tenant in newcomers:
+        path = tmp_path / f"tenant-{tenant}.db"
+        assert tenant_rows(path, "SELECT id, body FROM notices ORDER BY id") == notices, tenant
+        assert tenant_rows(path, "SELECT id, amount FROM ledger ORDER BY id") == [tuple(r) for r in conn.execute(
+            "SELECT id, amount FROM ledger WHERE tenant_id = %s ORDER BY id", (tenant,)).fetchall()], tenant
 
 
 def wait_until_drained(conn: psycopg.Connection[Any]) -> None:
