@@ -52,8 +52,9 @@ $$;
 COMMENT ON FUNCTION pgturso._prepare_wal_capture IS
     'Private: check wal_level and create a wal target''s replication slot (before the caller writes).';
 
--- Drop a target's slot, so that nothing pins WAL once no table is captured through it. A worker that is
--- reading the slot holds it for the length of one read: wait for that (a few seconds at most).
+-- Drop a target's slot, so that nothing pins WAL once no table is captured through it. A worker process
+-- streams from the slot for as long as it runs (worker/pgturso/replication.py): end that connection (the
+-- worker reconnects and finds the slot gone); pgturso.sync() peeks it for the length of one read: wait.
 CREATE OR REPLACE FUNCTION pgturso._drop_slot(target text) RETURNS void
 LANGUAGE plpgsql
 @SESSION_SETTINGS@
@@ -70,6 +71,13 @@ BEGIN
             PERFORM pg_drop_replication_slot(v_slot);
             RETURN;
         EXCEPTION WHEN object_in_use THEN
+            BEGIN
+                PERFORM pg_terminate_backend(r.pid) FROM pg_stat_replication r
+                JOIN pg_replication_slots s ON s.active_pid = r.pid
+                WHERE s.slot_name = v_slot AND r.application_name = 'pgturso-worker-replication';
+            EXCEPTION WHEN insufficient_privilege THEN
+                NULL;  -- not allowed to end the worker's connection: wait for the worker to let go
+            END;
             IF clock_timestamp() > v_deadline THEN
                 RAISE EXCEPTION 'pgturso: replication slot % stays in use', v_slot
                     USING HINT = 'Stop the worker of target ' || target || ' and try again.';

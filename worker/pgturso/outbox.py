@@ -456,6 +456,12 @@ class Outbox:
         with self.conn.transaction():
             self.remove_delivered(batch)
 
+    def settled(self, batch: Batch) -> None:
+        """After the transaction that removed a batch Turso confirmed committed (a slot moves past it then)."""
+
+    def close(self) -> None:
+        """Release what the source holds besides its connection (a slot's replication stream)."""
+
     def remove_delivered(self, batch: Batch) -> None:
         """Remove a delivered batch's events and count it, in the caller's transaction."""
         rows_per_table: dict[int, int] = {}

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import json
 import logging
+import select
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +40,7 @@ from .layout import Column, TableLayout
 from .logs import event
 from .outbox import Event, Outbox, record_batch_sql
 from .quoting import quote_ident, quote_literal
+from .replication import ReplicationStream
 
 log = logging.getLogger("pgturso.slot")
 
@@ -206,8 +209,9 @@ class WalBatch:
     complete only after that (the worker writes the marker after the batch's statements)."""
 
     def __init__(self, source: WalOutbox, upto: int, first_rows: list[bytes], more: Iterator[bytes],
-                 limit: int) -> None:
+                 limit: int, streamed: bool = False) -> None:
         self.source = source
+        self.streamed = streamed  # read from the source's replication stream (else from a peek)
         self.peek_upto = upto
         self._first = first_rows
         self._more = more
@@ -225,8 +229,9 @@ class WalBatch:
         self.uniform = False
         self.held: list[str] = []
         self.sent_anything = False
-        self.layouts = dict(source.layouts_in_force)
+        self.layouts = dict(source.read_layouts if streamed else source.layouts_in_force)
         self._consumed = False
+        self.removing = False  # passed to remove_delivered: the worker settles it once Turso confirmed it
 
     @property
     def upto(self) -> int:
@@ -249,7 +254,8 @@ class WalBatch:
         and operation, outbox inserts as they were written. Rows are encoded by Postgres ENCODE_ROWS at a
         time, one query per table and form whatever the runs (small transactions make short runs)."""
         source = self.source
-        relations: dict[int, Relation] = {}
+        # A stream sends a table's Relation message once (again only after it changed), a peek in each batch.
+        relations: dict[int, Relation] = source.relations if self.streamed else {}
         pending: list[Event | _Run] = []  # in commit order; runs still to be encoded
         current: _Run | None = None
         pending_rows = pending_bytes = 0
@@ -353,6 +359,10 @@ class WalBatch:
                 continue  # not published: TRUNCATE reaches Turso through the outbox, like in trigger mode
         yield from drain()
         self._consumed = True
+        if self.streamed:  # the stream's next batch goes on from here (WalOutbox.choose_batch)
+            self.more_pending = self.received >= self.limit
+            source.read_layouts = self.layouts
+            return
         self.more_pending = self.received >= self.limit
         if not self.more_pending:
             self.end = max(self.end, self.peek_upto)
@@ -412,12 +422,22 @@ class WalBatch:
 class WalOutbox(Outbox):
     """The worker's source for a wal target: batches from the slot instead of the outbox table."""
 
-    def __init__(self, conn: psycopg.Connection[Any], **kwargs: Any) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], *, dsn: str | None = None, **kwargs: Any) -> None:
         super().__init__(conn, **kwargs)
         self.slot = ""
         self.generation = 0
         self.outbox_oid = 0
-        self.layouts_in_force: dict[int, int] = {}
+        # Reading over the replication protocol (``dsn``: a worker process) or by peeks (pgturso.sync(), inside
+        # a backend, and recovery): see replication.py and docs/design.md.
+        self.dsn = dsn
+        self.stream: ReplicationStream | None = None
+        self._lookahead: bytes | None = None  # a message read while waiting, not yet part of a batch
+        self._unsettled: list[WalBatch] = []  # streamed batches handed out, not yet confirmed by Turso
+        self._confirmed = 0  # where the next stream starts: the last position confirmed (0: the slot's)
+        self._read_end = 0  # the end of the last transaction read from the stream
+        self.relations: dict[int, Relation] = {}  # the stream's Relation messages so far
+        self.layouts_in_force: dict[int, int] = {}  # as of the last batch Turso confirmed
+        self.read_layouts: dict[int, int] = {}  # as of the last batch read from the stream
         self.seen_upto = 0  # where the last peek read up to
         self.slot_missing = False
         self.table_of_relid: dict[int, int] = {}
@@ -432,6 +452,9 @@ class WalOutbox(Outbox):
             name, value = clause.removeprefix("SET ").split(" = ")
             conn.execute(f"SET {name} = {value}")
         self._require_replication_attribute()
+        # Every transaction of a wal target reads in READ COMMITTED: each statement sees the layouts that the
+        # transactions decoded so far created (a snapshot taken earlier would not).
+        conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
         self.outbox_oid = int(conn.execute(OUTBOX_OID).fetchone()[0])  # type: ignore[index]
         self.slot_state()
 
@@ -461,6 +484,8 @@ class WalOutbox(Outbox):
     def forget(self, marker: str) -> int:
         """Recover from the target's progress marker: rebuild a lost slot, or move the slot up to what Turso
         already has (deleting the outbox rows that came with it). Returns the outbox rows removed."""
+        self.close_stream()  # the peeks below need the slot, and the stream restarts from where it is then
+        self._confirmed = 0
         _, generation, rebuilding, exists, status, confirmed = self.slot_state()
         self.slot_missing = not exists
         if not exists and not rebuilding and not self._has_tables():
@@ -545,20 +570,108 @@ class WalOutbox(Outbox):
     # -- batches ---------------------------------------------------------------------------------------------
 
     def choose_batch(self, single_transaction: bool = False) -> WalBatch | None:  # type: ignore[override]
-        """Peek the next batch in the caller's transaction (READ COMMITTED: every layout a decoded transaction
+        """The next batch, read in the caller's transaction (READ COMMITTED: every layout a decoded transaction
         created is visible); None when the slot has nothing for this target."""
-        self.conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-        upto = lsn_to_int(str(self.conn.execute(FLUSH_LSN).fetchone()[0]))  # type: ignore[index]
         if self.slot_missing:  # no table was tracked: has track_table made the slot since?
             row = self.conn.execute(SLOT_OF_TARGET, {"target": self.target}).fetchone()
             if row is None or not row[3]:
                 return None
             self.slot_missing, self.generation, self.layouts_in_force = False, int(row[1]), {}
-        batch = self._peek(upto, 1 if single_transaction else self.batch_rows)
+        limit = 1 if single_transaction else self.batch_rows
+        if self.dsn is not None:
+            return self._stream_batch(limit)
+        upto = lsn_to_int(str(self.conn.execute(FLUSH_LSN).fetchone()[0]))  # type: ignore[index]
+        batch = self._peek(upto, limit)
         self.seen_upto = upto
         if batch is None:
             self.advance(upto)  # nothing published up to here: let the slot release that WAL
         return batch
+
+    # -- the replication stream ------------------------------------------------------------------------------
+
+    def _stream_batch(self, limit: int) -> WalBatch | None:
+        """Whole transactions from the stream: up to ``limit`` messages, or what had arrived when a transaction
+        ended. The stream goes on from the last batch handed out only while every batch before was read
+        whole and is being removed as delivered; else (a batch Turso refused, one too large to read ahead, a
+        failure) it restarts where Turso's confirmed position is, and the same transactions come again."""
+        if any(not (b._consumed and b.removing) for b in self._unsettled):
+            self.close_stream()
+        stream = self._open_stream()
+        # Everything flushed now is in this batch (up to ``limit``): wait for the walsender to have decoded that
+        # far (it says so in a keepalive) rather than end the batch at the first pause of the stream.
+        flushed = lsn_to_int(str(self.conn.execute(FLUSH_LSN).fetchone()[0]))  # type: ignore[index]
+        first = self._lookahead or self._next_message(stream, flushed)
+        self._lookahead = None
+        if first is None:
+            if not self._unsettled:
+                stream.confirm(stream.idle_end)  # nothing for us up to there: let the slot release that WAL
+            return None
+        self._load_tables()
+        batch = WalBatch(self, 0, [], iter(()), limit, streamed=True)
+        batch._more = self._stream_messages(stream, first, limit, flushed)
+        self._unsettled.append(batch)
+        return batch
+
+    def _next_message(self, stream: ReplicationStream, flushed: int) -> bytes | None:
+        """The next message between transactions: None once the stream has passed ``flushed`` without one."""
+        message = stream.read(0)
+        while message is None and max(stream.idle_end, stream.flushed, self._read_end) < flushed:
+            message = stream.read(1.0)
+        return message
+
+    def _stream_messages(self, stream: ReplicationStream, first: bytes, limit: int, flushed: int) -> Iterator[bytes]:
+        message: bytes | None = first
+        received = 0
+        while message is not None:
+            yield message
+            received += 1
+            if message[0] != _COMMIT:
+                message = stream.read(None)  # the rest of a transaction is coming: pgoutput sends it whole
+                continue
+            self._read_end = struct.unpack_from("!Q", message, 10)[0]
+            if received >= limit:
+                return
+            message = self._next_message(stream, flushed)
+
+    def _open_stream(self) -> ReplicationStream:
+        if self.stream is None:
+            # At the last position Turso confirmed (0 after a recovery: the slot's, which recovery set).
+            self.stream = ReplicationStream(self.dsn or "", self.slot, PUBLICATIONS, self._confirmed)
+            self.read_layouts = dict(self.layouts_in_force)
+            self._read_end = self._confirmed
+            self.relations = {}
+        return self.stream
+
+    def wait_for_data(self, timeout: float, also: int | None = None) -> bool:
+        """Wait up to ``timeout`` seconds for a change on the stream (True), or for ``also`` (a socket) to be
+        readable (False, as on a timeout). While idle, confirm the positions the server reports as decoded
+        with nothing for us, so that the slot does not retain WAL that does not concern it."""
+        stream = self._open_stream()
+        deadline = time.monotonic() + timeout
+        while True:
+            self._lookahead = self._lookahead or stream.read(0)
+            if self._lookahead is not None:
+                return True
+            if not self._unsettled:
+                stream.confirm(stream.idle_end)
+            wait = deadline - time.monotonic()
+            if wait <= 0:
+                return False
+            ready, _, _ = select.select([stream.fileno()] + ([also] if also is not None else []), [], [], wait)
+            if also in ready:
+                return False
+            if ready:
+                stream.pgconn.consume_input()
+
+    def close_stream(self) -> None:
+        """End the replication stream (recovery, and before the slot is peeked, advanced or dropped); the next
+        batch opens one at the last confirmed position, with the layouts in force there."""
+        if self.stream is not None:
+            self._confirmed = self.stream.flushed
+            self.stream.close()
+            self.stream = None
+        self._lookahead = None
+        self._unsettled.clear()
 
     def _peek(self, upto: int, changes: int) -> WalBatch | None:
         self._load_tables()
@@ -680,16 +793,31 @@ class WalOutbox(Outbox):
         for (xid, commit_lsn), rows in batch.skipped.items():
             self.conn.execute(COUNT_SKIPPED, {"events": rows, "rows": rows, "target": self.target, "xid": xid,
                                               "lsn": lsn_to_text(commit_lsn)})
+        batch.removing = True
 
     def mark_delivered(self, batch: WalBatch) -> None:  # type: ignore[override]
         """Count the batch and delete its outbox rows, then move the slot past it (Turso has it)."""
         with self.conn.transaction():
             self.remove_delivered(batch)
-        self.advance(batch.upto)
+        self.settled(batch)
+
+    def settled(self, batch: WalBatch) -> None:  # type: ignore[override]
+        """Turso confirmed the batch and its removal is committed: let the slot move past it."""
+        if batch.streamed:
+            if batch in self._unsettled:
+                self._unsettled.remove(batch)
+            if self.stream is not None:
+                self.stream.confirm(batch.upto)
+            self._confirmed = max(self._confirmed, batch.upto)
+        else:
+            self.advance(batch.upto)
         self.layouts_in_force = batch.layouts
 
     def take_wake_locks(self) -> tuple[list[int], bool]:
         return [], True  # no capture trigger to wake the worker: it watches the WAL instead
+
+    def close(self) -> None:
+        self.close_stream()
 
     def any_pending(self) -> bool:
         return False

@@ -227,9 +227,12 @@ class Worker:
         source = WalOutbox if capture == "wal" else Outbox
         # A tenant of a pattern target reads its tenant's events of the pattern's tables (trigger capture only).
         tenancy = {} if self.tenant is None else {"pattern": self.pattern, "tenant": self.tenant}
+        # A wal target's worker process reads its slot over a replication connection (replication.py); inside
+        # a backend (pgturso.sync()) it peeks, as recovery does.
+        stream = {"dsn": self.dsn} if capture == "wal" and self.read_ahead else {}
         self.outbox = source(conn, batch_rows=self.batch_rows, batch_events=self.batch_events,
                              target=self.settings.target, max_group_bytes=self.settings.max_statement_bytes,
-                             **tenancy)
+                             **tenancy, **stream)
         self.capture = capture
         source_id = self.outbox.source_id()
         # The marker's key on the target: one Turso database may take several sources, or several targets.
@@ -279,6 +282,8 @@ class Worker:
         return self.target
 
     def _disconnect(self) -> None:
+        if self.outbox is not None:
+            self.outbox.close()
         for conn in (self.conn, self.listen_conn):
             if conn is not None:
                 try:
@@ -381,7 +386,8 @@ class Worker:
     def deliver_batch(self) -> int:
         """Deliver the next batch; returns the number of outbox events settled or sent (0: nothing pending and
         nothing in flight). Reads batch N+1 while batch N is in flight (see pipeline.py)."""
-        if self.isolating_until is not None or not self.read_ahead or isinstance(self.outbox, WalOutbox):
+        if (self.isolating_until is not None or not self.read_ahead
+                or (isinstance(self.outbox, WalOutbox) and self.outbox.dsn is None)):  # peeks: one at a time
             return self._deliver_streaming()
         assert self.conn is not None and self.outbox is not None
         target = self._open_target()
@@ -408,6 +414,7 @@ class Worker:
         self.in_flight = None
         settled = 0
         if in_flight is not None:
+            self.outbox.settled(in_flight.batch)
             self._delivered(in_flight.batch, statements, in_flight.started)
             settled = in_flight.batch.event_count
         if prepared is None:
@@ -415,7 +422,8 @@ class Worker:
         if prepared.statements is None:  # too large to hold in memory: streamed on its own
             return settled + self._deliver_streaming()
         # Now that the deletion of the batch before is committed: a server that has this position has both.
-        prepared.batch.position = self.outbox.position()
+        if not isinstance(self.outbox, WalOutbox):  # a slot's batch is placed by its LSN
+            prepared.batch.position = self.outbox.position()
         marker = marker_statements(self.source_id, prepared.batch.marker(), self.last_marker)
         self._sending = prepared.batch
         self.in_flight = self.sender.submit(target, prepared, marker)
@@ -588,6 +596,13 @@ class Worker:
         """Sleep until the WAL moves past what the slot was last read up to (or a NOTIFY, or idle_wait)."""
         assert self.listen_conn is not None
         deadline = time.monotonic() + self.settings.idle_wait
+        while source.dsn is not None and not (self.stopping or self.reload_requested):
+            # The replication stream: woken by the next decoded transaction itself, or a NOTIFY.
+            left = deadline - time.monotonic()
+            if left <= 0 or source.wait_for_data(min(left, 1.0), self.listen_conn.fileno()):
+                return
+            if _notified(self.listen_conn, 0):
+                return
         while not (self.stopping or self.reload_requested) and time.monotonic() < deadline:
             if source.wal_position() > source.seen_upto:
                 return

@@ -1,0 +1,132 @@
+"""A wal target's slot read over the streaming replication protocol (a ``replication=database`` connection).
+
+``START_REPLICATION SLOT … LOGICAL`` makes a walsender decode the WAL once and continuously, in its own
+process, while the worker encodes and sends what came before: decoding overlaps delivery, and nothing is
+decoded twice (``pg_logical_slot_peek_binary_changes`` then ``pg_replication_slot_advance`` did). The
+connection speaks COPY BOTH, through psycopg's libpq wrapper (``conn.pgconn``): psycopg 3 has no replication
+API, and these few calls are all it takes.
+
+The slot moves only when the worker says so: a standby status update reports as flushed the end of the last
+batch Turso confirmed (``confirm``), never more, so the slot's ``confirmed_flush_lsn`` moves exactly as
+``pg_replication_slot_advance`` moved it. A stream is read forward only: after anything went wrong with a
+batch read from it, the worker opens a new one at the last confirmed position (``docs/design.md``).
+"""
+
+from __future__ import annotations
+
+import select
+import struct
+import time
+from typing import Any
+
+import psycopg
+from psycopg import pq
+
+from .quoting import quote_ident
+
+# Microseconds between the Unix epoch and Postgres' (2000-01-01), for the status updates' clock.
+_PG_EPOCH_US = 946_684_800 * 1_000_000
+# The walsender ends a connection that said nothing for wal_sender_timeout (60 s by default): say where we
+# are at least this often, even while a long batch keeps the worker busy.
+STATUS_EVERY_SECONDS = 10.0
+# A walsender that served the previous stream may still hold the slot for a moment after it closed.
+SLOT_BUSY_SECONDS = 10.0
+
+
+def _now_us() -> int:
+    return int(time.time() * 1_000_000) - _PG_EPOCH_US
+
+
+class ReplicationStream:
+    """pgoutput messages of one slot, from ``start`` (0: the slot's confirmed position) on."""
+
+    def __init__(self, dsn: str, slot: str, publications: str, start: int) -> None:
+        self.slot = slot
+        self.flushed = start  # reported to the server as written and flushed (what Turso has)
+        self.idle_end = 0  # the WAL position of the last keepalive: decoded up to here, nothing more for us
+        self._status_at = 0.0
+        self.conn = _connect(dsn)
+        self.pgconn = self.conn.pgconn
+        options = f"proto_version '1', publication_names '{publications}'"
+        start_text = f"{start >> 32:X}/{start & 0xFFFFFFFF:X}"
+        deadline = time.monotonic() + SLOT_BUSY_SECONDS
+        while True:
+            self.pgconn.send_query(
+                f"START_REPLICATION SLOT {quote_ident(slot)} LOGICAL {start_text} ({options})".encode())
+            result = self.pgconn.get_result()
+            if result is not None and result.status == pq.ExecStatus.COPY_BOTH:
+                break
+            while self.pgconn.get_result() is not None:  # an error result is followed by the end of results
+                pass
+            sqlstate = result.error_field(pq.DiagnosticField.SQLSTATE) if result is not None else None
+            message = (result.error_message if result is not None else self.pgconn.error_message).decode().strip()
+            if sqlstate == b"55006" and time.monotonic() < deadline:  # object_in_use: the last stream's walsender
+                time.sleep(0.05)
+                continue
+            self.conn.close()
+            error = psycopg.errors.lookup(sqlstate.decode()) if sqlstate else psycopg.OperationalError
+            raise error(f"replication slot {slot}: {message}")
+
+    def fileno(self) -> int:
+        return self.pgconn.socket
+
+    def read(self, timeout: float | None) -> bytes | None:
+        """The next pgoutput message; None if none arrived within ``timeout`` seconds (0: only what is here
+        already; None: wait as long as it takes)."""
+        pgconn = self.pgconn
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            size, data = pgconn.get_copy_data(1)
+            if size > 0:
+                kind = data[0]
+                if kind == 119:  # 'w' XLogData: start, end, clock (8 bytes each), then the message
+                    return bytes(data[25:])
+                if kind == 107:  # 'k' keepalive: end, clock, reply requested
+                    self.idle_end = max(self.idle_end, struct.unpack_from("!Q", data, 1)[0])
+                    if data[17]:
+                        self.send_status()
+                continue
+            if size == -1:
+                raise psycopg.OperationalError(f"replication slot {self.slot}: the server ended the stream")
+            if size < -1:
+                raise psycopg.OperationalError(
+                    f"replication slot {self.slot}: {pgconn.error_message.decode().strip()}")
+            if time.monotonic() - self._status_at > STATUS_EVERY_SECONDS:
+                self.send_status()
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                return None
+            ready, _, _ = select.select([pgconn.socket], [], [], min(wait, STATUS_EVERY_SECONDS) if wait is not None
+                                        else STATUS_EVERY_SECONDS)
+            if ready:
+                pgconn.consume_input()
+
+    def confirm(self, position: int) -> None:
+        """Report everything up to ``position`` as flushed: the slot may release it (Turso has it)."""
+        if position > self.flushed:
+            self.flushed = position
+            self.send_status()
+
+    def send_status(self) -> None:
+        # 'r': written, flushed, applied, clock, reply requested. Written is flushed too: a walsender sends a
+        # keepalive (which tells the idle position) only while the client's written position is behind.
+        self.pgconn.put_copy_data(struct.pack("!cQQQQB", b"r", self.flushed, self.flushed, self.flushed,
+                                              _now_us(), 0))
+        self.pgconn.flush()
+        self._status_at = time.monotonic()
+
+    def close(self) -> None:
+        """End the stream, telling the server the last confirmed position first; never raises."""
+        try:
+            if not self.conn.closed:
+                self.send_status()
+                self.pgconn.put_copy_end()
+                self.pgconn.flush()
+        except (psycopg.Error, OSError):
+            pass
+        self.conn.close()
+
+
+def _connect(dsn: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(dsn, autocommit=True, replication="database",
+                           application_name="pgturso-worker-replication")
