@@ -72,7 +72,7 @@ class ReplicationStream:
 
     def read(self, timeout: float | None) -> bytes | None:
         """The next pgoutput message; None if none arrived within ``timeout`` seconds (0: only what is here
-        already; None: wait as long as it takes)."""
+        already; None: wait as long as it takes), or when a keepalive moved ``idle_end``."""
         pgconn = self.pgconn
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -85,6 +85,8 @@ class ReplicationStream:
                     self.idle_end = max(self.idle_end, struct.unpack_from("!Q", data, 1)[0])
                     if data[17]:
                         self.send_status()
+                    if timeout is not None:
+                        return None  # the caller may be waiting for this position
                 continue
             if size == -1:
                 raise psycopg.OperationalError(f"replication slot {self.slot}: the server ended the stream")
