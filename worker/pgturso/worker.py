@@ -593,7 +593,8 @@ class Worker:
             self.outbox.release_wake_locks(held)
 
     def _wait_for_wal(self, source: WalOutbox) -> None:
-        """Sleep until the WAL moves past what the slot was last read up to (or a NOTIFY, or idle_wait)."""
+        """Sleep until the slot has a change for us (or a NOTIFY, or idle_wait): the stream wakes us itself; a
+        peeking worker looks at the WAL's end every WAL_POLL_SECONDS."""
         assert self.listen_conn is not None
         deadline = time.monotonic() + self.settings.idle_wait
         while source.dsn is not None and not (self.stopping or self.reload_requested):
@@ -601,7 +602,7 @@ class Worker:
             left = deadline - time.monotonic()
             if left <= 0 or source.wait_for_data(min(left, 1.0), self.listen_conn.fileno()):
                 return
-            if _notified(self.listen_conn, 0):
+            if notified(self.listen_conn, 0):
                 return
         while not (self.stopping or self.reload_requested) and time.monotonic() < deadline:
             if source.wal_position() > source.seen_upto:
