@@ -13,7 +13,12 @@
  *    with ereport, so they carry the server's log_line_prefix.
  *  - SIGHUP (pg_reload_conf()) is forwarded to the child, which reads its settings again.
  *  - SIGTERM (fast shutdown, or pg_terminate_backend): the child gets SIGTERM, then SIGKILL after
- *    STOP_GRACE_MS; this worker waits for it so that no process outlives the server.
+ *    STOP_GRACE_MS; this worker waits for it so that no process outlives the server. Whenever the child
+ *    ends, its process group is killed before it is reaped, so nothing it started outlives it either.
+ *  - SIGQUIT (crash-restart, immediate shutdown): the child's process group gets SIGKILL, then this worker
+ *    exits at once as Postgres' own handler does; no deliverer outlives the crashed server.
+ *  - ProcSignal barriers (DROP DATABASE, DROP TABLESPACE wait for every process to absorb them) are
+ *    absorbed in the main loop.
  *  - Smart shutdown: the child's connection counts as a client, and smart shutdown waits for clients. The
  *    postmaster marks postmaster.pid "stopping"; this worker checks that once a second and then stops the
  *    child (and does not start it again), so that smart shutdown completes.
@@ -36,7 +41,9 @@
 #include "postmaster/postmaster.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
+#include "storage/procsignal.h"
 #include "utils/guc.h"
+#include "utils/memutils.h"
 #include "utils/pidfile.h"
 #include "utils/timestamp.h"
 #include "utils/varlena.h"
@@ -67,7 +74,7 @@ static int	pgturso_restart_delay = 5;
 static volatile sig_atomic_t got_sigterm = false;
 
 /* The child: its pid (also its process group), the read end of its output pipe, and unfinished output. */
-static pid_t child_pid = 0;
+static volatile pid_t child_pid = 0;
 static TimestampTz child_started_at = 0;
 static int	quick_failures = 0;
 static int	child_output = -1;
@@ -204,6 +211,22 @@ handle_sigterm(SIGNAL_ARGS)
 	errno = save_errno;
 }
 
+/*
+ * SIGQUIT: the postmaster's crash-restart or immediate shutdown. Like Postgres' own handler, exit at once
+ * without cleanup; first SIGKILL the child's process group. PR_SET_PDEATHSIG reaches only the child: a
+ * process it started (pgturso.python being a script that runs Python without exec'ing it) would live on,
+ * and deliver alongside the next child after the restart.
+ */
+static void
+handle_sigquit(SIGNAL_ARGS)
+{
+	pid_t		pid = child_pid;
+
+	if (pid != 0)
+		kill(-pid, SIGKILL);
+	_exit(2);
+}
+
 static void
 handle_sigchld(SIGNAL_ARGS)
 {
@@ -291,8 +314,6 @@ child_ended(int status)
 	int			delay = pgturso_restart_delay;
 
 	read_child_output();
-	/* Anything the child started is part of its process group: end it too. */
-	kill(-child_pid, SIGKILL);
 	child_pid = 0;
 	if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
 	{
@@ -330,15 +351,39 @@ child_ended(int status)
 	return delay;
 }
 
+/* Whether the child has ended; it stays unreaped (a zombie), so its pid, the group's id, cannot be reused. */
+static bool
+child_exited(void)
+{
+	siginfo_t	info;
+
+	memset(&info, 0, sizeof(info));
+	return waitid(P_PID, child_pid, &info, WEXITED | WNOHANG | WNOWAIT) == 0 && info.si_pid == child_pid;
+}
+
+/*
+ * SIGKILL to the child's process group (anything it started is in it: without this, a process started by a
+ * pgturso.python script would outlive it and deliver alongside the next child), then reap the child. Only
+ * in this order: once reaped, its pid may be reused, and so may the group id.
+ */
+static int
+end_group_and_reap(void)
+{
+	int			status = 0;
+
+	kill(-child_pid, SIGKILL);
+	while (waitpid(child_pid, &status, 0) < 0 && errno == EINTR)
+		;
+	return status;
+}
+
 /* Reap the child if it ended; returns the restart delay then, -1 while it runs (or there is none). */
 static int
 reap_child(void)
 {
-	int			status;
-
-	if (child_pid == 0 || waitpid(child_pid, &status, WNOHANG) != child_pid)
+	if (child_pid == 0 || !child_exited())
 		return -1;
-	return child_ended(status);
+	return child_ended(end_group_and_reap());
 }
 
 /* SIGTERM to the child's process group, SIGKILL after STOP_GRACE_MS; returns when the child is gone. */
@@ -346,39 +391,40 @@ static void
 stop_child(void)
 {
 	int			waited_ms = 0;
-	int			status;
 
 	if (child_pid == 0)
 		return;
 	kill(-child_pid, SIGTERM);
-	while (waitpid(child_pid, &status, WNOHANG) != child_pid)
+	while (!child_exited() && waited_ms < STOP_GRACE_MS)
 	{
-		if (waited_ms >= STOP_GRACE_MS)
-		{
-			kill(-child_pid, SIGKILL);
-			while (waitpid(child_pid, &status, 0) < 0 && errno == EINTR)
-				;
-			break;
-		}
 		read_child_output();
 		pg_usleep(10 * 1000L);
 		waited_ms += 10;
 	}
+	end_group_and_reap();
 	read_child_output();
-	kill(-child_pid, SIGKILL);
 	child_pid = 0;
 }
 
-/* The first Unix socket directory, or localhost when the server listens on none. */
+/* The first Unix socket directory, or localhost when the server listens on none. Computed once (the
+ * setting needs a restart), so that starting the child again and again allocates nothing. */
 static const char *
 server_host(void)
 {
-	char	   *copy = pstrdup(Unix_socket_directories ? Unix_socket_directories : "");
+	static const char *host = NULL;
+	char	   *copy;
 	List	   *dirs = NIL;
 
+	if (host != NULL)
+		return host;
+	copy = MemoryContextStrdup(TopMemoryContext, Unix_socket_directories ? Unix_socket_directories : "");
 	if (SplitDirectoriesString(copy, ',', &dirs) && dirs != NIL)
-		return (const char *) linitial(dirs);
-	return "localhost";
+		host = MemoryContextStrdup(TopMemoryContext, (const char *) linitial(dirs));
+	else
+		host = "localhost";
+	list_free_deep(dirs);
+	pfree(copy);
+	return host;
 }
 
 static void
@@ -493,6 +539,7 @@ pgturso_worker_main(Datum main_arg)
 	pqsignal(SIGTERM, handle_sigterm);
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGCHLD, handle_sigchld);
+	pqsignal(SIGQUIT, handle_sigquit);
 	BackgroundWorkerUnblockSignals();
 
 	if (!parse_databases(pgturso_database, &entries, &reason) || index >= list_length(entries) ||
@@ -564,6 +611,9 @@ pgturso_worker_main(Datum main_arg)
 			events |= WL_SOCKET_READABLE;
 		rc = WaitLatchOrSocket(MyLatch, events, child_output, timeout_ms, PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
+		/* DROP DATABASE and DROP TABLESPACE wait until every process has absorbed their barrier. */
+		if (ProcSignalBarrierPending)
+			ProcessProcSignalBarrier();
 		if (rc & WL_POSTMASTER_DEATH)
 		{
 			if (child_pid != 0)
