@@ -188,3 +188,13 @@ def test_a_malformed_database_list_is_named_and_starts_no_worker(clusters, turso
     assert cluster.sql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pgturso worker'") == [(0,)]
     subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(cluster.datadir), "stop", "-m", "fast"]),
                    check=True, capture_output=True)
+
+
+def test_more_entries_than_worker_slots_are_named_once(clusters, turso: TursoServer):
+    cluster = start(clusters, ", ".join(f"db{i}" for i in range(300)), turso.url)
+    log = cluster.log()
+    assert "pgturso.database lists 300 entries, but max_worker_processes is 8" in log
+    assert "db7" in log.split("pgturso.database lists", 1)[1].split("\n", 3)[1]  # the first left without one
+    assert log.count("too many background workers") <= 1  # not one line per entry
+    workers = cluster.sql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pgturso worker'")[0][0]
+    assert 0 < workers < 8

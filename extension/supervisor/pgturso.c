@@ -183,10 +183,27 @@ _PG_init(void)
 	if (!parse_databases(pgturso_database, &entries, &reason))
 		return;					/* check_database refused it already */
 
+	/*
+	 * Each entry takes one of max_worker_processes, which parallel query and logical replication share.
+	 * Beyond them, say so once, naming the first entry left without a worker (Postgres would log a line
+	 * per entry that names none), and leave one for the logical replication launcher.
+	 */
+	if (list_length(entries) >= max_worker_processes)
+		ereport(WARNING,
+				(errmsg("pgturso.database lists %d entries, but max_worker_processes is %d",
+						list_length(entries), max_worker_processes),
+				 errdetail("Entries from \"%s\" on get no background worker, and parallel query and logical "
+						   "replication get none either.",
+						   (const char *) list_nth(entries, Max(max_worker_processes - 1, 0))),
+				 errhint("Raise max_worker_processes (a restart) above the number of entries plus what "
+						 "parallel query and logical replication need.")));
+
 	foreach(lc, entries)
 	{
 		BackgroundWorker worker;
 
+		if (index >= max_worker_processes - 1)
+			break;
 		memset(&worker, 0, sizeof(worker));
 		/* A connection to no database: enough to show in pg_stat_activity, and a missing database is fine. */
 		worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
