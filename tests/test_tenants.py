@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import WORKER, pending, run_worker
+from pgturso.fanout import MAX_OPEN_TARGETS
 from support.pgcluster import free_port
 from support.turso import TursoServer, install_apply_counter
 from support.workers import WorkerProcess, wait_until
@@ -355,7 +356,8 @@ class _Rollback(Exception):
 def test_one_worker_delivers_many_tenants_over_a_bounded_number_of_connections(conn, dsn, tmp_path: Path):
     """200 tenants (an initial copy of 100 of them, live writes to all, 20 appearing under load) by one worker
     with three tenant threads: Postgres never sees more than its four connections (three pool connections and
-    the scheduler's), its threads stay bounded, and every tenant's database holds exactly its rows."""
+    the scheduler's), its threads and open files stay bounded, and every tenant's database holds exactly its
+    rows."""
     conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
     conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
     conn.execute("INSERT INTO orders SELECT g, 'c' || (g % 100), 'copied' FROM generate_series(1, 2000) g")
@@ -363,12 +365,14 @@ def test_one_worker_delivers_many_tenants_over_a_bounded_number_of_connections(c
     worker = _start_worker(dsn, "--tenant-threads", "3")
     seen_connections: list[int] = []
     seen_threads: list[int] = []
+    seen_files: list[int] = []
 
     def sample() -> None:
         seen_connections.append(conn.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pgturso-worker%'").fetchone()[0])
         assert worker.proc is not None
         seen_threads.append(len(list(Path(f"/proc/{worker.proc.pid}/task").iterdir())))
+        seen_files.append(len(list(Path(f"/proc/{worker.proc.pid}/fd").iterdir())))
 
     try:
         next_id = iter(range(10_000, 1_000_000))
@@ -395,6 +399,8 @@ def test_one_worker_delivers_many_tenants_over_a_bounded_number_of_connections(c
     assert len(tenants) == 100 + 180 + 20
     assert max(seen_connections) <= 4, seen_connections
     assert max(seen_threads) <= 3 + 4, seen_threads  # the pool, the main thread and a few of Python's and pyturso's
+    # Tenants' databases open at once are bounded (two files each), under load too: not one per tenant.
+    assert max(seen_files) <= 2 * (MAX_OPEN_TARGETS + 3) + 20, seen_files
     for tenant in tenants:
         assert tenant_rows(tmp_path / f"tenant-{tenant}.db", "SELECT id, item FROM orders ORDER BY id") == \
             pg_tenant_rows(conn, tenant), tenant

@@ -51,7 +51,7 @@ from .logs import event
 from .metrics import Metrics
 from .outbox import Outbox
 from .settings import Settings
-from .targets import redact_url
+from .targets import Target, redact_url
 from .worker import (
     DELIVERY_LOCK_CLASS,
     EXIT_FATAL,
@@ -118,13 +118,30 @@ RECORD_STOPPED = """
 """
 
 
+class OpenTargets:
+    """How many tenants' Turso connections are open (pool threads open and close them)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def opened(self) -> None:
+        with self._lock:
+            self.count += 1
+
+    def closed(self) -> None:
+        with self._lock:
+            self.count -= 1
+
+
 class TenantWorker(Worker):
     """One tenant of a pattern: a Worker's delivery state and failure handling, stepped by the pattern's scheduler
     on whichever pool connection is free, one batch per step."""
 
     def __init__(self, dsn: str, settings: Settings, pattern: str, tenant: str, metrics: Metrics,
-                 shared_layouts: Outbox | None, count_rows: Callable[[int], None]) -> None:
+                 shared_layouts: Outbox | None, count_rows: Callable[[int], None], open_targets: OpenTargets) -> None:
         super().__init__(dsn, settings, pattern=pattern, tenant=tenant)
+        self._open_targets = open_targets
         self.read_ahead = False  # one batch at a time on a pool thread: no sender thread per tenant
         self.copy_enabled = False  # the pattern's initial copy is one job of the scheduler for every tenant
         self.metrics = metrics
@@ -205,8 +222,14 @@ class TenantWorker(Worker):
     def _vacuum_if_due(self, rows: int) -> None:
         self._count_rows(rows)  # the scheduler vacuums the outbox for all tenants
 
+    def _open_target(self) -> Target:
+        if self.target is None:
+            self._open_targets.opened()
+        return super()._open_target()
+
     def close_target(self) -> None:
         if self.target is not None:
+            self._open_targets.closed()
             try:
                 self.target.close()
             except Exception as exc:  # closing an unused connection: nothing of the tenant's data is at stake
@@ -231,6 +254,7 @@ class PatternWorker:
         self.layout_cache: Outbox | None = None
         self.metrics = Metrics()  # one endpoint, a sample per tenant labelled target="…"
         self.tenant_metrics: dict[str, Metrics] = {}
+        self.open_targets = OpenTargets()
         self.pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="pgturso-tenant")
         self._local = threading.local()
         self._pool_conns: list[psycopg.Connection[Any]] = []
@@ -357,7 +381,7 @@ class PatternWorker:
         if name not in self.tenant_metrics:
             self.tenant_metrics[name] = self.metrics.member(f'target="{name}"')
         return TenantWorker(self.dsn, self._tenant_settings(name), self.pattern, tenant, self.tenant_metrics[name],
-                            self.layout_cache, self._count_rows)
+                            self.layout_cache, self._count_rows, self.open_targets)
 
     def _count_rows(self, rows: int) -> None:
         with self._rows_lock:
@@ -453,7 +477,12 @@ class PatternWorker:
 
     def _run_step(self, tenant: TenantWorker) -> float | None:
         try:
-            return tenant.step(self._pool_connection, self.once)
+            again = tenant.step(self._pool_connection, self.once)
+            if self.open_targets.count > MAX_OPEN_TARGETS:
+                # Busy with more tenants than connections may stay open: a tenant done for now closes its own
+                # (the scheduler's closes of idle ones wait for a free thread, which a busy pool never has).
+                tenant.close_target()
+            return again
         finally:
             self.woken.set()
 
