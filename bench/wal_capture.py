@@ -84,7 +84,7 @@ def s10_wal_latency(b: Bench) -> None:
     finally:
         b.sql("SELECT pgturso.untrack_table('lat_wal')")
     lat = result.latencies_ms
-    note = (f"{len(lat)} transactions at {result.rate:.0f}/s; the worker polls the WAL's end every 20 ms while idle; "
+    note = (f"{len(lat)} transactions at {result.rate:.0f}/s; the worker is woken by its replication stream; "
             f"{run.batches} batches; peak RSS {run.peak_rss_mb:.0f} MB; compare with 5a/5b (trigger capture)")
     if result.unseen:
         note += f"; {result.unseen} never seen"

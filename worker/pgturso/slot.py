@@ -114,6 +114,8 @@ class Relation:
     relid: int
     name: str
     columns: list[str]
+    # Where each column of a layout is in ``columns`` (WalOutbox.positions), by layout id: looked up per row.
+    positions: dict[int, list[int]] = field(default_factory=dict)
 
 
 def _string(data: bytes, pos: int) -> tuple[str, int]:
@@ -295,7 +297,7 @@ class WalBatch:
             if current is None or (current.layout_id, current.op) != (layout_id, op):
                 current = _Run(layout_id, op)
                 pending.append(current)
-            current.values.extend(v for v in values if v is not GENERATED)
+            current.values.extend(values if GENERATED not in values else [v for v in values if v is not GENERATED])
             current.count += 1
             current.txids.append(xid)
             pending_rows += 1
@@ -346,13 +348,15 @@ class WalBatch:
                     self.skipped[self._skipping] = self.skipped.get(self._skipping, 0) + 1
                     continue
                 layout = source.layout(layout_id)
-                positions = source.positions(relation, layout_id)
+                positions = relation.positions.get(layout_id)
+                if positions is None:
+                    positions = relation.positions[layout_id] = source.positions(relation, layout_id)
                 self.event_count += 1
                 row = None if new is None else [new[p] for p in positions]
                 if row is not None and old_full:
                     row = [old[p] if v is UNCHANGED else v for v, p in zip(row, positions, strict=True)]
                 old_key = None if old is None else [old[positions[k]] for k in layout.key_positions]
-                if row is not None and any(v is UNCHANGED for v in row):
+                if row is not None and UNCHANGED in row:  # (values are str or None: no __eq__ surprises)
                     # An UPDATE that left a large value alone: pgoutput does not send it; set the others only.
                     key = old_key or [row[k] for k in layout.key_positions]
                     yield from ready(self._partial_update(layout_id, row, key, xid, encode))
