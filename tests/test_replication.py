@@ -365,6 +365,42 @@ def test_batch_groups_keep_order_and_size_limit(conn, dsn, turso: TursoServer, m
     assert pending(conn) == 0
 
 
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)  # how outbox batches are chosen
+@pytest.mark.parametrize("batch_events", [3, 4, 100])
+def test_a_batch_chosen_from_the_head_alone_is_the_batch_the_full_queries_choose(conn, dsn, batch_events: int):
+    """A batch whose cut is the last event of the head takes its figures from the head query (and, below the
+    event limit, holds no transaction back): its cut, held transactions, transaction count and events are the
+    ones the straddling query finds for the same cut, read in one round trip or through a cursor."""
+    from pgturso.outbox import Outbox
+
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("DELETE FROM pgturso.outbox")
+    with psycopg.connect(dsn, autocommit=True) as other:
+        with other.transaction():
+            other.execute("INSERT INTO t VALUES (1, 'straddles')")  # the lowest id, committed last
+            for i in range(2, 5):
+                conn.execute("INSERT INTO t VALUES (%s, 'single')", (i,))
+            other.execute("INSERT INTO t VALUES (5, 'straddles too')")
+    conn.execute("INSERT INTO t VALUES (6, 'after')")
+    with psycopg.connect(dsn, autocommit=True) as reader:
+        reader.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        outbox = Outbox(reader, batch_rows=10_000, batch_events=batch_events)
+        with reader.transaction():
+            batch = outbox.choose_batch()
+            assert batch is not None and batch.payload_bytes is not None
+            full = outbox._batch(batch.upto)
+            assert (batch.held, batch.transactions, batch.snapshot) == (full.held, full.transactions, full.snapshot)
+            assert batch.uniform == full.uniform and batch.params == full.params
+            read_at_once = [(e.id, e.payload) for e in batch.events()]
+            assert [(e.id, e.payload) for e in full.events()] == read_at_once  # full: through a cursor
+        assert batch.more_pending is (batch_events <= 6)
+        if batch_events == 4:  # the cut falls between the straddling transaction's two events
+            assert len(batch.held) == 1 and batch.transactions == 3
+        if batch_events == 100:
+            assert batch.held == [] and batch.transactions == 5 and batch.event_count == 6
+
+
 @pytest.mark.parametrize("capture", ["trigger"], indirect=True)  # markers of outbox batches
 def test_a_marker_of_the_id_range_format_is_still_honoured(conn, dsn, turso: TursoServer):
     """Markers written before batches were named by snapshot list id ranges; what they list is not resent."""

@@ -18,7 +18,7 @@ transaction was not yet committed is not visible in the snapshot.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,12 +42,28 @@ TARGET_LAYOUTS = """
            coalesce(bool_and(t.target = %(target)s), true)
     FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
 """
-# The cut L: the last of the oldest %(max_events)s events, unless they hold more than %(max_rows)s rows; then
-# the first id at which the rows add up to that (a second query, which stops there).
-BATCH_HEAD = f"""
-    SELECT count(*), coalesce(sum(greatest(nrows, 1)), 0), max(id) FROM (
-        SELECT id, nrows FROM pgturso.outbox WHERE {FOR_TARGET} ORDER BY id LIMIT %(max_events)s
-    ) AS head
+# The cut L: the last of the oldest %(max_events)s events of the target, unless they hold more than %(max_rows)s
+# rows; then the first id at which the rows add up to that (BATCH_CUT_BY_ROWS, which stops there). One round
+# trip also finds the target's layouts (TARGET_LAYOUTS, here as %(layouts)s is for every other query) and what
+# STRADDLING_TRANSACTIONS says of the events up to the cut, which are the head's when the cut is its last id:
+# a worker that keeps up reads a batch with this query and the events themselves, and nothing else.
+BATCH_HEAD = """
+    WITH scope AS (
+        SELECT CASE WHEN coalesce(bool_and(t.target = %(target)s), true) THEN NULL
+                    ELSE coalesce(array_agg(l.id) FILTER (WHERE t.target = %(target)s), '{}') END AS layouts
+        FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
+    ), head AS (
+        SELECT o.id, o.txid, o.layout_id, o.op, o.nrows, o.payload FROM pgturso.outbox o, scope
+        WHERE (scope.layouts IS NULL OR o.layout_id = ANY (scope.layouts))
+          AND (%(tenant)s::text IS NULL AND o.tenant IS NULL OR o.tenant = %(tenant)s::text)
+        ORDER BY o.id LIMIT %(max_events)s
+    )
+    SELECT (SELECT layouts FROM scope), count(*), coalesce(sum(greatest(nrows, 1)), 0), max(id),
+           count(DISTINCT txid), min(txid)::text, max(txid)::text,
+           coalesce(min(layout_id) = max(layout_id) AND min(op) = max(op) AND min(op) IN ('U', 'D'), false),
+           coalesce(max(octet_length(payload)), 0), coalesce(sum(octet_length(payload)), 0),
+           pg_current_snapshot()::text
+    FROM head
 """
 BATCH_CUT_BY_ROWS = f"""
     SELECT id FROM (
@@ -73,10 +89,20 @@ STRADDLING_TRANSACTIONS = f"""
           AND EXISTS (SELECT 1 FROM pgturso.outbox h WHERE h.txid = o.txid AND h.id <= %(upto)s AND {FOR_TARGET}))
     FROM head
 """
+# STRADDLING_TRANSACTIONS's last part alone, when BATCH_HEAD already described the events up to the cut
+# (%(low)s, %(high)s: their transaction id range).
+HELD_TRANSACTIONS = f"""
+    SELECT ARRAY(
+        SELECT DISTINCT o.txid::text FROM pgturso.outbox o
+        WHERE o.txid BETWEEN %(low)s::xid8 AND %(high)s::xid8 AND o.id > %(upto)s AND {FOR_TARGET}
+          AND EXISTS (SELECT 1 FROM pgturso.outbox h WHERE h.txid = o.txid AND h.id <= %(upto)s AND {FOR_TARGET}))
+"""
 FIRST_TRANSACTION_END = f"""
     SELECT max(o.id) FROM pgturso.outbox o
     WHERE o.txid = (SELECT txid FROM pgturso.outbox WHERE {FOR_TARGET} ORDER BY id LIMIT 1) AND {FOR_TARGET}
 """
+# A batch whose payloads add up to at most this is read into memory at once (a larger one through a cursor).
+CLIENT_SIDE_BYTES = 1 << 20
 BATCH_FILTER = f"id <= %(upto)s AND NOT (txid = ANY (%(held)s::text[]::xid8[])) AND {FOR_TARGET}"
 # The batch's events, already merged where the worker would merge them: consecutive upserts (or deletes) of
 # one table become one group, its payloads joined in outbox order, up to about %(max_bytes)s per group;
@@ -241,6 +267,8 @@ class Batch:
         self.rows_per_layout: dict[int, int] = {}
         # Where the source server was when the batch was sent (Outbox.position): set before marker() is used.
         self.position: dict[str, Any] | None = None
+        # The payload bytes of the batch's events, at most, when known: a small batch is read in one round trip.
+        self.payload_bytes: int | None = None
 
     def merge_by_id_range(self, uniform: bool, widest_payload: int) -> None:
         """The batch's events are all upserts (or all deletes) of one table, none larger than
@@ -261,15 +289,24 @@ class Batch:
     def events(self) -> Iterator[Event]:
         """The batch as events in outbox order, runs of upserts or deletes of a table already merged into one
         event each (``id`` is the run's first id)."""
+        query = BATCH_BUCKETS if self.uniform else BATCH_GROUPS
+        if self.payload_bytes is not None and self.payload_bytes <= CLIENT_SIDE_BYTES:
+            # Small enough to hold: one round trip instead of a server-side cursor's declare, fetches and close.
+            rows: Iterable[tuple[Any, ...]] = self.conn.execute(query, self.params).fetchall()
+            yield from self._events(rows)
+            return
         with self.conn.cursor(name="pgturso_batch") as cur:
             cur.itersize = self.fetch_size
-            cur.execute(BATCH_BUCKETS if self.uniform else BATCH_GROUPS, self.params)
-            for first_id, first_txid, last_txid, layout_id, op, nrows, count, payload in cur:
-                self.event_count += count
-                self.rows += nrows
-                self.rows_per_layout[layout_id] = self.rows_per_layout.get(layout_id, 0) + nrows
-                txids = (first_txid,) if first_txid == last_txid else (first_txid, last_txid)
-                yield Event(first_id, first_txid, layout_id, op, nrows, payload, txids, count)
+            cur.execute(query, self.params)
+            yield from self._events(cur)
+
+    def _events(self, rows: Iterable[tuple[Any, ...]]) -> Iterator[Event]:
+        for first_id, first_txid, last_txid, layout_id, op, nrows, count, payload in rows:
+            self.event_count += count
+            self.rows += nrows
+            self.rows_per_layout[layout_id] = self.rows_per_layout.get(layout_id, 0) + nrows
+            txids = (first_txid,) if first_txid == last_txid else (first_txid, last_txid)
+            yield Event(first_id, first_txid, layout_id, op, nrows, payload, txids, count)
 
 
 class Outbox:
@@ -315,22 +352,34 @@ class Outbox:
         ``single_transaction``: just the first source transaction in commit-consistent order, to find which
         one Turso refuses and deliver everything before it.
         """
-        self.layouts = self._target_layouts()
-        scope = {"layouts": self.layouts, "tenant": self.tenant}
         if single_transaction:
+            self.layouts = self._target_layouts()
+            scope = {"layouts": self.layouts, "tenant": self.tenant}
             first = self.conn.execute(FIRST_COMMITTED_TRANSACTION, scope).fetchone()
             if first is None:
                 return None
             return self._batch(first[0])
-        limits = {"max_events": self.batch_events, "max_rows": self.batch_rows, **scope}
-        events, rows, last = self.conn.execute(BATCH_HEAD, limits).fetchone()  # type: ignore[misc]
+        limits = {"max_events": self.batch_events, "max_rows": self.batch_rows, "target": self.tables_target,
+                  "tenant": self.tenant}
+        (layouts, events, rows, last, transactions, low, high, uniform, widest, payload_bytes,  # type: ignore[misc]
+         snapshot) = self.conn.execute(BATCH_HEAD, limits).fetchone()
+        self.layouts = None if layouts is None else list(layouts)
+        scope = {"layouts": self.layouts, "tenant": self.tenant}
         if not events:
             return None
-        if rows > self.batch_rows:
-            last = self.conn.execute(BATCH_CUT_BY_ROWS, limits).fetchone()[0]  # type: ignore[index]
-        batch = self._batch(int(last))
         # Cut short by the limits: more is pending, and reading the next batch ahead pays off.
         more_pending = events >= self.batch_events or rows >= self.batch_rows
+        if rows > self.batch_rows:
+            batch = self._batch(self.conn.execute(BATCH_CUT_BY_ROWS, {**limits, **scope}).fetchone()[0])  # type: ignore[index]
+        else:
+            # The cut is the head's last event: the head's figures are the batch's. Below the event limit the
+            # head holds every visible event of the target, so no transaction has events past the cut.
+            held: list[str] = [] if events < self.batch_events else list(self.conn.execute(  # type: ignore[index]
+                HELD_TRANSACTIONS, {"upto": last, "low": low, "high": high, **scope}).fetchone()[0])
+            batch = Batch(self.conn, int(last), held, snapshot, int(transactions) - len(held), self.fetch_size,
+                          self.layouts, self.max_group_bytes, self.tenant)
+            batch.merge_by_id_range(uniform, widest)
+            batch.payload_bytes = int(payload_bytes)
         if batch.held and self._only_held(batch.upto, batch.held):
             # Every event up to the cut belongs to a transaction that continues past it: take the first
             # transaction whole, however large (it is streamed, not held in memory).
