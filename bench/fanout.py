@@ -33,6 +33,7 @@ from harness import Bench, Row, fmt_int, fmt_rate, progress, scratch_dir
 from support.turso import TursoServer
 
 COLUMNS = "(id bigint PRIMARY KEY, tenant_id text NOT NULL, txt text, n int)"
+PATTERN = "tenant-%s"
 
 
 def _tenant(number: int) -> str:
@@ -131,20 +132,25 @@ def _count(path: Path, table: str) -> int:
 # -- 11a: the initial copy into one database and into one per tenant --------------------------------------------
 
 
-def _copy_into_tenants(b: Bench, tmp: Path, tenants: int, per_tenant: int) -> tuple[float, float]:
+def _copy_into_tenants(b: Bench, tmp: Path, tenants: int, per_tenant: int, server: TursoServer) -> tuple[float, float]:
     """Rows/s of track_table's copy of tenants x per_tenant rows into one file database, then into one per
-    tenant (each drained by ``run --once``)."""
+    tenant (each drained by ``run --once``). The pattern 'tenant-%s' also gets the (empty) table of the live
+    load, so the copy's tenants are ready for it; tenant t0000's database is the tursodb ``server`` (the one the
+    live load takes down), the others are files."""
     total = tenants * per_tenant
     with b.connect() as conn:
-        for table in ("fan_single", "fan_copy"):
+        for table in ("fan_single", "fan_copy", "fan_live"):
             conn.execute(f"CREATE TABLE {table} {COLUMNS}")
+        for table in ("fan_single", "fan_copy"):
             conn.execute(f"INSERT INTO {table} SELECT g, 't' || lpad((g % {tenants})::text, 4, '0'), 'row ' || g, "
                          f"g % 1000 FROM generate_series(1, {total}) AS g")
             conn.execute(f"VACUUM ANALYZE {table}")
         conn.execute("SELECT pgturso.add_target('one', %s)", (f"file:{tmp}/one.db",))
-        conn.execute("SELECT pgturso.add_target(%s, %s)", ("copy-%s", f"file:{tmp}/copy-%s.db"))
+        conn.execute("SELECT pgturso.add_target(%s, %s)", (PATTERN, f"file:{tmp}/tenant-%s.db"))
+        conn.execute("SELECT pgturso.add_target(%s, %s)", (PATTERN.replace("%s", _tenant(0)), server.url))
+        conn.execute("SELECT pgturso.track_table('fan_live', target => %s, route_by => 'tenant_id')", (PATTERN,))
     rates = []
-    for table, target, extra in (("fan_single", "one", ""), ("fan_copy", "copy-%s", ", route_by => 'tenant_id'")):
+    for table, target, extra in (("fan_single", "one", ""), ("fan_copy", PATTERN, ", route_by => 'tenant_id'")):
         b.clear_outbox()
         b.sql(f"SELECT pgturso.track_table('{table}', target => '{target}'{extra})")
         run = PatternRun(b.dsn, target, once=True)
@@ -153,7 +159,8 @@ def _copy_into_tenants(b: Bench, tmp: Path, tenants: int, per_tenant: int) -> tu
         progress(f"   {table}: {fmt_int(total)} rows into {target} in {seconds:.1f}s")
     b.clear_outbox()
     single = _count(tmp / "one.db", "fan_single")
-    spread = sum(_count(tmp / f"copy-{_tenant(n)}.db", "fan_copy") for n in range(tenants))
+    spread = len(server.query("SELECT id FROM fan_copy")) + sum(
+        _count(tmp / f"tenant-{_tenant(n)}.db", "fan_copy") for n in range(1, tenants))
     if single != total or spread != total:
         raise RuntimeError(f"fan-out copy: {single} rows in the single database, {spread} over the tenants' "
                            f"databases; expected {total} each")
@@ -226,7 +233,7 @@ def _wait_visited(b: Bench, tenants: int, worker: PatternRun) -> None:
     """Until the worker started and looked at every tenant once (recovered it from its marker): the load
     measures delivery, not the worker's start."""
     deadline = time.monotonic() + 600
-    query = ("SELECT count(*) FROM pgturso.delivery_state WHERE target LIKE 'live-t%%' AND status = 'idle' "
+    query = ("SELECT count(*) FROM pgturso.delivery_state WHERE target LIKE 'tenant-t%%' AND status = 'idle' "
              "AND worker LIKE %s")
     while b.sql(query, (f"%pid {worker.proc.pid})",))[0][0] < tenants:
         if time.monotonic() > deadline or worker.proc.poll() is not None:
@@ -246,74 +253,64 @@ def s11_fanout(b: Bench) -> None:
     s = b.sizes
     b.group = 11
     tenants, per_tenant = s.fan_tenants, s.fan_rows_per_tenant
-    with scratch_dir() as tmp:
-        progress(f"11. a database per tenant: {fmt_int(tenants)} tenants")
-        single, spread = _copy_into_tenants(b, tmp, tenants, per_tenant)
-        b.add(Row("", f"Copy of {fmt_int(tenants * per_tenant)} rows into one file database (track_table, "
-                      "worker --once)", fmt_rate(single)))
-        b.add(Row("11a", f"Copy of the same rows into {fmt_int(tenants)} file databases, one per tenant "
-                         f"({fmt_int(per_tenant)} rows each): rows/s vs one database",
-                  f"{fmt_rate(spread)} = {spread / single:.2f}x", ">= 0.50x", spread >= 0.5 * single,
-                  f"one worker, {b.facts.get('tenant_threads', 4)} tenant threads"))
-        _live(b, tmp, tenants)
-
-
-def _live(b: Bench, tmp: Path, tenants: int) -> None:
-    s = b.sizes
     server = TursoServer().start()  # the tenant whose database goes down: a tursodb server, the others files
-    down = _tenant(0)
     try:
-        with b.connect() as conn:
-            conn.execute(f"CREATE TABLE fan_live {COLUMNS}")
-            conn.execute("SELECT pgturso.add_target(%s, %s)", ("live-%s", f"file:{tmp}/live-%s.db"))
-            conn.execute("SELECT pgturso.add_target(%s, %s)", (f"live-{down}", server.url))
-            b.clear_outbox()
-            conn.execute("SELECT pgturso.track_table('fan_live', target => 'live-%s', route_by => 'tenant_id')")
-            conn.execute(f"INSERT INTO fan_live SELECT -g, 't' || lpad(g::text, 4, '0'), 'seed', 0 "
-                         f"FROM generate_series(0, {tenants - 1}) AS g")  # every tenant registered, then seeded
-        seed = PatternRun(b.dsn, "live-%s", once=True)
-        seed.wait(1800)
-        b.sql("VACUUM ANALYZE")
-        b.sql("CHECKPOINT")
-        worker = PatternRun(b.dsn, "live-%s", once=False)
-        _wait_visited(b, tenants, worker)
-        results: dict[str, tuple[dict[str, list[float]], float]] = {}
-        next_id = 1
-        try:
-            for label in ("steady", "outage"):
-                with worker.lock:
-                    offset = {name: len(times) for name, times in worker.visible.items()}
-                load = Load(b, "fan_live", tenants, s.fan_rate, s.fan_seconds, next_id)
-
-                def outage() -> None:
-                    time.sleep(min(5.0, s.fan_seconds / 6))
-                    server.stop()
-                    progress(f"   {down}'s database down for {s.fan_outage_seconds}s")
-                    time.sleep(s.fan_outage_seconds)
-                    server.start()
-
-                progress(f"   live load ({label}): {s.fan_rate} tx/s over {fmt_int(tenants)} tenants for "
-                         f"{s.fan_seconds}s")
-                rate = load.run(outage if label == "outage" else None)
-                next_id = load.next_id
-                _wait_drained(b, 300)
-                time.sleep(0.5)  # the last "delivered" lines reach the log
-                worker.sample()
-                results[label] = (_latencies(load, worker, "live-%s", offset), rate)
-            idle = _idle_cost(b, worker)
-        finally:
-            worker.stop()
-        expected = {t: n for t, n in b.sql("SELECT tenant_id, count(*) FROM fan_live GROUP BY 1")}
-        for number in range(tenants):
-            tenant = _tenant(number)
-            if number == 0:
-                got = len(server.query("SELECT id FROM fan_live"))
-            else:
-                got = _count(tmp / f"live-{tenant}.db", "fan_live")
-            if got != expected.get(tenant, 0):
-                raise RuntimeError(f"live fan-out: tenant {tenant} has {got} rows, Postgres {expected.get(tenant)}")
+        with scratch_dir() as tmp:
+            progress(f"11. a database per tenant: {fmt_int(tenants)} tenants")
+            single, spread = _copy_into_tenants(b, tmp, tenants, per_tenant, server)
+            b.add(Row("", f"Copy of {fmt_int(tenants * per_tenant)} rows into one file database (track_table, "
+                          "worker --once)", fmt_rate(single)))
+            b.add(Row("11a", f"Copy of the same rows into {fmt_int(tenants)} databases, one per tenant "
+                             f"({fmt_int(per_tenant)} rows each): rows/s vs one database",
+                      f"{fmt_rate(spread)} = {spread / single:.2f}x", ">= 0.50x", spread >= 0.5 * single,
+                      "one worker, 4 tenant threads; every tenant a file: database but one (a tursodb server)"))
+            _live(b, tmp, tenants, server)
     finally:
         server.cleanup()
+
+
+def _live(b: Bench, tmp: Path, tenants: int, server: TursoServer) -> None:
+    s = b.sizes
+    down = _tenant(0)
+    b.sql("VACUUM ANALYZE")
+    b.sql("CHECKPOINT")
+    worker = PatternRun(b.dsn, PATTERN, once=False)
+    _wait_visited(b, tenants, worker)
+    results: dict[str, tuple[dict[str, list[float]], float]] = {}
+    next_id = 1
+    try:
+        for label in ("steady", "outage"):
+            with worker.lock:
+                offset = {name: len(times) for name, times in worker.visible.items()}
+            load = Load(b, "fan_live", tenants, s.fan_rate, s.fan_seconds, next_id)
+
+            def outage() -> None:
+                time.sleep(min(5.0, s.fan_seconds / 6))
+                server.stop()
+                progress(f"   {down}'s database down for {s.fan_outage_seconds}s")
+                time.sleep(s.fan_outage_seconds)
+                server.start()
+
+            progress(f"   live load ({label}): {s.fan_rate} tx/s over {fmt_int(tenants)} tenants for "
+                     f"{s.fan_seconds}s")
+            rate = load.run(outage if label == "outage" else None)
+            next_id = load.next_id
+            _wait_drained(b, 300)
+            time.sleep(0.5)  # the last "delivered" lines reach the log
+            worker.sample()
+            results[label] = (_latencies(load, worker, PATTERN, offset), rate)
+        idle = _idle_cost(b, worker)
+    finally:
+        worker.stop()
+    expected = {t: n for t, n in b.sql("SELECT tenant_id, count(*) FROM fan_live GROUP BY 1")}
+    for number in range(tenants):
+        tenant = _tenant(number)
+        if number == 0:
+            got = len(server.query("SELECT id FROM fan_live"))
+        else:
+            got = _count(tmp / f"tenant-{tenant}.db", "fan_live")
+        if got != expected.get(tenant, 0):
+            raise RuntimeError(f"live fan-out: tenant {tenant} has {got} rows, Postgres {expected.get(tenant)}")
     _report_live(b, tenants, results, down, worker, idle)
 
 
