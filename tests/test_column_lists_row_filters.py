@@ -197,10 +197,10 @@ def test_row_filter_on_a_table_copied_in_chunks_and_a_partitioned_table(conn, ds
     conn.execute("SELECT pgturso.track_table('ev', row_filter => $$region = 'eu'$$)")
     conn.execute("INSERT INTO ev VALUES (3, 'eu'), (4, 'us')")
     conn.execute("UPDATE ev SET region = 'us' WHERE id = 1")  # moves partition and leaves the filter
-    if capture == "wal":  # a filter over key columns keeps the key as replica identity (partitions too)
+    if capture == "wal":  # any row filter makes the replica identity FULL (partitions too; test_wal_attacks.py)
         identities = conn.execute("SELECT relname, relreplident FROM pg_class "
                                   "WHERE relname IN ('ev', 'ev_eu', 'ev_us', 'big') ORDER BY relname").fetchall()
-        assert identities == [("big", "f"), ("ev", "d"), ("ev_eu", "d"), ("ev_us", "d")]
+        assert identities == [("big", "f"), ("ev", "f"), ("ev_eu", "f"), ("ev_us", "f")]
     drain(dsn, turso.url)
     assert turso.query("SELECT count(*), min(v), max(v) FROM big") == [[4000, 3, 12000]]
     assert turso.query("SELECT id FROM ev ORDER BY id") == [[3]]

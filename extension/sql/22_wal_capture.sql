@@ -106,7 +106,7 @@ DECLARE
     key_columns text[] := ARRAY(SELECT jsonb_array_elements_text(plan -> 'spec' -> 'key_columns'));
     v_function text := pgturso._capture_function_name(table_id);
     v_generated text;
-    v_filter_outside_key boolean;
+    v_row_filtered boolean;
 BEGIN
     -- pgoutput (Postgres 15) does not send stored generated columns: the worker computes them from the other
     -- values, with its own rights. So their expressions may use nothing a user defined (docs/security.md).
@@ -174,21 +174,19 @@ BEGIN
                              'fix the row: with capture => ''wal'' a filter that fails on a row would stop the slot.';
         END;
     END IF;
-    -- Postgres refuses an UPDATE or DELETE of a table whose publication filter uses a column outside the
-    -- replica identity: writers would fail. Such a filter makes the identity FULL (the old row is logged whole,
-    -- so pgoutput can tell whether it was inside the filter; docs/design.md says what that costs).
-    v_filter_outside_key := EXISTS (
-        SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
-        JOIN pg_depend d ON d.classid = 'pg_publication_rel'::regclass AND d.objid = r.oid
-                        AND d.refclassid = 'pg_class'::regclass AND d.refobjid = rel AND d.refobjsubid > 0
-        JOIN pg_attribute a ON a.attrelid = rel AND a.attnum = d.refobjsubid
-        WHERE p.pubname = 'pgturso_tables' AND r.prrelid = rel AND NOT a.attname = ANY (key_columns));
+    -- A row filter makes the replica identity FULL (the old row is logged whole; docs/design.md says what that
+    -- costs). Over a column outside the key it must: Postgres refuses an UPDATE or DELETE of a table whose
+    -- publication filter uses a column outside the replica identity, writers would fail. Over the key alone too:
+    -- an UPDATE moving a row into the filter reaches pgoutput as an insert, and a TOASTed value it left alone
+    -- is "unchanged" in the new tuple; pgoutput takes it from the old tuple, which only FULL logs (attack: the
+    -- row moved into the filter never reached Turso).
+    v_row_filtered := plan -> 'spec' ->> 'row_filter' IS NOT NULL;
     FOR v_part, v_kind IN SELECT p.relid, c.relkind
                           FROM (SELECT rel AS relid UNION SELECT relid FROM pg_partition_tree(rel)) p
                           JOIN pg_class c ON c.oid = p.relid
     LOOP
         -- The index whose columns are exactly the key: the primary key (replica identity DEFAULT), else a
-        -- unique index over NOT NULL columns (USING INDEX); with neither, or a row filter over other columns,
+        -- unique index over NOT NULL columns (USING INDEX); with neither, or a row filter,
         -- FULL (key_columns => ...).
         SELECT i.indexrelid INTO v_index FROM pg_index i
         WHERE i.indrelid = v_part AND i.indisunique AND i.indisvalid AND i.indimmediate AND i.indpred IS NULL
@@ -199,7 +197,7 @@ BEGIN
           AND NOT EXISTS (SELECT 1 FROM unnest(i.indkey[0:i.indnkeyatts - 1]) k
                           JOIN pg_attribute a ON a.attrelid = v_part AND a.attnum = k WHERE NOT a.attnotnull)
         ORDER BY i.indisprimary DESC, i.indexrelid LIMIT 1;
-        IF v_filter_outside_key THEN
+        IF v_row_filtered THEN
             v_index := NULL;
         END IF;
         IF v_index IS NOT NULL AND (SELECT indisprimary FROM pg_index WHERE indexrelid = v_index) THEN
