@@ -19,7 +19,7 @@ from psycopg.conninfo import make_conninfo
 from support.pgcluster import PG_BIN, _as_postgres
 from support.turso import TursoServer, install_apply_counter
 from support.workers import wait_until
-from test_background_worker import PreloadCluster, clusters, create_app, insert_and_wait, start
+from test_background_worker import WORKERS_QUERY, PreloadCluster, clusters, create_app, insert_and_wait, start
 
 __all__ = ["clusters"]  # the fixture, shared with test_background_worker
 
@@ -198,3 +198,14 @@ def test_more_entries_than_worker_slots_are_named_once(clusters, turso: TursoSer
     assert log.count("too many background workers") <= 1  # not one line per entry
     workers = cluster.sql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pgturso worker'")[0][0]
     assert 0 < workers < 8
+
+
+def test_long_non_ascii_names_are_shown_whole_or_cut_between_characters(clusters, turso: TursoServer):
+    database, target = "é" * 31, "ü" * 31  # 62 bytes each: the longest names, two bytes a character
+    cluster = start(clusters, f"{database}/{target}", turso.url)
+    # Read by a client that decodes strictly: a name cut inside a character broke every such query.
+    wait_until(lambda: cluster.python_pids(), 30, "the worker to show in pg_stat_activity")
+    [(appname, activity)] = cluster.sql(WORKERS_QUERY)
+    assert activity.startswith(f"delivering {database}/{target}: Python worker pid ")
+    assert f"pgturso {database}/{target}".startswith(appname) and len(appname.encode()) <= 63
+    wait_until(lambda: "does not exist" in cluster.log(), 30, "the worker to wait for the database")

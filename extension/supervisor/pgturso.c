@@ -86,6 +86,26 @@ static char worker_database[NAMEDATALEN];
 static char worker_target[NAMEDATALEN];
 
 /*
+ * Copy src into dst (size bytes), cut if it does not fit before the character that would not fit whole
+ * (UTF-8): a name cut inside a character made pg_stat_activity unreadable to clients that decode strictly.
+ * The postmaster and this worker know no database encoding to clip by.
+ */
+static void
+copy_clipped(char *dst, size_t size, const char *src)
+{
+	size_t		len = strlen(src);
+
+	if (len >= size)
+	{
+		len = size - 1;
+		while (len > 0 && ((unsigned char) src[len] & 0xC0) == 0x80)
+			len--;
+	}
+	memcpy(dst, src, len);
+	dst[len] = '\0';
+}
+
+/*
  * Split one entry of pgturso.database: "db" (the default target) or "db/target" (a named target, as created
  * by pgturso.add_target). The last '/' separates them. Returns false (with a reason) for a malformed entry.
  */
@@ -201,6 +221,7 @@ _PG_init(void)
 	foreach(lc, entries)
 	{
 		BackgroundWorker worker;
+		char		name[3 * NAMEDATALEN];
 
 		if (index >= max_worker_processes - 1)
 			break;
@@ -211,7 +232,8 @@ _PG_init(void)
 		worker.bgw_restart_time = WORKER_RESTART_SECONDS;
 		snprintf(worker.bgw_library_name, BGW_MAXLEN, "pgturso");
 		snprintf(worker.bgw_function_name, BGW_MAXLEN, "pgturso_worker_main");
-		snprintf(worker.bgw_name, BGW_MAXLEN, "pgturso worker %s", (const char *) lfirst(lc));
+		snprintf(name, sizeof(name), "pgturso worker %s", (const char *) lfirst(lc));
+		copy_clipped(worker.bgw_name, BGW_MAXLEN, name);
 		snprintf(worker.bgw_type, BGW_MAXLEN, "pgturso worker");
 		worker.bgw_main_arg = Int32GetDatum(index++);
 		RegisterBackgroundWorker(&worker);
@@ -530,7 +552,7 @@ start_child(void)
 static void
 report_activity(void)
 {
-	char		activity[128];
+	char		activity[2 * NAMEDATALEN + 64];	/* never cut: both names are shorter than NAMEDATALEN */
 
 	if (child_pid != 0)
 		snprintf(activity, sizeof(activity), "delivering %s/%s: Python worker pid %d",
@@ -552,6 +574,7 @@ pgturso_worker_main(Datum main_arg)
 	bool		stopping = false;
 	pid_t		reported_pid = -1;
 	char		appname[NAMEDATALEN];
+	char		name[2 * NAMEDATALEN + 16];
 
 	pqsignal(SIGTERM, handle_sigterm);
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
@@ -564,7 +587,8 @@ pgturso_worker_main(Datum main_arg)
 		proc_exit(0);			/* cannot happen: the same value was parsed at registration */
 
 	BackgroundWorkerInitializeConnection(NULL, NULL, 0);
-	snprintf(appname, sizeof(appname), "pgturso %s/%s", worker_database, worker_target);
+	snprintf(name, sizeof(name), "pgturso %s/%s", worker_database, worker_target);
+	copy_clipped(appname, sizeof(appname), name);
 	pgstat_report_appname(appname);
 
 	for (;;)
