@@ -99,6 +99,8 @@ def test_retained_wal_is_shown_in_status_and_metrics(conn, dsn, turso: TursoServ
                           if line.startswith("pgturso_wal_retained_bytes ")))
 
     wait_until(lambda: 0 < gauge() < retained, 30, "the metric to show the WAL kept after delivery")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert "pgturso_replication_streaming 1" in text, "the worker's replication connection is counted"
     assert worker.stop() == 0
     assert conn.execute("SELECT wal_retained_bytes FROM pgturso.status").fetchone()[0] < retained
 
@@ -235,6 +237,10 @@ def test_a_running_worker_streams_from_the_slot_and_untrack_still_drops_it(conn,
         assert turso.query("SELECT id FROM u") == [[1]]
     finally:
         assert worker.stop() == 0
+    wait_until(lambda: conn.execute("SELECT count(*) FROM pg_stat_replication "
+                                    "WHERE application_name = 'pgturso-worker-replication'").fetchone()[0] == 0,
+               10, "the worker's replication connection to close with it")
+    assert conn.execute("SELECT bool_or(active) FROM pg_replication_slots").fetchone()[0] is False
 
 
 def test_turso_ahead_of_the_slot_is_not_applied_again(conn, dsn, turso: TursoServer):

@@ -19,6 +19,7 @@ _HELP = {
     "pgturso_transaction_hold_seconds": ("gauge", "How long the last delivery kept its Turso transaction open"),
     "pgturso_batch_rows_limit": ("gauge", "Rows per delivery now (batch_rows, smaller while deliveries are slow)"),
     "pgturso_wal_retained_bytes": ("gauge", "WAL kept by a wal target's replication slot (0 in trigger capture)"),
+    "pgturso_replication_streaming": ("gauge", "1 while a wal target's worker holds its replication connection"),
 }
 
 

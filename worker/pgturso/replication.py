@@ -64,8 +64,9 @@ class ReplicationStream:
                 time.sleep(0.05)
                 continue
             self.conn.close()
-            error = psycopg.errors.lookup(sqlstate.decode()) if sqlstate else psycopg.OperationalError
-            raise error(f"replication slot {slot}: {message}")
+            # Whatever the reason (the slot was dropped, invalidated, is still held): the worker reconnects and
+            # recovers, which looks at the slot again.
+            raise psycopg.OperationalError(f"replication slot {slot}: {message}")
 
     def fileno(self) -> int:
         return self.pgconn.socket

@@ -597,7 +597,7 @@ class Worker:
         peeking worker looks at the WAL's end every WAL_POLL_SECONDS."""
         assert self.listen_conn is not None
         deadline = time.monotonic() + self.settings.idle_wait
-        while source.dsn is not None and not (self.stopping or self.reload_requested):
+        while source.dsn is not None and not source.slot_missing and not (self.stopping or self.reload_requested):
             # The replication stream: woken by the next decoded transaction itself, or a NOTIFY.
             left = deadline - time.monotonic()
             if left <= 0 or source.wait_for_data(min(left, 1.0), self.listen_conn.fileno()):
@@ -753,6 +753,8 @@ class Worker:
         """Refresh the backlog gauges (a count over the outbox: at most every few seconds while busy); ``up``:
         delivering (else retrying: the lag of a target that is down is what its alert watches)."""
         self.metrics.set("pgturso_up", int(up))
+        if isinstance(self.outbox, WalOutbox):
+            self.metrics.set("pgturso_replication_streaming", int(self.outbox.stream is not None))
         if not self.metrics.serving or self.outbox is None:
             return
         now = time.monotonic()
