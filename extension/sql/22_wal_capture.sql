@@ -72,6 +72,7 @@ BEGIN
             RETURN;
         EXCEPTION WHEN object_in_use THEN
             BEGIN
+                PERFORM pg_stat_clear_snapshot();  -- pg_stat_replication's names: as of now, not of the first try
                 PERFORM pg_terminate_backend(r.pid) FROM pg_stat_replication r
                 JOIN pg_replication_slots s ON s.active_pid = r.pid
                 WHERE s.slot_name = v_slot AND r.application_name = 'pgturso-worker-replication';
