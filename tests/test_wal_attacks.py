@@ -6,6 +6,7 @@ Each test runs in both capture modes (CAPTURE_MODES): trigger capture is the ref
 from __future__ import annotations
 
 import psycopg
+import pytest
 from conftest import drain, pending
 from support.turso import TursoServer
 
@@ -32,4 +33,32 @@ def test_a_key_update_moving_a_row_into_the_filter_keeps_its_toasted_value(conn:
     expected = conn.execute("SELECT id, length(body), md5(body), n FROM docs").fetchall()
     assert [list(r) for r in expected] == [[101, 12800, expected[0][2], 2]]
     assert turso.query("SELECT id, length(body), n FROM docs") == [[101, 12800, 2]]
+    assert pending(conn) == 0
+
+
+
+def test_the_owner_cannot_take_the_replica_identity_a_wal_table_needs(conn: psycopg.Connection, dsn: str,
+                                                                      turso: TursoServer, capture: str):
+    # The key on Turso is the primary key: an identity over another unique index would give the worker old
+    # tuples without the key it deletes by, and a row-filtered table needs FULL (see the test above).
+    conn.execute("CREATE TABLE acct (id int PRIMARY KEY, email text NOT NULL UNIQUE, body text)")
+    conn.execute("ALTER TABLE acct ALTER COLUMN body SET STORAGE EXTERNAL")
+    conn.execute(f"INSERT INTO acct SELECT 1, 'a@x', ({BIG})")
+    conn.execute("INSERT INTO acct VALUES (2, 'b@x', 'b'), (3, 'c@x', 'c')")
+    conn.execute("SELECT pgturso.track_table('acct', row_filter => 'id > 1')")
+    drain(dsn, turso.url)
+    for identity in ("USING INDEX acct_email_key", "DEFAULT", "NOTHING"):
+        if capture == "wal":
+            with pytest.raises(psycopg.errors.RaiseException, match="replica identity") as refused:
+                conn.execute(f"ALTER TABLE acct REPLICA IDENTITY {identity}")
+            assert "REPLICA IDENTITY FULL" in refused.value.diag.message_hint
+        else:
+            conn.execute(f"ALTER TABLE acct REPLICA IDENTITY {identity}")
+    conn.execute("DELETE FROM acct WHERE id = 3")
+    conn.execute("UPDATE acct SET id = 101 WHERE id = 1")  # into the filter, its TOASTed body untouched
+    drain(dsn, turso.url)
+    expected = [list(r) for r in conn.execute(
+        "SELECT id, email, length(body) FROM acct WHERE id > 1 ORDER BY id").fetchall()]
+    assert expected == [[2, "b@x", 1], [101, "a@x", 12800]]
+    assert turso.query("SELECT id, email, length(body) FROM acct ORDER BY id") == expected
     assert pending(conn) == 0

@@ -159,22 +159,6 @@ BEGIN
         EXECUTE format('ALTER PUBLICATION pgturso_tables ADD TABLE ONLY %s', rel)
                 || coalesce(' WHERE (' || (plan -> 'spec' ->> 'row_filter') || ')', '');
     END IF;
-    -- pgoutput evaluates the filter while decoding: a row on which it raises (10 / n with n = 0) would stop
-    -- the slot for good (every later read decodes it again). As in trigger mode, where capture evaluates it
-    -- in the writer's statement, such a row is refused to its writer instead: a CHECK that evaluates the filter
-    -- and is always true otherwise (num_nulls is not folded away). Existing rows are checked now.
-    IF plan -> 'spec' ->> 'row_filter' IS NOT NULL
-       AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conrelid = rel AND c.conname = 'pgturso_row_filter') THEN
-        BEGIN
-            EXECUTE format('ALTER TABLE %s ADD CONSTRAINT pgturso_row_filter CHECK (num_nulls(%s) >= 0)', rel,
-                           plan -> 'spec' ->> 'row_filter');
-        EXCEPTION WHEN data_exception THEN
-            GET STACKED DIAGNOSTICS v_generated = MESSAGE_TEXT;
-            RAISE EXCEPTION 'pgturso: the row filter of % fails on a row of the table: %', rel, v_generated
-                USING HINT = 'Make the filter total over the rows (e.g. NULLIF(n, 0) instead of n as a divisor), or '
-                             'fix the row: with capture => ''wal'' a filter that fails on a row would stop the slot.';
-        END;
-    END IF;
     -- A row filter makes the replica identity FULL (the old row is logged whole; docs/design.md says what that
     -- costs). Over a column outside the key it must: Postgres refuses an UPDATE or DELETE of a table whose
     -- publication filter uses a column outside the replica identity, writers would fail. Over the key alone too:
@@ -226,6 +210,23 @@ BEGIN
             EXECUTE format('ALTER TRIGGER pgturso_capture_truncate ON %s DEPENDS ON EXTENSION pgturso', v_part);
         END IF;
     END LOOP;
+    -- (After the replica identity: the event trigger refuses this ALTER TABLE on a filtered table without FULL.)
+    -- pgoutput evaluates the filter while decoding: a row on which it raises (10 / n with n = 0) would stop
+    -- the slot for good (every later read decodes it again). As in trigger mode, where capture evaluates it
+    -- in the writer's statement, such a row is refused to its writer instead: a CHECK that evaluates the filter
+    -- and is always true otherwise (num_nulls is not folded away). Existing rows are checked now.
+    IF plan -> 'spec' ->> 'row_filter' IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conrelid = rel AND c.conname = 'pgturso_row_filter') THEN
+        BEGIN
+            EXECUTE format('ALTER TABLE %s ADD CONSTRAINT pgturso_row_filter CHECK (num_nulls(%s) >= 0)', rel,
+                           plan -> 'spec' ->> 'row_filter');
+        EXCEPTION WHEN data_exception THEN
+            GET STACKED DIAGNOSTICS v_generated = MESSAGE_TEXT;
+            RAISE EXCEPTION 'pgturso: the row filter of % fails on a row of the table: %', rel, v_generated
+                USING HINT = 'Make the filter total over the rows (e.g. NULLIF(n, 0) instead of n as a divisor), or '
+                             'fix the row: with capture => ''wal'' a filter that fails on a row would stop the slot.';
+        END;
+    END IF;
 END
 $$;
 COMMENT ON FUNCTION pgturso._install_wal_capture IS

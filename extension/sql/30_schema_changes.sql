@@ -380,22 +380,32 @@ LANGUAGE plpgsql
 AS $$
 DECLARE
     v_rel regclass;
+    v_filtered boolean;
 BEGIN
-    SELECT c.oid INTO v_rel
+    SELECT c.oid, l.spec ->> 'row_filter' IS NOT NULL INTO v_rel, v_filtered
     FROM pgturso.tracked_table t
     CROSS JOIN LATERAL (SELECT l.spec FROM pgturso.layout l WHERE l.table_id = t.id ORDER BY l.id DESC LIMIT 1) l
     JOIN pg_class c ON c.oid IN (SELECT t.relid UNION SELECT p.relid FROM pg_partition_tree(t.relid) p)
     WHERE t.dropped_at IS NULL AND pgturso._capture_of(t.id) = 'wal'
       AND EXISTS (SELECT 1 FROM unnest(rels) AS x(rel) WHERE t.relid IN (x.rel, pg_partition_root(x.rel)))
       AND c.relkind = 'r' AND c.relreplident <> 'f'
-      AND NOT ARRAY(SELECT jsonb_array_elements_text(l.spec -> 'key_columns')) <@ coalesce((
+      -- A row-filtered table needs FULL (_install_wal_capture says why): checked on the partitions this DDL
+      -- altered, as _install_wal_capture sets FULL one partition at a time.
+      AND ((l.spec ->> 'row_filter' IS NOT NULL AND c.oid = ANY (rels))
+           OR NOT ARRAY(SELECT jsonb_array_elements_text(l.spec -> 'key_columns')) <@ coalesce((
               SELECT array_agg(a.attname::text) FROM pg_index i
               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
               WHERE i.indrelid = c.oid
                 AND ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident))),
-              '{}')
+              '{}'))
+    ORDER BY l.spec ->> 'row_filter' IS NULL
     LIMIT 1;
-    IF v_rel IS NOT NULL THEN
+    IF v_rel IS NOT NULL AND v_filtered THEN
+        RAISE EXCEPTION 'pgturso: % would lose the replica identity FULL that capture => ''wal'' of its row filter '
+                        'needs', v_rel
+            USING HINT = format('Keep ALTER TABLE %s REPLICA IDENTITY FULL (or untrack the table and track it '
+                                'again without row_filter).', v_rel);
+    ELSIF v_rel IS NOT NULL THEN
         RAISE EXCEPTION 'pgturso: % would lose the replica identity that capture => ''wal'' reads its key from', v_rel
             USING HINT = format('Keep ALTER TABLE %s REPLICA IDENTITY DEFAULT (the primary key), FULL, or USING '
                                 'INDEX of a unique index over the key''s columns.', v_rel);
