@@ -5,6 +5,8 @@ Each test runs in both capture modes (CAPTURE_MODES): trigger capture is the ref
 
 from __future__ import annotations
 
+import hashlib
+
 import psycopg
 import pytest
 from conftest import drain, pending
@@ -61,4 +63,33 @@ def test_the_owner_cannot_take_the_replica_identity_a_wal_table_needs(conn: psyc
         "SELECT id, email, length(body) FROM acct WHERE id > 1 ORDER BY id").fetchall()]
     assert expected == [[2, "b@x", 1], [101, "a@x", 12800]]
     assert turso.query("SELECT id, email, length(body) FROM acct ORDER BY id") == expected
+    assert pending(conn) == 0
+
+
+def test_updates_leaving_a_toasted_value_alone_keep_it_on_turso(conn: psycopg.Connection, dsn: str,
+                                                                turso: TursoServer, capture: str):
+    # pgoutput sends an untouched TOASTed value as "unchanged": the worker must set the other columns only,
+    # including when the key changes (the row is found by its old key), and for a table keyed by key_columns
+    # without a unique index (identity FULL).
+    conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text, n int)")
+    conn.execute("CREATE TABLE notes (tag text NOT NULL, body text, n int)")  # no unique index
+    for table in ("docs", "notes"):
+        conn.execute(f"ALTER TABLE {table} ALTER COLUMN body SET STORAGE EXTERNAL")
+    conn.execute(f"INSERT INTO docs SELECT i, ({BIG}), i FROM generate_series(1, 3) i")
+    conn.execute(f"INSERT INTO notes SELECT 't' || i, ({BIG}), i FROM generate_series(1, 2) i")
+    conn.execute("SELECT pgturso.track_table('docs')")
+    conn.execute("SELECT pgturso.track_table('notes', key_columns => ARRAY['tag'])")
+    drain(dsn, turso.url)
+    with conn.transaction():
+        conn.execute("UPDATE docs SET n = n + 10 WHERE id = 1")
+        conn.execute("UPDATE docs SET id = 20, n = 22 WHERE id = 2")  # key change, body untouched
+        conn.execute("UPDATE docs SET id = 30 WHERE id = 3")
+        conn.execute("UPDATE docs SET n = 33 WHERE id = 30")
+        conn.execute("UPDATE notes SET n = 5 WHERE tag = 't1'")
+        conn.execute("UPDATE notes SET tag = 't20' WHERE tag = 't2'")
+    drain(dsn, turso.url)
+    for table, columns in (("docs", "id, md5(body), n"), ("notes", "tag, md5(body), n")):
+        expected = [list(r) for r in conn.execute(f"SELECT {columns} FROM {table} ORDER BY 1").fetchall()]
+        rows = turso.query(f"SELECT {columns.replace('md5(body)', 'body')} FROM {table} ORDER BY 1")
+        assert [[r[0], hashlib.md5(r[1].encode()).hexdigest(), r[2]] for r in rows] == expected, table
     assert pending(conn) == 0
