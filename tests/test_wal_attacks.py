@@ -93,3 +93,31 @@ def test_updates_leaving_a_toasted_value_alone_keep_it_on_turso(conn: psycopg.Co
         rows = turso.query(f"SELECT {columns.replace('md5(body)', 'body')} FROM {table} ORDER BY 1")
         assert [[r[0], hashlib.md5(r[1].encode()).hexdigest(), r[2]] for r in rows] == expected, table
     assert pending(conn) == 0
+
+
+def test_changes_of_a_rolled_back_savepoint_are_never_sent(conn: psycopg.Connection, dsn: str,
+                                                           turso: TursoServer, capture: str):
+    # The slot decodes the whole transaction, subtransactions included: rows and a schema change of a
+    # subtransaction rolled back must not reach Turso, those around it must, in order and at once.
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("INSERT INTO t VALUES (1, 'one')")
+    conn.execute("SELECT pgturso.track_table('t')")
+    drain(dsn, turso.url)
+    with conn.transaction():
+        conn.execute("INSERT INTO t VALUES (2, 'two')")
+        with pytest.raises(psycopg.errors.UniqueViolation), conn.transaction():  # a savepoint, rolled back
+            conn.execute("ALTER TABLE t ADD COLUMN secret text DEFAULT 'leaked'")
+            conn.execute("UPDATE t SET v = 'rolled back' WHERE id = 1")
+            conn.execute("INSERT INTO t VALUES (3, 'rolled back', 'leaked')")
+            conn.execute("DELETE FROM t WHERE id = 2")
+            conn.execute("INSERT INTO t VALUES (1, 'dup')")
+        conn.execute("UPDATE t SET v = 'kept' WHERE id = 1")
+        with conn.transaction():  # a savepoint released
+            conn.execute("INSERT INTO t VALUES (4, 'four')")
+    with pytest.raises(psycopg.errors.DivisionByZero), conn.transaction():  # a whole transaction rolled back
+        conn.execute("INSERT INTO t VALUES (5, 'five')")
+        conn.execute("SELECT 1 / 0")
+    drain(dsn, turso.url)
+    assert [r[0] for r in turso.query("SELECT name FROM pragma_table_info('t') ORDER BY cid")] == ["id", "v"]
+    assert turso.query("SELECT id, v FROM t ORDER BY id") == [[1, "kept"], [2, "two"], [4, "four"]]
+    assert pending(conn) == 0
