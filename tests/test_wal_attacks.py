@@ -121,3 +121,23 @@ def test_changes_of_a_rolled_back_savepoint_are_never_sent(conn: psycopg.Connect
     assert [r[0] for r in turso.query("SELECT name FROM pragma_table_info('t') ORDER BY cid")] == ["id", "v"]
     assert turso.query("SELECT id, v FROM t ORDER BY id") == [[1, "kept"], [2, "two"], [4, "four"]]
     assert pending(conn) == 0
+
+
+def test_tracking_again_with_another_row_filter_sends_exactly_the_new_filters_rows(conn: psycopg.Connection,
+                                                                                    dsn: str, turso: TursoServer,
+                                                                                    capture: str):
+    # Changes decoded before the untrack were written under the old filter, those after under the new one; the
+    # slot is read after all of it, with the new filter in the publication.
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v int)")
+    conn.execute("SELECT pgturso.track_table('t', row_filter => 'id > 10')")
+    drain(dsn, turso.url)
+    conn.execute("INSERT INTO t VALUES (5, 5), (15, 15)")
+    conn.execute("UPDATE t SET id = 7 WHERE id = 15")  # out of the old filter, into the new one
+    conn.execute("SELECT pgturso.untrack_table('t')")
+    conn.execute("INSERT INTO t VALUES (6, 6), (16, 16)")
+    conn.execute("SELECT pgturso.track_table('t', row_filter => 'id <= 10')")
+    conn.execute("INSERT INTO t VALUES (8, 8), (18, 18)")
+    conn.execute("UPDATE t SET id = 17 WHERE id = 5")  # out of the new filter
+    drain(dsn, turso.url)
+    assert turso.query("SELECT id, v FROM t ORDER BY id") == [[6, 6], [7, 15], [8, 8]]
+    assert pending(conn) == 0
