@@ -244,7 +244,9 @@ BEGIN
         EXECUTE format('ALTER PUBLICATION pgturso_tables DROP TABLE ONLY %s', rel);
     END IF;
     IF EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conrelid = rel AND c.conname = 'pgturso_row_filter') THEN
+        PERFORM set_config('pgturso.dropping_row_filter', rel::oid::regclass::text, true);  -- see _on_sql_drop
         EXECUTE format('ALTER TABLE %s DROP CONSTRAINT pgturso_row_filter', rel);
+        PERFORM set_config('pgturso.dropping_row_filter', '', true);
     END IF;
     FOR v_part IN SELECT rel UNION SELECT relid FROM pg_partition_tree(rel) LOOP
         EXECUTE format('DROP TRIGGER IF EXISTS pgturso_capture_truncate ON %s', v_part);
@@ -272,8 +274,10 @@ BEGIN
     -- The row filters' CHECK constraints on wal tables are not extension members either.
     FOR v_target IN SELECT c.conrelid::regclass::text FROM pg_constraint c
                     JOIN pgturso.tracked_table t ON t.relid = c.conrelid WHERE c.conname = 'pgturso_row_filter' LOOP
+        PERFORM set_config('pgturso.dropping_row_filter', v_target::regclass::text, true);  -- see _on_sql_drop
         EXECUTE format('ALTER TABLE %s DROP CONSTRAINT pgturso_row_filter', v_target);
     END LOOP;
+    PERFORM set_config('pgturso.dropping_row_filter', '', true);
     DROP PUBLICATION IF EXISTS pgturso_tables, pgturso_outbox;
 END
 $$;

@@ -496,10 +496,25 @@ AS $$
 DECLARE
     v_row record;
     v_tracked_dropped boolean := false;
+    v_filtered regclass;
 BEGIN
     IF to_regclass('pgturso.tracked_table') IS NULL
        OR NOT EXISTS (SELECT 1 FROM pgturso.tracked_table WHERE dropped_at IS NULL) THEN
         RETURN;
+    END IF;
+    -- The CHECK pgturso_row_filter of a wal table refuses the rows its filter raises on, which would stop the
+    -- slot for good (_install_wal_capture): only pgturso drops it (_remove_wal_capture marks its own drop).
+    SELECT t.relid::regclass INTO v_filtered FROM pg_event_trigger_dropped_objects() d
+    JOIN pgturso.tracked_table t ON t.dropped_at IS NULL
+     AND t.relid = to_regclass(quote_ident(d.address_names[1]) || '.' || quote_ident(d.address_names[2]))
+    WHERE d.object_type = 'table constraint' AND d.original AND d.address_names[3] = 'pgturso_row_filter'
+      AND coalesce(current_setting('pgturso.dropping_row_filter', true), '') <> t.relid::text
+    LIMIT 1;
+    IF v_filtered IS NOT NULL THEN
+        RAISE EXCEPTION 'pgturso: the constraint pgturso_row_filter of % keeps rows its row filter fails on out of '
+                        'the replication slot', v_filtered
+            USING HINT = format('Keep it, or untrack the table first: SELECT pgturso.untrack_table(%L).',
+                                v_filtered::text);
     END IF;
     -- DROP TABLE (or DROP MATERIALIZED VIEW, DROP SCHEMA ... CASCADE) of a tracked table: the changes made
     -- before it are still delivered, then the table is untracked; its Turso table stays unless drop_target.
