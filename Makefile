@@ -17,7 +17,8 @@ EXTRA_CLEAN  = $(DATA_built)
 MODULES      = extension/supervisor/pgturso
 
 SQL_SOURCES  = $(sort $(wildcard extension/sql/*.sql))
-PY_SOURCES   = $(wildcard worker/pgturso/*.py)
+PY_GROUPS    = capture sources delivery run common
+PY_SOURCES   = $(wildcard worker/pgturso/*.py $(foreach g,$(PY_GROUPS),worker/pgturso/$(g)/*.py))
 
 PGXS := $(shell $(PG_CONFIG) --pgxs 2>/dev/null)
 ifneq ($(wildcard $(PGXS)),)
@@ -43,15 +44,16 @@ VENV   = .venv
 PY     = $(VENV)/bin/python
 TURSO_DIR = .cache/turso
 
-$(DATA_built): $(SQL_SOURCES) $(wildcard extension/history/*.sql) extension/build.py worker/pgturso/capture.py
+$(DATA_built): $(SQL_SOURCES) $(wildcard extension/history/*.sql) extension/build.py worker/pgturso/capture/sql.py
 	python3 extension/build.py $@ '$(PYTHON_DIR)' $(SQL_SOURCES)
 
 # The PL/Python functions import the pure-Python part of the worker package from here.
 install: install-python
 install-python:
-	$(MKDIR_P) '$(DESTDIR)$(PYTHON_DIR)/pgturso'
-	rm -f '$(DESTDIR)$(PYTHON_DIR)'/pgturso/*.py
-	$(INSTALL_DATA) $(PY_SOURCES) '$(DESTDIR)$(PYTHON_DIR)/pgturso/'
+	rm -rf '$(DESTDIR)$(PYTHON_DIR)/pgturso'
+	$(MKDIR_P) '$(DESTDIR)$(PYTHON_DIR)/pgturso' $(foreach g,$(PY_GROUPS),'$(DESTDIR)$(PYTHON_DIR)/pgturso/$(g)')
+	$(INSTALL_DATA) $(wildcard worker/pgturso/*.py) '$(DESTDIR)$(PYTHON_DIR)/pgturso/'
+	$(foreach g,$(PY_GROUPS),$(INSTALL_DATA) $(wildcard worker/pgturso/$(g)/*.py) '$(DESTDIR)$(PYTHON_DIR)/pgturso/$(g)/' &&) true
 
 .PHONY: deps venv turso install-python demo test lint bench soak
 

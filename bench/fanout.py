@@ -317,7 +317,7 @@ def _live(b: Bench, tmp: Path, tenants: int, server: TursoServer) -> None:
 def _idle_cost(b: Bench, worker: PatternRun) -> dict[str, float]:
     """After the load, with every tenant idle: the worker's CPU over a few seconds, its Postgres connections,
     open files and threads (its Turso connections close after fanout.TARGET_IDLE_SECONDS)."""
-    from pgturso.fanout import TARGET_IDLE_SECONDS
+    from pgturso.run.fanout import TARGET_IDLE_SECONDS
 
     time.sleep(TARGET_IDLE_SECONDS + 3)
     window = 3.0 if b.quick else 5.0

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "worker"))
 
-from pgturso.capture import CAPTURE_SETTINGS, SESSION_SETTINGS
+from pgturso.capture.sql import CAPTURE_SETTINGS, SESSION_SETTINGS
 
 FIRST_RELEASE = "0.1.0"
 _MIGRATION = re.compile(r"^\d+_catalog--(\d+\.\d+\.\d+)\.sql$")

@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from pgturso.settings import SERVER_SETTINGS
+from pgturso.common.settings import SERVER_SETTINGS
 from support.pgcluster import PG_BIN, PgCluster, _as_postgres
 from support.turso import TursoServer
 from support.workers import wait_until

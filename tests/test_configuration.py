@@ -7,7 +7,7 @@ import sys
 import urllib.request
 
 from conftest import REPO, drain, run_worker
-from pgturso.settings import SETTINGS, markdown_table, server_markdown_table
+from pgturso.common.settings import SETTINGS, markdown_table, server_markdown_table
 from support.cloud_proxy import CloudProxy
 from support.turso import TursoServer
 from support.workers import WorkerProcess, outbox_empty, wait_until
@@ -15,8 +15,8 @@ from support.workers import WorkerProcess, outbox_empty, wait_until
 
 def test_configuration_doc_lists_every_setting_as_the_code_defines_it():
     doc = (REPO / "docs/configuration.md").read_text()
-    assert markdown_table() in doc, "regenerate the table: python -m pgturso.settings"
-    assert server_markdown_table() in doc, "regenerate the tables: python -m pgturso.settings"
+    assert markdown_table() in doc, "regenerate the table: python -m pgturso.common.settings"
+    assert server_markdown_table() in doc, "regenerate the tables: python -m pgturso.common.settings"
 
 
 def test_help_lists_every_setting_with_its_environment_variable():

@@ -11,9 +11,9 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import WORKER, drain, pending, run_worker
-from pgturso.targets import open_target
+from pgturso.delivery.targets import open_target
+from pgturso.run.worker import DELIVERY_LOCK_CLASS
 from pgturso.verify import TableReport, Verifier
-from pgturso.worker import DELIVERY_LOCK_CLASS
 from support.turso import TursoServer, read_rows
 from support.workers import WorkerProcess, outbox_empty, wait_until
 

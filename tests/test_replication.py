@@ -216,10 +216,10 @@ def test_turso_down_fails_the_run_and_keeps_the_outbox(conn, dsn, turso: TursoSe
 
 def run_worker_that_dies_after_turso_commits(dsn: str, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """One in-process worker pass that is killed between Turso's commit and the outbox delete."""
-    from pgturso.outbox import Outbox
-    from pgturso.settings import resolve
-    from pgturso.slot import WalOutbox
-    from pgturso.worker import Worker
+    from pgturso.common.settings import resolve
+    from pgturso.run.worker import Worker
+    from pgturso.sources.outbox import Outbox
+    from pgturso.sources.slot import WalOutbox
 
     class Crash(Exception):
         pass
@@ -235,8 +235,8 @@ def run_worker_that_dies_after_turso_commits(dsn: str, url: str, monkeypatch: py
 
 
 def test_exactly_once_when_the_worker_dies_after_turso_committed(conn, dsn, turso: TursoServer, monkeypatch):
-    from pgturso.settings import resolve
-    from pgturso.worker import Worker
+    from pgturso.common.settings import resolve
+    from pgturso.run.worker import Worker
 
     conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
     conn.execute("SELECT pgturso.track_table('t')")
@@ -259,8 +259,8 @@ def test_recovery_from_the_marker_spares_a_transaction_that_committed_later(conn
                                                                            monkeypatch):
     """The marker names a batch by its snapshot: an event with a lower id whose transaction was still open
     when the batch was read must survive the recovery and arrive afterwards."""
-    from pgturso.settings import resolve
-    from pgturso.worker import Worker
+    from pgturso.common.settings import resolve
+    from pgturso.run.worker import Worker
 
     conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
     conn.execute("SELECT pgturso.track_table('t')")
@@ -333,7 +333,7 @@ def test_running_worker_wakes_on_commit_and_stops_cleanly(conn, dsn, turso: Turs
 def test_batch_groups_keep_order_and_size_limit(conn, dsn, turso: TursoServer, mixed: bool):
     """A batch of only one table's upserts is merged by id range, any other by runs; either way every group
     stays under the statement size limit, rows keep their order, and every event is delivered once."""
-    from pgturso.outbox import Outbox
+    from pgturso.sources.outbox import Outbox
 
     conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
     conn.execute("SELECT pgturso.track_table('t')")
@@ -371,7 +371,7 @@ def test_a_batch_chosen_from_the_head_alone_is_the_batch_the_full_queries_choose
     """A batch whose cut is the last event of the head takes its figures from the head query (and, below the
     event limit, holds no transaction back): its cut, held transactions, transaction count and events are the
     ones the straddling query finds for the same cut, read in one round trip or through a cursor."""
-    from pgturso.outbox import Outbox
+    from pgturso.sources.outbox import Outbox
 
     conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
     conn.execute("SELECT pgturso.track_table('t')")
@@ -404,7 +404,7 @@ def test_a_batch_chosen_from_the_head_alone_is_the_batch_the_full_queries_choose
 @pytest.mark.parametrize("capture", ["trigger"], indirect=True)  # markers of outbox batches
 def test_a_marker_of_the_id_range_format_is_still_honoured(conn, dsn, turso: TursoServer):
     """Markers written before batches were named by snapshot list id ranges; what they list is not resent."""
-    from pgturso.progress import CREATE_MARKER_SQL, MARKER_TABLE
+    from pgturso.delivery.progress import CREATE_MARKER_SQL, MARKER_TABLE
     from support.turso import read_rows
 
     conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
@@ -425,9 +425,9 @@ def test_a_marker_of_the_id_range_format_is_still_honoured(conn, dsn, turso: Tur
 def test_a_worker_that_missed_another_workers_delivery_cannot_commit(conn, dsn, turso: TursoServer):
     """The marker is a fence: a worker whose view of it is stale (another worker delivered meanwhile, as after
     losing the delivery lock) has its batch refused whole, then recovers from the marker and carries on."""
-    from pgturso.errors import MarkerMoved
-    from pgturso.settings import resolve
-    from pgturso.worker import Worker
+    from pgturso.common.errors import MarkerMoved
+    from pgturso.common.settings import resolve
+    from pgturso.run.worker import Worker
 
     conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
     conn.execute("SELECT pgturso.track_table('t')")

@@ -178,14 +178,14 @@ def test_ddl_on_untracked_tables_and_drop_extension_are_unaffected(conn):
 
 
 def layout(target: str, cols: list[tuple[str, str, bool, int]], key: list[str], indexes=()) -> Any:
-    from pgturso.layout import TableLayout
+    from pgturso.capture.layout import TableLayout
 
     catalog = [{"name": n, "pg_type": t, "base_type": t, "not_null": nn, "attnum": num} for n, t, nn, num in cols]
     return TableLayout.from_catalog(f"public.{target}", target, catalog, key, indexes)
 
 
 def test_swapped_column_names_go_through_temporary_names():
-    from pgturso.statements import alter_table_statements
+    from pgturso.delivery.statements import alter_table_statements
 
     old = layout("s", [("id", "int4", True, 1), ("a", "text", False, 2), ("b", "text", False, 3)], ["id"])
     new = layout("s", [("id", "int4", True, 1), ("b", "text", False, 2), ("a", "text", False, 3)], ["id"])
@@ -198,8 +198,8 @@ def test_swapped_column_names_go_through_temporary_names():
 
 
 def test_key_or_not_null_change_rebuilds_inside_turso_and_type_change_recopies():
-    from pgturso.layout import change_between
-    from pgturso.statements import alter_table_statements
+    from pgturso.capture.layout import change_between
+    from pgturso.delivery.statements import alter_table_statements
 
     old = layout("r", [("id", "int4", True, 1), ("u", "text", False, 2)], ["id"], [{"name": "r_u", "columns": ["u"]}])
     new = layout("r", [("id", "int4", True, 1), ("u", "text", True, 2)], ["u"], [{"name": "r_u", "columns": ["u"]}])

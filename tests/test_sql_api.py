@@ -8,7 +8,7 @@ import time
 import psycopg
 import pytest
 from conftest import REPO, drain, pending, run_worker
-from pgturso.capture import CAPTURE_SETTINGS, SESSION_SETTINGS
+from pgturso.capture.sql import CAPTURE_SETTINGS, SESSION_SETTINGS
 from support.turso import TursoServer
 
 

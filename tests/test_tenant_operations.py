@@ -223,7 +223,7 @@ def test_status_fails_on_a_plain_target_retrying_too_long(conn, dsn):
 
 
 def test_a_tenant_metrics_member_started_again_is_one_series():
-    from pgturso.metrics import Metrics
+    from pgturso.common.metrics import Metrics
 
     pattern = Metrics()
     first = pattern.member('target="tenant-a"')
@@ -286,7 +286,7 @@ def test_the_readme_per_tenant_example_delivers_rows_to_two_tenant_databases(con
 
 
 def test_verify_of_an_integer_routed_table_reads_each_tenant_by_index(conn, dsn, tmp_path: Path):
-    from pgturso.layout import TableLayout
+    from pgturso.capture.layout import TableLayout
     from pgturso.verify import _rows
 
     conn.execute("SELECT pgturso.add_target(%s, %s)", ("shop-%s", f"file:{tmp_path}/shop-%s.db"))

@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import WORKER, pending, run_worker
-from pgturso.fanout import MAX_OPEN_TARGETS
+from pgturso.run.fanout import MAX_OPEN_TARGETS
 from support.pgcluster import free_port
 from support.turso import TursoServer, install_apply_counter
 from support.workers import WorkerProcess, wait_until

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 from conftest import REPO
-from pgturso import hrana
-from pgturso.errors import ConfigError
-from pgturso.hrana import Meaning, classify_status, classify_step_error
-from pgturso.retry import RETRY_AFTER_CAP, parse_retry_after, retry_delay
-from pgturso.targets import http_endpoint, open_target
+from pgturso.common.errors import ConfigError
+from pgturso.common.retry import RETRY_AFTER_CAP, parse_retry_after, retry_delay
+from pgturso.delivery import hrana
+from pgturso.delivery.hrana import Meaning, classify_status, classify_step_error
+from pgturso.delivery.targets import http_endpoint, open_target
 
 
 @pytest.mark.parametrize(
@@ -158,8 +158,8 @@ def test_the_delay_is_never_shorter_than_the_server_asked() -> None:
 
 
 def _worker(batch_rows: int = 1000) -> Any:
-    from pgturso.settings import resolve
-    from pgturso.worker import Worker
+    from pgturso.common.settings import resolve
+    from pgturso.run.worker import Worker
 
     return Worker("", resolve({}, environ={}, flags={"batch_rows": str(batch_rows), "batch_events": "1000"}))
 
@@ -179,7 +179,7 @@ def test_slow_deliveries_shrink_batches_and_fast_ones_grow_them_back() -> None:
 
 
 def test_a_lock_timeout_halves_a_batch_of_many_transactions_at_once() -> None:
-    from pgturso.errors import TursoBusy
+    from pgturso.common.errors import TursoBusy
 
     worker = _worker()
     worker._sending = SimpleNamespace(transactions=40, rows=300, event_count=40)
@@ -191,7 +191,7 @@ def test_a_lock_timeout_halves_a_batch_of_many_transactions_at_once() -> None:
 
 
 def test_a_single_transaction_that_never_fits_the_window_gets_an_error_naming_the_setting() -> None:
-    from pgturso.errors import TursoBusy, TursoUnavailable
+    from pgturso.common.errors import TursoBusy, TursoUnavailable
 
     worker = _worker()
     worker._sending = SimpleNamespace(transactions=1, rows=90_000, event_count=3)
@@ -208,9 +208,9 @@ def test_a_single_transaction_that_never_fits_the_window_gets_an_error_naming_th
 
 def test_a_file_target_locked_by_another_connection_is_transient_and_a_bad_statement_is_refused(tmp_path) -> None:
     import turso
-    from pgturso.errors import StatementFailed, TursoBusy
-    from pgturso.statements import Statement
-    from pgturso.targets import FileTarget
+    from pgturso.common.errors import StatementFailed, TursoBusy
+    from pgturso.delivery.statements import Statement
+    from pgturso.delivery.targets import FileTarget
 
     path = str(tmp_path / "replica.db")
     target = FileTarget(path)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 
 import pytest
-from pgturso import capture
-from pgturso.capture import (
+from pgturso.capture import sql as capture
+from pgturso.capture.layout import TableLayout
+from pgturso.capture.sql import (
     CAPTURE_SETTINGS,
     CHUNK_ROWS,
     SESSION_SETTINGS,
@@ -17,7 +18,6 @@ from pgturso.capture import (
     row_json_sql,
     snapshot_sql,
 )
-from pgturso.layout import TableLayout
 
 
 def col(name: str, base_type: str, not_null: bool = False) -> dict[str, object]:

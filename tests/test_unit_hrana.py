@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 import pytest
-from pgturso.hrana import (
+from pgturso.delivery.hrana import (
     CLOSE_REQUEST,
     BatchOutcome,
     BatchPlan,
@@ -301,8 +301,8 @@ def test_rows_of_error_raises_with_message() -> None:
 
 
 def test_libsql_urls_are_https_and_file_urls_are_embedded(tmp_path) -> None:
-    from pgturso.errors import ConfigError
-    from pgturso.targets import FileTarget, HttpTarget, open_target
+    from pgturso.common.errors import ConfigError
+    from pgturso.delivery.targets import FileTarget, HttpTarget, open_target
 
     cloud = open_target("libsql://app-eu.turso.io", "tok", max_request_bytes=1 << 20, timeout=5)
     assert isinstance(cloud, HttpTarget) and cloud.base_url == "https://app-eu.turso.io"

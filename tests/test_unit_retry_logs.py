@@ -10,8 +10,8 @@ import re
 from collections.abc import Iterator
 
 import pytest
-from pgturso import logs
-from pgturso.retry import backoff_delay
+from pgturso.common import logs
+from pgturso.common.retry import backoff_delay
 
 # ------------------------------------------------------------------------------------------------ retry
 

@@ -6,9 +6,9 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-from pgturso import settings as settings_module
-from pgturso.errors import ConfigError
-from pgturso.settings import BY_NAME, SETTINGS, Settings, resolve
+from pgturso.common import settings as settings_module
+from pgturso.common.errors import ConfigError
+from pgturso.common.settings import BY_NAME, SETTINGS, Settings, resolve
 
 
 def test_every_setting_is_a_settings_field_and_vice_versa() -> None:

@@ -12,11 +12,11 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
-from pgturso.layout import TableLayout
-from pgturso.outbox import Event
-from pgturso.progress import CREATE_MARKER_SQL, READ_MARKER_SQL, marker_statements
-from pgturso.quoting import quote_ident
-from pgturso.statements import Statement, StatementBuilder
+from pgturso.capture.layout import TableLayout
+from pgturso.common.quoting import quote_ident
+from pgturso.delivery.progress import CREATE_MARKER_SQL, READ_MARKER_SQL, marker_statements
+from pgturso.delivery.statements import Statement, StatementBuilder
+from pgturso.sources.outbox import Event
 
 
 def _sqlite3_has_unhex() -> bool:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from pgturso.layout import TableLayout
-from pgturso.outbox import Event
-from pgturso.statements import (
+from pgturso.capture.layout import TableLayout
+from pgturso.delivery.statements import (
     Statement,
     StatementBuilder,
     create_table_sql,
@@ -16,6 +15,7 @@ from pgturso.statements import (
     truncate_sql,
     upsert_sql,
 )
+from pgturso.sources.outbox import Event
 
 
 def col(name: str, base_type: str, not_null: bool = False, typmod: int = -1) -> dict[str, object]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from pgturso import types
-from pgturso.layout import Column, TableLayout
-from pgturso.quoting import qualified_name, quote_ident, quote_literal
-from pgturso.types import ENCODING_SETTINGS, column_type, numeric_precision_from_typmod
+from pgturso.capture import types
+from pgturso.capture.layout import Column, TableLayout
+from pgturso.capture.types import ENCODING_SETTINGS, column_type, numeric_precision_from_typmod
+from pgturso.common.quoting import qualified_name, quote_ident, quote_literal
 
 
 def numeric_typmod(precision: int, scale: int = 0) -> int:

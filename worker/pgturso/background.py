@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 
-from .logs import event
+from .common.logs import event
 
 log = logging.getLogger("pgturso.background")
 

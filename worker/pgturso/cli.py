@@ -21,14 +21,15 @@ from collections.abc import Sequence
 
 import psycopg
 
-from . import __version__, background, logs
-from .errors import ConfigError, PgTursoError, RetriesExhausted
-from .fanout import PatternWorker
-from .retry import backoff_delay
-from .settings import POSTGRESQL_CONF_NAMES, POSTGRESQL_CONF_QUERY, SETTINGS, Settings, resolve
-from .targets import Target, open_target
+from . import __version__, background
+from .common import logs
+from .common.errors import ConfigError, PgTursoError, RetriesExhausted
+from .common.retry import backoff_delay
+from .common.settings import POSTGRESQL_CONF_NAMES, POSTGRESQL_CONF_QUERY, SETTINGS, Settings, resolve
+from .delivery.targets import Target, open_target
+from .run.fanout import PatternWorker
+from .run.worker import EXIT_FATAL, EXIT_OK, EXIT_RETRIES_EXHAUSTED, Worker, target_endpoint
 from .verify import TENANTS_OF, run_verify, verify_tenants
-from .worker import EXIT_FATAL, EXIT_OK, EXIT_RETRIES_EXHAUSTED, Worker, target_endpoint
 
 log = logging.getLogger("pgturso.cli")
 

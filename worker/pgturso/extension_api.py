@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .capture import (
+from .capture.layout import TableLayout, change_between
+from .capture.sql import (
     capture_function_sql,
     copy_chunk_sql,
     filtered,
@@ -20,7 +21,6 @@ from .capture import (
     snapshot_sql,
     tenant_rows_sql,
 )
-from .layout import TableLayout, change_between
 
 
 def _layout(source_table: str, target_table: str, columns_json: str, key_columns: list[str],

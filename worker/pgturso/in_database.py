@@ -15,8 +15,8 @@ import os
 import socket
 from typing import Any
 
-from .settings import POSTGRESQL_CONF_NAMES, resolve
-from .worker import EXIT_LOCKED, EXIT_OK, Worker
+from .common.settings import POSTGRESQL_CONF_NAMES, resolve
+from .run.worker import EXIT_LOCKED, EXIT_OK, Worker
 
 
 class _PlpyHandler(logging.Handler):

@@ -27,7 +27,8 @@ from typing import Any, TextIO
 
 import psycopg
 
-from .capture import (
+from .capture.layout import Column, TableLayout
+from .capture.sql import (
     CAPTURE_SETTINGS,
     SESSION_SETTINGS,
     filtered,
@@ -37,11 +38,10 @@ from .capture import (
     route_expr,
     row_json_sql,
 )
-from .errors import PgTursoError
-from .layout import Column, TableLayout
-from .logs import Progress
-from .quoting import quote_ident, quote_literal
-from .targets import Target
+from .common.errors import PgTursoError
+from .common.logs import Progress
+from .common.quoting import quote_ident, quote_literal
+from .delivery.targets import Target
 
 CHUNK_ROWS = 5000
 

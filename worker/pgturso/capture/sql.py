@@ -16,8 +16,8 @@ Materialized views cannot have triggers: ``refresh_function_sql`` generates the 
 
 from __future__ import annotations
 
+from ..common.quoting import quote_ident
 from .layout import Column, TableLayout
-from .quoting import quote_ident
 from .types import OUTPUT_TEXT, equality_is_identity
 
 CHUNK_ROWS = 1000

@@ -46,12 +46,12 @@ from typing import Any
 
 import psycopg
 
-from .errors import ConfigError, PgTursoError, StatementFailed, TursoRequestRejected, TursoUnavailable
-from .logs import event
-from .metrics import Metrics
-from .outbox import Outbox
-from .settings import Settings
-from .targets import Target, redact_url
+from ..common.errors import ConfigError, PgTursoError, StatementFailed, TursoRequestRejected, TursoUnavailable
+from ..common.logs import event
+from ..common.metrics import Metrics
+from ..common.settings import Settings
+from ..delivery.targets import Target, redact_url
+from ..sources.outbox import Outbox
 from .worker import (
     DELIVERY_LOCK_CLASS,
     EXIT_FATAL,

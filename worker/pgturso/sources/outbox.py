@@ -24,8 +24,8 @@ from typing import Any
 
 import psycopg
 
-from .capture import WAKE_LOCK_CLASS
-from .layout import TableLayout
+from ..capture.layout import TableLayout
+from ..capture.sql import WAKE_LOCK_CLASS
 
 # Named queries.
 SOURCE_ID = "SELECT source_id::text FROM pgturso.instance"

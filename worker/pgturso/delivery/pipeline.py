@@ -21,9 +21,9 @@ from collections.abc import Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .errors import MarkerMoved, StatementFailed
-from .logs import event
-from .outbox import Batch
+from ..common.errors import MarkerMoved, StatementFailed
+from ..common.logs import event
+from ..sources.outbox import Batch
 from .progress import CHECK_MARKER_OPERATION
 from .statements import Statement
 from .targets import Target

@@ -18,8 +18,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import requests
 
-from . import hrana
-from .errors import (
+from ..common.errors import (
     ConfigError,
     PgTursoError,
     RequestTooLarge,
@@ -30,8 +29,9 @@ from .errors import (
     TursoRequestRejected,
     TursoUnavailable,
 )
-from .logs import event
-from .retry import parse_retry_after
+from ..common.logs import event
+from ..common.retry import parse_retry_after
+from . import hrana
 from .statements import Statement
 
 log = logging.getLogger("pgturso.target")

@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
-from .quoting import quote_ident
+from ..common.quoting import quote_ident
 
 # Microseconds between the Unix epoch and Postgres' (2000-01-01), for the status updates' clock.
 _PG_EPOCH_US = 946_684_800 * 1_000_000

@@ -16,7 +16,7 @@ another worker delivered cannot commit it, so batches from two workers can never
 
 from __future__ import annotations
 
-from .quoting import quote_ident
+from ..common.quoting import quote_ident
 from .statements import Statement
 
 MARKER_TABLE = "_pgturso_progress"

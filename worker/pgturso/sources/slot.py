@@ -34,12 +34,12 @@ from typing import Any
 
 import psycopg
 
-from .capture import CAPTURE_SETTINGS, key_from_text_sql, row_json_sql
-from .errors import ConfigError, PgTursoError
-from .layout import Column, TableLayout
-from .logs import event
+from ..capture.layout import Column, TableLayout
+from ..capture.sql import CAPTURE_SETTINGS, key_from_text_sql, row_json_sql
+from ..common.errors import ConfigError, PgTursoError
+from ..common.logs import event
+from ..common.quoting import quote_ident, quote_literal
 from .outbox import Event, Outbox, record_batch_sql
-from .quoting import quote_ident, quote_literal
 from .replication import ReplicationStream
 
 log = logging.getLogger("pgturso.slot")

@@ -12,9 +12,9 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from .layout import Index, TableLayout, ascii_lower, change_between
-from .outbox import Event
-from .quoting import quote_ident
+from ..capture.layout import Index, TableLayout, ascii_lower, change_between
+from ..common.quoting import quote_ident
+from ..sources.outbox import Event
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from typing import Any
 
 import psycopg
 
-from .capture import SESSION_SETTINGS
-from .errors import (
+from ..capture.sql import SESSION_SETTINGS
+from ..common.errors import (
     ConfigError,
     PgTursoError,
     RequestTooLarge,
@@ -29,18 +29,18 @@ from .errors import (
     TursoRequestRejected,
     TursoUnavailable,
 )
-from .logs import Progress, event
-from .logs import setup as setup_logs
-from .metrics import Metrics
-from .outbox import Batch, Outbox
-from .pipeline import InFlight, Sender, prepare, send_batch
-from .progress import CREATE_MARKER_SQL, READ_MARKER_SQL, marker_statements
-from .quoting import quote_literal
-from .retry import backoff_delay, retry_delay
-from .settings import DEFAULT_URL, Settings
-from .slot import WalOutbox
-from .statements import Statement, StatementBuilder, create_table_statements
-from .targets import Target, open_target, redact_url
+from ..common.logs import Progress, event
+from ..common.logs import setup as setup_logs
+from ..common.metrics import Metrics
+from ..common.quoting import quote_literal
+from ..common.retry import backoff_delay, retry_delay
+from ..common.settings import DEFAULT_URL, Settings
+from ..delivery.pipeline import InFlight, Sender, prepare, send_batch
+from ..delivery.progress import CREATE_MARKER_SQL, READ_MARKER_SQL, marker_statements
+from ..delivery.statements import Statement, StatementBuilder, create_table_statements
+from ..delivery.targets import Target, open_target, redact_url
+from ..sources.outbox import Batch, Outbox
+from ..sources.slot import WalOutbox
 
 log = logging.getLogger("pgturso.worker")
 

@@ -1,0 +1,1 @@
+"""Shared by every layer: settings, logs, metrics, errors, retries and identifier quoting."""

@@ -1,0 +1,1 @@
+"""Where batches come from: the outbox (trigger capture) or a logical slot (wal capture)."""
