@@ -243,6 +243,32 @@ def test_a_running_worker_streams_from_the_slot_and_untrack_still_drops_it(conn,
     assert conn.execute("SELECT bool_or(active) FROM pg_replication_slots").fetchone()[0] is False
 
 
+
+def test_a_decoding_error_of_the_server_is_shown_not_just_an_ended_stream(conn, dsn, turso: TursoServer):
+    """When the walsender stops decoding with an error (here: the publication gone), the worker says what the
+    server said in its log (the table or publication, the slot, the position), instead of only "the server
+    ended the stream"."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    worker = WorkerProcess(dsn, turso.url, "--idle-wait", "1", "--retry-max-delay", "1").start()
+    try:
+        conn.execute("INSERT INTO t VALUES (1, 'before')")
+        wait_until(lambda: turso_rows(turso) == [[1, "before"]], 60, "the first row")
+        conn.execute("DROP PUBLICATION pgturso_tables")
+        conn.execute("INSERT INTO t VALUES (2, 'while the publication is gone')")
+        # (the log escapes the quotes of the server's message)
+        wait_until(lambda: 'publication \\"pgturso_tables\\" does not exist' in worker.output, 60,
+                   "the server's own error in the worker's log")
+    finally:
+        worker.stop()
+
+
+def turso_rows(turso: TursoServer) -> list[list[object]]:
+    try:
+        return turso.query("SELECT id, v FROM t ORDER BY id")
+    except Exception:  # the table is not there yet
+        return []
+
 def test_turso_ahead_of_the_slot_is_not_applied_again(conn, dsn, turso: TursoServer):
     """The window between Turso confirming a batch and the slot hearing of it (a worker killed before its
     standby status update reached the walsender, or a Postgres crash before the slot's position was saved):

@@ -90,7 +90,7 @@ class ReplicationStream:
                         return None  # the caller may be waiting for this position
                 continue
             if size == -1:
-                raise psycopg.OperationalError(f"replication slot {self.slot}: the server ended the stream")
+                raise psycopg.OperationalError(f"replication slot {self.slot}: {_why_the_stream_ended(pgconn)}")
             if size < -1:
                 raise psycopg.OperationalError(
                     f"replication slot {self.slot}: {pgconn.error_message.decode().strip()}")
@@ -133,3 +133,14 @@ class ReplicationStream:
 def _connect(dsn: str) -> psycopg.Connection[Any]:
     return psycopg.connect(dsn, autocommit=True, replication="database",
                            application_name="pgturso-worker-replication")
+
+
+def _why_the_stream_ended(pgconn: Any) -> str:
+    """What the server said when it ended the stream: a walsender that stops decoding sends its error (the
+    publication gone, a value it cannot decode, the slot invalidated) as the result that follows the copy."""
+    reasons = []
+    while (result := pgconn.get_result()) is not None:
+        message = (result.error_message or b"").decode(errors="replace").strip()
+        if message:
+            reasons.append(message)
+    return "; ".join(reasons) or "the server ended the stream"
