@@ -51,7 +51,7 @@ from ..common.logs import event
 from ..common.metrics import Metrics
 from ..common.settings import Settings
 from ..delivery.targets import Target, redact_url
-from ..sources.outbox import Outbox
+from ..sources.outbox import Outbox, error_cleared_when
 from .worker import (
     DELIVERY_LOCK_CLASS,
     EXIT_FATAL,
@@ -108,17 +108,11 @@ PENDING_TENANTS = """
     SELECT tenant FROM pending WHERE tenant IS NOT NULL
 """
 COPYING = "SELECT EXISTS (SELECT 1 FROM pgturso.tracked_table WHERE target = %s AND copy_state = 'copying')"
-# Tenants that delivered and have nothing pending: idle, and (as outbox.RECORD_STATE with clear, which a
-# single target's empty pass runs) whatever error they had is over: history, with its streak (failing_since)
-# ended. Without this a tenant that recovered under a new worker (no retry of its own to get past) kept
-# showing the old error and streak for good.
-RECORD_IDLE = """
-    UPDATE pgturso.delivery_state SET status = 'idle', updated_at = now(),
-        previous_error = coalesce(last_error, previous_error),
-        previous_error_at = CASE WHEN last_error IS NOT NULL THEN last_error_at ELSE previous_error_at END,
-        error_cleared_at = CASE WHEN last_error IS NOT NULL THEN now() ELSE error_cleared_at END,
-        last_error = NULL, last_error_at = NULL, last_error_table = NULL, last_error_txid = NULL,
-        failing_since = NULL
+# Tenants that delivered and have nothing pending: idle, and whatever error they had is over, as a single
+# target's empty pass records it (outbox.RECORD_STATE with clear). Without the clearing, a tenant that
+# recovered under a new worker (no retry of its own to get past) kept its old error and streak for good.
+RECORD_IDLE = f"""
+    UPDATE pgturso.delivery_state SET status = 'idle', updated_at = now(),{error_cleared_when("true")}
     WHERE target = ANY (%(names)s) AND status = 'delivering'
 """
 RECORD_STOPPED = """

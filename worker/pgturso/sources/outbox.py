@@ -138,20 +138,28 @@ FIRST_COMMITTED_TRANSACTION = f"""
     SELECT max(id) AS last_id FROM pgturso.outbox WHERE {FOR_TARGET} GROUP BY txid ORDER BY last_id LIMIT 1
 """
 LAYOUT = "SELECT spec, table_id FROM pgturso.layout WHERE id = %(id)s"
+
+
+def error_cleared_when(condition: str) -> str:
+    """The SET items that end a target's current error when ``condition`` holds (delivery got past it): the
+    error becomes history (previous_error, cleared now) and its retrying streak (failing_since) ends."""
+    return f"""
+        previous_error = CASE WHEN {condition} AND last_error IS NOT NULL THEN last_error ELSE previous_error END,
+        previous_error_at = CASE WHEN {condition} AND last_error IS NOT NULL THEN last_error_at
+                                 ELSE previous_error_at END,
+        error_cleared_at = CASE WHEN {condition} AND last_error IS NOT NULL THEN now() ELSE error_cleared_at END,
+        last_error = CASE WHEN {condition} THEN NULL ELSE last_error END,
+        last_error_at = CASE WHEN {condition} THEN NULL ELSE last_error_at END,
+        last_error_table = CASE WHEN {condition} THEN NULL ELSE last_error_table END,
+        last_error_txid = CASE WHEN {condition} THEN NULL ELSE last_error_txid END,
+        failing_since = CASE WHEN {condition} THEN NULL ELSE failing_since END"""
+
+
 # %(clear)s: delivery got past the current error (it delivered, or nothing is pending): it becomes history.
-RECORD_STATE = """
+RECORD_STATE = f"""
     UPDATE pgturso.delivery_state SET status = %(status)s, worker = coalesce(%(worker)s, worker),
         started_at = CASE WHEN %(starting)s THEN now() ELSE started_at END,
-        retries = retries + %(retry)s, updated_at = now(),
-        previous_error = CASE WHEN %(clear)s AND last_error IS NOT NULL THEN last_error ELSE previous_error END,
-        previous_error_at = CASE WHEN %(clear)s AND last_error IS NOT NULL THEN last_error_at
-                                 ELSE previous_error_at END,
-        error_cleared_at = CASE WHEN %(clear)s AND last_error IS NOT NULL THEN now() ELSE error_cleared_at END,
-        last_error = CASE WHEN %(clear)s THEN NULL ELSE last_error END,
-        last_error_at = CASE WHEN %(clear)s THEN NULL ELSE last_error_at END,
-        last_error_table = CASE WHEN %(clear)s THEN NULL ELSE last_error_table END,
-        last_error_txid = CASE WHEN %(clear)s THEN NULL ELSE last_error_txid END,
-        failing_since = CASE WHEN %(clear)s THEN NULL ELSE failing_since END
+        retries = retries + %(retry)s, updated_at = now(),{error_cleared_when("%(clear)s")}
     WHERE target = %(target)s
 """
 RECORD_ERROR = """
