@@ -173,6 +173,7 @@ def test_two_pattern_workers_sigkilled_in_turn_apply_every_tenants_rows_exactly_
         _install_file_counter(tmp_path / f"tenant-{tenant}.db", "ledger", "notices")
     stop = threading.Event()
     errors: list[str] = []
+    deadlocks = [0]
 
     def write(session: int) -> None:
         rng = random.Random(session)
@@ -180,16 +181,22 @@ def test_two_pattern_workers_sigkilled_in_turn_apply_every_tenants_rows_exactly_
             with psycopg.connect(dsn, autocommit=True) as writer:
                 while not stop.is_set():
                     chosen = rng.sample(tenants, rng.randint(1, 4))  # one transaction, several tenants
-                    with writer.transaction():
-                        writer.execute("INSERT INTO ledger (tenant_id, amount) "
-                                       "SELECT t, g FROM unnest(%s::text[]) AS t, generate_series(1, %s) AS g",
-                                       (chosen, rng.randint(1, 20)))
-                        if rng.random() < 0.3:
-                            writer.execute("INSERT INTO notices (body) SELECT 'n' || g FROM generate_series(1, %s) g",
-                                           (rng.randint(1, 5),))
-                        if rng.random() < 0.1:  # a new tenant, its first rows and the reference rows
-                            writer.execute("INSERT INTO ledger (tenant_id, amount) VALUES (%s, 1)",
-                                           (f"new{session}x{rng.randrange(10**6)}",))
+                    try:
+                        with writer.transaction():
+                            writer.execute("INSERT INTO ledger (tenant_id, amount) SELECT t, g "
+                                           "FROM unnest(%s::text[]) AS t, generate_series(1, %s) AS g",
+                                           (chosen, rng.randint(1, 20)))
+                            if rng.random() < 0.3:
+                                writer.execute("INSERT INTO notices (body) "
+                                               "SELECT 'n' || g FROM generate_series(1, %s) g", (rng.randint(1, 5),))
+                            if rng.random() < 0.1:  # a new tenant, its first rows and the reference rows
+                                writer.execute("INSERT INTO ledger (tenant_id, amount) VALUES (%s, 1)",
+                                               (f"new{session}x{rng.randrange(10**6)}",))
+                    except psycopg.errors.DeadlockDetected:
+                        # Documented (docs/design.md, "Reference tables"): two transactions that each wrote the
+                        # reference table and then bring a new tenant wait for each other's stripe; Postgres
+                        # rolls one back, which an application retries. Nothing of it may arrive anywhere.
+                        deadlocks[0] += 1
                     time.sleep(0.01)
         except Exception as exc:
             errors.append(repr(exc))
