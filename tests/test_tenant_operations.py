@@ -175,18 +175,21 @@ def test_status_and_metrics_show_each_tenant_and_a_long_retry_fails_the_check(co
         assert "over --max-retrying 1s" in failing.stdout.split("target tenant-globex")[1]
         assert "over --max-retrying" not in failing.stdout.split("target tenant-globex")[0]
 
-        # One endpoint, each tenant's gauges and counters labelled with its target.
+        # One endpoint, each tenant's gauges and counters labelled with its target and its pattern.
         def samples() -> dict[str, float]:
             return _metrics(port)
 
-        wait_until(lambda: samples().get('pgturso_backlog_rows{target="tenant-globex"}') == 2, 60,
+        wait_until(lambda: samples().get(series("pgturso_backlog_rows", "tenant-globex")) == 2, 60,
                    "globex's backlog in the metrics")
         values = samples()
-        assert values['pgturso_lag_seconds{target="tenant-globex"}'] > 0
-        assert values['pgturso_retries_total{target="tenant-globex"}'] > 0
-        assert values['pgturso_backlog_rows{target="tenant-acme"}'] == 0
-        assert values['pgturso_up{target="tenant-acme"}'] == 1
-        assert values['pgturso_rows_delivered_total{target="tenant-acme"}'] == 1
+        assert values[series("pgturso_lag_seconds", "tenant-globex")] > 0
+        assert values[series("pgturso_retries_total", "tenant-globex")] > 0
+        assert values[series("pgturso_backlog_rows", "tenant-acme")] == 0
+        assert values[series("pgturso_up", "tenant-acme")] == 1
+        assert values[series("pgturso_rows_delivered_total", "tenant-acme")] == 1
+        # Every sample of the endpoint is a tenant's, tied to its pattern (one series per metric and tenant).
+        assert all(name.endswith(',pattern="tenant-%s"}') for name in values), sorted(values)
+        assert len(values) == 2 * len({name.split("{")[0] for name in values})  # metrics x tenants
 
         # globex comes back (its database moves to a file): the error and the retrying streak are over.
         conn.execute("SELECT pgturso.add_target('tenant-globex', %s)", (f"file:{tmp_path}/globex-now.db",))
@@ -224,17 +227,29 @@ def test_status_fails_on_a_plain_target_retrying_too_long(conn, dsn):
         worker.stop()
 
 
+def series(metric: str, target: str, pattern: str = "tenant-%s") -> str:
+    """A tenant's sample name on a pattern worker's endpoint."""
+    return f'{metric}{{target="{target}",pattern="{pattern}"}}'
+
+
 def test_a_tenant_metrics_member_started_again_is_one_series():
     from pgturso.common.metrics import Metrics
 
     pattern = Metrics()
-    first = pattern.member('target="tenant-a"')
+    first = pattern.member({"target": "tenant-a", "pattern": "tenant-%s"})
     first.add("pgturso_rows_delivered_total", 3)
-    again = pattern.member('target="tenant-a"')  # the tenant's worker handed over and back
+    again = pattern.member({"target": "tenant-a", "pattern": "tenant-%s"})  # handed over and back
     again.add("pgturso_rows_delivered_total", 2)
     lines = [ln for ln in pattern.render().splitlines() if ln.startswith("pgturso_rows_delivered_total")]
-    assert lines == ['pgturso_rows_delivered_total{target="tenant-a"} 5']
+    assert lines == [series("pgturso_rows_delivered_total", "tenant-a") + " 5"]
     assert not first.serving
+
+
+def test_metric_label_values_are_escaped():
+    from pgturso.common.metrics import Metrics
+
+    part = Metrics().member({"target": 'a"b\\c\nd'})
+    assert part.labels == 'target="a\\"b\\\\c\\nd"'
 
 
 def readme_per_tenant_example() -> tuple[str, list[str]]:

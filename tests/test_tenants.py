@@ -215,10 +215,10 @@ def test_one_tenant_down_does_not_hold_back_the_others(conn, dsn, tmp_path: Path
         assert error
         # One metrics endpoint for the pattern, a sample per tenant.
         samples = _metrics(metrics_port)
-        assert samples['pgturso_retries_total{target="tenant-b"}'] > 0
+        assert samples['pgturso_retries_total{target="tenant-b",pattern="tenant-%s"}'] > 0
         others_retried = [ln for ln in worker.output.splitlines() if "event=retry" in ln and "tenant-b" not in ln]
-        assert samples['pgturso_retries_total{target="tenant-a"}'] == 0, others_retried[:5]
-        assert samples['pgturso_rows_delivered_total{target="tenant-a"}'] >= 11
+        assert samples['pgturso_retries_total{target="tenant-a",pattern="tenant-%s"}'] == 0, others_retried[:5]
+        assert samples['pgturso_rows_delivered_total{target="tenant-a",pattern="tenant-%s"}'] >= 11
 
         servers["b"].start()
         write_round("after")
@@ -246,7 +246,8 @@ def test_two_workers_share_the_tenants_and_take_over_from_a_killed_one(conn, dsn
     count_postgres_writes(conn)
     for tenant in tenants:
         install_file_apply_counter(tmp_path / f"tenant-{tenant}.db", "orders")
-    first = _start_worker(dsn)
+    ports = [free_port(), free_port()]
+    first = _start_worker(dsn, "--metrics-port", str(ports[0]))
     second = None
 
     def owners() -> dict[str, str]:
@@ -255,10 +256,18 @@ def test_two_workers_share_the_tenants_and_take_over_from_a_killed_one(conn, dsn
 
     try:
         wait_until(lambda: len(owners()) == 4, 90, "the first worker to take every tenant")
-        second = _start_worker(dsn)
+        second = _start_worker(dsn, "--metrics-port", str(ports[1]))
 
         # The second worker gets a fair share: the first hands two tenants over.
         wait_until(lambda: len(set(owners().values())) == 2 and len(owners()) == 4, 90, "two workers sharing")
+
+        # Each tenant is up on exactly one endpoint: the one that handed it over shows it down.
+        def up_on_endpoints() -> list[float]:
+            samples = [_metrics(port) for port in ports]
+            return [sum(s.get(f'pgturso_up{{target="tenant-{t}",pattern="tenant-%s"}}', 0) for s in samples)
+                    for t in tenants]
+
+        wait_until(lambda: up_on_endpoints() == [1, 1, 1, 1], 90, "each tenant up on one worker's endpoint")
         for n in range(100, 400):
             conn.execute("INSERT INTO orders VALUES (%s, %s, 'load')", (n, tenants[n % 4]))
             if n == 200:

@@ -23,12 +23,21 @@ _HELP = {
 }
 
 
+def label_set(labels: dict[str, str]) -> str:
+    """``{"target": "tenant-acme"}`` as the exposition format's ``target="tenant-acme"`` (values escaped)."""
+    def escaped(value: str) -> str:
+        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+    return ",".join(f'{name}="{escaped(value)}"' for name, value in labels.items())
+
+
 class Metrics:
     def __init__(self, labels: str = "") -> None:
         self._values: dict[str, float] = {name: 0.0 for name in _HELP}
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
-        self.labels = labels  # e.g. 'target="tenant-acme"': one tenant's worker among a pattern's
+        # e.g. 'target="tenant-acme",pattern="tenant-%s"': one tenant's worker among a pattern's
+        self.labels = labels
         self._members: list[Metrics] = []
         self._parent: Metrics | None = None
 
@@ -38,10 +47,11 @@ class Metrics:
         cost a query are only refreshed then."""
         return self._server is not None or (self._parent is not None and self._parent.serving)
 
-    def member(self, labels: str) -> Metrics:
+    def member(self, labels: dict[str, str]) -> Metrics:
         """Metrics of one part (a tenant of a pattern target), served by this one's endpoint with labels. The
         same labels give the same part: a tenant's worker started again (handed over and back, restarted)
         carries on its counters, and the endpoint never shows one series twice."""
+        labels = label_set(labels)
         with self._lock:
             for part in self._members:
                 if part.labels == labels:

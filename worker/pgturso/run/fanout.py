@@ -255,7 +255,7 @@ class PatternWorker:
         self.tried_at: dict[str, float] = {}
         self.layouts: list[int] = []
         self.layout_cache: Outbox | None = None
-        self.metrics = Metrics()  # one endpoint, a sample per tenant labelled target="…"
+        self.metrics = Metrics()  # one endpoint, a sample per tenant labelled target="…",pattern="…"
         self.tenant_metrics: dict[str, Metrics] = {}
         self.open_targets = OpenTargets()
         self.pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="pgturso-tenant")
@@ -362,6 +362,7 @@ class PatternWorker:
             for name in gone:
                 tenant = self.tenants.pop(name)
                 tenant.close_target()
+                tenant.metrics.set("pgturso_up", 0)  # its series stays on this endpoint: no longer delivered here
             conn.execute(RELEASE_DELIVERY_LOCKS, (DELIVERY_LOCK_CLASS, gone))
             event(log, logging.INFO, "handed_over", target=self.pattern, tenants=len(gone))
         want = share - len(self.tenants)
@@ -382,7 +383,7 @@ class PatternWorker:
 
     def _tenant(self, name: str, tenant: str) -> TenantWorker:
         if name not in self.tenant_metrics:
-            self.tenant_metrics[name] = self.metrics.member(f'target="{name}"')
+            self.tenant_metrics[name] = self.metrics.member({"target": name, "pattern": self.pattern})
         return TenantWorker(self.dsn, self._tenant_settings(name), self.pattern, tenant, self.tenant_metrics[name],
                             self.layout_cache, self._count_rows, self.open_targets)
 
