@@ -76,5 +76,11 @@ class StatementFailed(PgTursoError):
         )
 
 
+class CopyDeferred(PgTursoError):
+    """A copy chunk stepped back from a lock an application transaction holds (it is tried again later): a
+    chunk that waited would close a deadlock with that transaction as soon as it writes a row the chunk locked
+    or runs DDL on the table, and Postgres could end the application's transaction instead of the chunk."""
+
+
 class RetriesExhausted(PgTursoError):
     """An outage (Turso or Postgres unreachable) outlasted the retry limit (--retry-limit, or --once's 3)."""

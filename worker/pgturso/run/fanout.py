@@ -46,7 +46,14 @@ from typing import Any
 
 import psycopg
 
-from ..common.errors import ConfigError, PgTursoError, StatementFailed, TursoRequestRejected, TursoUnavailable
+from ..common.errors import (
+    ConfigError,
+    CopyDeferred,
+    PgTursoError,
+    StatementFailed,
+    TursoRequestRejected,
+    TursoUnavailable,
+)
 from ..common.logs import event
 from ..common.metrics import Metrics
 from ..common.settings import Settings
@@ -513,7 +520,11 @@ class PatternWorker:
                 outbox.vacuum()
                 return self.copying
             self._copy_checked = now
-            chunk = outbox.copy_chunk(self.settings.copy_chunk_rows)
+            try:
+                chunk = outbox.copy_chunk(self.settings.copy_chunk_rows)
+            except CopyDeferred as exc:  # stepped back from an application's lock: tried again next time
+                event(log, logging.INFO, "copy_deferred", target=self.pattern, reason=str(exc))
+                return True
             if chunk is None:
                 return False
             table, copied, done, total = chunk

@@ -22,6 +22,7 @@ import psycopg
 from ..capture.sql import SESSION_SETTINGS
 from ..common.errors import (
     ConfigError,
+    CopyDeferred,
     PgTursoError,
     RequestTooLarge,
     StatementFailed,
@@ -158,6 +159,7 @@ class Worker:
         self.last_marker = ""  # the progress marker last read from or written to the target (its fence)
         self._copy_checked = 0.0
         self._copying = False  # an initial copy is in progress: more batches are coming
+        self._copy_deferred = False  # the last chunk stepped back from an application's lock (logged once)
         # Off for pgturso.sync() inside a transaction that holds a table being copied: a chunk would wait for
         # the caller's locks while the caller waits for the pass (in_database.py).
         self.copy_enabled = True
@@ -368,7 +370,16 @@ class Worker:
         now = time.monotonic()
         if not look and now - self._copy_checked < COPY_CHECK_SECONDS:
             return False
-        chunk = self.outbox.copy_chunk(self.settings.copy_chunk_rows)
+        try:
+            chunk = self.outbox.copy_chunk(self.settings.copy_chunk_rows)
+        except CopyDeferred as exc:
+            # Still copying: go on delivering and try the chunk again (each try waits at most COPY_LOCK_TIMEOUT).
+            if not self._copy_deferred:
+                event(log, logging.INFO, "copy_deferred", target=self.settings.target, reason=str(exc))
+            self._copy_deferred = True
+            self._copying, self._copy_checked = True, now
+            return True
+        self._copy_deferred = False
         self._copying = chunk is not None
         if chunk is None:
             self._copy_checked = now  # none pending: look again shortly, not on every batch

@@ -26,6 +26,7 @@ import psycopg
 
 from ..capture.layout import TableLayout
 from ..capture.sql import WAKE_LOCK_CLASS
+from ..common.errors import CopyDeferred
 
 # Named queries.
 SOURCE_ID = "SELECT source_id::text FROM pgturso.instance"
@@ -226,6 +227,15 @@ MAY_VACUUM = """
     WHERE r.rolname = current_user AND c.oid = 'pgturso.outbox'::regclass
 """
 ANY_PENDING = f"SELECT EXISTS (SELECT 1 FROM pgturso.outbox WHERE {FOR_TARGET})"
+# A copy chunk waits for a lock at most half of deadlock_timeout. Its rows are locked FOR SHARE in key order: an
+# application transaction holding a row lock in the chunk's range that then writes a row the chunk locked
+# already, or runs DDL on the table (which waits for the chunk's table lock), closes a cycle. Postgres ends the
+# waiter whose own deadlock check (deadlock_timeout after it began waiting) finds the cycle first, which can be
+# the application's. A chunk that gives up sooner is always out of the way before that check: it is retried.
+COPY_LOCK_TIMEOUT = """
+    SELECT set_config('lock_timeout', greatest(1, (extract(epoch FROM current_setting('deadlock_timeout')::interval)
+                                                   * 500)::int)::text || 'ms', true)
+"""
 NEXT_COPY_CHUNK = """
     SELECT t.relid::regclass::text, pgturso._copy_chunk(t.id, %(rows)s), t.copy_rows_done, t.copy_rows_total
     FROM pgturso.tracked_table t
@@ -432,10 +442,16 @@ class Outbox:
 
     def copy_chunk(self, rows: int) -> tuple[str, int, int, int | None] | None:
         """Queue the next chunk of an initial copy of one of this target's tables (its own READ COMMITTED
-        transaction: the chunk locks its rows FOR SHARE). Returns (table, rows copied, done, total)."""
-        with self.conn.transaction():
-            self.conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-            row = self.conn.execute(NEXT_COPY_CHUNK, {"rows": rows, "target": self.tables_target}).fetchone()
+        transaction: the chunk locks its rows FOR SHARE). Returns (table, rows copied, done, total); raises
+        CopyDeferred when the chunk stepped back from an application transaction's lock (COPY_LOCK_TIMEOUT)."""
+        try:
+            with self.conn.transaction():
+                self.conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                self.conn.execute(COPY_LOCK_TIMEOUT)
+                row = self.conn.execute(NEXT_COPY_CHUNK, {"rows": rows, "target": self.tables_target}).fetchone()
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected) as exc:
+            raise CopyDeferred(f"a copy chunk of target {self.tables_target!r} stepped back from a lock held by "
+                               f"another transaction ({str(exc).strip()}); it is tried again") from exc
         if row is None or row[1] is None:
             return None
         table, copied, done, total = row
