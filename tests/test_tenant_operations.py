@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from conftest import pending
+from conftest import pending, run_worker
 from support.pgcluster import free_port
 from support.workers import WorkerProcess, wait_until
 from test_tenants import _metrics, _start_worker, drain_pattern, tenant_rows
@@ -225,6 +225,50 @@ def test_status_fails_on_a_plain_target_retrying_too_long(conn, dsn):
         assert status(dsn, "--max-retrying", "0").returncode == 0  # 0: never
     finally:
         worker.stop()
+
+
+def oldest_pending_age(conn: psycopg.Connection[Any], target: str) -> float:
+    row = conn.execute("SELECT extract(epoch FROM max(lag))::float8 FROM pgturso.status WHERE target = %s",
+                       (target,)).fetchone()
+    return row[0] if row and row[0] is not None else -1.0
+
+
+def test_status_max_lag_names_each_target_and_tenant_whose_oldest_change_is_too_old(conn, dsn, tmp_path: Path):
+    conn.execute("SELECT pgturso.add_target('eu', %s)", (f"file:{tmp_path}/eu.db",))
+    conn.execute("SELECT pgturso.add_target('us', %s)", (f"file:{tmp_path}/us.db",))
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    for name in ("eu", "us"):
+        conn.execute(f"CREATE TABLE t_{name} (id int PRIMARY KEY)")
+        conn.execute(f"SELECT pgturso.track_table('t_{name}', target => '{name}')")
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    conn.execute("INSERT INTO orders VALUES (1, 'acme', 'anvil'), (2, 'globex', 'gear')")
+    for target in ("eu", "us", "tenant-%s"):
+        result = run_worker(dsn, "", "--target", target)
+        assert result.returncode == 0, result.stderr
+    assert status(dsn, "--max-lag", "1").returncode == 0  # nothing pending anywhere
+    # No worker runs now: eu's and globex's changes wait; us and acme have nothing pending.
+    conn.execute("INSERT INTO t_eu VALUES (1)")
+    conn.execute("INSERT INTO orders VALUES (3, 'globex', 'rope')")
+    assert status(dsn, "--max-lag", "3600").returncode == 0  # younger than the threshold
+    wait_until(lambda: min(oldest_pending_age(conn, t) for t in ("eu", "tenant-globex")) > 1.5, 60,
+               "the pending changes to age")
+    over = status(dsn, "--max-lag", "1")
+    assert over.returncode == 1, over.stdout + over.stderr
+    body, summary = over.stdout.rstrip("\n").rsplit("\n", 1)
+    assert summary == "over --max-lag 1s: eu, tenant-globex"
+    blocks = {block.split(":", 1)[0].split(" ")[0]: block for block in ("\n" + body).split("\ntarget ")[1:]}
+    assert "over --max-lag 1s" in blocks["eu"] and "over --max-lag 1s" in blocks["tenant-globex"], over.stdout
+    assert "over --max-lag" not in blocks["us"] + blocks["tenant-acme"] + blocks["default"]
+    problems = status(dsn, "--max-lag", "1", "--problems")
+    assert problems.returncode == 1 and "target eu:" in problems.stdout, problems.stdout
+    assert "target tenant-globex" in problems.stdout and "target us:" not in problems.stdout
+    assert "target tenant-acme" not in problems.stdout
+    assert status(dsn, "--max-lag", "0").returncode == 0  # 0: never (the default)
+    assert status(dsn).returncode == 0
+    for target in ("eu", "tenant-%s"):  # delivered: nothing is old any more
+        assert run_worker(dsn, "", "--target", target).returncode == 0
+    assert status(dsn, "--max-lag", "1").returncode == 0
 
 
 def series(metric: str, target: str, pattern: str = "tenant-%s") -> str:

@@ -54,9 +54,12 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--max-retrying", type=float, default=DEFAULT_MAX_RETRYING, metavar="SECONDS",
                              help="exit 1 when a target (or tenant database) has been retrying, delivering "
                                   "nothing, for longer than this (0: never)")
+            sub.add_argument("--max-lag", type=float, default=0.0, metavar="SECONDS",
+                             help="exit 1 naming each target (or tenant database) whose oldest pending change "
+                                  "was captured longer ago than this (0: never)")
             sub.add_argument("--problems", action="store_true",
-                             help="show only the targets and tenant databases with an error, retrying, blocked "
-                                  "or not running (and each pattern's summary line)")
+                             help="show only the targets and tenant databases with an error, retrying, blocked, "
+                                  "not running or over --max-lag (and each pattern's summary line)")
         if name == "run":
             sub.add_argument("--once", action="store_true", help="deliver what is committed now, then exit")
         if name == "verify":
@@ -129,7 +132,7 @@ def load_settings_waiting(dsn: str, flags: dict[str, object], once: bool) -> Set
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "status":
-        return _status(args.dsn, args.max_retrying, args.problems)
+        return _status(args.dsn, args.max_retrying, args.problems, args.max_lag)
     flags = {s.name: getattr(args, s.name) for s in SETTINGS}
     logs.TIMESTAMPS = not background.started_by_postgres()
     logs.setup(flags.get("log_level") or os.environ.get("PGTURSO_LOG_LEVEL") or "info",  # type: ignore[arg-type]
@@ -220,10 +223,12 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def _status(dsn: str, max_retrying: float = DEFAULT_MAX_RETRYING, problems_only: bool = False) -> int:
+def _status(dsn: str, max_retrying: float = DEFAULT_MAX_RETRYING, problems_only: bool = False,
+            max_lag: float = 0.0) -> int:
     """Render pgturso.status for a terminal; exit 1 when a target is failing now: blocked, stopped with a
     current error, claimed by a worker that is not running (killed), or retrying (Turso unreachable, 5xx,
-    429) for longer than ``max_retrying`` seconds (0: never) -- it has delivered nothing since. A pattern
+    429) for longer than ``max_retrying`` seconds (0: never) -- it has delivered nothing since -- or its
+    oldest pending change is older than ``max_lag`` seconds (0: never; the last line names them all). A pattern
     target is shown as a summary line, then a block per tenant database (``problems_only``: only the targets
     and tenants with an error, retrying, blocked or not running). Cleared errors are shown as history.
     Exit 2 when the status cannot be read (Postgres unreachable, no pgturso, no right to read it)."""
@@ -235,6 +240,10 @@ def _status(dsn: str, max_retrying: float = DEFAULT_MAX_RETRYING, problems_only:
         print(f"pgturso: cannot read pgturso.status: {str(exc).strip()}", file=sys.stderr)
         return EXIT_FATAL
     failing = False
+    lagging: list[str] = []
+    oldest: dict[str, float] = {}  # per target (a tenant's own included): the age of its oldest pending change
+    for row in tables:
+        oldest[row[0]] = max(oldest.get(row[0], 0.0), row[4])
     tenants_of: dict[str, list[str]] = {}
     for row in targets:
         if row[12] is not None:
@@ -255,6 +264,11 @@ def _status(dsn: str, max_retrying: float = DEFAULT_MAX_RETRYING, problems_only:
             lines.append(f"{what}: worker {shown}" + (f" ({worker})" if worker else "")
                          + f", {retries} retries, {delivered_total} rows delivered")
             long_retry = status == "retrying" and failing_for is not None and 0 < max_retrying < failing_for
+            too_old = 0 < max_lag < oldest.get(target, 0.0)
+            if too_old:
+                lines.append(f"  oldest pending change captured {_duration(oldest[target])} ago "
+                             f"(over --max-lag {max_lag:g}s)")
+                lagging.append(target)
             if status == "retrying" and failing_for is not None:
                 lines.append(f"  retrying for {_duration(failing_for)}, nothing delivered since"
                              + (f" (over --max-retrying {max_retrying:g}s)" if long_retry else ""))
@@ -266,8 +280,8 @@ def _status(dsn: str, max_retrying: float = DEFAULT_MAX_RETRYING, problems_only:
                 lines.append(f"  previous error at {previous_at}, cleared at {cleared_at}:")
                 lines.append(f"    {previous}")
             failing |= (status in ("blocked", "not running") or (status == "stopped" and bool(error))
-                        or long_retry)
-            problem = bool(error) or status in ("retrying", "blocked", "not running")
+                        or long_retry or too_old)
+            problem = bool(error) or status in ("retrying", "blocked", "not running") or too_old
         if problems_only and not problem:
             continue  # e.g. the hundreds of idle tenants of a pattern
         mine = [t for t in tables if t[0] == target]
@@ -280,6 +294,8 @@ def _status(dsn: str, max_retrying: float = DEFAULT_MAX_RETRYING, problems_only:
             count = "-" if pattern else delivered  # a tenant's rows are counted per target only (above)
             lines.append(f"  {table:30} {turso_table:30} {pending:>12} {lag:>7.1f}s {count:>12}  {last:19}  {copy}")
         print("\n".join(lines))
+    if lagging:
+        print(f"over --max-lag {max_lag:g}s: {', '.join(lagging)}")
     return 1 if failing else 0
 
 
