@@ -144,6 +144,11 @@ def test_every_type_round_trips_through_copy_and_capture(conn, dsn, turso: Turso
     conn.execute("CREATE TABLE floats (id int PRIMARY KEY, f double precision)")
     conn.execute("SELECT pgturso.track_table('floats')")
     conn.execute("INSERT INTO floats VALUES " + ", ".join(f"({i}, {v})" for i, v in enumerate(FLOAT_EDGES)))
+    # The database's own settings reach every new session: the worker's, and in wal mode its walsender, which
+    # turns the decoded values into text forms. What arrives depends on none of them.
+    for setting in ("extra_float_digits = 0", "DateStyle = 'SQL, DMY'", "IntervalStyle = postgres_verbose",
+                    "TimeZone = 'Asia/Kolkata'"):
+        conn.execute(f"ALTER DATABASE {conn.info.dbname} SET {setting}")
     drain(dsn, turso.url)
 
     names = ", ".join(

@@ -42,6 +42,17 @@ CAPTURE_SETTINGS = (
 )
 
 
+def capture_settings_options() -> str:
+    """CAPTURE_SETTINGS as a connection's startup ``options`` (``-c name=value``, spaces escaped): what a
+    session must be given before it runs anything, e.g. a walsender, whose output functions write the text
+    forms of decoded values. Startup options take precedence over ALTER DATABASE / ROLE settings."""
+    options = []
+    for clause in CAPTURE_SETTINGS:
+        name, value = clause.removeprefix("SET ").split(" = ")
+        options.append(f"-c {name}={value.strip(chr(39)).replace(' ', chr(92) + ' ')}")
+    return " ".join(options)
+
+
 def _json_array(exprs: list[str]) -> str:
     if len(exprs) <= _MAX_FUNCTION_ARGS:
         return f"json_build_array({', '.join(exprs)})::text"
