@@ -195,3 +195,39 @@ def test_generated_and_identity_columns_arrive_as_values(conn, dsn, turso: Turso
     conn.execute("UPDATE g SET a = 10 WHERE id = 1")
     drain(dsn, turso.url)
     assert turso.query("SELECT id, a, twice FROM g ORDER BY id") == [[1, 10, 20], [2, 2, 4], [3, 3, 6]]
+
+
+def test_types_encoded_from_their_text_form(conn, dsn, turso: TursoServer):
+    """In wal mode the worker encodes a table whose every column's type says how its JSON follows from the text
+    form (types.FROM_TEXT) itself, without Postgres: the same bytes arrive as from capture's own expressions in
+    trigger mode, inserted, updated (the key too) and deleted (key-only rows)."""
+    conn.execute("CREATE DOMAIN small_positive AS smallint CHECK (VALUE > 0)")
+    conn.execute('CREATE TABLE plain (id int PRIMARY KEY, i2 smallint, i8 bigint, o oid, pos small_positive, '
+                 'flag boolean, t text, vc varchar(20), ch char(4), nm name, c "char", u uuid, f4 real, '
+                 'f8 double precision)')
+    conn.execute("SELECT pgturso.track_table('plain')")
+    awkward = "q\"uo\\te \b\f\n\r\t \x01\x1f\x7f é 😀 \u2028 </script>"
+    conn.execute("INSERT INTO plain VALUES "
+                 "(1, -32768, 9223372036854775807, 4294967295, 7, true, %s, 'vc', 'ab', 'a name', 'x', "
+                 "'A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11', 'NaN', '-0'), "
+                 "(2, 0, -9223372036854775808, 0, 1, false, '', '', '', '', 'y', "
+                 "'00000000-0000-0000-0000-000000000000', '-Infinity', 5e-324), "
+                 "(3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL), "
+                 "(4, 1, 1, 1, 1, true, 'gone', 'x', 'x', 'x', 'z', NULL, 0.1, 0.30000000000000004)", (awkward,))
+    conn.execute("UPDATE plain SET id = 30, f8 = 1.7976931348623157e308, f4 = 'Infinity' WHERE id = 3")
+    conn.execute("UPDATE plain SET t = t || '!' WHERE id = 1")
+    conn.execute("DELETE FROM plain WHERE id = 4")
+    drain(dsn, turso.url)
+    rows = turso.query("SELECT id, i2, i8, o, pos, flag, t, vc, ch, nm, c, u, "
+                       "CASE WHEN f4 = 9e999 THEN '+Inf' WHEN f4 = -9e999 THEN '-Inf' ELSE f4 END, f8 "
+                       "FROM plain ORDER BY id")
+    assert rows == [
+        [1, -32768, 9223372036854775807, 4294967295, 7, 1, awkward + "!", "vc", "ab  ", "a name", "x",
+         "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "NaN", -0.0],
+        [2, 0, -9223372036854775808, 0, 1, 0, "", "", "    ", "", "y", "00000000-0000-0000-0000-000000000000",
+         "-Inf", 5e-324],
+        [30, None, None, None, None, None, None, None, None, None, None, None, "+Inf", 1.7976931348623157e308],
+    ]
+    assert math.copysign(1, rows[0][13]) == -1.0
+    assert turso.query("SELECT typeof(i8), typeof(flag), typeof(f8) FROM plain WHERE id = 2") == [
+        ["integer", "integer", "real"]]

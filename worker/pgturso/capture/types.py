@@ -28,6 +28,8 @@ Capture functions run with ``TimeZone = UTC``, ``DateStyle = ISO``, ``IntervalSt
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # SQLite keeps ~15 significant digits when it converts text to REAL, so wider numerics travel as TEXT.
@@ -45,9 +47,13 @@ class ColumnType:
     decode: str = "{val}"  # SQLite expression; {val} is the JSON element of the row array
     note: str = ""
     settings: frozenset[str] = frozenset()  # which ENCODING_SETTINGS the encoding depends on
+    # How ``encode``'s JSON element follows from the value's text form (its output function under capture's
+    # settings, as a walsender writes decoded values): a key of FROM_TEXT, or "" when only Postgres can tell
+    # (wal capture then has Postgres read the text back and run ``encode``; see json_from_text).
+    from_text: str = ""
 
 
-INTEGER = ColumnType("INTEGER", note="the integer (full 64-bit range)")
+INTEGER = ColumnType("INTEGER", note="the integer (full 64-bit range)", from_text="as_is")
 # JSON has no NaN, Infinity or -0: Postgres writes the first two as strings, and -0 as the integer -0 (which
 # SQLite reads as 0). Negative zero is sent as -0.0; ±Infinity become SQLite's ±Inf; NaN, which SQLite
 # cannot store as a REAL (it turns it into NULL), stays the text 'NaN'.
@@ -57,9 +63,10 @@ FLOAT = ColumnType(
     decode="CASE {val} WHEN 'Infinity' THEN 9e999 WHEN '-Infinity' THEN -9e999 ELSE {val} END",
     note="the float, exactly; -0 kept; ±Infinity as SQLite ±Inf (9e999); NaN as the text 'NaN'",
     settings=frozenset({"extra_float_digits"}),
+    from_text="float",
 )
-TEXT = ColumnType("TEXT", note="the text (UTF-8)")
-BOOLEAN = ColumnType("INTEGER", note="true/false arrive as 1/0")
+TEXT = ColumnType("TEXT", note="the text (UTF-8)", from_text="string")
+BOOLEAN = ColumnType("INTEGER", note="true/false arrive as 1/0", from_text="boolean")
 BLOB = ColumnType("BLOB", encode="encode({col}, 'hex')", decode="unhex({val})", note="the bytes")
 JSON_TEXT = ColumnType("TEXT", encode="{col}::text", note="the JSON document as text (json: exactly as written)")
 EXACT_NUMERIC = ColumnType(
@@ -120,6 +127,40 @@ _BY_BASE_TYPE: dict[str, ColumnType] = {
     "interval": INTERVAL,
     "money": MONEY,
 }
+
+
+
+def _float_from_text(text: str) -> str:
+    """to_json(float) from float's text form: a number, '-0' as -0.0 (FLOAT's encode), NaN and ±Infinity as
+    JSON strings (not numbers in JSON)."""
+    if text[-1] in "0123456789":
+        return "-0.0" if text == "-0" else text
+    return '"' + text + '"'
+
+
+# The JSON element of a value from its text form, for the ColumnTypes that say so (``from_text``): byte for
+# byte what their ``encode`` makes of the value in Postgres (to_json escapes a string as
+# json.encoder.encode_basestring does: \b \f \n \r \t \" \\ and \u00XX below 0x20, nothing else). Proven
+# in both capture modes by tests/test_types.py.
+FROM_TEXT: dict[str, Callable[[str], str]] = {
+    "as_is": str,
+    "string": json.encoder.encode_basestring,  # type: ignore[attr-defined]
+    "boolean": {"t": "true", "f": "false"}.__getitem__,
+    "float": _float_from_text,
+}
+
+
+def json_from_text(base_type: str, encode: str, trusted: bool = True) -> Callable[[str], str] | None:
+    """How a column's JSON element follows from its value's text form, if Python can tell (None: ask Postgres).
+    ``encode`` is the column's encode expression as its layout recorded it: only a column encoded as its
+    type's map says today qualifies (an older layout, an array or a composite of the type does not)."""
+    if not trusted:
+        return None
+    ctype = _BY_BASE_TYPE.get(base_type)
+    if ctype is None or not ctype.from_text or ctype.encode != encode:
+        return None
+    return FROM_TEXT[ctype.from_text]
+
 
 # Kept for callers of the first release: the catch-all for types not in the table above.
 JSON_FALLBACK = PG_TEXT

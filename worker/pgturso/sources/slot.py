@@ -28,7 +28,7 @@ import logging
 import select
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,7 @@ import psycopg
 
 from ..capture.layout import Column, TableLayout
 from ..capture.sql import CAPTURE_SETTINGS, key_from_text_sql, row_json_sql
+from ..capture.types import json_from_text
 from ..common.errors import ConfigError, PgTursoError
 from ..common.logs import event
 from ..common.quoting import quote_ident, quote_literal
@@ -187,6 +188,18 @@ def encode_rows_sql(layout: TableLayout, key_only: bool, generated: dict[str, st
     if computed:
         rows = f"SELECT s.*, {', '.join(computed)} FROM ({rows}) AS s"
     return f"SELECT {row_json_sql(layout, 'src', key_only=key_only)} FROM ({rows}) AS src"
+
+
+def rows_from_text(encoders: list[Callable[[str], str]], values: list[str | None], count: int) -> list[str]:
+    """Each of the ``count`` rows of ``values`` (text forms, None for NULL, the rows one after the other) as
+    capture's JSON array, in Python."""
+    width = len(encoders)
+    if not width:
+        return ["[]"] * count
+    columns = [[("null" if v is None else encode(v)) for v in values[n::width]] if encode is not str
+               else [("null" if v is None else v) for v in values[n::width]]
+               for n, encode in enumerate(encoders)]
+    return ["[" + ",".join(row) + "]" for row in zip(*columns, strict=True)]
 
 
 def text_array_literal(values: list[str | None]) -> str:
@@ -455,7 +468,7 @@ class WalOutbox(Outbox):
         self.target_of_table: dict[int, str] = {}
         self.skips: dict[int, int] = {}  # xid of a skipped transaction: the WAL position it committed before
         self._positions: dict[tuple[int, int, tuple[str, ...]], list[int]] = {}
-        self._encoders: dict[tuple[int, bool], str] = {}
+        self._encoders: dict[tuple[int, bool], str | list[Callable[[str], str]]] = {}
         self._generated: dict[int, dict[str, str]] = {}
         # Text forms from pgoutput, and their encoding, as capture's; and capture's search_path, so that no
         # function of a schema another role may create in is picked up by the encoding (docs/security.md).
@@ -785,16 +798,29 @@ class WalOutbox(Outbox):
         return all((c.attnum not in attnums) if c.attnum else (c.name not in live_names) for c in columns)
 
     def encode(self, layout_id: int, key_only: bool, values: list[Any], count: int) -> list[str]:
-        """The rows' JSON arrays, encoded by Postgres as capture encodes them."""
+        """The rows' JSON arrays, encoded as capture encodes them: in Python where every column's type says
+        how its JSON follows from the text form (types.json_from_text), else by Postgres."""
         sql = self._encoders.get((layout_id, key_only))
         if sql is None:
-            sql = self._encoders[(layout_id, key_only)] = encode_rows_sql(
-                self.layout(layout_id), key_only, self.generated(layout_id))
+            sql = self._encoders[(layout_id, key_only)] = self._encoder(layout_id, key_only)
         width = len(values) // count if count else 0
+        if not isinstance(sql, str):
+            return rows_from_text(sql, values, count)
         # The rows' values column by column, each as one text[] literal: built with str methods, several
         # times faster than psycopg's per-element list dumper, which was the worker's largest cost.
         columns = {f"c{n}": text_array_literal(values[n::width]) for n in range(width)}
         return [r[0] for r in self.conn.execute(sql, columns, binary=True).fetchall()]  # binary: no quoting
+
+    def _encoder(self, layout_id: int, key_only: bool) -> str | list[Callable[[str], str]]:
+        """The query that encodes a layout's decoded rows, or each column's encoder from its text form when
+        Python can do it all (no generated column to compute): no round trip, no per-value cast."""
+        layout = self.layout(layout_id)
+        generated = self.generated(layout_id)
+        columns = layout.key_layout if key_only else layout.columns
+        from_text = [json_from_text(c.base_type, c.encode, c.trusted) for c in columns]
+        if not generated and all(from_text):
+            return from_text  # type: ignore[return-value]
+        return encode_rows_sql(layout, key_only, generated)
 
     # -- after delivery --------------------------------------------------------------------------------------
 
