@@ -77,9 +77,11 @@ class ReplicationStream:
         """The next pgoutput message; None if none arrived within ``timeout`` seconds (0: only what is here
         already; None: wait as long as it takes), or when a keepalive moved ``idle_end``."""
         pgconn = self.pgconn
+        size, data = pgconn.get_copy_data(1)
+        if size > 0 and data[0] == 119:  # the common case first: a message had arrived already
+            return bytes(data[25:])
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            size, data = pgconn.get_copy_data(1)
             if size > 0:
                 kind = data[0]
                 if kind == 119:  # 'w' XLogData: start, end, clock (8 bytes each), then the message
@@ -90,21 +92,22 @@ class ReplicationStream:
                         self.send_status()
                     if timeout is not None:
                         return None  # the caller may be waiting for this position
-                continue
-            if size == -1:
+            elif size == -1:
                 raise psycopg.OperationalError(f"replication slot {self.slot}: {_why_the_stream_ended(pgconn)}")
-            if size < -1:
+            elif size < -1:
                 raise psycopg.OperationalError(
                     f"replication slot {self.slot}: {pgconn.error_message.decode().strip()}")
-            if time.monotonic() - self._status_at > STATUS_EVERY_SECONDS:
-                self.send_status()
-            wait = None if deadline is None else deadline - time.monotonic()
-            if wait is not None and wait <= 0:
-                return None
-            ready, _, _ = select.select([pgconn.socket], [], [], min(wait, STATUS_EVERY_SECONDS) if wait is not None
-                                        else STATUS_EVERY_SECONDS)
-            if ready:
-                pgconn.consume_input()
+            else:  # nothing received yet: wait for it
+                if time.monotonic() - self._status_at > STATUS_EVERY_SECONDS:
+                    self.send_status()
+                wait = None if deadline is None else deadline - time.monotonic()
+                if wait is not None and wait <= 0:
+                    return None
+                ready, _, _ = select.select([pgconn.socket], [], [], min(wait, STATUS_EVERY_SECONDS)
+                                            if wait is not None else STATUS_EVERY_SECONDS)
+                if ready:
+                    pgconn.consume_input()
+            size, data = pgconn.get_copy_data(1)
 
     def confirm(self, position: int) -> None:
         """Report everything up to ``position`` as flushed: the slot may release it (Turso has it)."""

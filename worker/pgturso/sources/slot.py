@@ -30,6 +30,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import psycopg
@@ -93,6 +94,9 @@ ENCODE_BYTES = 4 << 20
 
 _BEGIN, _COMMIT, _RELATION, _INSERT, _UPDATE, _DELETE, _TRUNCATE = b"BCRIUDT"
 _CHANGES = frozenset((_INSERT, _UPDATE, _DELETE))
+_U16 = struct.Struct("!H").unpack_from
+_U32 = struct.Struct("!I").unpack_from
+_U64 = struct.Struct("!Q").unpack_from
 
 
 class SlotError(PgTursoError):
@@ -117,6 +121,8 @@ class Relation:
     columns: list[str]
     # Where each column of a layout is in ``columns`` (WalOutbox.positions), by layout id: looked up per row.
     positions: dict[int, list[int]] = field(default_factory=dict)
+    # Layouts whose columns are ``columns`` as they are (no generated column): a decoded row is theirs as is.
+    in_order: set[int] = field(default_factory=set)
 
 
 def _string(data: bytes, pos: int) -> tuple[str, int]:
@@ -138,22 +144,27 @@ def parse_relation(data: bytes) -> Relation:
     return Relation(relid, f"{namespace}.{name}", columns)
 
 
+def _present(values: list[Any]) -> list[Any]:
+    """The values without GENERATED (Postgres computes those)."""
+    return values if GENERATED not in values else [v for v in values if v is not GENERATED]
+
+
 UNCHANGED = object()  # a TOASTed value an UPDATE did not change: pgoutput does not send it
 GENERATED = object()  # a stored generated column: pgoutput (Postgres 15) does not send it; Postgres recomputes it
 
 
 def parse_tuple(data: bytes, pos: int) -> tuple[list[Any], int]:
     """TupleData at ``pos``: the values as text (None for NULL, UNCHANGED for an unchanged TOASTed value)."""
-    ncols = struct.unpack_from("!H", data, pos)[0]
+    ncols = _U16(data, pos)[0]
     pos += 2
     values: list[Any] = []
     append = values.append
     for _ in range(ncols):
         kind = data[pos]
         if kind == 116:  # 't'
-            length = struct.unpack_from("!I", data, pos + 1)[0]
-            append(data[pos + 5:pos + 5 + length].decode())
-            pos += 5 + length
+            end = pos + 5 + _U32(data, pos + 1)[0]
+            append(data[pos + 5:end].decode())
+            pos = end
         elif kind == 110:  # 'n'
             append(None)
             pos += 1
@@ -214,9 +225,10 @@ class _Run:
 
     layout_id: int
     op: str
+    first_txid: int
     values: list[Any] = field(default_factory=list)
     count: int = 0
-    txids: list[int] = field(default_factory=list)
+    last_txid: int = 0
     payload: str = ""
 
 
@@ -268,10 +280,6 @@ class WalBatch:
         return json.dumps({"slot": self.source.generation, "lsn": lsn_to_text(self.upto),
                            "layouts": {str(k): v for k, v in sorted(self.layouts.items())}}, separators=(",", ":"))
 
-    def _messages(self) -> Iterator[bytes]:
-        yield from self._first
-        yield from self._more
-
     def events(self, encode: bool = True) -> Iterator[Event]:
         """The batch's changes as outbox events, in commit order: decoded rows merged into runs of one table
         and operation, outbox inserts as they were written. Rows are encoded by Postgres ENCODE_ROWS at a
@@ -298,24 +306,26 @@ class WalBatch:
                 if isinstance(item, _Run):
                     self.rows += item.count
                     self.rows_per_layout[item.layout_id] = self.rows_per_layout.get(item.layout_id, 0) + item.count
-                    txids = (item.txids[0],) if item.txids[0] == item.txids[-1] else (item.txids[0], item.txids[-1])
-                    yield Event(0, item.txids[0], item.layout_id, item.op, item.count, item.payload, txids, item.count)
+                    first, last = item.first_txid, item.last_txid
+                    yield Event(0, first, item.layout_id, item.op, item.count, item.payload,
+                                (first,) if first == last else (first, last), item.count)
                 else:
                     yield item
             pending.clear()
             pending_rows = pending_bytes = 0
 
-        def add(layout_id: int, op: str, values: list[Any]) -> Iterator[Event]:
+        def add(layout_id: int, op: str, values: list[Any]) -> bool:
+            """Add a row's values (GENERATED left out) to the current run; True when the pending rows are due
+            for encoding (drain())."""
             nonlocal current, pending_rows
-            if current is None or (current.layout_id, current.op) != (layout_id, op):
-                current = _Run(layout_id, op)
+            if current is None or current.layout_id != layout_id or current.op != op:
+                current = _Run(layout_id, op, xid)
                 pending.append(current)
-            current.values.extend(values if GENERATED not in values else [v for v in values if v is not GENERATED])
+            current.values.extend(values)
             current.count += 1
-            current.txids.append(xid)
+            current.last_txid = xid
             pending_rows += 1
-            if pending_rows >= ENCODE_ROWS:
-                yield from drain()
+            return pending_rows >= ENCODE_ROWS
 
         def ready(item: Event) -> Iterator[Event]:
             nonlocal current, pending_bytes
@@ -325,23 +335,26 @@ class WalBatch:
             if pending_bytes >= ENCODE_BYTES:
                 yield from drain()
 
-        for data in self._messages():
-            self.received += 1
+        received = 0
+        outbox_oid = source.outbox_oid
+        layouts = self.layouts
+        for data in chain(self._first, self._more):
+            received += 1
             kind = data[0]
             if kind == _BEGIN:
-                xid = struct.unpack_from("!I", data, 17)[0]
-                self._skipping = source.skip_of(xid, struct.unpack_from("!Q", data, 1)[0])
+                xid = _U32(data, 17)[0]
+                self._skipping = source.skip_of(xid, _U64(data, 1)[0]) if source.skips else None
             elif kind == _COMMIT:
-                self.end = struct.unpack_from("!Q", data, 10)[0]
+                self.end = _U64(data, 10)[0]
                 self.transactions += 1
             elif kind == _RELATION:
                 relation = parse_relation(data)
                 relations[relation.relid] = relation
             elif kind in (_INSERT, _UPDATE, _DELETE):
-                relid = struct.unpack_from("!I", data, 1)[0]
+                relid = _U32(data, 1)[0]
                 relation = relations[relid]
                 old, new, old_full = self._tuples(data)
-                if relid == source.outbox_oid:
+                if relid == outbox_oid:
                     if new is None:
                         continue
                     item = self._outbox_event(relation, new, xid)
@@ -353,18 +366,24 @@ class WalBatch:
                                 self.rows_per_layout.get(item.layout_id, 0) + item.nrows)
                         yield from ready(item)
                     continue
-                table_id = source.table_of_relid.get(relid)
-                if table_id is None or table_id not in self.layouts:
+                layout_id = layouts.get(source.table_of_relid.get(relid))  # type: ignore[arg-type]
+                if layout_id is None:
                     continue  # not this target's, or changed before the table's creation event
-                layout_id = self.layouts[table_id]
                 if self._skipping is not None:  # pgturso.skip_transaction: its row changes are dropped
                     self.skipped[self._skipping] = self.skipped.get(self._skipping, 0) + 1
                     continue
-                layout = source.layout(layout_id)
                 positions = relation.positions.get(layout_id)
                 if positions is None:
                     positions = relation.positions[layout_id] = source.positions(relation, layout_id)
+                    if positions == list(range(len(relation.columns))):
+                        relation.in_order.add(layout_id)  # the layout's columns, no generated one: as decoded
                 self.event_count += 1
+                if kind == _INSERT:  # (no old tuple, no unchanged value): the common case, kept short
+                    if add(layout_id, "U", new[:-1] if layout_id in relation.in_order else
+                           _present([new[p] for p in positions])):
+                        yield from drain()
+                    continue
+                layout = source.layout(layout_id)
                 row = None if new is None else [new[p] for p in positions]
                 if row is not None and old_full:
                     row = [old[p] if v is UNCHANGED else v for v, p in zip(row, positions, strict=True)]
@@ -376,13 +395,14 @@ class WalBatch:
                     continue
                 if old_key is not None:
                     new_key = None if row is None else [row[k] for k in layout.key_positions]
-                    if new_key != old_key:
-                        yield from add(layout_id, "D", old_key)
-                if row is not None:
-                    yield from add(layout_id, "U", row)
+                    if new_key != old_key and add(layout_id, "D", _present(old_key)):
+                        yield from drain()
+                if row is not None and add(layout_id, "U", _present(row)):
+                    yield from drain()
             elif kind == _TRUNCATE:
                 continue  # not published: TRUNCATE reaches Turso through the outbox, like in trigger mode
         yield from drain()
+        self.received += received
         self._consumed = True
         if self.streamed:  # the stream's next batch goes on from here (WalOutbox.choose_batch); more_pending
             source.read_layouts = self.layouts  # was set if the batch stopped at its limit
@@ -416,9 +436,10 @@ class WalBatch:
             if data[pos] in (75, 79):  # 'K' or 'O'
                 old, pos = parse_tuple(data, pos + 1)
             new, _ = parse_tuple(data, pos + 1)
-        for values in (old, new):
-            if values is not None:
-                values.append(GENERATED)
+        if old is not None:
+            old.append(GENERATED)
+        if new is not None:
+            new.append(GENERATED)
         return old, new, full and old is not None
 
     def _outbox_event(self, relation: Relation, values: list[Any], xid: int) -> Event | None:
@@ -647,14 +668,16 @@ class WalOutbox(Outbox):
                          flushed: int) -> Iterator[bytes]:
         message: bytes | None = first
         changes = 0  # row changes and outbox events: batch_rows counts rows, not Begin/Commit/Relation messages
+        read = stream.read
         while message is not None:
             yield message
-            if message[0] in _CHANGES:
-                changes += 1
-            if message[0] != _COMMIT:
-                message = stream.read(None)  # the rest of a transaction is coming: pgoutput sends it whole
+            kind = message[0]
+            if kind != _COMMIT:
+                if kind in _CHANGES:
+                    changes += 1
+                message = read(None)  # the rest of a transaction is coming: pgoutput sends it whole
                 continue
-            self._read_end = struct.unpack_from("!Q", message, 10)[0]
+            self._read_end = _U64(message, 10)[0]
             if changes >= limit:
                 batch.more_pending = True
                 return
