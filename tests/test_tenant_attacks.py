@@ -4,6 +4,7 @@ Asserted on the rows that arrived in each tenant's database (`file:` databases, 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import psycopg
 import pytest
 from conftest import pending
 from support.turso import TursoServer
+from support.workers import wait_until
 from test_security import ESCALATE, calls, is_superuser, login_role
 from test_tenants import drain_pattern, pg_tenant_rows, tenant_rows
 
@@ -393,3 +395,120 @@ def test_odd_tenant_values_are_refused_with_the_reason_and_nothing_queued(conn, 
     assert conn.execute("SELECT count(*) FROM pgturso.target WHERE pattern IS NOT NULL").fetchone()[0] == 0
     assert pending(conn) == 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dotted_tenant_value_is_refused_where_it_would_change_a_urls_host_and_kept_in_file_paths(
+        conn, dsn, tmp_path: Path):
+    """'libsql://tenant-%s-myorg.turso.io' with tenant 'a.b' is host tenant-a.b-myorg.turso.io: another
+    subdomain (a name Turso never gives a database, outside a *.turso.io certificate's one label). In a file:
+    path a dot is just a character of the file name."""
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("SELECT pgturso.add_target('cloud-%s', 'libsql://tenant-%s-myorg.turso.io', 'token')")
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    conn.execute("CREATE TABLE accounts (id int PRIMARY KEY, org text NOT NULL)")
+    conn.execute("SELECT pgturso.track_table('accounts', target => 'cloud-%s', route_by => 'org')")
+
+    conn.execute("INSERT INTO accounts VALUES (1, 'acme')")  # no dot: its own host
+    for value in ("a.b", "acme.evil.example", "x."):
+        refusal = re.escape(f'tenant value "{value}" of table public.accounts')
+        with pytest.raises(psycopg.Error, match=refusal) as refused:
+            conn.execute("INSERT INTO accounts VALUES (2, %s)", (value,))
+        assert "host" in str(refused.value) and "cloud-%s" in str(refused.value)
+        assert "add_target" in refused.value.diag.message_hint and "CHECK" in refused.value.diag.message_hint
+        assert "myorg" not in str(refused.value) + refused.value.diag.message_hint  # no URL (it may hold secrets)
+    # A tenant with a URL of its own (an explicit add_target of its name) takes nothing from the pattern's host.
+    conn.execute("SELECT pgturso.add_target('cloud-x.y', 'libsql://xy-myorg.turso.io', 'token')")
+    conn.execute("INSERT INTO accounts VALUES (3, 'x.y')")
+    assert conn.execute("SELECT tenant FROM pgturso.target WHERE pattern = 'cloud-%s' ORDER BY 1").fetchall() == [
+        ("acme",), ("x.y",)]
+
+    # In a file: path a dot is harmless: the tenant gets its database and its rows.
+    conn.execute("INSERT INTO orders VALUES (1, 'a.b', 'anvil'), (2, 'acme', 'gear')")
+    drain_pattern(dsn)
+    assert tenant_rows(tmp_path / "tenant-a.b.db", "SELECT id, item FROM orders") == [(1, "anvil")]
+    # Pointing that pattern at a URL whose host holds %s would move the dotted tenant to another host: refused.
+    with pytest.raises(psycopg.Error, match=r'tenant "a\.b"') as refused:
+        conn.execute("SELECT pgturso.add_target('tenant-%s', 'libsql://t-%s-myorg.turso.io', 'token')")
+    assert "host" in str(refused.value) and refused.value.diag.message_hint
+    conn.execute("SELECT pgturso.add_target('tenant-%s', 'libsql://myorg.turso.io/%s', 'token')")  # a path: fine
+
+
+def _waiting_for_a_lock(observer: psycopg.Connection[Any], pid: int) -> bool:
+    row = observer.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+    return bool(row and row[0])
+
+
+@pytest.mark.parametrize("order", ["track_then_tenant", "tenant_then_track", "both_paused_then_released"])
+@pytest.mark.parametrize("isolation", ["read committed", "repeatable read"])
+def test_tracking_to_a_tenants_name_racing_that_tenants_registration_lets_one_through(
+        conn, dsn, tmp_path: Path, order: str, isolation: str):
+    """Session A: track_table('own', target => 'tenant-x') (an explicit target named like a tenant database).
+    Session B: the first row of tenant x of pattern tenant-%s, which would make tenant-x its database. Each alone
+    is refused when the other committed first; interleaved, each used to check before the other committed, and
+    both succeeded: tenant x's events and own's shared tenant-x's one progress marker. Forced interleavings:
+    one done but not committed while the other runs, and both held (by a third session's locks) just before
+    their checks, then released together. Exactly one of them must commit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-x", f"file:{tmp_path}/x-own.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    conn.execute("CREATE TABLE own (id int PRIMARY KEY, v text)")
+    sessions = {name: psycopg.connect(dsn) for name in ("track", "tenant", "holder")}
+    statements = {"track": "SELECT pgturso.track_table('own', target => 'tenant-x')",
+                  "tenant": "INSERT INTO orders VALUES (1, 'x', 'routed')"}
+    pids = {name: s.info.backend_pid for name, s in sessions.items()}
+    errors: dict[str, psycopg.Error] = {}
+
+    def run(name: str) -> None:
+        session = sessions[name]
+        try:
+            session.execute(f"SET TRANSACTION ISOLATION LEVEL {isolation}")
+            session.execute(statements[name])
+        except psycopg.Error as exc:
+            errors[name] = exc
+            session.rollback()
+
+    def settled(futures: dict[str, Any]) -> bool:  # each finished, or waiting for the other's locks
+        return all(f.done() or _waiting_for_a_lock(conn, pids[n]) for n, f in futures.items())
+
+    pool = ThreadPoolExecutor(max_workers=2)
+    try:
+        if order == "both_paused_then_released":
+            holder = sessions["holder"]  # holds what each takes just before its checks
+            holder.execute("LOCK TABLE own IN ACCESS EXCLUSIVE MODE")  # track_table locks the table first
+            holder.execute("SELECT 1 FROM pgturso.target WHERE name = 'tenant-%s' FOR UPDATE")  # a registration too
+            futures = {n: pool.submit(run, n) for n in ("track", "tenant")}
+            wait_until(lambda: all(_waiting_for_a_lock(conn, pids[n]) for n in futures), 60, "both to be held")
+            holder.commit()
+        else:
+            first, second = order.split("_then_")
+            run(first)  # done, not committed
+            assert first not in errors, errors
+            futures = {second: pool.submit(run, second)}
+            wait_until(lambda: settled(futures), 60, f"{second} to finish or wait")
+            sessions[first].commit()
+        remaining = dict(futures)
+        while remaining:  # commit each as it finishes (the other may be waiting for its locks)
+            wait_until(lambda: any(f.done() for f in remaining.values()), 60, "a session to finish")
+            for name in [n for n, f in remaining.items() if f.done()]:
+                remaining.pop(name).result()
+                if name not in errors:
+                    sessions[name].commit()
+    finally:
+        pool.shutdown(wait=True)
+        for session in sessions.values():
+            session.close()
+
+    tracked = conn.execute("SELECT count(*) FROM pgturso.tracked_table WHERE target = 'tenant-x'").fetchone()[0]
+    tenant = conn.execute("SELECT pattern FROM pgturso.target WHERE name = 'tenant-x'").fetchone()[0]
+    assert (tracked, tenant) in ((1, None), (0, "tenant-%s")), (tracked, tenant, errors)
+    assert len(errors) == 1, errors  # exactly one refused, with a clear error (or a serialization failure)
+    [(loser, error)] = errors.items()
+    clear = {"track": "tenant-x is a tenant database of pattern target tenant-%s",
+             "tenant": 'target "tenant-x" has tables of its own'}[loser]
+    assert clear in str(error) or isinstance(error, psycopg.errors.SerializationFailure), error
+    if not isinstance(error, psycopg.errors.SerializationFailure):
+        assert error.diag.message_hint, error

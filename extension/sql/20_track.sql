@@ -873,6 +873,10 @@ BEGIN
             USING HINT = 'Create it first: SELECT pgturso.add_target(''name'', ''libsql://...'', ''token'').';
     END IF;
     -- A tenant's database gets its pattern's tables only: another stream of events would share its marker.
+    -- Update the target's row first: a registration of a tenant of this name (pgturso._register_tenants)
+    -- updates it too, so one of the two waits for the other and then sees it (or, under REPEATABLE READ, the
+    -- later one gets a serialization failure): never both checking before either committed.
+    UPDATE pgturso.target g SET generation = g.generation + 1 WHERE g.name = track_table.target;
     IF EXISTS (SELECT 1 FROM pgturso.target g WHERE g.name = track_table.target AND g.pattern IS NOT NULL) THEN
         RAISE EXCEPTION 'pgturso: % is a tenant database of pattern target %', track_table.target,
                         (SELECT g.pattern FROM pgturso.target g WHERE g.name = track_table.target)

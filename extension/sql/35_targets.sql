@@ -1,10 +1,23 @@
 -- Named targets (pgturso.target): different tables to different Turso databases, each delivered
 -- independently by its own worker (pgturso-worker run --target NAME).
 
+-- Whether a pattern URL's %s is in its host (libsql://tenant-%s-myorg.turso.io), where a tenant value's dots
+-- would make another host (tenant-a.b-myorg.turso.io: a subdomain), rather than in a path (file:…/%s.db).
+CREATE OR REPLACE FUNCTION pgturso._tenant_in_url_host(url text) RETURNS boolean
+LANGUAGE sql IMMUTABLE
+@SESSION_SETTINGS@
+AS $$
+    SELECT coalesce(strpos(substring(url FROM '^[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)'), '%s') > 0, false)
+$$;
+COMMENT ON FUNCTION pgturso._tenant_in_url_host IS
+    'Private: whether the %s of a pattern target''s URL is in its host part (tenant values there keep out dots).';
+
 CREATE OR REPLACE FUNCTION pgturso.add_target(name text, url text, auth_token text DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql
 @SESSION_SETTINGS@
 AS $$
+DECLARE
+    v_dotted text;
 BEGIN
     -- No message may carry the token (nor the URL, which can hold credentials): errors reach the server log.
     -- Checked here rather than left to the table's constraints, whose errors show the whole row.
@@ -23,6 +36,18 @@ BEGIN
         RAISE EXCEPTION 'pgturso: pattern target % needs one %%s in its name and in its URL', add_target.name
             USING HINT = 'E.g. SELECT pgturso.add_target(''tenant-%s'', ''libsql://tenant-%s-myorg.turso.io'', '
                          '''token''): each tenant value replaces %s (letters, digits, _ . - only).';
+    END IF;
+    -- A tenant that takes its URL from the pattern must keep its host (pgturso._register_tenants).
+    IF strpos(add_target.name, '%s') > 0 AND pgturso._tenant_in_url_host(add_target.url) THEN
+        SELECT string_agg(format('"%s"', g.tenant), ', ' ORDER BY g.tenant) INTO v_dotted FROM pgturso.target g
+        WHERE g.pattern = add_target.name AND g.url IS NULL AND strpos(g.tenant, '.') > 0;
+        IF v_dotted IS NOT NULL THEN
+            RAISE EXCEPTION 'pgturso: the new URL of pattern target % puts %%s in the host, where tenant % would make '
+                            'another host (a dot separates host names)', add_target.name, v_dotted
+                USING HINT = 'Give each such tenant a URL of its own first (SELECT pgturso.add_target(''' ||
+                             replace(add_target.name, '%s', 'TENANT') || ''', ''libsql://…'', ''token'')), or '
+                             'keep %s in the URL''s path.';
+        END IF;
     END IF;
     BEGIN
         INSERT INTO pgturso.target AS t (name, url, auth_token)
@@ -136,6 +161,23 @@ BEGIN
                 USING HINT = 'route_by values become part of a database name and URL: letters, digits, _ . - only '
                              '(not . or ..), and the target name at most 63 characters.';
         END IF;
+        -- In the host part of the URL a dot separates names: tenant 'a.b' of libsql://tenant-%s-myorg.turso.io
+        -- would be the host tenant-a.b-myorg.turso.io, a subdomain no Turso database has. Unless the tenant has
+        -- a URL of its own (an add_target of its name), or is registered already.
+        IF strpos(v_tenant, '.') > 0
+           AND NOT EXISTS (SELECT 1 FROM pgturso.target g WHERE g.pattern = v_pattern AND g.tenant = v_tenant)
+           AND pgturso._tenant_in_url_host(coalesce((SELECT g.url FROM pgturso.target g WHERE g.name = v_name),
+                                                    (SELECT g.url FROM pgturso.target g WHERE g.name = v_pattern)))
+        THEN
+            RAISE EXCEPTION 'pgturso: tenant value "%" of table % would make another host: pattern target % has %%s in '
+                            'the host of its URL, where a dot separates names', v_tenant,
+                            (SELECT t.relid::regclass::text FROM pgturso.layout l
+                             JOIN pgturso.tracked_table t ON t.id = l.table_id WHERE l.id = _register_tenants.layout_id),
+                            v_pattern
+                USING HINT = 'Keep dots out of route_by values (e.g. a CHECK (strpos(col, ''.'') = 0) constraint), '
+                             'give this tenant a URL of its own first (SELECT pgturso.add_target(''' || v_name ||
+                             ''', ''libsql://…'', ''token'')), or use a pattern URL with %s in its path (file:).';
+        END IF;
         -- Host names and Turso Cloud database names ignore case: two such tenants would share one database.
         SELECT g.tenant INTO v_other FROM pgturso.target g
         WHERE g.pattern = v_pattern AND lower(g.tenant) = lower(v_tenant) AND g.tenant <> v_tenant LIMIT 1;
@@ -156,16 +198,18 @@ BEGIN
         END IF;
         -- An explicit add_target of this name (an override of the pattern's URL or token) becomes the tenant's;
         -- unless tables are tracked to it: their events and the tenant's would share one progress marker.
-        IF EXISTS (SELECT 1 FROM pgturso.target g WHERE g.name = v_name AND g.pattern IS NULL)
-           AND EXISTS (SELECT 1 FROM pgturso.tracked_table t WHERE t.target = v_name) THEN
+        -- Checked once the row is ours: a track_table to this name updates the row before its own check, so
+        -- one of the two waits for the other's commit and then sees its table (or its tenant); under
+        -- REPEATABLE READ the later one fails to serialize instead.
+        INSERT INTO pgturso.target AS g (name, pattern, tenant) VALUES (v_name, v_pattern, v_tenant)
+        ON CONFLICT ON CONSTRAINT target_pkey DO UPDATE SET pattern = excluded.pattern, tenant = excluded.tenant
+        WHERE g.pattern IS NULL;
+        IF FOUND AND EXISTS (SELECT 1 FROM pgturso.tracked_table t WHERE t.target = v_name) THEN
             RAISE EXCEPTION 'pgturso: target "%" has tables of its own and cannot be tenant "%"''s database of '
                             'pattern %', v_name, v_tenant, v_pattern
                 USING HINT = 'An add_target of a tenant''s name only overrides the pattern''s URL and token: untrack '
                              'its tables (or move them to another target) before this tenant''s first row.';
         END IF;
-        INSERT INTO pgturso.target AS g (name, pattern, tenant) VALUES (v_name, v_pattern, v_tenant)
-        ON CONFLICT ON CONSTRAINT target_pkey DO UPDATE SET pattern = excluded.pattern, tenant = excluded.tenant
-        WHERE g.pattern IS NULL;
         IF FOUND THEN
             INSERT INTO pgturso.delivery_state (target) VALUES (v_name) ON CONFLICT DO NOTHING;
             INSERT INTO pgturso.outbox (layout_id, op, nrows, tenant)
@@ -216,6 +260,7 @@ COMMENT ON FUNCTION pgturso._pattern_tenants IS
 REVOKE ALL ON FUNCTION pgturso._fan_out(integer, "char", text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._register_tenants(integer, text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._pattern_tenants(integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._tenant_in_url_host(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.add_target(text, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.remove_target(text) FROM PUBLIC;
 REVOKE ALL ON pgturso.target FROM PUBLIC;
