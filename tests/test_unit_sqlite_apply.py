@@ -183,6 +183,20 @@ def test_create_upsert_delete(engine: Engine) -> None:
     assert types == [("integer", "real", "integer", "real", "text", "text")]
 
 
+def test_floats_with_and_without_infinities_in_the_batch(engine: Engine) -> None:
+    # A statement whose argument holds no 'Infinity' leaves FLOAT's decode out (types.DECODE_ONLY_FOR): both
+    # forms must store the same values, and a batch with an infinity still stores it as SQLite's Inf.
+    e = Events()
+    finite = [mixed_row(1, score=1.5), mixed_row(2, score=-0.0), mixed_row(3, score="NaN"), mixed_row(4, score=None)]
+    engine.apply(LAYOUTS, [e("C"), e("U", *finite)])
+    stored = engine.execute('SELECT "id", "score", typeof("score") FROM "we""ird table" ORDER BY "id"')
+    assert stored == [(1, 1.5, "real"), (2, 0.0, "real"), (3, "NaN", "text"), (4, None, "null")]
+    engine.apply(LAYOUTS, [e("U", mixed_row(5, score="Infinity"), mixed_row(6, score="-Infinity"),
+                              mixed_row(7, score=2.5))])
+    assert engine.execute('SELECT "id", "score" FROM "we""ird table" WHERE "id" >= 5 ORDER BY "id"') == [
+        (5, float("inf")), (6, float("-inf")), (7, 2.5)]
+
+
 def test_declared_types_and_constraints(engine: Engine) -> None:
     engine.apply(LAYOUTS, [Events()("C")])
     # PRAGMA, not pragma_table_info(): pyturso 0.8 fails on a quote inside the table-valued function's argument.

@@ -103,6 +103,21 @@ def test_delete_sql_composite_key_uses_key_order_and_decodes() -> None:
     )
 
 
+def test_float_decode_only_when_the_argument_holds_an_infinity() -> None:
+    # FLOAT's CASE (±Infinity travel as JSON strings) reads each element twice; an argument without 'Infinity'
+    # anywhere has no value that needs it. Other decodes (unhex) stay whatever the argument.
+    case = "CASE value->>0 WHEN 'Infinity' THEN 9e999 WHEN '-Infinity' THEN -9e999 ELSE value->>0 END"
+    finite = '[[1.5,"00","a"],[-0.0,"01","b"],["NaN","02","c"]]'
+    assert upsert_sql(ODD, finite) == upsert_sql(ODD).replace(case, "value->>0")
+    assert "unhex(value->>1)" in upsert_sql(ODD, finite)
+    for infinite in ('[["Infinity","00","a"]]', '[["-Infinity","00","a"]]', '[[1.5,"00","Infinity and beyond"]]'):
+        assert upsert_sql(ODD, infinite) == upsert_sql(ODD)
+    [statement] = run([ev(1, "U", '[1.5,"00","a"]', layout_id=2)])
+    assert statement.sql == upsert_sql(ODD, statement.args[0]) != upsert_sql(ODD)
+    [statement] = run([ev(1, "U", '["Infinity","00","a"]', layout_id=2), ev(2, "U", '[1.5,"01","b"]', layout_id=2)])
+    assert statement.sql == upsert_sql(ODD)
+
+
 def test_generated_sql_never_contains_values() -> None:
     for sql in (upsert_sql(USERS), delete_sql(USERS)):
         assert sql.count("?") == 1

@@ -65,6 +65,12 @@ FLOAT = ColumnType(
     settings=frozenset({"extra_float_digits"}),
     from_text="float",
 )
+# Decodes that only some values need, by a text that every such value's JSON element contains: FLOAT's decode
+# turns the strings 'Infinity' and '-Infinity' into ±Inf and gives every other element back as it is, so an
+# argument with no 'Infinity' anywhere in it decodes the same with the bare element (statements.upsert_sql).
+# The CASE reads each element twice: it cost tursodb about a fifth of its CPU per row (4.4 against 3.6 us per
+# row of an (int, text, int, float8) table).
+DECODE_ONLY_FOR = {FLOAT.decode: "Infinity"}
 TEXT = ColumnType("TEXT", note="the text (UTF-8)", from_text="string")
 BOOLEAN = ColumnType("INTEGER", note="true/false arrive as 1/0", from_text="boolean")
 BLOB = ColumnType("BLOB", encode="encode({col}, 'hex')", decode="unhex({val})", note="the bytes")

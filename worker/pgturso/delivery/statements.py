@@ -12,7 +12,8 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from ..capture.layout import Index, TableLayout, ascii_lower, change_between
+from ..capture.layout import Column, Index, TableLayout, ascii_lower, change_between
+from ..capture.types import DECODE_ONLY_FOR
 from ..common.quoting import quote_ident
 from ..sources.outbox import Event
 
@@ -135,10 +136,22 @@ def _unused_name(base: str, taken: set[str]) -> str:
     return name
 
 
-def upsert_sql(layout: TableLayout) -> str:
-    """Insert-or-overwrite every row of a JSON array of row arrays (all columns, in layout order)."""
+def decoded_values(columns: list[Column], argument: str | None = None) -> str:
+    """The SQLite expressions of ``columns``' values from a json_each row (``value->>i``, column i of the row
+    array). Given the statement's ``argument``, a decode that no value in it needs is left out
+    (types.DECODE_ONLY_FOR)."""
+    unneeded = {column.decode for column in columns
+                if argument is not None and column.decode in DECODE_ONLY_FOR
+                and DECODE_ONLY_FOR[column.decode] not in argument}
+    return ", ".join(f"value->>{i}" if c.decode in unneeded else c.decode.format(val=f"value->>{i}")
+                     for i, c in enumerate(columns))
+
+
+def upsert_sql(layout: TableLayout, argument: str | None = None) -> str:
+    """Insert-or-overwrite every row of a JSON array of row arrays (all columns, in layout order); ``argument``:
+    that array, when known (decoded_values)."""
     names = ", ".join(quote_ident(c.name) for c in layout.columns)
-    values = ", ".join(c.decode.format(val=f"value->>{i}") for i, c in enumerate(layout.columns))
+    values = decoded_values(layout.columns, argument)
     keys = ", ".join(quote_ident(k) for k in layout.key_columns)
     others = [c.name for c in layout.columns if c.name not in layout.key_columns]
     if others:
@@ -152,11 +165,12 @@ def upsert_sql(layout: TableLayout) -> str:
     )
 
 
-def delete_sql(layout: TableLayout) -> str:
-    """Delete every key of a JSON array of key arrays (key columns, in key order)."""
+def delete_sql(layout: TableLayout, argument: str | None = None) -> str:
+    """Delete every key of a JSON array of key arrays (key columns, in key order); ``argument``: that array, when
+    known (decoded_values)."""
     keys = layout.key_layout
     targets = ", ".join(quote_ident(c.name) for c in keys)
-    values = ", ".join(c.decode.format(val=f"value->>{i}") for i, c in enumerate(keys))
+    values = decoded_values(keys, argument)
     if len(keys) > 1:
         targets = f"({targets})"
     return f"DELETE FROM {quote_ident(layout.target_table)} WHERE {targets} IN (SELECT {values} FROM json_each(?))"
@@ -248,10 +262,11 @@ class StatementBuilder:
         if run is None:
             return
         layout = self._layout_of(run.layout_id)
-        sql = upsert_sql(layout) if run.op == "U" else delete_sql(layout)
+        argument = "[" + ",".join(run.parts) + "]"
+        sql = upsert_sql(layout, argument) if run.op == "U" else delete_sql(layout, argument)
         yield Statement(
             sql,
-            ("[" + ",".join(run.parts) + "]",),
+            (argument,),
             table=layout.source_table,
             operation=_OPERATION[run.op],
             txids=tuple(sorted(run.txids)),
