@@ -480,3 +480,79 @@ def test_many_tenants_survive_lost_connections_a_sigkill_and_a_second_worker_und
     for tenant in tenants:
         assert tenant_rows(tmp_path / f"tenant-{tenant}.db", "SELECT id, item, qty FROM orders ORDER BY id") == \
             pg_tenant_rows(conn, tenant, "id, item, qty"), tenant
+
+
+def test_a_tenants_batch_read_in_one_statement_names_only_what_it_read(conn, dsn, tmp_path: Path):
+    """The pattern worker reads a tenant's pending events with their snapshot and position in one statement, no
+    transaction around it (Outbox.read_whole_batch). Deleting by the batch's name must then remove exactly what
+    was read: not another tenant's events, not an event of a transaction that was still open during the read
+    (its id may be lower than the batch's last one), not one committed after it."""
+    from pgturso.run.worker import delivery_connection
+    from pgturso.sources.outbox import Outbox
+
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("INSERT INTO orders VALUES (10, 'acme', 'registers acme'), (11, 'globex', 'registers globex')")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    drain_pattern(dsn)
+    with psycopg.connect(dsn) as open_writer:  # a transaction of acme's that stays open during the read
+        open_writer.execute("INSERT INTO orders VALUES (1, 'acme', 'open during the read')")
+        conn.execute("INSERT INTO orders VALUES (2, 'acme', 'read'), (3, 'globex', 'other tenant')")
+        conn.execute("INSERT INTO orders VALUES (4, 'acme', 'read too')")
+        reader = delivery_connection(dsn)
+        try:
+            outbox = Outbox(reader, batch_rows=100, batch_events=100, target="tenant-acme", pattern="tenant-%s",
+                            tenant="acme")
+            fits, batch = outbox.read_whole_batch()
+            assert fits and batch is not None and batch.position is not None
+            assert reader.info.transaction_status == psycopg.pq.TransactionStatus.IDLE  # no transaction left open
+            events = list(batch.events())
+            assert batch.transactions == 2 and batch.rows == 2
+            assert [e.id for e in events] == sorted(e.id for e in events)
+            open_writer.commit()
+            conn.execute("INSERT INTO orders VALUES (5, 'acme', 'committed after the read')")
+            outbox.remove_delivered(batch)
+            left = conn.execute("SELECT tenant, payload LIKE '%open during the read%' OR payload LIKE '%after the "
+                                "read%' FROM pgturso.outbox ORDER BY tenant, id").fetchall()
+            assert left == [("acme", True), ("acme", True), ("globex", False)]
+
+            # More pending than one batch may hold: it says so, and the worker reads it the general way.
+            small = Outbox(reader, batch_rows=100, batch_events=2, target="tenant-acme", pattern="tenant-%s",
+                           tenant="acme")
+            assert small.read_whole_batch() == (False, None)
+        finally:
+            reader.close()
+    drain_pattern(dsn)
+    for tenant in ("acme", "globex"):
+        assert tenant_rows(tmp_path / f"tenant-{tenant}.db", "SELECT id, item FROM orders ORDER BY id") == \
+            pg_tenant_rows(conn, tenant), tenant
+    assert pending(conn) == 0
+
+
+def test_a_tenant_backlog_larger_than_a_batch_is_delivered_in_order_exactly_once(conn, dsn, tmp_path: Path):
+    """A tenant's backlog above the batch limits (and a source transaction larger than a batch) goes the general
+    way, several batches cut by the limits; a small one is read whole: both in commit order, each write once."""
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a'), (2, 'globex', 'g')")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    drain_pattern(dsn)
+    for tenant in ("acme", "globex"):
+        install_file_apply_counter(tmp_path / f"tenant-{tenant}.db", "orders")
+    count_postgres_writes(conn)
+    for n in range(10, 16):
+        conn.execute("INSERT INTO orders VALUES (%s, 'acme', 'single')", (n,))
+    with conn.transaction():  # larger than a batch of 3 events: delivered whole, on its own
+        for n in range(20, 25):
+            conn.execute("INSERT INTO orders VALUES (%s, 'acme', 'large')", (n,))
+    conn.execute("UPDATE orders SET item = 'last' WHERE id = 10")
+    conn.execute("INSERT INTO orders VALUES (30, 'globex', 'one')")
+    result = run_worker(dsn, "", "--target", "tenant-%s", "--log-format", "json", env={"PGTURSO_BATCH_EVENTS": "3"})
+    assert result.returncode == 0, result.stderr
+    acme_batches = [line for line in result.stderr.splitlines() if '"delivered"' in line and "tenant-acme" in line]
+    assert len(acme_batches) >= 4, result.stderr
+    for tenant in ("acme", "globex"):
+        path = tmp_path / f"tenant-{tenant}.db"
+        assert tenant_rows(path, "SELECT id, item FROM orders ORDER BY id") == pg_tenant_rows(conn, tenant), tenant
+        assert applied_writes(path) == postgres_writes(conn, tenant), tenant
+    assert pending(conn) == 0

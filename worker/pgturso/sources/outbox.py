@@ -113,23 +113,61 @@ FIRST_TRANSACTION_END = f"""
 # A batch whose payloads add up to at most this is read into memory at once (a larger one through a cursor).
 CLIENT_SIDE_BYTES = 1 << 20
 BATCH_FILTER = f"id <= %(upto)s AND NOT (txid = ANY (%(held)s::text[]::xid8[])) AND {FOR_TARGET}"
-# The batch's events, already merged where the worker would merge them: consecutive upserts (or deletes) of
-# one table become one group, its payloads joined in outbox order, up to about %(max_bytes)s per group;
-# every other event is a group of its own. Postgres does this per-event work, not Python.
-BATCH_GROUPS = f"""
+
+
+def batch_groups_sql(relations: str, where: str) -> str:
+    """The events of ``relations`` (the outbox, and what ``where`` refers to) that ``where`` selects, merged where
+    the worker would merge them: consecutive upserts (or deletes) of one table become one group, its payloads
+    joined in outbox order, up to about %(max_bytes)s per group; every other event is a group of its own.
+    Postgres does this per-event work, not Python."""
+    return f"""
     WITH ev AS (
         SELECT id, txid, layout_id, op, nrows, payload,
                CASE WHEN op IN ('U', 'D') AND layout_id = lag(layout_id) OVER w AND op = lag(op) OVER w
                     THEN 0 ELSE 1 END AS starts_run,
                sum(octet_length(coalesce(payload, '')) + 1) OVER w AS bytes_so_far
-        FROM pgturso.outbox WHERE {BATCH_FILTER}
+        FROM {relations} WHERE {where}
         WINDOW w AS (ORDER BY id)
     ), runs AS (
         SELECT *, sum(starts_run) OVER (ORDER BY id) AS run, bytes_so_far / %(max_bytes)s AS part FROM ev
     )
-    SELECT min(id), min(txid)::text::bigint, max(txid)::text::bigint, min(layout_id), min(op), sum(nrows)::bigint,
-           count(*), string_agg(payload, ',' ORDER BY id)
+    SELECT min(id) AS first_id, min(txid)::text::bigint, max(txid)::text::bigint, min(layout_id), min(op),
+           sum(nrows)::bigint, count(*), string_agg(payload, ',' ORDER BY id)
     FROM runs GROUP BY run, part ORDER BY min(id)
+"""
+
+
+BATCH_GROUPS = batch_groups_sql("pgturso.outbox", BATCH_FILTER)
+
+# A tenant's whole backlog as one batch, in one statement (one snapshot, so no transaction around it): its
+# first %(max_events)s events and, when they are fewer (every visible event of the tenant, so no transaction
+# straddles a cut) and hold at most %(max_rows)s rows, those events merged as BATCH_GROUPS does. It also
+# returns the snapshot that names the batch and the source's position, taken after every event of the batch
+# and every earlier batch's deletion committed, as Outbox.position requires. A pattern worker's tenant
+# mostly has a few events when it is visited: this is its batch in one round trip instead of five (BEGIN,
+# BATCH_HEAD, position, the events, COMMIT). More than the limits: the caller reads it the general way.
+TENANT_SCOPE = ("(scope.layouts IS NULL OR o.layout_id = ANY (scope.layouts)) "
+                "AND (%(tenant)s::text IS NULL AND o.tenant IS NULL OR o.tenant = %(tenant)s::text)")
+WHOLE_BATCH = f"""
+    WITH scope AS (
+        SELECT CASE WHEN coalesce(bool_and(t.target = %(target)s), true) THEN NULL
+                    ELSE coalesce(array_agg(l.id) FILTER (WHERE t.target = %(target)s), '{{}}') END AS layouts
+        FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
+    ), head AS (
+        SELECT o.id, o.txid, o.nrows FROM pgturso.outbox o, scope WHERE {TENANT_SCOPE} ORDER BY o.id
+        LIMIT %(max_events)s
+    ), summary AS (
+        SELECT count(*) AS head_events, coalesce(sum(greatest(nrows, 1)), 0) AS head_rows, max(id) AS head_upto,
+               count(DISTINCT txid) AS head_transactions
+        FROM head
+    )
+    SELECT (SELECT layouts FROM scope), s.head_events, s.head_rows, s.head_upto, s.head_transactions,
+           pg_current_snapshot()::text, pgturso._source_position(), g.*
+    FROM summary s LEFT JOIN ({batch_groups_sql(
+        "pgturso.outbox o, scope, summary",
+        f"{TENANT_SCOPE} AND summary.head_events < %(max_events)s AND summary.head_rows <= %(max_rows)s")}
+    ) AS g ON true
+    ORDER BY g.first_id
 """
 # The common case, where every event is an upsert (or every one a delete) of the same table: no runs to find,
 # so the events are merged by id range, %(bucket)s ids at a time (which bounds a group's size), without the
@@ -343,6 +381,18 @@ class Batch:
             yield Event(first_id, first_txid, layout_id, op, nrows, payload, txids, count)
 
 
+class WholeBatch(Batch):
+    """A batch whose events were read with it, in the statement that chose it (Outbox.read_whole_batch): it
+    needs no transaction of its own, and its position is already known."""
+
+    def __init__(self, groups: list[tuple[Any, ...]], *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.groups = groups
+
+    def events(self) -> Iterator[Event]:
+        yield from self._events(self.groups)
+
+
 class Outbox:
     """The worker's view of the outbox, over one connection that it owns."""
 
@@ -421,6 +471,24 @@ class Outbox:
             more_pending = True  # the rest of the held transactions, at least
         batch.more_pending = more_pending
         return batch
+
+    def read_whole_batch(self) -> tuple[bool, Batch | None]:
+        """A tenant's pending events as one batch, read in one statement (WHOLE_BATCH), outside any transaction.
+        Returns (whether they fit the batch limits, the batch or None when nothing is pending); when they do not
+        fit, the caller reads a batch the general way (choose_batch, in a transaction)."""
+        limits = {"max_events": self.batch_events, "max_rows": self.batch_rows, "target": self.tables_target,
+                  "tenant": self.tenant, "max_bytes": self.max_group_bytes}
+        rows = self.conn.execute(WHOLE_BATCH, limits).fetchall()
+        layouts, events, total_rows, last, transactions, snapshot, position = rows[0][:7]
+        if not events:
+            return True, None
+        if events >= self.batch_events or total_rows > self.batch_rows:
+            return False, None
+        self.layouts = None if layouts is None else list(layouts)
+        batch = WholeBatch([row[7:] for row in rows], self.conn, int(last), [], snapshot, int(transactions),
+                           self.fetch_size, self.layouts, self.max_group_bytes, self.tenant)
+        batch.position = dict(position)
+        return True, batch
 
     def _batch(self, upto: int) -> Batch:
         head_transactions, uniform, widest, snapshot, held = self.conn.execute(  # type: ignore[misc]
