@@ -35,6 +35,9 @@ STATUS_EVERY_SECONDS = 10.0
 SLOT_BUSY_SECONDS = 10.0
 
 
+_BEGIN_COMMIT = frozenset(b"BC")
+
+
 def _now_us() -> int:
     return int(time.time() * 1_000_000) - _PG_EPOCH_US
 
@@ -74,12 +77,14 @@ class ReplicationStream:
         return self.pgconn.socket
 
     def read(self, timeout: float | None) -> bytes | None:
-        """The next pgoutput message; None if none arrived within ``timeout`` seconds (0: only what is here
-        already; None: wait as long as it takes), or when a keepalive moved ``idle_end``."""
+        """The next pgoutput message (a Begin or Commit as a memoryview); None if none arrived within
+        ``timeout`` seconds (0: only what is here already; None: wait as long as it takes), or when a keepalive
+        moved ``idle_end``."""
         pgconn = self.pgconn
         size, data = pgconn.get_copy_data(1)
         if size > 0 and data[0] == 119:  # the common case first: a message had arrived already
-            return bytes(data[25:])
+            # Begin and Commit (two of a single-row transaction's three messages) are only read from: no copy.
+            return data[25:] if data[25] in _BEGIN_COMMIT else bytes(data[25:])  # type: ignore[no-any-return]
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if size > 0:
