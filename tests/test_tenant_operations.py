@@ -12,6 +12,7 @@ import psycopg
 from conftest import pending, run_worker
 from support.pgcluster import free_port
 from support.workers import WorkerProcess, wait_until
+from test_security import login_role
 from test_tenants import _metrics, _start_worker, drain_pattern, tenant_rows
 
 TENANTS = ("acme", "globex", "initech")
@@ -107,6 +108,33 @@ def test_verify_of_a_pattern_reports_a_tenant_it_cannot_reach_and_goes_on(conn, 
     assert "tenant-acme: public.orders -> orders: equal" in result.stdout
     assert "tenant-globex: public.orders -> orders: equal" in result.stdout
     assert "tenant-initech" in result.stderr and "orders" in result.stderr
+
+
+def test_verify_of_a_tenant_file_another_process_holds_open_says_so_and_goes_on(conn, dsn, tmp_path: Path):
+    """A running pattern worker keeps a busy tenant's file: database open (pyturso locks the file): verify
+    reports that tenant as not compared, with the reason, and compares the others (it crashed with a
+    traceback, or said "all equal" when no tenant could be compared)."""
+    tenants_setup(conn, tmp_path)
+    drain_pattern(dsn)
+    # Another process holds globex's file open, as a worker delivering to it does.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, turso; db = turso.connect(sys.argv[1]); "
+                               "db.execute('SELECT 1').fetchall(); print('open', flush=True); sys.stdin.read()",
+                               str(tmp_path / "tenant-globex.db")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+        result = verify(dsn, "tenant-%s")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "tenant-acme: public.orders -> orders: equal" in result.stdout
+    assert "tenant-initech: public.orders -> orders: equal" in result.stdout
+    assert f"tenant-globex: cannot verify: file:{tmp_path}/tenant-globex.db is held open by another process" \
+        in result.stderr, result.stderr
+    assert "verified in" in result.stdout and "none differ, 1 tenant database(s) not compared" in result.stdout
+    assert verify(dsn, "tenant-%s").returncode == 0  # once it is closed
 
 
 def test_verify_of_a_pattern_without_tenants_says_so(conn, dsn, tmp_path: Path):
@@ -319,31 +347,45 @@ def test_the_readme_per_tenant_example_delivers_rows_to_two_tenant_databases(con
     conn.execute(sql)
     run, shown, verified = commands
     assert run.startswith("pgturso-worker run") and shown.startswith("pgturso-worker status")
-    env = {**os.environ, "DSN": dsn, "PGTURSO_IDLE_WAIT": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    log = tmp_path / "worker.log"
-    worker = subprocess.Popen(["bash", "-c", f"exec {run}"], env=env, stdout=subprocess.DEVNULL,
-                              stderr=log.open("w"))
-    try:
-        wait_until(lambda: conn.execute("SELECT count(*) FROM pgturso.outbox").fetchone()[0] == 0, 90,
-                   "the worker to deliver")
-    finally:
-        worker.send_signal(signal.SIGTERM)  # it holds the file: databases open (a server would not care)
+    # $DSN as the README's installation section sets the worker up: a role of its own, no superuser.
+    with login_role(conn, dsn, "pgturso_worker") as worker_dsn:
+        conn.execute("SELECT pgturso.grant_worker('pgturso_worker')")
+        env = {**os.environ, "DSN": worker_dsn, "ADMIN_DSN": dsn, "PGTURSO_IDLE_WAIT": "1",
+               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        log = tmp_path / "worker.log"
+        worker = subprocess.Popen(["bash", "-c", f"exec {run}"], env=env, stdout=subprocess.DEVNULL,
+                                  stderr=log.open("w"))
         try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
-    assert worker.returncode == 0, log.read_text()
-    assert tenant_rows(tmp_path / "acme-eu.db", "SELECT * FROM orders") == [(1, "acme", "anvil")]
-    assert tenant_rows(tmp_path / "tenant-globex.db", "SELECT * FROM orders") == [(2, "globex", "gear")]
-    assert not (tmp_path / "tenant-acme.db").exists()  # acme's own target overrides the pattern's URL
-    status_run = subprocess.run(["bash", "-c", shown], env=env, capture_output=True, text=True, timeout=60)
-    assert status_run.returncode == 0, status_run.stdout + status_run.stderr
-    assert "target tenant-acme (tenant acme of tenant-%s)" in status_run.stdout
-    verify_run = subprocess.run(["bash", "-c", verified], env=env, capture_output=True, text=True, timeout=60)
-    assert verify_run.returncode == 0, verify_run.stdout + verify_run.stderr
-    assert "tenant-globex: public.orders -> orders: equal (postgres 1 rows, turso 1 rows)" in verify_run.stdout
+            wait_until(lambda: conn.execute("SELECT count(*) FROM pgturso.outbox").fetchone()[0] == 0, 90,
+                       "the worker to deliver")
+        finally:
+            worker.send_signal(signal.SIGTERM)  # it holds the file: databases open (a server would not care)
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        assert worker.returncode == 0, log.read_text()
+        # As the README says: each database only its tenant's rows, without internal_note, and both plans.
+        assert tenant_rows(tmp_path / "acme-eu.db", "SELECT * FROM orders") == [(1, "acme", "anvil")]
+        assert tenant_rows(tmp_path / "tenant-globex.db", "SELECT * FROM orders") == [(2, "globex", "gear")]
+        for database in ("acme-eu.db", "tenant-globex.db"):
+            assert tenant_rows(tmp_path / database, "SELECT * FROM plans ORDER BY id") == [(1, "free", 0),
+                                                                                          (2, "pro", 10)]
+        assert not (tmp_path / "tenant-acme.db").exists()  # acme's own target overrides the pattern's URL
+        status_run = subprocess.run(["bash", "-c", shown], env=env, capture_output=True, text=True, timeout=60)
+        assert status_run.returncode == 0, status_run.stdout + status_run.stderr
+        assert "target tenant-acme (tenant acme of tenant-%s)" in status_run.stdout
+        assert "target tenant-globex (tenant globex of tenant-%s): worker stopped" in status_run.stdout
+        verify_run = subprocess.run(["bash", "-c", verified], env=env, capture_output=True, text=True, timeout=60)
+        assert verify_run.returncode == 0, verify_run.stdout + verify_run.stderr
+        assert "tenant-globex: public.orders -> orders: equal (postgres 1 rows, turso 1 rows)" in verify_run.stdout
+        assert "tenant-acme: public.plans -> plans: equal (postgres 2 rows, turso 2 rows)" in verify_run.stdout
+        # The worker's role cannot read the tables: verify says none was compared, never "all equal".
+        as_worker = subprocess.run(["bash", "-c", verified.replace("$ADMIN_DSN", "$DSN")], env=env,
+                                   capture_output=True, text=True, timeout=60)
+        assert as_worker.returncode == 2 and "all equal" not in as_worker.stdout, as_worker.stdout
+        assert "2 tenant database(s) not compared" in as_worker.stdout, as_worker.stdout + as_worker.stderr
 
 
 def test_verify_of_an_integer_routed_table_reads_each_tenant_by_index(conn, dsn, tmp_path: Path):

@@ -472,7 +472,8 @@ AS $$
 $$;
 COMMENT ON FUNCTION pgturso._capture_disabled IS
     'Private: whether a tracked table''s capture triggers are disabled (ALTER TABLE ... DISABLE TRIGGER).';
--- Not revoked from PUBLIC: pgturso.status calls it for whoever may read the view (it reads only pg_trigger).
+-- Private like every pgturso function (90_privileges.sql revokes them from PUBLIC); pgturso.status calls it, so
+-- grant_worker grants it to the worker's role with the view.
 
 -- How a tracked table is captured: by its target's capture mode ('trigger' or 'wal').
 CREATE OR REPLACE FUNCTION pgturso._capture_of(table_id integer) RETURNS text

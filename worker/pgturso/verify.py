@@ -367,12 +367,14 @@ def _verify_tables(verifier: Verifier, names: Sequence[str], repair: bool, settl
 
 
 def _finish(verifier: Verifier, repair: bool, differences: int, settle_timeout: float, started: float,
-            what: str) -> None:
+            what: str, not_compared: int = 0) -> None:
     if repair and differences:
         synced = verifier.wait_for_sync(settle_timeout)
         print("repairs delivered" if synced else "repairs queued; they are delivered when the worker runs")
-    print(f"verified in {time.monotonic() - started:.1f}s: "
-          + ("all equal" if not differences else f"{differences} {what} differ"))
+    # "all equal" only when everything was compared: a tenant that could not be is no evidence of equality.
+    outcome = f"{differences} {what} differ" if differences else "all equal" if not not_compared else "none differ"
+    print(f"verified in {time.monotonic() - started:.1f}s: {outcome}"
+          + (f", {not_compared} {what} not compared" if not_compared else ""))
 
 
 def run_verify(conn: psycopg.Connection[Any], target: Target, names: Sequence[str], repair: bool,
@@ -412,7 +414,7 @@ def verify_tenants(conn: psycopg.Connection[Any], pattern: str, tenants: Sequenc
             print(f"{name}: cannot verify: {str(exc).strip()}", file=sys.stderr)
             failed += 1
     if verifier is not None:
-        _finish(verifier, repair, differing, settle_timeout, started, "tenant database(s)")
+        _finish(verifier, repair, differing, settle_timeout, started, "tenant database(s)", failed)
     if failed:
         print(f"{failed} tenant database(s) could not be verified (see the errors above)", file=sys.stderr)
         return 2

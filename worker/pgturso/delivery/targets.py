@@ -387,7 +387,16 @@ class FileTarget:
             raise ConfigError("a file: target needs a path, e.g. file:/var/lib/pgturso/replica.db")
         self.description = f"file:{path}"
         self._error = turso.Error
-        self.conn = turso.connect(path, isolation_level=None)
+        try:
+            self.conn = turso.connect(path, isolation_level=None)
+        except turso.Error as exc:
+            if "lock" in str(exc).lower():  # another process has it open: it may let go (a worker, after idling)
+                raise TursoUnavailable(
+                    f"{self.description} is held open by another process ({exc}): a file: database is open in "
+                    "one process at a time, e.g. the pgturso-worker delivering to it (a pattern worker closes an "
+                    "idle tenant's file after a few seconds); try again, or serve it with tursodb --sync-server"
+                ) from exc
+            raise ConfigError(f"{self.description} cannot be opened: {exc}") from exc
         self.last_hold_seconds = 0.0
 
     def query(self, sql: str, args: Sequence[hrana.Value] = ()) -> list[list[hrana.Value]]:
