@@ -229,3 +229,35 @@ def test_a_file_target_locked_by_another_connection_is_transient_and_a_bad_state
     assert target.query("SELECT id FROM t") == [[1]]
     other.close()
     target.close()
+
+
+def test_closing_a_file_target_checkpoints_it_even_while_another_connection_reads(tmp_path) -> None:
+    """FileTarget.close checkpoints through execute() first (pyturso's close() checkpoints holding the GIL,
+    which serialized a pattern worker's threads): a reader that holds the file open must not make close fail,
+    and a close with nobody reading leaves every row in the database file, the WAL empty."""
+    import turso
+    from pgturso.delivery.statements import Statement
+    from pgturso.delivery.targets import FileTarget
+
+    path = tmp_path / "replica.db"
+    target = FileTarget(str(path))
+    target.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+    transaction = target.begin()
+    transaction.execute(Statement("INSERT INTO t VALUES (1), (2)", table="public.t", operation="insert"))
+    transaction.commit()
+    reader = turso.connect(str(path), isolation_level=None)
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT count(*) FROM t").fetchall() == [(2,)]
+    target.close()
+    reader.execute("COMMIT")
+    reader.close()
+    again = FileTarget(str(path))
+    transaction = again.begin()
+    transaction.execute(Statement("INSERT INTO t VALUES (3)", table="public.t", operation="insert"))
+    transaction.commit()
+    again.close()
+    wal = tmp_path / "replica.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
+    fresh = turso.connect(str(path), isolation_level=None)
+    assert fresh.execute("SELECT id FROM t ORDER BY id").fetchall() == [(1,), (2,), (3,)]
+    fresh.close()

@@ -423,6 +423,15 @@ class FileTarget:
         return FileTransaction(self)
 
     def close(self) -> None:
+        # Closing the last connection of a database checkpoints its WAL (writes and fsyncs), and pyturso's
+        # close() does that holding Python's GIL: a pattern worker closing tenants' databases on four threads
+        # went no faster than on one. A checkpoint through execute() does the same work with the GIL released,
+        # leaving close() nothing to copy (measured: 4 threads opening, writing and closing databases, 69 -> 150
+        # visits/s). PASSIVE: it never waits for a reader of the file; close() checkpoints whatever is left.
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except self._error as exc:  # close() below checkpoints anyway; nothing of the data is at stake
+            event(log, logging.DEBUG, "checkpoint_failed", target=self.description, error=str(exc))
         self.conn.close()
 
 
