@@ -215,6 +215,9 @@ def test_status_and_metrics_show_each_tenant_and_a_long_retry_fails_the_check(co
         assert values[series("pgturso_backlog_rows", "tenant-acme")] == 0
         assert values[series("pgturso_up", "tenant-acme")] == 1
         assert values[series("pgturso_rows_delivered_total", "tenant-acme")] == 1
+        # The batch size in force, for a tenant that has delivered nothing yet too (it showed 0).
+        assert values[series("pgturso_batch_rows_limit", "tenant-globex")] == values[
+            series("pgturso_batch_rows_limit", "tenant-acme")] > 0
         # Every sample of the endpoint is a tenant's, tied to its pattern (one series per metric and tenant).
         assert all(name.endswith(',pattern="tenant-%s"}') for name in values), sorted(values)
         assert len(values) == 2 * len({name.split("{")[0] for name in values})  # metrics x tenants

@@ -764,6 +764,7 @@ class Worker:
         """Refresh the backlog gauges (a count over the outbox: at most every few seconds while busy); ``up``:
         delivering (else retrying: the lag of a target that is down is what its alert watches)."""
         self.metrics.set("pgturso_up", int(up))
+        self.metrics.set("pgturso_batch_rows_limit", self.batch_rows)  # before a first delivery too (not 0)
         if isinstance(self.outbox, WalOutbox):
             self.metrics.set("pgturso_replication_streaming", int(self.outbox.stream is not None))
         if not self.metrics.serving or self.outbox is None:
