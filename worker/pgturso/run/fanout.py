@@ -435,11 +435,16 @@ class PatternWorker:
         Not while enough tenants are due already to keep the pool busy: the walk over the outbox's tenants
         costs a probe per tenant with events (tens of ms with a thousand), and a scheduler asking every 50 ms
         spent most of its time there instead of handing out steps. A tenant that got events after its visit
-        is found by the walk once the due ones have been served (least recently served first anyway)."""
+        is found by the walk once the due ones have been served (least recently served first anyway).
+        Only tenants that would be stepped now count: one waiting out its backoff, or failing (at most half of
+        the threads serve those), keeps no thread busy, and counting them starved the healthy tenants while
+        a few databases were down (tests/test_tenant_batch_attacks.py)."""
         now = time.monotonic()
         if not force and now - self._pending_at < PENDING_EVERY_SECONDS:
             return
-        if not force and sum(1 for t in self.tenants.values() if t.due and not t.running) >= self._queued_max():
+        if not force and sum(1 for t in self.tenants.values()
+                             if t.due and not t.running and not t.attempts and t.code is None
+                             and t.not_before <= now) >= self._queued_max():
             return
         self._pending_at = now
         assert self.conn is not None
