@@ -564,9 +564,14 @@ class Worker:
             "database until it is delivered; the worker keeps retrying")
 
     def _vacuum_if_due(self, rows: int) -> None:
-        """Vacuum the outbox every VACUUM_EVERY_SECONDS while deliveries are flowing."""
-        assert self.outbox is not None
+        """Count a delivered batch's rows towards the next VACUUM (_vacuum_when_due runs it)."""
         self._rows_since_vacuum += rows
+
+    def _vacuum_when_due(self) -> None:
+        """Vacuum the outbox every VACUUM_EVERY_SECONDS while deliveries are flowing. Called between two batches,
+        with no Postgres transaction open and the next batch just handed to the sender: the VACUUM runs while
+        that batch travels, instead of holding it back (0.2-0.4 s on a 1M-event outbox, run from _delivered)."""
+        assert self.outbox is not None
         now = time.monotonic()
         if self._rows_since_vacuum >= VACUUM_AFTER_ROWS and now - self._vacuumed_at >= VACUUM_EVERY_SECONDS:
             started = time.monotonic()
@@ -674,6 +679,7 @@ class Worker:
                         self._record("delivering", worker=self.identity, starting=self.attempts == 0)
                     copied = self.copy_step()
                     delivered = self.deliver_batch()
+                    self._vacuum_when_due()
                     if self.attempts:
                         event(log, logging.INFO, "resumed", after_attempts=self.attempts)
                         self._record("delivering", clear_error=True)  # delivery got past the error
