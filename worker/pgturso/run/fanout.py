@@ -67,6 +67,7 @@ from .worker import (
     EXIT_OK,
     EXIT_RETRIES_EXHAUSTED,
     NOTIFY_CHANNEL,
+    TENANT_ENDPOINTS,
     VACUUM_AFTER_ROWS,
     VACUUM_EVERY_SECONDS,
     Worker,
@@ -92,7 +93,7 @@ COPY_STEP_SECONDS = 1.0  # during an initial copy a tenant is stepped at most th
 # time at 500 visits/s when only one step per thread was handed out). A queued step holds no connection.
 STEPS_QUEUED_PER_THREAD = 2
 
-TENANTS = "SELECT name, tenant FROM pgturso.target WHERE pattern = %s ORDER BY name"
+TENANTS = TENANT_ENDPOINTS + " WHERE t.pattern = %s ORDER BY t.name"  # name, tenant value, URL, token
 PATTERN_EXISTS = "SELECT EXISTS (SELECT 1 FROM pgturso.target WHERE name = %s)"
 PATTERN_LAYOUTS = """
     SELECT coalesce(array_agg(l.id), '{}') FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
@@ -181,8 +182,10 @@ class TenantWorker(Worker):
             if self._shared_layouts is not None:  # layouts never change once committed: one cache for all tenants
                 outbox._layouts = self._shared_layouts._layouts
                 outbox._table_of_layout = self._shared_layouts._table_of_layout
-            self.source_id = f"{outbox.source_id()}/{self.settings.target}"
-            self.endpoint = target_endpoint(conn, self.settings)
+            if not self.source_id:  # given by the pattern worker, which reads it once for all its tenants
+                self.source_id = f"{outbox.source_id()}/{self.settings.target}"
+            if not self.endpoint[0]:
+                self.endpoint = target_endpoint(conn, self.settings)
             self.outbox = outbox
         else:
             self.outbox.conn = conn
@@ -291,6 +294,7 @@ class PatternWorker:
         self.tried_at: dict[str, float] = {}
         self.layouts: list[int] = []
         self.layout_cache: Outbox | None = None
+        self.source_id = ""  # pgturso.instance's: the first part of every tenant's marker key
         self.metrics = Metrics()  # one endpoint, a sample per tenant labelled target="…",pattern="…"
         self.tenant_metrics: dict[str, Metrics] = {}
         self.open_targets = OpenTargets()
@@ -345,6 +349,7 @@ class PatternWorker:
             conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
             self.conn = conn
             self.layout_cache = Outbox(conn, batch_rows=1, batch_events=1, target=self.pattern)
+            self.source_id = self.layout_cache.source_id()
             self._scanned_at = 0.0
         return self.conn
 
@@ -384,7 +389,9 @@ class PatternWorker:
         conn = self._connect()
         self._scanned_at = time.monotonic()
         self.layouts = list(conn.execute(PATTERN_LAYOUTS, (self.pattern,)).fetchone()[0])  # type: ignore[index]
-        known = dict(conn.execute(TENANTS, (self.pattern,)).fetchall())
+        rows = conn.execute(TENANTS, (self.pattern,)).fetchall()
+        known = {name: tenant for name, tenant, _, _ in rows}
+        endpoints = {name: (url, token) for name, _, url, token in rows}
         members = max(1, conn.execute(MEMBERS_ALIVE, {"class": MEMBER_LOCK_CLASS, "pattern": self.pattern,  # type: ignore[index]
                                                       "max": MAX_MEMBERS}).fetchone()[0])
         share = len(known) if once else math.ceil(len(known) / members)
@@ -411,17 +418,21 @@ class PatternWorker:
             for name, taken in conn.execute(TAKE_DELIVERY_LOCKS, (DELIVERY_LOCK_CLASS, chunk)).fetchall():
                 self.tried_at[name] = now
                 if taken:
-                    self.tenants[name] = self._tenant(name, known[name])
+                    self.tenants[name] = self._tenant(name, known[name], endpoints[name])
                     self.locked_elsewhere.discard(name)
                     want -= 1
                 else:
                     self.locked_elsewhere.add(name)
 
-    def _tenant(self, name: str, tenant: str) -> TenantWorker:
+    def _tenant(self, name: str, tenant: str, endpoint: tuple[str, str | None]) -> TenantWorker:
         if name not in self.tenant_metrics:
             self.tenant_metrics[name] = self.metrics.member({"target": name, "pattern": self.pattern})
-        return TenantWorker(self.dsn, self._tenant_settings(name), self.pattern, tenant, self.tenant_metrics[name],
-                            self.layout_cache, self._count_rows, self.open_targets)
+        worker = TenantWorker(self.dsn, self._tenant_settings(name), self.pattern, tenant, self.tenant_metrics[name],
+                              self.layout_cache, self._count_rows, self.open_targets)
+        # What its first visit would otherwise ask Postgres for (two transactions), the same for every tenant.
+        worker.endpoint = endpoint
+        worker.source_id = f"{self.source_id}/{name}"
+        return worker
 
     def _count_rows(self, rows: int) -> None:
         with self._rows_lock:

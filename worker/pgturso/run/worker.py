@@ -48,7 +48,15 @@ log = logging.getLogger("pgturso.worker")
 # pg_advisory_lock(int4, int4) key: "pgtr" and the target's name hashed by Postgres: one lock per target.
 DELIVERY_LOCK_CLASS = int.from_bytes(b"pgtr", "big")
 TARGET_ROW = "SELECT url, auth_token, pattern, tenant FROM pgturso.target WHERE name = %s"
-PATTERN_ROW = "SELECT url, auth_token FROM pgturso.target WHERE name = %s"
+# A tenant's URL and token: its own (an add_target of the tenant's name overrides the pattern's), else the
+# pattern's with %s replaced by the tenant value. For one tenant (target_endpoint, WHERE t.name) or for every
+# tenant of a pattern at once (the pattern worker's scan, WHERE t.pattern), so that a pattern worker's first
+# visit of each of a thousand tenants does not ask for it.
+TENANT_ENDPOINTS = """
+    SELECT t.name, t.tenant, coalesce(nullif(t.url, ''), replace(p.url, '%%s', t.tenant)),
+           coalesce(nullif(t.auth_token, ''), p.auth_token)
+    FROM pgturso.target t JOIN pgturso.target p ON p.name = t.pattern
+"""
 CAPTURE_OF_TARGET = "SELECT capture FROM pgturso.target WHERE name = %s"
 # A wal target's worker has no trigger to wake it: it looks at the WAL's end this often while idle.
 WAL_POLL_SECONDS = 0.02
@@ -86,11 +94,11 @@ def target_endpoint(conn: psycopg.Connection[Any], settings: Settings) -> tuple[
     if row is None:
         raise ConfigError(f"there is no target named {name!r}; create it with "
                           f"SELECT pgturso.add_target('{name}', 'libsql://…', 'token')")
-    row_url, row_token, pattern, tenant = row
+    row_url, row_token, pattern, _ = row
     if pattern is not None:  # a tenant of a pattern target: its own URL/token (an override), or the pattern's
         with conn.transaction():
-            pattern_url, pattern_token = conn.execute(PATTERN_ROW, (pattern,)).fetchone()  # type: ignore[misc]
-        return row_url or pattern_url.replace("%s", tenant), row_token or pattern_token
+            _, _, url, token = conn.execute(TENANT_ENDPOINTS + " WHERE t.name = %s", (name,)).fetchone()  # type: ignore[misc]
+        return str(url), token
     source = settings.sources.get("url", "default")
     url = settings.url if source in ("flag", "environment") else None
     if url is None and name == "default" and source == "postgresql.conf":
