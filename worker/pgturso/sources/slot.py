@@ -9,10 +9,12 @@ through a server-side cursor, and ``pg_replication_slot_advance`` once Turso con
 
 - A batch is one peek: whole transactions, up to ``batch_rows`` decoded changes (a bigger transaction comes
   whole and is streamed to Turso, never held in memory).
-- Values arrive as Postgres' text forms (the session pins the capture settings, see capture.CAPTURE_SETTINGS).
-  Postgres turns them back into values of the column's type and encodes them with the very expressions the
-  capture triggers use (capture.row_json_sql): one set-based query per run of rows, so both modes send the
-  same bytes and Python does no per-value work.
+- Values arrive as Postgres' text forms (the walsender's session pins the capture settings, see
+  capture.CAPTURE_SETTINGS). Postgres turns them back into values of the column's type and encodes them with
+  the very expressions the capture triggers use (capture.row_json_sql): one set-based query per run of rows,
+  so both modes send the same bytes. A table whose every column's type says how its JSON follows from the
+  text form (types.ColumnType.from_text: integers, text types, booleans, floats) is encoded by the worker
+  instead, as those expressions would: no round trip.
 - The progress marker on Turso names the batch's end (a commit LSN, or the point the peek read up to), the
   slot generation it was read from, and the layout each table was decoded with at that point. The slot is
   advanced only after Turso confirmed; a worker that restarts finds the marker ahead of the slot, deletes the
