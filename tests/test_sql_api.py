@@ -26,6 +26,19 @@ def test_create_extension_cascade_installs_plpython(pg_cluster):
             admin.execute("DROP DATABASE fresh")
 
 
+def test_outbox_payloads_are_compressed_with_lz4_where_the_server_has_it(conn):
+    # pglz cost writers of large statements and the initial copy about a fifth of their CPU (BENCHMARKS.md).
+    try:
+        with conn.transaction():
+            conn.execute("CREATE TEMP TABLE lz4_probe (t text COMPRESSION lz4)")
+        server_has_lz4 = True
+    except psycopg.errors.FeatureNotSupported:
+        server_has_lz4 = False
+    method = conn.execute("SELECT attcompression FROM pg_attribute "
+                          "WHERE attrelid = 'pgturso.outbox'::regclass AND attname = 'payload'").fetchone()[0]
+    assert method == ("l" if server_has_lz4 else "")
+
+
 @pytest.mark.parametrize(
     ("setup", "target", "message", "hint"),
     [

@@ -22,3 +22,14 @@ ALTER TABLE pgturso.skipped_transaction ADD COLUMN committed_before pg_lsn;
 -- Status of a target that keeps failing (pgturso-worker status --max-retrying): when its current run of errors
 -- began. last_error_at moves with every retry; failing_since stays until delivery gets past the error.
 ALTER TABLE pgturso.delivery_state ADD COLUMN failing_since timestamptz;
+
+-- Outbox payloads compressed with lz4, where the server was built with it (else pglz, the default, stays):
+-- pglz cost a writer's packed UPDATE or DELETE of 200,000 rows about a fifth of its capture time, and the
+-- initial copy a fifth of each chunk's CPU (20,000 rows, 1,000 per event: 60 against 48 ms).
+DO $$
+BEGIN
+    ALTER TABLE pgturso.outbox ALTER COLUMN payload SET COMPRESSION lz4;
+EXCEPTION WHEN feature_not_supported THEN
+    RAISE NOTICE 'pgturso: this server has no lz4; outbox payloads are compressed with pglz';
+END
+$$;
