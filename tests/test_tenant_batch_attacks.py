@@ -6,11 +6,25 @@ each row was written there (a Turso-side trigger counts the writes)."""
 
 from __future__ import annotations
 
+import json
 import socket
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import psycopg
+import pytest
+from conftest import pending
 from support.workers import WorkerProcess, wait_until
-from test_tenants import tenant_rows
+from test_tenants import (
+    applied_writes,
+    count_postgres_writes,
+    drain_pattern,
+    install_file_apply_counter,
+    pg_tenant_rows,
+    postgres_writes,
+    tenant_rows,
+)
 
 
 def test_tenants_whose_databases_hang_never_starve_a_healthy_tenant(conn, dsn, tmp_path: Path):
@@ -47,3 +61,198 @@ def test_tenants_whose_databases_hang_never_starve_a_healthy_tenant(conn, dsn, t
         hanging.close()
     assert tenant_rows(tmp_path / "tenant-good.db", "SELECT id, item FROM orders ORDER BY id") == [
         (10, "first"), (11, "second"), (12, "third")]
+
+
+class Crash(BaseException):
+    """The worker process dying at a chosen point (nothing of the worker's own handling runs)."""
+
+
+@pytest.fixture
+def hooked_sends(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Callable[[], None]]]:
+    """Run the callables queued under 'before' just before a tenant's one-statement batch is sent (after it was
+    read), and those under 'after' once Turso committed it and before Postgres deletes it: the two windows in
+    which the batch is held outside any Postgres transaction."""
+    from pgturso.run import fanout
+
+    hooks: dict[str, list[Callable[[], None]]] = {"before": [], "after": []}
+    send = fanout.send_batch
+
+    def run(when: str) -> None:
+        queued, hooks[when] = hooks[when], []
+        for hook in queued:
+            hook()
+
+    def hooked(target: Any, statements: Any, marker: Any) -> int:
+        run("before")
+        sent = send(target, statements, marker)
+        run("after")
+        return sent
+
+    monkeypatch.setattr(fanout, "send_batch", hooked)
+    return hooks
+
+
+def in_process_pattern_worker(dsn: str) -> Any:
+    from pgturso.common.settings import resolve
+    from pgturso.run.fanout import PatternWorker
+
+    pattern = PatternWorker(dsn, resolve({}, {}, {"target": "tenant-%s"}))
+    pattern._connect()
+    return pattern
+
+
+def two_tenants_counted(conn: psycopg.Connection[Any], dsn: str, tmp_path: Path) -> None:
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("INSERT INTO orders VALUES (100, 'acme', 'moves later'), (200, 'globex', 'g')")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    drain_pattern(dsn)
+    for tenant in ("acme", "globex"):
+        install_file_apply_counter(tmp_path / f"tenant-{tenant}.db", "orders")
+    count_postgres_writes(conn)
+
+
+def assert_every_write_arrived_once(conn: psycopg.Connection[Any], tmp_path: Path, *tenants: str) -> None:
+    for tenant in tenants:
+        path = tmp_path / f"tenant-{tenant}.db"
+        assert tenant_rows(path, "SELECT id, item FROM orders ORDER BY id") == pg_tenant_rows(conn, tenant), tenant
+        assert applied_writes(path) == postgres_writes(conn, tenant), tenant
+    assert pending(conn) == 0
+
+
+@pytest.mark.parametrize("isolation", ["read committed", "repeatable read", "serializable"])
+def test_transactions_open_during_a_one_statement_read_that_commit_in_its_windows_arrive_once_in_order(
+        conn, dsn, tmp_path: Path, isolation: str, hooked_sends):
+    """Two transactions hold lower outbox ids than the batch's last one while a tenant's batch is read in one
+    statement: one (a deferred constraint trigger that writes at commit, a savepoint rolled back, a tenant
+    move) commits between the read and the send, with a new autocommit write; the other commits after Turso
+    committed the batch and before Postgres deleted it. The deletion by the batch's name must leave them all,
+    the next one-statement batches deliver them, and the batch's position is past the commits it read."""
+    two_tenants_counted(conn, dsn, tmp_path)
+    conn.execute("CREATE FUNCTION defer_echo() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                 "INSERT INTO orders VALUES (NEW.id + 1000, NEW.tenant_id, 'deferred echo'); RETURN NULL; END $$")
+    conn.execute("CREATE CONSTRAINT TRIGGER defer_echo AFTER INSERT ON orders DEFERRABLE INITIALLY DEFERRED "
+                 "FOR EACH ROW WHEN (NEW.item = 'defer') EXECUTE FUNCTION defer_echo()")
+    first = psycopg.connect(dsn)
+    second = psycopg.connect(dsn)
+    try:
+        for session in (first, second):
+            session.execute(f"SET TRANSACTION ISOLATION LEVEL {isolation}")
+        first.execute("INSERT INTO orders VALUES (1, 'acme', 'open'), (2, 'acme', 'defer')")
+        with first.transaction():  # a savepoint, rolled back: nothing of it may arrive
+            first.execute("INSERT INTO orders VALUES (3, 'acme', 'rolled back')")
+            first.execute("UPDATE orders SET item = 'rolled back' WHERE id = 100")
+            raise psycopg.Rollback()
+        first.execute("UPDATE orders SET tenant_id = 'globex', item = 'moved' WHERE id = 100")
+        second.execute("INSERT INTO orders VALUES (4, 'acme', 'open too')")
+        second.execute("UPDATE orders SET item = 'g2' WHERE id = 200")
+        conn.execute("INSERT INTO orders VALUES (5, 'acme', 'read'), (6, 'globex', 'read')")
+        read_after = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]
+        hooked_sends["before"] += [first.commit,
+                                   lambda: conn.execute("INSERT INTO orders VALUES (7, 'acme', 'during send')")]
+        rolled_back: list[str] = []
+
+        def commit_second() -> None:
+            try:
+                second.commit()
+            except psycopg.errors.SerializationFailure:  # SERIALIZABLE may refuse it: then nothing of it arrives
+                rolled_back.append("open too")
+
+        hooked_sends["after"].append(commit_second)
+        written = ("open", "defer", "open too", "read", "during send", "deferred echo")
+        pattern = in_process_pattern_worker(dsn)
+        try:
+            acme = pattern._tenant("tenant-acme", "acme")
+            acme.step(pattern._pool_connection, True)
+            batch = acme._sending
+            assert batch is not None and batch.event_count == 1 and batch.held == []
+            # The position was taken in the read's statement after its events' commits (a server without it
+            # may lack them): at least the WAL position seen just after the last of those commits.
+            assert conn.execute("SELECT %s::pg_lsn >= %s::pg_lsn",
+                                (batch.position["lsn"], read_after)).fetchone()[0], (batch.position, read_after)
+            assert items_pending(conn, "acme", *written) == [w for w in written if w not in ("read", *rolled_back)]
+            acme.step(pattern._pool_connection, True)  # what committed in the windows: a whole batch again
+            assert acme._sending is not batch and items_pending(conn, "acme", *written) == []
+            acme.close_target()
+        finally:
+            pattern._shut_down()
+    finally:
+        first.close()
+        second.close()
+    drain_pattern(dsn)
+    assert pg_tenant_rows(conn, "acme") == [(1, "open"), (2, "defer"), *([(4, "open too")] if not rolled_back else []),
+                                            (5, "read"), (7, "during send"), (1002, "deferred echo")]
+    assert_every_write_arrived_once(conn, tmp_path, "acme", "globex")
+
+
+def items_pending(conn: psycopg.Connection[Any], tenant: str, *items: str) -> list[str]:
+    """Which of ``items`` (values of orders.item) an event of ``tenant`` still in the outbox carries."""
+    payloads = [p for (p,) in conn.execute(
+        "SELECT payload FROM pgturso.outbox WHERE tenant = %s AND payload IS NOT NULL", (tenant,))]
+    return [item for item in items if any(json.dumps(item) in p for p in payloads)]
+
+
+def test_a_worker_dying_around_a_one_statement_batch_applies_it_once_and_a_stale_one_is_fenced(
+        conn, dsn, tmp_path: Path, hooked_sends):
+    """The worker dies between reading a tenant's batch and sending it (nothing happened), then between Turso's
+    commit and the autocommit delete: a fresh worker must forget the batch by the marker, not apply it again;
+    and the dead worker's tenant state (stale marker, 'recovered') stepped again after the fresh worker
+    delivered more (a queued step of a tenant whose lock was lost) must be fenced, then recover and deliver,
+    each write applied once."""
+    two_tenants_counted(conn, dsn, tmp_path)
+    conn.execute("INSERT INTO orders VALUES (1, 'acme', 'one'), (2, 'globex', 'two')")
+
+    def crash() -> None:
+        raise Crash
+
+    pattern = in_process_pattern_worker(dsn)
+    try:
+        acme = pattern._tenant("tenant-acme", "acme")
+        hooked_sends["before"].append(crash)
+        with pytest.raises(Crash):
+            acme.step(pattern._pool_connection, True)
+        assert items_pending(conn, "acme", "one") == ["one"]
+        hooked_sends["after"].append(crash)
+        with pytest.raises(Crash):
+            acme.step(pattern._pool_connection, True)
+        assert items_pending(conn, "acme", "one") == ["one"]  # committed on Turso, not deleted
+        acme.close_target()
+        drain_pattern(dsn)  # a fresh worker: recovers acme from its marker (forgets, does not resend)
+        assert pending(conn) == 0
+        conn.execute("INSERT INTO orders VALUES (3, 'acme', 'three')")
+        drain_pattern(dsn)  # and delivers past it: the marker on Turso moves on
+        conn.execute("INSERT INTO orders VALUES (4, 'acme', 'four')")
+        # The dead worker's state, stepped late: its marker is two batches old.
+        again = acme.step(pattern._pool_connection, True)
+        assert again is not None and not acme.recovered, "a stale marker must fence the batch"
+        assert items_pending(conn, "acme", "four") == ["four"]
+        assert acme.step(pattern._pool_connection, True) is None  # recovered from the marker, delivered
+        acme.close_target()
+    finally:
+        pattern._shut_down()
+    drain_pattern(dsn)
+    assert_every_write_arrived_once(conn, tmp_path, "acme", "globex")
+
+
+def test_a_file_databases_marker_fence_refuses_a_batch_written_over_a_marker_it_did_not_see(tmp_path: Path):
+    """The fence on a `file:` database (every tenant's, in the usual setup): a batch sent over a marker that is
+    no longer the target's is refused whole, its statements with it (pyturso runs the check, a SELECT, only if
+    its row is fetched)."""
+    from pgturso.common.errors import MarkerMoved
+    from pgturso.delivery.pipeline import send_batch
+    from pgturso.delivery.progress import CREATE_MARKER_SQL, marker_statements
+    from pgturso.delivery.statements import Statement
+    from pgturso.delivery.targets import FileTarget
+
+    target = FileTarget(str(tmp_path / "fenced.db"))
+    try:
+        target.execute(CREATE_MARKER_SQL)
+        target.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+        send_batch(target, [Statement("INSERT INTO t VALUES (1)")], marker_statements("src", "M1", ""))
+        send_batch(target, [Statement("INSERT INTO t VALUES (2)")], marker_statements("src", "M2", "M1"))
+        with pytest.raises(MarkerMoved, match="another worker delivered"):
+            send_batch(target, [Statement("INSERT INTO t VALUES (3)")], marker_statements("src", "M3", "M1"))
+        assert target.query("SELECT id FROM t ORDER BY id") == [[1], [2]]
+        assert target.query("SELECT applied_ids FROM _pgturso_progress") == [["M2"]]
+    finally:
+        target.close()

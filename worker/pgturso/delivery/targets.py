@@ -445,7 +445,10 @@ class FileTransaction:
 
     def execute(self, statement: Statement) -> None:
         try:
-            self.target.conn.execute(statement.sql, statement.args)
+            # Stepped to its end: pyturso runs a SELECT only when its rows are fetched, and the progress
+            # marker's check is a SELECT that fails the transaction (progress.CHECK_MARKER_SQL). Unfetched, a
+            # stale worker's batch committed over another worker's marker: the fence did nothing on file:.
+            self.target.conn.execute(statement.sql, statement.args).fetchall()
         except self.target._error as exc:
             self.abort()
             raise self.target.failure(exc, statement) from exc
