@@ -256,3 +256,45 @@ def test_a_file_databases_marker_fence_refuses_a_batch_written_over_a_marker_it_
         assert target.query("SELECT applied_ids FROM _pgturso_progress") == [["M2"]]
     finally:
         target.close()
+
+
+def test_a_late_delete_by_a_worker_that_lost_its_tenant_does_not_make_the_next_start_recopy_it(
+        conn, dsn, tmp_path: Path, hooked_sends):
+    """A worker that lost a tenant (a step already handed out when its connection and locks went) commits the
+    batch on Turso; before its autocommit delete runs, another worker takes the tenant, forgets that batch by
+    the marker and delivers one more. The late delete then finds nothing to remove: it must not record its
+    older marker as the last one delivered, or the next start takes the tenant's database for an older copy
+    and recopies every table (every row written again)."""
+    from pgturso.run.worker import delivery_connection
+
+    two_tenants_counted(conn, dsn, tmp_path)
+    conn.execute("INSERT INTO orders VALUES (1, 'acme', 'one')")
+
+    def stall() -> None:
+        raise Crash  # the delete is run by hand below, late
+
+    pattern = in_process_pattern_worker(dsn)
+    try:
+        acme = pattern._tenant("tenant-acme", "acme")
+        hooked_sends["after"].append(stall)
+        try:
+            acme.step(pattern._pool_connection, True)
+        except Crash:
+            pass
+        late = acme._sending
+        assert late is not None and acme.outbox is not None
+        acme.close_target()  # a file: database is open in one process at a time
+        drain_pattern(dsn)  # another worker: recovers from the marker just committed, forgets the batch
+        conn.execute("INSERT INTO orders VALUES (2, 'acme', 'two')")
+        drain_pattern(dsn)
+        acme.outbox.conn = delivery_connection(dsn)
+        try:
+            acme.outbox.remove_delivered(late)  # the stalled worker's delete, at last
+        finally:
+            acme.outbox.conn.close()
+    finally:
+        pattern._shut_down()
+    conn.execute("INSERT INTO orders VALUES (3, 'acme', 'three')")
+    result = drain_pattern(dsn, "--log-format", "json")
+    assert "target_behind" not in result.stderr, result.stderr
+    assert_every_write_arrived_once(conn, tmp_path, "acme", "globex")

@@ -230,7 +230,7 @@ DELETE_BATCH = """
                ARRAY(SELECT jsonb_array_elements_text(m->'held'))::xid8[] AS held,
                ARRAY(SELECT jsonb_array_elements_text(m->'layouts'))::int[] AS layouts,
                jsonb_typeof(m->'layouts') = 'array' AS filtered, m->>'tenant' AS tenant
-        FROM (SELECT %(marker)s::jsonb AS m) AS given) AS b
+        FROM (SELECT %(marker)s::text::jsonb AS m) AS given) AS b  -- text: stored as given (RECORD_BATCH)
     WHERE o.id <= b.upto AND pg_visible_in_snapshot(o.txid, b.snap) AND NOT (o.txid = ANY (b.held))
       AND (NOT b.filtered OR o.layout_id = ANY (b.layouts))
       AND (b.tenant IS NULL AND o.tenant IS NULL OR o.tenant = b.tenant)
@@ -241,10 +241,14 @@ DELETE_ID_RANGES = """
     WHERE o.id BETWEEN (r->>0)::int8 AND (r->>1)::int8
 """
 def record_batch_sql(set_also: str, delete: str) -> str:
-    """One round trip recording a delivered batch: ``delete`` removes its events, and its counts are added to
-    the target's and its tables' totals (``set_also``: more assignments to the target's state, or '')."""
+    """One round trip recording a delivered batch: ``delete`` removes its events (the CTE ``removed``, one row
+    per event removed, which ``set_also`` may look at), and its counts are added to the target's and its
+    tables' totals (``set_also``: more assignments to the target's state, or '')."""
     return f"""
-    WITH totals AS (
+    WITH removed AS (
+        {delete.strip()}
+        RETURNING 1
+    ), totals AS (
         UPDATE pgturso.delivery_state SET status = 'delivering', last_delivered_at = now(), updated_at = now(),
             transactions_delivered = transactions_delivered + %(transactions)s,
             rows_delivered = rows_delivered + %(rows)s{set_also}
@@ -256,11 +260,17 @@ def record_batch_sql(set_also: str, delete: str) -> str:
         ON CONFLICT (table_id) DO UPDATE SET rows_delivered = s.rows_delivered + excluded.rows_delivered,
             last_delivered_at = excluded.last_delivered_at
     )
-    {delete.strip()}
+    SELECT count(*) FROM removed
 """
 
 
-RECORD_BATCH = record_batch_sql(", delivered_marker = %(marker)s", DELETE_BATCH)
+# The batch's marker becomes the last one Postgres knows delivered only if this deletion removed its events: a
+# worker that lost the target and deletes late (another worker forgot the batch by the marker on the target
+# and has delivered more since) must not put back an older marker, which the next start would take for a
+# target that lacks deliveries, and recopy it (Worker._catch_up_a_target_that_is_behind).
+RECORD_BATCH = record_batch_sql(
+    ", delivered_marker = CASE WHEN EXISTS (SELECT FROM removed) THEN %(marker)s::text ELSE delivered_marker END",
+    DELETE_BATCH)
 DELIVERED_MARKER = "SELECT delivered_marker FROM pgturso.delivery_state WHERE target = %(target)s"
 SET_DELIVERED_MARKER = "UPDATE pgturso.delivery_state SET delivered_marker = %(marker)s WHERE target = %(target)s"
 # A target database that lacks what was delivered to it: every committed event of the target goes (the copies
