@@ -101,6 +101,16 @@ def in_process_pattern_worker(dsn: str) -> Any:
     return pattern
 
 
+def tenant_worker(pattern: Any, value: str) -> Any:
+    """The pattern worker's TenantWorker of tenant ``value``, as its scan makes one (without its lock)."""
+    from pgturso.run.fanout import TENANTS
+
+    for name, tenant, url, token in pattern.conn.execute(TENANTS, (pattern.pattern,)).fetchall():
+        if tenant == value:
+            return pattern._tenant(name, tenant, (url, token))
+    raise AssertionError(f"no tenant {value!r}")
+
+
 def two_tenants_counted(conn: psycopg.Connection[Any], dsn: str, tmp_path: Path) -> None:
     conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
     conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
@@ -162,7 +172,7 @@ def test_transactions_open_during_a_one_statement_read_that_commit_in_its_window
         written = ("open", "defer", "open too", "read", "during send", "deferred echo")
         pattern = in_process_pattern_worker(dsn)
         try:
-            acme = pattern._tenant("tenant-acme", "acme")
+            acme = tenant_worker(pattern, "acme")
             acme.step(pattern._pool_connection, True)
             batch = acme._sending
             assert batch is not None and batch.event_count == 1 and batch.held == []
@@ -207,7 +217,7 @@ def test_a_worker_dying_around_a_one_statement_batch_applies_it_once_and_a_stale
 
     pattern = in_process_pattern_worker(dsn)
     try:
-        acme = pattern._tenant("tenant-acme", "acme")
+        acme = tenant_worker(pattern, "acme")
         hooked_sends["before"].append(crash)
         with pytest.raises(Crash):
             acme.step(pattern._pool_connection, True)
@@ -275,7 +285,7 @@ def test_a_late_delete_by_a_worker_that_lost_its_tenant_does_not_make_the_next_s
 
     pattern = in_process_pattern_worker(dsn)
     try:
-        acme = pattern._tenant("tenant-acme", "acme")
+        acme = tenant_worker(pattern, "acme")
         hooked_sends["after"].append(stall)
         try:
             acme.step(pattern._pool_connection, True)
