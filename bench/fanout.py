@@ -36,6 +36,14 @@ COLUMNS = "(id bigint PRIMARY KEY, tenant_id text NOT NULL, txt text, n int)"
 PATTERN = "tenant-%s"
 
 
+def _tenant_threads() -> int:
+    """The worker's tenant_threads: its default, unless PGTURSO_TENANT_THREADS is set for the run."""
+    from pgturso.common.settings import SETTINGS
+
+    default = next(s.default for s in SETTINGS if s.name == "tenant_threads")
+    return int(os.environ.get("PGTURSO_TENANT_THREADS", default))
+
+
 def _tenant(number: int) -> str:
     return f"t{number:04d}"
 
@@ -263,7 +271,8 @@ def s11_fanout(b: Bench) -> None:
             b.add(Row("11a", f"Copy of the same rows into {fmt_int(tenants)} databases, one per tenant "
                              f"({fmt_int(per_tenant)} rows each): rows/s vs one database",
                       f"{fmt_rate(spread)} = {spread / single:.2f}x", ">= 0.50x", spread >= 0.5 * single,
-                      "one worker, 4 tenant threads; every tenant a file: database but one (a tursodb server)"))
+                      f"one worker, {_tenant_threads()} tenant threads; every tenant a file: database but one "
+                      "(a tursodb server)"))
             _live(b, tmp, tenants, server)
     finally:
         server.cleanup()

@@ -51,7 +51,7 @@ def test_defaults() -> None:
         tls_ca_file=None,
         metrics_port=0,
         metrics_host="127.0.0.1",
-        tenant_threads=4,
+        tenant_threads=8,
     )
     assert set(s.sources.values()) == {"default"}
 

@@ -97,9 +97,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("retry_base_delay", 0.5, _positive_float, "first retry delay in seconds (doubles, with jitter)"),
     Setting("retry_max_delay", 30.0, _positive_float, "cap of the retry delay in seconds"),
     Setting("retry_limit", 0, _non_negative_int, "retries before giving up; 0: forever (run), 3 (--once)"),
-    Setting("tenant_threads", 4, _positive_int, "a pattern target's worker: tenant databases delivered at once, "
+    Setting("tenant_threads", 8, _positive_int, "a pattern target's worker: tenant databases delivered at once, "
             "each by a thread with its own Postgres connection (one more connection watches the tenants); any "
-            "number of tenants shares them"),
+            "number of tenants shares them. A visit mostly waits (fsyncs, Postgres), so more threads than cores "
+            "pay off"),
     Setting("log_level", "info", _choice("debug", "info", "warning", "error"), "log level"),
     Setting("log_format", "text", _choice("text", "json"), "log lines as key=value text or JSON"),
     Setting("metrics_port", 0, _non_negative_int, "serve Prometheus metrics on 127.0.0.1:PORT; 0: off"),
