@@ -556,3 +556,28 @@ def test_a_tenant_backlog_larger_than_a_batch_is_delivered_in_order_exactly_once
         assert tenant_rows(path, "SELECT id, item FROM orders ORDER BY id") == pg_tenant_rows(conn, tenant), tenant
         assert applied_writes(path) == postgres_writes(conn, tenant), tenant
     assert pending(conn) == 0
+
+
+def test_the_scans_tenant_endpoints_are_what_target_endpoint_says_for_each_tenant(conn, dsn, tmp_path: Path):
+    """The pattern worker takes each tenant's URL and token from its tenant list (TENANTS) instead of asking per
+    tenant: the pattern's URL with the tenant, and its token, unless an add_target of the tenant's name gives its
+    own URL (and its own token, or else the pattern's)."""
+    import dataclasses
+
+    from pgturso.common.settings import resolve
+    from pgturso.run.fanout import TENANTS
+    from pgturso.run.worker import target_endpoint
+
+    conn.execute("SELECT pgturso.add_target('tenant-%s', 'libsql://t-%s.example.org', 'pattern-token')")
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL)")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    conn.execute("SELECT pgturso.add_target('tenant-own', 'libsql://own.example.org')")
+    conn.execute("SELECT pgturso.add_target('tenant-both', 'libsql://both.example.org', 'own-token')")
+    conn.execute("INSERT INTO orders VALUES (1, 'plain'), (2, 'own'), (3, 'both')")
+    scanned = {name: (url, token) for name, _, url, token in conn.execute(TENANTS, ("tenant-%s",)).fetchall()}
+    assert scanned == {"tenant-plain": ("libsql://t-plain.example.org", "pattern-token"),
+                       "tenant-own": ("libsql://own.example.org", "pattern-token"),
+                       "tenant-both": ("libsql://both.example.org", "own-token")}
+    settings = resolve({}, {}, {})
+    for name, endpoint in scanned.items():
+        assert target_endpoint(conn, dataclasses.replace(settings, target=name)) == endpoint, name
