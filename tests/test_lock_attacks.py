@@ -4,10 +4,14 @@ waits on whom through pg_locks / pg_stat_activity, then checks the rows that rea
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
 import psycopg
+import pytest
+from conftest import drain
+from support.cloud_proxy import CloudProxy
 from support.turso import TursoServer
 from support.workers import WorkerProcess, outbox_empty, wait_until
 
@@ -22,6 +26,11 @@ WAITING = """
 
 def waiting(conn: psycopg.Connection[Any]) -> list[tuple[int, str, list[int]]]:
     return [(int(pid), str(app), list(blockers)) for pid, app, blockers in conn.execute(WAITING).fetchall()]
+
+
+def blocked_by(conn: psycopg.Connection[Any], pid: int) -> bool:
+    """Whether a backend waits for a lock ``pid`` holds."""
+    return any(pid in blockers for _, _, blockers in waiting(conn))
 
 
 def deadlock_timeout_seconds(conn: psycopg.Connection[Any]) -> float:
@@ -71,3 +80,115 @@ def test_a_copy_chunk_waiting_for_a_writer_never_makes_that_writer_deadlock(conn
             if worker is not None:
                 worker.stop()
         conn.execute("SELECT pgturso.resync_table('big')")  # copy again for the second interleaving
+
+
+def _holds_lock_on(conn: psycopg.Connection[Any], app: str, relation: str) -> bool:
+    """Whether a backend of application ``app`` holds a lock on ``relation`` while idle in its transaction."""
+    return bool(conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE a.application_name = %s AND a.state = 'idle in transaction' AND l.granted "
+        "AND l.relation = %s::regclass)", (app, relation)).fetchone()[0])
+
+
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)  # a wal worker holds no outbox rows meanwhile
+def test_untrack_table_while_turso_hangs_never_blocks_the_tables_writers(conn, dsn, turso: TursoServer, capture):
+    """A worker reading the next batch while Turso holds the previous one keeps that batch's deletion open (its
+    outbox rows, its tables' counters). untrack_table deletes those rows too, so it waits for Turso: it must not
+    do so while holding the lock it takes on the table to drop the capture triggers, or every reader and writer
+    of the table waits for Turso behind it."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("CREATE TABLE kept (id int PRIMARY KEY)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("SELECT pgturso.track_table('kept')")
+    with CloudProxy(turso.url, None) as cloud:
+        worker = WorkerProcess(dsn, cloud.url, "--batch-events", "1", "--idle-wait", "1").start()
+        try:
+            conn.execute("INSERT INTO t VALUES (0, 'delivered')")
+            wait_until(lambda: outbox_empty(dsn), 60, "the first row to be delivered")
+            cloud.stalls = [15.0]  # Turso accepts the next request and answers nothing for 15 s
+            for i in (1, 2, 3):
+                conn.execute("INSERT INTO t VALUES (%s, 'pending')", (i,))
+            wait_until(lambda: _holds_lock_on(conn, "pgturso-worker", "pgturso.table_state"), 60,
+                       "the worker to hold a batch's deletion open while Turso does not answer")
+            untracker = psycopg.connect(dsn, autocommit=True)
+            writer = psycopg.connect(dsn, autocommit=True)
+            try:
+                untracking = threading.Thread(target=untracker.execute,
+                                              args=("SELECT pgturso.untrack_table('t')",))
+                untracking.start()
+                untracker_pid = untracker.info.backend_pid
+                wait_until(lambda: any(pid == untracker_pid for pid, _, _ in waiting(conn)), 30,
+                           "untrack_table to wait for the worker")
+                writes: list[str] = []
+                writing = threading.Thread(target=lambda: writes.append(
+                    str(writer.execute("INSERT INTO t VALUES (10, 'written meanwhile') RETURNING v").fetchone()[0])))
+                writing.start()
+                writer_pid = writer.info.backend_pid
+                wait_until(lambda: writes or any(pid == writer_pid for pid, _, _ in waiting(conn)), 30,
+                           "the writer to commit or wait")
+                chain = waiting(conn)
+                writing.join(30)
+                assert writes == ["written meanwhile"] and not any(pid == writer_pid for pid, _, _ in chain), (
+                    f"the table's writer waited while Turso did not answer: {chain}")
+                untracking.join(60)
+                assert not untracking.is_alive()
+            finally:
+                untracker.close()
+                writer.close()
+            assert conn.execute("SELECT count(*) FROM pgturso.tracked_table WHERE relid = 't'::regclass"
+                                ).fetchone()[0] == 0
+            # The worker carries on with the tables still tracked.
+            conn.execute("INSERT INTO kept VALUES (1)")
+            wait_until(lambda: outbox_empty(dsn), 60, "the worker to deliver after the hang")
+            assert turso.query("SELECT id FROM kept") == [[1]], worker.output[-3000:]
+        finally:
+            worker.stop()
+
+
+def test_untrack_table_leaves_no_event_of_a_writer_it_waited_for_under_any_isolation(conn, dsn, turso: TursoServer,
+                                                                                     capture):
+    """untrack_table waits for the table's open writers (dropping the triggers locks the table), then deletes
+    the table's events. A REPEATABLE READ or SERIALIZABLE caller's snapshot predates that wait: the events of a
+    writer that committed during it would stay in the outbox naming a layout that is gone, and the worker could
+    not decode them. Such a caller is refused with the fix; READ COMMITTED removes them."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("CREATE TABLE kept (id int PRIMARY KEY)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("SELECT pgturso.track_table('kept')")
+    for isolation in ("REPEATABLE READ", "SERIALIZABLE", "READ COMMITTED"):
+        writer = psycopg.connect(dsn)
+        untracker = psycopg.connect(dsn, autocommit=True)
+        try:
+            writer.execute("INSERT INTO t VALUES (1, %s) ON CONFLICT (id) DO UPDATE SET v = excluded.v", (isolation,))
+            untracker.execute(f"BEGIN ISOLATION LEVEL {isolation}")
+            errors: list[Exception] = []
+
+            def untrack(untracker: psycopg.Connection[Any] = untracker, errors: list[Exception] = errors) -> None:
+                try:
+                    untracker.execute("SELECT pgturso.untrack_table('t')")
+                    untracker.execute("COMMIT")
+                except psycopg.Error as exc:
+                    errors.append(exc)
+                    untracker.execute("ROLLBACK")
+
+            untracking = threading.Thread(target=untrack)
+            untracking.start()
+            writer_pid = writer.info.backend_pid
+            wait_until(lambda pid=writer_pid, thread=untracking: not thread.is_alive() or blocked_by(conn, pid), 30,
+                       "untrack_table to wait for the writer, or to be refused")
+            writer.commit()
+            untracking.join(30)
+        finally:
+            writer.close()
+            untracker.close()
+        gone = conn.execute("SELECT count(*) FROM pgturso.outbox o WHERE NOT EXISTS "
+                            "(SELECT 1 FROM pgturso.layout l WHERE l.id = o.layout_id)").fetchone()[0]
+        assert gone == 0, f"{isolation}: {gone} event(s) of the untracked table left undecodable"
+        if isolation == "READ COMMITTED":
+            assert not errors
+        else:
+            assert errors and "READ COMMITTED" in str(errors[0].diag.message_hint), errors
+    conn.execute("INSERT INTO kept VALUES (1)")
+    result = drain(dsn, turso.url)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert turso.query("SELECT id FROM kept") == [[1]]
