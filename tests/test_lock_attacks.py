@@ -192,3 +192,100 @@ def test_untrack_table_leaves_no_event_of_a_writer_it_waited_for_under_any_isola
     result = drain(dsn, turso.url)
     assert result.returncode == 0, result.stderr[-3000:]
     assert turso.query("SELECT id FROM kept") == [[1]]
+
+
+def _pattern_with_two_tables(conn: psycopg.Connection[Any], url: str) -> None:
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", url))
+    for table in ("orders", "invoices"):
+        conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, tenant_id text NOT NULL, v text)")
+        conn.execute(f"SELECT pgturso.track_table('{table}', target => 'tenant-%s', route_by => 'tenant_id')")
+        conn.execute(f"INSERT INTO {table} VALUES (1, 'acme', 'old'), (2, 'globex', 'old')")
+
+
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)  # pattern targets capture by trigger only
+def test_table_wide_events_of_two_tables_of_a_pattern_never_wait_for_each_other(conn, dsn, tmp_path, capture):
+    """TRUNCATE or DDL of a pattern's table is queued once per tenant (pgturso._fan_out), ordered against a
+    new tenant's registration. Two such statements on two different tables of the pattern have nothing to
+    order: the second must not wait for the first's transaction, nor deadlock with it when that transaction
+    then writes the second table (it waits for the second's table lock, which is ordinary)."""
+    from test_tenants import drain_pattern, tenant_rows
+
+    _pattern_with_two_tables(conn, f"file:{tmp_path}/tenant-%s.db")
+    for second in ("TRUNCATE invoices", "ALTER TABLE invoices ADD COLUMN note text"):
+        first, other = psycopg.connect(dsn), psycopg.connect(dsn)
+        try:
+            first.execute("TRUNCATE orders")
+            first_pid = first.info.backend_pid
+            done: list[str] = []
+            errors: list[Exception] = []
+
+            def run(sql: str = second, session: psycopg.Connection[Any] = other, done: list[str] = done,
+                    errors: list[Exception] = errors) -> None:
+                try:
+                    session.execute(sql)
+                    done.append(sql)
+                except psycopg.Error as exc:
+                    errors.append(exc)
+
+            running = threading.Thread(target=run)
+            running.start()
+            wait_until(lambda thread=running, pid=first_pid: not thread.is_alive() or blocked_by(conn, pid), 30,
+                       f"{second} to finish or wait")
+            chain = waiting(conn)
+            assert done == [second] and not chain, f"{second} waited for the TRUNCATE of another table: {chain}"
+            # The first transaction now writes the second table: it waits for that table's lock, as without
+            # pgturso, and no deadlock follows.
+            writing = threading.Thread(target=first.execute,
+                                       args=("INSERT INTO invoices (id, tenant_id, v) VALUES (3, 'acme', 'new')",))
+            writing.start()
+            wait_until(lambda pid=other.info.backend_pid: blocked_by(conn, pid), 30, "the write to wait")
+            other.commit()
+            writing.join(30)
+            first.commit()
+            assert not errors, errors
+        finally:
+            first.close()
+            other.close()
+        drain_pattern(dsn)
+        for tenant in ("acme", "globex"):
+            path = tmp_path / f"tenant-{tenant}.db"
+            for table in ("orders", "invoices"):
+                expected = [tuple(r) for r in conn.execute(
+                    f"SELECT id, v FROM {table} WHERE tenant_id = %s ORDER BY id", (tenant,)).fetchall()]
+                assert tenant_rows(path, f"SELECT id, v FROM {table} ORDER BY id") == expected, (tenant, table)
+
+
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)
+def test_a_new_tenant_and_a_table_wide_event_under_repeatable_read_fail_rather_than_act_on_a_stale_list(
+        conn, dsn, tmp_path, capture):
+    """A table-wide event only shares the pattern's row with a registration now (FOR SHARE against its
+    UPDATE) and updates its backend's stripe, which every registration updates: a REPEATABLE READ
+    transaction whose snapshot predates the other's commit still fails (serialization failure, to retry)
+    instead of queueing a new tenant's tables at an old layout, or a TRUNCATE for a stale list of tenants."""
+    from test_tenants import drain_pattern, tenant_rows
+
+    _pattern_with_two_tables(conn, f"file:{tmp_path}/tenant-%s.db")
+    # A registration whose snapshot predates a committed schema change.
+    with psycopg.connect(dsn) as late:
+        late.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        late.execute("SELECT 1")
+        conn.execute("ALTER TABLE orders ADD COLUMN note text")
+        with pytest.raises(psycopg.errors.SerializationFailure):
+            late.execute("INSERT INTO orders (id, tenant_id, v) VALUES (10, 'newco', 'x')")
+    # A TRUNCATE whose snapshot predates a committed registration.
+    with psycopg.connect(dsn) as late:
+        late.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        late.execute("SELECT 1")
+        conn.execute("INSERT INTO orders (id, tenant_id, v, note) VALUES (11, 'initech', 'x', 'n')")
+        with pytest.raises(psycopg.errors.SerializationFailure):
+            late.execute("TRUNCATE invoices")
+    # Retried, both reach every tenant, new ones included, with the schema change.
+    conn.execute("INSERT INTO orders (id, tenant_id, v, note) VALUES (10, 'newco', 'x', 'n')")
+    conn.execute("TRUNCATE invoices")
+    drain_pattern(dsn)
+    for tenant in ("acme", "globex", "newco", "initech"):
+        path = tmp_path / f"tenant-{tenant}.db"
+        expected = [tuple(r) for r in conn.execute(
+            "SELECT id, v, note FROM orders WHERE tenant_id = %s ORDER BY id", (tenant,)).fetchall()]
+        assert tenant_rows(path, "SELECT id, v, note FROM orders ORDER BY id") == expected, tenant
+        assert tenant_rows(path, "SELECT count(*) FROM invoices") == [(0,)], tenant

@@ -99,10 +99,15 @@ COMMENT ON FUNCTION pgturso.remove_target IS 'Remove a named target that no tabl
 --
 -- Every change that must reach all of a pattern's tenant databases (create, schema change, TRUNCATE, drop) is
 -- written once per tenant known then; a new tenant gets its tables created (pgturso._register_tenants) before
--- its first rows. Both first update the pattern's row in pgturso.target (generation): that row lock orders them,
--- so a tenant registered concurrently either waits for the change and is created with its result, or the change
--- waits for the registration and reaches the new tenant too. Under REPEATABLE READ, the loser of that race gets
--- a serialization failure (retry the transaction) instead of reading a stale list of tenants.
+-- its first rows. A registration updates the pattern's row in pgturso.target (generation), then every row of
+-- pgturso.tenant_stripe; a table-wide change locks the pattern's row FOR SHARE, then updates its backend's stripe.
+-- So a tenant registered concurrently either waits for the change and is created with its result, or the change
+-- waits for the registration and reaches the new tenant too; under REPEATABLE READ the loser of that race gets a
+-- serialization failure (retry the transaction) instead of reading a stale list of tenants or layouts (the
+-- change's FOR SHARE fails on the registration's update, the registration's update of the stripes on the
+-- change's). Two table-wide changes, of different tables of the pattern, have nothing to order: they share the
+-- row lock and (unless their backend ids collide modulo 64) no stripe, so neither waits for the other's
+-- transaction, nor deadlocks with it when that transaction then uses the other table.
 CREATE OR REPLACE FUNCTION pgturso._fan_out(layout_id integer, op "char", payload text) RETURNS void
 LANGUAGE plpgsql
 @SESSION_SETTINGS@
@@ -116,7 +121,8 @@ BEGIN
         INSERT INTO pgturso.outbox (layout_id, op, nrows, payload) VALUES (layout_id, op, 0, payload);
         RETURN;
     END IF;
-    UPDATE pgturso.target SET generation = generation + 1 WHERE name = v_pattern;
+    PERFORM FROM pgturso.target WHERE name = v_pattern FOR SHARE;
+    UPDATE pgturso.tenant_stripe SET generation = generation + 1 WHERE stripe = pg_backend_pid() % 64;
     INSERT INTO pgturso.outbox (layout_id, op, nrows, payload, tenant)
     SELECT _fan_out.layout_id, _fan_out.op, 0, _fan_out.payload, g.tenant
     FROM pgturso.target g WHERE g.pattern = v_pattern ORDER BY g.tenant;
@@ -146,12 +152,10 @@ BEGIN
         RETURN;
     END IF;
     UPDATE pgturso.target SET generation = generation + 1 WHERE name = v_pattern;
-    IF EXISTS (SELECT 1 FROM pgturso.tracked_table t
-               WHERE t.target = v_pattern AND t.dropped_at IS NULL AND t.options ? 'reference') THEN
-        -- Wait for every open writer of a reference table (each holds its stripe: pgturso._pattern_tenants),
-        -- or fail if one committed after this REPEATABLE READ snapshot, before copying the reference rows.
-        UPDATE pgturso.tenant_stripe SET generation = generation + 1;
-    END IF;
+    -- Wait for every open writer of a reference table (each holds its stripe: pgturso._pattern_tenants) and every
+    -- open table-wide change (pgturso._fan_out), or fail if one committed after this REPEATABLE READ snapshot,
+    -- before reading the tables' layouts and copying the reference rows.
+    UPDATE pgturso.tenant_stripe SET generation = generation + 1;
     FOR v_tenant IN SELECT DISTINCT x FROM unnest(tenants) AS x ORDER BY 1 LOOP
         v_name := replace(v_pattern, '%s', v_tenant);
         -- '.' and '..' would be the directory itself or its parent where %s is a path segment of the URL.
