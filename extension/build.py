@@ -17,7 +17,8 @@ catalogs they produce.
 Substitutes ``@PYTHON_DIR@`` (where the PL/Python functions import the package from) and
 ``@CAPTURE_SETTINGS@`` and ``@SESSION_SETTINGS@`` (the SET clauses that pin value encoding, and the search_path and
 standard_conforming_strings every function pins, from pgturso.capture.CAPTURE_SETTINGS: the
-one source of truth for them, shared with the generated capture functions).
+one source of truth for them, shared with the generated capture functions), and ``@NOTIFY_ENABLED@`` (whether
+this session may wake the worker with a NOTIFY: pgturso.capture.sql.NOTIFY_ENABLED, which captures test too).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "worker"))
 
-from pgturso.capture.sql import CAPTURE_SETTINGS, SESSION_SETTINGS
+from pgturso.capture.sql import CAPTURE_SETTINGS, NOTIFY_ENABLED, SESSION_SETTINGS
 
 FIRST_RELEASE = "0.1.0"
 _MIGRATION = re.compile(r"^\d+_catalog--(\d+\.\d+\.\d+)\.sql$")
@@ -55,6 +56,7 @@ def _render(sources: list[str], python_dir: str, header: str) -> str:
     text = "\n".join(parts)
     text = text.replace("@CAPTURE_SETTINGS@", "\n".join(CAPTURE_SETTINGS))
     text = text.replace("@SESSION_SETTINGS@", "\n".join(SESSION_SETTINGS))
+    text = text.replace("@NOTIFY_ENABLED@", NOTIFY_ENABLED)
     return text.replace("@PYTHON_DIR@", python_dir)
 
 

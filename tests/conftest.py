@@ -33,8 +33,10 @@ def _create_extension(host: str, port: int, user: str, dbname: str, **_: Any) ->
 
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[PgCluster]:
-    # wal_level = logical for the tests of capture => 'wal' (its cost to trigger capture is small).
-    cluster = PgCluster(port=PG_PORT, settings={"wal_level": "logical", "max_replication_slots": "20"}).start()
+    # wal_level = logical for the tests of capture => 'wal' (its cost to trigger capture is small); prepared
+    # transactions for the two-phase commit tests.
+    cluster = PgCluster(port=PG_PORT, settings={"wal_level": "logical", "max_replication_slots": "20",
+                                                "max_prepared_transactions": "10"}).start()
     yield cluster
     cluster.stop()
 

@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import drain
+from pgturso.capture.sql import WAKE_LOCK_CLASS
 from support.cloud_proxy import CloudProxy
 from support.turso import TursoServer
 from support.workers import WorkerProcess, outbox_empty, wait_until
@@ -289,3 +290,47 @@ def test_a_new_tenant_and_a_table_wide_event_under_repeatable_read_fail_rather_t
             "SELECT id, v, note FROM orders WHERE tenant_id = %s ORDER BY id", (tenant,)).fetchall()]
         assert tenant_rows(path, "SELECT id, v, note FROM orders ORDER BY id") == expected, tenant
         assert tenant_rows(path, "SELECT count(*) FROM invoices") == [(0,)], tenant
+
+
+def _worker_sleeps(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the worker holds its wake locks (it sleeps: a capture then sends it a NOTIFY)."""
+    return bool(conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s::oid "
+        "AND a.application_name = 'pgturso-worker')", (WAKE_LOCK_CLASS,)).fetchone()[0])
+
+
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)
+def test_a_prepared_transaction_commits_once_its_session_turns_notify_off(conn, dsn, turso: TursoServer, capture):
+    """A capture that finds the worker asleep wakes it with a NOTIFY, and Postgres refuses to PREPARE a
+    transaction that sent one: two-phase commit of a write to a tracked table failed whenever the worker was
+    idle. With pgturso.notify = off (for the role, database or session) pgturso sends none; the worker finds
+    the changes within idle_wait seconds, and a prepared transaction reaches Turso once COMMIT PREPARED."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    worker = WorkerProcess(dsn, turso.url, "--idle-wait", "1").start()
+    try:
+        wait_until(lambda: _worker_sleeps(conn), 60, "the worker to go idle")
+        # By default the NOTIFY is sent, and PREPARE TRANSACTION refuses it (Postgres's error); nothing of the
+        # transaction reaches Turso.
+        with psycopg.connect(dsn) as app:
+            app.execute("INSERT INTO t VALUES (1, 'refused')")
+            with pytest.raises(psycopg.errors.FeatureNotSupported, match="NOTIFY"):
+                app.execute("PREPARE TRANSACTION 'pgturso_lock_attacks_1'")
+        wait_until(lambda: _worker_sleeps(conn), 60, "the worker to go idle again")
+        with psycopg.connect(dsn, autocommit=True) as app:
+            app.execute("SET pgturso.notify = off")
+            app.execute("BEGIN")
+            app.execute("INSERT INTO t VALUES (2, 'prepared')")
+            app.execute("ALTER TABLE t ADD COLUMN n int")  # DDL on a tracked table notifies too
+            app.execute("UPDATE t SET n = 7")
+            app.execute("PREPARE TRANSACTION 'pgturso_lock_attacks_2'")
+        assert conn.execute("SELECT count(*) FROM pgturso.outbox").fetchone()[0] == 0  # invisible until committed
+        conn.execute("COMMIT PREPARED 'pgturso_lock_attacks_2'")
+        wait_until(lambda: outbox_empty(dsn), 60, "the prepared transaction to reach Turso")
+        assert turso.query("SELECT id, v, n FROM t") == [[2, "prepared", 7]], worker.output[-3000:]
+    finally:
+        worker.stop()
+        for (gid,) in conn.execute("SELECT gid FROM pg_prepared_xacts WHERE database = current_database()"
+                                   ).fetchall():
+            conn.execute(f"ROLLBACK PREPARED '{gid}'")

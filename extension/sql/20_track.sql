@@ -2,6 +2,23 @@
 -- Schema changes of tracked tables are followed by the event triggers of 30_schema_changes.sql, which use the
 -- same helpers (_describe, _install_capture) to compute a new layout.
 
+-- Wake the worker (it LISTENs on 'pgturso' while idle). Not in a session with pgturso.notify = off: Postgres
+-- refuses to PREPARE a transaction that sent a NOTIFY, and such a session's changes are found by the worker's
+-- idle_wait polling instead (docs/design.md, "What writers wait for").
+CREATE OR REPLACE FUNCTION pgturso._wake_worker() RETURNS void
+LANGUAGE plpgsql
+@SESSION_SETTINGS@
+AS $$
+BEGIN
+    IF @NOTIFY_ENABLED@ THEN
+        PERFORM pg_notify('pgturso', '');
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION pgturso._wake_worker IS
+    'Private: NOTIFY the worker, unless this session set pgturso.notify = off (it prepares transactions).';
+REVOKE ALL ON FUNCTION pgturso._wake_worker() FROM PUBLIC;
+
 CREATE OR REPLACE FUNCTION pgturso._base_type(typ oid) RETURNS oid
 LANGUAGE sql STABLE
 @SESSION_SETTINGS@
@@ -709,7 +726,7 @@ BEGIN
         UPDATE pgturso.tracked_table t SET copy_rows_total = t.copy_rows_done WHERE t.id = table_id;
     END IF;
     IF v_rows > 0 THEN
-        PERFORM pg_notify('pgturso', '');
+        PERFORM pgturso._wake_worker();
     END IF;
     RETURN v_rows;
 END
@@ -934,7 +951,7 @@ BEGIN
         PERFORM pgturso._start_copy(v_table_id);
     END IF;
     PERFORM pgturso._install_capture(rel, v_table_id, v_plan);
-    PERFORM pg_notify('pgturso', '');
+    PERFORM pgturso._wake_worker();
 END
 $$;
 COMMENT ON FUNCTION pgturso.track_table IS
@@ -994,7 +1011,7 @@ BEGIN
     ELSE
         PERFORM pgturso._start_copy(v_table_id);
     END IF;
-    PERFORM pg_notify('pgturso', '');
+    PERFORM pgturso._wake_worker();
 END
 $$;
 COMMENT ON FUNCTION pgturso.resync_table IS

@@ -141,7 +141,7 @@ BEGIN
     END IF;
     IF v_plan IS NOT NULL THEN
         PERFORM pgturso._install_capture(v_rel, table_id, v_plan);
-        PERFORM pg_notify('pgturso', '');
+        PERFORM pgturso._wake_worker();
     END IF;
 END
 $$;
@@ -180,7 +180,7 @@ BEGIN
     ELSE
         PERFORM pgturso._start_copy(table_id);
     END IF;
-    PERFORM pg_notify('pgturso', '');
+    PERFORM pgturso._wake_worker();
 END
 $$;
 COMMENT ON FUNCTION pgturso._recopy IS 'Private: recreate a tracked relation on Turso and send all its rows again.';
@@ -529,7 +529,7 @@ BEGIN
         PERFORM pgturso._drop_capture_functions(v_row.id);
         PERFORM pgturso._drop_row_filter(v_row.options);
         UPDATE pgturso.tracked_table SET dropped_at = now() WHERE id = v_row.id;
-        PERFORM pg_notify('pgturso', '');
+        PERFORM pgturso._wake_worker();
         v_tracked_dropped := true;
     END LOOP;
     -- DROP INDEX (or a dropped unique constraint's index): the tables that had it on Turso follow.

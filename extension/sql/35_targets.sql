@@ -231,7 +231,7 @@ BEGIN
                 EXECUTE pgturso._plan_tenant_rows(v_ref.id, v_ref.spec, pgturso._row_source(v_ref.relid))
                     USING v_tenant;
             END LOOP;
-            PERFORM pg_notify('pgturso', '');
+            PERFORM pgturso._wake_worker();
         END IF;
     END LOOP;
 END

@@ -199,7 +199,7 @@ BEGIN
     RAISE WARNING 'pgturso: skipped source transaction % for target % (% rows in %): Turso now differs from Postgres for them',
         txid, v_target, v_rows, array_to_string(v_tables, ', ')
         USING HINT = 'Fix the rows by hand on Turso, or untrack and track the table again to recopy it.';
-    PERFORM pg_notify('pgturso', '');
+    PERFORM pgturso._wake_worker();
     RETURN v_events;
 END
 $$;

@@ -231,6 +231,10 @@ def _collect_sql(op: str, row_expr: str, source: str, small_first: bool = True, 
 # otherwise the worker is busy (or not running) and will look at the outbox anyway: no NOTIFY, which is the
 # most expensive part of capturing a single-row statement.
 WAKE_LOCK_CLASS = int.from_bytes(b"pgtw", "big")
+# Postgres refuses to PREPARE a transaction that sent a NOTIFY (two-phase commit). A role, database or session that
+# prepares transactions sets pgturso.notify = off: its captures and DDL neither notify nor take the wake lock, and
+# an idle worker finds their changes within idle_wait seconds. (SQL files use it as @NOTIFY_ENABLED@.)
+NOTIFY_ENABLED = "coalesce(current_setting('pgturso.notify', true), 'on') NOT IN ('off', 'false', 'no', '0')"
 
 
 def capture_function_sql(layout: TableLayout, layout_id: int, function_name: str, table_id: int) -> str:
@@ -308,8 +312,10 @@ def capture_function_sql(layout: TableLayout, layout_id: int, function_name: str
     END;
     {write};
   END IF;
-  IF NOT pg_try_advisory_xact_lock_shared({WAKE_LOCK_CLASS}, {int(table_id)}) THEN
-    PERFORM pg_notify('pgturso', '');
+  IF {NOTIFY_ENABLED} THEN
+    IF NOT pg_try_advisory_xact_lock_shared({WAKE_LOCK_CLASS}, {int(table_id)}) THEN
+      PERFORM pg_notify('pgturso', '');
+    END IF;
   END IF;
   RETURN NULL;
 END
@@ -361,7 +367,7 @@ BEGIN
   {deletes};
   {upserts};
   DROP TABLE pg_temp.pgturso_mv_before, pg_temp.pgturso_mv_after;
-  PERFORM pg_notify('pgturso', '');
+  PERFORM pgturso._wake_worker();
 END
 """
     tag = _dollar_tag(body)
