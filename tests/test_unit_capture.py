@@ -10,6 +10,7 @@ from pgturso.capture.layout import TableLayout
 from pgturso.capture.sql import (
     CAPTURE_SETTINGS,
     CHUNK_ROWS,
+    NOTIFY_ENABLED,
     SESSION_SETTINGS,
     WAKE_LOCK_CLASS,
     capture_function_sql,
@@ -139,7 +140,8 @@ def test_capture_pins_exactly_the_settings_its_types_depend_on(base_type: str, p
 
 def test_a_sleeping_worker_is_notified_only_when_it_holds_the_wake_lock() -> None:
     _, body = _function_body(capture_function_sql(DOCS, 12, "capture_12", 7))
-    gate = f"IF NOT pg_try_advisory_xact_lock_shared({WAKE_LOCK_CLASS}, 7) THEN\n    PERFORM pg_notify('pgturso', '');"
+    gate = (f"IF {NOTIFY_ENABLED} THEN\n    IF NOT pg_try_advisory_xact_lock_shared({WAKE_LOCK_CLASS}, 7) THEN\n"
+            "      PERFORM pg_notify('pgturso', '');")
     assert gate in body and body.count("pg_notify") == 1
 
 

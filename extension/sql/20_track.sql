@@ -924,6 +924,14 @@ BEGIN
 
     INSERT INTO pgturso.tracked_table (relid, target, target_table, options)
     VALUES (rel, track_table.target, v_desc.target_table, v_options) RETURNING id INTO v_table_id;
+    -- The counters' row exists before the worker's first batch of the table: that batch only updates it. An
+    -- insert would check its foreign key, locking this tracked_table row FOR KEY SHARE until Turso confirms
+    -- the batch, and a RENAME of the table (a new Turso name: a key of this row) would wait for Turso while it
+    -- holds the table's lock (test_renaming_a_table_whose_first_batch_turso_holds_never_waits_for_turso).
+    -- Tenants of a pattern keep no per-table counters.
+    IF strpos(track_table.target, '%s') = 0 THEN
+        INSERT INTO pgturso.table_state (table_id) VALUES (v_table_id);
+    END IF;
     INSERT INTO pgturso.layout (table_id, spec) VALUES (v_table_id, '{}') RETURNING id INTO v_layout_id;
     v_plan := pgturso._plan_layout(v_layout_id, pgturso._row_source(rel), v_desc.source_table, v_desc.target_table,
                                    v_desc.columns, v_desc.key_columns, pgturso._capture_function_name(v_table_id),

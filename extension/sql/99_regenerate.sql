@@ -85,3 +85,7 @@ REVOKE ALL ON FUNCTION pgturso._plain_turso_indexes() FROM PUBLIC;
 
 SELECT pgturso._plain_turso_indexes();
 SELECT pgturso._regenerate_captures();
+-- Tables tracked before track_table created their counters' row (pgturso.table_state) get it now: the worker's
+-- first batch of a table would insert it, locking the tracked_table row against a RENAME until Turso answers.
+INSERT INTO pgturso.table_state (table_id)
+SELECT t.id FROM pgturso.tracked_table t WHERE strpos(t.target, '%s') = 0 ON CONFLICT DO NOTHING;
