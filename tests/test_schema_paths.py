@@ -76,6 +76,37 @@ def test_rows_written_before_a_cascade_drops_their_generated_column_arrive(captu
     assert pending(conn) == 0
 
 
+def test_drop_expression_makes_a_generated_column_an_ordinary_one_and_delivery_goes_on(capture, conn, dsn, turso):
+    """ALTER COLUMN ... DROP EXPRESSION keeps the column and its values, but drops the expression that capture =>
+    'wal' computes it from (pgoutput does not send a generated column): rows written before it used to stop the
+    target's slot with a SlotError. They arrive with the values Postgres computed, and later values as written."""
+    conn.execute("CREATE TABLE g (id int PRIMARY KEY, a int, twice int GENERATED ALWAYS AS (a * 2) STORED, "
+                 "label text GENERATED ALWAYS AS ('#' || id) STORED)")
+    conn.execute("INSERT INTO g (id, a) VALUES (1, 1)")
+    conn.execute("SELECT pgturso.track_table('g')")
+    conn.execute("INSERT INTO g (id, a) VALUES (2, 2), (3, 3)")
+    conn.execute("UPDATE g SET a = 10 WHERE id = 1")
+    with conn.transaction():  # rows before and after the drop in one transaction
+        conn.execute("UPDATE g SET a = 30 WHERE id = 3")
+        conn.execute("ALTER TABLE g ALTER COLUMN twice DROP EXPRESSION")
+        conn.execute("INSERT INTO g (id, a, twice) VALUES (4, 4, 99)")
+    conn.execute("UPDATE g SET twice = 7, a = 20 WHERE id = 2")  # an ordinary column now: any value
+    conn.execute("INSERT INTO g (id, a) VALUES (5, 5)")  # no value: NULL
+    conn.execute("DELETE FROM g WHERE id = 3")
+    result = drain(dsn, turso.url)
+    assert "SlotError" not in result.stderr
+    expected = pg_rows(conn, "SELECT id, a, twice, label FROM g ORDER BY id")
+    assert expected == [[1, 10, 20, "#1"], [2, 20, 7, "#2"], [4, 4, 99, "#4"], [5, 5, None, "#5"]]
+    assert turso.query("SELECT id, a, twice, label FROM g ORDER BY id") == expected
+    conn.execute("ALTER TABLE g ALTER COLUMN label DROP EXPRESSION")  # alone, the worker idle
+    conn.execute("UPDATE g SET label = 'x' WHERE id = 1")
+    conn.execute("INSERT INTO g (id, a) VALUES (6, 6)")
+    drain(dsn, turso.url)
+    expected = pg_rows(conn, "SELECT id, a, twice, label FROM g ORDER BY id")
+    assert turso.query("SELECT id, a, twice, label FROM g ORDER BY id") == expected
+    assert pending(conn) == 0
+
+
 @pytest.mark.parametrize("capture", ["trigger"], indirect=True)
 def test_a_key_column_dropped_through_its_type_is_refused(conn):
     conn.execute("CREATE DOMAIN code AS text CHECK (VALUE <> '')")

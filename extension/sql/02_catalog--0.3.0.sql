@@ -33,3 +33,8 @@ EXCEPTION WHEN feature_not_supported THEN
     RAISE NOTICE 'pgturso: this server has no lz4; outbox payloads are compressed with pglz';
 END
 $$;
+
+-- capture => 'wal': the expressions of the table's stored generated columns when the layout was made ({column:
+-- expression}), which pgoutput (Postgres 15) does not send and the worker computes. ALTER COLUMN ... DROP
+-- EXPRESSION takes the expression from the catalog while rows written before it are still in the slot.
+ALTER TABLE pgturso.layout ADD COLUMN generated jsonb;

@@ -936,7 +936,8 @@ BEGIN
     v_plan := pgturso._plan_layout(v_layout_id, pgturso._row_source(rel), v_desc.source_table, v_desc.target_table,
                                    v_desc.columns, v_desc.key_columns, pgturso._capture_function_name(v_table_id),
                                    v_desc.indexes, v_desc.row_filter, v_desc.route_by, v_options ? 'reference');
-    UPDATE pgturso.layout SET spec = v_plan -> 'spec' WHERE id = v_layout_id;
+    UPDATE pgturso.layout SET spec = v_plan -> 'spec', generated = pgturso._generated_expressions(rel)
+    WHERE id = v_layout_id;
 
     -- Create the Turso table and start capture now. The rows already there are copied by the worker in
     -- chunks of short transactions (pgturso._copy_chunk): writers are not held up by a long copy. A

@@ -90,6 +90,21 @@ END
 $$;
 COMMENT ON FUNCTION pgturso._drop_slot IS 'Private: drop a wal target''s replication slot if it exists.';
 
+-- The expressions of a table's stored generated columns ({column: expression}, NULL if none), kept with each of
+-- its layouts (pgturso.layout.generated): capture => 'wal' computes those columns at delivery (pgoutput does not
+-- send them), and rows written before ALTER COLUMN ... DROP EXPRESSION still need the expression it dropped.
+CREATE OR REPLACE FUNCTION pgturso._generated_expressions(rel regclass) RETURNS jsonb
+LANGUAGE sql STABLE
+@SESSION_SETTINGS@
+AS $$
+    SELECT jsonb_object_agg(a.attname, pg_get_expr(d.adbin, d.adrelid))
+    FROM pg_attribute a JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+    WHERE a.attrelid = rel AND a.attgenerated = 's' AND NOT a.attisdropped
+$$;
+COMMENT ON FUNCTION pgturso._generated_expressions IS
+    'Private: a table''s stored generated columns and their expressions, kept with its layouts.';
+REVOKE ALL ON FUNCTION pgturso._generated_expressions(regclass) FROM PUBLIC;
+
 -- Publish a wal-captured table (as its partition root) with a replica identity equal to its key, so that
 -- updates and deletes carry the key pgturso replicates by; TRUNCATE still goes through the outbox (a
 -- partition truncated alone is not published as the root), by statement triggers that cost writers nothing.

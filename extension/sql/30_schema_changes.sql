@@ -59,7 +59,8 @@ BEGIN
                 EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s)', pgturso._row_source(v_rel)) INTO v_recopy;
             END IF;
         END IF;
-        INSERT INTO pgturso.layout (table_id, spec) VALUES (table_id, v_change -> 'spec') RETURNING id INTO v_new_id;
+        INSERT INTO pgturso.layout (table_id, spec, generated)
+        VALUES (table_id, v_change -> 'spec', pgturso._generated_expressions(v_rel)) RETURNING id INTO v_new_id;
         v_plan := pgturso._plan_layout(v_new_id, pgturso._row_source(v_rel), v_desc.source_table,
                                        v_desc.target_table, v_desc.columns, v_desc.key_columns,
                                        pgturso._capture_function_name(table_id), v_desc.indexes,

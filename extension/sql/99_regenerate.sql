@@ -25,7 +25,9 @@ BEGIN
         -- docs/security.md); the layout keeps its id, since what Turso stores and decodes is unchanged.
         v_plan := pgturso._plan_regenerate(v_row.layout_id, v_row.spec, pgturso._capture_function_name(v_row.id),
                                            (pgturso._describe(v_row.relid, v_row.options)).columns);
-        UPDATE pgturso.layout SET spec = v_plan -> 'spec' WHERE id = v_row.layout_id;
+        UPDATE pgturso.layout SET spec = v_plan -> 'spec',
+            generated = coalesce(generated, pgturso._generated_expressions(v_row.relid))
+        WHERE id = v_row.layout_id;
         -- Inside ALTER EXTENSION UPDATE, Postgres lets the script replace only the extension's own objects,
         -- and the generated functions are not (pg_dump must dump them with their triggers): the function is
         -- lent to the extension while it is replaced, then given back.

@@ -75,11 +75,14 @@ COUNT_SKIPPED = """
       AND committed_before > %(lsn)s::pg_lsn
 """
 # By the tracked table's oid and the columns' numbers: what a rename of the table or the column leaves alone.
+# Every live column: whether it is a stored generated one, and its expression now.
 GENERATED_COLUMNS = """
-    SELECT a.attnum, a.attname, pg_get_expr(d.adbin, d.adrelid) FROM pg_attribute a
-    JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-    WHERE a.attrelid = %(relid)s AND a.attgenerated = 's' AND NOT a.attisdropped
+    SELECT a.attnum, a.attname, a.attgenerated = 's', pg_get_expr(d.adbin, d.adrelid) FROM pg_attribute a
+    LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum AND a.attgenerated = 's'
+    WHERE a.attrelid = %(relid)s AND a.attnum > 0 AND NOT a.attisdropped
 """
+# The expressions of the generated columns when the layout was made (pgturso._generated_expressions).
+LAYOUT_GENERATED = "SELECT generated FROM pgturso.layout WHERE id = %(layout)s"
 LIVE_COLUMNS = """
     SELECT a.attnum, a.attname FROM pg_attribute a WHERE a.attrelid = %(relid)s AND a.attnum > 0 AND NOT a.attisdropped
 """
@@ -122,6 +125,8 @@ class Relation:
     columns: list[str]
     # Where each column of a layout is in ``columns`` (WalOutbox.positions), by layout id: looked up per row.
     positions: dict[int, list[int]] = field(default_factory=dict)
+    # The layout's generated columns that ``columns`` lacks, computed by the encoding (WalOutbox.positions).
+    computed: dict[int, frozenset[str]] = field(default_factory=dict)
     # Layouts whose columns are ``columns`` as they are (no generated column): a decoded row is theirs as is.
     in_order: set[int] = field(default_factory=set)
 
@@ -246,16 +251,17 @@ class _Run:
     layout_id: int
     op: str
     first_txid: int
+    computed: frozenset[str] = frozenset()  # generated columns not decoded: computed by the encoding
     values: list[Any] = field(default_factory=list)
     count: int = 0
     last_txid: int = 0
     payload: str = ""
 
 
-def _group(runs: list[_Run]) -> dict[tuple[int, bool], list[_Run]]:
-    groups: dict[tuple[int, bool], list[_Run]] = {}
+def _group(runs: list[_Run]) -> dict[tuple[int, bool, frozenset[str]], list[_Run]]:
+    groups: dict[tuple[int, bool, frozenset[str]], list[_Run]] = {}
     for run in runs:
-        groups.setdefault((run.layout_id, run.op == "D"), []).append(run)
+        groups.setdefault((run.layout_id, run.op == "D", run.computed), []).append(run)
     return groups
 
 
@@ -317,9 +323,10 @@ class WalBatch:
             current = None
             runs = [item for item in pending if isinstance(item, _Run)]
             if encode:
-                for (layout_id, key_only), group in _group(runs).items():
+                for (layout_id, key_only, computed), group in _group(runs).items():
                     values = [v for run in group for v in run.values]
-                    encoded = iter(source.encode(layout_id, key_only, values, sum(r.count for r in group)))
+                    encoded = iter(source.encode(layout_id, key_only, values, sum(r.count for r in group),
+                                                 computed))
                     for run in group:
                         run.payload = ",".join(next(encoded) for _ in range(run.count))
             for item in pending:
@@ -334,12 +341,13 @@ class WalBatch:
             pending.clear()
             pending_rows = pending_bytes = 0
 
-        def add(layout_id: int, op: str, values: list[Any]) -> bool:
+        def add(layout_id: int, op: str, values: list[Any], computed: frozenset[str]) -> bool:
             """Add a row's values (GENERATED left out) to the current run; True when the pending rows are due
             for encoding (drain())."""
             nonlocal current, pending_rows
-            if current is None or current.layout_id != layout_id or current.op != op:
-                current = _Run(layout_id, op, xid)
+            if (current is None or current.layout_id != layout_id or current.op != op
+                    or current.computed is not computed):
+                current = _Run(layout_id, op, xid, computed)
                 pending.append(current)
             current.values.extend(values)
             current.count += 1
@@ -398,13 +406,15 @@ class WalBatch:
                     continue
                 positions = relation.positions.get(layout_id)
                 if positions is None:
-                    positions = relation.positions[layout_id] = source.positions(relation, layout_id)
+                    positions, relation.computed[layout_id] = source.positions(relation, layout_id)
+                    relation.positions[layout_id] = positions
                     if positions == list(range(len(relation.columns))):
                         relation.in_order.add(layout_id)  # the layout's columns, no generated one: as decoded
+                computed = relation.computed[layout_id]
                 self.event_count += 1
                 if kind == 73:  # an Insert (no old tuple, no unchanged value): the common case, kept short
                     if add(layout_id, "U", new[:-1] if layout_id in relation.in_order else
-                           _present([new[p] for p in positions])):
+                           _present([new[p] for p in positions]), computed):
                         yield from drain()
                     continue
                 layout = source.layout(layout_id)
@@ -415,13 +425,13 @@ class WalBatch:
                 if row is not None and UNCHANGED in row:  # (values are str or None: no __eq__ surprises)
                     # An UPDATE that left a large value alone: pgoutput does not send it; set the others only.
                     key = old_key or [row[k] for k in layout.key_positions]
-                    yield from ready(self._partial_update(layout_id, row, key, xid, encode))
+                    yield from ready(self._partial_update(layout_id, row, key, xid, encode, computed))
                     continue
                 if old_key is not None:
                     new_key = None if row is None else [row[k] for k in layout.key_positions]
-                    if new_key != old_key and add(layout_id, "D", _present(old_key)):
+                    if new_key != old_key and add(layout_id, "D", _present(old_key), computed):
                         yield from drain()
-                if row is not None and add(layout_id, "U", _present(row)):
+                if row is not None and add(layout_id, "U", _present(row), computed):
                     yield from drain()
             elif kind == _TRUNCATE:
                 continue  # not published: TRUNCATE reaches Turso through the outbox, like in trigger mode
@@ -435,11 +445,12 @@ class WalBatch:
         if not self.more_pending:
             self.end = max(self.end, self.peek_upto)
 
-    def _partial_update(self, layout_id: int, row: list[Any], key: list[Any], xid: int, encode: bool) -> Event:
+    def _partial_update(self, layout_id: int, row: list[Any], key: list[Any], xid: int, encode: bool,
+                        computed: frozenset[str]) -> Event:
         present = [i for i, v in enumerate(row) if v is not UNCHANGED and v is not GENERATED]
         values = [None if v is UNCHANGED else v for v in row if v is not GENERATED]
-        encoded_row = self.source.encode(layout_id, False, values, 1)[0] if encode else "[]"
-        encoded_key = self.source.encode(layout_id, True, key, 1)[0] if encode else "[]"
+        encoded_row = self.source.encode(layout_id, False, values, 1, computed)[0] if encode else "[]"
+        encoded_key = self.source.encode(layout_id, True, key, 1, computed)[0] if encode else "[]"
         self.rows += 1
         self.rows_per_layout[layout_id] = self.rows_per_layout.get(layout_id, 0) + 1
         payload = f'{{"c":{json.dumps(present)},"r":{encoded_row},"k":{encoded_key}}}'
@@ -509,7 +520,7 @@ class WalOutbox(Outbox):
         self.target_of_table: dict[int, str] = {}
         self.skips: dict[int, int] = {}  # xid of a skipped transaction: the WAL position it committed before
         self._positions: dict[tuple[int, int, tuple[str, ...]], list[int]] = {}
-        self._encoders: dict[tuple[int, bool], str | list[Callable[[str], str]]] = {}
+        self._encoders: dict[tuple[int, bool, frozenset[str]], str | list[Callable[[str], str]]] = {}
         self._generated: dict[int, dict[str, str]] = {}
         # Text forms from pgoutput, and their encoding, as capture's; and capture's search_path, so that no
         # function of a schema another role may create in is picked up by the encoding (docs/security.md).
@@ -784,14 +795,17 @@ class WalOutbox(Outbox):
                 self._load_tables()
         return self._table_of_layout[layout_id]
 
-    def positions(self, relation: Relation, layout_id: int) -> list[int]:
-        """Where each of the layout's columns is in the decoded relation's columns."""
+    def positions(self, relation: Relation, layout_id: int) -> tuple[list[int], frozenset[str]]:
+        """Where each of the layout's columns is in the decoded relation's columns, and the generated columns
+        it does not have (computed by the encoding). A generated column that the relation has is one ALTER
+        COLUMN ... DROP EXPRESSION made ordinary since the layout was made: its value is the one sent."""
         key = (relation.relid, layout_id, tuple(relation.columns))
         found = self._positions.get(key)
         if found is None:
             layout = self.layout(layout_id)
             index = {name: i for i, name in enumerate(relation.columns)}
-            index.update((name, len(relation.columns)) for name in self.generated(layout_id))
+            computed = {name for name in self.generated(layout_id) if name not in index}
+            index.update((name, len(relation.columns)) for name in computed)
             missing = [c.name for c in layout.columns if c.name not in index]
             if missing and self._dropped_since(relation.relid, layout, missing):
                 # Generated columns (pgoutput does not send them) that were dropped since these rows were written
@@ -803,13 +817,14 @@ class WalOutbox(Outbox):
                 self._generated[layout_id].update((name, "NULL") for name in missing)
                 self._encoders = {k: v for k, v in self._encoders.items() if k[0] != layout_id}
                 index.update((name, len(relation.columns)) for name in missing)
+                computed.update(missing)
                 missing = []
             if missing:
                 raise SlotError(
                     f"{layout.source_table}: the decoded rows have no column(s) {', '.join(missing)} of its layout "
                     f"{layout_id} (columns {', '.join(relation.columns)}); resync the table "
                     f"(SELECT pgturso.resync_table('{layout.source_table}')) or track it with capture => 'trigger'")
-            found = self._positions[key] = [index[c.name] for c in layout.columns]
+            found = self._positions[key] = ([index[c.name] for c in layout.columns], frozenset(computed))
         return found
 
     def _relid_of_layout(self, layout_id: int) -> int | None:
@@ -817,19 +832,26 @@ class WalOutbox(Outbox):
         return next((relid for relid, table in self.table_of_relid.items() if table == table_id), None)
 
     def generated(self, layout_id: int) -> dict[str, str]:
-        """The stored generated columns of a layout's table (the layout's name: expression), which pgoutput
-        does not send; found by column number, so a renamed column or table is still found."""
+        """The stored generated columns of a layout (the layout's name: expression), which pgoutput does not
+        send: the expression kept with the layout (in the layout's column names, and still there after ALTER
+        COLUMN ... DROP EXPRESSION), else the catalog's (a layout made before pgturso kept them). A column is
+        found by number, so a renamed column or table is still found; a dropped one is left out (positions())."""
         if layout_id not in self._generated:
             layout = self.layout(layout_id)
             relid = self._relid_of_layout(layout_id)
             rows = self.conn.execute(GENERATED_COLUMNS, {"relid": relid}).fetchall() if relid else []
-            by_attnum = {int(attnum): str(expr) for attnum, _, expr in rows}
-            by_name = {str(name): str(expr) for _, name, expr in rows}
+            kept = self.conn.execute(LAYOUT_GENERATED, {"layout": layout_id}).fetchone()
+            kept_expr: dict[str, str] = (kept[0] if kept else None) or {}
+            by_attnum = {int(attnum): (bool(gen), expr) for attnum, _, gen, expr in rows}
+            by_name = {str(name): (bool(gen), expr) for _, name, gen, expr in rows}
             found = {}
             for c in layout.columns:
-                expr = by_attnum.get(c.attnum) if c.attnum else by_name.get(c.name)
+                live = by_attnum.get(c.attnum) if c.attnum else by_name.get(c.name)
+                if live is None:
+                    continue  # dropped since
+                expr = kept_expr.get(c.name) or (live[1] if live[0] else None)
                 if expr is not None:
-                    found[c.name] = expr
+                    found[c.name] = str(expr)
             self._generated[layout_id] = found
         return self._generated[layout_id]
 
@@ -840,12 +862,14 @@ class WalOutbox(Outbox):
         columns = [layout.column(name) for name in names]
         return all((c.attnum not in attnums) if c.attnum else (c.name not in live_names) for c in columns)
 
-    def encode(self, layout_id: int, key_only: bool, values: list[Any], count: int) -> list[str]:
+    def encode(self, layout_id: int, key_only: bool, values: list[Any], count: int,
+               computed: frozenset[str] = frozenset()) -> list[str]:
         """The rows' JSON arrays, encoded as capture encodes them: in Python where every column's type says
-        how its JSON follows from the text form (types.json_from_text), else by Postgres."""
-        sql = self._encoders.get((layout_id, key_only))
+        how its JSON follows from the text form (types.json_from_text), else by Postgres. ``computed``: the
+        generated columns not among the values (positions())."""
+        sql = self._encoders.get((layout_id, key_only, computed))
         if sql is None:
-            sql = self._encoders[(layout_id, key_only)] = self._encoder(layout_id, key_only)
+            sql = self._encoders[(layout_id, key_only, computed)] = self._encoder(layout_id, key_only, computed)
         width = len(values) // count if count else 0
         if not isinstance(sql, str):
             return rows_from_text(sql, values, count)
@@ -854,11 +878,12 @@ class WalOutbox(Outbox):
         columns = {f"c{n}": text_array_literal(values[n::width]) for n in range(width)}
         return [r[0] for r in self.conn.execute(sql, columns, binary=True).fetchall()]  # binary: no quoting
 
-    def _encoder(self, layout_id: int, key_only: bool) -> str | list[Callable[[str], str]]:
+    def _encoder(self, layout_id: int, key_only: bool, computed: frozenset[str]) -> str | list[Callable[[str], str]]:
         """The query that encodes a layout's decoded rows, or each column's encoder from its text form when
         Python can do it all (no generated column to compute): no round trip, no per-value cast."""
         layout = self.layout(layout_id)
-        generated = self.generated(layout_id)
+        expressions = self.generated(layout_id)
+        generated = {name: expressions[name] for name in computed}
         columns = layout.key_layout if key_only else layout.columns
         from_text = [json_from_text(c.base_type, c.encode, c.trusted) for c in columns]
         if not generated and all(from_text):
