@@ -244,23 +244,74 @@ def test_a_running_worker_streams_from_the_slot_and_untrack_still_drops_it(conn,
 
 
 
+def metric(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def last_error(conn: psycopg.Connection[Any]) -> str:
+    return conn.execute("SELECT coalesce(last_error, '') FROM pgturso.status").fetchone()[0]
+
+
 def test_a_decoding_error_of_the_server_is_shown_not_just_an_ended_stream(conn, dsn, turso: TursoServer):
     """When the walsender stops decoding with an error (here: the publication gone), the worker says what the
-    server said in its log (the table or publication, the slot, the position), instead of only "the server
-    ended the stream"."""
+    server said (the table or publication, the slot, the position) in its log, in pgturso.status and in the
+    metrics, as any delivery error, instead of only "the server ended the stream"."""
     conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
     conn.execute("SELECT pgturso.track_table('t')")
-    worker = WorkerProcess(dsn, turso.url, "--idle-wait", "1", "--retry-max-delay", "1").start()
+    port = free_port()
+    worker = WorkerProcess(dsn, turso.url, "--idle-wait", "1", "--retry-max-delay", "1",
+                           "--metrics-port", str(port)).start()
     try:
         conn.execute("INSERT INTO t VALUES (1, 'before')")
         wait_until(lambda: turso_rows(turso) == [[1, "before"]], 60, "the first row")
+        slot = conn.execute("SELECT slot_name FROM pg_replication_slots").fetchone()[0]
         conn.execute("DROP PUBLICATION pgturso_tables")
         conn.execute("INSERT INTO t VALUES (2, 'while the publication is gone')")
         # (the log escapes the quotes of the server's message)
         wait_until(lambda: 'publication \\"pgturso_tables\\" does not exist' in worker.output, 60,
                    "the server's own error in the worker's log")
+        wait_until(lambda: 'publication "pgturso_tables" does not exist' in last_error(conn), 30,
+                   "the server's error in pgturso.status")
+        error = last_error(conn)
+        assert slot in error and "untrack_table" in error, error  # the slot, and the fix
+        status, failing = conn.execute("SELECT worker_status, failing_since IS NOT NULL FROM pgturso.status"
+                                       ).fetchone()
+        assert (status, failing) == ("retrying", True)
+        assert metric(port, "pgturso_errors_total") >= 1
+        assert metric(port, "pgturso_up") == 0
     finally:
         worker.stop()
+
+
+def test_a_slot_another_process_holds_is_shown_then_delivery_resumes(conn, dsn, turso: TursoServer):
+    """Someone else reads the target's slot (a pg_recvlogical left running, a second tool): the walsender
+    refuses the worker's START_REPLICATION. pgturso.status and the metrics say so, naming the slot, the
+    process and the fix; once the other reader is gone the worker delivers and the error is cleared."""
+    from pgturso.sources.replication import ReplicationStream
+
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    drain(dsn, turso.url)
+    slot = conn.execute("SELECT slot_name FROM pg_replication_slots").fetchone()[0]
+    intruder = ReplicationStream(dsn, slot, "pgturso_tables,pgturso_outbox", 0)
+    port = free_port()
+    worker = WorkerProcess(dsn, turso.url, "--idle-wait", "1", "--retry-max-delay", "1",
+                           "--metrics-port", str(port)).start()
+    try:
+        conn.execute("INSERT INTO t VALUES (1, 'held')")
+        wait_until(lambda: "is active for PID" in last_error(conn), 90, "the busy slot in pgturso.status")
+        error = last_error(conn)
+        assert slot in error and "pg_terminate_backend" in error, error
+        assert metric(port, "pgturso_errors_total") >= 1
+        assert turso_rows(turso) == []
+        intruder.close()
+        wait_until(lambda: turso_rows(turso) == [[1, "held"]], 90, "delivery once the slot is free")
+        wait_until(lambda: conn.execute("SELECT last_error IS NULL FROM pgturso.status").fetchone()[0], 30,
+                   "the error to clear")
+    finally:
+        intruder.close()
+        assert worker.stop() == 0
 
 
 def turso_rows(turso: TursoServer) -> list[list[object]]:

@@ -14,7 +14,8 @@ _HELP = {
     "pgturso_transactions_delivered_total": ("counter", "Source transactions delivered to Turso"),
     "pgturso_batches_total": ("counter", "Turso transactions committed"),
     "pgturso_retries_total": ("counter", "Retries after network errors, 429, 5xx or unreadable answers"),
-    "pgturso_errors_total": ("counter", "Changes Turso refused, and fatal errors"),
+    "pgturso_errors_total": ("counter", "Changes Turso refused, errors the server reported on a wal target's "
+                                        "slot, and fatal errors"),
     "pgturso_up": ("gauge", "1 while this worker holds the delivery lock"),
     "pgturso_transaction_hold_seconds": ("gauge", "How long the last delivery kept its Turso transaction open"),
     "pgturso_batch_rows_limit": ("gauge", "Rows per delivery now (batch_rows, smaller while deliveries are slow)"),

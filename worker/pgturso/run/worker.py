@@ -41,6 +41,7 @@ from ..delivery.progress import CREATE_MARKER_SQL, READ_MARKER_SQL, marker_state
 from ..delivery.statements import Statement, StatementBuilder, create_table_statements
 from ..delivery.targets import Target, open_target, redact_url
 from ..sources.outbox import Batch, Outbox
+from ..sources.replication import StreamError
 from ..sources.slot import WalOutbox
 
 log = logging.getLogger("pgturso.worker")
@@ -301,6 +302,20 @@ class Worker:
                 except psycopg.Error:
                     pass
         self.conn = self.listen_conn = None
+
+    def _keep_connection(self) -> bool:
+        """Whether the delivery connection is still usable after a failure elsewhere (the replication stream):
+        rolled back to idle if it was in a transaction."""
+        conn = self.conn
+        if conn is None or conn.closed or self.outbox is None:
+            return False
+        try:
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                conn.rollback()
+            conn.execute("SELECT 1")
+        except psycopg.Error:
+            return False
+        return True
 
     def close(self) -> None:
         self._abandon_in_flight(None)
@@ -738,7 +753,16 @@ class Worker:
             if isinstance(exc, RequestTooLarge) and self.outbox is not None and self.target is not None:
                 limit = getattr(self.target, "max_request_bytes", self.outbox.max_group_bytes)
                 self.outbox.max_group_bytes = min(self.outbox.max_group_bytes, max(limit // 2, 32 << 10))
-            if isinstance(exc, psycopg.OperationalError):
+            if isinstance(exc, StreamError) and self._keep_connection():
+                # The server reported it on the slot's stream: Postgres is up, so say it where a delivery error
+                # is said (pgturso.status, pgturso_errors_total), keep the delivery lock, and recover (which
+                # opens a new stream at Turso's position) as after any other failure.
+                self.metrics.add("pgturso_errors_total")
+                self.metrics.set("pgturso_replication_streaming", 0)
+                assert self.outbox is not None
+                self.outbox.close()
+                self._record("retrying", error=str(exc), retry=True)
+            elif isinstance(exc, psycopg.OperationalError):
                 self._disconnect()
             else:
                 self._record("retrying", error=str(exc), retry=True)

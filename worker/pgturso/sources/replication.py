@@ -33,9 +33,37 @@ _PG_EPOCH_US = 946_684_800 * 1_000_000
 STATUS_EVERY_SECONDS = 10.0
 # A walsender that served the previous stream may still hold the slot for a moment after it closed.
 SLOT_BUSY_SECONDS = 10.0
-
-
 _BEGIN_COMMIT = frozenset(b"BC")
+
+
+class StreamError(psycopg.OperationalError):
+    """The server refused the slot's stream, or ended it with an error (a value it cannot decode, a publication
+    gone, the slot in use or invalidated). Postgres is up: the worker shows the error in pgturso.status and the
+    metrics, with the fix, and retries from the last position Turso confirmed (recovery looks at the slot)."""
+
+    def __init__(self, slot: str, sqlstate: str | None, server_message: str) -> None:
+        self.slot = slot
+        self.sqlstate = sqlstate
+        self.server_message = server_message
+        super().__init__(f"replication slot {slot}: {server_message}; {_fix(slot, sqlstate, server_message)}")
+
+
+def _fix(slot: str, sqlstate: str | None, message: str) -> str:
+    """What to do about an error the walsender reported on ``slot``."""
+    if sqlstate == "55006":  # object_in_use
+        return (f"another process reads the slot: stop it (SELECT pg_terminate_backend(active_pid) FROM "
+                f"pg_replication_slots WHERE slot_name = '{slot}'); the worker retries")
+    if sqlstate == "55000" or "can no longer get changes" in message:  # invalidated
+        return ("the slot was invalidated (max_slot_wal_keep_size): the worker recreates it and copies the "
+                "target's tables again; raise max_slot_wal_keep_size or keep the worker running")
+    if sqlstate == "42704" and "publication" in message:
+        return ("a publication of pgturso was dropped and the slot cannot be decoded without it: untrack the "
+                "target's tables (SELECT pgturso.untrack_table(...)), recreate the publication as CREATE EXTENSION "
+                "pgturso made it, and track them again")
+    if sqlstate == "42704":  # the slot itself
+        return "the slot is gone: the worker recreates it and copies the target's tables again"
+    return ("the server cannot decode the slot past this point: fix the cause it names (the worker retries from "
+            "the last position Turso confirmed), or track the target's tables with capture => 'trigger'")
 
 
 def _now_us() -> int:
@@ -69,9 +97,11 @@ class ReplicationStream:
                 time.sleep(0.05)
                 continue
             self.conn.close()
+            if sqlstate is None:  # no answer: the connection is gone (Postgres down)
+                raise psycopg.OperationalError(f"replication slot {slot}: {message}")
             # Whatever the reason (the slot was dropped, invalidated, is still held): the worker reconnects and
             # recovers, which looks at the slot again.
-            raise psycopg.OperationalError(f"replication slot {slot}: {message}")
+            raise StreamError(slot, sqlstate.decode(), message)
 
     def fileno(self) -> int:
         return self.pgconn.socket
@@ -98,7 +128,10 @@ class ReplicationStream:
                     if timeout is not None:
                         return None  # the caller may be waiting for this position
             elif size == -1:
-                raise psycopg.OperationalError(f"replication slot {self.slot}: {_why_the_stream_ended(pgconn)}")
+                sqlstate, reason = _why_the_stream_ended(pgconn)
+                if sqlstate is None:
+                    raise psycopg.OperationalError(f"replication slot {self.slot}: {reason}")
+                raise StreamError(self.slot, sqlstate, reason)
             elif size < -1:
                 raise psycopg.OperationalError(
                     f"replication slot {self.slot}: {pgconn.error_message.decode().strip()}")
@@ -149,12 +182,16 @@ def _connect(dsn: str) -> psycopg.Connection[Any]:
                            application_name="pgturso-worker-replication", options=options)
 
 
-def _why_the_stream_ended(pgconn: Any) -> str:
-    """What the server said when it ended the stream: a walsender that stops decoding sends its error (the
-    publication gone, a value it cannot decode, the slot invalidated) as the result that follows the copy."""
+def _why_the_stream_ended(pgconn: Any) -> tuple[str | None, str]:
+    """The SQLSTATE (None if the server said nothing) and what the server said when it ended the stream: a
+    walsender that stops decoding sends its error (the publication gone, a value it cannot decode, the slot
+    invalidated) as the result that follows the copy."""
     reasons = []
+    sqlstate = None
     while (result := pgconn.get_result()) is not None:
         message = (result.error_message or b"").decode(errors="replace").strip()
         if message:
             reasons.append(message)
-    return "; ".join(reasons) or "the server ended the stream"
+            code = result.error_field(pq.DiagnosticField.SQLSTATE)
+            sqlstate = sqlstate or (code.decode() if code else None)
+    return (sqlstate, "; ".join(reasons)) if reasons else (None, "the server ended the stream")
