@@ -6,11 +6,19 @@ Each test runs in both capture modes (CAPTURE_MODES): trigger capture is the ref
 from __future__ import annotations
 
 import hashlib
+import os
+import random
+import re
+import subprocess
+import sys
+import threading
 
 import psycopg
 import pytest
 from conftest import drain, pending
-from support.turso import TursoServer
+from support.pgcluster import PgCluster
+from support.turso import TursoServer, install_apply_counter
+from support.workers import WorkerProcess, wait_until
 
 CAPTURE_MODES = ("trigger", "wal")
 
@@ -179,3 +187,186 @@ def test_drop_extension_and_drop_table_remove_a_filtered_wal_table_without_a_ref
     conn.execute("DROP EXTENSION pgturso CASCADE")
     assert conn.execute("SELECT count(*) FROM pg_constraint WHERE conname = 'pgturso_row_filter'").fetchone() == (0,)
     conn.execute("CREATE EXTENSION pgturso CASCADE")  # for the fixtures' teardown
+
+
+# A large source transaction: streamed to Turso in many requests (SMALL_REQUESTS) inside one Turso transaction.
+BIG_ROWS = int(os.environ.get("BIG_TRANSACTION_ROWS", "200000"))
+SMALL_REQUESTS = ("--max-request-bytes", "1000000", "--max-statement-bytes", "250000")
+
+
+def turso_count(turso: TursoServer, table: str) -> int:
+    try:
+        return int(turso.query(f"SELECT count(*) FROM {table}")[0][0])
+    except Exception:  # not created yet, or the server busy with the transaction
+        return -1
+
+
+def drain_measuring_rss(dsn: str, url: str, *args: str) -> float:
+    """``run --once`` to the end; the worker's peak RSS in MB."""
+    script = ("import resource, sys; from pgturso.cli import main; rc = main(sys.argv[1:]); "
+              "print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); "
+              "sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", script, "run", "--once", "--dsn", dsn, "--url", url, *args],
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PGTURSO_RETRY_BASE_DELAY": "0.05"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return int(re.search(r"maxrss_kb (\d+)", done.stderr).group(1)) / 1024  # type: ignore[union-attr]
+
+
+def test_sigkill_of_the_worker_inside_a_large_transaction_loses_and_doubles_nothing(
+        conn: psycopg.Connection, dsn: str, turso: TursoServer, capture: str):
+    # The worker dies (SIGKILL: no cleanup) while a 200k-row source transaction is half sent inside its Turso
+    # transaction: that Turso transaction never commits, the slot (or the outbox) was not moved past it, and a
+    # restarted worker sends it whole, once, in bounded memory, then what came after it.
+    conn.execute("CREATE TABLE big (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('big')")
+    drain(dsn, turso.url)
+    install_apply_counter(turso.url, "big")
+    conn.execute("INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, %s) g", (BIG_ROWS,))
+    conn.execute("INSERT INTO big VALUES (-1, 'after'), (-2, 'after')")
+    worker = WorkerProcess(dsn, turso.url, *SMALL_REQUESTS).start()
+    # tursodb serves its clients on one connection: a reader sees the worker's open transaction.
+    wait_until(lambda: 0 < turso_count(turso, "big") < BIG_ROWS // 2, 300, "the transaction half sent")
+    worker.kill()
+    peak_mb = drain_measuring_rss(dsn, turso.url, *SMALL_REQUESTS)
+    assert turso.query("SELECT count(*), min(id), max(id) FROM big WHERE id > 0") == [[BIG_ROWS, 1, BIG_ROWS]]
+    assert turso.query("SELECT id, v FROM big WHERE id < 0 ORDER BY id") == [[-2, "after"], [-1, "after"]]
+    applied, distinct = turso.query("SELECT count(*), count(DISTINCT id) FROM applied")[0]
+    assert (applied, distinct) == (BIG_ROWS + 2, BIG_ROWS + 2), f"{applied - distinct} rows written twice"
+    assert peak_mb < 150, f"worker peak RSS {peak_mb:.0f} MB"
+    assert pending(conn) == 0
+
+
+def test_an_immediate_shutdown_of_postgres_mid_batch_then_restarts_lose_and_double_nothing(
+        pg_cluster: PgCluster, conn: psycopg.Connection, dsn: str, turso: TursoServer, capture: str):
+    # pg_ctl stop -m immediate while writers commit and the worker delivers: no shutdown checkpoint, so the
+    # slot comes back at its last saved position, behind what Turso confirmed (the marker is ahead); the outbox
+    # rows deleted after delivery may come back likewise. Postgres and the worker restart: what committed
+    # arrives once, what did not never does.
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, session int, n int)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    drain(dsn, turso.url)
+    install_apply_counter(turso.url, "t")
+    stop = threading.Event()
+    failures: list[BaseException] = []
+    next_id = iter(range(1, 10_000_000, 1000))
+    lock = threading.Lock()
+
+    def write(session: int) -> None:
+        rng = random.Random(session)
+        try:
+            with psycopg.connect(dsn, autocommit=True) as writer:
+                while not stop.is_set():
+                    with lock:
+                        first = next(next_id)
+                    size = rng.choice((1, 5, 500))
+                    writer.execute("INSERT INTO t SELECT g, %s, 0 FROM generate_series(%s::int, %s::int) g",
+                                   (session, first, first + size - 1))
+                    writer.execute("UPDATE t SET n = n + 1 WHERE id = %s", (first,))
+        except psycopg.OperationalError:
+            pass  # the server went away under the writer: what it had committed is the truth
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    conn.execute("INSERT INTO t SELECT g, 0, 0 FROM generate_series(20000001, 20050000) g")  # a batch to be in
+    worker = WorkerProcess(dsn, turso.url, "--idle-wait", "0.2", "--retry-max-delay", "1", *SMALL_REQUESTS).start()
+    writers = [threading.Thread(target=write, args=(s,)) for s in range(3)]
+    for thread in writers:
+        thread.start()
+    try:
+        wait_until(lambda: turso_count(turso, "t") > 1000, 120, "delivery under way")
+        pg_cluster.pg_ctl("stop", "-m", "immediate", "-w")
+    finally:
+        stop.set()
+        for thread in writers:
+            thread.join()
+    assert failures == []
+    worker.kill()
+    pg_cluster.pg_ctl("start", "-w", "-l", str(pg_cluster.logfile))
+    pg_cluster.wait_ready()
+    worker = WorkerProcess(dsn, turso.url, "--idle-wait", "0.2", *SMALL_REQUESTS).start()
+    with psycopg.connect(dsn, autocommit=True) as again:
+        again.execute("INSERT INTO t VALUES (-1, -1, -1)")  # after the restart
+        expected = [list(r) for r in again.execute("SELECT id, session, n FROM t ORDER BY id").fetchall()]
+        wait_until(lambda: turso_count(turso, "t") == len(expected), 300, "delivery after the restart")
+        assert worker.stop() == 0
+        assert pending(again) == 0  # (a wal slot is peeked only once its worker let go of it)
+        assert turso.query("SELECT id, session, n FROM t ORDER BY id") == expected
+        updates = again.execute("SELECT count(*) FROM t WHERE n > 0").fetchone()[0]
+    applied, distinct = turso.query("SELECT count(*), count(DISTINCT id) FROM applied")[0]
+    assert distinct == len(expected)
+    assert applied == len(expected) + updates, f"{applied - len(expected) - updates} row writes applied twice"
+
+
+def test_truncate_cascade_across_targets_and_modes_with_concurrent_writers(
+        conn: psycopg.Connection, dsn: str, turso: TursoServer, capture: str):
+    # TRUNCATE parent CASCADE empties its referencing tables in the same statement: a child on the same target
+    # (the parameter's capture mode), and one on another target that captures by trigger. Writers insert into
+    # all three meanwhile; each Turso database ends equal to Postgres.
+    other = TursoServer().start()
+    try:
+        conn.execute("CREATE TABLE parent (id int PRIMARY KEY, n int)")
+        conn.execute("CREATE TABLE child (id int PRIMARY KEY, parent_id int REFERENCES parent, n int)")
+        conn.execute("CREATE TABLE remote_child (id int PRIMARY KEY, parent_id int REFERENCES parent, n int)")
+        conn.execute("SELECT pgturso.track_table('parent')")
+        conn.execute("SELECT pgturso.track_table('child')")
+        conn.execute("SELECT pgturso.add_target('other', %s)", (other.url,))
+        conn.execute("SELECT pgturso.track_table('remote_child', target => 'other', capture => 'trigger')")
+        failures: list[BaseException] = []
+        counter = iter(range(1, 1_000_000))
+        lock = threading.Lock()
+
+        def ids(n: int) -> list[int]:
+            with lock:
+                return [next(counter) for _ in range(n)]
+
+        def session(number: int) -> None:
+            rng = random.Random(number)
+            try:
+                with psycopg.connect(dsn, autocommit=True) as writer:
+                    for _ in range(40):
+                        try:
+                            with writer.transaction():
+                                step = rng.random()
+                                if step < 0.8:
+                                    parent, *children = ids(5)
+                                    writer.execute("INSERT INTO parent VALUES (%s, %s)", (parent, number))
+                                    for child in children:
+                                        table = rng.choice(("child", "remote_child"))
+                                        writer.execute(f"INSERT INTO {table} VALUES (%s, %s, %s)",
+                                                       (child, parent, number))
+                                    writer.execute("UPDATE parent SET n = n + 1 WHERE id = %s", (parent,))
+                                elif step < 0.9:
+                                    writer.execute("TRUNCATE parent CASCADE")
+                                else:
+                                    writer.execute("TRUNCATE child")
+                        except psycopg.errors.DeadlockDetected:
+                            pass  # rolled back whole: none of it may reach Turso
+            except BaseException as exc:  # reported below
+                failures.append(exc)
+
+        workers = [WorkerProcess(dsn, turso.url, "--idle-wait", "0.2").start(),
+                   WorkerProcess(dsn, "", "--target", "other", "--idle-wait", "0.2").start()]
+        try:
+            conn.execute("INSERT INTO parent VALUES (0, 0)")
+            conn.execute("INSERT INTO remote_child VALUES (0, 0, 0)")
+            wait_until(lambda: turso_count(turso, "parent") == 1 and turso_count(other, "remote_child") == 1, 60,
+                       "both workers delivering")
+            sessions = [threading.Thread(target=session, args=(n,)) for n in range(4)]
+            for thread in sessions:
+                thread.start()
+            for thread in sessions:
+                thread.join()
+        finally:
+            for worker in workers:
+                assert worker.stop() == 0
+        assert failures == []
+        drain(dsn, turso.url)
+        drain(dsn, "", "--target", "other")
+        for server, table in ((turso, "parent"), (turso, "child"), (other, "remote_child")):
+            expected = [list(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()]
+            assert server.query(f"SELECT * FROM {table} ORDER BY id") == expected, table
+        assert conn.execute("SELECT count(*) FROM parent").fetchone()[0] > 0, "the last writes came after a TRUNCATE"
+        assert pending(conn) == 0
+    finally:
+        other.stop()
