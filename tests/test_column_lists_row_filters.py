@@ -97,6 +97,49 @@ def test_excluded_columns_never_leave_postgres(conn, dsn, turso: TursoServer, ca
     assert pending(conn) == 0
 
 
+def test_a_column_list_follows_ddl_on_included_columns_and_never_refuses_writes(conn, dsn, turso: TursoServer,
+                                                                                capture: str):
+    """Why wal mode does not make the column list the publication's (docs/design.md, "Column lists and row
+    filters"): Postgres 15 makes a publication depend on every listed column, and then refuses ALTER COLUMN
+    ... TYPE of an included column (no CASCADE exists) and DROP COLUMN without CASCADE (which takes the table
+    out of the publication), and refuses every UPDATE and DELETE of the table once its replica identity is
+    FULL and the list does not cover it. So in wal mode the excluded columns are decoded for the worker, which
+    never sends them; here the DDL on included columns goes through in both modes, writes are never refused
+    (FULL by key_columns, by a row filter, by the owner), and no excluded value reaches Turso."""
+    conn.execute("CREATE TABLE users (id int PRIMARY KEY, name text, plan text, secret text)")
+    conn.execute("CREATE TABLE notes (tag text NOT NULL, body text, secret text)")  # no unique index: FULL
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, status text, secret text)")
+    conn.execute("SELECT pgturso.track_table('users', columns => ARRAY['id', 'name', 'plan'])")
+    conn.execute("SELECT pgturso.track_table('notes', key_columns => ARRAY['tag'], columns => ARRAY['tag', 'body'])")
+    conn.execute("SELECT pgturso.track_table('orders', columns => ARRAY['id', 'status'], "
+                 "row_filter => $$status <> 'draft'$$)")
+    conn.execute("INSERT INTO users VALUES (1, 'ann', 'free', 'SECRET-U1'), (2, 'bob', 'free', 'SECRET-U2')")
+    conn.execute("INSERT INTO notes VALUES ('a', 'one', 'SECRET-N1'), ('b', 'two', 'SECRET-N2')")
+    conn.execute("INSERT INTO orders VALUES (1, 'paid', 'SECRET-O1'), (2, 'draft', 'SECRET-O2')")
+    conn.execute("UPDATE notes SET secret = 'SECRET-X' WHERE tag = 'a'")
+    conn.execute("DELETE FROM notes WHERE tag = 'b'")
+    conn.execute("UPDATE orders SET status = 'paid', secret = 'SECRET-X' WHERE id = 2")
+    conn.execute("ALTER TABLE users REPLICA IDENTITY FULL")  # the owner's choice: writes go on
+    conn.execute("UPDATE users SET plan = 'pro', secret = 'SECRET-U3' WHERE id = 1")
+    conn.execute("DELETE FROM users WHERE id = 2")
+    conn.execute("ALTER TABLE users REPLICA IDENTITY DEFAULT")
+    conn.execute("ALTER TABLE users ALTER COLUMN name TYPE varchar(20)")  # included columns: as for any table
+    conn.execute("ALTER TABLE users DROP COLUMN plan")
+    conn.execute("INSERT INTO users VALUES (3, 'cy', 'SECRET-U4')")
+    conn.execute("UPDATE users SET name = 'ann!' WHERE id = 1")
+    assert "SECRET" not in outbox_text(conn)
+    if capture == "wal":  # decoded for the worker (the publication has no column list): never sent on
+        assert "SECRET-U4" in sent_text(conn, capture)
+    drain(dsn, turso.url)
+    assert turso_columns(turso, "users") == ["id", "name"]
+    assert turso.query("SELECT * FROM users ORDER BY id") == [[1, "ann!"], [3, "cy"]]
+    assert turso.query("SELECT * FROM notes ORDER BY tag") == [["a", "one"]]
+    assert turso.query("SELECT * FROM orders ORDER BY id") == [[1, "paid"], [2, "paid"]]
+    for table in ("users", "notes", "orders"):
+        assert "SECRET" not in turso_dump(turso, table)
+    assert pending(conn) == 0
+
+
 def test_a_column_list_on_a_table_copied_in_chunks(conn, dsn, turso: TursoServer):
     conn.execute("CREATE TABLE big (id int PRIMARY KEY, v int, secret text)")
     conn.execute("INSERT INTO big SELECT g, g, 'SECRET-' || g FROM generate_series(1, 12000) g")

@@ -275,7 +275,7 @@ def test_a_decoding_error_of_the_server_is_shown_not_just_an_ended_stream(conn, 
                    "the server's error in pgturso.status")
         error = last_error(conn)
         assert slot in error and "untrack_table" in error, error  # the slot, and the fix
-        status, failing = conn.execute("SELECT worker_status, failing_since IS NOT NULL FROM pgturso.status"
+        status, failing = conn.execute("SELECT recorded_status, failing_since IS NOT NULL FROM pgturso.target_status"
                                        ).fetchone()
         assert (status, failing) == ("retrying", True)
         assert metric(port, "pgturso_errors_total") >= 1

@@ -303,7 +303,7 @@ class Worker:
                     pass
         self.conn = self.listen_conn = None
 
-    def _keep_connection(self) -> bool:
+    def _connection_usable(self) -> bool:
         """Whether the delivery connection is still usable after a failure elsewhere (the replication stream):
         rolled back to idle if it was in a transaction."""
         conn = self.conn
@@ -753,16 +753,15 @@ class Worker:
             if isinstance(exc, RequestTooLarge) and self.outbox is not None and self.target is not None:
                 limit = getattr(self.target, "max_request_bytes", self.outbox.max_group_bytes)
                 self.outbox.max_group_bytes = min(self.outbox.max_group_bytes, max(limit // 2, 32 << 10))
-            if isinstance(exc, StreamError) and self._keep_connection():
+            if isinstance(exc, StreamError):
                 # The server reported it on the slot's stream: Postgres is up, so say it where a delivery error
-                # is said (pgturso.status, pgturso_errors_total), keep the delivery lock, and recover (which
-                # opens a new stream at Turso's position) as after any other failure.
+                # is said (pgturso.status, pgturso_errors_total) before reconnecting and recovering (which
+                # opens a new stream at Turso's position) as after any other failure of the connection.
                 self.metrics.add("pgturso_errors_total")
                 self.metrics.set("pgturso_replication_streaming", 0)
-                assert self.outbox is not None
-                self.outbox.close()
-                self._record("retrying", error=str(exc), retry=True)
-            elif isinstance(exc, psycopg.OperationalError):
+                if self._connection_usable():
+                    self._record("retrying", error=str(exc), retry=True)
+            if isinstance(exc, psycopg.OperationalError):
                 self._disconnect()
             else:
                 self._record("retrying", error=str(exc), retry=True)
