@@ -437,3 +437,30 @@ def test_table_wide_events_between_a_tenants_data_in_one_statement_batch_apply_i
     assert applied_writes(tmp_path / "tenant-acme.db") == [1, 3, 3]
     assert applied_writes(tmp_path / "tenant-globex.db") == [2]
     assert pending(conn) == 0
+
+
+def test_a_tenant_moved_to_a_new_database_while_the_worker_runs_gets_everything_there(conn, dsn, tmp_path: Path):
+    """remove_target's HINT: to move a tenant, add_target its name with the new URL. A running pattern worker
+    (which learns each tenant's URL from its scan) must deliver there from then on, with the rows it had."""
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    conn.execute("INSERT INTO orders VALUES (1, 'acme', 'before'), (2, 'globex', 'other')")
+    worker = WorkerProcess(dsn, "", "--target", "tenant-%s", "--idle-wait", "1").start()
+    try:
+        wait_until(lambda: pending(conn) == 0, 60, "the first delivery")
+        conn.execute("SELECT pgturso.add_target('tenant-acme', %s)", (f"file:{tmp_path}/moved-acme.db",))
+        conn.execute("INSERT INTO orders VALUES (3, 'acme', 'after')")
+        # Its next scan (each second) sees the new URL; the new database, without a marker, is caught up whole.
+        def copied_after_the_move() -> bool:
+            log = worker.output
+            return "event=target_behind" in log and "event=copy " in log[log.index("event=target_behind"):]
+
+        wait_until(copied_after_the_move, 60, "the moved tenant's tables copied afresh to its new database")
+        wait_until(lambda: pending(conn) == 0 and not conn.execute(
+            "SELECT EXISTS (SELECT FROM pgturso.tracked_table WHERE copy_state = 'copying')").fetchone()[0],
+            60, "the delivery after the move")
+    finally:
+        assert worker.stop() == 0, worker.output
+    assert tenant_rows(tmp_path / "moved-acme.db", "SELECT id, item FROM orders ORDER BY id") == [
+        (1, "before"), (3, "after")], worker.output

@@ -408,6 +408,13 @@ class PatternWorker:
                 tenant.metrics.set("pgturso_up", 0)  # its series stays on this endpoint: no longer delivered here
             conn.execute(RELEASE_DELIVERY_LOCKS, (DELIVERY_LOCK_CLASS, gone))
             event(log, logging.INFO, "handed_over", target=self.pattern, tenants=len(gone))
+        for name, tenant in list(self.tenants.items()):
+            if not tenant.running and name in endpoints and tenant.endpoint != endpoints[name]:
+                # Moved (add_target of the tenant's name, or the pattern's URL changed): a fresh worker for it,
+                # whose first visit recovers from the new database's marker (none: it is caught up, as at start).
+                tenant.close_target()
+                self.tenants[name] = self._tenant(name, known[name], endpoints[name])
+                event(log, logging.INFO, "tenant_moved", target=name, url=redact_url(endpoints[name][0]))
         want = share - len(self.tenants)
         # Least recently tried first: tenants another worker holds do not keep this one from the free ones.
         candidates = sorted((n for n in known if n not in self.tenants and n not in self.orphans),
