@@ -405,3 +405,35 @@ def test_create_index_concurrently_never_waits_for_turso(conn, dsn, turso: Turso
                 assert not chain, f"CREATE INDEX CONCURRENTLY waited for the worker, which waits for Turso: {chain}"
         finally:
             worker.stop()
+
+
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)  # wal captures take no wake lock
+def test_an_open_writer_does_not_make_the_idle_worker_write_its_state_over_and_over(conn, dsn, turso: TursoServer,
+                                                                                     capture):
+    """A transaction that wrote a tracked table while the worker was awake holds that table's wake lock shared
+    until it ends, so the worker cannot sleep and looks at the outbox every 10 ms. Its state is 'idle' all
+    along: recording it again on every look cost an UPDATE of delivery_state a hundred times a second for as
+    long as the transaction stayed open (or a prepared one waited for COMMIT PREPARED)."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    table_id = conn.execute("SELECT id FROM pgturso.tracked_table").fetchone()[0]
+    worker = WorkerProcess(dsn, turso.url, "--idle-wait", "1").start()
+    try:
+        wait_until(lambda: _worker_sleeps(conn), 60, "the worker to go idle")
+        updates = ("SELECT n_tup_upd FROM pg_stat_user_tables WHERE relid = 'pgturso.delivery_state'::regclass")
+        with psycopg.connect(dsn) as writer:
+            # What a capture does when it finds the worker awake: hold the table's wake lock shared.
+            writer.execute("SELECT pg_advisory_xact_lock_shared(%s, %s)", (WAKE_LOCK_CLASS, table_id))
+            conn.execute("NOTIFY pgturso")  # wake the worker: it cannot sleep again while the writer is open
+            wait_until(lambda: not _worker_sleeps(conn), 30, "the worker to wake")
+            conn.execute("SELECT pg_stat_clear_snapshot()")
+            before = conn.execute(updates).fetchone()[0]
+            time.sleep(2)  # the worker polls meanwhile: about 200 looks
+            conn.execute("SELECT pg_stat_force_next_flush()")
+            time.sleep(1.5)  # its statistics reach the shared counters at most a second later
+            conn.execute("SELECT pg_stat_clear_snapshot()")
+            after = conn.execute(updates).fetchone()[0]
+            assert not _worker_sleeps(conn)
+        assert after - before < 10, f"delivery_state updated {after - before} times while the worker was idle"
+    finally:
+        worker.stop()

@@ -653,8 +653,11 @@ class Worker:
         """Show the worker's state in pgturso.status; Postgres being unreachable must not hide the real error."""
         if self.outbox is None or self.conn is None or self.conn.closed:
             return
-        if status == self._last_status == "idle" and error is None and not fields:
-            return  # unchanged; and a wal target's worker wakes on every write to the WAL, its own too
+        if status == self._last_status == "idle" and error is None and not fields.keys() - {"clear_error"}:
+            # Unchanged (an error is cleared by the first 'idle' after it; any error recorded since changed the
+            # status): a wal target's worker wakes on every write to the WAL, its own too, and one that cannot
+            # sleep while a writer holds a wake lock looks again every 10 ms.
+            return
         self._last_status = status
         try:
             if error is None:
