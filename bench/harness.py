@@ -274,6 +274,9 @@ class WorkerRun:
     batches: int = 0
     peak_rss_mb: float = 0.0
     batch_ms: list[float] = field(default_factory=list)  # the "ms" of each "delivered" log line
+    # (when the bench read it, the rows delivered so far) for each "delivered" line: logged once Turso answered
+    # the batch's commit, so its rows were visible on Turso by then
+    delivered_at: list[tuple[float, int]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -314,6 +317,7 @@ class WorkerProcess:
                     self.run.rows += int(fields.get("rows", 0))
                     self.run.events += int(fields.get("events", 0))
                     self.run.batches += 1
+                    self.run.delivered_at.append((now, self.run.rows))
                     if isinstance(fields.get("ms"), (int, float)):
                         self.run.batch_ms.append(float(fields["ms"]))
                 elif fields.get("level") in ("warning", "error"):
