@@ -133,7 +133,7 @@ def test_moves_swaps_and_rolled_back_tenants_in_one_transaction(conn, dsn, tmp_p
     assert pending(conn) == 0
 
 
-def _install_file_counter(path: Path, *tables: str) -> None:
+def install_file_counter(path: Path, *tables: str) -> None:
     """On a tenant's `file:` database only: count every write of a row of ``tables`` (by table and id) in
     ``applied``, so that a batch applied twice shows up even when the rows end up right (support.turso's
     counter, for pyturso databases)."""
@@ -151,18 +151,9 @@ def _install_file_counter(path: Path, *tables: str) -> None:
         db.close()
 
 
-def test_two_pattern_workers_sigkilled_in_turn_apply_every_tenants_rows_exactly_once(conn, dsn, tmp_path: Path):
-    """Writers spread inserts over twelve tenants and into a reference table (every tenant gets each of its
-    rows), and new tenants appear, while two pattern workers share the tenants and are SIGKILLed in turn at
-    random points (a hand-over each time): every tenant's database holds exactly its rows and the reference
-    rows, each written once (a Turso-side trigger counts the writes on the first twelve)."""
-    import random
-    import threading
-    import time
-
-    from support.workers import WorkerProcess
-
-    tenants = [f"t{n:02d}" for n in range(12)]
+def ledgers_and_notices_counted(conn: psycopg.Connection[Any], dsn: str, tmp_path: Path, tenants: list[str]) -> None:
+    """A pattern target of `file:` databases, ``ledger`` routed by tenant and ``notices`` a reference table, each
+    of ``tenants`` delivered (a row of amount 0) and counting the writes its database applies."""
     conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
     conn.execute("CREATE TABLE ledger (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
                  "tenant_id text NOT NULL, amount int)")
@@ -172,73 +163,74 @@ def test_two_pattern_workers_sigkilled_in_turn_apply_every_tenants_rows_exactly_
     conn.execute("INSERT INTO ledger (tenant_id, amount) SELECT t, 0 FROM unnest(%s::text[]) AS t", (tenants,))
     drain_pattern(dsn)
     for tenant in tenants:
-        _install_file_counter(tmp_path / f"tenant-{tenant}.db", "ledger", "notices")
-    stop = threading.Event()
-    errors: list[str] = []
-    deadlocks = [0]
+        install_file_counter(tmp_path / f"tenant-{tenant}.db", "ledger", "notices")
 
-    def write(session: int) -> None:
-        rng = random.Random(session)
-        try:
-            with psycopg.connect(dsn, autocommit=True) as writer:
-                while not stop.is_set():
-                    chosen = rng.sample(tenants, rng.randint(1, 4))  # one transaction, several tenants
-                    try:
-                        with writer.transaction():
-                            writer.execute("INSERT INTO ledger (tenant_id, amount) SELECT t, g "
-                                           "FROM unnest(%s::text[]) AS t, generate_series(1, %s) AS g",
-                                           (chosen, rng.randint(1, 20)))
-                            if rng.random() < 0.3:
-                                writer.execute("INSERT INTO notices (body) "
-                                               "SELECT 'n' || g FROM generate_series(1, %s) g", (rng.randint(1, 5),))
-                            if rng.random() < 0.1:  # a new tenant, its first rows and the reference rows
-                                writer.execute("INSERT INTO ledger (tenant_id, amount) VALUES (%s, 1)",
-                                               (f"new{session}x{rng.randrange(10**6)}",))
-                    except psycopg.errors.DeadlockDetected:
-                        # Documented (docs/design.md, "Reference tables"): two transactions that each wrote the
-                        # reference table and then bring a new tenant wait for each other's stripe; Postgres
-                        # rolls one back, which an application retries. Nothing of it may arrive anywhere.
-                        deadlocks[0] += 1
-                    time.sleep(0.01)
-        except Exception as exc:
-            errors.append(repr(exc))
+
+def assert_each_tenant_applied_its_rows_once(conn: psycopg.Connection[Any], tmp_path: Path,
+                                             tenants: list[str]) -> None:
+    """Each counted tenant's database holds exactly its ledger rows written since it was counted and every
+    notice, and applied each of them once."""
+    notices = [tuple(r) for r in conn.execute("SELECT id, body FROM notices ORDER BY id").fetchall()]
+    for tenant in tenants:
+        path = tmp_path / f"tenant-{tenant}.db"
+        expected = [tuple(r) for r in conn.execute(
+            "SELECT id, amount FROM ledger WHERE tenant_id = %s AND amount > 0 ORDER BY id", (tenant,)).fetchall()]
+        assert expected, tenant
+        assert tenant_rows(path, "SELECT id, amount FROM ledger WHERE amount > 0 ORDER BY id") == expected, tenant
+        assert tenant_rows(path, "SELECT id, body FROM notices ORDER BY id") == notices, tenant
+        assert tenant_rows(path, "SELECT tbl, count(*), count(DISTINCT id) FROM applied GROUP BY tbl ORDER BY tbl") \
+            == [("ledger", len(expected), len(expected))] + (
+                [("notices", len(notices), len(notices))] if notices else []), tenant
+
+
+def start_pattern_worker(dsn: str, tenant_threads: int, retry_max_delay: float) -> Any:
+    """A `pgturso-worker run --target 'tenant-%s'` process retrying quickly (an attack's workers come and go)."""
+    from support.workers import WorkerProcess
+
+    return WorkerProcess(dsn, "", "--target", "tenant-%s", "--idle-wait", "1", "--tenant-threads",
+                         str(tenant_threads), env={"PGTURSO_RETRY_BASE_DELAY": "0.05",
+                                                   "PGTURSO_RETRY_MAX_DELAY": str(retry_max_delay)}).start()
+
+
+def test_two_pattern_workers_sigkilled_in_turn_apply_every_tenants_rows_exactly_once(conn, dsn, tmp_path: Path):
+    """Writers spread inserts over twelve tenants and into a reference table (every tenant gets each of its
+    rows), and new tenants appear, while two pattern workers share the tenants and are SIGKILLed in turn at
+    random points (a hand-over each time): every tenant's database holds exactly its rows and the reference
+    rows, each written once (a Turso-side trigger counts the writes on the first twelve)."""
+    import random
+    import time
+
+    from support.tenant_load import LedgerWriters
+    from support.workers import WorkerProcess
+
+    tenants = [f"t{n:02d}" for n in range(12)]
+    ledgers_and_notices_counted(conn, dsn, tmp_path, tenants)
+    writers = LedgerWriters(dsn, tenants, most_tenants=4, most_rows=20, notice_chance=0.3, most_notices=5,
+                            new_tenant_chance=0.1, pause=0.01)
 
     def start() -> WorkerProcess:
-        return WorkerProcess(dsn, "", "--target", "tenant-%s", "--idle-wait", "1", "--tenant-threads", "3",
-                             env={"PGTURSO_RETRY_BASE_DELAY": "0.05", "PGTURSO_RETRY_MAX_DELAY": "0.5"}).start()
+        return start_pattern_worker(dsn, tenant_threads=3, retry_max_delay=0.5)
 
-    writers = [threading.Thread(target=write, args=(s,)) for s in range(2)]
     workers = [start(), start()]
     rng = random.Random(7)
     try:
-        for thread in writers:
-            thread.start()
+        writers.start()
         for _ in range(6):
             time.sleep(rng.uniform(0.3, 1.5))
             victim = rng.randrange(2)
             workers[victim].kill()
             workers[victim] = start()
-        stop.set()
-        for thread in writers:
-            thread.join()
-        assert not errors, errors
+        writers.stop()
+        assert not writers.errors, writers.errors
         wait_until_drained(conn)
     finally:
-        stop.set()
+        writers.stop()
         for worker in workers:
             if worker.proc is not None and worker.proc.poll() is None:
                 worker.kill()
     notices = [tuple(r) for r in conn.execute("SELECT id, body FROM notices ORDER BY id").fetchall()]
     assert notices
-    for tenant in tenants:
-        path = tmp_path / f"tenant-{tenant}.db"
-        expected = [tuple(r) for r in conn.execute(
-            "SELECT id, amount FROM ledger WHERE tenant_id = %s AND amount > 0 ORDER BY id", (tenant,)).fetchall()]
-        assert len(expected) > 0
-        assert tenant_rows(path, "SELECT id, amount FROM ledger WHERE amount > 0 ORDER BY id") == expected, tenant
-        assert tenant_rows(path, "SELECT id, body FROM notices ORDER BY id") == notices, tenant
-        assert tenant_rows(path, "SELECT tbl, count(*), count(DISTINCT id) FROM applied GROUP BY tbl ORDER BY tbl") \
-            == [("ledger", len(expected), len(expected)), ("notices", len(notices), len(notices))], tenant
+    assert_each_tenant_applied_its_rows_once(conn, tmp_path, tenants)
     newcomers = [t for (t,) in conn.execute("SELECT tenant FROM pgturso.target WHERE tenant LIKE 'new%'")]
     assert newcomers
     for tenant in newcomers:

@@ -18,12 +18,11 @@ from conftest import pending
 from support.workers import WorkerProcess, wait_until
 from test_tenants import (
     applied_writes,
-    count_postgres_writes,
     drain_pattern,
-    install_file_apply_counter,
     pg_tenant_rows,
     postgres_writes,
     tenant_rows,
+    two_tenants_counted,
 )
 
 
@@ -109,17 +108,6 @@ def tenant_worker(pattern: Any, value: str) -> Any:
         if tenant == value:
             return pattern._tenant(name, tenant, (url, token))
     raise AssertionError(f"no tenant {value!r}")
-
-
-def two_tenants_counted(conn: psycopg.Connection[Any], dsn: str, tmp_path: Path) -> None:
-    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
-    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
-    conn.execute("INSERT INTO orders VALUES (100, 'acme', 'moves later'), (200, 'globex', 'g')")
-    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
-    drain_pattern(dsn)
-    for tenant in ("acme", "globex"):
-        install_file_apply_counter(tmp_path / f"tenant-{tenant}.db", "orders")
-    count_postgres_writes(conn)
 
 
 def assert_every_write_arrived_once(conn: psycopg.Connection[Any], tmp_path: Path, *tenants: str) -> None:
@@ -318,84 +306,41 @@ def test_two_workers_losing_their_locks_with_steps_queued_apply_every_tenants_ro
     running or queued for them, which go on with no lock, fenced only by the marker on each tenant's database.
     Every tenant ends with exactly its rows, each written once (a Turso-side trigger counts the writes)."""
     import random
-    import threading
     import time
 
-    from test_tenant_attacks import _install_file_counter, wait_until_drained
+    from support.tenant_load import LedgerWriters
+    from test_tenant_attacks import (
+        assert_each_tenant_applied_its_rows_once,
+        ledgers_and_notices_counted,
+        start_pattern_worker,
+        wait_until_drained,
+    )
 
     tenants = [f"t{n:02d}" for n in range(12)]
-    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
-    conn.execute("CREATE TABLE ledger (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
-                 "tenant_id text NOT NULL, amount int)")
-    conn.execute("SELECT pgturso.track_table('ledger', target => 'tenant-%s', route_by => 'tenant_id')")
-    conn.execute("CREATE TABLE notices (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, body text)")
-    conn.execute("SELECT pgturso.track_table('notices', target => 'tenant-%s')")
-    conn.execute("INSERT INTO ledger (tenant_id, amount) SELECT t, 0 FROM unnest(%s::text[]) AS t", (tenants,))
-    drain_pattern(dsn)
-    for tenant in tenants:
-        _install_file_counter(tmp_path / f"tenant-{tenant}.db", "ledger", "notices")
-    stop = threading.Event()
-    errors: list[str] = []
+    ledgers_and_notices_counted(conn, dsn, tmp_path, tenants)
+    writers = LedgerWriters(dsn, tenants, most_tenants=3, most_rows=5, notice_chance=0.2, most_notices=1,
+                            new_tenant_chance=0.05, pause=0.005)
 
-    def write(session: int) -> None:
-        rng = random.Random(session)
-        try:
-            with psycopg.connect(dsn, autocommit=True) as writer:
-                while not stop.is_set():
-                    try:
-                        with writer.transaction():
-                            writer.execute("INSERT INTO ledger (tenant_id, amount) SELECT t, g "
-                                           "FROM unnest(%s::text[]) AS t, generate_series(1, %s) AS g",
-                                           (rng.sample(tenants, rng.randint(1, 3)), rng.randint(1, 5)))
-                            if rng.random() < 0.2:
-                                writer.execute("INSERT INTO notices (body) VALUES (%s)", (f"n{session}",))
-                            if rng.random() < 0.05:
-                                writer.execute("INSERT INTO ledger (tenant_id, amount) VALUES (%s, 1)",
-                                               (f"new{session}x{rng.randrange(10**6)}",))
-                    except psycopg.errors.DeadlockDetected:  # documented for reference writes + new tenants
-                        pass
-                    time.sleep(0.005)
-        except Exception as exc:
-            errors.append(repr(exc))
-
-    def start() -> WorkerProcess:
-        return WorkerProcess(dsn, "", "--target", "tenant-%s", "--idle-wait", "1", "--tenant-threads", "1",
-                             env={"PGTURSO_RETRY_BASE_DELAY": "0.05", "PGTURSO_RETRY_MAX_DELAY": "0.3"}).start()
-
-    writers = [threading.Thread(target=write, args=(s,)) for s in range(2)]
-    workers = [start(), start()]
+    workers = [start_pattern_worker(dsn, tenant_threads=1, retry_max_delay=0.3) for _ in range(2)]
     rng = random.Random(11)
     try:
-        for thread in writers:
-            thread.start()
+        writers.start()
         for _ in range(8):
             time.sleep(rng.uniform(0.3, 1.0))
             conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                          "WHERE application_name = 'pgturso-worker-pattern'")
-        stop.set()
-        for thread in writers:
-            thread.join()
-        assert not errors, errors
+        writers.stop()
+        assert not writers.errors, writers.errors
         wait_until_drained(conn)
         for worker in workers:
             assert worker.stop() == 0, worker.output
     finally:
-        stop.set()
+        writers.stop()
         for worker in workers:
             if worker.proc is not None and worker.proc.poll() is None:
                 worker.kill()
     assert any(w.lines("retry") for w in workers)  # the schedulers did lose their connections
-    notices = [tuple(r) for r in conn.execute("SELECT id, body FROM notices ORDER BY id").fetchall()]
-    for tenant in tenants:
-        path = tmp_path / f"tenant-{tenant}.db"
-        expected = [tuple(r) for r in conn.execute(
-            "SELECT id, amount FROM ledger WHERE tenant_id = %s AND amount > 0 ORDER BY id", (tenant,)).fetchall()]
-        assert expected
-        assert tenant_rows(path, "SELECT id, amount FROM ledger WHERE amount > 0 ORDER BY id") == expected, tenant
-        assert tenant_rows(path, "SELECT id, body FROM notices ORDER BY id") == notices, tenant
-        assert tenant_rows(path, "SELECT tbl, count(*), count(DISTINCT id) FROM applied GROUP BY tbl ORDER BY tbl") \
-            == [("ledger", len(expected), len(expected))] + (
-                [("notices", len(notices), len(notices))] if notices else []), tenant
+    assert_each_tenant_applied_its_rows_once(conn, tmp_path, tenants)
 
 
 def test_table_wide_events_between_a_tenants_data_in_one_statement_batch_apply_in_order(conn, dsn, tmp_path: Path):

@@ -72,6 +72,20 @@ def drain_pattern(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
     return result
 
 
+def two_tenants_counted(conn: psycopg.Connection[Any], dsn: str, tmp_path: Path) -> None:
+    """Tenants acme and globex of a pattern of `file:` databases, ``orders`` routed to them and delivered; from
+    now on each database counts the writes it applies and Postgres the writes committed (applied_writes,
+    postgres_writes)."""
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("INSERT INTO orders VALUES (100, 'acme', 'moves later'), (200, 'globex', 'g')")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    drain_pattern(dsn)
+    for tenant in ("acme", "globex"):
+        install_file_apply_counter(tmp_path / f"tenant-{tenant}.db", "orders")
+    count_postgres_writes(conn)
+
+
 def test_rows_reach_their_tenants_database_with_moves_ddl_and_new_tenants(conn, dsn, tmp_path: Path):
     conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
     conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text, secret text)")
@@ -532,14 +546,7 @@ def test_a_tenants_batch_read_in_one_statement_names_only_what_it_read(conn, dsn
 def test_a_tenant_backlog_larger_than_a_batch_is_delivered_in_order_exactly_once(conn, dsn, tmp_path: Path):
     """A tenant's backlog above the batch limits (and a source transaction larger than a batch) goes the general
     way, several batches cut by the limits; a small one is read whole: both in commit order, each write once."""
-    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
-    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
-    conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a'), (2, 'globex', 'g')")
-    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
-    drain_pattern(dsn)
-    for tenant in ("acme", "globex"):
-        install_file_apply_counter(tmp_path / f"tenant-{tenant}.db", "orders")
-    count_postgres_writes(conn)
+    two_tenants_counted(conn, dsn, tmp_path)
     for n in range(10, 16):
         conn.execute("INSERT INTO orders VALUES (%s, 'acme', 'single')", (n,))
     with conn.transaction():  # larger than a batch of 3 events: delivered whole, on its own
