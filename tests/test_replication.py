@@ -255,6 +255,30 @@ def test_exactly_once_when_the_worker_dies_after_turso_committed(conn, dsn, turs
     assert turso.query("SELECT count(*) FROM t") == [[0]]
 
 
+def test_a_batch_recovered_from_the_marker_is_counted_delivered_once(conn, dsn, turso: TursoServer, monkeypatch):
+    """Turso committed a batch, then the worker died before deleting it (it counted nothing): the next start
+    forgets the batch by the marker (a late delete). It was delivered once, so it counts once: in
+    pgturso.status's totals (delivery_state, table_state) and in the metrics of the worker that removed it."""
+    from pgturso.common.settings import resolve
+    from pgturso.run.worker import Worker
+
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("INSERT INTO t VALUES (1, 'x'), (2, 'y')")
+    run_worker_that_dies_after_turso_commits(dsn, turso.url, monkeypatch)
+    assert turso.query("SELECT count(*) FROM t") == [[2]] and pending(conn) > 0
+    conn.execute("INSERT INTO t VALUES (3, 'z')")
+    worker = Worker(dsn, resolve({}, {}, {"url": turso.url}))
+    assert worker.run(once=True) == 0
+    assert pending(conn) == 0 and turso.query("SELECT count(*) FROM t") == [[3]]
+    # Three transactions: track_table's (the table's creation event, in the first batch) and the two inserts.
+    assert conn.execute("SELECT transactions_delivered, rows_delivered FROM pgturso.delivery_state").fetchall() \
+        == [(3, 3)]
+    assert conn.execute("SELECT rows_delivered FROM pgturso.table_state").fetchall() == [(3,)]
+    samples = dict(line.rsplit(" ", 1) for line in worker.metrics.render().splitlines() if line[0] != "#")
+    assert (samples["pgturso_transactions_delivered_total"], samples["pgturso_rows_delivered_total"]) == ("3", "3")
+
+
 def test_recovery_from_the_marker_spares_a_transaction_that_committed_later(conn, dsn, turso: TursoServer,
                                                                            monkeypatch):
     """The marker names a batch by its snapshot: an event with a lower id whose transaction was still open

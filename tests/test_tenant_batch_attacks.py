@@ -296,6 +296,9 @@ def test_a_late_delete_by_a_worker_that_lost_its_tenant_does_not_make_the_next_s
     result = drain_pattern(dsn, "--log-format", "json")
     assert "target_behind" not in result.stderr, result.stderr
     assert_every_write_arrived_once(conn, tmp_path, "acme", "globex")
+    # Counted once, by the worker that forgot the batch; the late delete removed nothing and counts nothing.
+    assert conn.execute("SELECT rows_delivered FROM pgturso.delivery_state WHERE target = 'tenant-acme'"
+                        ).fetchone()[0] == len(pg_tenant_rows(conn, "acme"))
 
 
 def test_two_workers_losing_their_locks_with_steps_queued_apply_every_tenants_rows_once(conn, dsn, tmp_path: Path):

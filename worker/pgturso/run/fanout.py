@@ -249,8 +249,8 @@ class TenantWorker(Worker):
         self._sending = batch
         statements = send_batch(target, self._statements(batch), self._marker(batch))
         # One statement on the autocommit connection: its own transaction, as mark_delivered's would be.
-        self.outbox.remove_delivered(batch)
-        self._delivered(batch, statements, started)
+        removed = self.outbox.remove_delivered(batch)
+        self._delivered(batch, statements, started, removed)
         return batch.event_count
 
     def _disconnect(self) -> None:

@@ -40,7 +40,7 @@ from ..delivery.pipeline import InFlight, Sender, prepare, send_batch
 from ..delivery.progress import CREATE_MARKER_SQL, READ_MARKER_SQL, marker_statements
 from ..delivery.statements import Statement, StatementBuilder, create_table_statements
 from ..delivery.targets import Target, open_target, redact_url
-from ..sources.outbox import Batch, Outbox
+from ..sources.outbox import Batch, Outbox, Removed
 from ..sources.replication import StreamError
 from ..sources.slot import WalOutbox
 
@@ -339,9 +339,13 @@ class Worker:
         if rows and not isinstance(self.outbox, WalOutbox) and not self.outbox.trusts(self.last_marker):
             self._start_over(target)
         elif rows or isinstance(self.outbox, WalOutbox):  # a wal target also checks its slot here
-            removed = self.outbox.forget(self.last_marker)
-            if removed:
-                event(log, logging.INFO, "recovered", already_applied_events=removed)
+            forgotten = self.outbox.forget(self.last_marker)
+            removed = forgotten.events
+            if removed or forgotten.transactions:  # (a slot's row changes are no outbox events)
+                # Delivered by a worker that did not live (or keep the target) to count it: counted here.
+                self._count_delivered(forgotten)
+                event(log, logging.INFO, "recovered", already_applied_events=removed,
+                      rows=forgotten.rows, transactions=forgotten.transactions)
         if not isinstance(self.outbox, WalOutbox) and not removed:
             self._catch_up_a_target_that_is_behind(target)
         self.recovered = True
@@ -436,7 +440,7 @@ class Worker:
             with self.conn.transaction():
                 if in_flight is not None:
                     # Deleted first so that the reads below skip them; committed only once Turso confirmed them.
-                    self.outbox.remove_delivered(in_flight.batch)
+                    removed = self.outbox.remove_delivered(in_flight.batch)
                 batch = self.outbox.choose_batch()
                 prepared = None if batch is None else prepare(
                     batch, self._statements(batch), self.settings.max_request_bytes)
@@ -449,7 +453,7 @@ class Worker:
         settled = 0
         if in_flight is not None:
             self.outbox.settled(in_flight.batch)
-            self._delivered(in_flight.batch, statements, in_flight.started)
+            self._delivered(in_flight.batch, statements, in_flight.started, removed)
             settled = in_flight.batch.event_count
         if prepared is None:
             return settled
@@ -477,8 +481,8 @@ class Worker:
                 batch.position = self.outbox.position()
             self._sending = batch
             statements = send_batch(target, self._statements(batch), self._marker(batch))
-        self.outbox.mark_delivered(batch)
-        self._delivered(batch, statements, started)
+        removed = self.outbox.mark_delivered(batch)
+        self._delivered(batch, statements, started, removed)
         return batch.event_count
 
     def _marker(self, batch: Batch) -> Generator[Statement, None, None]:
@@ -501,12 +505,12 @@ class Worker:
         assert self.outbox is not None
         try:
             statements = in_flight.wait()
-            self.outbox.mark_delivered(in_flight.batch)
+            removed = self.outbox.mark_delivered(in_flight.batch)
         except BaseException as exc:
             self._abandon_in_flight(exc)
             raise
         self.in_flight = None
-        self._delivered(in_flight.batch, statements, in_flight.started)
+        self._delivered(in_flight.batch, statements, in_flight.started, removed)
 
     def _abandon_in_flight(self, failure: BaseException | None) -> None:
         """After a failure elsewhere: let the send end before anything else talks to Turso; whether it committed
@@ -516,8 +520,14 @@ class Worker:
             in_flight.settle(failure)
             self.recovered = False
 
-    def _delivered(self, batch: Batch, statements: int, started: float) -> None:
-        """Account for a batch that Turso committed and Postgres forgot."""
+    def _count_delivered(self, removed: Removed) -> None:
+        self.metrics.add("pgturso_rows_delivered_total", removed.rows)
+        self.metrics.add("pgturso_transactions_delivered_total", removed.transactions)
+
+    def _delivered(self, batch: Batch, statements: int, started: float, removed: Removed) -> None:
+        """Account for a batch that Turso committed and Postgres forgot. Its rows count where its events were
+        removed: ``removed`` is nothing when another worker forgot the batch by the marker first (it counted
+        them), e.g. after this one lost the target while the batch travelled."""
         self.last_marker = batch.marker()
         self.events_delivered += batch.event_count
         held = self.target.last_hold_seconds if self.target is not None else 0.0
@@ -526,8 +536,7 @@ class Worker:
         self.metrics.set("pgturso_batch_rows_limit", self.batch_rows)
         self._vacuum_if_due(batch.rows)
         self.metrics.add("pgturso_batches_total")
-        self.metrics.add("pgturso_rows_delivered_total", batch.rows)
-        self.metrics.add("pgturso_transactions_delivered_total", batch.transactions)
+        self._count_delivered(removed)
         if self.isolating_until is not None and batch.upto >= self.isolating_until:
             event(log, logging.INFO, "isolation_done", reason="delivered past the batch that failed")
             self.isolating_until = None

@@ -240,37 +240,61 @@ DELETE_ID_RANGES = """
     DELETE FROM pgturso.outbox o USING jsonb_array_elements(%(marker)s::jsonb) AS r
     WHERE o.id BETWEEN (r->>0)::int8 AND (r->>1)::int8
 """
-def record_batch_sql(set_also: str, delete: str) -> str:
-    """One round trip recording a delivered batch: ``delete`` removes its events (the CTE ``removed``, one row
-    per event removed, which ``set_also`` may look at), and its counts are added to the target's and its
-    tables' totals (``set_also``: more assignments to the target's state, or '')."""
+# A batch's counts as its sender knows them (a slot's batch: its row changes are no outbox rows).
+SENT_COUNTS = ("SELECT %(transactions)s::int8 AS transactions, %(rows)s::int8 AS rows",
+               "SELECT * FROM unnest(%(tables)s::int[], %(table_rows)s::int8[])")
+# The counts of the outbox events the deletion removed. A batch is counted once, by whoever removes its events:
+# the worker that sent it, or one that recovers it from the marker on Turso (the sender died, or lost the
+# target, before its delete); a late delete that finds its events gone counts nothing. %(per_table)s: false
+# for a tenant (see remove_delivered).
+REMOVED_COUNTS = ("SELECT count(DISTINCT txid) AS transactions, coalesce(sum(nrows), 0)::int8 AS rows FROM removed",
+                  "SELECT l.table_id, sum(x.nrows)::int8 FROM removed x JOIN pgturso.layout l ON l.id = x.layout_id "
+                  "WHERE %(per_table)s GROUP BY l.table_id")
+
+
+def record_batch_sql(set_also: str, delete: str, counts: tuple[str, str] = REMOVED_COUNTS) -> str:
+    """One round trip recording a delivered batch: ``delete`` removes its events (the CTE ``removed``: their
+    txid, layout_id and nrows, which ``set_also`` may look at), and its counts (``counts``: a query of its
+    transactions and rows, and one of its rows per table) are added to the target's and its tables' totals
+    (``set_also``: more assignments to the target's state, or ''). Returns the events removed and the counts."""
+    totals, per_table = counts
     return f"""
     WITH removed AS (
         {delete.strip()}
-        RETURNING 1
-    ), totals AS (
+        RETURNING txid, layout_id, nrows
+    ), counts AS ({totals}), totals AS (
         UPDATE pgturso.delivery_state SET status = 'delivering', last_delivered_at = now(), updated_at = now(),
-            transactions_delivered = transactions_delivered + %(transactions)s,
-            rows_delivered = rows_delivered + %(rows)s{set_also}
-        WHERE target = %(target)s
+            transactions_delivered = transactions_delivered + c.transactions,
+            rows_delivered = rows_delivered + c.rows{set_also}
+        FROM counts c WHERE target = %(target)s
     ), per_table AS (
         INSERT INTO pgturso.table_state AS s (table_id, rows_delivered, last_delivered_at)
-        SELECT t.id, r.rows, now() FROM unnest(%(tables)s::int[], %(table_rows)s::int8[]) AS r(table_id, rows)
+        SELECT t.id, r.rows, now() FROM ({per_table}) AS r(table_id, rows)
         JOIN pgturso.tracked_table t ON t.id = r.table_id
         ON CONFLICT (table_id) DO UPDATE SET rows_delivered = s.rows_delivered + excluded.rows_delivered,
             last_delivered_at = excluded.last_delivered_at
     )
-    SELECT count(*) FROM removed
+    SELECT (SELECT count(*) FROM removed), c.transactions, c.rows FROM counts c
 """
+
+
+@dataclass(frozen=True)
+class Removed:
+    """What recording a delivered batch removed from the outbox and counted as delivered."""
+    events: int
+    transactions: int
+    rows: int
 
 
 # The batch's marker becomes the last one Postgres knows delivered only if this deletion removed its events: a
 # worker that lost the target and deletes late (another worker forgot the batch by the marker on the target
 # and has delivered more since) must not put back an older marker, which the next start would take for a
 # target that lacks deliveries, and recopy it (Worker._catch_up_a_target_that_is_behind).
-RECORD_BATCH = record_batch_sql(
-    ", delivered_marker = CASE WHEN EXISTS (SELECT FROM removed) THEN %(marker)s::text ELSE delivered_marker END",
-    DELETE_BATCH)
+KEEP_MARKER_OF_REMOVED = (
+    ", delivered_marker = CASE WHEN EXISTS (SELECT FROM removed) THEN %(marker)s::text ELSE delivered_marker END")
+RECORD_BATCH = record_batch_sql(KEEP_MARKER_OF_REMOVED, DELETE_BATCH)
+# Recovery by a marker written before batches were named by snapshot (the id ranges it carried).
+RECORD_ID_RANGES = record_batch_sql(KEEP_MARKER_OF_REMOVED, DELETE_ID_RANGES)
 DELIVERED_MARKER = "SELECT delivered_marker FROM pgturso.delivery_state WHERE target = %(target)s"
 SET_DELIVERED_MARKER = "UPDATE pgturso.delivery_state SET delivered_marker = %(marker)s WHERE target = %(target)s"
 # A target database that lacks what was delivered to it: every committed event of the target goes (the copies
@@ -577,14 +601,18 @@ class Outbox:
         return json.dumps({"upto": 0, "snapshot": "1:1:", "held": [], "layouts": None, "position": self.position()},
                           separators=(",", ":"))
 
-    def forget(self, marker: str) -> int:
-        """Remove the events of the batch that ``marker`` names (on recovery, when the marker is all we know)."""
-        query = DELETE_ID_RANGES if marker.lstrip().startswith("[") else DELETE_BATCH
+    def forget(self, marker: str) -> Removed:
+        """Remove the events of the batch that ``marker`` names and count them delivered (on recovery, when the
+        marker is all we know: the worker that sent the batch counted nothing, or counts nothing now)."""
+        query = RECORD_ID_RANGES if marker.lstrip().startswith("[") else RECORD_BATCH
         with self.conn.transaction():
-            removed = self.conn.execute(query, {"marker": marker}).rowcount
-            if removed:
-                self.conn.execute(SET_DELIVERED_MARKER, {"marker": marker, "target": self.target})
-            return removed
+            return self._record(query, marker)
+
+    def _record(self, query: str, marker: str) -> Removed:
+        row = self.conn.execute(query, {"marker": marker, "target": self.target,
+                                        "per_table": self.tenant is None}).fetchone()
+        assert row is not None
+        return Removed(int(row[0]), int(row[1]), int(row[2]))
 
     def delivered_marker(self) -> str | None:
         """The marker of the last batch Postgres knows the target committed; None before the first one."""
@@ -618,10 +646,10 @@ class Outbox:
         if self._may_vacuum:
             self.conn.execute("VACUUM pgturso.outbox")
 
-    def mark_delivered(self, batch: Batch) -> None:
+    def mark_delivered(self, batch: Batch) -> Removed:
         """Remove a delivered batch's events and count it, in one transaction."""
         with self.conn.transaction():
-            self.remove_delivered(batch)
+            return self.remove_delivered(batch)
 
     def settled(self, batch: Batch) -> None:
         """After the transaction that removed a batch Turso confirmed committed (a slot moves past it then)."""
@@ -629,19 +657,13 @@ class Outbox:
     def close(self) -> None:
         """Release what the source holds besides its connection (a slot's replication stream)."""
 
-    def remove_delivered(self, batch: Batch) -> None:
-        """Remove a delivered batch's events and count it, in the caller's transaction."""
-        rows_per_table: dict[int, int] = {}
-        # A pattern's tables are shared by all its tenants, whose workers run at once: their table_state rows
-        # would make every tenant's delivery wait for (or, in REPEATABLE READ, fail on) the others'. A tenant
-        # counts its rows in its own delivery_state row only.
-        for layout_id, rows in ({} if self.tenant is not None else batch.rows_per_layout).items():
-            table_id = self._table_of_layout.get(layout_id)
-            if table_id is not None:
-                rows_per_table[table_id] = rows_per_table.get(table_id, 0) + rows
-        self.conn.execute(RECORD_BATCH, {"marker": batch.marker(), "transactions": batch.transactions,
-                                         "rows": batch.rows, "target": self.target, "tables": list(rows_per_table),
-                                         "table_rows": list(rows_per_table.values())})
+    def remove_delivered(self, batch: Batch) -> Removed:
+        """Remove a delivered batch's events and count what was removed, in the caller's transaction.
+
+        A pattern's tables are shared by all its tenants, whose workers run at once: their table_state rows
+        would make every tenant's delivery wait for (or, in REPEATABLE READ, fail on) the others'. A tenant
+        counts its rows in its own delivery_state row only."""
+        return self._record(RECORD_BATCH, batch.marker())
 
     def record_state(self, status: str, *, worker: str | None = None, starting: bool = False,
                      retry: bool = False, clear_error: bool = False) -> None:

@@ -43,7 +43,7 @@ from ..capture.types import json_from_text
 from ..common.errors import ConfigError, PgTursoError
 from ..common.logs import event
 from ..common.quoting import quote_ident, quote_literal
-from .outbox import Event, Outbox, record_batch_sql
+from .outbox import SENT_COUNTS, Event, Outbox, Removed, record_batch_sql
 from .replication import ReplicationStream
 
 log = logging.getLogger("pgturso.slot")
@@ -87,8 +87,8 @@ LIVE_COLUMNS = """
     SELECT a.attnum, a.attname FROM pg_attribute a WHERE a.attrelid = %(relid)s AND a.attnum > 0 AND NOT a.attisdropped
 """
 OUTBOX_OID = "SELECT 'pgturso.outbox'::regclass::oid::int8"
-RECORD_WAL_BATCH = record_batch_sql("", "DELETE FROM pgturso.outbox WHERE id = ANY (%(ids)s::int8[])")
-DELETE_OUTBOX_IDS = "DELETE FROM pgturso.outbox WHERE id = ANY (%(ids)s::int8[])"
+RECORD_WAL_BATCH = record_batch_sql("", "DELETE FROM pgturso.outbox WHERE id = ANY (%(ids)s::int8[])", SENT_COUNTS)
+NOTHING_REMOVED = Removed(0, 0, 0)
 ADVANCE = "SELECT pg_replication_slot_advance(%(slot)s, %(lsn)s::pg_lsn)"
 FLUSH_LSN = "SELECT pg_current_wal_flush_lsn()::text"
 # Rows per round of encoding queries, and outbox payload bytes held meanwhile: bound memory, and keep a big
@@ -293,6 +293,7 @@ class WalBatch:
         self.layouts = dict(source.read_layouts if streamed else source.layouts_in_force)
         self._consumed = False
         self.removing = False  # passed to remove_delivered: the worker settles it once Turso confirmed it
+        self.count_only = False  # count the rows of the batch's row changes, decode none
 
     @property
     def upto(self) -> int:
@@ -403,6 +404,11 @@ class WalBatch:
                     continue  # not this target's, or changed before the table's creation event
                 if self._skipping is not None:  # pgturso.skip_transaction: its row changes are dropped
                     self.skipped[self._skipping] = self.skipped.get(self._skipping, 0) + 1
+                    continue
+                if self.count_only:  # recovery: how many rows, not their values (see WalOutbox.forget)
+                    self.event_count += 1
+                    self.rows += 1
+                    self.rows_per_layout[layout_id] = self.rows_per_layout.get(layout_id, 0) + 1
                     continue
                 positions = relation.positions.get(layout_id)
                 if positions is None:
@@ -557,19 +563,20 @@ class WalOutbox(Outbox):
         self.slot, self.generation = str(row[0]), int(row[1])
         return row  # type: ignore[return-value]
 
-    def forget(self, marker: str) -> int:
+    def forget(self, marker: str) -> Removed:
         """Recover from the target's progress marker: rebuild a lost slot, or move the slot up to what Turso
-        already has (deleting the outbox rows that came with it). Returns the outbox rows removed."""
+        already has, deleting the outbox rows that came with it and counting what Turso has as delivered (the
+        worker that sent it died before it counted). Returns what was removed and counted."""
         self.close_stream()  # the peeks below need the slot, and the stream restarts from where it is then
         self._confirmed = 0
         _, generation, rebuilding, exists, status, confirmed = self.slot_state()
         self.slot_missing = not exists
         if not exists and not rebuilding and not self._has_tables():
-            return 0  # nothing tracked: no slot wanted (track_table makes one for the first table)
+            return NOTHING_REMOVED  # nothing tracked: no slot wanted (track_table makes one for the first table)
         if rebuilding or not exists or status == "lost":
             self.rebuild_slot(rebuilding or ("invalidated (max_slot_wal_keep_size)" if exists else
                                              "missing (a failover, or dropped by hand)"))
-            return 0
+            return NOTHING_REMOVED
         parsed = _parse_marker(marker)
         if parsed is None or parsed["slot"] != generation:
             self.layouts_in_force = {}
@@ -577,21 +584,23 @@ class WalOutbox(Outbox):
                 # Tables whose creation event was delivered, and no marker of this slot on the target: a new or
                 # replaced Turso database. Their changes would be skipped (no layout to decode them with).
                 self.rebuild_slot("not matched by the target's progress marker (a new or replaced Turso database)")
-            return 0
+            return NOTHING_REMOVED
         self.layouts_in_force = {int(k): int(v) for k, v in parsed["layouts"].items()}
         position = lsn_to_int(parsed["lsn"])
         if confirmed is None or position <= lsn_to_int(confirmed):
-            return 0
-        # Turso has batches the slot was not advanced past: forget their outbox rows, then move the slot.
-        removed = 0
+            return NOTHING_REMOVED
+        # Turso has batches the slot was not advanced past: forget their outbox rows and count them, then move
+        # the slot. The layouts in force are the marker's (after the batches): their rows are counted, not
+        # decoded (a key-changing UPDATE counts one row here, two when delivered).
+        removed = NOTHING_REMOVED
         with self.conn.transaction():
             self.conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
             batch = self._peek(position, 0)
             if batch is not None:
-                batch.layouts = {}
+                batch.count_only = True
                 for _ in batch.events(encode=False):
                     pass
-                removed = self.conn.execute(DELETE_OUTBOX_IDS, {"ids": batch.outbox_ids}).rowcount
+                removed = self.remove_delivered(batch)
         self.advance(position)
         return removed
 
@@ -892,26 +901,29 @@ class WalOutbox(Outbox):
 
     # -- after delivery --------------------------------------------------------------------------------------
 
-    def remove_delivered(self, batch: WalBatch) -> None:  # type: ignore[override]
+    def remove_delivered(self, batch: WalBatch) -> Removed:  # type: ignore[override]
         rows_per_table: dict[int, int] = {}
         for layout_id, rows in batch.rows_per_layout.items():
             table_id = self._table_of_layout.get(layout_id)
             if table_id is not None:
                 rows_per_table[table_id] = rows_per_table.get(table_id, 0) + rows
-        self.conn.execute(RECORD_WAL_BATCH, {"ids": batch.outbox_ids, "transactions": batch.transactions,
-                                             "rows": batch.rows, "target": self.target,
-                                             "tables": list(rows_per_table),
-                                             "table_rows": list(rows_per_table.values())})
+        row = self.conn.execute(RECORD_WAL_BATCH, {"ids": batch.outbox_ids, "transactions": batch.transactions,
+                                                   "rows": batch.rows, "target": self.target,
+                                                   "tables": list(rows_per_table),
+                                                   "table_rows": list(rows_per_table.values())}).fetchone()
+        assert row is not None
         for (xid, commit_lsn), rows in batch.skipped.items():
             self.conn.execute(COUNT_SKIPPED, {"events": rows, "rows": rows, "target": self.target, "xid": xid,
                                               "lsn": lsn_to_text(commit_lsn)})
         batch.removing = True
+        return Removed(int(row[0]), int(row[1]), int(row[2]))
 
-    def mark_delivered(self, batch: WalBatch) -> None:  # type: ignore[override]
+    def mark_delivered(self, batch: WalBatch) -> Removed:  # type: ignore[override]
         """Count the batch and delete its outbox rows, then move the slot past it (Turso has it)."""
         with self.conn.transaction():
-            self.remove_delivered(batch)
+            removed = self.remove_delivered(batch)
         self.settled(batch)
+        return removed
 
     def settled(self, batch: WalBatch) -> None:  # type: ignore[override]
         """Turso confirmed the batch and its removal is committed: let the slot move past it."""
