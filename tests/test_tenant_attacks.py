@@ -426,6 +426,51 @@ def test_a_dotted_tenant_value_is_refused_where_it_would_change_a_urls_host_and_
     conn.execute("SELECT pgturso.add_target('tenant-%s', 'libsql://myorg.turso.io/%s', 'token')")  # a path: fine
 
 
+def test_a_tenant_value_that_is_no_host_name_is_refused_where_it_would_be_in_a_urls_host_and_kept_in_file_paths(
+        conn, dsn, tmp_path: Path):
+    """Where %s sits in a pattern URL's host, the tenant value and the rest of its label must make a DNS label,
+    which is what a Turso database's host is (database names: lowercase letters, digits, dashes): letters,
+    digits and - only (no underscore), not first or last, at most 63 characters. Any other value is refused at
+    registration with the table, the value and the fixes; in a file: path it is kept. Case is allowed (host
+    names ignore it; two values differing only in case are refused already)."""
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("SELECT pgturso.add_target('cloud-%s', 'libsql://tenant-%s-myorg.turso.io', 'token')")
+    conn.execute("SELECT pgturso.add_target('edge-%s', 'https://%s.example.org:8443', 'token')")
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    conn.execute("CREATE TABLE accounts (id int PRIMARY KEY, org text NOT NULL)")
+    conn.execute("SELECT pgturso.track_table('accounts', target => 'cloud-%s', route_by => 'org')")
+    conn.execute("CREATE TABLE sites (id int PRIMARY KEY, org text NOT NULL)")
+    conn.execute("SELECT pgturso.track_table('sites', target => 'edge-%s', route_by => 'org')")
+
+    longest = "x" * (63 - len("tenant--myorg"))  # the label tenant-<value>-myorg at 63 characters
+    conn.execute("INSERT INTO accounts VALUES (1, 'acme'), (2, 'Big-Co'), (3, '-lead'), (4, %s)", (longest,))
+    conn.execute("INSERT INTO sites VALUES (1, 'acme'), (2, 'a-1')")
+    refusals = [("accounts", "a_b"), ("accounts", longest + "x"), ("sites", "-acme"), ("sites", "acme-"),
+                ("sites", "a_b")]
+    for table, value in refusals:
+        refusal = re.escape(f'tenant value "{value}" of table public.{table}')
+        with pytest.raises(psycopg.Error, match=refusal) as refused:
+            conn.execute(f"INSERT INTO {table} VALUES (100, %s)", (value,))
+        assert "host" in str(refused.value), value
+        hint = refused.value.diag.message_hint or ""
+        assert "add_target" in hint and "CHECK" in hint and "63" in hint, value
+        assert "myorg" not in str(refused.value) + hint and "example.org" not in str(refused.value) + hint
+    registered = conn.execute("SELECT pattern, tenant FROM pgturso.target WHERE pattern <> 'tenant-%s' "
+                              "ORDER BY pattern, tenant COLLATE \"C\"").fetchall()
+    assert registered == [("cloud-%s", "-lead"), ("cloud-%s", "Big-Co"), ("cloud-%s", "acme"), ("cloud-%s", longest),
+                          ("edge-%s", "a-1"), ("edge-%s", "acme")]
+    # In a file: path these are file names: the tenant gets its database and its rows.
+    conn.execute("INSERT INTO orders VALUES (1, 'a_b', 'anvil'), (2, '-acme', 'gear')")
+    drain_pattern(dsn)
+    assert tenant_rows(tmp_path / "tenant-a_b.db", "SELECT id, item FROM orders") == [(1, "anvil")]
+    assert tenant_rows(tmp_path / "tenant--acme.db", "SELECT id, item FROM orders") == [(2, "gear")]
+    # Pointing that pattern at a URL whose host holds %s would leave those tenants without a host: refused.
+    with pytest.raises(psycopg.Error, match=r'tenant "-acme", "a_b"') as refused:
+        conn.execute("SELECT pgturso.add_target('tenant-%s', 'libsql://%s-myorg.turso.io', 'token')")
+    assert "host" in str(refused.value) and refused.value.diag.message_hint
+
+
 def _waiting_for_a_lock(observer: psycopg.Connection[Any], pid: int) -> bool:
     row = observer.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
     return bool(row and row[0])

@@ -1,23 +1,40 @@
 -- Named targets (pgturso.target): different tables to different Turso databases, each delivered
 -- independently by its own worker (pgturso-worker run --target NAME).
 
--- Whether a pattern URL's %s is in its host (libsql://tenant-%s-myorg.turso.io), where a tenant value's dots
--- would make another host (tenant-a.b-myorg.turso.io: a subdomain), rather than in a path (file:…/%s.db).
-CREATE OR REPLACE FUNCTION pgturso._tenant_in_url_host(url text) RETURNS boolean
+-- Why a tenant value cannot take the place of %s in a pattern URL whose %s is in its host (libsql://tenant-%s-
+-- myorg.turso.io), or NULL (it can, or %s is in the path: file:…/%s.db, where only '.' and '..' are refused). The
+-- label holding %s, filled in, must be a DNS label, as a Turso database's host is (docs.turso.tech, Create
+-- Database: names of lowercase letters, digits and dashes): a dot would make another host (a subdomain), and
+-- only letters, digits and -, not first or last, at most 63 characters. Case is left alone: host names ignore it
+-- (two tenants differing only in case are refused by _register_tenants).
+CREATE OR REPLACE FUNCTION pgturso._tenant_host_problem(url text, tenant text) RETURNS text
 LANGUAGE sql IMMUTABLE
 @SESSION_SETTINGS@
 AS $$
-    SELECT coalesce(strpos(substring(url FROM '^[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)'), '%s') > 0, false)
+    SELECT CASE
+        WHEN f.label IS NULL THEN NULL
+        WHEN strpos(tenant, '.') > 0 THEN 'a dot separates the names of a host: it would make another host'
+        WHEN f.filled !~ '^[A-Za-z0-9-]+$' THEN 'a host name takes letters, digits and - only'
+        WHEN f.filled ~ '^-|-$' THEN 'a host name cannot begin or end with -'
+        WHEN length(f.filled) > 63 THEN
+            format('a host name has at most 63 characters, and this one would have %s', length(f.filled))
+    END
+    FROM (SELECT h.label, replace(h.label, '%s', tenant) AS filled
+          FROM (SELECT (SELECT l FROM regexp_split_to_table(
+                            regexp_replace(regexp_replace(substring(url FROM '^[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)'),
+                                                          '^[^@]*@', ''), ':[0-9]*$', ''), '[.]') AS l
+                        WHERE strpos(l, '%s') > 0 LIMIT 1) AS label) AS h) AS f
 $$;
-COMMENT ON FUNCTION pgturso._tenant_in_url_host IS
-    'Private: whether the %s of a pattern target''s URL is in its host part (tenant values there keep out dots).';
+COMMENT ON FUNCTION pgturso._tenant_host_problem IS
+    'Private: why a tenant value cannot replace the %s in the host of a pattern target''s URL, or NULL.';
 
 CREATE OR REPLACE FUNCTION pgturso.add_target(name text, url text, auth_token text DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql
 @SESSION_SETTINGS@
 AS $$
 DECLARE
-    v_dotted text;
+    v_hostless text;
+    v_problem text;
 BEGIN
     -- No message may carry the token (nor the URL, which can hold credentials): errors reach the server log.
     -- Checked here rather than left to the table's constraints, whose errors show the whole row.
@@ -37,13 +54,16 @@ BEGIN
             USING HINT = 'E.g. SELECT pgturso.add_target(''tenant-%s'', ''libsql://tenant-%s-myorg.turso.io'', '
                          '''token''): each tenant value replaces %s (letters, digits, _ . - only).';
     END IF;
-    -- A tenant that takes its URL from the pattern must keep its host (pgturso._register_tenants).
-    IF strpos(add_target.name, '%s') > 0 AND pgturso._tenant_in_url_host(add_target.url) THEN
-        SELECT string_agg(format('"%s"', g.tenant), ', ' ORDER BY g.tenant) INTO v_dotted FROM pgturso.target g
-        WHERE g.pattern = add_target.name AND g.url IS NULL AND strpos(g.tenant, '.') > 0;
-        IF v_dotted IS NOT NULL THEN
+    -- A tenant that takes its URL from the pattern must keep a host (pgturso._register_tenants).
+    IF strpos(add_target.name, '%s') > 0 THEN
+        SELECT string_agg(format('"%s"', g.tenant), ', ' ORDER BY g.tenant COLLATE "C"),
+               min(pgturso._tenant_host_problem(add_target.url, g.tenant))
+        INTO v_hostless, v_problem FROM pgturso.target g
+        WHERE g.pattern = add_target.name AND g.url IS NULL
+          AND pgturso._tenant_host_problem(add_target.url, g.tenant) IS NOT NULL;
+        IF v_hostless IS NOT NULL THEN
             RAISE EXCEPTION 'pgturso: the new URL of pattern target % puts %%s in the host, where tenant % would make '
-                            'another host (a dot separates host names)', add_target.name, v_dotted
+                            'no host of a Turso database (%)', add_target.name, v_hostless, v_problem
                 USING HINT = 'Give each such tenant a URL of its own first (SELECT pgturso.add_target(''' ||
                              replace(add_target.name, '%s', 'TENANT') || ''', ''libsql://…'', ''token'')), or '
                              'keep %s in the URL''s path.';
@@ -143,6 +163,7 @@ DECLARE
     v_name text;
     v_other text;
     v_other_pattern text;
+    v_problem text;
     v_ref record;
 BEGIN
     SELECT t.target INTO v_pattern FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
@@ -165,22 +186,27 @@ BEGIN
                 USING HINT = 'route_by values become part of a database name and URL: letters, digits, _ . - only '
                              '(not . or ..), and the target name at most 63 characters.';
         END IF;
-        -- In the host part of the URL a dot separates names: tenant 'a.b' of libsql://tenant-%s-myorg.turso.io
-        -- would be the host tenant-a.b-myorg.turso.io, a subdomain no Turso database has. Unless the tenant has
-        -- a URL of its own (an add_target of its name), or is registered already.
-        IF strpos(v_tenant, '.') > 0
-           AND NOT EXISTS (SELECT 1 FROM pgturso.target g WHERE g.pattern = v_pattern AND g.tenant = v_tenant)
-           AND pgturso._tenant_in_url_host(coalesce((SELECT g.url FROM pgturso.target g WHERE g.name = v_name),
-                                                    (SELECT g.url FROM pgturso.target g WHERE g.name = v_pattern)))
-        THEN
-            RAISE EXCEPTION 'pgturso: tenant value "%" of table % would make another host: pattern target % has %%s in '
-                            'the host of its URL, where a dot separates names', v_tenant,
+        -- Where %s is in the URL's host the tenant value makes a host name: tenant 'a.b' of
+        -- libsql://tenant-%s-myorg.turso.io would be the host tenant-a.b-myorg.turso.io, a subdomain no Turso
+        -- database has; 'a_b', '-x' or a too long value no host at all (pgturso._tenant_host_problem). Unless the
+        -- tenant has a URL of its own (an add_target of its name), or is registered already.
+        v_problem := NULL;
+        IF NOT EXISTS (SELECT 1 FROM pgturso.target g WHERE g.pattern = v_pattern AND g.tenant = v_tenant) THEN
+            v_problem := pgturso._tenant_host_problem(
+                coalesce((SELECT g.url FROM pgturso.target g WHERE g.name = v_name),
+                         (SELECT g.url FROM pgturso.target g WHERE g.name = v_pattern)), v_tenant);
+        END IF;
+        IF v_problem IS NOT NULL THEN
+            RAISE EXCEPTION 'pgturso: tenant value "%" of table % makes no host of a Turso database: pattern target % '
+                            'has %%s in the host of its URL, and %', v_tenant,
                             (SELECT t.relid::regclass::text FROM pgturso.layout l
                              JOIN pgturso.tracked_table t ON t.id = l.table_id WHERE l.id = _register_tenants.layout_id),
-                            v_pattern
-                USING HINT = 'Keep dots out of route_by values (e.g. a CHECK (strpos(col, ''.'') = 0) constraint), '
-                             'give this tenant a URL of its own first (SELECT pgturso.add_target(''' || v_name ||
-                             ''', ''libsql://…'', ''token'')), or use a pattern URL with %s in its path (file:).';
+                            v_pattern, v_problem
+                USING HINT = 'Keep route_by values to host names (letters, digits and -, not first or last, at most '
+                             '63 characters with the rest of the name: e.g. a CHECK (col ~ '
+                             '''^[a-z0-9]([a-z0-9-]*[a-z0-9])?$'') constraint), give this tenant a URL of its own '
+                             'first (SELECT pgturso.add_target(''' || v_name || ''', ''libsql://…'', ''token'')), or '
+                             'use a pattern URL with %s in its path (file:).';
         END IF;
         -- Host names and Turso Cloud database names ignore case: two such tenants would share one database.
         SELECT g.tenant INTO v_other FROM pgturso.target g
@@ -264,7 +290,7 @@ COMMENT ON FUNCTION pgturso._pattern_tenants IS
 REVOKE ALL ON FUNCTION pgturso._fan_out(integer, "char", text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._register_tenants(integer, text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._pattern_tenants(integer) FROM PUBLIC;
-REVOKE ALL ON FUNCTION pgturso._tenant_in_url_host(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._tenant_host_problem(text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.add_target(text, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.remove_target(text) FROM PUBLIC;
 REVOKE ALL ON pgturso.target FROM PUBLIC;
