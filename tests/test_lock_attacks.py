@@ -407,33 +407,54 @@ def test_create_index_concurrently_never_waits_for_turso(conn, dsn, turso: Turso
             worker.stop()
 
 
+def test_the_looks_while_a_wake_lock_stays_busy_back_off_only_after_ten_found_nothing():
+    """A busy moment (writers committing) keeps the 10 ms look of before; a lock busy for ten empty looks in a
+    row (100 ms) is a long-open writer: the wait doubles from there, capped at 200 ms."""
+    from pgturso.run.worker import busy_look_wait
+
+    assert [busy_look_wait(n) for n in range(16)] == [0.01] * 10 + [0.02, 0.04, 0.08, 0.16, 0.2, 0.2]
+    assert busy_look_wait(10**6) == 0.2
+
+
 @pytest.mark.parametrize("capture", ["trigger"], indirect=True)  # wal captures take no wake lock
-def test_an_open_writer_does_not_make_the_idle_worker_write_its_state_over_and_over(conn, dsn, turso: TursoServer,
-                                                                                     capture):
+def test_an_open_writer_makes_the_idle_worker_neither_write_its_state_nor_poll_every_10_ms(
+        conn, dsn, turso: TursoServer, capture):
     """A transaction that wrote a tracked table while the worker was awake holds that table's wake lock shared
-    until it ends, so the worker cannot sleep and looks at the outbox every 10 ms. Its state is 'idle' all
-    along: recording it again on every look cost an UPDATE of delivery_state a hundred times a second for as
-    long as the transaction stayed open (or a prepared one waited for COMMIT PREPARED)."""
+    until it ends, so the worker cannot sleep and must look at the outbox for what commits meanwhile. Its state
+    is 'idle' all along: recording it again on every look cost an UPDATE of delivery_state a hundred times a
+    second for as long as the transaction stayed open (or a prepared one waited for COMMIT PREPARED); and
+    looking every 10 ms cost about a hundred polls of the outbox a second. The looks now back off (to 200 ms)
+    while they find nothing, and what another session commits meanwhile still arrives."""
     conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
     conn.execute("SELECT pgturso.track_table('t')")
     table_id = conn.execute("SELECT id FROM pgturso.tracked_table").fetchone()[0]
     worker = WorkerProcess(dsn, turso.url, "--idle-wait", "1").start()
+
+    def counters() -> tuple[int, int]:
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        return conn.execute(
+            "SELECT (SELECT n_tup_upd FROM pg_stat_user_tables WHERE relid = 'pgturso.delivery_state'::regclass), "
+            "(SELECT seq_scan + coalesce(idx_scan, 0) FROM pg_stat_user_tables "
+            " WHERE relid = 'pgturso.outbox'::regclass)").fetchone()
+
     try:
         wait_until(lambda: _worker_sleeps(conn), 60, "the worker to go idle")
-        updates = ("SELECT n_tup_upd FROM pg_stat_user_tables WHERE relid = 'pgturso.delivery_state'::regclass")
         with psycopg.connect(dsn) as writer:
             # What a capture does when it finds the worker awake: hold the table's wake lock shared.
             writer.execute("SELECT pg_advisory_xact_lock_shared(%s, %s)", (WAKE_LOCK_CLASS, table_id))
             conn.execute("NOTIFY pgturso")  # wake the worker: it cannot sleep again while the writer is open
             wait_until(lambda: not _worker_sleeps(conn), 30, "the worker to wake")
-            conn.execute("SELECT pg_stat_clear_snapshot()")
-            before = conn.execute(updates).fetchone()[0]
-            time.sleep(2)  # the worker polls meanwhile: about 200 looks
+            updates_before, polls_before = counters()
+            time.sleep(2)  # the worker looks meanwhile: about 200 times at a fixed 10 ms
             conn.execute("SELECT pg_stat_force_next_flush()")
             time.sleep(1.5)  # its statistics reach the shared counters at most a second later
-            conn.execute("SELECT pg_stat_clear_snapshot()")
-            after = conn.execute(updates).fetchone()[0]
+            updates_after, polls_after = counters()
             assert not _worker_sleeps(conn)
-        assert after - before < 10, f"delivery_state updated {after - before} times while the worker was idle"
+            # Another session's commit, which found the worker awake and sent no NOTIFY, still arrives.
+            conn.execute("INSERT INTO t VALUES (1)")
+            wait_until(lambda: turso.query("SELECT id FROM t") == [[1]], 30, "the row committed meanwhile")
+        assert updates_after - updates_before < 10, \
+            f"delivery_state updated {updates_after - updates_before} times while the worker was idle"
+        assert polls_after - polls_before < 50, f"the outbox was scanned {polls_after - polls_before} times"
     finally:
         worker.stop()

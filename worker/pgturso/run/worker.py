@@ -68,6 +68,13 @@ EXIT_OK, EXIT_RETRIES_EXHAUSTED, EXIT_FATAL, EXIT_LOCKED = 0, 1, 2, 3
 VACUUM_EVERY_SECONDS, VACUUM_AFTER_ROWS = 5.0, 10_000
 # With no initial copy pending, the worker looks for a new one at most this often (track_table starts one).
 COPY_CHECK_SECONDS = 0.5
+# While a table's wake lock stays busy (a writer that found the worker awake is still open), the worker cannot
+# sleep and looks at the outbox instead, every BUSY_LOOK_FIRST seconds. After BUSY_LOOKS_BEFORE_BACKOFF looks in
+# a row found nothing (a long idle-in-transaction writer, not a busy moment), twice as long each time, up to
+# BUSY_LOOK_MAX; anything delivered, or another set of busy locks, starts over.
+BUSY_LOOK_FIRST = 0.01
+BUSY_LOOKS_BEFORE_BACKOFF = 10
+BUSY_LOOK_MAX = 0.2
 # A source transaction that Turso rolls back this many times in a row for holding its write lock too long
 # (TRANSACTION_TIMEOUT) cannot be delivered as things stand: the worker says so and what to change.
 LOCK_TIMEOUTS_BEFORE_EXPLAINING = 3
@@ -143,6 +150,13 @@ def notified(conn: psycopg.Connection[Any], timeout: float) -> bool:
     return arrived
 
 
+def busy_look_wait(empty_looks: int) -> float:
+    """How long to wait before the next look at the outbox while a wake lock is busy, after ``empty_looks`` looks
+    in a row that found nothing."""
+    backoff = max(empty_looks - BUSY_LOOKS_BEFORE_BACKOFF + 1, 0)
+    return min(BUSY_LOOK_FIRST * 2 ** min(backoff, 16), BUSY_LOOK_MAX)
+
+
 class Worker:
     def __init__(self, dsn: str, settings: Settings, pattern: str | None = None, tenant: str | None = None) -> None:
         self.dsn = dsn
@@ -190,6 +204,8 @@ class Worker:
         self.capture = "trigger"
         self._last_status = ""
         self.attempts = 0  # failed delivery attempts in a row (the retry/backoff count)
+        self._busy_looks = 0  # looks in a row that found a wake lock busy and nothing to deliver
+        self._busy_held: list[int] | None = None  # the wake locks taken then (the others were busy)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -629,8 +645,15 @@ class Worker:
         held, all_taken = self.outbox.take_wake_locks()
         try:
             if not all_taken:
-                self._sleep(0.01)
+                # Back off while the same locks stay busy and the looks find nothing (a long idle-in-transaction
+                # writer, a prepared transaction): its commit, or one by another session that found the worker
+                # awake, waits at most BUSY_LOOK_MAX. A write to a table whose lock this holds sends a NOTIFY.
+                if held != self._busy_held:
+                    self._busy_looks, self._busy_held = 0, held
+                notified(self.listen_conn, busy_look_wait(self._busy_looks))
+                self._busy_looks += 1
                 return
+            self._busy_held = None
             if self.outbox.any_pending():  # committed before we held the locks, without a NOTIFY
                 return
             deadline = time.monotonic() + self.settings.idle_wait
@@ -721,6 +744,7 @@ class Worker:
                     self.attempts = 0
                     self._update_backlog(force=not delivered)
                     if delivered or copied or self.copy_step(look=True):
+                        self._busy_looks = 0
                         continue
                     # Nothing pending: whatever error there was is over.
                     if once:
