@@ -1,8 +1,9 @@
 """Attacks on the pattern worker's one-statement tenant batch (Outbox.read_whole_batch: events, snapshot and
-position read in one statement outside a transaction, deleted by name afterwards in autocommit) and on its
-scheduler (up to STEPS_QUEUED_PER_THREAD steps handed out per thread, the pending-tenants walk skipped while
-enough tenants are due). Asserted on the rows that arrived in each tenant's `file:` database, and on how often
-each row was written there (a Turso-side trigger counts the writes)."""
+position read in one statement outside a transaction, deleted by name afterwards in autocommit; a round's
+several tenants read in one statement and deleted in one) and on its scheduler (up to STEPS_QUEUED_PER_THREAD
+steps handed out per thread, the pending-tenants walk skipped while enough tenants are due). Asserted on the
+rows that arrived in each tenant's `file:` database, and on how often each row was written there (a Turso-side
+trigger counts the writes)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from conftest import pending
 from support.workers import WorkerProcess, wait_until
 from test_tenants import (
     applied_writes,
+    count_postgres_writes,
     drain_pattern,
+    install_file_apply_counter,
     pg_tenant_rows,
     postgres_writes,
     tenant_rows,
@@ -412,3 +415,133 @@ def test_a_tenant_moved_to_a_new_database_while_the_worker_runs_gets_everything_
         assert worker.stop() == 0, worker.output
     assert tenant_rows(tmp_path / "moved-acme.db", "SELECT id, item FROM orders ORDER BY id") == [
         (1, "before"), (3, "after")], worker.output
+
+
+# -- rounds: several tenants' batches read in one statement and deleted in one (PatternWorker._run_round) ---------
+
+ROUND = ("acme", "globex", "initech")
+
+
+def recovered_round(conn: psycopg.Connection[Any], dsn: str, tmp_path: Path) -> tuple[Any, list[Any]]:
+    """Three tenants with counted writes, and an in-process pattern worker whose TenantWorkers of them have had
+    their first visit (a round takes recovered tenants only)."""
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("INSERT INTO orders SELECT 100 + n, t, 'first' FROM unnest(%s::text[]) WITH ORDINALITY AS u(t, n)",
+                 (list(ROUND),))
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    drain_pattern(dsn)
+    for tenant in ROUND:
+        install_file_apply_counter(tmp_path / f"tenant-{tenant}.db", "orders")
+    count_postgres_writes(conn)
+    pattern = in_process_pattern_worker(dsn)
+    tenants = [tenant_worker(pattern, value) for value in ROUND]
+    for tenant in tenants:
+        assert tenant.step(pattern._pool_connection, True) is None and tenant.recovered
+    return pattern, tenants
+
+
+def test_a_round_deletes_what_turso_committed_and_leaves_a_failed_tenants_events_for_its_own_retry(
+        conn, dsn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A round reads three tenants' batches in one statement (no tenant reads its own) and sends each; the middle
+    tenant's database fails. The round's one deletion must remove exactly the two delivered batches: the failed
+    tenant keeps its events, is shown retrying and waits out its own backoff, and its next visit delivers them;
+    every write arrives once."""
+    from pgturso.common.errors import TursoUnavailable
+    from pgturso.run import fanout
+    from pgturso.sources.outbox import Outbox
+
+    pattern, tenants = recovered_round(conn, dsn, tmp_path)
+    try:
+        conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a1'), (2, 'globex', 'g1'), (3, 'initech', 'i1')")
+        conn.execute("INSERT INTO orders VALUES (4, 'globex', 'g2'), (5, 'initech', 'i2')")
+        send = fanout.send_batch
+
+        def globex_down(target: Any, statements: Any, marker: Any) -> int:
+            if "tenant-globex" in target.description:
+                raise TursoUnavailable(f"{target.description}: down for the test")
+            return send(target, statements, marker)
+
+        def read_alone(self: Any) -> Any:
+            raise AssertionError("a round's tenant read its own batch")
+
+        counted = ("SELECT target, transactions_delivered, rows_delivered FROM pgturso.delivery_state "
+                   "WHERE target = ANY (%s) ORDER BY target")
+        names = [f"tenant-{t}" for t in ROUND]
+        before = conn.execute(counted, (names,)).fetchall()
+        monkeypatch.setattr(fanout, "send_batch", globex_down)
+        monkeypatch.setattr(Outbox, "read_whole_batch", read_alone)
+        outcomes = pattern._run_round(tenants)
+        assert outcomes["tenant-acme"] is None and outcomes["tenant-initech"] is None, outcomes
+        assert isinstance(outcomes["tenant-globex"], float) and outcomes["tenant-globex"] > 0, outcomes
+        assert items_pending(conn, "acme", "a1") == [] and items_pending(conn, "initech", "i1", "i2") == []
+        assert items_pending(conn, "globex", "g1", "g2") == ["g1", "g2"]
+        acme, globex, initech = tenants
+        assert (acme.attempts, globex.attempts, initech.attempts) == (0, 1, 0)
+        # Each delivered batch counted once, in its own tenant's row; the failed tenant's not at all.
+        assert [(t, tx - tx0, rows - rows0) for (t, tx, rows), (_, tx0, rows0) in
+                zip(conn.execute(counted, (names,)).fetchall(), before, strict=True)] == [
+            ("tenant-acme", 1, 1), ("tenant-globex", 0, 0), ("tenant-initech", 2, 2)]
+        assert conn.execute("SELECT status, last_error LIKE '%down for the test%' FROM pgturso.delivery_state "
+                            "WHERE target = 'tenant-globex'").fetchone() == ("retrying", True)
+        monkeypatch.undo()
+        conn.execute("INSERT INTO orders VALUES (6, 'acme', 'a2')")
+        outcomes = pattern._run_round(tenants)  # globex recovers from its marker and delivers, on its own
+        assert set(outcomes.values()) == {None}, outcomes
+        assert pending(conn) == 0
+        for tenant in tenants:
+            tenant.close_target()
+    finally:
+        pattern._shut_down()
+    assert_every_write_arrived_once(conn, tmp_path, *ROUND)
+
+
+@pytest.mark.parametrize("dies", ["after the second send", "in the deletion"])
+def test_a_worker_dying_mid_round_leaves_each_tenant_to_recover_from_its_own_marker(
+        conn, dsn, tmp_path: Path, hooked_sends, dies: str):
+    """The worker dies in a round after Turso committed two tenants' batches and before the round's deletion (or
+    its connection is cut as the deletion runs): nothing was deleted, and a fresh worker recovers each tenant
+    from the marker on its database, forgetting what arrived and sending what did not, each write once."""
+    pattern, tenants = recovered_round(conn, dsn, tmp_path)
+    try:
+        conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a1'), (2, 'globex', 'g1'), (3, 'initech', 'i1')")
+        sent: list[str] = []
+
+        def note() -> None:
+            sent.append("sent")
+            if len(sent) == 2 and dies == "after the second send":
+                raise Crash
+            hooked_sends["after"].append(note)
+
+        def cut() -> None:  # the pool connection terminated just before the round's deletion
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE application_name = 'pgturso-worker-tenant'")
+
+        hooked_sends["after"].append(note)
+        if dies == "after the second send":
+            with pytest.raises(Crash):
+                pattern._run_round(tenants)
+            assert items_pending(conn, "acme", "a1") == ["a1"] and items_pending(conn, "globex", "g1") == ["g1"]
+        else:
+            from pgturso.run import fanout
+
+            record = fanout.record_tenant_batches
+
+            def cut_then_record(*args: Any) -> Any:
+                cut()
+                return record(*args)
+
+            fanout.record_tenant_batches = cut_then_record  # type: ignore[assignment]
+            try:
+                outcomes = pattern._run_round(tenants)
+            finally:
+                fanout.record_tenant_batches = record  # type: ignore[assignment]
+            assert all(isinstance(v, float) for v in outcomes.values()), outcomes
+            assert not any(t.recovered for t in tenants)  # each recovers from its marker at its next visit
+            assert items_pending(conn, "initech", "i1") == ["i1"]
+        for tenant in tenants:
+            tenant.close_target()
+    finally:
+        pattern._shut_down()
+    drain_pattern(dsn)  # a fresh worker: each tenant recovered from its own marker
+    assert_every_write_arrived_once(conn, tmp_path, *ROUND)

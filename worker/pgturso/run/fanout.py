@@ -10,6 +10,9 @@ of them with bounded resources:
   threads. Each pool thread has one Postgres connection; the scheduler has one more (tenant list, locks, LISTEN).
   So connections and threads do not grow with the tenants: 1,000 tenants take ``tenant_threads + 1``
   connections.
+- While more tenants are ready than steps may be handed out, a step is a *round* of up to ROUND_TENANTS tenants
+  (file: databases, recovered, not failing): their batches read in one statement and deleted in one, each sent
+  to its own database in between; a tenant whose send failed is left out of the deletion.
 - A tenant is stepped by one thread at a time, least recently served first, so one busy tenant does not starve
   the others. A tenant whose step failed waits out its own backoff (``handle_failure``, as a single-target
   worker does) without holding a thread; and at most half of the threads serve tenants that are failing, so
@@ -59,7 +62,7 @@ from ..common.metrics import Metrics
 from ..common.settings import Settings
 from ..delivery.pipeline import send_batch
 from ..delivery.targets import Target, redact_url
-from ..sources.outbox import Outbox, error_cleared_when
+from ..sources.outbox import Batch, Outbox, error_cleared_when, read_whole_batches, record_tenant_batches
 from .worker import (
     DELIVERY_LOCK_CLASS,
     EXIT_FATAL,
@@ -92,6 +95,10 @@ COPY_STEP_SECONDS = 1.0  # during an initial copy a tenant is stepped at most th
 # instead of idling until the scheduler wakes, looks at the outbox and dispatches (a quarter of the pool's
 # time at 500 visits/s when only one step per thread was handed out). A queued step holds no connection.
 STEPS_QUEUED_PER_THREAD = 2
+# While more tenants are ready than steps may be handed out, a step serves a round of up to this many tenants
+# (PatternWorker._run_round): their batches read in one statement and deleted in one, two round trips for the
+# round instead of two per tenant, each tenant sent to its own database in turn.
+ROUND_TENANTS = 4
 
 TENANTS = TENANT_ENDPOINTS + " WHERE t.pattern = %s ORDER BY t.name"  # name, tenant value, URL, token
 PATTERN_EXISTS = "SELECT EXISTS (SELECT 1 FROM pgturso.target WHERE name = %s)"
@@ -132,6 +139,22 @@ RECORD_STOPPED = """
     UPDATE pgturso.delivery_state SET status = 'stopped', updated_at = now()
     WHERE target = ANY (%(names)s) AND status <> 'stopped'
 """
+
+
+# What a tenant's step survives (retried or reported by handle_failure); anything else fails the tenant's step
+# (PatternWorker._collect reports it and tries the tenant again later).
+STEP_FAILURES = (TursoUnavailable, psycopg.OperationalError, StatementFailed, TursoRequestRejected, ConfigError,
+                 psycopg.errors.InsufficientPrivilege)
+
+
+@dataclasses.dataclass
+class Delivered:
+    """A batch a round's tenant delivered to Turso, whose events the round deletes (PatternWorker._run_round)."""
+
+    tenant: TenantWorker
+    batch: Batch
+    statements: int
+    started: float
 
 
 class OpenTargets:
@@ -190,18 +213,23 @@ class TenantWorker(Worker):
         else:
             self.outbox.conn = conn
 
-    def step(self, connect: Callable[[], psycopg.Connection[Any]], once: bool) -> float | None:
+    def step(self, connect: Callable[[], psycopg.Connection[Any]], once: bool,
+             read: tuple[bool, Batch | None] | None = None, deferred: list[Delivered] | None = None) -> float | None:
         """Deliver one batch. Returns when to look again: 0 (at once: more may be pending), a delay (a retry
-        after a failure), or None (nothing pending). Sets ``code`` when the tenant stops (--once)."""
-        retry_limit = self.settings.retry_limit or (3 if once else 0)
+        after a failure), or None (nothing pending). Sets ``code`` when the tenant stops (--once).
+
+        In a round (PatternWorker._run_round), ``read`` is this tenant's batch as the round's one statement read
+        it, and a batch Turso committed is added to ``deferred`` instead of being deleted here: the round deletes
+        all of them in one statement (and then calls ``delivered``)."""
         try:
             self.attach(connect())
             if not self.recovered:
+                read = None  # read before its recovery, which may forget events Turso has already
                 if self.target is None:
                     event(log, logging.INFO, "target", target=self.settings.target, url=redact_url(self.endpoint[0]))
                 self.recover()
                 self._record("delivering", worker=self.identity, starting=self.attempts == 0)
-            delivered = self.deliver_batch()
+            delivered = self.deliver_batch(read, deferred)
             if self.attempts:
                 event(log, logging.INFO, "resumed", target=self.settings.target, after_attempts=self.attempts)
                 self._record("delivering", clear_error=True)  # delivery got past the error
@@ -216,30 +244,37 @@ class TenantWorker(Worker):
             self._record("idle", clear_error=True)
             self.shown_idle = True
             return None
-        except (TursoUnavailable, psycopg.OperationalError, StatementFailed, TursoRequestRejected,
-                ConfigError, psycopg.errors.InsufficientPrivilege) as exc:
-            code, delay = self.handle_failure(exc, retry_limit, once)
-            if code is not None:
-                self.code = code
-                return None
-            return delay
+        except STEP_FAILURES as exc:
+            return self.failed(exc, once)
         finally:
             self.used_at = time.monotonic()
             self.conn = None  # the pool's connection, not this tenant's
             if self.outbox is not None:
                 self.outbox.conn = None  # type: ignore[assignment]
 
-    def deliver_batch(self) -> int:
+    def failed(self, exc: Exception, once: bool) -> float | None:
+        """A failed step (or a round's failed deletion of its batch): its retry delay, or None with ``code``
+        set when the tenant stops (--once)."""
+        retry_limit = self.settings.retry_limit or (3 if once else 0)
+        code, delay = self.handle_failure(exc, retry_limit, once)
+        if code is not None:
+            self.code = code
+            return None
+        return delay
+
+    def deliver_batch(self, read: tuple[bool, Batch | None] | None = None,
+                      deferred: list[Delivered] | None = None) -> int:
         """Deliver the tenant's pending events: read whole in one statement when they fit one batch (the common
         case: a tenant visited every moment has a few), sent, then deleted in one statement, so that a visit
         costs two Postgres round trips and holds no Postgres transaction while Turso commits. A larger backlog,
         or one transaction at a time after a refused batch, goes the general way (Worker._deliver_streaming).
         The guarantees are the streaming path's: the batch's marker is committed with it on Turso, and its events
-        are deleted only after that commit (a failure in between is what recovery from the marker covers)."""
+        are deleted only after that commit (a failure in between is what recovery from the marker covers).
+        ``read``: the batch already read (by a round's statement); ``deferred``: the round deletes it."""
         if self.isolating_until is not None:
             return self._deliver_streaming()
         assert self.outbox is not None
-        fits, batch = self.outbox.read_whole_batch()
+        fits, batch = read if read is not None else self.outbox.read_whole_batch()
         if not fits:
             return self._deliver_streaming()
         if batch is None:
@@ -248,6 +283,9 @@ class TenantWorker(Worker):
         started = time.monotonic()
         self._sending = batch
         statements = send_batch(target, self._statements(batch), self._marker(batch))
+        if deferred is not None:
+            deferred.append(Delivered(self, batch, statements, started))
+            return batch.event_count
         # One statement on the autocommit connection: its own transaction, as mark_delivered's would be.
         removed = self.outbox.remove_delivered(batch)
         self._delivered(batch, statements, started, removed)
@@ -488,6 +526,10 @@ class PatternWorker:
             tenant.running = False
             try:
                 again = future.result()
+                if isinstance(again, dict):  # a round's: each tenant's own outcome
+                    again = again[name]
+                    if isinstance(again, Exception):
+                        raise again
             except Exception as exc:  # a tenant's failure is reported, never the other tenants' problem
                 event(log, logging.ERROR, "tenant_failed", target=name, error=repr(exc))
                 tenant.close_target()
@@ -517,9 +559,13 @@ class PatternWorker:
     def _queued_max(self) -> int:
         return self.threads * STEPS_QUEUED_PER_THREAD
 
+    def _tasks(self) -> int:
+        """The steps, rounds and closes handed to the pool and not collected yet (a round runs many tenants)."""
+        return len({id(future) for future in self.running.values()})
+
     def _capacity(self) -> int:
         """How many more steps (or jobs) may be handed to the pool now."""
-        return self._queued_max() - len(self.running) - (self.job is not None)
+        return self._queued_max() - self._tasks() - (self.job is not None)
 
     def _dispatch(self) -> None:
         now = time.monotonic()
@@ -539,6 +585,11 @@ class PatternWorker:
         # Tenants that are failing (slow or down databases) may take at most half of the threads.
         failing_allowed = max(1, self.threads // 2) - sum(1 for n in self.running
                                                           if n in self.tenants and self.tenants[n].attempts)
+        # More ready than steps to hand out: rounds of several tenants each (a tenant's first visit, a failing
+        # one, and one whose database is not a local file go alone: a round sends to its tenants in turn, and a
+        # network database that hangs must not hold back the others' deliveries).
+        per_round = min(ROUND_TENANTS, max(1, len(ready) // max(free, 1)))
+        round_: list[TenantWorker] = []
         for tenant in ready:
             if free <= 0:
                 break
@@ -549,8 +600,26 @@ class PatternWorker:
             tenant.due = False
             tenant.running = True
             tenant.served_at = now
-            self.running[tenant.settings.target] = self.pool.submit(self._run_step, tenant)
+            if per_round > 1 and self._may_share_a_round(tenant):
+                round_.append(tenant)
+                if len(round_) < per_round:
+                    continue
+                future = self.pool.submit(self._run_round, round_)
+                for member in round_:
+                    self.running[member.settings.target] = future
+                round_ = []
+            else:
+                self.running[tenant.settings.target] = self.pool.submit(self._run_step, tenant)
             free -= 1
+        if round_:
+            future = self.pool.submit(self._run_round, round_)
+            for member in round_:
+                self.running[member.settings.target] = future
+
+    @staticmethod
+    def _may_share_a_round(tenant: TenantWorker) -> bool:
+        return (tenant.recovered and not tenant.attempts and tenant.isolating_until is None
+                and tenant.endpoint[0].startswith("file:"))
 
     def _run_step(self, tenant: TenantWorker) -> float | None:
         try:
@@ -562,6 +631,59 @@ class PatternWorker:
             return again
         finally:
             self.woken.set()
+
+    def _run_round(self, tenants: list[TenantWorker]) -> dict[str, float | Exception | None]:
+        """Step several tenants on one pool connection: read every one's batch in one statement, send each to its
+        database in turn, and delete the batches Turso committed in one statement. Each tenant's outcome is its
+        own (as its step's would be): one whose read did not fit a batch is stepped the general way, one whose
+        send failed keeps its events (left out of the deletion) and waits out its own backoff; a failed deletion
+        is every sent tenant's failure, each recovering from the marker on its database at its next visit."""
+        outcomes: dict[str, float | Exception | None] = {}
+        try:
+            reads: list[tuple[bool, Batch | None] | None] = [None] * len(tenants)
+            try:
+                conn = self._pool_connection()
+                for tenant in tenants:
+                    tenant.attach(conn)
+                reads = list(read_whole_batches(conn, [t.outbox for t in tenants]))  # type: ignore[misc]
+            except psycopg.Error as exc:  # each tenant's own step reads again, and handles what it finds
+                event(log, logging.DEBUG, "round_read_failed", target=self.pattern, error=str(exc).strip())
+            deferred: list[Delivered] = []
+            for tenant, read in zip(tenants, reads, strict=True):
+                try:
+                    outcomes[tenant.settings.target] = tenant.step(self._pool_connection, self.once, read, deferred)
+                except Exception as exc:  # reported by _collect, as a step's own exception
+                    outcomes[tenant.settings.target] = exc
+                if self.open_targets.count > MAX_OPEN_TARGETS:
+                    tenant.close_target()  # as _run_step does: at once, or rounds would hold 8 files each
+            if deferred:
+                self._record_round(deferred, outcomes)
+            return outcomes
+        finally:
+            self.woken.set()
+
+    def _record_round(self, deferred: list[Delivered], outcomes: dict[str, float | Exception | None]) -> None:
+        """Delete the round's delivered batches in one statement; then each is delivered (logged, counted)."""
+        conn = self._pool_connection()
+        try:
+            removed = record_tenant_batches(conn, [(d.tenant.outbox, d.batch) for d in deferred])  # type: ignore[misc]
+        except psycopg.Error as exc:
+            for item in deferred:
+                name = item.tenant.settings.target
+                if not isinstance(exc, STEP_FAILURES):
+                    item.tenant.recovered = False
+                    outcomes[name] = exc
+                    continue
+                item.tenant.attach(conn)
+                try:
+                    outcomes[name] = item.tenant.failed(exc, self.once)
+                finally:
+                    item.tenant.conn = None
+                    if item.tenant.outbox is not None:
+                        item.tenant.outbox.conn = None  # type: ignore[assignment]
+            return
+        for item in deferred:
+            item.tenant._delivered(item.batch, item.statements, item.started, removed[item.tenant.settings.target])
 
     def _job_due(self, now: float) -> bool:
         if now < self._copy_checked:
@@ -607,7 +729,7 @@ class PatternWorker:
         open_targets = sorted((t for t in self.tenants.values() if t.target is not None and not t.running),
                               key=lambda t: t.used_at)
         excess = len(open_targets) - MAX_OPEN_TARGETS
-        free = self.threads - len(self.running) - (self.job is not None)
+        free = self.threads - self._tasks() - (self.job is not None)
         for number, tenant in enumerate(open_targets):
             if free <= 0:
                 break

@@ -115,10 +115,10 @@ CLIENT_SIDE_BYTES = 1 << 20
 BATCH_FILTER = f"id <= %(upto)s AND NOT (txid = ANY (%(held)s::text[]::xid8[])) AND {FOR_TARGET}"
 
 
-def batch_groups_sql(relations: str, where: str) -> str:
+def batch_groups_sql(relations: str, where: str, max_bytes: str = "%(max_bytes)s") -> str:
     """The events of ``relations`` (the outbox, and what ``where`` refers to) that ``where`` selects, merged where
     the worker would merge them: consecutive upserts (or deletes) of one table become one group, its payloads
-    joined in outbox order, up to about %(max_bytes)s per group; every other event is a group of its own.
+    joined in outbox order, up to about ``max_bytes`` per group; every other event is a group of its own.
     Postgres does this per-event work, not Python."""
     return f"""
     WITH ev AS (
@@ -129,7 +129,7 @@ def batch_groups_sql(relations: str, where: str) -> str:
         FROM {relations} WHERE {where}
         WINDOW w AS (ORDER BY id)
     ), runs AS (
-        SELECT *, sum(starts_run) OVER (ORDER BY id) AS run, bytes_so_far / %(max_bytes)s AS part FROM ev
+        SELECT *, sum(starts_run) OVER (ORDER BY id) AS run, bytes_so_far / {max_bytes} AS part FROM ev
     )
     SELECT min(id) AS first_id, min(txid)::text::bigint, max(txid)::text::bigint, min(layout_id), min(op),
            sum(nrows)::bigint, count(*), string_agg(payload, ',' ORDER BY id)
@@ -139,35 +139,43 @@ def batch_groups_sql(relations: str, where: str) -> str:
 
 BATCH_GROUPS = batch_groups_sql("pgturso.outbox", BATCH_FILTER)
 
-# A tenant's whole backlog as one batch, in one statement (one snapshot, so no transaction around it): its
-# first %(max_events)s events and, when they are fewer (every visible event of the tenant, so no transaction
-# straddles a cut) and hold at most %(max_rows)s rows, those events merged as BATCH_GROUPS does. It also
-# returns the snapshot that names the batch and the source's position, taken after every event of the batch
-# and every earlier batch's deletion committed, as Outbox.position requires. A pattern worker's tenant
-# mostly has a few events when it is visited: this is its batch in one round trip instead of five (BEGIN,
-# BATCH_HEAD, position, the events, COMMIT). More than the limits: the caller reads it the general way.
-TENANT_SCOPE = ("(scope.layouts IS NULL OR o.layout_id = ANY (scope.layouts)) "
-                "AND (%(tenant)s::text IS NULL AND o.tenant IS NULL OR o.tenant = %(tenant)s::text)")
-WHOLE_BATCH = f"""
+# Tenants' whole backlogs, each as one batch, in one statement (one snapshot, so no transaction around it): for
+# each tenant of %(tenants)s, its first max_events events and, when they are fewer (every visible event of the
+# tenant, so no transaction straddles a cut) and hold at most max_rows rows, those events merged as BATCH_GROUPS
+# does (max_events, max_rows and max_bytes are each tenant's own: a tenant's limits shrink after slow or refused
+# requests). Each row also carries the snapshot that names the batches (the statement's: one for all of them) and
+# the source's position, read once, after every event of the batches and every earlier batch's deletion
+# committed, as Outbox.position requires. A pattern worker's tenant mostly has a few events when it is visited:
+# this is its batch in a share of one round trip instead of five (BEGIN, BATCH_HEAD, position, the events,
+# COMMIT). More than the limits: the caller reads that tenant's batch the general way.
+def tenant_scope(tenant: str) -> str:
+    """The pattern's events (``scope.layouts``) of the tenant ``tenant`` (an SQL expression, never NULL: an
+    equality, so that each tenant's events are found by outbox_tenant_idx)."""
+    return f"(scope.layouts IS NULL OR o.layout_id = ANY (scope.layouts)) AND o.tenant = {tenant}"
+
+
+WHOLE_BATCHES = f"""
     WITH scope AS (
         SELECT CASE WHEN coalesce(bool_and(t.target = %(target)s), true) THEN NULL
                     ELSE coalesce(array_agg(l.id) FILTER (WHERE t.target = %(target)s), '{{}}') END AS layouts
         FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
-    ), head AS (
-        SELECT o.id, o.txid, o.nrows FROM pgturso.outbox o, scope WHERE {TENANT_SCOPE} ORDER BY o.id
-        LIMIT %(max_events)s
-    ), summary AS (
-        SELECT count(*) AS head_events, coalesce(sum(greatest(nrows, 1)), 0) AS head_rows, max(id) AS head_upto,
-               count(DISTINCT txid) AS head_transactions
-        FROM head
     )
-    SELECT (SELECT layouts FROM scope), s.head_events, s.head_rows, s.head_upto, s.head_transactions,
-           pg_current_snapshot()::text, pgturso._source_position(), g.*
-    FROM summary s LEFT JOIN ({batch_groups_sql(
-        "pgturso.outbox o, scope, summary",
-        f"{TENANT_SCOPE} AND summary.head_events < %(max_events)s AND summary.head_rows <= %(max_rows)s")}
-    ) AS g ON true
-    ORDER BY g.first_id
+    SELECT r.n, (SELECT layouts FROM scope), pg_current_snapshot()::text, (SELECT pgturso._source_position()), b.*
+    FROM unnest(%(tenants)s::text[], %(max_events)s::int8[], %(max_rows)s::int8[], %(max_bytes)s::int8[])
+         WITH ORDINALITY AS r(tenant, max_events, max_rows, max_bytes, n),
+    LATERAL (
+        SELECT s.head_events, s.head_rows, s.head_upto, s.head_transactions, g.*
+        FROM (SELECT count(*) AS head_events, coalesce(sum(greatest(head.nrows, 1)), 0) AS head_rows,
+                     max(head.id) AS head_upto, count(DISTINCT head.txid) AS head_transactions
+              FROM (SELECT o.id, o.txid, o.nrows FROM pgturso.outbox o, scope WHERE {tenant_scope("r.tenant")}
+                    ORDER BY o.id LIMIT r.max_events) AS head) AS s
+        LEFT JOIN LATERAL ({batch_groups_sql(
+            "pgturso.outbox o, scope",
+            f"{tenant_scope('r.tenant')} AND s.head_events < r.max_events AND s.head_rows <= r.max_rows",
+            "r.max_bytes")}
+        ) AS g ON true
+    ) AS b
+    ORDER BY r.n, b.first_id
 """
 # The common case, where every event is an upsert (or every one a delete) of the same table: no runs to find,
 # so the events are merged by id range, %(bucket)s ids at a time (which bounds a group's size), without the
@@ -223,17 +231,49 @@ RECORD_ERROR = """
         failing_since = coalesce(failing_since, now()), updated_at = now()
     WHERE target = %(target)s
 """
-# A batch's events by its name (see the module docstring); %(marker)s is Batch.marker().
-DELETE_BATCH = """
-    DELETE FROM pgturso.outbox o USING (
-        SELECT (m->>'upto')::int8 AS upto, (m->>'snapshot')::pg_snapshot AS snap,
-               ARRAY(SELECT jsonb_array_elements_text(m->'held'))::xid8[] AS held,
-               ARRAY(SELECT jsonb_array_elements_text(m->'layouts'))::int[] AS layouts,
-               jsonb_typeof(m->'layouts') = 'array' AS filtered, m->>'tenant' AS tenant
-        FROM (SELECT %(marker)s::text::jsonb AS m) AS given) AS b  -- text: stored as given (RECORD_BATCH)
-    WHERE o.id <= b.upto AND pg_visible_in_snapshot(o.txid, b.snap) AND NOT (o.txid = ANY (b.held))
-      AND (NOT b.filtered OR o.layout_id = ANY (b.layouts))
-      AND (b.tenant IS NULL AND o.tenant IS NULL OR o.tenant = b.tenant)
+# A batch's events by its name (see the module docstring): the outbox rows ``o`` that the marker ``m`` (the jsonb of
+# Batch.marker()) names, from the relation MARKED_BATCH selects (``b``).
+MARKED_BATCH = """
+    SELECT (m->>'upto')::int8 AS upto, (m->>'snapshot')::pg_snapshot AS snap,
+           ARRAY(SELECT jsonb_array_elements_text(m->'held'))::xid8[] AS held,
+           ARRAY(SELECT jsonb_array_elements_text(m->'layouts'))::int[] AS layouts,
+           jsonb_typeof(m->'layouts') = 'array' AS filtered, m->>'tenant' AS tenant"""
+IN_MARKED_BATCH = """
+    o.id <= b.upto AND pg_visible_in_snapshot(o.txid, b.snap) AND NOT (o.txid = ANY (b.held))
+      AND (NOT b.filtered OR o.layout_id = ANY (b.layouts))"""
+# %(marker)s is Batch.marker(), as text: stored as given (RECORD_BATCH).
+DELETE_BATCH = f"""
+    DELETE FROM pgturso.outbox o USING ({MARKED_BATCH}
+        FROM (SELECT %(marker)s::text::jsonb AS m) AS given) AS b
+    WHERE {IN_MARKED_BATCH} AND (b.tenant IS NULL AND o.tenant IS NULL OR o.tenant = b.tenant)
+"""
+# Several tenants' delivered batches recorded in one round trip (a pattern worker's round): each one's events
+# deleted by its marker and counted in its own delivery_state row, as RECORD_BATCH does for one (what was
+# removed is what counts; a tenant keeps no table_state: see Outbox.remove_delivered). Each batch's marker
+# becomes its tenant's delivered_marker only if this deletion removed some of its events (see RECORD_BATCH).
+# Returns, per target, the events, transactions and rows removed.
+RECORD_TENANT_BATCHES = f"""
+    WITH given AS (
+        SELECT g.target, g.marker, g.marker::jsonb AS m
+        FROM unnest(%(targets)s::text[], %(markers)s::text[]) AS g(target, marker)
+    ), removed AS (
+        DELETE FROM pgturso.outbox o USING ({MARKED_BATCH}, given.target FROM given) AS b
+        WHERE {IN_MARKED_BATCH} AND o.tenant = b.tenant  -- a tenant's events: by outbox_tenant_idx
+        RETURNING b.target, o.txid, o.nrows
+    ), counted AS (
+        SELECT target, count(*) AS events, count(DISTINCT txid) AS transactions,
+               coalesce(sum(nrows), 0)::int8 AS rows
+        FROM removed GROUP BY target
+    ), totals AS (
+        UPDATE pgturso.delivery_state d SET status = 'delivering', last_delivered_at = now(), updated_at = now(),
+            transactions_delivered = d.transactions_delivered + coalesce(c.transactions, 0),
+            rows_delivered = d.rows_delivered + coalesce(c.rows, 0),
+            delivered_marker = CASE WHEN c.target IS NOT NULL THEN g.marker ELSE d.delivered_marker END
+        FROM given g LEFT JOIN counted c ON c.target = g.target
+        WHERE d.target = g.target AND d.target = ANY (%(targets)s::text[])  -- by its key, not a scan
+    )
+    SELECT g.target, coalesce(c.events, 0), coalesce(c.transactions, 0), coalesce(c.rows, 0)
+    FROM given g LEFT JOIN counted c ON c.target = g.target
 """
 # A marker written by pgturso before batches were named by snapshot: the id ranges [[low, high], ...] it carried.
 DELETE_ID_RANGES = """
@@ -507,22 +547,8 @@ class Outbox:
         return batch
 
     def read_whole_batch(self) -> tuple[bool, Batch | None]:
-        """A tenant's pending events as one batch, read in one statement (WHOLE_BATCH), outside any transaction.
-        Returns (whether they fit the batch limits, the batch or None when nothing is pending); when they do not
-        fit, the caller reads a batch the general way (choose_batch, in a transaction)."""
-        limits = {"max_events": self.batch_events, "max_rows": self.batch_rows, "target": self.tables_target,
-                  "tenant": self.tenant, "max_bytes": self.max_group_bytes}
-        rows = self.conn.execute(WHOLE_BATCH, limits).fetchall()
-        layouts, events, total_rows, last, transactions, snapshot, position = rows[0][:7]
-        if not events:
-            return True, None
-        if events >= self.batch_events or total_rows > self.batch_rows:
-            return False, None
-        self.layouts = None if layouts is None else list(layouts)
-        batch = WholeBatch([row[7:] for row in rows], self.conn, int(last), [], snapshot, int(transactions),
-                           self.fetch_size, self.layouts, self.max_group_bytes, self.tenant)
-        batch.position = dict(position)
-        return True, batch
+        """This outbox's tenant's pending events as one batch (read_whole_batches)."""
+        return read_whole_batches(self.conn, [self])[0]
 
     def _batch(self, upto: int) -> Batch:
         head_transactions, uniform, widest, snapshot, held = self.conn.execute(  # type: ignore[misc]
@@ -685,3 +711,42 @@ class Outbox:
             events, rows, lag = self.conn.execute(  # type: ignore[misc]
                 BACKLOG, {"layouts": self._target_layouts(), "tenant": self.tenant}).fetchone()
         return int(events), int(rows), float(lag)
+
+
+def read_whole_batches(conn: psycopg.Connection[Any], outboxes: list[Outbox]) -> list[tuple[bool, Batch | None]]:
+    """The pending events of each outbox's tenant as one batch, all read in one statement (WHOLE_BATCHES) over
+    ``conn``, outside any transaction; the outboxes are tenants of one pattern. Returns, in
+    order, for each: (whether they fit its batch limits, the batch or None when nothing is pending); when they
+    do not fit, the caller reads that tenant's batch the general way (choose_batch, in a transaction)."""
+    assert all(o.tenant is not None for o in outboxes), "a pattern's tenants only"
+    params = {"target": outboxes[0].tables_target, "tenants": [o.tenant for o in outboxes],
+              "max_events": [o.batch_events for o in outboxes], "max_rows": [o.batch_rows for o in outboxes],
+              "max_bytes": [o.max_group_bytes for o in outboxes]}
+    rows_of: dict[int, list[tuple[Any, ...]]] = {}
+    for row in conn.execute(WHOLE_BATCHES, params).fetchall():
+        rows_of.setdefault(int(row[0]) - 1, []).append(row)
+    result: list[tuple[bool, Batch | None]] = []
+    for number, outbox in enumerate(outboxes):
+        rows = rows_of[number]
+        layouts, snapshot, position, events, total_rows, last, transactions = rows[0][1:8]
+        if not events:
+            result.append((True, None))
+            continue
+        if events >= outbox.batch_events or total_rows > outbox.batch_rows:
+            result.append((False, None))
+            continue
+        outbox.layouts = None if layouts is None else list(layouts)
+        batch = WholeBatch([row[8:] for row in rows], conn, int(last), [], snapshot, int(transactions),
+                           outbox.fetch_size, outbox.layouts, outbox.max_group_bytes, outbox.tenant)
+        batch.position = dict(position)
+        result.append((True, batch))
+    return result
+
+
+def record_tenant_batches(conn: psycopg.Connection[Any], delivered: list[tuple[Outbox, Batch]]) -> dict[str, Removed]:
+    """Remove several tenants' delivered batches and count what was removed in each tenant's delivery_state, in
+    one autocommit statement (RECORD_TENANT_BATCHES); returns what was removed, per tenant target."""
+    rows = conn.execute(RECORD_TENANT_BATCHES, {"targets": [o.target for o, _ in delivered],
+                                                "markers": [b.marker() for _, b in delivered]}).fetchall()
+    return {str(target): Removed(int(events), int(transactions), int(rows))
+            for target, events, transactions, rows in rows}
