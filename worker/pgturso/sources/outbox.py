@@ -410,7 +410,6 @@ class Batch:
         self.more_pending = False
         self.event_count = 0
         self.rows = 0
-        self.rows_per_layout: dict[int, int] = {}
         # Where the source server was when the batch was sent (Outbox.position): set before marker() is used.
         self.position: dict[str, Any] | None = None
         # The payload bytes of the batch's events, at most, when known: a small batch is read in one round trip.
@@ -450,7 +449,6 @@ class Batch:
         for first_id, first_txid, last_txid, layout_id, op, nrows, count, payload in rows:
             self.event_count += count
             self.rows += nrows
-            self.rows_per_layout[layout_id] = self.rows_per_layout.get(layout_id, 0) + nrows
             txids = (first_txid,) if first_txid == last_txid else (first_txid, last_txid)
             yield Event(first_id, first_txid, layout_id, op, nrows, payload, txids, count)
 
