@@ -412,8 +412,8 @@ def test_the_looks_while_a_wake_lock_stays_busy_back_off_only_after_ten_found_no
     row (100 ms) is a long-open writer: the wait doubles from there, capped at 200 ms."""
     from pgturso.run.worker import busy_look_wait
 
-    assert [busy_look_wait(n) for n in range(16)] == [0.01] * 10 + [0.02, 0.04, 0.08, 0.16, 0.2, 0.2]
-    assert busy_look_wait(10**6) == 0.2
+    assert [busy_look_wait(n) for n in range(16)] == [0.01] * 10 + [0.02, 0.04, 0.08, 0.1, 0.1, 0.1]
+    assert busy_look_wait(10**6) == 0.1
 
 
 @pytest.mark.parametrize("capture", ["trigger"], indirect=True)  # wal captures take no wake lock

@@ -74,7 +74,7 @@ COPY_CHECK_SECONDS = 0.5
 # BUSY_LOOK_MAX; anything delivered, or another set of busy locks, starts over.
 BUSY_LOOK_FIRST = 0.01
 BUSY_LOOKS_BEFORE_BACKOFF = 10
-BUSY_LOOK_MAX = 0.2
+BUSY_LOOK_MAX = 0.1
 # A source transaction that Turso rolls back this many times in a row for holding its write lock too long
 # (TRANSACTION_TIMEOUT) cannot be delivered as things stand: the worker says so and what to change.
 LOCK_TIMEOUTS_BEFORE_EXPLAINING = 3
