@@ -1,0 +1,185 @@
+"""Attacks on the pattern worker's rounds (PatternWorker._run_round: several tenants' batches read in one statement,
+each sent to its own `file:` database, the batches Turso committed deleted and counted in one statement). Each
+tenant must get its own transactions in commit order, each write applied once (a Turso-side trigger counts them),
+whatever happens to a round-mate: its database refuses a change, its backlog does not fit a batch, or the worker
+dies before, during or after any of the round's sends; and its delivered counters must equal what it delivered."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import pending
+from test_tenant_batch_attacks import (  # noqa: F401 (hooked_sends: a fixture)
+    ROUND,
+    Crash,
+    assert_every_write_arrived_once,
+    hooked_sends,
+    items_pending,
+    recovered_round,
+)
+from test_tenants import drain_pattern
+
+COUNTED = ("SELECT target, transactions_delivered, rows_delivered FROM pgturso.delivery_state "
+           "WHERE target = ANY (%s) ORDER BY target")
+NAMES = [f"tenant-{t}" for t in ROUND]
+
+
+def delivered_counts(conn: psycopg.Connection[Any]) -> dict[str, tuple[int, int]]:
+    return {target: (tx, rows) for target, tx, rows in conn.execute(COUNTED, (NAMES,)).fetchall()}
+
+
+def counted_since(conn: psycopg.Connection[Any], before: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """Per tenant: the transactions and rows counted delivered since ``before``."""
+    return {t: (tx - before[t][0], rows - before[t][1]) for t, (tx, rows) in delivered_counts(conn).items()}
+
+
+def forbid_own_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A round's tenant must use the batch the round's statement read (else this is no test of the round)."""
+    from pgturso.sources.outbox import Outbox
+
+    def read_alone(self: Any) -> Any:
+        raise AssertionError("a round's tenant read its own batch")
+
+    monkeypatch.setattr(Outbox, "read_whole_batch", read_alone)
+
+
+def test_a_round_mate_whose_database_refuses_a_change_keeps_its_events_and_delays_no_one(
+        conn, dsn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """globex's database refuses its batch (a UNIQUE index there that Postgres has not: a constraint failure, not
+    an outage). The round delivers acme's and initech's batches and deletes exactly those; globex keeps every
+    event (nothing of its deleted that its Turso did not commit), is shown with an error naming the table, and
+    delivers one transaction at a time; once the index is gone, everything arrives, each write once, and the
+    counters equal what was delivered (the refused batch counted once, when it finally arrived)."""
+    import turso as pyturso
+
+    pattern, tenants = recovered_round(conn, dsn, tmp_path)
+    acme, globex, initech = tenants
+    try:
+        db = pyturso.connect(str(tmp_path / "tenant-globex.db"))
+        db.execute("CREATE UNIQUE INDEX one_of_each_item ON orders (item)")
+        db.commit()
+        db.close()
+        before = delivered_counts(conn)
+        conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a1'), (2, 'globex', 'g1'), (3, 'initech', 'i1')")
+        conn.execute("INSERT INTO orders VALUES (4, 'globex', 'g1'), (5, 'initech', 'i2')")  # g1 twice: refused
+        conn.execute("INSERT INTO orders VALUES (6, 'globex', 'g3')")
+        forbid_own_reads(monkeypatch)
+        outcomes = pattern._run_round(tenants)
+        monkeypatch.undo()
+        assert outcomes["tenant-acme"] is None and outcomes["tenant-initech"] is None, outcomes
+        assert isinstance(outcomes["tenant-globex"], float), outcomes
+        assert items_pending(conn, "acme", "a1") == [] and items_pending(conn, "initech", "i1", "i2") == []
+        assert items_pending(conn, "globex", "g1", "g3") == ["g1", "g3"]
+        assert globex.isolating_until is not None and (acme.attempts, initech.attempts) == (0, 0)
+        assert counted_since(conn, before) == {"tenant-acme": (1, 1), "tenant-globex": (0, 0),
+                                               "tenant-initech": (2, 2)}
+        # Still refused: one transaction at a time, the first (2, g1) arrives, the second (4, g1) does not.
+        for _ in range(4):
+            globex.step(pattern._pool_connection, False)
+        assert items_pending(conn, "globex", "g1", "g3") == ["g1", "g3"]
+        assert conn.execute("SELECT count(*) FROM pgturso.outbox WHERE tenant = 'globex'").fetchone()[0] == 2
+        status, error = conn.execute("SELECT status, last_error FROM pgturso.delivery_state "
+                                     "WHERE target = 'tenant-globex'").fetchone()
+        assert status == "blocked" and "public.orders" in error and "fix the cause" in error, (status, error)
+        globex.close_target()
+        db = pyturso.connect(str(tmp_path / "tenant-globex.db"))
+        db.execute("DROP INDEX one_of_each_item")
+        db.commit()
+        db.close()
+        for _ in range(4):
+            if globex.step(pattern._pool_connection, False) is None and pending(conn) == 0:
+                break
+        assert pending(conn) == 0
+        assert counted_since(conn, before) == {"tenant-acme": (1, 1), "tenant-globex": (3, 3),
+                                               "tenant-initech": (2, 2)}
+        for tenant in tenants:
+            tenant.close_target()
+    finally:
+        pattern._shut_down()
+    assert_every_write_arrived_once(conn, tmp_path, *ROUND)
+
+
+def test_a_round_mate_whose_backlog_does_not_fit_a_batch_is_delivered_the_general_way_within_the_round(
+        conn, dsn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """globex's backlog is more than its batch limit: the round's read says so, globex streams a batch in its own
+    transaction on the round's connection between acme's and initech's sends, and the round then deletes acme's
+    and initech's batches. Each tenant's writes arrive once, in order, and are counted once."""
+    pattern, tenants = recovered_round(conn, dsn, tmp_path)
+    globex = tenants[1]
+    try:
+        globex._set_batch_limits(globex.batch_rows, 2)
+        before = delivered_counts(conn)
+        conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a1'), (2, 'globex', 'g1'), (3, 'initech', 'i1')")
+        for n in range(2, 6):
+            with conn.transaction():
+                conn.execute("INSERT INTO orders VALUES (%s, 'globex', %s)", (10 + n, f"g{n}"))
+                conn.execute("UPDATE orders SET item = item || '+' WHERE id = 2")
+        conn.execute("INSERT INTO orders VALUES (4, 'initech', 'i2')")
+        forbid_own_reads(monkeypatch)
+        outcomes = pattern._run_round(tenants)
+        monkeypatch.undo()
+        assert outcomes["tenant-acme"] is None and outcomes["tenant-initech"] is None, outcomes
+        assert outcomes["tenant-globex"] == 0.0, outcomes  # more pending
+        assert items_pending(conn, "acme", "a1") == [] and items_pending(conn, "initech", "i1", "i2") == []
+        left = conn.execute("SELECT count(*) FROM pgturso.outbox WHERE tenant = 'globex'").fetchone()[0]
+        assert 0 < left < 9, left
+        counted = counted_since(conn, before)
+        assert counted["tenant-acme"] == (1, 1) and counted["tenant-initech"] == (2, 2), counted
+        while globex.step(pattern._pool_connection, False) is not None:
+            pass
+        assert pending(conn) == 0
+        assert counted_since(conn, before) == {"tenant-acme": (1, 1), "tenant-globex": (5, 9),
+                                               "tenant-initech": (2, 2)}
+        for tenant in tenants:
+            tenant.close_target()
+    finally:
+        pattern._shut_down()
+    assert_every_write_arrived_once(conn, tmp_path, *ROUND)
+
+
+@pytest.mark.parametrize("dies", ["before the first send", "after the first send", "before the second send",
+                                  "after the last send"])
+def test_a_worker_dying_at_any_point_of_a_round_applies_each_batch_once_and_counts_it_once(
+        conn, dsn, tmp_path: Path, hooked_sends, dies: str):  # noqa: F811
+    """The worker dies (nothing of its own handling runs) at each point of a round of three tenants: before any
+    send, after tenant 1's commit on Turso (its batch not deleted), as tenant 2's batch is about to go, after
+    every tenant's commit and before the round's deletion. Nothing is deleted that its tenant's Turso did not
+    commit; a fresh worker recovers each tenant from its own marker: each write applied once, and each tenant's
+    delivered counters equal to its transactions and rows (counted once, by whoever removed the events)."""
+    pattern, tenants = recovered_round(conn, dsn, tmp_path)
+    try:
+        before = delivered_counts(conn)
+        conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a1'), (2, 'globex', 'g1'), (3, 'initech', 'i1')")
+        conn.execute("INSERT INTO orders VALUES (4, 'globex', 'g2'), (5, 'initech', 'i2'), (6, 'initech', 'i3')")
+        sends = {"before": 0, "after": 0}
+        at = {"before the first send": ("before", 1), "after the first send": ("after", 1),
+              "before the second send": ("before", 2), "after the last send": ("after", 3)}[dies]
+
+        def hook(when: str) -> Any:
+            def run() -> None:
+                sends[when] += 1
+                if (when, sends[when]) == at:
+                    raise Crash
+                hooked_sends[when].append(run)
+            return run
+
+        hooked_sends["before"].append(hook("before"))
+        hooked_sends["after"].append(hook("after"))
+        with pytest.raises(Crash):
+            pattern._run_round(tenants)
+        assert sends["after"] == {"before the first send": 0, "after the first send": 1,
+                                  "before the second send": 1, "after the last send": 3}[dies]
+        # Nothing deleted, nothing counted: the round's deletion never ran.
+        assert items_pending(conn, "acme", "a1") == ["a1"] and items_pending(conn, "globex", "g1", "g2") == [
+            "g1", "g2"] and items_pending(conn, "initech", "i1", "i2", "i3") == ["i1", "i2", "i3"]
+        assert counted_since(conn, before) == {name: (0, 0) for name in NAMES}
+        for tenant in tenants:
+            tenant.close_target()
+    finally:
+        pattern._shut_down()
+    drain_pattern(dsn)  # a fresh worker: each tenant recovered from its own marker
+    assert_every_write_arrived_once(conn, tmp_path, *ROUND)
+    assert counted_since(conn, before) == {"tenant-acme": (1, 1), "tenant-globex": (2, 2), "tenant-initech": (2, 3)}
