@@ -154,6 +154,13 @@ class Bench:
     facts: dict[str, Any] = field(default_factory=dict)  # shared measurements (ceilings) between scenarios
     group: int = 0  # the scenario being run; rows added are filed under it
     cleanup: list[Path] = field(default_factory=list)  # scratch directories to remove at the end
+    parts: set[str] = field(default_factory=set)  # --only 11a: the parts asked for (empty: every part)
+
+    def wants(self, part: str) -> bool:
+        """Whether ``part`` (e.g. "11b") is to run: every part unless --only named parts of its scenario."""
+        number = part.rstrip("abcdefghijklmnopqrstuvwxyz")
+        named = {p for p in self.parts if p.rstrip("abcdefghijklmnopqrstuvwxyz") == number}
+        return not named or part in named
 
     @property
     def dsn(self) -> str:

@@ -51,10 +51,14 @@ def main() -> int:
         default=None,
         help="rewrite the generated section of BENCHMARKS.md (default: in full mode only)",
     )
-    parser.add_argument("--only", default="", help="comma-separated scenario numbers to run (for development)")
+    parser.add_argument("--only", default="",
+                        help="comma-separated scenario numbers to run (for development); a letter after the number "
+                             "(11a) runs only that part of a scenario that supports it")
     args = parser.parse_args()
     write = (not args.quick) if args.write is None else args.write
-    only = {int(x) for x in args.only.split(",") if x.strip()}
+    wanted = [x.strip() for x in args.only.split(",") if x.strip()]
+    only = {int(x.rstrip("abcdefghijklmnopqrstuvwxyz")) for x in wanted}
+    parts = {x for x in wanted if not x.isdigit()}
     if only & {4, 6, 8, 9}:
         only |= {4}
 
@@ -62,7 +66,7 @@ def main() -> int:
     load_before = Path("/proc/loadavg").read_text().split()[0]
     product = product_version()  # before the run: the measured code must not change under it
     pg = PgCluster(settings={"wal_level": "logical"})  # capture => 'wal' is measured beside trigger capture
-    bench = Bench(sizes=QUICK if args.quick else FULL, quick=args.quick, pg=pg)
+    bench = Bench(sizes=QUICK if args.quick else FULL, quick=args.quick, pg=pg, parts=parts)
     errors = 0
     try:
         pg.start()

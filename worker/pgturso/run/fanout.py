@@ -90,7 +90,14 @@ TARGET_IDLE_SECONDS = 10.0  # a tenant idle this long has its Turso connection (
 # Turso connections kept open at most (least recently used closed first): a file: database open in pyturso
 # takes about 2 MB, which the allocator keeps once touched; reopening one costs about 10 ms.
 MAX_OPEN_TARGETS = 32
-COPY_STEP_SECONDS = 1.0  # during an initial copy a tenant is stepped at most this often (larger batches)
+# While an initial copy of the pattern's tables runs, a tenant is stepped at most this often, counted from the
+# copy's start: every chunk brings every tenant a few rows, and a visit costs a fixed amount (Postgres round
+# trips; opening, committing and closing its database, whose close holds Python's GIL through its fsyncs) that
+# gathering does not pay again. A copy shorter than this reaches each tenant in one visit after its last chunk,
+# and the chunks get the cores meanwhile (bench 11a: at most once a second, 1,000 tenants took ~2,300-2,900
+# visits and the copy ran 2-4 times slower than alone). The price: a tenant's live changes wait up to this long
+# while a copy of a table of its pattern runs.
+COPY_STEP_SECONDS = 30.0
 # Steps handed to the pool at most, per thread: a thread that ends a step starts the next one queued at once,
 # instead of idling until the scheduler wakes, looks at the outbox and dispatches (a quarter of the pool's
 # time at 500 visits/s when only one step per thread was handed out). A queued step holds no connection.
@@ -344,6 +351,7 @@ class PatternWorker:
         self.running: dict[str, Future[float | None]] = {}  # steps (and closes) of tenants, by name
         self.job: Future[bool] | None = None  # the copy chunk or vacuum running, if any
         self.copying = False
+        self._copy_started_at = 0.0  # when the scheduler saw the copy running (COPY_STEP_SECONDS counts from it)
         self._copy_checked = 0.0
         self._scanned_at = 0.0
         self._pending_at = 0.0
@@ -551,7 +559,10 @@ class PatternWorker:
         if self.job is not None and self.job.done():
             job, self.job = self.job, None
             try:
-                self.copying = job.result()
+                copying = job.result()
+                if copying and not self.copying:
+                    self._copy_started_at = now
+                self.copying = copying
             except (psycopg.Error, PgTursoError) as exc:
                 event(log, logging.WARNING, "retry", target=self.pattern, job="copy", error=str(exc).strip())
                 self._copy_checked = now + self.settings.retry_base_delay
@@ -575,8 +586,11 @@ class PatternWorker:
         if self.job is None and self._job_due(now):
             self.job = self.pool.submit(self._run_job)
             free -= 1
-        # During an initial copy every chunk brings each tenant a few rows: let them gather into larger batches.
+        # During an initial copy every chunk brings each tenant a few rows: let them gather into larger batches
+        # (COPY_STEP_SECONDS).
         gathered = now - COPY_STEP_SECONDS if self.copying else now
+        if self.copying and self._copy_started_at > gathered:
+            return  # the copy started less than COPY_STEP_SECONDS ago: no tenant visit yet
         ready = [t for t in self.tenants.values()
                  if t.due and not t.running and t.code is None and t.not_before <= now and t.served_at <= gathered]
         if not ready:

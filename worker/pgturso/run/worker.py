@@ -37,7 +37,7 @@ from ..common.quoting import quote_literal
 from ..common.retry import backoff_delay, retry_delay
 from ..common.settings import DEFAULT_URL, Settings
 from ..delivery.pipeline import InFlight, Sender, prepare, send_batch
-from ..delivery.progress import CREATE_MARKER_SQL, READ_MARKER_SQL, marker_statements
+from ..delivery.progress import MARKER_TABLE_EXISTS_SQL, READ_MARKER_SQL, marker_statements
 from ..delivery.statements import Statement, StatementBuilder, create_table_statements
 from ..delivery.targets import Target, open_target, redact_url
 from ..sources.outbox import Batch, Outbox, Removed
@@ -180,6 +180,7 @@ class Worker:
         self.in_flight: InFlight | None = None
         self.locked_conn: psycopg.Connection[Any] | None = None
         self.last_marker = ""  # the progress marker last read from or written to the target (its fence)
+        self.marker_table_missing = False  # the target had no marker table at recovery: the next batch creates it
         self._copy_checked = 0.0
         self._copying = False  # an initial copy is in progress: more batches are coming
         self._copy_deferred = False  # the last chunk stepped back from an application's lock (logged once)
@@ -348,8 +349,9 @@ class Worker:
         assert self.outbox is not None
         assert self.in_flight is None, "recovery while a batch is in flight would race its sender"
         target = self._open_target()
-        target.execute(CREATE_MARKER_SQL)
-        rows = target.query(READ_MARKER_SQL, [self.source_id])
+        # Read-only: a database without the table (a new one) gets it with its first batch (marker_statements).
+        self.marker_table_missing = not target.query(MARKER_TABLE_EXISTS_SQL)[0][0]
+        rows = [] if self.marker_table_missing else target.query(READ_MARKER_SQL, [self.source_id])
         self.last_marker = str(rows[0][0]) if rows else ""
         removed = 0
         if rows and not isinstance(self.outbox, WalOutbox) and not self.outbox.trusts(self.last_marker):
@@ -401,7 +403,7 @@ class Worker:
               action="nothing is forgotten by that marker; copying the target's tables afresh")
         fresh = self.outbox.marker_of_nothing()
         self.outbox.recopy_target(fresh)
-        send_batch(target, (), marker_statements(self.source_id, fresh, self.last_marker))
+        send_batch(target, (), self._marker_statements(fresh))
         self.last_marker = fresh
 
     def copy_step(self, look: bool = False) -> bool:
@@ -478,7 +480,7 @@ class Worker:
         # Now that the deletion of the batch before is committed: a server that has this position has both.
         if not isinstance(self.outbox, WalOutbox):  # a slot's batch is placed by its LSN
             prepared.batch.position = self.outbox.position()
-        marker = marker_statements(self.source_id, prepared.batch.marker(), self.last_marker)
+        marker = self._marker_statements(prepared.batch.marker())
         self._sending = prepared.batch
         self.in_flight = self.sender.submit(target, prepared, marker)
         return settled + prepared.batch.event_count
@@ -504,7 +506,10 @@ class Worker:
     def _marker(self, batch: Batch) -> Generator[Statement, None, None]:
         """The batch's marker statements, built once its statements were sent (a slot's batch knows where it
         ends only then)."""
-        yield from marker_statements(self.source_id, batch.marker(), self.last_marker)
+        yield from self._marker_statements(batch.marker())
+
+    def _marker_statements(self, batch_marker: str) -> list[Statement]:
+        return marker_statements(self.source_id, batch_marker, self.last_marker, create=self.marker_table_missing)
 
     def _statements(self, batch: Batch) -> Generator[Statement, None, None]:
         assert self.outbox is not None
@@ -545,6 +550,7 @@ class Worker:
         removed: ``removed`` is nothing when another worker forgot the batch by the marker first (it counted
         them), e.g. after this one lost the target while the batch travelled."""
         self.last_marker = batch.marker()
+        self.marker_table_missing = False  # created with it
         self.events_delivered += batch.event_count
         held = self.target.last_hold_seconds if self.target is not None else 0.0
         self._fit_lock_window(held)
