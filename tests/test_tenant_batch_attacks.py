@@ -545,3 +545,45 @@ def test_a_worker_dying_mid_round_leaves_each_tenant_to_recover_from_its_own_mar
         pattern._shut_down()
     drain_pattern(dsn)  # a fresh worker: each tenant recovered from its own marker
     assert_every_write_arrived_once(conn, tmp_path, *ROUND)
+
+
+def test_a_round_mate_failing_unexpectedly_does_not_keep_its_closed_database_locked(
+        conn, dsn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A round's tenant whose step fails with an unexpected error is reported (its outcome the exception) and its
+    database closed, as a step's would be. pyturso lets go of a file's lock only when the connection object is
+    freed, not at close(): the outcome kept with its traceback (whose frames hold the database object, and the
+    round's outcomes, which hold the exception: a cycle only the garbage collector frees) kept the file locked
+    after the close, so another worker taking the tenant over could not open it."""
+    import gc
+    import subprocess
+    import sys
+
+    from pgturso.run import fanout
+
+    pattern, tenants = recovered_round(conn, dsn, tmp_path)
+    send = fanout.send_batch
+
+    def globex_breaks(target: Any, statements: Any, marker: Any) -> int:
+        if "tenant-globex" in target.description:
+            raise RuntimeError("an unexpected failure, for the test")
+        return send(target, statements, marker)
+
+    gc.disable()
+    try:
+        conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a1'), (2, 'globex', 'g1')")
+        monkeypatch.setattr(fanout, "send_batch", globex_breaks)
+        outcomes = pattern._run_round(tenants)
+        assert isinstance(outcomes["tenant-globex"], RuntimeError), outcomes
+        del outcomes
+        for tenant in tenants:
+            tenant.close_target()  # as _collect closes a failed tenant's (and the idle ones' later)
+        opened = subprocess.run(
+            [sys.executable, "-c", "import sys, turso; turso.connect(sys.argv[1]).close()",
+             str(tmp_path / "tenant-globex.db")], capture_output=True, text=True)
+        assert opened.returncode == 0, opened.stderr[-300:]
+    finally:
+        gc.enable()
+        pattern._shut_down()
+    monkeypatch.undo()
+    drain_pattern(dsn)
+    assert_every_write_arrived_once(conn, tmp_path, *ROUND)

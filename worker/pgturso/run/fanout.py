@@ -154,6 +154,14 @@ STEP_FAILURES = (TursoUnavailable, psycopg.OperationalError, StatementFailed, Tu
                  psycopg.errors.InsufficientPrivilege)
 
 
+def without_traceback(exc: Exception) -> Exception:
+    """A round's failed tenant's exception, kept as its outcome without its traceback: the frames hold the tenant's
+    database object, and pyturso lets go of a file's lock only when that object is freed, not at close(); kept
+    in the round's outcomes, which the frames hold too, it stayed locked until the garbage collector ran
+    (another worker taking the tenant over could not open it). _collect reports it by its repr."""
+    return exc.with_traceback(None)
+
+
 @dataclasses.dataclass
 class Delivered:
     """A batch a round's tenant delivered to Turso, whose events the round deletes (PatternWorker._run_round)."""
@@ -667,7 +675,7 @@ class PatternWorker:
                 try:
                     outcomes[tenant.settings.target] = tenant.step(self._pool_connection, self.once, read, deferred)
                 except Exception as exc:  # reported by _collect, as a step's own exception
-                    outcomes[tenant.settings.target] = exc
+                    outcomes[tenant.settings.target] = without_traceback(exc)
                 if self.open_targets.count > MAX_OPEN_TARGETS:
                     tenant.close_target()  # as _run_step does: at once, or rounds would hold 8 files each
             if deferred:
@@ -686,7 +694,7 @@ class PatternWorker:
                 name = item.tenant.settings.target
                 if not isinstance(exc, STEP_FAILURES):
                     item.tenant.recovered = False
-                    outcomes[name] = exc
+                    outcomes[name] = without_traceback(exc)
                     continue
                 item.tenant.attach(conn)
                 try:
