@@ -549,3 +549,50 @@ def test_tracking_to_a_tenants_name_racing_that_tenants_registration_lets_one_th
     assert clear in str(error) or isinstance(error, psycopg.errors.SerializationFailure), error
     if not isinstance(error, psycopg.errors.SerializationFailure):
         assert error.diag.message_hint, error
+
+
+def test_a_tenant_value_refused_during_a_chunked_copy_is_shown_and_once_stops_and_the_copy_resumes_once_fixed(
+        conn, dsn):
+    """A row whose tenant value makes no host name (a_b, where %s is in the URL's host) is already in the table
+    when it is tracked, and the copy is left to the worker (track_table under REPEATABLE READ: so is a table of
+    over 10,000 rows): the worker's copy chunk registers the chunk's tenants and is refused. That refusal cannot
+    pass by retrying, so it must not be retried silently forever (a WARNING in the log, nothing in
+    pgturso.status, run --once never ending, no tenant of the pattern copied): it is shown on the pattern's row of
+    pgturso.status with the table and the fix, --once stops with an error, nothing is lost (the copy is still
+    pending), and once the row is fixed the copy goes on."""
+    conn.execute("SELECT pgturso.add_target('cloud-%s', 'libsql://tenant-%s-myorg.turso.io', 'token')")
+    conn.execute("CREATE TABLE accounts (id int PRIMARY KEY, org text NOT NULL)")
+    conn.execute("INSERT INTO accounts VALUES (1, 'acme'), (2, 'a_b'), (3, 'acme')")
+    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+    conn.execute("SELECT pgturso.track_table('accounts', target => 'cloud-%s', route_by => 'org')")
+    conn.execute("COMMIT")
+    table_id, state = conn.execute("SELECT id, copy_state FROM pgturso.tracked_table").fetchone()
+    assert state == "copying"
+    result = __import__("conftest").run_worker(dsn, "", "--target", "cloud-%s", timeout=60)
+    assert result.returncode != 0, result.stderr
+    assert 'tenant value \\"a_b\\" of table public.accounts' in result.stderr, result.stderr
+    status, error, table = conn.execute("SELECT status, last_error, last_error_table FROM pgturso.delivery_state "
+                                        "WHERE target = 'cloud-%s'").fetchone()
+    assert status == "blocked" and table == "public.accounts", (status, table)
+    assert '"a_b"' in error and "public.accounts" in error and "add_target" in error and "CHECK" in error, error
+    assert conn.execute("SELECT copy_state FROM pgturso.tracked_table").fetchone()[0] == "copying"
+    from support.workers import WorkerProcess
+
+    # A running worker shows the same and tries again every retry_max_delay; the fix the error names (the row's
+    # value; a CHECK keeps the next one out) lets the copy go on, and the error becomes history.
+    worker = WorkerProcess(dsn, "", "--target", "cloud-%s", "--copy-chunk-rows", "2",
+                           env={"PGTURSO_RETRY_MAX_DELAY": "0.2"}).start()
+    try:
+        wait_until(lambda: "copy_refused" in worker.output, 30, "the running worker's refused copy")
+        conn.execute("UPDATE accounts SET org = 'a-b' WHERE id = 2")
+        wait_until(lambda: conn.execute("SELECT copy_state FROM pgturso.tracked_table").fetchone()[0] == "done",
+                   30, "the copy, once the row was fixed")
+        wait_until(lambda: conn.execute("SELECT last_error IS NULL AND previous_error LIKE '%a_b%' FROM "
+                                        "pgturso.delivery_state WHERE target = 'cloud-%s'").fetchone()[0],
+                   30, "the pattern's error cleared")
+    finally:
+        worker.stop()
+    assert table_id is not None
+    copied = conn.execute("SELECT tenant, sum(nrows) FROM pgturso.outbox WHERE op = 'U' GROUP BY tenant "
+                          "ORDER BY tenant").fetchall()
+    assert copied == [("a-b", 2), ("acme", 2)], copied  # a-b: its UPDATE and its copied row

@@ -135,6 +135,9 @@ PENDING_TENANTS = """
     SELECT tenant FROM pending WHERE tenant IS NOT NULL
 """
 COPYING = "SELECT EXISTS (SELECT 1 FROM pgturso.tracked_table WHERE target = %s AND copy_state = 'copying')"
+# The table a copy chunk takes first (outbox.NEXT_COPY_CHUNK's order): the one a refused chunk was of.
+COPYING_TABLE = ("SELECT relid::regclass::text FROM pgturso.tracked_table WHERE target = %s AND copy_state = 'copying' "
+                 "AND dropped_at IS NULL ORDER BY id LIMIT 1")
 # Tenants that delivered and have nothing pending: idle, and whatever error they had is over, as a single
 # target's empty pass records it (outbox.RECORD_STATE with clear). Without the clearing, a tenant that
 # recovered under a new worker (no retry of its own to get past) kept its old error and streak for good.
@@ -361,6 +364,7 @@ class PatternWorker:
         self.copying = False
         self._copy_started_at = 0.0  # when the scheduler saw the copy running (COPY_STEP_SECONDS counts from it)
         self._copy_checked = 0.0
+        self._copy_refused: str | None = None  # why Postgres refused a copy chunk (PatternWorker._refuse_copy)
         self._scanned_at = 0.0
         self._pending_at = 0.0
         self._closed_at = 0.0
@@ -571,9 +575,41 @@ class PatternWorker:
                 if copying and not self.copying:
                     self._copy_started_at = now
                 self.copying = copying
-            except (psycopg.Error, PgTursoError) as exc:
+                if self._copy_refused is not None and (copying or not self._copy_pending()):
+                    self._copy_refused = None  # the copy got past the refused rows (or was dropped)
+                    self._job_outbox().record_state("delivering", clear_error=True)
+            except (psycopg.OperationalError, PgTursoError) as exc:
                 event(log, logging.WARNING, "retry", target=self.pattern, job="copy", error=str(exc).strip())
                 self._copy_checked = now + self.settings.retry_base_delay
+            except psycopg.Error as exc:
+                self._refuse_copy(exc, now)
+
+    def _job_outbox(self) -> Outbox:
+        """The pattern's own row of pgturso.delivery_state, on the scheduler's connection."""
+        assert self.conn is not None
+        return Outbox(self.conn, batch_rows=1, batch_events=1, target=self.pattern)
+
+    def _refuse_copy(self, exc: psycopg.Error, now: float) -> None:
+        """A copy chunk that Postgres refused for what the rows hold (e.g. a tenant value that makes no host name:
+        pgturso._register_tenants): retrying alone cannot mend it, and until it is mended no tenant of the
+        pattern gets the copy. Shown on the pattern's row of pgturso.status with the table and the fix (the
+        error's hint); --once stops with EXIT_FATAL instead of trying forever; a running worker tries again
+        every retry_max_delay (the copy resumes once the rows, or the tenants' URLs, are fixed)."""
+        error = (exc.diag.message_primary or str(exc)).strip()
+        if exc.diag.message_hint:
+            error += f" (hint: {exc.diag.message_hint})"
+        event(log, logging.ERROR, "copy_refused", target=self.pattern, error=error)
+        self._copy_refused = error
+        self.copying = False
+        self._copy_checked = now + self.settings.retry_max_delay
+        if self.once:
+            self._codes[self.pattern] = EXIT_FATAL
+        assert self.conn is not None
+        row = self.conn.execute(COPYING_TABLE, (self.pattern,)).fetchone()
+        try:
+            self._job_outbox().record_error("blocked", error, table=row[0] if row else None)
+        except psycopg.Error as record_exc:  # the log has it; the next refusal records it
+            event(log, logging.WARNING, "state_not_recorded", target=self.pattern, error=str(record_exc).strip())
 
     def _queued_max(self) -> int:
         return self.threads * STEPS_QUEUED_PER_THREAD
@@ -853,7 +889,7 @@ class PatternWorker:
 
     def _finished_once(self) -> bool:
         """--once: nothing left for the tenants this worker holds? Look once more (new tenants included)."""
-        if self.copying or time.monotonic() < self._copy_checked:
+        if self.copying or (time.monotonic() < self._copy_checked and self._copy_refused is None):
             return False
         if any(t.due and t.code is None for t in self.tenants.values()):
             return False  # one waits out its backoff
@@ -862,7 +898,11 @@ class PatternWorker:
         if self._has_work(time.monotonic()) or any(not t.recovered and t.code is None for t in self.tenants.values()):
             return False
         assert self.conn is not None
-        return not self.conn.execute(COPYING, (self.pattern,)).fetchone()[0]  # type: ignore[index]
+        return self._copy_refused is not None or not self._copy_pending()  # refused: shown, and the exit code
+
+    def _copy_pending(self) -> bool:
+        assert self.conn is not None
+        return bool(self.conn.execute(COPYING, (self.pattern,)).fetchone()[0])  # type: ignore[index]
 
     def _exit_code(self, once: bool) -> int:
         codes = set(self._codes.values()) if once else set()
