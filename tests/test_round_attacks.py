@@ -183,3 +183,55 @@ def test_a_worker_dying_at_any_point_of_a_round_applies_each_batch_once_and_coun
     drain_pattern(dsn)  # a fresh worker: each tenant recovered from its own marker
     assert_every_write_arrived_once(conn, tmp_path, *ROUND)
     assert counted_since(conn, before) == {"tenant-acme": (1, 1), "tenant-globex": (2, 2), "tenant-initech": (2, 3)}
+
+
+def test_a_rounds_late_deletion_after_another_worker_recovered_its_tenants_removes_and_counts_nothing(
+        conn, dsn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A round's tenants all committed on Turso; before the round's one deletion runs, another worker (this one
+    lost them: a lock lost, a hand-over) recovers each tenant from its marker, forgetting and counting those
+    batches, and delivers newer transactions past them. The round's late deletion must remove nothing, count
+    nothing, and leave every tenant's delivered_marker the other worker's; stepped again, this worker's stale
+    tenants are fenced by the newer markers, recover, and deliver what came since: each write applied once, and
+    each tenant's delivered counters equal to its transactions and rows."""
+    import gc
+
+    from pgturso.run import fanout
+
+    pattern, tenants = recovered_round(conn, dsn, tmp_path)
+    try:
+        before = delivered_counts(conn)
+        conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a1'), (2, 'globex', 'g1'), (3, 'initech', 'i1')")
+        markers: dict[str, Any] = {}
+        record = fanout.record_tenant_batches
+
+        def another_worker_first(*args: Any) -> Any:
+            for tenant in tenants:  # a file: database is one process's at a time
+                tenant.close_target()
+            gc.collect()
+            conn.execute("INSERT INTO orders VALUES (4, 'acme', 'a2'), (5, 'globex', 'g2'), (6, 'initech', 'i2')")
+            drain_pattern(dsn)
+            markers.update(conn.execute("SELECT target, delivered_marker FROM pgturso.delivery_state "
+                                        "WHERE target = ANY (%s)", (NAMES,)).fetchall())
+            return record(*args)
+
+        monkeypatch.setattr(fanout, "record_tenant_batches", another_worker_first)
+        outcomes = pattern._run_round(tenants)
+        monkeypatch.undo()
+        assert markers and pending(conn) == 0, outcomes
+        assert set(outcomes.values()) == {None}, outcomes
+        # The late deletion: nothing removed, nothing counted again, the other worker's markers kept.
+        assert counted_since(conn, before) == {name: (2, 2) for name in NAMES}
+        assert dict(conn.execute("SELECT target, delivered_marker FROM pgturso.delivery_state "
+                                 "WHERE target = ANY (%s)", (NAMES,)).fetchall()) == markers
+        conn.execute("INSERT INTO orders VALUES (7, 'acme', 'a3'), (8, 'globex', 'g3'), (9, 'initech', 'i3')")
+        for tenant in tenants:
+            for _ in range(3):
+                if tenant.step(pattern._pool_connection, False) is None and not items_pending(
+                        conn, tenant.tenant, "a3", "g3", "i3"):
+                    break
+            tenant.close_target()
+        assert pending(conn) == 0
+        assert counted_since(conn, before) == {name: (3, 3) for name in NAMES}
+    finally:
+        pattern._shut_down()
+    assert_every_write_arrived_once(conn, tmp_path, *ROUND)
