@@ -235,3 +235,43 @@ def test_a_rounds_late_deletion_after_another_worker_recovered_its_tenants_remov
     finally:
         pattern._shut_down()
     assert_every_write_arrived_once(conn, tmp_path, *ROUND)
+
+
+def test_a_one_thread_pattern_worker_sigkilled_mid_rounds_under_load_applies_every_tenants_rows_once(
+        conn, dsn, tmp_path: Path):
+    """One pool thread (two steps handed out at a time) for twelve tenants that writers keep busy, some of a
+    writer's transactions spanning several tenants and a reference table: more tenants are ready than steps, so
+    the worker steps them in rounds of up to four. The worker is SIGKILLed at random points several times (in a
+    round's read, between its tenants' sends, before or in its deletion) and restarted: every tenant's database
+    holds exactly its rows and each reference row, each written once (a Turso-side trigger counts them)."""
+    import random
+    import time
+
+    from support.tenant_load import LedgerWriters
+    from test_tenant_attacks import (
+        assert_each_tenant_applied_its_rows_once,
+        ledgers_and_notices_counted,
+        start_pattern_worker,
+        wait_until_drained,
+    )
+
+    tenants = [f"t{n:02d}" for n in range(12)]
+    ledgers_and_notices_counted(conn, dsn, tmp_path, tenants)
+    writers = LedgerWriters(dsn, tenants, most_tenants=4, most_rows=5, notice_chance=0.2, most_notices=3,
+                            new_tenant_chance=0.0, pause=0.005)
+    worker = start_pattern_worker(dsn, tenant_threads=1, retry_max_delay=0.5)
+    rng = random.Random(11)
+    try:
+        writers.start()
+        for _ in range(4):
+            time.sleep(rng.uniform(1.5, 3.0))  # past the first visits (alone) of the twelve, into rounds
+            worker.kill()
+            worker = start_pattern_worker(dsn, tenant_threads=1, retry_max_delay=0.5)
+        writers.stop()
+        assert not writers.errors, writers.errors
+        wait_until_drained(conn)
+    finally:
+        writers.stop()
+        if worker.proc is not None and worker.proc.poll() is None:
+            worker.kill()
+    assert_each_tenant_applied_its_rows_once(conn, tmp_path, tenants)
