@@ -152,7 +152,9 @@ def pending(conn: psycopg.Connection[Any]) -> int:
     # to_jsonb: a database of 0.1.0 (before an upgrade) has no capture column
     wal = "SELECT EXISTS (SELECT 1 FROM pgturso.target g WHERE to_jsonb(g) ->> 'capture' = 'wal')"
     if conn.execute(wal).fetchone()[0]:  # type: ignore[index]
-        row = conn.execute(SLOT_PENDING).fetchone()
+        # (plus the events a pattern's router wrote for its tenants, or trigger capture for a tenant)
+        row = conn.execute(f"SELECT ({SLOT_PENDING}) + (SELECT count(*) FROM pgturso.outbox WHERE tenant IS NOT NULL)"
+                           ).fetchone()
     else:
         row = conn.execute("SELECT count(*) FROM pgturso.outbox").fetchone()
     assert row is not None

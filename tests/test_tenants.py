@@ -66,6 +66,23 @@ def postgres_writes(conn: psycopg.Connection[Any], tenant: str) -> list[int]:
     return [r[0] for r in conn.execute("SELECT id FROM written WHERE tenant = %s ORDER BY id", (tenant,))]
 
 
+def wal_mark(conn: psycopg.Connection[Any]) -> str:
+    return str(conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0])  # type: ignore[index]
+
+
+def delivered_everything(conn: psycopg.Connection[Any], pattern: str, capture: str, mark: str) -> bool:
+    """Nothing pending in the outbox; in wal mode also the pattern's slot read past ``mark`` (wal_mark()): the
+    router routed every commit before it into the outbox first."""
+    if capture == "wal":
+        confirmed = conn.execute("SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots "
+                                 "WHERE slot_name = pgturso._slot_name(%s)", (mark, pattern)).fetchone()
+        if not confirmed or not confirmed[0]:
+            return False
+        # (not pending(): it peeks the slot, which the running router holds)
+        return conn.execute("SELECT count(*) FROM pgturso.outbox").fetchone()[0] == 0  # type: ignore[index]
+    return pending(conn) == 0
+
+
 def drain_pattern(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
     result = run_worker(dsn, "", "--target", "tenant-%s", *args)
     assert result.returncode == 0, result.stderr
@@ -86,20 +103,24 @@ def two_tenants_counted(conn: psycopg.Connection[Any], dsn: str, tmp_path: Path)
     count_postgres_writes(conn)
 
 
-def test_rows_reach_their_tenants_database_with_moves_ddl_and_new_tenants(conn, dsn, tmp_path: Path):
+@pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
+def test_rows_reach_their_tenants_database_with_moves_ddl_and_new_tenants(conn, dsn, tmp_path: Path, capture: str):
     conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
     conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text, secret text)")
     conn.execute("INSERT INTO orders VALUES (1, 'acme', 'anvil', 'S1'), (2, 'globex', 'gear', 'S2'), "
                  "(3, 'acme', 'rope', 'S3')")
-    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id', "
-                 "columns => ARRAY['id', 'tenant_id', 'item'])")
-    assert conn.execute("SELECT name, tenant FROM pgturso.target WHERE pattern IS NOT NULL ORDER BY 1").fetchall() == [
-        ("tenant-acme", "acme"), ("tenant-globex", "globex")]
+    conn.execute("SELECT pgturso.track_table('orders', target => %s, route_by => 'tenant_id', "
+                 "columns => ARRAY['id', 'tenant_id', 'item'], capture => %s)", ("tenant-%s", capture))
+    # Trigger capture registers the tenants of the copied rows at once; in wal mode the router does, where it
+    # meets them in the stream (the copy's events wait, held, for it: none is any tenant's yet).
+    assert conn.execute("SELECT name, tenant FROM pgturso.target WHERE pattern IS NOT NULL ORDER BY 1").fetchall() == (
+        [("tenant-acme", "acme"), ("tenant-globex", "globex")] if capture == "trigger" else [])
     with conn.transaction():  # one source transaction touching three tenants, one of them new
         conn.execute("INSERT INTO orders VALUES (4, 'initech', 'stapler', 'S4')")
         conn.execute("UPDATE orders SET tenant_id = 'globex' WHERE id = 3")  # a move: acme -> globex
         conn.execute("UPDATE orders SET item = 'ANVIL' WHERE id = 1")
-    assert all(t is not None for (t,) in conn.execute("SELECT tenant FROM pgturso.outbox").fetchall())
+    held = conn.execute("SELECT count(*) FILTER (WHERE tenant IS NULL) FROM pgturso.outbox").fetchone()[0]
+    assert held == 0 if capture == "trigger" else held > 0
     drain_pattern(dsn)
     for tenant in ("acme", "globex", "initech"):
         assert tenant_rows(tmp_path / f"tenant-{tenant}.db", "SELECT id, item FROM orders ORDER BY id") == \
@@ -429,24 +450,38 @@ def test_one_worker_delivers_many_tenants_over_a_bounded_number_of_connections(c
             pg_tenant_rows(conn, tenant), tenant
 
 
-def test_many_tenants_survive_lost_connections_a_sigkill_and_a_second_worker_under_load(conn, dsn, tmp_path: Path):
+@pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
+def test_many_tenants_survive_lost_connections_a_sigkill_and_a_second_worker_under_load(conn, dsn, tmp_path: Path,
+                                                                                       capture: str):
     """Attack on the pattern worker's scheduler: while 60 tenants (some new) are written to, its own Postgres
     connection (which holds every tenant's delivery lock) is terminated twice with steps in flight on the pool
     connections, the pool connections once, a second worker joins and takes a share, and the first is SIGKILLed.
     Nothing is lost in any tenant's database, and nothing applied twice: the 40 tenants there from the start
     count on Turso every write they apply (a trigger), which must be each write committed in Postgres once
-    (the 20 new ones get their databases from the worker, too late to install a counter)."""
+    (the 20 new ones get their databases from the worker, too late to install a counter).
+    In wal mode the first worker's router is SIGKILLed mid-routing with it, and the second's takes over from
+    its marker; every row image is queued for its tenant once (a test trigger on the outbox)."""
     import threading
 
     conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
     conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text, qty int)")
     conn.execute("INSERT INTO orders SELECT g, 'k' || (g % 40), 'seed', 0 FROM generate_series(1, 400) g")
-    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    conn.execute("SELECT pgturso.track_table('orders', target => %s, route_by => 'tenant_id', capture => %s)",
+                 ("tenant-%s", capture))
     drain_pattern(dsn)
     counted = [f"k{n}" for n in range(40)]
     for tenant in counted:
         install_file_apply_counter(tmp_path / f"tenant-{tenant}.db", "orders")
     count_postgres_writes(conn)
+    # Every row image the test writes is unique (ids, and qty counting up): each must be queued for its tenant
+    # exactly once (by the capture triggers, or by the router however often it was killed and restarted).
+    conn.execute("CREATE TABLE public.queued (tenant text, image jsonb)")
+    conn.execute("CREATE FUNCTION public.log_queued() RETURNS trigger LANGUAGE plpgsql SET search_path = public "
+                 "AS $$ BEGIN INSERT INTO public.queued "
+                 "SELECT NEW.tenant, r FROM jsonb_array_elements(('[' || NEW.payload || ']')::jsonb) r; "
+                 "RETURN NULL; END $$")
+    conn.execute("CREATE TRIGGER log_queued AFTER INSERT ON pgturso.outbox FOR EACH ROW "
+                 "WHEN (NEW.op = 'U' AND NEW.tenant IS NOT NULL) EXECUTE FUNCTION public.log_queued()")
     first = _start_worker(dsn, "--tenant-threads", "3")
     second = None
     stop = threading.Event()
@@ -486,7 +521,9 @@ def test_many_tenants_survive_lost_connections_a_sigkill_and_a_second_worker_und
         stop.set()
         writer.join()
         assert not errors, errors[:5]
-        wait_until(lambda: pending(conn) == 0, 180, "the second worker to deliver everything")
+        mark = wal_mark(conn)
+        wait_until(lambda: delivered_everything(conn, "tenant-%s", capture, mark), 180,
+                   "the second worker to deliver everything")
         assert second.stop() == 0, second.output
     finally:
         stop.set()
@@ -495,6 +532,12 @@ def test_many_tenants_survive_lost_connections_a_sigkill_and_a_second_worker_und
             if proc is not None and proc.proc is not None and proc.proc.poll() is None:
                 proc.kill()
     assert first.lines("retry"), first.output  # it did lose its connection, and carried on
+    if capture == "wal":  # the second worker's router took over (the first's held the router lock until killed)
+        assert first.lines("router_started") and second.lines("router_started"), second.output
+    assert conn.execute("SELECT count(*), count(DISTINCT (tenant, image)) FROM queued").fetchone() == (
+        conn.execute("SELECT count(*) FROM queued").fetchone()[0],) * 2
+    assert conn.execute("SELECT count(*) FROM queued WHERE image ->> 2 = 'live'").fetchone()[0] == \
+        conn.execute("SELECT count(*) FROM orders WHERE item = 'live'").fetchone()[0]
     tenants = [t for (t,) in conn.execute(
         "SELECT tenant FROM pgturso.target WHERE pattern = 'tenant-%s' ORDER BY 1").fetchall()]
     assert len(tenants) == 60
@@ -599,3 +642,89 @@ def test_the_scans_tenant_endpoints_are_what_target_endpoint_says_for_each_tenan
     settings = resolve({}, {}, {})
     for name, endpoint in scanned.items():
         assert target_endpoint(conn, dataclasses.replace(settings, target=name)) == endpoint, name
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_wal_a_tenant_value_the_router_cannot_register_is_shown_then_skipped(conn, dsn, tmp_path: Path):
+    """capture => 'wal': no trigger refuses a tenant value that cannot name a database, so its writer commits.
+    The router stops there (every tenant waits: it routes in commit order), shows the error with the source
+    transaction and the fix on the pattern's row of pgturso.target_status, and goes on once it is skipped."""
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("SELECT pgturso.track_table('orders', target => %s, route_by => 'tenant_id', capture => 'wal')",
+                 ("tenant-%s",))
+    conn.execute("INSERT INTO orders VALUES (1, 'acme', 'before')")
+    with conn.transaction():
+        conn.execute("INSERT INTO orders VALUES (2, 'no way!', 'bad')")
+        txid = conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0]
+    conn.execute("INSERT INTO orders VALUES (3, 'globex', 'after')")
+    worker = _start_worker(dsn)
+    try:
+        def error() -> str:
+            row = conn.execute("SELECT last_error, last_error_txid::text FROM pgturso.target_status "
+                               "WHERE target = 'tenant-%s'").fetchone()
+            return "" if row is None or row[0] is None else f"{row[0]} txid={row[1]}"
+
+        wait_until(lambda: "no way!" in error(), 120, "the router's error on the pattern's status row")
+        assert f"skip_transaction('{txid}'" in error() and f"txid={txid}" in error(), error()
+        # (what was routed in the same batch as the bad value waits with it: nothing of it reached a database)
+        assert not (tmp_path / "tenant-globex.db").exists()  # committed after the bad value: waits behind it
+        conn.execute("DELETE FROM orders WHERE id = 2")  # the row corrected (its delete goes nowhere)
+        conn.execute("SELECT pgturso.skip_transaction(%s, 'bad tenant value', target => 'tenant-%%s')", (txid,))
+        wait_until(lambda: error() == "", 60, "the error to clear")
+        # wait_for_sync waits for the router to have queued what committed before it, then for its delivery
+        conn.execute("INSERT INTO orders VALUES (4, 'acme', 'synced')")
+        assert conn.execute("SELECT pgturso.wait_for_sync('60 s')").fetchone()[0]
+        assert conn.execute("SELECT count(*) FROM pgturso.outbox").fetchone()[0] == 0
+    finally:
+        worker.stop()  # (it holds the tenants' files open)
+    assert tenant_rows(tmp_path / "tenant-acme.db", "SELECT id, item FROM orders ORDER BY id") == [
+        (1, "before"), (4, "synced")]
+    assert tenant_rows(tmp_path / "tenant-globex.db", "SELECT id, item FROM orders") == [(3, "after")]
+    assert conn.execute("SELECT name FROM pgturso.target WHERE pattern IS NOT NULL ORDER BY 1").fetchall() == [
+        ("tenant-acme",), ("tenant-globex",)]
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_wal_a_patterns_lost_slot_is_replaced_and_every_tenant_recopied(conn, dsn, tmp_path: Path):
+    """A wal pattern whose slot is gone (a failover, dropped by hand): its router replaces it and every table of
+    the pattern is copied afresh to every tenant (recreated there: nothing doubled), reference table included."""
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("CREATE TABLE plans (id int PRIMARY KEY, name text)")
+    conn.execute("SELECT pgturso.track_table('orders', target => %s, route_by => 'tenant_id', capture => 'wal')",
+                 ("tenant-%s",))
+    conn.execute("SELECT pgturso.track_table('plans', target => %s)", ("tenant-%s",))
+    conn.execute("INSERT INTO plans VALUES (1, 'free')")
+    conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a'), (2, 'globex', 'g')")
+    drain_pattern(dsn)
+    conn.execute("SELECT pg_drop_replication_slot(pgturso._slot_name('tenant-%s'))")
+    conn.execute("INSERT INTO orders VALUES (3, 'acme', 'lost with the slot'), (4, 'initech', 'new')")
+    conn.execute("UPDATE plans SET name = 'FREE'")
+    conn.execute("DELETE FROM orders WHERE id = 2")
+    drain_pattern(dsn)
+    drain_pattern(dsn)  # (the recopy's chunks, if the first run ended before they were routed)
+    for tenant in ("acme", "globex", "initech"):
+        path = tmp_path / f"tenant-{tenant}.db"
+        assert tenant_rows(path, "SELECT id, item FROM orders ORDER BY id") == pg_tenant_rows(conn, tenant), tenant
+        assert tenant_rows(path, "SELECT id, name FROM plans") == [(1, "FREE")], tenant
+    assert pending(conn) == 0
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_wal_a_large_transaction_is_routed_in_bounded_memory(conn, dsn, tmp_path: Path):
+    """The router writes a large transaction's rows as they are decoded, in one routing transaction: its memory
+    stays flat whatever the transaction's size, and every tenant gets its rows whole."""
+    from test_wal_attacks import BIG_ROWS, drain_measuring_rss
+
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("SELECT pgturso.track_table('orders', target => %s, route_by => 'tenant_id', capture => 'wal')",
+                 ("tenant-%s",))
+    conn.execute("INSERT INTO orders SELECT g, 't' || (g %% 3), md5(g::text) FROM generate_series(1, %s) g",
+                 (BIG_ROWS,))
+    peak_mb = drain_measuring_rss(dsn, "", "--target", "tenant-%s")
+    for n in range(3):
+        assert tenant_rows(tmp_path / f"tenant-t{n}.db", "SELECT count(*), sum(id) FROM orders") == [tuple(
+            conn.execute("SELECT count(*), sum(id) FROM orders WHERE tenant_id = %s", (f"t{n}",)).fetchone())]
+    assert peak_mb < 200, f"worker peak RSS {peak_mb:.0f} MB"

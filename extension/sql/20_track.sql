@@ -841,10 +841,6 @@ BEGIN
                              '''libsql://tenant-%s-myorg.turso.io'', ''token''), then track_table(..., '
                              'target => ''tenant-%s'', route_by => ''tenant_id'').';
         END IF;
-        IF v_capture = 'wal' THEN
-            RAISE EXCEPTION 'pgturso: tables of pattern target % cannot use capture => ''wal''', track_table.target
-                USING HINT = 'Per-tenant routing is done by the capture triggers: use capture => ''trigger''.';
-        END IF;
         IF track_table.route_by IS NULL THEN
             -- A reference table: all of its rows go to every tenant database of the pattern, present and future.
             IF v_kind = 'm' THEN

@@ -122,7 +122,7 @@ DECLARE
     key_columns text[] := ARRAY(SELECT jsonb_array_elements_text(plan -> 'spec' -> 'key_columns'));
     v_function text := pgturso._capture_function_name(table_id);
     v_generated text;
-    v_row_filtered boolean;
+    v_identity_full boolean;
 BEGIN
     -- pgoutput (Postgres 15) does not send stored generated columns: the worker computes them from the other
     -- values, with its own rights. So their expressions may use nothing a user defined (docs/security.md).
@@ -180,7 +180,11 @@ BEGIN
     -- an UPDATE moving a row into the filter reaches pgoutput as an insert, and a TOASTed value it left alone
     -- is "unchanged" in the new tuple; pgoutput takes it from the old tuple, which only FULL logs (attack: the
     -- row moved into the filter never reached Turso).
-    v_row_filtered := plan -> 'spec' ->> 'row_filter' IS NOT NULL;
+    v_identity_full := plan -> 'spec' ->> 'row_filter' IS NOT NULL;
+    -- A table of a pattern target too: its router needs the old row's tenant for a delete and for a move
+    -- (an UPDATE of the route column), and the whole old row for a value an UPDATE left alone.
+    v_identity_full := v_identity_full OR EXISTS (SELECT 1 FROM pgturso.tracked_table t
+                                                WHERE t.id = table_id AND strpos(t.target, '%s') > 0);
     FOR v_part, v_kind IN SELECT p.relid, c.relkind
                           FROM (SELECT rel AS relid UNION SELECT relid FROM pg_partition_tree(rel)) p
                           JOIN pg_class c ON c.oid = p.relid
@@ -197,7 +201,7 @@ BEGIN
           AND NOT EXISTS (SELECT 1 FROM unnest(i.indkey[0:i.indnkeyatts - 1]) k
                           JOIN pg_attribute a ON a.attrelid = v_part AND a.attnum = k WHERE NOT a.attnotnull)
         ORDER BY i.indisprimary DESC, i.indexrelid LIMIT 1;
-        IF v_row_filtered THEN
+        IF v_identity_full THEN
             v_index := NULL;
         END IF;
         IF v_index IS NOT NULL AND (SELECT indisprimary FROM pg_index WHERE indexrelid = v_index) THEN

@@ -115,6 +115,65 @@ END
 $$;
 COMMENT ON FUNCTION pgturso.remove_target IS 'Remove a named target that no table is tracked to.';
 
+-- capture => 'wal' for a pattern target: a router per pattern (worker/pgturso/sources/router.py) reads the
+-- pattern's slot and writes each decoded transaction, in commit order, as per-tenant outbox rows. Whatever else
+-- writes outbox rows of such a pattern (DDL, copies, repairs, TRUNCATE, table-wide events) would overtake changes
+-- committed before it that the router has not routed yet: those rows are held (tenant NULL, which no tenant's
+-- worker reads; route their tenant, NULL for every tenant: pgturso._fan_out, pgturso._pattern_tenants and
+-- capture.sql.HELD_FOR_ROUTER ask) and the router, meeting them in the stream (the outbox is published), queues
+-- them again at their place (docs/design.md, "A database per tenant").
+CREATE OR REPLACE FUNCTION pgturso._is_router(pattern text) RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER
+@SESSION_SETTINGS@
+AS $$ SELECT EXISTS (SELECT 1 FROM pgturso.router r WHERE r.pattern = _is_router.pattern AND r.pid = pg_backend_pid()) $$;
+COMMENT ON FUNCTION pgturso._is_router IS 'Private: whether this session is the router of a wal pattern target.';
+
+CREATE OR REPLACE FUNCTION pgturso._held_for_router(pattern text) RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER
+@SESSION_SETTINGS@
+AS $$
+    SELECT coalesce((SELECT g.capture = 'wal' FROM pgturso.target g
+                     WHERE g.name = _held_for_router.pattern AND strpos(g.name, '%s') > 0), false)
+           AND NOT pgturso._is_router(pattern)
+$$;
+COMMENT ON FUNCTION pgturso._held_for_router IS
+    'Private: whether an outbox row of this pattern written by this session waits for the router (a wal pattern).';
+
+-- The layout a new tenant's table is created with: the latest, except a routed table of a wal pattern, whose
+-- rows come from the stream: the router's layout in force at its place there (passed by pgturso._route_tenant;
+-- NULL for a table whose creation the router has not met yet). A reference table is created and copied as of
+-- the router's snapshot, and its events that snapshot sees are not routed to the new tenant (router.py).
+CREATE OR REPLACE FUNCTION pgturso._tenant_layout(table_id integer) RETURNS integer
+LANGUAGE sql STABLE
+@SESSION_SETTINGS@
+AS $$
+    SELECT CASE WHEN coalesce(current_setting('pgturso.routing_layouts', true), '') <> ''
+                     AND NOT (SELECT t.options ? 'reference' FROM pgturso.tracked_table t WHERE t.id = table_id)
+                THEN (current_setting('pgturso.routing_layouts')::jsonb ->> table_id::text)::integer
+                ELSE (SELECT max(l.id) FROM pgturso.layout l WHERE l.table_id = _tenant_layout.table_id) END
+$$;
+COMMENT ON FUNCTION pgturso._tenant_layout IS 'Private: the layout a new tenant''s table is created with.';
+
+-- The router registers a new tenant value where it meets it in the stream: its tables created with the layouts
+-- in force there, its reference rows copied at the router's snapshot (recorded with the router's marker).
+CREATE OR REPLACE FUNCTION pgturso._route_tenant(layout_id integer, tenant text, layouts jsonb) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+@SESSION_SETTINGS@
+AS $$
+BEGIN
+    IF NOT pgturso._is_router((SELECT t.target FROM pgturso.layout l JOIN pgturso.tracked_table t
+                               ON t.id = l.table_id WHERE l.id = _route_tenant.layout_id)) THEN
+        RAISE EXCEPTION 'pgturso: only the router of a wal pattern registers its tenants'
+            USING HINT = 'The pattern''s worker runs the router (pgturso-worker run --target ''pattern-%s'').';
+    END IF;
+    PERFORM set_config('pgturso.routing_layouts', layouts::text, true);
+    PERFORM pgturso._register_tenants(layout_id, ARRAY[tenant]);
+    PERFORM set_config('pgturso.routing_layouts', '', true);
+END
+$$;
+COMMENT ON FUNCTION pgturso._route_tenant IS 'Private: the router of a wal pattern registers a tenant it met.';
+
+
 -- Per-tenant databases (a pattern target such as 'tenant-%s' and tables tracked to it with route_by).
 --
 -- Every change that must reach all of a pattern's tenant databases (create, schema change, TRUNCATE, drop) is
@@ -138,6 +197,11 @@ BEGIN
     SELECT t.target INTO v_pattern FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
     WHERE l.id = _fan_out.layout_id AND strpos(t.target, '%s') > 0;
     IF v_pattern IS NULL THEN
+        INSERT INTO pgturso.outbox (layout_id, op, nrows, payload) VALUES (layout_id, op, 0, payload);
+        RETURN;
+    END IF;
+    IF pgturso._held_for_router(v_pattern) THEN
+        -- A wal pattern: once, held for every tenant; the router queues it per tenant in stream order.
         INSERT INTO pgturso.outbox (layout_id, op, nrows, payload) VALUES (layout_id, op, 0, payload);
         RETURN;
     END IF;
@@ -165,9 +229,16 @@ DECLARE
     v_other_pattern text;
     v_problem text;
     v_ref record;
+    v_routing boolean;
 BEGIN
     SELECT t.target INTO v_pattern FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
     WHERE l.id = _register_tenants.layout_id;
+    -- A wal pattern's tenants are registered by its router only, at their place in the stream (the layouts in
+    -- force there: pgturso._route_tenant); a copy's rows of a new tenant are held until the router meets them.
+    v_routing := pgturso._is_router(v_pattern);
+    IF NOT v_routing AND (SELECT g.capture FROM pgturso.target g WHERE g.name = v_pattern) = 'wal' THEN
+        RETURN;
+    END IF;
     -- Nothing new (every copy chunk of a routed table asks, for each of its tenants): one index probe per
     -- tenant. Written as a count, not as NOT EXISTS (… NOT EXISTS …): with pgturso.target's statistics
     -- taken while it held a few rows, the planner made that an anti join rescanning every tenant of the pattern
@@ -182,7 +253,10 @@ BEGIN
     -- Wait for every open writer of a reference table (each holds its stripe: pgturso._pattern_tenants) and every
     -- open table-wide change (pgturso._fan_out), or fail if one committed after this REPEATABLE READ snapshot,
     -- before reading the tables' layouts and copying the reference rows.
-    UPDATE pgturso.tenant_stripe SET generation = generation + 1;
+    -- (The router is the only writer of its pattern's tenant list and routes reference changes itself: no stripe.)
+    IF NOT v_routing THEN
+        UPDATE pgturso.tenant_stripe SET generation = generation + 1;
+    END IF;
     FOR v_tenant IN SELECT DISTINCT x FROM unnest(tenants) AS x ORDER BY 1 LOOP
         v_name := replace(v_pattern, '%s', v_tenant);
         -- '.' and '..' would be the directory itself or its parent where %s is a path segment of the URL.
@@ -249,15 +323,15 @@ BEGIN
         IF FOUND THEN
             INSERT INTO pgturso.delivery_state (target) VALUES (v_name) ON CONFLICT DO NOTHING;
             INSERT INTO pgturso.outbox (layout_id, op, nrows, tenant)
-            SELECT (SELECT max(l.id) FROM pgturso.layout l WHERE l.table_id = t.id), 'C', 0, v_tenant
-            FROM pgturso.tracked_table t WHERE t.target = v_pattern AND t.dropped_at IS NULL ORDER BY t.id;
+            SELECT pgturso._tenant_layout(t.id), 'C', 0, v_tenant
+            FROM pgturso.tracked_table t WHERE t.target = v_pattern AND t.dropped_at IS NULL
+              AND pgturso._tenant_layout(t.id) IS NOT NULL ORDER BY t.id;
             -- Then every row of the pattern's reference tables, read after the stripes' locks above: a change
             -- to them committed before is in these rows, and one committed after is queued for this tenant too
             -- (pgturso._pattern_tenants); a REPEATABLE READ snapshot older than such a change failed there.
             FOR v_ref IN
                 SELECT t.relid, l.id, l.spec FROM pgturso.tracked_table t
-                JOIN LATERAL (SELECT l.id, l.spec FROM pgturso.layout l WHERE l.table_id = t.id
-                              ORDER BY l.id DESC LIMIT 1) AS l ON true
+                JOIN pgturso.layout l ON l.id = pgturso._tenant_layout(t.id)
                 WHERE t.target = v_pattern AND t.dropped_at IS NULL AND t.options ? 'reference' ORDER BY t.id
             LOOP
                 EXECUTE pgturso._plan_tenant_rows(v_ref.id, v_ref.spec, pgturso._row_source(v_ref.relid))
@@ -283,6 +357,11 @@ LANGUAGE plpgsql
 @SESSION_SETTINGS@
 AS $$
 BEGIN
+    IF pgturso._held_for_router((SELECT t.target FROM pgturso.layout l JOIN pgturso.tracked_table t
+                                 ON t.id = l.table_id WHERE l.id = _pattern_tenants.layout_id)) THEN
+        RETURN NEXT NULL;  -- a wal pattern: one event, held for every tenant (route NULL)
+        RETURN;
+    END IF;
     UPDATE pgturso.tenant_stripe SET generation = generation + 1 WHERE stripe = pg_backend_pid() % 64;
     RETURN QUERY
         SELECT g.tenant FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
@@ -297,6 +376,11 @@ REVOKE ALL ON FUNCTION pgturso._fan_out(integer, "char", text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._register_tenants(integer, text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._pattern_tenants(integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._tenant_host_problem(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._is_router(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._held_for_router(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._tenant_layout(integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._route_tenant(integer, text, jsonb) FROM PUBLIC;
+REVOKE ALL ON pgturso.router FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.add_target(text, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.remove_target(text) FROM PUBLIC;
 REVOKE ALL ON pgturso.target FROM PUBLIC;

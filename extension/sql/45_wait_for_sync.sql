@@ -14,6 +14,11 @@ DECLARE
     -- Wal targets: everything committed so far is below this position of the WAL; their slots pass it once
     -- Turso confirmed all of it (the worker advances a slot only then).
     v_lsn pg_lsn := CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_insert_lsn() END;
+    -- A wal pattern's router writes the tenants' events only once it read the caller's commits from the slot:
+    -- those events are looked for after that (a new snapshot and outbox id), not among the ones there now.
+    v_routed boolean := NOT EXISTS (SELECT 1 FROM pgturso.target g
+                                    WHERE g.capture = 'wal' AND strpos(g.name, '%s') > 0
+                                      AND EXISTS (SELECT 1 FROM pgturso.tracked_table t WHERE t.target = g.name));
 BEGIN
     IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
         RAISE EXCEPTION 'pgturso: wait_for_sync cannot wait for this transaction''s own writes'
@@ -49,7 +54,17 @@ BEGIN
         END IF;
         -- Done when no copy pending at the call is still running and no event that was committed when we
         -- were called (or when those copies finished) is still waiting for Turso.
-        IF cardinality(v_copying) = 0
+        IF NOT v_routed AND NOT EXISTS (
+               SELECT 1 FROM pgturso.target g
+               WHERE g.capture = 'wal' AND strpos(g.name, '%s') > 0
+                 AND EXISTS (SELECT 1 FROM pgturso.tracked_table t WHERE t.target = g.name)
+                 AND NOT EXISTS (SELECT 1 FROM pg_replication_slots r
+                                 WHERE r.slot_name = pgturso._slot_name(g.name) AND r.confirmed_flush_lsn >= v_lsn)) THEN
+            v_routed := true;  -- every router confirmed past the caller's commits: their events are queued now
+            v_snapshot := pg_current_snapshot();
+            SELECT max(id) INTO v_upto FROM pgturso.outbox;
+        END IF;
+        IF cardinality(v_copying) = 0 AND v_routed
            AND NOT EXISTS (SELECT 1 FROM pgturso.outbox o
                            WHERE o.id <= v_upto AND pg_visible_in_snapshot(o.txid, v_snapshot))
            -- A wal target with tracked tables is synced only when its slot is usable and passed v_lsn: a

@@ -110,13 +110,25 @@ def pack_sql(layout_id: int, op: str, row_expr: str, source: str, tenant: str | 
             f"FROM (SELECT {row_expr} AS row_json, (row_number() OVER () - 1) / {CHUNK_ROWS} AS chunk "
             f"FROM {source} AS src) AS packed GROUP BY packed.chunk"
         )
+    # A wal pattern's events written here (copies, repairs) wait for its router: held (HELD_FOR_ROUTER).
     return (
-        "INSERT INTO pgturso.outbox (layout_id, op, nrows, payload, tenant) "
-        f"SELECT {int(layout_id)}, '{op}', count(*), string_agg(packed.row_json, ','), packed.tenant "
+        "INSERT INTO pgturso.outbox (layout_id, op, nrows, payload, tenant, route) "
+        f"SELECT {int(layout_id)}, '{op}', count(*), string_agg(packed.row_json, ','), "
+        "CASE WHEN h.held THEN NULL ELSE packed.tenant END, CASE WHEN h.held THEN packed.tenant END "
         f"FROM (SELECT {row_expr} AS row_json, {tenant} AS tenant, "
         f"(row_number() OVER (PARTITION BY {tenant}) - 1) / {CHUNK_ROWS} AS chunk "
-        f"FROM {source} AS src) AS packed GROUP BY packed.tenant, packed.chunk"
+        f"FROM {source} AS src) AS packed CROSS JOIN {HELD_FOR_ROUTER.format(layout_id=int(layout_id))} "
+        "GROUP BY packed.tenant, packed.chunk, h.held"
     )
+
+
+# capture => 'wal' for a pattern target: its router (sources/router.py) writes the tenants' events in commit
+# order; an event of such a pattern written by anything else (a copy, a repair) would overtake changes committed
+# before it that the router has not routed yet. So it is held: tenant NULL (no tenant's worker reads it) and its
+# tenant in route, until the router meets it in the stream and queues it again there. Asked once per statement
+# (pgturso._held_for_router: a wal pattern's, outside its router); trigger capture's writers never ask.
+HELD_FOR_ROUTER = ("(SELECT pgturso._held_for_router((SELECT t.target FROM pgturso.layout l "
+                   "JOIN pgturso.tracked_table t ON t.id = l.table_id WHERE l.id = {layout_id})) AS held) AS h")
 
 
 # A reference table's events go to every tenant of its pattern: pgturso._pattern_tenants first updates a row

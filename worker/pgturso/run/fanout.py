@@ -63,6 +63,7 @@ from ..common.settings import Settings
 from ..delivery.pipeline import send_batch
 from ..delivery.targets import Target, redact_url
 from ..sources.outbox import Batch, Outbox, error_cleared_when, read_whole_batches, record_tenant_batches
+from ..sources.router import Router
 from .worker import (
     DELIVERY_LOCK_CLASS,
     EXIT_FATAL,
@@ -134,6 +135,7 @@ PENDING_TENANTS = """
     )
     SELECT tenant FROM pending WHERE tenant IS NOT NULL
 """
+CAPTURE_OF = "SELECT capture FROM pgturso.target WHERE name = %s"
 COPYING = "SELECT EXISTS (SELECT 1 FROM pgturso.tracked_table WHERE target = %s AND copy_state = 'copying')"
 # The table a copy chunk takes first (outbox.NEXT_COPY_CHUNK's order): the one a refused chunk was of.
 COPYING_TABLE = ("SELECT relid::regclass::text FROM pgturso.tracked_table WHERE target = %s AND copy_state = 'copying' "
@@ -372,6 +374,11 @@ class PatternWorker:
         self._rows_since_vacuum = 0
         self._vacuumed_at = time.monotonic()
         self._codes: dict[str, int] = {}  # --once: tenants that stopped, and why
+        # capture => 'wal': the router writing the slot's changes as per-tenant outbox rows (sources/router.py),
+        # in a thread of its own; ``routed`` is set when it wrote some (the scheduler looks for pending tenants).
+        self.router: Router | None = None
+        self.router_thread: threading.Thread | None = None
+        self.routed = threading.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -406,6 +413,10 @@ class PatternWorker:
                     break
             conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
             self.conn = conn
+            if self.router_thread is None and conn.execute(CAPTURE_OF, (self.pattern,)).fetchone()[0] == "wal":  # type: ignore[index]
+                self.router = Router(self.dsn, self.pattern, self.settings.batch_rows)
+                self.router_thread = threading.Thread(target=self._route, name="pgturso-router", daemon=True)
+                self.router_thread.start()
             self.layout_cache = Outbox(conn, batch_rows=1, batch_events=1, target=self.pattern)
             self.source_id = self.layout_cache.source_id()
             self._scanned_at = 0.0
@@ -835,7 +846,10 @@ class PatternWorker:
             if self._has_work(time.monotonic()):
                 return
             while not self.stopping and time.monotonic() < deadline:
-                if notified(self.conn, min(1.0, max(deadline - time.monotonic(), 0.0))):
+                if notified(self.conn, min(PENDING_EVERY_SECONDS if self.router else 1.0,
+                                           max(deadline - time.monotonic(), 0.0))) or self.routed.is_set():
+                    self._scanned_at = 0.0 if self.routed.is_set() else self._scanned_at
+                    self.routed.clear()
                     self._refresh_pending(force=True)
                     return
         finally:
@@ -845,6 +859,10 @@ class PatternWorker:
         """Busy: wait for a step to end (or the next look for pending tenants); consume NOTIFYs meanwhile."""
         self.woken.wait(PENDING_EVERY_SECONDS)
         self.woken.clear()
+        if self.routed.is_set():
+            self.routed.clear()
+            self._scanned_at = 0.0  # new tenants, maybe
+            self._refresh_pending(force=True)
         assert self.conn is not None
         notified(self.conn, 0)
 
@@ -887,8 +905,36 @@ class PatternWorker:
         finally:
             self._shut_down()
 
+    def _route(self) -> None:
+        """The router's thread: route the slot's batches as they come; on a failure, start over from the last
+        batch routed (the router's marker), after the retry delay."""
+        router = self.router
+        assert router is not None
+        while not self.stopping:
+            try:
+                if router.source is None and not router.start():
+                    time.sleep(SCAN_SECONDS)  # another worker of the pattern routes it
+                    continue
+                if router.route_once():
+                    self.routed.set()
+                    self.woken.set()
+                elif not self.stopping:
+                    router.wait(0.2)
+            except (psycopg.Error, PgTursoError) as exc:
+                event(log, logging.WARNING, "retry", target=self.pattern, job="route", error=str(exc).strip())
+                router.close()
+                try:
+                    router.record_failure(str(exc).strip(), getattr(exc, "xid", None))
+                except psycopg.Error as record:
+                    event(log, logging.WARNING, "state_not_recorded", target=self.pattern, error=str(record).strip())
+                time.sleep(self.settings.retry_base_delay)
+        router.close()
+
     def _finished_once(self) -> bool:
         """--once: nothing left for the tenants this worker holds? Look once more (new tenants included)."""
+        if self.router is not None and (not self.router.caught_up or self.routed.is_set()):
+            self.routed.clear()
+            return False  # the router has not routed all there is yet (or the scheduler has not looked at it)
         if self.copying or (time.monotonic() < self._copy_checked and self._copy_refused is None):
             return False
         if any(t.due and t.code is None for t in self.tenants.values()):
@@ -916,6 +962,8 @@ class PatternWorker:
 
     def _shut_down(self) -> None:
         self.stopping = True
+        if self.router_thread is not None:
+            self.router_thread.join(timeout=10)  # it ends within a read of the stream (or a routing transaction)
         self.pool.shutdown(wait=True)  # each step ends within request_timeout
         self._collect()
         names = [name for name, t in self.tenants.items() if t.code is None or not self.once]

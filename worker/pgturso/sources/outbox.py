@@ -386,6 +386,9 @@ class Event:
     payload: str | None
     txids: tuple[int, ...] = ()  # a merged event's lowest and highest source transaction (for messages)
     count: int = 1  # how many outbox events a merged event stands for
+    # Read from a wal pattern's slot by its router (router.py): a routed row's tenant, or a held outbox row's
+    # (None: every tenant).
+    tenant: str | None = None
 
 
 class Batch:

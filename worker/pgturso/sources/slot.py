@@ -252,6 +252,7 @@ class _Run:
     op: str
     first_txid: int
     computed: frozenset[str] = frozenset()  # generated columns not decoded: computed by the encoding
+    route: str | None = None  # a routed row's tenant (the router: WalOutbox.routing)
     values: list[Any] = field(default_factory=list)
     count: int = 0
     last_txid: int = 0
@@ -316,12 +317,14 @@ class WalBatch:
         relations: dict[int, Relation] = source.relations if self.streamed else {}
         pending: list[Event | _Run] = []  # in commit order; runs still to be encoded
         current: _Run | None = None
+        by_route: dict[str | None, _Run] = {}  # the router's current run of each tenant (add())
         pending_rows = pending_bytes = 0
         xid = 0
 
         def drain() -> Iterator[Event]:
             nonlocal current, pending_rows, pending_bytes
             current = None
+            by_route.clear()
             runs = [item for item in pending if isinstance(item, _Run)]
             if encode:
                 for (layout_id, key_only, computed), group in _group(runs).items():
@@ -336,20 +339,32 @@ class WalBatch:
                     self.rows_per_layout[item.layout_id] = self.rows_per_layout.get(item.layout_id, 0) + item.count
                     first, last = item.first_txid, item.last_txid
                     yield Event(0, first, item.layout_id, item.op, item.count, item.payload,
-                                (first,) if first == last else (first, last), item.count)
+                                (first,) if first == last else (first, last), item.count, item.route)
                 else:
                     yield item
             pending.clear()
             pending_rows = pending_bytes = 0
 
-        def add(layout_id: int, op: str, values: list[Any], computed: frozenset[str]) -> bool:
+        def add(layout_id: int, op: str, values: list[Any], computed: frozenset[str], route: str | None = None,
+                ) -> bool:
             """Add a row's values (GENERATED left out) to the current run; True when the pending rows are due
-            for encoding (drain())."""
+            for encoding (drain()).
+
+            The router's runs hold one tenant's rows (``route``), and each tenant has a current run of its own:
+            rows of tenants that interleave (a statement writing many tenants) still make few, large events,
+            in order for each tenant (the order across tenants, different databases, is nobody's to see). A
+            reference table's runs hold one transaction's rows (each tenant's copy of a change is routed by its
+            transaction's visibility: router.py)."""
             nonlocal current, pending_rows
+            if routing:
+                current = by_route.get(route)
             if (current is None or current.layout_id != layout_id or current.op != op
-                    or current.computed is not computed):
-                current = _Run(layout_id, op, xid, computed)
+                    or current.computed is not computed
+                    or (routing and route is None and current.first_txid != xid)):
+                current = _Run(layout_id, op, xid, computed, route)
                 pending.append(current)
+                if routing:
+                    by_route[route] = current
             current.values.extend(values)
             current.count += 1
             current.last_txid = xid
@@ -359,6 +374,7 @@ class WalBatch:
         def ready(item: Event) -> Iterator[Event]:
             nonlocal current, pending_bytes
             current = None
+            by_route.clear()  # (an outbox event between a tenant's rows: later rows go after it)
             pending.append(item)
             pending_bytes += len(item.payload or "")
             if pending_bytes >= ENCODE_BYTES:
@@ -367,6 +383,7 @@ class WalBatch:
         received = 0
         outbox_oid = source.outbox_oid
         layouts = self.layouts
+        routing = source.routing
         for data in chain(self._first, self._more):
             received += 1
             kind = data[0]
@@ -418,6 +435,10 @@ class WalBatch:
                         relation.in_order.add(layout_id)  # the layout's columns, no generated one: as decoded
                 computed = relation.computed[layout_id]
                 self.event_count += 1
+                if routing:
+                    yield from self._routed_change(kind, layout_id, relation, positions, computed, new, old, add,
+                                                   drain)
+                    continue
                 if kind == 73:  # an Insert (no old tuple, no unchanged value): the common case, kept short
                     if add(layout_id, "U", new[:-1] if layout_id in relation.in_order else
                            _present([new[p] for p in positions]), computed):
@@ -481,6 +502,8 @@ class WalBatch:
 
     def _outbox_event(self, relation: Relation, values: list[Any], xid: int) -> Event | None:
         row = dict(zip(relation.columns, values[:len(relation.columns)], strict=True))
+        if row.get("tenant") is not None:
+            return None  # a trigger-captured pattern's, or the router's own (already routed)
         layout_id = int(row["layout_id"])
         table_id = self.source.table_of_layout_id(layout_id)
         if table_id is None:
@@ -498,7 +521,35 @@ class WalBatch:
         elif self._skipping is not None and op in "UDTP":
             self.skipped[self._skipping] = self.skipped.get(self._skipping, 0) + int(row["nrows"])
             return None  # a row change of a transaction skip_transaction dropped (its schema changes stay)
-        return Event(int(row["id"]), xid, layout_id, op, int(row["nrows"]), row["payload"])
+        return Event(int(row["id"]), xid, layout_id, op, int(row["nrows"]), row["payload"], tenant=row.get("route"))
+
+    def _routed_change(self, kind: int, layout_id: int, relation: Relation, positions: list[int],
+                       computed: frozenset[str], new: list[Any] | None, old: list[Any] | None,
+                       add: Callable[..., bool], drain: Callable[[], Iterator[Event]]) -> Iterator[Event]:
+        """A row change of a wal pattern's table, for its router: the tenant of each row (its route column's
+        text; None for a reference table). The pattern's tables have replica identity FULL, so an UPDATE or
+        DELETE carries the whole old row: a row whose tenant changed (a move) is deleted in the old tenant's
+        database, then upserted in the new one's."""
+        source = self.source
+        route_at = source.route_position(layout_id)
+        layout = source.layout(layout_id)
+        row = None if new is None else [new[p] for p in positions]
+        old_row = None if old is None else [old[p] for p in positions]
+        if row is not None and old_row is not None:
+            row = [o if v is UNCHANGED else v for v, o in zip(row, old_row, strict=True)]
+        if row is not None and UNCHANGED in row:
+            raise SlotError(f"{layout.source_table}: an UPDATE left a large value unsent although the table's replica "
+                            f"identity should be FULL; run ALTER TABLE {layout.source_table} REPLICA IDENTITY FULL")
+        new_route = None if row is None or route_at is None else row[route_at]
+        if old_row is not None:
+            old_route = None if route_at is None else old_row[route_at]
+            old_key = [old_row[k] for k in layout.key_positions]
+            new_key = None if row is None else [row[k] for k in layout.key_positions]
+            if (new_key != old_key or old_route != new_route) and add(layout_id, "D", _present(old_key), computed,
+                                                                      old_route):
+                yield from drain()
+        if row is not None and add(layout_id, "U", _present(row), computed, new_route):
+            yield from drain()
 
 
 class WalOutbox(Outbox):
@@ -525,6 +576,7 @@ class WalOutbox(Outbox):
         self.table_of_relid: dict[int, int] = {}
         self.target_of_table: dict[int, str] = {}
         self.skips: dict[int, int] = {}  # xid of a skipped transaction: the WAL position it committed before
+        self.routing = False  # a wal pattern's router reads this slot: rows carry their tenant (router.py)
         self._positions: dict[tuple[int, int, tuple[str, ...]], list[int]] = {}
         self._encoders: dict[tuple[int, bool, frozenset[str]], str | list[Callable[[str], str]]] = {}
         self._generated: dict[int, dict[str, str]] = {}
@@ -870,6 +922,11 @@ class WalOutbox(Outbox):
         attnums, live_names = {int(a) for a, _ in live}, {str(n) for _, n in live}
         columns = [layout.column(name) for name in names]
         return all((c.attnum not in attnums) if c.attnum else (c.name not in live_names) for c in columns)
+
+    def route_position(self, layout_id: int) -> int | None:
+        """Where a routed layout's route column is among its columns; None for a reference table."""
+        layout = self.layout(layout_id)
+        return [c.name for c in layout.columns].index(layout.route_by) if layout.route_by else None
 
     def encode(self, layout_id: int, key_only: bool, values: list[Any], count: int,
                computed: frozenset[str] = frozenset()) -> list[str]:
