@@ -2,7 +2,9 @@
 each sent to its own `file:` database, the batches Turso committed deleted and counted in one statement). Each
 tenant must get its own transactions in commit order, each write applied once (a Turso-side trigger counts them),
 whatever happens to a round-mate: its database refuses a change, its backlog does not fit a batch, or the worker
-dies before, during or after any of the round's sends; and its delivered counters must equal what it delivered."""
+dies before, during or after any of the round's sends; and its delivered counters must equal what it delivered.
+Also the delivered counters (added by the statement that removes a batch's events) of a plain target whose
+batch Turso refused and the worker isolated."""
 
 from __future__ import annotations
 
@@ -275,3 +277,41 @@ def test_a_one_thread_pattern_worker_sigkilled_mid_rounds_under_load_applies_eve
         if worker.proc is not None and worker.proc.poll() is None:
             worker.kill()
     assert_each_tenant_applied_its_rows_once(conn, tmp_path, tenants)
+
+
+@pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
+def test_a_batch_turso_refused_then_isolated_and_delivered_is_counted_once(conn, dsn, turso, capture):
+    """Turso refuses a batch (a UNIQUE index there that Postgres has not); the worker isolates it, delivering one
+    transaction at a time up to the refused one, and is blocked there; once the index is gone the rest arrives.
+    Every write is applied once (a Turso-side counter), and the target's and the table's delivered totals equal
+    the transactions and rows committed: none counted for the refused tries, none twice across the isolation."""
+    from conftest import run_worker
+    from support.turso import install_apply_counter
+
+    conn.execute("CREATE TABLE items (id int PRIMARY KEY, v text)")
+    conn.execute("INSERT INTO items VALUES (100, 'first')")
+    conn.execute("SELECT pgturso.track_table('items')")
+    assert run_worker(dsn, turso.url).returncode == 0
+    install_apply_counter(turso.url, "items")
+    turso.query("CREATE UNIQUE INDEX one_of_each_v ON items (v)")
+    totals = ("SELECT d.transactions_delivered, d.rows_delivered, s.rows_delivered FROM pgturso.delivery_state d, "
+              "pgturso.table_state s WHERE d.target = 'default' AND s.table_id = (SELECT id FROM "
+              "pgturso.tracked_table)")
+    before = conn.execute(totals).fetchone()
+    conn.execute("INSERT INTO items VALUES (1, 'a'), (2, 'b')")
+    conn.execute("INSERT INTO items VALUES (3, 'a')")  # refused on Turso
+    conn.execute("INSERT INTO items VALUES (4, 'c'), (5, 'd'), (6, 'e')")
+    refused = run_worker(dsn, turso.url)
+    assert refused.returncode != 0, refused.stderr
+    assert turso.query("SELECT id FROM items ORDER BY id") == [[1], [2], [100]]
+    status, error = conn.execute("SELECT status, last_error FROM pgturso.delivery_state "
+                                 "WHERE target = 'default'").fetchone()
+    assert status in ("blocked", "stopped") and "public.items" in error, (status, error)
+    assert [a - b for a, b in zip(conn.execute(totals).fetchone(), before, strict=True)] == [1, 2, 2]
+    turso.query("DROP INDEX one_of_each_v")
+    assert run_worker(dsn, turso.url).returncode == 0
+    assert turso.query("SELECT id, v FROM items ORDER BY id") == [
+        [1, "a"], [2, "b"], [3, "a"], [4, "c"], [5, "d"], [6, "e"], [100, "first"]]
+    assert turso.query("SELECT id FROM applied ORDER BY id") == [[1], [2], [3], [4], [5], [6]]
+    assert [a - b for a, b in zip(conn.execute(totals).fetchone(), before, strict=True)] == [3, 6, 6]
+    assert pending(conn) == 0
