@@ -204,8 +204,9 @@ def test_a_tenant_whose_database_was_down_gets_the_reference_changes_it_missed(c
             server.cleanup()
 
 
+@pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
 def test_roles_without_rights_on_pgturso_write_alter_and_copy_a_partitioned_filtered_reference_table(
-        conn, dsn, tmp_path: Path):
+        conn, dsn, tmp_path: Path, capture: str):
     """The application's role (owner of the tables, no superuser) writes, attaches partitions and alters a
     reference table and brings new tenants; a worker role set up by grant_worker copies it in chunks. The
     fan-out runs inside pgturso's own functions, so neither needs a right on pgturso's tables."""
@@ -213,6 +214,8 @@ def test_roles_without_rights_on_pgturso_write_alter_and_copy_a_partitioned_filt
 
     with login_role(conn, dsn, "ref_owner") as owner_dsn, login_role(conn, dsn, "pgturso_worker") as worker_dsn:
         conn.execute("SELECT pgturso.grant_worker('pgturso_worker')")
+        if capture == "wal":  # reading a slot (the pattern's router): an attribute only a superuser gives
+            conn.execute("ALTER ROLE pgturso_worker REPLICATION")
         conn.execute("GRANT CREATE ON SCHEMA public TO ref_owner")
         conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
         with psycopg.connect(owner_dsn, autocommit=True) as owner:
@@ -221,12 +224,15 @@ def test_roles_without_rights_on_pgturso_write_alter_and_copy_a_partitioned_filt
                           "PARTITION BY RANGE (id)")
             owner.execute("CREATE TABLE plans_1 PARTITION OF plans FOR VALUES FROM (0) TO (100)")
             owner.execute("INSERT INTO plans SELECT g, 'p' || g, g % 2 = 0 FROM generate_series(1, 60) AS g")
-            conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+            conn.execute("SELECT pgturso.track_table('orders', target => %s, route_by => 'tenant_id', "
+                         "capture => %s)", ("tenant-%s", capture))
             conn.execute("SELECT pgturso.track_table('plans', target => 'tenant-%s', row_filter => 'active')")
-            owner.execute("INSERT INTO orders VALUES (1, 'acme')")  # a new tenant, registered through capture
+            owner.execute("INSERT INTO orders VALUES (1, 'acme')")  # a new tenant (capture, or the router)
             owner.execute("UPDATE plans SET active = NOT active WHERE id <= 4")  # rows moving in and out
             owner.execute("CREATE TABLE plans_2 (id int NOT NULL, name text, active boolean NOT NULL)")
             owner.execute("INSERT INTO plans_2 VALUES (150, 'attached', true), (151, 'filtered out', false)")
+            if capture == "wal":  # a wal row filter is a CHECK on the table too, which a partition must carry
+                owner.execute("ALTER TABLE plans_2 ADD CONSTRAINT pgturso_row_filter CHECK (num_nulls(active) >= 0)")
             owner.execute("ALTER TABLE plans ATTACH PARTITION plans_2 FOR VALUES FROM (100) TO (200)")
             owner.execute("INSERT INTO orders VALUES (2, 'globex')")
             owner.execute("ALTER TABLE plans ADD COLUMN tier text DEFAULT 'std'")  # a recopy
