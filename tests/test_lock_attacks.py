@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from conftest import drain
+from conftest import drain, run_worker
 from pgturso.capture.sql import WAKE_LOCK_CLASS
 from support.cloud_proxy import CloudProxy
-from support.turso import TursoServer
+from support.turso import TursoServer, install_apply_counter
 from support.workers import WorkerProcess, outbox_empty, wait_until
 
 CAPTURE_MODES = ("trigger", "wal")  # every test here runs in both capture modes (conftest) unless it says
@@ -83,65 +84,53 @@ def test_a_copy_chunk_waiting_for_a_writer_never_makes_that_writer_deadlock(conn
         conn.execute("SELECT pgturso.resync_table('big')")  # copy again for the second interleaving
 
 
-def _holds_lock_on(conn: psycopg.Connection[Any], app: str, relation: str) -> bool:
-    """Whether a backend of application ``app`` holds a lock on ``relation`` while idle in its transaction."""
-    return bool(conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-        "WHERE a.application_name = %s AND a.state = 'idle in transaction' AND l.granted "
-        "AND l.relation = %s::regclass)", (app, relation)).fetchone()[0])
-
-
 @pytest.mark.parametrize("capture", ["trigger"], indirect=True)  # a wal worker holds no outbox rows meanwhile
 def test_untrack_table_while_turso_hangs_never_blocks_the_tables_writers(conn, dsn, turso: TursoServer, capture):
-    """A worker reading the next batch while Turso holds the previous one keeps that batch's deletion open (its
-    outbox rows, its tables' counters). untrack_table deletes those rows too, so it waits for Turso: it must not
-    do so while holding the lock it takes on the table to drop the capture triggers, or every reader and writer
-    of the table waits for Turso behind it."""
+    """untrack_table while Turso holds a batch of the table: the worker keeps no transaction open meanwhile, so
+    untrack_table waits for nothing (it used to wait for the batch's deletion, kept open until Turso answered,
+    and had to do so before locking the table, or every reader and writer of the table would have waited for
+    Turso behind it). The batch in flight loses its events to untrack_table; once Turso committed it, the worker
+    still records it as delivered, so that a restart does not take the target for one that lacks deliveries
+    (and copy it afresh)."""
     conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
     conn.execute("CREATE TABLE kept (id int PRIMARY KEY)")
     conn.execute("SELECT pgturso.track_table('t')")
     conn.execute("SELECT pgturso.track_table('kept')")
-    with CloudProxy(turso.url, None) as cloud:
+    with CloudProxy(turso.url, None, stream_expiry=60) as cloud:
         worker = WorkerProcess(dsn, cloud.url, "--batch-events", "1", "--idle-wait", "1").start()
         try:
             conn.execute("INSERT INTO t VALUES (0, 'delivered')")
             wait_until(lambda: outbox_empty(dsn), 60, "the first row to be delivered")
-            cloud.stalls = [15.0]  # Turso accepts the next request and answers nothing for 15 s
+            cloud.slow_answers = [15.0]  # Turso commits the next batch and answers 15 s later
             for i in (1, 2, 3):
                 conn.execute("INSERT INTO t VALUES (%s, 'pending')", (i,))
-            wait_until(lambda: _holds_lock_on(conn, "pgturso-worker", "pgturso.table_state"), 60,
-                       "the worker to hold a batch's deletion open while Turso does not answer")
-            untracker = psycopg.connect(dsn, autocommit=True)
-            writer = psycopg.connect(dsn, autocommit=True)
-            try:
+            wait_until(lambda: cloud.holding > 0, 60, "Turso to hold a batch of t")
+            with psycopg.connect(dsn, autocommit=True) as untracker, psycopg.connect(dsn, autocommit=True) as writer:
                 untracking = threading.Thread(target=untracker.execute,
                                               args=("SELECT pgturso.untrack_table('t')",))
                 untracking.start()
-                untracker_pid = untracker.info.backend_pid
-                wait_until(lambda: any(pid == untracker_pid for pid, _, _ in waiting(conn)), 30,
-                           "untrack_table to wait for the worker")
                 writes: list[str] = []
                 writing = threading.Thread(target=lambda: writes.append(
                     str(writer.execute("INSERT INTO t VALUES (10, 'written meanwhile') RETURNING v").fetchone()[0])))
                 writing.start()
-                writer_pid = writer.info.backend_pid
-                wait_until(lambda: writes or any(pid == writer_pid for pid, _, _ in waiting(conn)), 30,
-                           "the writer to commit or wait")
+                wait_until(lambda: (writes and not untracking.is_alive()) or waiting(conn), 30,
+                           "untrack_table and the writer to finish or wait")
                 chain = waiting(conn)
                 writing.join(30)
-                assert writes == ["written meanwhile"] and not any(pid == writer_pid for pid, _, _ in chain), (
-                    f"the table's writer waited while Turso did not answer: {chain}")
                 untracking.join(60)
-                assert not untracking.is_alive()
-            finally:
-                untracker.close()
-                writer.close()
+                assert not chain, f"untrack_table or the table's writer waited while Turso did not answer: {chain}"
+                assert writes == ["written meanwhile"] and not untracking.is_alive()
+            assert cloud.holding > 0, "Turso answered before untrack_table ran: nothing was shown (hold it longer)"
             assert conn.execute("SELECT count(*) FROM pgturso.tracked_table WHERE relid = 't'::regclass"
                                 ).fetchone()[0] == 0
-            # The worker carries on with the tables still tracked.
+            wait_until(lambda: cloud.holding == 0 and outbox_empty(dsn), 60, "the worker to deliver after the hang")
+            assert worker.stop() == 0, worker.output[-3000:]
+            # Postgres knows the batch Turso has last (its marker) although untrack_table removed its events: a
+            # restart recovers by it and carries on with the tables still tracked; it recopies nothing.
             conn.execute("INSERT INTO kept VALUES (1)")
-            wait_until(lambda: outbox_empty(dsn), 60, "the worker to deliver after the hang")
-            assert turso.query("SELECT id FROM kept") == [[1]], worker.output[-3000:]
+            restarted = run_worker(dsn, cloud.url, "--once")
+            assert restarted.returncode == 0 and "target_behind" not in restarted.stderr, restarted.stderr
+            assert turso.query("SELECT id FROM kept") == [[1]], restarted.stderr
         finally:
             worker.stop()
 
@@ -339,9 +328,10 @@ def test_a_prepared_transaction_commits_once_its_session_turns_notify_off(conn, 
 @pytest.mark.parametrize("capture", ["trigger"], indirect=True)  # a wal worker counts no table_state meanwhile
 def test_renaming_a_table_whose_first_batch_turso_holds_never_waits_for_turso(conn, dsn, turso: TursoServer, capture):
     """The batch that first delivers a table creates its counters row (table_state), and the foreign key check
-    of that insert locks the table's tracked_table row (FOR KEY SHARE) until Turso confirms the batch. A RENAME
-    of the table changes that row's Turso name, a key of it: the ALTER TABLE, holding the table's ACCESS
-    EXCLUSIVE lock, waited for Turso, and every reader and writer of the table behind it."""
+    of that insert locks the table's tracked_table row (FOR KEY SHARE). A RENAME of the table changes that row's
+    Turso name, a key of it: while the worker kept that insert open until Turso confirmed the batch, the ALTER
+    TABLE, holding the table's ACCESS EXCLUSIVE lock, waited for Turso, and every reader and writer of the table
+    behind it. The counters are now written once Turso confirmed, in a transaction of their own."""
     conn.execute("CREATE TABLE kept (id int PRIMARY KEY)")
     conn.execute("SELECT pgturso.track_table('kept')")
     with CloudProxy(turso.url, None) as cloud:
@@ -353,8 +343,7 @@ def test_renaming_a_table_whose_first_batch_turso_holds_never_waits_for_turso(co
             conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
             conn.execute("SELECT pgturso.track_table('t')")
             conn.execute("INSERT INTO t VALUES (1, 'pending')")
-            wait_until(lambda: _holds_lock_on(conn, "pgturso-worker", "pgturso.table_state"), 60,
-                       "the worker to hold the first batch of t open while Turso does not answer")
+            wait_until(lambda: cloud.holding > 0, 60, "Turso to hold the first batch of t")
             with psycopg.connect(dsn, autocommit=True) as renamer:
                 renaming = threading.Thread(target=renamer.execute, args=("ALTER TABLE t RENAME TO t_renamed",))
                 renaming.start()
@@ -363,7 +352,7 @@ def test_renaming_a_table_whose_first_batch_turso_holds_never_waits_for_turso(co
                 chain = waiting(conn)
                 renaming.join(30)
                 assert not chain, f"ALTER TABLE ... RENAME waited for the worker, which waits for Turso: {chain}"
-            wait_until(lambda: outbox_empty(dsn), 60, "the worker to deliver after the hang")
+            wait_until(lambda: cloud.holding == 0 and outbox_empty(dsn), 60, "the worker to deliver after the hang")
             assert turso.query("SELECT id, v FROM t_renamed") == [[1, "pending"]], worker.output[-3000:]
         finally:
             worker.stop()
@@ -374,35 +363,137 @@ def worker_pid(conn: psycopg.Connection[Any]) -> int:
     return int(row[0]) if row else 0
 
 
-@pytest.mark.xfail(strict=True, reason="the worker reads the next batch in a REPEATABLE READ transaction kept open "
-                   "until Turso confirms the batch in flight; CREATE INDEX CONCURRENTLY waits for every older snapshot")
-@pytest.mark.parametrize("capture", ["trigger"], indirect=True)
+# The worker's sessions that hold a transaction open, and with it a snapshot (which CREATE INDEX CONCURRENTLY
+# waits for, and vacuum keeps rows for) or a transaction id (which vacuum keeps rows for).
+OPEN_WORKER_TRANSACTIONS = """
+    SELECT pid, xact_start, application_name, state, backend_xmin::text, backend_xid::text FROM pg_stat_activity
+    WHERE application_name LIKE 'pgturso-worker%' AND backend_type = 'client backend' AND xact_start IS NOT NULL
+      AND (state LIKE 'idle in transaction%' OR backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)
+"""
+
+
+def on_turso(turso: TursoServer, sql: str) -> list[list[Any]] | None:
+    """Rows of ``sql`` on Turso, or None while its table does not exist yet."""
+    try:
+        return turso.query(sql)
+    except Exception:
+        return None
+
+
+def assert_ddl_never_waits_while_turso_holds_a_request(conn: psycopg.Connection[Any], dsn: str,
+                                                       cloud: CloudProxy) -> None:
+    """While Turso holds a request of the worker: no session of the worker keeps a transaction open, and
+    CREATE INDEX CONCURRENTLY and REINDEX CONCURRENTLY of another table finish without waiting for the worker."""
+    wait_until(lambda: cloud.holding > 0, 60, "Turso to hold a request of the worker")
+    # The worker reads the next batch while Turso has the one before (a few milliseconds of Postgres work), but
+    # no transaction of it lasts: none seen now is still open a second later.
+    seen = set(conn.execute(OPEN_WORKER_TRANSACTIONS).fetchall())
+    time.sleep(1.0)
+    lasting = seen & set(conn.execute(OPEN_WORKER_TRANSACTIONS).fetchall())
+    assert not lasting, f"the worker keeps a transaction open while Turso holds its request: {lasting}"
+    with psycopg.connect(dsn, autocommit=True) as ddl:
+        for statement in ("CREATE INDEX CONCURRENTLY untracked_v ON untracked (v)",
+                          "REINDEX INDEX CONCURRENTLY untracked_v"):
+            running = threading.Thread(target=ddl.execute, args=(statement,))
+            running.start()
+            wait_until(lambda running=running: not running.is_alive() or waiting(conn), 30,
+                       f"{statement} to finish or wait")
+            chain = waiting(conn)
+            running.join(60)
+            assert not chain, f"{statement} waited for the worker, which waits for Turso: {chain}"
+    assert conn.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = 'untracked_v'::regclass").fetchone()[0]
+    assert cloud.holding > 0, "Turso answered before the DDL ran: nothing was shown (hold the request longer)"
+
+
+def delivered_after_the_hang(dsn: str, cloud: CloudProxy) -> bool:
+    """Turso answered, and the worker delivered everything committed (tursodb shows a transaction's rows to other
+    readers before it commits: Turso's rows alone do not say)."""
+    return cloud.holding == 0 and outbox_empty(dsn)
+
+
+@pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
 def test_create_index_concurrently_never_waits_for_turso(conn, dsn, turso: TursoServer, capture):
     """CREATE INDEX CONCURRENTLY (and REINDEX or DETACH PARTITION CONCURRENTLY) waits for every transaction of
-    the database holding a snapshot older than its own, on any table. The worker, while it reads the next
-    batch ahead of the one Turso holds, keeps one open until Turso answers (at most request_timeout)."""
+    the database holding a snapshot older than its own, on any table. The worker, reading the next batch ahead of
+    the one Turso holds, kept one open until Turso answered (at most request_timeout); it keeps none now."""
     conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
     conn.execute("CREATE TABLE untracked (id int PRIMARY KEY, v text)")
     conn.execute("SELECT pgturso.track_table('t')")
     with CloudProxy(turso.url, None) as cloud:
-        worker = WorkerProcess(dsn, cloud.url, "--batch-events", "1", "--idle-wait", "1").start()
+        worker = WorkerProcess(dsn, cloud.url, "--batch-events", "1", "--batch-rows", "1", "--idle-wait", "1").start()
         try:
             conn.execute("INSERT INTO t VALUES (0, 'delivered')")
-            wait_until(lambda: outbox_empty(dsn), 60, "the first row to be delivered")
-            cloud.stalls = [15.0]
-            for i in (1, 2, 3):
+            wait_until(lambda: on_turso(turso, "SELECT id FROM t") == [[0]], 60, "the first row to be delivered")
+            install_apply_counter(turso.url, "t")
+            cloud.stalls = [30.0]  # Turso takes the next request and answers nothing for 30 s (then 504)
+            for i in (1, 2, 3):  # one batch each: the worker reads the next ones while Turso holds the first
                 conn.execute("INSERT INTO t VALUES (%s, 'pending')", (i,))
-            wait_until(lambda: _holds_lock_on(conn, "pgturso-worker", "pgturso.table_state"), 60,
-                       "the worker to hold a transaction open while Turso does not answer")
-            with psycopg.connect(dsn, autocommit=True) as ddl:
-                indexing = threading.Thread(target=ddl.execute,
-                                            args=("CREATE INDEX CONCURRENTLY untracked_v ON untracked (v)",))
-                indexing.start()
-                wait_until(lambda: not indexing.is_alive() or blocked_by(conn, worker_pid(conn)), 30,
-                           "the index build to finish or wait")
-                chain = waiting(conn)
-                indexing.join(30)
-                assert not chain, f"CREATE INDEX CONCURRENTLY waited for the worker, which waits for Turso: {chain}"
+            assert_ddl_never_waits_while_turso_holds_a_request(conn, dsn, cloud)
+            wait_until(lambda: delivered_after_the_hang(dsn, cloud), 120, "the worker to deliver after the hang")
+            expected = [[0, "delivered"], [1, "pending"], [2, "pending"], [3, "pending"]]
+            assert turso.query("SELECT id, v FROM t ORDER BY id") == expected, worker.output[-3000:]
+            assert turso.query("SELECT id FROM applied ORDER BY id") == [[1], [2], [3]], worker.output[-3000:]
+        finally:
+            worker.stop()
+
+
+@pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
+def test_a_transaction_too_large_to_read_ahead_never_makes_ddl_wait_for_turso(conn, dsn, turso: TursoServer, capture):
+    """A source transaction larger than one request is streamed to Turso over several requests, never held in
+    memory whole. It is read from Postgres a request's worth at a time, each part in a statement of its own that
+    selects the batch by its name (its snapshot), so no transaction stays open while Turso holds a request; and
+    every row still arrives once, in one Turso transaction."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("CREATE TABLE untracked (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    with CloudProxy(turso.url, None, stream_expiry=120) as cloud:
+        worker = WorkerProcess(dsn, cloud.url, "--max-request-bytes", "65536", "--max-statement-bytes", "16384",
+                               "--idle-wait", "1").start()
+        try:
+            conn.execute("INSERT INTO t VALUES (0, 'delivered')")
+            wait_until(lambda: on_turso(turso, "SELECT id FROM t") == [[0]], 60, "the first row to be delivered")
+            install_apply_counter(turso.url, "t")
+            cloud.answer_delays = [30.0]  # Turso answers the large transaction's first request 30 s late
+            with conn.transaction():  # about 700 kB in 30 outbox events: a dozen requests
+                for k in range(30):
+                    conn.execute("INSERT INTO t SELECT g, repeat('x', 200) FROM generate_series(%s::int, %s::int) g",
+                                 (k * 100 + 1, k * 100 + 100))
+            assert_ddl_never_waits_while_turso_holds_a_request(conn, dsn, cloud)
+            wait_until(lambda: delivered_after_the_hang(dsn, cloud), 120, "the large transaction to be delivered")
+            assert turso.query("SELECT count(*) FROM t") == [[3001]], worker.output[-3000:]
+            assert turso.query("SELECT count(*), count(DISTINCT id), min(id), max(id) FROM applied") == \
+                [[3000, 3000, 1, 3000]], worker.output[-3000:]
+            assert turso.query("SELECT count(*) FROM t WHERE length(v) = 200") == [[3000]]
+        finally:
+            worker.stop()
+
+
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)  # pattern targets capture by trigger
+def test_a_tenants_backlog_larger_than_a_batch_never_makes_ddl_wait_for_turso(conn, dsn, turso: TursoServer,
+                                                                               tmp_path: Path, capture):
+    """A pattern worker reads a tenant's backlog in one statement when it fits a batch; a larger one (here a
+    source transaction of six events, batches of two) goes the single-target way: no transaction of it may stay
+    open while Turso holds its request either."""
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("CREATE TABLE untracked (id int PRIMARY KEY, v text)")
+    with CloudProxy(turso.url, None) as cloud:
+        conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-acme", cloud.url))  # acme's database: Turso
+        conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+        conn.execute("INSERT INTO orders VALUES (1, 'acme', 'first')")
+        worker = WorkerProcess(dsn, "", "--target", "tenant-%s", "--idle-wait", "1", "--batch-events", "2").start()
+        try:
+            wait_until(lambda: on_turso(turso, "SELECT id FROM orders") == [[1]], 60, "the first row to be delivered")
+            install_apply_counter(turso.url, "orders")
+            cloud.stalls = [30.0]
+            with conn.transaction():
+                for n in range(10, 16):
+                    conn.execute("INSERT INTO orders VALUES (%s, 'acme', 'large')", (n,))
+            assert_ddl_never_waits_while_turso_holds_a_request(conn, dsn, cloud)
+            wait_until(lambda: delivered_after_the_hang(dsn, cloud), 120, "the worker to deliver after the hang")
+            expected = [[n] for n in [1, *range(10, 16)]]
+            assert turso.query("SELECT id FROM orders ORDER BY id") == expected, worker.output[-3000:]
+            assert turso.query("SELECT id FROM applied ORDER BY id") == expected[1:], worker.output[-3000:]
         finally:
             worker.stop()
 

@@ -389,6 +389,49 @@ def test_batch_groups_keep_order_and_size_limit(conn, dsn, turso: TursoServer, m
     assert pending(conn) == 0
 
 
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)  # how outbox batches are named
+@pytest.mark.parametrize("part_bytes", [1, 40, 1 << 20])
+def test_a_batch_read_in_parts_after_its_transaction_is_the_batch_that_transaction_read(conn, dsn, part_bytes: int):
+    """A batch too large to hold is read in parts, each by its own statements, after the transaction that chose
+    it ended (no transaction stays open while Turso has a part). Its name (cut, snapshot, held transactions)
+    selects exactly the events that transaction saw, although transactions with ids below the cut commit
+    meanwhile, one of them straddling the cut, and later events arrive."""
+    from pgturso.sources.outbox import Outbox
+
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("CREATE TABLE u (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("SELECT pgturso.track_table('u')")
+    conn.execute("DELETE FROM pgturso.outbox")
+    with psycopg.connect(dsn, autocommit=True) as late, psycopg.connect(dsn, autocommit=True) as straddling:
+        late.execute("BEGIN")
+        late.execute("INSERT INTO t VALUES (100, 'committed after the batch was chosen')")  # an id below the cut
+        straddling.execute("BEGIN")
+        straddling.execute("INSERT INTO u VALUES (1, 'straddles')")
+        for i in range(1, 8):
+            conn.execute("INSERT INTO t VALUES (%s, %s)", (i, "x" * (10 * i)))
+            conn.execute("INSERT INTO u VALUES (%s, 'u')", (i + 10,))
+        straddling.execute("INSERT INTO u VALUES (99, 'straddles too')")  # past the cut
+        straddling.execute("COMMIT")
+        conn.execute("UPDATE t SET v = 'updated' WHERE id = 3")
+        with psycopg.connect(dsn, autocommit=True) as reader:
+            reader.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            outbox = Outbox(reader, batch_rows=10_000, batch_events=12)
+            with reader.transaction():
+                batch = outbox.choose_batch()
+                assert batch is not None and batch.held  # the straddling transaction is held back
+                chosen = outbox._batch(batch.upto)  # the same batch, read through a cursor in this transaction
+                in_transaction = list(chosen.events())
+            late.execute("COMMIT")
+            conn.execute("INSERT INTO t VALUES (200, 'after')")
+            batch.part_bytes, batch.payload_bytes = part_bytes, None
+            in_parts = list(batch.events())
+            assert reader.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert ",".join(e.payload or "" for e in in_parts) == ",".join(e.payload or "" for e in in_transaction)
+    assert (batch.event_count, batch.rows) == (chosen.event_count, chosen.rows)
+    assert "committed after" not in str([e.payload for e in in_parts]) and "straddles" not in str(in_parts)
+
+
 @pytest.mark.parametrize("capture", ["trigger"], indirect=True)  # how outbox batches are chosen
 @pytest.mark.parametrize("batch_events", [3, 4, 100])
 def test_a_batch_chosen_from_the_head_alone_is_the_batch_the_full_queries_choose(conn, dsn, batch_events: int):

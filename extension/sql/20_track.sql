@@ -1039,11 +1039,10 @@ BEGIN
     -- Dropping the triggers waits for the table's open writers; their events must then be deleted too, which a
     -- snapshot taken before that wait cannot see (they would stay, naming a layout that is gone).
     PERFORM pgturso._require_current_snapshot('untrack_table', rel);
-    -- A worker keeps a batch's deletion open until Turso confirmed the batch (pipeline.py): this table's events,
-    -- its counters (table_state) and, for its first delivery, its tracked_table row (the counters' key) may be
-    -- locked by it for as long as Turso takes to answer. Wait for that first, while nothing is locked on the
-    -- table itself: dropping the triggers takes its ACCESS EXCLUSIVE lock, and every reader and writer of the
-    -- table would wait for Turso behind this call.
+    -- A worker's short transactions (reading a batch, recording one Turso confirmed: pipeline.py) may lock this
+    -- table's events, its counters (table_state) and its tracked_table row (the counters' key), never across a
+    -- Turso request. Wait for them first, while nothing is locked on the table itself: dropping the triggers
+    -- takes its ACCESS EXCLUSIVE lock, and every reader and writer of the table would wait behind this call.
     DELETE FROM pgturso.outbox o USING pgturso.layout l WHERE o.layout_id = l.id AND l.table_id = v_table_id;
     PERFORM FROM pgturso.table_state s WHERE s.table_id = v_table_id FOR UPDATE;
     PERFORM FROM pgturso.tracked_table t WHERE t.id = v_table_id FOR UPDATE;

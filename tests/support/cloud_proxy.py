@@ -88,6 +88,9 @@ class CloudProxy:
         self.faults: list[tuple[Any, ...]] = []
         self.stalls: list[float] = []  # seconds to hold a request before answering it 504 (a slow or hung Turso)
         self.answer_delays: list[float] = []  # seconds to delay answers that leave a stream open (it idles)
+        self.slow_answers: list[float] = []  # seconds to delay the next answers, after Turso ran their requests
+        self.holding = 0  # requests held by a stall or a delayed answer right now (the client waits for them)
+        self._holding_lock = threading.Lock()
         self.request_delay = 0.0  # seconds each request takes on the way in (a slow link)
         self.max_body: int | None = None  # larger requests get 413, as Turso Cloud's size limit does
         self.null_batons = 0  # answers in the middle of a transaction to give without a baton (stream ended)
@@ -236,6 +239,16 @@ class CloudProxy:
         with self._upstream, urllib.request.urlopen(req, timeout=30) as response:
             return json.loads(response.read())
 
+    def hold(self, seconds: float) -> None:
+        """Keep the client waiting ``seconds`` (counted in ``holding`` meanwhile)."""
+        with self._holding_lock:
+            self.holding += 1
+        try:
+            time.sleep(seconds)
+        finally:
+            with self._holding_lock:
+                self.holding -= 1
+
     # -- one request -------------------------------------------------------------------------------------------
 
     def _answer(self, frontend: CloudProxy.Frontend, body: dict[str, Any], headers: Any
@@ -245,7 +258,7 @@ class CloudProxy:
         self.auth_headers.append(headers.get("Authorization"))
         self.encryption_keys.append(headers.get("x-turso-encryption-key"))
         if self.stalls:
-            time.sleep(self.stalls.pop(0))
+            self.hold(self.stalls.pop(0))
             return 504, "text/plain", "too late", {}, 0.0
         if self.faults:
             status, ctype, text, *extra = self.faults.pop(0)
@@ -316,6 +329,8 @@ class CloudProxy:
                         self.restart_after = None
                         self.restart()
             stream.last_used = time.monotonic()
+            if self.slow_answers:  # Turso did it (committed, maybe); the client hears of it this much later
+                delay = max(delay, self.slow_answers.pop(0))
         return 200, "application/json", json.dumps(answer), {}, delay
 
     def _handler(self, frontend: CloudProxy.Frontend) -> type[BaseHTTPRequestHandler]:
@@ -334,7 +349,7 @@ class CloudProxy:
                     return self._send(413, "text/plain", "Payload Too Large", {})
                 status, ctype, text, headers, delay = proxy._answer(frontend, json.loads(raw), self.headers)
                 if delay:
-                    time.sleep(delay)  # the answer is slow to arrive; the stream idles on the server meanwhile
+                    proxy.hold(delay)  # the answer is slow to arrive; the stream idles on the server meanwhile
                 self._send(status, ctype, text, headers)
                 frontend.served_one()
 

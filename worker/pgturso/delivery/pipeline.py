@@ -1,18 +1,21 @@
 """Sending batch N to Turso on a background thread while Postgres prepares batch N+1.
 
 Reading a batch out of Postgres and waiting for Turso to commit one take about as long as each other, so
-doing them one after the other wastes half of the time. The worker overlaps them, keeping every guarantee:
+doing them one after the other wastes half of the time. The worker overlaps them, keeping every guarantee,
+and never keeps a Postgres transaction open while Turso has a request (a snapshot held that long would make
+CREATE INDEX CONCURRENTLY of any table wait for Turso, and vacuum keep dead rows):
 
 - One batch at most is in flight. Batch N+1 is read in a Postgres transaction that first deletes batch N's
-  events (so the reads skip them) and commits only once Turso confirmed batch N; if Turso refused it, the
-  transaction rolls back and batch N's events are pending again, untouched.
-- Batch N+1 is sent only after that commit: batches reach Turso in the order they were chosen, and at most one
+  events by N's name (so the reads skip them) and is rolled back once N+1's statements are in memory: N's
+  events stay pending. Once Turso confirmed batch N, one statement deletes them (and counts the batch); if
+  Turso refused it, nothing was deleted.
+- Batch N+1 is sent only after that deletion: batches reach Turso in the order they were chosen, and at most one
   batch is ever committed on Turso but still pending in Postgres, which is exactly what the progress marker
-  covers after a crash.
+  covers after a crash. N+1's name covers N's events too, which are gone by then.
 - Only a batch that fits in one request is read ahead into memory; a larger one (a huge source transaction)
-  is streamed as before, after the batch in flight is settled, so memory stays bounded.
+  is streamed after the batch in flight is settled, read in parts by its name between the requests that carry
+  them, so memory stays bounded and no transaction spans a request.
 """
-
 from __future__ import annotations
 
 import logging
@@ -82,7 +85,7 @@ def prepare(batch: Batch, build: Generator[Statement, None, None], max_bytes: in
             if size > max_bytes:
                 return PreparedBatch(batch, None)
     finally:
-        build.close()  # closes the batch's server-side cursor while its transaction is still open
+        build.close()  # closes the batch's server-side cursor while its (short) transaction is still open
     return PreparedBatch(batch, statements)
 
 

@@ -36,7 +36,7 @@ from ..common.metrics import Metrics
 from ..common.quoting import quote_literal
 from ..common.retry import backoff_delay, retry_delay
 from ..common.settings import DEFAULT_URL, Settings
-from ..delivery.pipeline import InFlight, Sender, prepare, send_batch
+from ..delivery.pipeline import InFlight, PreparedBatch, Sender, prepare, send_batch
 from ..delivery.progress import MARKER_TABLE_EXISTS_SQL, READ_MARKER_SQL, marker_statements
 from ..delivery.statements import Statement, StatementBuilder, create_table_statements
 from ..delivery.targets import Target, open_target, redact_url
@@ -441,7 +441,8 @@ class Worker:
 
     def deliver_batch(self) -> int:
         """Deliver the next batch; returns the number of outbox events settled or sent (0: nothing pending and
-        nothing in flight). Reads batch N+1 while batch N is in flight (see pipeline.py)."""
+        nothing in flight). Reads batch N+1 while batch N is in flight (see pipeline.py); no Postgres transaction
+        stays open while Turso has a request."""
         if (self.isolating_until is not None or not self.read_ahead
                 or (isinstance(self.outbox, WalOutbox) and self.outbox.dsn is None)):  # peeks: one at a time
             return self._deliver_streaming()
@@ -451,28 +452,16 @@ class Worker:
         # Caught up (the batch in flight took all there was): a batch read now would miss what commits while
         # that one travels and leave it for one more round trip. Let it land first, then read.
         read_ahead = in_flight is not None and (in_flight.batch.more_pending or self._copying)
-        statements = 0
         try:
             if in_flight is not None and not read_ahead:
-                statements = in_flight.wait()
-            with self.conn.transaction():
-                if in_flight is not None:
-                    # Deleted first so that the reads below skip them; committed only once Turso confirmed them.
-                    removed = self.outbox.remove_delivered(in_flight.batch)
-                batch = self.outbox.choose_batch()
-                prepared = None if batch is None else prepare(
-                    batch, self._statements(batch), self.settings.max_request_bytes)
-                if read_ahead:
-                    statements = in_flight.wait()  # type: ignore[union-attr]
+                self._settle(in_flight)
+            prepared = self._read_next(in_flight.batch if read_ahead else None)  # type: ignore[union-attr]
+            if read_ahead:
+                self._settle(in_flight)  # type: ignore[arg-type]
         except BaseException as exc:
             self._abandon_in_flight(exc)
             raise
-        self.in_flight = None
-        settled = 0
-        if in_flight is not None:
-            self.outbox.settled(in_flight.batch)
-            self._delivered(in_flight.batch, statements, in_flight.started, removed)
-            settled = in_flight.batch.event_count
+        settled = 0 if in_flight is None else in_flight.batch.event_count
         if prepared is None:
             return settled
         if prepared.statements is None:  # too large to hold in memory: streamed on its own
@@ -480,23 +469,58 @@ class Worker:
         # Now that the deletion of the batch before is committed: a server that has this position has both.
         if not isinstance(self.outbox, WalOutbox):  # a slot's batch is placed by its LSN
             prepared.batch.position = self.outbox.position()
+        prepared.batch.follows = self.last_marker or None
         marker = self._marker_statements(prepared.batch.marker())
         self._sending = prepared.batch
         self.in_flight = self.sender.submit(target, prepared, marker)
         return settled + prepared.batch.event_count
 
+    def _read_next(self, in_flight: Batch | None) -> PreparedBatch | None:
+        """Choose the next batch and read it into memory (unless it is too large to), in a transaction that ends
+        before anything waits for Turso. While ``in_flight`` travels, the reads skip its events (read_past) and
+        the transaction is rolled back: they stay pending until Turso confirmed it."""
+        assert self.conn is not None and self.outbox is not None
+        with self.conn.transaction(force_rollback=in_flight is not None):
+            if in_flight is not None:
+                self.outbox.read_past(in_flight)
+            batch = self.outbox.choose_batch()
+            return None if batch is None else prepare(batch, self._statements(batch), self.settings.max_request_bytes)
+
+    def _settle(self, in_flight: InFlight) -> None:
+        """Wait for Turso to commit the batch in flight, then remove its events (one short transaction of their
+        own: at most this batch is ever committed on Turso and pending in Postgres, which the marker covers)."""
+        assert self.outbox is not None
+        statements = in_flight.wait()
+        removed = self.outbox.mark_delivered(in_flight.batch)
+        self.in_flight = None
+        self._delivered(in_flight.batch, statements, in_flight.started, removed)
+
     def _deliver_streaming(self) -> int:
-        """Deliver one batch, streamed from Postgres to Turso as it is read; nothing else in flight."""
+        """Deliver one batch, streamed from Postgres to Turso as it is read; nothing else in flight. The batch is
+        chosen in a short transaction and its events read in parts, each part by its own statements, between
+        the requests that send them (Batch.events): no transaction is open while Turso has a request. (A slot
+        peeked through a cursor, inside a backend for pgturso.sync(), is read in its transaction: the caller's
+        own transaction is open there anyway.)"""
         assert self.conn is not None and self.outbox is not None
         self._finish_in_flight()
         target = self._open_target()
         started = time.monotonic()
-        with self.conn.transaction():
-            batch = self.outbox.choose_batch(single_transaction=self.isolating_until is not None)
+        single = self.isolating_until is not None
+        if isinstance(self.outbox, WalOutbox) and self.outbox.dsn is None:
+            with self.conn.transaction():
+                batch = self.outbox.choose_batch(single_transaction=single)
+                if batch is None:
+                    return 0
+                self._sending = batch
+                statements = send_batch(target, self._statements(batch), self._marker(batch))
+        else:
+            with self.conn.transaction():
+                batch = self.outbox.choose_batch(single_transaction=single)
             if batch is None:
                 return 0
             if not isinstance(self.outbox, WalOutbox):  # earlier deletions are committed: see deliver_batch
                 batch.position = self.outbox.position()
+                batch.part_bytes = self.settings.max_request_bytes
             self._sending = batch
             statements = send_batch(target, self._statements(batch), self._marker(batch))
         removed = self.outbox.mark_delivered(batch)
@@ -506,6 +530,7 @@ class Worker:
     def _marker(self, batch: Batch) -> Generator[Statement, None, None]:
         """The batch's marker statements, built once its statements were sent (a slot's batch knows where it
         ends only then)."""
+        batch.follows = self.last_marker or None
         yield from self._marker_statements(batch.marker())
 
     def _marker_statements(self, batch_marker: str) -> list[Statement]:
@@ -525,13 +550,10 @@ class Worker:
             return
         assert self.outbox is not None
         try:
-            statements = in_flight.wait()
-            removed = self.outbox.mark_delivered(in_flight.batch)
+            self._settle(in_flight)
         except BaseException as exc:
             self._abandon_in_flight(exc)
             raise
-        self.in_flight = None
-        self._delivered(in_flight.batch, statements, in_flight.started, removed)
 
     def _abandon_in_flight(self, failure: BaseException | None) -> None:
         """After a failure elsewhere: let the send end before anything else talks to Turso; whether it committed

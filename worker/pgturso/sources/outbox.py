@@ -112,7 +112,18 @@ FIRST_TRANSACTION_END = f"""
 """
 # A batch whose payloads add up to at most this is read into memory at once (a larger one through a cursor).
 CLIENT_SIDE_BYTES = 1 << 20
-BATCH_FILTER = f"id <= %(upto)s AND NOT (txid = ANY (%(held)s::text[]::xid8[])) AND {FOR_TARGET}"
+# A batch's events by its name (the module docstring), from %(after)s on: what a statement of any later
+# transaction selects as well as one of the transaction that chose the batch (Batch.events, read in parts).
+BATCH_FILTER = (f"id > %(after)s AND id <= %(upto)s AND pg_visible_in_snapshot(txid, %(snapshot)s::pg_snapshot) "
+                f"AND NOT (txid = ANY (%(held)s::text[]::xid8[])) AND {FOR_TARGET}")
+# The last id of the next part of a batch read in parts: the first event after %(after)s at which the payloads
+# add up to %(part_bytes)s, or the batch's end. The running sum over the primary key's order stops there.
+PART_END = f"""
+    SELECT coalesce((SELECT id FROM (
+        SELECT id, sum(octet_length(coalesce(payload, '')) + 1) OVER (ORDER BY id) AS bytes_so_far
+        FROM pgturso.outbox WHERE {BATCH_FILTER}
+    ) AS part WHERE bytes_so_far >= %(part_bytes)s ORDER BY id LIMIT 1), %(upto)s)
+"""
 
 
 def batch_groups_sql(relations: str, where: str, max_bytes: str = "%(max_bytes)s") -> str:
@@ -184,7 +195,8 @@ WHOLE_BATCHES = f"""
 # events for string_agg (already in order): a GROUP BY over the batch sorted all its events by their range first
 # (50,000 single-row events at the worker's work_mem: about 45 ms, against about 27 ms this way).
 BATCH_BUCKETS = f"""
-    SELECT g.* FROM generate_series((SELECT min(id) FROM pgturso.outbox WHERE {FOR_TARGET}) / %(bucket)s,
+    SELECT g.* FROM generate_series((SELECT min(id) FROM pgturso.outbox WHERE id > %(after)s AND {FOR_TARGET})
+                                    / %(bucket)s,
                                     %(upto)s / %(bucket)s) AS range(k),
     LATERAL (
         SELECT min(id), min(txid)::text::bigint, max(txid)::text::bigint, min(layout_id), min(op),
@@ -326,12 +338,16 @@ class Removed:
     rows: int
 
 
-# The batch's marker becomes the last one Postgres knows delivered only if this deletion removed its events: a
-# worker that lost the target and deletes late (another worker forgot the batch by the marker on the target
-# and has delivered more since) must not put back an older marker, which the next start would take for a
-# target that lacks deliveries, and recopy it (Worker._catch_up_a_target_that_is_behind).
+# The batch's marker becomes the last one Postgres knows delivered only if this deletion removed its events, or
+# Postgres knows the batch before it (%(follows)s, the marker the batch's fence checked on the target) as the last
+# one: a worker that lost the target and deletes late (another worker forgot the batch by the marker on the
+# target and has delivered more since) must not put back an older marker, which the next start would take for a
+# target that lacks deliveries, and recopy it (Worker._catch_up_a_target_that_is_behind). The second case is a
+# batch whose events something else deleted while Turso had it (untrack_table, skip_transaction: the worker
+# holds no lock on them meanwhile): it was delivered all the same, and the target's marker names it.
 KEEP_MARKER_OF_REMOVED = (
-    ", delivered_marker = CASE WHEN EXISTS (SELECT FROM removed) THEN %(marker)s::text ELSE delivered_marker END")
+    ", delivered_marker = CASE WHEN EXISTS (SELECT FROM removed) OR delivered_marker IS NOT DISTINCT FROM "
+    "%(follows)s::text THEN %(marker)s::text ELSE delivered_marker END")
 RECORD_BATCH = record_batch_sql(KEEP_MARKER_OF_REMOVED, DELETE_BATCH)
 # Recovery by a marker written before batches were named by snapshot (the id ranges it carried).
 RECORD_ID_RANGES = record_batch_sql(KEEP_MARKER_OF_REMOVED, DELETE_ID_RANGES)
@@ -392,8 +408,10 @@ class Event:
 
 
 class Batch:
-    """One batch, chosen inside a REPEATABLE READ transaction: iterate ``events()`` once (streamed from a
-    server-side cursor) in that transaction; ``marker()`` names its events for deletion and recovery."""
+    """One batch, chosen inside a REPEATABLE READ transaction; ``marker()`` names its events for deletion and
+    recovery. Iterate ``events()`` once: in that transaction (through a server-side cursor), or, with
+    ``part_bytes`` set, outside any transaction, a part at a time (each part one statement selecting the batch
+    by its name, so that no transaction stays open while the caller sends what it read)."""
 
     def __init__(self, conn: psycopg.Connection[Any], upto: int, held: list[str], snapshot: str, transactions: int,
                  fetch_size: int, layouts: list[int] | None = None, max_group_bytes: int = 1 << 20,
@@ -405,7 +423,9 @@ class Batch:
         self.layouts = layouts
         self.tenant = tenant
         self.params = {"upto": upto, "held": held, "layouts": layouts, "max_bytes": max_group_bytes, "bucket": 1,
-                       "tenant": tenant}
+                       "tenant": tenant, "after": 0, "snapshot": snapshot}
+        # Read in parts of about this many payload bytes, outside any transaction (None: in the caller's).
+        self.part_bytes: int | None = None
         self.max_group_bytes = max_group_bytes
         self.uniform = False  # set by choose_batch: all upserts (or all deletes) of one table
         self.fetch_size = fetch_size
@@ -415,6 +435,8 @@ class Batch:
         self.rows = 0
         # Where the source server was when the batch was sent (Outbox.position): set before marker() is used.
         self.position: dict[str, Any] | None = None
+        # The marker of the batch delivered before it, which its fence checked on the target (None: none yet).
+        self.follows: str | None = None
         # The payload bytes of the batch's events, at most, when known: a small batch is read in one round trip.
         self.payload_bytes: int | None = None
 
@@ -443,10 +465,25 @@ class Batch:
             rows: Iterable[tuple[Any, ...]] = self.conn.execute(query, self.params).fetchall()
             yield from self._events(rows)
             return
+        if self.part_bytes is not None:
+            yield from self._events_in_parts(query, self.part_bytes)
+            return
         with self.conn.cursor(name="pgturso_batch") as cur:
             cur.itersize = self.fetch_size
             cur.execute(query, self.params)
             yield from self._events(cur)
+
+    def _events_in_parts(self, query: str, part_bytes: int) -> Iterator[Event]:
+        """The events a part at a time, each part read by its own statements (autocommit: no transaction is open
+        while the caller consumes a part). They select the same events as the transaction that chose the batch:
+        its events are named by its snapshot (BATCH_FILTER) and do not change until the worker deletes them."""
+        after = 0
+        while after < self.upto:
+            params = {**self.params, "after": after, "part_bytes": part_bytes}
+            end = int(self.conn.execute(PART_END, params).fetchone()[0])  # type: ignore[index]
+            rows = self.conn.execute(query, {**params, "upto": end}).fetchall()
+            yield from self._events(rows)
+            after = end
 
     def _events(self, rows: Iterable[tuple[Any, ...]]) -> Iterator[Event]:
         for first_id, first_txid, last_txid, layout_id, op, nrows, count, payload in rows:
@@ -633,10 +670,10 @@ class Outbox:
         marker is all we know: the worker that sent the batch counted nothing, or counts nothing now)."""
         query = RECORD_ID_RANGES if marker.lstrip().startswith("[") else RECORD_BATCH
         with self.conn.transaction():
-            return self._record(query, marker)
+            return self._record(query, marker, marker)  # a marker Postgres knows already is kept as it is
 
-    def _record(self, query: str, marker: str) -> Removed:
-        row = self.conn.execute(query, {"marker": marker, "target": self.target,
+    def _record(self, query: str, marker: str, follows: str | None) -> Removed:
+        row = self.conn.execute(query, {"marker": marker, "follows": follows, "target": self.target,
                                         "per_table": self.tenant is None}).fetchone()
         assert row is not None
         return Removed(int(row[0]), int(row[1]), int(row[2]))
@@ -672,10 +709,17 @@ class Outbox:
         if self._may_vacuum:
             self.conn.execute("VACUUM pgturso.outbox")
 
+    def read_past(self, batch: Batch) -> None:
+        """In the transaction that reads the next batch while ``batch`` is in flight: make the reads skip it. Its
+        events are deleted by its name, and the caller rolls that transaction back once it read the next batch:
+        they stay pending until Turso confirmed ``batch`` (mark_delivered), and no transaction stays open
+        meanwhile."""
+        self.conn.execute(DELETE_BATCH, {"marker": batch.marker()})
+
     def mark_delivered(self, batch: Batch) -> Removed:
-        """Remove a delivered batch's events and count it, in one transaction."""
-        with self.conn.transaction():
-            return self.remove_delivered(batch)
+        """Remove a delivered batch's events and count it: one statement (RECORD_BATCH), its own transaction on
+        the worker's autocommit connection."""
+        return self.remove_delivered(batch)
 
     def settled(self, batch: Batch) -> None:
         """After the transaction that removed a batch Turso confirmed committed (a slot moves past it then)."""
@@ -689,7 +733,7 @@ class Outbox:
         A pattern's tables are shared by all its tenants, whose workers run at once: their table_state rows
         would make every tenant's delivery wait for (or, in REPEATABLE READ, fail on) the others'. A tenant
         counts its rows in its own delivery_state row only."""
-        return self._record(RECORD_BATCH, batch.marker())
+        return self._record(RECORD_BATCH, batch.marker(), batch.follows)
 
     def record_state(self, status: str, *, worker: str | None = None, starting: bool = False,
                      retry: bool = False, clear_error: bool = False) -> None:

@@ -293,7 +293,8 @@ class WalBatch:
         self.sent_anything = False
         self.layouts = dict(source.read_layouts if streamed else source.layouts_in_force)
         self._consumed = False
-        self.removing = False  # passed to remove_delivered: the worker settles it once Turso confirmed it
+        # Passed to read_past or remove_delivered: the next batch follows it, settled once Turso confirmed it.
+        self.removing = False
         self.count_only = False  # count the rows of the batch's row changes, decode none
 
     @property
@@ -974,6 +975,10 @@ class WalOutbox(Outbox):
                                               "lsn": lsn_to_text(commit_lsn)})
         batch.removing = True
         return Removed(int(row[0]), int(row[1]), int(row[2]))
+
+    def read_past(self, batch: WalBatch) -> None:  # type: ignore[override]
+        """The next batch is read on from the end of ``batch`` (in flight, read whole): the stream goes on."""
+        batch.removing = True
 
     def mark_delivered(self, batch: WalBatch) -> Removed:  # type: ignore[override]
         """Count the batch and delete its outbox rows, then move the slot past it (Turso has it)."""
