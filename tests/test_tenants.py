@@ -325,7 +325,8 @@ def test_two_workers_share_the_tenants_and_take_over_from_a_killed_one(conn, dsn
                 proc.kill()
 
 
-def test_random_workload_converges_in_every_tenant_database(conn, dsn, tmp_path: Path):
+@pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
+def test_random_workload_converges_in_every_tenant_database(conn, dsn, tmp_path: Path, capture: str):
     """Six sessions of random transactions over five tenants (inserts, updates, tenant moves, key changes,
     deletes, rollbacks, a new tenant appearing under load) while the pattern worker runs; then every tenant's
     database holds exactly that tenant's rows."""
@@ -335,7 +336,8 @@ def test_random_workload_converges_in_every_tenant_database(conn, dsn, tmp_path:
     conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
     conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text, qty int)")
     conn.execute("INSERT INTO orders SELECT g, 't' || (g % 4), 'seed', g FROM generate_series(1, 200) g")
-    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    conn.execute("SELECT pgturso.track_table('orders', target => %s, route_by => 'tenant_id', capture => %s)",
+                 ("tenant-%s", capture))
     worker = _start_worker(dsn)
     tenants = ["t0", "t1", "t2", "t3"]
     errors: list[str] = []
@@ -383,7 +385,8 @@ def test_random_workload_converges_in_every_tenant_database(conn, dsn, tmp_path:
             thread.join()
         assert not errors, errors[:5]
         assert commits[0] > 100
-        wait_until(lambda: pending(conn) == 0, 120, "every tenant to catch up")
+        mark = wal_mark(conn)
+        wait_until(lambda: delivered_everything(conn, "tenant-%s", capture, mark), 120, "every tenant to catch up")
         assert worker.stop() == 0, worker.output
     finally:
         if worker.proc is not None and worker.proc.poll() is None:
