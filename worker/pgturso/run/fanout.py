@@ -589,11 +589,11 @@ class PatternWorker:
                 if self._copy_refused is not None and (copying or not self._copy_pending()):
                     self._copy_refused = None  # the copy got past the refused rows (or was dropped)
                     self._job_outbox().record_state("delivering", clear_error=True)
-            except (psycopg.OperationalError, PgTursoError) as exc:
+            except psycopg.errors.RaiseException as exc:  # pgturso's own check refused the chunk's rows
+                self._refuse_copy(exc, now)
+            except (psycopg.Error, PgTursoError) as exc:  # e.g. a lost connection, a race: tried again soon
                 event(log, logging.WARNING, "retry", target=self.pattern, job="copy", error=str(exc).strip())
                 self._copy_checked = now + self.settings.retry_base_delay
-            except psycopg.Error as exc:
-                self._refuse_copy(exc, now)
 
     def _job_outbox(self) -> Outbox:
         """The pattern's own row of pgturso.delivery_state, on the scheduler's connection."""
@@ -601,11 +601,12 @@ class PatternWorker:
         return Outbox(self.conn, batch_rows=1, batch_events=1, target=self.pattern)
 
     def _refuse_copy(self, exc: psycopg.Error, now: float) -> None:
-        """A copy chunk that Postgres refused for what the rows hold (e.g. a tenant value that makes no host name:
-        pgturso._register_tenants): retrying alone cannot mend it, and until it is mended no tenant of the
-        pattern gets the copy. Shown on the pattern's row of pgturso.status with the table and the fix (the
-        error's hint); --once stops with EXIT_FATAL instead of trying forever; a running worker tries again
-        every retry_max_delay (the copy resumes once the rows, or the tenants' URLs, are fixed)."""
+        """A copy chunk that pgturso's own checks refused (a RAISE) for what the rows hold (e.g. a tenant value
+        that makes no host name: pgturso._register_tenants): retrying alone cannot mend it, and until it is
+        mended no tenant of the pattern gets the copy. Shown on the pattern's row of pgturso.status with the
+        table and the fix (the error's hint); --once stops with EXIT_FATAL instead of trying forever; a running
+        worker tries again every retry_max_delay (the copy resumes once the rows, or the tenants' URLs, are
+        fixed)."""
         error = (exc.diag.message_primary or str(exc)).strip()
         if exc.diag.message_hint:
             error += f" (hint: {exc.diag.message_hint})"
