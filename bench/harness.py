@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -272,6 +273,52 @@ def tursodb_version() -> str:
 # -- the worker as a subprocess ---------------------------------------------------------------------------------
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds process ``pid`` has used so far (/proc/PID/stat); 0.0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            # Fields after the command name (which may hold spaces): state is the first, utime the 12th.
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class WalsenderCpu:
+    """The CPU the walsenders of the cluster use while a worker drains a slot, sampled every 50 ms from /proc
+    (a walsender exits with its worker: the last sample before then is kept)."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.seconds: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> WalsenderCpu:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+    def _sample(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            while not self._stop.wait(0.05):
+                if not any(cpu_seconds(pid) for pid in self.seconds):
+                    for (pid,) in conn.execute("SELECT pid FROM pg_stat_replication").fetchall():
+                        self.seconds.setdefault(pid, 0.0)
+                for pid in self.seconds:
+                    self.seconds[pid] = max(self.seconds[pid], cpu_seconds(pid))
+
+
 @dataclass
 class WorkerRun:
     returncode: int | None = None
@@ -280,6 +327,7 @@ class WorkerRun:
     events: int = 0
     batches: int = 0
     peak_rss_mb: float = 0.0
+    cpu_seconds: float = 0.0  # user + system CPU the worker process used (last /proc sample, within 10 ms of its exit)
     batch_ms: list[float] = field(default_factory=list)  # the "ms" of each "delivered" log line
     # (when the bench read it, the rows delivered so far) for each "delivered" line: logged once Turso answered
     # the batch's commit, so its rows were visible on Turso by then
@@ -351,6 +399,7 @@ class WorkerProcess:
         peak_kb = 0
         while True:
             peak_kb = max(peak_kb, self._vm_hwm_kb())
+            self.run.cpu_seconds = max(self.run.cpu_seconds, cpu_seconds(self.proc.pid))
             if self.proc.poll() is not None:
                 break
             if deadline is not None and time.monotonic() > deadline:

@@ -7,12 +7,25 @@ fresh tursodb, against the HTTP ceiling scenario 4 measured.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
 from capture_cost import track_wal
-from delivery import COLUMNS, _measure_latency, _percentile, turso_count
-from harness import Bench, Row, WorkerProcess, fmt_int, fmt_rate, fresh_turso, pgbench, pgbench_conn_args, progress
+from delivery import COLUMNS, _measure_latency, _percentile, server_cpu_us_per_row, turso_count
+from harness import (
+    Bench,
+    Row,
+    WalsenderCpu,
+    WorkerProcess,
+    WorkerRun,
+    fmt_int,
+    fmt_rate,
+    fresh_turso,
+    pgbench,
+    pgbench_conn_args,
+    progress,
+)
 
 INSERT_ONE = "INSERT INTO backlog_wal VALUES (nextval('backlog_wal_ids'), 'pgbench row', 1, 0.5);\n"
 DRAIN_TARGET = "bench_wal_drain"  # a target of its own: its slot is made for this backlog
@@ -32,10 +45,11 @@ def s10_wal_drain(b: Bench) -> None:
                                       "-f", str(script)])
     retained = b.sql("SELECT wal_retained_bytes FROM pgturso.status WHERE table_name = 'backlog_wal'::regclass")
     try:
-        with fresh_turso() as server:
+        with fresh_turso() as server, WalsenderCpu(b.dsn) as walsender:
             run = WorkerProcess(b.dsn, server.url, once=True, extra=["--target", DRAIN_TARGET]).wait(1800)
             if run.returncode != 0:
                 raise RuntimeError(f"worker exited with {run.returncode}: {' | '.join(run.errors[-3:])}")
+            turso_us = server_cpu_us_per_row(server, n // 4 * 4)
             run.rows = turso_count(server.url, "backlog_wal")
         if run.rows != n // 4 * 4:
             raise RuntimeError(f"wal drain: Turso has {run.rows} rows, expected {n // 4 * 4}")
@@ -49,7 +63,8 @@ def s10_wal_drain(b: Bench) -> None:
             fmt_rate(run.rows_per_s) + (f" = {run.rows_per_s / ceiling:.2f}x ceiling" if ceiling else ""),
             ">= 0.70x ceiling",
             (run.rows_per_s >= 0.7 * ceiling) if ceiling else None,
-            f"{run.seconds:.1f}s, {run.batches} batches; the slot kept {(retained[0][0] or 0) / 2**20:.0f} MB of WAL",
+            f"{run.seconds:.1f}s, {run.batches} batches; the slot kept {(retained[0][0] or 0) / 2**20:.0f} MB of WAL; "
+            + cpu_budget(run, walsender.total, turso_us, ceiling),
         )
     )
     b.add(
@@ -62,6 +77,19 @@ def s10_wal_drain(b: Bench) -> None:
             "VmHWM of the worker process, sampled every 10 ms",
         )
     )
+
+
+def cpu_budget(run: WorkerRun, walsender_seconds: float, turso_us: float, ceiling: float | None) -> str:
+    """Where the drain's CPU went, per row, and the fastest drain that much CPU allows on this machine's cores:
+    the walsender, the worker and tursodb all share them."""
+    rows = max(run.rows, 1)
+    walsender_us, worker_us = walsender_seconds / rows * 1e6, run.cpu_seconds / rows * 1e6
+    total_us = walsender_us + worker_us + turso_us
+    cores = os.cpu_count() or 1
+    bound = cores / total_us * 1e6 if total_us else 0.0
+    said = (f"CPU per row: walsender {walsender_us:.1f} µs, worker {worker_us:.1f} µs, tursodb {turso_us:.1f} µs; "
+            f"{cores} cores allow at most {fmt_rate(bound)}")
+    return said + (f" = {bound / ceiling:.2f}x ceiling" if ceiling else "")
 
 
 def s10_wal_latency(b: Bench) -> None:
