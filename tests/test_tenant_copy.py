@@ -6,9 +6,15 @@ database."""
 
 from __future__ import annotations
 
+import random
+import threading
+import time
 from pathlib import Path
 
+import psycopg
 import pytest
+from conftest import pending
+from support.workers import WorkerProcess, wait_until
 from test_tenants import drain_pattern, pg_tenant_rows, tenant_rows
 
 
@@ -55,3 +61,78 @@ def test_a_copy_reaches_each_new_tenant_in_one_batch_with_its_tables_and_marker(
     drain_pattern(dsn)
     assert tenant_rows(tmp_path / "tenant-k1.db", "SELECT id, item FROM orders ORDER BY id") == \
         pg_tenant_rows(conn, "k1")
+
+
+def _copy_progress(conn: psycopg.Connection) -> tuple[str, int]:
+    state, done = conn.execute("SELECT copy_state, copy_rows_done FROM pgturso.tracked_table "
+                               "WHERE relid = 'orders'::regclass").fetchone()
+    return str(state), int(done)
+
+
+def test_a_copy_into_many_tenants_sigkilled_midway_ends_exact_in_every_tenant(conn, dsn, tmp_path: Path):
+    """300 tenants' rows (12,000: more than track_table copies itself) copied in 50-row chunks while a writer
+    inserts, updates and moves rows between tenants; the worker is SIGKILLed in the middle of the copy, a
+    second one in the middle of the tenants' deliveries after it, and a third finishes. Every tenant's
+    database ends equal to its rows in Postgres: a batch applied twice, or an old one applied after a newer
+    one (an update replayed over a later one, a moved row back in its old tenant), would leave a row
+    different or extra there."""
+    tenants = 300
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text, qty int)")
+    conn.execute(f"INSERT INTO orders SELECT g, 'k' || (g % {tenants}), 'seed', 0 FROM generate_series(1, 12000) g")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    env = {"PGTURSO_COPY_CHUNK_ROWS": "50", "PGTURSO_RETRY_BASE_DELAY": "0.05", "PGTURSO_RETRY_MAX_DELAY": "1"}
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def write() -> None:
+        rng = random.Random(7)
+        with psycopg.connect(dsn, autocommit=True) as writer:
+            n = 100_000
+            while not stop.is_set():
+                n += 1
+                try:
+                    with writer.transaction():
+                        writer.execute("INSERT INTO orders VALUES (%s, %s, 'live', 0)",
+                                       (n, f"k{rng.randrange(tenants)}"))
+                        writer.execute("UPDATE orders SET qty = qty + 1 WHERE id = %s", (rng.randrange(1, 12001),))
+                        if n % 5 == 0:  # a move: deleted in the old tenant's database, inserted in the new one's
+                            writer.execute("UPDATE orders SET tenant_id = %s WHERE id = %s",
+                                           (f"k{rng.randrange(tenants)}", rng.randrange(1, 12001)))
+                except Exception as exc:  # the test's subject is the worker: the writer must never fail
+                    errors.append(repr(exc))
+                time.sleep(0.01)
+
+    writer = threading.Thread(target=write)
+    workers: list[WorkerProcess] = []
+    writer.start()
+    try:
+        first = WorkerProcess(dsn, "", "--target", "tenant-%s", "--tenant-threads", "4", env=env).start()
+        workers.append(first)
+        wait_until(lambda: _copy_progress(conn)[1] >= 3000, 180, "the copy to be under way")
+        first.kill()
+        assert _copy_progress(conn)[0] == "copying", "killed after the copy ended: make the chunks smaller"
+        second = WorkerProcess(dsn, "", "--target", "tenant-%s", "--tenant-threads", "4", env=env).start()
+        workers.append(second)
+        wait_until(lambda: _copy_progress(conn)[0] == "done", 180, "the copy to end")
+        wait_until(lambda: sum(1 for t in range(tenants) if (tmp_path / f"tenant-k{t}.db").exists()) >= tenants // 3,
+                   180, "a third of the tenants to be visited after the copy")
+        second.kill()
+        stop.set()
+        writer.join()
+        assert not errors, errors[:5]
+        drain_pattern(dsn, "--tenant-threads", "4")
+    finally:
+        stop.set()
+        writer.join()
+        for proc in workers:
+            if proc.proc is not None and proc.proc.poll() is None:
+                proc.kill()
+    assert pending(conn) == 0
+    registered = {t for (t,) in conn.execute("SELECT tenant FROM pgturso.target WHERE pattern = 'tenant-%s'")}
+    assert registered == {f"k{t}" for t in range(tenants)}
+    for tenant in sorted(registered):
+        path = tmp_path / f"tenant-{tenant}.db"
+        assert tenant_rows(path, "SELECT id, item, qty FROM orders ORDER BY id") == \
+            pg_tenant_rows(conn, tenant, "id, item, qty"), tenant
+        assert len(tenant_rows(path, "SELECT applied_ids FROM _pgturso_progress")) == 1, tenant

@@ -270,16 +270,35 @@ def capture_function_sql(layout: TableLayout, layout_id: int, function_name: str
              "FROM unnest(v_ops, v_counts, v_payloads) AS e(op, n, p)")
     declare_tenants = ""
     if layout.route_by:
-        # A new tenant value first gets its database's tables (pgturso._register_tenants: it writes, so after
-        # the read-only block, and before the rows' events); TRUNCATE empties the table in every tenant's
-        # database.
+        # A new tenant value of the new rows first gets its database's tables (pgturso._register_tenants: it
+        # writes, so after the read-only block, and before the rows' events). A delete whose tenant is then
+        # still no tenant (a row moved out of, or deleted from, a tenant that a running initial copy has not
+        # registered yet) removes a row that never reached a database: a tenant is registered before any event
+        # of it is queued. Such deletes are dropped, one probe per delete event (queued, they reached a database
+        # without the table and stopped that tenant), under the pattern's row lock FOR SHARE, which a
+        # registration's update of that row conflicts with: in READ COMMITTED a registration in progress is
+        # waited for and seen by the probe after it; under REPEATABLE READ one committed after this snapshot
+        # fails this one to serialize.
+        # TRUNCATE empties the table in every tenant's database.
+        pattern = (f"(SELECT t.target FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id "
+                   f"WHERE l.id = {int(layout_id)})")
+        registered = f"EXISTS (SELECT 1 FROM pgturso.target g WHERE g.tenant = e.t AND g.pattern = {pattern})"
         unregistered = (
             f"SELECT 1 FROM {filtered(layout, 'new_rows')} AS src WHERE NOT EXISTS (SELECT 1 FROM pgturso.target g "
-            f"WHERE g.tenant = {tenant} AND g.pattern = (SELECT t.target FROM pgturso.layout l "
-            f"JOIN pgturso.tracked_table t ON t.id = l.table_id WHERE l.id = {int(layout_id)}))")
+            f"WHERE g.tenant = {tenant} AND g.pattern = {pattern})")
         perform = "PERFORM " + register_tenants_sql(layout, layout_id, "new_rows").removeprefix("SELECT ")
         write = (f"IF TG_OP <> 'DELETE' THEN\n      IF EXISTS ({unregistered}) THEN\n        {perform};\n"
                  f"      END IF;\n    END IF;\n"
+                 "    IF EXISTS (SELECT 1 FROM unnest(v_ops, v_tenants) AS e(o, t) "
+                 f"WHERE e.o = 'D' AND NOT {registered}) THEN\n"
+                 f"      PERFORM 1 FROM pgturso.target p WHERE p.name = {pattern} FOR SHARE;\n"
+                 "      SELECT coalesce(array_agg(e.o ORDER BY e.i), '{}'), "
+                 "coalesce(array_agg(e.n ORDER BY e.i), '{}'), "
+                 "coalesce(array_agg(e.p ORDER BY e.i), '{}'), coalesce(array_agg(e.t ORDER BY e.i), '{}') "
+                 f"INTO v_ops, v_counts, v_payloads, v_tenants "
+                 f"FROM unnest(v_ops, v_counts, v_payloads, v_tenants) WITH ORDINALITY AS e(o, n, p, t, i) "
+                 f"WHERE {registered};\n"
+                 f"    END IF;\n"
                  f"    INSERT INTO pgturso.outbox (layout_id, op, nrows, payload, tenant)\n"
                  f"    SELECT {int(layout_id)}, e.op::\"char\", e.n, e.p, e.t "
                  f"FROM unnest(v_ops, v_counts, v_payloads, v_tenants) AS e(op, n, p, t)")
