@@ -154,6 +154,30 @@ AS $$
 $$;
 COMMENT ON FUNCTION pgturso._tenant_layout IS 'Private: the layout a new tenant''s table is created with.';
 
+-- The router's rows, for the tenants of its own pattern only: the worker's role has no INSERT on the outbox
+-- (it delivers and deletes events, and writes none of its own).
+CREATE OR REPLACE FUNCTION pgturso._route_rows(pattern text, layouts integer[], ops text[], nrows integer[],
+                                              payloads text[], tenants text[]) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+@SESSION_SETTINGS@
+AS $$
+BEGIN
+    IF NOT pgturso._is_router(pattern) THEN
+        RAISE EXCEPTION 'pgturso: only the router of wal pattern % queues its tenants'' rows', pattern
+            USING HINT = 'The pattern''s worker runs the router (pgturso-worker run --target ''pattern-%s'').';
+    END IF;
+    -- (A row of a table untracked meanwhile is left out: its events went with it, as in trigger mode.)
+    INSERT INTO pgturso.outbox (layout_id, op, nrows, payload, tenant)
+    SELECT e.layout_id, e.op::"char", e.nrows, e.payload, e.tenant
+    FROM unnest(layouts, ops, nrows, payloads, tenants) WITH ORDINALITY AS e(layout_id, op, nrows, payload, tenant, n)
+    JOIN pgturso.layout l ON l.id = e.layout_id
+    JOIN pgturso.tracked_table t ON t.id = l.table_id AND t.target = _route_rows.pattern
+    WHERE e.tenant IS NOT NULL
+    ORDER BY e.n;
+END
+$$;
+COMMENT ON FUNCTION pgturso._route_rows IS 'Private: the router of a wal pattern queues its tenants'' rows.';
+
 -- The router registers a new tenant value where it meets it in the stream: its tables created with the layouts
 -- in force there, its reference rows copied at the router's snapshot (recorded with the router's marker).
 CREATE OR REPLACE FUNCTION pgturso._route_tenant(layout_id integer, tenant text, layouts jsonb) RETURNS void
@@ -380,6 +404,7 @@ REVOKE ALL ON FUNCTION pgturso._is_router(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._held_for_router(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._tenant_layout(integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._route_tenant(integer, text, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._route_rows(text, integer[], text[], integer[], text[], text[]) FROM PUBLIC;
 REVOKE ALL ON pgturso.router FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.add_target(text, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.remove_target(text) FROM PUBLIC;

@@ -55,11 +55,12 @@ BEGIN
     EXECUTE format('GRANT UPDATE (events, rows) ON pgturso.skipped_transaction TO %s', worker);
     EXECUTE format('GRANT UPDATE (slot_rebuild, slot_generation) ON pgturso.target TO %s', worker);
     EXECUTE format('GRANT EXECUTE ON FUNCTION pgturso._slot_name(text), pgturso._drop_slot(text) TO %s', worker);
-    -- The router of a wal pattern target writes its tenants' outbox rows, registers new tenants (as the
-    -- extension owner: it copies reference rows) and records its progress.
-    EXECUTE format('GRANT INSERT ON pgturso.outbox TO %s', worker);
+    -- The router of a wal pattern target queues its tenants' outbox rows and registers new tenants (through
+    -- functions that check it is the pattern's router; the registration copies reference rows as the extension
+    -- owner), and records its progress.
     EXECUTE format('GRANT SELECT, INSERT, UPDATE ON pgturso.router TO %s', worker);
     EXECUTE format('GRANT EXECUTE ON FUNCTION pgturso._route_tenant(integer, text, jsonb), '
+                   'pgturso._route_rows(text, integer[], text[], integer[], text[], text[]), '
                    'pgturso._held_for_router(text) TO %s', worker);
     EXECUTE format('GRANT EXECUTE ON FUNCTION pgturso._copy_chunk(integer, integer), pgturso._source_position(), '
                    'pgturso._position_reached(jsonb), pgturso._resync_target(text) TO %s', worker);

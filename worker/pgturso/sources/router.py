@@ -46,11 +46,8 @@ CLAIM = """
 TENANTS = "SELECT tenant FROM pgturso.target WHERE pattern = %s"
 RECORD = "UPDATE pgturso.router SET marker = %(marker)s, copies = %(copies)s WHERE pattern = %(pattern)s"
 INSERT_ROWS = """
-    INSERT INTO pgturso.outbox (layout_id, op, nrows, payload, tenant)
-    SELECT e.layout_id, e.op::"char", e.nrows, e.payload, e.tenant
-    FROM unnest(%(layouts)s::int[], %(ops)s::text[], %(nrows)s::int[], %(payloads)s::text[], %(tenants)s::text[])
-         WITH ORDINALITY AS e(layout_id, op, nrows, payload, tenant, n)
-    ORDER BY e.n
+    SELECT pgturso._route_rows(%(pattern)s, %(layouts)s::int[], %(ops)s::text[], %(nrows)s::int[], %(payloads)s::text[],
+                               %(tenants)s::text[])
 """
 DELETE_HELD = "DELETE FROM pgturso.outbox WHERE id = ANY (%(ids)s::int8[])"
 SNAPSHOT = "SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text"
@@ -186,7 +183,8 @@ class Router:
             nonlocal written, pending_bytes
             pending_bytes = 0
             if rows:
-                conn.execute(INSERT_ROWS, {"layouts": [r[0] for r in rows], "ops": [r[1] for r in rows],
+                conn.execute(INSERT_ROWS, {"pattern": self.pattern, "layouts": [r[0] for r in rows],
+                                           "ops": [r[1] for r in rows],
                                            "nrows": [r[2] for r in rows], "payloads": [r[3] for r in rows],
                                            "tenants": [r[4] for r in rows]})
                 written += len(rows)
