@@ -73,6 +73,8 @@ BEGIN
         ELSIF v_recopy THEN
             v_copy_all := true;
         END IF;
+        -- (Also what a wal pattern's router, copying a reference table to a new tenant at an older snapshot,
+        -- fails to serialize on: pgturso._register_tenants. Keep it for every new layout.)
         UPDATE pgturso.tracked_table t SET target_table = v_desc.target_table WHERE t.id = table_id;
         -- A chunked initial copy in progress resumes after a key of the old layout: after a recopy every row
         -- is queued already; after a key change the copy starts over in the new key's order.

@@ -354,12 +354,22 @@ BEGIN
             -- to them committed before is in these rows, and one committed after is queued for this tenant too
             -- (pgturso._pattern_tenants); a REPEATABLE READ snapshot older than such a change failed there.
             FOR v_ref IN
-                SELECT t.relid, l.id, l.spec FROM pgturso.tracked_table t
+                SELECT t.id AS table_id, t.relid, l.id, l.spec FROM pgturso.tracked_table t
                 JOIN pgturso.layout l ON l.id = pgturso._tenant_layout(t.id)
                 WHERE t.target = v_pattern AND t.dropped_at IS NULL AND t.options ? 'reference' ORDER BY t.id
             LOOP
                 EXECUTE pgturso._plan_tenant_rows(v_ref.id, v_ref.spec, pgturso._row_source(v_ref.relid))
                     USING v_tenant;
+                -- The router copies as of its REPEATABLE READ snapshot, but the copy's query resolves column
+                -- names in the catalog as it is once the table's lock is granted: a DDL that committed after the
+                -- snapshot (while the copy waited for its lock) would have the rows read under the wrong
+                -- layout (two columns swapped by renames arrive swapped). Such a DDL made a layout and updated
+                -- the table's row here (pgturso._follow_schema): locking that row now fails to serialize,
+                -- and the router routes the batch again with a newer snapshot (router.py). A DDL after this
+                -- waits for the router's commit (the copy holds the table's lock).
+                IF v_routing THEN
+                    PERFORM FROM pgturso.tracked_table t WHERE t.id = v_ref.table_id FOR SHARE;
+                END IF;
             END LOOP;
             PERFORM pgturso._wake_worker();
         END IF;

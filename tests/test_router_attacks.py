@@ -1,0 +1,114 @@
+"""Attacks on a wal pattern's router (sources/router.py): reference-table writes and DDL racing a new tenant's
+registration at the router's snapshot. Real Postgres (wal_level = logical), `file:` tenant databases; asserted
+on the rows and columns that arrived in each tenant's database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from support.workers import wait_until
+from test_tenants import _start_worker, drain_pattern, pg_tenant_rows, tenant_rows
+
+PLANS = "SELECT id, name, price FROM plans ORDER BY id"
+
+
+def _pattern(conn: psycopg.Connection[Any], tmp_path: Path) -> None:
+    """A wal pattern: ``orders`` routed by tenant_id, ``plans`` a reference table; tenant acme delivered."""
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("CREATE TABLE plans (id int PRIMARY KEY, name text, price text)")
+    conn.execute("INSERT INTO plans VALUES (1, 'free', '0'), (2, 'pro', '10')")
+    conn.execute("SELECT pgturso.track_table('orders', target => %s, route_by => 'tenant_id', capture => 'wal')",
+                 ("tenant-%s",))
+    conn.execute("SELECT pgturso.track_table('plans', target => %s)", ("tenant-%s",))
+    conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a')")
+    drain_pattern(dsn_of(conn))
+
+
+def dsn_of(conn: psycopg.Connection[Any]) -> str:
+    info = conn.info
+    return f"host={info.host} port={info.port} user={info.user} dbname={info.dbname}"
+
+
+def pg_rows(conn: psycopg.Connection[Any], sql: str) -> list[tuple[Any, ...]]:
+    return [tuple(r) for r in conn.execute(sql).fetchall()]
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_reference_writes_open_prepared_or_savepointed_across_a_new_tenants_routing_snapshot(
+        conn, dsn, tmp_path: Path):
+    """Reference writes in progress when the router registers a new tenant (so not in the copy taken at its
+    snapshot), committed after it: an open transaction, a two-phase one PREPAREd before and COMMIT PREPARED
+    after, and one whose savepoint was rolled back (its rolled-back change must reach nobody). The new tenant
+    gets each committed change once, through the stream, and the rolled-back one never."""
+    _pattern(conn, tmp_path)
+    open_tx = psycopg.connect(dsn)
+    prepared = psycopg.connect(dsn)
+    savepointed = psycopg.connect(dsn)
+    try:
+        open_tx.execute("UPDATE plans SET price = '100' WHERE id = 1")
+        prepared.execute("INSERT INTO plans VALUES (3, 'team', '30')")
+        prepared.execute("PREPARE TRANSACTION 'router_attack_2pc'")
+        savepointed.execute("SAVEPOINT s")
+        savepointed.execute("UPDATE plans SET price = '999' WHERE id = 2")
+        savepointed.execute("ROLLBACK TO SAVEPOINT s")
+        savepointed.execute("UPDATE plans SET name = 'pro!' WHERE id = 2")
+        conn.execute("INSERT INTO orders VALUES (2, 'zeta', 'z')")  # a new tenant, routed while those are open
+        drain_pattern(dsn)
+        assert tenant_rows(tmp_path / "tenant-zeta.db", PLANS) == [(1, "free", "0"), (2, "pro", "10")]
+        open_tx.commit()
+        conn.execute("COMMIT PREPARED 'router_attack_2pc'")
+        savepointed.commit()
+    finally:
+        for c in (open_tx, prepared, savepointed):
+            c.close()
+        if conn.execute("SELECT count(*) FROM pg_prepared_xacts WHERE gid = 'router_attack_2pc'").fetchone()[0]:
+            conn.execute("ROLLBACK PREPARED 'router_attack_2pc'")  # (a failed test must not keep it)
+    drain_pattern(dsn)
+    expected = pg_rows(conn, PLANS)
+    assert expected == [(1, "free", "100"), (2, "pro!", "10"), (3, "team", "30")]
+    for tenant in ("acme", "zeta"):
+        assert tenant_rows(tmp_path / f"tenant-{tenant}.db", PLANS) == expected, tenant
+        assert tenant_rows(tmp_path / f"tenant-{tenant}.db", "SELECT id, item FROM orders ORDER BY id") == (
+            pg_tenant_rows(conn, tenant))
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_a_reference_tables_ddl_committing_while_the_router_copies_it_to_a_new_tenant(conn, dsn, tmp_path: Path):
+    """A DDL of a reference table is open (holding its lock) when the router takes its snapshot to register a
+    new tenant; the registration's copy of that table waits for the lock and the DDL commits meanwhile. The
+    copy's query then resolves column names in the catalog after the DDL, while the tenant's table is created at
+    the layout of the snapshot and the DDL is routed to it after: two columns swapped by renames must not end
+    up swapped in the new tenant's database (they did: the copy read each old name's values from the column
+    that has that name after the renames)."""
+    _pattern(conn, tmp_path)
+    ddl = psycopg.connect(dsn)
+    worker = None
+    try:
+        ddl.execute("ALTER TABLE plans RENAME COLUMN name TO tmp")
+        ddl.execute("ALTER TABLE plans RENAME COLUMN price TO name")
+        ddl.execute("ALTER TABLE plans RENAME COLUMN tmp TO price")
+        conn.execute("INSERT INTO orders VALUES (2, 'zeta', 'z')")
+        worker = _start_worker(dsn)
+
+        def router_waits_for_the_ddl() -> bool:
+            return bool(conn.execute(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE NOT l.granted AND l.relation = 'plans'::regclass "
+                "AND a.application_name = 'pgturso-router'").fetchone()[0])
+
+        wait_until(router_waits_for_the_ddl, 120, "the router's copy of plans to wait for the DDL's lock")
+        ddl.commit()
+        assert conn.execute("SELECT pgturso.wait_for_sync('120 s')").fetchone()[0]
+    finally:
+        ddl.close()
+        if worker is not None:
+            worker.stop()
+    expected = pg_rows(conn, PLANS)
+    assert expected == [(1, "0", "free"), (2, "10", "pro")]
+    for tenant in ("acme", "zeta"):
+        assert tenant_rows(tmp_path / f"tenant-{tenant}.db", PLANS) == expected, tenant
+    assert tenant_rows(tmp_path / "tenant-zeta.db", "SELECT id, item FROM orders") == [(2, "z")]
