@@ -46,6 +46,13 @@ class MarkerMoved(TursoUnavailable):
     worker recovers from the marker and carries on."""
 
 
+class BatchChanged(TursoUnavailable):
+    """A batch read in parts lost events between its choice and its last part (untrack_table, skip_transaction,
+    resync_table deleted them; the worker holds no lock on them while Turso has a part): what was sent would cut
+    a source transaction in two, so its Turso transaction is rolled back, nothing of it applied, and the worker
+    chooses the batch again from what is pending now."""
+
+
 class TursoRequestRejected(PgTursoError):
     """Turso refused the request itself (4xx other than 429): retrying the same request cannot help."""
 

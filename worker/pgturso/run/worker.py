@@ -516,11 +516,12 @@ class Worker:
         else:
             with self.conn.transaction():
                 batch = self.outbox.choose_batch(single_transaction=single)
+                if batch is not None and not isinstance(self.outbox, WalOutbox):
+                    batch.read_in_parts(self.settings.max_request_bytes)  # counts its events in this snapshot
             if batch is None:
                 return 0
             if not isinstance(self.outbox, WalOutbox):  # earlier deletions are committed: see deliver_batch
                 batch.position = self.outbox.position()
-                batch.part_bytes = self.settings.max_request_bytes
             self._sending = batch
             statements = send_batch(target, self._statements(batch), self._marker(batch))
         removed = self.outbox.mark_delivered(batch)

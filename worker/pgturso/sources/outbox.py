@@ -26,7 +26,7 @@ import psycopg
 
 from ..capture.layout import TableLayout
 from ..capture.sql import WAKE_LOCK_CLASS
-from ..common.errors import CopyDeferred
+from ..common.errors import BatchChanged, CopyDeferred
 
 # Named queries.
 SOURCE_ID = "SELECT source_id::text FROM pgturso.instance"
@@ -124,6 +124,9 @@ PART_END = f"""
         FROM pgturso.outbox WHERE {BATCH_FILTER}
     ) AS part WHERE bytes_so_far >= %(part_bytes)s ORDER BY id LIMIT 1), %(upto)s)
 """
+# The number of a batch's events, counted in the transaction that chose it: a batch read in parts after it must
+# read as many, or something deleted some of them meanwhile (Batch.read_in_parts).
+BATCH_EVENTS = f"SELECT count(*) FROM pgturso.outbox WHERE {BATCH_FILTER}"
 
 
 def batch_groups_sql(relations: str, where: str, max_bytes: str = "%(max_bytes)s") -> str:
@@ -426,6 +429,8 @@ class Batch:
                        "tenant": tenant, "after": 0, "snapshot": snapshot}
         # Read in parts of about this many payload bytes, outside any transaction (None: in the caller's).
         self.part_bytes: int | None = None
+        # With part_bytes: the events the choosing transaction counted in the batch (read_in_parts).
+        self.chosen_events: int | None = None
         self.max_group_bytes = max_group_bytes
         self.uniform = False  # set by choose_batch: all upserts (or all deletes) of one table
         self.fetch_size = fetch_size
@@ -446,6 +451,16 @@ class Batch:
         self.uniform = uniform
         # A group joins its payloads with commas and the statement adds brackets: bucket * (widest + 1) + 1.
         self.params["bucket"] = max(1, (self.max_group_bytes - 1) // (int(widest_payload) + 1))
+
+    def read_in_parts(self, part_bytes: int) -> None:
+        """In the transaction that chose the batch: have ``events()`` read it in parts of about ``part_bytes``
+        payload bytes, each by statements of its own after this transaction, and count its events now. Nothing
+        locks them meanwhile: untrack_table, skip_transaction or resync_table may delete some between two parts,
+        and a source transaction whose first part was sent would arrive cut in two. The count tells: events()
+        raises BatchChanged after the last part if fewer were read, before the batch's Turso transaction commits."""
+        self.part_bytes = part_bytes
+        if self.payload_bytes is None or self.payload_bytes > CLIENT_SIDE_BYTES:  # else read in one statement
+            self.chosen_events = int(self.conn.execute(BATCH_EVENTS, self.params).fetchone()[0])  # type: ignore[index]
 
     def marker(self) -> str:
         name: dict[str, Any] = {"upto": self.upto, "snapshot": self.snapshot, "held": self.held,
@@ -484,6 +499,11 @@ class Batch:
             rows = self.conn.execute(query, {**params, "upto": end}).fetchall()
             yield from self._events(rows)
             after = end
+        if self.chosen_events is not None and self.event_count != self.chosen_events:
+            raise BatchChanged(
+                f"{self.chosen_events - self.event_count} of the {self.chosen_events} outbox events of the batch "
+                "being sent in parts were deleted meanwhile (untrack_table, skip_transaction or resync_table): its "
+                "Turso transaction is rolled back, nothing of it applied, and the batch is chosen again")
 
     def _events(self, rows: Iterable[tuple[Any, ...]]) -> Iterator[Event]:
         for first_id, first_txid, last_txid, layout_id, op, nrows, count, payload in rows:

@@ -1,0 +1,212 @@
+"""Attacks on the worker's pipeline (cd54158): no Postgres transaction stays open while Turso has a request, so a
+batch too large to read ahead is read in parts by autocommit statements that select it by its name (its
+snapshot), between the requests that carry them. What the outbox loses meanwhile (skip_transaction,
+untrack_table delete pending events without waiting for the worker) must not cut a source transaction in two on
+Turso: each arrives whole or not at all."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+from support.cloud_proxy import CloudProxy
+from support.turso import TursoServer, install_apply_counter
+from support.workers import WorkerProcess, outbox_empty, wait_until
+from test_lock_attacks import on_turso
+
+LARGE_EVENTS = 60  # events of the large source transaction, 100 rows of ~200 bytes each: about 1.4 MB per table,
+# more than a batch read at once (CLIENT_SIDE_BYTES), so it is read in parts
+LARGE_ROWS = LARGE_EVENTS * 100
+BACKLOG = 400  # one-row transactions, delivered in batches of 5
+
+
+def write_large_transaction(conn: psycopg.Connection[Any], tables: tuple[str, ...]) -> str:
+    """One source transaction of LARGE_ROWS rows in each of ``tables`` (read in parts, sent in 64 kB
+    requests); its txid."""
+    with conn.transaction():
+        txid = str(conn.execute("SELECT pg_current_xact_id()").fetchone()[0])  # type: ignore[index]
+        for k in range(LARGE_EVENTS):
+            for table in tables:
+                conn.execute(f"INSERT INTO {table} SELECT g, repeat('x', 200) "
+                             "FROM generate_series(%s::int, %s::int) g", (k * 100 + 1, k * 100 + 100))
+    return txid
+
+
+def start_streaming_worker(dsn: str, url: str) -> WorkerProcess:
+    return WorkerProcess(dsn, url, "--max-request-bytes", "65536", "--max-statement-bytes", "16384",
+                         "--idle-wait", "1").start()
+
+
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)  # a wal target's skip works on the slot
+def test_skip_transaction_while_its_streamed_batch_travels_never_half_applies_it(conn, dsn, turso: TursoServer,
+                                                                                 capture):
+    """skip_transaction of the source transaction whose parts the worker is sending (Turso holds the first
+    request): the worker no longer holds a snapshot or a lock on those events, so the parts still to read lose
+    them. Turso must end with the whole transaction or none of it, never the first part alone."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    with CloudProxy(turso.url, None, stream_expiry=120) as cloud:
+        worker = start_streaming_worker(dsn, cloud.url)
+        try:
+            conn.execute("INSERT INTO t VALUES (0, 'delivered')")
+            wait_until(lambda: on_turso(turso, "SELECT id FROM t") == [[0]], 60, "the first row to be delivered")
+            install_apply_counter(turso.url, "t")
+            cloud.answer_delays = [10.0]  # the large transaction's first request is answered 10 s late
+            txid = write_large_transaction(conn, ("t",))
+            wait_until(lambda: cloud.holding > 0, 60, "Turso to hold the first part of the large transaction")
+            skipped = conn.execute("SELECT pgturso.skip_transaction(%s::xid8, 'attack')", (txid,)).fetchone()[0]
+            assert skipped == LARGE_EVENTS
+            assert cloud.holding > 0, "Turso answered before the skip: nothing was shown (hold the request longer)"
+            wait_until(lambda: cloud.holding == 0 and outbox_empty(dsn), 120, "the worker to settle after the hang")
+            conn.execute("INSERT INTO t VALUES (-1, 'after')")
+            wait_until(lambda: outbox_empty(dsn), 60, "the row after to be delivered")
+            wait_until(lambda: on_turso(turso, "SELECT count(*) FROM t WHERE id = -1") == [[1]], 60, "the row after")
+            applied = turso.query("SELECT count(*) FROM applied WHERE id > 0")[0][0]
+            assert applied in (0, LARGE_ROWS), \
+                f"Turso applied {applied} of the skipped transaction's {LARGE_ROWS} rows: it was cut in two"
+            assert turso.query("SELECT count(*) FROM t WHERE id > 0")[0][0] == applied
+        finally:
+            worker.stop()
+
+
+def test_untrack_table_while_a_streamed_transaction_travels_never_half_applies_it(conn, dsn, turso: TursoServer,
+                                                                                  capture):
+    """A source transaction writing two tables, streamed in parts; untrack_table of one of them while Turso holds
+    the first part. The other table's rows all arrive; the untracked table's rows arrive whole or not at all
+    (never the first part's alone: the transaction would be cut in two on Turso)."""
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY, v text)")
+    conn.execute("CREATE TABLE b (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('a')")
+    conn.execute("SELECT pgturso.track_table('b')")
+    with CloudProxy(turso.url, None, stream_expiry=120) as cloud:
+        worker = start_streaming_worker(dsn, cloud.url)
+        try:
+            conn.execute("INSERT INTO a VALUES (0, 'delivered')")
+            conn.execute("INSERT INTO b VALUES (0, 'delivered')")
+            wait_until(lambda: on_turso(turso, "SELECT (SELECT count(*) FROM a) + (SELECT count(*) FROM b)") == [[2]],
+                       60, "the first rows to be delivered")
+            install_apply_counter(turso.url, "a")
+            cloud.answer_delays = [10.0]
+            write_large_transaction(conn, ("a", "b"))
+            wait_until(lambda: cloud.holding > 0, 60, "Turso to hold the first part of the large transaction")
+            untracking = threading.Thread(target=lambda: psycopg.connect(dsn, autocommit=True).execute(
+                "SELECT pgturso.untrack_table('a')"))
+            untracking.start()
+            untracking.join(60)
+            assert cloud.holding > 0, "Turso answered before untrack_table: nothing was shown (hold it longer)"
+            wait_until(lambda: cloud.holding == 0 and outbox_empty(dsn), 120, "the worker to settle after the hang")
+            assert turso.query("SELECT count(*) FROM b WHERE id > 0") == [[LARGE_ROWS]], worker.output[-3000:]
+            applied = turso.query("SELECT count(*) FROM applied WHERE id > 0")[0][0]
+            assert applied in (0, LARGE_ROWS), \
+                f"Turso applied {applied} of the transaction's {LARGE_ROWS} rows of the untracked table: cut in two"
+        finally:
+            worker.stop()
+
+
+def large_transaction_on_turso_once(turso: TursoServer, table: str = "t") -> bool:
+    """Every row of the large transaction is on Turso and was written there exactly once (the counter)."""
+    return (on_turso(turso, f"SELECT count(*) FROM {table} WHERE id > 0") == [[LARGE_ROWS]]
+            and on_turso(turso, "SELECT count(*), count(DISTINCT id) FROM applied WHERE id > 0")
+            == [[LARGE_ROWS, LARGE_ROWS]])
+
+
+@pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
+@pytest.mark.parametrize("fault", ["503", "hang", "garbage", "postgres_gone"])
+def test_a_streamed_batch_failing_after_its_first_part_is_sent_again_whole_and_once(conn, dsn, turso: TursoServer,
+                                                                                     capture, fault):
+    """Turso holds the first part of a large source transaction; meanwhile the request of the next part is set
+    to fail (a 503, a hang answered 504, a 200 of garbage), or the worker's Postgres session is terminated (its
+    next part cannot be read). The half-sent Turso transaction is rolled back and the batch is sent again whole:
+    every row arrives, each written once."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    with CloudProxy(turso.url, None, stream_expiry=120) as cloud:
+        worker = start_streaming_worker(dsn, cloud.url)
+        try:
+            conn.execute("INSERT INTO t VALUES (0, 'delivered')")
+            wait_until(lambda: on_turso(turso, "SELECT id FROM t") == [[0]], 60, "the first row to be delivered")
+            install_apply_counter(turso.url, "t")
+            cloud.answer_delays = [3.0]
+            write_large_transaction(conn, ("t",))
+            wait_until(lambda: cloud.holding > 0, 60, "Turso to hold the first part of the large transaction")
+            sent_before = len(cloud.requests)
+            if fault == "503":
+                cloud.faults = [(503, "text/plain", "Service Unavailable")]
+            elif fault == "hang":
+                cloud.stalls = [2.0]
+            elif fault == "garbage":
+                cloud.faults = [(200, "application/json", '{"results": [{"type": "ok"')]
+            else:
+                terminated = conn.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name LIKE 'pgturso%%' AND pid <> pg_backend_pid()").fetchone()[0]
+                assert terminated >= 1
+            assert cloud.holding > 0, "Turso answered before the fault was set: nothing was shown"
+            wait_until(lambda: outbox_empty(dsn) and cloud.holding == 0, 120, "the worker to deliver after the fault")
+            assert large_transaction_on_turso_once(turso), worker.output[-3000:]
+            if fault != "postgres_gone":
+                assert len(cloud.requests) > sent_before + 1, "the fault was never met: nothing was shown"
+                assert worker.lines("retry"), worker.output[-3000:]
+        finally:
+            worker.stop()
+
+
+@pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
+def test_a_worker_killed_while_turso_holds_a_part_of_a_streamed_batch_delivers_it_once_after_restart(
+        conn, dsn, turso: TursoServer, capture):
+    """SIGKILL while Turso holds the first part of a large source transaction (its Turso transaction open, the
+    next parts unread): the stream expires and rolls it back; a new worker sends the batch whole, each row
+    written once."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    with CloudProxy(turso.url, None, stream_expiry=3) as cloud:
+        worker = start_streaming_worker(dsn, cloud.url)
+        try:
+            conn.execute("INSERT INTO t VALUES (0, 'delivered')")
+            wait_until(lambda: on_turso(turso, "SELECT id FROM t") == [[0]], 60, "the first row to be delivered")
+            install_apply_counter(turso.url, "t")
+            cloud.answer_delays = [20.0]
+            write_large_transaction(conn, ("t",))
+            wait_until(lambda: cloud.holding > 0, 60, "Turso to hold the first part of the large transaction")
+            worker.kill()
+            worker = start_streaming_worker(dsn, cloud.url)
+            wait_until(lambda: outbox_empty(dsn), 120, "the restarted worker to deliver")
+            assert large_transaction_on_turso_once(turso), worker.output[-3000:]
+        finally:
+            worker.stop()
+
+
+# trigger capture: a wal worker takes the backlog in a few large batches, done before the test can hold one
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)
+def test_a_worker_killed_after_turso_committed_a_batch_read_ahead_of_delivers_every_row_once(
+        conn, dsn, turso: TursoServer, capture):
+    """Small batches, read ahead: Turso commits batch N and its answer is held while the worker has read batch
+    N+1 (in a transaction it rolled back) and waits. SIGKILL then: Postgres still has N's events pending (its
+    deletion comes once Turso answered), Turso has N and its marker. The new worker recovers by the marker: N is
+    not applied again, N+1 and the rest arrive, every row written once."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    with CloudProxy(turso.url, None, stream_expiry=3) as cloud:
+        worker = WorkerProcess(dsn, cloud.url, "--batch-events", "5", "--idle-wait", "1").start()
+        try:
+            conn.execute("INSERT INTO t VALUES (0, 'delivered')")
+            wait_until(lambda: on_turso(turso, "SELECT id FROM t") == [[0]], 60, "the first row to be delivered")
+            install_apply_counter(turso.url, "t")
+            assert worker.stop() == 0
+            for i in range(1, BACKLOG + 1):  # a backlog of one-row transactions: batches of 5, read ahead
+                conn.execute("INSERT INTO t VALUES (%s, 'x')", (i,))
+            worker = WorkerProcess(dsn, cloud.url, "--batch-events", "5", "--idle-wait", "1").start()
+            wait_until(lambda: (on_turso(turso, "SELECT count(*) FROM applied") or [[0]])[0][0] >= 25, 60,
+                       "a few batches to be delivered")
+            cloud.slow_answers = [20.0]  # the next answer: a batch Turso committed, the worker not told
+            wait_until(lambda: cloud.holding > 0, 60, "Turso to hold a committed batch's answer")
+            worker.kill()
+            worker = WorkerProcess(dsn, cloud.url, "--batch-events", "5", "--idle-wait", "1").start()
+            wait_until(lambda: outbox_empty(dsn), 120, "the restarted worker to deliver")
+            wait_until(lambda: on_turso(turso, "SELECT count(*) FROM t") == [[BACKLOG + 1]], 60, "every row on Turso")
+            assert turso.query("SELECT count(*), count(DISTINCT id), min(id), max(id) FROM applied") == \
+                [[BACKLOG, BACKLOG, 1, BACKLOG]], worker.output[-3000:]
+        finally:
+            worker.stop()
