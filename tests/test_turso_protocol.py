@@ -99,3 +99,32 @@ def test_a_request_too_large_for_turso_is_split(tracked, dsn, turso: TursoServer
     assert result.returncode == 0, result.stderr
     assert cloud.too_large > 0 and "HTTP 413" in result.stderr
     assert turso.query("SELECT count(*) FROM t") == [[50 + 4901]]
+
+
+@pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
+def test_a_run_of_wide_rows_respects_the_statement_and_request_limits(conn, dsn, turso: TursoServer):
+    """One transaction of 300 rows of 6 kB each, with --max-statement-bytes 16384 and --max-request-bytes 65536
+    behind a Turso answering 413 to anything larger: in wal mode too (where a slot's run of rows is one event),
+    no statement's argument and no request is over its limit, and the rows arrive in one Turso transaction."""
+    conn.execute("CREATE TABLE w (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('w')")
+    drain(dsn, turso.url)
+    conn.execute("INSERT INTO w SELECT g, repeat(chr(97 + g % 26), 6000) FROM generate_series(1, 300) g")
+    with CloudProxy(turso.url, TOKEN) as cloud:
+        cloud.max_body = 65536 + 1024  # the limit, and the JSON envelope of a request (not counted by the worker)
+        result = run_worker(dsn, cloud.url, "--auth-token", TOKEN, "--retry-limit", "3",
+                            "--max-request-bytes", "65536", "--max-statement-bytes", "16384")
+    assert result.returncode == 0, result.stderr
+    assert cloud.too_large == 0, f"requests of {cloud.rejected_sizes} bytes"
+    steps = [(body.get("baton"), step["stmt"]) for body in cloud.requests for request in body["requests"]
+             if request["type"] == "batch" for step in request["batch"]["steps"]]
+    inserts = [i for i, (_, stmt) in enumerate(steps) if stmt["sql"].startswith('INSERT INTO "w"')]
+    arguments = [len(steps[i][1]["args"][0]["value"]) for i in inserts]
+    assert len(inserts) > 1 and max(arguments) <= 16384, arguments
+    # One transaction: a BEGIN before the first insert, no COMMIT until after the last.
+    words = [stmt["sql"].split(None, 1)[0].upper() for _, stmt in steps]
+    assert "BEGIN" in words[:inserts[0]] and "COMMIT" not in words[inserts[0]:inserts[-1]]
+    assert len({baton for baton, _ in steps[inserts[0]:inserts[-1] + 1] if baton is not None}) > 1, "spans requests"
+    assert turso.query("SELECT count(*), sum(length(v)) FROM w") == [[300, 300 * 6000]]
+    assert turso.query("SELECT count(*) FROM w WHERE v <> printf('%.*c', 6000, char(97 + id % 26))") == [[0]]
+    assert pending(conn) == 0

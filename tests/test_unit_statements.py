@@ -12,6 +12,7 @@ from pgturso.delivery.statements import (
     create_table_sql,
     delete_sql,
     drop_table_sql,
+    row_texts,
     truncate_sql,
     upsert_sql,
 )
@@ -186,13 +187,29 @@ def test_max_payload_bytes_splits_runs(limit: int, expected: list[tuple[str]]) -
     assert all(len(s.args[0]) <= limit for s in statements)
 
 
-def test_payload_larger_than_the_limit_still_goes_alone() -> None:
-    statements = run([ev(1, "U", "[1,2],[3,4]", 3), ev(2, "U", "[5,6],[7,8]", 3), ev(3, "D", "[1,2]", 3)], 4)
+def test_a_row_larger_than_the_limit_still_goes_alone() -> None:
+    statements = run([ev(1, "U", "[1,2]", 3), ev(2, "U", "[5,6]", 3), ev(3, "D", "[1,2]", 3)], 4)
     assert [(s.operation, s.args) for s in statements] == [
-        ("upsert", ("[[1,2],[3,4]]",)),
-        ("upsert", ("[[5,6],[7,8]]",)),
+        ("upsert", ("[[1,2]]",)),
+        ("upsert", ("[[5,6]]",)),
         ("delete", ("[[1,2]]",)),
     ]
+
+
+def test_an_event_of_many_rows_larger_than_the_limit_is_split_into_its_rows() -> None:
+    """A slot's run of rows (or one statement's rows) is one event: max_payload_bytes still bounds every
+    statement, rows keep their order and their exact text (commas, brackets and spaces inside values too)."""
+    rows = ['[1, "a,b]"]', '[2,"[x], {y}"]', '[3,null]', r'[4,"\\\"q\""]', r'[5, "\u00e9\u00e9"]']
+    events = [ev(1, "U", ",".join(rows[:3]), 3), ev(2, "U", " , ".join(rows[3:]), 3)]
+    statements = run(events, 32)
+    assert all(len(s.args[0].encode()) <= 32 for s in statements)
+    assert len(statements) > 2
+    assert ",".join(s.args[0][1:-1] for s in statements) == ",".join(rows)  # each row's text as it came
+    assert list(row_texts(" , ".join(rows))) == rows
+
+
+def test_an_event_that_fits_is_not_split() -> None:
+    assert [s.args for s in run([ev(1, "U", "[1,2],[3,4]", 3)], 13)] == [("[[1,2],[3,4]]",)]
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,9 @@
 
 Every statement binds one JSON text argument and expands it with ``json_each``, so a run of a thousand rows
 costs Turso one statement instead of a thousand. Consecutive events for the same table and operation are
-merged into one statement (up to ``max_payload_bytes``); rows keep their order inside it, so a key written
-twice ends with its last value. Values are never spliced into SQL text; identifiers are always quoted.
+merged into one statement (up to ``max_payload_bytes``, max_statement_bytes; an event of many rows larger than
+that, such as a slot's run of up to 5000 rows, is split into its rows first); rows keep their order inside it,
+so a key written twice ends with its last value. Values are never spliced into SQL text; identifiers are always quoted.
 """
 
 from __future__ import annotations
@@ -192,6 +193,22 @@ def truncate_sql(layout: TableLayout) -> str:
     return f"DELETE FROM {quote_ident(layout.target_table)}"
 
 
+_ROW_DECODER = json.JSONDecoder()
+
+
+def row_texts(payload: str) -> Iterator[str]:
+    """The rows of an event's payload (JSON values joined by commas), each as the exact text it has there."""
+    position, end = 0, len(payload)
+    while position < end:
+        while position < end and payload[position] in ", \t\r\n":
+            position += 1
+        if position == end:
+            return
+        _, after = _ROW_DECODER.raw_decode(payload, position)
+        yield payload[position:after]
+        position = after
+
+
 _OPERATION = {
     "C": "create table",
     "U": "upsert",
@@ -221,19 +238,16 @@ class StatementBuilder:
         self._run: _Run | None = None
 
     def add(self, event: Event) -> Iterator[Statement]:
-        run = self._run
         if event.op in "UD" and event.payload:
             size = len(event.payload.encode())
-            # The merged argument is "[" + payloads joined by "," + "]": count every byte of it.
-            if run and (run.layout_id, run.op) == (event.layout_id, event.op) and (
-                run.size + 1 + size <= self._max_payload_bytes
-            ):
-                run.parts.append(event.payload)
-                run.size += 1 + size
-                run.txids.update(event.txids or (event.txid,))
-                return
-            yield from self.flush()
-            self._run = _Run(event.layout_id, event.op, [event.payload], 2 + size, set(event.txids or (event.txid,)))
+            if event.nrows > 1 and 2 + size > self._max_payload_bytes:
+                # Many rows in one event (a slot's run of rows, a statement's rows captured by one trigger
+                # call): split into its rows, so that max_payload_bytes bounds every statement but one of a
+                # single row larger than it.
+                for row in row_texts(event.payload):
+                    yield from self._merge(event, row, len(row.encode()))
+            else:
+                yield from self._merge(event, event.payload, size)
             return
         yield from self.flush()
         layout = self._layout_of(event.layout_id)
@@ -256,6 +270,20 @@ class StatementBuilder:
             # The table was dropped in Postgres; its Turso table goes too only if asked for.
             if json.loads(event.payload or "{}").get("drop_target"):
                 yield Statement(drop_table_sql(layout), **context)
+
+    def _merge(self, event: Event, payload: str, size: int) -> Iterator[Statement]:
+        """Add ``payload`` (rows of ``event``, ``size`` bytes) to the current run, or flush it and start another."""
+        run = self._run
+        # The merged argument is "[" + payloads joined by "," + "]": count every byte of it.
+        if run and (run.layout_id, run.op) == (event.layout_id, event.op) and (
+            run.size + 1 + size <= self._max_payload_bytes
+        ):
+            run.parts.append(payload)
+            run.size += 1 + size
+            run.txids.update(event.txids or (event.txid,))
+            return
+        yield from self.flush()
+        self._run = _Run(event.layout_id, event.op, [payload], 2 + size, set(event.txids or (event.txid,)))
 
     def flush(self) -> Iterator[Statement]:
         run, self._run = self._run, None
