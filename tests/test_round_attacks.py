@@ -315,3 +315,42 @@ def test_a_batch_turso_refused_then_isolated_and_delivered_is_counted_once(conn,
     assert turso.query("SELECT id FROM applied ORDER BY id") == [[1], [2], [3], [4], [5], [6]]
     assert [a - b for a, b in zip(conn.execute(totals).fetchone(), before, strict=True)] == [3, 6, 6]
     assert pending(conn) == 0
+
+
+def test_a_round_mate_whose_events_were_skipped_while_turso_had_its_batch_is_not_recopied_at_restart(
+        conn, dsn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hooked_sends):  # noqa: F811
+    """acme's batch is committed on its database; before the round's deletion, skip_transaction removes its one
+    transaction's events (the worker holds no lock on them meanwhile). The batch was delivered all the same and
+    acme's database has its marker: the round records it as acme's delivered marker (Postgres knew the batch
+    before it as the last one, as RECORD_BATCH's ``follows`` rule says), so a restarted worker recovers acme by
+    its marker and copies nothing again (no target_behind); every write arrives once, counted once."""
+    pattern, tenants = recovered_round(conn, dsn, tmp_path)
+    try:
+        before = delivered_counts(conn)
+        with conn.transaction():
+            conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a1')")
+            txid = conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0]
+        conn.execute("INSERT INTO orders VALUES (2, 'globex', 'g1'), (3, 'initech', 'i1')")
+        skipped: list[int] = []
+
+        def skip_acme_after_its_commit() -> None:
+            skipped.append(conn.execute("SELECT pgturso.skip_transaction(%s::xid8, 'test', 'tenant-acme')",
+                                        (txid,)).fetchone()[0])
+
+        hooked_sends["after"].append(skip_acme_after_its_commit)  # the first send of the round: acme's
+        forbid_own_reads(monkeypatch)
+        outcomes = pattern._run_round(tenants)
+        monkeypatch.undo()
+        assert skipped == [1] and set(outcomes.values()) == {None}, (skipped, outcomes)
+        assert pending(conn) == 0
+        assert counted_since(conn, before) == {"tenant-acme": (0, 0), "tenant-globex": (1, 1),
+                                               "tenant-initech": (1, 1)}
+        for tenant in tenants:
+            tenant.close_target()
+    finally:
+        pattern._shut_down()
+    conn.execute("INSERT INTO orders VALUES (4, 'acme', 'a2')")
+    restarted = drain_pattern(dsn)  # a fresh worker: each tenant recovered from its own marker
+    assert "target_behind" not in restarted.stderr, restarted.stderr
+    assert_every_write_arrived_once(conn, tmp_path, *ROUND)
+    assert counted_since(conn, before) == {"tenant-acme": (1, 1), "tenant-globex": (1, 1), "tenant-initech": (1, 1)}

@@ -262,34 +262,6 @@ DELETE_BATCH = f"""
         FROM (SELECT %(marker)s::text::jsonb AS m) AS given) AS b
     WHERE {IN_MARKED_BATCH} AND (b.tenant IS NULL AND o.tenant IS NULL OR o.tenant = b.tenant)
 """
-# Several tenants' delivered batches recorded in one round trip (a pattern worker's round): each one's events
-# deleted by its marker and counted in its own delivery_state row, as RECORD_BATCH does for one (what was
-# removed is what counts; a tenant keeps no table_state: see Outbox.remove_delivered). Each batch's marker
-# becomes its tenant's delivered_marker only if this deletion removed some of its events (see RECORD_BATCH).
-# Returns, per target, the events, transactions and rows removed.
-RECORD_TENANT_BATCHES = f"""
-    WITH given AS (
-        SELECT g.target, g.marker, g.marker::jsonb AS m
-        FROM unnest(%(targets)s::text[], %(markers)s::text[]) AS g(target, marker)
-    ), removed AS (
-        DELETE FROM pgturso.outbox o USING ({MARKED_BATCH}, given.target FROM given) AS b
-        WHERE {IN_MARKED_BATCH} AND o.tenant = b.tenant  -- a tenant's events: by outbox_tenant_idx
-        RETURNING b.target, o.txid, o.nrows
-    ), counted AS (
-        SELECT target, count(*) AS events, count(DISTINCT txid) AS transactions,
-               coalesce(sum(nrows), 0)::int8 AS rows
-        FROM removed GROUP BY target
-    ), totals AS (
-        UPDATE pgturso.delivery_state d SET status = 'delivering', last_delivered_at = now(), updated_at = now(),
-            transactions_delivered = d.transactions_delivered + coalesce(c.transactions, 0),
-            rows_delivered = d.rows_delivered + coalesce(c.rows, 0),
-            delivered_marker = CASE WHEN c.target IS NOT NULL THEN g.marker ELSE d.delivered_marker END
-        FROM given g LEFT JOIN counted c ON c.target = g.target
-        WHERE d.target = g.target AND d.target = ANY (%(targets)s::text[])  -- by its key, not a scan
-    )
-    SELECT g.target, coalesce(c.events, 0), coalesce(c.transactions, 0), coalesce(c.rows, 0)
-    FROM given g LEFT JOIN counted c ON c.target = g.target
-"""
 # A marker written by pgturso before batches were named by snapshot: the id ranges [[low, high], ...] it carried.
 DELETE_ID_RANGES = """
     DELETE FROM pgturso.outbox o USING jsonb_array_elements(%(marker)s::jsonb) AS r
@@ -348,12 +320,48 @@ class Removed:
 # target that lacks deliveries, and recopy it (Worker._catch_up_a_target_that_is_behind). The second case is a
 # batch whose events something else deleted while Turso had it (untrack_table, skip_transaction: the worker
 # holds no lock on them meanwhile): it was delivered all the same, and the target's marker names it.
-KEEP_MARKER_OF_REMOVED = (
-    ", delivered_marker = CASE WHEN EXISTS (SELECT FROM removed) OR delivered_marker IS NOT DISTINCT FROM "
-    "%(follows)s::text THEN %(marker)s::text ELSE delivered_marker END")
+def marker_after_removal(removed: str, follows: str, marker: str, known: str = "delivered_marker") -> str:
+    """The delivered_marker a batch's deletion leaves (the rule above): ``marker`` if ``removed`` (a condition:
+    the deletion removed some of its events) or ``known`` (the marker Postgres has) is ``follows``, else
+    ``known``. Shared by RECORD_BATCH and a round's RECORD_TENANT_BATCHES."""
+    return f"CASE WHEN {removed} OR {known} IS NOT DISTINCT FROM {follows} THEN {marker} ELSE {known} END"
+
+
+KEEP_MARKER_OF_REMOVED = ", delivered_marker = " + marker_after_removal(
+    "EXISTS (SELECT FROM removed)", "%(follows)s::text", "%(marker)s::text")
 RECORD_BATCH = record_batch_sql(KEEP_MARKER_OF_REMOVED, DELETE_BATCH)
 # Recovery by a marker written before batches were named by snapshot (the id ranges it carried).
 RECORD_ID_RANGES = record_batch_sql(KEEP_MARKER_OF_REMOVED, DELETE_ID_RANGES)
+# Several tenants' delivered batches recorded in one round trip (a pattern worker's round): each one's events
+# deleted by its marker and counted in its own delivery_state row, as RECORD_BATCH does for one (what was
+# removed is what counts; a tenant keeps no table_state: see Outbox.remove_delivered). Each batch's marker
+# becomes its tenant's delivered_marker by RECORD_BATCH's rule (marker_after_removal): this deletion removed some
+# of its events, or Postgres knew the batch before it (its ``follows``) as the tenant's last one. Returns, per
+# target, the events, transactions and rows removed.
+RECORD_TENANT_BATCHES = f"""
+    WITH given AS (
+        SELECT g.target, g.marker, g.follows, g.marker::jsonb AS m
+        FROM unnest(%(targets)s::text[], %(markers)s::text[], %(follows)s::text[]) AS g(target, marker, follows)
+    ), removed AS (
+        DELETE FROM pgturso.outbox o USING ({MARKED_BATCH}, given.target FROM given) AS b
+        WHERE {IN_MARKED_BATCH} AND o.tenant = b.tenant  -- a tenant's events: by outbox_tenant_idx
+        RETURNING b.target, o.txid, o.nrows
+    ), counted AS (
+        SELECT target, count(*) AS events, count(DISTINCT txid) AS transactions,
+               coalesce(sum(nrows), 0)::int8 AS rows
+        FROM removed GROUP BY target
+    ), totals AS (
+        UPDATE pgturso.delivery_state d SET status = 'delivering', last_delivered_at = now(), updated_at = now(),
+            transactions_delivered = d.transactions_delivered + coalesce(c.transactions, 0),
+            rows_delivered = d.rows_delivered + coalesce(c.rows, 0),
+            delivered_marker = {marker_after_removal("c.target IS NOT NULL", "g.follows", "g.marker",
+                                                     "d.delivered_marker")}
+        FROM given g LEFT JOIN counted c ON c.target = g.target
+        WHERE d.target = g.target AND d.target = ANY (%(targets)s::text[])  -- by its key, not a scan
+    )
+    SELECT g.target, coalesce(c.events, 0), coalesce(c.transactions, 0), coalesce(c.rows, 0)
+    FROM given g LEFT JOIN counted c ON c.target = g.target
+"""
 DELIVERED_MARKER = "SELECT delivered_marker FROM pgturso.delivery_state WHERE target = %(target)s"
 SET_DELIVERED_MARKER = "UPDATE pgturso.delivery_state SET delivered_marker = %(marker)s WHERE target = %(target)s"
 # A target database that lacks what was delivered to it: every committed event of the target goes (the copies
@@ -819,6 +827,7 @@ def record_tenant_batches(conn: psycopg.Connection[Any], delivered: list[tuple[O
     """Remove several tenants' delivered batches and count what was removed in each tenant's delivery_state, in
     one autocommit statement (RECORD_TENANT_BATCHES); returns what was removed, per tenant target."""
     rows = conn.execute(RECORD_TENANT_BATCHES, {"targets": [o.target for o, _ in delivered],
-                                                "markers": [b.marker() for _, b in delivered]}).fetchall()
+                                                "markers": [b.marker() for _, b in delivered],
+                                                "follows": [b.follows for _, b in delivered]}).fetchall()
     return {str(target): Removed(int(events), int(transactions), int(rows))
             for target, events, transactions, rows in rows}
