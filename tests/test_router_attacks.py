@@ -112,3 +112,21 @@ def test_a_reference_tables_ddl_committing_while_the_router_copies_it_to_a_new_t
     for tenant in ("acme", "zeta"):
         assert tenant_rows(tmp_path / f"tenant-{tenant}.db", PLANS) == expected, tenant
     assert tenant_rows(tmp_path / "tenant-zeta.db", "SELECT id, item FROM orders") == [(2, "z")]
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_a_session_reusing_a_dead_routers_pid_is_not_taken_for_the_router(conn, dsn, tmp_path: Path):
+    """pgturso.router keeps the backend pid of the pattern's last router after it died (a SIGKILLed worker not
+    yet restarted). Linux reuses pids: a later session that gets that pid was taken for the router, so its
+    TRUNCATE of a routed table was queued for the tenants at once instead of held, and overtook a row committed
+    before it that the router had not routed yet (the row survived the TRUNCATE in the tenant's database). The
+    reuse is forced here by recording the session's own pid, as a reuse does; the router is the holder of the
+    pattern's router lock, not whoever has its last pid."""
+    _pattern(conn, tmp_path)
+    conn.execute("INSERT INTO orders VALUES (2, 'acme', 'committed before the TRUNCATE, not routed yet')")
+    with psycopg.connect(dsn, autocommit=True) as reused:
+        reused.execute("UPDATE pgturso.router SET pid = pg_backend_pid() WHERE pattern = 'tenant-%s'")
+        reused.execute("TRUNCATE orders")
+    drain_pattern(dsn)
+    assert pg_tenant_rows(conn, "acme") == []
+    assert tenant_rows(tmp_path / "tenant-acme.db", "SELECT id, item FROM orders ORDER BY id") == []

@@ -125,7 +125,22 @@ COMMENT ON FUNCTION pgturso.remove_target IS 'Remove a named target that no tabl
 CREATE OR REPLACE FUNCTION pgturso._is_router(pattern text) RETURNS boolean
 LANGUAGE sql STABLE SECURITY DEFINER
 @SESSION_SETTINGS@
-AS $$ SELECT EXISTS (SELECT 1 FROM pgturso.router r WHERE r.pattern = _is_router.pattern AND r.pid = pg_backend_pid()) $$;
+-- The pid recorded by the router's CLAIM outlives its backend (a router killed and not yet replaced) and Linux
+-- reuses pids: a session is the router only while it also holds the pattern's router lock (router.py,
+-- ROUTER_LOCK_CLASS = 'pgrt' and hashtext(pattern); an int4 is shown in pg_locks as the oid of its bits).
+-- Otherwise a session given a dead router's pid wrote its DDL, copies and TRUNCATEs for the tenants at once,
+-- ahead of changes committed before them that the router had not routed yet.
+AS $$
+    SELECT EXISTS (
+        SELECT 1 FROM pgturso.router r
+        WHERE r.pattern = _is_router.pattern AND r.pid = pg_backend_pid()
+          AND EXISTS (SELECT 1 FROM pg_catalog.pg_locks l
+                      WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.granted
+                        AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
+                                          WHERE d.datname = current_database())
+                        AND l.classid = 1885827700::oid AND l.objid = hashtext(_is_router.pattern)::oid
+                        AND l.objsubid = 2))
+$$;
 COMMENT ON FUNCTION pgturso._is_router IS 'Private: whether this session is the router of a wal pattern target.';
 
 CREATE OR REPLACE FUNCTION pgturso._held_for_router(pattern text) RETURNS boolean

@@ -36,7 +36,7 @@ from .slot import SlotError, WalBatch, WalOutbox, lsn_to_int
 
 log = logging.getLogger("pgturso.router")
 
-ROUTER_LOCK_CLASS = int.from_bytes(b"pgrt", "big")  # (pgtr: the delivery locks)
+ROUTER_LOCK_CLASS = int.from_bytes(b"pgrt", "big")  # (pgtr: the delivery locks; pgturso._is_router checks this one)
 TAKE_ROUTER_LOCK = "SELECT pg_try_advisory_lock(%s, hashtext(%s))"
 CLAIM = """
     INSERT INTO pgturso.router (pattern, pid) VALUES (%(pattern)s, pg_backend_pid())
