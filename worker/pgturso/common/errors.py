@@ -47,8 +47,8 @@ class MarkerMoved(TursoUnavailable):
 
 
 class BatchChanged(TursoUnavailable):
-    """A batch read in parts lost events between its choice and its last part (untrack_table, skip_transaction,
-    resync_table deleted them; the worker holds no lock on them while Turso has a part): what was sent would cut
+    """A batch read in parts lost events between its choice and its last part (untrack_table or skip_transaction
+    deleted them; the worker holds no lock on them while Turso has a part): what was sent would cut
     a source transaction in two, so its Turso transaction is rolled back, nothing of it applied, and the worker
     chooses the batch again from what is pending now."""
 

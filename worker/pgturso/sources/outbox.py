@@ -463,7 +463,7 @@ class Batch:
     def read_in_parts(self, part_bytes: int) -> None:
         """In the transaction that chose the batch: have ``events()`` read it in parts of about ``part_bytes``
         payload bytes, each by statements of its own after this transaction, and count its events now. Nothing
-        locks them meanwhile: untrack_table, skip_transaction or resync_table may delete some between two parts,
+        locks them meanwhile: untrack_table or skip_transaction may delete some between two parts,
         and a source transaction whose first part was sent would arrive cut in two. The count tells: events()
         raises BatchChanged after the last part if fewer were read, before the batch's Turso transaction commits."""
         self.part_bytes = part_bytes
@@ -510,7 +510,7 @@ class Batch:
         if self.chosen_events is not None and self.event_count != self.chosen_events:
             raise BatchChanged(
                 f"{self.chosen_events - self.event_count} of the {self.chosen_events} outbox events of the batch "
-                "being sent in parts were deleted meanwhile (untrack_table, skip_transaction or resync_table): its "
+                "being sent in parts were deleted meanwhile (untrack_table or skip_transaction): its "
                 "Turso transaction is rolled back, nothing of it applied, and the batch is chosen again")
 
     def _events(self, rows: Iterable[tuple[Any, ...]]) -> Iterator[Event]:
