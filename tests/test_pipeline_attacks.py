@@ -71,6 +71,7 @@ def test_skip_transaction_while_its_streamed_batch_travels_never_half_applies_it
             worker.stop()
 
 
+@pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
 def test_untrack_table_while_a_streamed_transaction_travels_never_half_applies_it(conn, dsn, turso: TursoServer,
                                                                                   capture):
     """A source transaction writing two tables, streamed in parts; untrack_table of one of them while Turso holds
