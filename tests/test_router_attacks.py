@@ -130,3 +130,91 @@ def test_a_session_reusing_a_dead_routers_pid_is_not_taken_for_the_router(conn, 
     drain_pattern(dsn)
     assert pg_tenant_rows(conn, "acme") == []
     assert tenant_rows(tmp_path / "tenant-acme.db", "SELECT id, item FROM orders ORDER BY id") == []
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_toasted_rows_moved_deleted_and_updated_reach_the_right_tenants(conn, dsn, tmp_path: Path):
+    """Replica identity FULL with values stored out of line (TOAST): a move to a tenant that is new (its row's
+    unchanged big value is not in the new tuple pgoutput sends), a delete (the old tenant found from the
+    old tuple), and an update of the key and the tenant together; each tenant ends with exactly its rows."""
+    _pattern(conn, tmp_path)
+    big = "SELECT string_agg(md5(g::text || %s), '') FROM generate_series(1, 400) g"  # ~12 kB, incompressible
+    conn.execute(f"INSERT INTO orders VALUES (10, 'acme', ({big})), (11, 'acme', ({big})), (12, 'acme', ({big}))",
+                 ("a", "b", "c"))
+    drain_pattern(dsn)
+    with conn.transaction():
+        conn.execute("UPDATE orders SET tenant_id = 'newco' WHERE id = 10")  # a move to a new tenant
+        conn.execute("DELETE FROM orders WHERE id = 11")
+        conn.execute("UPDATE orders SET id = 13, tenant_id = 'globex' WHERE id = 12")  # key and tenant together
+    conn.execute("UPDATE orders SET item = item WHERE id = 1")  # (an unchanged toast-free row, same tenant)
+    drain_pattern(dsn)
+    for tenant in ("acme", "newco", "globex"):
+        assert tenant_rows(tmp_path / f"tenant-{tenant}.db", "SELECT id, item FROM orders ORDER BY id") == (
+            pg_tenant_rows(conn, tenant)), tenant
+    assert [r[0] for r in pg_rows(conn, "SELECT id FROM orders ORDER BY id")] == [1, 10, 13]
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_untracking_removing_and_dropping_leave_no_slot_of_a_wal_pattern(conn, dsn, tmp_path: Path):
+    """No slot of a wal pattern is left pinning WAL: untracking its last table drops it, and so do
+    remove_target and DROP EXTENSION (each after the router created the slot and routed)."""
+    def slots() -> list[tuple[Any, ...]]:
+        return pg_rows(conn, "SELECT slot_name FROM pg_replication_slots WHERE database = current_database()")
+
+    _pattern(conn, tmp_path)
+    assert len(slots()) == 1
+    conn.execute("SELECT pgturso.untrack_table('orders')")
+    assert len(slots()) == 1  # plans is still tracked to the pattern
+    conn.execute("SELECT pgturso.untrack_table('plans')")
+    assert slots() == []
+    conn.execute("SELECT pgturso.track_table('orders', target => %s, route_by => 'tenant_id', capture => 'wal')",
+                 ("tenant-%s",))
+    conn.execute("INSERT INTO orders VALUES (5, 'acme', 'again')")
+    drain_pattern(dsn)
+    assert len(slots()) == 1
+    conn.execute("SELECT pgturso.untrack_table('orders')")
+    conn.execute("SELECT pgturso.remove_target('tenant-%s')")
+    assert slots() == []
+    assert pg_rows(conn, "SELECT pattern FROM pgturso.router") == []
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("SELECT pgturso.track_table('orders', target => %s, route_by => 'tenant_id', capture => 'wal')",
+                 ("tenant-%s",))
+    drain_pattern(dsn)
+    assert len(slots()) == 1
+    conn.execute("DROP EXTENSION pgturso")
+    try:
+        assert slots() == []
+    finally:
+        conn.execute("CREATE EXTENSION pgturso CASCADE")
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+@pytest.mark.parametrize("one_transaction", [False, True])
+def test_new_tenants_just_before_and_after_a_routed_tables_ddl_in_one_routing_batch(
+        conn, dsn, tmp_path: Path, one_transaction: bool):
+    """Tenants that first appear right before and right after ALTER TABLEs (a column added, then one dropped) of
+    a routed table, all routed in one batch: each is created at the layout in force at its first row and gets
+    the DDL after it only if it came before; every tenant ends with Postgres's columns and rows."""
+    _pattern(conn, tmp_path)
+    steps = [
+        "INSERT INTO orders VALUES (2, 'before', 'b')",
+        "ALTER TABLE orders ADD COLUMN note text",
+        "INSERT INTO orders VALUES (3, 'between', 'm', 'n3')",
+        "UPDATE orders SET note = 'n2' WHERE id = 2",
+        "ALTER TABLE orders DROP COLUMN item",
+        "INSERT INTO orders VALUES (4, 'after', 'n4')",
+        "INSERT INTO orders VALUES (5, 'acme', 'n5')",
+    ]
+    if one_transaction:
+        with conn.transaction():
+            for sql in steps:
+                conn.execute(sql)
+    else:
+        for sql in steps:
+            conn.execute(sql)
+    drain_pattern(dsn)
+    for tenant in ("acme", "before", "between", "after"):
+        path = tmp_path / f"tenant-{tenant}.db"
+        assert [r[1] for r in tenant_rows(path, "PRAGMA table_info(orders)")] == ["id", "tenant_id", "note"], tenant
+        assert tenant_rows(path, "SELECT id, note FROM orders ORDER BY id") == pg_tenant_rows(
+            conn, tenant, "id, note"), tenant
