@@ -292,3 +292,22 @@ def test_an_immediate_postgres_shutdown_mid_routing_loses_and_doubles_nothing_in
             assert tenant_rows(path, PLANS) == plans, tenant
         for tenant in ("acme", "globex"):
             assert applied_writes(tmp_path / f"tenant-{tenant}.db") == postgres_writes(again, tenant), tenant
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_a_routed_table_keeps_the_replica_identity_its_router_needs(conn, dsn, tmp_path: Path):
+    """The router finds a moved or deleted row's old tenant in the old tuple, which only replica identity FULL
+    carries when route_by is not in the key: ALTER TABLE … REPLICA IDENTITY DEFAULT on a routed table of a wal
+    pattern was accepted (the key was covered) and a move then left the row in its old tenant's database too."""
+    _pattern(conn, tmp_path)
+    with pytest.raises(psycopg.errors.RaiseException, match="orders") as refused:
+        conn.execute("ALTER TABLE orders REPLICA IDENTITY DEFAULT")
+    assert "REPLICA IDENTITY FULL" in (refused.value.diag.message_hint or "")
+    conn.execute("UPDATE orders SET tenant_id = 'globex' WHERE id = 1")  # a move, with FULL still in force
+    drain_pattern(dsn)
+    for tenant in ("acme", "globex"):
+        assert tenant_rows(tmp_path / f"tenant-{tenant}.db", "SELECT id, item FROM orders ORDER BY id") == (
+            pg_tenant_rows(conn, tenant)), tenant
+    # A reference table of the pattern too: a value an UPDATE left alone comes from the old row.
+    with pytest.raises(psycopg.errors.RaiseException, match="plans"):
+        conn.execute("ALTER TABLE plans REPLICA IDENTITY DEFAULT")

@@ -384,8 +384,10 @@ AS $$
 DECLARE
     v_rel regclass;
     v_filtered boolean;
+    v_pattern text;
 BEGIN
-    SELECT c.oid, l.spec ->> 'row_filter' IS NOT NULL INTO v_rel, v_filtered
+    SELECT c.oid, l.spec ->> 'row_filter' IS NOT NULL, CASE WHEN strpos(t.target, '%s') > 0 THEN t.target END
+    INTO v_rel, v_filtered, v_pattern
     FROM pgturso.tracked_table t
     CROSS JOIN LATERAL (SELECT l.spec FROM pgturso.layout l WHERE l.table_id = t.id ORDER BY l.id DESC LIMIT 1) l
     JOIN pg_class c ON c.oid IN (SELECT t.relid UNION SELECT p.relid FROM pg_partition_tree(t.relid) p)
@@ -394,16 +396,24 @@ BEGIN
       AND c.relkind = 'r' AND c.relreplident <> 'f'
       -- A row-filtered table needs FULL (_install_wal_capture says why): checked on the partitions this DDL
       -- altered, as _install_wal_capture sets FULL one partition at a time.
-      AND ((l.spec ->> 'row_filter' IS NOT NULL AND c.oid = ANY (rels))
+      -- A table of a wal pattern needs FULL too: its router finds a deleted or moved row's old tenant, and a
+      -- value an UPDATE left alone, in the old row (_install_wal_capture). With the key alone a move left the
+      -- row in its old tenant's database.
+      AND (((l.spec ->> 'row_filter' IS NOT NULL OR strpos(t.target, '%s') > 0) AND c.oid = ANY (rels))
            OR NOT ARRAY(SELECT jsonb_array_elements_text(l.spec -> 'key_columns')) <@ coalesce((
               SELECT array_agg(a.attname::text) FROM pg_index i
               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
               WHERE i.indrelid = c.oid
                 AND ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident))),
               '{}'))
-    ORDER BY l.spec ->> 'row_filter' IS NULL
+    ORDER BY l.spec ->> 'row_filter' IS NULL AND strpos(t.target, '%s') = 0
     LIMIT 1;
-    IF v_rel IS NOT NULL AND v_filtered THEN
+    IF v_rel IS NOT NULL AND v_pattern IS NOT NULL THEN
+        RAISE EXCEPTION 'pgturso: % would lose the replica identity FULL that the router of wal pattern target % '
+                        'needs', v_rel, v_pattern
+            USING HINT = format('Keep ALTER TABLE %s REPLICA IDENTITY FULL: the router reads a deleted or moved '
+                                'row''s tenant, and values an UPDATE left alone, from the old row.', v_rel);
+    ELSIF v_rel IS NOT NULL AND v_filtered THEN
         RAISE EXCEPTION 'pgturso: % would lose the replica identity FULL that capture => ''wal'' of its row filter '
                         'needs', v_rel
             USING HINT = format('Keep ALTER TABLE %s REPLICA IDENTITY FULL (or untrack the table and track it '
