@@ -311,3 +311,27 @@ def test_a_routed_table_keeps_the_replica_identity_its_router_needs(conn, dsn, t
     # A reference table of the pattern too: a value an UPDATE left alone comes from the old row.
     with pytest.raises(psycopg.errors.RaiseException, match="plans"):
         conn.execute("ALTER TABLE plans REPLICA IDENTITY DEFAULT")
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_wait_for_sync_returns_once_every_tenant_has_the_callers_commits_and_not_before(conn, dsn, tmp_path: Path):
+    """wait_for_sync with a wal pattern: false while no router runs (the caller's commits are only in the slot),
+    true once the router routed them and every tenant (a new one included) applied them; and true for a caller
+    whose commits touched no table of the pattern, the router idle."""
+    _pattern(conn, tmp_path)
+    conn.execute("INSERT INTO orders VALUES (2, 'acme', 'a2'), (3, 'newco', 'n3')")
+    conn.execute("UPDATE plans SET price = '11' WHERE id = 2")
+    assert conn.execute("SELECT pgturso.wait_for_sync('1 s')").fetchone()[0] is False
+    worker = _start_worker(dsn)
+    try:
+        assert conn.execute("SELECT pgturso.wait_for_sync('120 s')").fetchone()[0]
+        assert conn.execute("SELECT count(*) FROM pgturso.outbox").fetchone()[0] == 0
+        conn.execute("CREATE TABLE untracked (n int)")
+        conn.execute("INSERT INTO untracked VALUES (1)")
+        assert conn.execute("SELECT pgturso.wait_for_sync('120 s')").fetchone()[0]
+    finally:
+        worker.stop()  # (it holds the tenants' files open; what they hold was there when wait_for_sync said so)
+    for tenant in ("acme", "newco"):
+        path = tmp_path / f"tenant-{tenant}.db"
+        assert tenant_rows(path, "SELECT id, item FROM orders ORDER BY id") == pg_tenant_rows(conn, tenant)
+        assert tenant_rows(path, PLANS) == pg_rows(conn, PLANS), tenant
