@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from pgturso.capture.layout import TableLayout
@@ -274,3 +275,17 @@ def test_layouts_are_looked_up_lazily_by_id() -> None:
     assert asked == []  # nothing built yet
     list(b.flush())
     assert asked == [3]
+
+
+def test_an_event_that_carries_its_rows_apart_is_split_without_parsing_its_payload(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slot's run hands its encoded rows over apart (Event.rows): the split uses them, not row_texts."""
+    from pgturso.delivery import statements as module
+
+    def parse(payload: str) -> Any:
+        raise AssertionError("parsed a payload whose rows were given")
+
+    monkeypatch.setattr(module, "row_texts", parse)
+    rows = ("[1,2]", "[3,4]", "[5,6]")
+    event = Event(1, 100, 3, "U", 3, ",".join(rows), rows=rows)
+    assert [s.args for s in run([event], 13)] == [("[[1,2],[3,4]]",), ("[[5,6]]",)]

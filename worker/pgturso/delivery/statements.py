@@ -244,7 +244,7 @@ class StatementBuilder:
                 # Many rows in one event (a slot's run of rows, a statement's rows captured by one trigger
                 # call): split into its rows, so that max_payload_bytes bounds every statement but one of a
                 # single row larger than it.
-                for row in row_texts(event.payload):
+                for row in event.rows or row_texts(event.payload):
                     yield from self._merge(event, row, len(row.encode()))
             else:
                 yield from self._merge(event, event.payload, size)

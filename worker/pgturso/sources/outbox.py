@@ -416,6 +416,9 @@ class Event:
     # Read from a wal pattern's slot by its router (router.py): a routed row's tenant, or a held outbox row's
     # (None: every tenant).
     tenant: str | None = None
+    # The payload's rows, each as its text in it, when its reader had them apart (a slot's run): spares
+    # StatementBuilder finding them again (statements.row_texts) to split a payload larger than a statement.
+    rows: tuple[str, ...] = ()
 
 
 class Batch:

@@ -257,6 +257,7 @@ class _Run:
     count: int = 0
     last_txid: int = 0
     payload: str = ""
+    rows: tuple[str, ...] = ()  # the encoded rows that ``payload`` joins
 
 
 def _group(runs: list[_Run]) -> dict[tuple[int, bool, frozenset[str]], list[_Run]]:
@@ -332,15 +333,18 @@ class WalBatch:
                     values = [v for run in group for v in run.values]
                     encoded = iter(source.encode(layout_id, key_only, values, sum(r.count for r in group),
                                                  computed))
+                    del values
                     for run in group:
-                        run.payload = ",".join(next(encoded) for _ in range(run.count))
+                        # The rows are kept apart too (Event.rows); their text values are no longer needed.
+                        run.rows = tuple(next(encoded) for _ in range(run.count))
+                        run.payload, run.values = ",".join(run.rows), []
             for item in pending:
                 if isinstance(item, _Run):
                     self.rows += item.count
                     self.rows_per_layout[item.layout_id] = self.rows_per_layout.get(item.layout_id, 0) + item.count
                     first, last = item.first_txid, item.last_txid
                     yield Event(0, first, item.layout_id, item.op, item.count, item.payload,
-                                (first,) if first == last else (first, last), item.count, item.route)
+                                (first,) if first == last else (first, last), item.count, item.route, item.rows)
                 else:
                     yield item
             pending.clear()
