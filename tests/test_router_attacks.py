@@ -335,3 +335,47 @@ def test_wait_for_sync_returns_once_every_tenant_has_the_callers_commits_and_not
         path = tmp_path / f"tenant-{tenant}.db"
         assert tenant_rows(path, "SELECT id, item FROM orders ORDER BY id") == pg_tenant_rows(conn, tenant)
         assert tenant_rows(path, PLANS) == pg_rows(conn, PLANS), tenant
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_a_router_killed_mid_registration_hands_over_to_a_second_worker(conn, dsn, tmp_path: Path):
+    """The first worker's router is registering a new tenant (its reference copy waiting for a DDL's lock) when
+    it is SIGKILLed; a second worker of the pattern, started meanwhile, takes the router lock over and routes
+    from the recorded marker: the new tenant is registered once, gets the reference table as it is after the
+    DDL, and every tenant applies each row once (file: write counters)."""
+    from test_tenants import applied_writes, count_postgres_writes, install_file_apply_counter, postgres_writes
+
+    _pattern(conn, tmp_path)
+    install_file_apply_counter(tmp_path / "tenant-acme.db", "orders")
+    count_postgres_writes(conn)
+    conn.execute("INSERT INTO orders VALUES (2, 'acme', 'before')")
+    ddl = psycopg.connect(dsn)
+    first = second = None
+    try:
+        ddl.execute("ALTER TABLE plans ADD COLUMN tier text")
+        ddl.execute("UPDATE plans SET tier = 'gold'")
+        conn.execute("INSERT INTO orders VALUES (3, 'zeta', 'z'), (4, 'acme', 'with zeta')")
+        first = _start_worker(dsn)
+        wait_until(lambda: conn.execute(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE NOT l.granted AND l.relation = 'plans'::regclass "
+            "AND a.application_name = 'pgturso-router'").fetchone()[0] == 1, 120, "the router to wait mid-registration")
+        second = _start_worker(dsn)
+        first.kill()
+        ddl.commit()
+        conn.execute("INSERT INTO orders VALUES (5, 'zeta', 'after')")
+        assert conn.execute("SELECT pgturso.wait_for_sync('180 s')").fetchone()[0]
+    finally:
+        ddl.close()
+        for proc in (first, second):
+            if proc is not None and proc.proc is not None and proc.proc.poll() is None:
+                proc.stop()
+    assert second.lines("router_started"), second.output
+    assert pg_rows(conn, "SELECT tenant FROM pgturso.target WHERE pattern = 'tenant-%s' ORDER BY 1") == [
+        ("acme",), ("zeta",)]
+    expected = pg_rows(conn, "SELECT id, name, price, tier FROM plans ORDER BY id")
+    for tenant in ("acme", "zeta"):
+        path = tmp_path / f"tenant-{tenant}.db"
+        assert tenant_rows(path, "SELECT id, name, price, tier FROM plans ORDER BY id") == expected, tenant
+        assert tenant_rows(path, "SELECT id, item FROM orders ORDER BY id") == pg_tenant_rows(conn, tenant), tenant
+    assert applied_writes(tmp_path / "tenant-acme.db") == postgres_writes(conn, "acme")
