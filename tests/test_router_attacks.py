@@ -379,3 +379,28 @@ def test_a_router_killed_mid_registration_hands_over_to_a_second_worker(conn, ds
         assert tenant_rows(path, "SELECT id, name, price, tier FROM plans ORDER BY id") == expected, tenant
         assert tenant_rows(path, "SELECT id, item FROM orders ORDER BY id") == pg_tenant_rows(conn, tenant), tenant
     assert applied_writes(tmp_path / "tenant-acme.db") == postgres_writes(conn, "acme")
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_truncates_of_routed_and_reference_tables_between_inserts_of_one_transaction(conn, dsn, tmp_path: Path):
+    """One transaction inserts, truncates the routed and the reference table, inserts again (a new tenant
+    among them, appearing after the TRUNCATE); another one brings a second new tenant before a TRUNCATE.
+    Each tenant ends with exactly the rows after its last TRUNCATE, the reference table as Postgres has it."""
+    _pattern(conn, tmp_path)
+    with conn.transaction():
+        conn.execute("INSERT INTO orders VALUES (10, 'acme', 'gone'), (11, 'globex', 'gone')")
+        conn.execute("INSERT INTO plans VALUES (3, 'gone', '3')")
+        conn.execute("TRUNCATE orders, plans")
+        conn.execute("INSERT INTO orders VALUES (12, 'acme', 'kept'), (13, 'zeta', 'kept')")
+        conn.execute("INSERT INTO plans VALUES (4, 'kept', '4')")
+    with conn.transaction():
+        conn.execute("INSERT INTO orders VALUES (14, 'yotta', 'gone')")
+        conn.execute("TRUNCATE plans")
+        conn.execute("TRUNCATE orders")
+        conn.execute("INSERT INTO orders VALUES (15, 'yotta', 'kept'), (16, 'acme', 'kept')")
+        conn.execute("INSERT INTO plans VALUES (5, 'kept', '5')")
+    drain_pattern(dsn)
+    for tenant in ("acme", "globex", "zeta", "yotta"):
+        path = tmp_path / f"tenant-{tenant}.db"
+        assert tenant_rows(path, "SELECT id, item FROM orders ORDER BY id") == pg_tenant_rows(conn, tenant), tenant
+        assert tenant_rows(path, PLANS) == pg_rows(conn, PLANS) == [(5, "kept", "5")], tenant
