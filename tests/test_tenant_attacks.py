@@ -442,12 +442,17 @@ def test_a_tenant_value_that_is_no_host_name_is_refused_where_it_would_be_in_a_u
     conn.execute("SELECT pgturso.track_table('accounts', target => 'cloud-%s', route_by => 'org')")
     conn.execute("CREATE TABLE sites (id int PRIMARY KEY, org text NOT NULL)")
     conn.execute("SELECT pgturso.track_table('sites', target => 'edge-%s', route_by => 'org')")
+    # %s as the port (a tenant per local tursodb server, as the background worker's test does): digits only.
+    conn.execute("SELECT pgturso.add_target('port-%s', 'http://127.0.0.1:%s')")
+    conn.execute("CREATE TABLE shards (id int PRIMARY KEY, port text NOT NULL)")
+    conn.execute("SELECT pgturso.track_table('shards', target => 'port-%s', route_by => 'port')")
+    conn.execute("INSERT INTO shards VALUES (1, '38777')")
 
     longest = "x" * (63 - len("tenant--myorg"))  # the label tenant-<value>-myorg at 63 characters
     conn.execute("INSERT INTO accounts VALUES (1, 'acme'), (2, 'Big-Co'), (3, '-lead'), (4, %s)", (longest,))
     conn.execute("INSERT INTO sites VALUES (1, 'acme'), (2, 'a-1')")
     refusals = [("accounts", "a_b"), ("accounts", longest + "x"), ("sites", "-acme"), ("sites", "acme-"),
-                ("sites", "a_b")]
+                ("sites", "a_b"), ("shards", "a-1")]
     for table, value in refusals:
         refusal = re.escape(f'tenant value "{value}" of table public.{table}')
         with pytest.raises(psycopg.Error, match=refusal) as refused:
@@ -459,7 +464,7 @@ def test_a_tenant_value_that_is_no_host_name_is_refused_where_it_would_be_in_a_u
     registered = conn.execute("SELECT pattern, tenant FROM pgturso.target WHERE pattern <> 'tenant-%s' "
                               "ORDER BY pattern, tenant COLLATE \"C\"").fetchall()
     assert registered == [("cloud-%s", "-lead"), ("cloud-%s", "Big-Co"), ("cloud-%s", "acme"), ("cloud-%s", longest),
-                          ("edge-%s", "a-1"), ("edge-%s", "acme")]
+                          ("edge-%s", "a-1"), ("edge-%s", "acme"), ("port-%s", "38777")]
     # In a file: path these are file names: the tenant gets its database and its rows.
     conn.execute("INSERT INTO orders VALUES (1, 'a_b', 'anvil'), (2, '-acme', 'gear')")
     drain_pattern(dsn)

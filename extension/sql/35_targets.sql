@@ -12,6 +12,8 @@ LANGUAGE sql IMMUTABLE
 @SESSION_SETTINGS@
 AS $$
     SELECT CASE
+        WHEN strpos(a.port, '%s') > 0 AND replace(a.port, '%s', tenant) !~ '^[0-9]{1,5}$' THEN
+            'a port takes digits only'
         WHEN f.label IS NULL THEN NULL
         WHEN strpos(tenant, '.') > 0 THEN 'a dot separates the names of a host: it would make another host'
         WHEN f.filled !~ '^[A-Za-z0-9-]+$' THEN 'a host name takes letters, digits and - only'
@@ -19,11 +21,15 @@ AS $$
         WHEN length(f.filled) > 63 THEN
             format('a host name has at most 63 characters, and this one would have %s', length(f.filled))
     END
-    FROM (SELECT h.label, replace(h.label, '%s', tenant) AS filled
-          FROM (SELECT (SELECT l FROM regexp_split_to_table(
-                            regexp_replace(regexp_replace(substring(url FROM '^[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)'),
-                                                          '^[^@]*@', ''), ':[0-9]*$', ''), '[.]') AS l
-                        WHERE strpos(l, '%s') > 0 LIMIT 1) AS label) AS h) AS f
+    -- The URL's authority without its user info, split into host and port (the text after the last ':' that
+    -- is not inside an IPv6 address's brackets): %s may stand for either.
+    FROM (SELECT regexp_replace(u.authority, ':[^:\]]*$', '') AS host,
+                 substring(u.authority FROM ':([^:\]]*)$') AS port
+          FROM (SELECT regexp_replace(substring(url FROM '^[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)'), '^[^@]*@', '')
+                       AS authority) AS u) AS a,
+         LATERAL (SELECT h.label, replace(h.label, '%s', tenant) AS filled
+                  FROM (SELECT (SELECT l FROM regexp_split_to_table(a.host, '[.]') AS l
+                                WHERE strpos(l, '%s') > 0 LIMIT 1) AS label) AS h) AS f
 $$;
 COMMENT ON FUNCTION pgturso._tenant_host_problem IS
     'Private: why a tenant value cannot replace the %s in the host of a pattern target''s URL, or NULL.';
