@@ -23,7 +23,7 @@ from conftest import REPO, drain, pending, run_worker
 from support.cloud_proxy import CloudProxy
 from support.pgcluster import PG_BIN, PgCluster, _as_postgres
 from support.turso import TursoServer, install_apply_counter, read_rows
-from support.workers import WorkerProcess, outbox_empty, wait_until
+from support.workers import WorkerProcess, outbox_empty, run_once_measuring_peak_rss, wait_until
 from support.workload import Workload, assert_equal, create_tables
 
 CAPTURE_MODES = ("trigger", "wal")  # every test here runs in both capture modes (conftest)
@@ -244,15 +244,10 @@ def test_a_big_transaction_is_streamed_and_atomic(conn, dsn, turso: TursoServer)
     turso.stop()
     turso.start()
     assert turso.query("SELECT count(*) FROM big") == [[0]]
-    script = ("import resource, sys; from pgturso.cli import main; rc = main(sys.argv[1:]); "
-              "print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); "
-              "sys.exit(rc)")
-    done = subprocess.run([sys.executable, "-c", script, "run", "--once", "--dsn", dsn, "--url", turso.url, *small],
-                          capture_output=True, text=True, timeout=600)
+    done, peak_mb = run_once_measuring_peak_rss(dsn, turso.url, *small, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert turso.query("SELECT count(*), min(id), max(id) FROM big") == [[rows, 1, rows]]
-    maxrss_mb = int(re.search(r"maxrss_kb (\d+)", done.stderr).group(1)) / 1024
-    assert maxrss_mb < 150, f"worker peak RSS {maxrss_mb:.0f} MB"
+    assert peak_mb < 150, f"worker peak RSS {peak_mb:.0f} MB"
     assert pending(conn) == 0
 
 

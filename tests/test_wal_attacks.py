@@ -8,9 +8,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import re
-import subprocess
-import sys
 import threading
 
 import psycopg
@@ -18,7 +15,7 @@ import pytest
 from conftest import drain, pending
 from support.pgcluster import PgCluster
 from support.turso import TursoServer, install_apply_counter
-from support.workers import WorkerProcess, wait_until
+from support.workers import WorkerProcess, run_once_measuring_peak_rss, wait_until
 
 CAPTURE_MODES = ("trigger", "wal")
 
@@ -203,14 +200,9 @@ def turso_count(turso: TursoServer, table: str) -> int:
 
 def drain_measuring_rss(dsn: str, url: str, *args: str) -> float:
     """``run --once`` to the end; the worker's peak RSS in MB."""
-    script = ("import resource, sys; from pgturso.cli import main; rc = main(sys.argv[1:]); "
-              "print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); "
-              "sys.exit(rc)")
-    done = subprocess.run([sys.executable, "-c", script, "run", "--once", "--dsn", dsn, "--url", url, *args],
-                          capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PGTURSO_RETRY_BASE_DELAY": "0.05"})
+    done, peak_mb = run_once_measuring_peak_rss(dsn, url, *args, env={"PGTURSO_RETRY_BASE_DELAY": "0.05"})
     assert done.returncode == 0, done.stderr[-3000:]
-    return int(re.search(r"maxrss_kb (\d+)", done.stderr).group(1)) / 1024  # type: ignore[union-attr]
+    return peak_mb
 
 
 def test_sigkill_of_the_worker_inside_a_large_transaction_loses_and_doubles_nothing(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,6 +54,27 @@ class WorkerProcess:
 
     def lines(self, event: str) -> list[str]:
         return [line for line in self.output.splitlines() if f"event={event}" in line]
+
+
+# `run --once` in a child that reports its own peak RSS as it exits. VmHWM, not getrusage's ru_maxrss: Linux
+# carries ru_maxrss over from the process that forked the child (here the pytest worker, hundreds of MB after
+# a few hundred tests), so it measured the test runner, not the worker.
+_PEAK_RSS_SCRIPT = (
+    "import re, sys; from pgturso.cli import main; rc = main(sys.argv[1:]); "
+    "status = open('/proc/self/status').read(); "
+    "print('peak_rss_kb', re.search(r'VmHWM:\\s+(\\d+)', status).group(1), file=sys.stderr); "
+    "sys.exit(rc)"
+)
+
+
+def run_once_measuring_peak_rss(dsn: str, url: str, *args: str, timeout: float = 900,
+                                env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[str], float]:
+    """``pgturso-worker run --once`` to the end: the finished process and its peak RSS in MB (0 if it did not
+    get to report it)."""
+    done = subprocess.run([sys.executable, "-c", _PEAK_RSS_SCRIPT, "run", "--once", "--dsn", dsn, "--url", url,
+                           *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    found = re.search(r"peak_rss_kb (\d+)", done.stderr)
+    return done, int(found.group(1)) / 1024 if found else 0.0
 
 
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> None:
