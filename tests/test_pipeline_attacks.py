@@ -7,6 +7,9 @@ Turso: each arrives whole or not at all."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -34,9 +37,63 @@ def write_large_transaction(conn: psycopg.Connection[Any], tables: tuple[str, ..
     return txid
 
 
-def start_streaming_worker(dsn: str, url: str) -> WorkerProcess:
-    return WorkerProcess(dsn, url, "--max-request-bytes", "65536", "--max-statement-bytes", "16384",
-                         "--idle-wait", "1").start()
+STREAMING = ("--max-request-bytes", "65536", "--max-statement-bytes", "16384", "--idle-wait", "1")
+SMALL_BATCHES = ("--batch-events", "5", "--idle-wait", "1")
+
+
+@dataclass
+class Tracked:
+    """Tables tracked, a worker delivering them through a CloudProxy, their first rows on Turso and the first
+    table's writes counted there (``applied``). ``worker`` may be replaced (a kill and a restart): the current
+    one is stopped at the end."""
+
+    dsn: str
+    cloud: CloudProxy
+    worker: WorkerProcess
+    worker_args: tuple[str, ...]
+
+    def restart(self) -> WorkerProcess:
+        self.worker = WorkerProcess(self.dsn, self.cloud.url, *self.worker_args).start()
+        return self.worker
+
+
+@contextmanager
+def tracked_behind_a_proxy(conn: psycopg.Connection[Any], dsn: str, turso: TursoServer,
+                           worker_args: tuple[str, ...] = STREAMING, tables: tuple[str, ...] = ("t",),
+                           stream_expiry: float = 120) -> Iterator[Tracked]:
+    for table in tables:
+        conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
+        conn.execute("SELECT pgturso.track_table(%s)", (table,))
+    with CloudProxy(turso.url, None, stream_expiry=stream_expiry) as cloud:
+        tracked = Tracked(dsn, cloud, WorkerProcess(dsn, cloud.url, *worker_args).start(), worker_args)
+        try:
+            for table in tables:
+                conn.execute(f"INSERT INTO {table} VALUES (0, 'delivered')")
+            first_rows = " + ".join(f"(SELECT count(*) FROM {table})" for table in tables)
+            wait_until(lambda: on_turso(turso, f"SELECT {first_rows}") == [[len(tables)]], 60,
+                       "the first rows to be delivered")
+            install_apply_counter(turso.url, tables[0])
+            yield tracked
+        finally:
+            tracked.worker.stop()
+
+
+def a_backlog_behind(tracked: Tracked, conn: psycopg.Connection[Any], slow_answers: list[float] | None = None) -> None:
+    """Stop the worker, commit BACKLOG one-row transactions into t (batches of 5, read ahead), start it again
+    (the proxy answering its requests with ``slow_answers``' delays, when given)."""
+    assert tracked.worker.stop() == 0
+    for i in range(1, BACKLOG + 1):
+        conn.execute("INSERT INTO t VALUES (%s, 'x')", (i,))
+    if slow_answers is not None:
+        tracked.cloud.slow_answers = slow_answers
+    tracked.restart()
+
+
+def every_backlog_row_once(turso: TursoServer, tracked: Tracked, dsn: str) -> None:
+    wait_until(lambda: outbox_empty(dsn), 120, "the worker to deliver the backlog")
+    wait_until(lambda: on_turso(turso, "SELECT count(*) FROM t") == [[BACKLOG + 1]], 60, "every row on Turso")
+    assert turso.query("SELECT count(*), count(DISTINCT id), min(id), max(id) FROM applied") == \
+        [[BACKLOG, BACKLOG, 1, BACKLOG]], tracked.worker.output[-3000:]
 
 
 @pytest.mark.parametrize("capture", ["trigger"], indirect=True)  # a wal target's skip works on the slot
@@ -45,30 +102,22 @@ def test_skip_transaction_while_its_streamed_batch_travels_never_half_applies_it
     """skip_transaction of the source transaction whose parts the worker is sending (Turso holds the first
     request): the worker no longer holds a snapshot or a lock on those events, so the parts still to read lose
     them. Turso must end with the whole transaction or none of it, never the first part alone."""
-    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
-    conn.execute("SELECT pgturso.track_table('t')")
-    with CloudProxy(turso.url, None, stream_expiry=120) as cloud:
-        worker = start_streaming_worker(dsn, cloud.url)
-        try:
-            conn.execute("INSERT INTO t VALUES (0, 'delivered')")
-            wait_until(lambda: on_turso(turso, "SELECT id FROM t") == [[0]], 60, "the first row to be delivered")
-            install_apply_counter(turso.url, "t")
-            cloud.answer_delays = [10.0]  # the large transaction's first request is answered 10 s late
-            txid = write_large_transaction(conn, ("t",))
-            wait_until(lambda: cloud.holding > 0, 60, "Turso to hold the first part of the large transaction")
-            skipped = conn.execute("SELECT pgturso.skip_transaction(%s::xid8, 'attack')", (txid,)).fetchone()[0]
-            assert skipped == LARGE_EVENTS
-            assert cloud.holding > 0, "Turso answered before the skip: nothing was shown (hold the request longer)"
-            wait_until(lambda: cloud.holding == 0 and outbox_empty(dsn), 120, "the worker to settle after the hang")
-            conn.execute("INSERT INTO t VALUES (-1, 'after')")
-            wait_until(lambda: outbox_empty(dsn), 60, "the row after to be delivered")
-            wait_until(lambda: on_turso(turso, "SELECT count(*) FROM t WHERE id = -1") == [[1]], 60, "the row after")
-            applied = turso.query("SELECT count(*) FROM applied WHERE id > 0")[0][0]
-            assert applied in (0, LARGE_ROWS), \
-                f"Turso applied {applied} of the skipped transaction's {LARGE_ROWS} rows: it was cut in two"
-            assert turso.query("SELECT count(*) FROM t WHERE id > 0")[0][0] == applied
-        finally:
-            worker.stop()
+    with tracked_behind_a_proxy(conn, dsn, turso) as tracked:
+        cloud = tracked.cloud
+        cloud.answer_delays = [10.0]  # the large transaction's first request is answered 10 s late
+        txid = write_large_transaction(conn, ("t",))
+        wait_until(lambda: cloud.holding > 0, 60, "Turso to hold the first part of the large transaction")
+        skipped = conn.execute("SELECT pgturso.skip_transaction(%s::xid8, 'attack')", (txid,)).fetchone()[0]
+        assert skipped == LARGE_EVENTS
+        assert cloud.holding > 0, "Turso answered before the skip: nothing was shown (hold the request longer)"
+        wait_until(lambda: cloud.holding == 0 and outbox_empty(dsn), 120, "the worker to settle after the hang")
+        conn.execute("INSERT INTO t VALUES (-1, 'after')")
+        wait_until(lambda: outbox_empty(dsn), 60, "the row after to be delivered")
+        wait_until(lambda: on_turso(turso, "SELECT count(*) FROM t WHERE id = -1") == [[1]], 60, "the row after")
+        applied = turso.query("SELECT count(*) FROM applied WHERE id > 0")[0][0]
+        assert applied in (0, LARGE_ROWS), \
+            f"Turso applied {applied} of the skipped transaction's {LARGE_ROWS} rows: it was cut in two"
+        assert turso.query("SELECT count(*) FROM t WHERE id > 0")[0][0] == applied
 
 
 @pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
@@ -77,33 +126,21 @@ def test_untrack_table_while_a_streamed_transaction_travels_never_half_applies_i
     """A source transaction writing two tables, streamed in parts; untrack_table of one of them while Turso holds
     the first part. The other table's rows all arrive; the untracked table's rows arrive whole or not at all
     (never the first part's alone: the transaction would be cut in two on Turso)."""
-    conn.execute("CREATE TABLE a (id int PRIMARY KEY, v text)")
-    conn.execute("CREATE TABLE b (id int PRIMARY KEY, v text)")
-    conn.execute("SELECT pgturso.track_table('a')")
-    conn.execute("SELECT pgturso.track_table('b')")
-    with CloudProxy(turso.url, None, stream_expiry=120) as cloud:
-        worker = start_streaming_worker(dsn, cloud.url)
-        try:
-            conn.execute("INSERT INTO a VALUES (0, 'delivered')")
-            conn.execute("INSERT INTO b VALUES (0, 'delivered')")
-            wait_until(lambda: on_turso(turso, "SELECT (SELECT count(*) FROM a) + (SELECT count(*) FROM b)") == [[2]],
-                       60, "the first rows to be delivered")
-            install_apply_counter(turso.url, "a")
-            cloud.answer_delays = [10.0]
-            write_large_transaction(conn, ("a", "b"))
-            wait_until(lambda: cloud.holding > 0, 60, "Turso to hold the first part of the large transaction")
-            untracking = threading.Thread(target=lambda: psycopg.connect(dsn, autocommit=True).execute(
-                "SELECT pgturso.untrack_table('a')"))
-            untracking.start()
-            untracking.join(60)
-            assert cloud.holding > 0, "Turso answered before untrack_table: nothing was shown (hold it longer)"
-            wait_until(lambda: cloud.holding == 0 and outbox_empty(dsn), 120, "the worker to settle after the hang")
-            assert turso.query("SELECT count(*) FROM b WHERE id > 0") == [[LARGE_ROWS]], worker.output[-3000:]
-            applied = turso.query("SELECT count(*) FROM applied WHERE id > 0")[0][0]
-            assert applied in (0, LARGE_ROWS), \
-                f"Turso applied {applied} of the transaction's {LARGE_ROWS} rows of the untracked table: cut in two"
-        finally:
-            worker.stop()
+    with tracked_behind_a_proxy(conn, dsn, turso, tables=('a', 'b')) as tracked:
+        cloud = tracked.cloud
+        cloud.answer_delays = [10.0]
+        write_large_transaction(conn, ("a", "b"))
+        wait_until(lambda: cloud.holding > 0, 60, "Turso to hold the first part of the large transaction")
+        untracking = threading.Thread(target=lambda: psycopg.connect(dsn, autocommit=True).execute(
+            "SELECT pgturso.untrack_table('a')"))
+        untracking.start()
+        untracking.join(60)
+        assert cloud.holding > 0, "Turso answered before untrack_table: nothing was shown (hold it longer)"
+        wait_until(lambda: cloud.holding == 0 and outbox_empty(dsn), 120, "the worker to settle after the hang")
+        assert turso.query("SELECT count(*) FROM b WHERE id > 0") == [[LARGE_ROWS]], tracked.worker.output[-3000:]
+        applied = turso.query("SELECT count(*) FROM applied WHERE id > 0")[0][0]
+        assert applied in (0, LARGE_ROWS), \
+            f"Turso applied {applied} of the transaction's {LARGE_ROWS} rows of the untracked table: cut in two"
 
 
 def large_transaction_on_turso_once(turso: TursoServer, table: str = "t") -> bool:
@@ -121,37 +158,29 @@ def test_a_streamed_batch_failing_after_its_first_part_is_sent_again_whole_and_o
     to fail (a 503, a hang answered 504, a 200 of garbage), or the worker's Postgres session is terminated (its
     next part cannot be read). The half-sent Turso transaction is rolled back and the batch is sent again whole:
     every row arrives, each written once."""
-    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
-    conn.execute("SELECT pgturso.track_table('t')")
-    with CloudProxy(turso.url, None, stream_expiry=120) as cloud:
-        worker = start_streaming_worker(dsn, cloud.url)
-        try:
-            conn.execute("INSERT INTO t VALUES (0, 'delivered')")
-            wait_until(lambda: on_turso(turso, "SELECT id FROM t") == [[0]], 60, "the first row to be delivered")
-            install_apply_counter(turso.url, "t")
-            cloud.answer_delays = [3.0]
-            write_large_transaction(conn, ("t",))
-            wait_until(lambda: cloud.holding > 0, 60, "Turso to hold the first part of the large transaction")
-            sent_before = len(cloud.requests)
-            if fault == "503":
-                cloud.faults = [(503, "text/plain", "Service Unavailable")]
-            elif fault == "hang":
-                cloud.stalls = [2.0]
-            elif fault == "garbage":
-                cloud.faults = [(200, "application/json", '{"results": [{"type": "ok"')]
-            else:
-                terminated = conn.execute(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE application_name LIKE 'pgturso%%' AND pid <> pg_backend_pid()").fetchone()[0]
-                assert terminated >= 1
-            assert cloud.holding > 0, "Turso answered before the fault was set: nothing was shown"
-            wait_until(lambda: outbox_empty(dsn) and cloud.holding == 0, 120, "the worker to deliver after the fault")
-            assert large_transaction_on_turso_once(turso), worker.output[-3000:]
-            if fault != "postgres_gone":
-                assert len(cloud.requests) > sent_before + 1, "the fault was never met: nothing was shown"
-                assert worker.lines("retry"), worker.output[-3000:]
-        finally:
-            worker.stop()
+    with tracked_behind_a_proxy(conn, dsn, turso) as tracked:
+        cloud = tracked.cloud
+        cloud.answer_delays = [3.0]
+        write_large_transaction(conn, ("t",))
+        wait_until(lambda: cloud.holding > 0, 60, "Turso to hold the first part of the large transaction")
+        sent_before = len(cloud.requests)
+        if fault == "503":
+            cloud.faults = [(503, "text/plain", "Service Unavailable")]
+        elif fault == "hang":
+            cloud.stalls = [2.0]
+        elif fault == "garbage":
+            cloud.faults = [(200, "application/json", '{"results": [{"type": "ok"')]
+        else:
+            terminated = conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name LIKE 'pgturso%%' AND pid <> pg_backend_pid()").fetchone()[0]
+            assert terminated >= 1
+        assert cloud.holding > 0, "Turso answered before the fault was set: nothing was shown"
+        wait_until(lambda: outbox_empty(dsn) and cloud.holding == 0, 120, "the worker to deliver after the fault")
+        assert large_transaction_on_turso_once(turso), tracked.worker.output[-3000:]
+        if fault != "postgres_gone":
+            assert len(cloud.requests) > sent_before + 1, "the fault was never met: nothing was shown"
+            assert tracked.worker.lines("retry"), tracked.worker.output[-3000:]
 
 
 @pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
@@ -160,23 +189,15 @@ def test_a_worker_killed_while_turso_holds_a_part_of_a_streamed_batch_delivers_i
     """SIGKILL while Turso holds the first part of a large source transaction (its Turso transaction open, the
     next parts unread): the stream expires and rolls it back; a new worker sends the batch whole, each row
     written once."""
-    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
-    conn.execute("SELECT pgturso.track_table('t')")
-    with CloudProxy(turso.url, None, stream_expiry=3) as cloud:
-        worker = start_streaming_worker(dsn, cloud.url)
-        try:
-            conn.execute("INSERT INTO t VALUES (0, 'delivered')")
-            wait_until(lambda: on_turso(turso, "SELECT id FROM t") == [[0]], 60, "the first row to be delivered")
-            install_apply_counter(turso.url, "t")
-            cloud.answer_delays = [20.0]
-            write_large_transaction(conn, ("t",))
-            wait_until(lambda: cloud.holding > 0, 60, "Turso to hold the first part of the large transaction")
-            worker.kill()
-            worker = start_streaming_worker(dsn, cloud.url)
-            wait_until(lambda: outbox_empty(dsn), 120, "the restarted worker to deliver")
-            assert large_transaction_on_turso_once(turso), worker.output[-3000:]
-        finally:
-            worker.stop()
+    with tracked_behind_a_proxy(conn, dsn, turso, stream_expiry=3) as tracked:
+        cloud = tracked.cloud
+        cloud.answer_delays = [20.0]
+        write_large_transaction(conn, ("t",))
+        wait_until(lambda: cloud.holding > 0, 60, "Turso to hold the first part of the large transaction")
+        tracked.worker.kill()
+        tracked.restart()
+        wait_until(lambda: outbox_empty(dsn), 120, "the restarted worker to deliver")
+        assert large_transaction_on_turso_once(turso), tracked.worker.output[-3000:]
 
 
 # trigger capture: a wal worker takes the backlog in a few large batches, done before the test can hold one
@@ -187,30 +208,16 @@ def test_a_worker_killed_after_turso_committed_a_batch_read_ahead_of_delivers_ev
     N+1 (in a transaction it rolled back) and waits. SIGKILL then: Postgres still has N's events pending (its
     deletion comes once Turso answered), Turso has N and its marker. The new worker recovers by the marker: N is
     not applied again, N+1 and the rest arrive, every row written once."""
-    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
-    conn.execute("SELECT pgturso.track_table('t')")
-    with CloudProxy(turso.url, None, stream_expiry=3) as cloud:
-        worker = WorkerProcess(dsn, cloud.url, "--batch-events", "5", "--idle-wait", "1").start()
-        try:
-            conn.execute("INSERT INTO t VALUES (0, 'delivered')")
-            wait_until(lambda: on_turso(turso, "SELECT id FROM t") == [[0]], 60, "the first row to be delivered")
-            install_apply_counter(turso.url, "t")
-            assert worker.stop() == 0
-            for i in range(1, BACKLOG + 1):  # a backlog of one-row transactions: batches of 5, read ahead
-                conn.execute("INSERT INTO t VALUES (%s, 'x')", (i,))
-            worker = WorkerProcess(dsn, cloud.url, "--batch-events", "5", "--idle-wait", "1").start()
-            wait_until(lambda: (on_turso(turso, "SELECT count(*) FROM applied") or [[0]])[0][0] >= 25, 60,
-                       "a few batches to be delivered")
-            cloud.slow_answers = [20.0]  # the next answer: a batch Turso committed, the worker not told
-            wait_until(lambda: cloud.holding > 0, 60, "Turso to hold a committed batch's answer")
-            worker.kill()
-            worker = WorkerProcess(dsn, cloud.url, "--batch-events", "5", "--idle-wait", "1").start()
-            wait_until(lambda: outbox_empty(dsn), 120, "the restarted worker to deliver")
-            wait_until(lambda: on_turso(turso, "SELECT count(*) FROM t") == [[BACKLOG + 1]], 60, "every row on Turso")
-            assert turso.query("SELECT count(*), count(DISTINCT id), min(id), max(id) FROM applied") == \
-                [[BACKLOG, BACKLOG, 1, BACKLOG]], worker.output[-3000:]
-        finally:
-            worker.stop()
+    with tracked_behind_a_proxy(conn, dsn, turso, worker_args=SMALL_BATCHES, stream_expiry=3) as tracked:
+        cloud = tracked.cloud
+        a_backlog_behind(tracked, conn)
+        wait_until(lambda: (on_turso(turso, "SELECT count(*) FROM applied") or [[0]])[0][0] >= 25, 60,
+                   "a few batches to be delivered")
+        cloud.slow_answers = [20.0]  # the next answer: a batch Turso committed, the worker not told
+        wait_until(lambda: cloud.holding > 0, 60, "Turso to hold a committed batch's answer")
+        tracked.worker.kill()
+        tracked.restart()
+        every_backlog_row_once(turso, tracked, dsn)
 
 
 @pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
@@ -222,39 +229,31 @@ def test_transactions_below_a_streamed_batchs_cut_committing_between_its_parts_a
     snapshot); they commit while Turso holds the batch's first part, so the parts read after, selecting the batch
     by its snapshot, must not take them in mid-batch, and they must not be skipped either: both arrive after, whole
     and once; the rolled-back savepoint's row never."""
-    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
-    conn.execute("SELECT pgturso.track_table('t')")
-    with CloudProxy(turso.url, None, stream_expiry=120) as cloud:
-        worker = start_streaming_worker(dsn, cloud.url)
-        try:
-            conn.execute("INSERT INTO t VALUES (0, 'delivered')")
-            wait_until(lambda: on_turso(turso, "SELECT id FROM t") == [[0]], 60, "the first row to be delivered")
-            install_apply_counter(turso.url, "t")
-            with psycopg.connect(dsn) as savepoints, psycopg.connect(dsn) as straddling:
-                savepoints.execute("SAVEPOINT a")
-                savepoints.execute("INSERT INTO t VALUES (-10, 'in a released savepoint')")
-                savepoints.execute("RELEASE SAVEPOINT a")
-                savepoints.execute("SAVEPOINT b")
-                savepoints.execute("INSERT INTO t VALUES (-11, 'rolled back')")
-                savepoints.execute("ROLLBACK TO SAVEPOINT b")
-                straddling.execute("INSERT INTO t VALUES (-20, 'before the large one')")
-                cloud.answer_delays = [5.0]
-                write_large_transaction(conn, ("t",))
-                wait_until(lambda: cloud.holding > 0, 60, "Turso to hold the first part of the large transaction")
-                savepoints.execute("SAVEPOINT c")
-                savepoints.execute("INSERT INTO t VALUES (-12, 'in a savepoint after the choice')")
-                savepoints.commit()
-                straddling.execute("INSERT INTO t VALUES (-21, 'after the large one')")
-                straddling.commit()
-                assert cloud.holding > 0, "Turso answered before the others committed: nothing was shown"
-            wait_until(lambda: outbox_empty(dsn) and cloud.holding == 0, 120, "the worker to deliver everything")
-            wait_until(lambda: on_turso(turso, "SELECT count(*) FROM t WHERE id < 0") == [[4]], 60,
-                       "the transactions below the cut")
-            assert large_transaction_on_turso_once(turso), worker.output[-3000:]
-            assert turso.query("SELECT id FROM t WHERE id < 0 ORDER BY id") == [[-21], [-20], [-12], [-10]]
-            assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied WHERE id < 0") == [[4, 4]]
-        finally:
-            worker.stop()
+    with tracked_behind_a_proxy(conn, dsn, turso) as tracked:
+        cloud = tracked.cloud
+        with psycopg.connect(dsn) as savepoints, psycopg.connect(dsn) as straddling:
+            savepoints.execute("SAVEPOINT a")
+            savepoints.execute("INSERT INTO t VALUES (-10, 'in a released savepoint')")
+            savepoints.execute("RELEASE SAVEPOINT a")
+            savepoints.execute("SAVEPOINT b")
+            savepoints.execute("INSERT INTO t VALUES (-11, 'rolled back')")
+            savepoints.execute("ROLLBACK TO SAVEPOINT b")
+            straddling.execute("INSERT INTO t VALUES (-20, 'before the large one')")
+            cloud.answer_delays = [5.0]
+            write_large_transaction(conn, ("t",))
+            wait_until(lambda: cloud.holding > 0, 60, "Turso to hold the first part of the large transaction")
+            savepoints.execute("SAVEPOINT c")
+            savepoints.execute("INSERT INTO t VALUES (-12, 'in a savepoint after the choice')")
+            savepoints.commit()
+            straddling.execute("INSERT INTO t VALUES (-21, 'after the large one')")
+            straddling.commit()
+            assert cloud.holding > 0, "Turso answered before the others committed: nothing was shown"
+        wait_until(lambda: outbox_empty(dsn) and cloud.holding == 0, 120, "the worker to deliver everything")
+        wait_until(lambda: on_turso(turso, "SELECT count(*) FROM t WHERE id < 0") == [[4]], 60,
+                   "the transactions below the cut")
+        assert large_transaction_on_turso_once(turso), tracked.worker.output[-3000:]
+        assert turso.query("SELECT id FROM t WHERE id < 0 ORDER BY id") == [[-21], [-20], [-12], [-10]]
+        assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied WHERE id < 0") == [[4, 4]]
 
 
 # trigger capture: a wal worker sends this backlog in too few requests to hold one past the start's
@@ -265,25 +264,11 @@ def test_a_batch_failing_while_the_next_was_read_ahead_loses_and_repeats_nothing
     (the next batch, sent once the held one settled, with the one after it read ahead meanwhile) fails with a
     503. The batch read ahead is dropped (its transaction was rolled back): every row arrives, each written
     once."""
-    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
-    conn.execute("SELECT pgturso.track_table('t')")
-    with CloudProxy(turso.url, None, stream_expiry=3) as cloud:
-        worker = WorkerProcess(dsn, cloud.url, "--batch-events", "5", "--idle-wait", "1").start()
-        try:
-            conn.execute("INSERT INTO t VALUES (0, 'delivered')")
-            wait_until(lambda: on_turso(turso, "SELECT id FROM t") == [[0]], 60, "the first row to be delivered")
-            install_apply_counter(turso.url, "t")
-            assert worker.stop() == 0
-            for i in range(1, BACKLOG + 1):
-                conn.execute("INSERT INTO t VALUES (%s, 'x')", (i,))
-            cloud.slow_answers = [0.0, 0.0, 0.0, 3.0]  # past the start's requests: a batch's answer
-            worker = WorkerProcess(dsn, cloud.url, "--batch-events", "5", "--idle-wait", "1").start()
-            wait_until(lambda: cloud.holding > 0, 60, "Turso to hold a batch's answer")
-            cloud.faults = [(503, "text/plain", "Service Unavailable")]
-            wait_until(lambda: outbox_empty(dsn) and not cloud.faults, 120, "the worker to deliver the backlog")
-            wait_until(lambda: on_turso(turso, "SELECT count(*) FROM t") == [[BACKLOG + 1]], 60, "every row on Turso")
-            assert turso.query("SELECT count(*), count(DISTINCT id), min(id), max(id) FROM applied") == \
-                [[BACKLOG, BACKLOG, 1, BACKLOG]], worker.output[-3000:]
-            assert worker.lines("retry"), worker.output[-3000:]
-        finally:
-            worker.stop()
+    with tracked_behind_a_proxy(conn, dsn, turso, worker_args=SMALL_BATCHES, stream_expiry=3) as tracked:
+        cloud = tracked.cloud
+        a_backlog_behind(tracked, conn, slow_answers=[0.0, 0.0, 0.0, 3.0])  # past the start's: a batch's answer
+        wait_until(lambda: cloud.holding > 0, 60, "Turso to hold a batch's answer")
+        cloud.faults = [(503, "text/plain", "Service Unavailable")]
+        wait_until(lambda: not cloud.faults, 120, "the worker to meet the fault")
+        every_backlog_row_once(turso, tracked, dsn)
+        assert tracked.worker.lines("retry"), tracked.worker.output[-3000:]

@@ -17,10 +17,10 @@ from conftest import pending
 from test_tenant_batch_attacks import (  # noqa: F401 (hooked_sends: a fixture)
     ROUND,
     Crash,
+    a_recovered_round,
     assert_every_write_arrived_once,
     hooked_sends,
     items_pending,
-    recovered_round,
 )
 from test_tenants import drain_pattern
 
@@ -57,9 +57,8 @@ def test_a_round_mate_whose_database_refuses_a_change_keeps_its_events_and_delay
     counters equal what was delivered (the refused batch counted once, when it finally arrived)."""
     import turso as pyturso
 
-    pattern, tenants = recovered_round(conn, dsn, tmp_path)
-    acme, globex, initech = tenants
-    try:
+    with a_recovered_round(conn, dsn, tmp_path) as (pattern, tenants):
+        acme, globex, initech = tenants
         db = pyturso.connect(str(tmp_path / "tenant-globex.db"))
         db.execute("CREATE UNIQUE INDEX one_of_each_item ON orders (item)")
         db.commit()
@@ -97,10 +96,6 @@ def test_a_round_mate_whose_database_refuses_a_change_keeps_its_events_and_delay
         assert pending(conn) == 0
         assert counted_since(conn, before) == {"tenant-acme": (1, 1), "tenant-globex": (3, 3),
                                                "tenant-initech": (2, 2)}
-        for tenant in tenants:
-            tenant.close_target()
-    finally:
-        pattern._shut_down()
     assert_every_write_arrived_once(conn, tmp_path, *ROUND)
 
 
@@ -109,9 +104,8 @@ def test_a_round_mate_whose_backlog_does_not_fit_a_batch_is_delivered_the_genera
     """globex's backlog is more than its batch limit: the round's read says so, globex streams a batch in its own
     transaction on the round's connection between acme's and initech's sends, and the round then deletes acme's
     and initech's batches. Each tenant's writes arrive once, in order, and are counted once."""
-    pattern, tenants = recovered_round(conn, dsn, tmp_path)
-    globex = tenants[1]
-    try:
+    with a_recovered_round(conn, dsn, tmp_path) as (pattern, tenants):
+        globex = tenants[1]
         globex._set_batch_limits(globex.batch_rows, 2)
         before = delivered_counts(conn)
         conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a1'), (2, 'globex', 'g1'), (3, 'initech', 'i1')")
@@ -135,10 +129,6 @@ def test_a_round_mate_whose_backlog_does_not_fit_a_batch_is_delivered_the_genera
         assert pending(conn) == 0
         assert counted_since(conn, before) == {"tenant-acme": (1, 1), "tenant-globex": (5, 9),
                                                "tenant-initech": (2, 2)}
-        for tenant in tenants:
-            tenant.close_target()
-    finally:
-        pattern._shut_down()
     assert_every_write_arrived_once(conn, tmp_path, *ROUND)
 
 
@@ -151,8 +141,7 @@ def test_a_worker_dying_at_any_point_of_a_round_applies_each_batch_once_and_coun
     every tenant's commit and before the round's deletion. Nothing is deleted that its tenant's Turso did not
     commit; a fresh worker recovers each tenant from its own marker: each write applied once, and each tenant's
     delivered counters equal to its transactions and rows (counted once, by whoever removed the events)."""
-    pattern, tenants = recovered_round(conn, dsn, tmp_path)
-    try:
+    with a_recovered_round(conn, dsn, tmp_path) as (pattern, tenants):
         before = delivered_counts(conn)
         conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a1'), (2, 'globex', 'g1'), (3, 'initech', 'i1')")
         conn.execute("INSERT INTO orders VALUES (4, 'globex', 'g2'), (5, 'initech', 'i2'), (6, 'initech', 'i3')")
@@ -178,10 +167,6 @@ def test_a_worker_dying_at_any_point_of_a_round_applies_each_batch_once_and_coun
         assert items_pending(conn, "acme", "a1") == ["a1"] and items_pending(conn, "globex", "g1", "g2") == [
             "g1", "g2"] and items_pending(conn, "initech", "i1", "i2", "i3") == ["i1", "i2", "i3"]
         assert counted_since(conn, before) == {name: (0, 0) for name in NAMES}
-        for tenant in tenants:
-            tenant.close_target()
-    finally:
-        pattern._shut_down()
     drain_pattern(dsn)  # a fresh worker: each tenant recovered from its own marker
     assert_every_write_arrived_once(conn, tmp_path, *ROUND)
     assert counted_since(conn, before) == {"tenant-acme": (1, 1), "tenant-globex": (2, 2), "tenant-initech": (2, 3)}
@@ -199,8 +184,7 @@ def test_a_rounds_late_deletion_after_another_worker_recovered_its_tenants_remov
 
     from pgturso.run import fanout
 
-    pattern, tenants = recovered_round(conn, dsn, tmp_path)
-    try:
+    with a_recovered_round(conn, dsn, tmp_path) as (pattern, tenants):
         before = delivered_counts(conn)
         conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a1'), (2, 'globex', 'g1'), (3, 'initech', 'i1')")
         markers: dict[str, Any] = {}
@@ -234,8 +218,6 @@ def test_a_rounds_late_deletion_after_another_worker_recovered_its_tenants_remov
             tenant.close_target()
         assert pending(conn) == 0
         assert counted_since(conn, before) == {name: (3, 3) for name in NAMES}
-    finally:
-        pattern._shut_down()
     assert_every_write_arrived_once(conn, tmp_path, *ROUND)
 
 
@@ -324,8 +306,7 @@ def test_a_round_mate_whose_events_were_skipped_while_turso_had_its_batch_is_not
     acme's database has its marker: the round records it as acme's delivered marker (Postgres knew the batch
     before it as the last one, as RECORD_BATCH's ``follows`` rule says), so a restarted worker recovers acme by
     its marker and copies nothing again (no target_behind); every write arrives once, counted once."""
-    pattern, tenants = recovered_round(conn, dsn, tmp_path)
-    try:
+    with a_recovered_round(conn, dsn, tmp_path) as (pattern, tenants):
         before = delivered_counts(conn)
         with conn.transaction():
             conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a1')")
@@ -345,10 +326,6 @@ def test_a_round_mate_whose_events_were_skipped_while_turso_had_its_batch_is_not
         assert pending(conn) == 0
         assert counted_since(conn, before) == {"tenant-acme": (0, 0), "tenant-globex": (1, 1),
                                                "tenant-initech": (1, 1)}
-        for tenant in tenants:
-            tenant.close_target()
-    finally:
-        pattern._shut_down()
     conn.execute("INSERT INTO orders VALUES (4, 'acme', 'a2')")
     restarted = drain_pattern(dsn)  # a fresh worker: each tenant recovered from its own marker
     assert "target_behind" not in restarted.stderr, restarted.stderr

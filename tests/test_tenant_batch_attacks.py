@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -441,6 +442,18 @@ def recovered_round(conn: psycopg.Connection[Any], dsn: str, tmp_path: Path) -> 
     return pattern, tenants
 
 
+@contextmanager
+def a_recovered_round(conn: psycopg.Connection[Any], dsn: str, tmp_path: Path) -> Iterator[tuple[Any, list[Any]]]:
+    """recovered_round, its tenants' databases closed and its worker shut down at the end."""
+    pattern, tenants = recovered_round(conn, dsn, tmp_path)
+    try:
+        yield pattern, tenants
+        for tenant in tenants:
+            tenant.close_target()
+    finally:
+        pattern._shut_down()
+
+
 def test_a_round_deletes_what_turso_committed_and_leaves_a_failed_tenants_events_for_its_own_retry(
         conn, dsn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A round reads three tenants' batches in one statement (no tenant reads its own) and sends each; the middle
@@ -451,8 +464,7 @@ def test_a_round_deletes_what_turso_committed_and_leaves_a_failed_tenants_events
     from pgturso.run import fanout
     from pgturso.sources.outbox import Outbox
 
-    pattern, tenants = recovered_round(conn, dsn, tmp_path)
-    try:
+    with a_recovered_round(conn, dsn, tmp_path) as (pattern, tenants):
         conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a1'), (2, 'globex', 'g1'), (3, 'initech', 'i1')")
         conn.execute("INSERT INTO orders VALUES (4, 'globex', 'g2'), (5, 'initech', 'i2')")
         send = fanout.send_batch
@@ -489,10 +501,6 @@ def test_a_round_deletes_what_turso_committed_and_leaves_a_failed_tenants_events
         outcomes = pattern._run_round(tenants)  # globex recovers from its marker and delivers, on its own
         assert set(outcomes.values()) == {None}, outcomes
         assert pending(conn) == 0
-        for tenant in tenants:
-            tenant.close_target()
-    finally:
-        pattern._shut_down()
     assert_every_write_arrived_once(conn, tmp_path, *ROUND)
 
 
@@ -502,8 +510,7 @@ def test_a_worker_dying_mid_round_leaves_each_tenant_to_recover_from_its_own_mar
     """The worker dies in a round after Turso committed two tenants' batches and before the round's deletion (or
     its connection is cut as the deletion runs): nothing was deleted, and a fresh worker recovers each tenant
     from the marker on its database, forgetting what arrived and sending what did not, each write once."""
-    pattern, tenants = recovered_round(conn, dsn, tmp_path)
-    try:
+    with a_recovered_round(conn, dsn, tmp_path) as (pattern, tenants):
         conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a1'), (2, 'globex', 'g1'), (3, 'initech', 'i1')")
         sent: list[str] = []
 
@@ -539,10 +546,6 @@ def test_a_worker_dying_mid_round_leaves_each_tenant_to_recover_from_its_own_mar
             assert all(isinstance(v, float) for v in outcomes.values()), outcomes
             assert not any(t.recovered for t in tenants)  # each recovers from its marker at its next visit
             assert items_pending(conn, "initech", "i1") == ["i1"]
-        for tenant in tenants:
-            tenant.close_target()
-    finally:
-        pattern._shut_down()
     drain_pattern(dsn)  # a fresh worker: each tenant recovered from its own marker
     assert_every_write_arrived_once(conn, tmp_path, *ROUND)
 
