@@ -7,6 +7,7 @@ trigger counts the writes)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import socket
 from collections.abc import Callable, Iterator
@@ -590,3 +591,41 @@ def test_a_round_mate_failing_unexpectedly_does_not_keep_its_closed_database_loc
     monkeypatch.undo()
     drain_pattern(dsn)
     assert_every_write_arrived_once(conn, tmp_path, *ROUND)
+
+
+def test_a_tenant_batch_whose_checkpoint_cannot_complete_stays_in_the_outbox_until_one_does(conn, dsn, tmp_path: Path):
+    """A tenant's commit on its file: database makes no fsync of its own (synchronous = NORMAL): the checkpoint
+    after it makes it durable. A reader holding the file stops that checkpoint: the batch is committed on the
+    file but not known to be durable, so its events must stay in the outbox, and the marker read at the
+    tenant's recovery must not forget them until a checkpoint completed. Once the reader lets go they are
+    forgotten by the marker, not applied again."""
+    import turso as pyturso
+
+    two_tenants_counted(conn, dsn, tmp_path)
+    conn.execute("INSERT INTO orders VALUES (1, 'acme', 'one'), (2, 'globex', 'two')")
+    path = tmp_path / "tenant-acme.db"
+    pattern = in_process_pattern_worker(dsn)
+    reader = pyturso.connect(str(path), isolation_level=None)
+    try:
+        acme = tenant_worker(pattern, "acme")
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT count(*) FROM orders").fetchall() == [(1,)]
+        assert acme.step(pattern._pool_connection, False) is not None  # failed: a retry after a delay
+        assert items_pending(conn, "acme", "one") == ["one"]
+        again = pyturso.connect(str(path), isolation_level=None)
+        assert again.execute("SELECT item FROM orders WHERE id = 1").fetchall() == [("one",)]  # committed there
+        again.close()
+        assert acme.step(pattern._pool_connection, False) is not None  # still held: the marker is not trusted
+        assert items_pending(conn, "acme", "one") == ["one"]
+        reader.execute("COMMIT")
+        assert acme.step(pattern._pool_connection, False) is None  # recovered: forgotten by the marker
+        assert items_pending(conn, "acme", "one") == []
+        assert (tmp_path / "tenant-acme.db-wal").stat().st_size == 0
+        acme.close_target()
+    finally:
+        reader.close()
+        pattern._shut_down()
+    del reader, again  # pyturso lets go of a file's lock when the connection is freed, not at close()
+    gc.collect()
+    drain_pattern(dsn)
+    assert_every_write_arrived_once(conn, tmp_path, "acme", "globex")

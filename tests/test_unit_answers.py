@@ -261,3 +261,69 @@ def test_closing_a_file_target_checkpoints_it_even_while_another_connection_read
     fresh = turso.connect(str(path), isolation_level=None)
     assert fresh.execute("SELECT id FROM t ORDER BY id").fetchall() == [(1,), (2,), (3,)]
     fresh.close()
+
+
+def test_a_checkpointed_file_target_commit_returns_with_the_rows_in_the_database_file(tmp_path) -> None:
+    """checkpoint_commits (a pattern's tenants): a commit runs without its own fsync (synchronous = NORMAL) and
+    returns only after a TRUNCATE checkpoint copied it into the database file (fsynced, the WAL emptied);
+    closing then drops the connection, and the file opens again with every row."""
+    import turso
+    from pgturso.delivery.statements import Statement
+    from pgturso.delivery.targets import FileTarget
+
+    path = tmp_path / "tenant.db"
+    target = FileTarget(str(path), checkpoint_commits=True)
+    assert target.query("PRAGMA synchronous") == [[1]]
+    target.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+    assert target.unsynced  # an autocommit write: durable with the next commit's checkpoint
+    transaction = target.begin()
+    transaction.execute(Statement("INSERT INTO t VALUES (1), (2)", table="public.t", operation="insert"))
+    transaction.commit()
+    assert not target.unsynced
+    assert (tmp_path / "tenant.db-wal").stat().st_size == 0
+    target.close()
+    target.close()  # a second close does nothing
+    again = turso.connect(str(path), isolation_level=None)
+    assert again.execute("SELECT id FROM t ORDER BY id").fetchall() == [(1,), (2,)]
+    again.close()
+
+
+def test_a_checkpointed_commit_a_reader_keeps_from_the_file_is_not_reported_durable(tmp_path) -> None:
+    """A reader holding a read transaction stops the checkpoint that makes a checkpointed commit durable: the
+    commit must raise (a transient error: the caller keeps the batch's events), and nothing is read through
+    the target (recovery's marker) until a checkpoint completed; a WAL left behind by a process that stopped
+    before its checkpoint is treated the same way when the file is opened."""
+    import turso
+    from pgturso.common.errors import TursoUnavailable
+    from pgturso.delivery.statements import Statement
+    from pgturso.delivery.targets import FileTarget
+
+    path = tmp_path / "tenant.db"
+    target = FileTarget(str(path), checkpoint_commits=True)
+    target.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+    reader = turso.connect(str(path), isolation_level=None)
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT count(*) FROM t").fetchall() == [(0,)]
+    transaction = target.begin()
+    transaction.execute(Statement("INSERT INTO t VALUES (1)", table="public.t", operation="insert"))
+    with pytest.raises(TursoUnavailable, match="not complete"):
+        transaction.commit()
+    assert target.unsynced
+    with pytest.raises(TursoUnavailable, match="not complete"):
+        target.query("SELECT id FROM t")
+    reader.execute("COMMIT")
+    assert target.query("SELECT id FROM t") == [[1]]
+    assert not target.unsynced
+    reader.close()
+    target.close()
+
+    # Written (autocommit), then dropped without close(), which would have checkpointed it.
+    left = turso.connect(str(path), isolation_level=None)
+    left.execute("INSERT INTO t VALUES (2)")
+    del left
+    assert (tmp_path / "tenant.db-wal").stat().st_size > 0
+    reopened = FileTarget(str(path), checkpoint_commits=True)
+    assert reopened.unsynced
+    assert reopened.query("SELECT id FROM t ORDER BY id") == [[1], [2]]
+    assert (tmp_path / "tenant.db-wal").stat().st_size == 0
+    reopened.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -108,17 +109,20 @@ def http_endpoint(url: str) -> tuple[str, str | None]:
 
 
 def open_target(url: str, auth_token: str | None, *, max_request_bytes: int, timeout: float,
-                tls_ca_file: str | None = None, encryption_key: str | None = None, threads: bool = True) -> Target:
+                tls_ca_file: str | None = None, encryption_key: str | None = None, threads: bool = True,
+                checkpoint_commits: bool = False) -> Target:
     """A target for ``url``: http(s)://, libsql:// (https://, or http:// with ?tls=0) or file:PATH.
 
     TLS certificates are always verified, against the system CAs or ``tls_ca_file``. A token in the URL
     (``?authToken=``) wins over ``auth_token``, as in libsql clients. ``encryption_key`` opens an encrypted Turso
     Cloud database (sent as the ``x-turso-encryption-key`` header). ``threads=False`` (inside a Postgres
-    backend) sends every request from the caller's thread.
+    backend) sends every request from the caller's thread. ``checkpoint_commits``: a file: database is made
+    durable by a checkpoint after each commit instead of by the commit's own fsync (FileTarget), for a pattern
+    worker that closes a database after nearly every visit.
     """
     scheme = urlsplit(url).scheme.lower()
     if scheme == "file":
-        return FileTarget(url[len("file:") :])
+        return FileTarget(url[len("file:") :], checkpoint_commits=checkpoint_commits)
     if scheme in ("http", "https", "libsql"):
         endpoint, url_token = http_endpoint(url)
         return HttpTarget(endpoint, url_token or auth_token, max_request_bytes=max_request_bytes, timeout=timeout,
@@ -373,9 +377,17 @@ class HttpTransaction:
 
 
 class FileTarget:
-    """A local Turso database file, written in-process through pyturso: the embedded default."""
+    """A local Turso database file, written in-process through pyturso: the embedded default.
 
-    def __init__(self, path: str) -> None:
+    ``checkpoint_commits`` (a pattern worker's tenants): each commit is followed by a ``TRUNCATE`` checkpoint
+    whose result is checked, and the commit itself runs with ``synchronous = NORMAL`` (no fsync of its own).
+    A commit returns only once the checkpoint copied it into the database file and fsynced it, so it is as
+    durable on return as a ``FULL`` commit (docs/design.md "A database per tenant": the argument, the checks).
+    Closing then has nothing left to copy: the connection is dropped without pyturso's ``close()``, whose
+    checkpoint fsyncs the file three more times holding Python's GIL (it serialized a worker's tenant threads).
+    """
+
+    def __init__(self, path: str, *, checkpoint_commits: bool = False) -> None:
         try:
             import turso  # imported here: only file: targets need pyturso
         except ImportError:
@@ -387,8 +399,11 @@ class FileTarget:
             raise ConfigError("a file: target needs a path, e.g. file:/var/lib/pgturso/replica.db")
         self.description = f"file:{path}"
         self._error = turso.Error
+        self.checkpoint_commits = checkpoint_commits
         try:
             self.conn = turso.connect(path, isolation_level=None)
+            if checkpoint_commits:
+                self.conn.execute("PRAGMA synchronous = NORMAL").fetchall()
         except turso.Error as exc:
             if "lock" in str(exc).lower():  # another process has it open: it may let go (a worker, after idling)
                 raise TursoUnavailable(
@@ -397,13 +412,33 @@ class FileTarget:
                     "idle tenant's file after a few seconds); try again, or serve it with tursodb --sync-server"
                 ) from exc
             raise ConfigError(f"{self.description} cannot be opened: {exc}") from exc
+        # Written but maybe not on disk yet: a WAL left by a process that stopped before its checkpoint (its
+        # frames may sit in the page cache only), or a commit whose checkpoint did not complete. Nothing read
+        # from the file (recovery's marker) is trusted until a checkpoint completed (``_sync``).
+        self.unsynced = checkpoint_commits and _wal_size(path) > 0
         self.last_hold_seconds = 0.0
 
     def query(self, sql: str, args: Sequence[hrana.Value] = ()) -> list[list[hrana.Value]]:
+        if self.unsynced:
+            self.sync()
         try:
             return [list(row) for row in self.conn.execute(sql, tuple(args)).fetchall()]
         except self._error as exc:
             raise self.failure(exc) from exc
+
+    def sync(self) -> None:
+        """Checkpoint the whole WAL into the database file and fsync it (TRUNCATE: also empty the WAL); raises
+        TursoUnavailable unless it completed (another connection reading the file stops it)."""
+        try:
+            busy, *_ = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()[0]
+        except self._error as exc:
+            raise TursoUnavailable(f"{self.description}: the checkpoint that makes its last commit durable failed "
+                                   f"({exc}); the batch's events stay in the outbox until one completes") from exc
+        if busy:
+            raise TursoUnavailable(f"{self.description}: the checkpoint that makes its last commit durable could "
+                                   "not complete (another connection is reading the file); the batch's events "
+                                   "stay in the outbox until one completes")
+        self.unsynced = False
 
     def failure(self, exc: Exception, statement: Statement | None = None, what: str = "") -> PgTursoError:
         """What a pyturso error means, by the same table as Turso's answers: another process holding the file's
@@ -418,11 +453,26 @@ class FileTarget:
 
     def execute(self, sql: str) -> None:
         self.query(sql)
+        # An autocommit write (a recopy's CREATE TABLE), made durable by the next commit's checkpoint.
+        self.unsynced = self.checkpoint_commits
 
     def begin(self) -> FileTransaction:
         return FileTransaction(self)
 
     def close(self) -> None:
+        if self.conn is None:
+            return
+        if self.checkpoint_commits:
+            try:
+                if self.unsynced:
+                    self.sync()
+            except TursoUnavailable as exc:  # pyturso's close() below checkpoints what is left
+                event(log, logging.DEBUG, "checkpoint_failed", target=self.description, error=str(exc))
+            else:
+                # Everything is in the database file and the WAL is empty: dropping the connection closes the
+                # file (and lets go of its lock) without close()'s fsyncs under the GIL.
+                self.conn = None  # type: ignore[assignment]
+                return
         # Closing the last connection of a database checkpoints its WAL (writes and fsyncs), and pyturso's
         # close() does that holding Python's GIL: a pattern worker closing tenants' databases on four threads
         # went no faster than on one. A checkpoint through execute() does the same work with the GIL released,
@@ -433,6 +483,13 @@ class FileTarget:
         except self._error as exc:  # close() below checkpoints anyway; nothing of the data is at stake
             event(log, logging.DEBUG, "checkpoint_failed", target=self.description, error=str(exc))
         self.conn.close()
+
+
+def _wal_size(path: str) -> int:
+    try:
+        return os.path.getsize(f"{path}-wal")
+    except OSError:
+        return 0
 
 
 class FileTransaction:
@@ -459,6 +516,12 @@ class FileTransaction:
         except self.target._error as exc:
             self.abort()
             raise self.target.failure(exc, what="COMMIT failed: ") from exc
+        if self.target.checkpoint_commits:
+            # Committed without an fsync (synchronous = NORMAL): durable once this checkpoint completed. If it
+            # did not, the caller learns the batch may not be durable and leaves its events in the outbox; the
+            # marker read at its recovery is trusted only after a checkpoint completed (FileTarget.query).
+            self.target.unsynced = True
+            self.target.sync()
         self.target.last_hold_seconds = time.monotonic() - self.opened_at
 
     def abort(self) -> None:

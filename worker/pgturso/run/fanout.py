@@ -93,7 +93,7 @@ TARGET_IDLE_SECONDS = 10.0  # a tenant idle this long has its Turso connection (
 MAX_OPEN_TARGETS = 32
 # While an initial copy of the pattern's tables runs, a tenant is stepped at most this often, counted from the
 # copy's start: every chunk brings every tenant a few rows, and a visit costs a fixed amount (Postgres round
-# trips; opening, committing and closing its database, whose close holds Python's GIL through its fsyncs) that
+# trips; opening, committing, checkpointing and closing its database, four fsyncs) that
 # gathering does not pay again. A copy shorter than this reaches each tenant in one visit after its last chunk,
 # and the chunks get the cores meanwhile (bench 11a: at most once a second, 1,000 tenants took ~2,300-2,900
 # visits and the copy ran 2-4 times slower than alone). The price: a tenant's live changes wait up to this long
@@ -205,6 +205,9 @@ class TenantWorker(Worker):
         self._open_targets = open_targets
         self.read_ahead = False  # one batch at a time on a pool thread: no sender thread per tenant
         self.copy_enabled = False  # the pattern's initial copy is one job of the scheduler for every tenant
+        # A tenant's file: database is closed after nearly every visit when many are busy: durable by the
+        # checkpoint after each commit, so that closing it costs no fsync under the GIL (FileTarget).
+        self.checkpoint_commits = True
         self.metrics = metrics
         self._shared_layouts = shared_layouts
         self._count_rows = count_rows
