@@ -650,56 +650,172 @@ def test_the_scans_tenant_endpoints_are_what_target_endpoint_says_for_each_tenan
         assert target_endpoint(conn, dataclasses.replace(settings, target=name)) == endpoint, name
 
 
-@pytest.mark.parametrize("capture", ["wal"], indirect=True)
-def test_wal_a_tenant_value_the_router_cannot_register_is_shown_then_skipped(conn, dsn, tmp_path: Path):
-    """capture => 'wal': no trigger refuses a tenant value that cannot name a database, so its writer commits.
-    The router stops there (every tenant waits: it routes in commit order), shows the error with the source
-    transaction and the fix on the pattern's row of pgturso.target_status, and goes on once it is skipped."""
+def _wal_orders(conn: psycopg.Connection[Any], tmp_path: Path) -> None:
+    """Pattern tenant-%s of `file:` databases, and ``orders`` routed to it by tenant_id with capture => 'wal'."""
     conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
     conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
     conn.execute("SELECT pgturso.track_table('orders', target => %s, route_by => 'tenant_id', capture => 'wal')",
                  ("tenant-%s",))
+
+
+def _blocked(conn: psycopg.Connection[Any], name: str) -> str:
+    """The error pgturso.status shows for tenant database ``name`` while it is blocked ('' if not blocked)."""
+    row = conn.execute("SELECT last_error FROM pgturso.status WHERE target = %s AND worker_status = 'blocked'",
+                       (name,)).fetchone()
+    return "" if row is None else str(row[0])
+
+
+def _delivered(conn: psycopg.Connection[Any], names: list[str]) -> int:
+    """Rows the workers delivered to these tenant databases (read from Postgres: the worker holds the files)."""
+    return int(conn.execute("SELECT coalesce(sum(rows_delivered), 0) FROM pgturso.target_status "
+                            "WHERE target = ANY (%s)", (names,)).fetchone()[0])
+
+
+def _write_tenants(dsn: str, stop: Any, errors: list[str], tenants: list[str], first_id: int) -> None:
+    """A concurrent load: an insert and an update per transaction, spread over ``tenants``."""
+    with psycopg.connect(dsn, autocommit=True) as writer:
+        n = first_id
+        while not stop.is_set():
+            n += 1
+            try:
+                with writer.transaction():
+                    writer.execute("INSERT INTO orders (id, tenant_id, item) VALUES (%s, %s, 'live')",
+                                   (n, tenants[n % len(tenants)]))
+                    writer.execute("UPDATE orders SET item = item || '+' WHERE id = %s", (n - 1,))
+            except Exception as exc:  # the subject is the router: the writer must never fail
+                errors.append(repr(exc))
+            time.sleep(0.005)
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_wal_a_blocked_tenant_is_parked_while_the_others_deliver_then_registered_by_add_target(
+        conn, dsn, tmp_path: Path):
+    """capture => 'wal': a tenant value that cannot be registered (here it differs only in case from a tenant:
+    host and Turso database names ignore case) has committed: the router parks its rows (this one and every later
+    one of the value, deletes, a reference table's change and a DDL in between, in stream order) and goes on
+    routing every other tenant under a concurrent load. The tenant shows 'blocked' in pgturso.status,
+    target_status and pgturso-worker status with the error, the table, the value and the fix; a SIGKILLed worker
+    comes back with it still parked. add_target of its name with a URL of its own registers it: its parked rows
+    arrive in order, once, consistent with its reference table; nothing lost or doubled for the others."""
+    import threading
+
+    _wal_orders(conn, tmp_path)
+    conn.execute("CREATE TABLE plans (id int PRIMARY KEY, name text)")
+    conn.execute("SELECT pgturso.track_table('plans', target => %s)", ("tenant-%s",))
+    conn.execute("INSERT INTO plans VALUES (1, 'free')")
+    conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a')")
+    drain_pattern(dsn)
+    others = ["acme", "globex", "initech"]
+    worker = _start_worker(dsn)
+    stop = threading.Event()
+    errors: list[str] = []
+    writer = threading.Thread(target=_write_tenants, args=(dsn, stop, errors, others, 1000))
+    writer.start()
+    try:
+        with conn.transaction():
+            conn.execute("INSERT INTO orders VALUES (2, 'Acme', 'parked 1')")
+            txid = conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0]
+        conn.execute("INSERT INTO orders VALUES (3, 'Acme', 'parked 2'), (4, 'Acme', 'deleted later')")
+        conn.execute("UPDATE plans SET name = 'FREE'")  # a reference change while parked
+        conn.execute("ALTER TABLE orders ADD COLUMN note text")  # a DDL while parked
+        conn.execute("UPDATE orders SET item = 'parked 1b', note = 'n' WHERE id = 2")
+        conn.execute("DELETE FROM orders WHERE id = 4")
+        wait_until(lambda: "differs only in case" in _blocked(conn, "tenant-Acme"), 120, "Acme shown blocked")
+        error = _blocked(conn, "tenant-Acme")
+        assert 'tenant value "Acme"' in error and "orders" in error and "HINT" in error, error
+        assert "pgturso.add_target('tenant-Acme'" in error and "discard_blocked_tenant" in error, error
+        assert conn.execute("SELECT last_error_txid::text, last_error_table FROM pgturso.target_status "
+                            "WHERE target = 'tenant-Acme'").fetchone() == (txid, "public.orders")
+        status = subprocess.run([*WORKER, "status", "--dsn", dsn], capture_output=True, text=True, timeout=60)
+        assert status.returncode == 1 and "tenant-Acme" in status.stdout and "blocked" in status.stdout, status.stdout
+        # The others keep delivering while Acme is parked: rows committed after the parked ones arrive.
+        names = [f"tenant-{t}" for t in others]
+        before = _delivered(conn, names)
+        wait_until(lambda: _delivered(conn, names) > before + 20, 120, "the others' rows, behind no one")
+        worker.kill()  # SIGKILL with Acme parked: the new router finds it blocked and keeps parking its rows
+        worker = _start_worker(dsn)
+        conn.execute("INSERT INTO orders VALUES (6, 'Acme', 'parked after the restart', NULL)")
+        before = _delivered(conn, names)
+        wait_until(lambda: _delivered(conn, names) > before + 20, 120, "the others' rows after the restart")
+        assert _blocked(conn, "tenant-Acme")
+        assert not (tmp_path / "own-Acme.db").exists()
+        # The fix: Acme gets a database of its own.
+        conn.execute("SELECT pgturso.add_target('tenant-Acme', %s)", (f"file:{tmp_path}/own-Acme.db",))
+        assert _blocked(conn, "tenant-Acme") == ""
+        conn.execute("INSERT INTO orders VALUES (8, 'Acme', 'registered', NULL)")
+        time.sleep(1)
+        stop.set()
+        writer.join()
+        assert not errors, errors[:5]
+        assert conn.execute("SELECT pgturso.wait_for_sync('120 s')").fetchone()[0]
+    finally:
+        stop.set()
+        writer.join()
+        worker.stop()
+    assert tenant_rows(tmp_path / "own-Acme.db", "SELECT id, item, note FROM orders ORDER BY id") == \
+        pg_tenant_rows(conn, "Acme", "id, item, note") == [
+            (2, "parked 1b", "n"), (3, "parked 2", None), (6, "parked after the restart", None),
+            (8, "registered", None)]
+    assert tenant_rows(tmp_path / "own-Acme.db", "SELECT id, name FROM plans") == [(1, "FREE")]
+    assert not (tmp_path / "tenant-Acme.db").exists()
+    for tenant in others:
+        path = tmp_path / f"tenant-{tenant}.db"
+        assert tenant_rows(path, "SELECT id, item FROM orders ORDER BY id") == pg_tenant_rows(conn, tenant), tenant
+        assert tenant_rows(path, "SELECT id, name FROM plans") == [(1, "FREE")], tenant
+    assert conn.execute("SELECT count(*) FROM pgturso.blocked_tenant").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM pgturso.outbox").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_wal_a_blocked_tenant_given_up_is_discarded_or_skipped(conn, dsn, tmp_path: Path):
+    """capture => 'wal': a tenant value that cannot name a database at all is parked (blocked) while the others
+    deliver. Giving up on it: skip_transaction of the transaction that brought it (after correcting the row in
+    Postgres; named by target_status) drops its parked rows as before this change: it is no longer blocked. Or
+    discard_blocked_tenant drops all its parked rows at once; a later row of the value parks it again."""
+    _wal_orders(conn, tmp_path)
     conn.execute("INSERT INTO orders VALUES (1, 'acme', 'before')")
     with conn.transaction():
         conn.execute("INSERT INTO orders VALUES (2, 'no way!', 'bad')")
         txid = conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0]
     conn.execute("INSERT INTO orders VALUES (3, 'globex', 'after')")
+    conn.execute("INSERT INTO orders VALUES (4, 'bad value', 'b1'), (5, 'bad value', 'b2')")
     worker = _start_worker(dsn)
     try:
-        def error() -> str:
-            row = conn.execute("SELECT last_error, last_error_txid::text FROM pgturso.target_status "
-                               "WHERE target = 'tenant-%s'").fetchone()
-            return "" if row is None or row[0] is None else f"{row[0]} txid={row[1]}"
-
-        wait_until(lambda: "no way!" in error(), 120, "the router's error on the pattern's status row")
-        assert f"skip_transaction('{txid}'" in error() and f"txid={txid}" in error(), error()
-        # (what was routed in the same batch as the bad value waits with it: nothing of it reached a database)
-        assert not (tmp_path / "tenant-globex.db").exists()  # committed after the bad value: waits behind it
-        conn.execute("DELETE FROM orders WHERE id = 2")  # the row corrected (its delete goes nowhere)
-        conn.execute("SELECT pgturso.skip_transaction(%s, 'bad tenant value', target => 'tenant-%%s')", (txid,))
-        wait_until(lambda: error() == "", 60, "the error to clear")
-        # wait_for_sync waits for the router to have queued what committed before it, then for its delivery
-        conn.execute("INSERT INTO orders VALUES (4, 'acme', 'synced')")
+        wait_until(lambda: "cannot name a database" in _blocked(conn, "tenant-no way!")
+                   and _blocked(conn, "tenant-bad value"), 120, "both values shown blocked")
+        wait_until(lambda: _delivered(conn, ["tenant-globex"]) == 1, 120, "globex's row, behind no one")
+        # (b) as before this change: correct the row, then skip the transaction for the pattern
+        conn.execute("DELETE FROM orders WHERE id = 2")
+        assert conn.execute("SELECT pgturso.skip_transaction(%s, 'bad tenant value', target => 'tenant-%%s')",
+                            (txid,)).fetchone()[0] >= 2  # (its table's creation and row, parked)
+        wait_until(lambda: _blocked(conn, "tenant-no way!") == "", 60, "no way! no longer blocked")
+        # (b) all at once: the value's parked rows dropped, recorded
+        conn.execute("UPDATE orders SET tenant_id = 'initech' WHERE tenant_id = 'bad value'")
+        assert conn.execute("SELECT pgturso.wait_for_sync('2 s')").fetchone()[0] is False  # parked: not in sync
+        assert conn.execute("SELECT pgturso.discard_blocked_tenant('tenant-%s', 'bad value', 'moved to initech')"
+                            ).fetchone()[0] >= 2
         assert conn.execute("SELECT pgturso.wait_for_sync('60 s')").fetchone()[0]
         assert conn.execute("SELECT count(*) FROM pgturso.outbox").fetchone()[0] == 0
+        # a later row of a discarded value is parked again
+        conn.execute("INSERT INTO orders VALUES (6, 'bad value', 'again')")
+        wait_until(lambda: _blocked(conn, "tenant-bad value"), 60, "bad value blocked again")
     finally:
-        worker.stop()  # (it holds the tenants' files open)
-    assert tenant_rows(tmp_path / "tenant-acme.db", "SELECT id, item FROM orders ORDER BY id") == [
-        (1, "before"), (4, "synced")]
-    assert tenant_rows(tmp_path / "tenant-globex.db", "SELECT id, item FROM orders") == [(3, "after")]
-    assert conn.execute("SELECT name FROM pgturso.target WHERE pattern IS NOT NULL ORDER BY 1").fetchall() == [
-        ("tenant-acme",), ("tenant-globex",)]
+        worker.stop()
+    assert tenant_rows(tmp_path / "tenant-acme.db", "SELECT id, item FROM orders ORDER BY id") == [(1, "before")]
+    assert tenant_rows(tmp_path / "tenant-initech.db", "SELECT id, item FROM orders ORDER BY id") == [
+        (4, "b1"), (5, "b2")]
+    assert conn.execute("SELECT tenant FROM pgturso.target WHERE pattern IS NOT NULL ORDER BY 1").fetchall() == [
+        ("acme",), ("globex",), ("initech",)]
+    assert conn.execute("SELECT reason, events >= 2 FROM pgturso.skipped_transaction "
+                        "WHERE target = 'tenant-bad value'").fetchall() == [("moved to initech", True)]
 
 
 @pytest.mark.parametrize("capture", ["wal"], indirect=True)
 def test_wal_a_patterns_lost_slot_is_replaced_and_every_tenant_recopied(conn, dsn, tmp_path: Path):
     """A wal pattern whose slot is gone (a failover, dropped by hand): its router replaces it and every table of
     the pattern is copied afresh to every tenant (recreated there: nothing doubled), reference table included."""
-    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
-    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    _wal_orders(conn, tmp_path)
     conn.execute("CREATE TABLE plans (id int PRIMARY KEY, name text)")
-    conn.execute("SELECT pgturso.track_table('orders', target => %s, route_by => 'tenant_id', capture => 'wal')",
-                 ("tenant-%s",))
     conn.execute("SELECT pgturso.track_table('plans', target => %s)", ("tenant-%s",))
     conn.execute("INSERT INTO plans VALUES (1, 'free')")
     conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a'), (2, 'globex', 'g')")
@@ -723,10 +839,7 @@ def test_wal_a_large_transaction_is_routed_in_bounded_memory(conn, dsn, tmp_path
     stays flat whatever the transaction's size, and every tenant gets its rows whole."""
     from test_wal_attacks import BIG_ROWS, drain_measuring_rss
 
-    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
-    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
-    conn.execute("SELECT pgturso.track_table('orders', target => %s, route_by => 'tenant_id', capture => 'wal')",
-                 ("tenant-%s",))
+    _wal_orders(conn, tmp_path)
     conn.execute("INSERT INTO orders SELECT g, 't' || (g %% 3), md5(g::text) FROM generate_series(1, %s) g",
                  (BIG_ROWS,))
     peak_mb = drain_measuring_rss(dsn, "", "--target", "tenant-%s")
@@ -734,3 +847,34 @@ def test_wal_a_large_transaction_is_routed_in_bounded_memory(conn, dsn, tmp_path
         assert tenant_rows(tmp_path / f"tenant-t{n}.db", "SELECT count(*), sum(id) FROM orders") == [tuple(
             conn.execute("SELECT count(*), sum(id) FROM orders WHERE tenant_id = %s", (f"t{n}",)).fetchone())]
     assert peak_mb < 200, f"worker peak RSS {peak_mb:.0f} MB"
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_wal_pattern_status_counts_what_is_held_for_the_router_and_still_in_the_slot(conn, dsn, tmp_path: Path):
+    """capture => 'wal', no worker running: a row committed is still in the pattern's slot, a TRUNCATE is held
+    for the router (tenant NULL). pgturso.status never says a tenant is in sync while either has not arrived:
+    the held event is pending for every tenant, the slot's part shows as wal_pending_bytes; in_sync once
+    delivered."""
+    _wal_orders(conn, tmp_path)
+    conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a'), (2, 'globex', 'g')")
+    drain_pattern(dsn)
+
+    def status() -> list[tuple[Any, ...]]:
+        return conn.execute("SELECT target, pending_events, wal_pending_bytes > 0, in_sync FROM pgturso.status "
+                            "ORDER BY target").fetchall()
+
+    conn.execute("INSERT INTO orders VALUES (3, 'acme', 'in the slot')")
+    assert status() == [("tenant-acme", 0, True, False), ("tenant-globex", 0, True, False)]
+    conn.execute("TRUNCATE orders")  # held for the router: one outbox row, tenant NULL, for every tenant
+    assert [row[:2] for row in status()] == [("tenant-acme", 1), ("tenant-globex", 1)]
+    assert not any(row[3] for row in status())
+    shown = subprocess.run([*WORKER, "status", "--dsn", dsn], capture_output=True, text=True, timeout=60).stdout
+    assert "changes in the replication slot not yet read" in shown, shown
+    conn.execute("INSERT INTO orders VALUES (4, 'globex', 'after')")
+    worker = _start_worker(dsn)
+    try:  # (the slot's part is an upper bound: WAL written after its last confirmed position, this test's too)
+        wait_until(lambda: all(row[3] for row in status()), 120, "in sync once delivered")
+    finally:
+        worker.stop()
+    assert tenant_rows(tmp_path / "tenant-acme.db", "SELECT id FROM orders") == []
+    assert tenant_rows(tmp_path / "tenant-globex.db", "SELECT id, item FROM orders") == [(4, "after")]

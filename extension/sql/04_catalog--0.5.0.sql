@@ -2,3 +2,26 @@
 -- install, and by the upgrade from any release before 0.5.0). Append here: ALTER TABLE, new tables, and DROP
 -- FUNCTION IF EXISTS of a function whose argument list or result type changes in 0.5.0 (CREATE OR REPLACE cannot
 -- change those).
+
+-- Blocked tenants of a wal pattern (issue 15: one tenant never delays the others). A tenant value the router cannot
+-- register (it cannot name a database: characters, host name, case) has committed already (no trigger refused it
+-- as in trigger mode): the router parks it instead of stopping. Its events are queued as for any tenant (its
+-- tables' creation, its reference rows, then its rows, in stream order) under its value, but it has no row in
+-- pgturso.target, so no worker delivers them; this row shows why (pgturso.target_status: 'blocked') until
+-- add_target of its name gives it a URL (then it is registered and its events delivered) or
+-- pgturso.discard_blocked_tenant drops them (docs/design.md, "A database per tenant").
+CREATE TABLE pgturso.blocked_tenant (
+    pattern text NOT NULL REFERENCES pgturso.target (name) ON DELETE CASCADE,
+    tenant text NOT NULL,
+    error text NOT NULL,
+    hint text,
+    table_name text,
+    txid xid8,  -- the source transaction that brought the value first
+    since timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (pattern, tenant)
+);
+COMMENT ON TABLE pgturso.blocked_tenant IS
+    'Tenant values of a wal pattern target its router could not register: their events wait (parked) in the outbox.';
+SELECT pg_catalog.pg_extension_config_dump('pgturso.blocked_tenant', '');
+-- _route_tenant now says whether it registered the tenant or parked it (and takes the source transaction).
+DROP FUNCTION IF EXISTS pgturso._route_tenant(integer, text, jsonb);

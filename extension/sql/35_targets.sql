@@ -85,6 +85,8 @@ BEGIN
             HINT = 'SELECT name, url FROM pgturso.target lists the targets.';
     END;
     INSERT INTO pgturso.delivery_state (target) VALUES (add_target.name) ON CONFLICT DO NOTHING;
+    -- A blocked tenant of a wal pattern given a URL of its own: registered now, its parked changes delivered.
+    PERFORM pgturso._unblock_tenant(add_target.name);
 END
 $$;
 COMMENT ON FUNCTION pgturso.add_target IS
@@ -200,23 +202,153 @@ $$;
 COMMENT ON FUNCTION pgturso._route_rows IS 'Private: the router of a wal pattern queues its tenants'' rows.';
 
 -- The router registers a new tenant value where it meets it in the stream: its tables created with the layouts
--- in force there, its reference rows copied at the router's snapshot (recorded with the router's marker).
-CREATE OR REPLACE FUNCTION pgturso._route_tenant(layout_id integer, tenant text, layouts jsonb) RETURNS void
+-- in force there, its reference rows copied at the router's snapshot (recorded with the router's marker). A value
+-- that cannot be registered (pgturso._check_tenant refuses it: in trigger mode its writer would have failed, here it
+-- committed) is parked instead of stopping the router, and so every other tenant: its tables' creation and
+-- reference rows are queued under its value exactly as a registration queues them, and the router goes on queueing
+-- its events as any tenant's; without a row in pgturso.target no worker delivers them. pgturso.blocked_tenant
+-- shows why, until add_target of its name registers it (pgturso._unblock_tenant) or discard_blocked_tenant drops
+-- them. Returns NULL (registered) or the error (parked).
+CREATE OR REPLACE FUNCTION pgturso._route_tenant(layout_id integer, tenant text, layouts jsonb, txid xid8)
+RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER
 @SESSION_SETTINGS@
 AS $$
+DECLARE
+    v_pattern text := (SELECT t.target FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
+                       WHERE l.id = _route_tenant.layout_id);
+    v_error text;
+    v_hint text;
 BEGIN
-    IF NOT pgturso._is_router((SELECT t.target FROM pgturso.layout l JOIN pgturso.tracked_table t
-                               ON t.id = l.table_id WHERE l.id = _route_tenant.layout_id)) THEN
+    IF NOT pgturso._is_router(v_pattern) THEN
         RAISE EXCEPTION 'pgturso: only the router of a wal pattern registers its tenants'
             USING HINT = 'The pattern''s worker runs the router (pgturso-worker run --target ''pattern-%s'').';
     END IF;
     PERFORM set_config('pgturso.routing_layouts', layouts::text, true);
-    PERFORM pgturso._register_tenants(layout_id, ARRAY[tenant]);
+    BEGIN
+        PERFORM pgturso._register_tenants(layout_id, ARRAY[tenant]);
+    EXCEPTION WHEN raise_exception THEN
+        GET STACKED DIAGNOSTICS v_error = MESSAGE_TEXT, v_hint = PG_EXCEPTION_HINT;
+        INSERT INTO pgturso.blocked_tenant (pattern, tenant, error, hint, table_name, txid)
+        VALUES (v_pattern, tenant, v_error, v_hint,
+                (SELECT t.relid::regclass::text FROM pgturso.layout l JOIN pgturso.tracked_table t
+                 ON t.id = l.table_id WHERE l.id = _route_tenant.layout_id), txid);
+        PERFORM pgturso._queue_tenant_tables(v_pattern, tenant, true);
+    END;
     PERFORM set_config('pgturso.routing_layouts', '', true);
+    RETURN v_error;
 END
 $$;
-COMMENT ON FUNCTION pgturso._route_tenant IS 'Private: the router of a wal pattern registers a tenant it met.';
+COMMENT ON FUNCTION pgturso._route_tenant IS
+    'Private: the router of a wal pattern registers a tenant it met, or parks it (NULL: registered; else why not).';
+
+-- The router's blocked tenants, read in each routing transaction and locked FOR SHARE there: add_target of one's
+-- name (pgturso._unblock_tenant) or discarding it waits for that transaction, and the next one sees the change
+-- (under REPEATABLE READ, one committed after its snapshot fails it to serialize: routed again).
+CREATE OR REPLACE FUNCTION pgturso._router_blocked(pattern text) RETURNS SETOF text
+LANGUAGE plpgsql SECURITY DEFINER
+@SESSION_SETTINGS@
+AS $$
+BEGIN
+    IF NOT pgturso._is_router(pattern) THEN
+        RAISE EXCEPTION 'pgturso: only the router of wal pattern % reads its blocked tenants', pattern
+            USING HINT = 'The pattern''s worker runs the router (pgturso-worker run --target ''pattern-%s'').';
+    END IF;
+    RETURN QUERY SELECT b.tenant FROM pgturso.blocked_tenant b WHERE b.pattern = _router_blocked.pattern
+                 ORDER BY b.tenant FOR SHARE;
+END
+$$;
+COMMENT ON FUNCTION pgturso._router_blocked IS 'Private: the blocked tenants of a wal pattern, for its router.';
+
+-- add_target of a blocked tenant's name (its own URL): register it now, if the value can name that database.
+-- Its parked events (its tables' creation and reference rows as of where the router met it, then its rows in
+-- stream order) become its worker's. The router reads pgturso.blocked_tenant FOR SHARE in each routing
+-- transaction: this waits for one under way, and the next one sees the tenant registered.
+CREATE OR REPLACE FUNCTION pgturso._unblock_tenant(name text) RETURNS void
+LANGUAGE plpgsql
+@SESSION_SETTINGS@
+AS $$
+DECLARE
+    v_blocked record;
+BEGIN
+    FOR v_blocked IN SELECT b.pattern, b.tenant, b.table_name FROM pgturso.blocked_tenant b
+                     WHERE replace(b.pattern, '%s', b.tenant) = _unblock_tenant.name FOR UPDATE
+    LOOP
+        PERFORM pgturso._check_tenant(v_blocked.pattern, v_blocked.tenant, v_blocked.table_name);
+        PERFORM pgturso._claim_tenant(v_blocked.pattern, v_blocked.tenant);
+        DELETE FROM pgturso.blocked_tenant b WHERE b.pattern = v_blocked.pattern AND b.tenant = v_blocked.tenant;
+        RAISE NOTICE 'pgturso: tenant "%" of pattern % is registered: its parked changes are delivered now',
+            v_blocked.tenant, v_blocked.pattern;
+        PERFORM pgturso._wake_worker();
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION pgturso._unblock_tenant IS
+    'Private: register a blocked tenant of a wal pattern that add_target just gave a URL of its own.';
+
+-- Give up on a blocked tenant: its parked events are deleted (recorded in pgturso.skipped_transaction under the
+-- transaction that brought the value first). Run it after correcting its rows in Postgres (or before: a later
+-- row of the value is parked again, a delete of it goes nowhere). Needs READ COMMITTED: the deletion of the
+-- parked events must see those the router queued until the block was lifted.
+CREATE OR REPLACE FUNCTION pgturso._discard_tenant(pattern text, tenant text, reason text) RETURNS integer
+LANGUAGE plpgsql
+@SESSION_SETTINGS@
+AS $$
+DECLARE
+    v_blocked record;
+    v_events integer;
+    v_rows bigint;
+    v_tables text[];
+    v_name text := replace(_discard_tenant.pattern, '%s', _discard_tenant.tenant);
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'pgturso: a blocked tenant is discarded under READ COMMITTED only'
+            USING HINT = 'Call it outside an explicit REPEATABLE READ or SERIALIZABLE transaction.';
+    END IF;
+    -- First, waiting for a routing transaction under way (it holds the row FOR SHARE): the router's next one
+    -- sees the tenant gone and parks nothing more for it until it meets the value again.
+    DELETE FROM pgturso.blocked_tenant b WHERE b.pattern = _discard_tenant.pattern AND b.tenant = _discard_tenant.tenant
+    RETURNING b.* INTO v_blocked;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgturso: tenant "%" of pattern % is not blocked', tenant, pattern
+            USING HINT = 'SELECT pattern, tenant, error FROM pgturso.blocked_tenant lists the blocked tenants.';
+    END IF;
+    WITH gone AS (
+        DELETE FROM pgturso.outbox o USING pgturso.layout l, pgturso.tracked_table t
+        WHERE o.tenant = _discard_tenant.tenant AND l.id = o.layout_id AND t.id = l.table_id
+          AND t.target = _discard_tenant.pattern
+        RETURNING o.nrows, l.spec ->> 'source_table' AS source_table)
+    SELECT count(*), coalesce(sum(nrows), 0), coalesce(array_agg(DISTINCT source_table), '{}')
+    INTO v_events, v_rows, v_tables FROM gone;
+    IF v_blocked.txid IS NOT NULL THEN
+        INSERT INTO pgturso.skipped_transaction AS s (txid, target, reason, events, rows, tables, error)
+        VALUES (v_blocked.txid, v_name, reason, v_events, v_rows, v_tables, v_blocked.error)
+        ON CONFLICT (txid, target) DO UPDATE SET events = s.events + excluded.events, rows = s.rows + excluded.rows;
+    END IF;
+    RAISE WARNING 'pgturso: discarded blocked tenant "%" of pattern % (% events, % rows of %)', tenant, pattern,
+        v_events, v_rows, array_to_string(v_tables, ', ')
+        USING HINT = 'Its rows reach no database: correct them in Postgres (a later row of the value is parked again).';
+    RETURN v_events;
+END
+$$;
+COMMENT ON FUNCTION pgturso._discard_tenant IS 'Private: drop a blocked tenant of a wal pattern and its parked events.';
+
+CREATE OR REPLACE FUNCTION pgturso.discard_blocked_tenant(pattern text, tenant text, reason text) RETURNS integer
+LANGUAGE plpgsql
+@SESSION_SETTINGS@
+AS $$
+BEGIN
+    IF coalesce(trim(reason), '') = '' THEN
+        RAISE EXCEPTION 'pgturso: discarding a blocked tenant needs a reason'
+            USING HINT = 'Say why, e.g. pgturso.discard_blocked_tenant(''tenant-%s'', ''no way!'', ''typo, corrected'').';
+    END IF;
+    RETURN pgturso._discard_tenant(pattern, tenant, reason);
+END
+$$;
+COMMENT ON FUNCTION pgturso.discard_blocked_tenant IS
+    'Give up on a blocked tenant of a wal pattern target (pgturso.target_status: blocked, a value that cannot name '
+    'a database): its parked changes are deleted, never delivered (recorded in pgturso.skipped_transaction). '
+    'Correct its rows in Postgres; a later row of the value is parked again. Returns the events deleted.';
 
 
 -- Per-tenant databases (a pattern target such as 'tenant-%s' and tables tracked to it with route_by).
@@ -260,6 +392,144 @@ $$;
 COMMENT ON FUNCTION pgturso._fan_out IS
     'Private: queue a table-wide event (C, A, T, X): once, or once per tenant database of a pattern target.';
 
+-- Why a tenant value cannot be registered for a pattern: raised (the writer's transaction fails in trigger mode;
+-- the router parks the tenant in wal mode: pgturso._route_tenant).
+CREATE OR REPLACE FUNCTION pgturso._check_tenant(pattern text, tenant text, table_name text) RETURNS void
+LANGUAGE plpgsql
+@SESSION_SETTINGS@
+AS $$
+DECLARE
+    v_pattern text := _check_tenant.pattern;
+    v_tenant text := _check_tenant.tenant;
+    v_name text := replace(_check_tenant.pattern, '%s', _check_tenant.tenant);
+    v_registered boolean;
+    v_own_url boolean;
+    v_other text;
+    v_other_pattern text;
+    v_problem text;
+BEGIN
+    -- '.' and '..' would be the directory itself or its parent where %s is a path segment of the URL.
+    IF v_tenant !~ '^[A-Za-z0-9_.-]+$' OR v_tenant ~ '^\.\.?$'
+       OR v_name !~ '^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$' THEN
+        RAISE EXCEPTION 'pgturso: tenant value "%" cannot name a database of pattern % (table %)', v_tenant,
+                        v_pattern, table_name
+            USING HINT = 'route_by values become part of a database name and URL: letters, digits, _ . - only '
+                         '(not . or ..), and the target name at most 63 characters.';
+    END IF;
+    v_registered := EXISTS (SELECT 1 FROM pgturso.target g WHERE g.pattern = v_pattern AND g.tenant = v_tenant);
+    v_own_url := EXISTS (SELECT 1 FROM pgturso.target g WHERE g.name = v_name AND g.url IS NOT NULL);
+    -- Where %s is in the URL's host the tenant value makes a host name: tenant 'a.b' of
+    -- libsql://tenant-%s-myorg.turso.io would be the host tenant-a.b-myorg.turso.io, a subdomain no Turso
+    -- database has; 'a_b', '-x' or a too long value no host at all (pgturso._tenant_host_problem). Unless the
+    -- tenant has a URL of its own (an add_target of its name), or is registered already.
+    IF NOT v_registered THEN
+        v_problem := pgturso._tenant_host_problem(
+            coalesce((SELECT g.url FROM pgturso.target g WHERE g.name = v_name),
+                     (SELECT g.url FROM pgturso.target g WHERE g.name = v_pattern)), v_tenant);
+    END IF;
+    IF v_problem IS NOT NULL THEN
+        RAISE EXCEPTION 'pgturso: tenant value "%" of table % makes no host of a Turso database: pattern target % '
+                        'has %%s in the host of its URL, and %', v_tenant, table_name, v_pattern, v_problem
+            USING HINT = 'Keep route_by values to host names (letters, digits and -, not first or last, at most '
+                         '63 characters with the rest of the name: e.g. a CHECK (col ~ '
+                         '''^[a-z0-9]([a-z0-9-]*[a-z0-9])?$'') constraint), give this tenant a URL of its own '
+                         '(SELECT pgturso.add_target(''' || v_name || ''', ''libsql://…'', ''token'')), or '
+                         'use a pattern URL with %s in its path (file:).';
+    END IF;
+    -- Host names and Turso Cloud database names ignore case: two such tenants would share one database (unless
+    -- this one has a URL of its own).
+    SELECT g.tenant INTO v_other FROM pgturso.target g
+    WHERE g.pattern = v_pattern AND lower(g.tenant) = lower(v_tenant) AND g.tenant <> v_tenant LIMIT 1;
+    IF v_other IS NOT NULL AND NOT v_registered AND NOT v_own_url THEN
+        RAISE EXCEPTION 'pgturso: tenant value "%" differs only in case from tenant "%" of pattern % (table %)',
+                        v_tenant, v_other, v_pattern, table_name
+            USING HINT = 'Their URLs would name one database (host and Turso database names ignore case): keep '
+                         'route_by values of one case, e.g. a CHECK (tenant_id = lower(tenant_id)), or give this '
+                         'tenant a URL of its own (SELECT pgturso.add_target(''' || v_name ||
+                         ''', ''libsql://…'', ''token'')).';
+    END IF;
+    SELECT g.tenant, g.pattern INTO v_other, v_other_pattern FROM pgturso.target g
+    WHERE g.name = v_name AND g.pattern <> v_pattern;
+    IF v_other_pattern IS NOT NULL THEN  -- e.g. tenant 'x-eu' of 'tenant-%s' and 'x' of 'tenant-%s-eu'
+        RAISE EXCEPTION 'pgturso: tenant "%" of pattern % cannot be named "%": "%" is already the database of '
+                        'tenant "%" of pattern %', v_tenant, v_pattern, v_name, v_name, v_other, v_other_pattern
+            USING HINT = 'Give the patterns names that no tenant value can make equal (e.g. eu-%s and us-%s), '
+                         'or keep such route_by values out with a CHECK constraint.';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION pgturso._check_tenant IS 'Private: raise why a tenant value cannot be registered for a pattern.';
+
+-- The tenant's row in pgturso.target (and its delivery state): true if it is new. An explicit add_target of this
+-- name (an override of the pattern's URL or token) becomes the tenant's; unless tables are tracked to it: their
+-- events and the tenant's would share one progress marker. Checked once the row is ours: a track_table to this
+-- name updates the row before its own check, so one of the two waits for the other's commit and then sees its
+-- table (or its tenant); under REPEATABLE READ the later one fails to serialize instead.
+CREATE OR REPLACE FUNCTION pgturso._claim_tenant(pattern text, tenant text) RETURNS boolean
+LANGUAGE plpgsql
+@SESSION_SETTINGS@
+AS $$
+DECLARE
+    v_name text := replace(_claim_tenant.pattern, '%s', _claim_tenant.tenant);
+BEGIN
+    INSERT INTO pgturso.target AS g (name, pattern, tenant) VALUES (v_name, _claim_tenant.pattern, _claim_tenant.tenant)
+    ON CONFLICT ON CONSTRAINT target_pkey DO UPDATE SET pattern = excluded.pattern, tenant = excluded.tenant
+    WHERE g.pattern IS NULL;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    IF EXISTS (SELECT 1 FROM pgturso.tracked_table t WHERE t.target = v_name) THEN
+        RAISE EXCEPTION 'pgturso: target "%" has tables of its own and cannot be tenant "%"''s database of '
+                        'pattern %', v_name, tenant, pattern
+            USING HINT = 'An add_target of a tenant''s name only overrides the pattern''s URL and token: untrack '
+                         'its tables (or move them to another target) before this tenant''s first row.';
+    END IF;
+    INSERT INTO pgturso.delivery_state (target) VALUES (v_name) ON CONFLICT DO NOTHING;
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION pgturso._claim_tenant IS 'Private: make a tenant value a target of its pattern (true if new).';
+
+-- A new tenant's first events: its tables created (pgturso._tenant_layout), then every row of the pattern's
+-- reference tables, read after the stripes' locks (pgturso._register_tenants): a change to them committed before
+-- is in these rows, and one committed after is queued for this tenant too (pgturso._pattern_tenants); a
+-- REPEATABLE READ snapshot older than such a change failed there. The router (routing) copies as of its snapshot.
+CREATE OR REPLACE FUNCTION pgturso._queue_tenant_tables(pattern text, tenant text, routing boolean) RETURNS void
+LANGUAGE plpgsql
+-- It copies reference tables' rows: encoded as capture encodes them, whatever its caller pinned (a routed
+-- table's capture pins only the settings its own columns' types need).
+@CAPTURE_SETTINGS@
+AS $$
+DECLARE
+    v_ref record;
+BEGIN
+    INSERT INTO pgturso.outbox (layout_id, op, nrows, tenant)
+    SELECT pgturso._tenant_layout(t.id), 'C', 0, _queue_tenant_tables.tenant
+    FROM pgturso.tracked_table t WHERE t.target = _queue_tenant_tables.pattern AND t.dropped_at IS NULL
+      AND pgturso._tenant_layout(t.id) IS NOT NULL ORDER BY t.id;
+    FOR v_ref IN
+        SELECT t.id AS table_id, t.relid, l.id, l.spec FROM pgturso.tracked_table t
+        JOIN pgturso.layout l ON l.id = pgturso._tenant_layout(t.id)
+        WHERE t.target = _queue_tenant_tables.pattern AND t.dropped_at IS NULL AND t.options ? 'reference'
+        ORDER BY t.id
+    LOOP
+        EXECUTE pgturso._plan_tenant_rows(v_ref.id, v_ref.spec, pgturso._row_source(v_ref.relid)) USING tenant;
+        -- The router copies as of its REPEATABLE READ snapshot, but the copy's query resolves column names in the
+        -- catalog as it is once the table's lock is granted: a DDL that committed after the snapshot (while the
+        -- copy waited for its lock) would have the rows read under the wrong layout (two columns swapped by
+        -- renames arrive swapped). Such a DDL made a layout and updated the table's row here
+        -- (pgturso._follow_schema): locking that row now fails to serialize, and the router routes the batch
+        -- again with a newer snapshot (router.py). A DDL after this waits for the router's commit (the copy holds
+        -- the table's lock).
+        IF routing THEN
+            PERFORM FROM pgturso.tracked_table t WHERE t.id = v_ref.table_id FOR SHARE;
+        END IF;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION pgturso._queue_tenant_tables IS
+    'Private: queue a new tenant''s first events: its tables'' creation and its reference tables'' rows.';
+
 CREATE OR REPLACE FUNCTION pgturso._register_tenants(layout_id integer, tenants text[]) RETURNS void
 LANGUAGE plpgsql
 -- It copies reference tables' rows: encoded as capture encodes them, whatever its caller pinned (a routed
@@ -269,11 +539,6 @@ AS $$
 DECLARE
     v_pattern text;
     v_tenant text;
-    v_name text;
-    v_other text;
-    v_other_pattern text;
-    v_problem text;
-    v_ref record;
     v_routing boolean;
 BEGIN
     SELECT t.target INTO v_pattern FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
@@ -303,95 +568,12 @@ BEGIN
         UPDATE pgturso.tenant_stripe SET generation = generation + 1;
     END IF;
     FOR v_tenant IN SELECT DISTINCT x FROM unnest(tenants) AS x ORDER BY 1 LOOP
-        v_name := replace(v_pattern, '%s', v_tenant);
-        -- '.' and '..' would be the directory itself or its parent where %s is a path segment of the URL.
-        IF v_tenant !~ '^[A-Za-z0-9_.-]+$' OR v_tenant ~ '^\.\.?$'
-           OR v_name !~ '^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$' THEN
-            RAISE EXCEPTION 'pgturso: tenant value "%" cannot name a database of pattern %', v_tenant, v_pattern
-                USING HINT = 'route_by values become part of a database name and URL: letters, digits, _ . - only '
-                             '(not . or ..), and the target name at most 63 characters.';
-        END IF;
-        -- Where %s is in the URL's host the tenant value makes a host name: tenant 'a.b' of
-        -- libsql://tenant-%s-myorg.turso.io would be the host tenant-a.b-myorg.turso.io, a subdomain no Turso
-        -- database has; 'a_b', '-x' or a too long value no host at all (pgturso._tenant_host_problem). Unless the
-        -- tenant has a URL of its own (an add_target of its name), or is registered already.
-        v_problem := NULL;
-        IF NOT EXISTS (SELECT 1 FROM pgturso.target g WHERE g.pattern = v_pattern AND g.tenant = v_tenant) THEN
-            v_problem := pgturso._tenant_host_problem(
-                coalesce((SELECT g.url FROM pgturso.target g WHERE g.name = v_name),
-                         (SELECT g.url FROM pgturso.target g WHERE g.name = v_pattern)), v_tenant);
-        END IF;
-        IF v_problem IS NOT NULL THEN
-            RAISE EXCEPTION 'pgturso: tenant value "%" of table % makes no host of a Turso database: pattern target % '
-                            'has %%s in the host of its URL, and %', v_tenant,
-                            (SELECT t.relid::regclass::text FROM pgturso.layout l
-                             JOIN pgturso.tracked_table t ON t.id = l.table_id WHERE l.id = _register_tenants.layout_id),
-                            v_pattern, v_problem
-                USING HINT = 'Keep route_by values to host names (letters, digits and -, not first or last, at most '
-                             '63 characters with the rest of the name: e.g. a CHECK (col ~ '
-                             '''^[a-z0-9]([a-z0-9-]*[a-z0-9])?$'') constraint), give this tenant a URL of its own '
-                             'first (SELECT pgturso.add_target(''' || v_name || ''', ''libsql://…'', ''token'')), or '
-                             'use a pattern URL with %s in its path (file:).';
-        END IF;
-        -- Host names and Turso Cloud database names ignore case: two such tenants would share one database.
-        SELECT g.tenant INTO v_other FROM pgturso.target g
-        WHERE g.pattern = v_pattern AND lower(g.tenant) = lower(v_tenant) AND g.tenant <> v_tenant LIMIT 1;
-        IF v_other IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pgturso.target g
-                                               WHERE g.pattern = v_pattern AND g.tenant = v_tenant) THEN
-            RAISE EXCEPTION 'pgturso: tenant value "%" differs only in case from tenant "%" of pattern %',
-                            v_tenant, v_other, v_pattern
-                USING HINT = 'Their URLs would name one database (host and Turso database names ignore case): keep '
-                             'route_by values of one case, e.g. a CHECK (tenant_id = lower(tenant_id)).';
-        END IF;
-        SELECT g.tenant, g.pattern INTO v_other, v_other_pattern FROM pgturso.target g
-        WHERE g.name = v_name AND g.pattern <> v_pattern;
-        IF v_other_pattern IS NOT NULL THEN  -- e.g. tenant 'x-eu' of 'tenant-%s' and 'x' of 'tenant-%s-eu'
-            RAISE EXCEPTION 'pgturso: tenant "%" of pattern % cannot be named "%": "%" is already the database of '
-                            'tenant "%" of pattern %', v_tenant, v_pattern, v_name, v_name, v_other, v_other_pattern
-                USING HINT = 'Give the patterns names that no tenant value can make equal (e.g. eu-%s and us-%s), '
-                             'or keep such route_by values out with a CHECK constraint.';
-        END IF;
-        -- An explicit add_target of this name (an override of the pattern's URL or token) becomes the tenant's;
-        -- unless tables are tracked to it: their events and the tenant's would share one progress marker.
-        -- Checked once the row is ours: a track_table to this name updates the row before its own check, so
-        -- one of the two waits for the other's commit and then sees its table (or its tenant); under
-        -- REPEATABLE READ the later one fails to serialize instead.
-        INSERT INTO pgturso.target AS g (name, pattern, tenant) VALUES (v_name, v_pattern, v_tenant)
-        ON CONFLICT ON CONSTRAINT target_pkey DO UPDATE SET pattern = excluded.pattern, tenant = excluded.tenant
-        WHERE g.pattern IS NULL;
-        IF FOUND AND EXISTS (SELECT 1 FROM pgturso.tracked_table t WHERE t.target = v_name) THEN
-            RAISE EXCEPTION 'pgturso: target "%" has tables of its own and cannot be tenant "%"''s database of '
-                            'pattern %', v_name, v_tenant, v_pattern
-                USING HINT = 'An add_target of a tenant''s name only overrides the pattern''s URL and token: untrack '
-                             'its tables (or move them to another target) before this tenant''s first row.';
-        END IF;
-        IF FOUND THEN
-            INSERT INTO pgturso.delivery_state (target) VALUES (v_name) ON CONFLICT DO NOTHING;
-            INSERT INTO pgturso.outbox (layout_id, op, nrows, tenant)
-            SELECT pgturso._tenant_layout(t.id), 'C', 0, v_tenant
-            FROM pgturso.tracked_table t WHERE t.target = v_pattern AND t.dropped_at IS NULL
-              AND pgturso._tenant_layout(t.id) IS NOT NULL ORDER BY t.id;
-            -- Then every row of the pattern's reference tables, read after the stripes' locks above: a change
-            -- to them committed before is in these rows, and one committed after is queued for this tenant too
-            -- (pgturso._pattern_tenants); a REPEATABLE READ snapshot older than such a change failed there.
-            FOR v_ref IN
-                SELECT t.id AS table_id, t.relid, l.id, l.spec FROM pgturso.tracked_table t
-                JOIN pgturso.layout l ON l.id = pgturso._tenant_layout(t.id)
-                WHERE t.target = v_pattern AND t.dropped_at IS NULL AND t.options ? 'reference' ORDER BY t.id
-            LOOP
-                EXECUTE pgturso._plan_tenant_rows(v_ref.id, v_ref.spec, pgturso._row_source(v_ref.relid))
-                    USING v_tenant;
-                -- The router copies as of its REPEATABLE READ snapshot, but the copy's query resolves column
-                -- names in the catalog as it is once the table's lock is granted: a DDL that committed after the
-                -- snapshot (while the copy waited for its lock) would have the rows read under the wrong
-                -- layout (two columns swapped by renames arrive swapped). Such a DDL made a layout and updated
-                -- the table's row here (pgturso._follow_schema): locking that row now fails to serialize,
-                -- and the router routes the batch again with a newer snapshot (router.py). A DDL after this
-                -- waits for the router's commit (the copy holds the table's lock).
-                IF v_routing THEN
-                    PERFORM FROM pgturso.tracked_table t WHERE t.id = v_ref.table_id FOR SHARE;
-                END IF;
-            END LOOP;
+        PERFORM pgturso._check_tenant(v_pattern, v_tenant,
+                                      (SELECT t.relid::regclass::text FROM pgturso.layout l
+                                       JOIN pgturso.tracked_table t ON t.id = l.table_id
+                                       WHERE l.id = _register_tenants.layout_id));
+        IF pgturso._claim_tenant(v_pattern, v_tenant) THEN
+            PERFORM pgturso._queue_tenant_tables(v_pattern, v_tenant, v_routing);
             PERFORM pgturso._wake_worker();
         END IF;
     END LOOP;
@@ -434,7 +616,15 @@ REVOKE ALL ON FUNCTION pgturso._tenant_host_problem(text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._is_router(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._held_for_router(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._tenant_layout(integer) FROM PUBLIC;
-REVOKE ALL ON FUNCTION pgturso._route_tenant(integer, text, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._route_tenant(integer, text, jsonb, xid8) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._unblock_tenant(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._router_blocked(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._discard_tenant(text, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso.discard_blocked_tenant(text, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._check_tenant(text, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._claim_tenant(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgturso._queue_tenant_tables(text, text, boolean) FROM PUBLIC;
+REVOKE ALL ON pgturso.blocked_tenant FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._route_rows(text, integer[], text[], integer[], text[], text[]) FROM PUBLIC;
 REVOKE ALL ON pgturso.router FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso.add_target(text, text, text) FROM PUBLIC;

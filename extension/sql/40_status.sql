@@ -39,7 +39,17 @@ CROSS JOIN LATERAL (
           AND l.classid = 1885828210::oid  -- 'pgtr': worker.DELIVERY_LOCK_CLASS
           AND l.objid = ((pg_catalog.hashtext(d.target)::bigint + 4294967296) % 4294967296)::oid
     ) AS held
-) lock;
+) lock
+-- A blocked tenant of a wal pattern (a value its router could not register: pgturso.blocked_tenant) has no target
+-- row yet: shown 'blocked' under the name it would have, with why and the fix (HINT), until add_target of that
+-- name or discard_blocked_tenant.
+UNION ALL
+SELECT replace(b.pattern, '%s', b.tenant), 'blocked', 'blocked', false, NULL, NULL, NULL, 0, 0, 0,
+       format('tenant value "%s" of table %s is blocked: %s HINT: %s Or give up on it (after correcting its rows in '
+              'Postgres): SELECT pgturso.discard_blocked_tenant(%L, %L, ''reason'').',
+              b.tenant, b.table_name, b.error, b.hint, b.pattern, b.tenant),
+       b.since, b.table_name, b.txid, NULL, NULL, NULL, b.since, b.since, b.pattern, b.tenant
+FROM pgturso.blocked_tenant b;
 COMMENT ON VIEW pgturso.target_status IS
     'Per target: the worker''s status (''not running'' when its recorded state claims a running worker but '
     'nobody holds the delivery lock: killed, or reconnecting), counters, the current error (last_error, NULL '
@@ -53,10 +63,10 @@ CREATE OR REPLACE VIEW pgturso.status AS
 SELECT t.relid AS table_name,
        dest.name AS target,
        t.target_table,
-       coalesce(p.events, 0) AS pending_events,
-       coalesce(p.rows, 0) AS pending_rows,
-       p.oldest AS oldest_pending_at,
-       now() - p.oldest AS lag,
+       coalesce(p.events, 0) + coalesce(hr.events, 0) + coalesce(ha.events, 0) AS pending_events,
+       coalesce(p.rows, 0) + coalesce(hr.rows, 0) + coalesce(ha.rows, 0) AS pending_rows,
+       least(p.oldest, hr.oldest, ha.oldest) AS oldest_pending_at,
+       now() - least(p.oldest, hr.oldest, ha.oldest) AS lag,
        s.last_delivered_at,
        coalesce(s.rows_delivered, 0) AS rows_delivered,
        t.copy_state,
@@ -79,14 +89,21 @@ SELECT t.relid AS table_name,
        w.retained_bytes AS wal_retained_bytes,
        dest.pattern,
        dest.tenant,
-       d.failing_since
+       d.failing_since,
+       w.pending_bytes AS wal_pending_bytes,
+       coalesce(p.events, 0) + coalesce(hr.events, 0) + coalesce(ha.events, 0) = 0
+           AND (g.capture <> 'wal' OR coalesce(w.pending_bytes = 0, false)) AS in_sync
 FROM pgturso.tracked_table t
 JOIN pgturso.target g ON g.name = t.target
 CROSS JOIN LATERAL (
     SELECT x.name, x.pattern, x.tenant FROM pgturso.target x WHERE x.pattern = t.target
     UNION ALL
+    SELECT replace(b.pattern, '%s', b.tenant), b.pattern, b.tenant FROM pgturso.blocked_tenant b
+    WHERE b.pattern = t.target
+    UNION ALL
     SELECT t.target, NULL, NULL
     WHERE NOT EXISTS (SELECT 1 FROM pgturso.target x WHERE x.pattern = t.target)
+      AND NOT EXISTS (SELECT 1 FROM pgturso.blocked_tenant b WHERE b.pattern = t.target)
 ) dest
 JOIN pgturso.target_status d ON d.target = dest.name
 LEFT JOIN pgturso.table_state s ON s.table_id = t.id
@@ -95,7 +112,12 @@ LEFT JOIN pgturso.table_state s ON s.table_id = t.id
 LEFT JOIN LATERAL (
     SELECT coalesce(r.wal_status, 'missing') AS wal_status,
            CASE WHEN NOT pg_is_in_recovery()
-                THEN pg_wal_lsn_diff(pg_current_wal_lsn(), r.restart_lsn)::bigint END AS retained_bytes
+                THEN pg_wal_lsn_diff(pg_current_wal_lsn(), r.restart_lsn)::bigint END AS retained_bytes,
+           -- WAL written since the last position its worker (a pattern's router) confirmed: an upper bound of the
+           -- changes still in the slot, in bytes (it counts other tables' and databases' WAL too). 0: none.
+           CASE WHEN NOT pg_is_in_recovery() AND r.slot_name IS NOT NULL AND r.wal_status <> 'lost'
+                THEN greatest(pg_wal_lsn_diff(pg_current_wal_lsn(), r.confirmed_flush_lsn), 0)::bigint
+           END AS pending_bytes
     FROM (SELECT 1) AS one LEFT JOIN pg_replication_slots r ON r.slot_name = pgturso._slot_name(t.target)
     WHERE g.capture = 'wal'
 ) w ON true
@@ -105,7 +127,22 @@ LEFT JOIN (
     SELECT l.table_id, o.tenant, count(*) AS events, sum(o.nrows) AS rows, min(o.captured_at) AS oldest
     FROM pgturso.outbox o JOIN pgturso.layout l ON l.id = o.layout_id
     GROUP BY l.table_id, o.tenant
-) p ON p.table_id = t.id AND coalesce(p.tenant, '') = coalesce(dest.tenant, '');
+) p ON p.table_id = t.id AND coalesce(p.tenant, '') = coalesce(dest.tenant, '')
+-- A wal pattern's rows held for its router (tenant NULL: DDL, copies, repairs, TRUNCATE, table-wide events) are
+-- pending for their tenant (route), or for every tenant (route NULL). (With no tenant yet, the pattern's own
+-- row counts them above.)
+LEFT JOIN (
+    SELECT l.table_id, o.route, count(*) AS events, sum(o.nrows) AS rows, min(o.captured_at) AS oldest
+    FROM pgturso.outbox o JOIN pgturso.layout l ON l.id = o.layout_id
+    WHERE o.tenant IS NULL AND o.route IS NOT NULL
+    GROUP BY l.table_id, o.route
+) hr ON hr.table_id = t.id AND hr.route = dest.tenant AND g.capture = 'wal'
+LEFT JOIN (
+    SELECT l.table_id, count(*) AS events, sum(o.nrows) AS rows, min(o.captured_at) AS oldest
+    FROM pgturso.outbox o JOIN pgturso.layout l ON l.id = o.layout_id
+    WHERE o.tenant IS NULL AND o.route IS NULL
+    GROUP BY l.table_id
+) ha ON ha.table_id = t.id AND dest.tenant IS NOT NULL AND g.capture = 'wal';
 COMMENT ON VIEW pgturso.status IS
     'Per tracked table: pending changes, lag, rows delivered, initial copy progress (rows queued of the '
     'estimated total); and its target''s worker status (see pgturso.target_status), current error and the '
@@ -114,7 +151,10 @@ COMMENT ON VIEW pgturso.status IS
     '(reserved/extended/unreserved/lost/missing) and wal_retained_bytes, the WAL its slot keeps. A table of a '
     'pattern target has a row per tenant database (target: the tenant''s; pattern, tenant; pending and lag of '
     'that tenant''s changes; rows_delivered counts no tenant''s rows: see target_status). failing_since: when '
-    'the target''s current run of errors began.';
+    'the target''s current run of errors began. pending_events/pending_rows count exactly what is in the '
+    'outbox for it (for a wal pattern also the rows held for its router); a wal target''s changes still in its '
+    'slot are not counted there but shown by wal_pending_bytes (WAL written since the position its worker last '
+    'confirmed: an upper bound, 0 when nothing is left). in_sync: nothing pending at all (both zero).';
 
 CREATE OR REPLACE FUNCTION pgturso.skip_transaction(txid xid8, reason text, target text DEFAULT NULL)
 RETURNS integer
@@ -130,6 +170,7 @@ DECLARE
     v_tables text[];
     v_xid32 numeric := skip_transaction.txid::text::numeric % 4294967296;
     v_wal boolean;
+    v_blocked record;
 BEGIN
     IF coalesce(trim(reason), '') = '' THEN
         RAISE EXCEPTION 'pgturso: skipping a transaction needs a reason'
@@ -146,7 +187,9 @@ BEGIN
         SELECT d.target FROM pgturso.delivery_state d JOIN pgturso.target g ON g.name = d.target
         WHERE g.capture = 'wal' AND d.last_error_txid::text::numeric % 4294967296 = v_xid32
         UNION
-        SELECT g.name FROM pgturso.target g WHERE g.capture = 'wal' AND g.name = skip_transaction.target) c;
+        SELECT g.name FROM pgturso.target g WHERE g.capture = 'wal' AND g.name = skip_transaction.target
+        UNION
+        SELECT replace(b.pattern, '%s', b.tenant) FROM pgturso.blocked_tenant b WHERE b.txid = skip_transaction.txid) c;
     IF v_targets IS NULL THEN
         RAISE EXCEPTION 'pgturso: transaction % has nothing pending', txid
             USING HINT = 'SELECT last_error_txid FROM pgturso.status names the transaction the worker is stuck on.';
@@ -175,7 +218,9 @@ BEGIN
     FROM pgturso.outbox o JOIN pgturso.layout l ON l.id = o.layout_id JOIN pgturso.tracked_table t ON t.id = l.table_id
     WHERE o.txid = skip_transaction.txid AND coalesce(replace(t.target, '%s', o.tenant), t.target) = v_target
       AND o.op IN ('U', 'D', 'T');
-    IF v_events = 0 AND NOT v_wal THEN
+    IF v_events = 0 AND NOT v_wal AND NOT EXISTS (
+           SELECT 1 FROM pgturso.blocked_tenant b
+           WHERE replace(b.pattern, '%s', b.tenant) = v_target AND b.txid = skip_transaction.txid) THEN
         RAISE EXCEPTION 'pgturso: transaction % carries only schema changes for target %, which are never skipped', txid, v_target
             USING HINT = 'Fix the table on Turso (or untrack and track it again) so the schema change applies.';
     END IF;
@@ -196,6 +241,16 @@ BEGIN
     DELETE FROM pgturso.outbox o USING pgturso.layout l, pgturso.tracked_table t
     WHERE o.txid = skip_transaction.txid AND l.id = o.layout_id AND t.id = l.table_id
       AND coalesce(replace(t.target, '%s', o.tenant), t.target) = v_target AND o.op IN ('U', 'D', 'T');
+    -- A tenant of a wal pattern blocked by this transaction (the one that brought its value first: its
+    -- pgturso.target_status row names it): the router queued its rows under the routing transactions' ids, so
+    -- they cannot be told apart by source transaction; skipping the transaction discards the tenant's parked
+    -- rows (pgturso.discard_blocked_tenant), and a later row of the value is parked again.
+    FOR v_blocked IN
+        SELECT b.pattern, b.tenant FROM pgturso.blocked_tenant b
+        WHERE (b.pattern = v_target OR replace(b.pattern, '%s', b.tenant) = v_target) AND b.txid = skip_transaction.txid
+    LOOP
+        v_events := v_events + pgturso._discard_tenant(v_blocked.pattern, v_blocked.tenant, reason);
+    END LOOP;
     RAISE WARNING 'pgturso: skipped source transaction % for target % (% rows in %): Turso now differs from Postgres for them',
         txid, v_target, v_rows, array_to_string(v_tables, ', ')
         USING HINT = 'Fix the rows by hand on Turso, or untrack and track the table again to recopy it.';
@@ -209,7 +264,9 @@ COMMENT ON FUNCTION pgturso.skip_transaction IS
     'on it). Only its row changes are dropped: its schema changes are still delivered, as are its changes for '
     'other targets. Recorded in pgturso.skipped_transaction; that '
     'target then lacks its changes: repair or recopy the tables it touched. For a target with capture => ''wal'' '
-    'its worker drops the row changes as it decodes them from the slot (and adds them to the recorded counts).';
+    'its worker drops the row changes as it decodes them from the slot (and adds them to the recorded counts). '
+    'A blocked tenant of a wal pattern (target_status names the transaction that brought its value): its parked '
+    'changes are discarded, as pgturso.discard_blocked_tenant does.';
 
 REVOKE ALL ON FUNCTION pgturso.skip_transaction(xid8, text, text) FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA pgturso FROM PUBLIC;

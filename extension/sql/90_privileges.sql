@@ -59,7 +59,8 @@ BEGIN
     -- functions that check it is the pattern's router; the registration copies reference rows as the extension
     -- owner), and records its progress.
     EXECUTE format('GRANT SELECT, INSERT, UPDATE ON pgturso.router TO %s', worker);
-    EXECUTE format('GRANT EXECUTE ON FUNCTION pgturso._route_tenant(integer, text, jsonb), '
+    EXECUTE format('GRANT EXECUTE ON FUNCTION pgturso._route_tenant(integer, text, jsonb, xid8), '
+                   'pgturso._router_blocked(text), '
                    'pgturso._route_rows(text, integer[], text[], integer[], text[], text[]), '
                    'pgturso._held_for_router(text) TO %s', worker);
     EXECUTE format('GRANT EXECUTE ON FUNCTION pgturso._copy_chunk(integer, integer), pgturso._source_position(), '

@@ -203,7 +203,7 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
 TARGET_PATTERN = "SELECT pattern, tenant FROM pgturso.target WHERE name = %s"
 STATUS_QUERY = """
     SELECT target, table_name::text, target_table, pending_rows, coalesce(extract(epoch FROM lag), 0)::float8,
-           rows_delivered, last_delivered_at, copy_state, copy_rows_done, copy_rows_total
+           rows_delivered, last_delivered_at, copy_state, copy_rows_done, copy_rows_total, wal_pending_bytes
     FROM pgturso.status ORDER BY 1, 2
 """
 # A pattern target first, then its tenants (each a target of its own).
@@ -288,11 +288,15 @@ def _status(dsn: str, max_retrying: float = DEFAULT_MAX_RETRYING, problems_only:
         if mine:
             lines.append(f"  {'table':30} {'turso table':30} {'pending rows':>12} {'lag':>8} {'delivered':>12}  "
                          "last delivered       initial copy")
-        for _, table, turso_table, pending, lag, delivered, last_at, copy_state, done, total in mine:
+        in_slot = 0
+        for _, table, turso_table, pending, lag, delivered, last_at, copy_state, done, total, wal_bytes in mine:
             last = last_at.strftime("%Y-%m-%d %H:%M:%S") if last_at else "-"
             copy = "done" if copy_state == "done" else f"{done}/{total or '?'} rows"
             count = "-" if pattern else delivered  # a tenant's rows are counted per target only (above)
             lines.append(f"  {table:30} {turso_table:30} {pending:>12} {lag:>7.1f}s {count:>12}  {last:19}  {copy}")
+            in_slot = max(in_slot, wal_bytes or 0)
+        if in_slot:  # a wal target: what its slot still holds is not counted in rows (docs/operations.md)
+            lines.append(f"  + changes in the replication slot not yet read: up to {in_slot} bytes of WAL")
         print("\n".join(lines))
     if lagging:
         print(f"over --max-lag {max_lag:g}s: {', '.join(lagging)}")

@@ -17,6 +17,13 @@ ordering argument. In short:
   already and is not routed to that tenant; every other one is. The routing transaction's snapshot sees every
   transaction of the batch (checked: a commit can reach the WAL a moment before it is visible), so every change
   routed before a registration is in its copy.
+- A tenant value that cannot be registered (it cannot name a database: its writer committed, as no trigger
+  refused it) is *parked* there, not a stop for every tenant: ``_route_tenant`` queues its first events as a
+  registration would, under its value, and records it in ``pgturso.blocked_tenant``; the router then routes to it
+  as to any tenant (its rows, deletes, reference changes, DDL: in stream order), but without a row in
+  ``pgturso.target`` no worker delivers them. ``add_target`` of its name registers it (its parked events are
+  then delivered, in order); ``discard_blocked_tenant`` (or ``skip_transaction`` leaving it nothing to deliver)
+  drops them, and the router forgets it (read in each routing transaction, FOR SHARE).
 """
 
 from __future__ import annotations
@@ -29,7 +36,6 @@ from typing import Any
 
 import psycopg
 
-from ..common.errors import PgTursoError
 from ..common.logs import event
 from .outbox import Event, Outbox
 from .slot import SlotError, WalBatch, WalOutbox, lsn_to_int
@@ -51,7 +57,9 @@ INSERT_ROWS = """
 """
 DELETE_HELD = "DELETE FROM pgturso.outbox WHERE id = ANY (%(ids)s::int8[])"
 SNAPSHOT = "SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text"
-REGISTER = "SELECT pgturso._route_tenant(%(layout)s, %(tenant)s, %(layouts)s::jsonb)"
+REGISTER = "SELECT pgturso._route_tenant(%(layout)s, %(tenant)s, %(layouts)s::jsonb, %(txid)s::text::xid8)"
+BLOCKED = "SELECT pgturso._router_blocked(%s)"
+REGISTERED = "SELECT tenant FROM pgturso.target WHERE pattern = %s AND tenant = ANY (%s)"
 VISIBILITY_RETRIES = 200
 FLUSH_ROWS = 500  # outbox rows written per statement, at most
 FLUSH_BYTES = 4 << 20  # and their payloads' bytes: memory stays bounded whatever the transaction's size
@@ -70,21 +78,15 @@ class Snapshot:
         xmin, xmax, xip = text.split(":")
         return cls(int(xmin), int(xmax), frozenset(int(x) for x in xip.split(",") if x))
 
+    def full(self, xid32: int) -> int:
+        """The 64-bit xid nearest this snapshot's xmax with these 32 bits (pgoutput's xids are 32-bit)."""
+        diff = (xid32 - self.xmax) & 0xFFFFFFFF
+        return self.xmax + (diff - (1 << 32) if diff >= 1 << 31 else diff)
+
     def sees(self, xid32: int) -> bool:
         """Whether this snapshot sees a transaction known to have committed, by its 32-bit xid (pgoutput's)."""
-        diff = (xid32 - self.xmax) & 0xFFFFFFFF
-        full = self.xmax + (diff - (1 << 32) if diff >= 1 << 31 else diff)  # the nearest 64-bit xid
+        full = self.full(xid32)
         return full < self.xmin or (full < self.xmax and full not in self.xip)
-
-
-class RegistrationError(PgTursoError):
-    """A tenant value the router met cannot be registered (it cannot name a database, ...): its writer committed
-    (no trigger refused it, as capture does in trigger mode), so the router stops there until the transaction is
-    skipped for the pattern."""
-
-    def __init__(self, message: str, xid: int) -> None:
-        super().__init__(message)
-        self.xid = xid
 
 
 class NotYetVisible(Exception):
@@ -101,7 +103,8 @@ class Router:
         self.conn: psycopg.Connection[Any] | None = None  # reads and encodes (READ COMMITTED)
         self.write: psycopg.Connection[Any] | None = None  # routes (REPEATABLE READ)
         self.source: WalOutbox | None = None
-        self.tenants: set[str] = set()
+        self.tenants: set[str] = set()  # registered or blocked (parked): routed to alike
+        self.blocked: set[str] = set()  # pgturso.blocked_tenant's values of the pattern
         self.copies: dict[str, dict[str, str]] = {}  # tenant: {"snapshot", "lsn"} of its reference copy
         self.caught_up = False  # the last look at the slot found nothing unrouted
         self.failing = False  # a failure was shown in the pattern's delivery_state
@@ -117,6 +120,8 @@ class Router:
         marker, copies = self.write.execute(CLAIM, {"pattern": self.pattern}).fetchone()  # type: ignore[misc]
         self.copies = dict(copies or {})
         self.tenants = {str(t) for (t,) in self.write.execute(TENANTS, (self.pattern,)).fetchall()}
+        self.blocked = {str(t) for (t,) in self.write.execute(BLOCKED, (self.pattern,)).fetchall()}
+        self.tenants |= self.blocked
         self.conn = psycopg.connect(self.dsn, autocommit=True, application_name="pgturso-router-read")
         self.source = WalOutbox(self.conn, dsn=self.dsn, target=self.pattern, batch_rows=self.batch_rows,
                                 batch_events=self.batch_rows, pattern=self.pattern)
@@ -124,7 +129,7 @@ class Router:
         # Held rows of what the last process routed but did not see confirmed are deleted here too.
         self.source.forget(marker or "")
         event(log, logging.INFO, "router_started", target=self.pattern, tenants=len(self.tenants),
-              after=json.loads(marker)["lsn"] if marker else "the slot's start")
+              blocked=len(self.blocked), after=json.loads(marker)["lsn"] if marker else "the slot's start")
         return True
 
     def close(self) -> None:
@@ -197,6 +202,15 @@ class Router:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             snapshot_text, lsn = conn.execute(SNAPSHOT).fetchone()  # type: ignore[misc]
             snapshot = Snapshot.parse(str(snapshot_text))
+            # Blocked tenants whose block was lifted since (add_target of the name, or discarded): a registered
+            # one stays, a discarded one is forgotten (a later row of its value parks it again).
+            blocked = {str(t) for (t,) in conn.execute(BLOCKED, (self.pattern,)).fetchall()}
+            lifted = self.blocked - blocked
+            if lifted:
+                registered = {str(t) for (t,) in conn.execute(REGISTERED, (self.pattern, sorted(lifted))).fetchall()}
+                for tenant in lifted - registered:
+                    tenants.discard(tenant)
+                    copies.pop(tenant, None)
             seen = {t: Snapshot.parse(c["snapshot"]) for t, c in copies.items()}
             # The layouts in force at each point of the stream (batch.layouts runs ahead of the events yielded:
             # a table's creation is read before the rows pending ahead of it are yielded).
@@ -221,7 +235,8 @@ class Router:
                         if item.op == "D":
                             continue  # keys deleted from a tenant that has no database (its rows never reached one)
                         flush()
-                        self._register(conn, item, layouts)
+                        if self._register(conn, item, layouts, snapshot):
+                            blocked.add(item.tenant)
                         tenants.add(item.tenant)
                         copies[item.tenant] = {"snapshot": str(snapshot_text), "lsn": str(lsn)}
                         seen[item.tenant] = snapshot
@@ -244,23 +259,23 @@ class Router:
             # A copy's snapshot sees no transaction that committed after its WAL position: forget it past there.
             copies = {t: c for t, c in copies.items() if lsn_to_int(c["lsn"]) > end}
             conn.execute(RECORD, {"marker": batch.marker(), "copies": json.dumps(copies), "pattern": self.pattern})
-        self.tenants, self.copies = tenants, copies
+        self.tenants, self.copies, self.blocked = tenants, copies, blocked
         if written:
             event(log, logging.DEBUG, "routed", target=self.pattern, rows=written, transactions=batch.transactions)
         return written
 
-    def _register(self, conn: psycopg.Connection[Any], item: Event, layouts: dict[int, int]) -> None:
-        """Register the tenant of ``item`` (met for the first time) with the routed tables' layouts in force."""
-        try:
-            conn.execute(REGISTER, {"layout": item.layout_id, "tenant": item.tenant,
-                                    "layouts": json.dumps({str(k): v for k, v in layouts.items()})})
-        except psycopg.errors.RaiseException as exc:
-            hint = exc.diag.message_hint or ""
-            raise RegistrationError(
-                f"source transaction {item.txid}: {exc.diag.message_primary} ({hint}) Every tenant of the pattern "
-                f"waits: correct the row in Postgres, then skip the transaction that wrote it: "
-                f"SELECT pgturso.skip_transaction('{item.txid}', 'bad tenant value', target => '{self.pattern}')",
-                item.txid) from exc
+    def _register(self, conn: psycopg.Connection[Any], item: Event, layouts: dict[int, int],
+                  snapshot: Snapshot) -> bool:
+        """Register the tenant of ``item`` (met for the first time) with the routed tables' layouts in force;
+        True if it could not be and is parked (blocked) instead."""
+        row = conn.execute(REGISTER, {"layout": item.layout_id, "tenant": item.tenant,
+                                      "layouts": json.dumps({str(k): v for k, v in layouts.items()}),
+                                      "txid": snapshot.full(item.txid)}).fetchone()
+        error = None if row is None else row[0]
+        if error is not None:
+            event(log, logging.WARNING, "tenant_blocked", target=self.pattern, tenant=item.tenant, error=error,
+                  txid=item.txid)
+        return error is not None
 
     def record_failure(self, error: str, txid: int | None = None) -> None:
         """Show a routing failure on the pattern's own row of pgturso.target_status (every tenant waits for the
