@@ -22,5 +22,5 @@ def test_quick_benchmark_runs_every_scenario():
     assert "did not complete" not in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
     rows = re.findall(r"^\| (\d+[a-z]?'?) \|", result.stdout, flags=re.M)
     for scenario in ("1a", "1b", "1c", "2a", "2b", "3", "4a", "4b", "5a", "5b", "6", "7", "8a", "8b", "8c", "9",
-                     "11a", "11b", "11c", "11d", "11e"):
+                     "11a", "11b", "11c", "11d", "11e", "11f"):
         assert scenario in rows, f"scenario {scenario} missing from:\n{result.stdout[-3000:]}"

@@ -871,9 +871,14 @@ def test_wal_pattern_status_counts_what_is_held_for_the_router_and_still_in_the_
     shown = subprocess.run([*WORKER, "status", "--dsn", dsn], capture_output=True, text=True, timeout=60).stdout
     assert "changes in the replication slot not yet read" in shown, shown
     conn.execute("INSERT INTO orders VALUES (4, 'globex', 'after')")
-    worker = _start_worker(dsn)
+    port = free_port()
+    worker = _start_worker(dsn, "--metrics-port", str(port))
+    router = '{target="tenant-%s",pattern="tenant-%s"}'
     try:  # (the slot's part is an upper bound: WAL written after its last confirmed position, this test's too)
         wait_until(lambda: all(row[3] for row in status()), 120, "in sync once delivered")
+        # the router's gauges: what is held for it, and the pattern's slot
+        wait_until(lambda: _metrics(port).get(f"pgturso_held_events{router}") == 0, 60, "the router's gauges")
+        assert f"pgturso_wal_pending_bytes{router}" in _metrics(port)
     finally:
         worker.stop()
     assert tenant_rows(tmp_path / "tenant-acme.db", "SELECT id FROM orders") == []

@@ -20,6 +20,9 @@ _HELP = {
     "pgturso_transaction_hold_seconds": ("gauge", "How long the last delivery kept its Turso transaction open"),
     "pgturso_batch_rows_limit": ("gauge", "Rows per delivery now (batch_rows, smaller while deliveries are slow)"),
     "pgturso_wal_retained_bytes": ("gauge", "WAL kept by a wal target's replication slot (0 in trigger capture)"),
+    "pgturso_wal_pending_bytes": ("gauge", "WAL written since the position a wal target's worker (a wal pattern's "
+                                           "router) confirmed: an upper bound of the changes still in its slot"),
+    "pgturso_held_events": ("gauge", "A wal pattern's outbox events held for its router (not yet per tenant)"),
     "pgturso_replication_streaming": ("gauge", "1 while a wal target's worker holds its replication connection"),
 }
 

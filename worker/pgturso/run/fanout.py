@@ -916,6 +916,8 @@ class PatternWorker:
         batch routed (the router's marker), after the retry delay."""
         router = self.router
         assert router is not None
+        gauges = self.metrics.member({"target": self.pattern, "pattern": self.pattern})  # the router's own
+        gauged = 0.0
         while not self.stopping:
             try:
                 if router.source is None and not router.start():
@@ -926,6 +928,12 @@ class PatternWorker:
                     self.woken.set()
                 elif not self.stopping:
                     router.wait(0.2)
+                if self.metrics.serving and time.monotonic() - gauged >= 5:
+                    gauged = time.monotonic()
+                    held, retained, in_slot = router.backlog()
+                    gauges.set("pgturso_held_events", held)
+                    gauges.set("pgturso_wal_retained_bytes", retained)
+                    gauges.set("pgturso_wal_pending_bytes", in_slot)
             except (psycopg.Error, PgTursoError) as exc:
                 event(log, logging.WARNING, "retry", target=self.pattern, job="route", error=str(exc).strip())
                 router.close()

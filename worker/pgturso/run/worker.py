@@ -42,7 +42,7 @@ from ..delivery.statements import Statement, StatementBuilder, create_table_stat
 from ..delivery.targets import Target, open_target, redact_url
 from ..sources.outbox import Batch, Outbox, Removed
 from ..sources.replication import StreamError
-from ..sources.slot import WalOutbox
+from ..sources.slot import WalOutbox, slot_bytes
 
 log = logging.getLogger("pgturso.worker")
 
@@ -880,7 +880,9 @@ class Worker:
         self._backlog_checked = now
         events, rows, lag = self.outbox.backlog()
         if isinstance(self.outbox, WalOutbox):
-            self.metrics.set("pgturso_wal_retained_bytes", self.outbox.retained_bytes())
+            retained, in_slot = slot_bytes(self.outbox.conn, self.outbox.slot)
+            self.metrics.set("pgturso_wal_retained_bytes", retained)
+            self.metrics.set("pgturso_wal_pending_bytes", in_slot)
         self.metrics.set("pgturso_backlog_events", events)
         self.metrics.set("pgturso_backlog_rows", rows)
         self.metrics.set("pgturso_lag_seconds", lag)

@@ -38,7 +38,7 @@ import psycopg
 
 from ..common.logs import event
 from .outbox import Event, Outbox
-from .slot import SlotError, WalBatch, WalOutbox, lsn_to_int
+from .slot import SlotError, WalBatch, WalOutbox, lsn_to_int, slot_bytes
 
 log = logging.getLogger("pgturso.router")
 
@@ -56,6 +56,10 @@ INSERT_ROWS = """
                                %(tenants)s::text[])
 """
 DELETE_HELD = "DELETE FROM pgturso.outbox WHERE id = ANY (%(ids)s::int8[])"
+HELD = """
+    SELECT count(*) FROM pgturso.outbox o JOIN pgturso.layout l ON l.id = o.layout_id
+    JOIN pgturso.tracked_table t ON t.id = l.table_id WHERE o.tenant IS NULL AND t.target = %s
+"""
 SNAPSHOT = "SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text"
 REGISTER = "SELECT pgturso._route_tenant(%(layout)s, %(tenant)s, %(layouts)s::jsonb, %(txid)s::text::xid8)"
 BLOCKED = "SELECT pgturso._router_blocked(%s)"
@@ -293,6 +297,13 @@ class Router:
             Outbox(self.write, batch_rows=1, batch_events=1, target=self.pattern).record_state(
                 "delivering", clear_error=True)
             self.failing = False
+
+    def backlog(self) -> tuple[int, int, int]:
+        """What is committed but not yet queued per tenant: (held events, WAL bytes the slot keeps, WAL bytes
+        written since its confirmed position: an upper bound of the changes still in it)."""
+        assert self.write is not None and self.source is not None
+        held = int(self.write.execute(HELD, (self.pattern,)).fetchone()[0])  # type: ignore[index]
+        return (held, *slot_bytes(self.write, self.source.slot))
 
     def wait(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for the stream to bring something."""

@@ -1028,10 +1028,21 @@ class WalOutbox(Outbox):
     def wal_position(self) -> int:
         return lsn_to_int(str(self.conn.execute(FLUSH_LSN).fetchone()[0]))  # type: ignore[index]
 
-    def retained_bytes(self) -> int:
-        row = self.conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8 "
-                                "FROM pg_replication_slots WHERE slot_name = %s", (self.slot,)).fetchone()
-        return int(row[0]) if row and row[0] is not None else 0
+
+
+# What a slot keeps (from its restart_lsn) and what may still be pending in it (WAL written since the position
+# its reader confirmed: an upper bound, other tables' and databases' WAL included; pgturso.status shows the same).
+SLOT_BYTES = """
+    SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8,
+           greatest(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::int8
+    FROM pg_replication_slots WHERE slot_name = %s
+"""
+
+
+def slot_bytes(conn: psycopg.Connection[Any], slot: str) -> tuple[int, int]:
+    """(retained, pending) bytes of WAL of a slot (0, 0 if it is missing)."""
+    row = conn.execute(SLOT_BYTES, (slot,)).fetchone()
+    return (int(row[0] or 0), int(row[1] or 0)) if row else (0, 0)
 
 
 def _parse_marker(marker: str) -> dict[str, Any] | None:
