@@ -272,3 +272,39 @@ def test_a_batch_failing_while_the_next_was_read_ahead_loses_and_repeats_nothing
         wait_until(lambda: not cloud.faults, 120, "the worker to meet the fault")
         every_backlog_row_once(turso, tracked, dsn)
         assert tracked.worker.lines("retry"), tracked.worker.output[-3000:]
+
+
+def worker_backend_done_reading(dsn: str) -> bool:
+    """The worker's connection is idle after a transaction it ended (the read of the next batch, while the one
+    before travels), not after a statement of its own (recording or sending a batch)."""
+    with psycopg.connect(dsn, autocommit=True) as watcher:
+        return bool(watcher.execute(
+            "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE application_name = 'pgturso-worker' "
+            "AND state = 'idle' AND query IN ('ROLLBACK', 'COMMIT'))").fetchone()[0])  # type: ignore[index]
+
+
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)
+def test_skip_transaction_of_a_batch_read_ahead_never_sends_it(conn, dsn, turso: TursoServer, capture):
+    """Small batches, read ahead: Turso committed batch N and its answer is held while the worker has read batch
+    N+1 into memory (in a transaction it ended). skip_transaction of N+1's first transaction now: its row must
+    never reach Turso, and every other row arrives once (the batch read ahead is read again, without it)."""
+    small = ("--batch-events", "5", "--batch-rows", "5", "--idle-wait", "1")
+    with tracked_behind_a_proxy(conn, dsn, turso, worker_args=small, stream_expiry=30) as tracked:
+        cloud = tracked.cloud
+        a_backlog_behind(tracked, conn)
+        wait_until(lambda: (on_turso(turso, "SELECT count(*) FROM applied") or [[0]])[0][0] >= 25, 60,
+                   "a few batches to be delivered")
+        cloud.slow_answers = [10.0]  # the next batch is committed on Turso, the worker told 10 s later
+        wait_until(lambda: cloud.holding > 0, 60, "Turso to hold a committed batch's answer")
+        wait_until(lambda: worker_backend_done_reading(dsn), 5, "the worker to read the next batch ahead")
+        skipped_row = turso.query("SELECT max(id) FROM t")[0][0] + 1  # the first row of the batch read ahead
+        # (the test cluster's transaction ids are in epoch 0: the row's xmin is its transaction's xid8)
+        conn.execute("SELECT pgturso.skip_transaction((SELECT xmin::text::xid8 FROM t WHERE id = %s), 'attack', "
+                     "target => 'default')", (skipped_row,))
+        assert cloud.holding > 0, "Turso answered before the skip: nothing was shown (hold the answer longer)"
+        wait_until(lambda: outbox_empty(dsn), 120, "the worker to deliver the backlog")
+        others = f"SELECT count(*) FROM t WHERE id <> {skipped_row}"
+        wait_until(lambda: on_turso(turso, others) == [[BACKLOG]], 60, "every other row")
+        assert turso.query(f"SELECT count(*) FROM t WHERE id = {skipped_row}") == [[0]], \
+            f"the skipped transaction (row {skipped_row}, read ahead before the skip) was sent"
+        assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[BACKLOG - 1, BACKLOG - 1]]

@@ -7,11 +7,13 @@ CREATE INDEX CONCURRENTLY of any table wait for Turso, and vacuum keep dead rows
 
 - One batch at most is in flight. Batch N+1 is read in a Postgres transaction that first deletes batch N's
   events by N's name (so the reads skip them) and is rolled back once N+1's statements are in memory: N's
-  events stay pending. Once Turso confirmed batch N, one statement deletes them (and counts the batch); if
-  Turso refused it, nothing was deleted.
-- Batch N+1 is sent only after that deletion: batches reach Turso in the order they were chosen, and at most one
-  batch is ever committed on Turso but still pending in Postgres, which is exactly what the progress marker
-  covers after a crash. N+1's name covers N's events too, which are gone by then.
+  events stay pending. Once Turso confirmed batch N, one short statement records N as delivered (its marker);
+  if Turso refused it, nothing was recorded.
+- Batch N+1 is sent only after that record (and a count showing that none of N+1's events were deleted since
+  it was read: skip_transaction, untrack_table): batches reach Turso in the order they were chosen, and at most
+  one batch is ever committed on Turso but not recorded in Postgres, which is exactly what the progress marker
+  covers after a crash. N's events are deleted (and counted) while N+1 travels; N+1's name covers them too, so
+  a crash before that deletion leaves them to recovery, which forgets them by the marker on Turso.
 - Only a batch that fits in one request is read ahead into memory; a larger one (a huge source transaction)
   is streamed after the batch in flight is settled, read in parts by its name between the requests that carry
   them, so memory stays bounded and no transaction spans a request.

@@ -124,6 +124,16 @@ PART_END = f"""
         FROM pgturso.outbox WHERE {BATCH_FILTER}
     ) AS part WHERE bytes_so_far >= %(part_bytes)s ORDER BY id LIMIT 1), %(upto)s)
 """
+# Where the source server is, and how many of a batch read ahead (while %(past_...)s, the batch before, travelled)
+# are still pending, from its first event on (%(first)s), the batch before's excluded: read once that batch is
+# recorded delivered, before this one is sent. Fewer than were read: skip_transaction or untrack_table deleted
+# some meanwhile, and the statements in memory would send them all the same (Outbox.position_if_whole).
+POSITION_IF_WHOLE = f"""
+    SELECT pgturso._source_position(), (
+        SELECT count(*) FROM pgturso.outbox WHERE id >= %(first)s AND {BATCH_FILTER}
+          AND NOT (id <= %(past_upto)s AND pg_visible_in_snapshot(txid, %(past_snapshot)s::pg_snapshot)
+                   AND NOT (txid = ANY (%(past_held)s::text[]::xid8[]))))
+"""
 # The number of a batch's events, counted in the transaction that chose it: a batch read in parts after it must
 # read as many, or something deleted some of them meanwhile (Batch.read_in_parts).
 BATCH_EVENTS = f"SELECT count(*) FROM pgturso.outbox WHERE {BATCH_FILTER}"
@@ -330,6 +340,19 @@ def marker_after_removal(removed: str, follows: str, marker: str, known: str = "
 KEEP_MARKER_OF_REMOVED = ", delivered_marker = " + marker_after_removal(
     "EXISTS (SELECT FROM removed)", "%(follows)s::text", "%(marker)s::text")
 RECORD_BATCH = record_batch_sql(KEEP_MARKER_OF_REMOVED, DELETE_BATCH)
+# A batch read ahead is sent once the batch before it is recorded delivered, and its events deleted while it
+# travels (Worker._settle): RECORD_BATCH's marker alone first, by the same rule (an EXISTS of the batch's events
+# for "the deletion removes some"), so that at most one batch is committed on Turso and not yet recorded here;
+# its events are then deleted and counted by REMOVE_RECORDED, which leaves the marker alone. Until then they are
+# pending with the marker recorded: recovery forgets them by the marker on Turso (this batch's, or the next one's,
+# whose name covers them).
+RECORD_MARKER = f"""
+    UPDATE pgturso.delivery_state SET delivered_marker = %(marker)s::text, updated_at = now()
+    WHERE target = %(target)s AND (delivered_marker IS NOT DISTINCT FROM %(follows)s::text OR EXISTS (
+        SELECT FROM pgturso.outbox o, ({MARKED_BATCH} FROM (SELECT %(marker)s::text::jsonb AS m) AS given) AS b
+        WHERE {IN_MARKED_BATCH} AND (b.tenant IS NULL AND o.tenant IS NULL OR o.tenant = b.tenant)))
+"""
+REMOVE_RECORDED = record_batch_sql("", DELETE_BATCH)
 # Recovery by a marker written before batches were named by snapshot (the id ranges it carried).
 RECORD_ID_RANGES = record_batch_sql(KEEP_MARKER_OF_REMOVED, DELETE_ID_RANGES)
 # Several tenants' delivered batches recorded in one round trip (a pattern worker's round): each one's events
@@ -448,6 +471,7 @@ class Batch:
         self.transactions = transactions
         self.more_pending = False
         self.event_count = 0
+        self.first_id: int | None = None  # its first event's id, once read
         self.rows = 0
         # Where the source server was when the batch was sent (Outbox.position): set before marker() is used.
         self.position: dict[str, Any] | None = None
@@ -518,6 +542,8 @@ class Batch:
 
     def _events(self, rows: Iterable[tuple[Any, ...]]) -> Iterator[Event]:
         for first_id, first_txid, last_txid, layout_id, op, nrows, count, payload in rows:
+            if self.first_id is None:
+                self.first_id = first_id
             self.event_count += count
             self.rows += nrows
             txids = (first_txid,) if first_txid == last_txid else (first_txid, last_txid)
@@ -678,6 +704,16 @@ class Outbox:
         assert row is not None
         return dict(row[0])
 
+    def position_if_whole(self, batch: Batch, past: Batch) -> dict[str, Any] | None:
+        """position(), for ``batch`` read ahead while ``past`` travelled, once ``past`` is recorded delivered (its
+        events may still be pending): None if some of ``batch``'s events are gone since it was read (deleted by
+        skip_transaction or untrack_table): it must be read again (POSITION_IF_WHOLE)."""
+        row = self.conn.execute(POSITION_IF_WHOLE, {
+            **batch.params, "first": batch.first_id or 0, "past_upto": past.upto, "past_snapshot": past.snapshot,
+            "past_held": past.held}).fetchone()
+        assert row is not None
+        return dict(row[0]) if int(row[1]) == batch.event_count else None
+
     def trusts(self, marker: str) -> bool:
         """Whether a marker read from the target describes this server's past: it carries no position (written
         before positions were recorded: trusted as before), or this server's history contains its position."""
@@ -751,6 +787,16 @@ class Outbox:
         """Remove a delivered batch's events and count it: one statement (RECORD_BATCH), its own transaction on
         the worker's autocommit connection."""
         return self.remove_delivered(batch)
+
+    def record_marker(self, batch: Batch) -> None:
+        """Record a batch Turso confirmed as the last one delivered, leaving its events for remove_recorded
+        (RECORD_MARKER): one short statement between its confirmation and the next batch's request."""
+        self._one_statement(RECORD_MARKER, {"marker": batch.marker(), "follows": batch.follows,
+                                            "target": self.target})
+
+    def remove_recorded(self, batch: Batch) -> Removed:
+        """Remove and count the events of a batch that record_marker recorded (while the next one travels)."""
+        return self._record(REMOVE_RECORDED, batch.marker(), batch.follows)
 
     def settled(self, batch: Batch) -> None:
         """After the transaction that removed a batch Turso confirmed committed (a slot moves past it then)."""
