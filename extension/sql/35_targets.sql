@@ -263,17 +263,33 @@ COMMENT ON FUNCTION pgturso._router_blocked IS 'Private: the blocked tenants of 
 -- add_target of a blocked tenant's name (its own URL): register it now, if the value can name that database.
 -- Its parked events (its tables' creation and reference rows as of where the router met it, then its rows in
 -- stream order) become its worker's. The router reads pgturso.blocked_tenant FOR SHARE in each routing
--- transaction: this waits for one under way, and the next one sees the tenant registered.
+-- transaction: this waits for one under way, and the next one sees the tenant registered. add_target of the
+-- pattern itself (a new URL: e.g. %s moved from the host to the path, a fix its HINT names) registers each of its
+-- blocked tenants the new URL lets name a database; the others stay blocked (their error is the new one).
 CREATE OR REPLACE FUNCTION pgturso._unblock_tenant(name text) RETURNS void
 LANGUAGE plpgsql
 @SESSION_SETTINGS@
 AS $$
 DECLARE
     v_blocked record;
+    v_error text;
+    v_hint text;
 BEGIN
     FOR v_blocked IN SELECT b.pattern, b.tenant, b.table_name FROM pgturso.blocked_tenant b
-                     WHERE replace(b.pattern, '%s', b.tenant) = _unblock_tenant.name FOR UPDATE
+                     WHERE replace(b.pattern, '%s', b.tenant) = _unblock_tenant.name
+                        OR b.pattern = _unblock_tenant.name
+                     ORDER BY b.tenant FOR UPDATE
     LOOP
+        IF v_blocked.pattern = _unblock_tenant.name THEN
+            BEGIN
+                PERFORM pgturso._check_tenant(v_blocked.pattern, v_blocked.tenant, v_blocked.table_name);
+            EXCEPTION WHEN raise_exception THEN
+                GET STACKED DIAGNOSTICS v_error = MESSAGE_TEXT, v_hint = PG_EXCEPTION_HINT;
+                UPDATE pgturso.blocked_tenant b SET error = v_error, hint = v_hint
+                WHERE b.pattern = v_blocked.pattern AND b.tenant = v_blocked.tenant;
+                CONTINUE;
+            END;
+        END IF;
         PERFORM pgturso._check_tenant(v_blocked.pattern, v_blocked.tenant, v_blocked.table_name);
         PERFORM pgturso._claim_tenant(v_blocked.pattern, v_blocked.tenant);
         DELETE FROM pgturso.blocked_tenant b WHERE b.pattern = v_blocked.pattern AND b.tenant = v_blocked.tenant;

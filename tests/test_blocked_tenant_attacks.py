@@ -1,0 +1,80 @@
+"""Attacks on a wal pattern's blocked (parked) tenants: a route_by value the router cannot register is parked,
+its events queued under its value in stream order, until the fix its status names (add_target) or a discard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from support.workers import wait_until
+from test_tenants import _blocked, _start_worker, pg_tenant_rows, tenant_rows
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_wal_a_tenant_blocked_by_the_patterns_host_is_registered_when_the_pattern_url_follows_the_hint(
+        conn, dsn, tmp_path: Path):
+    """A tenant value parked because the pattern's URL has %s in its host ('a_b' makes no host name) is shown
+    with a HINT naming three fixes, one of them 'use a pattern URL with %s in its path (file:)'. Following it
+    (add_target of the pattern with a file: URL) must register the parked tenant and deliver its rows, in order,
+    once: not leave it blocked with a fix that does nothing."""
+    conn.execute("SELECT pgturso.add_target('tenant-%s', 'http://tenant-%s.localhost:9')")
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id', "
+                 "capture => 'wal')")
+    conn.execute("INSERT INTO orders VALUES (1, 'a_b', 'first'), (2, 'a_b', 'second')")
+    conn.execute("UPDATE orders SET item = 'second b' WHERE id = 2")
+    worker = _start_worker(dsn)
+    try:
+        wait_until(lambda: "makes no host" in _blocked(conn, "tenant-a_b"), 120, "a_b shown blocked")
+        hint = _blocked(conn, "tenant-a_b")
+        assert "use a pattern URL with %s in its path" in hint, hint
+        conn.execute("SELECT pgturso.add_target('tenant-%%s', %s)", (f"file:{tmp_path}/tenant-%s.db",))
+        assert _blocked(conn, "tenant-a_b") == "", "the fix the HINT names left the tenant blocked"
+        conn.execute("INSERT INTO orders VALUES (3, 'a_b', 'after the fix')")
+        assert conn.execute("SELECT pgturso.wait_for_sync('120 s')").fetchone()[0]
+    finally:
+        worker.stop()
+    assert tenant_rows(tmp_path / "tenant-a_b.db", "SELECT id, item FROM orders ORDER BY id") == \
+        pg_tenant_rows(conn, "a_b") == [(1, "first"), (2, "second b"), (3, "after the fix")]
+    assert conn.execute("SELECT count(*) FROM pgturso.blocked_tenant").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_wal_a_parked_tenants_moves_truncate_and_ddl_arrive_in_stream_order_once_registered(
+        conn, dsn, tmp_path: Path):
+    """'Acme' is parked (it differs only in case from tenant acme). While parked: a TRUNCATE of the routed
+    table, a row moved from acme into Acme and back, one moved into Acme for good, one moved out of Acme to
+    acme, a column renamed and one added. add_target of tenant-Acme registers it: both databases end equal to
+    Postgres (nothing doubled, nothing resurrected by the TRUNCATE, the layouts the DDL made)."""
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id', "
+                 "capture => 'wal')")
+    conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a')")
+    worker = _start_worker(dsn)
+    try:
+        conn.execute("INSERT INTO orders VALUES (2, 'Acme', 'truncated'), (3, 'acme', 'truncated too')")
+        wait_until(lambda: "differs only in case" in _blocked(conn, "tenant-Acme"), 120, "Acme shown blocked")
+        conn.execute("TRUNCATE orders")
+        conn.execute("INSERT INTO orders VALUES (10, 'acme', 'there and back'), (11, 'acme', 'moves for good'), "
+                     "(12, 'Acme', 'moves out')")
+        conn.execute("UPDATE orders SET tenant_id = 'Acme', item = 'there' WHERE id = 10")
+        conn.execute("UPDATE orders SET tenant_id = 'acme', item = 'and back' WHERE id = 10")
+        conn.execute("UPDATE orders SET tenant_id = 'Acme' WHERE id = 11")
+        conn.execute("UPDATE orders SET tenant_id = 'acme', item = 'moved out' WHERE id = 12")
+        conn.execute("ALTER TABLE orders RENAME COLUMN item TO label")
+        conn.execute("ALTER TABLE orders ADD COLUMN note text DEFAULT 'n'")
+        conn.execute("INSERT INTO orders VALUES (13, 'Acme', 'after the DDL', 'x')")
+        conn.execute("UPDATE orders SET note = 'y' WHERE id = 11")
+        assert conn.execute("SELECT pgturso.wait_for_sync('3 s')").fetchone()[0] is False  # Acme parked
+        conn.execute("SELECT pgturso.add_target('tenant-Acme', %s)", (f"file:{tmp_path}/own-Acme.db",))
+        conn.execute("INSERT INTO orders VALUES (14, 'Acme', 'registered', NULL)")
+        assert conn.execute("SELECT pgturso.wait_for_sync('120 s')").fetchone()[0]
+    finally:
+        worker.stop()
+    for tenant, path in (("acme", tmp_path / "tenant-acme.db"), ("Acme", tmp_path / "own-Acme.db")):
+        assert tenant_rows(path, "SELECT id, label, note FROM orders ORDER BY id") == \
+            pg_tenant_rows(conn, tenant, "id, label, note"), tenant
+    assert pg_tenant_rows(conn, "Acme", "id") == [(11,), (13,), (14,)]
+    assert not (tmp_path / "tenant-Acme.db").exists()
+    assert conn.execute("SELECT count(*) FROM pgturso.outbox").fetchone()[0] == 0
