@@ -110,11 +110,16 @@ class ReplicationStream:
         """The next pgoutput message (a Begin or Commit as a memoryview); None if none arrived within
         ``timeout`` seconds (0: only what is here already; None: wait as long as it takes), or when a keepalive
         moved ``idle_end``."""
-        pgconn = self.pgconn
-        size, data = pgconn.get_copy_data(1)
+        size, data = self.pgconn.get_copy_data(1)
         if size > 0 and data[0] == 119:  # the common case first: a message had arrived already
             # Begin and Commit (two of a single-row transaction's three messages) are only read from: no copy.
             return data[25:] if data[25] in _BEGIN_COMMIT else bytes(data[25:])  # type: ignore[no-any-return]
+        return self.read_after(size, data, timeout)
+
+    def read_after(self, size: int, data: Any, timeout: float | None) -> bytes | None:
+        """``read``, given what ``pgconn.get_copy_data(1)`` just returned when that was not a message that
+        had arrived already (a caller inlines read's common case: a call per message counts)."""
+        pgconn = self.pgconn
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if size > 0:

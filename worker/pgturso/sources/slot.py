@@ -192,6 +192,8 @@ def _tuple_parser(ncols: int) -> Callable[[bytes, int], tuple[list[Any], int]]:
     """The values of a TupleData of ``ncols`` columns, parsed by straight-line code made once per column
     count: a loop with an append per value cost half as much again, and parsing is a large share of the
     worker's time per row. (Built from the constant _VALUE only: nothing decoded becomes code.)"""
+    if ncols in _PARSERS:
+        return _PARSERS[ncols]
     body = "".join(_VALUE.format(n=n) for n in range(ncols))
     source = f"def parse(data, pos):{body}\n    return [{''.join(f'v{n}, ' for n in range(ncols))}GENERATED], pos\n"
     namespace: dict[str, Any] = {"U32": _U32, "UNCHANGED": UNCHANGED, "GENERATED": GENERATED,
@@ -389,19 +391,33 @@ class WalBatch:
         outbox_oid = source.outbox_oid
         layouts = self.layouts
         routing = source.routing
+        u32, u64 = _U32, _U64
+        # The Inserts of a table whose decoded rows join a run as they are (its layout's columns in order, nothing
+        # skipped, counted or routed), by relid: (layout id, the tuple's parser, computed columns). What decides
+        # that is only looked up again after what could change it: a Relation message, an outbox event (a new
+        # layout), a skipped transaction. Most of a drain's messages take this path or the two above it.
+        plain: dict[int, tuple[int, Callable[[bytes, int], tuple[list[Any], int]], frozenset[str]]] = {}
         for data in chain(self._first, self._more):
             received += 1
             kind = data[0]
             # (Literals, not the module's _BEGIN…: a global's lookup per message counts at ~100k messages/s.)
             if kind == 66:  # Begin
-                xid = _U32(data, 17)[0]
-                self._skipping = source.skip_of(xid, _U64(data, 1)[0]) if source.skips else None
+                xid = u32(data, 17)[0]
+                if source.skips:
+                    self._skipping = source.skip_of(xid, u64(data, 1)[0])
+                    if self._skipping is not None:
+                        plain.clear()
             elif kind == 67:  # Commit
-                self.end = _U64(data, 10)[0]
+                self.end = u64(data, 10)[0]
                 self.transactions += 1
+            elif kind == 73 and (fast := plain.get(u32(data, 1)[0])) is not None:
+                self.event_count += 1
+                if add(fast[0], "U", fast[1](data, 8)[0][:-1], fast[2]):  # (8: past the tuple's column count)
+                    yield from drain()
             elif kind == _RELATION:
                 relation = parse_relation(data)
                 relations[relation.relid] = relation
+                plain.clear()
             elif kind == 73 or kind == 85 or kind == 68:  # Insert, Update, Delete
                 relid = _U32(data, 1)[0]
                 relation = relations[relid]
@@ -410,6 +426,7 @@ class WalBatch:
                 else:
                     old, new, old_full = self._tuples(data)
                 if relid == outbox_oid:
+                    plain.clear()
                     if new is None:
                         continue
                     item = self._outbox_event(relation, new, xid)
@@ -445,8 +462,11 @@ class WalBatch:
                                                    drain)
                     continue
                 if kind == 73:  # an Insert (no old tuple, no unchanged value): the common case, kept short
-                    if add(layout_id, "U", new[:-1] if layout_id in relation.in_order else
-                           _present([new[p] for p in positions]), computed):
+                    if layout_id in relation.in_order:
+                        plain[relid] = (layout_id, _tuple_parser(len(relation.columns)), computed)
+                        if add(layout_id, "U", new[:-1], computed):
+                            yield from drain()
+                    elif add(layout_id, "U", _present([new[p] for p in positions]), computed):
                         yield from drain()
                     continue
                 layout = source.layout(layout_id)
@@ -765,14 +785,20 @@ class WalOutbox(Outbox):
                          flushed: int) -> Iterator[bytes]:
         message: bytes | None = first
         changes = 0  # row changes and outbox events: batch_rows counts rows, not Begin/Commit/Relation messages
-        read = stream.read
+        read, read_after, get_copy_data = stream.read, stream.read_after, stream.pgconn.get_copy_data
         while message is not None:
             yield message
             kind = message[0]
             if kind != 67:  # not a Commit (a literal: see WalBatch.events)
                 if kind == 73 or kind == 85 or kind == 68:  # Insert, Update, Delete
                     changes += 1
-                message = read(None)  # the rest of a transaction is coming: pgoutput sends it whole
+                # The rest of a transaction is coming (pgoutput sends it whole): stream.read(None), its common
+                # case inlined.
+                size, data = get_copy_data(1)
+                if size > 0 and data[0] == 119:  # XLogData: the message after its 25 bytes of header
+                    message = data[25:] if data[25] == 67 else bytes(data[25:])  # (a Commit is only read from)
+                else:
+                    message = read_after(size, data, None)
                 continue
             self._read_end = _U64(message, 10)[0]
             if changes >= limit:
