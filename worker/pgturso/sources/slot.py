@@ -403,10 +403,9 @@ class WalBatch:
             # (Literals, not the module's _BEGIN…: a global's lookup per message counts at ~100k messages/s.)
             if kind == 66:  # Begin
                 xid = u32(data, 17)[0]
-                if source.skips:
-                    self._skipping = source.skip_of(xid, u64(data, 1)[0])
-                    if self._skipping is not None:
-                        plain.clear()
+                self._skipping = source.skip_of(xid, u64(data, 1)[0]) if source.skips else None
+                if self._skipping is not None:
+                    plain.clear()
             elif kind == 67:  # Commit
                 self.end = u64(data, 10)[0]
                 self.transactions += 1
@@ -463,7 +462,8 @@ class WalBatch:
                     continue
                 if kind == 73:  # an Insert (no old tuple, no unchanged value): the common case, kept short
                     if layout_id in relation.in_order:
-                        plain[relid] = (layout_id, _tuple_parser(len(relation.columns)), computed)
+                        if _U16(data, 6)[0] == len(relation.columns):  # (as pgoutput writes them)
+                            plain[relid] = (layout_id, _tuple_parser(len(relation.columns)), computed)
                         if add(layout_id, "U", new[:-1], computed):
                             yield from drain()
                     elif add(layout_id, "U", _present([new[p] for p in positions]), computed):
