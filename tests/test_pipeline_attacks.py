@@ -283,7 +283,7 @@ def worker_backend_done_reading(dsn: str) -> bool:
             "AND state = 'idle' AND query IN ('ROLLBACK', 'COMMIT'))").fetchone()[0])  # type: ignore[index]
 
 
-@pytest.mark.parametrize("capture", ["trigger"], indirect=True)
+@pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
 def test_skip_transaction_of_a_batch_read_ahead_never_sends_it(conn, dsn, turso: TursoServer, capture):
     """Small batches, read ahead: Turso committed batch N and its answer is held while the worker has read batch
     N+1 into memory (in a transaction it ended). skip_transaction of N+1's first transaction now: its row must

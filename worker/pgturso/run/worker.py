@@ -474,17 +474,21 @@ class Worker:
             return settled + self._deliver_streaming()
         try:
             # Now that the batch before is recorded delivered: a server that has this position has its marker.
-            if read_ahead and not isinstance(self.outbox, WalOutbox):
+            # A batch read ahead is sent only if nothing skipped (skip_transaction) or untracked (untrack_table)
+            # since it was read took some of it: the statements in memory would send it all the same.
+            whole = True
+            if isinstance(self.outbox, WalOutbox):  # a slot's batch is placed by its LSN
+                whole = not (read_ahead and self.outbox.skipped_since_read())
+            elif read_ahead:
                 prepared.batch.position = self.outbox.position_if_whole(prepared.batch, in_flight.batch)  # type: ignore[union-attr]
-                if prepared.batch.position is None:
-                    # skip_transaction or untrack_table deleted some of its events since it was read: sending
-                    # the statements read would deliver them all the same. Chosen again next time.
-                    event(log, logging.INFO, "batch_changed", target=self.settings.target,
-                          reason="events of the batch read ahead were deleted meanwhile: reading it again")
-                    self._remove_settled()
-                    return settled
-            elif not isinstance(self.outbox, WalOutbox):  # a slot's batch is placed by its LSN
+                whole = prepared.batch.position is not None
+            else:
                 prepared.batch.position = self.outbox.position()
+            if not whole:  # chosen (a slot's: decoded) again next time
+                event(log, logging.INFO, "batch_changed", target=self.settings.target,
+                      reason="the batch read ahead lost events to skip_transaction or untrack_table: reading it again")
+                self._remove_settled()
+                return settled
             prepared.batch.follows = self.last_marker or None
             marker = self._marker_statements(prepared.batch.marker())
             self._sending = prepared.batch

@@ -871,6 +871,14 @@ class WalOutbox(Outbox):
         skips = self.conn.execute(SKIPPED, {"target": self.target, "slot": self.slot}).fetchall()
         self.skips = {int(xid): lsn_to_int(str(before)) for xid, before in skips}
 
+    def skipped_since_read(self) -> bool:
+        """Whether skip_transaction dropped a transaction for this target since the last batch was decoded (the
+        skips were read then): a batch read ahead may carry its row changes. Dropped unsent, it is decoded again
+        from the confirmed position by the next choose_batch, the skip applied (skips are rare: any new one
+        will do)."""
+        skips = self.conn.execute(SKIPPED, {"target": self.target, "slot": self.slot}).fetchall()
+        return any(self.skips.get(int(xid)) != lsn_to_int(str(before)) for xid, before in skips)
+
     def skip_of(self, xid: int, commit_lsn: int) -> tuple[int, int] | None:
         """(xid, commit LSN) if pgturso.skip_transaction dropped this transaction for the target, else None."""
         before = self.skips.get(xid)
