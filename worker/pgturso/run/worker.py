@@ -478,7 +478,7 @@ class Worker:
             # since it was read took some of it: the statements in memory would send it all the same.
             whole = True
             if isinstance(self.outbox, WalOutbox):  # a slot's batch is placed by its LSN
-                whole = not (read_ahead and self.outbox.skipped_since_read())
+                whole = not (read_ahead and self.outbox.skipped_since_read(prepared.batch))  # type: ignore[arg-type]
             elif read_ahead:
                 prepared.batch.position = self.outbox.position_if_whole(prepared.batch, in_flight.batch)  # type: ignore[union-attr]
                 whole = prepared.batch.position is not None

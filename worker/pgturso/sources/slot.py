@@ -290,6 +290,9 @@ class WalBatch:
         self.outbox_ids: list[int] = []
         self.skipped: dict[tuple[int, int], int] = {}  # (xid, commit LSN) of a skipped transaction: rows dropped
         self._skipping: tuple[int, int] | None = None  # the transaction being decoded, if it is skipped
+        # The skips known when its decoding began (a new table's layout may reload them mid-batch, too late
+        # for transactions decoded before): WalOutbox.skipped_since_read compares with these.
+        self.skips_known = dict(source.skips)
         self.more_pending = False
         self.uniform = False
         self.held: list[str] = []
@@ -871,13 +874,12 @@ class WalOutbox(Outbox):
         skips = self.conn.execute(SKIPPED, {"target": self.target, "slot": self.slot}).fetchall()
         self.skips = {int(xid): lsn_to_int(str(before)) for xid, before in skips}
 
-    def skipped_since_read(self) -> bool:
-        """Whether skip_transaction dropped a transaction for this target since the last batch was decoded (the
-        skips were read then): a batch read ahead may carry its row changes. Dropped unsent, it is decoded again
-        from the confirmed position by the next choose_batch, the skip applied (skips are rare: any new one
-        will do)."""
+    def skipped_since_read(self, batch: WalBatch) -> bool:
+        """Whether skip_transaction dropped a transaction for this target since ``batch`` began to be decoded:
+        a batch read ahead may carry its row changes. Dropped unsent, it is decoded again from the confirmed
+        position by the next choose_batch, the skip applied (skips are rare: any new one will do)."""
         skips = self.conn.execute(SKIPPED, {"target": self.target, "slot": self.slot}).fetchall()
-        return any(self.skips.get(int(xid)) != lsn_to_int(str(before)) for xid, before in skips)
+        return any(batch.skips_known.get(int(xid)) != lsn_to_int(str(before)) for xid, before in skips)
 
     def skip_of(self, xid: int, commit_lsn: int) -> tuple[int, int] | None:
         """(xid, commit LSN) if pgturso.skip_transaction dropped this transaction for the target, else None."""
