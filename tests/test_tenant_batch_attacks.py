@@ -629,3 +629,73 @@ def test_a_tenant_batch_whose_checkpoint_cannot_complete_stays_in_the_outbox_unt
     gc.collect()
     drain_pattern(dsn)
     assert_every_write_arrived_once(conn, tmp_path, "acme", "globex")
+
+
+# `pgturso-worker run --once` that SIGKILLs itself at a chosen point of a tenant's commit (a real process death:
+# nothing of the worker's own handling runs, the page cache keeps what it wrote).
+_DYING_WORKER = """
+import os, signal, sys
+from pgturso.delivery import targets
+from pgturso.cli import main
+
+where = sys.argv.pop(1)
+commit = targets.FileTransaction.commit
+
+def dying_commit(self):
+    if where == "after_commit":  # COMMIT ran (its WAL frames written, none fsynced), its checkpoint did not
+        self.target.conn.execute("COMMIT")
+    else:  # the checkpoint completed; the Postgres deletion of the batch's events did not run
+        commit(self)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+targets.FileTransaction.commit = dying_commit
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_dying_pattern_worker(dsn: str, where: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    died = subprocess.run([sys.executable, "-c", _DYING_WORKER, where, "run", "--once", "--dsn", dsn, "--target",
+                           "tenant-%s"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PGTURSO_RETRY_BASE_DELAY": "0.05"})
+    assert died.returncode == -9, died.stderr
+
+
+@pytest.mark.parametrize("power_lost", [False, True], ids=["wal_kept", "unsynced_frames_lost"])
+def test_a_tenant_worker_sigkilled_between_commit_and_checkpoint_and_after_it_applies_each_batch_once(
+        conn, dsn, tmp_path: Path, power_lost: bool):
+    """A tenant's commit on its file: database fsyncs nothing of its frames (synchronous = NORMAL); the
+    checkpoint after it does. A worker SIGKILLed between the two leaves a WAL holding the batch and its marker,
+    its events still in the outbox. The next worker opens that file with a non-empty WAL: it checkpoints it
+    before trusting the marker in it, forgets the batch by that marker (not applied again), and delivers the
+    next; SIGKILLed after that commit's checkpoint (the WAL emptied, the database file holding both batches) and
+    before the Postgres deletion, a third worker forgets that one too. `unsynced_frames_lost`: what an OS crash
+    may do instead of a SIGKILL, the unsynced frames after the WAL's header are gone: the batch was never
+    forgotten in Postgres, so it is applied once, by the next worker."""
+    two_tenants_counted(conn, dsn, tmp_path)
+    wals = [tmp_path / f"tenant-{tenant}.db-wal" for tenant in ("acme", "globex")]
+    assert all(not wal.exists() or wal.stat().st_size == 0 for wal in wals)  # all in the database files
+    conn.execute("INSERT INTO orders VALUES (1, 'acme', 'one'), (2, 'globex', 'two')")
+    run_dying_pattern_worker(dsn, "after_commit")  # at the first tenant's commit (the other's may be under way)
+    assert items_pending(conn, "acme", "one") == ["one"] and items_pending(conn, "globex", "two") == ["two"]
+    assert any(wal.exists() and wal.stat().st_size > 32 for wal in wals), "a batch's frames are in its WAL"
+    if power_lost:
+        cut_unsynced_frames(wals)
+    conn.execute("INSERT INTO orders VALUES (3, 'acme', 'three'), (4, 'globex', 'four')")
+    run_dying_pattern_worker(dsn, "after_checkpoint")
+    drain_pattern(dsn)
+    if power_lost:  # and again once everything was delivered: nothing Postgres forgot may sit in such frames
+        cut_unsynced_frames(wals)
+    assert_every_write_arrived_once(conn, tmp_path, "acme", "globex")
+
+
+def cut_unsynced_frames(wals: list[Path]) -> None:
+    """What an OS crash may leave of a tenant's WAL (synchronous = NORMAL): its header, fsynced when the WAL
+    restarted at a commit, and none of the frames after it, which only a checkpoint fsyncs."""
+    for wal in wals:
+        if wal.exists() and wal.stat().st_size > 32:
+            with open(wal, "r+b") as frames:
+                frames.truncate(32)
