@@ -163,3 +163,47 @@ def test_upgrade_with_pending_events_delivers_everything(pg_cluster, turso: Turs
             ['CREATE INDEX "uq_u_key" ON "uq" ("u")']]
         assert turso.query("SELECT id, m, ms FROM moods ORDER BY id") == [[1, "sad", '["sad","ok"]'],
                                                                          [2, "ok", '["ok"]']]
+
+
+# What a role may do in schema pgturso: EXECUTE on each function, each table privilege, UPDATE of each column.
+ROLE_RIGHTS = """
+    SELECT 'function ' || p.oid::regprocedure::text FROM pg_proc p
+    WHERE p.pronamespace = 'pgturso'::regnamespace AND has_function_privilege(%(role)s, p.oid, 'EXECUTE')
+    UNION ALL
+    SELECT priv || ' ' || c.oid::regclass::text FROM pg_class c
+    CROSS JOIN unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE']) AS priv
+    WHERE c.relnamespace = 'pgturso'::regnamespace AND c.relkind IN ('r', 'v', 'p')
+      AND has_table_privilege(%(role)s, c.oid, priv)
+    UNION ALL
+    SELECT 'UPDATE ' || c.oid::regclass::text || '.' || a.attname FROM pg_class c
+    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+    WHERE c.relnamespace = 'pgturso'::regnamespace AND c.relkind IN ('r', 'p')
+      AND has_column_privilege(%(role)s, c.oid, a.attnum, 'UPDATE')
+    ORDER BY 1
+"""
+
+
+@pytest.mark.parametrize("old_version", [v for v in OLD_VERSIONS if v != "0.1.0"])  # grant_worker came in 0.2.0
+def test_an_upgrade_gives_a_worker_role_what_grant_worker_gives_now(pg_cluster, old_version):
+    """A role set up by grant_worker before the upgrade keeps working after it: the upgrade grants it what this
+    version's grant_worker grants (a function whose signature changed is re-created without the old grant)."""
+    with _database(pg_cluster, "upgrade_grants") as conn:
+        conn.execute(f"CREATE EXTENSION pgturso VERSION '{old_version}' CASCADE")
+        for role in ("upgraded_worker", "fresh_worker", "bystander"):
+            conn.execute(f"DROP ROLE IF EXISTS {role}")
+            conn.execute(f"CREATE ROLE {role}")
+        try:
+            conn.execute("SELECT pgturso.grant_worker('upgraded_worker')")
+            conn.execute("ALTER EXTENSION pgturso UPDATE")
+            conn.execute("SELECT pgturso.grant_worker('fresh_worker')")
+            rights = {role: [r[0] for r in conn.execute(ROLE_RIGHTS, {"role": role}).fetchall()]
+                      for role in ("upgraded_worker", "fresh_worker", "bystander")}
+            assert rights["fresh_worker"], "grant_worker granted nothing?"
+            assert rights["upgraded_worker"] == rights["fresh_worker"]
+            everyone = [r[0] for r in conn.execute(ROLE_RIGHTS, {"role": "public"}).fetchall()]
+            assert rights["bystander"] == everyone, "the upgrade granted a role that grant_worker never named"
+        finally:
+            conn.execute("DROP EXTENSION IF EXISTS pgturso CASCADE")
+            for role in ("upgraded_worker", "fresh_worker", "bystander"):
+                conn.execute(f"DROP OWNED BY {role}")
+                conn.execute(f"DROP ROLE {role}")

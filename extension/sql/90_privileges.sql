@@ -69,5 +69,25 @@ END
 $$;
 COMMENT ON FUNCTION pgturso.grant_worker IS
     'Grant a role what pgturso-worker needs to deliver (no superuser, no right on application tables); '
-    'run it again after an upgrade.';
+    'ALTER EXTENSION pgturso UPDATE runs it again for the roles it set up.';
 REVOKE ALL ON FUNCTION pgturso.grant_worker(regrole) FROM PUBLIC;
+
+-- At an upgrade (ALTER EXTENSION pgturso UPDATE), a role grant_worker set up before it gets what this version's
+-- grant_worker grants: a worker must not stop after an upgrade for want of a right on something new, or on a
+-- function re-created with a new signature (which loses its grants). Such roles are those holding DELETE on the
+-- outbox, which only grant_worker gives (the extension's owner aside). A fresh install finds none.
+DO $$
+DECLARE
+    v_role regrole;
+BEGIN
+    FOR v_role IN
+        SELECT DISTINCT acl.grantee::regrole
+        FROM pg_class c, aclexplode(c.relacl) AS acl
+        WHERE c.oid = 'pgturso.outbox'::regclass AND acl.privilege_type = 'DELETE'
+          AND acl.grantee <> 0 AND acl.grantee <> c.relowner
+        ORDER BY 1
+    LOOP
+        PERFORM pgturso.grant_worker(v_role);
+    END LOOP;
+END
+$$;
