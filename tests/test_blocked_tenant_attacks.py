@@ -78,3 +78,54 @@ def test_wal_a_parked_tenants_moves_truncate_and_ddl_arrive_in_stream_order_once
     assert pg_tenant_rows(conn, "Acme", "id") == [(11,), (13,), (14,)]
     assert not (tmp_path / "tenant-Acme.db").exists()
     assert conn.execute("SELECT count(*) FROM pgturso.outbox").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_wal_discarding_a_blocked_tenant_while_its_rows_keep_coming_leaves_no_orphan(conn, dsn, tmp_path: Path):
+    """'Acme' (a case clash with acme) is parked while a load writes rows of Acme, acme and globex. Discarding
+    Acme three times while its rows keep coming (each discard racing the router's routing transactions) leaves
+    no parked event behind without its blocked row (which would never be delivered nor shown), and every
+    discard is recorded. Then Acme's rows are touched again and Acme given a database of its own: it ends equal
+    to Postgres, as do the others; the outbox empties."""
+    import threading
+
+    from test_tenants import _write_tenants
+
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id', "
+                 "capture => 'wal')")
+    conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a')")
+    worker = _start_worker(dsn)
+    stop = threading.Event()
+    errors: list[str] = []
+    writer = threading.Thread(target=_write_tenants, args=(dsn, stop, errors, ["Acme", "acme", "globex"], 1000))
+    writer.start()
+    discarded = 0
+    try:
+        for _ in range(3):
+            wait_until(lambda: "differs only in case" in _blocked(conn, "tenant-Acme"), 120, "Acme blocked")
+            discarded += conn.execute("SELECT pgturso.discard_blocked_tenant('tenant-%s', 'Acme', 'race')"
+                                      ).fetchone()[0]
+        stop.set()
+        writer.join()
+        assert not errors, errors[:5]
+        # Every Acme event still in the outbox belongs to a tenant shown blocked (none orphaned).
+        wait_until(lambda: conn.execute(
+            "SELECT count(*) FROM pgturso.outbox WHERE tenant = 'Acme'").fetchone()[0] == 0
+            or _blocked(conn, "tenant-Acme") != "", 60, "Acme's parked events shown")
+        conn.execute("UPDATE orders SET item = item || '!' WHERE tenant_id = 'Acme'")
+        conn.execute("SELECT pgturso.add_target('tenant-Acme', %s)", (f"file:{tmp_path}/own-Acme.db",))
+        assert conn.execute("SELECT pgturso.wait_for_sync('120 s')").fetchone()[0]
+    finally:
+        stop.set()
+        writer.join()
+        worker.stop()
+    assert discarded > 0
+    assert conn.execute("SELECT sum(events) FROM pgturso.skipped_transaction WHERE target = 'tenant-Acme'"
+                        ).fetchone()[0] == discarded
+    for tenant, path in (("acme", tmp_path / "tenant-acme.db"), ("globex", tmp_path / "tenant-globex.db"),
+                         ("Acme", tmp_path / "own-Acme.db")):
+        assert tenant_rows(path, "SELECT id, item FROM orders ORDER BY id") == pg_tenant_rows(conn, tenant), tenant
+    assert conn.execute("SELECT count(*) FROM pgturso.outbox").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM pgturso.blocked_tenant").fetchone()[0] == 0
