@@ -129,3 +129,35 @@ def test_wal_discarding_a_blocked_tenant_while_its_rows_keep_coming_leaves_no_or
         assert tenant_rows(path, "SELECT id, item FROM orders ORDER BY id") == pg_tenant_rows(conn, tenant), tenant
     assert conn.execute("SELECT count(*) FROM pgturso.outbox").fetchone()[0] == 0
     assert conn.execute("SELECT count(*) FROM pgturso.blocked_tenant").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_wal_skip_transaction_without_a_target_gives_up_on_the_tenant_its_transaction_blocked(
+        conn, dsn, tmp_path: Path):
+    """skip_transaction(txid, reason) of the transaction a blocked tenant's status names, without target (the
+    transaction also wrote a good tenant's row, already delivered): the blocked tenant's parked rows are
+    dropped and recorded once, the good tenant keeps its row, nothing is left in the outbox."""
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id', "
+                 "capture => 'wal')")
+    with conn.transaction():
+        conn.execute("INSERT INTO orders VALUES (1, 'acme', 'good'), (2, 'no way!', 'bad')")
+        txid = conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0]
+    conn.execute("INSERT INTO orders VALUES (3, 'no way!', 'bad too')")
+    worker = _start_worker(dsn)
+    try:
+        wait_until(lambda: _blocked(conn, "tenant-no way!") != "", 120, "no way! shown blocked")
+        shown = conn.execute("SELECT last_error_txid::text FROM pgturso.target_status "
+                             "WHERE target = 'tenant-no way!'").fetchone()[0]
+        assert shown == txid
+        conn.execute("DELETE FROM orders WHERE tenant_id = 'no way!'")
+        assert conn.execute("SELECT pgturso.skip_transaction(%s, 'bad value')", (txid,)).fetchone()[0] >= 2
+        assert _blocked(conn, "tenant-no way!") == ""
+        assert conn.execute("SELECT pgturso.wait_for_sync('120 s')").fetchone()[0]
+    finally:
+        worker.stop()
+    assert tenant_rows(tmp_path / "tenant-acme.db", "SELECT id, item FROM orders") == [(1, "good")]
+    assert conn.execute("SELECT target, events >= 2, rows FROM pgturso.skipped_transaction").fetchall() == [
+        ("tenant-no way!", True, 2)]
+    assert conn.execute("SELECT count(*) FROM pgturso.outbox").fetchone()[0] == 0
