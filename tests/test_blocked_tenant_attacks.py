@@ -161,3 +161,32 @@ def test_wal_skip_transaction_without_a_target_gives_up_on_the_tenant_its_transa
     assert conn.execute("SELECT target, events >= 2, rows FROM pgturso.skipped_transaction").fetchall() == [
         ("tenant-no way!", True, 2)]
     assert conn.execute("SELECT count(*) FROM pgturso.outbox").fetchone()[0] == 0
+
+
+def test_an_upgrade_from_0_4_0_parks_the_tenant_value_its_router_stopped_at(pg_cluster, tmp_path: Path):
+    """0.4.0's router stopped every tenant of a wal pattern at a tenant value it could not register. Rows of
+    such a value and of good tenants, committed under 0.4.0 and still in the pattern's slot, are routed after
+    ALTER EXTENSION pgturso UPDATE: the bad value parked (blocked, its fix shown), the others delivered; a
+    discard then empties the outbox."""
+    from conftest import run_worker
+    from test_upgrade import _database
+
+    with _database(pg_cluster, "upgrade_parked") as conn:
+        dsn = pg_cluster.dsn("upgrade_parked")
+        conn.execute("CREATE EXTENSION pgturso VERSION '0.4.0' CASCADE")
+        conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+        conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+        conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id', "
+                     "capture => 'wal')")
+        conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a'), (2, 'no way!', 'bad'), (3, 'globex', 'g')")
+        conn.execute("UPDATE orders SET item = item || '+'")
+        conn.execute("ALTER EXTENSION pgturso UPDATE")
+        conn.execute("INSERT INTO orders VALUES (4, 'acme', 'after the upgrade'), (5, 'no way!', 'bad too')")
+        result = run_worker(dsn, "", "--target", "tenant-%s")
+        assert result.returncode == 0, result.stderr
+        assert "cannot name a database" in _blocked(conn, "tenant-no way!")
+        for tenant in ("acme", "globex"):
+            assert tenant_rows(tmp_path / f"tenant-{tenant}.db", "SELECT id, item FROM orders ORDER BY id") == \
+                pg_tenant_rows(conn, tenant), tenant
+        assert conn.execute("SELECT pgturso.discard_blocked_tenant('tenant-%s', 'no way!', 'typo')").fetchone()[0]
+        assert conn.execute("SELECT count(*) FROM pgturso.outbox").fetchone()[0] == 0
