@@ -308,3 +308,73 @@ def test_skip_transaction_of_a_batch_read_ahead_never_sends_it(conn, dsn, turso:
         assert turso.query(f"SELECT count(*) FROM t WHERE id = {skipped_row}") == [[0]], \
             f"the skipped transaction (row {skipped_row}, read ahead before the skip) was sent"
         assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[BACKLOG - 1, BACKLOG - 1]]
+
+
+def worker_backend_waits_for_a_lock(dsn: str) -> bool:
+    with psycopg.connect(dsn, autocommit=True) as watcher:
+        return bool(watcher.execute(
+            "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE application_name = 'pgturso-worker' "
+            "AND wait_event_type = 'Lock')").fetchone()[0])  # type: ignore[index]
+
+
+# trigger capture: the read-ahead pipeline's record-then-delete order is the outbox's (a slot's batch is settled
+# at once)
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)
+@pytest.mark.parametrize("fault", ["postgres_session_lost", "sigkill"])
+def test_a_batch_recorded_but_not_deleted_when_the_next_commits_is_not_sent_again(conn, dsn, turso: TursoServer,
+                                                                                    capture, fault):
+    """Batch N+1 is recorded delivered (its marker) and its events are being deleted while N+2 travels; N+2 holds
+    transactions that wrote before N+1's (open when N+1 was chosen, committed since), so N+2's name (its cut)
+    lies below N+1's events and does not cover them. N+1's deletion waits for a row lock; N+2 commits on Turso;
+    then the worker's Postgres session is lost (or the worker is SIGKILLed). Recovery must forget N+1's events
+    by the marker Postgres recorded, not only by Turso's (N+2's): every row written on Turso once."""
+    # (the answers held 10 s must not shrink the batches: N+2 is the early transactions, all of them)
+    small = ("--batch-events", "5", "--batch-rows", "5", "--idle-wait", "1", "--max-transaction-seconds", "60")
+    early = 5  # transactions that write before the backlog and commit while batch N+1 is read ahead
+    with tracked_behind_a_proxy(conn, dsn, turso, worker_args=small, stream_expiry=30) as tracked:
+        cloud = tracked.cloud
+        opened = [psycopg.connect(dsn) for _ in range(early)]
+        try:
+            for k, session in enumerate(opened):
+                session.execute("INSERT INTO t VALUES (%s, 'early')", (BACKLOG + 1 + k,))
+            a_backlog_behind(tracked, conn)
+            wait_until(lambda: (on_turso(turso, "SELECT count(*) FROM applied") or [[0]])[0][0] >= 25, 60,
+                       "a few batches to be delivered")
+            cloud.slow_answers = [10.0]  # batch N: committed on Turso, the worker told 10 s later
+            wait_until(lambda: cloud.holding > 0, 60, "Turso to hold batch N's answer")
+            wait_until(lambda: worker_backend_done_reading(dsn), 5, "the worker to read batch N+1 ahead")
+            n_last = turso.query(f"SELECT max(id) FROM t WHERE id <= {BACKLOG}")[0][0]
+            next_rows = (n_last + 1, n_last + 5)  # batch N+1's rows
+            for session in opened:  # invisible to N+1 (read already); their events' ids are below it
+                session.commit()
+            cloud.slow_answers = [10.0]  # batch N+1's answer, once N's came
+            wait_until(lambda: on_turso(turso, "SELECT count(*) FROM t WHERE id BETWEEN {} AND {}".format(*next_rows))
+                       == [[5]] and cloud.holding > 0, 60, "Turso to hold batch N+1's answer")
+            wait_until(lambda: worker_backend_done_reading(dsn), 5, "the worker to read batch N+2 ahead")
+            with psycopg.connect(dsn) as locker:
+                locked = locker.execute(
+                    "SELECT count(*) FROM (SELECT FROM pgturso.outbox WHERE txid IN (SELECT xmin::text::xid8 "
+                    "FROM t WHERE id BETWEEN %s AND %s) FOR UPDATE) AS l", next_rows).fetchone()[0]
+                assert locked == 5, "batch N+1's events are gone already: nothing was shown"
+                wait_until(lambda: on_turso(turso, f"SELECT count(*) FROM t WHERE id > {BACKLOG}") == [[early]],
+                           60, "batch N+2 (the early transactions) to commit on Turso")
+                wait_until(lambda: worker_backend_waits_for_a_lock(dsn), 30, "N+1's deletion to wait")
+                if fault == "sigkill":
+                    tracked.worker.kill()
+                terminated = conn.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name = 'pgturso-worker' AND wait_event_type = 'Lock'").fetchone()[0]
+                assert terminated == 1
+                locker.rollback()
+            if fault == "sigkill":
+                tracked.restart()
+        finally:
+            for session in opened:
+                session.close()
+        wait_until(lambda: outbox_empty(dsn), 120, "the worker to deliver the backlog")
+        wait_until(lambda: on_turso(turso, "SELECT count(*) FROM t") == [[BACKLOG + early + 1]], 60,
+                   "every row on Turso")
+        assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == \
+            [[BACKLOG + early, BACKLOG + early]], tracked.worker.output[-3000:]
+        assert conn.execute("SELECT rows_delivered FROM pgturso.delivery_state WHERE target = 'default'").fetchone() \
+            == (BACKLOG + early + 1,), "the delivered rows were not counted once each"

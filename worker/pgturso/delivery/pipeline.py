@@ -12,8 +12,9 @@ CREATE INDEX CONCURRENTLY of any table wait for Turso, and vacuum keep dead rows
 - Batch N+1 is sent only after that record (and a count showing that none of N+1's events were deleted since
   it was read: skip_transaction, untrack_table): batches reach Turso in the order they were chosen, and at most
   one batch is ever committed on Turso but not recorded in Postgres, which is exactly what the progress marker
-  covers after a crash. N's events are deleted (and counted) while N+1 travels; N+1's name covers them too, so
-  a crash before that deletion leaves them to recovery, which forgets them by the marker on Turso.
+  covers after a crash. N's events are deleted (and counted) while N+1 travels; a crash before that deletion
+  leaves them to recovery, which forgets them by the marker Postgres recorded (N+1's name need not cover them:
+  its cut can lie below them), then by the one on Turso.
 - Only a batch that fits in one request is read ahead into memory; a larger one (a huge source transaction)
   is streamed after the batch in flight is settled, read in parts by its name between the requests that carry
   them, so memory stays bounded and no transaction spans a request.

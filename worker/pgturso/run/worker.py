@@ -363,16 +363,30 @@ class Worker:
         if rows and not isinstance(self.outbox, WalOutbox) and not self.outbox.trusts(self.last_marker):
             self._start_over(target)
         elif rows or isinstance(self.outbox, WalOutbox):  # a wal target also checks its slot here
-            forgotten = self.outbox.forget(self.last_marker)
-            removed = forgotten.events
-            if removed or forgotten.transactions:  # (a slot's row changes are no outbox events)
-                # Delivered by a worker that did not live (or keep the target) to count it: counted here.
-                self._count_delivered(forgotten)
-                event(log, logging.INFO, "recovered", already_applied_events=removed,
-                      rows=forgotten.rows, transactions=forgotten.transactions)
+            # First the batch Postgres recorded delivered (its marker), whose events may still be pending: a
+            # worker ends between recording a batch read ahead and deleting its events (Worker._settle), and the
+            # batch after it, committed on Turso meanwhile, need not cover them (its cut can lie below theirs:
+            # transactions that wrote earlier and committed later). Then the target's (that one or the next).
+            for marker in self._markers_to_forget():
+                forgotten = self.outbox.forget(marker)
+                if forgotten.events or forgotten.transactions:  # (a slot's row changes are no outbox events)
+                    # Delivered by a worker that did not live (or keep the target) to count it: counted here.
+                    self._count_delivered(forgotten)
+                    event(log, logging.INFO, "recovered", already_applied_events=forgotten.events,
+                          rows=forgotten.rows, transactions=forgotten.transactions)
+            removed = forgotten.events  # by the target's marker: it is ahead of Postgres's (see below)
         if not isinstance(self.outbox, WalOutbox) and not removed:
             self._catch_up_a_target_that_is_behind(target)
         self.recovered = True
+
+    def _markers_to_forget(self) -> list[str]:
+        """The markers recovery forgets events by, the target's last: Postgres's own before it when it differs
+        (an outbox target's: a batch recorded delivered is on the target, though its events may be pending)."""
+        assert self.outbox is not None
+        if isinstance(self.outbox, WalOutbox):
+            return [self.last_marker]
+        known = self.outbox.delivered_marker()
+        return [self.last_marker] if known is None or known == self.last_marker else [known, self.last_marker]
 
     def _catch_up_a_target_that_is_behind(self, target: Target) -> None:
         """Recopy the target if it is not the database delivered to (pgturso.url changed) or an older copy.
@@ -611,7 +625,7 @@ class Worker:
         if in_flight is not None:
             in_flight.settle(failure)
             self.recovered = False
-        if self.unremoved is not None:  # its marker is recorded: recovery forgets its events by Turso's marker
+        if self.unremoved is not None:  # its marker is recorded: recovery forgets its events by it
             self.unremoved = None
             self.recovered = False
 

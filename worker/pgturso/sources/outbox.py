@@ -344,8 +344,8 @@ RECORD_BATCH = record_batch_sql(KEEP_MARKER_OF_REMOVED, DELETE_BATCH)
 # travels (Worker._settle): RECORD_BATCH's marker alone first, by the same rule (an EXISTS of the batch's events
 # for "the deletion removes some"), so that at most one batch is committed on Turso and not yet recorded here;
 # its events are then deleted and counted by REMOVE_RECORDED, which leaves the marker alone. Until then they are
-# pending with the marker recorded: recovery forgets them by the marker on Turso (this batch's, or the next one's,
-# whose name covers them).
+# pending with the marker recorded: recovery forgets them by that marker (Worker.recover), then by the one on Turso
+# (this batch's, or the next one's, whose cut may lie below them).
 RECORD_MARKER = f"""
     UPDATE pgturso.delivery_state SET delivered_marker = %(marker)s::text, updated_at = now()
     WHERE target = %(target)s AND (delivered_marker IS NOT DISTINCT FROM %(follows)s::text OR EXISTS (
