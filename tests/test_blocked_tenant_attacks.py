@@ -190,3 +190,40 @@ def test_an_upgrade_from_0_4_0_parks_the_tenant_value_its_router_stopped_at(pg_c
                 pg_tenant_rows(conn, tenant), tenant
         assert conn.execute("SELECT pgturso.discard_blocked_tenant('tenant-%s', 'no way!', 'typo')").fetchone()[0]
         assert conn.execute("SELECT count(*) FROM pgturso.outbox").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_wal_a_tenant_unblocked_while_its_router_is_sigkilled_gets_every_row_once(conn, dsn, tmp_path: Path):
+    """'Acme' is parked; the worker (its router) is SIGKILLed just after more rows of Acme committed (in the slot or parked); add_target
+    gives Acme its database while no router runs; more rows come. The next worker registers nothing twice:
+    Acme's database gets its parked rows and the later ones once, in order (its write counter), acme its own."""
+    from test_tenants import drain_pattern, install_file_apply_counter
+
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id', "
+                 "capture => 'wal')")
+    conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a')")
+    worker = _start_worker(dsn)
+    try:
+        conn.execute("INSERT INTO orders VALUES (2, 'Acme', 'parked')")
+        wait_until(lambda: "differs only in case" in _blocked(conn, "tenant-Acme"), 120, "Acme blocked")
+        conn.execute("INSERT INTO orders SELECT g, 'Acme', 'in the slot' FROM generate_series(10, 19) g")
+        worker.kill()
+        conn.execute("SELECT pgturso.add_target('tenant-Acme', %s)", (f"file:{tmp_path}/own-Acme.db",))
+        assert _blocked(conn, "tenant-Acme") == ""
+        conn.execute("UPDATE orders SET item = 'updated' WHERE id IN (2, 10)")
+        conn.execute("INSERT INTO orders VALUES (20, 'Acme', 'after'), (21, 'acme', 'after')")
+        worker = _start_worker(dsn)
+        wait_until(lambda: (tmp_path / "own-Acme.db").exists(), 120, "Acme's database")
+        assert conn.execute("SELECT pgturso.wait_for_sync('120 s')").fetchone()[0]
+    finally:
+        worker.stop()
+    install_file_apply_counter(tmp_path / "own-Acme.db", "orders")  # from now: each row written once
+    conn.execute("UPDATE orders SET item = item || '!' WHERE tenant_id = 'Acme'")
+    drain_pattern(dsn)
+    for tenant, path in (("acme", tmp_path / "tenant-acme.db"), ("Acme", tmp_path / "own-Acme.db")):
+        assert tenant_rows(path, "SELECT id, item FROM orders ORDER BY id") == pg_tenant_rows(conn, tenant), tenant
+    assert tenant_rows(tmp_path / "own-Acme.db", "SELECT id FROM applied ORDER BY id") == [
+        (r[0],) for r in pg_tenant_rows(conn, "Acme", "id")]
+    assert conn.execute("SELECT count(*) FROM pgturso.outbox").fetchone()[0] == 0
