@@ -194,9 +194,10 @@ def test_an_upgrade_from_0_4_0_parks_the_tenant_value_its_router_stopped_at(pg_c
 
 @pytest.mark.parametrize("capture", ["wal"], indirect=True)
 def test_wal_a_tenant_unblocked_while_its_router_is_sigkilled_gets_every_row_once(conn, dsn, tmp_path: Path):
-    """'Acme' is parked; the worker (its router) is SIGKILLed just after more rows of Acme committed (in the slot or parked); add_target
-    gives Acme its database while no router runs; more rows come. The next worker registers nothing twice:
-    Acme's database gets its parked rows and the later ones once, in order (its write counter), acme its own."""
+    """'Acme' is parked; the worker (its router) is SIGKILLed just after more rows of Acme committed (in the
+    slot or parked); add_target gives Acme its database while no router runs; more rows come. The next worker
+    registers nothing twice: Acme's database gets its parked rows and the later ones once, in order (its write
+    counter), acme its own."""
     from test_tenants import drain_pattern, install_file_apply_counter
 
     conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
