@@ -347,3 +347,34 @@ def test_turso_ahead_of_the_slot_is_not_applied_again(conn, dsn, turso: TursoSer
     assert turso.query("SELECT count(*), count(w) FROM t") == [[51, 11]]
     assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[61, 51]], "nothing applied twice"
     assert pending(conn) == 0
+
+
+def test_a_backlog_larger_than_a_request_is_decoded_once(conn, dsn, turso: TursoServer):
+    """Batches too large to read ahead in memory (larger than a request) are sent on from where reading ahead
+    stopped: the replication stream stays open and each transaction is decoded once. (Before, each such batch
+    was dropped and read again from a new walsender decoding from the confirmed position: every batch of a
+    backlog decoded twice, and a wait for the new walsender per batch.)"""
+    conn.execute("CREATE TABLE ledger (id int PRIMARY KEY, who int, amount int)")
+    conn.execute("SELECT pgturso.track_table('ledger', capture => 'wal')")
+    drain(dsn, turso.url)
+    transactions = 400
+    for n in range(transactions):
+        conn.execute("INSERT INTO ledger SELECT %s * 50 + g, %s, g FROM generate_series(1, 50) g", (n, n))
+    slot = slots(conn)[0]
+    conn.execute("SELECT pg_stat_reset_replication_slot(%s)", (slot,))
+    env = {"PGTURSO_MAX_REQUEST_BYTES": "8000", "PGTURSO_BATCH_ROWS": "2000"}
+    result = run_worker(dsn, turso.url, env=env)
+    assert result.returncode == 0, result.stderr
+    batches = result.stderr.count("event=delivered")
+    assert batches >= 8, result.stderr[-3000:]
+    assert turso.query("SELECT count(*), sum(amount) FROM ledger") == [[transactions * 50, transactions * 1275]]
+
+    def decoded() -> int:
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        row = conn.execute("SELECT total_txns FROM pg_stat_replication_slots WHERE slot_name = %s", (slot,))
+        return int(row.fetchone()[0])
+
+    # The walsender's statistics reach the view when it exits (with the worker).
+    wait_until(lambda: decoded() >= transactions, 10, "the slot's statistics")
+    # The worker's own bookkeeping transactions (a few per batch) are decoded too; the backlog once.
+    assert decoded() < transactions + 10 * batches, (decoded(), batches)

@@ -17,7 +17,9 @@ CREATE INDEX CONCURRENTLY of any table wait for Turso, and vacuum keep dead rows
   its cut can lie below them), then by the one on Turso.
 - Only a batch that fits in one request is read ahead into memory; a larger one (a huge source transaction)
   is streamed after the batch in flight is settled, read in parts by its name between the requests that carry
-  them, so memory stays bounded and no transaction spans a request.
+  them, so memory stays bounded and no transaction spans a request. A slot's batch read from the replication
+  stream is sent on from where reading ahead stopped (what was read, then the rest of the stream): read again,
+  it would cost closing the stream and a new walsender decoding from the confirmed position, each batch.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import time
 from collections.abc import Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import chain
 
 from ..common.errors import MarkerMoved, StatementFailed
 from ..common.logs import event
@@ -75,20 +78,29 @@ class PreparedBatch:
 
     batch: Batch
     statements: list[Statement] | None
+    # A batch too large to hold that can be sent on from where reading stopped (a replication stream's: read
+    # again, it would cost a new walsender decoding from the slot's confirmed position): the statements read
+    # so far, then the rest of them.
+    resume: Iterable[Statement] | None = None
 
 
-def prepare(batch: Batch, build: Generator[Statement, None, None], max_bytes: int) -> PreparedBatch:
-    """Read the batch's statements into memory unless they add up to more than ``max_bytes``."""
+def prepare(batch: Batch, build: Generator[Statement, None, None], max_bytes: int,
+            resumable: bool = False) -> PreparedBatch:
+    """Read the batch's statements into memory unless they add up to more than ``max_bytes``; then, if
+    ``resumable`` (its reading needs no transaction of the caller's), keep what was read and the rest to come."""
     statements: list[Statement] = []
     size = 0
+    keep_open = False
     try:
         for statement in build:
             statements.append(statement)
             size += statement.size
             if size > max_bytes:
-                return PreparedBatch(batch, None)
+                keep_open = resumable
+                return PreparedBatch(batch, None, chain(statements, build) if resumable else None)
     finally:
-        build.close()  # closes the batch's server-side cursor while its (short) transaction is still open
+        if not keep_open:
+            build.close()  # closes the batch's server-side cursor while its (short) transaction is still open
     return PreparedBatch(batch, statements)
 
 

@@ -42,7 +42,7 @@ from ..delivery.statements import Statement, StatementBuilder, create_table_stat
 from ..delivery.targets import Target, open_target, redact_url
 from ..sources.outbox import Batch, Outbox, Removed
 from ..sources.replication import StreamError
-from ..sources.slot import WalOutbox, slot_bytes
+from ..sources.slot import WalBatch, WalOutbox, slot_bytes
 
 log = logging.getLogger("pgturso.worker")
 
@@ -485,7 +485,7 @@ class Worker:
         if prepared is None:
             return settled
         if prepared.statements is None:  # too large to hold in memory: streamed on its own
-            return settled + self._deliver_streaming()
+            return settled + self._deliver_streaming(prepared)
         try:
             # Now that the batch before is recorded delivered: a server that has this position has its marker.
             # A batch read ahead is sent only if nothing skipped (skip_transaction) or untracked (untrack_table)
@@ -522,7 +522,11 @@ class Worker:
             if in_flight is not None:
                 self.outbox.read_past(in_flight)
             batch = self.outbox.choose_batch()
-            return None if batch is None else prepare(batch, self._statements(batch), self.settings.max_request_bytes)
+            # A batch from the replication stream reads no cursor of this transaction: too large to hold, it is
+            # sent on from where this stopped rather than read again (see pipeline.prepare).
+            resumable = isinstance(batch, WalBatch) and batch.streamed
+            return None if batch is None else prepare(batch, self._statements(batch), self.settings.max_request_bytes,
+                                                      resumable)
 
     def _settle(self, in_flight: InFlight, remove_later: bool = False) -> None:
         """Wait for Turso to commit the batch in flight, then remove its events (one short transaction of their
@@ -552,7 +556,7 @@ class Worker:
         removed = self.outbox.remove_recorded(in_flight.batch)
         self._delivered(in_flight.batch, statements, in_flight.started, removed, held)
 
-    def _deliver_streaming(self) -> int:
+    def _deliver_streaming(self, read_ahead: PreparedBatch | None = None) -> int:
         """Deliver one batch, streamed from Postgres to Turso as it is read; nothing else in flight. The batch is
         chosen in a short transaction and its events read in parts, each part by its own statements, between
         the requests that send them (Batch.events): no transaction is open while Turso has a request. (A slot
@@ -563,7 +567,15 @@ class Worker:
         target = self._open_target()
         started = time.monotonic()
         single = self.isolating_until is not None
-        if isinstance(self.outbox, WalOutbox) and self.outbox.dsn is None:
+        resume = read_ahead.resume if read_ahead is not None else None
+        if (resume is not None and isinstance(self.outbox, WalOutbox)
+                and not single and not self.outbox.skipped_since_read(read_ahead.batch)):  # type: ignore[union-attr, arg-type]
+            # A slot's batch read ahead, too large to hold: sent on from where reading stopped, the stream open.
+            # (Else it is decoded again below: a skip_transaction since applied, or one transaction at a time.)
+            batch = read_ahead.batch  # type: ignore[union-attr]
+            self._sending = batch
+            statements = send_batch(target, resume, self._marker(batch))
+        elif isinstance(self.outbox, WalOutbox) and self.outbox.dsn is None:
             with self.conn.transaction():
                 batch = self.outbox.choose_batch(single_transaction=single)
                 if batch is None:
