@@ -6,6 +6,7 @@ Turso: each arrives whole or not at all."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -378,3 +379,51 @@ def test_a_batch_recorded_but_not_deleted_when_the_next_commits_is_not_sent_agai
             [[BACKLOG + early, BACKLOG + early]], tracked.worker.output[-3000:]
         assert conn.execute("SELECT rows_delivered FROM pgturso.delivery_state WHERE target = 'default'").fetchone() \
             == (BACKLOG + early + 1,), "the delivered rows were not counted once each"
+
+
+HELD_ROWS = 50  # rows of each transaction: a batch each (HELD_BATCHES); small ones fit a request, large ones not
+HELD_BATCHES = ("--max-request-bytes", "8000", "--max-statement-bytes", "2000", "--batch-rows", str(HELD_ROWS),
+                "--idle-wait", "1")
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_skip_transaction_of_a_held_batch_never_sends_it(conn, dsn, turso: TursoServer, capture):
+    """A small batch N (one request, sent from memory) is committed on Turso and its answer held while the worker
+    has read ahead past a request of the large batch N+1 (held: to be sent on from the open stream, 7561f69).
+    skip_transaction of N+1's transaction now: none of its rows reach Turso, every other row arrives once."""
+    with tracked_behind_a_proxy(conn, dsn, turso, worker_args=HELD_BATCHES, stream_expiry=30) as tracked:
+        cloud = tracked.cloud
+        assert tracked.worker.stop() == 0
+        for n in range(40):
+            conn.execute("INSERT INTO t SELECT %s * 100 + g, repeat('b', %s) FROM generate_series(1, %s) g",
+                         (n + 1, 400 if n % 2 else 1, HELD_ROWS))
+        small_commits = [0]
+        answer = cloud._answer
+
+        def slow_small_commit(frontend: Any, body: dict[str, Any], headers: Any) -> Any:
+            result = answer(frontend, body, headers)
+            text = json.dumps(body)
+            if "COMMIT" in text.upper() and "bbbb" not in text and 'INTO \\"t\\"' in text:
+                small_commits[0] += 1  # a small batch, whole in this request
+                if small_commits[0] == 3:  # committed, the worker told 10 s later
+                    return (*result[:4], 10.0)
+            return result
+
+        cloud._answer = slow_small_commit  # type: ignore[method-assign]
+        tracked.restart()
+        wait_until(lambda: cloud.holding > 0, 60, "Turso to hold a small batch's answer")
+        wait_until(lambda: worker_backend_done_reading(dsn), 5, "the worker to read the large batch ahead")
+        last = turso.query("SELECT max(id) FROM t")[0][0]
+        skipped = (last // 100 + 1) * 100 + 1  # the first row of the batch held
+        assert (skipped // 100 - 1) % 2 == 1, f"the batch after {last} is not a large one"
+        conn.execute("SELECT pgturso.skip_transaction((SELECT xmin::text::xid8 FROM t WHERE id = %s), 'attack', "
+                     "target => 'default')", (skipped,))
+        assert cloud.holding > 0, "Turso answered before the skip: nothing was shown (hold the answer longer)"
+        wait_until(lambda: outbox_empty(dsn), 120, "the worker to deliver the backlog")
+        everything = 40 * HELD_ROWS + 1
+        wait_until(lambda: on_turso(turso, "SELECT count(*) FROM t") == [[everything - HELD_ROWS]], 60,
+                   "every other row")
+        skipped_rows = f"id BETWEEN {skipped} AND {skipped + HELD_ROWS}"
+        assert turso.query(f"SELECT count(*) FROM t WHERE {skipped_rows}") == [[0]], tracked.worker.output[-3000:]
+        assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == \
+            [[39 * HELD_ROWS, 39 * HELD_ROWS]], tracked.worker.output[-3000:]
