@@ -92,6 +92,10 @@ def test_retained_wal_is_shown_in_status_and_metrics(conn, dsn, turso: TursoServ
     port = free_port()
     worker = WorkerProcess(dsn, turso.url, "--metrics-port", str(port)).start()
     wait_until(lambda: outbox_empty(dsn), 60, "delivery")
+    # The slot's restart_lsn moves past the delivered WAL only once a running-xacts record after it is decoded:
+    # Postgres logs one every 15 s while WAL is written, and at a checkpoint. Log one now, not 15 s from now
+    # (on a loaded machine that wait ate the 30 s below and the test failed once).
+    conn.execute("CHECKPOINT")
 
     def gauge() -> float:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
