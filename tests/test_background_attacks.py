@@ -57,10 +57,19 @@ def supervisor_pid(cluster: PreloadCluster) -> int:
 
 
 def one_new_deliverer(cluster: PreloadCluster, before: set[int]) -> int:
-    """Wait until exactly one deliverer runs and it is none of ``before``; returns its pid."""
-    wait_until(lambda: len(deliverers(cluster)) == 1 and not deliverers(cluster) & before, 60,
-               f"one new deliverer instead of {before}: now {deliverers(cluster)}")
-    return next(iter(deliverers(cluster)))
+    """Wait until exactly one deliverer runs and it is none of ``before``; returns its pid.
+
+    One look at /proc per check: two (one to count, one to compare) could see the old deliverer alone, then
+    nobody (it ended before the next one started), and take that for a new one."""
+    seen: set[int] = set()
+
+    def one_new() -> bool:
+        seen.clear()
+        seen.update(deliverers(cluster))
+        return len(seen) == 1 and not seen & before
+
+    wait_until(one_new, 60, f"one new deliverer instead of {before}")
+    return next(iter(seen))
 
 
 def assert_each_row_written_once(cluster: PreloadCluster, turso: TursoServer, rows: int, counted: int) -> None:
