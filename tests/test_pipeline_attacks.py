@@ -427,3 +427,41 @@ def test_skip_transaction_of_a_held_batch_never_sends_it(conn, dsn, turso: Turso
         assert turso.query(f"SELECT count(*) FROM t WHERE {skipped_rows}") == [[0]], tracked.worker.output[-3000:]
         assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == \
             [[39 * HELD_ROWS, 39 * HELD_ROWS]], tracked.worker.output[-3000:]
+
+
+@pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
+def test_untrack_table_of_a_batch_read_ahead_never_sends_it(conn, dsn, turso: TursoServer, capture):
+    """Small batches of two tables, read ahead: Turso committed batch N and its answer is held while the worker has
+    read batch N+1 (rows of both tables) into memory. untrack_table of one of them now: none of its rows reach
+    Turso after that (its Turso table stays as it was when untrack_table committed), and every row of the other
+    table arrives once (the batch read ahead is read again, without the untracked table's rows)."""
+    small = ("--batch-events", "5", "--batch-rows", "5", "--idle-wait", "1")
+    with tracked_behind_a_proxy(conn, dsn, turso, worker_args=small, tables=("kept", "t"),
+                                stream_expiry=30) as tracked:
+        cloud = tracked.cloud
+        assert tracked.worker.stop() == 0
+        for i in range(1, BACKLOG + 1):  # one row of each table per transaction
+            with conn.transaction():
+                conn.execute("INSERT INTO kept VALUES (%s, 'x')", (i,))
+                conn.execute("INSERT INTO t VALUES (%s, 'x')", (i,))
+        tracked.restart()
+        wait_until(lambda: (on_turso(turso, "SELECT count(*) FROM applied") or [[0]])[0][0] >= 25, 60,
+                   "a few batches to be delivered")
+        cloud.slow_answers = [10.0]  # the next batch is committed on Turso, the worker told 10 s later
+        wait_until(lambda: cloud.holding > 0, 60, "Turso to hold a committed batch's answer")
+        wait_until(lambda: worker_backend_done_reading(dsn), 5, "the worker to read the next batch ahead")
+        on_turso_at_untrack = turso.query("SELECT id FROM t ORDER BY id")
+        with psycopg.connect(dsn, autocommit=True) as untracker:
+            untracker.execute("SELECT pgturso.untrack_table('t')")
+        assert cloud.holding > 0, "Turso answered before untrack_table: nothing was shown (hold the answer longer)"
+        assert len(on_turso_at_untrack) < BACKLOG + 1, "every row of t was on Turso already: nothing was shown"
+        wait_until(lambda: outbox_empty(dsn) and cloud.holding == 0, 120, "the worker to deliver the backlog")
+        wait_until(lambda: on_turso(turso, "SELECT count(*) FROM kept") == [[BACKLOG + 1]], 60,
+                   "every row of the table still tracked")
+        assert turso.query("SELECT id FROM t ORDER BY id") == on_turso_at_untrack, \
+            f"rows of t read ahead before untrack_table were sent after it: {tracked.worker.output[-3000:]}"
+        assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[BACKLOG, BACKLOG]], \
+            tracked.worker.output[-3000:]
+        conn.execute("INSERT INTO kept VALUES (-1, 'after')")  # delivery goes on
+        wait_until(lambda: on_turso(turso, "SELECT count(*) FROM kept WHERE id = -1") == [[1]], 60, "the row after")
+        assert turso.query("SELECT id FROM t ORDER BY id") == on_turso_at_untrack

@@ -492,7 +492,7 @@ class Worker:
             # since it was read took some of it: the statements in memory would send it all the same.
             whole = True
             if isinstance(self.outbox, WalOutbox):  # a slot's batch is placed by its LSN
-                whole = not (read_ahead and self.outbox.skipped_since_read(prepared.batch))  # type: ignore[arg-type]
+                whole = not (read_ahead and self.outbox.changed_since_read(prepared.batch))  # type: ignore[arg-type]
             elif read_ahead:
                 prepared.batch.position = self.outbox.position_if_whole(prepared.batch, in_flight.batch)  # type: ignore[union-attr]
                 whole = prepared.batch.position is not None
@@ -569,7 +569,7 @@ class Worker:
         single = self.isolating_until is not None
         resume = read_ahead.resume if read_ahead is not None else None
         if (resume is not None and isinstance(self.outbox, WalOutbox)
-                and not single and not self.outbox.skipped_since_read(read_ahead.batch)):  # type: ignore[union-attr, arg-type]
+                and not single and not self.outbox.changed_since_read(read_ahead.batch)):  # type: ignore[union-attr, arg-type]
             # A slot's batch read ahead, too large to hold: sent on from where reading stopped, the stream open.
             # (Else it is decoded again below: a skip_transaction since applied, or one transaction at a time.)
             batch = read_ahead.batch  # type: ignore[union-attr]

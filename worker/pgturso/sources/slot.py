@@ -60,6 +60,8 @@ PEEK = f"""
         'proto_version', '1', 'publication_names', '{PUBLICATIONS}')
 """
 TABLES = "SELECT id, relid::oid::int8, target FROM pgturso.tracked_table"
+# How many of these tables are still tracked (untrack_table deletes the row).
+TABLES_LEFT = "SELECT count(*) FROM pgturso.tracked_table WHERE id = ANY (%(tables)s::int4[])"
 # Transactions skip_transaction dropped for this target and its slot has not passed: the 32-bit xid (as in
 # pgoutput's Begin) and the WAL position before which that transaction committed (a later one reusing the xid
 # after a wraparound commits after it).
@@ -293,6 +295,9 @@ class WalBatch:
         # The skips known when its decoding began (a new table's layout may reload them mid-batch, too late
         # for transactions decoded before): WalOutbox.skipped_since_read compares with these.
         self.skips_known = dict(source.skips)
+        # The target's tables known while it is decoded (at its start, and any loaded meanwhile: a new table's
+        # layout): WalOutbox.changed_since_read tells whether untrack_table removed one of them since.
+        self.tables_known = source.tables_decoding = source.tables_of_target()
         self.more_pending = False
         self.uniform = False
         self.held: list[str] = []
@@ -603,6 +608,7 @@ class WalOutbox(Outbox):
         self.slot_missing = False
         self.table_of_relid: dict[int, int] = {}
         self.target_of_table: dict[int, str] = {}
+        self.tables_decoding: set[int] = set()  # WalBatch.tables_known of the batch decoded last
         self.skips: dict[int, int] = {}  # xid of a skipped transaction: the WAL position it committed before
         self.routing = False  # a wal pattern's router reads this slot: rows carry their tenant (router.py)
         self._positions: dict[tuple[int, int, tuple[str, ...]], list[int]] = {}
@@ -871,15 +877,28 @@ class WalOutbox(Outbox):
         rows = self.conn.execute(TABLES).fetchall()
         self.table_of_relid = {int(relid): int(table_id) for table_id, relid, _ in rows}
         self.target_of_table = {int(table_id): str(target) for table_id, _, target in rows}
+        self.tables_decoding.update(self.tables_of_target())  # (the batch being decoded: WalBatch.tables_known)
         skips = self.conn.execute(SKIPPED, {"target": self.target, "slot": self.slot}).fetchall()
         self.skips = {int(xid): lsn_to_int(str(before)) for xid, before in skips}
 
-    def skipped_since_read(self, batch: WalBatch) -> bool:
-        """Whether skip_transaction dropped a transaction for this target since ``batch`` began to be decoded:
-        a batch read ahead may carry its row changes. Dropped unsent, it is decoded again from the confirmed
-        position by the next choose_batch, the skip applied (skips are rare: any new one will do)."""
+    def changed_since_read(self, batch: WalBatch) -> bool:
+        """Whether ``batch`` (read ahead, or held to be sent on from the stream) may carry what must not be sent
+        now: a transaction skip_transaction dropped for this target since the batch began to be decoded, or
+        changes of a table untrack_table removed since (decoded while it was tracked, or, for a held batch, still
+        to be decoded as if it were). Dropped unsent, it is decoded again from the confirmed position by the
+        next choose_batch, the skip applied and the untracked table's changes left out (both are rare: any new
+        one will do)."""
         skips = self.conn.execute(SKIPPED, {"target": self.target, "slot": self.slot}).fetchall()
-        return any(batch.skips_known.get(int(xid)) != lsn_to_int(str(before)) for xid, before in skips)
+        if any(batch.skips_known.get(int(xid)) != lsn_to_int(str(before)) for xid, before in skips):
+            return True
+        if not batch.tables_known:
+            return False
+        row = self.conn.execute(TABLES_LEFT, {"tables": sorted(batch.tables_known)}).fetchone()
+        return row is None or int(row[0]) != len(batch.tables_known)
+
+    def tables_of_target(self) -> set[int]:
+        """The ids of this target's tracked tables, as last loaded."""
+        return {table_id for table_id, target in self.target_of_table.items() if target == self.target}
 
     def skip_of(self, xid: int, commit_lsn: int) -> tuple[int, int] | None:
         """(xid, commit LSN) if pgturso.skip_transaction dropped this transaction for the target, else None."""
