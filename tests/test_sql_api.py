@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 
 import psycopg
 import pytest
@@ -229,15 +228,20 @@ def test_sync_delivers_from_inside_postgres_with_the_worker_code(conn, dsn, turs
         with psycopg.connect(dsn, autocommit=True) as fresh:  # picks up the database's pgturso.url
             assert fresh.execute("SELECT pgturso.sync(dsn => %s)", (own,)).fetchone()[0] == 1
         assert turso.query("SELECT v FROM t WHERE id = 1") == [["from sync"]]
-        # While a worker is delivering, a pass does nothing (the advisory lock decides who delivers).
+        # While a worker is delivering, a pass does nothing (the advisory lock decides who delivers). Wait for
+        # the worker to hold that lock, not for a time: a loaded machine may take seconds to get it there.
         worker = WorkerProcess(dsn, turso.url, "--idle-wait", "1").start()
         try:
-            wait_until(lambda: worker.lines("idle") or worker.lines("delivered") or worker.lines("starting"), 10,
-                       "the worker to start")
-            time.sleep(1.5)
+            wait_until(lambda: conn.execute(
+                "SELECT EXISTS (SELECT FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                "WHERE l.locktype = 'advisory' AND l.granted AND a.application_name = 'pgturso-worker')"
+            ).fetchone()[0], 60, "the worker to hold the delivery lock")
+            notices: list[str] = []
             with psycopg.connect(dsn, autocommit=True) as fresh:
+                fresh.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
                 fresh.execute("SET client_min_messages = notice")
                 assert fresh.execute("SELECT pgturso.sync(dsn => %s)", (own,)).fetchone()[0] == 0
+            assert "pgturso: another worker is delivering; this pass did nothing" in notices, notices
         finally:
             worker.stop()
     finally:
