@@ -37,7 +37,13 @@ class WorkerProcess:
         self.proc.wait()
 
     def stop(self, timeout: float = 20) -> int:
+        """SIGTERM, as an operator stops it; its exit code (0 after a clean stop)."""
         assert self.proc is not None
+        # A worker still starting (Python importing, reading its settings) has no SIGTERM handler yet: the
+        # signal would end it by default (exit -15), whatever the test is about. On a loaded machine that takes
+        # seconds, longer than some tests' work: wait for the worker to say it runs (or to exit) first.
+        wait_until(lambda: self.proc is None or self.proc.poll() is not None or self.started, 60,
+                   "the worker to start before it is stopped")
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -47,6 +53,11 @@ class WorkerProcess:
                 self.proc.wait()
                 raise
         return self.proc.returncode
+
+    @property
+    def started(self) -> bool:
+        """It logged ``starting``: its signal handlers are installed (cli.main installs them before run)."""
+        return any(line in self.output for line in ("event=starting", '"event": "starting"'))
 
     @property
     def output(self) -> str:
