@@ -3,9 +3,13 @@ and a worker started while Postgres is down (issue 18's cases, each reproduced a
 
 from __future__ import annotations
 
+import contextlib
 import io
 import shutil
+import signal
+import socket
 import subprocess
+import threading
 from typing import Any
 
 import psycopg
@@ -351,6 +355,74 @@ def test_worker_started_while_postgres_is_down_waits_for_it(pg_cluster, conn, ds
     wait_until(lambda: outbox_empty(dsn), 60, "delivery once Postgres is up")
     assert turso.query("SELECT id, v FROM t") == [[1, "after the outage"]]
     assert worker.stop() == 0
+
+
+class _SlowDoor:
+    """A TCP forwarder to Postgres that keeps every connection waiting until ``opened`` is set: a Postgres slow
+    to answer (a busy server, a long network path) while the worker connects."""
+
+    def __init__(self, port: int) -> None:
+        self.upstream_port = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.knocked = threading.Event()  # a connection arrived and waits
+        self.opened = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.opened.set()
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        self.knocked.set()
+        self.opened.wait()
+        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        for source, sink in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+
+def test_a_sigterm_while_the_worker_reads_its_settings_stops_it(conn, dsn, turso: TursoServer):
+    """The worker is told to stop while it connects to Postgres to read its settings (systemctl stop right
+    after start): it stops, and cleanly, instead of forgetting the signal once the settings arrive and running
+    on until it is killed."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    door = _SlowDoor(conn.info.port)
+    try:
+        worker = WorkerProcess(dsn.replace(f"port={conn.info.port}", f"port={door.port}"), turso.url,
+                               "--idle-wait", "1").start()
+        assert worker.proc is not None
+        wait_until(door.knocked.is_set, 60, "the worker to connect to read its settings")
+        worker.proc.send_signal(signal.SIGTERM)
+        door.opened.set()
+        try:
+            code = worker.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the worker ran on after SIGTERM: {worker.output[-3000:]}") from None
+        assert code == 0, worker.output
+        assert "event=stopped" in worker.output and "event=starting" not in worker.output, worker.output
+    finally:
+        door.close()
 
 
 def test_worker_once_gives_up_on_a_postgres_that_stays_down(dsn):

@@ -98,7 +98,8 @@ class _Stopping(Exception):
 def load_settings_waiting(dsn: str, flags: dict[str, object], once: bool) -> Settings:
     """``load_settings`` for ``run``: Postgres being down at start is an outage like any other, retried with
     the worker's capped backoff (its retry settings from flags and environment, as postgresql.conf cannot be
-    read yet) until it answers; ``--once`` (or --retry-limit) gives up after the limit: RetriesExhausted."""
+    read yet) until it answers; ``--once`` (or --retry-limit) gives up after the limit: RetriesExhausted.
+    SIGTERM or SIGINT meanwhile (while retrying, or while a slow Postgres answers): _Stopping."""
     early = resolve({}, os.environ, flags)
     limit = early.retry_limit or (3 if once else 0)
     stop: list[int] = []
@@ -108,7 +109,7 @@ def load_settings_waiting(dsn: str, flags: dict[str, object], once: bool) -> Set
         attempt = 0
         while True:
             try:
-                return load_settings(dsn, flags)
+                settings = load_settings(dsn, flags)
             except psycopg.OperationalError as exc:
                 if not postgres_may_come_back(exc):
                     raise
@@ -124,6 +125,10 @@ def load_settings_waiting(dsn: str, flags: dict[str, object], once: bool) -> Set
                     time.sleep(min(0.2, max(deadline - time.monotonic(), 0)))
                 if stop:
                     raise _Stopping() from exc
+                continue
+            if stop:  # told to stop while Postgres answered: the worker's own handlers are not installed yet
+                raise _Stopping()
+            return settings
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -151,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RetriesExhausted:
         return EXIT_RETRIES_EXHAUSTED
     except _Stopping:
-        logs.event(log, logging.INFO, "stopped", reason="signal while waiting for Postgres")
+        logs.event(log, logging.INFO, "stopped", reason="signal while reading the settings from Postgres")
         return EXIT_OK
     except (ConfigError, psycopg.Error) as exc:
         logs.event(log, logging.ERROR, "bad_configuration", error=str(exc).strip())
