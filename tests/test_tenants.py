@@ -863,6 +863,9 @@ def test_wal_pattern_status_counts_what_is_held_for_the_router_and_still_in_the_
         return conn.execute("SELECT target, pending_events, wal_pending_bytes > 0, in_sync FROM pgturso.status "
                             "ORDER BY target").fetchall()
 
+    # The --once run delivered everything: in sync, though its own last writes follow the slot's position
+    assert [(row[0], row[1], row[3]) for row in status()] == [("tenant-acme", 0, True), ("tenant-globex", 0, True)]
+
     conn.execute("INSERT INTO orders VALUES (3, 'acme', 'in the slot')")
     assert status() == [("tenant-acme", 0, True, False), ("tenant-globex", 0, True, False)]
     conn.execute("TRUNCATE orders")  # held for the router: one outbox row, tenant NULL, for every tenant
@@ -881,5 +884,6 @@ def test_wal_pattern_status_counts_what_is_held_for_the_router_and_still_in_the_
         assert f"pgturso_wal_pending_bytes{router}" in _metrics(port)
     finally:
         worker.stop()
+    assert all(row[3] for row in status()), "the worker stopped with everything delivered"
     assert tenant_rows(tmp_path / "tenant-acme.db", "SELECT id FROM orders") == []
     assert tenant_rows(tmp_path / "tenant-globex.db", "SELECT id, item FROM orders") == [(4, "after")]

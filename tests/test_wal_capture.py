@@ -174,6 +174,38 @@ def test_once_exits_with_nothing_pending(conn, dsn, turso: TursoServer):
     assert pending(conn) == 0
 
 
+def test_status_is_in_sync_after_a_once_run_or_a_stopped_worker_delivered_everything(conn, dsn, turso: TursoServer):
+    """A --once run (or a worker stopped) that delivered everything leaves pgturso.status in sync, though its own
+    last writes (its state) and WAL of no transaction (a checkpoint) follow the last batch in the WAL; a commit
+    after it is not in sync until delivered. (Before: in_sync stayed false after every --once run.)"""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text) WITH (autovacuum_enabled = false)")
+    conn.execute("CREATE TABLE untracked (id int PRIMARY KEY) WITH (autovacuum_enabled = false)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("INSERT INTO t SELECT g, 'x' FROM generate_series(1, 100) g")
+
+    def in_sync() -> bool:
+        return bool(conn.execute("SELECT in_sync FROM pgturso.status").fetchone()[0])  # type: ignore[index]
+
+    assert not in_sync(), "the slot holds 100 rows"
+    drain(dsn, turso.url)
+    assert turso.query("SELECT count(*) FROM t") == [[100]]
+    assert in_sync(), "everything was delivered by the --once run"
+    conn.execute("CHECKPOINT")  # WAL of no transaction
+    assert in_sync()
+    conn.execute("INSERT INTO t VALUES (101, 'after the run')")
+    assert not in_sync(), "a commit after the run is not delivered"
+    drain(dsn, turso.url)
+    assert in_sync()
+    conn.execute("INSERT INTO untracked VALUES (1)")  # the slot cannot be read without a worker: not known
+    assert not in_sync(), "a commit after the run may be in the slot: status cannot say it is not"
+    worker = WorkerProcess(dsn, turso.url, "--idle-wait", "1").start()
+    conn.execute("INSERT INTO t VALUES (102, 'a running worker')")
+    wait_until(lambda: turso.query("SELECT count(*) FROM t") == [[102]], 60, "delivery")
+    assert worker.stop() == 0
+    assert in_sync(), "the worker stopped with everything delivered"
+    assert conn.execute("SELECT pending_events FROM pgturso.status").fetchone()[0] == 0
+
+
 def test_a_change_turso_refuses_blocks_visibly_then_resumes(conn, dsn, turso: TursoServer):
     """Decoded in commit order, delivered up to the transaction Turso refuses, which blocks the target until
     the target is fixed (or the transaction skipped: test_operations, both modes)."""

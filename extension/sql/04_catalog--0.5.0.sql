@@ -25,3 +25,12 @@ COMMENT ON TABLE pgturso.blocked_tenant IS
 SELECT pg_catalog.pg_extension_config_dump('pgturso.blocked_tenant', '');
 -- _route_tenant now says whether it registered the tenant or parked it (and takes the source transaction).
 DROP FUNCTION IF EXISTS pgturso._route_tenant(integer, text, jsonb);
+
+-- in_sync of a wal target whose worker is not reading its slot (after a --once run, or once stopped): the worker
+-- records where it found nothing more for the target in the slot, the slot confirmed up to there
+-- (caught_up_lsn), and a snapshot taken before it looked (caught_up_snapshot, and caught_up_xid, the recording
+-- transaction's own id). pgturso.status says in sync while the slot is still confirmed there and no transaction
+-- committed since that snapshot: WAL that no transaction wrote (a checkpoint, the running-xacts record) and the
+-- worker's own record do not count, which wal_pending_bytes, an upper bound, cannot tell apart.
+ALTER TABLE pgturso.delivery_state ADD COLUMN caught_up_lsn pg_lsn, ADD COLUMN caught_up_snapshot pg_snapshot,
+    ADD COLUMN caught_up_xid xid8;

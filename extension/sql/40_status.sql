@@ -57,6 +57,27 @@ COMMENT ON VIEW pgturso.target_status IS
     'failing_since: when the current run of errors began (a target retrying since then has delivered nothing). '
     'A tenant database of a pattern target is a target of its own: pattern and tenant name it.';
 
+-- Whether no transaction committed since the snapshot ``since`` was taken, ``own`` (the transaction that recorded
+-- it) aside: none of those in progress then, none started after it. False when too many (over 1,000) completed
+-- since to look at each: a busy server is not known to be in sync. pgturso.status calls it for a wal target whose
+-- worker recorded where it caught up (delivery_state.caught_up_*).
+CREATE OR REPLACE FUNCTION pgturso._nothing_committed_since(since pg_snapshot, own xid8) RETURNS boolean
+LANGUAGE sql STABLE
+@SESSION_SETTINGS@
+AS $$
+    SELECT since IS NOT NULL AND n.now_xmax - n.since_xmax <= 1000
+       AND NOT EXISTS (
+           SELECT 1 FROM (SELECT x FROM pg_snapshot_xip(since) AS x
+                          UNION ALL
+                          SELECT g::text::xid8 FROM generate_series(n.since_xmax, n.now_xmax - 1) AS g) AS c
+           WHERE c.x IS DISTINCT FROM own AND pg_xact_status(c.x) = 'committed')
+    FROM (SELECT pg_snapshot_xmax(since)::text::int8 AS since_xmax,
+                 pg_snapshot_xmax(pg_current_snapshot())::text::int8 AS now_xmax) AS n
+$$;
+COMMENT ON FUNCTION pgturso._nothing_committed_since IS
+    'Private: whether no transaction (but own) committed since the snapshot was taken (pgturso.status, in_sync).';
+REVOKE ALL ON FUNCTION pgturso._nothing_committed_since(pg_snapshot, xid8) FROM PUBLIC;
+
 -- A table of a pattern target ('tenant-%s') has a row per tenant database: target is the tenant's own target,
 -- pending and lag count that tenant's events; a pattern without tenants yet shows the pattern itself.
 CREATE OR REPLACE VIEW pgturso.status AS
@@ -92,7 +113,7 @@ SELECT t.relid AS table_name,
        d.failing_since,
        w.pending_bytes AS wal_pending_bytes,
        coalesce(p.events, 0) + coalesce(hr.events, 0) + coalesce(ha.events, 0) = 0
-           AND (g.capture <> 'wal' OR coalesce(w.pending_bytes = 0, false)) AS in_sync
+           AND (g.capture <> 'wal' OR coalesce(w.pending_bytes = 0 OR w.caught_up, false)) AS in_sync
 FROM pgturso.tracked_table t
 JOIN pgturso.target g ON g.name = t.target
 CROSS JOIN LATERAL (
@@ -117,8 +138,13 @@ LEFT JOIN LATERAL (
            -- changes still in the slot, in bytes (it counts other tables' and databases' WAL too). 0: none.
            CASE WHEN NOT pg_is_in_recovery() AND r.slot_name IS NOT NULL AND r.wal_status <> 'lost'
                 THEN greatest(pg_wal_lsn_diff(pg_current_wal_lsn(), r.confirmed_flush_lsn), 0)::bigint
-           END AS pending_bytes
+           END AS pending_bytes,
+           -- Its worker found nothing more for it in the slot, the slot is still confirmed there, and no
+           -- transaction committed since (WAL of no transaction, its own record aside, is not a change).
+           r.confirmed_flush_lsn >= c.caught_up_lsn
+               AND pgturso._nothing_committed_since(c.caught_up_snapshot, c.caught_up_xid) AS caught_up
     FROM (SELECT 1) AS one LEFT JOIN pg_replication_slots r ON r.slot_name = pgturso._slot_name(t.target)
+    LEFT JOIN pgturso.delivery_state c ON c.target = t.target
     WHERE g.capture = 'wal'
 ) w ON true
 -- One pass over the outbox for every table and tenant (not one per tenant: a pattern may have thousands); a
@@ -154,7 +180,8 @@ COMMENT ON VIEW pgturso.status IS
     'the target''s current run of errors began. pending_events/pending_rows count exactly what is in the '
     'outbox for it (for a wal pattern also the rows held for its router); a wal target''s changes still in its '
     'slot are not counted there but shown by wal_pending_bytes (WAL written since the position its worker last '
-    'confirmed: an upper bound, 0 when nothing is left). in_sync: nothing pending at all (both zero).';
+    'confirmed: an upper bound, 0 when nothing is left). in_sync: nothing pending at all (both zero; for a wal '
+    'target, or: its worker found nothing more in the slot when it stopped, and no transaction committed since).';
 
 CREATE OR REPLACE FUNCTION pgturso.skip_transaction(txid xid8, reason text, target text DEFAULT NULL)
 RETURNS integer

@@ -45,8 +45,10 @@ BEGIN
     EXECUTE format('GRANT SELECT, DELETE ON pgturso.outbox TO %s', worker);
     EXECUTE format('GRANT SELECT ON pgturso.layout, pgturso.tracked_table, pgturso.target, pgturso.instance, '
                    'pgturso.skipped_transaction, pgturso.status, pgturso.target_status TO %s', worker);
-    -- pgturso.status calls it (pgturso-worker status runs as the worker's role too); it reads only pg_trigger.
-    EXECUTE format('GRANT EXECUTE ON FUNCTION pgturso._capture_disabled(integer) TO %s', worker);
+    -- pgturso.status calls them (pgturso-worker status runs as the worker's role too); they read only pg_trigger
+    -- and the commit status of transactions.
+    EXECUTE format('GRANT EXECUTE ON FUNCTION pgturso._capture_disabled(integer), '
+                   'pgturso._nothing_committed_since(pg_snapshot, xid8) TO %s', worker);
     EXECUTE format('GRANT SELECT, INSERT, UPDATE ON pgturso.delivery_state, pgturso.table_state TO %s', worker);
     -- A wal target's worker counts the row changes of a skipped transaction as it drops them from the slot,
     -- and replaces a lost slot (its name, dropping it, the target's slot generation and rebuild reason). Reading

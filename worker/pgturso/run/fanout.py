@@ -942,7 +942,7 @@ class PatternWorker:
                 except psycopg.Error as record:
                     event(log, logging.WARNING, "state_not_recorded", target=self.pattern, error=str(record).strip())
                 time.sleep(self.settings.retry_base_delay)
-        router.close()
+        # (closed by _shut_down once the tenants' last writes are recorded: it records where it caught up first)
 
     def _finished_once(self) -> bool:
         """--once: nothing left for the tenants this worker holds? Look once more (new tenants included)."""
@@ -988,6 +988,20 @@ class PatternWorker:
                 event(log, logging.WARNING, "state_not_recorded", status="stopped", error=str(exc).strip())
         for tenant in [*self.tenants.values(), *self.orphans.values()]:
             tenant.close_target()
+        if self.router is not None and self.router_thread is not None and not self.router_thread.is_alive():
+            self._close_router(self.router)
+
+    def _close_router(self, router: Router) -> None:
+        """The router's thread ended, and so did every write of this worker: if the router found nothing more in
+        the slot, record where (WalOutbox.record_caught_up: pgturso.status says in sync until a transaction
+        commits after it), then close it."""
+        try:
+            if router.caught_up and router.source is not None:
+                router.source.record_caught_up()
+        except (psycopg.Error, PgTursoError) as exc:  # status then says what it said before: not in sync
+            event(log, logging.WARNING, "caught_up_not_recorded", target=self.pattern, error=str(exc).strip())
+        finally:
+            router.close()
         with self._pool_lock:
             for conn in self._pool_conns:
                 conn.close()

@@ -816,6 +816,16 @@ class Worker:
         except psycopg.Error as exc:
             event(log, logging.WARNING, "state_not_recorded", status=status, error=str(exc).strip())
 
+    def _record_caught_up(self) -> None:
+        """A wal target's worker stopping: record where it found nothing more in the slot, so that pgturso.status
+        can say in sync without a worker reading the slot (WalOutbox.record_caught_up)."""
+        if not isinstance(self.outbox, WalOutbox) or not self._connection_usable():
+            return
+        try:
+            self.outbox.record_caught_up()
+        except (PgTursoError, psycopg.Error) as exc:  # status then says what it said before: not in sync
+            event(log, logging.WARNING, "caught_up_not_recorded", error=str(exc).strip())
+
     def _explain_missing_right(self, exc: psycopg.errors.InsufficientPrivilege) -> ConfigError:
         """A role without pgturso's rights is a setup mistake that retrying cannot mend: say which role and the fix."""
         role = self.conn.info.user if self.conn is not None and not self.conn.closed else "the worker's role"
@@ -866,6 +876,7 @@ class Worker:
                     # Nothing pending: whatever error there was is over.
                     if once:
                         self._record("stopped", clear_error=True)
+                        self._record_caught_up()
                         return EXIT_OK
                     self._record("idle", clear_error=True)
                     self._wait_for_changes()
@@ -880,6 +891,7 @@ class Worker:
             except (PgTursoError, psycopg.Error) as exc:
                 event(log, logging.WARNING, "stopped_in_flight", error=str(exc).strip())
             self._record("stopped")
+            self._record_caught_up()
             return EXIT_OK
         finally:
             self.close()

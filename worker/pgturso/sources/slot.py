@@ -93,6 +93,17 @@ RECORD_WAL_BATCH = record_batch_sql("", "DELETE FROM pgturso.outbox WHERE id = A
 NOTHING_REMOVED = Removed(0, 0, 0)
 ADVANCE = "SELECT pg_replication_slot_advance(%(slot)s, %(lsn)s::pg_lsn)"
 FLUSH_LSN = "SELECT pg_current_wal_flush_lsn()::text"
+# Where a stopping worker found nothing more for its target in the slot (WalOutbox.record_caught_up): the snapshot
+# first, then the WAL inserted by then (every transaction it shows committed wrote its commit record before it).
+CAUGHT_UP_SNAPSHOT = "SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text"
+RECORD_CAUGHT_UP = """
+    UPDATE pgturso.delivery_state SET caught_up_lsn = %(lsn)s::pg_lsn, caught_up_snapshot = %(snapshot)s::pg_snapshot,
+        caught_up_xid = pg_current_xact_id()
+    WHERE target = %(target)s
+"""
+# How long record_caught_up waits for the WAL of asynchronous commits to be flushed (the WAL writer does it
+# within a few wal_writer_delay).
+CAUGHT_UP_FLUSH_SECONDS = 5.0
 # Rows per round of encoding queries, and outbox payload bytes held meanwhile: bound memory, and keep a big
 # transaction's statements flowing to Turso.
 ENCODE_ROWS = 5000
@@ -1057,6 +1068,40 @@ class WalOutbox(Outbox):
         else:
             self.advance(batch.upto)
         self.layouts_in_force = batch.layouts
+
+    def record_caught_up(self) -> bool:
+        """When the worker stops with nothing left to deliver (the end of a --once run, a stopped worker): confirm
+        the slot past the WAL written since the last batch (the worker's own last writes, WAL of no transaction)
+        if it holds nothing for this target, and record where, with a snapshot taken before looking
+        (delivery_state.caught_up_*), so that pgturso.status says in sync until a transaction commits after it
+        (wal_pending_bytes, WAL written since the slot's position, counts WAL that is no change). False, and
+        nothing recorded, when something for the target is there (or may be: a batch not settled)."""
+        if self.slot_missing or self._unsettled:
+            return False
+        snapshot, inserted = self.conn.execute(CAUGHT_UP_SNAPSHOT).fetchone()  # type: ignore[misc]
+        deadline = time.monotonic() + CAUGHT_UP_FLUSH_SECONDS
+        while (upto := self.wal_position()) < lsn_to_int(str(inserted)):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        if self.dsn is None:
+            with self.conn.transaction():
+                if self._peek(upto, 1) is not None:
+                    return False
+                self.advance(upto)
+        else:
+            stream = self._open_stream()
+            message = self._lookahead or self._next_message(stream, upto)
+            if message is not None:
+                self._lookahead = message
+                return False
+            stream.confirm(stream.idle_end)
+            self.close_stream()  # the walsender takes the confirmation before it exits
+            if self._confirmed < upto:
+                return False
+        with self.conn.transaction():
+            self.conn.execute(RECORD_CAUGHT_UP, {"lsn": lsn_to_text(upto), "snapshot": snapshot, "target": self.target})
+        return True
 
     def take_wake_locks(self) -> tuple[list[int], bool]:
         return [], True  # no capture trigger to wake the worker: it watches the WAL instead
