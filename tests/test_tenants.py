@@ -297,7 +297,8 @@ def test_two_workers_share_the_tenants_and_take_over_from_a_killed_one(conn, dsn
         second = _start_worker(dsn, "--metrics-port", str(ports[1]))
 
         # The second worker gets a fair share: the first hands two tenants over.
-        wait_until(lambda: len(set(owners().values())) == 2 and len(owners()) == 4, 90, "two workers sharing")
+        wait_until(lambda: (shared := owners()) and len(set(shared.values())) == 2 and len(shared) == 4, 90,
+                   "two workers sharing")  # one read: two could mix two moments of a hand-over
 
         # Each tenant is up on exactly one endpoint: the one that handed it over shows it down.
         def up_on_endpoints() -> list[float]:
