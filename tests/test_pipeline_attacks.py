@@ -465,3 +465,42 @@ def test_untrack_table_of_a_batch_read_ahead_never_sends_it(conn, dsn, turso: Tu
         conn.execute("INSERT INTO kept VALUES (-1, 'after')")  # delivery goes on
         wait_until(lambda: on_turso(turso, "SELECT count(*) FROM kept WHERE id = -1") == [[1]], 60, "the row after")
         assert turso.query("SELECT id FROM t ORDER BY id") == on_turso_at_untrack
+
+
+@pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
+def test_skip_transaction_of_a_batch_turso_committed_says_it_was_delivered(conn, dsn, turso: TursoServer, capture):
+    """Small batches: Turso committed batch N and its answer is held. skip_transaction of a transaction of N now
+    cannot unsend it: its row is on Turso, and once the worker learns that Turso has N, pgturso.skipped_transaction
+    says so (delivered_at), instead of recording a transaction Turso lacks. A skip of a transaction no batch
+    sent yet stays a skip (delivered_at NULL, its row never sent)."""
+    small = ("--batch-events", "5", "--batch-rows", "5", "--idle-wait", "1")
+    with tracked_behind_a_proxy(conn, dsn, turso, worker_args=small, stream_expiry=30) as tracked:
+        cloud = tracked.cloud
+        assert tracked.worker.stop() == 0
+        for i in range(1, BACKLOG + 1):
+            conn.execute("INSERT INTO t VALUES (%s, 'x')", (i,))
+        conn.execute("INSERT INTO t VALUES (%s, 'the last one')", (BACKLOG + 1,))
+        tracked.restart()
+        wait_until(lambda: (on_turso(turso, "SELECT count(*) FROM applied") or [[0]])[0][0] >= 25, 60,
+                   "a few batches to be delivered")
+        cloud.slow_answers = [10.0]  # the next batch is committed on Turso, the worker told 10 s later
+        wait_until(lambda: cloud.holding > 0, 60, "Turso to hold a committed batch's answer")
+        on_turso_row = turso.query("SELECT max(id) FROM t")[0][0]  # a row of the batch Turso committed
+        skip = ("SELECT pgturso.skip_transaction((SELECT xmin::text::xid8 FROM t WHERE id = %s), 'attack', "
+                "target => 'default')")
+        conn.execute(skip, (on_turso_row,))
+        conn.execute(skip, (BACKLOG + 1,))  # the last transaction: not read yet by any batch
+        assert cloud.holding > 0, "Turso answered before the skip: nothing was shown (hold the answer longer)"
+        wait_until(lambda: outbox_empty(dsn) and cloud.holding == 0, 120, "the worker to deliver the backlog")
+        wait_until(lambda: on_turso(turso, "SELECT count(*) FROM t") == [[BACKLOG + 1]], 60, "every other row")
+        assert turso.query(f"SELECT count(*) FROM t WHERE id IN ({on_turso_row}, {BACKLOG + 1})") == [[1]]
+
+        def recorded(row: int) -> bool:
+            return bool(conn.execute(
+                "SELECT s.delivered_at IS NOT NULL FROM pgturso.skipped_transaction s "
+                "WHERE s.txid = (SELECT xmin::text::xid8 FROM t WHERE id = %s)", (row,)).fetchone()[0])
+
+        assert recorded(on_turso_row), "the skip of a transaction Turso had says Turso lacks it"
+        assert not recorded(BACKLOG + 1), "a skipped transaction that was never sent is said delivered"
+        assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[BACKLOG, BACKLOG]]
+

@@ -34,3 +34,11 @@ DROP FUNCTION IF EXISTS pgturso._route_tenant(integer, text, jsonb);
 -- worker's own record do not count, which wal_pending_bytes, an upper bound, cannot tell apart.
 ALTER TABLE pgturso.delivery_state ADD COLUMN caught_up_lsn pg_lsn, ADD COLUMN caught_up_snapshot pg_snapshot,
     ADD COLUMN caught_up_xid xid8;
+
+-- skip_transaction of a transaction whose batch was already on its way to Turso: the worker keeps no lock on a batch
+-- it sends, so the skip deletes its events (or, for a wal target, is recorded) but cannot unsend it. Once Turso
+-- confirmed that batch the worker sets delivered_at: the target has the transaction after all, which the record
+-- must not deny. skip_xid: the skipping transaction (a batch whose snapshot does not see it read the skipped
+-- events); first_event_id: the first outbox event it deleted (trigger capture: in the batch if at most its cut).
+ALTER TABLE pgturso.skipped_transaction ADD COLUMN delivered_at timestamptz, ADD COLUMN skip_xid xid8,
+    ADD COLUMN first_event_id bigint;

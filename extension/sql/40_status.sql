@@ -194,6 +194,7 @@ DECLARE
     v_refusing text[];
     v_events integer;
     v_rows bigint;
+    v_first bigint;
     v_tables text[];
     v_xid32 numeric := skip_transaction.txid::text::numeric % 4294967296;
     v_wal boolean;
@@ -240,8 +241,8 @@ BEGIN
     v_wal := coalesce((SELECT g.capture = 'wal' FROM pgturso.target g WHERE g.name = v_target), false);  -- a tenant's: trigger
     -- Only its row changes are dropped: its schema changes ('A'), copies ('C') and drops ('X') are not what
     -- Turso refused, and without them every later change of the table would be refused too (DDL is never skipped).
-    SELECT count(*), coalesce(sum(o.nrows), 0), array_agg(DISTINCT l.spec ->> 'source_table')
-    INTO v_events, v_rows, v_tables
+    SELECT count(*), coalesce(sum(o.nrows), 0), array_agg(DISTINCT l.spec ->> 'source_table'), min(o.id)
+    INTO v_events, v_rows, v_tables, v_first
     FROM pgturso.outbox o JOIN pgturso.layout l ON l.id = o.layout_id JOIN pgturso.tracked_table t ON t.id = l.table_id
     WHERE o.txid = skip_transaction.txid AND coalesce(replace(t.target, '%s', o.tenant), t.target) = v_target
       AND o.op IN ('U', 'D', 'T');
@@ -260,11 +261,14 @@ BEGIN
             WHERE d.target = v_target AND d.last_error_txid::text::numeric % 4294967296 = v_xid32)) x
         WHERE x IS NOT NULL;
     END IF;
-    INSERT INTO pgturso.skipped_transaction (txid, target, reason, events, rows, tables, error, committed_before)
+    -- skip_xid and first_event_id let the worker tell a batch it had sent before this commits, which carries the
+    -- transaction to Turso all the same: it then sets delivered_at (Worker._delivered, WalOutbox.remove_delivered).
+    INSERT INTO pgturso.skipped_transaction (txid, target, reason, events, rows, tables, error, committed_before,
+                                             skip_xid, first_event_id)
     VALUES (skip_transaction.txid, v_target, reason, v_events, v_rows, coalesce(v_tables, '{}'),
             (SELECT d.last_error FROM pgturso.delivery_state d
              WHERE d.target = v_target AND d.last_error_txid::text::numeric % 4294967296 = v_xid32),
-            CASE WHEN v_wal THEN pg_current_wal_insert_lsn() END);
+            CASE WHEN v_wal THEN pg_current_wal_insert_lsn() END, pg_current_xact_id(), v_first);
     DELETE FROM pgturso.outbox o USING pgturso.layout l, pgturso.tracked_table t
     WHERE o.txid = skip_transaction.txid AND l.id = o.layout_id AND t.id = l.table_id
       AND coalesce(replace(t.target, '%s', o.tenant), t.target) = v_target AND o.op IN ('U', 'D', 'T');
@@ -278,9 +282,11 @@ BEGIN
     LOOP
         v_events := v_events + pgturso._discard_tenant(v_blocked.pattern, v_blocked.tenant, reason);
     END LOOP;
-    RAISE WARNING 'pgturso: skipped source transaction % for target % (% rows in %): Turso now differs from Postgres for them',
+    RAISE WARNING 'pgturso: skipped source transaction % for target % (% rows in %): Turso will lack them, unless the batch carrying them was already on its way',
         txid, v_target, v_rows, array_to_string(v_tables, ', ')
-        USING HINT = 'Fix the rows by hand on Turso, or untrack and track the table again to recopy it.';
+        USING HINT = 'Once delivery got past it, SELECT delivered_at FROM pgturso.skipped_transaction WHERE txid = '''
+                     || txid || ''' says which (set: Turso has it after all). If not, fix the rows by hand on Turso, '
+                     'or resync the table (pgturso.resync_table) to recopy it.';
     PERFORM pgturso._wake_worker();
     RETURN v_events;
 END
@@ -292,6 +298,8 @@ COMMENT ON FUNCTION pgturso.skip_transaction IS
     'other targets. Recorded in pgturso.skipped_transaction; that '
     'target then lacks its changes: repair or recopy the tables it touched. For a target with capture => ''wal'' '
     'its worker drops the row changes as it decodes them from the slot (and adds them to the recorded counts). '
+    'A transaction whose batch was already on its way to Turso arrives all the same: its worker then sets the '
+    'record''s delivered_at. '
     'A blocked tenant of a wal pattern (target_status names the transaction that brought its value): its parked '
     'changes are discarded, as pgturso.discard_blocked_tenant does.';
 

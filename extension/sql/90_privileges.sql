@@ -50,11 +50,12 @@ BEGIN
     EXECUTE format('GRANT EXECUTE ON FUNCTION pgturso._capture_disabled(integer), '
                    'pgturso._nothing_committed_since(pg_snapshot, xid8) TO %s', worker);
     EXECUTE format('GRANT SELECT, INSERT, UPDATE ON pgturso.delivery_state, pgturso.table_state TO %s', worker);
-    -- A wal target's worker counts the row changes of a skipped transaction as it drops them from the slot,
+    -- A worker records a skipped transaction its batch carried to Turso anyway (delivered_at); a wal target's
+    -- worker counts the row changes of a skipped transaction as it drops them from the slot,
     -- and replaces a lost slot (its name, dropping it, the target's slot generation and rebuild reason). Reading
     -- a slot also needs the REPLICATION attribute, which only a superuser can give (ALTER ROLE ... REPLICATION):
     -- the worker names that command at start when it lacks it.
-    EXECUTE format('GRANT UPDATE (events, rows) ON pgturso.skipped_transaction TO %s', worker);
+    EXECUTE format('GRANT UPDATE (events, rows, delivered_at) ON pgturso.skipped_transaction TO %s', worker);
     EXECUTE format('GRANT UPDATE (slot_rebuild, slot_generation) ON pgturso.target TO %s', worker);
     EXECUTE format('GRANT EXECUTE ON FUNCTION pgturso._slot_name(text), pgturso._drop_slot(text) TO %s', worker);
     -- The router of a wal pattern target queues its tenants' outbox rows and registers new tenants (through

@@ -670,6 +670,14 @@ class Worker:
         self._vacuum_if_due(batch.rows)
         self.metrics.add("pgturso_batches_total")
         self._count_delivered(removed)
+        if removed.events < batch.event_count and not isinstance(self.outbox, WalOutbox):  # (a slot's: its own)
+            # Events of the batch were deleted while Turso had it (skip_transaction, untrack_table): a skip of a
+            # transaction it carried must not say that Turso lacks it.
+            assert self.outbox is not None
+            skips = self.outbox.note_skips_delivered(batch)
+            if skips:
+                event(log, logging.WARNING, "skipped_but_delivered", target=self.settings.target, transactions=skips,
+                      reason="skip_transaction ran while the batch carrying them was on its way to Turso")
         if self.isolating_until is not None and batch.upto >= self.isolating_until:
             event(log, logging.INFO, "isolation_done", reason="delivered past the batch that failed")
             self.isolating_until = None

@@ -315,6 +315,19 @@ def record_batch_sql(set_also: str, delete: str, counts: tuple[str, str] = REMOV
 """
 
 
+# skip_transaction of a transaction in a batch Turso committed: the batch was read before the skip committed (its
+# snapshot does not see the skipping transaction), so it carried the transaction's events (visible to it, not
+# held, the first of them at most its cut) all the same. The record then says so (docs/guarantees.md).
+SKIPS_DELIVERED = """
+    UPDATE pgturso.skipped_transaction s SET delivered_at = now()
+    WHERE s.target = %(target)s AND s.delivered_at IS NULL AND s.committed_before IS NULL
+      AND s.skip_xid IS NOT NULL AND s.first_event_id <= %(upto)s
+      AND pg_visible_in_snapshot(s.txid, %(snapshot)s::pg_snapshot)
+      AND NOT pg_visible_in_snapshot(s.skip_xid, %(snapshot)s::pg_snapshot)
+      AND NOT (s.txid = ANY (%(held)s::text[]::xid8[]))
+"""
+
+
 @dataclass(frozen=True)
 class Removed:
     """What recording a delivered batch removed from the outbox and counted as delivered."""
@@ -797,6 +810,13 @@ class Outbox:
     def remove_recorded(self, batch: Batch) -> Removed:
         """Remove and count the events of a batch that record_marker recorded (while the next one travels)."""
         return self._record(REMOVE_RECORDED, batch.marker(), batch.follows)
+
+    def note_skips_delivered(self, batch: Batch) -> int:
+        """Turso committed ``batch`` and some of its events were gone when the worker removed them: a
+        skip_transaction that ran while the batch travelled deleted them, and cannot unsend them. Mark those
+        skips delivered (SKIPS_DELIVERED); returns how many."""
+        return self._one_statement(SKIPS_DELIVERED, {"target": self.target, "upto": batch.upto,
+                                                     "snapshot": batch.snapshot, "held": batch.held}).rowcount
 
     def settled(self, batch: Batch) -> None:
         """After the transaction that removed a batch Turso confirmed committed (a slot moves past it then)."""

@@ -76,6 +76,11 @@ COUNT_SKIPPED = """
     WHERE target = %(target)s AND committed_before IS NOT NULL AND (txid::text::numeric %% 4294967296)::int8 = %(xid)s
       AND committed_before > %(lsn)s::pg_lsn
 """
+WAL_SKIP_DELIVERED = """
+    UPDATE pgturso.skipped_transaction SET delivered_at = now()
+    WHERE target = %(target)s AND (txid::text::numeric %% 4294967296)::int8 = %(xid)s
+      AND committed_before = %(before)s::pg_lsn AND delivered_at IS NULL
+"""
 # By the tracked table's oid and the columns' numbers: what a rename of the table or the column leaves alone.
 # Every live column: whether it is a stored generated one, and its expression now.
 GENERATED_COLUMNS = """
@@ -302,6 +307,7 @@ class WalBatch:
         self.rows_per_layout: dict[int, int] = {}
         self.outbox_ids: list[int] = []
         self.skipped: dict[tuple[int, int], int] = {}  # (xid, commit LSN) of a skipped transaction: rows dropped
+        self.begun: dict[int, int] = {}  # every transaction decoded: xid, commit LSN (WalOutbox.remove_delivered)
         self._skipping: tuple[int, int] | None = None  # the transaction being decoded, if it is skipped
         # The skips known when its decoding began (a new table's layout may reload them mid-batch, too late
         # for transactions decoded before): WalOutbox.skipped_since_read compares with these.
@@ -407,6 +413,7 @@ class WalBatch:
                 yield from drain()
 
         received = 0
+        begun = self.begun
         outbox_oid = source.outbox_oid
         layouts = self.layouts
         routing = source.routing
@@ -422,7 +429,8 @@ class WalBatch:
             # (Literals, not the module's _BEGIN…: a global's lookup per message counts at ~100k messages/s.)
             if kind == 66:  # Begin
                 xid = u32(data, 17)[0]
-                self._skipping = source.skip_of(xid, u64(data, 1)[0]) if source.skips else None
+                begun[xid] = u64(data, 1)[0]
+                self._skipping = source.skip_of(xid, begun[xid]) if source.skips else None
                 if self._skipping is not None:
                     plain.clear()
             elif kind == 67:  # Commit
@@ -1043,8 +1051,27 @@ class WalOutbox(Outbox):
         for (xid, commit_lsn), rows in batch.skipped.items():
             self.conn.execute(COUNT_SKIPPED, {"events": rows, "rows": rows, "target": self.target, "xid": xid,
                                               "lsn": lsn_to_text(commit_lsn)})
+        self._note_skips_delivered(batch)
         batch.removing = True
         return Removed(int(row[0]), int(row[1]), int(row[2]))
+
+    def _note_skips_delivered(self, batch: WalBatch) -> None:
+        """A skip_transaction recorded after ``batch`` began to be decoded, of a transaction it decoded and did
+        not drop (Turso committed it: this runs as the batch is recorded delivered), cannot unsend it: its record
+        says so (delivered_at). A routed batch (a pattern's router) is not delivered yet: its tenants' skips work
+        on the outbox."""
+        if self.routing:
+            return
+        skips = self.conn.execute(SKIPPED, {"target": self.target, "slot": self.slot}).fetchall()
+        for xid, before in skips:
+            xid, before = int(xid), lsn_to_int(str(before))
+            commit = batch.begun.get(xid)
+            if (batch.skips_known.get(xid) != before and commit is not None and commit < before
+                    and (xid, commit) not in batch.skipped):
+                self.conn.execute(WAL_SKIP_DELIVERED,
+                                  {"target": self.target, "xid": xid, "before": lsn_to_text(before)})
+                event(log, logging.WARNING, "skipped_but_delivered", target=self.target, xid=xid,
+                      reason="skip_transaction ran while the batch carrying it was on its way to Turso")
 
     def read_past(self, batch: WalBatch) -> None:  # type: ignore[override]
         """The next batch is read on from the end of ``batch`` (in flight, read whole): the stream goes on."""
