@@ -504,3 +504,46 @@ def test_skip_transaction_of_a_batch_turso_committed_says_it_was_delivered(conn,
         assert not recorded(BACKLOG + 1), "a skipped transaction that was never sent is said delivered"
         assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[BACKLOG, BACKLOG]]
 
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_untrack_table_of_a_held_batch_never_sends_it(conn, dsn, turso: TursoServer, capture):
+    """As test_skip_transaction_of_a_held_batch_never_sends_it, with untrack_table: a small batch N is committed on
+    Turso and its answer held while the worker has read ahead past a request of the large batch N+1 (held, to be
+    sent on from the open stream), whose transaction writes the table untracked now and another one. None of the
+    untracked table's rows reach Turso after untrack_table; the other table gets every row once."""
+    with tracked_behind_a_proxy(conn, dsn, turso, worker_args=HELD_BATCHES, tables=("kept", "t"),
+                                stream_expiry=30) as tracked:
+        cloud = tracked.cloud
+        assert tracked.worker.stop() == 0
+        for n in range(40):  # a batch each: small and large ones in turn
+            with conn.transaction():
+                conn.execute("INSERT INTO t SELECT %s * 100 + g, repeat('b', %s) FROM generate_series(1, %s) g",
+                             (n + 1, 400 if n % 2 else 1, HELD_ROWS))
+                conn.execute("INSERT INTO kept VALUES (%s, 'x')", (n + 1,))
+        small_commits = [0]
+        answer = cloud._answer
+
+        def slow_small_commit(frontend: Any, body: dict[str, Any], headers: Any) -> Any:
+            result = answer(frontend, body, headers)
+            text = json.dumps(body)
+            if "COMMIT" in text.upper() and "bbbb" not in text and 'INTO \\"t\\"' in text:
+                small_commits[0] += 1  # a small batch, whole in this request
+                if small_commits[0] == 3:  # committed, the worker told 10 s later
+                    return (*result[:4], 10.0)
+            return result
+
+        cloud._answer = slow_small_commit  # type: ignore[method-assign]
+        tracked.restart()
+        wait_until(lambda: cloud.holding > 0, 60, "Turso to hold a small batch's answer")
+        wait_until(lambda: worker_backend_done_reading(dsn), 5, "the worker to read the large batch ahead")
+        on_turso_at_untrack = turso.query("SELECT count(*), max(id) FROM t")[0]
+        assert (on_turso_at_untrack[1] // 100) % 2 == 1, f"the batch after {on_turso_at_untrack} is not a large one"
+        with psycopg.connect(dsn, autocommit=True) as untracker:
+            untracker.execute("SELECT pgturso.untrack_table('t')")
+        assert cloud.holding > 0, "Turso answered before untrack_table: nothing was shown (hold the answer longer)"
+        wait_until(lambda: outbox_empty(dsn) and cloud.holding == 0, 120, "the worker to deliver the backlog")
+        wait_until(lambda: on_turso(turso, "SELECT count(*) FROM kept") == [[41]], 60, "every row of kept")
+        assert turso.query("SELECT count(*), max(id) FROM t")[0] == on_turso_at_untrack, tracked.worker.output[-3000:]
+        assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[40, 40]], \
+            tracked.worker.output[-3000:]

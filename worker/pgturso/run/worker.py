@@ -571,7 +571,8 @@ class Worker:
         if (resume is not None and isinstance(self.outbox, WalOutbox)
                 and not single and not self.outbox.changed_since_read(read_ahead.batch)):  # type: ignore[union-attr, arg-type]
             # A slot's batch read ahead, too large to hold: sent on from where reading stopped, the stream open.
-            # (Else it is decoded again below: a skip_transaction since applied, or one transaction at a time.)
+            # (Else it is decoded again below: a skip_transaction or untrack_table since applied, or one transaction
+            # at a time.)
             batch = read_ahead.batch  # type: ignore[union-attr]
             self._sending = batch
             statements = send_batch(target, resume, self._marker(batch))
