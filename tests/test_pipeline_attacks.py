@@ -311,6 +311,38 @@ def test_skip_transaction_of_a_batch_read_ahead_never_sends_it(conn, dsn, turso:
         assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[BACKLOG - 1, BACKLOG - 1]]
 
 
+# trigger capture: how the outbox's next batch is read past the one in flight (a slot's batches follow the stream)
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)
+def test_a_transaction_below_the_cut_of_a_batch_in_flight_arrives_before_what_commits_after_it(
+        conn, dsn, turso: TursoServer, capture):
+    """A transaction that wrote before the backlog (the lowest outbox id) stays open while the worker delivers it
+    in small batches, read ahead. It commits while Turso holds a batch's answer and the next batch is read ahead
+    already (without it: in progress then); then another transaction updates one of its rows. Batches chosen later
+    read past the one in flight: the late transaction's events lie below that batch's cut and are none of its
+    events, so they must come in the next batch, before the update. Read past by the cut alone, they would be
+    skipped, and then deleted unsent with a later batch, whose name (cut and snapshot) covers them."""
+    small = ("--batch-events", "5", "--batch-rows", "5", "--idle-wait", "1")
+    with tracked_behind_a_proxy(conn, dsn, turso, worker_args=small, stream_expiry=30) as tracked:
+        cloud = tracked.cloud
+        with psycopg.connect(dsn) as late:
+            late.execute("INSERT INTO t VALUES (-1, 'late'), (-2, 'late too')")  # below every cut, committed later
+            a_backlog_behind(tracked, conn)
+            wait_until(lambda: (on_turso(turso, "SELECT count(*) FROM applied") or [[0]])[0][0] >= 25, 60,
+                       "a few batches to be delivered")
+            cloud.slow_answers = [10.0]  # a batch committed on Turso, the worker told 10 s later
+            wait_until(lambda: cloud.holding > 0, 60, "Turso to hold a committed batch's answer")
+            wait_until(lambda: worker_backend_done_reading(dsn), 5, "the worker to read the next batch ahead")
+            late.commit()
+        conn.execute("UPDATE t SET v = 'updated after the late one committed' WHERE id = -1")
+        assert cloud.holding > 0, "Turso answered before the late commit: nothing was shown (hold it longer)"
+        wait_until(lambda: outbox_empty(dsn), 120, "the worker to deliver the backlog")
+        wait_until(lambda: on_turso(turso, "SELECT count(*) FROM t WHERE id > 0") == [[BACKLOG]], 60,
+                   "every backlog row on Turso")
+        assert turso.query("SELECT id, v FROM t WHERE id < 0 ORDER BY id") == [
+            [-2, "late too"], [-1, "updated after the late one committed"]], tracked.worker.output[-3000:]
+        assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied WHERE id > 0") == [[BACKLOG, BACKLOG]]
+
+
 def worker_backend_waits_for_a_lock(dsn: str) -> bool:
     with psycopg.connect(dsn, autocommit=True) as watcher:
         return bool(watcher.execute(

@@ -433,6 +433,79 @@ def test_a_batch_read_in_parts_after_its_transaction_is_the_batch_that_transacti
 
 
 @pytest.mark.parametrize("capture", ["trigger"], indirect=True)  # how outbox batches are chosen
+@pytest.mark.parametrize("case", ["caught_up", "late_in_progress", "late_above_xmax", "held"])
+def test_reading_past_a_batch_in_flight_chooses_what_deleting_it_would_leave(conn, dsn, case: str):
+    """While batch P travels, the next batch is chosen as if P's events were gone (Outbox.read_past): above P's
+    cut when every pending event at or below it is P's, else by deleting P's events in the reading transaction
+    (rolled back). Either way it is the batch a deletion of P would leave: also when a transaction below P's cut
+    commits after P was chosen (in progress in P's snapshot; or drawn its id before P's snapshot with a
+    transaction id at or above the snapshot's xmax, so not in its in-progress list), and when P held back a
+    transaction straddling its cut. Those come first in the next batch (their ids are the lowest)."""
+    from pgturso.sources.outbox import DELETE_BATCH, Outbox
+
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("DELETE FROM pgturso.outbox")
+    batch_events = 100
+    with psycopg.connect(dsn, autocommit=True) as late, psycopg.connect(dsn, autocommit=True) as earlier, \
+            psycopg.connect(dsn, autocommit=True) as reader:
+        if case == "late_in_progress":
+            late.execute("BEGIN")
+            late.execute("INSERT INTO t VALUES (-1, 'below the cut, committed after it was chosen')")
+        if case == "held":
+            late.execute("BEGIN")
+            late.execute("INSERT INTO t VALUES (-1, 'straddles the cut')")
+        for i in range(1, 6):
+            conn.execute("INSERT INTO t VALUES (%s, 'backlog')", (i,))
+        if case == "late_above_xmax":
+            earlier.execute("BEGIN")
+            earlier_xid = int(str(earlier.execute("SELECT pg_current_xact_id()").fetchone()[0]))  # type: ignore[index]
+            late.execute("BEGIN")
+            late.execute("INSERT INTO t VALUES (-1, 'below the cut, its xid at or above the snapshot xmax')")
+            late_xid = int(str(late.execute("SELECT pg_current_xact_id()").fetchone()[0]))  # type: ignore[index]
+            earlier.execute("INSERT INTO t VALUES (6, 'an older transaction id, a later outbox id')")
+            earlier.execute("COMMIT")
+            assert earlier_xid < late_xid
+        if case == "held":
+            late.execute("INSERT INTO t VALUES (-2, 'straddles the cut too')")
+            late.execute("COMMIT")
+            batch_events = 4  # the cut falls between the straddling transaction's two events
+        reader.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        outbox = Outbox(reader, batch_rows=10_000, batch_events=batch_events)
+        with reader.transaction():
+            past = outbox.choose_batch()
+            assert past is not None
+            past_ids = [e.id for e in past.events()]
+        if case == "late_above_xmax":
+            xmax = int(past.snapshot.split(":")[1])
+            assert xmax <= late_xid, f"the late transaction {late_xid} is below the snapshot's xmax {xmax}"
+        if case == "held":
+            assert past.held
+        if case.startswith("late"):
+            late.execute("COMMIT")
+        conn.execute("INSERT INTO t VALUES (100, 'after')")
+
+        def next_batch(by_deletion: bool) -> tuple[Any, ...]:
+            with reader.transaction(force_rollback=True):
+                if by_deletion:
+                    reader.execute(DELETE_BATCH, {"marker": past.marker()})
+                else:
+                    outbox.read_past(past)
+                batch = outbox.choose_batch()
+                assert batch is not None
+                events = [(e.id, e.payload, e.count) for e in batch.events()]
+            return (batch.upto, batch.held, batch.transactions, batch.event_count, events), batch.after
+
+        read_past, after = next_batch(by_deletion=False)
+        deleted, _ = next_batch(by_deletion=True)
+    assert read_past == deleted
+    assert not set(past_ids) & {event[0] for event in read_past[4]}
+    assert after == (past.upto if case == "caught_up" else 0)  # above the cut only when nothing is below it
+    if case != "caught_up":
+        assert read_past[4][0][0] < past.upto  # the late or held transaction's events come first
+
+
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)  # how outbox batches are chosen
 @pytest.mark.parametrize("batch_events", [3, 4, 100])
 def test_a_batch_chosen_from_the_head_alone_is_the_batch_the_full_queries_choose(conn, dsn, batch_events: int):
     """A batch whose cut is the last event of the head takes its figures from the head query (and, below the

@@ -5,10 +5,13 @@ doing them one after the other wastes half of the time. The worker overlaps them
 and never keeps a Postgres transaction open while Turso has a request (a snapshot held that long would make
 CREATE INDEX CONCURRENTLY of any table wait for Turso, and vacuum keep dead rows):
 
-- One batch at most is in flight. Batch N+1 is read in a Postgres transaction that first deletes batch N's
-  events by N's name (so the reads skip them) and is rolled back once N+1's statements are in memory: N's
-  events stay pending. Once Turso confirmed batch N, one short statement records N as delivered (its marker);
-  if Turso refused it, nothing was recorded.
+- One batch at most is in flight. Batch N+1 is read in a Postgres transaction that reads past batch N's events,
+  still pending (Outbox.read_past): above N's cut when every pending event at or below it is N's (one statement
+  by transaction id), else (a transaction below the cut committed since N was chosen, or N held one straddling
+  its cut) after deleting N's events by N's name in that transaction; either way the batch a deletion of N would
+  leave. The transaction is rolled back once N+1's statements are in memory: N's events stay pending. Once Turso
+  confirmed batch N, one short statement records N as delivered (its marker); if Turso refused it, nothing was
+  recorded.
 - Batch N+1 is sent only after that record (and a count showing that none of N+1's events were deleted since
   it was read: skip_transaction, untrack_table): batches reach Turso in the order they were chosen, and at most
   one batch is ever committed on Turso but not recorded in Postgres, which is exactly what the progress marker

@@ -13,6 +13,9 @@ its events are those with ``id <= L`` whose transaction is visible in that snaps
 marker on Turso records for recovery. It can never match a later event: ids are drawn in real time from a
 sequence, so an event drawn after the batch was chosen has an id above L, and one drawn before whose
 transaction was not yet committed is not visible in the snapshot.
+
+The batch after one still in flight is chosen as if that one's events were gone (Outbox.read_past, and the
+argument at OUTSIDE_BATCH_AT_OR_BELOW_CUT): it is the same batch, so the same order.
 """
 
 from __future__ import annotations
@@ -51,14 +54,17 @@ TARGET_LAYOUTS = """
 # The scope is read by scalar subqueries (one-time filters), not joined: joined, it hid the order of the outbox's
 # primary key from the planner, which then sorted the whole outbox for every batch instead of reading its first
 # %(max_events)s events by the index (a 1M-event backlog: every batch paid a 1M-row scan and sort on disk).
+# The target's layouts, or NULL when the outbox holds no other target's events (no filter needed).
+TARGET_SCOPE = """
+    SELECT CASE WHEN coalesce(bool_and(t.target = %(target)s), true) THEN NULL
+                ELSE coalesce(array_agg(l.id) FILTER (WHERE t.target = %(target)s), '{}') END AS layouts
+    FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
+"""
 BATCH_HEAD = """
-    WITH scope AS (
-        SELECT CASE WHEN coalesce(bool_and(t.target = %(target)s), true) THEN NULL
-                    ELSE coalesce(array_agg(l.id) FILTER (WHERE t.target = %(target)s), '{}') END AS layouts
-        FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
-    ), head AS (
+    WITH scope AS (""" + TARGET_SCOPE + """), head AS (
         SELECT o.id, o.txid, o.layout_id, o.op, o.nrows, o.payload FROM pgturso.outbox o
-        WHERE ((SELECT layouts FROM scope) IS NULL OR o.layout_id = ANY ((SELECT layouts FROM scope)::int[]))
+        WHERE o.id > %(after)s
+          AND ((SELECT layouts FROM scope) IS NULL OR o.layout_id = ANY ((SELECT layouts FROM scope)::int[]))
           AND (%(tenant)s::text IS NULL AND o.tenant IS NULL OR o.tenant = %(tenant)s::text)
         ORDER BY o.id LIMIT %(max_events)s
     )
@@ -72,7 +78,7 @@ BATCH_HEAD = """
 BATCH_CUT_BY_ROWS = f"""
     SELECT id FROM (
         SELECT id, sum(greatest(nrows, 1)) OVER (ORDER BY id) AS rows_so_far
-        FROM pgturso.outbox WHERE {FOR_TARGET} ORDER BY id
+        FROM pgturso.outbox WHERE id > %(after)s AND {FOR_TARGET} ORDER BY id
     ) AS head WHERE rows_so_far >= %(max_rows)s LIMIT 1
 """
 # The transactions of ids %(low)s to %(high)s (those of the events up to the cut %(upto)s) that also have events past
@@ -84,7 +90,8 @@ def later_events_of(low: str, high: str) -> str:
     return f"""
         SELECT DISTINCT o.txid::text FROM pgturso.outbox o
         WHERE o.txid BETWEEN {low} AND {high} AND o.id > %(upto)s AND {FOR_TARGET}
-          AND (SELECT true FROM pgturso.outbox h WHERE h.txid = o.txid AND h.id <= %(upto)s AND {FOR_TARGET}
+          AND (SELECT true FROM pgturso.outbox h
+               WHERE h.txid = o.txid AND h.id > %(after)s AND h.id <= %(upto)s AND {FOR_TARGET}
                LIMIT 1)"""
 
 
@@ -97,7 +104,7 @@ STRADDLING_TRANSACTIONS = f"""
                coalesce(min(layout_id) = max(layout_id) AND min(op) = max(op) AND min(op) IN ('U', 'D'), false)
                    AS uniform,
                coalesce(max(octet_length(payload)), 0) AS widest
-        FROM pgturso.outbox WHERE id <= %(upto)s AND {FOR_TARGET}
+        FROM pgturso.outbox WHERE id > %(after)s AND id <= %(upto)s AND {FOR_TARGET}
     )
     SELECT head.transactions, head.uniform, head.widest, pg_current_snapshot()::text,
            ARRAY({later_events_of("head.low", "head.high")})
@@ -108,7 +115,8 @@ STRADDLING_TRANSACTIONS = f"""
 HELD_TRANSACTIONS = f"SELECT ARRAY({later_events_of('%(low)s::xid8', '%(high)s::xid8')})"
 FIRST_TRANSACTION_END = f"""
     SELECT max(o.id) FROM pgturso.outbox o
-    WHERE o.txid = (SELECT txid FROM pgturso.outbox WHERE {FOR_TARGET} ORDER BY id LIMIT 1) AND {FOR_TARGET}
+    WHERE o.txid = (SELECT txid FROM pgturso.outbox WHERE id > %(after)s AND {FOR_TARGET} ORDER BY id LIMIT 1)
+      AND o.id > %(after)s AND {FOR_TARGET}
 """
 # A batch whose payloads add up to at most this is read into memory at once (a larger one through a cursor).
 CLIENT_SIDE_BYTES = 1 << 20
@@ -133,6 +141,37 @@ POSITION_IF_WHOLE = f"""
         SELECT count(*) FROM pgturso.outbox WHERE id >= %(first)s AND {BATCH_FILTER}
           AND NOT (id <= %(past_upto)s AND pg_visible_in_snapshot(txid, %(past_snapshot)s::pg_snapshot)
                    AND NOT (txid = ANY (%(past_held)s::text[]::xid8[]))))
+"""
+# Reading past the batch in flight (Outbox.read_past). While batch P travels, its events are still pending, and
+# the next batch must be chosen and read as if they were gone: exactly the events a rolled-back deletion of P by
+# its name would leave. P's name is (upto, snapshot, held, layouts): the events with id <= upto whose transaction is
+# visible in P's snapshot and not held. So every pending event above P's cut is outside P, and an event at or below
+# it is outside P only if its transaction
+#   - is one of P's held transactions (events on both sides of P's cut: known by txid), or
+#   - is not visible in P's snapshot: in progress when P was chosen (the snapshot's xip list), or at or above its
+#     xmax (a transaction can draw an outbox id before the snapshot and still be at or above xmax: xmax is the
+#     latest completed transaction + 1, not the next one to be assigned; such a transaction is not in xip), or
+#   - has a layout that P's name left out (P named its target's layouts then, and the target has another now).
+# This statement looks for such events by transaction id (the (txid, id) index: a probe per xip or held
+# transaction, and a range scan of the transactions since P's snapshot), not by scanning P's events. None
+# (the common case: a backlog of committed transactions, cut where no transaction straddles): the next batch is
+# chosen among the events above P's cut alone (``after`` = P's cut in every choosing query), which are the
+# same events the deletion would have left, so it is the same batch, in the same commit-consistent order
+# (module docstring). Some: the caller reads past P the old way, deleting P's events in the reading transaction
+# and rolling that back (a late committer below the cut comes first in the next batch, by its id, as ever).
+# The scope check: P's layouts are its target's then; the target's now (scope) must be among them.
+PAST_FOR_TARGET = FOR_TARGET.replace("%(layouts)s", "%(past_layouts)s")
+OUTSIDE_BATCH_AT_OR_BELOW_CUT = f"""
+    WITH scope AS ({TARGET_SCOPE})
+    SELECT (%(past_layouts)s::int[] IS NOT NULL
+            AND ((SELECT layouts FROM scope) IS NULL OR NOT (SELECT layouts FROM scope) <@ %(past_layouts)s::int[]))
+        OR EXISTS (SELECT FROM pgturso.outbox
+                   WHERE txid = ANY (ARRAY(SELECT pg_snapshot_xip(%(past_snapshot)s::pg_snapshot))
+                                     || %(past_held)s::text[]::xid8[])
+                     AND id <= %(past_upto)s AND {PAST_FOR_TARGET})
+        OR EXISTS (SELECT FROM pgturso.outbox
+                   WHERE txid >= pg_snapshot_xmax(%(past_snapshot)s::pg_snapshot) AND id <= %(past_upto)s
+                     AND {PAST_FOR_TARGET})
 """
 # The number of a batch's events, counted in the transaction that chose it: a batch read in parts after it must
 # read as many, or something deleted some of them meanwhile (Batch.read_in_parts).
@@ -179,11 +218,7 @@ def tenant_scope(tenant: str) -> str:
 
 
 WHOLE_BATCHES = f"""
-    WITH scope AS (
-        SELECT CASE WHEN coalesce(bool_and(t.target = %(target)s), true) THEN NULL
-                    ELSE coalesce(array_agg(l.id) FILTER (WHERE t.target = %(target)s), '{{}}') END AS layouts
-        FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
-    )
+    WITH scope AS ({TARGET_SCOPE})
     SELECT r.n, (SELECT layouts FROM scope), pg_current_snapshot()::text, (SELECT pgturso._source_position()), b.*
     FROM unnest(%(tenants)s::text[], %(max_events)s::int8[], %(max_rows)s::int8[], %(max_bytes)s::int8[])
          WITH ORDINALITY AS r(tenant, max_events, max_rows, max_bytes, n),
@@ -220,7 +255,8 @@ BATCH_BUCKETS = f"""
 """
 ONLY_HELD = f"""
     SELECT NOT EXISTS (SELECT 1 FROM pgturso.outbox
-                       WHERE id <= %(upto)s AND NOT (txid = ANY (%(held)s::text[]::xid8[])) AND {FOR_TARGET})
+                       WHERE id > %(after)s AND id <= %(upto)s AND NOT (txid = ANY (%(held)s::text[]::xid8[]))
+                         AND {FOR_TARGET})
 """
 FIRST_COMMITTED_TRANSACTION = f"""
     SELECT max(id) AS last_id FROM pgturso.outbox WHERE {FOR_TARGET} GROUP BY txid ORDER BY last_id LIMIT 1
@@ -465,15 +501,19 @@ class Batch:
 
     def __init__(self, conn: psycopg.Connection[Any], upto: int, held: list[str], snapshot: str, transactions: int,
                  fetch_size: int, layouts: list[int] | None = None, max_group_bytes: int = 1 << 20,
-                 tenant: str | None = None) -> None:
+                 tenant: str | None = None, after: int = 0) -> None:
         self.conn = conn
         self.upto = upto
+        # Its events are all above this id: the cut of the batch in flight when it was chosen (Outbox.read_past),
+        # whose events, still pending below it, are none of its own. Its name (marker) does not say so: it names
+        # those too, which is harmless, as that batch is delivered before this one is sent.
+        self.after = after
         self.held = held
         self.snapshot = snapshot
         self.layouts = layouts
         self.tenant = tenant
         self.params = {"upto": upto, "held": held, "layouts": layouts, "max_bytes": max_group_bytes, "bucket": 1,
-                       "tenant": tenant, "after": 0, "snapshot": snapshot}
+                       "tenant": tenant, "after": after, "snapshot": snapshot}
         # Read in parts of about this many payload bytes, outside any transaction (None: in the caller's).
         self.part_bytes: int | None = None
         # With part_bytes: the events the choosing transaction counted in the batch (read_in_parts).
@@ -540,7 +580,7 @@ class Batch:
         """The events a part at a time, each part read by its own statements (autocommit: no transaction is open
         while the caller consumes a part). They select the same events as the transaction that chose the batch:
         its events are named by its snapshot (BATCH_FILTER) and do not change until the worker deletes them."""
-        after = 0
+        after = self.after
         while after < self.upto:
             params = {**self.params, "after": after, "part_bytes": part_bytes}
             end = int(self.conn.execute(PART_END, params).fetchone()[0])  # type: ignore[index]
@@ -594,6 +634,8 @@ class Outbox:
         self._layouts: dict[int, TableLayout] = {}
         self._table_of_layout: dict[int, int] = {}
         self._may_vacuum: bool | None = None
+        # Set by read_past for the next choose_batch (in the same transaction): the cut of the batch in flight.
+        self._after = 0
 
     def source_id(self) -> str:
         with self.conn.transaction():
@@ -618,7 +660,9 @@ class Outbox:
         ``single_transaction``: just the first source transaction in commit-consistent order, to find which
         one Turso refuses and deliver everything before it.
         """
-        if single_transaction:
+        # Read past the batch in flight by its cut (read_past), unless that needed its events deleted.
+        after, self._after = self._after, 0
+        if single_transaction:  # (nothing is read ahead of one source transaction at a time: after is 0)
             self.layouts = self._target_layouts()
             scope = {"layouts": self.layouts, "tenant": self.tenant}
             first = self.conn.execute(FIRST_COMMITTED_TRANSACTION, scope).fetchone()
@@ -626,30 +670,30 @@ class Outbox:
                 return None
             return self._batch(first[0])
         limits = {"max_events": self.batch_events, "max_rows": self.batch_rows, "target": self.tables_target,
-                  "tenant": self.tenant}
+                  "tenant": self.tenant, "after": after}
         (layouts, events, rows, last, transactions, low, high, uniform, widest, payload_bytes,  # type: ignore[misc]
          snapshot) = self.conn.execute(BATCH_HEAD, limits).fetchone()
         self.layouts = None if layouts is None else list(layouts)
-        scope = {"layouts": self.layouts, "tenant": self.tenant}
+        scope = {"layouts": self.layouts, "tenant": self.tenant, "after": after}
         if not events:
             return None
         # Cut short by the limits: more is pending, and reading the next batch ahead pays off.
         more_pending = events >= self.batch_events or rows >= self.batch_rows
         if rows > self.batch_rows:
-            batch = self._batch(self.conn.execute(BATCH_CUT_BY_ROWS, {**limits, **scope}).fetchone()[0])  # type: ignore[index]
+            batch = self._batch(self.conn.execute(BATCH_CUT_BY_ROWS, {**limits, **scope}).fetchone()[0], after)  # type: ignore[index]
         else:
             # The cut is the head's last event: the head's figures are the batch's. Below the event limit the
             # head holds every visible event of the target, so no transaction has events past the cut.
             held: list[str] = [] if events < self.batch_events else list(self.conn.execute(  # type: ignore[index]
                 HELD_TRANSACTIONS, {"upto": last, "low": low, "high": high, **scope}).fetchone()[0])
             batch = Batch(self.conn, int(last), held, snapshot, int(transactions) - len(held), self.fetch_size,
-                          self.layouts, self.max_group_bytes, self.tenant)
+                          self.layouts, self.max_group_bytes, self.tenant, after)
             batch.merge_by_id_range(uniform, widest)
             batch.payload_bytes = int(payload_bytes)
-        if batch.held and self._only_held(batch.upto, batch.held):
+        if batch.held and self._only_held(batch.upto, batch.held, after):
             # Every event up to the cut belongs to a transaction that continues past it: take the first
             # transaction whole, however large (it is streamed, not held in memory).
-            batch = self._batch(self.conn.execute(FIRST_TRANSACTION_END, scope).fetchone()[0])  # type: ignore[index]
+            batch = self._batch(self.conn.execute(FIRST_TRANSACTION_END, scope).fetchone()[0], after)  # type: ignore[index]
             more_pending = True  # the rest of the held transactions, at least
         batch.more_pending = more_pending
         return batch
@@ -658,17 +702,18 @@ class Outbox:
         """This outbox's tenant's pending events as one batch (read_whole_batches)."""
         return read_whole_batches(self.conn, [self])[0]
 
-    def _batch(self, upto: int) -> Batch:
+    def _batch(self, upto: int, after: int = 0) -> Batch:
         head_transactions, uniform, widest, snapshot, held = self.conn.execute(  # type: ignore[misc]
-            STRADDLING_TRANSACTIONS, {"upto": upto, "layouts": self.layouts, "tenant": self.tenant}).fetchone()
+            STRADDLING_TRANSACTIONS, {"upto": upto, "layouts": self.layouts, "tenant": self.tenant,
+                                      "after": after}).fetchone()
         batch = Batch(self.conn, upto, list(held), snapshot, int(head_transactions) - len(held), self.fetch_size,
-                      self.layouts, self.max_group_bytes, self.tenant)
+                      self.layouts, self.max_group_bytes, self.tenant, after)
         batch.merge_by_id_range(uniform, widest)
         return batch
 
-    def _only_held(self, upto: int, held: list[str]) -> bool:
+    def _only_held(self, upto: int, held: list[str], after: int) -> bool:
         row = self.conn.execute(ONLY_HELD, {"upto": upto, "held": held, "layouts": self.layouts,
-                                            "tenant": self.tenant}).fetchone()
+                                            "tenant": self.tenant, "after": after}).fetchone()
         return bool(row and row[0])
 
     def take_wake_locks(self) -> tuple[list[int], bool]:
@@ -790,10 +835,19 @@ class Outbox:
             self.conn.execute("VACUUM pgturso.outbox")
 
     def read_past(self, batch: Batch) -> None:
-        """In the transaction that reads the next batch while ``batch`` is in flight: make the reads skip it. Its
-        events are deleted by its name, and the caller rolls that transaction back once it read the next batch:
-        they stay pending until Turso confirmed ``batch`` (mark_delivered), and no transaction stays open
-        meanwhile."""
+        """In the transaction that reads the next batch while ``batch`` is in flight: make the next choose_batch
+        skip it, its events staying pending until Turso confirmed ``batch`` (mark_delivered), with no
+        transaction open meanwhile. When every pending event at or below its cut is its own (one statement by
+        transaction id: OUTSIDE_BATCH_AT_OR_BELOW_CUT), the next batch is chosen above its cut. Else (a late
+        committer or a held transaction below the cut) its events are deleted by its name, and the caller
+        rolls that transaction back once it read the next batch."""
+        row = self.conn.execute(OUTSIDE_BATCH_AT_OR_BELOW_CUT, {
+            "target": self.tables_target, "tenant": self.tenant, "past_upto": batch.upto,
+            "past_snapshot": batch.snapshot, "past_held": batch.held, "past_layouts": batch.layouts}).fetchone()
+        if row is not None and row[0] is False:
+            self._after = batch.upto
+            return
+        self._after = 0
         self.conn.execute(DELETE_BATCH, {"marker": batch.marker()})
 
     def mark_delivered(self, batch: Batch) -> Removed:
