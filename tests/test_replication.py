@@ -505,6 +505,56 @@ def test_reading_past_a_batch_in_flight_chooses_what_deleting_it_would_leave(con
         assert read_past[4][0][0] < past.upto  # the late or held transaction's events come first
 
 
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)  # how outbox batches are counted
+@pytest.mark.parametrize("skipped", [False, True])
+def test_a_delivered_batch_counts_what_its_deletion_removed(conn, dsn, skipped: bool):
+    """A delivered batch is counted (transactions, rows, rows per table) from what it read when its deletion
+    removed every event it read, else (skip_transaction of one of its transactions while it travelled) from
+    what the deletion removed: either way what was removed, once, in delivery_state and table_state."""
+    from pgturso.sources.outbox import Outbox
+
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("CREATE TABLE u (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("SELECT pgturso.track_table('u')")
+    conn.execute("DELETE FROM pgturso.outbox")
+    with conn.transaction():
+        conn.execute("INSERT INTO t SELECT g, 'x' FROM generate_series(1, 3) g")
+    with conn.transaction():
+        skipped_txid = conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0]  # type: ignore[index]
+        conn.execute("INSERT INTO u SELECT g, 'y' FROM generate_series(1, 4) g")
+        conn.execute("INSERT INTO t VALUES (10, 'z')")
+    conn.execute("INSERT INTO u VALUES (20, 'w')")
+
+    def totals() -> tuple[Any, ...]:
+        return conn.execute(
+            "SELECT d.transactions_delivered, d.rows_delivered, "
+            "(SELECT array_agg(s.rows_delivered ORDER BY t.relid::regclass::text) FROM pgturso.tracked_table t "
+            " LEFT JOIN pgturso.table_state s ON s.table_id = t.id) "
+            "FROM pgturso.delivery_state d WHERE d.target = 'default'").fetchone()  # type: ignore[return-value]
+
+    with psycopg.connect(dsn, autocommit=True) as reader:
+        reader.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        outbox = Outbox(reader, batch_rows=10_000, batch_events=100)
+        with reader.transaction():
+            batch = outbox.choose_batch()
+            assert batch is not None
+            list(batch.events())
+        assert (batch.transactions, batch.rows, batch.event_count) == (3, 9, 4)
+        if skipped:
+            conn.execute("SELECT pgturso.skip_transaction(%s::xid8, 'test', target => 'default')", (skipped_txid,))
+        pending_before = conn.execute(
+            "SELECT count(*), count(DISTINCT txid), sum(nrows) FROM pgturso.outbox").fetchone()
+        before = totals()
+        batch.position = {}
+        removed = outbox.mark_delivered(batch)
+    after = totals()
+    assert (removed.events, removed.transactions, removed.rows) == pending_before
+    assert (after[0] - before[0], after[1] - before[1]) == (removed.transactions, removed.rows)
+    per_table = [(a or 0) - (b or 0) for a, b in zip(after[2], before[2], strict=True)]
+    assert per_table == ([3, 1] if skipped else [4, 5])  # t, u
+
+
 @pytest.mark.parametrize("capture", ["trigger"], indirect=True)  # how outbox batches are chosen
 @pytest.mark.parametrize("batch_events", [3, 4, 100])
 def test_a_batch_chosen_from_the_head_alone_is_the_batch_the_full_queries_choose(conn, dsn, batch_events: int):
