@@ -329,14 +329,18 @@ def test_running_worker_wakes_on_commit_and_stops_cleanly(conn, dsn, turso: Turs
     proc = subprocess.Popen([*WORKER, "run", "--dsn", dsn, "--url", turso.url, "--idle-wait", "30"],
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
+        # The worker is up and idle (it created t on Turso) before the commit that must wake it: a worker still
+        # starting would deliver the row on its first pass, however it was woken. (A loop that gave up after
+        # 20 s went on regardless, and a slow start then failed the 10 s check below.)
+        from support.workers import wait_until
+
+        def created() -> bool:
             try:
-                if turso.query("SELECT count(*) FROM sqlite_schema WHERE name = 't'") == [[1]]:
-                    break
+                return turso.query("SELECT count(*) FROM sqlite_schema WHERE name = 't'") == [[1]]
             except RuntimeError:
-                pass
-            time.sleep(0.05)
+                return False
+
+        wait_until(created, 120, "the worker to create t on Turso")
         conn.execute("INSERT INTO t VALUES (1, 'live')")
         committed = time.monotonic()
         while time.monotonic() - committed < 10 and turso.query("SELECT count(*) FROM t") != [[1]]:
