@@ -1,0 +1,221 @@
+"""Attacks on reading the next batch past the one in flight by its cut (Outbox.read_past, 9471cf1) and on counting a
+delivered batch from what it read (KNOWN_OR_REMOVED_COUNTS, dceaa56), end to end: real Postgres, real tursodb behind
+a CloudProxy that slows or holds Turso's answers, the worker as a process (SIGKILLed at random in one variant).
+
+Each test asserts the promises the pipeline keeps: every committed row arrives exactly once (a counter of writes on
+Turso), in commit order (a later transaction's update wins; on Turso each row's successive values only grow),
+nothing rolled back arrives, the outbox drains, and delivery_state's counters say what was delivered."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import pytest
+from support.cloud_proxy import CloudProxy
+from support.turso import TursoServer, install_apply_counter, read_rows
+from support.workers import WorkerProcess, outbox_empty, wait_until
+from test_lock_attacks import on_turso
+
+HOT = 8  # rows every writer updates (v = v + 1): their order on Turso is the commit order
+SMALL = ("--batch-events", "3", "--batch-rows", "3", "--idle-wait", "1", "--max-transaction-seconds", "60")
+
+
+def tables(conn: psycopg.Connection[Any]) -> None:
+    """ins: insert-only rows, one or more per writing transaction; hot: HOT rows updated by many; src: untracked,
+    its deferred constraint trigger writes ins at commit (an outbox id drawn long after the transaction's xid)."""
+    conn.execute("CREATE TABLE ins (id int PRIMARY KEY, v text)")
+    conn.execute("CREATE TABLE hot (id int PRIMARY KEY, v int NOT NULL)")
+    conn.execute("CREATE TABLE src (id int PRIMARY KEY)")
+    conn.execute("""CREATE FUNCTION copy_to_ins() RETURNS trigger LANGUAGE plpgsql AS $$
+                    BEGIN INSERT INTO ins VALUES (NEW.id, 'deferred'); RETURN NULL; END $$""")
+    conn.execute("CREATE CONSTRAINT TRIGGER late_copy AFTER INSERT ON src DEFERRABLE INITIALLY DEFERRED "
+                 "FOR EACH ROW EXECUTE FUNCTION copy_to_ins()")
+    for table in ("ins", "hot"):
+        conn.execute("SELECT pgturso.track_table(%s)", (table,))
+    conn.execute("INSERT INTO hot SELECT g, 0 FROM generate_series(1, %s) g", (HOT,))
+
+
+def count_writes_on_turso(url: str) -> None:
+    """ins's writes counted (``applied``); hot's successive values per row recorded (``history``)."""
+    install_apply_counter(url, "ins")
+    read_rows(url, "CREATE TABLE history (id INTEGER, v INTEGER)")
+    for when in ("INSERT", "UPDATE"):
+        read_rows(url, f"CREATE TRIGGER hist_{when.lower()} AFTER {when} ON hot "
+                       "BEGIN INSERT INTO history VALUES (NEW.id, NEW.v); END")
+
+
+@dataclass
+class Writers:
+    """Sessions writing transactions of every kind that commits late: READ COMMITTED, REPEATABLE READ and
+    SERIALIZABLE; an xid assigned late (a read, a pause, then the writes); an outbox id drawn early and the commit
+    after a pause (batches are chosen and read past meanwhile); savepoints released and rolled back; a deferred
+    constraint trigger writing at commit; two-phase commit (PREPARE TRANSACTION, COMMIT or ROLLBACK PREPARED
+    seconds later); whole rollbacks. Every committed transaction writes ins; ``committed`` counts them."""
+
+    dsn: str
+    sessions: int = 8
+    committed: int = 0
+    rolled_back: int = 0
+    prepared: int = 0
+    errors: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    _ids: Any = field(default_factory=lambda: itertools.count(1))
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def next_id(self) -> int:
+        with self._lock:
+            return next(self._ids)
+
+    def _count(self, committed: bool) -> None:
+        with self._lock:
+            if committed:
+                self.committed += 1
+            else:
+                self.rolled_back += 1
+
+    def _transaction(self, conn: psycopg.Connection[Any], rng: random.Random, name: str) -> None:
+        level = rng.choice(["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"])
+        conn.execute(f"BEGIN ISOLATION LEVEL {level}")
+        end = rng.random()
+        if 0.1 <= end < 0.25:  # two-phase: Postgres refuses to PREPARE a transaction that sent a NOTIFY
+            conn.execute("SET LOCAL pgturso.notify = off")
+        if rng.random() < 0.3:  # its xid is assigned late: a read first, a pause, then the writes
+            conn.execute("SELECT count(*) FROM hot").fetchone()
+            time.sleep(rng.uniform(0, 0.2))
+        if rng.random() < 0.15:  # ins written by a deferred trigger, at commit
+            conn.execute("INSERT INTO src VALUES (%s)", (self.next_id(),))
+        conn.execute("INSERT INTO ins VALUES (%s, 'early')", (self.next_id(),))
+        time.sleep(rng.uniform(0, 0.4))  # its outbox id drawn, its commit late: batches travel meanwhile
+        if rng.random() < 0.25:
+            conn.execute("SAVEPOINT gone")
+            conn.execute("INSERT INTO ins VALUES (%s, 'rolled back savepoint')", (self.next_id(),))
+            conn.execute("UPDATE hot SET v = v + 1000 WHERE id = %s", (rng.randint(1, HOT),))
+            conn.execute("ROLLBACK TO SAVEPOINT gone")
+        if rng.random() < 0.25:
+            conn.execute("SAVEPOINT kept")
+            conn.execute("INSERT INTO ins VALUES (%s, 'released savepoint')", (self.next_id(),))
+            conn.execute("RELEASE SAVEPOINT kept")
+        if rng.random() < 0.6:
+            conn.execute("UPDATE hot SET v = v + 1 WHERE id = %s", (rng.randint(1, HOT),))
+        if end < 0.1:
+            conn.execute("ROLLBACK")
+            self._count(False)
+        elif end < 0.25:
+            conn.execute(f"PREPARE TRANSACTION '{name}'")
+            with self._lock:
+                self.prepared += 1
+            time.sleep(rng.uniform(0.5, 3))  # below the cut of many batches meanwhile
+            commit = rng.random() < 0.8
+            conn.execute(f"{'COMMIT' if commit else 'ROLLBACK'} PREPARED '{name}'")
+            self._count(commit)
+        else:
+            conn.execute("COMMIT")
+            self._count(True)
+
+    def _session(self, number: int, seed: int) -> None:
+        rng = random.Random(seed * 100 + number)
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute("SET lock_timeout = '1s'")
+            for k in itertools.count():
+                if self.stop.is_set():
+                    return
+                try:
+                    self._transaction(conn, rng, f"attack_{number}_{k}")
+                except (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected,
+                        psycopg.errors.LockNotAvailable):
+                    conn.execute("ROLLBACK")
+                    self._count(False)
+                except psycopg.Error as exc:  # anything else is a failure of the test's premise
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
+                    conn.execute("ROLLBACK")
+                    return
+
+    def start(self, seed: int) -> Writers:
+        self.threads = [threading.Thread(target=self._session, args=(n, seed)) for n in range(self.sessions)]
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def finish(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(60)
+        assert not any(thread.is_alive() for thread in self.threads)
+
+
+def delivered_counts(conn: psycopg.Connection[Any]) -> tuple[int, int, dict[str, int]]:
+    """delivery_state's rows and transactions delivered, and table_state's rows per table."""
+    rows, transactions = conn.execute("SELECT rows_delivered, transactions_delivered FROM pgturso.delivery_state "
+                                      "WHERE target = 'default'").fetchone()  # type: ignore[misc]
+    per_table = dict(conn.execute("SELECT t.relid::regclass::text, s.rows_delivered FROM pgturso.table_state s "
+                                  "JOIN pgturso.tracked_table t ON t.id = s.table_id").fetchall())
+    return rows, transactions, per_table
+
+
+def assert_delivered_once_in_commit_order(conn: psycopg.Connection[Any], turso: TursoServer, output: str,
+                                          transactions: int, before: tuple[int, int, dict[str, int]]) -> None:
+    """Turso has Postgres's rows (nothing rolled back, nothing lost), each ins row written once, each hot row's
+    values in the order Postgres committed them, once each; delivery_state counted every row and transaction."""
+    expected_ins = [list(r) for r in conn.execute("SELECT id, v FROM ins ORDER BY id").fetchall()]
+    assert turso.query("SELECT id, v FROM ins ORDER BY id") == expected_ins, output[-3000:]
+    assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == \
+        [[len(expected_ins), len(expected_ins)]], output[-3000:]
+    expected_hot = [list(r) for r in conn.execute("SELECT id, v FROM hot ORDER BY id").fetchall()]
+    assert turso.query("SELECT id, v FROM hot ORDER BY id") == expected_hot, output[-3000:]
+    for row, final in expected_hot:
+        values = [v for (v,) in turso.query(f"SELECT v FROM history WHERE id = {row} ORDER BY rowid")]
+        # every update adds 1 under the row's lock: commit order is increasing order, each value applied once
+        assert values == sorted(set(values)) and (not values or values[-1] == final), \
+            f"hot row {row}: Turso applied {values} (final {final}): out of order or twice\n{output[-3000:]}"
+    hot_updates = sum(v for _, v in expected_hot)  # each update added 1 to one row
+    rows, done, per_table = delivered_counts(conn)
+    assert (rows - before[0], done - before[1]) == (len(expected_ins) + hot_updates, transactions), output[-3000:]
+    assert per_table == {"ins": len(expected_ins), "hot": before[2]["hot"] + hot_updates}, output[-3000:]
+
+
+# trigger capture: how the outbox's next batch is read past the one in flight (a slot's batches follow the stream)
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)
+@pytest.mark.parametrize("fault", ["none", "sigkill"])
+def test_late_committers_of_every_kind_arrive_once_in_commit_order(conn, dsn, turso: TursoServer, capture,
+                                                                    fault: str):
+    """Eight sessions commit transactions of every late kind (Writers) while the worker delivers batches of 3
+    events read ahead past the one in flight, Turso slowed; with ``sigkill``, the worker is SIGKILLed every few
+    seconds and started again (at whatever step it is: reading ahead, Turso holding or having committed a batch,
+    recording it, deleting it). Then the writers stop and the outbox drains: Turso equals Postgres, each row
+    written once, hot rows' values in commit order, delivery_state's counters exact. No test covered concurrent
+    late committers of every isolation level, 2PC and deferred triggers against the read past by the cut."""
+    tables(conn)
+    with CloudProxy(turso.url, None, stream_expiry=5) as cloud:
+        worker = WorkerProcess(dsn, cloud.url, *SMALL).start()
+        wait_until(lambda: on_turso(turso, "SELECT count(*) FROM hot") == [[HOT]], 60, "the first rows")
+        wait_until(lambda: outbox_empty(dsn), 60, "the first rows to be counted")
+        before = delivered_counts(conn)
+        count_writes_on_turso(turso.url)
+        cloud.request_delay = 0.02
+        writers = Writers(dsn).start(seed=len(fault))
+        try:
+            deadline = time.monotonic() + 15
+            rng = random.Random(7)
+            while time.monotonic() < deadline:
+                time.sleep(rng.uniform(1.0, 3.0) if fault == "sigkill" else 0.5)
+                if fault == "sigkill":
+                    worker.kill()
+                    worker = WorkerProcess(dsn, cloud.url, *SMALL).start()
+        finally:
+            writers.finish()
+        assert not writers.errors, writers.errors
+        assert writers.committed > 20 and writers.prepared > 0, (writers.committed, writers.prepared)
+        cloud.request_delay = 0
+        wait_until(lambda: outbox_empty(dsn), 300, "the worker to drain the outbox")
+        assert conn.execute("SELECT count(*) FROM pgturso.outbox").fetchone() == (0,)
+        wait_until(lambda: on_turso(turso, "SELECT count(*) FROM ins")
+                   == [[conn.execute("SELECT count(*) FROM ins").fetchone()[0]]], 60, "every ins row on Turso")
+        assert_delivered_once_in_commit_order(conn, turso, worker.output, writers.committed, before)
+        worker.stop()
