@@ -21,9 +21,18 @@ from support.cloud_proxy import CloudProxy
 from support.turso import TursoServer, install_apply_counter, read_rows
 from support.workers import WorkerProcess, outbox_empty, wait_until
 from test_lock_attacks import on_turso
+from test_pipeline_attacks import (
+    BACKLOG,
+    Tracked,
+    a_backlog_behind,
+    tracked_behind_a_proxy,
+    worker_backend_done_reading,
+)
 
 HOT = 8  # rows every writer updates (v = v + 1): their order on Turso is the commit order
 SMALL = ("--batch-events", "3", "--batch-rows", "3", "--idle-wait", "1", "--max-transaction-seconds", "60")
+# batches of 5 one-row transactions, read ahead (the answers held 10 s must not shrink them)
+READ_AHEAD = ("--batch-events", "5", "--batch-rows", "5", "--idle-wait", "1", "--max-transaction-seconds", "60")
 
 
 def tables(conn: psycopg.Connection[Any]) -> None:
@@ -219,3 +228,128 @@ def test_late_committers_of_every_kind_arrive_once_in_commit_order(conn, dsn, tu
                    == [[conn.execute("SELECT count(*) FROM ins").fetchone()[0]]], 60, "every ins row on Turso")
         assert_delivered_once_in_commit_order(conn, turso, worker.output, writers.committed, before)
         worker.stop()
+
+
+def held_with_the_next_batch_read(tracked: Tracked, turso: TursoServer, dsn: str) -> None:
+    """Wait until Turso committed a batch of the backlog and holds its answer (10 s), the worker having read the
+    next batch ahead past it already."""
+    wait_until(lambda: (on_turso(turso, "SELECT count(*) FROM applied") or [[0]])[0][0] >= 25, 60,
+               "a few batches to be delivered")
+    tracked.cloud.slow_answers = [10.0]
+    wait_until(lambda: tracked.cloud.holding > 0, 60, "Turso to hold a committed batch's answer")
+    wait_until(lambda: worker_backend_done_reading(dsn), 5, "the worker to read the next batch ahead")
+
+
+def counted(conn: psycopg.Connection[Any]) -> tuple[int, int]:
+    return conn.execute("SELECT rows_delivered, transactions_delivered FROM pgturso.delivery_state "
+                        "WHERE target = 'default'").fetchone()  # type: ignore[return-value]
+
+
+# trigger capture: how the outbox's next batch is read past the one in flight (a slot's batches follow the stream)
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)
+@pytest.mark.parametrize("end", ["commit", "rollback", "commit_then_sigkill"])
+def test_a_prepared_transaction_below_every_cut_arrives_once_whenever_it_commits(conn, dsn, turso: TursoServer,
+                                                                                   capture, end: str):
+    """A two-phase transaction writes before the backlog (the lowest outbox ids) and is PREPAREd: it stays in
+    progress in the snapshot of every batch of the backlog, read past one another by their cuts. COMMIT PREPARED
+    (or ROLLBACK PREPARED) while Turso holds a committed batch's answer and the next batch is read ahead without
+    it; then another transaction updates its row. Committed: its rows arrive once, before the update (the read
+    past the batch after must find it below the cut); with ``commit_then_sigkill`` the worker is SIGKILLed right
+    after the commit (Turso has the batch, Postgres does not know it) and recovers by the marker, whose name does
+    not cover the prepared transaction. Rolled back: none of its rows ever arrive. Every backlog row once, and
+    delivery_state counts the rows delivered exactly."""
+    with tracked_behind_a_proxy(conn, dsn, turso, worker_args=READ_AHEAD, stream_expiry=5) as tracked:
+        wait_until(lambda: outbox_empty(dsn), 60, "the first row to be counted")
+        before = counted(conn)
+        with psycopg.connect(dsn, autocommit=True) as prepared:
+            prepared.execute("SET pgturso.notify = off")  # Postgres refuses to PREPARE what sent a NOTIFY
+            prepared.execute("BEGIN")
+            prepared.execute("INSERT INTO t VALUES (-1, 'prepared'), (-2, 'prepared too')")
+            prepared.execute("PREPARE TRANSACTION 'read_past_attack'")
+        try:
+            a_backlog_behind(tracked, conn)
+            held_with_the_next_batch_read(tracked, turso, dsn)
+            conn.execute(f"{'ROLLBACK' if end == 'rollback' else 'COMMIT'} PREPARED 'read_past_attack'")
+        finally:
+            if conn.execute("SELECT count(*) FROM pg_prepared_xacts WHERE gid = 'read_past_attack'").fetchone()[0]:
+                conn.execute("ROLLBACK PREPARED 'read_past_attack'")
+        if end == "commit_then_sigkill":
+            tracked.worker.kill()
+        if end != "rollback":
+            conn.execute("UPDATE t SET v = 'updated after it committed' WHERE id = -1")
+        assert tracked.cloud.holding > 0 or end == "commit_then_sigkill", \
+            "Turso answered before the commit: nothing was shown (hold it longer)"
+        if end == "commit_then_sigkill":
+            tracked.restart()
+        wait_until(lambda: outbox_empty(dsn), 120, "the worker to deliver the backlog")
+        wait_until(lambda: on_turso(turso, "SELECT count(*) FROM t WHERE id > 0") == [[BACKLOG]], 60,
+                   "every backlog row on Turso")
+        output = tracked.worker.output[-3000:]
+        if end == "rollback":
+            assert turso.query("SELECT count(*) FROM t WHERE id < 0") == [[0]], output
+        else:
+            assert turso.query("SELECT id, v FROM t WHERE id < 0 ORDER BY id") == [
+                [-2, "prepared too"], [-1, "updated after it committed"]], output
+            assert turso.query("SELECT id, count(*) FROM applied WHERE id < 0 GROUP BY id ORDER BY id") == \
+                [[-2, 1], [-1, 2]], output  # inserted once, updated once
+        assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied WHERE id > 0") == \
+            [[BACKLOG, BACKLOG]], output
+        late = 0 if end == "rollback" else 3  # two rows inserted, one updated
+        assert counted(conn)[0] - before[0] == BACKLOG + late, output
+
+
+# trigger capture: how the outbox's next batch is read past the one in flight (a slot's batches follow the stream)
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)
+@pytest.mark.parametrize("how", ["skip_transaction", "untrack_table"])
+@pytest.mark.parametrize("when", ["before_it_is_read", "once_it_is_read_ahead"])
+def test_a_late_committer_below_the_cut_dropped_while_a_batch_travels_never_arrives(conn, dsn, turso: TursoServer,
+                                                                                     capture, how: str, when: str):
+    """A transaction writes before the backlog (the lowest outbox ids: below the cut of every batch read past
+    another) and commits while Turso holds a committed batch N's answer and N+1 is read ahead without it. Then
+    skip_transaction of it (or untrack_table of the table it wrote: ``late``, the backlog is t): at once
+    (``before_it_is_read``: the read past N+1 finds its events gone), or once Turso holds N+1's answer too and
+    N+2 was read ahead past N+1 the old way, by deleting N+1's events, with the late events first
+    (``once_it_is_read_ahead``: N+2 must be dropped and read again, position_if_whole with a batch read from the
+    outbox's start). None of its rows arrive, every backlog row arrives once, delivery_state counts the backlog's
+    rows, not the dropped ones. (Covers the drop of a late committer in both read-past modes; removing read_past's
+    xip clause does not fail it: the late events are then lost anyway.)"""
+    with tracked_behind_a_proxy(conn, dsn, turso, worker_args=READ_AHEAD, stream_expiry=30,
+                                tables=("t", "late")) as tracked:
+        wait_until(lambda: outbox_empty(dsn), 60, "the first rows to be counted")
+        before = counted(conn)
+        with psycopg.connect(dsn) as late:
+            txid = late.execute("SELECT pg_current_xact_id()::text").fetchone()[0]  # type: ignore[index]
+            late.execute("INSERT INTO late VALUES (-1, 'dropped'), (-2, 'dropped too')")
+            if how == "skip_transaction":
+                late.execute("INSERT INTO t VALUES (-1, 'dropped')")
+            a_backlog_behind(tracked, conn)
+            held_with_the_next_batch_read(tracked, turso, dsn)
+            late.commit()
+        if when == "once_it_is_read_ahead":
+            on_turso_then = turso.query("SELECT count(*) FROM applied")[0][0]
+            tracked.cloud.slow_answers = [10.0]  # N+1's answer, once N's came
+            wait_until(lambda: turso.query("SELECT count(*) FROM applied")[0][0] > on_turso_then
+                       and tracked.cloud.holding > 0, 60, "Turso to hold N+1's answer")
+            wait_until(lambda: worker_backend_done_reading(dsn), 5, "the worker to read N+2 ahead")
+        if how == "skip_transaction":
+            conn.execute("SELECT pgturso.skip_transaction(%s::xid8, 'attack', target => 'default')", (txid,))
+        else:
+            conn.execute("SELECT pgturso.untrack_table('late')")
+        assert tracked.cloud.holding > 0, "Turso answered before the drop: nothing was shown (hold it longer)"
+        wait_until(lambda: outbox_empty(dsn) and tracked.cloud.holding == 0, 120, "the worker to deliver")
+        wait_until(lambda: on_turso(turso, "SELECT count(*) FROM t WHERE id > 0") == [[BACKLOG]], 60,
+                   "every backlog row on Turso")
+        conn.execute("INSERT INTO t VALUES (-3, 'after')")  # delivery goes on
+        wait_until(lambda: on_turso(turso, "SELECT count(*) FROM t WHERE id = -3") == [[1]], 60, "the row after")
+        output = tracked.worker.output[-3000:]
+        assert turso.query("SELECT id FROM t WHERE id < 0") == [[-3]], output
+        assert turso.query("SELECT id FROM late ORDER BY id") == [[0]], output  # its first row, delivered before
+        assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied WHERE id > 0") == \
+            [[BACKLOG, BACKLOG]], output
+        wait_until(lambda: outbox_empty(dsn), 60, "the row after to be counted")
+        assert counted(conn)[0] - before[0] == BACKLOG + 1, output
+        if when == "once_it_is_read_ahead":
+            assert tracked.worker.lines("batch_changed"), output
+        if how == "skip_transaction":
+            assert conn.execute("SELECT delivered_at FROM pgturso.skipped_transaction WHERE txid = %s::xid8",
+                                (txid,)).fetchone() == (None,), "a skip of a transaction never sent says delivered"
