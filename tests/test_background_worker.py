@@ -181,7 +181,7 @@ def test_smart_shutdown_does_not_wait_for_the_workers_own_connection(clusters, t
     pid = cluster.python_pids()["pgturso app/default"]
     subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(cluster.datadir), "stop", "-m", "smart",
                                  "-w", "-t", "60"]), check=True, capture_output=True)
-    assert "stopping the Python worker" in cluster.log()
+    assert "stopping the Python worker" in cluster.log(), cluster.log()
     assert not alive(pid)
 
 

@@ -665,6 +665,10 @@ pgturso_worker_main(Datum main_arg)
 			read_child_output();
 	}
 
+	/* SIGTERM: pg_terminate_backend, or a shutdown that found no client connection left to wait for. */
+	if (child_pid != 0)
+		ereport(LOG, (errmsg("pgturso %s/%s: terminated: stopping the Python worker",
+							 worker_database, worker_target)));
 	stop_child();
 	/* Exit 1: after pg_terminate_backend the postmaster starts this worker again; at shutdown it does not. */
 	proc_exit(1);
