@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from support.workers import wait_until
+from support.workers import wait_for_sync, wait_until
 from test_tenants import _blocked, _start_worker, pg_tenant_rows, tenant_rows
 
 
@@ -31,7 +31,7 @@ def test_wal_a_tenant_blocked_by_the_patterns_host_is_registered_when_the_patter
         conn.execute("SELECT pgturso.add_target('tenant-%%s', %s)", (f"file:{tmp_path}/tenant-%s.db",))
         assert _blocked(conn, "tenant-a_b") == "", "the fix the HINT names left the tenant blocked"
         conn.execute("INSERT INTO orders VALUES (3, 'a_b', 'after the fix')")
-        assert conn.execute("SELECT pgturso.wait_for_sync('120 s')").fetchone()[0]
+        wait_for_sync(conn, "120 s", worker)
     finally:
         worker.stop()
     assert tenant_rows(tmp_path / "tenant-a_b.db", "SELECT id, item FROM orders ORDER BY id") == \
@@ -69,7 +69,7 @@ def test_wal_a_parked_tenants_moves_truncate_and_ddl_arrive_in_stream_order_once
         assert conn.execute("SELECT pgturso.wait_for_sync('3 s')").fetchone()[0] is False  # Acme parked
         conn.execute("SELECT pgturso.add_target('tenant-Acme', %s)", (f"file:{tmp_path}/own-Acme.db",))
         conn.execute("INSERT INTO orders VALUES (14, 'Acme', 'registered', NULL)")
-        assert conn.execute("SELECT pgturso.wait_for_sync('120 s')").fetchone()[0]
+        wait_for_sync(conn, "120 s", worker)
     finally:
         worker.stop()
     for tenant, path in (("acme", tmp_path / "tenant-acme.db"), ("Acme", tmp_path / "own-Acme.db")):
@@ -116,7 +116,7 @@ def test_wal_discarding_a_blocked_tenant_while_its_rows_keep_coming_leaves_no_or
             or _blocked(conn, "tenant-Acme") != "", 60, "Acme's parked events shown")
         conn.execute("UPDATE orders SET item = item || '!' WHERE tenant_id = 'Acme'")
         conn.execute("SELECT pgturso.add_target('tenant-Acme', %s)", (f"file:{tmp_path}/own-Acme.db",))
-        assert conn.execute("SELECT pgturso.wait_for_sync('120 s')").fetchone()[0]
+        wait_for_sync(conn, "120 s", worker)
     finally:
         stop.set()
         writer.join()
@@ -154,7 +154,7 @@ def test_wal_skip_transaction_without_a_target_gives_up_on_the_tenant_its_transa
         conn.execute("DELETE FROM orders WHERE tenant_id = 'no way!'")
         assert conn.execute("SELECT pgturso.skip_transaction(%s, 'bad value')", (txid,)).fetchone()[0] >= 2
         assert _blocked(conn, "tenant-no way!") == ""
-        assert conn.execute("SELECT pgturso.wait_for_sync('120 s')").fetchone()[0]
+        wait_for_sync(conn, "120 s", worker)
     finally:
         worker.stop()
     assert tenant_rows(tmp_path / "tenant-acme.db", "SELECT id, item FROM orders") == [(1, "good")]
@@ -217,7 +217,7 @@ def test_wal_a_tenant_unblocked_while_its_router_is_sigkilled_gets_every_row_onc
         conn.execute("INSERT INTO orders VALUES (20, 'Acme', 'after'), (21, 'acme', 'after')")
         worker = _start_worker(dsn)
         wait_until(lambda: (tmp_path / "own-Acme.db").exists(), 120, "Acme's database")
-        assert conn.execute("SELECT pgturso.wait_for_sync('120 s')").fetchone()[0]
+        wait_for_sync(conn, "120 s", worker)
     finally:
         worker.stop()
     install_file_apply_counter(tmp_path / "own-Acme.db", "orders")  # from now: each row written once

@@ -109,3 +109,52 @@ def outbox_empty(dsn: str) -> bool:
             return bool(row and row[0])
     except psycopg.OperationalError:
         return False
+
+
+# What a failed wait for delivery shows, so that a failure seen once (e.g. on a loaded CI machine) says where the
+# changes stopped: per target its worker's state, the outbox per target and tenant, the wal patterns' routers,
+# blocked tenants and slots, and what the worker logged.
+_SYNC_STATE_QUERIES = {
+    "target_status": "SELECT target, worker_status, worker_alive, transactions_delivered, rows_delivered, retries, "
+                     "last_error, pattern, tenant FROM pgturso.target_status ORDER BY target",
+    "status": "SELECT table_name, target, pending_events, in_sync, worker_status, wal_pending_bytes, last_error "
+              "FROM pgturso.status ORDER BY 1, 2",
+    "outbox": "SELECT t.target, o.tenant, o.route, o.op, count(*), min(o.id), max(o.id), "
+              "array_agg(DISTINCT o.txid::text) FROM pgturso.outbox o JOIN pgturso.layout l ON l.id = o.layout_id "
+              "JOIN pgturso.tracked_table t ON t.id = l.table_id GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4",
+    "blocked_tenant": "SELECT pattern, tenant, error, txid FROM pgturso.blocked_tenant ORDER BY 1, 2",
+    "router": "SELECT pattern, marker, copies, pid FROM pgturso.router ORDER BY 1",
+    "slots": "SELECT slot_name, active_pid, wal_status, confirmed_flush_lsn, pg_current_wal_insert_lsn() "
+             "FROM pg_replication_slots ORDER BY 1",
+    "sessions": "SELECT pid, application_name, state, wait_event_type, wait_event, now() - xact_start, "
+                "left(query, 120) FROM pg_stat_activity WHERE datname = current_database() ORDER BY pid",
+}
+
+
+def sync_state(dsn: str, *workers: WorkerProcess) -> str:
+    """Where undelivered changes are: pgturso's state (over a connection of its own) and the workers' logs."""
+    parts: list[str] = []
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for name, sql in _SYNC_STATE_QUERIES.items():
+                try:
+                    rows = conn.execute(sql).fetchall()
+                except psycopg.Error as exc:
+                    rows = [(f"(failed: {str(exc).strip()})",)]
+                parts.append(f"-- {name}:\n" + "\n".join(repr(tuple(r)) for r in rows))
+    except psycopg.Error as exc:
+        parts.append(f"-- (Postgres unreachable: {str(exc).strip()})")
+    for number, worker in enumerate(workers):
+        parts.append(f"-- worker {number} ({' '.join(worker.cmd[3:])}):\n{worker.output[-20000:]}")
+    return "\n".join(parts)
+
+
+def wait_for_sync(conn: psycopg.Connection[Any], timeout: str, *workers: WorkerProcess) -> None:
+    """pgturso.wait_for_sync(timeout) must say true; if not, fail showing where the changes are (sync_state)."""
+    if not conn.execute("SELECT pgturso.wait_for_sync(%s)", (timeout,)).fetchone()[0]:  # type: ignore[index]
+        raise AssertionError(f"pgturso.wait_for_sync('{timeout}') timed out\n{sync_state(_dsn_of(conn), *workers)}")
+
+
+def _dsn_of(conn: psycopg.Connection[Any]) -> str:
+    info = conn.info
+    return f"host={info.host} port={info.port} user={info.user} dbname={info.dbname}"
