@@ -14,7 +14,7 @@ from conftest import WORKER, pending, run_worker
 from pgturso.run.fanout import MAX_OPEN_TARGETS, ROUND_TENANTS
 from support.pgcluster import free_port
 from support.turso import TursoServer, install_apply_counter
-from support.workers import WorkerProcess, wait_until
+from support.workers import WorkerProcess, wait_for_sync, wait_until
 
 
 def tenant_rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
@@ -890,3 +890,39 @@ def test_wal_pattern_status_counts_what_is_held_for_the_router_and_still_in_the_
     assert all(row[3] for row in status()), "the worker stopped with everything delivered"
     assert tenant_rows(tmp_path / "tenant-acme.db", "SELECT id FROM orders") == []
     assert tenant_rows(tmp_path / "tenant-globex.db", "SELECT id, item FROM orders") == [(4, "after")]
+
+
+def test_a_pattern_worker_of_another_database_is_no_member_of_this_ones(conn, dsn, tmp_path: Path):
+    """Two databases of one cluster, each with a pattern target of the same name ('tenant-%s', the README's) and
+    its own pattern worker: each worker delivers every tenant of its own database. The members of a pattern
+    (workers sharing its tenants) are counted by their advisory locks, which are per database: counting the
+    other database's worker too, each took a fair share of two (one tenant of two) and left the other tenant of
+    its database to nobody, forever."""
+    info = conn.info
+    other_db = f"{info.dbname}_other"
+    conn.execute(f'DROP DATABASE IF EXISTS "{other_db}" WITH (FORCE)')
+    conn.execute(f'CREATE DATABASE "{other_db}"')
+    other_dsn = f"host={info.host} port={info.port} user={info.user} dbname={other_db}"
+    workers: list[Any] = []
+    try:
+        for database, where in ((other_dsn, tmp_path / "other"), (dsn, tmp_path / "this")):
+            where.mkdir()
+            with psycopg.connect(database, autocommit=True) as db:
+                if database == other_dsn:
+                    db.execute("CREATE EXTENSION pgturso CASCADE")
+                db.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{where}/tenant-%s.db"))
+                db.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+                db.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+                db.execute("INSERT INTO orders VALUES (1, 'acme', 'a'), (2, 'globex', 'g')")
+            workers.append(_start_worker(database))
+        for database, worker in zip((other_dsn, dsn), workers, strict=True):
+            with psycopg.connect(database, autocommit=True) as db:
+                wait_for_sync(db, "120 s", worker)
+    finally:
+        for worker in workers:
+            worker.stop()
+        conn.execute(f'DROP DATABASE IF EXISTS "{other_db}" WITH (FORCE)')
+    for where in ("other", "this"):
+        for tenant in ("acme", "globex"):
+            assert tenant_rows(tmp_path / where / f"tenant-{tenant}.db", "SELECT id, item FROM orders ORDER BY id") \
+                == pg_tenant_rows(conn, tenant), (where, tenant)

@@ -116,9 +116,12 @@ PATTERN_LAYOUTS = """
     SELECT coalesce(array_agg(l.id), '{}') FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
     WHERE t.target = %s
 """
+# Advisory locks are per database (pg_locks shows every database's): a pattern of the same name in another
+# database of the cluster has members of its own, which share none of this one's tenants.
 MEMBERS_ALIVE = """
     SELECT count(*) FROM pg_locks l
-    WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %(class)s::oid
+    WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %(class)s::oid AND l.objsubid = 2
+      AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
       AND l.objid IN (SELECT hashtext(%(pattern)s || ':' || k)::oid FROM generate_series(0, %(max)s - 1) AS k)
 """
 TAKE_MEMBER_LOCK = "SELECT pg_try_advisory_lock(%s, hashtext(%s))"
