@@ -29,6 +29,14 @@ from test_pipeline_attacks import (
     worker_backend_done_reading,
 )
 
+
+@pytest.fixture
+def second_turso() -> Any:
+    server = TursoServer().start()
+    yield server
+    server.cleanup()
+
+
 HOT = 8  # rows every writer updates (v = v + 1): their order on Turso is the commit order
 SMALL = ("--batch-events", "3", "--batch-rows", "3", "--idle-wait", "1", "--max-transaction-seconds", "60")
 # batches of 5 one-row transactions, read ahead (the answers held 10 s must not shrink them)
@@ -69,6 +77,7 @@ class Writers:
 
     dsn: str
     sessions: int = 8
+    abroad: bool = False  # also write ``abroad`` (another target's table) in the same transactions, at times
     committed: int = 0
     rolled_back: int = 0
     prepared: int = 0
@@ -101,6 +110,8 @@ class Writers:
         if rng.random() < 0.15:  # ins written by a deferred trigger, at commit
             conn.execute("INSERT INTO src VALUES (%s)", (self.next_id(),))
         conn.execute("INSERT INTO ins VALUES (%s, 'early')", (self.next_id(),))
+        if self.abroad and rng.random() < 0.5:
+            conn.execute("INSERT INTO abroad VALUES (%s, 'abroad')", (self.next_id(),))
         time.sleep(rng.uniform(0, 0.4))  # its outbox id drawn, its commit late: batches travel meanwhile
         if rng.random() < 0.25:
             conn.execute("SAVEPOINT gone")
@@ -169,7 +180,7 @@ def delivered_counts(conn: psycopg.Connection[Any]) -> tuple[int, int, dict[str,
 
 
 def assert_delivered_once_in_commit_order(conn: psycopg.Connection[Any], turso: TursoServer, output: str,
-                                          transactions: int, before: tuple[int, int, dict[str, int]]) -> None:
+                                          transactions: int, before: tuple[int, int, dict[str, int]] | None) -> None:
     """Turso has Postgres's rows (nothing rolled back, nothing lost), each ins row written once, each hot row's
     values in the order Postgres committed them, once each; delivery_state counted every row and transaction."""
     expected_ins = [list(r) for r in conn.execute("SELECT id, v FROM ins ORDER BY id").fetchall()]
@@ -183,6 +194,8 @@ def assert_delivered_once_in_commit_order(conn: psycopg.Connection[Any], turso: 
         # every update adds 1 under the row's lock: commit order is increasing order, each value applied once
         assert values == sorted(set(values)) and (not values or values[-1] == final), \
             f"hot row {row}: Turso applied {values} (final {final}): out of order or twice\n{output[-3000:]}"
+    if before is None:  # (DDL and a table tracked meanwhile: counted too)
+        return
     hot_updates = sum(v for _, v in expected_hot)  # each update added 1 to one row
     rows, done, per_table = delivered_counts(conn)
     assert (rows - before[0], done - before[1]) == (len(expected_ins) + hot_updates, transactions), output[-3000:]
@@ -191,16 +204,30 @@ def assert_delivered_once_in_commit_order(conn: psycopg.Connection[Any], turso: 
 
 # trigger capture: how the outbox's next batch is read past the one in flight (a slot's batches follow the stream)
 @pytest.mark.parametrize("capture", ["trigger"], indirect=True)
-@pytest.mark.parametrize("fault", ["none", "sigkill"])
+@pytest.mark.parametrize("fault", ["none", "sigkill", "two_targets"])
 def test_late_committers_of_every_kind_arrive_once_in_commit_order(conn, dsn, turso: TursoServer, capture,
-                                                                    fault: str):
+                                                                    fault: str, second_turso: TursoServer):
     """Eight sessions commit transactions of every late kind (Writers) while the worker delivers batches of 3
     events read ahead past the one in flight, Turso slowed; with ``sigkill``, the worker is SIGKILLed every few
     seconds and started again (at whatever step it is: reading ahead, Turso holding or having committed a batch,
     recording it, deleting it). Then the writers stop and the outbox drains: Turso equals Postgres, each row
     written once, hot rows' values in commit order, delivery_state's counters exact. No test covered concurrent
-    late committers of every isolation level, 2PC and deferred triggers against the read past by the cut."""
+    late committers of every isolation level, 2PC and deferred triggers against the read past by the cut.
+
+    ``two_targets``: the writers also write ``abroad``, a table of target eu (its own worker and Turso), in the
+    same transactions, so every batch names its target's layouts (not NULL: the layout clause of read_past and
+    its PAST_FOR_TARGET filter are in play); mid-run a new table of the default target is tracked, written, and
+    given a column (ALTER TABLE): new layouts, not among the batch in flight's."""
     tables(conn)
+    eu: CloudProxy | None = None
+    eu_worker: WorkerProcess | None = None
+    if fault == "two_targets":
+        eu = CloudProxy(second_turso.url, None, stream_expiry=5).__enter__()
+        conn.execute("SELECT pgturso.add_target('eu', %s)", (eu.url,))
+        conn.execute("CREATE TABLE abroad (id int PRIMARY KEY, v text)")
+        conn.execute("SELECT pgturso.track_table('abroad', target => 'eu')")
+        conn.execute("CREATE TABLE joined (id int PRIMARY KEY, v text)")
+        eu_worker = WorkerProcess(dsn, "", "--target", "eu", *SMALL).start()
     with CloudProxy(turso.url, None, stream_expiry=5) as cloud:
         worker = WorkerProcess(dsn, cloud.url, *SMALL).start()
         wait_until(lambda: on_turso(turso, "SELECT count(*) FROM hot") == [[HOT]], 60, "the first rows")
@@ -208,10 +235,17 @@ def test_late_committers_of_every_kind_arrive_once_in_commit_order(conn, dsn, tu
         before = delivered_counts(conn)
         count_writes_on_turso(turso.url)
         cloud.request_delay = 0.02
-        writers = Writers(dsn).start(seed=len(fault))
+        writers = Writers(dsn, abroad=fault == "two_targets").start(seed=len(fault))
         try:
             deadline = time.monotonic() + 15
             rng = random.Random(7)
+            if fault == "two_targets":
+                time.sleep(5)
+                conn.execute("SELECT pgturso.track_table('joined')")
+                conn.execute("INSERT INTO joined SELECT g, 'joined' FROM generate_series(1, 10) g")
+                conn.execute("ALTER TABLE joined ADD COLUMN extra int DEFAULT 7")  # (a table rebuilt on Turso
+                # loses the counting triggers: not ins or hot)
+                conn.execute("INSERT INTO joined VALUES (11, 'joined', 8)")
             while time.monotonic() < deadline:
                 time.sleep(rng.uniform(1.0, 3.0) if fault == "sigkill" else 0.5)
                 if fault == "sigkill":
@@ -226,7 +260,17 @@ def test_late_committers_of_every_kind_arrive_once_in_commit_order(conn, dsn, tu
         assert conn.execute("SELECT count(*) FROM pgturso.outbox").fetchone() == (0,)
         wait_until(lambda: on_turso(turso, "SELECT count(*) FROM ins")
                    == [[conn.execute("SELECT count(*) FROM ins").fetchone()[0]]], 60, "every ins row on Turso")
-        assert_delivered_once_in_commit_order(conn, turso, worker.output, writers.committed, before)
+        if fault == "two_targets":
+            assert eu is not None and eu_worker is not None
+            assert turso.query("SELECT count(*), sum(extra) FROM joined") == [[11, 78]], worker.output[-3000:]
+            expected = [list(r) for r in conn.execute("SELECT id, v FROM abroad ORDER BY id").fetchall()]
+            wait_until(lambda: on_turso(second_turso, "SELECT count(*) FROM abroad") == [[len(expected)]], 120,
+                       "every abroad row on eu's Turso")
+            assert second_turso.query("SELECT id, v FROM abroad ORDER BY id") == expected, eu_worker.output[-3000:]
+            eu_worker.stop()
+            eu.__exit__(None, None, None)
+        assert_delivered_once_in_commit_order(conn, turso, worker.output, writers.committed,
+                                              None if fault == "two_targets" else before)
         worker.stop()
 
 
