@@ -5,6 +5,8 @@ The promises shared with trigger capture are proven by the modules that run in b
 
 from __future__ import annotations
 
+import random
+import threading
 import urllib.request
 from typing import Any
 
@@ -12,7 +14,7 @@ import psycopg
 import pytest
 from conftest import drain, pending, run_worker
 from support.pgcluster import PgCluster, free_port
-from support.turso import TursoServer
+from support.turso import TursoServer, install_apply_counter
 from support.workers import WorkerProcess, outbox_empty, wait_until
 
 CAPTURE_MODES = ("wal",)
@@ -204,6 +206,185 @@ def test_status_is_in_sync_after_a_once_run_or_a_stopped_worker_delivered_everyt
     assert worker.stop() == 0
     assert in_sync(), "the worker stopped with everything delivered"
     assert conn.execute("SELECT pending_events FROM pgturso.status").fetchone()[0] == 0
+
+
+def status_truthful(conn: psycopg.Connection[Any], turso: TursoServer, table: str = "t") -> bool:
+    """pgturso.status of ``table``'s in_sync, checked against the rows: in one statement, in_sync and the rows
+    committed then; no worker runs meanwhile, so Turso's rows, read after, are what it had then. In sync must
+    mean Turso has exactly those rows. Returns in_sync."""
+    in_sync, ids = conn.execute(  # type: ignore[misc]
+        f"SELECT s.in_sync, (SELECT coalesce(array_agg(id ORDER BY id), '{{}}') FROM {table}) "
+        "FROM pgturso.status s WHERE s.table_name = %s::regclass", (table,)).fetchone()
+    if in_sync:
+        on_turso = [r[0] for r in turso.query(f"SELECT id FROM {table} ORDER BY id")]
+        assert on_turso == list(ids), f"status says {table} is in sync, Turso lacks or has extra rows"
+    return bool(in_sync)
+
+
+def test_a_stop_past_an_open_and_a_prepared_transaction_loses_neither_and_status_never_claims_them(
+        conn, dsn, turso: TursoServer):
+    """Attack on the stopping worker's confirmation (5d64126, WalOutbox.record_caught_up): it confirms the slot
+    past the WAL flushed when it stopped, which holds the rows of a transaction still open then and of a prepared
+    one (PREPARE before the stop, COMMIT PREPARED after). Both commit after it: each is decoded from the slot all
+    the same and every row applied once on Turso; status is not in sync once either committed; a rolled-back
+    transaction and a checkpoint leave it in sync. (A new case; passes.)"""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("INSERT INTO t VALUES (0, 'first')")
+    drain(dsn, turso.url)
+    install_apply_counter(turso.url, "t")
+    with psycopg.connect(dsn, autocommit=True) as open_tx, psycopg.connect(dsn, autocommit=True) as prepared:
+        open_tx.execute("BEGIN")
+        open_tx.execute("INSERT INTO t SELECT g, 'open' FROM generate_series(1, 50) g")
+        prepared.execute("BEGIN")
+        prepared.execute("INSERT INTO t SELECT g, 'prepared' FROM generate_series(51, 100) g")
+        prepared.execute("PREPARE TRANSACTION 'attack'")
+        written = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()[0]  # type: ignore[index]
+        drain(dsn, turso.url)  # a --once run: nothing committed for it, so it confirms the slot and records that
+        confirmed = conn.execute("SELECT r.confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots r "
+                                 "WHERE r.slot_name = pgturso._slot_name('default')", (written,)).fetchone()[0]  # type: ignore[index]
+        assert confirmed, "the run did not confirm the slot past the open transactions' rows: nothing attacked"
+        assert status_truthful(conn, turso), "nothing committed is missing on Turso: in sync"
+        open_tx.execute("COMMIT")
+        assert not status_truthful(conn, turso), "the open transaction committed after the run"
+        conn.execute("CHECKPOINT")
+        conn.execute("COMMIT PREPARED 'attack'")
+        assert not status_truthful(conn, turso)
+    with psycopg.connect(dsn, autocommit=True) as rolled_back:
+        rolled_back.execute("BEGIN")
+        rolled_back.execute("INSERT INTO t VALUES (200, 'rolled back')")
+        rolled_back.execute("ROLLBACK")
+    drain(dsn, turso.url)
+    assert turso.query("SELECT count(*), min(id), max(id) FROM t") == [[101, 0, 100]]
+    assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[100, 100]]
+    assert status_truthful(conn, turso)
+    conn.execute("BEGIN")
+    conn.execute("INSERT INTO t VALUES (201, 'rolled back')")
+    conn.execute("ROLLBACK")
+    conn.execute("CHECKPOINT")
+    assert status_truthful(conn, turso), "a rolled-back transaction and a checkpoint are no change"
+    drain(dsn, turso.url)
+    assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[100, 100]]
+
+
+def test_commits_racing_stopping_workers_arrive_once_and_status_never_claims_them(conn, dsn, turso: TursoServer):
+    """Attack on the stopping worker's confirmation (5d64126): writers commit every few milliseconds to a tracked
+    and an untracked table (some of them rolled back) while --once runs and running workers stop again and
+    again, so commits land between the stop's snapshot, its wait for the flush, its read of the slot and its
+    confirmation. After each stop status never says in sync while Turso lacks a committed row; in the end every
+    row arrives exactly once. (A new case; passes.)"""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("CREATE TABLE untracked (id int PRIMARY KEY)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("INSERT INTO t VALUES (0, 'first')")
+    drain(dsn, turso.url)
+    install_apply_counter(turso.url, "t")
+    done = threading.Event()
+    committed: list[int] = []
+    failures: list[BaseException] = []
+
+    def write() -> None:
+        rng = random.Random(8)
+        try:
+            with psycopg.connect(dsn, autocommit=True) as writer:
+                i = 0
+                while not done.is_set():
+                    i += 1
+                    with writer.transaction(force_rollback=i % 5 == 0):
+                        writer.execute("INSERT INTO t VALUES (%s, 'w')", (i,))
+                        if i % 3 == 0:
+                            writer.execute("INSERT INTO untracked VALUES (%s)", (i,))
+                    if i % 5:
+                        committed.append(i)
+                    done.wait(rng.uniform(0, 0.01))
+        except BaseException as exc:  # the test fails below with it
+            failures.append(exc)
+
+    writer_thread = threading.Thread(target=write)
+    writer_thread.start()
+    try:
+        for round_ in range(6):
+            if round_ % 2:
+                worker = WorkerProcess(dsn, turso.url, "--idle-wait", "1").start()
+                started_after = len(committed)
+                wait_until(lambda n=started_after: turso.query("SELECT count(*) FROM applied")[0][0] >= n, 60,
+                           "the worker to deliver what was committed when it started")
+                assert worker.stop() == 0
+            else:
+                drain(dsn, turso.url)
+            status_truthful(conn, turso)
+    finally:
+        done.set()
+        writer_thread.join()
+    assert not failures, failures
+    drain(dsn, turso.url)
+    assert status_truthful(conn, turso), "everything was delivered"
+    assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[len(committed), len(committed)]]
+    assert [r[0] for r in turso.query("SELECT id FROM t WHERE id > 0 ORDER BY id")] == committed
+
+
+def test_two_wal_targets_stopping_apart_lose_nothing_and_status_never_claims_the_other(conn, dsn,
+                                                                                    turso: TursoServer):
+    """Each wal target has its own slot, and a worker stopping confirms its own only: target other's worker stops
+    (confirming its slot) while the default target's rows are still undelivered, and the reverse. Status is in
+    sync for a target only when Turso has its rows; each row arrives once. (A new case; passes.)"""
+    other = TursoServer().start()
+    try:
+        conn.execute("SELECT pgturso.add_target('other', %s)", (other.url,))
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        conn.execute("CREATE TABLE o (id int PRIMARY KEY, v text)")
+        conn.execute("SELECT pgturso.track_table('t')")
+        conn.execute("SELECT pgturso.track_table('o', target => 'other', capture => 'wal')")
+        assert len(slots(conn)) == 2
+        conn.execute("INSERT INTO t VALUES (0, 'first')")
+        conn.execute("INSERT INTO o VALUES (0, 'first')")
+        drain(dsn, turso.url)
+        drain(dsn, other.url, "--target", "other")
+        install_apply_counter(turso.url, "t")
+        install_apply_counter(other.url, "o")
+        for i in range(1, 21):
+            with conn.transaction():
+                conn.execute("INSERT INTO t VALUES (%s, 'x')", (i,))
+                conn.execute("INSERT INTO o VALUES (%s, 'x')", (i,))
+        drain(dsn, other.url, "--target", "other")
+        assert status_truthful(conn, other, "o")
+        assert not status_truthful(conn, turso, "t"), "the default target's rows are not delivered"
+        conn.execute("INSERT INTO o VALUES (21, 'x')")
+        drain(dsn, turso.url)
+        assert status_truthful(conn, turso, "t")
+        assert not status_truthful(conn, other, "o")
+        drain(dsn, other.url, "--target", "other")
+        assert status_truthful(conn, other, "o")
+        status_truthful(conn, turso, "t")  # (false: other's worker committed after t's stop; see the xfail below)
+        assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[20, 20]]
+        assert other.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[21, 21]]
+    finally:
+        other.cleanup()
+
+
+@pytest.mark.xfail(strict=True, reason="in_sync of a stopped wal target turns false at any commit after its "
+                   "worker's stop (pgturso._nothing_committed_since cannot tell what a transaction wrote), and a "
+                   "second wal target's worker commits its own delivery state when it runs: with two wal targets "
+                   "at most the one stopped last says in sync (a false 'not in sync', never a false 'in sync')")
+def test_two_wal_targets_both_delivered_and_stopped_are_both_in_sync(conn, dsn, turso: TursoServer):
+    """5d64126 promises in sync after a --once run that delivered everything; with two wal targets each run by
+    its own worker, the second run's own writes (its delivery state) come after the first one's stop."""
+    other = TursoServer().start()
+    try:
+        conn.execute("SELECT pgturso.add_target('other', %s)", (other.url,))
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        conn.execute("CREATE TABLE o (id int PRIMARY KEY, v text)")
+        conn.execute("SELECT pgturso.track_table('t')")
+        conn.execute("SELECT pgturso.track_table('o', target => 'other', capture => 'wal')")
+        conn.execute("INSERT INTO t VALUES (1, 'x')")
+        conn.execute("INSERT INTO o VALUES (1, 'x')")
+        drain(dsn, turso.url)
+        drain(dsn, other.url, "--target", "other")
+        assert turso.query("SELECT count(*) FROM t") == [[1]] and other.query("SELECT count(*) FROM o") == [[1]]
+        assert status_truthful(conn, other, "o")
+        assert status_truthful(conn, turso, "t"), "both targets delivered everything and their workers stopped"
+    finally:
+        other.cleanup()
 
 
 def test_a_change_turso_refuses_blocks_visibly_then_resumes(conn, dsn, turso: TursoServer):
