@@ -924,3 +924,44 @@ def test_a_pattern_worker_of_another_database_is_no_member_of_this_ones(conn, ds
         for tenant in ("acme", "globex"):
             assert tenant_rows(tmp_path / where / f"tenant-{tenant}.db", "SELECT id, item FROM orders ORDER BY id") \
                 == pg_tenant_rows(conn, tenant), (where, tenant)
+
+
+def test_a_router_stopping_while_a_tenant_cannot_take_its_rows_never_says_that_tenant_is_in_sync(conn, dsn,
+                                                                                               tmp_path: Path):
+    """Attack on 5d64126 for a wal pattern: the router routes rows of two tenants while one tenant's database
+    cannot be opened (a directory stands in its place), then the worker stops: the router's record of where it
+    caught up must not make status say that tenant is in sync while its rows wait in the outbox; once its
+    database is back, the next run delivers them once, and both tenants are in sync. (A new case; passes.)"""
+    _wal_orders(conn, tmp_path)
+    conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a'), (2, 'globex', 'g')")
+    drain_pattern(dsn)
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for path in tmp_path.glob("tenant-globex.db*"):
+        path.rename(aside / path.name)
+    (tmp_path / "tenant-globex.db").mkdir()  # globex's database cannot be opened now
+    conn.execute("INSERT INTO orders VALUES (3, 'acme', 'a2'), (4, 'globex', 'g2'), (5, 'globex', 'g3')")
+
+    def in_sync() -> dict[str, bool]:
+        return {str(t): bool(s) for t, s in conn.execute("SELECT target, in_sync FROM pgturso.status").fetchall()}
+
+    worker = _start_worker(dsn)
+    try:
+        # (one transaction: once globex's rows are routed, acme's are too; none left: delivered)
+        routed = ("SELECT coalesce(sum(nrows) FILTER (WHERE tenant = 'globex'), 0) >= 2 "
+                  "AND count(*) FILTER (WHERE tenant = 'acme') = 0 FROM pgturso.outbox")
+        wait_until(lambda: conn.execute(routed).fetchone()[0], 60,  # type: ignore[index]
+                   "globex's rows routed and held, acme's delivered")
+    finally:
+        assert worker.stop() == 0
+    assert tenant_rows(tmp_path / "tenant-acme.db", "SELECT count(*) FROM orders") == [(2,)]
+    assert in_sync()["tenant-globex"] is False, "globex's rows are held in the outbox, not on its database"
+    (tmp_path / "tenant-globex.db").rmdir()
+    for path in aside.iterdir():
+        path.rename(tmp_path / path.name)
+    assert in_sync()["tenant-globex"] is False
+    drain_pattern(dsn)
+    assert tenant_rows(tmp_path / "tenant-globex.db", "SELECT id, item FROM orders ORDER BY id") == \
+        [(2, "g"), (4, "g2"), (5, "g3")]
+    assert tenant_rows(tmp_path / "tenant-acme.db", "SELECT id FROM orders ORDER BY id") == [(1,), (3,)]
+    assert in_sync() == {"tenant-acme": True, "tenant-globex": True}

@@ -267,6 +267,33 @@ def test_a_stop_past_an_open_and_a_prepared_transaction_loses_neither_and_status
     assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[100, 100]]
 
 
+def test_a_stop_past_an_open_schema_change_delivers_it_when_it_commits(conn, dsn, turso: TursoServer):
+    """Attack on the stopping worker's confirmation (5d64126): a transaction open at the stop has changed a
+    tracked table's schema (its DDL event in the outbox, published) and written a row with the new column; the
+    stop confirms the slot past both. Committed after it, status is not in sync, and the next run delivers the
+    column and the row, once. (A new case; passes.)"""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    conn.execute("INSERT INTO t VALUES (0, 'first')")
+    drain(dsn, turso.url)
+    install_apply_counter(turso.url, "t")
+    with psycopg.connect(dsn, autocommit=True) as open_tx:
+        open_tx.execute("BEGIN")
+        open_tx.execute("ALTER TABLE t ADD COLUMN w int")
+        open_tx.execute("INSERT INTO t VALUES (1, 'open', 42)")
+        written = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()[0]  # type: ignore[index]
+        drain(dsn, turso.url)
+        confirmed = conn.execute("SELECT r.confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots r "
+                                 "WHERE r.slot_name = pgturso._slot_name('default')", (written,)).fetchone()[0]  # type: ignore[index]
+        assert confirmed, "the run did not confirm the slot past the open transaction: nothing attacked"
+        open_tx.execute("COMMIT")
+    assert not status_truthful(conn, turso)
+    drain(dsn, turso.url)
+    assert turso.query("SELECT id, v, w FROM t ORDER BY id") == [[0, "first", None], [1, "open", 42]]
+    assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[1, 1]]
+    assert status_truthful(conn, turso)
+
+
 def test_commits_racing_stopping_workers_arrive_once_and_status_never_claims_them(conn, dsn, turso: TursoServer):
     """Attack on the stopping worker's confirmation (5d64126): writers commit every few milliseconds to a tracked
     and an untracked table (some of them rolled back) while --once runs and running workers stop again and
