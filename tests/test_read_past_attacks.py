@@ -397,3 +397,30 @@ def test_a_late_committer_below_the_cut_dropped_while_a_batch_travels_never_arri
         if how == "skip_transaction":
             assert conn.execute("SELECT delivered_at FROM pgturso.skipped_transaction WHERE txid = %s::xid8",
                                 (txid,)).fetchone() == (None,), "a skip of a transaction never sent says delivered"
+
+
+# trigger capture: a wal target's skip works on the slot, and its counts come from the batch decoded
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)
+def test_a_skipped_transaction_turso_committed_counts_as_delivered(conn, dsn, turso: TursoServer, capture):
+    """skip_transaction of a transaction of batch N while Turso holds N's answer (committed there) and N+1 is read
+    ahead: its row is on Turso, and skipped_transaction says so (delivered_at). delivery_state's
+    rows_delivered and transactions_delivered (and table_state's rows) must say so too: Turso has every backlog row,
+    each written once, so every one was delivered. The deletion of N finds one event fewer than N read; counting
+    what it removed would leave the skipped row out of the totals (dceaa56 kept that rule for this case)."""
+    with tracked_behind_a_proxy(conn, dsn, turso, worker_args=READ_AHEAD, stream_expiry=30) as tracked:
+        wait_until(lambda: outbox_empty(dsn), 60, "the first row to be counted")
+        before = delivered_counts(conn)
+        a_backlog_behind(tracked, conn)
+        held_with_the_next_batch_read(tracked, turso, dsn)
+        on_turso_row = turso.query("SELECT max(id) FROM t")[0][0]  # a row of the batch Turso committed
+        conn.execute("SELECT pgturso.skip_transaction((SELECT xmin::text::xid8 FROM t WHERE id = %s), 'attack', "
+                     "target => 'default')", (on_turso_row,))
+        assert tracked.cloud.holding > 0, "Turso answered before the skip: nothing was shown (hold it longer)"
+        wait_until(lambda: outbox_empty(dsn) and tracked.cloud.holding == 0, 120, "the worker to deliver")
+        output = tracked.worker.output[-3000:]
+        assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[BACKLOG, BACKLOG]], output
+        assert conn.execute("SELECT delivered_at IS NOT NULL FROM pgturso.skipped_transaction").fetchall() == \
+            [(True,)], output
+        rows, transactions, per_table = delivered_counts(conn)
+        assert (rows - before[0], transactions - before[1], per_table["t"] - before[2]["t"]) == \
+            (BACKLOG, BACKLOG, BACKLOG), output
