@@ -38,7 +38,11 @@ def second_turso() -> Any:
 
 
 HOT = 8  # rows every writer updates (v = v + 1): their order on Turso is the commit order
-SMALL = ("--batch-events", "3", "--batch-rows", "3", "--idle-wait", "1", "--max-transaction-seconds", "60")
+# batches of 3 events; a transaction of LARGE rows of ins is more than a request (streamed in parts)
+SMALL = ("--batch-events", "3", "--batch-rows", "3", "--idle-wait", "1", "--max-transaction-seconds", "60",
+         "--max-request-bytes", "65536", "--max-statement-bytes", "16384")
+LARGE = 300
+LARGE_ONES = {f"attack_{n}_2" for n in range(4)}  # large whatever the draws (some may roll back)
 # batches of 5 one-row transactions, read ahead (the answers held 10 s must not shrink them)
 READ_AHEAD = ("--batch-events", "5", "--batch-rows", "5", "--idle-wait", "1", "--max-transaction-seconds", "60")
 
@@ -70,7 +74,8 @@ def count_writes_on_turso(url: str) -> None:
 @dataclass
 class Writers:
     """Sessions writing transactions of every kind that commits late: READ COMMITTED, REPEATABLE READ and
-    SERIALIZABLE; an xid assigned late (a read, a pause, then the writes); an outbox id drawn early and the commit
+    SERIALIZABLE; an xid assigned late (a read, a pause, then the writes); at times a large one (LARGE rows: more
+    than a request, so streamed on its own after the batch in flight); an outbox id drawn early and the commit
     after a pause (batches are chosen and read past meanwhile); savepoints released and rolled back; a deferred
     constraint trigger writing at commit; two-phase commit (PREPARE TRANSACTION, COMMIT or ROLLBACK PREPARED
     seconds later); whole rollbacks. Every committed transaction writes ins; ``committed`` counts them."""
@@ -87,9 +92,13 @@ class Writers:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     threads: list[threading.Thread] = field(default_factory=list)
 
-    def next_id(self) -> int:
+    def next_id(self, block: int = 1) -> int:
+        """The first of ``block`` fresh ids."""
         with self._lock:
-            return next(self._ids)
+            first = next(self._ids)
+            for _ in range(block - 1):
+                next(self._ids)
+            return first
 
     def _count(self, committed: bool) -> None:
         with self._lock:
@@ -110,6 +119,10 @@ class Writers:
         if rng.random() < 0.15:  # ins written by a deferred trigger, at commit
             conn.execute("INSERT INTO src VALUES (%s)", (self.next_id(),))
         conn.execute("INSERT INTO ins VALUES (%s, 'early')", (self.next_id(),))
+        if rng.random() < 0.03 or name in LARGE_ONES:  # large: more than a request, streamed in parts alone
+            first = self.next_id(LARGE)
+            conn.execute("INSERT INTO ins SELECT g, repeat('b', 400) FROM generate_series(%s::int, %s::int) g",
+                         (first, first + LARGE - 1))
         if self.abroad and rng.random() < 0.5:
             conn.execute("INSERT INTO abroad VALUES (%s, 'abroad')", (self.next_id(),))
         time.sleep(rng.uniform(0, 0.4))  # its outbox id drawn, its commit late: batches travel meanwhile
@@ -269,6 +282,8 @@ def test_late_committers_of_every_kind_arrive_once_in_commit_order(conn, dsn, tu
             assert second_turso.query("SELECT id, v FROM abroad ORDER BY id") == expected, eu_worker.output[-3000:]
             eu_worker.stop()
             eu.__exit__(None, None, None)
+        assert conn.execute("SELECT count(*) FROM ins WHERE v LIKE 'bb%'").fetchone()[0] >= LARGE, \
+            "no large transaction committed: nothing was shown"
         assert_delivered_once_in_commit_order(conn, turso, worker.output, writers.committed,
                                               None if fault == "two_targets" else before)
         worker.stop()
