@@ -439,3 +439,39 @@ def test_a_skipped_transaction_turso_committed_counts_as_delivered(conn, dsn, tu
         rows, transactions, per_table = delivered_counts(conn)
         assert (rows - before[0], transactions - before[1], per_table["t"] - before[2]["t"]) == \
             (BACKLOG, BACKLOG, BACKLOG), output
+
+
+# trigger capture: how the outbox's next batch is read past the one in flight (a slot's batches follow the stream)
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)
+def test_skip_transaction_of_a_transaction_held_across_the_cut_of_the_batch_in_flight_never_sends_it(
+        conn, dsn, turso: TursoServer, capture):
+    """Every backlog transaction writes three rows by three statements (three events) and batches take 5 events:
+    each cut straddles a transaction, which the batch holds back (its name excludes it), so each next batch is read
+    past the one in flight the old way (read_past's held clause) and starts with the held transaction. Turso holds
+    batch N's answer and N+1 (the transaction N held) is read ahead; skip_transaction of it then: none of its
+    three rows arrive (N+1 is read again), every other row arrives once, and rows_delivered counts them all."""
+    with tracked_behind_a_proxy(conn, dsn, turso, worker_args=READ_AHEAD, stream_expiry=30) as tracked:
+        wait_until(lambda: outbox_empty(dsn), 60, "the first row to be counted")
+        before = counted(conn)
+        assert tracked.worker.stop() == 0
+        transactions = 100
+        for k in range(transactions):
+            with conn.transaction():
+                for i in range(1, 4):
+                    conn.execute("INSERT INTO t VALUES (%s, 'x')", (3 * k + i,))
+        tracked.restart()
+        held_with_the_next_batch_read(tracked, turso, dsn)
+        first = turso.query("SELECT max(id) FROM t")[0][0] + 1  # the transaction N held back, read ahead as N+1
+        assert first % 3 == 1, f"Turso has part of a transaction: up to row {first - 1}"
+        conn.execute("SELECT pgturso.skip_transaction((SELECT xmin::text::xid8 FROM t WHERE id = %s), 'attack', "
+                     "target => 'default')", (first,))
+        assert tracked.cloud.holding > 0, "Turso answered before the skip: nothing was shown (hold it longer)"
+        wait_until(lambda: outbox_empty(dsn) and tracked.cloud.holding == 0, 120, "the worker to deliver")
+        rows = 3 * transactions
+        wait_until(lambda: on_turso(turso, "SELECT count(*) FROM t WHERE id > 0") == [[rows - 3]], 60,
+                   "every other row")
+        output = tracked.worker.output[-3000:]
+        assert turso.query(f"SELECT count(*) FROM t WHERE id BETWEEN {first} AND {first + 2}") == [[0]], output
+        assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[rows - 3, rows - 3]], output
+        assert tracked.worker.lines("batch_changed"), output
+        assert counted(conn)[0] - before[0] == rows - 3, output
