@@ -93,6 +93,16 @@ def conn(postgresql: psycopg.Connection[Any], _capture_mode: None) -> psycopg.Co
 
 
 @pytest.fixture
+def no_autovacuum(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """No autovacuum worker runs during the test (support.workers.autovacuum_paused): for tests that assert
+    pgturso.status's in_sync after a worker stopped, which any commit since (an autoanalyze's too) turns false."""
+    from support.workers import autovacuum_paused
+
+    with autovacuum_paused(conn):
+        yield
+
+
+@pytest.fixture
 def dsn(postgresql: psycopg.Connection[Any], _capture_mode: None) -> str:
     info = postgresql.info
     return f"host={info.host} port={info.port} user={info.user} dbname={info.dbname}"

@@ -850,6 +850,7 @@ def test_wal_a_large_transaction_is_routed_in_bounded_memory(conn, dsn, tmp_path
     assert peak_mb < 200, f"worker peak RSS {peak_mb:.0f} MB"
 
 
+@pytest.mark.usefixtures("no_autovacuum")  # asserts in_sync after a stop
 @pytest.mark.parametrize("capture", ["wal"], indirect=True)
 def test_wal_pattern_status_counts_what_is_held_for_the_router_and_still_in_the_slot(conn, dsn, tmp_path: Path):
     """capture => 'wal', no worker running: a row committed is still in the pattern's slot, a TRUNCATE is held

@@ -176,6 +176,7 @@ def test_once_exits_with_nothing_pending(conn, dsn, turso: TursoServer):
     assert pending(conn) == 0
 
 
+@pytest.mark.usefixtures("no_autovacuum")  # asserts in_sync after a stop
 def test_status_is_in_sync_after_a_once_run_or_a_stopped_worker_delivered_everything(conn, dsn, turso: TursoServer):
     """A --once run (or a worker stopped) that delivered everything leaves pgturso.status in sync, though its own
     last writes (its state) and WAL of no transaction (a checkpoint) follow the last batch in the WAL; a commit
@@ -221,6 +222,7 @@ def status_truthful(conn: psycopg.Connection[Any], turso: TursoServer, table: st
     return bool(in_sync)
 
 
+@pytest.mark.usefixtures("no_autovacuum")  # asserts in_sync after a stop
 def test_a_stop_past_an_open_and_a_prepared_transaction_loses_neither_and_status_never_claims_them(
         conn, dsn, turso: TursoServer):
     """Attack on the stopping worker's confirmation (5d64126, WalOutbox.record_caught_up): it confirms the slot
@@ -267,6 +269,7 @@ def test_a_stop_past_an_open_and_a_prepared_transaction_loses_neither_and_status
     assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[100, 100]]
 
 
+@pytest.mark.usefixtures("no_autovacuum")  # asserts in_sync after a stop
 def test_a_stop_past_an_open_schema_change_delivers_it_when_it_commits(conn, dsn, turso: TursoServer):
     """Attack on the stopping worker's confirmation (5d64126): a transaction open at the stop has changed a
     tracked table's schema (its DDL event in the outbox, published) and written a row with the new column; the
@@ -294,6 +297,7 @@ def test_a_stop_past_an_open_schema_change_delivers_it_when_it_commits(conn, dsn
     assert status_truthful(conn, turso)
 
 
+@pytest.mark.usefixtures("no_autovacuum")  # asserts in_sync after a stop
 def test_commits_racing_stopping_workers_arrive_once_and_status_never_claims_them(conn, dsn, turso: TursoServer):
     """Attack on the stopping worker's confirmation (5d64126): writers commit every few milliseconds to a tracked
     and an untracked table (some of them rolled back) while --once runs and running workers stop again and
@@ -350,6 +354,7 @@ def test_commits_racing_stopping_workers_arrive_once_and_status_never_claims_the
     assert [r[0] for r in turso.query("SELECT id FROM t WHERE id > 0 ORDER BY id")] == committed
 
 
+@pytest.mark.usefixtures("no_autovacuum")  # asserts in_sync after a stop
 def test_two_wal_targets_stopping_apart_lose_nothing_and_status_never_claims_the_other(conn, dsn,
                                                                                     turso: TursoServer):
     """Each wal target has its own slot, and a worker stopping confirms its own only: target other's worker stops
@@ -389,6 +394,7 @@ def test_two_wal_targets_stopping_apart_lose_nothing_and_status_never_claims_the
         other.cleanup()
 
 
+@pytest.mark.usefixtures("no_autovacuum")  # asserts in_sync after a stop
 @pytest.mark.xfail(strict=True, reason="in_sync of a stopped wal target turns false at any commit after its "
                    "worker's stop (pgturso._nothing_committed_since cannot tell what a transaction wrote), and a "
                    "second wal target's worker commits its own delivery state when it runs: with two wal targets "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +101,23 @@ def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@contextlib.contextmanager
+def autovacuum_paused(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """No autovacuum worker runs in the cluster meanwhile. pgturso.status's in_sync after a stopped worker holds
+    only while no transaction has committed since (it cannot tell an ANALYZE's commit from a write to a tracked
+    table without reading the slot): an autoanalyze of the outbox, which a drain churns, would make it false at a
+    random moment of a test that asserts it true."""
+    conn.execute("ALTER SYSTEM SET autovacuum = off")
+    conn.execute("SELECT pg_reload_conf()")
+    try:
+        wait_until(lambda: not conn.execute("SELECT 1 FROM pg_stat_activity WHERE backend_type = "
+                                            "'autovacuum worker'").fetchall(), 120, "autovacuum workers to end")
+        yield
+    finally:
+        conn.execute("ALTER SYSTEM RESET autovacuum")
+        conn.execute("SELECT pg_reload_conf()")
 
 
 def outbox_empty(dsn: str) -> bool:
