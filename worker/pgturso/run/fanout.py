@@ -761,7 +761,16 @@ class PatternWorker:
                         item.tenant.outbox.conn = None  # type: ignore[assignment]
             return
         for item in deferred:
-            item.tenant._delivered(item.batch, item.statements, item.started, removed[item.tenant.settings.target])
+            # Over the round's connection: a batch whose deletion found events gone (skip_transaction while Turso
+            # had it) marks those skips delivered (Worker._delivered), and the tenant holds no connection now.
+            item.tenant.attach(conn)
+            try:
+                item.tenant._delivered(item.batch, item.statements, item.started,
+                                       removed[item.tenant.settings.target])
+            finally:
+                item.tenant.conn = None
+                if item.tenant.outbox is not None:
+                    item.tenant.outbox.conn = None  # type: ignore[assignment]
 
     def _job_due(self, now: float) -> bool:
         if now < self._copy_checked:
