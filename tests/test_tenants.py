@@ -968,3 +968,24 @@ def test_a_router_stopping_while_a_tenant_cannot_take_its_rows_never_says_that_t
         [(2, "g"), (4, "g2"), (5, "g3")]
     assert tenant_rows(tmp_path / "tenant-acme.db", "SELECT id FROM orders ORDER BY id") == [(1,), (3,)]
     assert in_sync() == {"tenant-acme": True, "tenant-globex": True}
+
+
+def test_a_trigger_pattern_worker_run_in_process_closes_its_connections_when_it_ends(conn, dsn, tmp_path: Path):
+    """Regression of 5d64126, which moved the closing of a pattern worker's connections (its own, holding its
+    member lock, and its pool's) and metrics into the closing of its router, which a trigger pattern has none
+    of: once run() returns, the worker holds no connection to Postgres. Failed before (its connections stayed
+    open until the process exited)."""
+    from pgturso.common.settings import resolve
+    from pgturso.run.fanout import PatternWorker
+
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a')")
+    pattern = PatternWorker(dsn, resolve({}, {}, {"target": "tenant-%s"}))
+    assert pattern.run(once=True) == 0
+    assert tenant_rows(tmp_path / "tenant-acme.db", "SELECT id, item FROM orders") == [(1, "a")]
+    assert pattern.conn is not None and pattern.conn.closed
+    others = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    wait_until(lambda: conn.execute(others).fetchone()[0] == 0, 60,  # type: ignore[index]
+               "the worker's connections to end")

@@ -1002,6 +1002,13 @@ class PatternWorker:
             tenant.close_target()
         if self.router is not None and self.router_thread is not None and not self.router_thread.is_alive():
             self._close_router(self.router)
+        # (every pattern's, router or not: a trigger pattern has none, and a router still running is left to exit)
+        with self._pool_lock:
+            for conn in self._pool_conns:
+                conn.close()
+        if self.conn is not None:
+            self.conn.close()
+        self.metrics.close()
 
     def _close_router(self, router: Router) -> None:
         """The router's thread ended, and so did every write of this worker: if the router found nothing more in
@@ -1014,9 +1021,3 @@ class PatternWorker:
             event(log, logging.WARNING, "caught_up_not_recorded", target=self.pattern, error=str(exc).strip())
         finally:
             router.close()
-        with self._pool_lock:
-            for conn in self._pool_conns:
-                conn.close()
-        if self.conn is not None:
-            self.conn.close()
-        self.metrics.close()
