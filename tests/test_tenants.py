@@ -929,6 +929,7 @@ def test_a_pattern_worker_of_another_database_is_no_member_of_this_ones(conn, ds
                 == pg_tenant_rows(conn, tenant), (where, tenant)
 
 
+@pytest.mark.usefixtures("no_autovacuum")  # asserts in_sync after a stop
 def test_a_router_stopping_while_a_tenant_cannot_take_its_rows_never_says_that_tenant_is_in_sync(conn, dsn,
                                                                                                tmp_path: Path):
     """Attack on 5d64126 for a wal pattern: the router routes rows of two tenants while one tenant's database
