@@ -275,6 +275,29 @@ def test_a_batch_failing_while_the_next_was_read_ahead_loses_and_repeats_nothing
         assert tracked.worker.lines("retry"), tracked.worker.output[-3000:]
 
 
+def restart_holding_a_small_batch_while_a_large_one_is_read_ahead(tracked: Tracked, dsn: str) -> None:
+    """Restart the worker over a backlog of small and large batches in turn (HELD_BATCHES): Turso commits the third
+    small batch and tells the worker 10 s later; returns once it holds that answer and the worker has read the
+    large batch after it ahead."""
+    cloud = tracked.cloud
+    small_commits = [0]
+    answer = cloud._answer
+
+    def slow_small_commit(frontend: Any, body: dict[str, Any], headers: Any) -> Any:
+        result = answer(frontend, body, headers)
+        text = json.dumps(body)
+        if "COMMIT" in text.upper() and "bbbb" not in text and 'INTO \\"t\\"' in text:
+            small_commits[0] += 1  # a small batch, whole in this request
+            if small_commits[0] == 3:  # committed, the worker told 10 s later
+                return (*result[:4], 10.0)
+        return result
+
+    cloud._answer = slow_small_commit  # type: ignore[method-assign]
+    tracked.restart()
+    wait_until(lambda: cloud.holding > 0, 60, "Turso to hold a small batch's answer")
+    wait_until(lambda: worker_backend_done_reading(dsn), 5, "the worker to read the large batch ahead")
+
+
 def worker_backend_done_reading(dsn: str) -> bool:
     """The worker's connection is idle after a transaction it ended (the read of the next batch, while the one
     before travels), not after a statement of its own (recording or sending a batch)."""
@@ -429,22 +452,7 @@ def test_skip_transaction_of_a_held_batch_never_sends_it(conn, dsn, turso: Turso
         for n in range(40):
             conn.execute("INSERT INTO t SELECT %s * 100 + g, repeat('b', %s) FROM generate_series(1, %s) g",
                          (n + 1, 400 if n % 2 else 1, HELD_ROWS))
-        small_commits = [0]
-        answer = cloud._answer
-
-        def slow_small_commit(frontend: Any, body: dict[str, Any], headers: Any) -> Any:
-            result = answer(frontend, body, headers)
-            text = json.dumps(body)
-            if "COMMIT" in text.upper() and "bbbb" not in text and 'INTO \\"t\\"' in text:
-                small_commits[0] += 1  # a small batch, whole in this request
-                if small_commits[0] == 3:  # committed, the worker told 10 s later
-                    return (*result[:4], 10.0)
-            return result
-
-        cloud._answer = slow_small_commit  # type: ignore[method-assign]
-        tracked.restart()
-        wait_until(lambda: cloud.holding > 0, 60, "Turso to hold a small batch's answer")
-        wait_until(lambda: worker_backend_done_reading(dsn), 5, "the worker to read the large batch ahead")
+        restart_holding_a_small_batch_while_a_large_one_is_read_ahead(tracked, dsn)
         last = turso.query("SELECT max(id) FROM t")[0][0]
         skipped = (last // 100 + 1) * 100 + 1  # the first row of the batch held
         assert (skipped // 100 - 1) % 2 == 1, f"the batch after {last} is not a large one"
@@ -461,12 +469,11 @@ def test_skip_transaction_of_a_held_batch_never_sends_it(conn, dsn, turso: Turso
             [[39 * HELD_ROWS, 39 * HELD_ROWS]], tracked.worker.output[-3000:]
 
 
-@pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
-def test_untrack_table_of_a_batch_read_ahead_never_sends_it(conn, dsn, turso: TursoServer, capture):
-    """Small batches of two tables, read ahead: Turso committed batch N and its answer is held while the worker has
-    read batch N+1 (rows of both tables) into memory. untrack_table of one of them now: none of its rows reach
-    Turso after that (its Turso table stays as it was when untrack_table committed), and every row of the other
-    table arrives once (the batch read ahead is read again, without the untracked table's rows)."""
+@contextmanager
+def two_tables_with_a_batch_read_ahead(conn: psycopg.Connection[Any], dsn: str, turso: TursoServer
+                                       ) -> Iterator[Tracked]:
+    """Small batches of tables kept and t (one row of each per transaction): Turso committed batch N and its answer
+    is held while the worker has read batch N+1 into memory. Yields the tracked setup at that moment."""
     small = ("--batch-events", "5", "--batch-rows", "5", "--idle-wait", "1")
     with tracked_behind_a_proxy(conn, dsn, turso, worker_args=small, tables=("kept", "t"),
                                 stream_expiry=30) as tracked:
@@ -482,6 +489,17 @@ def test_untrack_table_of_a_batch_read_ahead_never_sends_it(conn, dsn, turso: Tu
         cloud.slow_answers = [10.0]  # the next batch is committed on Turso, the worker told 10 s later
         wait_until(lambda: cloud.holding > 0, 60, "Turso to hold a committed batch's answer")
         wait_until(lambda: worker_backend_done_reading(dsn), 5, "the worker to read the next batch ahead")
+        yield tracked
+
+
+@pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
+def test_untrack_table_of_a_batch_read_ahead_never_sends_it(conn, dsn, turso: TursoServer, capture):
+    """Small batches of two tables, read ahead: Turso committed batch N and its answer is held while the worker has
+    read batch N+1 (rows of both tables) into memory. untrack_table of one of them now: none of its rows reach
+    Turso after that (its Turso table stays as it was when untrack_table committed), and every row of the other
+    table arrives once (the batch read ahead is read again, without the untracked table's rows)."""
+    with two_tables_with_a_batch_read_ahead(conn, dsn, turso) as tracked:
+        cloud = tracked.cloud
         on_turso_at_untrack = turso.query("SELECT id FROM t ORDER BY id")
         with psycopg.connect(dsn, autocommit=True) as untracker:
             untracker.execute("SELECT pgturso.untrack_table('t')")
@@ -507,21 +525,8 @@ def test_untrack_and_track_again_of_a_table_in_a_batch_read_ahead_ends_equal_and
     memory: the batch read ahead was decoded with the table's old tracking (a new tracked_table id now), so it is
     dropped and read again; the table is copied afresh. Turso's t ends equal to Postgres's, every row of the other
     table is applied once, and status says in sync. (A new case; passes.)"""
-    small = ("--batch-events", "5", "--batch-rows", "5", "--idle-wait", "1")
-    with tracked_behind_a_proxy(conn, dsn, turso, worker_args=small, tables=("kept", "t"),
-                                stream_expiry=30) as tracked:
+    with two_tables_with_a_batch_read_ahead(conn, dsn, turso) as tracked:
         cloud = tracked.cloud
-        assert tracked.worker.stop() == 0
-        for i in range(1, BACKLOG + 1):  # one row of each table per transaction
-            with conn.transaction():
-                conn.execute("INSERT INTO kept VALUES (%s, 'x')", (i,))
-                conn.execute("INSERT INTO t VALUES (%s, 'x')", (i,))
-        tracked.restart()
-        wait_until(lambda: (on_turso(turso, "SELECT count(*) FROM applied") or [[0]])[0][0] >= 25, 60,
-                   "a few batches to be delivered")
-        cloud.slow_answers = [10.0]  # the next batch is committed on Turso, the worker told 10 s later
-        wait_until(lambda: cloud.holding > 0, 60, "Turso to hold a committed batch's answer")
-        wait_until(lambda: worker_backend_done_reading(dsn), 5, "the worker to read the next batch ahead")
         with psycopg.connect(dsn, autocommit=True) as untracker:
             untracker.execute("SELECT pgturso.untrack_table('t')")
             untracker.execute("UPDATE t SET v = 'while untracked' WHERE id % 7 = 0")
@@ -540,12 +545,12 @@ def test_untrack_and_track_again_of_a_table_in_a_batch_read_ahead_ends_equal_and
                    "status to say in sync")
 
 
-@pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
-def test_skip_transaction_of_a_batch_turso_committed_says_it_was_delivered(conn, dsn, turso: TursoServer, capture):
-    """Small batches: Turso committed batch N and its answer is held. skip_transaction of a transaction of N now
-    cannot unsend it: its row is on Turso, and once the worker learns that Turso has N, pgturso.skipped_transaction
-    says so (delivered_at), instead of recording a transaction Turso lacks. A skip of a transaction no batch
-    sent yet stays a skip (delivered_at NULL, its row never sent)."""
+@contextmanager
+def skipped_while_turso_holds_a_committed_batch(conn: psycopg.Connection[Any], dsn: str, turso: TursoServer
+                                                ) -> Iterator[tuple[Tracked, int]]:
+    """Small batches: Turso committed batch N and its answer is held. skip_transaction of one of N's transactions
+    and of the last one (no batch read it yet), while Turso still holds the answer. Yields the tracked setup and
+    the row of N whose transaction was skipped."""
     small = ("--batch-events", "5", "--batch-rows", "5", "--idle-wait", "1")
     with tracked_behind_a_proxy(conn, dsn, turso, worker_args=small, stream_expiry=30) as tracked:
         cloud = tracked.cloud
@@ -564,6 +569,17 @@ def test_skip_transaction_of_a_batch_turso_committed_says_it_was_delivered(conn,
         conn.execute(skip, (on_turso_row,))
         conn.execute(skip, (BACKLOG + 1,))  # the last transaction: not read yet by any batch
         assert cloud.holding > 0, "Turso answered before the skip: nothing was shown (hold the answer longer)"
+        yield tracked, on_turso_row
+
+
+@pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
+def test_skip_transaction_of_a_batch_turso_committed_says_it_was_delivered(conn, dsn, turso: TursoServer, capture):
+    """Small batches: Turso committed batch N and its answer is held. skip_transaction of a transaction of N now
+    cannot unsend it: its row is on Turso, and once the worker learns that Turso has N, pgturso.skipped_transaction
+    says so (delivered_at), instead of recording a transaction Turso lacks. A skip of a transaction no batch
+    sent yet stays a skip (delivered_at NULL, its row never sent)."""
+    with skipped_while_turso_holds_a_committed_batch(conn, dsn, turso) as (tracked, on_turso_row):
+        cloud = tracked.cloud
         wait_until(lambda: outbox_empty(dsn) and cloud.holding == 0, 120, "the worker to deliver the backlog")
         wait_until(lambda: on_turso(turso, "SELECT count(*) FROM t") == [[BACKLOG + 1]], 60, "every other row")
         assert turso.query(f"SELECT count(*) FROM t WHERE id IN ({on_turso_row}, {BACKLOG + 1})") == [[1]]
@@ -585,24 +601,8 @@ def skip_in_a_committed_batch_then_kill(conn: psycopg.Connection[Any], dsn: str,
     one no batch read yet, then the worker is SIGKILLed and a new one recovers from Turso's marker. Asserts that
     the skip never sent stays a skip and never arrives and every other row arrives once; returns the row of N
     skipped and whether its skip says delivered (delivered_at)."""
-    small = ("--batch-events", "5", "--batch-rows", "5", "--idle-wait", "1")
-    with tracked_behind_a_proxy(conn, dsn, turso, worker_args=small, stream_expiry=30) as tracked:
+    with skipped_while_turso_holds_a_committed_batch(conn, dsn, turso) as (tracked, on_turso_row):
         cloud = tracked.cloud
-        assert tracked.worker.stop() == 0
-        for i in range(1, BACKLOG + 1):
-            conn.execute("INSERT INTO t VALUES (%s, 'x')", (i,))
-        conn.execute("INSERT INTO t VALUES (%s, 'the last one')", (BACKLOG + 1,))
-        tracked.restart()
-        wait_until(lambda: (on_turso(turso, "SELECT count(*) FROM applied") or [[0]])[0][0] >= 25, 60,
-                   "a few batches to be delivered")
-        cloud.slow_answers = [10.0]  # the next batch is committed on Turso, the worker told 10 s later
-        wait_until(lambda: cloud.holding > 0, 60, "Turso to hold a committed batch's answer")
-        on_turso_row = turso.query("SELECT max(id) FROM t")[0][0]  # a row of the batch Turso committed
-        skip = ("SELECT pgturso.skip_transaction((SELECT xmin::text::xid8 FROM t WHERE id = %s), 'attack', "
-                "target => 'default')")
-        conn.execute(skip, (on_turso_row,))
-        conn.execute(skip, (BACKLOG + 1,))  # the last transaction: not read yet by any batch
-        assert cloud.holding > 0, "Turso answered before the skip: nothing was shown (hold the answer longer)"
         tracked.worker.kill()
         cloud.slow_answers = []
         tracked.restart()
@@ -658,22 +658,7 @@ def test_untrack_table_of_a_held_batch_never_sends_it(conn, dsn, turso: TursoSer
                 conn.execute("INSERT INTO t SELECT %s * 100 + g, repeat('b', %s) FROM generate_series(1, %s) g",
                              (n + 1, 400 if n % 2 else 1, HELD_ROWS))
                 conn.execute("INSERT INTO kept VALUES (%s, 'x')", (n + 1,))
-        small_commits = [0]
-        answer = cloud._answer
-
-        def slow_small_commit(frontend: Any, body: dict[str, Any], headers: Any) -> Any:
-            result = answer(frontend, body, headers)
-            text = json.dumps(body)
-            if "COMMIT" in text.upper() and "bbbb" not in text and 'INTO \\"t\\"' in text:
-                small_commits[0] += 1  # a small batch, whole in this request
-                if small_commits[0] == 3:  # committed, the worker told 10 s later
-                    return (*result[:4], 10.0)
-            return result
-
-        cloud._answer = slow_small_commit  # type: ignore[method-assign]
-        tracked.restart()
-        wait_until(lambda: cloud.holding > 0, 60, "Turso to hold a small batch's answer")
-        wait_until(lambda: worker_backend_done_reading(dsn), 5, "the worker to read the large batch ahead")
+        restart_holding_a_small_batch_while_a_large_one_is_read_ahead(tracked, dsn)
         on_turso_at_untrack = turso.query("SELECT count(*), max(id) FROM t")[0]
         assert (on_turso_at_untrack[1] // 100) % 2 == 1, f"the batch after {on_turso_at_untrack} is not a large one"
         with psycopg.connect(dsn, autocommit=True) as untracker:

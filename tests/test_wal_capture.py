@@ -8,6 +8,8 @@ from __future__ import annotations
 import random
 import threading
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -355,12 +357,10 @@ def test_commits_racing_stopping_workers_arrive_once_and_status_never_claims_the
     assert [r[0] for r in turso.query("SELECT id FROM t WHERE id > 0 ORDER BY id")] == committed
 
 
-@pytest.mark.usefixtures("no_autovacuum")  # asserts in_sync after a stop
-def test_two_wal_targets_stopping_apart_lose_nothing_and_status_never_claims_the_other(conn, dsn,
-                                                                                    turso: TursoServer):
-    """Each wal target has its own slot, and a worker stopping confirms its own only: target other's worker stops
-    (confirming its slot) while the default target's rows are still undelivered, and the reverse. Status is in
-    sync for a target only when Turso has its rows; each row arrives once. (A new case; passes.)"""
+@contextmanager
+def two_wal_targets(conn: psycopg.Connection[Any]) -> Iterator[TursoServer]:
+    """Table t on the default target, table o on target 'other' (its own tursodb, yielded), both captured from
+    the WAL, each target with its own slot."""
     other = TursoServer().start()
     try:
         conn.execute("SELECT pgturso.add_target('other', %s)", (other.url,))
@@ -368,6 +368,18 @@ def test_two_wal_targets_stopping_apart_lose_nothing_and_status_never_claims_the
         conn.execute("CREATE TABLE o (id int PRIMARY KEY, v text) WITH (autovacuum_enabled = false)")
         conn.execute("SELECT pgturso.track_table('t')")
         conn.execute("SELECT pgturso.track_table('o', target => 'other', capture => 'wal')")
+        yield other
+    finally:
+        other.cleanup()
+
+
+@pytest.mark.usefixtures("no_autovacuum")  # asserts in_sync after a stop
+def test_two_wal_targets_stopping_apart_lose_nothing_and_status_never_claims_the_other(conn, dsn,
+                                                                                    turso: TursoServer):
+    """Each wal target has its own slot, and a worker stopping confirms its own only: target other's worker stops
+    (confirming its slot) while the default target's rows are still undelivered, and the reverse. Status is in
+    sync for a target only when Turso has its rows; each row arrives once. (A new case; passes.)"""
+    with two_wal_targets(conn) as other:
         assert len(slots(conn)) == 2
         conn.execute("INSERT INTO t VALUES (0, 'first')")
         conn.execute("INSERT INTO o VALUES (0, 'first')")
@@ -391,8 +403,6 @@ def test_two_wal_targets_stopping_apart_lose_nothing_and_status_never_claims_the
         status_truthful(conn, turso, "t")  # (false: other's worker committed after t's stop; see the xfail below)
         assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[20, 20]]
         assert other.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[21, 21]]
-    finally:
-        other.cleanup()
 
 
 @pytest.mark.usefixtures("no_autovacuum")  # asserts in_sync after a stop
@@ -403,13 +413,7 @@ def test_two_wal_targets_stopping_apart_lose_nothing_and_status_never_claims_the
 def test_two_wal_targets_both_delivered_and_stopped_are_both_in_sync(conn, dsn, turso: TursoServer):
     """5d64126 promises in sync after a --once run that delivered everything; with two wal targets each run by
     its own worker, the second run's own writes (its delivery state) come after the first one's stop."""
-    other = TursoServer().start()
-    try:
-        conn.execute("SELECT pgturso.add_target('other', %s)", (other.url,))
-        conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text) WITH (autovacuum_enabled = false)")
-        conn.execute("CREATE TABLE o (id int PRIMARY KEY, v text) WITH (autovacuum_enabled = false)")
-        conn.execute("SELECT pgturso.track_table('t')")
-        conn.execute("SELECT pgturso.track_table('o', target => 'other', capture => 'wal')")
+    with two_wal_targets(conn) as other:
         conn.execute("INSERT INTO t VALUES (1, 'x')")
         conn.execute("INSERT INTO o VALUES (1, 'x')")
         drain(dsn, turso.url)
@@ -417,8 +421,6 @@ def test_two_wal_targets_both_delivered_and_stopped_are_both_in_sync(conn, dsn, 
         assert turso.query("SELECT count(*) FROM t") == [[1]] and other.query("SELECT count(*) FROM o") == [[1]]
         assert status_truthful(conn, other, "o")
         assert status_truthful(conn, turso, "t"), "both targets delivered everything and their workers stopped"
-    finally:
-        other.cleanup()
 
 
 def test_a_change_turso_refuses_blocks_visibly_then_resumes(conn, dsn, turso: TursoServer):
