@@ -59,11 +59,12 @@ from ..common.errors import (
 )
 from ..common.logs import event
 from ..common.metrics import Metrics
+from ..common.retry import backoff_delay
 from ..common.settings import Settings
 from ..delivery.pipeline import send_batch
 from ..delivery.targets import Target, redact_url
 from ..sources.outbox import Batch, Outbox, error_cleared_when, read_whole_batches, record_tenant_batches
-from ..sources.router import Router
+from ..sources.router import NotYetVisible, Router
 from .worker import (
     DELIVERY_LOCK_CLASS,
     EXIT_FATAL,
@@ -387,6 +388,7 @@ class PatternWorker:
         self.router: Router | None = None
         self.router_thread: threading.Thread | None = None
         self.routed = threading.Event()
+        self._router_code: int | None = None  # why the router stopped the worker (_router_failed, _router_alive)
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -894,6 +896,8 @@ class PatternWorker:
             while not self.stopping:
                 try:
                     self._connect()
+                    if not self._router_alive():
+                        break
                     now = time.monotonic()
                     if now - self._scanned_at >= SCAN_SECONDS:
                         self._scan(once)
@@ -924,12 +928,18 @@ class PatternWorker:
             self._shut_down()
 
     def _route(self) -> None:
-        """The router's thread: route the slot's batches as they come; on a failure, start over from the last
-        batch routed (the router's marker), after the retry delay."""
+        """The router's thread: route the slot's batches as they come. A failure rolls back the batch being
+        routed (its routing transaction): the router starts over from its marker (the last batch it routed),
+        after a capped backoff with jitter (retry_base_delay doubling up to retry_max_delay), shown on the
+        pattern's row of pgturso.target_status meanwhile (_router_failed). Whatever the exception: an
+        unexpected one (a value it cannot decode, a bug) is logged with its traceback and shown 'blocked' with
+        the fix, and stops a --once run (EXIT_FATAL); none ends this thread, whose end the scheduler would
+        notice anyway (_router_alive)."""
         router = self.router
         assert router is not None
         gauges = self.metrics.member({"target": self.pattern, "pattern": self.pattern})  # the router's own
         gauged = 0.0
+        failures = 0  # consecutive failed attempts
         while not self.stopping:
             try:
                 if router.source is None and not router.start():
@@ -940,21 +950,78 @@ class PatternWorker:
                     self.woken.set()
                 elif not self.stopping:
                     router.wait(0.2)
+                if failures:
+                    failures = 0
+                    gauges.set("pgturso_up", 1)
                 if self.metrics.serving and time.monotonic() - gauged >= 5:
                     gauged = time.monotonic()
                     held, retained, in_slot = router.backlog()
                     gauges.set("pgturso_held_events", held)
                     gauges.set("pgturso_wal_retained_bytes", retained)
                     gauges.set("pgturso_wal_pending_bytes", in_slot)
-            except (psycopg.Error, PgTursoError) as exc:
-                event(log, logging.WARNING, "retry", target=self.pattern, job="route", error=str(exc).strip())
-                router.close()
-                try:
-                    router.record_failure(str(exc).strip(), getattr(exc, "xid", None))
-                except psycopg.Error as record:
-                    event(log, logging.WARNING, "state_not_recorded", target=self.pattern, error=str(record).strip())
-                time.sleep(self.settings.retry_base_delay)
-        # (closed by _shut_down once the tenants' last writes are recorded: it records where it caught up first)
+            except Exception as exc:  # every failure is shown, and retried or stops the run
+                failures += 1
+                if not self._router_failed(router, exc, failures, gauges):
+                    return
+
+    def _router_failed(self, router: Router, exc: Exception, failures: int, gauges: Metrics) -> bool:
+        """Handle the router's ``failures``-th failure in a row: close it (its next start recovers from its
+        marker), log and record the error, wait out the backoff. False when the worker stops instead (an
+        unexpected error under --once, or retry_limit failures in a row)."""
+        expected = isinstance(exc, (psycopg.Error, PgTursoError, NotYetVisible))
+        try:
+            router.close()
+        except Exception as close_exc:  # the failure being handled is the one that matters
+            event(log, logging.DEBUG, "close_failed", target=self.pattern, error=repr(close_exc))
+        delay = backoff_delay(failures, self.settings.retry_base_delay, self.settings.retry_max_delay)
+        gauges.add("pgturso_errors_total")
+        gauges.set("pgturso_up", 0)
+        if expected:
+            error, status = str(exc).strip() or type(exc).__name__, "retrying"
+            event(log, logging.WARNING, "retry", target=self.pattern, job="route", attempt=failures,
+                  delay_s=round(delay, 2), error=error)
+        else:
+            error, status = (f"stopped on an unexpected {type(exc).__name__}: {exc} HINT: no batch was half routed "
+                             f"(it starts over from the last one it routed); the worker's log has the traceback "
+                             f"(event router_failed): a value it cannot decode (e.g. a database encoding other "
+                             f"than UTF8) or a pgturso bug to report. Every tenant of {self.pattern} waits for "
+                             f"it; it is tried again every retry_max_delay at most"), "blocked"
+            event(log, logging.ERROR, "router_failed", target=self.pattern, attempt=failures,
+                  delay_s=round(delay, 2), error=f"{type(exc).__name__}: {exc}")
+            log.error("router of %s failed", self.pattern, exc_info=exc)
+        try:
+            router.record_failure(error, getattr(exc, "xid", None), status=status)
+        except Exception as record:  # the log has the error; Postgres may be what failed
+            event(log, logging.WARNING, "state_not_recorded", target=self.pattern, error=str(record).strip())
+        limit = self.settings.retry_limit
+        if (not expected and self.once) or (limit and failures > limit):
+            code = EXIT_FATAL if not expected else EXIT_RETRIES_EXHAUSTED
+            event(log, logging.ERROR, "giving_up", target=self.pattern, job="route", attempts=failures,
+                  error=error)
+            self._router_code = code
+            self.stop()
+            return False
+        deadline = time.monotonic() + delay
+        while not self.stopping and time.monotonic() < deadline:  # a stop is not held up by the backoff
+            time.sleep(min(0.1, max(deadline - time.monotonic(), 0.0)))
+        return True
+
+    def _router_alive(self) -> bool:
+        """The scheduler's look at the router's thread: one that ended while the worker runs (it never should:
+        _route handles every exception) stops the worker with EXIT_FATAL instead of leaving its tenants waiting
+        for changes that no longer come, unsaid."""
+        if self.router_thread is None or self.router_thread.is_alive() or self.stopping:
+            return True
+        event(log, logging.ERROR, "router_died", target=self.pattern,
+              error="the router's thread ended while the worker runs: no change is routed to its tenants")
+        if self.router is not None:
+            try:
+                self.router.record_failure("its thread ended while the worker ran (a pgturso bug: the worker's "
+                                           "log has it) HINT: restart the worker", status="blocked")
+            except Exception as record:  # the log has it
+                event(log, logging.WARNING, "state_not_recorded", target=self.pattern, error=str(record).strip())
+        self._router_code = EXIT_FATAL
+        return False
 
     def _finished_once(self) -> bool:
         """--once: nothing left for the tenants this worker holds? Look once more (new tenants included)."""
@@ -977,6 +1044,8 @@ class PatternWorker:
         return bool(self.conn.execute(COPYING, (self.pattern,)).fetchone()[0])  # type: ignore[index]
 
     def _exit_code(self, once: bool) -> int:
+        if self._router_code is not None:
+            return self._router_code
         codes = set(self._codes.values()) if once else set()
         if EXIT_FATAL in codes:
             return EXIT_FATAL

@@ -281,14 +281,16 @@ class Router:
                   txid=item.txid)
         return error is not None
 
-    def record_failure(self, error: str, txid: int | None = None) -> None:
+    def record_failure(self, error: str, txid: int | None = None, status: str = "retrying") -> None:
         """Show a routing failure on the pattern's own row of pgturso.target_status (every tenant waits for the
-        router: it routes in commit order), over a connection of its own (the router's may be what failed)."""
+        router: it routes in commit order), over a connection of its own (the router's may be what failed).
+        ``status``: 'retrying' (what can succeed later: a lost connection, a busy slot) or 'blocked' (an
+        unexpected error: shown whether or not a worker runs, until routing gets past it)."""
         with psycopg.connect(self.dsn, autocommit=True, application_name="pgturso-router") as conn:
             conn.execute("INSERT INTO pgturso.delivery_state (target) VALUES (%s) ON CONFLICT DO NOTHING",
                          (self.pattern,))
             Outbox(conn, batch_rows=1, batch_events=1, target=self.pattern).record_error(
-                "retrying", f"router of {self.pattern}: {error}", txid=txid, retry=True)
+                status, f"router of {self.pattern}: {error}", txid=txid, retry=True)
         self.failing = True
 
     def record_recovery(self) -> None:
