@@ -629,16 +629,14 @@ def test_skip_transaction_of_a_batch_turso_committed_then_a_killed_worker_never_
     skip_in_a_committed_batch_then_kill(conn, dsn, turso)
 
 
-@pytest.mark.parametrize("capture", ["trigger", pytest.param("wal", marks=pytest.mark.xfail(
-    strict=True, reason="a wal target's worker killed before it learnt that Turso committed the batch leaves the "
-    "skip of a transaction of that batch with delivered_at NULL: the next worker forgets the batch by Turso's "
-    "marker, decoding it with the skip known (so dropped, as if never sent), and the record still denies what "
-    "Turso has"))], indirect=True)
+@pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
 def test_skip_transaction_of_a_batch_turso_committed_then_a_killed_worker_says_delivered(
         conn, dsn, turso: TursoServer, capture):
     """The skip of a transaction Turso has is said delivered after the worker that sent it was killed, too: a
     trigger target's recovery, forgetting the batch by Turso's marker, marks the skips of transactions it carried
-    (Outbox.forget, SKIPS_DELIVERED). Failed before (delivered_at NULL)."""
+    (Outbox.forget, SKIPS_DELIVERED); a wal target's, decoding what the marker confirms, marks those the marker's
+    chain of batches did not drop (WalOutbox.forget, WalBatch.chain_of). Failed before (delivered_at NULL; wal:
+    an xfail until the marker named what its chain dropped)."""
     row, said_delivered = skip_in_a_committed_batch_then_kill(conn, dsn, turso)
     assert said_delivered, f"the skip of a transaction Turso has (row {row}) says Turso lacks it"
 

@@ -324,6 +324,11 @@ class WalBatch:
         # Passed to read_past or remove_delivered: the next batch follows it, settled once Turso confirmed it.
         self.removing = False
         self.count_only = False  # count the rows of the batch's row changes, decode none
+        # Set once read whole (WalOutbox.chain_of): the position the chain of batches sent on unconfirmed, this
+        # one last, goes on from (0: the slot's), and the skipped transactions that chain dropped. In its marker,
+        # so that recovery tells a skipped transaction Turso has from one it lacks (WalOutbox.forget).
+        self.chain_from = 0
+        self.chain_dropped: list[tuple[int, int]] = []
 
     @property
     def upto(self) -> int:
@@ -334,8 +339,12 @@ class WalBatch:
         return self.end
 
     def marker(self) -> str:
-        return json.dumps({"slot": self.source.generation, "lsn": lsn_to_text(self.upto),
-                           "layouts": {str(k): v for k, v in sorted(self.layouts.items())}}, separators=(",", ":"))
+        upto = self.upto
+        return json.dumps({"slot": self.source.generation, "lsn": lsn_to_text(upto),
+                           "layouts": {str(k): v for k, v in sorted(self.layouts.items())},
+                           "from": lsn_to_text(self.chain_from),
+                           "dropped": [[xid, lsn_to_text(commit)] for xid, commit in self.chain_dropped]},
+                          separators=(",", ":"))
 
     def events(self, encode: bool = True) -> Iterator[Event]:
         """The batch's changes as outbox events, in commit order: decoded rows merged into runs of one table
@@ -517,6 +526,7 @@ class WalBatch:
         yield from drain()
         self.received += received
         self._consumed = True
+        self.chain_from, self.chain_dropped = source.chain_of(self)
         if self.streamed:  # the stream's next batch goes on from here (WalOutbox.choose_batch); more_pending
             source.read_layouts = self.layouts  # was set if the batch stopped at its limit
             return
@@ -629,6 +639,9 @@ class WalOutbox(Outbox):
         self.target_of_table: dict[int, str] = {}
         self.tables_decoding: set[int] = set()  # WalBatch.tables_known of the batch decoded last
         self.skips: dict[int, int] = {}  # xid of a skipped transaction: the WAL position it committed before
+        # While forget() decodes what Turso committed: the marker's chain, which tells the skipped transactions
+        # the worker that sent it dropped from those it sent (a skip it learnt of too late: Turso has them).
+        self._recovering: _SentChain | None = None
         self.routing = False  # a wal pattern's router reads this slot: rows carry their tenant (router.py)
         self._positions: dict[tuple[int, int, tuple[str, ...]], list[int]] = {}
         self._encoders: dict[tuple[int, bool, frozenset[str]], str | list[Callable[[str], str]]] = {}
@@ -698,16 +711,37 @@ class WalOutbox(Outbox):
         # the slot. The layouts in force are the marker's (after the batches): their rows are counted, not
         # decoded (a key-changing UPDATE counts one row here, two when delivered).
         removed = NOTHING_REMOVED
-        with self.conn.transaction():
-            self.conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-            batch = self._peek(position, 0)
-            if batch is not None:
-                batch.count_only = True
-                for _ in batch.events(encode=False):
-                    pass
-                removed = self.remove_delivered(batch)
+        self._recovering = None if self.routing else _SentChain.of_marker(parsed)
+        try:
+            with self.conn.transaction():
+                self.conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                batch = self._peek(position, 0)
+                if batch is not None:
+                    batch.count_only = True
+                    for _ in batch.events(encode=False):
+                        pass
+                    removed = self.remove_delivered(batch)
+                    self._note_skips_sent(batch)
+        finally:
+            self._recovering = None
         self.advance(position)
         return removed
+
+    def _note_skips_sent(self, batch: WalBatch) -> None:
+        """Recovery (forget): the skipped transactions of ``batch`` (what Turso committed) that the worker which
+        sent it did not drop (its skip came too late for it: the marker's chain does not list them) are on
+        Turso; their records say so (delivered_at), as a trigger target's recovery does (Outbox.forget)."""
+        chain = self._recovering
+        if chain is None:
+            return
+        for xid, before in self.skips.items():
+            commit = batch.begun.get(xid)
+            if commit is not None and commit < before and chain.sent(xid, commit):
+                self.conn.execute(WAL_SKIP_DELIVERED,
+                                  {"target": self.target, "xid": xid, "before": lsn_to_text(before)})
+                event(log, logging.WARNING, "skipped_but_delivered", target=self.target, xid=xid,
+                      reason="skip_transaction ran while the batch carrying it was on its way to Turso (recovered "
+                             "by the target's progress marker)")
 
     def _delivered_before(self) -> bool:
         """Whether a table of this target has no creation event pending (the stream has no 'C' for it ahead)."""
@@ -922,7 +956,22 @@ class WalOutbox(Outbox):
     def skip_of(self, xid: int, commit_lsn: int) -> tuple[int, int] | None:
         """(xid, commit LSN) if pgturso.skip_transaction dropped this transaction for the target, else None."""
         before = self.skips.get(xid)
-        return (xid, commit_lsn) if before is not None and commit_lsn < before else None
+        if before is None or commit_lsn >= before:
+            return None
+        if self._recovering is not None and self._recovering.sent(xid, commit_lsn):
+            return None  # recovery: the batch Turso committed carried it (counted delivered; _note_skips_sent)
+        return (xid, commit_lsn)
+
+    def chain_of(self, batch: WalBatch) -> tuple[int, list[tuple[int, int]]]:
+        """For ``batch``'s marker, once it was read whole: where the chain of batches handed out and not yet
+        confirmed by Turso, ``batch`` last, goes on from (0: the slot's position), and the skipped transactions
+        (xid, commit LSN) that chain dropped. Every transaction after that position up to ``batch``'s end that
+        the chain decoded and is not listed was sent. A peek's batch is its own chain (the slot is advanced
+        past each before the next is read)."""
+        if not batch.streamed or batch not in self._unsettled:
+            return 0, sorted(batch.skipped)
+        chain = self._unsettled[:self._unsettled.index(batch) + 1]
+        return self._confirmed, sorted({key for b in chain for key in b.skipped})
 
     def table_of_layout_id(self, layout_id: int) -> int | None:
         if layout_id not in self._table_of_layout:
@@ -1170,6 +1219,25 @@ def slot_bytes(conn: psycopg.Connection[Any], slot: str) -> tuple[int, int]:
     """(retained, pending) bytes of WAL of a slot (0, 0 if it is missing)."""
     row = conn.execute(SLOT_BYTES, (slot,)).fetchone()
     return (int(row[0] or 0), int(row[1] or 0)) if row else (0, 0)
+
+
+@dataclass(frozen=True)
+class _SentChain:
+    """What a marker says of the chain of batches it ends (WalBatch.chain_of): after ``start``, every
+    transaction was sent but those in ``dropped``."""
+    start: int
+    dropped: frozenset[tuple[int, int]]
+
+    @classmethod
+    def of_marker(cls, parsed: dict[str, Any]) -> _SentChain | None:
+        """None for a marker written before markers named their chain (nothing is known: nothing is inferred)."""
+        if "from" not in parsed or "dropped" not in parsed:
+            return None
+        return cls(lsn_to_int(parsed["from"]),
+                   frozenset((int(xid), lsn_to_int(commit)) for xid, commit in parsed["dropped"]))
+
+    def sent(self, xid: int, commit_lsn: int) -> bool:
+        return commit_lsn > self.start and (xid, commit_lsn) not in self.dropped
 
 
 def _parse_marker(marker: str) -> dict[str, Any] | None:
