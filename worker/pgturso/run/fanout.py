@@ -110,6 +110,8 @@ STEPS_QUEUED_PER_THREAD = 2
 # (PatternWorker._run_round): their batches read in one statement and deleted in one, two round trips for the
 # round instead of two per tenant, each tenant sent to its own database in turn.
 ROUND_TENANTS = 4
+# A stopping router's last looks at the slot for where it caught up (PatternWorker._close_router).
+FINAL_LOOKS = 3
 
 TENANTS = TENANT_ENDPOINTS + " WHERE t.pattern = %s ORDER BY t.name"  # name, tenant value, URL, token
 PATTERN_EXISTS = "SELECT EXISTS (SELECT 1 FROM pgturso.target WHERE name = %s)"
@@ -1080,13 +1082,24 @@ class PatternWorker:
         self.metrics.close()
 
     def _close_router(self, router: Router) -> None:
-        """The router's thread ended, and so did every write of this worker: if the router found nothing more in
+        """The router's thread ended, and so did every write of this worker: if the router finds nothing more in
         the slot, record where (WalOutbox.record_caught_up: pgturso.status says in sync until a transaction
-        commits after it), then close it."""
+        commits after it), then close it.
+
+        The thread may have ended a moment after routing a batch, before its next look found the slot empty:
+        its routed rows (outbox inserts) come back through the slot as one more batch, routed to nobody. So
+        it looks again, up to FINAL_LOOKS times while what it finds routes no row: without that look a running
+        worker stopped that way recorded nothing, and status said not in sync although every change had
+        arrived (the false 'not in sync' of 0f2ec97). Rows it does route now (committed since) stay queued for
+        the next worker: nothing is recorded then, and status rightly says not in sync."""
         try:
-            if router.caught_up and router.source is not None:
-                router.source.record_caught_up()
-        except (psycopg.Error, PgTursoError) as exc:  # status then says what it said before: not in sync
+            if router.source is not None:
+                for _ in range(FINAL_LOOKS):
+                    if router.caught_up or router.route_once():
+                        break
+                if router.caught_up:
+                    router.source.record_caught_up()
+        except Exception as exc:  # status then says what it said before: not in sync
             event(log, logging.WARNING, "caught_up_not_recorded", target=self.pattern, error=str(exc).strip())
         finally:
             router.close()
