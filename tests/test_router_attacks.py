@@ -502,3 +502,35 @@ def test_a_running_router_retries_an_unexpected_error_with_capped_backoff_shown_
         finally:
             worker.stop()
             latin1.close()
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_wait_for_sync_after_a_tenant_found_behind_at_restart_waits_for_its_recopy(conn, dsn, tmp_path: Path):
+    """A tenant's database older than what Postgres recorded delivered (a restored copy: its marker names an
+    earlier batch) is caught up at the worker's first visit: its tables recreated and copied afresh. A
+    wait_for_sync called as that worker starts must not say true while the tenant's table is recreated but not
+    copied yet (the reader would find it empty)."""
+    import shutil
+
+    _pattern(conn, tmp_path)
+    acme = tmp_path / "tenant-acme.db"
+    older = tmp_path / "older-acme"
+    older.mkdir()
+    for name in ("tenant-acme.db", "tenant-acme.db-wal"):
+        if (tmp_path / name).exists():
+            shutil.copy(tmp_path / name, older / name)
+    conn.execute("INSERT INTO orders SELECT g, 'acme', 'later' FROM generate_series(2, 300) g")
+    drain_pattern(dsn)
+    for name in ("tenant-acme.db", "tenant-acme.db-wal"):
+        (tmp_path / name).unlink(missing_ok=True)
+        if (older / name).exists():
+            shutil.copy(older / name, tmp_path / name)
+    worker = _start_worker(dsn)
+    try:
+        conn.execute("INSERT INTO orders VALUES (-1, 'acme', 'after the restart')")
+        assert conn.execute("SELECT pgturso.wait_for_sync('300 s')").fetchone()[0]
+    finally:
+        worker.stop()
+    assert "event=target_behind" in worker.output, worker.output
+    assert tenant_rows(acme, "SELECT id, item FROM orders ORDER BY id") == pg_tenant_rows(conn, "acme"), \
+        worker.output

@@ -20,6 +20,7 @@ import pytest
 from conftest import pending
 from support.workers import WorkerProcess, wait_until
 from test_tenants import (
+    _start_worker,
     applied_writes,
     count_postgres_writes,
     drain_pattern,
@@ -704,3 +705,57 @@ def cut_unsynced_frames(wals: list[Path]) -> None:
         if wal.exists() and wal.stat().st_size > 32:
             with open(wal, "r+b") as frames:
                 frames.truncate(32)
+
+
+def test_an_immediate_postgres_shutdown_with_wal_in_flight_after_turso_committed_a_batch_ends_exact(
+        conn, dsn, tmp_path: Path, hooked_sends, pg_cluster):
+    """A batch's marker records the server's WAL insert position when it was sent, which counts WAL that an open
+    transaction inserted and nobody has written out yet. Postgres stopped with `-m immediate` right after Turso
+    committed the batch loses that unwritten WAL: once restarted it is behind the recorded position, so the next
+    worker takes the marker for one of another history and starts over, copying every tenant's tables afresh
+    (Worker._start_over: a full recopy, safe but costly). Every tenant must still end exact, and wait_for_sync
+    must not say true before the copy is delivered (it did: the tenant's table was found empty). (The recopy
+    recreates the tables, and the write counters' triggers with them: rows are compared, not counts.)"""
+    conn.execute("CREATE TABLE scratch (id int, filler text)")
+    # The open transaction's WAL stays in its buffers: no WAL writer round, and no autovacuum commit (any commit
+    # writes out the WAL before it).
+    conn.execute("ALTER SYSTEM SET wal_writer_delay = '10s'")
+    conn.execute("ALTER SYSTEM SET autovacuum = off")
+    conn.execute("SELECT pg_reload_conf()")
+    try:
+        pattern, tenants = recovered_round(conn, dsn, tmp_path)
+        conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a1'), (2, 'globex', 'g1')")
+        open_writer = psycopg.connect(dsn)
+        open_writer.execute("INSERT INTO scratch SELECT g, repeat('x', 200) FROM generate_series(1, 5000) g")
+
+        def crash() -> None:
+            raise Crash
+
+        hooked_sends["after"].append(crash)
+        with pytest.raises(Crash):
+            tenants[0].step(pattern._pool_connection, True)  # acme's batch committed on Turso, not deleted
+        pg_cluster.pg_ctl("stop", "-m", "immediate", "-w")
+        open_writer.close()
+        for tenant in tenants:
+            tenant.close_target()
+        pattern._shut_down()
+    finally:
+        pg_cluster.pg_ctl("start", "-w", "-l", str(pg_cluster.logfile))
+        pg_cluster.wait_ready()
+        with psycopg.connect(dsn, autocommit=True) as again:
+            again.execute("ALTER SYSTEM RESET wal_writer_delay")
+            again.execute("ALTER SYSTEM RESET autovacuum")
+            again.execute("SELECT pg_reload_conf()")
+    with psycopg.connect(dsn, autocommit=True) as again:
+        worker = _start_worker(dsn)
+        try:
+            again.execute("INSERT INTO orders VALUES (3, 'initech', 'after the restart')")
+            assert again.execute("SELECT pgturso.wait_for_sync('300 s')").fetchone()[0]
+        finally:
+            worker.stop()
+        # The scenario took the path it is about (else it proves nothing): the known cost, see the docstring.
+        assert "event=source_history_changed" in worker.output, worker.output
+        for tenant in ROUND:
+            assert tenant_rows(tmp_path / f"tenant-{tenant}.db", "SELECT id, item FROM orders ORDER BY id") == \
+                pg_tenant_rows(again, tenant), (tenant, worker.output)
+        assert pending(again) == 0

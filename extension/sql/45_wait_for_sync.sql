@@ -6,6 +6,10 @@ SECURITY DEFINER
 @SESSION_SETTINGS@
 AS $$
 DECLARE
+    -- Before the snapshot: a copy that finished after this (copy_finished_at, its transaction's start) was
+    -- still copying in the snapshot, or began after it.
+    v_copies_seen timestamptz := clock_timestamp();
+    v_finished timestamptz;
     v_snapshot pg_snapshot := pg_current_snapshot();
     v_deadline timestamptz := clock_timestamp() + timeout;
     v_upto bigint;
@@ -44,6 +48,17 @@ BEGIN
                        WHERE t.copy_state = 'copying' AND t.dropped_at IS NULL);
     SELECT max(id) INTO v_upto FROM pgturso.outbox;
     LOOP
+        -- A copy that began after the call holds rows committed before it too: resync_table, or the recopy of
+        -- a target a worker found behind at its recovery (an older copy of its database, a lost slot), which
+        -- drops that target's committed events for the copy to bring their rows again. One that finished since
+        -- the last look (maybe between two looks) queued its last chunks after v_upto: look again from now.
+        SELECT max(t.copy_finished_at) INTO v_finished FROM pgturso.tracked_table t;
+        IF v_finished > v_copies_seen THEN
+            v_copies_seen := v_finished;
+            v_snapshot := pg_current_snapshot();
+            SELECT max(id) INTO v_upto FROM pgturso.outbox;
+            v_lsn := CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_insert_lsn() END;
+        END IF;
         IF cardinality(v_copying) > 0 AND NOT EXISTS (
                SELECT 1 FROM pgturso.tracked_table t
                WHERE t.id = ANY (v_copying) AND t.copy_state = 'copying' AND t.dropped_at IS NULL) THEN
@@ -64,9 +79,14 @@ BEGIN
             v_snapshot := pg_current_snapshot();
             SELECT max(id) INTO v_upto FROM pgturso.outbox;
         END IF;
+        -- One expression, one snapshot: events a recopy dropped are missing from the outbox only where that
+        -- recopy's copy is seen running (or finished after the last look) too.
         IF cardinality(v_copying) = 0 AND v_routed
            AND NOT EXISTS (SELECT 1 FROM pgturso.outbox o
                            WHERE o.id <= v_upto AND pg_visible_in_snapshot(o.txid, v_snapshot))
+           AND NOT EXISTS (SELECT 1 FROM pgturso.tracked_table t
+                           WHERE t.dropped_at IS NULL
+                             AND (t.copy_state = 'copying' OR t.copy_finished_at > v_copies_seen))
            -- A wal target with tracked tables is synced only when its slot is usable and passed v_lsn: a
            -- missing or lost slot (failover, dropped, invalidated), or one being replaced, has not delivered.
            AND NOT EXISTS (SELECT 1 FROM pgturso.target g
@@ -89,7 +109,8 @@ END
 $$;
 COMMENT ON FUNCTION pgturso.wait_for_sync IS
     'Wait until every change committed before the call is on Turso, including every row of the initial '
-    'copies and resyncs (track_table, resync_table) still running at the call; true when it is, false on '
+    'copies and resyncs (track_table, resync_table, a worker''s recopy of a target found behind) running at '
+    'the call or begun during the wait (it waits for every copy in progress); true when it is, false on '
     'timeout (nothing is promised then), and false while a wal target''s slot is missing, lost or being '
     'replaced. Call it after COMMIT, in READ COMMITTED, on the primary when a target captures from the WAL '
     '(a standby refuses: it cannot see the slot). Any role may call it.';
