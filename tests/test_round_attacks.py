@@ -326,6 +326,10 @@ def test_a_round_mate_whose_events_were_skipped_while_turso_had_its_batch_is_not
         assert pending(conn) == 0
         assert counted_since(conn, before) == {"tenant-acme": (0, 0), "tenant-globex": (1, 1),
                                                "tenant-initech": (1, 1)}
+        # The skip cannot unsend what acme's database committed: its record says so (Worker._delivered, as a
+        # tenant stepped alone: tests/test_tenant_skips.py).
+        assert conn.execute("SELECT delivered_at IS NOT NULL FROM pgturso.skipped_transaction "
+                            "WHERE txid = %s::xid8 AND target = 'tenant-acme'", (txid,)).fetchone()[0]
     conn.execute("INSERT INTO orders VALUES (4, 'acme', 'a2')")
     restarted = drain_pattern(dsn)  # a fresh worker: each tenant recovered from its own marker
     assert "target_behind" not in restarted.stderr, restarted.stderr
