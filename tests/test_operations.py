@@ -292,6 +292,8 @@ def test_a_changed_url_gets_a_full_copy_not_just_the_pending_changes(conn, dsn, 
     # pgturso.url now names another database: it has none of what was delivered.
     moved = drain(dsn, second_turso.url)
     assert "event=target_behind" in moved.stderr and "copying its tables afresh" in moved.stderr
+    # The pending insert was dropped (the copy carries it), recorded as a deletion of pending events.
+    assert conn.execute("SELECT operation, events FROM pgturso.outbox_deletion").fetchall() == [("recopy_target", 1)]
     assert second_turso.query("SELECT id, v FROM t ORDER BY id") == _rows(conn)
     conn.execute("INSERT INTO t VALUES (102, 'later')")
     again = drain(dsn, second_turso.url)

@@ -307,11 +307,10 @@ def worker_backend_done_reading(dsn: str) -> bool:
             "AND state = 'idle' AND query IN ('ROLLBACK', 'COMMIT'))").fetchone()[0])  # type: ignore[index]
 
 
-@pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
-def test_skip_transaction_of_a_batch_read_ahead_never_sends_it(conn, dsn, turso: TursoServer, capture):
+@contextmanager
+def a_batch_read_ahead(conn: psycopg.Connection[Any], dsn: str, turso: TursoServer) -> Iterator[tuple[Tracked, int]]:
     """Small batches, read ahead: Turso committed batch N and its answer is held while the worker has read batch
-    N+1 into memory (in a transaction it ended). skip_transaction of N+1's first transaction now: its row must
-    never reach Turso, and every other row arrives once (the batch read ahead is read again, without it)."""
+    N+1 into memory (in a transaction it ended). Yields the tracked setup at that moment and N+1's first row."""
     small = ("--batch-events", "5", "--batch-rows", "5", "--idle-wait", "1")
     with tracked_behind_a_proxy(conn, dsn, turso, worker_args=small, stream_expiry=30) as tracked:
         cloud = tracked.cloud
@@ -321,17 +320,80 @@ def test_skip_transaction_of_a_batch_read_ahead_never_sends_it(conn, dsn, turso:
         cloud.slow_answers = [10.0]  # the next batch is committed on Turso, the worker told 10 s later
         wait_until(lambda: cloud.holding > 0, 60, "Turso to hold a committed batch's answer")
         wait_until(lambda: worker_backend_done_reading(dsn), 5, "the worker to read the next batch ahead")
-        skipped_row = turso.query("SELECT max(id) FROM t")[0][0] + 1  # the first row of the batch read ahead
-        # (the test cluster's transaction ids are in epoch 0: the row's xmin is its transaction's xid8)
-        conn.execute("SELECT pgturso.skip_transaction((SELECT xmin::text::xid8 FROM t WHERE id = %s), 'attack', "
-                     "target => 'default')", (skipped_row,))
-        assert cloud.holding > 0, "Turso answered before the skip: nothing was shown (hold the answer longer)"
-        wait_until(lambda: outbox_empty(dsn), 120, "the worker to deliver the backlog")
-        others = f"SELECT count(*) FROM t WHERE id <> {skipped_row}"
-        wait_until(lambda: on_turso(turso, others) == [[BACKLOG]], 60, "every other row")
-        assert turso.query(f"SELECT count(*) FROM t WHERE id = {skipped_row}") == [[0]], \
-            f"the skipped transaction (row {skipped_row}, read ahead before the skip) was sent"
-        assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[BACKLOG - 1, BACKLOG - 1]]
+        yield tracked, turso.query("SELECT max(id) FROM t")[0][0] + 1
+
+
+# (the test cluster's transaction ids are in epoch 0: a row's xmin is its transaction's xid8)
+SKIP_ROW = ("SELECT pgturso.skip_transaction((SELECT xmin::text::xid8 FROM t WHERE id = %s), 'attack', "
+            "target => 'default')")
+
+
+def skipped_row_never_sent(turso: TursoServer, tracked: Tracked, dsn: str, skipped_row: int) -> None:
+    """Every backlog row but ``skipped_row`` arrives once; that one never (the batch read ahead is read again)."""
+    assert tracked.cloud.holding > 0, "Turso answered before the skip: nothing was shown (hold the answer longer)"
+    wait_until(lambda: outbox_empty(dsn), 120, "the worker to deliver the backlog")
+    others = f"SELECT count(*) FROM t WHERE id <> {skipped_row}"
+    wait_until(lambda: on_turso(turso, others) == [[BACKLOG]], 60, "every other row")
+    assert turso.query(f"SELECT count(*) FROM t WHERE id = {skipped_row}") == [[0]], \
+        f"the skipped transaction (row {skipped_row}, read ahead before the skip) was sent"
+    assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[BACKLOG - 1, BACKLOG - 1]]
+
+
+@pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
+def test_skip_transaction_of_a_batch_read_ahead_never_sends_it(conn, dsn, turso: TursoServer, capture):
+    """Small batches, read ahead: Turso committed batch N and its answer is held while the worker has read batch
+    N+1 into memory (in a transaction it ended). skip_transaction of N+1's first transaction now: its row must
+    never reach Turso, and every other row arrives once (the batch read ahead is read again, without it)."""
+    with a_batch_read_ahead(conn, dsn, turso) as (tracked, skipped_row):
+        conn.execute(SKIP_ROW, (skipped_row,))
+        skipped_row_never_sent(turso, tracked, dsn, skipped_row)
+
+
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)  # a slot's batch is checked by its LSN
+@pytest.mark.parametrize("isolation", ["repeatable read", "serializable"])
+def test_skip_transaction_at_any_isolation_of_a_batch_read_ahead_never_sends_it(conn, dsn, turso: TursoServer,
+                                                                               capture, isolation: str):
+    """As test_skip_transaction_of_a_batch_read_ahead_never_sends_it, the skip run in a REPEATABLE READ or
+    SERIALIZABLE transaction: it records its deletion in that transaction (pgturso.outbox_deletion), which the
+    worker's check before sending sees once it committed, as it sees the deletion."""
+    with a_batch_read_ahead(conn, dsn, turso) as (tracked, skipped_row), psycopg.connect(dsn) as skipper:
+        skipper.execute(f"BEGIN ISOLATION LEVEL {isolation}")
+        skipper.execute(SKIP_ROW, (skipped_row,))
+        skipper.execute("COMMIT")
+        skipped_row_never_sent(turso, tracked, dsn, skipped_row)
+
+
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)
+def test_a_skip_rolled_back_while_a_batch_is_read_ahead_sends_it_as_read(conn, dsn, turso: TursoServer, capture):
+    """skip_transaction of N+1's first transaction, rolled back while N+1 is read ahead: nothing was deleted, so
+    the batch is sent as it was read (not read again) and every row arrives once."""
+    with a_batch_read_ahead(conn, dsn, turso) as (tracked, first_row):
+        with conn.transaction(force_rollback=True):
+            assert conn.execute(SKIP_ROW, (first_row,)).fetchone()[0] == 1
+        assert tracked.cloud.holding > 0, "Turso answered before the skip: nothing was shown"
+        every_backlog_row_once(turso, tracked, dsn)
+        assert "batch_changed" not in tracked.worker.output, tracked.worker.output[-3000:]
+
+
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)
+def test_a_skip_for_another_target_while_a_batch_is_read_ahead_sends_it_as_read(conn, dsn, turso: TursoServer,
+                                                                                 capture):
+    """A skip of another target's pending transaction (and untrack_table of its table) while N+1 is read ahead
+    moves the deletion generation: the worker counts N+1's events again (POSITION_IF_WHOLE), finds them all, and
+    sends it as read."""
+    conn.execute("SELECT pgturso.add_target('elsewhere', 'http://127.0.0.1:1')")
+    conn.execute("CREATE TABLE abroad (id int PRIMARY KEY)")
+    conn.execute("SELECT pgturso.track_table('abroad', target => 'elsewhere')")
+    conn.execute("INSERT INTO abroad VALUES (1)")
+    with a_batch_read_ahead(conn, dsn, turso) as (tracked, _):
+        generation = conn.execute("SELECT count(*) FROM pgturso.outbox_deletion").fetchone()[0]
+        conn.execute("SELECT pgturso.skip_transaction((SELECT xmin::text::xid8 FROM abroad WHERE id = 1), 'attack', "
+                     "target => 'elsewhere')")
+        assert conn.execute("SELECT count(*) FROM pgturso.outbox_deletion").fetchone()[0] == generation + 1
+        assert tracked.cloud.holding > 0, "Turso answered before the skip: nothing was shown"
+        conn.execute("SELECT pgturso.untrack_table('abroad')")  # (its creation stays pending, for no worker)
+        every_backlog_row_once(turso, tracked, dsn)
+        assert "batch_changed" not in tracked.worker.output, tracked.worker.output[-3000:]
 
 
 # trigger capture: how the outbox's next batch is read past the one in flight (a slot's batches follow the stream)

@@ -793,8 +793,12 @@ def test_wal_a_blocked_tenant_given_up_is_discarded_or_skipped(conn, dsn, tmp_pa
         # (b) all at once: the value's parked rows dropped, recorded
         conn.execute("UPDATE orders SET tenant_id = 'initech' WHERE tenant_id = 'bad value'")
         assert conn.execute("SELECT pgturso.wait_for_sync('2 s')").fetchone()[0] is False  # parked: not in sync
-        assert conn.execute("SELECT pgturso.discard_blocked_tenant('tenant-%s', 'bad value', 'moved to initech')"
-                            ).fetchone()[0] >= 2
+        discarded = conn.execute("SELECT pgturso.discard_blocked_tenant('tenant-%s', 'bad value', 'moved to initech')"
+                                 ).fetchone()[0]
+        assert discarded >= 2
+        # recorded as a deletion of pending events (pgturso.outbox_deletion), as the skip before it was
+        assert conn.execute("SELECT operation, events FROM pgturso.outbox_deletion ORDER BY id DESC LIMIT 1"
+                            ).fetchone() == ("discard_blocked_tenant", discarded)
         assert conn.execute("SELECT pgturso.wait_for_sync('60 s')").fetchone()[0]
         assert conn.execute("SELECT count(*) FROM pgturso.outbox").fetchone()[0] == 0
         # a later row of a discarded value is parked again

@@ -1023,6 +1023,18 @@ COMMENT ON FUNCTION pgturso.resync_table IS
     'Copy a tracked table to Turso afresh: its Turso table is recreated and refilled in chunks while '
     'changes keep flowing; progress in pgturso.status.';
 
+-- Every deletion of pending outbox events besides delivery's records itself here, in its own transaction
+-- (pgturso.outbox_deletion: a worker's batch read ahead is sent as read only if no such row committed since).
+CREATE OR REPLACE FUNCTION pgturso._note_outbox_deletion(operation text, events bigint) RETURNS void
+LANGUAGE sql
+@SESSION_SETTINGS@
+AS $$
+    INSERT INTO pgturso.outbox_deletion (operation, events)
+    SELECT _note_outbox_deletion.operation, _note_outbox_deletion.events WHERE _note_outbox_deletion.events > 0
+$$;
+COMMENT ON FUNCTION pgturso._note_outbox_deletion IS
+    'Private: record that this transaction deleted pending outbox events (a batch read ahead is checked against it).';
+
 CREATE OR REPLACE FUNCTION pgturso.untrack_table(rel regclass) RETURNS void
 LANGUAGE plpgsql
 @SESSION_SETTINGS@
@@ -1030,6 +1042,8 @@ AS $$
 DECLARE
     v_table_id integer;
     v_target text;
+    v_deleted bigint;
+    v_deleted_late bigint;
 BEGIN
     SELECT id INTO v_table_id FROM pgturso.tracked_table WHERE relid = rel AND dropped_at IS NULL;
     IF v_table_id IS NULL THEN
@@ -1044,12 +1058,15 @@ BEGIN
     -- Turso request. Wait for them first, while nothing is locked on the table itself: dropping the triggers
     -- takes its ACCESS EXCLUSIVE lock, and every reader and writer of the table would wait behind this call.
     DELETE FROM pgturso.outbox o USING pgturso.layout l WHERE o.layout_id = l.id AND l.table_id = v_table_id;
+    GET DIAGNOSTICS v_deleted = ROW_COUNT;
     PERFORM FROM pgturso.table_state s WHERE s.table_id = v_table_id FOR UPDATE;
     PERFORM FROM pgturso.tracked_table t WHERE t.id = v_table_id FOR UPDATE;
     PERFORM pgturso._remove_capture(rel, v_table_id);
     PERFORM pgturso._drop_row_filter(t.options) FROM pgturso.tracked_table t WHERE t.id = v_table_id;
     -- And the events of writers that committed while the triggers were dropped.
     DELETE FROM pgturso.outbox o USING pgturso.layout l WHERE o.layout_id = l.id AND l.table_id = v_table_id;
+    GET DIAGNOSTICS v_deleted_late = ROW_COUNT;
+    PERFORM pgturso._note_outbox_deletion('untrack_table', v_deleted + v_deleted_late);
     SELECT target INTO v_target FROM pgturso.tracked_table WHERE id = v_table_id;
     DELETE FROM pgturso.tracked_table WHERE id = v_table_id;
     -- The last table of a wal target: its slot would only pin WAL from now on.

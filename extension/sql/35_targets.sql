@@ -349,6 +349,7 @@ BEGIN
         RETURNING o.nrows, l.spec ->> 'source_table' AS source_table)
     SELECT count(*), coalesce(sum(nrows), 0), coalesce(array_agg(DISTINCT source_table), '{}')
     INTO v_events, v_rows, v_tables FROM gone;
+    PERFORM pgturso._note_outbox_deletion('discard_blocked_tenant', v_events);
     IF v_blocked.txid IS NOT NULL THEN
         INSERT INTO pgturso.skipped_transaction AS s (txid, target, reason, events, rows, tables, error)
         VALUES (v_blocked.txid, v_name, reason, v_events, v_rows, v_tables, v_blocked.error)

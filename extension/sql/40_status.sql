@@ -199,6 +199,7 @@ DECLARE
     v_xid32 numeric := skip_transaction.txid::text::numeric % 4294967296;
     v_wal boolean;
     v_blocked record;
+    v_deleted bigint;
 BEGIN
     IF coalesce(trim(reason), '') = '' THEN
         RAISE EXCEPTION 'pgturso: skipping a transaction needs a reason'
@@ -272,6 +273,8 @@ BEGIN
     DELETE FROM pgturso.outbox o USING pgturso.layout l, pgturso.tracked_table t
     WHERE o.txid = skip_transaction.txid AND l.id = o.layout_id AND t.id = l.table_id
       AND coalesce(replace(t.target, '%s', o.tenant), t.target) = v_target AND o.op IN ('U', 'D', 'T');
+    GET DIAGNOSTICS v_deleted = ROW_COUNT;
+    PERFORM pgturso._note_outbox_deletion('skip_transaction', v_deleted);
     -- A tenant of a wal pattern blocked by this transaction (the one that brought its value first: its
     -- pgturso.target_status row names it): the router queued its rows under the routing transactions' ids, so
     -- they cannot be told apart by source transaction; skipping the transaction discards the tenant's parked

@@ -66,6 +66,10 @@ BEGIN
                    'pgturso._router_blocked(text), '
                    'pgturso._route_rows(text, integer[], text[], integer[], text[], text[]), '
                    'pgturso._held_for_router(text) TO %s', worker);
+    -- A worker checks a batch it read ahead against the deletions of pending events (pgturso.outbox_deletion),
+    -- and records its own (a recopy of its target, a lost slot's rebuild).
+    EXECUTE format('GRANT SELECT, INSERT ON pgturso.outbox_deletion TO %s', worker);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION pgturso._note_outbox_deletion(text, bigint) TO %s', worker);
     EXECUTE format('GRANT EXECUTE ON FUNCTION pgturso._copy_chunk(integer, integer), pgturso._source_position(), '
                    'pgturso._position_reached(jsonb), pgturso._resync_target(text) TO %s', worker);
 END

@@ -132,10 +132,19 @@ PART_END = f"""
         FROM pgturso.outbox WHERE {BATCH_FILTER}
     ) AS part WHERE bytes_so_far >= %(part_bytes)s ORDER BY id LIMIT 1), %(upto)s)
 """
+# The deletion generation: how many calls deleted pending outbox events besides delivery (skip_transaction,
+# untrack_table, discard_blocked_tenant, a worker's recopy or slot rebuild), each recording itself in the
+# transaction that deletes (pgturso._note_outbox_deletion), so a snapshot sees a deletion's row exactly when it
+# sees the deletion. Read in the snapshot a batch is read ahead in (Outbox.read_past), and again before it is sent.
+DELETION_GENERATION = "(SELECT count(*) FROM pgturso.outbox_deletion)"
+# Where the source server is, and whether nothing deleted pending events since the batch read ahead was read
+# (the generation it was read at, %(generation)s, unchanged): read once the batch before is recorded delivered,
+# before this one is sent.
+POSITION_IF_UNCHANGED = f"SELECT pgturso._source_position(), {DELETION_GENERATION} = %(generation)s"
 # Where the source server is, and how many of a batch read ahead (while %(past_...)s, the batch before, travelled)
-# are still pending, from its first event on (%(first)s), the batch before's excluded: read once that batch is
-# recorded delivered, before this one is sent. Fewer than were read: skip_transaction or untrack_table deleted
-# some meanwhile, and the statements in memory would send them all the same (Outbox.position_if_whole).
+# are still pending, from its first event on (%(first)s), the batch before's excluded: when the generation moved
+# (POSITION_IF_UNCHANGED false: something deleted pending events, of this batch or not). Fewer than were read:
+# some of its own are gone, and the statements in memory would send them all the same (Outbox.position_if_whole).
 POSITION_IF_WHOLE = f"""
     SELECT pgturso._source_position(), (
         SELECT count(*) FROM pgturso.outbox WHERE id >= %(first)s AND {BATCH_FILTER}
@@ -171,7 +180,8 @@ OUTSIDE_BATCH_AT_OR_BELOW_CUT = f"""
                      AND id <= %(past_upto)s AND {PAST_FOR_TARGET})
         OR EXISTS (SELECT FROM pgturso.outbox
                    WHERE txid >= pg_snapshot_xmax(%(past_snapshot)s::pg_snapshot) AND id <= %(past_upto)s
-                     AND {PAST_FOR_TARGET})
+                     AND {PAST_FOR_TARGET}),
+        {DELETION_GENERATION}
 """
 # The number of a batch's events, counted in the transaction that chose it: a batch read in parts after it must
 # read as many, or something deleted some of them meanwhile (Batch.read_in_parts).
@@ -464,6 +474,8 @@ SET_DELIVERED_MARKER = "UPDATE pgturso.delivery_state SET delivered_marker = %(m
 # A target database that lacks what was delivered to it: every committed event of the target goes (the copies
 # supersede them) and each of its tables is recreated and copied afresh, in order with what commits later.
 DROP_COMMITTED_EVENTS = f"DELETE FROM pgturso.outbox WHERE {FOR_TARGET}"
+# Pending events deleted other than by delivering them: recorded, in the deleting transaction (DELETION_GENERATION).
+NOTE_OUTBOX_DELETION = "SELECT pgturso._note_outbox_deletion(%(operation)s, %(events)s)"
 RESYNC_TARGET_TABLES = "SELECT pgturso._resync_target(%(target)s)"
 LATEST_LAYOUTS = """
     SELECT DISTINCT ON (l.table_id) l.id FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
@@ -554,6 +566,8 @@ class Batch:
         self.rows_per_layout: dict[int, int] = {}  # of the events read
         # Where the source server was when the batch was sent (Outbox.position): set before marker() is used.
         self.position: dict[str, Any] | None = None
+        # The deletion generation of the snapshot it was read in, when read ahead (Outbox.position_if_whole).
+        self.generation: int | None = None
         # The marker of the batch delivered before it, which its fence checked on the target (None: none yet).
         self.follows: str | None = None
         # The payload bytes of the batch's events, at most, when known: a small batch is read in one round trip.
@@ -666,8 +680,10 @@ class Outbox:
         self._layouts: dict[int, TableLayout] = {}
         self._table_of_layout: dict[int, int] = {}
         self._may_vacuum: bool | None = None
-        # Set by read_past for the next choose_batch (in the same transaction): the cut of the batch in flight.
+        # Set by read_past for the next choose_batch (in the same transaction): the cut of the batch in flight,
+        # and the deletion generation of the transaction's snapshot (DELETION_GENERATION).
         self._after = 0
+        self._generation: int | None = None
 
     def source_id(self) -> str:
         with self.conn.transaction():
@@ -694,6 +710,13 @@ class Outbox:
         """
         # Read past the batch in flight by its cut (read_past), unless that needed its events deleted.
         after, self._after = self._after, 0
+        generation, self._generation = self._generation, None
+        batch = self._choose_batch(after, single_transaction)
+        if batch is not None:
+            batch.generation = generation
+        return batch
+
+    def _choose_batch(self, after: int, single_transaction: bool) -> Batch | None:
         if single_transaction:  # (nothing is read ahead of one source transaction at a time: after is 0)
             self.layouts = self._target_layouts()
             scope = {"layouts": self.layouts, "tenant": self.tenant}
@@ -797,7 +820,14 @@ class Outbox:
     def position_if_whole(self, batch: Batch, past: Batch) -> dict[str, Any] | None:
         """position(), for ``batch`` read ahead while ``past`` travelled, once ``past`` is recorded delivered (its
         events may still be pending): None if some of ``batch``'s events are gone since it was read (deleted by
-        skip_transaction or untrack_table): it must be read again (POSITION_IF_WHOLE)."""
+        skip_transaction or untrack_table): it must be read again. Nothing deleted pending events since the
+        snapshot it was read in (the deletion generation unchanged, POSITION_IF_UNCHANGED): it is whole, and
+        its events are not counted again; else they are (POSITION_IF_WHOLE)."""
+        if batch.generation is not None:
+            row = self.conn.execute(POSITION_IF_UNCHANGED, {"generation": batch.generation}).fetchone()
+            assert row is not None
+            if row[1]:
+                return dict(row[0])
         row = self.conn.execute(POSITION_IF_WHOLE, {
             **batch.params, "first": batch.first_id or 0, "past_upto": past.upto, "past_snapshot": past.snapshot,
             "past_held": past.held}).fetchone()
@@ -861,7 +891,9 @@ class Outbox:
         it to be recreated and copied afresh; ``target_marker`` (the target's own marker) is what Postgres
         knows the target holds from now on."""
         with self.conn.transaction():
-            self.conn.execute(DROP_COMMITTED_EVENTS, {"layouts": self._target_layouts(), "tenant": self.tenant})
+            dropped = self.conn.execute(DROP_COMMITTED_EVENTS, {"layouts": self._target_layouts(),
+                                                                "tenant": self.tenant}).rowcount
+            self.conn.execute(NOTE_OUTBOX_DELETION, {"operation": "recopy_target", "events": dropped})
             # A tenant's tables are its pattern's: resync_table recreates and copies them for every tenant.
             self.conn.execute(RESYNC_TARGET_TABLES, {"target": self.tables_target})
             self.conn.execute(SET_DELIVERED_MARKER, {"marker": target_marker, "target": self.target})
@@ -886,7 +918,9 @@ class Outbox:
         row = self.conn.execute(OUTSIDE_BATCH_AT_OR_BELOW_CUT, {
             "target": self.tables_target, "tenant": self.tenant, "past_upto": batch.upto,
             "past_snapshot": batch.snapshot, "past_held": batch.held, "past_layouts": batch.layouts}).fetchone()
-        if row is not None and row[0] is False:
+        assert row is not None
+        self._generation = int(row[1])
+        if row[0] is False:
             self._after = batch.upto
             return
         self._after = 0
