@@ -976,7 +976,7 @@ class PatternWorker:
         except Exception as close_exc:  # the failure being handled is the one that matters
             event(log, logging.DEBUG, "close_failed", target=self.pattern, error=repr(close_exc))
         delay = backoff_delay(failures, self.settings.retry_base_delay, self.settings.retry_max_delay)
-        gauges.add("pgturso_errors_total")
+        gauges.add("pgturso_retries_total" if expected else "pgturso_errors_total")  # (as a tenant's failures)
         gauges.set("pgturso_up", 0)
         if expected:
             error, status = str(exc).strip() or type(exc).__name__, "retrying"
