@@ -4,15 +4,13 @@ on the rows and columns that arrived in each tenant's database."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from conftest import _kill_workers, run_worker
-from support.workers import wait_until
+from conftest import run_worker
+from support.workers import outbox_empty, wait_until
 from test_tenants import _start_worker, drain_pattern, pg_tenant_rows, tenant_rows
 
 PLANS = "SELECT id, name, price FROM plans ORDER BY id"
@@ -409,99 +407,73 @@ def test_truncates_of_routed_and_reference_tables_between_inserts_of_one_transac
         assert tenant_rows(path, PLANS) == pg_rows(conn, PLANS) == [(5, "kept", "5")], tenant
 
 
-@contextlib.contextmanager
-def latin1_database(conn: psycopg.Connection[Any]) -> Iterator[str]:
-    """A LATIN1 database of the test's cluster with pgturso installed (wal capture): its DSN. Dropped after,
-    with its slots (a slot left behind blocks DROP DATABASE)."""
-    info = conn.info
-    name = f"{info.dbname}_latin1"
-    conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    conn.execute(f"CREATE DATABASE {name} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
-    dsn = f"host={info.host} port={info.port} user={info.user} dbname={name}"
-    try:
-        with psycopg.connect(dsn, autocommit=True) as latin1:
-            latin1.execute("CREATE EXTENSION pgturso CASCADE")
-            latin1.execute("UPDATE pgturso.target SET capture = 'wal'")
-        yield dsn
-    finally:
-        _kill_workers()
-        with psycopg.connect(dsn, autocommit=True) as latin1:
-            latin1.execute("SELECT pgturso._drop_slot(name) FROM pgturso.target")
-        conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+def _router_fails_on_every_batch(conn: psycopg.Connection[Any], tmp_path: Path) -> None:
+    """A wal pattern whose router meets an exception nobody expected (neither psycopg's nor pgturso's) on every
+    batch: its row of pgturso.router holds a tenant copy whose snapshot it cannot parse (a ValueError while
+    routing). Found first with a LATIN1 database's bytes read as UTF-8, which is fixed (test_encodings)."""
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("SELECT pgturso.track_table('orders', target => %s, route_by => 'tenant_id', capture => 'wal')",
+                 ("tenant-%s",))
+    conn.execute("INSERT INTO pgturso.router (pattern, copies) VALUES (%s, %s)",
+                 ("tenant-%s", '{"ghost": {"snapshot": "not a snapshot", "lsn": "0/0"}}'))
+    conn.execute("INSERT INTO orders VALUES (1, 'globex', 'plain ascii')")
+    conn.execute("INSERT INTO orders VALUES (2, 'acme', 'caf\u00e9')")
 
 
-def _router_fails_on_every_batch(dsn: str, tmp_path: Path) -> psycopg.Connection[Any]:
-    """A wal pattern in a LATIN1 database whose slot holds a row the router cannot decode: the walsender sends
-    the row's LATIN1 bytes and the router reads text as UTF-8 (a UnicodeDecodeError, neither a psycopg nor a
-    pgturso error: the real way found to make the router meet an exception nobody expected)."""
-    latin1 = psycopg.connect(dsn, autocommit=True)
-    latin1.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
-    latin1.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
-    latin1.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id', "
-                   "capture => 'wal')")
-    latin1.execute("INSERT INTO orders VALUES (1, 'globex', 'plain ascii')")
-    latin1.execute("INSERT INTO orders VALUES (2, 'acme', 'caf\u00e9')")
-    return latin1
+def _router_status(conn: psycopg.Connection[Any]) -> tuple[Any, ...] | None:
+    return conn.execute("SELECT recorded_status, last_error, retries FROM pgturso.target_status "
+                        "WHERE target = 'tenant-%s'").fetchone()
 
 
-def _router_status(latin1: psycopg.Connection[Any]) -> tuple[Any, ...] | None:
-    return latin1.execute("SELECT recorded_status, last_error, retries FROM pgturso.target_status "
-                          "WHERE target = 'tenant-%s'").fetchone()
-
-
-def _nothing_routed(latin1: psycopg.Connection[Any]) -> None:
+def _nothing_routed(conn: psycopg.Connection[Any]) -> None:
     """No half-routed batch: no tenant registered, no routed row queued, no marker recorded past the failure."""
-    assert latin1.execute("SELECT count(*) FROM pgturso.target WHERE pattern = 'tenant-%s'").fetchone()[0] == 0
-    assert latin1.execute("SELECT count(*) FROM pgturso.outbox WHERE tenant IS NOT NULL").fetchone()[0] == 0
-    assert latin1.execute("SELECT marker FROM pgturso.router").fetchone()[0] is None
+    assert conn.execute("SELECT count(*) FROM pgturso.target WHERE pattern = 'tenant-%s'").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM pgturso.outbox WHERE tenant IS NOT NULL").fetchone()[0] == 0
+    assert conn.execute("SELECT marker FROM pgturso.router").fetchone()[0] is None
 
 
 @pytest.mark.parametrize("capture", ["wal"], indirect=True)
-def test_an_unexpected_router_error_stops_a_once_run_with_the_error_shown(conn, tmp_path: Path):
+def test_an_unexpected_router_error_stops_a_once_run_with_the_error_shown(conn, dsn, tmp_path: Path):
     """The router meets an exception it does not know (not psycopg's, not pgturso's): --once used to wait for
     a router whose thread had died, for ever, saying nothing. It stops with EXIT_FATAL, the error (its kind,
     the pattern, what to do) in its log and on the pattern's row of pgturso.target_status, nothing routed."""
-    with latin1_database(conn) as dsn:
-        latin1 = _router_fails_on_every_batch(dsn, tmp_path)
-        try:
-            result = run_worker(dsn, "", "--target", "tenant-%s", timeout=90)
-            assert result.returncode == 2, result.stderr  # EXIT_FATAL
-            failed = [line for line in result.stderr.splitlines() if "event=router_failed" in line]
-            assert failed and "target=tenant-%s" in failed[0] and "UnicodeDecodeError" in failed[0], result.stderr
-            assert "Traceback" in result.stderr  # the log has where it happened
-            status, error, _ = _router_status(latin1)
-            assert status == "blocked"
-            assert "router of tenant-%s" in error and "UnicodeDecodeError" in error and "HINT" in error, error
-            _nothing_routed(latin1)
-        finally:
-            latin1.close()
+    _router_fails_on_every_batch(conn, tmp_path)
+    result = run_worker(dsn, "", "--target", "tenant-%s", timeout=90)
+    assert result.returncode == 2, result.stderr  # EXIT_FATAL
+    failed = [line for line in result.stderr.splitlines() if "event=router_failed" in line]
+    assert failed and "target=tenant-%s" in failed[0] and "ValueError" in failed[0], result.stderr
+    assert "Traceback" in result.stderr  # the log has where it happened
+    status, error, _ = _router_status(conn)
+    assert status == "blocked"
+    assert "router of tenant-%s" in error and "ValueError" in error and "HINT" in error, error
+    _nothing_routed(conn)
 
 
 @pytest.mark.parametrize("capture", ["wal"], indirect=True)
-def test_a_running_router_retries_an_unexpected_error_with_capped_backoff_shown_in_status(conn, tmp_path: Path):
+def test_a_running_router_retries_an_unexpected_error_with_capped_backoff_shown_in_status(conn, dsn,
+                                                                                          tmp_path: Path):
     """A running worker's router meeting an exception it does not know used to end its thread silently (the
     worker ran on, routing nothing). It is logged at ERROR, shown on the pattern's row of pgturso.target_status
     (blocked, with the error and the fix), and tried again from the router's marker after a backoff that grows
     to retry_max_delay, never in a hot loop and never with a half-routed batch; the worker keeps running."""
-    with latin1_database(conn) as dsn:
-        latin1 = _router_fails_on_every_batch(dsn, tmp_path)
-        worker = _start_worker(dsn)
-        try:
-            wait_until(lambda: len(worker.lines("router_failed")) >= 4, 120, "four failed routing attempts")
-            assert worker.proc is not None and worker.proc.poll() is None, worker.output  # still running
-            failed = worker.lines("router_failed")
-            assert all("target=tenant-%s" in line and "UnicodeDecodeError" in line for line in failed), failed
-            delays = [float(line.split("delay_s=")[1].split()[0]) for line in failed]
-            assert all(0.025 <= d <= 1.0 for d in delays), delays  # PGTURSO_RETRY_BASE_DELAY 0.05, MAX 1
-            attempts = [int(line.split("attempt=")[1].split()[0]) for line in failed]
-            assert attempts[:4] == [1, 2, 3, 4], failed
-            status, error, retries = _router_status(latin1)
-            assert status == "blocked" and retries >= 1
-            assert "router of tenant-%s" in error and "UnicodeDecodeError" in error and "HINT" in error, error
-            _nothing_routed(latin1)
-        finally:
-            worker.stop()
-            latin1.close()
+    _router_fails_on_every_batch(conn, tmp_path)
+    worker = _start_worker(dsn)
+    try:
+        wait_until(lambda: len(worker.lines("router_failed")) >= 4, 120, "four failed routing attempts")
+        assert worker.proc is not None and worker.proc.poll() is None, worker.output  # still running
+        failed = worker.lines("router_failed")
+        assert all("target=tenant-%s" in line and "ValueError" in line for line in failed), failed
+        delays = [float(line.split("delay_s=")[1].split()[0]) for line in failed]
+        assert all(0.025 <= d <= 1.0 for d in delays), delays  # PGTURSO_RETRY_BASE_DELAY 0.05, MAX 1
+        attempts = [int(line.split("attempt=")[1].split()[0]) for line in failed]
+        assert attempts[:4] == [1, 2, 3, 4], failed
+        status, error, retries = _router_status(conn)
+        assert status == "blocked" and retries >= 1
+        assert "router of tenant-%s" in error and "ValueError" in error and "HINT" in error, error
+        _nothing_routed(conn)
+    finally:
+        worker.stop()
 
 
 @pytest.mark.parametrize("capture", ["wal"], indirect=True)
@@ -534,3 +506,28 @@ def test_wait_for_sync_after_a_tenant_found_behind_at_restart_waits_for_its_reco
     assert "event=target_behind" in worker.output, worker.output
     assert tenant_rows(acme, "SELECT id, item FROM orders ORDER BY id") == pg_tenant_rows(conn, "acme"), \
         worker.output
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_a_router_failure_that_clears_resumes_delivers_everything_once_and_clears_blocked(conn, dsn,
+                                                                                          tmp_path: Path):
+    """The cause of an unexpected router error goes away while the worker runs (here: the corrupt row of
+    pgturso.router is repaired): the next attempt routes from the router's marker, every tenant gets exactly
+    its rows, once, and the pattern's row of target_status is no longer blocked."""
+    _router_fails_on_every_batch(conn, tmp_path)
+    worker = _start_worker(dsn)
+    try:
+        wait_until(lambda: len(worker.lines("router_failed")) >= 2, 120, "two failed routing attempts")
+        assert _router_status(conn)[0] == "blocked"
+        conn.execute("UPDATE pgturso.router SET copies = '{}'")
+        conn.execute("INSERT INTO orders VALUES (3, 'acme', 'after the repair')")
+        wait_until(lambda: outbox_empty(dsn) and conn.execute(
+            "SELECT count(*) FROM pgturso.target WHERE pattern = 'tenant-%s'").fetchone()[0] == 2, 120,
+                   "both tenants registered and delivered after the repair")
+        wait_until(lambda: _router_status(conn)[0] != "blocked", 60, "the pattern's row no longer blocked")
+        assert worker.proc is not None and worker.proc.poll() is None, worker.output
+    finally:
+        worker.stop()
+    for tenant in ("acme", "globex"):
+        assert tenant_rows(tmp_path / f"tenant-{tenant}.db", "SELECT id, item FROM orders ORDER BY id"
+                           ) == pg_tenant_rows(conn, tenant), tenant

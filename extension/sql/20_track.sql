@@ -764,6 +764,17 @@ DECLARE
     v_capture text;
     v_route_attnum integer;
 BEGIN
+    -- Turso stores text as UTF-8, and the worker asks Postgres for UTF-8 (worker/pgturso/common/postgres.py),
+    -- which Postgres converts to from any database encoding but SQL_ASCII (bytes of no declared encoding).
+    IF current_setting('server_encoding') <> 'UTF8' AND NOT EXISTS (
+            SELECT 1 FROM pg_catalog.pg_conversion c
+            WHERE c.condefault AND c.conforencoding = pg_catalog.pg_char_to_encoding(current_setting('server_encoding'))
+              AND c.contoencoding = pg_catalog.pg_char_to_encoding('UTF8')) THEN
+        RAISE EXCEPTION 'pgturso: cannot track %: database % has encoding %, which Postgres cannot convert to UTF-8 (Turso stores text as UTF-8)',
+            rel, current_database(), current_setting('server_encoding')
+            USING HINT = 'Replicate from a database with a real encoding (UTF8, LATIN1, WIN1252, ...): create one '
+                         'with CREATE DATABASE ... ENCODING ''UTF8'' TEMPLATE template0 and move the table there.';
+    END IF;
     -- The capture mode is the target's: one slot feeds one target's worker, in commit order.
     v_capture := coalesce(track_table.capture,
                           (SELECT g.capture FROM pgturso.target g WHERE g.name = track_table.target), 'trigger');

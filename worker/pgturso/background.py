@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 
 from .common.logs import event
+from .common.postgres import connect
 
 log = logging.getLogger("pgturso.background")
 
@@ -31,7 +32,7 @@ def started_by_postgres() -> bool:
 def not_ready_reason(dsn: str, target: str) -> str | None:
     """Why this database cannot be delivered from yet (and what makes it ready), or None once it can."""
     try:
-        with psycopg.connect(dsn, autocommit=True, application_name="pgturso-worker", connect_timeout=10) as conn:
+        with connect(dsn, autocommit=True, application_name="pgturso-worker", connect_timeout=10) as conn:
             if conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'pgturso'").fetchone() is None:
                 return "pgturso is not installed in this database yet (CREATE EXTENSION pgturso CASCADE)"
             if target != "default" and conn.execute(

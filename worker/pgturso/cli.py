@@ -24,6 +24,7 @@ import psycopg
 from . import __version__, background
 from .common import logs
 from .common.errors import ConfigError, PgTursoError, RetriesExhausted
+from .common.postgres import connect
 from .common.retry import backoff_delay
 from .common.settings import POSTGRESQL_CONF_NAMES, POSTGRESQL_CONF_QUERY, SETTINGS, Settings, resolve
 from .delivery.targets import Target, open_target
@@ -78,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def load_settings(dsn: str, flags: dict[str, object]) -> Settings:
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with connect(dsn, autocommit=True) as conn:
         rows = conn.execute(POSTGRESQL_CONF_QUERY, {"names": POSTGRESQL_CONF_NAMES}).fetchall()
     from_conf = {name: value for name, value in rows if value is not None}
     return resolve(from_conf, os.environ, flags)
@@ -184,7 +185,7 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
                            encryption_key=settings.encryption())
 
     try:
-        with psycopg.connect(args.dsn, autocommit=True, application_name="pgturso-verify") as conn:
+        with connect(args.dsn, autocommit=True, application_name="pgturso-verify") as conn:
             row = conn.execute(TARGET_PATTERN, (settings.target,)).fetchone()
             if row is None and "%s" in settings.target:
                 raise ConfigError(f"there is no target named {settings.target!r}; create it with SELECT "
@@ -238,7 +239,7 @@ def _status(dsn: str, max_retrying: float = DEFAULT_MAX_RETRYING, problems_only:
     and tenants with an error, retrying, blocked or not running). Cleared errors are shown as history.
     Exit 2 when the status cannot be read (Postgres unreachable, no pgturso, no right to read it)."""
     try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
+        with connect(dsn, autocommit=True) as conn:
             tables = conn.execute(STATUS_QUERY).fetchall()
             targets = conn.execute(TARGETS_QUERY).fetchall()
     except psycopg.Error as exc:  # unknown is not healthy: say why, exit 2

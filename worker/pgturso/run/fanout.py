@@ -985,8 +985,8 @@ class PatternWorker:
         else:
             error, status = (f"stopped on an unexpected {type(exc).__name__}: {exc} HINT: no batch was half routed "
                              f"(it starts over from the last one it routed); the worker's log has the traceback "
-                             f"(event router_failed): a value it cannot decode (e.g. a database encoding other "
-                             f"than UTF8) or a pgturso bug to report. Every tenant of {self.pattern} waits for "
+                             f"(event router_failed): a pgturso bug to report, or a catalog row of "
+                             f"pgturso.router edited by hand. Every tenant of {self.pattern} waits for "
                              f"it; it is tried again every retry_max_delay at most"), "blocked"
             event(log, logging.ERROR, "router_failed", target=self.pattern, attempt=failures,
                   delay_s=round(delay, 2), error=f"{type(exc).__name__}: {exc}")

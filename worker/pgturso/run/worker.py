@@ -33,6 +33,7 @@ from ..common.errors import (
 from ..common.logs import Progress, event
 from ..common.logs import setup as setup_logs
 from ..common.metrics import Metrics
+from ..common.postgres import connect
 from ..common.quoting import quote_literal
 from ..common.retry import backoff_delay, retry_delay
 from ..common.settings import DEFAULT_URL, Settings
@@ -124,7 +125,7 @@ def delivery_connection(dsn: str, application_name: str = "pgturso-worker") -> p
     """A connection set up to read batches: a worker's own, or one of a pattern worker's pool (fanout.py)."""
     # No server-side prepared statements: the batch queries need plans for their actual bounds (a
     # generic plan scans the whole outbox); no JIT: these are small, frequent queries.
-    conn = psycopg.connect(dsn, autocommit=True, application_name=application_name, prepare_threshold=None)
+    conn = connect(dsn, autocommit=True, application_name=application_name, prepare_threshold=None)
     conn.execute("SET jit = off")
     conn.execute("SET work_mem = '64MB'")  # a batch's events are grouped in one sort; keep it in memory
     # Every name the worker uses is qualified or built in: no function or operator from a schema that other
@@ -755,7 +756,7 @@ class Worker:
 
     def _wait_for_changes(self) -> None:
         if self.listen_conn is None or self.listen_conn.closed:
-            self.listen_conn = psycopg.connect(self.dsn, autocommit=True, application_name="pgturso-worker-listen")
+            self.listen_conn = connect(self.dsn, autocommit=True, application_name="pgturso-worker-listen")
             self.listen_conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
             return  # changes may have arrived before LISTEN: look once more before sleeping
         assert self.outbox is not None and self.conn is not None

@@ -24,6 +24,7 @@ from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict
 
 from ..capture.sql import capture_settings_options
+from ..common.postgres import connect
 from ..common.quoting import quote_ident
 
 # Microseconds between the Unix epoch and Postgres' (2000-01-01), for the status updates' clock.
@@ -183,7 +184,7 @@ def _connect(dsn: str) -> psycopg.Connection[Any]:
     # server, database or role sets (DateStyle, extra_float_digits, ...), as the worker then reads them back.
     own = conninfo_to_dict(dsn).get("options")  # the DSN's options stay, ours come last and win
     options = f"{own} {capture_settings_options()}" if own else capture_settings_options()
-    return psycopg.connect(dsn, autocommit=True, replication="database",
+    return connect(dsn, autocommit=True, replication="database",
                            application_name="pgturso-worker-replication", options=options)
 
 

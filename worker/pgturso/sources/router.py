@@ -37,6 +37,7 @@ from typing import Any
 import psycopg
 
 from ..common.logs import event
+from ..common.postgres import connect
 from .outbox import Event, Outbox
 from .slot import SlotError, WalBatch, WalOutbox, lsn_to_int, slot_bytes
 
@@ -116,7 +117,7 @@ class Router:
     def start(self) -> bool:
         """Connect, take the pattern's router lock (False if another process routes it) and recover."""
         self.close()
-        self.write = psycopg.connect(self.dsn, autocommit=True, application_name="pgturso-router")
+        self.write = connect(self.dsn, autocommit=True, application_name="pgturso-router")
         taken = self.write.execute(TAKE_ROUTER_LOCK, (ROUTER_LOCK_CLASS, self.pattern)).fetchone()
         if not taken or not taken[0]:
             self.close()
@@ -126,7 +127,7 @@ class Router:
         self.tenants = {str(t) for (t,) in self.write.execute(TENANTS, (self.pattern,)).fetchall()}
         self.blocked = {str(t) for (t,) in self.write.execute(BLOCKED, (self.pattern,)).fetchall()}
         self.tenants |= self.blocked
-        self.conn = psycopg.connect(self.dsn, autocommit=True, application_name="pgturso-router-read")
+        self.conn = connect(self.dsn, autocommit=True, application_name="pgturso-router-read")
         self.source = WalOutbox(self.conn, dsn=self.dsn, target=self.pattern, batch_rows=self.batch_rows,
                                 batch_events=self.batch_rows, pattern=self.pattern)
         self.source.routing = True
@@ -286,7 +287,7 @@ class Router:
         router: it routes in commit order), over a connection of its own (the router's may be what failed).
         ``status``: 'retrying' (what can succeed later: a lost connection, a busy slot) or 'blocked' (an
         unexpected error: shown whether or not a worker runs, until routing gets past it)."""
-        with psycopg.connect(self.dsn, autocommit=True, application_name="pgturso-router") as conn:
+        with connect(self.dsn, autocommit=True, application_name="pgturso-router") as conn:
             conn.execute("INSERT INTO pgturso.delivery_state (target) VALUES (%s) ON CONFLICT DO NOTHING",
                          (self.pattern,))
             Outbox(conn, batch_rows=1, batch_events=1, target=self.pattern).record_error(
