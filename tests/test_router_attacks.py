@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import run_worker
-from support.workers import outbox_empty, wait_until
+from support.workers import WorkerProcess, outbox_empty, wait_until
 from test_tenants import _start_worker, drain_pattern, pg_tenant_rows, tenant_rows
 
 PLANS = "SELECT id, name, price FROM plans ORDER BY id"
@@ -531,3 +531,43 @@ def test_a_router_failure_that_clears_resumes_delivers_everything_once_and_clear
     for tenant in ("acme", "globex"):
         assert tenant_rows(tmp_path / f"tenant-{tenant}.db", "SELECT id, item FROM orders ORDER BY id"
                            ) == pg_tenant_rows(conn, tenant), tenant
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_a_sigterm_while_the_router_waits_out_a_long_backoff_stops_the_worker_cleanly(conn, dsn, tmp_path: Path):
+    """The router failed and waits out a backoff of minutes (retry_base_delay 300 s): SIGTERM stops the worker
+    cleanly (exit 0) without waiting the backoff out, nothing half routed."""
+    _router_fails_on_every_batch(conn, tmp_path)
+    worker = WorkerProcess(dsn, "", "--target", "tenant-%s", "--idle-wait", "1",
+                           env={"PGTURSO_RETRY_BASE_DELAY": "300", "PGTURSO_RETRY_MAX_DELAY": "600"}).start()
+    try:
+        wait_until(lambda: len(worker.lines("router_failed")) >= 1, 120, "a failed routing attempt")
+        assert float(worker.lines("router_failed")[0].split("delay_s=")[1].split()[0]) >= 150
+        assert worker.stop(timeout=60) == 0, worker.output  # killed (-9) had it waited for the backoff
+    finally:
+        if worker.proc is not None and worker.proc.poll() is None:
+            worker.kill()
+    assert len(worker.lines("router_failed")) == 1, worker.output
+    _nothing_routed(conn)
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_retry_limit_ends_a_running_worker_after_that_many_router_failures_in_a_row(conn, dsn, tmp_path: Path):
+    """retry_limit 2 on a running (not --once) worker whose router fails on every batch: the first attempt and
+    two retries fail, then the worker gives up with exit 1 (EXIT_RETRIES_EXHAUSTED), saying so, the pattern's
+    row still blocked with the error, nothing routed."""
+    _router_fails_on_every_batch(conn, tmp_path)
+    worker = WorkerProcess(dsn, "", "--target", "tenant-%s", "--idle-wait", "1",
+                           env={"PGTURSO_RETRY_BASE_DELAY": "0.05", "PGTURSO_RETRY_MAX_DELAY": "0.2",
+                                "PGTURSO_RETRY_LIMIT": "2"}).start()
+    try:
+        assert worker.proc is not None
+        assert worker.proc.wait(120) == 1, worker.output
+    finally:
+        if worker.proc is not None and worker.proc.poll() is None:
+            worker.kill()
+    assert len(worker.lines("router_failed")) == 3, worker.output
+    assert any("job=route" in line and "attempts=3" in line for line in worker.lines("giving_up")), worker.output
+    status, error, _ = _router_status(conn)
+    assert status == "blocked" and "ValueError" in error, error
+    _nothing_routed(conn)

@@ -997,7 +997,9 @@ class PatternWorker:
             event(log, logging.WARNING, "state_not_recorded", target=self.pattern, error=str(record).strip())
         limit = self.settings.retry_limit
         if (not expected and self.once) or (limit and failures > limit):
-            code = EXIT_FATAL if not expected else EXIT_RETRIES_EXHAUSTED
+            # --once stops at an unexpected error (EXIT_FATAL); retry_limit failures in a row, whatever they
+            # are, exhaust the retries (EXIT_RETRIES_EXHAUSTED, as docs/design.md says)
+            code = EXIT_FATAL if not expected and self.once else EXIT_RETRIES_EXHAUSTED
             event(log, logging.ERROR, "giving_up", target=self.pattern, job="route", attempts=failures,
                   error=error)
             self._router_code = code
