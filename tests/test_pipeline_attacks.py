@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from conftest import pending, run_worker
 from support.cloud_proxy import CloudProxy
 from support.turso import TursoServer, install_apply_counter
 from support.workers import WorkerProcess, outbox_empty, wait_until
@@ -703,6 +704,40 @@ def test_skip_transaction_of_a_batch_turso_committed_then_a_killed_worker_says_d
     assert said_delivered, f"the skip of a transaction Turso has (row {row}) says Turso lacks it"
 
 
+def _markers(turso: TursoServer) -> dict[str, dict[str, Any]]:
+    return {str(source): json.loads(marker)
+            for source, marker in turso.query("SELECT source_id, applied_ids FROM _pgturso_progress")}
+
+
+@pytest.mark.parametrize("capture", ["wal"], indirect=True)
+def test_a_marker_without_a_chain_as_0_5_0_wrote_it_infers_nothing_at_recovery(conn, dsn, turso: TursoServer,
+                                                                                capture):
+    """Upgrade attack on a6667c9: as test_skip_transaction_of_a_batch_turso_committed_then_a_killed_worker_says_
+    delivered, but the marker on Turso is as a 0.5.0 worker wrote it (no 'from', no 'dropped': the batch was sent
+    before the upgrade) when the new worker recovers. It infers nothing: no skip is said delivered (the one of a
+    transaction Turso has stays unknown, delivered_at NULL; never one Turso lacks), the skip never sent never
+    arrives, every other row arrives once, and the next marker names its chain."""
+    with skipped_while_turso_holds_a_committed_batch(conn, dsn, turso) as (tracked, on_turso_row):
+        tracked.worker.kill()
+        tracked.cloud.slow_answers = []
+        (source, marker), = _markers(turso).items()
+        assert "from" in marker and "dropped" in marker, marker
+        old = json.dumps({k: marker[k] for k in ("slot", "lsn", "layouts")}, separators=(",", ":"))
+        turso.query(f"UPDATE _pgturso_progress SET applied_ids = '{old}' WHERE source_id = '{source}'")
+        assert "from" not in _markers(turso)[source]
+        tracked.restart()
+        wait_until(lambda: outbox_empty(dsn), 120, "the new worker to deliver the backlog")
+        wait_until(lambda: on_turso(turso, "SELECT count(*) FROM t") == [[BACKLOG + 1]], 60, "every other row")
+        assert turso.query(f"SELECT count(*) FROM t WHERE id IN ({on_turso_row}, {BACKLOG + 1})") == [[1]]
+        said = dict(conn.execute(
+            "SELECT t.id, s.delivered_at IS NOT NULL FROM pgturso.skipped_transaction s "
+            "JOIN t ON s.txid = t.xmin::text::xid8 WHERE t.id IN (%s, %s)", (on_turso_row, BACKLOG + 1)).fetchall())
+        assert said == {on_turso_row: False, BACKLOG + 1: False}, said
+        assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[BACKLOG, BACKLOG]], \
+            tracked.worker.output[-3000:]
+        assert "from" in _markers(turso)[source], "the upgraded worker's marker names its chain"
+
+
 @pytest.mark.parametrize("capture", ["wal"], indirect=True)
 def test_untrack_table_of_a_held_batch_never_sends_it(conn, dsn, turso: TursoServer, capture):
     """As test_skip_transaction_of_a_held_batch_never_sends_it, with untrack_table: a small batch N is committed on
@@ -729,3 +764,31 @@ def test_untrack_table_of_a_held_batch_never_sends_it(conn, dsn, turso: TursoSer
         assert turso.query("SELECT count(*), max(id) FROM t")[0] == on_turso_at_untrack, tracked.worker.output[-3000:]
         assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[40, 40]], \
             tracked.worker.output[-3000:]
+
+
+@pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
+def test_the_skip_of_a_transaction_turso_refused_is_never_said_delivered_across_restarts(
+        conn, dsn, turso: TursoServer, capture):
+    """Turso refuses a transaction (a trigger only the target has): the worker blocks on it, the operator skips
+    it, a worker delivers the rest, and two more runs in a row recover from that marker with no new batch
+    between (each re-reads what the marker confirms). The skip's delivered_at stays NULL (Turso never had the
+    transaction), its row never arrives, every other row arrives once."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    assert run_worker(dsn, turso.url).returncode == 0
+    install_apply_counter(turso.url, "t")
+    turso.query("CREATE TRIGGER no_bad BEFORE INSERT ON t WHEN NEW.v LIKE 'bad%' "
+                "BEGIN SELECT RAISE(ABORT, 'no bad rows here'); END")
+    for i, v in enumerate(["good", "bad one", "after", "last"], start=1):
+        conn.execute("INSERT INTO t VALUES (%s, %s)", (i, v))
+    blocked = run_worker(dsn, turso.url)
+    assert blocked.returncode == 2 and "no bad rows here" in blocked.stderr, blocked.stderr
+    bad = conn.execute("SELECT xmin::text FROM t WHERE id = 2").fetchone()[0]
+    conn.execute("SELECT pgturso.skip_transaction(%s::xid8, 'refused by Turso')", (bad,))
+    for _ in range(3):  # delivers the rest, then restarts twice with nothing new
+        result = run_worker(dsn, turso.url)
+        assert result.returncode == 0, result.stderr
+    assert turso.query("SELECT id, v FROM t ORDER BY id") == [[1, "good"], [3, "after"], [4, "last"]]
+    assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[3, 3]]
+    assert conn.execute("SELECT delivered_at FROM pgturso.skipped_transaction").fetchall() == [(None,)]
+    assert pending(conn) == 0
