@@ -8,6 +8,8 @@ reads Postgres back over a UTF8 connection, so that both sides are compared as t
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -125,3 +127,22 @@ def test_routed_rows_beyond_ascii_reach_their_tenants_intact_in_a_latin1_databas
                                ) == expected, tenant
         parked = [r[0] for r in db.execute("SELECT tenant FROM pgturso.blocked_tenant").fetchall()]
         assert parked == (["zürich"] if mode == "wal" else [])
+
+
+@pytest.mark.parametrize("mode", ["trigger", "wal"])
+def test_sync_and_verify_in_a_latin1_database_deliver_and_compare_the_same_characters(conn, turso: TursoServer,
+                                                                                       mode: str):
+    """pgturso.sync() (the worker's code in the backend, connecting back) delivers a LATIN1 database's text as
+    the same characters, and pgturso-worker verify then finds Postgres and Turso equal (it reads both sides'
+    text: a wrongly decoded side would differ)."""
+    first, second, third = SAMPLES["LATIN1"]
+    with encoded_database(conn, "LATIN1", mode) as dsn, utf8(dsn) as db:
+        db.execute(f'CREATE TABLE "{TABLE}" ("clé" text PRIMARY KEY, "désignation" text, n int)')
+        db.execute(f"SELECT pgturso.track_table('\"{TABLE}\"', capture => %s)", (mode,))
+        db.execute(f'INSERT INTO "{TABLE}" VALUES (%s, %s, 1), (%s, %s, 2)', (first, second, third, first))
+        assert db.execute("SELECT pgturso.sync(url => %s)", (turso.url,)).fetchone()[0] >= 1
+        expected = [tuple(r) for r in db.execute(SELECT).fetchall()]
+        assert [tuple(r) for r in turso.query(SELECT)] == expected
+        verified = subprocess.run([sys.executable, "-m", "pgturso", "verify", "--dsn", dsn, "--url", turso.url],
+                                  capture_output=True, text=True, timeout=120)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
