@@ -631,3 +631,34 @@ def test_a_backlog_larger_than_a_request_is_decoded_once(conn, dsn, turso: Turso
     wait_until(lambda: decoded() >= transactions, 60, "the slot's statistics")
     # The worker's own bookkeeping transactions (a few per batch) are decoded too; the backlog once.
     assert decoded() < transactions + 10 * batches, (decoded(), batches)
+
+
+def test_a_transaction_one_wal_target_refused_and_skipped_reaches_the_other_and_is_never_said_delivered(
+        conn, dsn, turso: TursoServer):
+    """One transaction writes a table of each of two wal targets; the default target's Turso refuses it, the
+    operator skips it for that target only. The other target delivers it (its skip is the default's, not its
+    own); the default target delivers the rest; two more runs of each recover from their markers. The skip's
+    delivered_at stays NULL: the other target having the transaction says nothing of the default's Turso."""
+    with two_wal_targets(conn) as other:
+        drain(dsn, turso.url)
+        drain(dsn, other.url, "--target", "other")
+        turso.query("CREATE TRIGGER no_bad BEFORE INSERT ON t WHEN NEW.v LIKE 'bad%' "
+                    "BEGIN SELECT RAISE(ABORT, 'no bad rows here'); END")
+        with conn.transaction():
+            conn.execute("INSERT INTO t VALUES (1, 'bad')")
+            conn.execute("INSERT INTO o VALUES (1, 'bad for t only')")
+        with conn.transaction():
+            conn.execute("INSERT INTO t VALUES (2, 'ok')")
+            conn.execute("INSERT INTO o VALUES (2, 'ok')")
+        blocked = run_worker(dsn, turso.url)
+        assert blocked.returncode == 2 and "no bad rows here" in blocked.stderr, blocked.stderr
+        bad = conn.execute("SELECT xmin::text FROM t WHERE id = 1").fetchone()[0]
+        conn.execute("SELECT pgturso.skip_transaction(%s::xid8, 'refused', target => 'default')", (bad,))
+        for _ in range(3):
+            drain(dsn, other.url, "--target", "other")
+            drain(dsn, turso.url)
+        assert turso.query("SELECT id, v FROM t ORDER BY id") == [[2, "ok"]]
+        assert other.query("SELECT id, v FROM o ORDER BY id") == [[1, "bad for t only"], [2, "ok"]]
+        assert conn.execute("SELECT target, delivered_at FROM pgturso.skipped_transaction").fetchall() == [
+            ("default", None)]
+        assert pending(conn) == 0
