@@ -207,3 +207,30 @@ def test_an_upgrade_gives_a_worker_role_what_grant_worker_gives_now(pg_cluster, 
             for role in ("upgraded_worker", "fresh_worker", "bystander"):
                 conn.execute(f"DROP OWNED BY {role}")
                 conn.execute(f"DROP ROLE {role}")
+
+
+def test_this_versions_worker_delivers_batches_read_ahead_before_alter_extension_update(pg_cluster,
+                                                                                          turso: TursoServer):
+    """The package is installed before ``ALTER EXTENSION pgturso UPDATE`` runs (README: an installed database
+    keeps working across an upgrade of the package): a worker of this version, started against a 0.5.0 catalog,
+    reads batches ahead while others travel, and 0.5.0 has no pgturso.outbox_deletion (0.6.0's deletion
+    generation) to check them against. It must deliver every row, the check falling back to counting the batch
+    again, and keep delivering after the upgrade."""
+    with _database(pg_cluster, "upgrade_worker_first") as conn:
+        dsn = pg_cluster.dsn("upgrade_worker_first")
+        conn.execute("CREATE EXTENSION pgturso VERSION '0.5.0' CASCADE")
+        conn.execute("CREATE TABLE items (id int PRIMARY KEY, name text)")
+        conn.execute("SELECT pgturso.track_table('items')")
+        for i in range(1, 41):  # one event per transaction: batches of 5 leave more pending, read ahead
+            conn.execute("INSERT INTO items VALUES (%s, %s)", (i, f"row {i}"))
+        small = ("--batch-events", "5", "--batch-rows", "5", "--idle-wait", "1")
+        drain(dsn, turso.url, *small)
+        assert pending(conn) == 0
+        assert turso.query("SELECT count(*), sum(id) FROM items") == [[40, sum(range(1, 41))]]
+
+        conn.execute("ALTER EXTENSION pgturso UPDATE")
+        for i in range(41, 81):
+            conn.execute("INSERT INTO items VALUES (%s, %s)", (i, f"row {i}"))
+        drain(dsn, turso.url, *small)
+        assert pending(conn) == 0
+        assert turso.query("SELECT count(*), sum(id) FROM items") == [[80, sum(range(1, 81))]]

@@ -181,8 +181,16 @@ OUTSIDE_BATCH_AT_OR_BELOW_CUT = f"""
         OR EXISTS (SELECT FROM pgturso.outbox
                    WHERE txid >= pg_snapshot_xmax(%(past_snapshot)s::pg_snapshot) AND id <= %(past_upto)s
                      AND {PAST_FOR_TARGET}),
-        {DELETION_GENERATION}
+        @GENERATION@
 """
+# The same, in the snapshot's deletion generation (None: unknown, the batch read is counted again before it is
+# sent): a catalog before 0.6.0 has no pgturso.outbox_deletion, and this version's package is installed before
+# ALTER EXTENSION UPDATE runs (Outbox.read_past).
+OUTSIDE_BATCH_AT_OR_BELOW_CUT, OUTSIDE_BATCH_AT_OR_BELOW_CUT_UNCOUNTED = (
+    OUTSIDE_BATCH_AT_OR_BELOW_CUT.replace("@GENERATION@", DELETION_GENERATION),
+    OUTSIDE_BATCH_AT_OR_BELOW_CUT.replace("@GENERATION@", "NULL::bigint"))
+# Whether the catalog records deletions (0.6.0 on): looked up by name, as the catalog is now.
+HAS_DELETION_GENERATION = "SELECT to_regclass('pgturso.outbox_deletion') IS NOT NULL"
 # The number of a batch's events, counted in the transaction that chose it: a batch read in parts after it must
 # read as many, or something deleted some of them meanwhile (Batch.read_in_parts).
 BATCH_EVENTS = f"SELECT count(*) FROM pgturso.outbox WHERE {BATCH_FILTER}"
@@ -476,6 +484,15 @@ SET_DELIVERED_MARKER = "UPDATE pgturso.delivery_state SET delivered_marker = %(m
 DROP_COMMITTED_EVENTS = f"DELETE FROM pgturso.outbox WHERE {FOR_TARGET}"
 # Pending events deleted other than by delivering them: recorded, in the deleting transaction (DELETION_GENERATION).
 NOTE_OUTBOX_DELETION = "SELECT pgturso._note_outbox_deletion(%(operation)s, %(events)s)"
+
+
+def note_outbox_deletion(conn: psycopg.Connection[Any], operation: str, events: int) -> None:
+    """Record, in the caller's transaction, that it deleted ``events`` pending events (NOTE_OUTBOX_DELETION), if
+    the catalog records deletions: before ALTER EXTENSION UPDATE to 0.6.0 it does not, and no worker checks a
+    batch against them then (Outbox.read_past)."""
+    row = conn.execute(HAS_DELETION_GENERATION).fetchone()
+    if row is not None and row[0]:
+        conn.execute(NOTE_OUTBOX_DELETION, {"operation": operation, "events": events})
 RESYNC_TARGET_TABLES = "SELECT pgturso._resync_target(%(target)s)"
 LATEST_LAYOUTS = """
     SELECT DISTINCT ON (l.table_id) l.id FROM pgturso.layout l JOIN pgturso.tracked_table t ON t.id = l.table_id
@@ -684,6 +701,9 @@ class Outbox:
         # and the deletion generation of the transaction's snapshot (DELETION_GENERATION).
         self._after = 0
         self._generation: int | None = None
+        # Whether pgturso.outbox_deletion existed before the current transaction began (read_past): only then
+        # does its count in that transaction's snapshot cover every deletion committed after it.
+        self._deletions_recorded = False
 
     def source_id(self) -> str:
         with self.conn.transaction():
@@ -893,7 +913,7 @@ class Outbox:
         with self.conn.transaction():
             dropped = self.conn.execute(DROP_COMMITTED_EVENTS, {"layouts": self._target_layouts(),
                                                                 "tenant": self.tenant}).rowcount
-            self.conn.execute(NOTE_OUTBOX_DELETION, {"operation": "recopy_target", "events": dropped})
+            note_outbox_deletion(self.conn, "recopy_target", dropped)
             # A tenant's tables are its pattern's: resync_table recreates and copies them for every tenant.
             self.conn.execute(RESYNC_TARGET_TABLES, {"target": self.tables_target})
             self.conn.execute(SET_DELIVERED_MARKER, {"marker": target_marker, "target": self.target})
@@ -915,11 +935,19 @@ class Outbox:
         transaction id: OUTSIDE_BATCH_AT_OR_BELOW_CUT), the next batch is chosen above its cut. Else (a late
         committer or a held transaction below the cut) its events are deleted by its name, and the caller
         rolls that transaction back once it read the next batch."""
-        row = self.conn.execute(OUTSIDE_BATCH_AT_OR_BELOW_CUT, {
+        recorded = self._deletions_recorded
+        outside = OUTSIDE_BATCH_AT_OR_BELOW_CUT if recorded else OUTSIDE_BATCH_AT_OR_BELOW_CUT_UNCOUNTED
+        row = self.conn.execute(outside, {
             "target": self.tables_target, "tenant": self.tenant, "past_upto": batch.upto,
             "past_snapshot": batch.snapshot, "past_held": batch.held, "past_layouts": batch.layouts}).fetchone()
         assert row is not None
-        self._generation = int(row[1])
+        self._generation = None if row[1] is None else int(row[1])
+        if not recorded:
+            # A catalog before 0.6.0 (this package runs before ALTER EXTENSION UPDATE): no generation, the batch
+            # is counted again before it is sent. Seen now, the table existed before every later transaction's
+            # snapshot (not necessarily this one's: the upgrade may have committed after it was taken).
+            found = self.conn.execute(HAS_DELETION_GENERATION).fetchone()
+            self._deletions_recorded = bool(found and found[0])
         if row[0] is False:
             self._after = batch.upto
             return

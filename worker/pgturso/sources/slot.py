@@ -43,7 +43,7 @@ from ..capture.types import json_from_text
 from ..common.errors import ConfigError, PgTursoError
 from ..common.logs import event
 from ..common.quoting import quote_ident, quote_literal
-from .outbox import NOTE_OUTBOX_DELETION, SENT_COUNTS, Event, Outbox, Removed, record_batch_sql
+from .outbox import SENT_COUNTS, Event, Outbox, Removed, note_outbox_deletion, record_batch_sql
 from .replication import ReplicationStream
 
 log = logging.getLogger("pgturso.slot")
@@ -775,7 +775,7 @@ class WalOutbox(Outbox):
             dropped = self.conn.execute(
                 "DELETE FROM pgturso.outbox o USING pgturso.layout l, pgturso.tracked_table t "
                 "WHERE l.id = o.layout_id AND t.id = l.table_id AND t.target = %s", (self.target,)).rowcount
-            self.conn.execute(NOTE_OUTBOX_DELETION, {"operation": "rebuild_slot", "events": dropped})
+            note_outbox_deletion(self.conn, "rebuild_slot", dropped)
             # The same tables, resynced as the extension owner: a worker role without superuser may not lock them.
             self.conn.execute("SELECT pgturso._resync_target(%s)", (self.target,))
             self.conn.execute("UPDATE pgturso.target SET slot_generation = slot_generation + 1, slot_rebuild = NULL "
