@@ -73,6 +73,50 @@ def test_wait_for_sync_without_a_worker_times_out_on_a_pending_copy(conn):
     assert conn.execute("SELECT pgturso.wait_for_sync('0.3 s')").fetchone() == (False,)
 
 
+def test_wait_for_sync_waits_for_a_copy_begun_during_the_wait_whose_last_chunk_commits_after_anothers(conn, dsn):
+    """Two copies begin during the wait (resync_table of two tables; or a worker's recopy of two targets) and
+    their last chunks run at once: a's chunk transaction starts first and commits last. The wait sees b finish
+    (copy_finished_at, its transaction's start, after the call) and takes a new snapshot, in which a's chunk is
+    still uncommitted; when a's commits, its copy_finished_at is earlier than b's. The rows of a, committed
+    before the call, are then in no snapshot the wait checks: it must not say true until they are delivered.
+    Delivery is simulated by deleting what is pending, as in the test above (no worker runs)."""
+    for name in ("a", "b", "c"):
+        conn.execute(f"CREATE TABLE {name} (id int PRIMARY KEY)")
+        conn.execute(f"INSERT INTO {name} SELECT generate_series(1, 5)")
+        conn.execute(f"SELECT pgturso.track_table('{name}')")  # small: copied inline
+    conn.execute("DELETE FROM pgturso.outbox")  # as if delivered
+    conn.execute("INSERT INTO c VALUES (6)")  # pending at the call: the wait does not end at once
+    table_id = dict(conn.execute("SELECT relid::regclass::text, id FROM pgturso.tracked_table").fetchall())
+    answer: list[Any] = []
+
+    def wait() -> None:
+        with psycopg.connect(dsn, autocommit=True) as waiter:
+            answer.append(waiter.execute("SELECT pgturso.wait_for_sync('8 s')").fetchone())
+
+    waiting = threading.Thread(target=wait)
+    waiting.start()
+    try:
+        wait_until(lambda: conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%wait_for_sync(''8 s'')%' "
+            "AND pid <> pg_backend_pid()").fetchone()[0] == 1, 30, "the wait to begin")
+        conn.execute("SELECT pgturso.resync_table('a'), pgturso.resync_table('b')")  # copies begin in the wait
+        conn.execute("DELETE FROM pgturso.outbox")  # c's row and the copies' creates delivered
+        with psycopg.connect(dsn) as last_a, psycopg.connect(dsn) as last_b:
+            assert last_a.execute("SELECT pgturso._copy_chunk(%s, 1000)", (table_id["a"],)).fetchone() == (5,)
+            last_a.execute("SELECT pg_sleep(0.05)")  # b's chunk transaction starts later (copy_finished_at)
+            assert last_b.execute("SELECT pgturso._copy_chunk(%s, 1000)", (table_id["b"],)).fetchone() == (5,)
+            last_b.commit()
+            conn.execute("SELECT pg_sleep(0.5)")  # the wait sees b finished and looks again from there
+            assert not answer
+            conn.execute("DELETE FROM pgturso.outbox")  # b's copy delivered (a's chunk is uncommitted)
+            last_a.commit()
+        assert conn.execute("SELECT count(*) FROM pgturso.outbox o JOIN pgturso.layout l ON l.id = o.layout_id "
+                            "WHERE l.table_id = %s", (table_id["a"],)).fetchone()[0] > 0  # a's rows: not delivered
+    finally:
+        waiting.join()
+    assert answer == [(False,)]
+
+
 # -- pgturso.sync() inside a transaction -----------------------------------------------------------------------
 
 

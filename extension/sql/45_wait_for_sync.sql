@@ -8,8 +8,12 @@ AS $$
 DECLARE
     -- Before the snapshot: a copy that finished after this (copy_finished_at, its transaction's start) was
     -- still copying in the snapshot, or began after it.
-    v_copies_seen timestamptz := clock_timestamp();
-    v_finished timestamptz;
+    v_called timestamptz := clock_timestamp();
+    -- The copies seen finished after v_called (table id and copy_finished_at), when the snapshot was last taken.
+    -- A set, not the latest time: two copies' last chunks may run at once, the one that began first committing
+    -- last, with the earlier copy_finished_at.
+    v_finished_seen text[] := '{}';
+    v_finished text[];
     v_snapshot pg_snapshot := pg_current_snapshot();
     v_deadline timestamptz := clock_timestamp() + timeout;
     v_upto bigint;
@@ -52,9 +56,10 @@ BEGIN
         -- a target a worker found behind at its recovery (an older copy of its database, a lost slot), which
         -- drops that target's committed events for the copy to bring their rows again. One that finished since
         -- the last look (maybe between two looks) queued its last chunks after v_upto: look again from now.
-        SELECT max(t.copy_finished_at) INTO v_finished FROM pgturso.tracked_table t;
-        IF v_finished > v_copies_seen THEN
-            v_copies_seen := v_finished;
+        SELECT coalesce(array_agg(t.id || '@' || t.copy_finished_at ORDER BY t.id), '{}') INTO v_finished
+        FROM pgturso.tracked_table t WHERE t.copy_finished_at > v_called;
+        IF v_finished <> v_finished_seen THEN
+            v_finished_seen := v_finished;
             v_snapshot := pg_current_snapshot();
             SELECT max(id) INTO v_upto FROM pgturso.outbox;
             v_lsn := CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_insert_lsn() END;
@@ -86,7 +91,9 @@ BEGIN
                            WHERE o.id <= v_upto AND pg_visible_in_snapshot(o.txid, v_snapshot))
            AND NOT EXISTS (SELECT 1 FROM pgturso.tracked_table t
                            WHERE t.dropped_at IS NULL
-                             AND (t.copy_state = 'copying' OR t.copy_finished_at > v_copies_seen))
+                             AND (t.copy_state = 'copying'
+                                  OR (t.copy_finished_at > v_called
+                                      AND t.id || '@' || t.copy_finished_at <> ALL (v_finished_seen))))
            -- A wal target with tracked tables is synced only when its slot is usable and passed v_lsn: a
            -- missing or lost slot (failover, dropped, invalidated), or one being replaced, has not delivered.
            AND NOT EXISTS (SELECT 1 FROM pgturso.target g
