@@ -182,7 +182,8 @@ def test_once_exits_with_nothing_pending(conn, dsn, turso: TursoServer):
 def test_status_is_in_sync_after_a_once_run_or_a_stopped_worker_delivered_everything(conn, dsn, turso: TursoServer):
     """A --once run (or a worker stopped) that delivered everything leaves pgturso.status in sync, though its own
     last writes (its state) and WAL of no transaction (a checkpoint) follow the last batch in the WAL; a commit
-    after it is not in sync until delivered. (Before: in_sync stayed false after every --once run.)"""
+    after it is not in sync until delivered, a commit of an untracked table is. (Before: in_sync stayed false
+    after every --once run.)"""
     conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text) WITH (autovacuum_enabled = false)")
     conn.execute("CREATE TABLE untracked (id int PRIMARY KEY) WITH (autovacuum_enabled = false)")
     conn.execute("SELECT pgturso.track_table('t')")
@@ -201,8 +202,13 @@ def test_status_is_in_sync_after_a_once_run_or_a_stopped_worker_delivered_everyt
     assert not in_sync(), "a commit after the run is not delivered"
     drain(dsn, turso.url)
     assert in_sync()
-    conn.execute("INSERT INTO untracked VALUES (1)")  # the slot cannot be read without a worker: not known
-    assert not in_sync(), "a commit after the run may be in the slot: status cannot say it is not"
+    conn.execute("INSERT INTO untracked VALUES (1)")
+    # A commit after the run, of no tracked table: a copy of the slot shows nothing of t (until pgturso.status
+    # asked the slot, _slot_holds_nothing_for, only a worker could tell, and this said not in sync).
+    assert status_truthful(conn, turso), "a commit to an untracked table is no change of t"
+    conn.execute("INSERT INTO t VALUES (1000, 'x')")
+    assert not status_truthful(conn, turso), "a commit of t after the run"
+    conn.execute("DELETE FROM t WHERE id = 1000")
     worker = WorkerProcess(dsn, turso.url, "--idle-wait", "1").start()
     conn.execute("INSERT INTO t VALUES (102, 'a running worker')")
     wait_until(lambda: turso.query("SELECT count(*) FROM t") == [[102]], 60, "delivery")
@@ -400,19 +406,17 @@ def test_two_wal_targets_stopping_apart_lose_nothing_and_status_never_claims_the
         assert not status_truthful(conn, other, "o")
         drain(dsn, other.url, "--target", "other")
         assert status_truthful(conn, other, "o")
-        status_truthful(conn, turso, "t")  # (false: other's worker committed after t's stop; see the xfail below)
+        assert status_truthful(conn, turso, "t"), "other's worker committed after t's stop, nothing of t's tables"
         assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[20, 20]]
         assert other.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[21, 21]]
 
 
 @pytest.mark.usefixtures("no_autovacuum")  # asserts in_sync after a stop
-@pytest.mark.xfail(strict=True, reason="in_sync of a stopped wal target turns false at any commit after its "
-                   "worker's stop (pgturso._nothing_committed_since cannot tell what a transaction wrote), and a "
-                   "second wal target's worker commits its own delivery state when it runs: with two wal targets "
-                   "at most the one stopped last says in sync (a false 'not in sync', never a false 'in sync')")
 def test_two_wal_targets_both_delivered_and_stopped_are_both_in_sync(conn, dsn, turso: TursoServer):
     """5d64126 promises in sync after a --once run that delivered everything; with two wal targets each run by
-    its own worker, the second run's own writes (its delivery state) come after the first one's stop."""
+    its own worker, the second run's own writes (its delivery state) come after the first one's stop: status
+    asks the first target's slot (a copy of it) whether anything of its tables was committed since
+    (pgturso._slot_holds_nothing_for). Failed before (an xfail: at most the target stopped last said in sync)."""
     with two_wal_targets(conn) as other:
         conn.execute("INSERT INTO t VALUES (1, 'x')")
         conn.execute("INSERT INTO o VALUES (1, 'x')")
@@ -421,6 +425,69 @@ def test_two_wal_targets_both_delivered_and_stopped_are_both_in_sync(conn, dsn, 
         assert turso.query("SELECT count(*) FROM t") == [[1]] and other.query("SELECT count(*) FROM o") == [[1]]
         assert status_truthful(conn, other, "o")
         assert status_truthful(conn, turso, "t"), "both targets delivered everything and their workers stopped"
+
+
+@pytest.mark.usefixtures("no_autovacuum")  # asserts in_sync after a stop
+def test_two_stopped_wal_targets_each_out_of_sync_exactly_when_a_change_of_its_own_tables_is_not_on_turso(
+        conn, dsn, turso: TursoServer):
+    """Both wal targets delivered everything and stopped; then one commit after another, each checked against
+    the rows: a write to an untracked table leaves both in sync; a row of t makes t (only) not in sync until its
+    worker delivered it, and the same for o, the other worker's run in between; a transaction writing both makes
+    both not in sync; DDL on t's table (an outbox event) makes t not in sync, not o; so does an asynchronous
+    commit to t; rolled back writes change nothing. Never in sync while Turso lacks a committed row
+    (status_truthful). (A new case; passes.)"""
+    with two_wal_targets(conn) as other:
+        conn.execute("CREATE TABLE untracked (id int PRIMARY KEY) WITH (autovacuum_enabled = false)")
+        conn.execute("INSERT INTO t VALUES (1, 'x')")
+        conn.execute("INSERT INTO o VALUES (1, 'x')")
+        drain(dsn, turso.url)
+        drain(dsn, other.url, "--target", "other")
+
+        def in_sync() -> tuple[bool, bool]:
+            return status_truthful(conn, turso, "t"), status_truthful(conn, other, "o")
+
+        assert in_sync() == (True, True)
+        conn.execute("INSERT INTO untracked VALUES (1)")
+        assert in_sync() == (True, True), "a write to no tracked table"
+        with conn.transaction(force_rollback=True):
+            conn.execute("INSERT INTO t VALUES (99, 'rolled back')")
+            conn.execute("INSERT INTO o VALUES (99, 'rolled back')")
+        assert in_sync() == (True, True), "a rolled-back transaction"
+
+        conn.execute("INSERT INTO t VALUES (2, 'x')")
+        assert in_sync() == (False, True), "a row of t only"
+        drain(dsn, turso.url)
+        assert in_sync() == (True, True)
+
+        conn.execute("UPDATE o SET v = 'y' WHERE id = 1")
+        assert in_sync() == (True, False), "a row of o only"
+        drain(dsn, other.url, "--target", "other")
+        assert in_sync() == (True, True)
+        assert other.query("SELECT v FROM o WHERE id = 1") == [["y"]]
+
+        with conn.transaction():
+            conn.execute("DELETE FROM t WHERE id = 1")
+            conn.execute("INSERT INTO o VALUES (2, 'x')")
+        assert in_sync() == (False, False), "a transaction writing both"
+        drain(dsn, other.url, "--target", "other")
+        assert in_sync() == (False, True)
+        drain(dsn, turso.url)
+        assert in_sync() == (True, True)
+
+        conn.execute("ALTER TABLE t ADD COLUMN w text")
+        assert in_sync() == (False, True), "DDL on t's table"
+        drain(dsn, turso.url)
+        assert in_sync() == (True, True)
+        assert [c[1] for c in turso.query("PRAGMA table_info(t)")] == ["id", "v", "w"]
+
+        with psycopg.connect(dsn, autocommit=True) as async_writer:
+            async_writer.execute("SET synchronous_commit = off")
+            async_writer.execute("INSERT INTO t VALUES (3, 'x')")
+        assert in_sync() == (False, True), "an asynchronous commit (visible before its WAL is flushed)"
+        drain(dsn, turso.url)
+        assert in_sync() == (True, True)
+        assert turso.query("SELECT id FROM t ORDER BY id") == [[2], [3]]
+        assert other.query("SELECT id FROM o ORDER BY id") == [[1], [2]]
 
 
 def test_a_change_turso_refuses_blocks_visibly_then_resumes(conn, dsn, turso: TursoServer):

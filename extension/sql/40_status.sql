@@ -78,9 +78,128 @@ COMMENT ON FUNCTION pgturso._nothing_committed_since IS
     'Private: whether no transaction (but own) committed since the snapshot was taken (pgturso.status, in_sync).';
 REVOKE ALL ON FUNCTION pgturso._nothing_committed_since(pg_snapshot, xid8) FROM PUBLIC;
 
+-- Whether a wal target's slot holds no row change of the target's tables committed so far: pgturso.status asks
+-- it for a stopped target (no worker holds its delivery lock) when WAL was written since the slot's confirmed
+-- position and the worker's caught-up record cannot vouch for it (a transaction committed since its stop: another
+-- target's worker recording its own delivery, a write to another table). The slot's confirmed position is what
+-- Turso has; a change of one of the target's tables committed after it is decoded from the slot (pgoutput, the
+-- tables' publication, transactions in commit order, those without anything published left out). The target's
+-- outbox events (DDL, copies, repairs, TRUNCATE) are not looked for here: they stay in pgturso.outbox until its
+-- worker delivered them, where status counts them. It decodes a temporary copy of the slot (the caller's own,
+-- dropped before returning), never the slot itself, which a worker starting meanwhile must find free. False
+-- ("not known to be in sync") whenever it cannot look cheaply and surely: on a standby, in a transaction that
+-- wrote (no slot can be made there), when the slot is missing, lost or keeps more than 16 MB of WAL to decode
+-- (a peek decodes from its restart_lsn); and, with a WARNING naming why, when the copy or the peek fails (no
+-- replication slot free, say). SECURITY DEFINER (decoding needs the REPLICATION attribute): it runs no code of
+-- the caller's, only pgoutput and the output functions of the published columns' types (C functions, which
+-- only a superuser can define). docs/design.md ("in_sync" of a wal target) has the costs.
+CREATE OR REPLACE FUNCTION pgturso._slot_holds_nothing_for(target text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+@SESSION_SETTINGS@
+AS $$
+DECLARE
+    v_slot text := pgturso._slot_name(target);
+    v_copy text := format('pgturso_status_%s', pg_backend_pid());
+    v_upto pg_lsn;
+    -- The WAL writer flushes an asynchronous commit within three wal_writer_delay (docs: "Asynchronous Commit").
+    v_deadline timestamptz := clock_timestamp() + 3 * current_setting('wal_writer_delay')::interval
+                              + interval '50 milliseconds';
+    v_nothing boolean;
+BEGIN
+    IF pg_is_in_recovery() OR pg_current_xact_id_if_assigned() IS NOT NULL THEN
+        RETURN false;
+    END IF;
+    -- Every transaction committed by now wrote its commit record below this position. Decoding reads flushed WAL
+    -- only: a synchronous commit is flushed before it is visible, an asynchronous one may be visible first, and is
+    -- flushed by the WAL writer soon after. Wait until the WAL is flushed up to here, or for as long as the WAL
+    -- writer may take with an asynchronous commit: the WAL left unflushed then is none (a page pruned by a read,
+    -- which nothing flushes until the next commit does).
+    v_upto := pg_current_wal_insert_lsn();
+    IF NOT EXISTS (SELECT 1 FROM pg_replication_slots r
+                   WHERE r.slot_name = v_slot AND r.wal_status IN ('reserved', 'extended')
+                     AND pg_wal_lsn_diff(v_upto, r.restart_lsn) <= 16 * 1024 * 1024) THEN
+        RETURN false;
+    END IF;
+    WHILE pg_current_wal_flush_lsn() < v_upto AND clock_timestamp() < v_deadline LOOP
+        PERFORM pg_sleep(0.01);
+    END LOOP;
+    BEGIN
+        IF EXISTS (SELECT 1 FROM pg_replication_slots r WHERE r.slot_name = v_copy) THEN
+            PERFORM pg_drop_replication_slot(v_copy);  -- left by a call of this session that failed
+        END IF;
+        PERFORM pg_copy_logical_replication_slot(v_slot, v_copy, true);
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'pgturso: status could not copy the replication slot of target % to look into it: %',
+            target, SQLERRM
+            USING HINT = 'in_sync says false for it meanwhile; a copy needs a free slot (max_replication_slots).';
+        RETURN false;
+    END;
+    BEGIN
+        -- Insert, Update and Delete messages name their relation's oid (bytes 1-4; a partition's change is
+        -- published as its root's, the table tracked).
+        SELECT NOT EXISTS (
+            SELECT 1 FROM pg_logical_slot_peek_binary_changes(v_copy, v_upto, NULL, 'proto_version', '1',
+                                                                'publication_names', 'pgturso_tables') c
+            WHERE get_byte(c.data, 0) IN (73, 85, 68)
+              AND ((get_byte(c.data, 1)::int8 << 24) | (get_byte(c.data, 2) << 16) | (get_byte(c.data, 3) << 8)
+                   | get_byte(c.data, 4)) IN (SELECT t.relid::oid::int8 FROM pgturso.tracked_table t
+                                              WHERE t.target = _slot_holds_nothing_for.target))
+        INTO v_nothing;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'pgturso: status could not look into the replication slot of target %: %', target, SQLERRM
+            USING HINT = 'in_sync says false for it meanwhile; pgturso.status.last_error may say more.';
+        v_nothing := false;
+    END;
+    BEGIN
+        PERFORM pg_drop_replication_slot(v_copy);
+    EXCEPTION WHEN OTHERS THEN
+        -- Temporary: it goes with this session at the latest.
+        RAISE WARNING 'pgturso: status could not drop its temporary copy % of a replication slot: %', v_copy, SQLERRM
+            USING HINT = 'It is dropped when this session ends.';
+    END;
+    RETURN v_nothing;
+END
+$$;
+COMMENT ON FUNCTION pgturso._slot_holds_nothing_for IS
+    'Private: whether a wal target''s slot holds no change of its tables committed so far (pgturso.status, '
+    'in_sync of a stopped target), decoded from a temporary copy of the slot; false when that cannot be told cheaply.';
+REVOKE ALL ON FUNCTION pgturso._slot_holds_nothing_for(text) FROM PUBLIC;
+
 -- A table of a pattern target ('tenant-%s') has a row per tenant database: target is the tenant's own target,
 -- pending and lag count that tenant's events; a pattern without tenants yet shows the pattern itself.
 CREATE OR REPLACE VIEW pgturso.status AS
+-- Each wal target's slot, once per target (a target may have many tables): how much WAL it keeps from being
+-- removed while the worker is behind or down, and whether max_slot_wal_keep_size invalidated it ('lost'; the
+-- worker then re-copies the target's tables).
+WITH wal_slot AS MATERIALIZED (
+    SELECT s.*,
+           -- Nothing of its tables committed after the slot's position, asked of the slot itself: only for a
+           -- stopped target (of no pattern) that the cheaper answers above leave in doubt.
+           CASE WHEN s.pending_bytes > 0 AND NOT coalesce(s.caught_up, false) AND NOT coalesce(s.worker_alive, true)
+                     AND strpos(s.target, '%s') = 0
+                THEN pgturso._slot_holds_nothing_for(s.target) END AS nothing_since
+    FROM (
+        SELECT g.name AS target,
+               coalesce(r.wal_status, 'missing') AS wal_status,
+               CASE WHEN NOT pg_is_in_recovery()
+                    THEN pg_wal_lsn_diff(pg_current_wal_lsn(), r.restart_lsn)::bigint END AS retained_bytes,
+               -- WAL written since the last position its worker (a pattern's router) confirmed: an upper bound of
+               -- the changes still in the slot, in bytes (it counts other tables' and databases' WAL too). 0: none.
+               CASE WHEN NOT pg_is_in_recovery() AND r.slot_name IS NOT NULL AND r.wal_status <> 'lost'
+                    THEN greatest(pg_wal_lsn_diff(pg_current_wal_lsn(), r.confirmed_flush_lsn), 0)::bigint
+               END AS pending_bytes,
+               -- Its worker found nothing more for it in the slot, the slot is still confirmed there, and no
+               -- transaction committed since (WAL of no transaction, its own record aside, is not a change).
+               r.confirmed_flush_lsn >= c.caught_up_lsn
+                   AND pgturso._nothing_committed_since(c.caught_up_snapshot, c.caught_up_xid) AS caught_up,
+               d.worker_alive
+        FROM pgturso.target g
+        LEFT JOIN pg_replication_slots r ON r.slot_name = pgturso._slot_name(g.name)
+        LEFT JOIN pgturso.delivery_state c ON c.target = g.name
+        LEFT JOIN pgturso.target_status d ON d.target = g.name
+        WHERE g.capture = 'wal'
+    ) s
+)
 SELECT t.relid AS table_name,
        dest.name AS target,
        t.target_table,
@@ -113,7 +232,8 @@ SELECT t.relid AS table_name,
        d.failing_since,
        w.pending_bytes AS wal_pending_bytes,
        coalesce(p.events, 0) + coalesce(hr.events, 0) + coalesce(ha.events, 0) = 0
-           AND (g.capture <> 'wal' OR coalesce(w.pending_bytes = 0 OR w.caught_up, false)) AS in_sync
+           AND (g.capture <> 'wal'
+                OR coalesce(w.pending_bytes = 0 OR w.caught_up OR w.nothing_since, false)) AS in_sync
 FROM pgturso.tracked_table t
 JOIN pgturso.target g ON g.name = t.target
 CROSS JOIN LATERAL (
@@ -128,25 +248,7 @@ CROSS JOIN LATERAL (
 ) dest
 JOIN pgturso.target_status d ON d.target = dest.name
 LEFT JOIN pgturso.table_state s ON s.table_id = t.id
--- A wal target's slot: how much WAL it keeps from being removed while the worker is behind or down, and
--- whether max_slot_wal_keep_size invalidated it ('lost'; the worker then re-copies the target's tables).
-LEFT JOIN LATERAL (
-    SELECT coalesce(r.wal_status, 'missing') AS wal_status,
-           CASE WHEN NOT pg_is_in_recovery()
-                THEN pg_wal_lsn_diff(pg_current_wal_lsn(), r.restart_lsn)::bigint END AS retained_bytes,
-           -- WAL written since the last position its worker (a pattern's router) confirmed: an upper bound of the
-           -- changes still in the slot, in bytes (it counts other tables' and databases' WAL too). 0: none.
-           CASE WHEN NOT pg_is_in_recovery() AND r.slot_name IS NOT NULL AND r.wal_status <> 'lost'
-                THEN greatest(pg_wal_lsn_diff(pg_current_wal_lsn(), r.confirmed_flush_lsn), 0)::bigint
-           END AS pending_bytes,
-           -- Its worker found nothing more for it in the slot, the slot is still confirmed there, and no
-           -- transaction committed since (WAL of no transaction, its own record aside, is not a change).
-           r.confirmed_flush_lsn >= c.caught_up_lsn
-               AND pgturso._nothing_committed_since(c.caught_up_snapshot, c.caught_up_xid) AS caught_up
-    FROM (SELECT 1) AS one LEFT JOIN pg_replication_slots r ON r.slot_name = pgturso._slot_name(t.target)
-    LEFT JOIN pgturso.delivery_state c ON c.target = t.target
-    WHERE g.capture = 'wal'
-) w ON true
+LEFT JOIN wal_slot w ON w.target = t.target AND g.capture = 'wal'
 -- One pass over the outbox for every table and tenant (not one per tenant: a pattern may have thousands); a
 -- tenant value is never '' (pgturso._register_tenants), so coalesce tells plain targets' events apart.
 LEFT JOIN (
@@ -181,7 +283,8 @@ COMMENT ON VIEW pgturso.status IS
     'outbox for it (for a wal pattern also the rows held for its router); a wal target''s changes still in its '
     'slot are not counted there but shown by wal_pending_bytes (WAL written since the position its worker last '
     'confirmed: an upper bound, 0 when nothing is left). in_sync: nothing pending at all (both zero; for a wal '
-    'target, or: its worker found nothing more in the slot when it stopped, and no transaction committed since).';
+    'target, or: its worker found nothing more in the slot when it stopped, and no transaction committed since; '
+    'or, its worker stopped, a copy of its slot holds no change of its tables committed since its position).';
 
 CREATE OR REPLACE FUNCTION pgturso.skip_transaction(txid xid8, reason text, target text DEFAULT NULL)
 RETURNS integer

@@ -45,10 +45,11 @@ BEGIN
     EXECUTE format('GRANT SELECT, DELETE ON pgturso.outbox TO %s', worker);
     EXECUTE format('GRANT SELECT ON pgturso.layout, pgturso.tracked_table, pgturso.target, pgturso.instance, '
                    'pgturso.skipped_transaction, pgturso.status, pgturso.target_status TO %s', worker);
-    -- pgturso.status calls them (pgturso-worker status runs as the worker's role too); they read only pg_trigger
-    -- and the commit status of transactions.
+    -- pgturso.status calls them (pgturso-worker status runs as the worker's role too); they read only pg_trigger,
+    -- the commit status of transactions, and a temporary copy of a wal target's slot.
     EXECUTE format('GRANT EXECUTE ON FUNCTION pgturso._capture_disabled(integer), '
-                   'pgturso._nothing_committed_since(pg_snapshot, xid8) TO %s', worker);
+                   'pgturso._nothing_committed_since(pg_snapshot, xid8), pgturso._slot_holds_nothing_for(text) '
+                   'TO %s', worker);
     EXECUTE format('GRANT SELECT, INSERT, UPDATE ON pgturso.delivery_state, pgturso.table_state TO %s', worker);
     -- A worker records a skipped transaction its batch carried to Turso anyway (delivered_at); a wal target's
     -- worker counts the row changes of a skipped transaction as it drops them from the slot,
