@@ -365,6 +365,22 @@ def test_skip_transaction_at_any_isolation_of_a_batch_read_ahead_never_sends_it(
 
 
 @pytest.mark.parametrize("capture", ["trigger"], indirect=True)
+def test_a_deletion_by_hand_that_records_itself_while_a_batch_is_read_ahead_never_sends_it(
+        conn, dsn, turso: TursoServer, capture):
+    """What docs/design.md tells a superuser who must delete pending events by hand (DELETE FROM pgturso.outbox
+    records nothing, so a batch read ahead would send them all the same): record it with
+    pgturso._note_outbox_deletion in the same transaction. The worker's check then sees the generation moved,
+    counts N+1 again and reads it without the deleted transaction's row."""
+    with a_batch_read_ahead(conn, dsn, turso) as (tracked, deleted_row):
+        with conn.transaction():
+            deleted = conn.execute("DELETE FROM pgturso.outbox WHERE txid = (SELECT xmin::text::xid8 FROM t "
+                                   "WHERE id = %s)", (deleted_row,)).rowcount
+            assert deleted == 1
+            conn.execute("SELECT pgturso._note_outbox_deletion('manual', %s)", (deleted,))
+        skipped_row_never_sent(turso, tracked, dsn, deleted_row)
+
+
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)
 def test_a_skip_rolled_back_while_a_batch_is_read_ahead_sends_it_as_read(conn, dsn, turso: TursoServer, capture):
     """skip_transaction of N+1's first transaction, rolled back while N+1 is read ahead: nothing was deleted, so
     the batch is sent as it was read (not read again) and every row arrives once."""
