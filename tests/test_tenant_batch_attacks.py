@@ -599,112 +599,264 @@ def test_a_round_mate_failing_unexpectedly_does_not_keep_its_closed_database_loc
     assert_every_write_arrived_once(conn, tmp_path, *ROUND)
 
 
-def test_a_tenant_batch_whose_checkpoint_cannot_complete_stays_in_the_outbox_until_one_does(conn, dsn, tmp_path: Path):
-    """A tenant's commit on its file: database makes no fsync of its own (synchronous = NORMAL): the checkpoint
-    after it makes it durable. A reader holding the file stops that checkpoint: the batch is committed on the
-    file but not known to be durable, so its events must stay in the outbox, and the marker read at the
-    tenant's recovery must not forget them until a checkpoint completed. Once the reader lets go they are
-    forgotten by the marker, not applied again."""
-    import turso as pyturso
+def test_a_tenant_batch_whose_fsync_fails_stays_in_the_outbox_until_one_succeeds(
+        conn, dsn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A tenant's commit on its file: database makes no fsync of its own (synchronous = NORMAL): an fsync of its
+    WAL makes it durable, after the commit when the tenant is stepped alone, for the whole round before its
+    deletion otherwise. When that fsync fails the batch is committed on the file but not known to be durable:
+    its events must stay in the outbox (alone and in a round, where the round's other tenants are deleted), and
+    the marker read at the tenant's recovery must not forget them until an fsync succeeded. Once one does they
+    are forgotten by the marker, not applied again."""
+    import errno
+    import os
 
-    two_tenants_counted(conn, dsn, tmp_path)
-    conn.execute("INSERT INTO orders VALUES (1, 'acme', 'one'), (2, 'globex', 'two')")
-    path = tmp_path / "tenant-acme.db"
-    pattern = in_process_pattern_worker(dsn)
-    reader = pyturso.connect(str(path), isolation_level=None)
-    try:
-        acme = tenant_worker(pattern, "acme")
-        reader.execute("BEGIN")
-        assert reader.execute("SELECT count(*) FROM orders").fetchall() == [(1,)]
+    fsync = os.fsync
+    broken = {"acme": False}
+
+    def failing_for_acme(fd: int) -> None:
+        if broken["acme"] and os.readlink(f"/proc/self/fd/{fd}").endswith("tenant-acme.db-wal"):
+            raise OSError(errno.EIO, "Input/output error (for the test)")
+        fsync(fd)
+
+    with a_recovered_round(conn, dsn, tmp_path) as (pattern, tenants):
+        acme = tenants[0]
+        monkeypatch.setattr(os, "fsync", failing_for_acme)
+        broken["acme"] = True
+        conn.execute("INSERT INTO orders VALUES (1, 'acme', 'one')")
         assert acme.step(pattern._pool_connection, False) is not None  # failed: a retry after a delay
         assert items_pending(conn, "acme", "one") == ["one"]
-        again = pyturso.connect(str(path), isolation_level=None)
-        assert again.execute("SELECT item FROM orders WHERE id = 1").fetchall() == [("one",)]  # committed there
-        again.close()
-        assert acme.step(pattern._pool_connection, False) is not None  # still held: the marker is not trusted
+        assert tenant_rows(tmp_path / "tenant-acme.db", "SELECT item FROM orders WHERE id = 1") == [("one",)]
+        assert acme.step(pattern._pool_connection, False) is not None  # recovery: the marker is not trusted
         assert items_pending(conn, "acme", "one") == ["one"]
-        reader.execute("COMMIT")
+        broken["acme"] = False
         assert acme.step(pattern._pool_connection, False) is None  # recovered: forgotten by the marker
         assert items_pending(conn, "acme", "one") == []
-        assert (tmp_path / "tenant-acme.db-wal").stat().st_size == 0
-        acme.close_target()
-    finally:
-        reader.close()
-        pattern._shut_down()
-    del reader, again  # pyturso lets go of a file's lock when the connection is freed, not at close()
-    gc.collect()
-    drain_pattern(dsn)
-    assert_every_write_arrived_once(conn, tmp_path, "acme", "globex")
+
+        # In a round: acme's fsync fails, the others' succeed and only theirs are deleted.
+        conn.execute("INSERT INTO orders VALUES (2, 'acme', 'two'), (3, 'globex', 'three'), (4, 'initech', 'four')")
+        broken["acme"] = True
+        outcomes = pattern._run_round(tenants)
+        assert outcomes["tenant-globex"] is None and outcomes["tenant-initech"] is None, outcomes
+        assert isinstance(outcomes["tenant-acme"], float), outcomes
+        assert items_pending(conn, "acme", "two") == ["two"]
+        assert items_pending(conn, "globex", "three") == [] and items_pending(conn, "initech", "four") == []
+        assert not acme.recovered
+        assert acme.step(pattern._pool_connection, False) is not None  # still failing: still held
+        assert items_pending(conn, "acme", "two") == ["two"]
+        broken["acme"] = False
+        assert acme.step(pattern._pool_connection, False) is None
+        assert pending(conn) == 0
+    monkeypatch.undo()
+    assert_every_write_arrived_once(conn, tmp_path, *ROUND)
 
 
-# `pgturso-worker run --once` that SIGKILLs itself at a chosen point of a tenant's commit (a real process death:
-# nothing of the worker's own handling runs, the page cache keeps what it wrote).
-_DYING_WORKER = """
-import os, signal, sys
+# Loaded first by the worker processes of the SIGKILL tests: records, for each tenant's WAL, how many of its
+# bytes are known to be on disk (what an fsync covered: the WAL's size when it ran; 0 after a completed TRUNCATE
+# checkpoint), so that the test can cut off what an OS crash may lose (cut_to_durable) and nothing more.
+_RECORD_DURABLE = """
+import json, os, threading
 from pgturso.delivery import targets
+
+_DURABLE = os.environ["PGTURSO_TEST_DURABLE"]
+_lock = threading.Lock()
+
+def _record(wal, size):
+    with _lock:
+        with open(_DURABLE) as f:
+            known = json.load(f)
+        known[os.path.abspath(wal)] = size
+        with open(_DURABLE + ".new", "w") as f:
+            json.dump(known, f)
+        os.replace(_DURABLE + ".new", _DURABLE)
+
+_sync = targets.PendingSync.sync
+
+def recorded_sync(self):
+    wal = self.target.path + "-wal"
+    size = os.path.getsize(wal)  # written before the fsync: covered by it
+    _sync(self)
+    _record(wal, size)
+
+_checkpoint = targets.FileTarget._checkpoint
+
+def recorded_checkpoint(self):
+    _checkpoint(self)
+    if not os.path.getsize(self.path + "-wal"):
+        _record(self.path + "-wal", 0)
+
+targets.PendingSync.sync = recorded_sync
+targets.FileTarget._checkpoint = recorded_checkpoint
+"""
+
+# `pgturso-worker run --once` that SIGKILLs itself at a chosen point of a tenant's visit (a real process death:
+# nothing of the worker's own handling runs, the page cache keeps what it wrote), or (where = "never") a plain
+# one that records its fsyncs.
+_DYING_WORKER = _RECORD_DURABLE + """
+import signal, sys
 from pgturso.cli import main
 
 where = sys.argv.pop(1)
 commit = targets.FileTransaction.commit
+sync = targets.PendingSync.sync
 
 def dying_commit(self):
-    if where == "after_commit":  # COMMIT ran (its WAL frames written, none fsynced), its checkpoint did not
+    if where == "after_commit":  # COMMIT ran (its WAL frames written, none fsynced), its fsync did not
         self.target.conn.execute("COMMIT")
-    else:  # the checkpoint completed; the Postgres deletion of the batch's events did not run
-        commit(self)
-    os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+    commit(self)
+
+def dying_sync(self):
+    sync(self)
+    if where == "after_fsync" and self.commits:  # a commit's fsync, not recovery's; no Postgres deletion yet
+        os.kill(os.getpid(), signal.SIGKILL)
 
 targets.FileTransaction.commit = dying_commit
+targets.PendingSync.sync = dying_sync
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def run_dying_pattern_worker(dsn: str, where: str) -> None:
+def durable_record(tmp_path: Path, tenants: tuple[str, ...]) -> Path:
+    """The record of what is durable of each tenant's WAL (_RECORD_DURABLE), starting from now: everything the
+    WALs hold (their commits were fsynced before their events left the outbox, and nothing is pending)."""
+    record = tmp_path / "durable.json"
+    record.write_text(json.dumps({
+        str((tmp_path / f"tenant-{t}.db-wal").absolute()): (tmp_path / f"tenant-{t}.db-wal").stat().st_size
+        for t in tenants if (tmp_path / f"tenant-{t}.db-wal").exists()}))
+    return record
+
+
+def run_dying_pattern_worker(dsn: str, where: str, record: Path) -> None:
     import os
     import subprocess
     import sys
 
     died = subprocess.run([sys.executable, "-c", _DYING_WORKER, where, "run", "--once", "--dsn", dsn, "--target",
                            "tenant-%s"], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PGTURSO_RETRY_BASE_DELAY": "0.05"})
-    assert died.returncode == -9, died.stderr
+                          env={**os.environ, "PGTURSO_RETRY_BASE_DELAY": "0.05", "PGTURSO_TEST_DURABLE": str(record)})
+    assert died.returncode == (0 if where == "never" else -9), died.stderr
 
 
 @pytest.mark.parametrize("power_lost", [False, True], ids=["wal_kept", "unsynced_frames_lost"])
-def test_a_tenant_worker_sigkilled_between_commit_and_checkpoint_and_after_it_applies_each_batch_once(
+def test_a_tenant_worker_sigkilled_between_commit_and_fsync_and_after_it_applies_each_batch_once(
         conn, dsn, tmp_path: Path, power_lost: bool):
-    """A tenant's commit on its file: database fsyncs nothing of its frames (synchronous = NORMAL); the
-    checkpoint after it does. A worker SIGKILLed between the two leaves a WAL holding the batch and its marker,
-    its events still in the outbox. The next worker opens that file with a non-empty WAL: it checkpoints it
-    before trusting the marker in it, forgets the batch by that marker (not applied again), and delivers the
-    next; SIGKILLed after that commit's checkpoint (the WAL emptied, the database file holding both batches) and
-    before the Postgres deletion, a third worker forgets that one too. `unsynced_frames_lost`: what an OS crash
-    may do instead of a SIGKILL, the unsynced frames after the WAL's header are gone: the batch was never
-    forgotten in Postgres, so it is applied once, by the next worker."""
+    """A tenant's commit on its file: database fsyncs nothing of its frames (synchronous = NORMAL); the fsync of
+    its WAL after it does. A worker SIGKILLed between the two leaves a WAL holding the batch and its marker, its
+    events still in the outbox. The next worker opens that file with a non-empty WAL: it fsyncs it before
+    trusting the marker in it, forgets the batch by that marker (not applied again), and delivers the next;
+    SIGKILLed after that commit's fsync and before the Postgres deletion, a third worker forgets that one too.
+    `unsynced_frames_lost`: what an OS crash may do instead of a SIGKILL, every WAL cut back to what an fsync
+    covered: the batch was never forgotten in Postgres, so it is applied once, by the next worker."""
     two_tenants_counted(conn, dsn, tmp_path)
     wals = [tmp_path / f"tenant-{tenant}.db-wal" for tenant in ("acme", "globex")]
-    assert all(not wal.exists() or wal.stat().st_size == 0 for wal in wals)  # all in the database files
+    record = durable_record(tmp_path, ("acme", "globex"))
     conn.execute("INSERT INTO orders VALUES (1, 'acme', 'one'), (2, 'globex', 'two')")
-    run_dying_pattern_worker(dsn, "after_commit")  # at the first tenant's commit (the other's may be under way)
+    sizes = [wal.stat().st_size for wal in wals]
+    run_dying_pattern_worker(dsn, "after_commit", record)  # at the first tenant's commit (the other's may be under way)
     assert items_pending(conn, "acme", "one") == ["one"] and items_pending(conn, "globex", "two") == ["two"]
-    assert any(wal.exists() and wal.stat().st_size > 32 for wal in wals), "a batch's frames are in its WAL"
+    assert any(wal.stat().st_size > size for wal, size in zip(wals, sizes, strict=True)), "a batch is in its WAL"
     if power_lost:
-        cut_unsynced_frames(wals)
+        assert cut_to_durable(record)
     conn.execute("INSERT INTO orders VALUES (3, 'acme', 'three'), (4, 'globex', 'four')")
-    run_dying_pattern_worker(dsn, "after_checkpoint")
-    drain_pattern(dsn)
+    run_dying_pattern_worker(dsn, "after_fsync", record)
+    run_dying_pattern_worker(dsn, "never", record)
     if power_lost:  # and again once everything was delivered: nothing Postgres forgot may sit in such frames
-        cut_unsynced_frames(wals)
+        cut_to_durable(record)
     assert_every_write_arrived_once(conn, tmp_path, "acme", "globex")
 
 
-def cut_unsynced_frames(wals: list[Path]) -> None:
-    """What an OS crash may leave of a tenant's WAL (synchronous = NORMAL): its header, fsynced when the WAL
-    restarted at a commit, and none of the frames after it, which only a checkpoint fsyncs."""
-    for wal in wals:
-        if wal.exists() and wal.stat().st_size > 32:
+# A round of the three tenants of recovered_round in a real process SIGKILLed at a chosen point: after every
+# tenant's commit and before the round's fsyncs, or after the fsyncs and before the round's deletion in Postgres.
+_DYING_ROUND = _RECORD_DURABLE + """
+import signal, sys
+from pgturso.common.settings import resolve
+from pgturso.run import fanout
+import psycopg
+
+where, dsn = sys.argv[1], sys.argv[2]
+pattern = fanout.PatternWorker(dsn, resolve({}, {}, {"target": "tenant-%s"}))
+pattern._connect()
+tenants = [pattern._tenant(name, tenant, (url, token))
+           for name, tenant, url, token in pattern.conn.execute(fanout.TENANTS, (pattern.pattern,)).fetchall()]
+for tenant in tenants:
+    assert tenant.step(pattern._pool_connection, True) is None and tenant.recovered
+with psycopg.connect(dsn, autocommit=True) as writer:
+    writer.execute("INSERT INTO orders VALUES (1, 'acme', 'a1'), (2, 'globex', 'g1'), (3, 'initech', 'i1')")
+
+def die(*args):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if where == "before_fsync":
+    fanout.PatternWorker._sync_round = die
+else:
+    fanout.record_tenant_batches = die
+pattern._run_round(tenants)
+raise SystemExit("the round did not reach its kill point")
+"""
+
+
+@pytest.mark.parametrize("power_lost", [False, True], ids=["wal_kept", "unsynced_frames_lost"])
+@pytest.mark.parametrize("where", ["before_fsync", "after_fsync"])
+def test_a_round_sigkilled_around_its_group_fsync_applies_each_tenants_batch_once(
+        conn, dsn, tmp_path: Path, where: str, power_lost: bool):
+    """A round commits its tenants' batches without an fsync and then fsyncs their WALs side by side, before its
+    one deletion in Postgres. A real worker SIGKILLed after the commits and before the fsyncs, or after the
+    fsyncs and before the deletion, leaves every event in the outbox; the next worker fsyncs each WAL before it
+    trusts the marker in it and forgets what arrived. `unsynced_frames_lost`: every WAL cut back to what an
+    fsync covered (what an OS crash may leave): the unsynced batches are gone from the files but not from the
+    outbox, and are applied once."""
+    import os
+    import subprocess
+    import sys
+
+    pattern, tenants = recovered_round(conn, dsn, tmp_path)
+    for tenant in tenants:
+        tenant.close_target()
+    pattern._shut_down()
+    del pattern, tenants
+    gc.collect()  # pyturso lets go of a file's lock when the connection is freed
+    record = durable_record(tmp_path, ROUND)
+    died = subprocess.run([sys.executable, "-c", _DYING_ROUND, where, dsn], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PGTURSO_TEST_DURABLE": str(record)})
+    assert died.returncode == -9, died.stderr
+    assert items_pending(conn, "acme", "a1") == ["a1"] and items_pending(conn, "globex", "g1") == ["g1"]
+    assert items_pending(conn, "initech", "i1") == ["i1"]
+    committed = [peek(tmp_path / f"tenant-{t}.db", "SELECT count(*) FROM orders WHERE id < 100") for t in ROUND]
+    assert committed == [1, 1, 1]  # every batch committed on its file (and, after_fsync, fsynced)
+    if power_lost:
+        cut = cut_to_durable(record)
+        assert bool(cut) == (where == "before_fsync"), cut  # fsynced frames are never cut
+    run_dying_pattern_worker(dsn, "never", record)
+    if power_lost:
+        cut_to_durable(record)
+    assert_every_write_arrived_once(conn, tmp_path, *ROUND)
+
+
+def peek(path: Path, sql: str) -> Any:
+    """One value read from a tenant's file by a connection dropped without close(), whose checkpoint would fsync
+    the WAL (making durable what the test is about to cut as an OS crash would)."""
+    import turso as pyturso
+
+    db = pyturso.connect(str(path), isolation_level=None)
+    value = db.execute(sql).fetchall()[0][0]
+    del db
+    gc.collect()
+    return value
+
+
+def cut_to_durable(record: Path) -> list[str]:
+    """What an OS crash may leave of each tenant's WAL (synchronous = NORMAL): the bytes an fsync covered
+    (_RECORD_DURABLE), and the header of a WAL restarted after a checkpoint (pyturso fsyncs it when it writes
+    it), none of the frames written after. Returns the WALs cut."""
+    cut = []
+    for wal, durable in json.loads(record.read_text()).items():
+        size = Path(wal).stat().st_size if Path(wal).exists() else 0
+        keep = max(durable, min(size, 32))
+        if size > keep:
             with open(wal, "r+b") as frames:
-                frames.truncate(32)
+                frames.truncate(keep)
+            cut.append(wal)
+    return cut
 
 
 def test_an_immediate_postgres_shutdown_with_wal_in_flight_after_turso_committed_a_batch_ends_exact(

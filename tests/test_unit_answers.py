@@ -263,67 +263,155 @@ def test_closing_a_file_target_checkpoints_it_even_while_another_connection_read
     fresh.close()
 
 
-def test_a_checkpointed_file_target_commit_returns_with_the_rows_in_the_database_file(tmp_path) -> None:
-    """checkpoint_commits (a pattern's tenants): a commit runs without its own fsync (synchronous = NORMAL) and
-    returns only after a TRUNCATE checkpoint copied it into the database file (fsynced, the WAL emptied);
-    closing then drops the connection, and the file opens again with every row."""
+def test_a_group_commit_file_target_commit_returns_fsynced_and_checkpoints_only_a_large_wal(
+        tmp_path, monkeypatch) -> None:
+    """group_commits (a pattern's tenants): a commit runs without its own fsync (synchronous = NORMAL) and returns
+    once its WAL was fsynced; the WAL is checkpointed into the database file (and emptied) only once it passes
+    CHECKPOINT_WAL_BYTES; closing drops the connection, and the file opens again with every row."""
+    import os
+
     import turso
+    from pgturso.delivery import targets
     from pgturso.delivery.statements import Statement
     from pgturso.delivery.targets import FileTarget
 
+    fsynced: list[int] = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsynced.append(fd), fsync(fd))[1])
     path = tmp_path / "tenant.db"
-    target = FileTarget(str(path), checkpoint_commits=True)
+    wal = tmp_path / "tenant.db-wal"
+    target = FileTarget(str(path), group_commits=True)
     assert target.query("PRAGMA synchronous") == [[1]]
     target.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
-    assert target.unsynced  # an autocommit write: durable with the next commit's checkpoint
+    assert not target.unsynced and len(fsynced) == 2  # the WAL, and the new file's directory
     transaction = target.begin()
     transaction.execute(Statement("INSERT INTO t VALUES (1), (2)", table="public.t", operation="insert"))
     transaction.commit()
+    assert not target.unsynced and len(fsynced) == 3
+    assert 0 < wal.stat().st_size < targets.CHECKPOINT_WAL_BYTES  # not checkpointed: the fsync made it durable
+    monkeypatch.setattr(targets, "CHECKPOINT_WAL_BYTES", wal.stat().st_size)
+    transaction = target.begin()
+    transaction.execute(Statement("INSERT INTO t VALUES (3)", table="public.t", operation="insert"))
+    transaction.commit()
     assert not target.unsynced
-    assert (tmp_path / "tenant.db-wal").stat().st_size == 0
+    assert wal.stat().st_size == 0  # past the limit: checkpointed into the database file, the WAL emptied
     target.close()
     target.close()  # a second close does nothing
     again = turso.connect(str(path), isolation_level=None)
-    assert again.execute("SELECT id FROM t ORDER BY id").fetchall() == [(1,), (2,)]
+    assert again.execute("SELECT id FROM t ORDER BY id").fetchall() == [(1,), (2,), (3,)]
     again.close()
 
 
-def test_a_checkpointed_commit_a_reader_keeps_from_the_file_is_not_reported_durable(tmp_path) -> None:
-    """A reader holding a read transaction stops the checkpoint that makes a checkpointed commit durable: the
-    commit must raise (a transient error: the caller keeps the batch's events), and nothing is read through
-    the target (recovery's marker) until a checkpoint completed; a WAL left behind by a process that stopped
-    before its checkpoint is treated the same way when the file is opened."""
+def test_a_deferred_group_commit_is_durable_only_once_its_pending_sync_ran(tmp_path, monkeypatch) -> None:
+    """A caller ``deferring`` gets each commit back unsynced and a PendingSync that fsyncs it later, also after the
+    target was closed (it holds its own descriptor of the WAL). A failed fsync raises a transient error (the caller
+    keeps the batch's events) and leaves the target unsynced; nothing is read through an unsynced target
+    (recovery's marker) before an fsync succeeded; a file opened with a non-empty WAL (left by a process that died
+    before its fsync) starts unsynced. A reader holding the file, which stops a checkpoint, does not stop this."""
+    import errno
+    import os
+
     import turso
     from pgturso.common.errors import TursoUnavailable
     from pgturso.delivery.statements import Statement
     from pgturso.delivery.targets import FileTarget
 
     path = tmp_path / "tenant.db"
-    target = FileTarget(str(path), checkpoint_commits=True)
+    target = FileTarget(str(path), group_commits=True)
     target.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
     reader = turso.connect(str(path), isolation_level=None)
     reader.execute("BEGIN")
     assert reader.execute("SELECT count(*) FROM t").fetchall() == [(0,)]
+    target.deferring = True
     transaction = target.begin()
     transaction.execute(Statement("INSERT INTO t VALUES (1)", table="public.t", operation="insert"))
-    with pytest.raises(TursoUnavailable, match="not complete"):
-        transaction.commit()
+    transaction.commit()
+    target.deferring = False
     assert target.unsynced
-    with pytest.raises(TursoUnavailable, match="not complete"):
-        target.query("SELECT id FROM t")
-    reader.execute("COMMIT")
-    assert target.query("SELECT id FROM t") == [[1]]
-    assert not target.unsynced
-    reader.close()
-    target.close()
+    durable = target.pending_sync()
+    assert durable is not None
+    fsync = os.fsync
 
-    # Written (autocommit), then dropped without close(), which would have checkpointed it.
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(TursoUnavailable, match="fsync"):
+        durable.sync()
+    assert target.unsynced
+    with pytest.raises(TursoUnavailable, match="fsync"):
+        target.query("SELECT id FROM t")  # recovery's marker is not read until an fsync succeeded
+    fsynced: list[int] = []
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsynced.append(fd), fsync(fd))[1])
+    target.deferring = True
+    transaction = target.begin()
+    transaction.execute(Statement("INSERT INTO t VALUES (2)", table="public.t", operation="insert"))
+    transaction.commit()
+    target.deferring = False
+    durable = target.pending_sync()
+    assert durable is not None and not fsynced
+    target.close()  # before the fsync: the PendingSync has its own descriptor
+    durable.sync()
+    assert fsynced
+    reader.execute("COMMIT")
+    reader.close()
+    del reader
+
+    # Written (autocommit), then dropped without close() or fsync.
     left = turso.connect(str(path), isolation_level=None)
-    left.execute("INSERT INTO t VALUES (2)")
+    left.execute("INSERT INTO t VALUES (3)")
     del left
     assert (tmp_path / "tenant.db-wal").stat().st_size > 0
-    reopened = FileTarget(str(path), checkpoint_commits=True)
+    reopened = FileTarget(str(path), group_commits=True)
     assert reopened.unsynced
-    assert reopened.query("SELECT id FROM t ORDER BY id") == [[1], [2]]
-    assert (tmp_path / "tenant.db-wal").stat().st_size == 0
+    fsynced.clear()
+    assert reopened.query("SELECT id FROM t ORDER BY id") == [[1], [2], [3]]
+    assert fsynced and not reopened.unsynced
     reopened.close()
+
+
+_READ_ANOTHER_PROCESS = """
+import sys, turso
+try:
+    db = turso.connect(sys.argv[1], isolation_level=None)
+except Exception as exc:
+    print("refused:", exc)
+else:
+    print("read:", db.execute("SELECT count(*) FROM t").fetchall()[0][0])
+"""
+
+
+def test_another_process_never_reads_a_tenant_file_while_a_group_commit_target_holds_it(tmp_path) -> None:
+    """A reader in another process (a second worker, verify, a test) while a group-commit target holds the file
+    with commits not fsynced yet is refused (pyturso's lock on the database file), before and after the target's
+    PendingSync fsynced and closed its own descriptor of the WAL: POSIX locks go with the first close of any
+    descriptor of the locked file in the process, and pyturso locks the WAL file too, so pgturso opens the WAL
+    only, never the database file itself (closing such a descriptor let another process write the same file).
+    Once the target is closed (its connection dropped, no checkpoint) the other process reads every commit."""
+    import subprocess
+    import sys
+
+    from pgturso.delivery.statements import Statement
+    from pgturso.delivery.targets import FileTarget
+
+    path = tmp_path / "tenant.db"
+
+    def other_process() -> str:
+        return subprocess.run([sys.executable, "-c", _READ_ANOTHER_PROCESS, str(path)], capture_output=True,
+                              text=True, timeout=120, check=True).stdout.strip()
+
+    target = FileTarget(str(path), group_commits=True)
+    target.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+    target.deferring = True
+    transaction = target.begin()
+    transaction.execute(Statement("INSERT INTO t VALUES (1)", table="public.t", operation="insert"))
+    transaction.commit()
+    target.deferring = False
+    durable = target.pending_sync()
+    assert durable is not None and target.unsynced
+    assert other_process().startswith("refused:")  # unsynced frames: not readable elsewhere
+    durable.sync()  # fsyncs and closes its duplicate of the WAL descriptor
+    assert not target.unsynced
+    assert other_process().startswith("refused:")  # the database file's lock held all the same
+    target.close()
+    assert other_process() == "read: 1"

@@ -177,8 +177,9 @@ class Worker:
         self.isolating_until: int | None = None
         # Read the next batch while the previous one is in flight (off inside Postgres: no threads there).
         self.read_ahead = True
-        # A file: target's commits made durable by a checkpoint each (FileTarget); a pattern's tenants set it.
-        self.checkpoint_commits = False
+        # A file: target's commits made durable by an fsync its caller may defer and group (FileTarget); a
+        # pattern's tenants set it.
+        self.group_commits = False
         self.sender = Sender()
         self.in_flight: InFlight | None = None
         # A batch Turso confirmed and Postgres recorded as delivered (its marker), its events still to be removed
@@ -312,7 +313,7 @@ class Worker:
                 tls_ca_file=self.settings.tls_ca_file,
                 encryption_key=self.settings.encryption(),
                 threads=self.read_ahead,  # no threads inside a Postgres backend
-                checkpoint_commits=self.checkpoint_commits,
+                group_commits=self.group_commits,
             )
         return self.target
 
