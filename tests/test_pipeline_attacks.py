@@ -808,3 +808,25 @@ def test_the_skip_of_a_transaction_turso_refused_is_never_said_delivered_across_
     assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[3, 3]]
     assert conn.execute("SELECT delivered_at FROM pgturso.skipped_transaction").fetchall() == [(None,)]
     assert pending(conn) == 0
+
+
+@pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
+def test_a_rolled_back_skip_drops_nothing_and_records_nothing(conn, dsn, turso: TursoServer, capture):
+    """skip_transaction inside a transaction that rolls back: the transaction is delivered as if never skipped
+    (it writes nothing non-transactional), no skip is recorded, every row arrives once."""
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    assert run_worker(dsn, turso.url).returncode == 0
+    install_apply_counter(turso.url, "t")
+    for i in range(1, 4):
+        conn.execute("INSERT INTO t VALUES (%s, 'x')", (i,))
+    victim = conn.execute("SELECT xmin::text FROM t WHERE id = 2").fetchone()[0]
+    with conn.transaction():
+        conn.execute("SELECT pgturso.skip_transaction(%s::xid8, 'changed my mind', target => 'default')", (victim,))
+        raise psycopg.Rollback()  # the skip's transaction rolls back
+    assert conn.execute("SELECT count(*) FROM pgturso.skipped_transaction").fetchone()[0] == 0
+    result = run_worker(dsn, turso.url)
+    assert result.returncode == 0, result.stderr
+    assert turso.query("SELECT id FROM t ORDER BY id") == [[1], [2], [3]]
+    assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[3, 3]]
+    assert pending(conn) == 0
