@@ -299,6 +299,38 @@ def test_a_batch_turso_refused_then_isolated_and_delivered_is_counted_once(conn,
     assert pending(conn) == 0
 
 
+def test_a_round_mate_with_one_of_two_transactions_skipped_while_turso_had_its_batch_counts_both_delivered(
+        conn, dsn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hooked_sends):  # noqa: F811
+    """acme's round batch carries two transactions; its database commits it, and before the round's deletion
+    skip_transaction removes one of them. Turso has both: acme counts two transactions and two rows delivered
+    (the batch's own counts, as a target stepped alone counts it: KNOWN_OR_REMOVED_COUNTS), not only what the
+    deletion found (one of each, before), and the skip says delivered (delivered_at)."""
+    with a_recovered_round(conn, dsn, tmp_path) as (pattern, tenants):
+        before = delivered_counts(conn)
+        conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a1')")
+        with conn.transaction():
+            conn.execute("INSERT INTO orders VALUES (5, 'acme', 'a5')")
+            txid = conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0]
+        conn.execute("INSERT INTO orders VALUES (2, 'globex', 'g1'), (3, 'initech', 'i1')")
+        skipped: list[int] = []
+
+        def skip_acme_after_its_commit() -> None:
+            skipped.append(conn.execute("SELECT pgturso.skip_transaction(%s::xid8, 'test', 'tenant-acme')",
+                                        (txid,)).fetchone()[0])
+
+        hooked_sends["after"].append(skip_acme_after_its_commit)  # the first send of the round: acme's
+        forbid_own_reads(monkeypatch)
+        outcomes = pattern._run_round(tenants)
+        monkeypatch.undo()
+        assert skipped == [1] and set(outcomes.values()) == {None}, (skipped, outcomes)
+        assert pending(conn) == 0
+        assert counted_since(conn, before) == {"tenant-acme": (2, 2), "tenant-globex": (1, 1),
+                                               "tenant-initech": (1, 1)}
+        assert conn.execute("SELECT delivered_at IS NOT NULL FROM pgturso.skipped_transaction "
+                            "WHERE txid = %s::xid8 AND target = 'tenant-acme'", (txid,)).fetchone()[0]
+    assert_every_write_arrived_once(conn, tmp_path, *ROUND)
+
+
 def test_a_round_mate_whose_events_were_skipped_while_turso_had_its_batch_is_not_recopied_at_restart(
         conn, dsn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hooked_sends):  # noqa: F811
     """acme's batch is committed on its database; before the round's deletion, skip_transaction removes its one

@@ -455,16 +455,25 @@ RECORD_ID_RANGES = record_batch_sql(KEEP_MARKER_OF_REMOVED, DELETE_ID_RANGES)
 # target, the events, transactions and rows removed.
 RECORD_TENANT_BATCHES = f"""
     WITH given AS (
-        SELECT g.target, g.marker, g.follows, g.marker::jsonb AS m
-        FROM unnest(%(targets)s::text[], %(markers)s::text[], %(follows)s::text[]) AS g(target, marker, follows)
+        SELECT g.target, g.marker, g.follows, g.marker::jsonb AS m, g.events, g.transactions, g.rows
+        FROM unnest(%(targets)s::text[], %(markers)s::text[], %(follows)s::text[], %(events)s::int8[],
+                    %(transactions)s::int8[], %(rows)s::int8[])
+             AS g(target, marker, follows, events, transactions, rows)
     ), removed AS (
         DELETE FROM pgturso.outbox o USING ({MARKED_BATCH}, given.target FROM given) AS b
         WHERE {IN_MARKED_BATCH} AND o.tenant = b.tenant  -- a tenant's events: by outbox_tenant_idx
         RETURNING b.target, o.txid, o.nrows
-    ), counted AS (
+    ), removed_counts AS (
         SELECT target, count(*) AS events, count(DISTINCT txid) AS transactions,
                coalesce(sum(nrows), 0)::int8 AS rows
         FROM removed GROUP BY target
+    ), counted AS (
+        -- As KNOWN_OR_REMOVED_COUNTS: some events removed but no more than the batch has, the batch's own counts
+        -- (skip_transaction deleted the others while Turso had them: Turso committed them all the same).
+        SELECT r.target, r.events,
+               CASE WHEN r.events <= g.events THEN g.transactions ELSE r.transactions END AS transactions,
+               CASE WHEN r.events <= g.events THEN g.rows ELSE r.rows END AS rows
+        FROM removed_counts r JOIN given g ON g.target = r.target
     ), totals AS (
         UPDATE pgturso.delivery_state d SET status = 'delivering', last_delivered_at = now(), updated_at = now(),
             transactions_delivered = d.transactions_delivered + coalesce(c.transactions, 0),
@@ -1051,10 +1060,14 @@ def read_whole_batches(conn: psycopg.Connection[Any], outboxes: list[Outbox]) ->
 
 
 def record_tenant_batches(conn: psycopg.Connection[Any], delivered: list[tuple[Outbox, Batch]]) -> dict[str, Removed]:
-    """Remove several tenants' delivered batches and count what was removed in each tenant's delivery_state, in
-    one autocommit statement (RECORD_TENANT_BATCHES); returns what was removed, per tenant target."""
+    """Remove several tenants' delivered batches and count each in its tenant's delivery_state, in one autocommit
+    statement (RECORD_TENANT_BATCHES): from what the batch read when its deletion removed some of its events and
+    no more (KNOWN_OR_REMOVED_COUNTS' rule), else from what was removed; returns that, per tenant target."""
     rows = conn.execute(RECORD_TENANT_BATCHES, {"targets": [o.target for o, _ in delivered],
                                                 "markers": [b.marker() for _, b in delivered],
-                                                "follows": [b.follows for _, b in delivered]}).fetchall()
+                                                "follows": [b.follows for _, b in delivered],
+                                                "events": [b.event_count for _, b in delivered],
+                                                "transactions": [b.transactions for _, b in delivered],
+                                                "rows": [b.rows for _, b in delivered]}).fetchall()
     return {str(target): Removed(int(events), int(transactions), int(rows))
             for target, events, transactions, rows in rows}
