@@ -859,24 +859,35 @@ def cut_to_durable(record: Path) -> list[str]:
     return cut
 
 
+@pytest.mark.parametrize("synchronous_commit", ["on", "off"])
 def test_an_immediate_postgres_shutdown_with_wal_in_flight_after_turso_committed_a_batch_ends_exact(
-        conn, dsn, tmp_path: Path, hooked_sends, pg_cluster):
+        conn, dsn, tmp_path: Path, hooked_sends, pg_cluster, synchronous_commit: str):
     """A batch's marker records the server's WAL insert position when it was sent, which counts WAL that an open
     transaction inserted and nobody has written out yet. Postgres stopped with `-m immediate` right after Turso
-    committed the batch loses that unwritten WAL: once restarted it is behind the recorded position, so the next
-    worker takes the marker for one of another history and starts over, copying every tenant's tables afresh
-    (Worker._start_over: a full recopy, safe but costly). Every tenant must still end exact, and wait_for_sync
-    must not say true before the copy is delivered (it did: the tenant's table was found empty). (The recopy
-    recreates the tables, and the write counters' triggers with them: rows are compared, not counts.)"""
+    committed the batch loses WAL nobody flushed: had the position been left unflushed, the restarted server
+    would be behind it, and the next worker would take the marker for one of another history and start over,
+    copying every tenant's tables afresh (Worker._start_over: safe, but a full recopy after every crash; it did).
+    _source_position makes the WAL durable up to the position it gives before the batch is sent, so the worker
+    carries on from the marker: no start-over, no copy, every tenant exact.
+
+    With synchronous_commit = off for every session (the writers' and the worker's), the batch's own rows were
+    committed asynchronously: unflushed at the crash they would be lost while Turso has them (the insert
+    position saw that loss and recopied everything). The flush before sending makes them durable: they are
+    still on Postgres after the crash, and nothing is recopied."""
     conn.execute("CREATE TABLE scratch (id int, filler text)")
     # The open transaction's WAL stays in its buffers: no WAL writer round, and no autovacuum commit (any commit
     # writes out the WAL before it).
     conn.execute("ALTER SYSTEM SET wal_writer_delay = '10s'")
     conn.execute("ALTER SYSTEM SET autovacuum = off")
+    conn.execute(f"ALTER SYSTEM SET synchronous_commit = {synchronous_commit}")  # "on" or "off": a literal
     conn.execute("SELECT pg_reload_conf()")
     try:
         pattern, tenants = recovered_round(conn, dsn, tmp_path)
-        conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a1'), (2, 'globex', 'g1')")
+        copies = "SELECT array_agg(copy_started_at ORDER BY id) FROM pgturso.tracked_table"
+        copies_before = conn.execute(copies).fetchone()[0]
+        with psycopg.connect(dsn, autocommit=True) as writer:
+            assert writer.execute("SHOW synchronous_commit").fetchone()[0] == synchronous_commit
+            writer.execute("INSERT INTO orders VALUES (1, 'acme', 'a1'), (2, 'globex', 'g1')")
         open_writer = psycopg.connect(dsn)
         open_writer.execute("INSERT INTO scratch SELECT g, repeat('x', 200) FROM generate_series(1, 5000) g")
 
@@ -897,6 +908,7 @@ def test_an_immediate_postgres_shutdown_with_wal_in_flight_after_turso_committed
         with psycopg.connect(dsn, autocommit=True) as again:
             again.execute("ALTER SYSTEM RESET wal_writer_delay")
             again.execute("ALTER SYSTEM RESET autovacuum")
+            again.execute("ALTER SYSTEM RESET synchronous_commit")
             again.execute("SELECT pg_reload_conf()")
     with psycopg.connect(dsn, autocommit=True) as again:
         worker = _start_worker(dsn)
@@ -905,8 +917,10 @@ def test_an_immediate_postgres_shutdown_with_wal_in_flight_after_turso_committed
             assert again.execute("SELECT pgturso.wait_for_sync('300 s')").fetchone()[0]
         finally:
             worker.stop()
-        # The scenario took the path it is about (else it proves nothing): the known cost, see the docstring.
-        assert "event=source_history_changed" in worker.output, worker.output
+        assert "source_history_changed" not in worker.output, worker.output
+        # The batch's rows, committed before it was sent, survived the crash (flushed with the position).
+        assert again.execute("SELECT id FROM orders WHERE id < 3 ORDER BY id").fetchall() == [(1,), (2,)]
+        assert again.execute(copies).fetchone()[0] == copies_before, "no table was copied again"
         for tenant in ROUND:
             assert tenant_rows(tmp_path / f"tenant-{tenant}.db", "SELECT id, item FROM orders ORDER BY id") == \
                 pg_tenant_rows(again, tenant), (tenant, worker.output)

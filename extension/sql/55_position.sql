@@ -6,7 +6,9 @@
 -- and transaction ids beyond them; one that does not (a standby promoted before it replayed that far, a
 -- restore from an older backup, another cluster) may lack delivered changes and re-use ids the marker names.
 
-CREATE OR REPLACE FUNCTION pgturso._source_position() RETURNS jsonb
+-- Where the server's WAL is now: system identifier, timeline and insert position (not made durable: see
+-- _source_position).
+CREATE OR REPLACE FUNCTION pgturso._wal_position() RETURNS jsonb
 LANGUAGE sql VOLATILE
 @SESSION_SETTINGS@
 AS $$
@@ -16,8 +18,36 @@ AS $$
         'lsn', p.lsn::text)
     FROM (SELECT pg_current_wal_insert_lsn() AS lsn) AS p
 $$;
+COMMENT ON FUNCTION pgturso._wal_position IS
+    'Private: this server''s system identifier, timeline and WAL insert position now.';
+
+-- The position recorded in a batch's marker, durable by the time the statement calling this commits. The
+-- insert position counts WAL that open transactions inserted and nobody wrote out: a crash (pg_ctl stop -m
+-- immediate) loses it, and the restarted server would end before the recorded position on the same timeline,
+-- taken for another history (a full recopy). So when the WAL is not flushed that far yet, the calling
+-- transaction writes a transactional logical message (no table touched; pgoutput ignores it without its
+-- "messages" option) and commits synchronously: its commit flushes the WAL past the position, and with it
+-- every commit before it, including those of writers with synchronous_commit = off whose events the batch
+-- carries. The worker calls this outside any transaction (autocommit), so the flush is done before it sends.
+CREATE OR REPLACE FUNCTION pgturso._source_position() RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+@SESSION_SETTINGS@
+AS $$
+DECLARE
+    v_position jsonb := pgturso._wal_position();
+BEGIN
+    IF pg_current_wal_flush_lsn() < (v_position ->> 'lsn')::pg_lsn THEN
+        IF current_setting('synchronous_commit') = 'off' THEN
+            PERFORM set_config('synchronous_commit', 'local', true);  -- this transaction's commit only
+        END IF;
+        PERFORM pg_logical_emit_message(true, 'pgturso', 'position');
+    END IF;
+    RETURN v_position;
+END
+$$;
 COMMENT ON FUNCTION pgturso._source_position IS
-    'Private: this server''s system identifier, timeline and WAL insert position, for the progress marker.';
+    'Private: this server''s system identifier, timeline and WAL insert position, for the progress marker; '
+    'the WAL is flushed that far when the calling transaction commits.';
 
 -- Whether this server's history contains `recorded` (as _source_position gave it, here or on a server this
 -- one descends from): same system, and either the same timeline not past its current end, or an ancestor
@@ -28,7 +58,7 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 @SESSION_SETTINGS@
 AS $$
 DECLARE
-    v_here jsonb := pgturso._source_position();
+    v_here jsonb := pgturso._wal_position();
     v_timeline bigint := (recorded ->> 'timeline')::bigint;
     v_lsn pg_lsn := (recorded ->> 'lsn')::pg_lsn;
     v_history text;
@@ -56,5 +86,6 @@ $$;
 COMMENT ON FUNCTION pgturso._position_reached IS
     'Private: whether this server''s WAL history contains a position recorded by _source_position.';
 
+REVOKE ALL ON FUNCTION pgturso._wal_position() FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._source_position() FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgturso._position_reached(jsonb) FROM PUBLIC;

@@ -72,6 +72,7 @@ BEGIN
     EXECUTE format('GRANT SELECT, INSERT ON pgturso.outbox_deletion TO %s', worker);
     EXECUTE format('GRANT EXECUTE ON FUNCTION pgturso._note_outbox_deletion(text, bigint) TO %s', worker);
     EXECUTE format('GRANT EXECUTE ON FUNCTION pgturso._copy_chunk(integer, integer), pgturso._source_position(), '
+                   'pgturso._wal_position(), '
                    'pgturso._position_reached(jsonb), pgturso._resync_target(text) TO %s', worker);
 END
 $$;
