@@ -671,10 +671,10 @@ def _record(wal, size):
 
 _sync = targets.PendingSync.sync
 
-def recorded_sync(self):
+def recorded_sync(self, **how):
     wal = self.target.path + "-wal"
     size = os.path.getsize(wal)  # written before the fsync: covered by it
-    _sync(self)
+    _sync(self, **how)
     _record(wal, size)
 
 _checkpoint = targets.FileTarget._checkpoint
@@ -705,8 +705,8 @@ def dying_commit(self):
         os.kill(os.getpid(), signal.SIGKILL)
     commit(self)
 
-def dying_sync(self):
-    sync(self)
+def dying_sync(self, **how):
+    sync(self, **how)
     if where == "after_fsync" and self.commits:  # a commit's fsync, not recovery's; no Postgres deletion yet
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -925,3 +925,58 @@ def test_an_immediate_postgres_shutdown_with_wal_in_flight_after_turso_committed
             assert tenant_rows(tmp_path / f"tenant-{tenant}.db", "SELECT id, item FROM orders ORDER BY id") == \
                 pg_tenant_rows(again, tenant), (tenant, worker.output)
         assert pending(again) == 0
+
+
+@pytest.mark.parametrize("directory_fsync", ["succeeds", "fails"])
+def test_first_visits_share_a_round_and_its_one_fsync_of_the_directory_of_the_files_they_created(
+        conn, dsn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, directory_fsync: str):
+    """Three tenants' first visits in one round (bench 11a: a copy into a thousand new databases): each recovers
+    (no file yet: it creates it) and sends its batch; their WALs are fsynced side by side and the directory
+    holding the three new files once, all before the round's one deletion. A failed fsync of that directory
+    leaves every one of their batches' events in the outbox (their files' entries may not be on disk), and a
+    fresh worker forgets them by the markers it finds: every row once."""
+    import os
+
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id')")
+    conn.execute("INSERT INTO orders SELECT 100 + n, t, 'first' FROM unnest(%s::text[]) WITH ORDINALITY AS u(t, n)",
+                 (list(ROUND),))  # captured: one event per tenant, and the tenants registered
+    pattern = in_process_pattern_worker(dsn)
+    try:
+        tenants = [tenant_worker(pattern, value) for value in ROUND]
+        assert all(pattern._may_share_a_round(t) and not t.recovered for t in tenants)
+        fsync = os.fsync
+        synced: list[str] = []
+
+        def recording_fsync(fd: int) -> None:
+            name = os.readlink(f"/proc/self/fd/{fd}")
+            synced.append(name)
+            if directory_fsync == "fails" and name == str(tmp_path):
+                raise OSError(5, "Input/output error")
+            fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", recording_fsync)
+        outcomes = pattern._run_round(tenants)
+        monkeypatch.undo()
+        # Recovered in the round; after a failed fsync each recovers again from its marker at its next visit.
+        assert all(t.recovered == (directory_fsync == "succeeds") for t in tenants)
+        wals = sorted(name for name in synced if name.endswith("-wal"))
+        assert wals == sorted(str(tmp_path / f"tenant-{t}.db-wal") for t in ROUND), synced
+        assert synced.count(str(tmp_path)) == 1, synced  # once for the three files the round created
+        assert synced.index(str(tmp_path)) > max(synced.index(w) for w in wals)
+        if directory_fsync == "succeeds":
+            assert set(outcomes.values()) == {None}, outcomes
+            assert pending(conn) == 0
+        else:
+            assert all(isinstance(v, float) for v in outcomes.values()), outcomes
+            assert all(items_pending(conn, t, "first") == ["first"] for t in ROUND)
+        for tenant in tenants:
+            tenant.close_target()
+    finally:
+        pattern._shut_down()
+    drain_pattern(dsn)
+    for tenant in ROUND:
+        assert tenant_rows(tmp_path / f"tenant-{tenant}.db", "SELECT id, item FROM orders ORDER BY id") == \
+            pg_tenant_rows(conn, tenant), tenant
+    assert pending(conn) == 0

@@ -541,29 +541,43 @@ class PendingSync:
         self.target = target
         self.description = target.description
         self.commits = target.commits
-        self.new_file = target._new_file
+        # The directory whose entry for the file this process created is not fsynced yet (None: nothing to do).
+        self.directory = os.path.dirname(os.path.abspath(target.path)) if target._new_file else None
         self._wal = os.dup(target._wal)
 
-    def sync(self) -> None:
-        """fsync the WAL (and, for a file this process created, its directory). Raises TursoUnavailable if it
-        failed: the commits it covers are then not known durable, and their events stay in the outbox."""
+    def sync(self, *, directory: bool = True) -> None:
+        """fsync the WAL and, for a file this process created, its directory: unless ``directory`` is False,
+        when the caller fsyncs the directory of several such files once (``fsync_directory``, then
+        ``directory_synced``) before it counts their commits durable. Raises TursoUnavailable if it failed: the
+        commits it covers are then not known durable, and their events stay in the outbox."""
         try:
             os.fsync(self._wal)
-            if self.new_file:
-                directory = os.open(os.path.dirname(os.path.abspath(self.target.path)), os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    os.fsync(directory)
-                finally:
-                    os.close(directory)
+            if directory and self.directory is not None:
+                fsync_directory(self.directory)
         except OSError as exc:
             raise TursoUnavailable(f"{self.description}: the fsync that makes its last commits durable failed "
                                    f"({exc}); their events stay in the outbox until one succeeds") from exc
         finally:
             os.close(self._wal)
             self._wal = -1
-        self.target._new_file = False
+        if directory:
+            self.directory_synced()
         if self.target.commits == self.commits:  # nothing committed since: all of the target's writes are durable
             self.target.unsynced = False
+
+    def directory_synced(self) -> None:
+        """The file's directory entry is on disk (fsynced here or by the caller)."""
+        self.directory = None
+        self.target._new_file = False
+
+
+def fsync_directory(path: str) -> None:
+    """fsync a directory (its entries: files created in it); raises OSError."""
+    directory = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def _wal_size(path: str) -> int:

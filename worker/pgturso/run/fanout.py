@@ -62,7 +62,7 @@ from ..common.metrics import Metrics
 from ..common.retry import backoff_delay
 from ..common.settings import Settings
 from ..delivery.pipeline import send_batch
-from ..delivery.targets import FileTarget, PendingSync, Target, redact_url
+from ..delivery.targets import FileTarget, PendingSync, Target, fsync_directory, redact_url
 from ..sources.outbox import Batch, Outbox, error_cleared_when, read_whole_batches, record_tenant_batches
 from ..sources.router import NotYetVisible, Router
 from .worker import (
@@ -188,11 +188,12 @@ class Delivered:
 
 
 def _sync(item: Delivered) -> Exception | None:
-    """Run a round's tenant's fsync (on PatternWorker.syncer); its failure is returned, without its traceback
-    (which would hold the tenant's objects: without_traceback)."""
+    """Run a round's tenant's fsync of its WAL (on PatternWorker.syncer; the round fsyncs the directory of the
+    files it created once, after); its failure is returned, without its traceback (which would hold the
+    tenant's objects: without_traceback)."""
     assert item.durable is not None
     try:
-        item.durable.sync()
+        item.durable.sync(directory=False)
     except TursoUnavailable as exc:
         return without_traceback(exc)
     return None
@@ -694,9 +695,9 @@ class PatternWorker:
         # Tenants that are failing (slow or down databases) may take at most half of the threads.
         failing_allowed = max(1, self.threads // 2) - sum(1 for n in self.running
                                                           if n in self.tenants and self.tenants[n].attempts)
-        # More ready than steps to hand out: rounds of several tenants each (a tenant's first visit, a failing
-        # one, and one whose database is not a local file go alone: a round sends to its tenants in turn, and a
-        # network database that hangs must not hold back the others' deliveries).
+        # More ready than steps to hand out: rounds of several tenants each, first visits included (a failing
+        # tenant and one whose database is not a local file go alone: a round sends to its tenants in turn, and
+        # a network database that hangs must not hold back the others' deliveries).
         per_round = min(ROUND_TENANTS, max(1, len(ready) // max(free, 1)))
         round_: list[TenantWorker] = []
         for tenant in ready:
@@ -727,8 +728,9 @@ class PatternWorker:
 
     @staticmethod
     def _may_share_a_round(tenant: TenantWorker) -> bool:
-        return (tenant.recovered and not tenant.attempts and tenant.isolating_until is None
-                and tenant.endpoint[0].startswith("file:"))
+        # A first visit too: it recovers (reading its marker only through a synced target, FileTarget.query) and
+        # its batch is then made durable with the round's, before the round's deletion, as any other's.
+        return not tenant.attempts and tenant.isolating_until is None and tenant.endpoint[0].startswith("file:")
 
     def _run_step(self, tenant: TenantWorker) -> float | None:
         try:
@@ -782,6 +784,22 @@ class PatternWorker:
         if not pending:
             return deferred
         failures = dict(zip((id(item) for item in pending), self.syncer.map(_sync, pending), strict=True))
+        # First visits that created their files: each directory fsynced once for all of them, after their WALs.
+        created: dict[str, list[Delivered]] = {}
+        for item in pending:
+            if failures[id(item)] is None and item.durable.directory is not None:  # type: ignore[union-attr]
+                created.setdefault(item.durable.directory, []).append(item)  # type: ignore[union-attr]
+        for directory, items in created.items():
+            try:
+                fsync_directory(directory)
+            except OSError as exc:
+                failure = TursoUnavailable(f"{directory}: the fsync of the directory of new tenant databases "
+                                           f"failed ({exc}); their batches' events stay in the outbox")
+                for item in items:
+                    failures[id(item)] = failure
+                continue
+            for item in items:
+                item.durable.directory_synced()  # type: ignore[union-attr]
         durable: list[Delivered] = []
         for item in deferred:
             failure = failures.get(id(item))
