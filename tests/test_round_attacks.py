@@ -299,6 +299,23 @@ def test_a_batch_turso_refused_then_isolated_and_delivered_is_counted_once(conn,
     assert pending(conn) == 0
 
 
+def run_round_skipping_acmes_transaction_after_its_send(conn, pattern, tenants, txid: str, sends,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run one round whose first send (acme's) is followed, before the round's deletion, by skip_transaction of
+    acme's transaction ``txid``: the skip finds its events (1) and every tenant's step succeeds."""
+    skipped: list[int] = []
+
+    def skip_acme_after_its_commit() -> None:
+        skipped.append(conn.execute("SELECT pgturso.skip_transaction(%s::xid8, 'test', 'tenant-acme')",
+                                    (txid,)).fetchone()[0])
+
+    sends["after"].append(skip_acme_after_its_commit)  # the first send of the round: acme's
+    forbid_own_reads(monkeypatch)
+    outcomes = pattern._run_round(tenants)
+    monkeypatch.undo()
+    assert skipped == [1] and set(outcomes.values()) == {None}, (skipped, outcomes)
+
+
 def test_a_round_mate_with_one_of_two_transactions_skipped_while_turso_had_its_batch_counts_both_delivered(
         conn, dsn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hooked_sends):  # noqa: F811
     """acme's round batch carries two transactions; its database commits it, and before the round's deletion
@@ -312,17 +329,7 @@ def test_a_round_mate_with_one_of_two_transactions_skipped_while_turso_had_its_b
             conn.execute("INSERT INTO orders VALUES (5, 'acme', 'a5')")
             txid = conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0]
         conn.execute("INSERT INTO orders VALUES (2, 'globex', 'g1'), (3, 'initech', 'i1')")
-        skipped: list[int] = []
-
-        def skip_acme_after_its_commit() -> None:
-            skipped.append(conn.execute("SELECT pgturso.skip_transaction(%s::xid8, 'test', 'tenant-acme')",
-                                        (txid,)).fetchone()[0])
-
-        hooked_sends["after"].append(skip_acme_after_its_commit)  # the first send of the round: acme's
-        forbid_own_reads(monkeypatch)
-        outcomes = pattern._run_round(tenants)
-        monkeypatch.undo()
-        assert skipped == [1] and set(outcomes.values()) == {None}, (skipped, outcomes)
+        run_round_skipping_acmes_transaction_after_its_send(conn, pattern, tenants, txid, hooked_sends, monkeypatch)
         assert pending(conn) == 0
         assert counted_since(conn, before) == {"tenant-acme": (2, 2), "tenant-globex": (1, 1),
                                                "tenant-initech": (1, 1)}
@@ -344,17 +351,7 @@ def test_a_round_mate_whose_events_were_skipped_while_turso_had_its_batch_is_not
             conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a1')")
             txid = conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0]
         conn.execute("INSERT INTO orders VALUES (2, 'globex', 'g1'), (3, 'initech', 'i1')")
-        skipped: list[int] = []
-
-        def skip_acme_after_its_commit() -> None:
-            skipped.append(conn.execute("SELECT pgturso.skip_transaction(%s::xid8, 'test', 'tenant-acme')",
-                                        (txid,)).fetchone()[0])
-
-        hooked_sends["after"].append(skip_acme_after_its_commit)  # the first send of the round: acme's
-        forbid_own_reads(monkeypatch)
-        outcomes = pattern._run_round(tenants)
-        monkeypatch.undo()
-        assert skipped == [1] and set(outcomes.values()) == {None}, (skipped, outcomes)
+        run_round_skipping_acmes_transaction_after_its_send(conn, pattern, tenants, txid, hooked_sends, monkeypatch)
         assert pending(conn) == 0
         assert counted_since(conn, before) == {"tenant-acme": (0, 0), "tenant-globex": (1, 1),
                                                "tenant-initech": (1, 1)}
