@@ -101,7 +101,7 @@ def test_untrack_table_while_turso_hangs_never_blocks_the_tables_writers(conn, d
         try:
             conn.execute("INSERT INTO t VALUES (0, 'delivered')")
             wait_until(lambda: outbox_empty(dsn), 60, "the first row to be delivered")
-            cloud.slow_answers = [15.0]  # Turso commits the next batch and answers 15 s later
+            cloud.slow_answers = [30.0]  # Turso commits the next batch and answers 30 s later
             for i in (1, 2, 3):
                 conn.execute("INSERT INTO t VALUES (%s, 'pending')", (i,))
             wait_until(lambda: cloud.holding > 0, 60, "Turso to hold a batch of t")
@@ -113,13 +113,14 @@ def test_untrack_table_while_turso_hangs_never_blocks_the_tables_writers(conn, d
                 writing = threading.Thread(target=lambda: writes.append(
                     str(writer.execute("INSERT INTO t VALUES (10, 'written meanwhile') RETURNING v").fetchone()[0])))
                 writing.start()
-                wait_until(lambda: (writes and not untracking.is_alive()) or waiting(conn), 30,
-                           "untrack_table and the writer to finish or wait")
-                chain = waiting(conn)
-                writing.join(30)
-                untracking.join(60)
-                assert not chain, f"untrack_table or the table's writer waited while Turso did not answer: {chain}"
-                assert writes == ["written meanwhile"] and not untracking.is_alive()
+                # Both finish long before Turso answers (30 s). A momentary lock wait of the writer behind
+                # untrack_table's own brief ACCESS EXCLUSIVE lock (dropping the triggers) is no wait for Turso: the
+                # promise is that neither waits for the held batch, so the check is that both end meanwhile.
+                deadline = time.monotonic() + 15
+                for thread in (untracking, writing):
+                    thread.join(max(0.0, deadline - time.monotonic()))
+                assert writes == ["written meanwhile"] and not untracking.is_alive(), (
+                    f"untrack_table or the table's writer waited while Turso did not answer: {waiting(conn)}")
             assert cloud.holding > 0, "Turso answered before untrack_table ran: nothing was shown (hold it longer)"
             assert conn.execute("SELECT count(*) FROM pgturso.tracked_table WHERE relid = 't'::regclass"
                                 ).fetchone()[0] == 0
