@@ -185,7 +185,7 @@ def _connect(dsn: str) -> psycopg.Connection[Any]:
     own = conninfo_to_dict(dsn).get("options")  # the DSN's options stay, ours come last and win
     options = f"{own} {capture_settings_options()}" if own else capture_settings_options()
     return connect(dsn, autocommit=True, replication="database",
-                           application_name="pgturso-worker-replication", options=options)
+                   application_name="pgturso-worker-replication", options=options)
 
 
 def _why_the_stream_ended(pgconn: Any) -> tuple[str | None, str]:
