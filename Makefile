@@ -5,9 +5,9 @@
 #   make bench     the benchmark (QUICK=1 for a one-minute smoke run)
 
 EXTENSION    = pgturso
-EXTVERSION   = 0.6.0
+EXTVERSION   = 0.7.0
 # Every earlier release: its install script is kept (extension/history/) and an upgrade script built from it.
-OLD_VERSIONS = 0.1.0 0.2.0 0.3.0 0.4.0 0.5.0
+OLD_VERSIONS = 0.1.0 0.2.0 0.3.0 0.4.0 0.5.0 0.6.0
 PG_CONFIG   ?= /usr/lib/postgresql/15/bin/pg_config
 DATA_built   = $(EXTENSION)--$(EXTVERSION).sql \
                $(foreach v,$(OLD_VERSIONS),$(EXTENSION)--$(v).sql $(EXTENSION)--$(v)--$(EXTVERSION).sql)

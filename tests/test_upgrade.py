@@ -22,7 +22,7 @@ import pytest
 from conftest import drain, pending
 from support.turso import TursoServer
 
-OLD_VERSIONS = ["0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0"]
+OLD_VERSIONS = ["0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0", "0.6.0"]
 
 # Everything of the extension that a user could tell apart, as comparable rows. Names of generated
 # constraints and the order of columns added by ALTER TABLE differ legitimately, so columns are compared

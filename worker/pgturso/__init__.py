@@ -14,4 +14,4 @@ How a change flows, one module per step:
 The Postgres-to-SQLite type map (types.py) and identifier quoting (quoting.py) are used by all of them.
 """
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"

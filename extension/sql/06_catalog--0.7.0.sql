@@ -1,0 +1,4 @@
+-- Table changes of 0.7.0 (run after 00_catalog.sql and the 0N_catalog--*.sql files before this one by a fresh
+-- install, and by the upgrade from any release before 0.7.0). Append here: ALTER TABLE, new tables, and DROP
+-- FUNCTION IF EXISTS of a function whose argument list or result type changes in 0.7.0 (CREATE OR REPLACE cannot
+-- change those).
