@@ -1063,10 +1063,7 @@ class PatternWorker:
             event(log, logging.ERROR, "router_failed", target=self.pattern, attempt=failures,
                   delay_s=round(delay, 2), error=f"{type(exc).__name__}: {exc}")
             log.error("router of %s failed", self.pattern, exc_info=exc)
-        try:
-            router.record_failure(error, getattr(exc, "xid", None), status=status)
-        except Exception as record:  # the log has the error; Postgres may be what failed
-            event(log, logging.WARNING, "state_not_recorded", target=self.pattern, error=str(record).strip())
+        self._record_router_failure(router, error, getattr(exc, "xid", None), status)
         limit = self.settings.retry_limit
         if (not expected and self.once) or (limit and failures > limit):
             # --once stops at an unexpected error (EXIT_FATAL); retry_limit failures in a row, whatever they
@@ -1091,13 +1088,18 @@ class PatternWorker:
         event(log, logging.ERROR, "router_died", target=self.pattern,
               error="the router's thread ended while the worker runs: no change is routed to its tenants")
         if self.router is not None:
-            try:
-                self.router.record_failure("its thread ended while the worker ran (a pgturso bug: the worker's "
-                                           "log has it) HINT: restart the worker", status="blocked")
-            except Exception as record:  # the log has it
-                event(log, logging.WARNING, "state_not_recorded", target=self.pattern, error=str(record).strip())
+            self._record_router_failure(self.router, "its thread ended while the worker ran (a pgturso bug: the "
+                                        "worker's log has it) HINT: restart the worker", None, "blocked")
         self._router_code = EXIT_FATAL
         return False
+
+    def _record_router_failure(self, router: Router, error: str, txid: int | None, status: str) -> None:
+        """Show the router's failure on the pattern's row of pgturso.target_status (Router.record_failure). Not
+        recording it is only logged: the log already has the failure, and Postgres may be what failed."""
+        try:
+            router.record_failure(error, txid, status=status)
+        except Exception as record:
+            event(log, logging.WARNING, "state_not_recorded", target=self.pattern, error=str(record).strip())
 
     def _finished_once(self) -> bool:
         """--once: nothing left for the tenants this worker holds? Look once more (new tenants included)."""
