@@ -44,7 +44,8 @@ VENV   = .venv
 PY     = $(VENV)/bin/python
 TURSO_DIR = .cache/turso
 
-$(DATA_built): $(SQL_SOURCES) $(wildcard extension/history/*.sql) extension/build.py worker/pgturso/capture/sql.py
+$(DATA_built): $(SQL_SOURCES) $(wildcard extension/history/*.sql) extension/build.py worker/pgturso/capture/sql.py \
+		worker/pgturso/sources/pgoutput.py
 	python3 extension/build.py $@ '$(PYTHON_DIR)' $(SQL_SOURCES)
 
 # The PL/Python functions import the pure-Python part of the worker package from here.

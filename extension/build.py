@@ -19,6 +19,8 @@ Substitutes ``@PYTHON_DIR@`` (where the PL/Python functions import the package f
 standard_conforming_strings every function pins, from pgturso.capture.CAPTURE_SETTINGS: the
 one source of truth for them, shared with the generated capture functions), and ``@NOTIFY_ENABLED@`` (whether
 this session may wake the worker with a NOTIFY: pgturso.capture.sql.NOTIFY_ENABLED, which captures test too).
+``@PGOUTPUT_TABLES_OPTIONS@`` and ``@PGOUTPUT_ROW_CHANGE_RELID(expr)@`` (the pgoutput options of the tables'
+publication and the relation oid of a row-change message: pgturso.sources.pgoutput, the format the worker reads).
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "worker"))
 
 from pgturso.capture.sql import CAPTURE_SETTINGS, NOTIFY_ENABLED, SESSION_SETTINGS
+from pgturso.sources.pgoutput import TABLES_PUBLICATION, peek_options_sql, row_change_relid_sql
 
 FIRST_RELEASE = "0.1.0"
 _MIGRATION = re.compile(r"^\d+_catalog--(\d+\.\d+\.\d+)\.sql$")
+_ROW_CHANGE_RELID = re.compile(r"@PGOUTPUT_ROW_CHANGE_RELID\(([^()@]+)\)@")
 
 
 def version_key(version: str) -> tuple[int, ...]:
@@ -57,6 +61,8 @@ def _render(sources: list[str], python_dir: str, header: str) -> str:
     text = text.replace("@CAPTURE_SETTINGS@", "\n".join(CAPTURE_SETTINGS))
     text = text.replace("@SESSION_SETTINGS@", "\n".join(SESSION_SETTINGS))
     text = text.replace("@NOTIFY_ENABLED@", NOTIFY_ENABLED)
+    text = text.replace("@PGOUTPUT_TABLES_OPTIONS@", peek_options_sql(TABLES_PUBLICATION))
+    text = _ROW_CHANGE_RELID.sub(lambda m: row_change_relid_sql(m.group(1)), text)
     return text.replace("@PYTHON_DIR@", python_dir)
 
 

@@ -135,15 +135,13 @@ BEGIN
         RETURN false;
     END;
     BEGIN
-        -- Insert, Update and Delete messages name their relation's oid (bytes 1-4; a partition's change is
-        -- published as its root's, the table tracked).
+        -- Insert, Update and Delete messages name their relation's oid (a partition's change is published as its
+        -- root's, the table tracked). The options and the format come from pgturso.sources.pgoutput (build.py),
+        -- as the worker's reader's do.
         SELECT NOT EXISTS (
-            SELECT 1 FROM pg_logical_slot_peek_binary_changes(v_copy, v_upto, NULL, 'proto_version', '1',
-                                                                'publication_names', 'pgturso_tables') c
-            WHERE get_byte(c.data, 0) IN (73, 85, 68)
-              AND ((get_byte(c.data, 1)::int8 << 24) | (get_byte(c.data, 2) << 16) | (get_byte(c.data, 3) << 8)
-                   | get_byte(c.data, 4)) IN (SELECT t.relid::oid::int8 FROM pgturso.tracked_table t
-                                              WHERE t.target = _slot_holds_nothing_for.target))
+            SELECT 1 FROM pg_logical_slot_peek_binary_changes(v_copy, v_upto, NULL, @PGOUTPUT_TABLES_OPTIONS@) c
+            WHERE @PGOUTPUT_ROW_CHANGE_RELID(c.data)@ IN (SELECT t.relid::oid::int8 FROM pgturso.tracked_table t
+                                                           WHERE t.target = _slot_holds_nothing_for.target))
         INTO v_nothing;
     EXCEPTION WHEN OTHERS THEN
         RAISE WARNING 'pgturso: status could not look into the replication slot of target %: %', target, SQLERRM

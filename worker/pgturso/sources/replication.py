@@ -26,6 +26,7 @@ from psycopg.conninfo import conninfo_to_dict
 from ..capture.sql import capture_settings_options
 from ..common.postgres import connect
 from ..common.quoting import quote_ident
+from .pgoutput import replication_options_sql
 
 # Microseconds between the Unix epoch and Postgres' (2000-01-01), for the status updates' clock.
 _PG_EPOCH_US = 946_684_800 * 1_000_000
@@ -81,7 +82,7 @@ class ReplicationStream:
         self._status_at = 0.0
         self.conn = _connect(dsn)
         self.pgconn = self.conn.pgconn
-        options = f"proto_version '1', publication_names '{publications}'"
+        options = replication_options_sql(publications)
         start_text = f"{start >> 32:X}/{start & 0xFFFFFFFF:X}"
         deadline = time.monotonic() + SLOT_BUSY_SECONDS
         while True:

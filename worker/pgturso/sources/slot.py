@@ -44,11 +44,11 @@ from ..common.errors import ConfigError, PgTursoError
 from ..common.logs import event
 from ..common.quoting import quote_ident, quote_literal
 from .outbox import SENT_COUNTS, Event, Outbox, Removed, note_outbox_deletion, record_batch_sql
+from .pgoutput import DELETE, INSERT, PUBLICATIONS, RELATION, TRUNCATE, peek_options_sql
 from .replication import ReplicationStream
 
 log = logging.getLogger("pgturso.slot")
 
-PUBLICATIONS = "pgturso_tables,pgturso_outbox"
 SLOT_OF_TARGET = """
     SELECT pgturso._slot_name(g.name), g.slot_generation, g.slot_rebuild, r.slot_name IS NOT NULL,
            coalesce(r.wal_status, 'missing'), r.confirmed_flush_lsn::text
@@ -57,7 +57,7 @@ SLOT_OF_TARGET = """
 """
 PEEK = f"""
     SELECT data FROM pg_logical_slot_peek_binary_changes(%(slot)s, %(upto)s::pg_lsn, %(changes)s,
-        'proto_version', '1', 'publication_names', '{PUBLICATIONS}')
+        {peek_options_sql(PUBLICATIONS)})
 """
 TABLES = "SELECT id, relid::oid::int8, target FROM pgturso.tracked_table"
 # How many of these tables are still tracked (untrack_table deletes the row).
@@ -115,7 +115,6 @@ ENCODE_ROWS = 5000
 SLOT_RELEASE_SECONDS = 5.0
 ENCODE_BYTES = 4 << 20
 
-_BEGIN, _COMMIT, _RELATION, _INSERT, _UPDATE, _DELETE, _TRUNCATE = b"BCRIUDT"
 _U16 = struct.Struct("!H").unpack_from
 _U32 = struct.Struct("!I").unpack_from
 _U64 = struct.Struct("!Q").unpack_from
@@ -435,7 +434,7 @@ class WalBatch:
         for data in chain(self._first, self._more):
             received += 1
             kind = data[0]
-            # (Literals, not the module's _BEGIN…: a global's lookup per message counts at ~100k messages/s.)
+            # (Literals, not pgoutput's BEGIN…: a global's lookup per message counts at ~100k messages/s.)
             if kind == 66:  # Begin
                 xid = u32(data, 17)[0]
                 begun[xid] = u64(data, 1)[0]
@@ -449,7 +448,7 @@ class WalBatch:
                 self.event_count += 1
                 if add(fast[0], "U", fast[1](data, 8)[0][:-1], fast[2]):  # (8: past the tuple's column count)
                     yield from drain()
-            elif kind == _RELATION:
+            elif kind == RELATION:
                 relation = parse_relation(data)
                 relations[relation.relid] = relation
                 plain.clear()
@@ -521,7 +520,7 @@ class WalBatch:
                         yield from drain()
                 if row is not None and add(layout_id, "U", _present(row), computed):
                     yield from drain()
-            elif kind == _TRUNCATE:
+            elif kind == TRUNCATE:
                 continue  # not published: TRUNCATE reaches Turso through the outbox, like in trigger mode
         yield from drain()
         self.received += received
@@ -552,9 +551,9 @@ class WalBatch:
         kind, pos = data[0], 5
         old = new = None
         full = data[pos] == 79  # 'O'
-        if kind == _INSERT:
+        if kind == INSERT:
             new, _ = parse_tuple(data, pos + 1)
-        elif kind == _DELETE:
+        elif kind == DELETE:
             old, _ = parse_tuple(data, pos + 1)
         else:
             if data[pos] in (75, 79):  # 'K' or 'O'
