@@ -350,6 +350,41 @@ def test_skip_transaction_of_a_batch_read_ahead_never_sends_it(conn, dsn, turso:
         skipped_row_never_sent(turso, tracked, dsn, skipped_row)
 
 
+@pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
+@pytest.mark.parametrize("kill_when", ["turso_committed_n", "n_plus_1_held_before_turso", "turso_committed_n_plus_1"])
+def test_skip_transaction_of_a_batch_read_ahead_then_a_sigkill_never_sends_it(conn, dsn, turso: TursoServer,
+                                                                              capture, kill_when: str):
+    """As test_skip_transaction_of_a_batch_read_ahead_never_sends_it (the skip committed between N+1's read and its
+    send), then the worker SIGKILLed: while Turso holds batch N's answer (committed there, its events not deleted
+    yet); once N was deleted and N+1, read again, is held before it reaches Turso; or once Turso committed N+1 and
+    holds its answer (N+1's deletion not done). A new worker recovers from Turso's marker: the skipped row never
+    arrives, every other row once, and the skip is not said delivered. (A new case.)"""
+    with a_batch_read_ahead(conn, dsn, turso) as (tracked, skipped_row):
+        cloud = tracked.cloud
+        conn.execute(SKIP_ROW, (skipped_row,))
+        if kill_when == "n_plus_1_held_before_turso":
+            cloud.stalls = [60.0]  # N's answer comes, N is deleted; N+1's request is held, never forwarded
+            wait_until(lambda: cloud.holding > 0 and cloud.stalls == [], 60, "N+1's request to be held")
+        elif kill_when == "turso_committed_n_plus_1":
+            cloud.slow_answers = [60.0]  # N's answer comes; N+1 is committed on Turso, the worker told a minute later
+            beyond = f"SELECT count(*) FROM t WHERE id > {skipped_row}"
+            wait_until(lambda: cloud.slow_answers == [] and cloud.holding > 0
+                       and on_turso(turso, beyond) != [[0]], 60, "Turso to commit N+1 and hold its answer")
+        assert turso.query(f"SELECT count(*) FROM t WHERE id = {skipped_row}") == [[0]]
+        tracked.worker.kill()
+        cloud.stalls, cloud.slow_answers = [], []
+        tracked.restart()
+        wait_until(lambda: outbox_empty(dsn), 120, "the new worker to deliver the backlog")
+        others = f"SELECT count(*) FROM t WHERE id <> {skipped_row}"
+        wait_until(lambda: on_turso(turso, others) == [[BACKLOG]], 60, "every other row")
+        assert turso.query(f"SELECT count(*) FROM t WHERE id = {skipped_row}") == [[0]], \
+            f"the skipped transaction (row {skipped_row}) was sent: {tracked.worker.output[-3000:]}"
+        assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[BACKLOG - 1, BACKLOG - 1]], \
+            tracked.worker.output[-3000:]
+        assert conn.execute("SELECT delivered_at FROM pgturso.skipped_transaction WHERE txid = "
+                            "(SELECT xmin::text::xid8 FROM t WHERE id = %s)", (skipped_row,)).fetchall() == [(None,)]
+
+
 @pytest.mark.parametrize("capture", ["trigger"], indirect=True)  # a slot's batch is checked by its LSN
 @pytest.mark.parametrize("isolation", ["repeatable read", "serializable"])
 def test_skip_transaction_at_any_isolation_of_a_batch_read_ahead_never_sends_it(conn, dsn, turso: TursoServer,
@@ -572,17 +607,24 @@ def two_tables_with_a_batch_read_ahead(conn: psycopg.Connection[Any], dsn: str, 
 
 
 @pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
-def test_untrack_table_of_a_batch_read_ahead_never_sends_it(conn, dsn, turso: TursoServer, capture):
+@pytest.mark.parametrize("then", ["deliver", "sigkill"])
+def test_untrack_table_of_a_batch_read_ahead_never_sends_it(conn, dsn, turso: TursoServer, capture, then: str):
     """Small batches of two tables, read ahead: Turso committed batch N and its answer is held while the worker has
     read batch N+1 (rows of both tables) into memory. untrack_table of one of them now: none of its rows reach
     Turso after that (its Turso table stays as it was when untrack_table committed), and every row of the other
-    table arrives once (the batch read ahead is read again, without the untracked table's rows)."""
+    table arrives once (the batch read ahead is read again, without the untracked table's rows). [sigkill]: the
+    worker is SIGKILLed right after untrack_table, before it heard of N (a new worker recovers from Turso's
+    marker; a new case, passes)."""
     with two_tables_with_a_batch_read_ahead(conn, dsn, turso) as tracked:
         cloud = tracked.cloud
         on_turso_at_untrack = turso.query("SELECT id FROM t ORDER BY id")
         with psycopg.connect(dsn, autocommit=True) as untracker:
             untracker.execute("SELECT pgturso.untrack_table('t')")
         assert cloud.holding > 0, "Turso answered before untrack_table: nothing was shown (hold the answer longer)"
+        if then == "sigkill":
+            tracked.worker.kill()
+            cloud.slow_answers = []
+            tracked.restart()
         assert len(on_turso_at_untrack) < BACKLOG + 1, "every row of t was on Turso already: nothing was shown"
         wait_until(lambda: outbox_empty(dsn) and cloud.holding == 0, 120, "the worker to deliver the backlog")
         wait_until(lambda: on_turso(turso, "SELECT count(*) FROM kept") == [[BACKLOG + 1]], 60,
