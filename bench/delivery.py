@@ -13,7 +13,7 @@ import random
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import turso
@@ -381,12 +381,44 @@ def s7_initial_copy(b: Bench) -> None:
 
 @dataclass
 class LatencyResult:
-    latencies_ms: list[float]  # commit to the poll of a reader that saw it on Turso (the reported figure)
+    # commit to visible on Turso (the reported figure): Turso's answer to the commit of the row's batch, as the
+    # worker timed it, or the poll's answer if that came first (see _measure_latency)
+    latencies_ms: list[float]
     rate: float
     unseen: int
-    # commit to Turso's answer to the batch's commit: the worker's "delivered" log line, or the poll if earlier
-    # (tursodb serves a reader's poll on its next ~10 ms tick: see _measure_latency)
-    committed_ms: list[float]
+    # commit to the answer of the first poll of a reader that saw it (the reported figure until session 10; it
+    # adds the poll's own wait for tursodb's accept loop: see _measure_latency)
+    polled_ms: list[float]
+    # per row, how long each leg took (LATENCY_LEGS), from the worker's batch_timing lines; empty without them
+    legs: dict[str, list[float]] = field(default_factory=dict)
+
+
+# the latency scenarios run the worker at debug level for its batch_timing lines (a few per batch)
+LATENCY_WORKER_FLAGS = ("--log-level", "debug")
+
+# (name, from, to) of each leg of one row's way, as the worker's batch_timing steps (BATCH_STEPS) and the bench's
+# own "commit" and "seen" (the poll saw it)
+LATENCY_LEGS = (
+    ("commit -> the worker starts reading its batch", "commit", "read"),
+    ("reading the batch (Postgres)", "read", "read_done"),
+    ("the marker's source position", "read_done", "positioned"),
+    ("hand-off to the sender", "positioned", "sent"),
+    ("the Turso request (tursodb accepts it on its next tick, commits, answers)", "sent", "answered"),
+    ("Turso answered -> the bench's poll saw it", "answered", "seen"),
+    ("commit -> Turso answered the commit", "commit", "answered"),
+)
+
+
+def polled_note(result: LatencyResult) -> str:
+    return (f"a reader polling max(id) every ~1 ms got it back p50 {_percentile(result.polled_ms, 50):.1f} ms, "
+            f"p99 {_percentile(result.polled_ms, 99):.1f} ms after the commit (its own request waits for tursodb's "
+            f"accept loop, which sleeps 10 ms whenever no connection is queued)")
+
+
+def latency_legs_note(result: LatencyResult) -> str:
+    """Each leg's p50 / p99 in ms, for the row's note and the log."""
+    return "; ".join(f"{name} p50 {_percentile(v, 50):.1f} / p99 {_percentile(v, 99):.1f} ms"
+                     for name, _, _ in LATENCY_LEGS if (v := result.legs.get(name)))
 
 
 def _median_or_nan(values: list[float]) -> float:
@@ -415,7 +447,7 @@ def s5_latency(b: Bench) -> None:
     os.sync()  # and the page cache: tursodb fsyncs its commits, which would wait behind those writes
     with fresh_turso() as server:
         floor = _request_round_trips(server.url, 50 if b.quick else 300)
-        worker = WorkerProcess(b.dsn, server.url, once=False)
+        worker = WorkerProcess(b.dsn, server.url, once=False, extra=LATENCY_WORKER_FLAGS)
         try:
             result = _measure_latency(b, server.url, s.latency_rate, total, worker)
         finally:
@@ -423,13 +455,13 @@ def s5_latency(b: Bench) -> None:
     b.clear_outbox()
     lat = result.latencies_ms
     note = (
-        f"{len(lat)} transactions at {result.rate:.0f}/s achieved; max {max(lat):.1f} ms; Turso polled for max(id) "
-        f"every ~1 ms; committed on Turso (the worker's delivered log line, or the poll if earlier) p50 "
-        f"{_percentile(result.committed_ms, 50):.1f} ms, p99 {_percentile(result.committed_ms, 99):.1f} ms (tursodb "
-        f"serves the poll on its next tick); the worker delivered "
-        f"{run.batches} batches (median {_median_or_nan(run.batch_ms):.1f} ms "
-        f"each by its log, {total / max(run.batches, 1):.1f} transactions each); peak RSS {run.peak_rss_mb:.0f} MB"
+        f"{len(lat)} transactions at {result.rate:.0f}/s achieved; max {max(lat):.1f} ms; visible = Turso answered "
+        f"the commit of the row's batch (as the worker timed it); {polled_note(result)}; the worker "
+        f"delivered {run.batches} batches (median {_median_or_nan(run.batch_ms):.1f} ms "
+        f"each by its log, {total / max(run.batches, 1):.1f} transactions each); peak RSS {run.peak_rss_mb:.0f} MB; "
+        f"per row: {latency_legs_note(result)}"
     )
+    progress(f"  legs: {latency_legs_note(result)}")
     if result.unseen:
         note += f"; {result.unseen} never seen"
     p50, p99 = _percentile(lat, 50), _percentile(lat, 99)
@@ -480,12 +512,16 @@ def _measure_latency(b: Bench, url: str, rate: int, total: int, worker: WorkerPr
                      table: str = "lat") -> LatencyResult:
     """Commit ``total`` single-row transactions at ``rate`` and time when each became visible on Turso.
 
-    The reported latency is what a reader sees: a poll of max(id) about every millisecond. Also measured: when
-    Turso committed the row, by the worker's "delivered" log line for its batch (logged once Turso answered the
-    commit; rows counted in commit order, which is id order here) or the poll if that came first. tursodb serves
-    requests on a ~10 ms tick (two requests back to back take 10 ms each), and the poll saw a batch one tick
-    (p50 10.6, p99 11.5 ms) after Turso had answered its commit; Turso Cloud has no such tick. ``unseen``: rows
-    the poll never saw."""
+    A row is visible once Turso committed its batch: the reported latency ends when Turso answered that commit,
+    as the worker timed it (its "answered" step, logged at debug level in batch_timing just before the batch's
+    "delivered" line; rows counted in commit order, which is id order here), or when a reader's poll of max(id),
+    sent about every millisecond, got the row back, if that came first. The poll's own figure is kept beside it
+    but does not time visibility on tursodb: `tursodb --sync-server` accepts one connection at a time and, when
+    none is queued, sleeps 10 ms before it looks again (strace: accept4 -> EAGAIN -> clock_nanosleep 10 ms), so
+    a poll sent 1 ms after its last answer sits in the queue ahead of the worker's request at each wake-up and
+    sees the commit served after it one sleep later (session 5: p50 10.6, p99 11.5 ms after the answer on a quiet
+    machine). That is the reader's request waiting for the server, not the row becoming visible (a request
+    queued behind the commit in the same wake-up reads it). ``unseen``: rows the poll never saw."""
     client = TursoHttp(url)
     deadline = time.monotonic() + 30
     while True:  # the worker has created the table on Turso and is idle, waiting for NOTIFY
@@ -535,15 +571,22 @@ def _measure_latency(b: Bench, url: str, rate: int, total: int, worker: WorkerPr
     client.close()
     with worker.lock:
         delivered_at = list(worker.run.delivered_at)
+        timings = list(worker.run.timings)
     confirmed: dict[int, float] = {}
+    steps: dict[int, dict[str, float]] = {}  # each row's batch's steps, and its own commit and poll
     upto = 0
-    for at, rows in delivered_at:
+    for (at, rows), timing in zip(delivered_at, timings, strict=True):
         for i in range(upto + 1, min(rows - rows_before, total) + 1):
-            confirmed[i] = at
+            confirmed[i] = timing.get("answered", at)  # when Turso answered, if the worker said it
+            if timing and i in committed and i in seen:
+                steps[i] = {**timing, "commit": committed[i], "seen": seen[i]}
         upto = max(upto, rows - rows_before)
     polled = [(seen[i] - committed[i]) * 1000 for i in committed if i in seen]
-    confirmed_ms = [(min(seen[i], confirmed.get(i, math.inf)) - committed[i]) * 1000 for i in committed if i in seen]
-    return LatencyResult(polled, total / elapsed, total - len(polled), confirmed_ms)
+    visible = [(min(seen[i], confirmed.get(i, math.inf)) - committed[i]) * 1000 for i in committed if i in seen]
+    legs = {name: [(row[end] - row[start]) * 1000 for row in steps.values() if start in row and end in row]
+            for name, start, end in LATENCY_LEGS}
+    return LatencyResult(visible, total / elapsed, total - len(polled), polled,
+                         {name: v for name, v in legs.items() if v})
 
 
 # -- 3: outbox upkeep ---------------------------------------------------------------------------------------

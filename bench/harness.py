@@ -332,11 +332,19 @@ class WorkerRun:
     # (when the bench read it, the rows delivered so far) for each "delivered" line: logged once Turso answered
     # the batch's commit, so its rows were visible on Turso by then
     delivered_at: list[tuple[float, int]] = field(default_factory=list)
+    # the "batch_timing" debug line logged just before each "delivered" line (the worker run with
+    # --log-level debug), aligned with delivered_at ({} where there was none): when each step of the batch happened
+    timings: list[dict[str, float]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     @property
     def rows_per_s(self) -> float:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+
+# the steps of a batch that the worker's "batch_timing" debug line gives (time.monotonic() of the worker: the
+# host's CLOCK_MONOTONIC, the bench's own clock), in the order they happen
+BATCH_STEPS = ("read", "read_done", "positioned", "sent", "answered", "removed")
 
 
 class WorkerProcess:
@@ -357,6 +365,7 @@ class WorkerProcess:
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
+        timing: dict[str, float] = {}
         for line in self.proc.stderr:
             now = time.monotonic()
             try:
@@ -368,11 +377,15 @@ class WorkerProcess:
             with self.lock:
                 if name == "starting":
                     self.started_at = now
+                elif name == "batch_timing":
+                    timing = {k: float(v) for k, v in fields.items() if k in BATCH_STEPS}
                 elif name == "delivered":
                     self.run.rows += int(fields.get("rows", 0))
                     self.run.events += int(fields.get("events", 0))
                     self.run.batches += 1
                     self.run.delivered_at.append((now, self.run.rows))
+                    self.run.timings.append(timing)
+                    timing = {}
                     if isinstance(fields.get("ms"), (int, float)):
                         self.run.batch_ms.append(float(fields["ms"]))
                 elif fields.get("level") in ("warning", "error"):

@@ -12,7 +12,16 @@ import tempfile
 from pathlib import Path
 
 from capture_cost import track_wal
-from delivery import COLUMNS, _measure_latency, _percentile, server_cpu_us_per_row, turso_count
+from delivery import (
+    COLUMNS,
+    LATENCY_WORKER_FLAGS,
+    _measure_latency,
+    _percentile,
+    latency_legs_note,
+    polled_note,
+    server_cpu_us_per_row,
+    turso_count,
+)
 from harness import (
     Bench,
     Row,
@@ -33,6 +42,8 @@ DRAIN_TARGET = "bench_wal_drain"  # a target of its own: its slot is made for th
 
 def s10_wal_drain(b: Bench) -> None:
     n = b.sizes.backlog_txns
+    if not (b.wants("10a") or b.wants("10b")):
+        return
     progress(f"10. capture => 'wal': drain {fmt_int(n)} single-row transactions from the slot")
     with b.connect() as conn:
         conn.execute(f"CREATE TABLE backlog_wal {COLUMNS}")
@@ -97,6 +108,8 @@ def s10_wal_latency(b: Bench) -> None:
     compare 10c/10d with 5a/5b."""
     s = b.sizes
     total = s.latency_rate * s.latency_seconds
+    if not (b.wants("10c") or b.wants("10d")):
+        return
     progress(f"10. capture => 'wal': latency at {s.latency_rate} transactions/s for {s.latency_seconds}s")
     with b.connect() as conn:
         conn.execute(f"CREATE TABLE lat_wal {COLUMNS}")
@@ -104,7 +117,8 @@ def s10_wal_latency(b: Bench) -> None:
         conn.execute("CHECKPOINT")
     try:
         with fresh_turso() as server:
-            worker = WorkerProcess(b.dsn, server.url, once=False, extra=["--target", DRAIN_TARGET])
+            worker = WorkerProcess(b.dsn, server.url, once=False,
+                                   extra=["--target", DRAIN_TARGET, *LATENCY_WORKER_FLAGS])
             try:
                 result = _measure_latency(b, server.url, s.latency_rate, total, worker, table="lat_wal")
             finally:
@@ -112,9 +126,11 @@ def s10_wal_latency(b: Bench) -> None:
     finally:
         b.sql("SELECT pgturso.untrack_table('lat_wal')")
     lat = result.latencies_ms
-    note = (f"{len(lat)} transactions at {result.rate:.0f}/s; measured as 5a (committed on Turso: p50 "
-            f"{_percentile(result.committed_ms, 50):.1f} ms); the worker is woken by its replication stream; "
-            f"{run.batches} batches; peak RSS {run.peak_rss_mb:.0f} MB; compare with 5a/5b (trigger capture)")
+    note = (f"{len(lat)} transactions at {result.rate:.0f}/s; measured as 5a ({polled_note(result)}); "
+            f"the worker is woken by its replication stream; "
+            f"{run.batches} batches; peak RSS {run.peak_rss_mb:.0f} MB; compare with 5a/5b (trigger capture); "
+            f"per row: {latency_legs_note(result)}")
+    progress(f"  legs: {latency_legs_note(result)}")
     if result.unseen:
         note += f"; {result.unseen} never seen"
     p50, p99 = _percentile(lat, 50), _percentile(lat, 99)

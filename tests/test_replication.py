@@ -727,3 +727,39 @@ def test_truncate_among_concurrent_writers_lands_in_commit_order(conn, dsn, turs
         expected = [list(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY id, 2").fetchall()]
         assert turso.query(f"SELECT * FROM {table} ORDER BY id, 2") == expected, table
     assert pending(conn) == 0
+
+
+def test_a_running_workers_batches_say_when_each_step_happened(conn, dsn, turso: TursoServer, capture: str):
+    """At debug level, each batch of the pipelined path logs "batch_timing" just before its "delivered" line: when
+    its read began and ended, its marker's position was taken, it was handed to the sender, Turso answered its
+    commit and its events were removed (time.monotonic(); the latency benchmark splits a row's latency by them).
+    The steps happen in that order, and the rows are on Turso (order only: no timed assertion)."""
+    import itertools
+    import json
+    import subprocess
+
+    from conftest import WORKER
+    from support.workers import wait_until
+
+    conn.execute("CREATE TABLE steps (id int PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('steps')")
+    drain(dsn, turso.url)
+    proc = subprocess.Popen([*WORKER, "run", "--dsn", dsn, "--url", turso.url, "--log-level", "debug",
+                             "--log-format", "json"], stderr=subprocess.PIPE, text=True)
+    try:
+        for i in range(1, 4):  # one at a time: each its own batch, read while the worker is caught up
+            conn.execute("INSERT INTO steps VALUES (%s, 'row')", (i,))
+            wait_until(lambda i=i: turso.query("SELECT count(*) FROM steps") == [[i]], 60, f"row {i} on Turso")
+        proc.terminate()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stderr = proc.communicate()[1]
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    timed = [(before, after) for before, after in itertools.pairwise(lines)
+             if before["event"] == "batch_timing" and after["event"] == "delivered"]
+    assert sum(after["rows"] for _, after in timed) == 3, stderr
+    steps = ("read", "read_done", "positioned", "sent", "answered", "removed")
+    for timing, _ in timed:
+        assert [timing[s] for s in steps] == sorted(timing[s] for s in steps), timing

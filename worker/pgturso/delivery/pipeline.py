@@ -114,6 +114,13 @@ class InFlight:
     batch: Batch
     started: float
     future: Future[int] = field(repr=False)
+    # When each step of the batch happened (time.monotonic(): CLOCK_MONOTONIC, comparable between processes of
+    # one host), for the debug event "batch_timing": read (the read of the batch began), read_done, positioned
+    # (its marker's source position taken), sent (handed to the sender), answered (Turso answered the commit).
+    timing: dict[str, float] = field(default_factory=dict, repr=False)
+
+    def _answered(self, _future: Future[int]) -> None:
+        self.timing["answered"] = time.monotonic()
 
     def wait(self) -> int:
         """The number of statements sent, once Turso committed; raises what the send raised."""
@@ -135,12 +142,17 @@ class Sender:
     def __init__(self) -> None:
         self._executor: ThreadPoolExecutor | None = None
 
-    def submit(self, target: Target, prepared: PreparedBatch, marker: list[Statement]) -> InFlight:
+    def submit(self, target: Target, prepared: PreparedBatch, marker: list[Statement],
+               timing: dict[str, float] | None = None) -> InFlight:
+        """Send the batch on the sender thread; ``timing``: when its earlier steps happened (InFlight.timing)."""
         assert prepared.statements is not None
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgturso-send")
+        sent = time.monotonic()
         future = self._executor.submit(send_batch, target, prepared.statements, marker)
-        return InFlight(prepared.batch, time.monotonic(), future)
+        in_flight = InFlight(prepared.batch, sent, future, {**(timing or {}), "sent": sent})
+        future.add_done_callback(in_flight._answered)
+        return in_flight
 
     def close(self) -> None:
         if self._executor is not None:

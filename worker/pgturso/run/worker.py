@@ -477,7 +477,9 @@ class Worker:
         try:
             if in_flight is not None and not read_ahead:
                 self._settle(in_flight)
+            timing = {"read": time.monotonic()}
             prepared = self._read_next(in_flight.batch if read_ahead else None)  # type: ignore[union-attr]
+            timing["read_done"] = time.monotonic()
             if read_ahead:
                 self._settle(in_flight, remove_later=prepared is not None and prepared.statements is not None)  # type: ignore[arg-type]
         except BaseException as exc:
@@ -505,10 +507,11 @@ class Worker:
                       reason="the batch read ahead lost events to skip_transaction or untrack_table: reading it again")
                 self._remove_settled()
                 return settled
+            timing["positioned"] = time.monotonic()
             prepared.batch.follows = self.last_marker or None
             marker = self._marker_statements(prepared.batch.marker())
             self._sending = prepared.batch
-            self.in_flight = self.sender.submit(target, prepared, marker)
+            self.in_flight = self.sender.submit(target, prepared, marker, timing)
             self._remove_settled()  # the batch before's events, while this one travels
         except BaseException as exc:
             self._abandon_in_flight(exc)
@@ -547,7 +550,7 @@ class Worker:
             return
         removed = self.outbox.mark_delivered(in_flight.batch)
         self.in_flight = None
-        self._delivered(in_flight.batch, statements, in_flight.started, removed)
+        self._delivered(in_flight.batch, statements, in_flight.started, removed, timing=in_flight.timing)
 
     def _remove_settled(self) -> None:
         """Remove the events of the batch _settle recorded (nothing else reads the outbox before this)."""
@@ -556,7 +559,7 @@ class Worker:
         assert self.outbox is not None
         (in_flight, statements, held), self.unremoved = self.unremoved, None
         removed = self.outbox.remove_recorded(in_flight.batch)
-        self._delivered(in_flight.batch, statements, in_flight.started, removed, held)
+        self._delivered(in_flight.batch, statements, in_flight.started, removed, held, in_flight.timing)
 
     def _deliver_streaming(self, read_ahead: PreparedBatch | None = None) -> int:
         """Deliver one batch, streamed from Postgres to Turso as it is read; nothing else in flight. The batch is
@@ -658,11 +661,13 @@ class Worker:
         return self.target.last_hold_seconds if self.target is not None else 0.0
 
     def _delivered(self, batch: Batch, statements: int, started: float, removed: Removed,
-                   held: float | None = None) -> None:
+                   held: float | None = None, timing: dict[str, float] | None = None) -> None:
         """Account for a batch that Turso committed and Postgres forgot. Its rows count where its events were
         removed: ``removed`` is nothing when another worker forgot the batch by the marker first (it counted
         them), e.g. after this one lost the target while the batch travelled. ``held``: the batch's hold time,
-        taken when _settle recorded it (and made its marker the fence) before the next batch was sent."""
+        taken when _settle recorded it (and made its marker the fence) before the next batch was sent.
+        ``timing``: when its steps happened (InFlight.timing), logged at debug level just before "delivered"
+        (what the latency benchmark takes each step's share from)."""
         if held is None:
             self._marker_delivered(batch)
             held = self._hold_seconds()
@@ -684,6 +689,9 @@ class Worker:
         if self.isolating_until is not None and batch.upto >= self.isolating_until:
             event(log, logging.INFO, "isolation_done", reason="delivered past the batch that failed")
             self.isolating_until = None
+        if timing and log.isEnabledFor(logging.DEBUG):
+            event(log, logging.DEBUG, "batch_timing", target=self.settings.target,
+                  **{step: round(at, 6) for step, at in timing.items()}, removed=round(time.monotonic(), 6))
         event(
             log,
             logging.INFO,
