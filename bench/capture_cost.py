@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,22 @@ def drop_wal_slot(conn: psycopg.Connection[Any]) -> None:
     conn.execute("SELECT pgturso._drop_slot(%s)", (WAL_TARGET,))
 
 
+@contextlib.contextmanager
+def autovacuum_paused(b: Bench) -> Iterator[None]:
+    """No autovacuum while writers are timed; the scenarios VACUUM what they measure themselves, between rounds.
+    A pass of autovacuum (every autovacuum_naptime, a minute) over another variant's dead rows, or the outbox
+    rows of the trigger-tracked table's round, ran during whichever statement or round came next: a background
+    cost charged to a neighbour in the rotation, not to the capture that caused it (seen in session 10: e.g.
+    VACUUM ANALYZE of bulk_pgq's 400,000 dead rows during the untracked INSERT that followed it)."""
+    b.sql("ALTER SYSTEM SET autovacuum = off")
+    b.sql("SELECT pg_reload_conf()")
+    try:
+        yield
+    finally:
+        b.sql("ALTER SYSTEM RESET autovacuum")
+        b.sql("SELECT pg_reload_conf()")
+
+
 def _setup_bulk(b: Bench) -> str:
     with b.connect() as conn:
         for variant in BULK_VARIANTS:
@@ -85,7 +102,7 @@ def s1_bulk(b: Bench) -> None:
     }
     times: dict[tuple[str, str], list[float]] = {(v, op): [] for v in BULK_VARIANTS for op in statements}
     wal_bytes: dict[tuple[str, str], int] = {}  # the same every repetition: WAL is what a statement must write
-    with b.connect() as conn:
+    with autovacuum_paused(b), b.connect() as conn:
         for rep in range(3):
             order = BULK_VARIANTS[rep:] + BULK_VARIANTS[:rep]  # rotate, so no variant always runs first
             for variant in order:
@@ -214,7 +231,8 @@ def s2_oltp(b: Bench) -> None:
         for t in OLTP_TABLES:
             (scripts / f"{op}_{t}.sql").write_text(script.format(t=t, rows=rows))
     for i, op in enumerate(OLTP_SCRIPTS):
-        runs = _oltp_rounds(b, OLTP_TABLES, op, scripts, seconds)
+        with autovacuum_paused(b):
+            runs = _oltp_rounds(b, OLTP_TABLES, op, scripts, seconds)
         b.clear_outbox()
         b.sql("SELECT pgturso._drop_slot(%s)", (WAL_TARGET,))
         plain, tracked, wal = runs["oltp_plain"], runs["oltp_tracked"], runs["oltp_wal"]
@@ -253,6 +271,7 @@ def _wal_level_cost(b: Bench, scripts: Path, seconds: int) -> None:
         raise RuntimeError("a logical slot exists: Postgres would not start at wal_level = replica")
     per_round = max(1, round(seconds / OLTP_ROUNDS))
     try:
+        b.sql("ALTER SYSTEM SET autovacuum = off")  # as autovacuum_paused: every restart reads it
         for rnd in range(OLTP_ROUNDS):
             for level in ("replica", "logical") if rnd % 2 == 0 else ("logical", "replica"):
                 b.pg.set("wal_level", level)
@@ -264,6 +283,8 @@ def _wal_level_cost(b: Bench, scripts: Path, seconds: int) -> None:
     finally:
         b.pg.set("wal_level", "logical")
         b.pg.restart()
+        b.sql("ALTER SYSTEM RESET autovacuum")
+        b.sql("SELECT pg_reload_conf()")
     for i, op in enumerate(OLTP_SCRIPTS):
         logical, replica = runs[("logical", op)], runs[("replica", op)]
         b.add(

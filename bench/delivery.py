@@ -401,7 +401,8 @@ LATENCY_WORKER_FLAGS = ("--log-level", "debug")
 LATENCY_LEGS = (
     ("commit -> the worker starts reading its batch", "commit", "read"),
     ("reading the batch (Postgres)", "read", "read_done"),
-    ("the marker's source position", "read_done", "positioned"),
+    ("read ahead: waiting for the batch before", "read_done", "settled"),
+    ("the marker's source position", "settled", "positioned"),
     ("hand-off to the sender", "positioned", "sent"),
     ("the Turso request (tursodb accepts it on its next tick, commits, answers)", "sent", "answered"),
     ("Turso answered -> the bench's poll saw it", "answered", "seen"),
@@ -579,7 +580,9 @@ def _measure_latency(b: Bench, url: str, rate: int, total: int, worker: WorkerPr
         for i in range(upto + 1, min(rows - rows_before, total) + 1):
             confirmed[i] = timing.get("answered", at)  # when Turso answered, if the worker said it
             if timing and i in committed and i in seen:
-                steps[i] = {**timing, "commit": committed[i], "seen": seen[i]}
+                # a batch read while none was in flight settled nothing after its read
+                steps[i] = {"settled": timing.get("read_done", math.nan), **timing, "commit": committed[i],
+                            "seen": seen[i]}
         upto = max(upto, rows - rows_before)
     polled = [(seen[i] - committed[i]) * 1000 for i in committed if i in seen]
     visible = [(min(seen[i], confirmed.get(i, math.inf)) - committed[i]) * 1000 for i in committed if i in seen]

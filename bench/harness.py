@@ -343,8 +343,9 @@ class WorkerRun:
 
 
 # the steps of a batch that the worker's "batch_timing" debug line gives (time.monotonic() of the worker: the
-# host's CLOCK_MONOTONIC, the bench's own clock), in the order they happen
-BATCH_STEPS = ("read", "read_done", "positioned", "sent", "answered", "removed")
+# host's CLOCK_MONOTONIC, the bench's own clock), in the order they happen ("settled" only for a batch read
+# ahead: the batch before it answered and recorded)
+BATCH_STEPS = ("read", "read_done", "settled", "positioned", "sent", "answered", "removed")
 
 
 class WorkerProcess:

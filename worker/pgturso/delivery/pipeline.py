@@ -115,8 +115,9 @@ class InFlight:
     started: float
     future: Future[int] = field(repr=False)
     # When each step of the batch happened (time.monotonic(): CLOCK_MONOTONIC, comparable between processes of
-    # one host), for the debug event "batch_timing": read (the read of the batch began), read_done, positioned
-    # (its marker's source position taken), sent (handed to the sender), answered (Turso answered the commit).
+    # one host), for the debug event "batch_timing": read (the read of the batch began), read_done, settled (read
+    # ahead only: the batch before answered and recorded), positioned (its marker's source position taken), sent
+    # (handed to the sender), answered (Turso answered the commit).
     timing: dict[str, float] = field(default_factory=dict, repr=False)
 
     def _answered(self, _future: Future[int]) -> None:

@@ -482,6 +482,7 @@ class Worker:
             timing["read_done"] = time.monotonic()
             if read_ahead:
                 self._settle(in_flight, remove_later=prepared is not None and prepared.statements is not None)  # type: ignore[arg-type]
+                timing["settled"] = time.monotonic()  # the batch before answered and recorded
         except BaseException as exc:
             self._abandon_in_flight(exc)
             raise
