@@ -120,9 +120,6 @@ class InFlight:
     # (handed to the sender), answered (Turso answered the commit).
     timing: dict[str, float] = field(default_factory=dict, repr=False)
 
-    def _answered(self, _future: Future[int]) -> None:
-        self.timing["answered"] = time.monotonic()
-
     def wait(self) -> int:
         """The number of statements sent, once Turso committed; raises what the send raised."""
         return self.future.result()
@@ -150,10 +147,15 @@ class Sender:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgturso-send")
         sent = time.monotonic()
-        future = self._executor.submit(send_batch, target, prepared.statements, marker)
-        in_flight = InFlight(prepared.batch, sent, future, {**(timing or {}), "sent": sent})
-        future.add_done_callback(in_flight._answered)
-        return in_flight
+        steps = {**(timing or {}), "sent": sent}
+        statements = prepared.statements
+
+        def send() -> int:
+            count = send_batch(target, statements, marker)
+            steps["answered"] = time.monotonic()  # before the future completes: wait() returns after it
+            return count
+
+        return InFlight(prepared.batch, sent, self._executor.submit(send), steps)
 
     def close(self) -> None:
         if self._executor is not None:
