@@ -6,6 +6,7 @@ separate process; SOAK_SECONDS (``make soak``) lengthens the concurrency runs.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -389,3 +390,77 @@ def test_failover_to_a_lagging_standby_brings_turso_back_to_postgres(turso: Turs
 
 def test_soak_target_is_wired():
     assert "soak:" in (REPO / "Makefile").read_text()
+
+
+def test_immediate_shutdowns_at_random_moments_under_asynchronous_writes_never_recopy_lose_or_double(
+        conn, dsn, turso: TursoServer, pg_cluster):
+    """Attack on the marker's flushed position (f635a62, pgturso._source_position): writers commit one-row
+    transactions with synchronous_commit = off (so commits are visible before their WAL is flushed) while the
+    worker delivers; at a random moment Postgres is stopped with `-m immediate` (the WAL not flushed is lost:
+    async commits with it), in every other round the worker SIGKILLed at the same instant, then Postgres is
+    started again. Many rounds: the worker never takes the server for another history or Turso for behind (no
+    source_history_changed, no target_behind, no table copied again), Turso ends with exactly Postgres's rows
+    (none that the crash took from Postgres), each applied once. (A new case.)"""
+    seed = random.randrange(1_000_000)
+    rng = random.Random(seed)
+    conn.execute("CREATE TABLE t (id bigint PRIMARY KEY, v text)")
+    conn.execute("SELECT pgturso.track_table('t')")
+    drain(dsn, turso.url)
+    install_apply_counter(turso.url, "t")
+    copies = "SELECT array_agg(copy_started_at ORDER BY id) FROM pgturso.tracked_table"
+    copies_before = conn.execute(copies).fetchone()[0]
+    conn.execute("ALTER SYSTEM SET synchronous_commit = off")
+    conn.execute("SELECT pg_reload_conf()")
+    ids = itertools.count(1)
+    ids_lock = threading.Lock()
+    workers: list[WorkerProcess] = []
+
+    def write(stop: threading.Event) -> None:
+        try:
+            with psycopg.connect(dsn, autocommit=True) as writer:
+                while not stop.is_set():
+                    with ids_lock:
+                        row = next(ids)
+                    writer.execute("INSERT INTO t VALUES (%s, 'x')", (row,))
+        except psycopg.Error:
+            pass  # Postgres went down under it
+
+    try:
+        for round_ in range(8):
+            worker = WorkerProcess(dsn, turso.url, "--batch-events", "10", "--idle-wait", "0.2").start()
+            workers.append(worker)
+            stop = threading.Event()
+            writers = [threading.Thread(target=write, args=(stop,)) for _ in range(2)]
+            for writer in writers:
+                writer.start()
+            wait_until(lambda w=worker: w.started, 60, "the worker to start")
+            time.sleep(rng.uniform(0.2, 2.0))
+            if round_ % 2 == 0:
+                assert worker.proc is not None
+                worker.proc.kill()  # SIGKILL, the same instant as the crash below
+            pg_cluster.pg_ctl("stop", "-m", "immediate", "-w")
+            stop.set()
+            for writer in writers:
+                writer.join(60)
+            worker.kill()  # (one left running was retrying against a Postgres that is down)
+            pg_cluster.pg_ctl("start", "-w", "-l", str(pg_cluster.logfile))
+            pg_cluster.wait_ready()
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as again:
+            again.execute("ALTER SYSTEM RESET synchronous_commit")
+            again.execute("SELECT pg_reload_conf()")
+    final = WorkerProcess(dsn, turso.url, "--idle-wait", "0.2").start()
+    workers.append(final)
+    with psycopg.connect(dsn, autocommit=True) as again:
+        try:
+            assert again.execute("SELECT pgturso.wait_for_sync('300 s')").fetchone()[0]
+        finally:
+            assert final.stop() == 0
+        logs = "\n".join(w.output for w in workers)
+        for event_name in ("source_history_changed", "target_behind"):
+            assert f"event={event_name}" not in logs, (seed, [line for line in logs.splitlines() if event_name in line])
+        assert again.execute(copies).fetchone()[0] == copies_before, f"a table was copied again (seed {seed})"
+        on_postgres = [r[0] for r in again.execute("SELECT id FROM t ORDER BY id").fetchall()]
+    assert len(on_postgres) > 0
+    assert [r[0] for r in turso.query("SELECT id FROM t ORDER BY id")] == on_postgres, f"seed {seed}"
+    assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[len(on_postgres)] * 2], f"seed {seed}"

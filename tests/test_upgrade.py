@@ -12,15 +12,20 @@ same sources as a fresh install (extension/build.py). Two things are checked her
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 import pytest
-from conftest import drain, pending
-from support.turso import TursoServer
+from conftest import REPO, drain, pending
+from support.cloud_proxy import CloudProxy
+from support.turso import TursoServer, install_apply_counter
+from support.workers import WorkerProcess, wait_until
 
 OLD_VERSIONS = ["0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0", "0.6.0"]
 
@@ -234,3 +239,78 @@ def test_this_versions_worker_delivers_batches_read_ahead_before_alter_extension
         drain(dsn, turso.url, *small)
         assert pending(conn) == 0
         assert turso.query("SELECT count(*), sum(id) FROM items") == [[80, sum(range(1, 81))]]
+
+
+# The worker package of 0.6.0 (the commit before 0.7.0 opened): an operator may upgrade the catalog before
+# restarting the worker, so a 0.6.0-era worker process runs over this version's catalog meanwhile.
+RELEASE_0_6_0 = "4e4ac994a90032f3d06bf1a1d05df7439fcb102f"
+
+
+@pytest.fixture(scope="module")
+def worker_0_6_0(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment that runs ``python -m pgturso`` from 0.6.0's worker package."""
+    root = tmp_path_factory.mktemp("worker-0.6.0")
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", RELEASE_0_6_0, "worker/pgturso"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    env = {"PYTHONPATH": str(root / "worker")}
+    found = subprocess.run([sys.executable, "-c", "import pgturso; print(pgturso.__file__)"],
+                           env={**os.environ, **env}, check=True, capture_output=True, text=True).stdout
+    assert found.startswith(str(root)), found
+    return env
+
+
+@pytest.mark.parametrize("capture", ["trigger", "wal"])
+@pytest.mark.parametrize("worker_version", ["this", "0.6.0"])
+def test_an_upgrade_while_the_worker_runs_over_a_pending_skip_loses_doubles_and_sends_nothing_skipped(
+        pg_cluster, turso: TursoServer, capture: str, worker_version: str, request: pytest.FixtureRequest):
+    """0.6.0's catalog, a backlog of one-row transactions being delivered by a running worker (this version's, or
+    0.6.0's still running over the upgraded catalog) through a slow link; skip_transaction of one not delivered
+    yet (a wal target meets it later in the slot), then ALTER EXTENSION pgturso UPDATE at once, then more
+    writes: the skipped row never arrives, every other row once (Turso's write counter), the skip's record says
+    one event, one row, not delivered. (A new case.)"""
+    env = request.getfixturevalue("worker_0_6_0") if worker_version == "0.6.0" else {}
+    backlog, skipped = 300, 280
+    with _database(pg_cluster, "upgrade_skip") as conn, CloudProxy(turso.url, None, stream_expiry=60) as cloud:
+        dsn = pg_cluster.dsn("upgrade_skip")
+        conn.execute("CREATE EXTENSION pgturso VERSION '0.6.0' CASCADE")
+        if capture == "wal":
+            conn.execute("UPDATE pgturso.target SET capture = 'wal'")
+        worker = None
+        try:
+            conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+            conn.execute("SELECT pgturso.track_table('t')")
+            conn.execute("INSERT INTO t VALUES (0, 'first')")
+            drain(dsn, turso.url)
+            install_apply_counter(turso.url, "t")
+            for i in range(1, backlog + 1):
+                conn.execute("INSERT INTO t VALUES (%s, 'x')", (i,))
+            cloud.request_delay = 0.05
+            worker = WorkerProcess(dsn, cloud.url, "--batch-events", "5", "--batch-rows", "5", "--idle-wait", "0.5",
+                                   env=env).start()
+            wait_until(lambda: turso.query("SELECT count(*) FROM applied")[0][0] >= 20, 120, "delivery to begin")
+            conn.execute("SELECT pgturso.skip_transaction((SELECT xmin::text::xid8 FROM t WHERE id = %s), 'attack', "
+                         "target => 'default')", (skipped,))
+            conn.execute("ALTER EXTENSION pgturso UPDATE")
+            assert turso.query(f"SELECT count(*) FROM t WHERE id >= {skipped}") == [[0]], \
+                "the skip was met before the upgrade: delivery went too fast to show anything"
+            for i in range(backlog + 1, backlog + 21):
+                conn.execute("INSERT INTO t VALUES (%s, 'after the upgrade')", (i,))
+            cloud.request_delay = 0.0
+            last = f"SELECT count(*) FROM t WHERE id = {backlog + 20}"
+            wait_until(lambda: turso.query(last) == [[1]], 180, "the rows written after the upgrade")
+            assert worker.proc is not None and worker.proc.poll() is None, worker.output[-3000:]
+            assert worker.stop() == 0, worker.output[-3000:]
+            assert pending(conn) == 0
+            total = backlog + 20 - 1
+            assert turso.query(f"SELECT count(*) FROM t WHERE id = {skipped}") == [[0]], worker.output[-3000:]
+            assert turso.query("SELECT count(*) FROM t WHERE id > 0") == [[total]]
+            assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[total, total]], \
+                worker.output[-3000:]
+            assert conn.execute("SELECT events, rows, delivered_at FROM pgturso.skipped_transaction").fetchall() == [
+                (1, 1, None)]
+        finally:
+            if worker is not None and worker.proc is not None and worker.proc.poll() is None:
+                worker.kill()
+            if capture == "wal":
+                conn.execute("SELECT pgturso._drop_slot(name) FROM pgturso.target")
