@@ -8,6 +8,11 @@
      of `file:` databases): the pattern's router turns its slot into per-tenant outbox events, which the same
      per-tenant delivery sends. Its tenants are registered (and seeded) by the router before the load.
 
+``--only 11b`` (or ``11b,11f``) skips 11a's copy: the tenants' databases are made by one row each instead (a few
+seconds, not minutes), for measuring the live load alone. 11b's note counts the tenant batches delivered during the
+steady load (tenant visits that delivered something) and the worker's CPU per batch: with fewer visits per second
+than the load's transactions, batches grow until visits x transactions per batch = the load (a queue).
+
 Visibility is read from the worker's own log, not by polling a thousand databases (which would load the
 machine and the files being written): a tenant's transactions are delivered in its commit order, each
 "delivered" line names the tenant and how many source transactions it applied, so the k-th line's running
@@ -68,6 +73,7 @@ class PatternRun:
         self.started: float | None = None
         self.visible: dict[str, list[float]] = defaultdict(list)  # tenant target -> time of each transaction
         self.rows = 0
+        self.batches = 0  # "delivered" lines: tenant visits that delivered a batch
         self.errors: list[str] = []
         self.lock = threading.Lock()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
@@ -90,6 +96,7 @@ class PatternRun:
                     self.started = now
                 elif name == "delivered":
                     self.rows += int(fields.get("rows", 0))
+                    self.batches += 1
                     self.visible[str(fields.get("target"))].extend(
                         [now] * int(fields.get("rows" if self.per_row else "transactions", 0)))
                 elif fields.get("level") in ("warning", "error"):
@@ -183,6 +190,21 @@ def _copy_into_tenants(b: Bench, tmp: Path, tenants: int, per_tenant: int, serve
     return rates[0], rates[1]
 
 
+def _seed_tenants(b: Bench, tmp: Path, tenants: int, server: TursoServer) -> None:
+    """11b without 11a (``--only 11b``): the pattern, its live table and every tenant's database as 11a leaves
+    them (t0000 the tursodb ``server``), made by a row per tenant (negative ids) drained by ``run --once``
+    instead of 11a's copy of a million rows."""
+    with b.connect() as conn:
+        conn.execute(f"CREATE TABLE fan_live {COLUMNS}")
+        conn.execute("SELECT pgturso.add_target(%s, %s)", (PATTERN, f"file:{tmp}/tenant-%s.db"))
+        conn.execute("SELECT pgturso.add_target(%s, %s)", (PATTERN.replace("%s", _tenant(0)), server.url))
+        conn.execute("SELECT pgturso.track_table('fan_live', target => %s, route_by => 'tenant_id')", (PATTERN,))
+        conn.execute("INSERT INTO fan_live SELECT -1 - g, 't' || lpad(g::text, 4, '0'), 'seed', 0 "
+                     f"FROM generate_series(0, {tenants - 1}) AS g")
+    seconds = PatternRun(b.dsn, PATTERN, once=True).wait(1800)
+    progress(f"   {PATTERN}: {fmt_int(tenants)} tenants seeded (no 11a copy) in {seconds:.1f}s")
+
+
 # -- 11b: a live load over every tenant ---------------------------------------------------------------------------
 
 
@@ -273,14 +295,17 @@ def s11_fanout(b: Bench) -> None:
     try:
         with scratch_dir() as tmp:
             progress(f"11. a database per tenant: {fmt_int(tenants)} tenants")
-            single, spread = _copy_into_tenants(b, tmp, tenants, per_tenant, server)
-            b.add(Row("", f"Copy of {fmt_int(tenants * per_tenant)} rows into one file database (track_table, "
-                          "worker --once)", fmt_rate(single)))
-            b.add(Row("11a", f"Copy of the same rows into {fmt_int(tenants)} databases, one per tenant "
-                             f"({fmt_int(per_tenant)} rows each): rows/s vs one database",
-                      f"{fmt_rate(spread)} = {spread / single:.2f}x", ">= 0.50x", spread >= 0.5 * single,
-                      f"one worker, {_tenant_threads()} tenant threads; every tenant a file: database but one "
-                      "(a tursodb server)"))
+            if b.wants("11a"):
+                single, spread = _copy_into_tenants(b, tmp, tenants, per_tenant, server)
+                b.add(Row("", f"Copy of {fmt_int(tenants * per_tenant)} rows into one file database (track_table, "
+                              "worker --once)", fmt_rate(single)))
+                b.add(Row("11a", f"Copy of the same rows into {fmt_int(tenants)} databases, one per tenant "
+                                 f"({fmt_int(per_tenant)} rows each): rows/s vs one database",
+                          f"{fmt_rate(spread)} = {spread / single:.2f}x", ">= 0.50x", spread >= 0.5 * single,
+                          f"one worker, {_tenant_threads()} tenant threads; every tenant a file: database but one "
+                          "(a tursodb server)"))
+            elif b.wants("11b"):
+                _seed_tenants(b, tmp, tenants, server)
             steady = _live(b, tmp, tenants, server) if b.wants("11b") else None
             if b.wants("11f"):
                 _live_wal(b, tmp, tenants, steady)
@@ -297,11 +322,16 @@ def _live(b: Bench, tmp: Path, tenants: int, server: TursoServer) -> dict[str, l
     worker = PatternRun(b.dsn, PATTERN, once=False)
     _wait_visited(b, tenants, worker)
     results: dict[str, tuple[dict[str, list[float]], float]] = {}
+    visits: dict[str, int] = {}  # per load: the batches delivered (tenant visits that delivered something)
+    cpu: dict[str, float] = {}  # per load: the worker's CPU seconds (user + system, every thread)
+    backends: dict[str, float] = {}  # per load: its Postgres backends' CPU seconds
     next_id = 1
     try:
         for label in ("steady", "outage"):
             with worker.lock:
                 offset = {name: len(times) for name, times in worker.visible.items()}
+                batches_before = worker.batches
+            cpu_before, backends_before = worker.cpu_seconds(), _backends_cpu(b)
             load = Load(b, "fan_live", tenants, s.fan_rate, s.fan_seconds, next_id)
 
             def outage() -> None:
@@ -319,6 +349,9 @@ def _live(b: Bench, tmp: Path, tenants: int, server: TursoServer) -> dict[str, l
             time.sleep(0.5)  # the last "delivered" lines reach the log
             worker.sample()
             results[label] = (_latencies(load, worker, PATTERN, offset), rate)
+            visits[label] = worker.batches - batches_before
+            cpu[label] = worker.cpu_seconds() - cpu_before
+            backends[label] = _backends_cpu(b) - backends_before
         idle = _idle_cost(b, worker)
     finally:
         worker.stop()
@@ -331,8 +364,20 @@ def _live(b: Bench, tmp: Path, tenants: int, server: TursoServer) -> dict[str, l
             got = _count(tmp / f"tenant-{tenant}.db", "fan_live")
         if got != expected.get(tenant, 0):
             raise RuntimeError(f"live fan-out: tenant {tenant} has {got} rows, Postgres {expected.get(tenant)}")
-    _report_live(b, tenants, results, down, worker, idle)
+    _report_live(b, tenants, results, down, worker, idle, visits["steady"], cpu["steady"], backends["steady"])
     return results["steady"][0]
+
+
+def _backends_cpu(b: Bench) -> float:
+    """CPU seconds (user + system) used so far by the worker's Postgres backends (the same machine's /proc)."""
+    total = 0.0
+    for (pid,) in b.sql("SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'pgturso-worker%'"):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def _worst_p99(latencies: dict[str, list[float]]) -> float:
@@ -421,7 +466,8 @@ def _idle_cost(b: Bench, worker: PatternRun) -> dict[str, float]:
 
 
 def _report_live(b: Bench, tenants: int, results: dict[str, tuple[dict[str, list[float]], float]], down: str,
-                 worker: PatternRun, idle: dict[str, float]) -> None:
+                 worker: PatternRun, idle: dict[str, float], visits: int, cpu: float,
+                 backends_cpu: float) -> None:
     s = b.sizes
     steady, steady_rate = results["steady"]
     outage, outage_rate = results["outage"]
@@ -433,7 +479,11 @@ def _report_live(b: Bench, tenants: int, results: dict[str, tuple[dict[str, list
     p99_steady, p99_outage = _percentile(others_steady, 99), _percentile(others_outage, 99)
     note = (f"{steady_rate:.0f} tx/s achieved over {len(steady)} tenants for {s.fan_seconds}s (about "
             f"{len(every) / max(len(steady), 1):.1f} transactions per tenant, so a tenant's own p99 is its worst "
-            f"few); all: p50 {_percentile(every, 50) * 1000:.0f} ms, p99 {_percentile(every, 99) * 1000:.0f} ms")
+            f"few); all: p50 {_percentile(every, 50) * 1000:.0f} ms, p99 {_percentile(every, 99) * 1000:.0f} ms; "
+            f"{visits} tenant batches delivered, {len(every) / max(visits, 1):.1f} transactions each (visits below "
+            "the load's rate are a queue: batches grow until visits x transactions per batch = the load), "
+            f"worker CPU {cpu * 1000 / max(visits, 1):.1f} ms per batch, its Postgres backends' "
+            f"{backends_cpu * 1000 / max(visits, 1):.1f} ms")
     if unseen:
         note += f"; {unseen} transactions never seen"
     b.add(Row("11b", f"Live load of {s.fan_rate} tx/s over {fmt_int(tenants)} tenants: commit-to-visible p99 of "
