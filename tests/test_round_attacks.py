@@ -364,3 +364,62 @@ def test_a_round_mate_whose_events_were_skipped_while_turso_had_its_batch_is_not
     assert "target_behind" not in restarted.stderr, restarted.stderr
     assert_every_write_arrived_once(conn, tmp_path, *ROUND)
     assert counted_since(conn, before) == {"tenant-acme": (1, 1), "tenant-globex": (1, 1), "tenant-initech": (1, 1)}
+
+
+def test_a_rounds_fsyncs_run_beside_its_next_sends_and_its_deletion_waits_for_every_one(
+        conn, dsn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A round starts each tenant's fsync as soon as its commit returns, beside the round's next sends (so the
+    round does not wait for every fsync after its last send), and still deletes no event before every fsync of
+    the round has ended. acme's fsync is held until initech (the round's last tenant) committed: it must have
+    started before that commit (else the round waited for nothing and this fails), and the round's deletion
+    must come after it ended (else a batch whose commit was not durable would be forgotten in Postgres)."""
+    import threading
+
+    from pgturso.delivery import targets
+    from pgturso.run import fanout
+
+    with a_recovered_round(conn, dsn, tmp_path) as (pattern, tenants):
+        conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a1'), (2, 'globex', 'g1'), (3, 'initech', 'i1')")
+        order: list[str] = []
+        lock = threading.Lock()
+        last_committed = threading.Event()
+
+        def note(what: str) -> None:
+            with lock:
+                order.append(what)
+
+        def tenant_of(path: str) -> str:
+            return Path(path).name.removeprefix("tenant-").removesuffix(".db")
+
+        commit, sync, record = targets.FileTransaction.commit, targets.PendingSync.sync, fanout.record_tenant_batches
+
+        def noted_commit(self: Any) -> Any:
+            result = commit(self)
+            note(f"commit {tenant_of(self.target.path)}")
+            if tenant_of(self.target.path) == "initech":
+                last_committed.set()
+            return result
+
+        def held_sync(self: Any, **how: Any) -> Any:
+            tenant = tenant_of(self.target.path)
+            note(f"fsync {tenant} started")
+            if tenant == "acme":
+                assert last_committed.wait(60), "initech never committed"
+            result = sync(self, **how)
+            note(f"fsync {tenant} ended")
+            return result
+
+        def noted_deletion(*args: Any) -> Any:
+            note("deletion")
+            return record(*args)
+
+        monkeypatch.setattr(targets.FileTransaction, "commit", noted_commit)
+        monkeypatch.setattr(targets.PendingSync, "sync", held_sync)
+        monkeypatch.setattr(fanout, "record_tenant_batches", noted_deletion)
+        outcomes = pattern._run_round(tenants)
+        monkeypatch.undo()
+        assert outcomes == {"tenant-acme": None, "tenant-globex": None, "tenant-initech": None}, outcomes
+        assert order.index("fsync acme started") < order.index("commit initech"), order
+        assert order.index("deletion") > max(order.index(f"fsync {t} ended") for t in ROUND), order
+        assert order.count("deletion") == 1, order
+    assert_every_write_arrived_once(conn, tmp_path, *ROUND)

@@ -185,6 +185,9 @@ class Delivered:
     started: float
     # The fsync that makes its commit durable (a file: database's), run for the whole round before the deletion.
     durable: PendingSync | None = None
+    # That fsync started on PatternWorker.syncer as soon as the commit returned (_run_round), while the round
+    # sends to its next tenants; its result (None, or the failure) is awaited before the round's deletion.
+    syncing: Future[Exception | None] | None = None
 
 
 def _sync(item: Delivered) -> Exception | None:
@@ -765,6 +768,12 @@ class PatternWorker:
                     outcomes[tenant.settings.target] = tenant.step(self._pool_connection, self.once, read, deferred)
                 except Exception as exc:  # reported by _collect, as a step's own exception
                     outcomes[tenant.settings.target] = without_traceback(exc)
+                # Its commit's fsync starts now, beside the round's next sends (it was a quarter of a round's
+                # time waited for after the last send: bench 11b's profile, BENCHMARKS.md session 10); the
+                # deletion still waits for every one (_sync_round).
+                for item in deferred:
+                    if item.durable is not None and item.syncing is None:
+                        item.syncing = self.syncer.submit(_sync, item)
                 if self.open_targets.count > MAX_OPEN_TARGETS:
                     tenant.close_target()  # as _run_step does: at once, or rounds would hold 8 files each
             if deferred:
@@ -777,13 +786,14 @@ class PatternWorker:
 
     def _sync_round(self, deferred: list[Delivered], outcomes: dict[str, float | Exception | None]) -> list[Delivered]:
         """Make the round's commits durable: fsync every tenant's WAL side by side (concurrent fsyncs share the
-        filesystem's journal commits: a visit's four fsyncs in series cost more than a round's in parallel).
+        filesystem's journal commits: a visit's four fsyncs in series cost more than a round's in parallel),
+        each started when its commit returned (_run_round) and awaited here.
         Returns the batches now durable, whose events may be deleted; a tenant whose fsync failed keeps its
         events (its failure, as a failed send: it recovers from its marker, fsynced first, at its next visit)."""
         pending = [item for item in deferred if item.durable is not None]
         if not pending:
             return deferred
-        failures = dict(zip((id(item) for item in pending), self.syncer.map(_sync, pending), strict=True))
+        failures = {id(item): (item.syncing or self.syncer.submit(_sync, item)).result() for item in pending}
         # First visits that created their files: each directory fsynced once for all of them, after their WALs.
         created: dict[str, list[Delivered]] = {}
         for item in pending:
