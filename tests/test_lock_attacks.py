@@ -511,7 +511,7 @@ def test_a_tenants_backlog_larger_than_a_batch_never_makes_ddl_wait_for_turso(co
 def test_the_looks_while_a_wake_lock_stays_busy_back_off_only_after_ten_found_nothing():
     """A busy moment (writers committing) keeps the 10 ms look of before; a lock busy for ten empty looks in a
     row (100 ms) is a long-open writer: the wait doubles from there, capped at 200 ms."""
-    from pgturso.run.worker import busy_look_wait
+    from pgturso.run.waiting import busy_look_wait
 
     assert [busy_look_wait(n) for n in range(16)] == [0.01] * 10 + [0.02, 0.04, 0.08, 0.1, 0.1, 0.1]
     assert busy_look_wait(10**6) == 0.1

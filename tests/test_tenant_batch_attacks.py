@@ -866,7 +866,8 @@ def test_an_immediate_postgres_shutdown_with_wal_in_flight_after_turso_committed
     transaction inserted and nobody has written out yet. Postgres stopped with `-m immediate` right after Turso
     committed the batch loses WAL nobody flushed: had the position been left unflushed, the restarted server
     would be behind it, and the next worker would take the marker for one of another history and start over,
-    copying every tenant's tables afresh (Worker._start_over: safe, but a full recopy after every crash; it did).
+    copying every tenant's tables afresh (MarkerRecovery._start_over: safe, but a full recopy after every crash; it
+    did).
     _source_position makes the WAL durable up to the position it gives before the batch is sent, so the worker
     carries on from the marker: no start-over, no copy, every tenant exact.
 

@@ -184,10 +184,10 @@ def test_a_lock_timeout_halves_a_batch_of_many_transactions_at_once() -> None:
     worker = _worker()
     worker._sending = SimpleNamespace(transactions=40, rows=300, event_count=40)
     busy = TursoBusy("rolled back", "TRANSACTION_TIMEOUT", 6.0)
-    assert worker._explain_transient(busy) is busy
+    assert worker.failures.explain_transient(busy) is busy
     assert (worker.batch_rows, worker.batch_events) == (150, 20)
     other = TursoBusy("busy", "SQLITE_BUSY")
-    assert worker._explain_transient(other) is other and worker.batch_rows == 150, "only lock timeouts resize"
+    assert worker.failures.explain_transient(other) is other and worker.batch_rows == 150, "only lock timeouts resize"
 
 
 def test_a_single_transaction_that_never_fits_the_window_gets_an_error_naming_the_setting() -> None:
@@ -196,14 +196,14 @@ def test_a_single_transaction_that_never_fits_the_window_gets_an_error_naming_th
     worker = _worker()
     worker._sending = SimpleNamespace(transactions=1, rows=90_000, event_count=3)
     busy = TursoBusy("rolled back", "TRANSACTION_TIMEOUT", 6.2)
-    assert worker._explain_transient(busy) is busy
-    assert worker._explain_transient(busy) is busy
-    explained = worker._explain_transient(busy)
+    assert worker.failures.explain_transient(busy) is busy
+    assert worker.failures.explain_transient(busy) is busy
+    explained = worker.failures.explain_transient(busy)
     assert isinstance(explained, TursoUnavailable), "still retried: another writer may stop"
     assert "pgturso.max_request_bytes" in str(explained) and "6.2 s" in str(explained)
     assert "90000 rows" in str(explained) and "3 times" in str(explained)
     worker._fit_lock_window(0.1)  # a delivery went through: the count starts again
-    assert worker._explain_transient(busy) is busy
+    assert worker.failures.explain_transient(busy) is busy
 
 
 def test_a_file_target_locked_by_another_connection_is_transient_and_a_bad_statement_is_refused(tmp_path) -> None:

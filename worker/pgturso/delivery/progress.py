@@ -7,7 +7,8 @@ dies in between, the next start reads the marker and deletes them then, instead 
 batch's name never matches a later event (outbox.py says why), so an old marker is harmless — on the server
 whose past it describes: the marker also records that server's position (system, timeline, WAL position), and
 a worker whose source does not have that position in its history (a standby promoted before it replayed what
-was delivered) forgets nothing by it and resyncs instead (Worker._start_over, docs/design.md).
+was delivered) forgets nothing by it and resyncs instead (run/recovery.py MarkerRecovery._start_over,
+docs/design.md).
 
 The marker is also a fence: a worker writes it only over the marker it last saw. A worker that lost the
 delivery lock (its Postgres connection died while a batch was in flight) and whose batch reaches Turso after

@@ -3,13 +3,17 @@ transaction, mark it delivered, and sleep until a capture trigger wakes it.
 
 Only one worker delivers per target: it holds a session advisory lock; a second one waits as a hot standby
 and takes over when the first one's connection goes away.
+
+``Worker`` delegates three pieces, each a class of its own module that works on the worker's state:
+recovery from the progress marker (recovery.py, MarkerRecovery), what a failed step means (failures.py,
+FailureHandler: retries, backoff, isolating a refused transaction, blocked, stopping) and the idle wait for
+changes (waiting.py, ChangeWaiter). A pattern's tenants (fanout.py, TenantWorker) share them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import select
 import signal
 import socket
 import sys
@@ -24,9 +28,7 @@ from ..common.errors import (
     ConfigError,
     CopyDeferred,
     PgTursoError,
-    RequestTooLarge,
     StatementFailed,
-    TursoBusy,
     TursoRequestRejected,
     TursoUnavailable,
 )
@@ -34,16 +36,21 @@ from ..common.logs import Progress, event
 from ..common.logs import setup as setup_logs
 from ..common.metrics import Metrics
 from ..common.postgres import connect
-from ..common.quoting import quote_literal
-from ..common.retry import backoff_delay, retry_delay
 from ..common.settings import DEFAULT_URL, Settings
 from ..delivery.pipeline import InFlight, PreparedBatch, Sender, prepare, send_batch
-from ..delivery.progress import MARKER_TABLE_EXISTS_SQL, READ_MARKER_SQL, marker_statements
-from ..delivery.statements import Statement, StatementBuilder, create_table_statements
+from ..delivery.progress import marker_statements
+from ..delivery.statements import Statement, StatementBuilder
 from ..delivery.targets import Target, open_target, redact_url
 from ..sources.outbox import Batch, Outbox, Removed
-from ..sources.replication import StreamError
 from ..sources.slot import WalBatch, WalOutbox, slot_bytes
+from .exits import EXIT_FATAL as EXIT_FATAL  # (handed on: fanout.py, cli.py import the codes from here)
+from .exits import EXIT_LOCKED, EXIT_OK
+from .exits import EXIT_RETRIES_EXHAUSTED as EXIT_RETRIES_EXHAUSTED
+from .failures import FailureHandler
+from .recovery import MarkerRecovery
+from .waiting import NOTIFY_CHANNEL as NOTIFY_CHANNEL  # (handed on: fanout.py imports them from here)
+from .waiting import ChangeWaiter
+from .waiting import notified as notified
 
 log = logging.getLogger("pgturso.worker")
 
@@ -60,30 +67,11 @@ TENANT_ENDPOINTS = """
     FROM pgturso.target t JOIN pgturso.target p ON p.name = t.pattern
 """
 CAPTURE_OF_TARGET = "SELECT capture FROM pgturso.target WHERE name = %s"
-# A wal target's worker has no trigger to wake it: it looks at the WAL's end this often while idle.
-WAL_POLL_SECONDS = 0.02
-NOTIFY_CHANNEL = "pgturso"
 
-EXIT_OK, EXIT_RETRIES_EXHAUSTED, EXIT_FATAL, EXIT_LOCKED = 0, 1, 2, 3
 # The worker vacuums the outbox itself, at most this often and after this many rows delivered.
 VACUUM_EVERY_SECONDS, VACUUM_AFTER_ROWS = 5.0, 10_000
 # With no initial copy pending, the worker looks for a new one at most this often (track_table starts one).
 COPY_CHECK_SECONDS = 0.5
-# While a table's wake lock stays busy (a writer that found the worker awake is still open), the worker cannot
-# sleep and looks at the outbox instead, every BUSY_LOOK_FIRST seconds. After BUSY_LOOKS_BEFORE_BACKOFF looks in
-# a row found nothing (a long idle-in-transaction writer, not a busy moment), twice as long each time, up to
-# BUSY_LOOK_MAX; anything delivered, or another set of busy locks, starts over.
-BUSY_LOOK_FIRST = 0.01
-BUSY_LOOKS_BEFORE_BACKOFF = 10
-BUSY_LOOK_MAX = 0.1
-# A source transaction that Turso rolls back this many times in a row for holding its write lock too long
-# (TRANSACTION_TIMEOUT) cannot be delivered as things stand: the worker says so and what to change.
-LOCK_TIMEOUTS_BEFORE_EXPLAINING = 3
-
-
-class TransactionTooSlow(TursoUnavailable):
-    """One source transaction cannot be applied within Turso's write-lock window while other clients write."""
-
 
 def deliverer_identity() -> str:
     """Who delivers, as pgturso.status shows it: a background worker of the server, or a separate process."""
@@ -137,27 +125,6 @@ def delivery_connection(dsn: str, application_name: str = "pgturso-worker") -> p
     return conn
 
 
-def notified(conn: psycopg.Connection[Any], timeout: float) -> bool:
-    """Whether a NOTIFY arrived on the idle LISTEN connection within ``timeout`` seconds. Written against
-    libpq directly: Debian 12's python3-psycopg (3.1), which the background worker runs with, has no
-    ``notifies(timeout=…)``."""
-    ready, _, _ = select.select([conn.fileno()], [], [], timeout)
-    if not ready:
-        return False
-    conn.pgconn.consume_input()  # raises OperationalError if the connection is gone
-    arrived = False
-    while conn.pgconn.notifies() is not None:
-        arrived = True
-    return arrived
-
-
-def busy_look_wait(empty_looks: int) -> float:
-    """How long to wait before the next look at the outbox while a wake lock is busy, after ``empty_looks`` looks
-    in a row that found nothing."""
-    backoff = max(empty_looks - BUSY_LOOKS_BEFORE_BACKOFF + 1, 0)
-    return min(BUSY_LOOK_FIRST * 2 ** min(backoff, 16), BUSY_LOOK_MAX)
-
-
 class Worker:
     def __init__(self, dsn: str, settings: Settings, pattern: str | None = None, tenant: str | None = None) -> None:
         self.dsn = dsn
@@ -208,12 +175,11 @@ class Worker:
         self.batch_rows = settings.batch_rows
         self.batch_events = settings.batch_events
         self._sending: Batch | None = None  # the batch last handed to Turso
-        self._lock_timeouts = 0  # TRANSACTION_TIMEOUTs in a row of single-transaction batches
+        self.failures = FailureHandler(self)  # handle_failure: retries, backoff, isolating, blocked, stopping
         self.capture = "trigger"
         self._last_status = ""
         self.attempts = 0  # failed delivery attempts in a row (the retry/backoff count)
-        self._busy_looks = 0  # looks in a row that found a wake lock busy and nothing to deliver
-        self._busy_held: list[int] | None = None  # the wake locks taken then (the others were busy)
+        self.waiter = ChangeWaiter(self)  # idle: sleeps until a change (LISTEN and wake locks, or the slot)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -353,80 +319,8 @@ class Worker:
     # -- delivery --------------------------------------------------------------------------------------------
 
     def recover(self) -> None:
-        """Forget outbox events that the target's marker says were committed there already."""
-        assert self.outbox is not None
-        assert self.in_flight is None, "recovery while a batch is in flight would race its sender"
-        target = self._open_target()
-        # Read-only: a database without the table (a new one) gets it with its first batch (marker_statements).
-        self.marker_table_missing = not target.query(MARKER_TABLE_EXISTS_SQL)[0][0]
-        rows = [] if self.marker_table_missing else target.query(READ_MARKER_SQL, [self.source_id])
-        self.last_marker = str(rows[0][0]) if rows else ""
-        removed = 0
-        if rows and not isinstance(self.outbox, WalOutbox) and not self.outbox.trusts(self.last_marker):
-            self._start_over(target)
-        elif rows or isinstance(self.outbox, WalOutbox):  # a wal target also checks its slot here
-            # First the batch Postgres recorded delivered (its marker), whose events may still be pending: a
-            # worker ends between recording a batch read ahead and deleting its events (Worker._settle), and the
-            # batch after it, committed on Turso meanwhile, need not cover them (its cut can lie below theirs:
-            # transactions that wrote earlier and committed later). Then the target's (that one or the next).
-            for marker in self._markers_to_forget():
-                forgotten = self.outbox.forget(marker)
-                if forgotten.events or forgotten.transactions:  # (a slot's row changes are no outbox events)
-                    # Delivered by a worker that did not live (or keep the target) to count it: counted here.
-                    self._count_delivered(forgotten)
-                    event(log, logging.INFO, "recovered", already_applied_events=forgotten.events,
-                          rows=forgotten.rows, transactions=forgotten.transactions)
-            removed = forgotten.events  # by the target's marker: it is ahead of Postgres's (see below)
-        if not isinstance(self.outbox, WalOutbox) and not removed:
-            self._catch_up_a_target_that_is_behind(target)
-        self.recovered = True
-
-    def _markers_to_forget(self) -> list[str]:
-        """The markers recovery forgets events by, the target's last: Postgres's own before it when it differs
-        (an outbox target's: a batch recorded delivered is on the target, though its events may be pending)."""
-        assert self.outbox is not None
-        if isinstance(self.outbox, WalOutbox):
-            return [self.last_marker]
-        known = self.outbox.delivered_marker()
-        return [self.last_marker] if known is None or known == self.last_marker else [known, self.last_marker]
-
-    def _catch_up_a_target_that_is_behind(self, target: Target) -> None:
-        """Recopy the target if it is not the database delivered to (pgturso.url changed) or an older copy.
-
-        Postgres records the marker of every batch it removed as delivered. The target's marker is that one,
-        or the batch after it (committed on the target, its events still pending: ``forget`` removed them).
-        Anything else (no marker, or an older one) means the target lacks changes that left the outbox:
-        resending what is pending would skip them silently, so every table is created on the target now (so
-        that changes committing meanwhile apply) and queued to be recreated and copied afresh, in order.
-        """
-        assert self.outbox is not None
-        known = self.outbox.delivered_marker()
-        if known is None or known == self.last_marker:
-            return
-        event(log, logging.WARNING, "target_behind", target=self.settings.target, url=redact_url(self.endpoint[0]),
-              reason=("it has no progress marker of this source" if not self.last_marker
-                      else "its progress marker is older than the last batch delivered"),
-              action="a different database or an older copy: copying its tables afresh")
-        for layout in self.outbox.latest_layouts():
-            for sql in create_table_statements(layout):
-                target.execute(sql)
-        self.outbox.recopy_target(self.last_marker)
-
-    def _start_over(self, target: Target) -> None:
-        """The marker names a position outside this server's history: a standby promoted before it replayed
-        everything already delivered, a restored backup. Events and transaction ids it names may have been
-        handed out again here, so nothing is forgotten by it; Turso may hold changes this server lost, so every
-        table of the target is recreated and copied afresh (recopy_target). Then a marker naming no event and
-        this server's position replaces it (here and on the target), so that a restart does not do it again."""
-        assert self.outbox is not None
-        event(log, logging.WARNING, "source_history_changed", target=self.settings.target,
-              reason="the progress marker on the target names a WAL position this server's history does not "
-                     "contain (a standby promoted before it replayed what was delivered, or a restore)",
-              action="nothing is forgotten by that marker; copying the target's tables afresh")
-        fresh = self.outbox.marker_of_nothing()
-        self.outbox.recopy_target(fresh)
-        send_batch(target, (), self._marker_statements(fresh))
-        self.last_marker = fresh
+        """Forget outbox events that the target's marker says were committed there already (recovery.py)."""
+        MarkerRecovery(self).recover()
 
     def copy_step(self, look: bool = False) -> bool:
         """Queue one chunk of a pending initial copy; False when no copy is pending (or, unless ``look``, none
@@ -715,7 +609,7 @@ class Worker:
         """Size batches by time as well as rows: Turso Cloud (sqld) rolls back a transaction that holds the
         write lock 5 s while another client wants to write, so a delivery that held its transaction longer than
         max_transaction_seconds makes the next batches half as large; fast ones let them grow back."""
-        self._lock_timeouts = 0
+        self.failures.lock_timeouts = 0
         budget = self.settings.max_transaction_seconds
         if held > budget and self.batch_rows > 1:
             self._set_batch_limits(max(self.batch_rows // 2, 1), max(self.batch_events // 2, 1))
@@ -724,29 +618,6 @@ class Worker:
         elif held < budget / 4 and self.batch_rows < self.settings.batch_rows:
             self._set_batch_limits(min(self.batch_rows * 2, self.settings.batch_rows),
                                    min(self.batch_events * 2, self.settings.batch_events))
-
-    def _explain_transient(self, exc: Exception) -> Exception:
-        """After Turso rolled a batch back for holding its write lock too long: send smaller batches; a single
-        source transaction that keeps failing so gets an error that says what to change (not a silent loop)."""
-        if not (isinstance(exc, TursoBusy) and exc.code == "TRANSACTION_TIMEOUT") or self._sending is None:
-            return exc
-        batch = self._sending
-        if batch.transactions > 1:
-            rows = max(min(self.batch_rows, batch.rows) // 2, 1)
-            self._set_batch_limits(rows, max(min(self.batch_events, batch.event_count) // 2, 1))
-            event(log, logging.WARNING, "batch_shrunk", reason="TRANSACTION_TIMEOUT", batch_rows=rows)
-            return exc
-        self._lock_timeouts += 1
-        if self._lock_timeouts < LOCK_TIMEOUTS_BEFORE_EXPLAINING:
-            return exc
-        held = f"{exc.held_seconds:.1f} s" if exc.held_seconds is not None else "too long"
-        request_bytes = getattr(self.target, "max_request_bytes", self.settings.max_request_bytes)
-        return TransactionTooSlow(
-            f"a source transaction of {batch.rows} rows cannot be applied on Turso within its write-lock window: "
-            f"Turso rolled it back {self._lock_timeouts} times in a row (TRANSACTION_TIMEOUT) after it held the "
-            f"transaction open {held} while another client wrote to the database. Let it travel in fewer, larger "
-            f"requests (raise pgturso.max_request_bytes, now {request_bytes}) or keep other writers off that "
-            "database until it is delivered; the worker keeps retrying")
 
     def _vacuum_if_due(self, rows: int) -> None:
         """Count a delivered batch's rows towards the next VACUUM (_vacuum_when_due runs it)."""
@@ -763,60 +634,6 @@ class Worker:
             self.outbox.vacuum()
             event(log, logging.DEBUG, "vacuumed", ms=round((time.monotonic() - started) * 1000, 1))
             self._rows_since_vacuum, self._vacuumed_at = 0, now
-
-    def _wait_for_changes(self) -> None:
-        if self.listen_conn is None or self.listen_conn.closed:
-            self.listen_conn = connect(self.dsn, autocommit=True, application_name="pgturso-worker-listen")
-            self.listen_conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-            return  # changes may have arrived before LISTEN: look once more before sleeping
-        assert self.outbox is not None and self.conn is not None
-        if self._capture_mode(self.conn) != self.capture:  # the target's first table chose the other mode
-            event(log, logging.INFO, "capture_mode", capture=self._capture_mode(self.conn))
-            self._disconnect()
-            return
-        if isinstance(self.outbox, WalOutbox):
-            self._wait_for_wal(self.outbox)
-            return
-        # Sleep holding the wake locks, so that capture notifies us (see capture.WAKE_LOCK_CLASS). A writer
-        # that saw us awake holds its lock until it commits: until then, look again shortly instead.
-        held, all_taken = self.outbox.take_wake_locks()
-        try:
-            if not all_taken:
-                # Back off while the same locks stay busy and the looks find nothing (a long idle-in-transaction
-                # writer, a prepared transaction): its commit, or one by another session that found the worker
-                # awake, waits at most BUSY_LOOK_MAX. A write to a table whose lock this holds sends a NOTIFY.
-                if held != self._busy_held:
-                    self._busy_looks, self._busy_held = 0, held
-                notified(self.listen_conn, busy_look_wait(self._busy_looks))
-                self._busy_looks += 1
-                return
-            self._busy_held = None
-            if self.outbox.any_pending():  # committed before we held the locks, without a NOTIFY
-                return
-            deadline = time.monotonic() + self.settings.idle_wait
-            while not (self.stopping or self.reload_requested) and time.monotonic() < deadline:
-                if notified(self.listen_conn, min(1.0, self.settings.idle_wait)):
-                    return
-        finally:
-            self.outbox.release_wake_locks(held)
-
-    def _wait_for_wal(self, source: WalOutbox) -> None:
-        """Sleep until the slot has a change for us (or a NOTIFY, or idle_wait): the stream wakes us itself; a
-        peeking worker looks at the WAL's end every WAL_POLL_SECONDS."""
-        assert self.listen_conn is not None
-        deadline = time.monotonic() + self.settings.idle_wait
-        while source.dsn is not None and not source.slot_missing and not (self.stopping or self.reload_requested):
-            # The replication stream: woken by the next decoded transaction itself, or a NOTIFY.
-            left = deadline - time.monotonic()
-            if left <= 0 or source.wait_for_data(min(left, 1.0), self.listen_conn.fileno()):
-                return
-            if notified(self.listen_conn, 0):
-                return
-        while not (self.stopping or self.reload_requested) and time.monotonic() < deadline:
-            if source.wal_position() > source.seen_upto:
-                return
-            if notified(self.listen_conn, WAL_POLL_SECONDS):
-                return
 
     def _record(self, status: str, error: str | None = None, **fields: Any) -> None:
         """Show the worker's state in pgturso.status; Postgres being unreachable must not hide the real error."""
@@ -845,13 +662,6 @@ class Worker:
             self.outbox.record_caught_up()
         except (PgTursoError, psycopg.Error) as exc:  # status then says what it said before: not in sync
             event(log, logging.WARNING, "caught_up_not_recorded", error=str(exc).strip())
-
-    def _explain_missing_right(self, exc: psycopg.errors.InsufficientPrivilege) -> ConfigError:
-        """A role without pgturso's rights is a setup mistake that retrying cannot mend: say which role and the fix."""
-        role = self.conn.info.user if self.conn is not None and not self.conn.closed else "the worker's role"
-        first_line = str(exc).strip().splitlines()[0]
-        return ConfigError(f"{first_line} (the worker runs as {role}, which lacks the rights delivery needs); "
-                           f"a superuser gives them with: SELECT pgturso.grant_worker({quote_literal(role)})")
 
     def run(self, once: bool = False, standby: bool = True) -> int:
         """Deliver until stopped (or, with ``once``, until nothing committed is left). Returns an exit code.
@@ -891,7 +701,7 @@ class Worker:
                     self.attempts = 0
                     self._update_backlog(force=not delivered)
                     if delivered or copied or self.copy_step(look=True):
-                        self._busy_looks = 0
+                        self.waiter.busy_looks = 0
                         continue
                     # Nothing pending: whatever error there was is over.
                     if once:
@@ -899,7 +709,7 @@ class Worker:
                         self._record_caught_up()
                         return EXIT_OK
                     self._record("idle", clear_error=True)
-                    self._wait_for_changes()
+                    self.waiter.wait()
                 except (TursoUnavailable, psycopg.OperationalError, StatementFailed, TursoRequestRejected,
                         ConfigError, psycopg.errors.InsufficientPrivilege) as exc:
                     code, delay = self.handle_failure(exc, retry_limit, once)
@@ -919,68 +729,8 @@ class Worker:
 
     def handle_failure(self, exc: Exception, retry_limit: int, once: bool) -> tuple[int | None, float]:
         """What a failed delivery step means: (an exit code to stop with, or None to go on; seconds to wait
-        first). Counts the attempt, logs it and shows it in pgturso.status."""
-        if isinstance(exc, (TursoUnavailable, psycopg.OperationalError)):
-            self._abandon_in_flight(exc)
-            exc = self._explain_transient(exc)
-            self.attempts += 1
-            if retry_limit and self.attempts > retry_limit:
-                event(log, logging.ERROR, "giving_up", target=self.settings.target, attempts=self.attempts - 1,
-                      error=str(exc).strip())
-                self._record("stopped", error=f"gave up after {self.attempts - 1} retries: {exc}")
-                return EXIT_RETRIES_EXHAUSTED, 0.0
-            delay = retry_delay(self.attempts, self.settings.retry_base_delay, self.settings.retry_max_delay,
-                                getattr(exc, "retry_after", None))
-            self.metrics.add("pgturso_retries_total")
-            self.metrics.set("pgturso_up", 0)
-            event(log, logging.WARNING, "retry", target=self.settings.target, attempt=self.attempts,
-                  delay_s=round(delay, 2), error=str(exc).strip())
-            if isinstance(exc, RequestTooLarge) and self.outbox is not None and self.target is not None:
-                limit = getattr(self.target, "max_request_bytes", self.outbox.max_group_bytes)
-                self.outbox.max_group_bytes = min(self.outbox.max_group_bytes, max(limit // 2, 32 << 10))
-            if isinstance(exc, StreamError):
-                # The server reported it on the slot's stream: Postgres is up, so say it where a delivery error
-                # is said (pgturso.status, pgturso_errors_total) before reconnecting and recovering (which
-                # opens a new stream at Turso's position) as after any other failure of the connection.
-                self.metrics.add("pgturso_errors_total")
-                self.metrics.set("pgturso_replication_streaming", 0)
-                if self._connection_usable():
-                    self._record("retrying", error=str(exc), retry=True)
-            if isinstance(exc, psycopg.OperationalError):
-                self._disconnect()
-            else:
-                self._record("retrying", error=str(exc), retry=True)
-                try:
-                    self._update_backlog(force=False, up=False)
-                except psycopg.Error as backlog_exc:  # the retry's own error is the one that matters
-                    event(log, logging.WARNING, "backlog_not_read", error=str(backlog_exc).strip())
-            self.recovered = False
-            return None, delay
-        if isinstance(exc, StatementFailed):
-            self._abandon_in_flight(exc)
-            if self.isolating_until is None:
-                # Deliver one source transaction at a time up to the failure, to find the one Turso
-                # refuses and apply everything before it.
-                self.isolating_until = self._failed_batch_end()
-                if self.isolating_until is not None:
-                    event(log, logging.WARNING, "isolating", target=self.settings.target, error=str(exc))
-                    return None, 0.0
-            txid = exc.txids[0] if len(exc.txids) == 1 else None
-            self.metrics.add("pgturso_errors_total")
-            event(log, logging.ERROR, "blocked", target=self.settings.target, table=exc.table or "-",
-                  txid=txid or "-", error=str(exc))
-            self._record("blocked", error=str(exc), table=exc.table or None, txid=txid)
-            if once:
-                return EXIT_FATAL, 0.0
-            self.attempts += 1
-            return None, backoff_delay(self.attempts, self.settings.retry_base_delay, self.settings.retry_max_delay)
-        self._abandon_in_flight(exc)  # a request Turso rejects, a configuration error, a missing right: no retry
-        if isinstance(exc, psycopg.errors.InsufficientPrivilege):
-            exc = self._explain_missing_right(exc)
-        self.metrics.add("pgturso_errors_total")
-        event(log, logging.ERROR, "stopped", target=self.settings.target, error=str(exc))
-        self._record("stopped", error=str(exc))
-        return EXIT_FATAL, 0.0
+        first). Counts the attempt, logs it and shows it in pgturso.status (failures.py)."""
+        return self.failures.handle(exc, retry_limit, once)
 
     def _update_backlog(self, force: bool, up: bool = True) -> None:
         """Refresh the backlog gauges (a count over the outbox: at most every few seconds while busy); ``up``:
@@ -1003,13 +753,6 @@ class Worker:
         self.metrics.set("pgturso_backlog_events", events)
         self.metrics.set("pgturso_backlog_rows", rows)
         self.metrics.set("pgturso_lag_seconds", lag)
-
-    def _failed_batch_end(self) -> int | None:
-        """The last outbox id of the batch that just failed (it is still pending: nothing was removed)."""
-        assert self.conn is not None and self.outbox is not None
-        with self.conn.transaction():  # a slot's batch learns where it ends by reading it, in the transaction
-            batch = self.outbox.choose_batch()
-            return batch.upto if batch is not None else None
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds

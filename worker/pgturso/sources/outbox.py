@@ -417,7 +417,7 @@ class Removed:
 # Postgres knows the batch before it (%(follows)s, the marker the batch's fence checked on the target) as the last
 # one: a worker that lost the target and deletes late (another worker forgot the batch by the marker on the
 # target and has delivered more since) must not put back an older marker, which the next start would take for a
-# target that lacks deliveries, and recopy it (Worker._catch_up_a_target_that_is_behind). The second case is a
+# target that lacks deliveries, and recopy it (MarkerRecovery._catch_up_a_target_that_is_behind). The second case is a
 # batch whose events something else deleted while Turso had it (untrack_table, skip_transaction: the worker
 # holds no lock on them meanwhile): it was delivered all the same, and the target's marker names it.
 def marker_after_removal(removed: str, follows: str, marker: str, known: str = "delivered_marker") -> str:
