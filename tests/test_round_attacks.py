@@ -423,3 +423,116 @@ def test_a_rounds_fsyncs_run_beside_its_next_sends_and_its_deletion_waits_for_ev
         assert order.index("deletion") > max(order.index(f"fsync {t} ended") for t in ROUND), order
         assert order.count("deletion") == 1, order
     assert_every_write_arrived_once(conn, tmp_path, *ROUND)
+
+
+def tenant_of_path(path: str) -> str:
+    return Path(path).name.removeprefix("tenant-").removesuffix(".db")
+
+
+def test_a_round_mate_whose_fsync_fails_and_another_whose_send_fails_both_keep_their_events(
+        conn, dsn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hooked_sends):  # noqa: F811
+    """In one round acme's fsync (started beside the round's next sends) fails and globex's send fails (Turso
+    unavailable); initech's batch is durable. The round deletes initech's events only: acme's (committed on its
+    Turso, not known durable) and globex's (never committed) stay, each counted nothing; their next visits
+    deliver them, every write applied once and counted once."""
+    from pgturso.common.errors import TursoUnavailable
+    from pgturso.delivery import targets
+
+    with a_recovered_round(conn, dsn, tmp_path) as (pattern, tenants):
+        before = delivered_counts(conn)
+        conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a1'), (2, 'globex', 'g1'), (3, 'initech', 'i1')")
+        conn.execute("INSERT INTO orders VALUES (4, 'acme', 'a2'), (5, 'globex', 'g2')")
+        sync = targets.PendingSync.sync
+        failed_syncs: list[str] = []
+
+        def failing_sync(self: Any, **how: Any) -> Any:
+            if tenant_of_path(self.target.path) == "acme" and not failed_syncs:
+                failed_syncs.append("acme")
+                sync(self, **how)  # its descriptor closed, as a real failure's
+                raise TursoUnavailable("file:acme: the fsync that makes its last commits durable failed (EIO)")
+            return sync(self, **how)
+
+        sends = {"before": 0}
+
+        def hook() -> None:
+            sends["before"] += 1
+            if sends["before"] == 2:  # globex's send
+                raise TursoUnavailable("globex's Turso is down")
+            hooked_sends["before"].append(hook)
+
+        hooked_sends["before"].append(hook)
+        monkeypatch.setattr(targets.PendingSync, "sync", failing_sync)
+        forbid_own_reads(monkeypatch)
+        outcomes = pattern._run_round(tenants)
+        assert failed_syncs == ["acme"]
+        assert outcomes["tenant-initech"] is None, outcomes
+        assert isinstance(outcomes["tenant-acme"], float) and isinstance(outcomes["tenant-globex"], float), outcomes
+        assert items_pending(conn, "acme", "a1", "a2") == ["a1", "a2"]
+        assert items_pending(conn, "globex", "g1", "g2") == ["g1", "g2"]
+        assert items_pending(conn, "initech", "i1") == []
+        assert counted_since(conn, before) == {"tenant-acme": (0, 0), "tenant-globex": (0, 0),
+                                               "tenant-initech": (1, 1)}
+        monkeypatch.undo()
+        outcomes = pattern._run_round(tenants)  # acme and globex recover from their markers, on their own
+        assert set(outcomes.values()) == {None}, outcomes
+        assert pending(conn) == 0
+        assert counted_since(conn, before) == {"tenant-acme": (2, 2), "tenant-globex": (2, 2),
+                                               "tenant-initech": (1, 1)}
+    assert_every_write_arrived_once(conn, tmp_path, *ROUND)
+
+
+def test_a_round_closing_each_tenant_while_its_fsync_runs_deletes_only_what_the_fsync_made_durable(
+        conn, dsn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Over MAX_OPEN_TARGETS, a round closes each tenant's database as soon as its step returned, while the fsync
+    started for its commit still runs (held here until the round's last tenant committed and was closed). The
+    fsync uses its own descriptor: it succeeds, the round deletes after every fsync ended, and the next round's
+    visits (the files reopened) deliver more, each write once."""
+    import threading
+
+    from pgturso.delivery import targets
+    from pgturso.run import fanout
+
+    with a_recovered_round(conn, dsn, tmp_path) as (pattern, tenants):
+        before = delivered_counts(conn)
+        conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a1'), (2, 'globex', 'g1'), (3, 'initech', 'i1')")
+        order: list[str] = []
+        lock = threading.Lock()
+        all_closed = threading.Event()
+        close, sync, record = targets.FileTarget.close, targets.PendingSync.sync, fanout.record_tenant_batches
+
+        def note(what: str) -> None:
+            with lock:
+                order.append(what)
+
+        def noted_close(self: Any) -> None:
+            close(self)
+            note(f"close {tenant_of_path(self.path)}")
+            if tenant_of_path(self.path) == "initech":
+                all_closed.set()
+
+        def held_sync(self: Any, **how: Any) -> Any:
+            assert all_closed.wait(60), "the round never closed initech"
+            result = sync(self, **how)
+            note(f"fsync {tenant_of_path(self.target.path)} ended")
+            return result
+
+        def noted_deletion(*args: Any) -> Any:
+            note("deletion")
+            return record(*args)
+
+        monkeypatch.setattr(fanout, "MAX_OPEN_TARGETS", -1)
+        monkeypatch.setattr(targets.FileTarget, "close", noted_close)
+        monkeypatch.setattr(targets.PendingSync, "sync", held_sync)
+        monkeypatch.setattr(fanout, "record_tenant_batches", noted_deletion)
+        outcomes = pattern._run_round(tenants)
+        assert outcomes == {"tenant-acme": None, "tenant-globex": None, "tenant-initech": None}, outcomes
+        assert all(t.target is None for t in tenants)
+        assert order.index("deletion") > max(order.index(f"fsync {t} ended") for t in ROUND), order
+        assert max(order.index(f"close {t}") for t in ROUND) < min(order.index(f"fsync {t} ended") for t in ROUND)
+        assert pattern.open_targets.count == 0
+        monkeypatch.undo()
+        conn.execute("INSERT INTO orders VALUES (4, 'acme', 'a2'), (5, 'globex', 'g2'), (6, 'initech', 'i2')")
+        outcomes = pattern._run_round(tenants)
+        assert outcomes == {"tenant-acme": None, "tenant-globex": None, "tenant-initech": None}, outcomes
+        assert counted_since(conn, before) == {name: (2, 2) for name in NAMES}
+    assert_every_write_arrived_once(conn, tmp_path, *ROUND)
