@@ -872,3 +872,53 @@ def test_a_rolled_back_skip_drops_nothing_and_records_nothing(conn, dsn, turso: 
     assert turso.query("SELECT id FROM t ORDER BY id") == [[1], [2], [3]]
     assert turso.query("SELECT count(*), count(DISTINCT id) FROM applied") == [[3, 3]]
     assert pending(conn) == 0
+
+
+def timed_batches(output: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """A worker's JSON log: each "batch_timing" line with the line after it. Every line must be JSON (a traceback
+    or a warning printed by the timing bookkeeping would not be)."""
+    lines = [json.loads(line) for line in output.splitlines() if line.strip()]
+    return [(line, lines[i + 1] if i + 1 < len(lines) else {}) for i, line in enumerate(lines)
+            if line["event"] == "batch_timing"]
+
+
+# trigger only: a slot's backlog of 400 one-row transactions left no request to fault after the held answer here
+@pytest.mark.parametrize("capture", ["trigger"], indirect=True)
+def test_timed_batches_through_failed_sends_retries_and_a_stop_mid_send_deliver_every_row_once(
+        conn, dsn, turso: TursoServer, capture):
+    """The pipelined sender's timing (Sender.submit(timing=...), batch_timing at debug) over a backlog of small
+    batches read ahead, while Turso's answer to one is held, the next request fails (503, then garbage), another
+    stalls into a 504, and the worker is stopped (SIGTERM) while Turso holds a committed batch's answer. The
+    bookkeeping must change nothing: every row arrives once (Turso's write counter), the worker stops cleanly,
+    every log line is JSON (nothing raised or printed), and each batch_timing line is followed by its batch's
+    "delivered" line, its steps in order."""
+    args = (*SMALL_BATCHES, "--log-level", "debug", "--log-format", "json")
+    with tracked_behind_a_proxy(conn, dsn, turso, worker_args=args, stream_expiry=30) as tracked:
+        cloud = tracked.cloud
+        a_backlog_behind(tracked, conn)
+        wait_until(lambda: (on_turso(turso, "SELECT count(*) FROM applied") or [[0]])[0][0] >= 25, 60,
+                   "a few batches to be delivered")
+        cloud.slow_answers = [3.0]
+        wait_until(lambda: cloud.holding > 0, 60, "Turso to hold a batch's answer")
+        cloud.faults = [(503, "text/plain", "Service Unavailable"), (200, "application/json", "{not json")]
+        wait_until(lambda: not cloud.faults, 120, "the worker to meet the faults")
+        cloud.stalls = [2.0]
+        wait_until(lambda: not cloud.stalls, 120, "the worker to meet the stall")
+        wait_until(lambda: cloud.holding == 0, 60, "the stall to end")
+        cloud.slow_answers = [5.0]  # committed on Turso, the worker told 5 s later: it is stopped meanwhile
+        wait_until(lambda: cloud.holding > 0, 60, "Turso to hold a committed batch's answer")
+        stopped = tracked.worker
+        assert stopped.stop(60) == 0, stopped.output[-3000:]
+        assert not outbox_empty(dsn), "the backlog was delivered before the stop: nothing was shown"
+        restarted = tracked.restart()
+        every_backlog_row_once(turso, tracked, dsn)
+        assert restarted.stop() == 0
+        for worker in (stopped, restarted):
+            timed = timed_batches(worker.output)
+            assert timed, worker.output[-3000:]
+            for timing, after in timed:
+                assert after.get("event") == "delivered" and after.get("rows", 0) > 0, (timing, after)
+                steps = [s for s in ("read", "read_done", "settled", "positioned", "sent", "answered", "removed")
+                         if s != "settled" or s in timing]
+                assert [timing[s] for s in steps] == sorted(timing[s] for s in steps), timing
+        assert '"retry"' in stopped.output, stopped.output[-3000:]
