@@ -10,6 +10,7 @@ import random
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -157,3 +158,52 @@ def test_a_copy_chunk_into_tenants_asks_whether_its_events_are_held_once_not_per
     # The chunk's events are each tenant's, not held (a trigger pattern): 7 tenants' rows, none routed later.
     assert conn.execute("SELECT count(DISTINCT tenant), count(*) FILTER (WHERE route IS NOT NULL) "
                         "FROM pgturso.outbox WHERE nrows > 0").fetchone() == (7, 0)
+
+
+def test_a_wal_patterns_copy_chunks_as_its_router_starts_and_stops_set_exactly_one_of_tenant_and_route(
+        conn, dsn, tmp_path: Path):
+    """pack_sql asks _held_for_router in two scalar subqueries (one per CASE, 5b307d8): the two must agree within
+    a statement, whatever the router does between statements. A wal pattern's copy chunks written by a session
+    that is not its router (held: route set, tenant NULL), by the router (lock held, pid recorded: tenant set,
+    route NULL), by a session with the router's recorded pid but not its lock (a reused pid: held), and after the
+    router let go: every packed row has exactly one of tenant and route, and the chunks hold each row once."""
+    from pgturso.sources.router import ROUTER_LOCK_CLASS, TAKE_ROUTER_LOCK
+
+    conn.execute("SELECT pgturso.add_target(%s, %s)", ("tenant-%s", f"file:{tmp_path}/tenant-%s.db"))
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, item text)")
+    conn.execute("INSERT INTO orders SELECT g, 'k' || (g % 7), 'seed' FROM generate_series(1, 4000) g")
+    conn.execute("SELECT pgturso.track_table('orders', target => 'tenant-%s', route_by => 'tenant_id', "
+                 "capture => 'wal')")  # (its copy queued; no router runs here)
+    table_id = conn.execute("SELECT id FROM pgturso.tracked_table WHERE relid = 'orders'::regclass").fetchone()[0]
+    # track_table copied it at once, held for the router (no router runs here): 7 tenants' packed rows, each with
+    # its tenant in route only. That copy is forgotten and done again in chunks, from the sessions below.
+    assert conn.execute("SELECT count(*) FILTER (WHERE tenant IS NULL AND route IS NOT NULL), sum(nrows) "
+                        "FROM pgturso.outbox WHERE nrows > 0").fetchone() == (7, 4000)
+    conn.execute("DELETE FROM pgturso.outbox WHERE nrows > 0")
+    conn.execute("UPDATE pgturso.tracked_table SET copy_state = 'copying', copy_after = NULL WHERE id = %s",
+                 (table_id,))
+    claim = "INSERT INTO pgturso.router (pattern, pid) VALUES ('tenant-%s', pg_backend_pid()) " \
+            "ON CONFLICT (pattern) DO UPDATE SET pid = excluded.pid"
+    shapes = ("SELECT count(*) FILTER (WHERE tenant IS NULL AND route IS NOT NULL), "
+              "count(*) FILTER (WHERE tenant IS NOT NULL AND route IS NULL), count(*) FROM pgturso.outbox "
+              "WHERE nrows > 0 AND id > %s")
+
+    def chunk(session: psycopg.Connection[Any]) -> tuple[int, int, int]:
+        """(held, queued to a tenant, all) of the packed rows one chunk wrote."""
+        last = conn.execute("SELECT coalesce(max(id), 0) FROM pgturso.outbox").fetchone()[0]
+        assert session.execute("SELECT pgturso._copy_chunk(%s, 1000)", (table_id,)).fetchone()[0] == 1000
+        return conn.execute(shapes, (last,)).fetchone()
+
+    with psycopg.connect(dsn, autocommit=True) as other, psycopg.connect(dsn, autocommit=True) as router:
+        assert chunk(other) == (7, 0, 7)  # held for the router
+        assert router.execute(TAKE_ROUTER_LOCK, (ROUTER_LOCK_CLASS, "tenant-%s")).fetchone()[0]
+        router.execute(claim)
+        assert chunk(router) == (0, 7, 7)  # the router's own: queued to each tenant at once
+        other.execute("UPDATE pgturso.router SET pid = pg_backend_pid() WHERE pattern = 'tenant-%s'")
+        assert chunk(other) == (7, 0, 7)  # the router's pid, not its lock: held
+        router.execute("SELECT pg_advisory_unlock_all()")
+        router.execute(claim)
+        assert chunk(router) == (7, 0, 7)  # its pid, its lock let go: held
+    assert conn.execute("SELECT count(*) FROM pgturso.outbox WHERE nrows > 0 "
+                        "AND (tenant IS NULL) = (route IS NULL)").fetchone()[0] == 0
+    assert conn.execute("SELECT sum(nrows) FROM pgturso.outbox WHERE nrows > 0").fetchone()[0] == 4000
