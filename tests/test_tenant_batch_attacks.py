@@ -786,8 +786,25 @@ with psycopg.connect(dsn, autocommit=True) as writer:
 def die(*args):
     os.kill(os.getpid(), signal.SIGKILL)
 
-if where == "before_fsync":
+if where == "before_fsync":  # every commit made, no fsync run: each one started beside the next sends never ends
+    targets.PendingSync.sync = lambda self, **how: threading.Event().wait()
     fanout.PatternWorker._sync_round = die
+elif where == "mid_fsyncs":  # acme's fsync ended, globex's runs (never ends), initech's started or queued
+    acme_synced = threading.Event()
+
+    def held_sync(self, **how):
+        if self.target.path.endswith("tenant-acme.db"):
+            recorded_sync(self, **how)
+            acme_synced.set()
+        else:
+            threading.Event().wait()
+
+    def die_once_acme_synced(*args):
+        assert acme_synced.wait(60), "acme's fsync never ended"
+        die()
+
+    targets.PendingSync.sync = held_sync
+    fanout.PatternWorker._sync_round = die_once_acme_synced
 else:
     fanout.record_tenant_batches = die
 pattern._run_round(tenants)
@@ -796,12 +813,13 @@ raise SystemExit("the round did not reach its kill point")
 
 
 @pytest.mark.parametrize("power_lost", [False, True], ids=["wal_kept", "unsynced_frames_lost"])
-@pytest.mark.parametrize("where", ["before_fsync", "after_fsync"])
+@pytest.mark.parametrize("where", ["before_fsync", "mid_fsyncs", "after_fsync"])
 def test_a_round_sigkilled_around_its_group_fsync_applies_each_tenants_batch_once(
         conn, dsn, tmp_path: Path, where: str, power_lost: bool):
-    """A round commits its tenants' batches without an fsync and then fsyncs their WALs side by side, before its
-    one deletion in Postgres. A real worker SIGKILLed after the commits and before the fsyncs, or after the
-    fsyncs and before the deletion, leaves every event in the outbox; the next worker fsyncs each WAL before it
+    """A round commits its tenants' batches without an fsync, starting each WAL's fsync as its commit returns
+    (3f22dde), and waits for every one before its one deletion in Postgres. A real worker SIGKILLed after the
+    commits and before any fsync ran (each held), while they run (acme's ended, globex's running, initech's
+    started or queued), or after the fsyncs and before the deletion, leaves every event in the outbox; the next worker fsyncs each WAL before it
     trusts the marker in it and forgets what arrived. `unsynced_frames_lost`: every WAL cut back to what an
     fsync covered (what an OS crash may leave): the unsynced batches are gone from the files but not from the
     outbox, and are applied once."""
@@ -825,7 +843,10 @@ def test_a_round_sigkilled_around_its_group_fsync_applies_each_tenants_batch_onc
     assert committed == [1, 1, 1]  # every batch committed on its file (and, after_fsync, fsynced)
     if power_lost:
         cut = cut_to_durable(record)
-        assert bool(cut) == (where == "before_fsync"), cut  # fsynced frames are never cut
+        cut_tenants = sorted(Path(wal).name.removeprefix("tenant-").removesuffix(".db-wal") for wal in cut)
+        # fsynced frames are never cut
+        assert cut_tenants == {"before_fsync": list(ROUND), "mid_fsyncs": ["globex", "initech"],
+                               "after_fsync": []}[where], cut
     run_dying_pattern_worker(dsn, "never", record)
     if power_lost:
         cut_to_durable(record)
