@@ -536,3 +536,61 @@ def test_a_round_closing_each_tenant_while_its_fsync_runs_deletes_only_what_the_
         assert outcomes == {"tenant-acme": None, "tenant-globex": None, "tenant-initech": None}, outcomes
         assert counted_since(conn, before) == {name: (2, 2) for name in NAMES}
     assert_every_write_arrived_once(conn, tmp_path, *ROUND)
+
+
+def test_a_stop_while_a_rounds_fsync_runs_waits_for_it_and_deletes_only_after_it(
+        conn, dsn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The worker is stopped (PatternWorker._shut_down, as SIGTERM does) while a round runs on the pool and acme's
+    fsync, started beside the round's next sends, has not ended (held until the stop began). The stop waits for
+    the round, the round for every fsync: no fsync is left running, the deletion comes after every fsync ended,
+    and each write arrived once."""
+    import threading
+
+    from pgturso.delivery import targets
+    from pgturso.run import fanout
+
+    with a_recovered_round(conn, dsn, tmp_path) as (pattern, tenants):
+        conn.execute("INSERT INTO orders VALUES (1, 'acme', 'a1'), (2, 'globex', 'g1'), (3, 'initech', 'i1')")
+        order: list[str] = []
+        lock = threading.Lock()
+        stop_began = threading.Event()
+        sync, record, shutdown = targets.PendingSync.sync, fanout.record_tenant_batches, pattern.pool.shutdown
+        syncs_running = [0]
+
+        def note(what: str) -> None:
+            with lock:
+                order.append(what)
+
+        def held_sync(self: Any, **how: Any) -> Any:
+            with lock:
+                syncs_running[0] += 1
+            try:
+                if tenant_of_path(self.target.path) == "acme":
+                    assert stop_began.wait(60), "the stop never began"
+                result = sync(self, **how)
+                note(f"fsync {tenant_of_path(self.target.path)} ended")
+                return result
+            finally:
+                with lock:
+                    syncs_running[0] -= 1
+
+        def noted_deletion(*args: Any) -> Any:
+            note("deletion")
+            return record(*args)
+
+        def noted_shutdown(*args: Any, **kwargs: Any) -> None:
+            note("stop began")
+            stop_began.set()
+            shutdown(*args, **kwargs)
+
+        monkeypatch.setattr(targets.PendingSync, "sync", held_sync)
+        monkeypatch.setattr(fanout, "record_tenant_batches", noted_deletion)
+        monkeypatch.setattr(pattern.pool, "shutdown", noted_shutdown)
+        round_ = pattern.pool.submit(pattern._run_round, tenants)
+        pattern._shut_down()
+        assert round_.done() and syncs_running[0] == 0
+        assert round_.result() == {"tenant-acme": None, "tenant-globex": None, "tenant-initech": None}
+        assert order.index("stop began") < order.index("fsync acme ended") < order.index("deletion"), order
+        assert order.index("deletion") > max(order.index(f"fsync {t} ended") for t in ROUND), order
+        monkeypatch.undo()
+    assert_every_write_arrived_once(conn, tmp_path, *ROUND)
