@@ -691,7 +691,11 @@ class Worker:
                             event(log, logging.INFO, "target", target=self.settings.target,
                                   url=redact_url(self.endpoint[0]))
                         self.recover()
-                        self._record("delivering", worker=self.identity, starting=self.attempts == 0)
+                        # After a failure (attempts) the target stays 'retrying' until a step gets past the
+                        # error ('resumed' below): reconnected is not yet delivering, and pgturso.status must
+                        # not show 'delivering' beside a current error between two failed attempts.
+                        self._record("retrying" if self.attempts else "delivering", worker=self.identity,
+                                     starting=self.attempts == 0)
                     copied = self.copy_step()
                     delivered = self.deliver_batch()
                     self._vacuum_when_due()
