@@ -122,6 +122,7 @@ class CloudProxy:
             self.die_after = die_after
             self.served = 0
             self.alive = True
+            self._lock = threading.Lock()
             self.server = ThreadingHTTPServer(("127.0.0.1", 0), proxy._handler(self))
             self.scheme = "http"
             if tls is not None:  # (certificate, key): serve https
@@ -136,11 +137,22 @@ class CloudProxy:
         def url(self) -> str:
             return f"{self.scheme}://127.0.0.1:{self.server.server_address[1]}"
 
+        def serves(self) -> bool:
+            """Whether a request that arrived is answered: a node that answered its die_after requests is dead
+            from that moment, though its listening socket takes a moment to close (kill runs on a thread), so a
+            request reaching it meanwhile gets no answer, as if the node had refused the connection."""
+            with self._lock:
+                return self.alive
+
         def served_one(self) -> None:
-            self.served += 1
-            if self.die_after is not None and self.served >= self.die_after:
+            """Count an answer, before it is sent: the node is dead (``alive`` False, so no answer names it as
+            a base_url any more) by the time the client reads its last answer and sends the next request."""
+            with self._lock:
+                self.served += 1
+                if self.die_after is None or self.served < self.die_after:
+                    return
                 self.alive = False
-                threading.Thread(target=self.kill, daemon=True).start()
+            threading.Thread(target=self.kill, daemon=True).start()
 
         def kill(self) -> None:
             self.alive = False
@@ -342,6 +354,9 @@ class CloudProxy:
 
             def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers["Content-Length"]))
+                if not frontend.serves():
+                    self.close_connection = True  # dead: the request runs nowhere and gets no answer
+                    return
                 if proxy.max_body is not None and len(raw) > proxy.max_body:
                     proxy.too_large += 1
                     proxy.rejected_sizes.append(len(raw))
@@ -350,8 +365,8 @@ class CloudProxy:
                 status, ctype, text, headers, delay = proxy._answer(frontend, json.loads(raw), self.headers)
                 if delay:
                     proxy.hold(delay)  # the answer is slow to arrive; the stream idles on the server meanwhile
-                self._send(status, ctype, text, headers)
                 frontend.served_one()
+                self._send(status, ctype, text, headers)
 
             def _send(self, status: int, ctype: str, text: str, headers: dict[str, str]) -> None:
                 proxy.answers.append(status)
