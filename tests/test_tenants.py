@@ -195,6 +195,20 @@ def _metrics(port: int) -> dict[str, float]:
             for line in text.splitlines() if line and not line.startswith("#")}
 
 
+def _endpoint_of(worker: WorkerProcess | None, port: int) -> dict[str, float]:
+    """The metrics of a running worker's endpoint; a refused connection says whether that worker had exited (its
+    exit code and its log's end: why) or was running (then something else freed or holds the port)."""
+    import urllib.error
+
+    assert worker is not None and worker.proc is not None
+    try:
+        return _metrics(port)
+    except urllib.error.URLError as exc:
+        state = "running" if worker.proc.poll() is None else f"exited with {worker.proc.returncode}"
+        raise AssertionError(f"the metrics endpoint on port {port} refused ({exc.reason}); its worker is {state}; "
+                             f"its log ends:\n{worker.output[-4000:]}") from exc
+
+
 @pytest.mark.parametrize("capture", ["trigger", "wal"], indirect=True)
 def test_one_tenant_down_does_not_hold_back_the_others(conn, dsn, tmp_path: Path, capture: str):
     servers = {name: TursoServer().start() for name in ("a", "b", "c")}
@@ -302,7 +316,7 @@ def test_two_workers_share_the_tenants_and_take_over_from_a_killed_one(conn, dsn
 
         # Each tenant is up on exactly one endpoint: the one that handed it over shows it down.
         def up_on_endpoints() -> list[float]:
-            samples = [_metrics(port) for port in ports]
+            samples = [_endpoint_of(worker, port) for worker, port in ((first, ports[0]), (second, ports[1]))]
             return [sum(s.get(f'pgturso_up{{target="tenant-{t}",pattern="tenant-%s"}}', 0) for s in samples)
                     for t in tenants]
 
