@@ -819,10 +819,10 @@ def test_a_round_sigkilled_around_its_group_fsync_applies_each_tenants_batch_onc
     """A round commits its tenants' batches without an fsync, starting each WAL's fsync as its commit returns
     (3f22dde), and waits for every one before its one deletion in Postgres. A real worker SIGKILLed after the
     commits and before any fsync ran (each held), while they run (acme's ended, globex's running, initech's
-    started or queued), or after the fsyncs and before the deletion, leaves every event in the outbox; the next worker fsyncs each WAL before it
-    trusts the marker in it and forgets what arrived. `unsynced_frames_lost`: every WAL cut back to what an
-    fsync covered (what an OS crash may leave): the unsynced batches are gone from the files but not from the
-    outbox, and are applied once."""
+    started or queued), or after the fsyncs and before the deletion, leaves every event in the outbox; the next
+    worker fsyncs each WAL before it trusts the marker in it and forgets what arrived. `unsynced_frames_lost`:
+    every WAL cut back to what an fsync covered (what an OS crash may leave): the unsynced batches are gone from
+    the files but not from the outbox, and are applied once."""
     import os
     import subprocess
     import sys
