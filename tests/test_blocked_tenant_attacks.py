@@ -39,13 +39,6 @@ def test_wal_a_tenant_blocked_by_the_patterns_host_is_registered_when_the_patter
     assert conn.execute("SELECT count(*) FROM pgturso.blocked_tenant").fetchone()[0] == 0
 
 
-# A known intermittent defect, not a test race: about 1 run in 15 (main at 67228bf and at db14abd alike, so older
-# than session 10), three events of one transaction (an 'A' schema change with no route, and a 'U' of one row
-# routed to each of Acme and acme) stay held for the router (tenant NULL) after Acme's registration, the router's
-# marker and its slot already past that transaction: they never reach Turso and wait_for_sync times out. First
-# seen in the clean-clone CI at 67228bf (log kept in the session 10 closing note); the cause is open.
-@pytest.mark.xfail(strict=False, reason="intermittent defect (about 1 in 15 runs): events held for a wal "
-                   "pattern's router around a parked tenant's registration are never routed; cause open")
 @pytest.mark.parametrize("capture", ["wal"], indirect=True)
 def test_wal_a_parked_tenants_moves_truncate_and_ddl_arrive_in_stream_order_once_registered(
         conn, dsn, tmp_path: Path):

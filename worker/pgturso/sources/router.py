@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -39,7 +38,7 @@ import psycopg
 from ..common.logs import event
 from ..common.postgres import connect
 from .outbox import Event, Outbox
-from .slot import SlotError, WalBatch, WalOutbox, lsn_to_int, slot_bytes
+from .slot import VISIBILITY_RETRIES, NotYetVisible, SlotError, Snapshot, WalBatch, WalOutbox, lsn_to_int, slot_bytes
 
 log = logging.getLogger("pgturso.router")
 
@@ -65,37 +64,8 @@ SNAPSHOT = "SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn()::tex
 REGISTER = "SELECT pgturso._route_tenant(%(layout)s, %(tenant)s, %(layouts)s::jsonb, %(txid)s::text::xid8)"
 BLOCKED = "SELECT pgturso._router_blocked(%s)"
 REGISTERED = "SELECT tenant FROM pgturso.target WHERE pattern = %s AND tenant = ANY (%s)"
-VISIBILITY_RETRIES = 200
 FLUSH_ROWS = 500  # outbox rows written per statement, at most
 FLUSH_BYTES = 4 << 20  # and their payloads' bytes: memory stays bounded whatever the transaction's size
-
-
-@dataclass
-class Snapshot:
-    """A pg_snapshot (``xmin:xmax:xip,...``), asked whether a committed transaction is visible in it."""
-
-    xmin: int
-    xmax: int
-    xip: frozenset[int]
-
-    @classmethod
-    def parse(cls, text: str) -> Snapshot:
-        xmin, xmax, xip = text.split(":")
-        return cls(int(xmin), int(xmax), frozenset(int(x) for x in xip.split(",") if x))
-
-    def full(self, xid32: int) -> int:
-        """The 64-bit xid nearest this snapshot's xmax with these 32 bits (pgoutput's xids are 32-bit)."""
-        diff = (xid32 - self.xmax) & 0xFFFFFFFF
-        return self.xmax + (diff - (1 << 32) if diff >= 1 << 31 else diff)
-
-    def sees(self, xid32: int) -> bool:
-        """Whether this snapshot sees a transaction known to have committed, by its 32-bit xid (pgoutput's)."""
-        full = self.full(xid32)
-        return full < self.xmin or (full < self.xmax and full not in self.xip)
-
-
-class NotYetVisible(Exception):
-    """A transaction of the batch committed in the WAL but is not yet visible to a new snapshot: try again."""
 
 
 class Router:

@@ -98,6 +98,9 @@ RECORD_WAL_BATCH = record_batch_sql("", "DELETE FROM pgturso.outbox WHERE id = A
 NOTHING_REMOVED = Removed(0, 0, 0)
 ADVANCE = "SELECT pg_replication_slot_advance(%(slot)s, %(lsn)s::pg_lsn)"
 FLUSH_LSN = "SELECT pg_current_wal_flush_lsn()::text"
+CURRENT_SNAPSHOT = "SELECT pg_current_snapshot()::text"
+# A decoded transaction not yet visible to a new snapshot is waited for this many times (backing off), at most.
+VISIBILITY_RETRIES = 200
 # Where a stopping worker found nothing more for its target in the slot (WalOutbox.record_caught_up): the snapshot
 # first, then the WAL inserted by then (every transaction it shows committed wrote its commit record before it).
 CAUGHT_UP_SNAPSHOT = "SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text"
@@ -131,6 +134,34 @@ def lsn_to_int(text: str) -> int:
 
 def lsn_to_text(value: int) -> str:
     return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+@dataclass
+class Snapshot:
+    """A pg_snapshot (``xmin:xmax:xip,...``), asked whether a committed transaction is visible in it."""
+
+    xmin: int
+    xmax: int
+    xip: frozenset[int]
+
+    @classmethod
+    def parse(cls, text: str) -> Snapshot:
+        xmin, xmax, xip = text.split(":")
+        return cls(int(xmin), int(xmax), frozenset(int(x) for x in xip.split(",") if x))
+
+    def full(self, xid32: int) -> int:
+        """The 64-bit xid nearest this snapshot's xmax with these 32 bits (pgoutput's xids are 32-bit)."""
+        diff = (xid32 - self.xmax) & 0xFFFFFFFF
+        return self.xmax + (diff - (1 << 32) if diff >= 1 << 31 else diff)
+
+    def sees(self, xid32: int) -> bool:
+        """Whether this snapshot sees a transaction known to have committed, by its 32-bit xid (pgoutput's)."""
+        full = self.full(xid32)
+        return full < self.xmin or (full < self.xmax and full not in self.xip)
+
+
+class NotYetVisible(Exception):
+    """A transaction of the batch committed in the WAL but is not yet visible to a new snapshot: try again."""
 
 
 @dataclass
@@ -568,6 +599,11 @@ class WalBatch:
         layout_id = int(row["layout_id"])
         table_id = self.source.table_of_layout_id(layout_id)
         if table_id is None:
+            # Its layout may be new in this very transaction (a DDL, a track_table): decoded (its commit record
+            # is flushed) a moment before it is visible, and a READ COMMITTED read misses the layout until then.
+            self.source.await_visible(xid)
+            table_id = self.source.table_of_layout_id(layout_id)
+        if table_id is None:
             return None  # the table was untracked since: its events went with it, as in trigger mode
         if self.source.target_of_table.get(table_id) != self.source.target:
             return None  # another target's: its own worker deletes it
@@ -973,6 +1009,18 @@ class WalOutbox(Outbox):
             return 0, sorted(batch.skipped)
         chain = self._unsettled[:self._unsettled.index(batch) + 1]
         return self._confirmed, sorted({key for b in chain for key in b.skipped})
+
+    def await_visible(self, xid: int) -> None:
+        """Wait until a new snapshot sees decoded transaction ``xid`` (pgoutput's 32 bits). Its commit record is
+        flushed, and so decoded, before the committing backend leaves the proc array (after XLogFlush and any
+        synchronous replication wait): until then this connection's READ COMMITTED reads miss the layouts and
+        tables it created, and its events would be taken for those of a table untracked since (dropped)."""
+        for attempt in range(VISIBILITY_RETRIES):
+            if Snapshot.parse(str(self.conn.execute(CURRENT_SNAPSHOT).fetchone()[0])).sees(xid):  # type: ignore[index]
+                return
+            time.sleep(min(0.005 * (attempt + 1), 0.5))
+        raise NotYetVisible(f"{self.target}: transaction {xid} is committed in the WAL but still not visible "
+                            "(a synchronous standby that does not answer?)")
 
     def table_of_layout_id(self, layout_id: int) -> int | None:
         if layout_id not in self._table_of_layout:
