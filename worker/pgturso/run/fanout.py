@@ -771,9 +771,7 @@ class PatternWorker:
                 # Its commit's fsync starts now, beside the round's next sends (it was a quarter of a round's
                 # time waited for after the last send: bench 11b's profile, BENCHMARKS.md session 10); the
                 # deletion still waits for every one (_sync_round).
-                for item in deferred:
-                    if item.durable is not None and item.syncing is None:
-                        item.syncing = self.syncer.submit(_sync, item)
+                self._start_syncs(deferred)
                 if self.open_targets.count > MAX_OPEN_TARGETS:
                     tenant.close_target()  # as _run_step does: at once, or rounds would hold 8 files each
             if deferred:
@@ -784,16 +782,25 @@ class PatternWorker:
         finally:
             self.woken.set()
 
+    def _start_syncs(self, deferred: list[Delivered]) -> list[Delivered]:
+        """Start, side by side on the syncer pool, the fsync of every batch of ``deferred`` that needs one and has
+        none running yet; returns the batches that need one (each now with its ``syncing``)."""
+        pending = [item for item in deferred if item.durable is not None]
+        for item in pending:
+            if item.syncing is None:
+                item.syncing = self.syncer.submit(_sync, item)
+        return pending
+
     def _sync_round(self, deferred: list[Delivered], outcomes: dict[str, float | Exception | None]) -> list[Delivered]:
         """Make the round's commits durable: fsync every tenant's WAL side by side (concurrent fsyncs share the
         filesystem's journal commits: a visit's four fsyncs in series cost more than a round's in parallel),
         each started when its commit returned (_run_round) and awaited here.
         Returns the batches now durable, whose events may be deleted; a tenant whose fsync failed keeps its
         events (its failure, as a failed send: it recovers from its marker, fsynced first, at its next visit)."""
-        pending = [item for item in deferred if item.durable is not None]
+        pending = self._start_syncs(deferred)
         if not pending:
             return deferred
-        failures = {id(item): (item.syncing or self.syncer.submit(_sync, item)).result() for item in pending}
+        failures = {id(item): item.syncing.result() for item in pending}  # type: ignore[union-attr]
         # First visits that created their files: each directory fsynced once for all of them, after their WALs.
         created: dict[str, list[Delivered]] = {}
         for item in pending:
